@@ -1,0 +1,6 @@
+"""The catalog: SQLite store (source of truth) plus the vector indexes derived from it."""
+
+from snapshop.catalog.catalog import Catalog, open_catalog
+from snapshop.catalog.store import CatalogStore, CropRow, ImageRow, NewCrop, Product
+
+__all__ = ["Catalog", "CatalogStore", "CropRow", "ImageRow", "NewCrop", "Product", "open_catalog"]

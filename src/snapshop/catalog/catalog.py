@@ -1,0 +1,253 @@
+"""A catalog directory: SQLite store + per-kind vector indexes + a JSON card.
+
+Layout::
+
+    DIR/catalog.json           card: model id and dim, index kind, created_at
+    DIR/catalog.sqlite         products, images, crops and their vectors (source of truth)
+    DIR/blobs/ab/<sha256>.jpg  content-addressed copies of the ingested image files
+    DIR/index/images.faiss     whole-image index (ids = image ids) + images.json card
+    DIR/index/crops-<pos>.faiss  one crop index per garment position (ids = crop ids)
+
+Indexes are caches. Each card records the store generation it reflects; on open (and on
+``refresh``) a stale index is reconciled with the store by id difference, so a crash between
+a committed ingest and an index save costs a little recomputation and loses nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from snapshop.catalog.store import CatalogStore
+from snapshop.config import read_json, write_json
+from snapshop.errors import CatalogError, ModelError
+from snapshop.index import VectorIndex, create_index, load_index, save_index
+
+log = logging.getLogger(__name__)
+
+CARD_FILE = "catalog.json"
+DB_FILE = "catalog.sqlite"
+IMAGES = "images"
+
+
+def index_name(position: str | None) -> str:
+    return IMAGES if position is None else f"crops-{position}"
+
+
+class Catalog:
+    """Open catalog directory. Thread-safe; writers across processes serialise on a file lock."""
+
+    def __init__(self, directory: Path, card: dict[str, Any], store: CatalogStore) -> None:
+        self.directory = Path(directory)
+        self.card = card
+        self.store = store
+        self.dim: int = int(card["dim"])
+        self.index_kind: str = card.get("index_kind", "flat")
+        self.index_params: dict[str, Any] = card.get("index_params", {})
+        self._lock = threading.RLock()
+        self.indexes: dict[str, VectorIndex] = {}
+        self._generation = -1
+        self.refresh(force=True)
+
+    # --- identity ---------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return str(self.card["model_id"])
+
+    @property
+    def model_ref(self) -> str:
+        return str(self.card["model_ref"])
+
+    def check_model(self, model_id: str) -> None:
+        if model_id != self.model_id:
+            raise ModelError(
+                f"catalog {self.directory} was built with model {self.model_id}, not {model_id};"
+                " re-index it with `snapshop index --rebuild` or search with its own model"
+            )
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.directory / "blobs"
+
+    def index_path(self, name: str) -> Path:
+        return self.directory / "index" / f"{name}.faiss"
+
+    # --- locking ----------------------------------------------------------------------
+    @contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """Exclusive across threads and processes for the duration of one write operation."""
+        with self._lock:
+            lock_path = self.directory / "write.lock"
+            with open(lock_path, "a+") as fh:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    # --- index maintenance ------------------------------------------------------------
+    def index(self, position: str | None = None) -> VectorIndex | None:
+        return self.indexes.get(index_name(position))
+
+    def _ensure_index(self, name: str) -> VectorIndex:
+        if name not in self.indexes:
+            self.indexes[name] = create_index(self.index_kind, self.dim, **self.index_params)
+        return self.indexes[name]
+
+    def refresh(self, force: bool = False) -> bool:
+        """Bring in-memory indexes up to the store's generation. Returns True if anything changed."""
+        with self._lock:
+            generation = self.store.generation
+            if not force and generation == self._generation:
+                return False
+            names = [IMAGES] + [index_name(p) for p in self.store.crop_positions()]
+            for name in names:
+                if name not in self.indexes:
+                    self.indexes[name] = self._load_or_create(name)
+                self._reconcile(name)
+            for stale in set(self.indexes) - set(names):
+                if len(self.indexes[stale]) == 0 or stale != IMAGES:
+                    self._reconcile(stale)
+            self._generation = generation
+            return True
+
+    def _load_or_create(self, name: str) -> VectorIndex:
+        path = self.index_path(name)
+        if path.exists():
+            try:
+                index, card = load_index(path)
+                if index.dim == self.dim and card.get("kind") == self.index_kind:
+                    return index
+                log.warning("%s: index kind/dim changed, rebuilding", path)
+            except (CatalogError, Exception) as exc:  # a corrupt cache is rebuilt, never fatal
+                log.warning("%s: unreadable index (%s), rebuilding from the store", path, exc)
+        return create_index(self.index_kind, self.dim, **self.index_params)
+
+    def _reconcile(self, name: str) -> None:
+        index = self.indexes[name]
+        if name == IMAGES:
+            table, position, want = "images", None, self.store.image_ids()
+        else:
+            position = name.removeprefix("crops-")
+            table, want = "crops", self.store.crop_ids(position)
+        have = index.ids()
+        extra = np.setdiff1d(have, want, assume_unique=True)
+        missing = np.setdiff1d(want, have, assume_unique=True)
+        if len(extra):
+            index.remove(extra)
+        for ids, vecs in self.store.iter_vectors(table, self.dim, ids=missing.tolist()):
+            index.add(ids, vecs)
+        if len(extra) or len(missing):
+            log.info("index %s reconciled: +%d -%d", name, len(missing), len(extra))
+
+    def save_indexes(self) -> None:
+        """Persist every index with the current store generation (after a write)."""
+        with self._lock:
+            generation = self.store.generation
+            for name, index in self.indexes.items():
+                save_index(
+                    index,
+                    self.index_path(name),
+                    {"generation": generation, "name": name, "model_id": self.model_id},
+                )
+            self._generation = generation
+
+    def add_vectors(
+        self, position: str | None, ids: NDArray[np.int64], vectors: NDArray[np.float32]
+    ) -> None:
+        with self._lock:
+            self._ensure_index(index_name(position)).add(ids, vectors)
+
+    def remove_vectors(self, image_ids: list[int], crop_ids: list[int]) -> None:
+        with self._lock:
+            if image_ids and IMAGES in self.indexes:
+                self.indexes[IMAGES].remove(np.array(image_ids, dtype=np.int64))
+            if crop_ids:
+                arr = np.array(crop_ids, dtype=np.int64)
+                for name, index in self.indexes.items():
+                    if name != IMAGES:
+                        index.remove(arr)
+
+    # --- write operations -------------------------------------------------------------
+    def remove_product(self, product_id: int) -> int:
+        """Delete a product with its images and crops; returns how many images went."""
+        with self.write_lock():
+            image_ids, crop_ids = self.store.delete_product(product_id)
+            self.remove_vectors(image_ids, crop_ids)
+            self.save_indexes()
+        return len(image_ids)
+
+    def remove_images(self, image_ids: list[int]) -> None:
+        with self.write_lock():
+            crop_ids = self.store.delete_images(image_ids)
+            self.remove_vectors(image_ids, crop_ids)
+            self.save_indexes()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "directory": str(self.directory),
+            **self.store.counts(),
+            "model_id": self.model_id,
+            "model_ref": self.model_ref,
+            "dim": self.dim,
+            "index_kind": self.index_kind,
+            "indexes": {name: len(idx) for name, idx in sorted(self.indexes.items())},
+            "generation": self.store.generation,
+        }
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def create_catalog(
+    directory: Path,
+    *,
+    model_id: str,
+    model_ref: str,
+    dim: int,
+    index_kind: str = "flat",
+    index_params: dict[str, Any] | None = None,
+) -> Catalog:
+    directory = Path(directory)
+    if (directory / CARD_FILE).exists():
+        raise CatalogError(f"{directory}: a catalog already exists here")
+    if directory.exists() and any(p.name not in (".DS_Store",) for p in directory.iterdir()):
+        raise CatalogError(f"{directory}: directory is not empty and holds no catalog")
+    directory.mkdir(parents=True, exist_ok=True)
+    card = {
+        "format": "snapshop-catalog/1",
+        "model_id": model_id,
+        "model_ref": model_ref,
+        "dim": int(dim),
+        "index_kind": index_kind,
+        "index_params": index_params or {},
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    store = CatalogStore(directory / DB_FILE)
+    write_json(directory / CARD_FILE, card)
+    return Catalog(directory, card, store)
+
+
+def open_catalog(directory: str | os.PathLike[str]) -> Catalog:
+    """Open an existing catalog directory (reconciling its indexes with the store)."""
+    directory = Path(directory)
+    if not (directory / CARD_FILE).exists():
+        raise CatalogError(
+            f"{directory}: no catalog here (create one with `snapshop index SOURCE --catalog DIR`)"
+        )
+    card = read_json(directory / CARD_FILE)
+    for key in ("model_id", "model_ref", "dim"):
+        if key not in card:
+            raise CatalogError(f"{directory / CARD_FILE}: missing {key!r}")
+    store = CatalogStore(directory / DB_FILE)
+    return Catalog(directory, card, store)

@@ -1,0 +1,452 @@
+"""SQLite catalog: products, images, garment crops and the durable copy of their vectors.
+
+SQLite (WAL) is the source of truth. Every image row is committed in the same transaction
+as its embedding, so a crash can never leave a row without a vector or the reverse; the
+vector indexes are caches rebuilt or reconciled from here (see ``catalog.catalog``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from snapshop.errors import CatalogError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS products (
+    id INTEGER PRIMARY KEY,
+    sku TEXT NOT NULL UNIQUE,
+    title TEXT, url TEXT, price REAL, currency TEXT, category TEXT,
+    attributes TEXT NOT NULL DEFAULT '{}',
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS products_category ON products(category);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    product_id INTEGER NOT NULL REFERENCES products(id) ON DELETE CASCADE,
+    source TEXT NOT NULL,
+    blob TEXT,
+    sha256 TEXT NOT NULL,
+    width INTEGER NOT NULL, height INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    UNIQUE (product_id, sha256)
+);
+CREATE INDEX IF NOT EXISTS images_product ON images(product_id);
+CREATE INDEX IF NOT EXISTS images_sha ON images(sha256);
+CREATE TABLE IF NOT EXISTS crops (
+    id INTEGER PRIMARY KEY,
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    position TEXT NOT NULL, label TEXT NOT NULL, score REAL NOT NULL,
+    x1 REAL NOT NULL, y1 REAL NOT NULL, x2 REAL NOT NULL, y2 REAL NOT NULL,
+    vector BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS crops_image ON crops(image_id);
+CREATE INDEX IF NOT EXISTS crops_position ON crops(position);
+"""
+
+PRODUCT_FIELDS = ("title", "url", "price", "currency", "category")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Product:
+    id: int
+    sku: str
+    title: str | None = None
+    url: str | None = None
+    price: float | None = None
+    currency: str | None = None
+    category: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    updated_at: str = ""
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    id: int
+    product_id: int
+    source: str
+    blob: str | None
+    sha256: str
+    width: int
+    height: int
+    created_at: str
+
+
+@dataclass(frozen=True)
+class CropRow:
+    id: int
+    image_id: int
+    position: str
+    label: str
+    score: float
+    box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class NewCrop:
+    position: str
+    label: str
+    score: float
+    box: tuple[float, float, float, float]
+    vector: NDArray[np.float32]
+
+
+def _vec_blob(vector: NDArray[np.float32]) -> bytes:
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+def _product(row: sqlite3.Row) -> Product:
+    return Product(
+        id=row["id"], sku=row["sku"], title=row["title"], url=row["url"], price=row["price"],
+        currency=row["currency"], category=row["category"],
+        attributes=json.loads(row["attributes"] or "{}"),
+        created_at=row["created_at"], updated_at=row["updated_at"],
+    )  # fmt: skip
+
+
+def _image(row: sqlite3.Row) -> ImageRow:
+    return ImageRow(
+        id=row["id"], product_id=row["product_id"], source=row["source"], blob=row["blob"],
+        sha256=row["sha256"], width=row["width"], height=row["height"],
+        created_at=row["created_at"],
+    )  # fmt: skip
+
+
+class CatalogStore:
+    """Thread-safe access to one SQLite catalog file.
+
+    Every write bumps ``generation`` in the same transaction, which lets index caches tell
+    whether they are current.
+    """
+
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        if readonly and not self.path.exists():
+            raise CatalogError(f"{self.path}: catalog database not found")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            if not readonly:
+                self._db.executescript(SCHEMA)
+                self._init_meta()
+        except sqlite3.DatabaseError as exc:
+            raise CatalogError(f"{self.path}: not a usable catalog database ({exc})") from None
+
+    def _init_meta(self) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0')")
+        version = int(self.get_meta("schema_version") or 0)
+        if version != SCHEMA_VERSION:
+            raise CatalogError(f"{self.path}: schema version {version}, expected {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: writers queue instead of failing)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute(
+                    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # --- meta -------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    @property
+    def generation(self) -> int:
+        return int(self.get_meta("generation") or 0)
+
+    # --- products ---------------------------------------------------------------------
+    def upsert_product(self, db: sqlite3.Connection, sku: str, **fields: Any) -> int:
+        """Insert or update a product by ``sku`` inside an open transaction; returns its id.
+
+        Only fields given (not None) overwrite stored values; ``attributes`` are merged.
+        """
+        if not sku or not str(sku).strip():
+            raise CatalogError("product id (sku) must not be empty")
+        sku = str(sku).strip()
+        unknown = set(fields) - set(PRODUCT_FIELDS) - {"attributes"}
+        if unknown:
+            raise CatalogError(f"unknown product fields {sorted(unknown)}")
+        stamp = now()
+        row = db.execute("SELECT id, attributes FROM products WHERE sku = ?", (sku,)).fetchone()
+        attrs = fields.pop("attributes", None) or {}
+        values = {k: v for k, v in fields.items() if v is not None}
+        if row is None:
+            cur = db.execute(
+                "INSERT INTO products(sku, title, url, price, currency, category, attributes,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sku, *(values.get(k) for k in PRODUCT_FIELDS), json.dumps(attrs), stamp, stamp),
+            )
+            return int(cur.lastrowid or 0)
+        product_id = int(row["id"])
+        if values or attrs:
+            merged = {**json.loads(row["attributes"] or "{}"), **attrs}
+            sets = ", ".join(f"{k} = ?" for k in values)
+            db.execute(
+                f"UPDATE products SET {sets + ', ' if sets else ''}attributes = ?, updated_at = ?"
+                " WHERE id = ?",
+                (*values.values(), json.dumps(merged), stamp, product_id),
+            )
+        return product_id
+
+    def update_product(self, product_id: int, **fields: Any) -> Product:
+        with self.transaction() as db:
+            product = self.get_product(product_id)
+            self.upsert_product(db, product.sku, **fields)
+        return self.get_product(product_id)
+
+    def get_product(self, product_id: int) -> Product:
+        rows = self._query("SELECT * FROM products WHERE id = ?", (int(product_id),))
+        if not rows:
+            raise CatalogError(f"no product with id {product_id}")
+        return _product(rows[0])
+
+    def find_product(self, sku: str) -> Product | None:
+        rows = self._query("SELECT * FROM products WHERE sku = ?", (str(sku).strip(),))
+        return _product(rows[0]) if rows else None
+
+    def products_by_ids(self, ids: Sequence[int]) -> dict[int, Product]:
+        out: dict[int, Product] = {}
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._query(f"SELECT * FROM products WHERE id IN ({marks})", chunk):
+                out[row["id"]] = _product(row)
+        return out
+
+    def list_products(
+        self, category: str | None = None, after_id: int = 0, limit: int = 50
+    ) -> list[Product]:
+        sql = "SELECT * FROM products WHERE id > ?"
+        params: list[Any] = [after_id]
+        if category is not None:
+            sql += " AND category = ?"
+            params.append(category)
+        sql += " ORDER BY id LIMIT ?"
+        params.append(limit)
+        return [_product(r) for r in self._query(sql, params)]
+
+    def delete_product(self, product_id: int) -> tuple[list[int], list[int]]:
+        """Delete a product, its images and crops; returns (image ids, crop ids) removed."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM products WHERE id = ?", (product_id,)).fetchone() is None:
+                raise CatalogError(f"no product with id {product_id}")
+            image_ids = [r[0] for r in db.execute(
+                "SELECT id FROM images WHERE product_id = ?", (product_id,))]  # fmt: skip
+            crop_ids = [r[0] for r in db.execute(
+                "SELECT c.id FROM crops c JOIN images i ON c.image_id = i.id"
+                " WHERE i.product_id = ?", (product_id,))]  # fmt: skip
+            db.execute("DELETE FROM products WHERE id = ?", (product_id,))
+        return image_ids, crop_ids
+
+    # --- images -----------------------------------------------------------------------
+    def find_image(self, db: sqlite3.Connection, product_id: int, sha256: str) -> int | None:
+        row = db.execute(
+            "SELECT id FROM images WHERE product_id = ? AND sha256 = ?", (product_id, sha256)
+        ).fetchone()
+        return int(row[0]) if row else None
+
+    def has_image(self, product_id: int, sha256: str) -> bool:
+        rows = self._query(
+            "SELECT 1 FROM images WHERE product_id = ? AND sha256 = ?", (product_id, sha256)
+        )
+        return bool(rows)
+
+    def insert_image(
+        self,
+        db: sqlite3.Connection,
+        product_id: int,
+        *,
+        source: str,
+        blob: str | None,
+        sha256: str,
+        width: int,
+        height: int,
+        vector: NDArray[np.float32],
+        crops: Sequence[NewCrop] = (),
+    ) -> tuple[int, list[int]]:
+        """Insert an image, its vector and its crops in the open transaction."""
+        cur = db.execute(
+            "INSERT INTO images(product_id, source, blob, sha256, width, height, created_at,"
+            " vector) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (product_id, source, blob, sha256, width, height, now(), _vec_blob(vector)),
+        )
+        image_id = int(cur.lastrowid or 0)
+        crop_ids = []
+        for c in crops:
+            cur = db.execute(
+                "INSERT INTO crops(image_id, position, label, score, x1, y1, x2, y2, vector)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (image_id, c.position, c.label, float(c.score), *map(float, c.box),
+                 _vec_blob(c.vector)),
+            )  # fmt: skip
+            crop_ids.append(int(cur.lastrowid or 0))
+        return image_id, crop_ids
+
+    def get_image(self, image_id: int) -> ImageRow:
+        rows = self._query("SELECT * FROM images WHERE id = ?", (int(image_id),))
+        if not rows:
+            raise CatalogError(f"no image with id {image_id}")
+        return _image(rows[0])
+
+    def images_of(self, product_id: int) -> list[ImageRow]:
+        rows = self._query("SELECT * FROM images WHERE product_id = ? ORDER BY id", (product_id,))
+        return [_image(r) for r in rows]
+
+    def delete_images(self, image_ids: Sequence[int]) -> list[int]:
+        """Delete images (and their crops); returns the crop ids removed."""
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return []
+        crop_ids: list[int] = []
+        with self.transaction() as db:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                crop_ids += [r[0] for r in db.execute(
+                    f"SELECT id FROM crops WHERE image_id IN ({marks})", chunk)]  # fmt: skip
+                db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
+        return crop_ids
+
+    def image_product_map(self, image_ids: Sequence[int]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        ids = [int(i) for i in image_ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._query(
+                f"SELECT id, product_id FROM images WHERE id IN ({marks})", chunk
+            ):
+                out[row[0]] = row[1]
+        return out
+
+    def crop_rows(self, crop_ids: Sequence[int]) -> dict[int, tuple[CropRow, int]]:
+        """crop id -> (crop, product id)."""
+        out: dict[int, tuple[CropRow, int]] = {}
+        ids = [int(i) for i in crop_ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in self._query(
+                "SELECT c.*, i.product_id FROM crops c JOIN images i ON c.image_id = i.id"
+                f" WHERE c.id IN ({marks})", chunk,
+            ):  # fmt: skip
+                crop = CropRow(r["id"], r["image_id"], r["position"], r["label"], r["score"],
+                               (r["x1"], r["y1"], r["x2"], r["y2"]))  # fmt: skip
+                out[crop.id] = (crop, r["product_id"])
+        return out
+
+    def crops_of_image(self, image_id: int) -> list[CropRow]:
+        rows = self._query("SELECT * FROM crops WHERE image_id = ? ORDER BY id", (image_id,))
+        return [CropRow(r["id"], r["image_id"], r["position"], r["label"], r["score"],
+                        (r["x1"], r["y1"], r["x2"], r["y2"])) for r in rows]  # fmt: skip
+
+    # --- vectors, for index rebuilds --------------------------------------------------
+    def image_ids(self) -> NDArray[np.int64]:
+        return np.array([r[0] for r in self._query("SELECT id FROM images")], dtype=np.int64)
+
+    def crop_ids(self, position: str) -> NDArray[np.int64]:
+        rows = self._query("SELECT id FROM crops WHERE position = ?", (position,))
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def crop_positions(self) -> list[str]:
+        return [r[0] for r in self._query("SELECT DISTINCT position FROM crops ORDER BY 1")]
+
+    def iter_vectors(
+        self,
+        table: str,
+        dim: int,
+        ids: Sequence[int] | None = None,
+        position: str | None = None,
+        batch: int = 4096,
+    ) -> Iterator[tuple[NDArray[np.int64], NDArray[np.float32]]]:
+        """Stream (ids, vectors) from ``images`` or ``crops`` in batches."""
+        if table not in ("images", "crops"):
+            raise ValueError(table)
+        if ids is not None:
+            id_list = [int(i) for i in ids]
+            for start in range(0, len(id_list), 500):
+                chunk = id_list[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._query(f"SELECT id, vector FROM {table} WHERE id IN ({marks})", chunk)
+                if rows:
+                    yield self._unpack(rows, dim)
+            return
+        where, params = ("WHERE position = ?", [position]) if position else ("", [])
+        last = 0
+        while True:
+            sep = "AND" if where else "WHERE"
+            rows = self._query(
+                f"SELECT id, vector FROM {table} {where} {sep} id > ? ORDER BY id LIMIT ?",
+                [*params, last, batch],
+            )
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield self._unpack(rows, dim)
+
+    @staticmethod
+    def _unpack(rows: list[sqlite3.Row], dim: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+        return ids, vecs
+
+    # --- stats ------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        row = self._query(
+            "SELECT (SELECT COUNT(*) FROM products) AS products,"
+            " (SELECT COUNT(*) FROM images) AS images, (SELECT COUNT(*) FROM crops) AS crops"
+        )[0]
+        return {"products": row["products"], "images": row["images"], "crops": row["crops"]}

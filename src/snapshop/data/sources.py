@@ -1,0 +1,124 @@
+"""Catalog sources for ingest: a folder with one sub-folder per product, or a CSV manifest.
+
+A CSV manifest has a header with at least ``product_id`` and ``image_path``, optionally
+``title, url, price, currency, category``; any other column becomes a product attribute.
+Relative image paths are resolved against the CSV's folder. The whole file is validated
+before anything is written, so a bad row stops the ingest with its line number and loses
+nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapshop.errors import ManifestError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+REQUIRED_COLUMNS = ("product_id", "image_path")
+PRODUCT_COLUMNS = ("title", "url", "price", "currency", "category")
+MAX_CSV_FIELD = 1 << 20
+
+
+@dataclass(frozen=True)
+class CatalogRecord:
+    """One image of one product, with whatever product metadata the source carries."""
+
+    sku: str
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def read_folder(root: Path) -> Iterator[CatalogRecord]:
+    """``root/<product_id>/<image files>``; sub-folder names are the product ids."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"{root}: not a directory")
+    product_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not product_dirs:
+        raise ManifestError(f"{root}: no product sub-folders (expected ROOT/<product_id>/<images>)")
+    for product_dir in product_dirs:
+        for path in sorted(product_dir.rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                yield CatalogRecord(product_dir.name, path, {"title": product_dir.name})
+
+
+def _parse_price(raw: str, line: int, path: Path) -> float | None:
+    raw = raw.strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ManifestError(f"{path}:{line}: price {raw!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise ManifestError(f"{path}:{line}: price {raw!r} must be a non-negative number")
+    return value
+
+
+def read_csv_manifest(path: Path) -> list[CatalogRecord]:
+    """Parse and validate a whole CSV manifest (raises ManifestError naming the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: file not found")
+    csv.field_size_limit(MAX_CSV_FIELD)
+    records: list[CatalogRecord] = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if missing:
+                raise ManifestError(
+                    f"{path}: missing column(s) {missing}; header is {header or 'empty'}"
+                )
+            reader.fieldnames = header
+            for row in reader:
+                line = reader.line_num
+                if None in row:
+                    raise ManifestError(f"{path}:{line}: more fields than the header has")
+                values = {k: (v or "").strip() for k, v in row.items()}
+                if not any(values.values()):
+                    continue
+                sku, image = values["product_id"], values["image_path"]
+                if not sku:
+                    raise ManifestError(f"{path}:{line}: empty product_id")
+                if not image:
+                    raise ManifestError(f"{path}:{line}: empty image_path")
+                image_path = Path(image)
+                if not image_path.is_absolute():
+                    image_path = path.parent / image_path
+                meta: dict[str, Any] = {}
+                for col in PRODUCT_COLUMNS:
+                    if values.get(col):
+                        meta[col] = values[col]
+                if "price" in meta:
+                    meta["price"] = _parse_price(meta["price"], line, path)
+                extra = {k: v for k, v in values.items()
+                         if k not in REQUIRED_COLUMNS + PRODUCT_COLUMNS and v}  # fmt: skip
+                if extra:
+                    meta["attributes"] = extra
+                records.append(CatalogRecord(sku, image_path, meta))
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except csv.Error as exc:
+        raise ManifestError(f"{path}: malformed CSV ({exc})") from None
+    if not records:
+        raise ManifestError(f"{path}: no rows")
+    return records
+
+
+def read_source(source: Path) -> list[CatalogRecord]:
+    """Records from a folder or a ``.csv`` manifest."""
+    source = Path(source)
+    if source.is_dir():
+        return list(read_folder(source))
+    if source.suffix.lower() == ".csv":
+        return read_csv_manifest(source)
+    if not source.exists():
+        raise ManifestError(f"{source}: not found")
+    raise ManifestError(f"{source}: expected a folder of product folders or a .csv manifest")

@@ -1,0 +1,149 @@
+"""Detector protocol, boxes and the DeepFashion2 class -> garment position map."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+UPPER = "upper"
+LOWER = "lower"
+POSITIONS: tuple[str, ...] = (UPPER, LOWER)
+
+# DeepFashion2's 13 categories, in its category_id order (1-based in the dataset).
+DF2_CLASSES: tuple[str, ...] = (
+    "short_sleeve_top",
+    "long_sleeve_top",
+    "short_sleeve_outwear",
+    "long_sleeve_outwear",
+    "vest",
+    "sling",
+    "shorts",
+    "trousers",
+    "skirt",
+    "short_sleeve_dress",
+    "long_sleeve_dress",
+    "vest_dress",
+    "sling_dress",
+)
+
+DF2_GROUP: dict[str, str] = {
+    "short_sleeve_top": "top",
+    "long_sleeve_top": "top",
+    "vest": "top",
+    "sling": "top",
+    "short_sleeve_outwear": "outwear",
+    "long_sleeve_outwear": "outwear",
+    "short_sleeve_dress": "dress",
+    "long_sleeve_dress": "dress",
+    "vest_dress": "dress",
+    "sling_dress": "dress",
+    "trousers": "trousers",
+    "shorts": "shorts",
+    "skirt": "skirt",
+}
+
+GROUP_POSITION: dict[str, str] = {
+    "top": UPPER,
+    "outwear": UPPER,
+    "dress": UPPER,
+    "trousers": LOWER,
+    "shorts": LOWER,
+    "skirt": LOWER,
+}
+
+
+def position_of(label: str) -> str | None:
+    """Garment position of a DeepFashion2 class or garment group; None for anything else."""
+    key = label.strip().lower().replace(" ", "_").replace("-", "_")
+    if key in POSITIONS:
+        return key
+    group = DF2_GROUP.get(key, key)
+    return GROUP_POSITION.get(group)
+
+
+@dataclass(frozen=True)
+class Box:
+    """Pixel box, ``x1 < x2`` and ``y1 < y2``, in the coordinates of the decoded image."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+    @property
+    def width(self) -> float:
+        return max(0.0, self.x2 - self.x1)
+
+    @property
+    def height(self) -> float:
+        return max(0.0, self.y2 - self.y1)
+
+    @property
+    def area(self) -> float:
+        return self.width * self.height
+
+    def iou(self, other: Box) -> float:
+        ix = max(0.0, min(self.x2, other.x2) - max(self.x1, other.x1))
+        iy = max(0.0, min(self.y2, other.y2) - max(self.y1, other.y1))
+        inter = ix * iy
+        union = self.area + other.area - inter
+        return inter / union if union > 0 else 0.0
+
+    def clip(self, width: int, height: int) -> Box:
+        return Box(
+            min(max(self.x1, 0.0), width),
+            min(max(self.y1, 0.0), height),
+            min(max(self.x2, 0.0), width),
+            min(max(self.y2, 0.0), height),
+        )
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.x1, self.y1, self.x2, self.y2)
+
+    def to_int(self) -> tuple[int, int, int, int]:
+        return (int(round(self.x1)), int(round(self.y1)), int(round(self.x2)), int(round(self.y2)))
+
+
+@dataclass(frozen=True)
+class Detection:
+    box: Box
+    label: str
+    position: str | None
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["box"] = list(self.box.as_tuple())
+        return data
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """Image -> every detection (any order). Callers keep the best per position."""
+
+    name: str
+
+    def detect(self, image: Image.Image) -> list[Detection]: ...
+
+
+def keep_best_per_position(detections: Iterable[Detection]) -> dict[str, Detection]:
+    """The most confident detection for each garment position."""
+    best: dict[str, Detection] = {}
+    for det in detections:
+        if det.position is None:
+            continue
+        current = best.get(det.position)
+        if current is None or det.score > current.score:
+            best[det.position] = det
+    return best
+
+
+def crop(image: Image.Image, box: Box, min_side: int = 8) -> Image.Image | None:
+    """The pixels inside ``box`` (clipped), or None when the box is smaller than ``min_side``."""
+    x1, y1, x2, y2 = box.clip(*image.size).to_int()
+    if x2 - x1 < min_side or y2 - y1 < min_side:
+        return None
+    return image.crop((x1, y1, x2, y2))

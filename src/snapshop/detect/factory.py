@@ -1,0 +1,33 @@
+"""Detector registry: build a detector from a spec string such as ``none``.
+
+Backends register a constructor taking the text after ``name:`` (may be empty).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from snapshop.detect.base import Detector
+from snapshop.errors import ConfigError
+
+DetectorFactory = Callable[[str], Detector]
+_REGISTRY: dict[str, DetectorFactory] = {}
+
+
+def register_detector(name: str, factory: DetectorFactory) -> None:
+    _REGISTRY[name] = factory
+
+
+def list_detectors() -> list[str]:
+    return ["none", *sorted(_REGISTRY)]
+
+
+def create_detector(spec: str | None) -> Detector | None:
+    """``None``/``"none"`` -> no detector; ``"name"`` or ``"name:ARGS"`` -> a registered backend."""
+    if spec is None or spec.strip().lower() in ("", "none"):
+        return None
+    name, _, args = spec.partition(":")
+    factory = _REGISTRY.get(name.strip().lower())
+    if factory is None:
+        raise ConfigError(f"unknown detector {spec!r}; choose from {list_detectors()}")
+    return factory(args.strip())

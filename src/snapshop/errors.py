@@ -1,0 +1,35 @@
+"""Typed errors: every failure a user can cause raises a subclass of SnapshopError."""
+
+from __future__ import annotations
+
+
+class SnapshopError(Exception):
+    """Base class of every error snapshop raises on purpose."""
+
+
+class ImageDecodeError(SnapshopError):
+    """An image could not be decoded safely.
+
+    ``source`` names the file (or ``"<bytes>"``), ``reason`` says why in plain words.
+    """
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class CatalogError(SnapshopError):
+    """The catalog is missing, inconsistent or was asked for something it does not hold."""
+
+
+class ManifestError(SnapshopError):
+    """A CSV manifest or dataset listing is malformed."""
+
+
+class ModelError(SnapshopError):
+    """A model directory is missing, corrupt or incompatible with the catalog."""
+
+
+class ConfigError(SnapshopError):
+    """A parameter or configuration value is out of range."""

@@ -1,0 +1,1 @@
+"""Retrieval and detection metrics, timing and reports."""

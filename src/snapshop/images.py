@@ -1,0 +1,161 @@
+"""Safe image decoding: the only module that opens image files.
+
+Every entry point (ingest, search, service, training) goes through :func:`load_image`, so the
+rules live in one place: EXIF orientation applied, every mode converted to RGB (alpha
+composited on white), a decompression-bomb limit, and one typed error for every failure.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from snapshop.errors import ImageDecodeError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+
+# We never accept truncated files silently; the default is already False, pin it.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+ImageSource = str | os.PathLike[str] | bytes
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Limits applied before any pixel is decoded."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    min_side: int = 1
+
+
+def _source_name(source: ImageSource) -> str:
+    return "<bytes>" if isinstance(source, bytes) else str(source)
+
+
+def read_bytes(source: ImageSource, limits: DecodeLimits = DecodeLimits()) -> bytes:
+    """Return the raw bytes of ``source``, enforcing the byte limit."""
+    name = _source_name(source)
+    if isinstance(source, bytes):
+        data = source
+    else:
+        path = Path(source)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ImageDecodeError(name, "file not found") from None
+        except OSError as exc:
+            raise ImageDecodeError(name, f"cannot read file ({exc.strerror})") from None
+        if not path.is_file():
+            raise ImageDecodeError(name, "not a regular file")
+        if size > limits.max_bytes:
+            raise ImageDecodeError(name, f"file is {size} bytes, limit is {limits.max_bytes}")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageDecodeError(name, f"cannot read file ({exc.strerror})") from None
+    if len(data) == 0:
+        raise ImageDecodeError(name, "empty file (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageDecodeError(name, f"data is {len(data)} bytes, limit is {limits.max_bytes}")
+    return data
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Return the PIL format name of ``data`` from its magic bytes, or None if not an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparent pixels become white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if mode == "F":
+            lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+            arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+        else:
+            arr = arr / hi * 255.0
+        gray = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "CMYK":
+        # PIL's CMYK->RGB ignores Adobe's inverted CMYK JPEGs; both render acceptably here.
+        return image.convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(
+    source: ImageSource,
+    limits: DecodeLimits = DecodeLimits(),
+) -> Image.Image:
+    """Decode ``source`` (a path or the file's bytes) into an RGB ``PIL.Image``.
+
+    Raises :class:`ImageDecodeError` naming the file and the reason for: missing, empty,
+    oversized or truncated files, non-images, unsupported formats and images over
+    ``limits.max_pixels`` (checked from the header, before decoding).
+    """
+    name = _source_name(source)
+    data = read_bytes(source, limits)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageDecodeError(name, "not an image file (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(name, f"too many pixels ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(name, f"cannot open image ({exc})") from None
+
+    if image.format not in SUPPORTED_FORMATS:
+        raise ImageDecodeError(name, f"unsupported format {image.format}")
+    width, height = image.size
+    if width < limits.min_side or height < limits.min_side:
+        raise ImageDecodeError(name, f"image has no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise ImageDecodeError(
+            name,
+            f"image is {width}x{height} = {width * height} pixels, limit is {limits.max_pixels}",
+        )
+    try:
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        rgb = _to_rgb(image)
+        rgb.load()
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageDecodeError(name, f"corrupt or truncated image data ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(name, f"too many pixels ({exc})") from None
+    return rgb
+
+
+def image_size(source: ImageSource, limits: DecodeLimits = DecodeLimits()) -> tuple[int, int]:
+    """Width and height after EXIF orientation, without keeping the pixels."""
+    return load_image(source, limits).size

@@ -1,0 +1,6 @@
+"""Vector indexes keyed by stable integer ids from the catalog."""
+
+from snapshop.index.base import SearchHits, VectorIndex
+from snapshop.index.factory import create_index, load_index, save_index
+
+__all__ = ["SearchHits", "VectorIndex", "create_index", "load_index", "save_index"]

@@ -1,0 +1,69 @@
+"""The VectorIndex protocol every backend (exact, ANN, server) implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+@dataclass(frozen=True)
+class SearchHits:
+    """Top-k per query: ``scores`` (Q, k) float32 inner products, ``ids`` (Q, k) int64.
+
+    Missing results (fewer than k vectors) have id -1 and score -inf.
+    """
+
+    scores: NDArray[np.float32]
+    ids: NDArray[np.int64]
+
+
+@runtime_checkable
+class VectorIndex(Protocol):
+    """Inner-product search over L2-normalised vectors, keyed by int64 ids."""
+
+    kind: str
+    dim: int
+
+    def __len__(self) -> int: ...
+
+    def add(self, ids: NDArray[np.int64], vectors: NDArray[np.float32]) -> None:
+        """Add or replace ``vectors`` (N, dim) under ``ids`` (N,)."""
+
+    def remove(self, ids: NDArray[np.int64]) -> int:
+        """Remove ``ids``; unknown ids are ignored. Returns how many were removed."""
+
+    def search(self, queries: NDArray[np.float32], k: int) -> SearchHits:
+        """Top-``k`` by inner product for each of the (Q, dim) queries."""
+
+    def ids(self) -> NDArray[np.int64]:
+        """Every id in the index (any order)."""
+
+    def save(self, path: Path) -> None:
+        """Persist to ``path`` atomically."""
+
+    def info(self) -> dict[str, Any]:
+        """Parameters for the index card."""
+
+
+def check_vectors(vectors: NDArray[Any], dim: int) -> NDArray[np.float32]:
+    arr = np.ascontiguousarray(vectors, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise ValueError(f"expected vectors of shape (N, {dim}), got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("vectors contain NaN or infinity")
+    return arr
+
+
+def check_ids(ids: NDArray[Any], n: int) -> NDArray[np.int64]:
+    arr = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if len(arr) != n:
+        raise ValueError(f"got {len(arr)} ids for {n} vectors")
+    if len(np.unique(arr)) != len(arr):
+        raise ValueError("duplicate ids in one add")
+    if (arr < 0).any():
+        raise ValueError("ids must be non-negative")
+    return arr

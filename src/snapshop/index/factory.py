@@ -1,0 +1,51 @@
+"""Create, save and load indexes by kind; every saved index gets a JSON card beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from snapshop.config import read_json, write_json
+from snapshop.errors import CatalogError
+from snapshop.index.base import VectorIndex
+from snapshop.index.flat import FlatIndex
+
+INDEX_KINDS: dict[str, Any] = {"flat": FlatIndex}
+
+
+def register_index(kind: str, cls: Any) -> None:
+    INDEX_KINDS[kind] = cls
+
+
+def create_index(kind: str, dim: int, **params: Any) -> VectorIndex:
+    try:
+        cls = INDEX_KINDS[kind]
+    except KeyError:
+        raise CatalogError(
+            f"unknown index kind {kind!r}; choose from {sorted(INDEX_KINDS)}"
+        ) from None
+    return cls(dim, **params)
+
+
+def card_path(path: Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_index(index: VectorIndex, path: Path, extra: dict[str, Any] | None = None) -> None:
+    """Save ``index`` then its card (the card is written last: a card always names a full file)."""
+    index.save(Path(path))
+    write_json(card_path(path), {**index.info(), **(extra or {})})
+
+
+def load_index(path: Path) -> tuple[VectorIndex, dict[str, Any]]:
+    """Load the index at ``path`` and its card; raises CatalogError when either is unusable."""
+    card = read_json(card_path(path))
+    kind = card.get("kind", "flat")
+    try:
+        cls = INDEX_KINDS[kind]
+        index = cls.load(Path(path))
+    except KeyError:
+        raise CatalogError(f"{path}: unknown index kind {kind!r}") from None
+    except RuntimeError as exc:  # faiss raises RuntimeError on corrupt files
+        raise CatalogError(f"{path}: cannot read index ({exc})") from None
+    return index, card

@@ -1,0 +1,1 @@
+"""Backbones, embedding heads, ONNX export and the runtime embedder."""

@@ -1,0 +1,64 @@
+"""The JSON model card that sits next to every exported model."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from snapshop.config import read_json, write_json
+from snapshop.errors import ModelError
+
+MODEL_FILE = "model.onnx"
+CARD_FILE = "model.json"
+NORMALISATION = {"mean": 127.0, "std": 128.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    name: str
+    backbone: str
+    input_size: int
+    output_dim: int
+    source_weights_sha256: str
+    onnx_sha256: str
+    normalisation: dict[str, float] = dataclasses.field(default_factory=lambda: dict(NORMALISATION))
+    resize: str = "shorter_side_then_center_crop"
+    l2_normalised: bool = True
+    kind: str = "imagenet"
+    created_at: str = ""
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def model_id(self) -> str:
+        """Identifies the embedding space: vectors from different ids are not comparable."""
+        return f"{self.name}@{self.onnx_sha256[:12]}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_card(model_dir: Path, card: ModelCard) -> None:
+    write_json(Path(model_dir) / CARD_FILE, card.to_dict())
+
+
+def read_card(model_dir: Path) -> ModelCard:
+    path = Path(model_dir) / CARD_FILE
+    if not path.exists():
+        raise ModelError(f"{model_dir}: no {CARD_FILE}; not a snapshop model directory")
+    data = read_json(path)
+    names = {f.name for f in dataclasses.fields(ModelCard)}
+    try:
+        return ModelCard(**{k: v for k, v in data.items() if k in names})
+    except TypeError as exc:
+        raise ModelError(f"{path}: incomplete model card ({exc})") from None

@@ -1,0 +1,102 @@
+"""Runtime embedder: preprocessing + ONNX Runtime, batched, L2-normalised float32 output."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from snapshop.errors import ModelError
+from snapshop.models.card import MODEL_FILE, ModelCard, read_card, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def preprocess(image: Image.Image, size: int) -> NDArray[np.float32]:
+    """RGB image -> (3, size, size) float32: shorter side resized to ``size``, centre crop,
+    then (x - 127) / 128 as the EfficientNet-Lite weights expect."""
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    resized = image.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    crop = resized.crop((left, top, left + size, top + size))
+    arr = np.asarray(crop, dtype=np.float32)
+    arr = (arr - 127.0) / 128.0
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+class Embedder:
+    """Embeds PIL images with an exported model directory (model.onnx + model.json)."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        batch_size: int = 32,
+        threads: int | None = None,
+        verify: bool = False,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.model_dir = Path(model_dir)
+        self.card: ModelCard = read_card(self.model_dir)
+        onnx_path = self.model_dir / MODEL_FILE
+        if not onnx_path.exists():
+            raise ModelError(f"{self.model_dir}: {MODEL_FILE} is missing")
+        if verify and sha256_file(onnx_path) != self.card.onnx_sha256:
+            raise ModelError(f"{onnx_path}: sha256 differs from the model card")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                str(onnx_path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelError(f"{onnx_path}: cannot load ONNX model ({exc})") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.batch_size = batch_size
+
+    @property
+    def dim(self) -> int:
+        return self.card.output_dim
+
+    @property
+    def input_size(self) -> int:
+        return self.card.input_size
+
+    @property
+    def model_id(self) -> str:
+        return self.card.model_id
+
+    def embed_arrays(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        """(N, 3, S, S) preprocessed -> (N, D) float32, L2-normalised."""
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        outs = []
+        for start in range(0, len(batch), self.batch_size):
+            chunk = np.ascontiguousarray(batch[start : start + self.batch_size], dtype=np.float32)
+            outs.append(self.session.run(None, {self.input_name: chunk})[0])
+        emb = np.concatenate(outs).astype(np.float32, copy=False)
+        # The graph normalises already; renormalising guards against fp drift in quantised models.
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        return emb / np.maximum(norms, 1e-12)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> NDArray[np.float32]:
+        """PIL RGB images -> (N, D) float32, L2-normalised."""
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        batch = np.stack([preprocess(im, self.input_size) for im in images])
+        return self.embed_arrays(batch)
+
+
+def load_embedder(model: str | os.PathLike[str] | None = None, **kwargs: object) -> Embedder:
+    """Embedder for a model directory or a backbone name (exported to the cache on first use)."""
+    from snapshop.models.export import resolve_model_dir
+
+    return Embedder(resolve_model_dir(model), **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,266 @@
+"""Query path: image -> detections -> embeddings -> image-based and item-based product results."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from snapshop.catalog.catalog import Catalog
+from snapshop.catalog.store import Product
+from snapshop.detect.base import Box, Detection, Detector, crop, keep_best_per_position
+from snapshop.errors import ConfigError
+from snapshop.images import DecodeLimits, ImageSource, load_image
+from snapshop.index.base import VectorIndex
+from snapshop.models.embedder import Embedder
+
+MAX_K = 1000
+
+
+@dataclass(frozen=True)
+class ProductFilter:
+    """Keep only products in ``category`` and within [min_price, max_price]."""
+
+    category: str | None = None
+    min_price: float | None = None
+    max_price: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_price", "max_price"):
+            value = getattr(self, name)
+            if value is not None and (not np.isfinite(value) or value < 0):
+                raise ConfigError(f"{name} must be a non-negative number")
+        if (
+            self.min_price is not None
+            and self.max_price is not None
+            and self.min_price > self.max_price
+        ):
+            raise ConfigError("min_price is greater than max_price")
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.category, self.min_price, self.max_price))
+
+    def accepts(self, product: Product) -> bool:
+        if self.category is not None and product.category != self.category:
+            return False
+        if self.min_price is not None and (product.price is None or product.price < self.min_price):
+            return False
+        return not (
+            self.max_price is not None and (product.price is None or product.price > self.max_price)
+        )
+
+
+@dataclass(frozen=True)
+class ProductHit:
+    product_id: int
+    sku: str
+    title: str | None
+    url: str | None
+    price: float | None
+    currency: str | None
+    category: str | None
+    score: float
+    image_id: int
+    crop_id: int | None = None
+    crop_box: tuple[float, float, float, float] | None = None
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """Item-based results for one detected (or user-drawn) garment."""
+
+    position: str
+    label: str
+    score: float
+    box: tuple[float, float, float, float]
+    results: list[ProductHit]
+
+
+@dataclass
+class SearchResult:
+    query_size: tuple[int, int]
+    detections: list[Detection]
+    image_results: list[ProductHit]
+    item_results: list[ItemResult]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "query_size": list(self.query_size),
+            "detections": [d.to_dict() for d in self.detections],
+            "image_results": [asdict(h) for h in self.image_results],
+            "item_results": [asdict(r) for r in self.item_results],
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+        }
+
+
+def top_products(
+    index: VectorIndex,
+    query: NDArray[np.float32],
+    k: int,
+    owner_of: Callable[[list[int]], dict[int, int]],
+    accept: Callable[[int], bool] | None = None,
+) -> list[tuple[int, float, int]]:
+    """Best-scoring entry per product: [(product_id, score, entry_id)], at most ``k``.
+
+    Fetches 4k neighbours and doubles until ``k`` distinct accepted products are found or the
+    index is exhausted, so one product with many images never crowds out the others.
+    """
+    total = len(index)
+    if total == 0:
+        return []
+    fetch = min(total, max(4 * k, 16))
+    while True:
+        hits = index.search(query.reshape(1, -1), fetch)
+        ids = [int(i) for i in hits.ids[0] if i >= 0]
+        scores = hits.scores[0][: len(ids)]
+        owners = owner_of(ids)
+        seen: dict[int, tuple[int, float, int]] = {}
+        rejected: set[int] = set()
+        for entry, score in zip(ids, scores, strict=True):
+            product = owners.get(entry)
+            if product is None or product in seen or product in rejected:
+                continue
+            if accept is not None and not accept(product):
+                rejected.add(product)
+                continue
+            seen[product] = (product, float(score), entry)
+            if len(seen) == k:
+                break
+        if len(seen) >= k or fetch >= total:
+            return list(seen.values())
+        fetch = min(total, fetch * 4)
+
+
+class Searcher:
+    """Answers queries against one catalog with one embedder and an optional detector."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        embedder: Embedder,
+        detector: Detector | None = None,
+        limits: DecodeLimits = DecodeLimits(),
+    ) -> None:
+        catalog.check_model(embedder.model_id)
+        self.catalog = catalog
+        self.embedder = embedder
+        self.detector = detector
+        self.limits = limits
+
+    def _hits(
+        self, found: list[tuple[int, float, int]], crops: dict[int, Any] | None = None
+    ) -> list[ProductHit]:
+        products = self.catalog.store.products_by_ids([p for p, _, _ in found])
+        out = []
+        for product_id, score, entry in found:
+            p = products.get(product_id)
+            if p is None:  # deleted between search and lookup
+                continue
+            image_id, crop_id, box = entry, None, None
+            if crops is not None:
+                crop_row = crops[entry][0]
+                image_id, crop_id, box = crop_row.image_id, entry, crop_row.box
+            out.append(ProductHit(p.id, p.sku, p.title, p.url, p.price, p.currency, p.category,
+                                  score, image_id, crop_id, box))  # fmt: skip
+        return out
+
+    def _accept(self, filters: ProductFilter | None) -> Callable[[int], bool] | None:
+        if filters is None or not filters.active:
+            return None
+        cache: dict[int, bool] = {}
+        store = self.catalog.store
+
+        def accept(product_id: int) -> bool:
+            if product_id not in cache:
+                found = store.products_by_ids([product_id]).get(product_id)
+                cache[product_id] = found is not None and filters.accepts(found)
+            return cache[product_id]
+
+        return accept
+
+    def search(
+        self,
+        source: ImageSource | Image.Image,
+        k: int = 10,
+        *,
+        detect: bool = True,
+        position: str | None = None,
+        box: Box | None = None,
+        filters: ProductFilter | None = None,
+    ) -> SearchResult:
+        """Search with a whole image (image-based results) and its garments (item-based).
+
+        ``box`` searches one user-drawn region instead of detecting (its position is
+        ``position`` or, without one, every crop index is searched). ``position`` alone limits
+        item-based results to that garment position.
+        """
+        if not 1 <= k <= MAX_K:
+            raise ConfigError(f"k must be between 1 and {MAX_K}, got {k}")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        image = source if isinstance(source, Image.Image) else load_image(source, self.limits)
+        t1 = time.perf_counter()
+        timings["decode"] = (t1 - t0) * 1e3
+        self.catalog.refresh()
+
+        detections: list[Detection] = []
+        regions: list[tuple[str, str, float, Box]] = []
+        if box is not None:
+            clipped = box.clip(*image.size)
+            if clipped.width < 8 or clipped.height < 8:
+                raise ConfigError("the box is empty or smaller than 8x8 pixels inside the image")
+            regions.append((position or "box", "user_box", 1.0, clipped))
+        elif detect and self.detector is not None:
+            detections = self.detector.detect(image)
+            best = keep_best_per_position(detections)
+            for pos, det in sorted(best.items()):
+                if position is None or pos == position:
+                    regions.append((pos, det.label, det.score, det.box))
+        t2 = time.perf_counter()
+        timings["detect"] = (t2 - t1) * 1e3
+
+        cropped = [(r, crop(image, r[3])) for r in regions]
+        regions = [r for r, pixels in cropped if pixels is not None]
+        vectors = self.embedder.embed_images([image] + [p for _, p in cropped if p is not None])
+        t3 = time.perf_counter()
+        timings["embed"] = (t3 - t2) * 1e3
+
+        accept = self._accept(filters)
+        store = self.catalog.store
+        image_index = self.catalog.index(None)
+        image_results: list[ProductHit] = []
+        if image_index is not None and box is None:
+            found = top_products(image_index, vectors[0], k, store.image_product_map, accept)
+            image_results = self._hits(found)
+
+        item_results: list[ItemResult] = []
+        for (pos, label, score, region_box), vec in zip(regions, vectors[1:], strict=True):
+            targets = [pos] if pos != "box" else store.crop_positions()
+            merged: list[tuple[int, float, int]] = []
+            crop_info: dict[int, Any] = {}
+            for target in targets:
+                index = self.catalog.index(target)
+                if index is None:
+                    continue
+
+                def owner_of(ids: list[int]) -> dict[int, int]:
+                    rows = store.crop_rows(ids)
+                    crop_info.update(rows)
+                    return {cid: product for cid, (_, product) in rows.items()}
+
+                merged += top_products(index, vec, k, owner_of, accept)
+            best: dict[int, tuple[int, float, int]] = {}
+            for item in sorted(merged, key=lambda t: -t[1]):
+                best.setdefault(item[0], item)
+            hits = self._hits(list(best.values())[:k], crop_info)
+            item_results.append(ItemResult(pos, label, score, region_box.as_tuple(), hits))
+        timings["search"] = (time.perf_counter() - t3) * 1e3
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        return SearchResult(image.size, detections, image_results, item_results, timings)
