@@ -124,7 +124,7 @@ class Ingestor:
         store = self.catalog.store
         for record in records:
             try:
-                data = read_bytes(record.path, self.limits)
+                data = record.read(self.limits)
             except ImageDecodeError as exc:
                 report.failed.append((str(record.path), exc.reason))
                 continue
@@ -229,7 +229,7 @@ class Ingestor:
         wanted: dict[str, set[str]] = {}
         for record in records:
             try:
-                data = read_bytes(record.path, self.limits)
+                data = record.read(self.limits)
             except ImageDecodeError:
                 continue
             wanted.setdefault(record.sku, set()).add(hashlib.sha256(data).hexdigest())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshop.errors import ManifestError
+from snapshop.images import DecodeLimits, read_bytes
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 REQUIRED_COLUMNS = ("product_id", "image_path")
@@ -31,6 +32,10 @@ class CatalogRecord:
     sku: str
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
+    data: bytes | None = None  # the file's bytes when they did not come from ``path`` (uploads)
+
+    def read(self, limits: DecodeLimits = DecodeLimits()) -> bytes:
+        return read_bytes(self.data if self.data is not None else self.path, limits)
 
 
 def read_folder(root: Path) -> Iterator[CatalogRecord]:
