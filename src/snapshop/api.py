@@ -8,11 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from snapshop.catalog.catalog import CARD_FILE, Catalog, create_catalog, open_catalog
+from snapshop.config import read_json, write_json
 from snapshop.data.sources import CatalogRecord, read_source
 from snapshop.detect.base import Detector
 from snapshop.detect.factory import create_detector
 from snapshop.errors import CatalogError
 from snapshop.images import ImageSource
+from snapshop.index.choose import AUTO
+from snapshop.index.factory import INDEX_KINDS
 from snapshop.ingest import Ingestor, IngestReport
 from snapshop.models.embedder import Embedder, load_embedder
 from snapshop.search import ProductFilter, Searcher, SearchResult
@@ -54,31 +57,62 @@ def index_source(
     detector: str | Detector | None = None,
     batch_size: int = 32,
     sync: bool = False,
-    index_kind: str = "flat",
+    index_kind: str | None = None,
     progress_total: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> IngestReport:
-    """Ingest a folder or CSV manifest into ``catalog_dir`` (created on first use)."""
+    """Ingest a folder or CSV manifest into ``catalog_dir`` (created on first use).
+
+    ``index_kind``: ``auto`` (the default for new catalogs: exact search while it meets the
+    latency budget, HNSW above), ``flat``, ``hnsw``, ``pgvector``, ``milvus``; given for an
+    existing catalog it replaces the card's choice (indexes are rebuilt from the store).
+    ``workers``: decode processes (None: one per core; 0: in-process).
+    """
     records = source if isinstance(source, list) else read_source(Path(source))
     directory = Path(catalog_dir)
-    existing = (directory / CARD_FILE).exists()
-    if existing:
+    if (directory / CARD_FILE).exists():
+        if index_kind is not None:
+            set_index_kind(directory, index_kind)
         catalog = open_catalog(directory)
         embedder = catalog_embedder(catalog, model)
     else:
         embedder = load_embedder(model)
-        catalog = create_catalog(directory, model_id=embedder.model_id, model_ref=_model_ref(model),
-                                 dim=embedder.dim, index_kind=index_kind)  # fmt: skip
+        try:
+            catalog = create_catalog(
+                directory, model_id=embedder.model_id, model_ref=_model_ref(model),
+                dim=embedder.dim, index_kind=index_kind or AUTO,
+            )  # fmt: skip
+        except CatalogError:
+            if not (directory / CARD_FILE).exists():
+                raise
+            catalog = open_catalog(directory)  # another process created it a moment ago
+            catalog.check_model(embedder.model_id)
     try:
         det = (
             create_detector(detector) if isinstance(detector, str) or detector is None else detector
         )
         if progress_total:
             progress_total(len(records))
-        ingestor = Ingestor(catalog, embedder, det, batch_size=batch_size)
+        ingestor = Ingestor(catalog, embedder, det, batch_size=batch_size, workers=workers)
         return ingestor.ingest(records, progress=progress, sync=sync)
     finally:
         catalog.close()
+
+
+def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | None = None) -> None:
+    """Record ``kind`` (and ``params``) in the catalog card; the next open rebuilds indexes of
+    another kind from the store (issue #6)."""
+    if kind != AUTO and kind not in INDEX_KINDS:
+        raise CatalogError(f"unknown index kind {kind!r}; choose from auto, {sorted(INDEX_KINDS)}")
+    path = Path(catalog_dir) / CARD_FILE
+    card = read_json(path)
+    if card.get("index_kind") == kind and (params is None or card.get("index_params") == params):
+        return
+    if params is not None or card.get("index_kind") != kind:  # old params fit the old kind
+        card["index_params"] = params or {}
+    card["index_kind"] = kind
+    write_json(path, card)
 
 
 def open_searcher(
@@ -118,7 +152,8 @@ def remove_products(catalog_dir: PathLike, products: list[str]) -> dict[str, int
     catalog = open_catalog(catalog_dir)
     removed: dict[str, int] = {}
     try:
-        for key in products:
+        targets = []
+        for key in products:  # resolve every key first: an unknown one removes nothing
             found = catalog.store.find_product(key)
             if found is None and key.isdigit():
                 try:
@@ -127,7 +162,9 @@ def remove_products(catalog_dir: PathLike, products: list[str]) -> dict[str, int
                     found = None
             if found is None:
                 raise CatalogError(f"no product with id or sku {key!r}")
-            removed[key] = catalog.remove_product(found.id)
+            targets.append((key, found.id))
+        for key, product_id in targets:
+            removed[key] = catalog.remove_product(product_id)
     finally:
         catalog.close()
     return removed

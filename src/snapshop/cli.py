@@ -90,13 +90,23 @@ def index(
     sync: Annotated[
         bool, typer.Option(help="Remove images of listed products the source no longer has.")
     ] = False,
+    index_kind: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (default for new catalogs), flat, hnsw, pgvector, milvus;"
+            " changing it rebuilds the indexes from the store."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="Decode processes (default: one per core).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add a folder or CSV manifest to a catalog (created on first use); re-runs are idempotent."""
     with progress_bar("indexing") as (set_total, advance):
         report = run(lambda: api.index_source(
             source, catalog, model=model, detector=detector, batch_size=batch_size, sync=sync,
-            progress_total=set_total, progress=advance,
+            progress_total=set_total, progress=advance, index_kind=index_kind, workers=workers,
         ))  # fmt: skip
     if as_json:
         out.print_json(json.dumps(report.to_dict()))
@@ -195,24 +205,23 @@ def demo(
     model: ModelOpt = None,
 ) -> None:
     """Generate a small demo catalog, index it and search it with an unseen photo."""
-    from snapshop.demo import generate_demo_catalog
+    from snapshop.demo import generate_demo_catalog, search_demo_queries
 
     manifest, queries = generate_demo_catalog(directory / "source")
     out.print(f"demo catalog source: {manifest} ({len(queries)} products)")
     with progress_bar("indexing demo") as (set_total, advance):
-        report = run(lambda: api.index_source(manifest, directory / "catalog", model=model,
-                                              progress_total=set_total, progress=advance))  # fmt: skip
+        report = run(lambda: api.index_source(
+            manifest, directory / "catalog", model=model, progress_total=set_total,
+            progress=advance,
+        ))  # fmt: skip
     out.print(f"indexed {report.added} new images, {report.skipped} already there,"
               f" {report.seconds:.1f} s")  # fmt: skip
-    hits_at_1 = 0
-    for n, (query, sku) in enumerate(queries):
-        result = run(lambda q=query: api.search_image(q, directory / "catalog", k=k))
-        hits_at_1 += bool(result.image_results) and result.image_results[0].sku == sku
-        if n == 0:
-            out.print(f"query: {query} (a new photo of {sku})")
-            out.print(_hits_table("Similar images", result.image_results))
-            out.print(f"[dim]search {result.timings_ms['total']:.1f} ms[/dim]")
-    out.print(f"recall@1 over {len(queries)} held-out demo photos: {hits_at_1 / len(queries):.2f}")
+    results, recall_at_1 = run(lambda: search_demo_queries(directory / "catalog", queries, k))
+    (query, sku), result = queries[0], results[0]
+    out.print(f"query: {query} (a new photo of {sku})")
+    out.print(_hits_table("Similar images", result.image_results))
+    out.print(f"[dim]search {result.timings_ms['total']:.1f} ms[/dim]")
+    out.print(f"recall@1 over {len(queries)} held-out demo photos: {recall_at_1:.2f}")
 
 
 @app.command()
@@ -233,6 +242,12 @@ def evaluate(
     json_out: Annotated[
         Path | None, typer.Option("--json-out", help="Also write JSON here.")
     ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a PNG of recall vs K, one line per model.")
+    ] = None,
+    grid: Annotated[
+        Path | None, typer.Option(help="Write a PNG grid of queries and their top-5 results.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Recall@K, mAP@R, embed ms/image and search ms/query of one or more models."""
@@ -240,12 +255,30 @@ def evaluate(
     from snapshop.evaluate.retrieval import DEFAULT_KS, evaluate_manifest
 
     cutoffs = tuple(sorted(set(ks))) if ks else DEFAULT_KS
+    plot_ks = (1, 2, 4, 5, 8, 10, 16, 32, 64, 100) if plot else ()
     reports = []
     for m in model or [None]:
         reports.append(run(lambda m=m: evaluate_manifest(
-            manifest, m, cutoffs, run(lambda: parse_where(query_where)),
-            run(lambda: parse_where(gallery_where)),
+            manifest, m, tuple(sorted(set(cutoffs) | set(plot_ks))),
+            run(lambda: parse_where(query_where)), run(lambda: parse_where(gallery_where)),
         )))  # fmt: skip
+    if plot:
+        import dataclasses
+
+        from snapshop.evaluate.plots import plot_recall
+
+        shown = [  # K beyond the product count says nothing
+            dataclasses.replace(r, recall={k: v for k, v in r.recall.items() if k <= r.n_products})
+            for r in reports
+        ]
+        where = " ".join((query_where or []) + (gallery_where or []))
+        run(lambda: plot_recall(shown, plot, f"{manifest.name} {where}".strip()))
+        err.print(f"recall plot: {plot}")
+    if grid:
+        from snapshop.evaluate.plots import plot_grid
+
+        run(lambda: plot_grid(reports, grid))
+        err.print(f"result grid: {grid}")
     data = [r.to_dict() for r in reports]
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -267,6 +300,132 @@ def evaluate(
     for r in reports:
         for path, reason in r.skipped[:10]:
             err.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
+
+
+# --- service (issue #5) ---------------------------------------------------------------------
+@app.command()
+def serve(
+    catalog: CatalogOpt,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    model: ModelOpt = None,
+    detector: DetectorOpt = None,
+    api_key_env: Annotated[
+        str,
+        typer.Option(help="Environment variable with the API key for writes (unset: read-only)."),
+    ] = "SNAPSHOP_API_KEY",
+    max_upload_mb: Annotated[float, typer.Option(min=0.1, max=1024)] = 10.0,
+) -> None:
+    """Serve the REST API (/v1, docs at /docs) and the web page (/) over a catalog."""
+    from snapshop.service import ServiceSettings, api_key_from_env, serve
+
+    settings = run(lambda: ServiceSettings(
+        catalog, model=model, detector=detector, api_key=api_key_from_env(api_key_env),
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+    ))  # fmt: skip
+    if not settings.writes_enabled:
+        err.print(f"[dim]${api_key_env} is not set: product writes are disabled[/dim]")
+    run(lambda: serve(settings, host=host, port=port))
+
+
+# --- metric learning: dataset protocol and training (issue #3) ------------------------------
+@app.command()
+def prepare(
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            help="Datasets: PATH or FORMAT:PATH (inshop, street2shop, csv, folder, catalog)."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")],
+    test_fraction: Annotated[float, typer.Option(help="Fraction of products held out.")] = 0.2,
+    min_images: Annotated[int, typer.Option(min=1, help="Keep products with >= this many.")] = 2,
+    max_images: Annotated[
+        int, typer.Option(min=0, help="Keep products with <= this many images (0: no limit).")
+    ] = 30,
+    seed: Annotated[int, typer.Option()] = 0,
+    keep_roles: Annotated[
+        bool, typer.Option(help="Keep the sources' query/gallery roles for test images.")
+    ] = False,
+) -> None:
+    """The reference protocol: merge sources, split products into train/test, write a manifest."""
+    from snapshop.data.protocol import ProtocolConfig
+    from snapshop.data.protocol import prepare as prepare_manifest
+
+    config = run(lambda: ProtocolConfig(test_fraction, min_images, max_images, seed, keep_roles))
+    _, counts = run(lambda: prepare_manifest(sources, output, config))
+    table = Table(title=f"{output} (seed {seed}; {counts.dropped_products} products dropped)")
+    for col in ("split/role", "products", "images"):
+        table.add_column(col)
+    for name, n_products, n_images in counts.table():
+        table.add_row(name, str(n_products), str(n_images))
+    out.print(table)
+
+
+@app.command()
+def train(
+    manifest: Annotated[Path, typer.Option(help="Manifest CSV (e.g. from `snapshop prepare`).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
+    train_where: Annotated[
+        list[str] | None, typer.Option(help="Training rows: COLUMN=VALUE (default split=train).")
+    ] = None,
+    eval_where: Annotated[
+        list[str] | None,
+        typer.Option(help="Held-out rows scored every epoch (default split=test when present)."),
+    ] = None,
+    eval_gallery_where: Annotated[
+        list[str] | None, typer.Option(help="Also score a gallery subset, e.g. domain=iconic.")
+    ] = None,
+    backbone: Annotated[str, typer.Option()] = "efficientnet_lite2",
+    dim: Annotated[int, typer.Option(min=2, max=4096)] = 512,
+    temperature: Annotated[float, typer.Option(min=1e-4)] = 0.05,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs, the warm-up epoch included.")] = 8,
+    lr: Annotated[float, typer.Option(min=1e-8)] = 0.01,
+    lr_step: Annotated[int, typer.Option(min=1, help="lr x0.1 every N epochs.")] = 4,
+    classes_per_batch: Annotated[int, typer.Option("-p", min=2)] = 16,
+    samples_per_class: Annotated[int, typer.Option("-k", min=1)] = 4,
+    train_blocks: Annotated[
+        int, typer.Option(min=-1, help="Last blocks to train (0: backbone frozen, -1: all).")
+    ] = 0,
+    cache: Annotated[bool, typer.Option(help="Cache the frozen part's outputs once.")] = True,
+    views: Annotated[int, typer.Option(min=1, help="Cached views per image.")] = 4,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int, typer.Option(min=0)] = 2,
+    seed: Annotated[int, typer.Option()] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
+) -> None:
+    """Train a NormSoftmax embedder and export it (model.onnx + model.json) to OUT."""
+    from snapshop.data.manifest import parse_where, read_manifest
+    from snapshop.train.trainer import TrainConfig, split_rows
+    from snapshop.train.trainer import train as train_model
+
+    config = run(lambda: TrainConfig(
+        backbone=backbone, dim=dim, temperature=temperature, epochs=epochs, lr=lr,
+        lr_step=lr_step, classes_per_batch=classes_per_batch,
+        samples_per_class=samples_per_class, train_blocks=train_blocks, cache=cache,
+        views=views, device=device, threads=threads, seed=seed,
+    ))  # fmt: skip
+    rows = run(lambda: read_manifest(manifest))
+    has_split = any("split" in r.extra for r in rows)
+    t_where = run(lambda: parse_where(train_where)) or ({"split": "train"} if has_split else {})
+    e_where = run(lambda: parse_where(eval_where)) or ({"split": "test"} if has_split else None)
+    g_where = run(lambda: parse_where(eval_gallery_where)) or None
+    train_rows, eval_rows = run(lambda: split_rows(rows, t_where, e_where))
+
+    def show(record: dict[str, Any]) -> None:
+        scores = "  ".join(f"{k} R@1 {v['R@1']:.3f}" for k, v in record.items()
+                           if k.startswith("photo_to"))  # fmt: skip
+        err.print(f"epoch {record['epoch']} lr {record['lr']:g} loss {record['loss']:.4f}"
+                  f" ({record['seconds']:.0f} s)  {scores}", highlight=False)  # fmt: skip
+
+    result = run(lambda: train_model(
+        train_rows, out_dir, config, eval_rows or None, g_where, resume=resume,
+        data_name=str(manifest), progress=show,
+    ))  # fmt: skip
+    out.print(f"trained on {len(result.classes)} products in {result.seconds:.0f} s;"
+              f" model: {result.model_dir}")  # fmt: skip
+    if result.metrics:
+        out.print_json(json.dumps(result.metrics))
 
 
 def entrypoint() -> None:  # pragma: no cover

@@ -12,14 +12,19 @@ import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFilter
+
+if TYPE_CHECKING:
+    from snapshop.search import SearchResult
 
 SHAPES = ("shirt", "trousers", "dress", "skirt")
 PATTERNS = ("solid", "stripes", "dots", "checks")
 COLOURS = {
-    "red": (200, 30, 40), "navy": (25, 40, 110), "green": (30, 140, 60), "yellow": (235, 200, 40),
-    "black": (25, 25, 25), "pink": (240, 140, 180), "teal": (20, 150, 150), "orange": (240, 120, 20),
+    "red": (200, 30, 40), "navy": (25, 40, 110), "green": (30, 140, 60),
+    "yellow": (235, 200, 40), "black": (25, 25, 25), "pink": (240, 140, 180),
+    "teal": (20, 150, 150), "orange": (240, 120, 20),
 }  # fmt: skip
 BACKGROUNDS = ((245, 245, 245), (225, 215, 200), (200, 220, 235), (210, 235, 210), (240, 240, 220))
 POSITION = {"shirt": "upper", "dress": "upper", "trousers": "lower", "skirt": "lower"}
@@ -124,9 +129,28 @@ def generate_demo_catalog(
             for j in range(images_per_product):
                 rel = Path("images") / f"{product.sku}-{j}.jpg"
                 render(product, seed * 100_003 + n * 101 + j).save(root / rel, quality=90)
+                url = f"https://shop.example/{product.sku}"
                 writer.writerow([product.sku, rel, product.title, product.price, "EUR",
-                                 POSITION[product.shape], f"https://shop.example/{product.sku}"])  # fmt: skip
+                                 POSITION[product.shape], url])  # fmt: skip
             query = root / "queries" / f"{product.sku}.jpg"
             render(product, seed * 100_003 + n * 101 + 97).save(query, quality=85)
             queries.append((query, product.sku))
     return manifest, queries
+
+
+def search_demo_queries(
+    catalog_dir: Path, queries: list[tuple[Path, str]], k: int = 5
+) -> tuple[list[SearchResult], float]:
+    """Search every query with one opened searcher; returns (results, recall@1)."""
+    from snapshop.api import open_searcher
+
+    searcher = open_searcher(catalog_dir)
+    try:
+        results = [searcher.search(query, k) for query, _ in queries]
+    finally:
+        searcher.catalog.close()
+    hits = sum(
+        bool(r.image_results) and r.image_results[0].sku == sku
+        for r, (_, sku) in zip(results, queries, strict=True)
+    )
+    return results, hits / max(len(queries), 1)

@@ -29,6 +29,7 @@ SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 ImageSource = str | os.PathLike[str] | bytes
+_BOMB = "too many pixels, possible decompression bomb"
 
 
 @dataclass(frozen=True)
@@ -123,13 +124,14 @@ def load_image(
     data = read_bytes(source, limits)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own limit (below) applies; PIL's global warning threshold must not override it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError(name, "not an image file (unrecognised format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(name, f"too many pixels ({exc})") from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(name, f"{_BOMB} ({exc})") from None
+    except Exception as exc:  # plugins raise OSError, SyntaxError, struct.error, IndexError...
         raise ImageDecodeError(name, f"cannot open image ({exc})") from None
 
     if image.format not in SUPPORTED_FORMATS:
@@ -140,19 +142,21 @@ def load_image(
     if width * height > limits.max_pixels:
         raise ImageDecodeError(
             name,
-            f"image is {width}x{height} = {width * height} pixels, limit is {limits.max_pixels}",
+            f"image is {width}x{height} = {width * height} pixels, limit is {limits.max_pixels}"
+            " (possible decompression bomb)",
         )
     try:
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)
+        # Multi-frame files (GIF, APNG, MPO, TIFF) open on their first frame: that one is used.
         image.load()
         image = ImageOps.exif_transpose(image) or image
         rgb = _to_rgb(image)
         rgb.load()
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageDecodeError(name, f"corrupt or truncated image data ({exc})") from None
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(name, f"too many pixels ({exc})") from None
+        raise ImageDecodeError(name, f"{_BOMB} ({exc})") from None
+    except MemoryError:
+        raise ImageDecodeError(name, "out of memory while decoding") from None
+    except Exception as exc:  # malformed data surfaces as many exception types
+        raise ImageDecodeError(name, f"corrupt or truncated image data ({exc})") from None
     return rgb
 
 

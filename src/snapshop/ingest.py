@@ -9,24 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing as mp
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image
 
 from snapshop.catalog.catalog import Catalog
-from snapshop.catalog.store import NewCrop
+from snapshop.catalog.store import CatalogStore, NewCrop, Product
 from snapshop.data.sources import CatalogRecord
 from snapshop.detect.base import Detector, crop, keep_best_per_position
 from snapshop.errors import ImageDecodeError
-from snapshop.images import DecodeLimits, load_image, read_bytes, sniff_format
-from snapshop.models.embedder import Embedder
+from snapshop.images import DecodeLimits, load_image, sniff_format
+from snapshop.models.embedder import Embedder, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +57,28 @@ class IngestReport:
             "added": self.added, "skipped": self.skipped, "crops": self.crops,
             "failed": [{"source": s, "reason": r} for s, r in self.failed],
             "products": len(self.products), "removed": self.removed,
-            "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 2),
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
         }  # fmt: skip
 
 
 @dataclass
 class Decoded:
+    """A fresh image ready to embed. Decode workers send ``pixels`` (the embedder's input,
+    already preprocessed) and ``blob`` (already written) and no ``image`` unless a detector
+    needs it."""
+
     record: CatalogRecord
     data: bytes
     sha256: str
-    image: Image.Image
+    image: Image.Image | None
+    size: tuple[int, int] = (0, 0)
+    pixels: NDArray[np.float32] | None = None
+    blob: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.image is not None and self.size == (0, 0):
+            self.size = self.image.size
 
 
 def write_blob(blob_dir: Path, sha256: str, data: bytes) -> str:
@@ -95,6 +111,17 @@ def _detect_crops(
     return out
 
 
+def _metadata_changes(product: Product, metadata: dict[str, Any]) -> bool:
+    """Whether upserting ``metadata`` would change ``product``."""
+    for key, value in metadata.items():
+        if key == "attributes":
+            if any(product.attributes.get(k) != v for k, v in (value or {}).items()):
+                return True
+        elif value is not None and getattr(product, key, None) != value:
+            return True
+    return False
+
+
 class Ingestor:
     """Writes records into a catalog in batches. Reusable for many sources."""
 
@@ -107,7 +134,12 @@ class Ingestor:
         batch_size: int = 32,
         save_every: int = 8,
         limits: DecodeLimits = DecodeLimits(),
+        workers: int | None = None,
+        prefetch_batches: int = 2,
     ) -> None:
+        """``workers`` decode processes (None: one per core, at most 4; 0: decode in-process);
+        they read, hash, dedup-check, decode and preprocess up to ``prefetch_batches`` batches
+        ahead of the embedder, so memory stays flat however long the source is."""
         catalog.check_model(embedder.model_id)
         self.catalog = catalog
         self.embedder = embedder
@@ -115,12 +147,19 @@ class Ingestor:
         self.batch_size = batch_size
         self.save_every = save_every
         self.limits = limits
+        self.workers = min(4, os.cpu_count() or 1) if workers is None else max(0, workers)
+        self.prefetch_batches = max(1, prefetch_batches)
 
     def _known(
         self, records: Sequence[CatalogRecord], report: IngestReport
     ) -> list[tuple[CatalogRecord, bytes, str]]:
-        """Read bytes and drop images the catalog already holds for the same product."""
+        """Read bytes and drop images the catalog already holds for the same product.
+
+        A known image whose record carries changed product metadata still updates the product
+        (re-ingesting an edited CSV updates titles, prices... without re-embedding).
+        """
         fresh = []
+        updates: list[CatalogRecord] = []
         store = self.catalog.store
         for record in records:
             try:
@@ -133,8 +172,14 @@ class Ingestor:
             if product is not None and store.has_image(product.id, sha):
                 report.skipped += 1
                 report.products.add(record.sku)
+                if _metadata_changes(product, record.metadata):
+                    updates.append(record)
                 continue
             fresh.append((record, data, sha))
+        if updates:
+            with self.catalog.write_lock(), store.transaction() as db:
+                for record in updates:
+                    store.upsert_product(db, record.sku, **record.metadata)
         return fresh
 
     def _decode(
@@ -156,11 +201,21 @@ class Ingestor:
         return decoded
 
     def _write_batch(self, batch: list[Decoded], report: IngestReport) -> None:
-        crops_per_image = [_detect_crops(self.detector, d.image) for d in batch]
-        pixels = [d.image for d in batch] + [c[4] for cs in crops_per_image for c in cs]
-        vectors = self.embedder.embed_images(pixels)
-        image_vecs, crop_vecs = vectors[: len(batch)], vectors[len(batch) :]
-        blobs = [write_blob(self.catalog.blob_dir, d.sha256, d.data) for d in batch]
+        crops_per_image = [
+            _detect_crops(self.detector, d.image) if d.image is not None else [] for d in batch
+        ]
+        crop_pixels = [c[4] for cs in crops_per_image for c in cs]
+        if any(d.pixels is not None for d in batch):  # preprocessed by the decode workers
+            size = self.embedder.input_size
+            arrays = [d.pixels if d.pixels is not None else preprocess(d.image, size)  # type: ignore[arg-type]
+                      for d in batch]  # fmt: skip
+            image_vecs = self.embedder.embed_arrays(np.stack(arrays))
+            crop_vecs = self.embedder.embed_images(crop_pixels)
+        else:
+            images = [d.image for d in batch if d.image is not None]
+            vectors = self.embedder.embed_images(images + crop_pixels)
+            image_vecs, crop_vecs = vectors[: len(batch)], vectors[len(batch) :]
+        blobs = [d.blob or write_blob(self.catalog.blob_dir, d.sha256, d.data) for d in batch]
 
         new_images: list[tuple[int, np.ndarray]] = []
         new_crops: dict[str, list[tuple[int, np.ndarray]]] = {}
@@ -177,7 +232,7 @@ class Ingestor:
                        for j, (pos, label, score, box, _) in enumerate(crops)]  # fmt: skip
                 image_id, crop_ids = store.insert_image(
                     db, product_id, source=str(d.record.path), blob=blob, sha256=d.sha256,
-                    width=d.image.width, height=d.image.height, vector=vec, crops=new,
+                    width=d.size[0], height=d.size[1], vector=vec, crops=new,
                 )  # fmt: skip
                 new_images.append((image_id, vec))
                 for cid, c in zip(crop_ids, new, strict=True):
@@ -202,11 +257,10 @@ class Ingestor:
         no longer lists are removed (a product update)."""
         start = time.perf_counter()
         report = IngestReport()
-        records = list(records)
+        if sync:
+            records = list(records)
         batches_since_save = 0
-        for offset in range(0, len(records), self.batch_size):
-            chunk = records[offset : offset + self.batch_size]
-            decoded = self._decode(self._known(chunk, report), report)
+        for decoded, consumed in self._batches(records, report):
             if decoded:
                 self._write_batch(decoded, report)
                 batches_since_save += 1
@@ -215,9 +269,9 @@ class Ingestor:
                     self.catalog.save_indexes()
                 batches_since_save = 0
             if progress:
-                progress(len(chunk))
+                progress(consumed)
         if sync:
-            report.removed = self._sync(records)
+            report.removed = self._sync(records)  # type: ignore[arg-type]
         with self.catalog.write_lock():
             self.catalog.save_indexes()
         for source, reason in report.failed:
@@ -225,12 +279,77 @@ class Ingestor:
         report.seconds = time.perf_counter() - start
         return report
 
+    # --- batch pipeline (issue #6): parallel decode workers, bounded prefetch -----------------
+    def _batches(
+        self, records: Iterable[CatalogRecord], report: IngestReport
+    ) -> Iterator[tuple[list[Decoded], int]]:
+        """(fresh decoded images, records consumed) per batch of ``batch_size`` records."""
+        small = isinstance(records, Sequence) and len(records) <= 2 * self.batch_size
+        if self.workers == 0 or small:
+            chunk: list[CatalogRecord] = []
+            for record in records:
+                chunk.append(record)
+                if len(chunk) == self.batch_size:
+                    yield self._decode(self._known(chunk, report), report), len(chunk)
+                    chunk = []
+            if chunk:
+                yield self._decode(self._known(chunk, report), report), len(chunk)
+            return
+        yield from self._parallel_batches(records, report)
+
+    def _parallel_batches(
+        self, records: Iterable[CatalogRecord], report: IngestReport
+    ) -> Iterator[tuple[list[Decoded], int]]:
+        job = _DecodeJob(
+            db_path=str(self.catalog.store.path), blob_dir=str(self.catalog.blob_dir),
+            limits=self.limits, input_size=self.embedder.input_size,
+            keep_image=self.detector is not None,
+        )  # fmt: skip
+        window = self.batch_size * (self.prefetch_batches + 1)
+        ctx = mp.get_context("spawn")  # fork would copy ONNX Runtime / faiss thread state
+        with ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
+            pending: deque[Future[_Outcome]] = deque()
+            source = iter(records)
+            exhausted = False
+            batch: list[Decoded] = []
+            known: list[CatalogRecord] = []
+            seen: set[tuple[str, str]] = set()
+            consumed = 0
+            while True:
+                while not exhausted and len(pending) < window:
+                    record = next(source, None)
+                    if record is None:
+                        exhausted = True
+                    else:
+                        pending.append(pool.submit(_prepare, job, record))
+                if not pending:
+                    break
+                outcome = pending.popleft().result()
+                consumed += 1
+                if isinstance(outcome, Decoded):
+                    if (outcome.record.sku, outcome.sha256) in seen:
+                        report.skipped += 1  # the same file twice in one batch
+                    else:
+                        seen.add((outcome.record.sku, outcome.sha256))
+                        batch.append(outcome)
+                elif isinstance(outcome, CatalogRecord):
+                    known.append(outcome)
+                else:
+                    report.failed.append(outcome)
+                if consumed == self.batch_size or (exhausted and not pending):
+                    if known:  # skip (and update metadata) exactly as the in-process path does
+                        batch += self._decode(self._known(known, report), report)
+                    yield batch, consumed
+                    batch, known, seen, consumed = [], [], set(), 0
+
     def _sync(self, records: Sequence[CatalogRecord]) -> int:
         wanted: dict[str, set[str]] = {}
+        unreadable: dict[str, set[str]] = {}  # listed but unreadable now: keep what they were
         for record in records:
             try:
                 data = record.read(self.limits)
             except ImageDecodeError:
+                unreadable.setdefault(record.sku, set()).add(str(record.path))
                 continue
             wanted.setdefault(record.sku, set()).add(hashlib.sha256(data).hexdigest())
         stale: list[int] = []
@@ -238,9 +357,49 @@ class Ingestor:
             product = self.catalog.store.find_product(sku)
             if product is None:
                 continue
+            keep = unreadable.get(sku, set())
             stale += [
-                im.id for im in self.catalog.store.images_of(product.id) if im.sha256 not in shas
+                im.id
+                for im in self.catalog.store.images_of(product.id)
+                if im.sha256 not in shas and im.source not in keep
             ]
         if stale:
             self.catalog.remove_images(stale)
         return len(stale)
+
+
+# --- decode workers (issue #6) ------------------------------------------------------------------
+@dataclass(frozen=True)
+class _DecodeJob:
+    db_path: str
+    blob_dir: str
+    limits: DecodeLimits
+    input_size: int
+    keep_image: bool
+
+
+_Outcome = Decoded | CatalogRecord | tuple[str, str]
+_worker_stores: dict[str, CatalogStore] = {}
+
+
+def _prepare(job: _DecodeJob, record: CatalogRecord) -> _Outcome:
+    """In a worker: read, sha256, skip if the catalog already holds it (returns the record),
+    decode, preprocess and store the blob. Failures come back as (source, reason)."""
+    try:
+        data = record.read(job.limits)
+    except ImageDecodeError as exc:
+        return (str(record.path), exc.reason)
+    sha = hashlib.sha256(data).hexdigest()
+    store = _worker_stores.get(job.db_path)
+    if store is None:
+        store = _worker_stores[job.db_path] = CatalogStore(Path(job.db_path), readonly=True)
+    product = store.find_product(record.sku)
+    if product is not None and store.has_image(product.id, sha):
+        return record
+    try:
+        image = load_image(data, job.limits)
+    except ImageDecodeError as exc:
+        return (str(record.path), exc.reason)
+    blob = write_blob(Path(job.blob_dir), sha, data)
+    pixels = preprocess(image, job.input_size)
+    return Decoded(record, b"", sha, image if job.keep_image else None, image.size, pixels, blob)

@@ -171,6 +171,17 @@ class Searcher:
                                   score, image_id, crop_id, box))  # fmt: skip
         return out
 
+    def _crop_owners(self, crop_info: dict[int, Any]) -> Callable[[list[int]], dict[int, int]]:
+        """crop ids -> product ids; the crop rows looked up are kept in ``crop_info``."""
+        store = self.catalog.store
+
+        def owner_of(ids: list[int]) -> dict[int, int]:
+            rows = store.crop_rows(ids)
+            crop_info.update(rows)
+            return {cid: product for cid, (_, product) in rows.items()}
+
+        return owner_of
+
     def _accept(self, filters: ProductFilter | None) -> Callable[[int], bool] | None:
         if filters is None or not filters.active:
             return None
@@ -245,16 +256,11 @@ class Searcher:
             targets = [pos] if pos != "box" else store.crop_positions()
             merged: list[tuple[int, float, int]] = []
             crop_info: dict[int, Any] = {}
+            owner_of = self._crop_owners(crop_info)
             for target in targets:
                 index = self.catalog.index(target)
                 if index is None:
                     continue
-
-                def owner_of(ids: list[int]) -> dict[int, int]:
-                    rows = store.crop_rows(ids)
-                    crop_info.update(rows)
-                    return {cid: product for cid, (_, product) in rows.items()}
-
                 merged += top_products(index, vec, k, owner_of, accept)
             best: dict[int, tuple[int, float, int]] = {}
             for item in sorted(merged, key=lambda t: -t[1]):

@@ -30,13 +30,15 @@ from numpy.typing import NDArray
 
 from snapshop.catalog.store import CatalogStore
 from snapshop.config import read_json, write_json
-from snapshop.errors import CatalogError, ModelError
+from snapshop.errors import CatalogError, ConfigError, ModelError
 from snapshop.index import VectorIndex, create_index, load_index, save_index
+from snapshop.index.choose import resolve_index_kind
 
 log = logging.getLogger(__name__)
 
 CARD_FILE = "catalog.json"
 DB_FILE = "catalog.sqlite"
+LOCK_FILE = "write.lock"
 IMAGES = "images"
 
 
@@ -52,9 +54,13 @@ class Catalog:
         self.card = card
         self.store = store
         self.dim: int = int(card["dim"])
-        self.index_kind: str = card.get("index_kind", "flat")
-        self.index_params: dict[str, Any] = card.get("index_params", {})
+        # "auto" (issue #6): exact below the size exact search meets the latency budget, HNSW above.
+        self.index_kind, self.index_params = resolve_index_kind(
+            card.get("index_kind", "flat"), card.get("index_params", {}),
+            store.counts()["images"], self.dim,
+        )  # fmt: skip
         self._lock = threading.RLock()
+        self._flock_depth = 0  # write_lock nesting in the thread that holds self._lock
         self.indexes: dict[str, VectorIndex] = {}
         self._generation = -1
         self.refresh(force=True)
@@ -72,7 +78,7 @@ class Catalog:
         if model_id != self.model_id:
             raise ModelError(
                 f"catalog {self.directory} was built with model {self.model_id}, not {model_id};"
-                " re-index it with `snapshop index --rebuild` or search with its own model"
+                " search it with its own model, or index into a new catalog with that model"
             )
 
     @property
@@ -85,14 +91,25 @@ class Catalog:
     # --- locking ----------------------------------------------------------------------
     @contextmanager
     def write_lock(self) -> Iterator[None]:
-        """Exclusive across threads and processes for the duration of one write operation."""
+        """Exclusive across threads and processes for the duration of one write operation.
+
+        Re-entrant within a thread (a second ``flock`` on a new descriptor would deadlock)."""
         with self._lock:
-            lock_path = self.directory / "write.lock"
-            with open(lock_path, "a+") as fh:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            if self._flock_depth:
+                self._flock_depth += 1
                 try:
                     yield
                 finally:
+                    self._flock_depth -= 1
+                return
+            lock_path = self.directory / LOCK_FILE
+            with open(lock_path, "a+") as fh:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+                self._flock_depth = 1
+                try:
+                    yield
+                finally:
+                    self._flock_depth = 0
                     fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     # --- index maintenance ------------------------------------------------------------
@@ -105,19 +122,20 @@ class Catalog:
         return self.indexes[name]
 
     def refresh(self, force: bool = False) -> bool:
-        """Bring in-memory indexes up to the store's generation. Returns True if anything changed."""
+        """Bring in-memory indexes up to the store (when its generation moved, or ``force``).
+
+        Every loaded index is reconciled with the store by id difference; indexes of crop
+        positions the store no longer holds end up empty. Returns True if it reconciled.
+        """
         with self._lock:
-            generation = self.store.generation
+            generation = self.store.generation  # read first: a later write forces another pass
             if not force and generation == self._generation:
                 return False
-            names = [IMAGES] + [index_name(p) for p in self.store.crop_positions()]
-            for name in names:
+            for name in [IMAGES] + [index_name(p) for p in self.store.crop_positions()]:
                 if name not in self.indexes:
                     self.indexes[name] = self._load_or_create(name)
+            for name in self.indexes:
                 self._reconcile(name)
-            for stale in set(self.indexes) - set(names):
-                if len(self.indexes[stale]) == 0 or stale != IMAGES:
-                    self._reconcile(stale)
             self._generation = generation
             return True
 
@@ -151,9 +169,13 @@ class Catalog:
             log.info("index %s reconciled: +%d -%d", name, len(missing), len(extra))
 
     def save_indexes(self) -> None:
-        """Persist every index with the current store generation (after a write)."""
+        """Reconcile with the store (other writers may have committed), then persist every index.
+
+        Call under :meth:`write_lock` so no other writer commits between the two steps.
+        """
         with self._lock:
-            generation = self.store.generation
+            self.refresh()
+            generation = self._generation
             for name, index in self.indexes.items():
                 save_index(
                     index,
@@ -221,9 +243,28 @@ def create_catalog(
     directory = Path(directory)
     if (directory / CARD_FILE).exists():
         raise CatalogError(f"{directory}: a catalog already exists here")
-    if directory.exists() and any(p.name not in (".DS_Store",) for p in directory.iterdir()):
-        raise CatalogError(f"{directory}: directory is not empty and holds no catalog")
+    if directory.exists() and not directory.is_dir():
+        raise CatalogError(f"{directory}: not a directory")
     directory.mkdir(parents=True, exist_ok=True)
+    # Creation holds the write lock, so of two processes creating one catalog at once the
+    # second sees the first one's card ("already exists") rather than a half-made directory.
+    with open(directory / LOCK_FILE, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        if (directory / CARD_FILE).exists():
+            raise CatalogError(f"{directory}: a catalog already exists here")
+        if any(p.name not in (".DS_Store", LOCK_FILE) for p in directory.iterdir()):
+            raise CatalogError(f"{directory}: directory is not empty and holds no catalog")
+        return _create(directory, model_id, model_ref, dim, index_kind, index_params)
+
+
+def _create(
+    directory: Path,
+    model_id: str,
+    model_ref: str,
+    dim: int,
+    index_kind: str,
+    index_params: dict[str, Any] | None,
+) -> Catalog:
     card = {
         "format": "snapshop-catalog/1",
         "model_id": model_id,
@@ -245,9 +286,15 @@ def open_catalog(directory: str | os.PathLike[str]) -> Catalog:
         raise CatalogError(
             f"{directory}: no catalog here (create one with `snapshop index SOURCE --catalog DIR`)"
         )
-    card = read_json(directory / CARD_FILE)
+    try:
+        card = read_json(directory / CARD_FILE)
+    except ConfigError as exc:
+        raise CatalogError(f"unreadable catalog card: {exc}") from None
     for key in ("model_id", "model_ref", "dim"):
         if key not in card:
             raise CatalogError(f"{directory / CARD_FILE}: missing {key!r}")
+    if not (directory / DB_FILE).exists():
+        # Never recreate an empty store under a card: that would silently empty the indexes.
+        raise CatalogError(f"{directory / DB_FILE}: catalog database is missing")
     store = CatalogStore(directory / DB_FILE)
     return Catalog(directory, card, store)

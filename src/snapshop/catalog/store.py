@@ -3,6 +3,9 @@
 SQLite (WAL) is the source of truth. Every image row is committed in the same transaction
 as its embedding, so a crash can never leave a row without a vector or the reverse; the
 vector indexes are caches rebuilt or reconciled from here (see ``catalog.catalog``).
+
+Ids are ``AUTOINCREMENT``: a deleted id is never handed out again, so an index reconciled by
+id difference can never keep a deleted image's vector under a new image's id.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS products (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     sku TEXT NOT NULL UNIQUE,
     title TEXT, url TEXT, price REAL, currency TEXT, category TEXT,
     attributes TEXT NOT NULL DEFAULT '{}',
@@ -35,7 +38,7 @@ CREATE TABLE IF NOT EXISTS products (
 );
 CREATE INDEX IF NOT EXISTS products_category ON products(category);
 CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     product_id INTEGER NOT NULL REFERENCES products(id) ON DELETE CASCADE,
     source TEXT NOT NULL,
     blob TEXT,
@@ -48,7 +51,7 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS images_product ON images(product_id);
 CREATE INDEX IF NOT EXISTS images_sha ON images(sha256);
 CREATE TABLE IF NOT EXISTS crops (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
     position TEXT NOT NULL, label TEXT NOT NULL, score REAL NOT NULL,
     x1 REAL NOT NULL, y1 REAL NOT NULL, x2 REAL NOT NULL, y2 REAL NOT NULL,

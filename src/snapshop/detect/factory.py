@@ -22,6 +22,26 @@ def list_detectors() -> list[str]:
     return ["none", *sorted(_REGISTRY)]
 
 
+def parse_spec_args(args: str, allowed: set[str]) -> tuple[list[str], dict[str, str]]:
+    """``"a.cfg,b.weights,names=x.txt"`` -> (["a.cfg", "b.weights"], {"names": "x.txt"})."""
+    positional: list[str] = []
+    kwargs: dict[str, str] = {}
+    for part in (p.strip() for p in args.split(",")):
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        if eq and key.strip().isidentifier():
+            key = key.strip().lower()
+            if key not in allowed:
+                raise ConfigError(f"unknown detector option {key!r}; allowed: {sorted(allowed)}")
+            kwargs[key] = value.strip()
+        elif kwargs:
+            raise ConfigError(f"positional detector argument {part!r} after key=value options")
+        else:
+            positional.append(part)
+    return positional, kwargs
+
+
 def create_detector(spec: str | None) -> Detector | None:
     """``None``/``"none"`` -> no detector; ``"name"`` or ``"name:ARGS"`` -> a registered backend."""
     if spec is None or spec.strip().lower() in ("", "none"):
@@ -31,3 +51,27 @@ def create_detector(spec: str | None) -> Detector | None:
     if factory is None:
         raise ConfigError(f"unknown detector {spec!r}; choose from {list_detectors()}")
     return factory(args.strip())
+
+
+# Built-in backends import their heavy dependencies (mediapipe, onnxruntime, OpenCV) lazily.
+def _pose(args: str) -> Detector:
+    from snapshop.detect.pose import PoseDetector
+
+    return PoseDetector.from_spec(args)
+
+
+def _yolo(args: str) -> Detector:
+    from snapshop.detect.yolo import YoloOnnxDetector
+
+    return YoloOnnxDetector.from_spec(args)
+
+
+def _darknet(args: str) -> Detector:
+    from snapshop.detect.yolo import DarknetDetector
+
+    return DarknetDetector.from_spec(args)
+
+
+register_detector("pose", _pose)
+register_detector("yolo", _yolo)
+register_detector("darknet", _darknet)

@@ -49,15 +49,19 @@ def recall_at_k(
 def map_at_r(
     sims: NDArray[np.float32], query_labels: NDArray[np.int64], gallery_labels: NDArray[np.int64]
 ) -> float:
-    """Image-level mAP@R (Musgrave et al. 2020): R = number of gallery images of the query's product."""
-    order = np.argsort(-sims, axis=1, kind="stable")
+    """Image-level mAP@R (Musgrave et al. 2020); R = the query product's gallery image count.
+
+    Queries with no gallery image of their product are left out. Ties are broken against the
+    query (tied irrelevant images rank first), as in :func:`recall_at_k`.
+    """
     values = []
     for q in range(len(query_labels)):
         relevant = gallery_labels == query_labels[q]
         r = int(relevant.sum())
         if r == 0:
             continue
-        hits = relevant[order[q, :r]]
+        order = np.lexsort((relevant, -sims[q]))  # by score, then irrelevant before relevant
+        hits = relevant[order[:r]]
         precision = np.cumsum(hits) / np.arange(1, r + 1)
         values.append(float((precision * hits).sum() / r))
     return float(np.mean(values)) if values else 0.0
@@ -74,6 +78,8 @@ class RetrievalReport:
     embed_ms_per_image: float
     search_ms_per_query: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # query/gallery vectors, paths and products (evaluate_manifest fills it; for plots)
+    vectors: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -186,4 +192,10 @@ def evaluate_manifest(
         ks, embed_ms,
     )  # fmt: skip
     report.skipped = q_skip + g_skip
+    report.vectors = {
+        "query_vecs": q_vecs, "query_paths": [str(queries[i].path) for i in q_kept],
+        "query_products": [queries[i].product_id for i in q_kept],
+        "gallery_vecs": g_vecs, "gallery_paths": [str(gallery[i].path) for i in g_kept],
+        "gallery_products": [gallery[i].product_id for i in g_kept],
+    }  # fmt: skip
     return report

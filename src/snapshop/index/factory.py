@@ -9,8 +9,38 @@ from snapshop.config import read_json, write_json
 from snapshop.errors import CatalogError
 from snapshop.index.base import VectorIndex
 from snapshop.index.flat import FlatIndex
+from snapshop.index.hnsw import HNSWIndex
 
-INDEX_KINDS: dict[str, Any] = {"flat": FlatIndex}
+
+class _Lazy:
+    """A backend class imported on first use (server clients are optional extras)."""
+
+    def __init__(self, module: str, name: str, extra: str) -> None:
+        self.module, self.name, self.extra = module, name, extra
+
+    def _cls(self) -> Any:
+        import importlib
+
+        try:
+            return getattr(importlib.import_module(self.module), self.name)
+        except ImportError as exc:
+            raise CatalogError(
+                f"index backend {self.name} needs `pip install 'snapshop[{self.extra}]'` ({exc})"
+            ) from None
+
+    def __call__(self, dim: int, **params: Any) -> VectorIndex:
+        return self._cls()(dim, **params)  # type: ignore[no-any-return]
+
+    def load(self, path: Path) -> VectorIndex:
+        return self._cls().load(path)  # type: ignore[no-any-return]
+
+
+INDEX_KINDS: dict[str, Any] = {
+    "flat": FlatIndex,
+    "hnsw": HNSWIndex,
+    "pgvector": _Lazy("snapshop.index.pgvector", "PgVectorIndex", "pgvector"),
+    "milvus": _Lazy("snapshop.index.milvus", "MilvusIndex", "milvus"),
+}
 
 
 def register_index(kind: str, cls: Any) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshop.config import read_json, write_json
-from snapshop.errors import ModelError
+from snapshop.errors import ConfigError, ModelError
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
@@ -56,7 +56,12 @@ def read_card(model_dir: Path) -> ModelCard:
     path = Path(model_dir) / CARD_FILE
     if not path.exists():
         raise ModelError(f"{model_dir}: no {CARD_FILE}; not a snapshop model directory")
-    data = read_json(path)
+    try:
+        data = read_json(path)
+    except ConfigError as exc:
+        raise ModelError(f"unreadable model card: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: model card is not a JSON object")
     names = {f.name for f in dataclasses.fields(ModelCard)}
     try:
         return ModelCard(**{k: v for k, v in data.items() if k in names})

@@ -6,11 +6,13 @@ import datetime as dt
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from snapshop.errors import ModelError
 from snapshop.models.card import (
     CARD_FILE,
     MODEL_FILE,
@@ -41,7 +43,10 @@ def export_onnx(net: EmbeddingNet, path: Path, input_size: int) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
     os.close(fd)
     try:
-        with torch.no_grad():
+        # The tracer's warnings (constant SAME padding, Slice folding) are expected: the graph
+        # is traced at the fixed input size the embedder always feeds.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             torch.onnx.export(
                 net,
                 (dummy,),
@@ -113,13 +118,16 @@ def resolve_model_dir(model: str | os.PathLike[str] | None = None) -> Path:
     if name in BACKBONES:
         cached = snapshop_home() / "models" / name
         if (cached / CARD_FILE).exists() and (cached / MODEL_FILE).exists():
-            card = read_card(cached)
-            if card.source_weights_sha256 == sha256_file(weights_path(name)):
-                return cached
+            try:
+                card = read_card(cached)
+                fresh = card.source_weights_sha256 == sha256_file(weights_path(name))
+                if fresh and card.onnx_sha256 == sha256_file(cached / MODEL_FILE):
+                    return cached
+                log.warning("%s: cached export is stale or damaged, exporting again", cached)
+            except ModelError as exc:
+                log.warning("%s: %s; exporting again", cached, exc)
         export_pretrained(name, cached)
         return cached
-    from snapshop.errors import ModelError
-
     raise ModelError(
         f"{model}: not a model directory (no {CARD_FILE}) nor a known backbone {sorted(BACKBONES)}"
     )

@@ -1,0 +1,127 @@
+"""Search latency (p50/p99, one query at a time) and recall@10 vs exact, per index backend.
+
+Clustered synthetic unit vectors (product-like: many tight clusters; random unit vectors are a
+worst case no ANN index handles). Queries are fresh draws from the same clusters.
+
+    python benchmarks/index_latency.py --n 10000 100000 1000000 --dim 256 1280 \
+        --backend flat hnsw --max-gb 7
+
+Prints one markdown table row per (backend, N, d). Combinations whose vectors (+ index copy)
+would exceed ``--max-gb`` are skipped and listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import resource
+import sys
+import time
+from typing import Any
+
+import faiss
+import numpy as np
+from numpy.typing import NDArray
+
+from snapshop.index import create_index
+
+faiss.cvar.distance_compute_blas_threshold = 1
+
+
+def clustered(
+    n: int, dim: int, seed: int, n_clusters: int, spread: float = 0.35, chunk: int = 100_000
+) -> NDArray[np.float32]:
+    """(n, dim) unit vectors around ``n_clusters`` random centres (fixed by ``seed`` 0)."""
+    centres = np.random.default_rng(0).standard_normal((n_clusters, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), np.float32)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        c = rng.integers(0, n_clusters, e - s)
+        noise = rng.standard_normal((e - s, dim), dtype=np.float32) * (spread / np.sqrt(dim))
+        x = centres[c] + noise
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[s:e] = x
+    return out
+
+
+def exact_topk(base: NDArray[np.float32], queries: NDArray[np.float32], k: int) -> NDArray[Any]:
+    index = faiss.IndexFlatIP(base.shape[1])
+    index.add(base)
+    return index.search(queries, k)[1]
+
+
+def measure(
+    backend: str, n: int, dim: int, n_queries: int, params: dict[str, Any]
+) -> dict[str, Any]:
+    base = clustered(n, dim, seed=1, n_clusters=max(10, n // 100))
+    queries = clustered(n_queries, dim, seed=2, n_clusters=max(10, n // 100))
+    truth = exact_topk(base, queries, 10)
+    index = create_index(backend, dim, **params)
+    ids = np.arange(n, dtype=np.int64)
+    t0 = time.perf_counter()
+    for s in range(0, n, 100_000):
+        index.add(ids[s : s + 100_000], base[s : s + 100_000])
+    build = time.perf_counter() - t0
+    del base
+    gc.collect()
+    for q in queries[:20]:  # warm-up
+        index.search(q[None], 10)
+    lat = []
+    found = np.empty((n_queries, 10), np.int64)
+    for i, q in enumerate(queries):
+        t = time.perf_counter()
+        hits = index.search(q[None], 10)
+        lat.append((time.perf_counter() - t) * 1e3)
+        found[i] = hits.ids[0]
+    recall = np.mean([len(set(found[i]) & set(truth[i])) / 10 for i in range(n_queries)])
+    close = getattr(index, "drop", None)
+    if close is not None:
+        close()
+    return {
+        "backend": backend, "n": n, "dim": dim, "build_s": build,
+        "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+        "recall": float(recall),
+        "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--dim", type=int, nargs="+", default=[256])
+    ap.add_argument("--backend", nargs="+", default=["flat", "hnsw"])
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--max-gb", type=float, default=7.0, help="skip bigger combinations")
+    ap.add_argument("--param", action="append", default=[], help="BACKEND:KEY=VALUE")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    params: dict[str, dict[str, Any]] = {}
+    for p in args.param:
+        b, kv = p.split(":", 1)
+        key, value = kv.split("=", 1)
+        params.setdefault(b, {})[key] = value if not value.lstrip("-").isdigit() else int(value)
+    print(f"faiss {faiss.__version__}, omp threads {faiss.omp_get_max_threads()}", flush=True)
+    print("| backend | N | d | build s | p50 ms | p99 ms | recall@10 | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    skipped = []
+    for dim in args.dim:
+        for n in args.n:
+            for backend in args.backend:
+                need = n * dim * 4 * 3 / 1e9  # base + index copy + slack
+                if need > args.max_gb:
+                    skipped.append(f"{backend} N={n} d={dim} (needs ~{need:.1f} GB)")
+                    continue
+                r = measure(backend, n, dim, args.queries, params.get(backend, {}))
+                print(f"| {r['backend']} | {r['n']:,} | {r['dim']} | {r['build_s']:.1f} |"
+                      f" {r['p50']:.3f} | {r['p99']:.3f} | {r['recall']:.4f} |"
+                      f" {r['rss_gb']:.1f} |", flush=True)  # fmt: skip
+                gc.collect()
+    for s in skipped:
+        print(f"skipped: {s}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Issue #3: NormSoftmax on grocery-dev train products, evaluated on held-out products only.
+# Prints the split table, the per-epoch training log and both protocols' tables
+# (off-the-shelf Lite2 vs the trained model); writes plots under docs/.
+# Usage: bash benchmarks/metric_learning_grocery.sh [RUN_DIR]   (from the repository root)
+set -euo pipefail
+RUN=${1:-runs/grocery}
+DATA=../shared/datasets/grocery-dev/manifest.csv
+snapshop prepare "$DATA" --out "$RUN/split.csv" --test-fraction 0.4 --max-images 0 \
+  --keep-roles --seed 0
+snapshop -v train --manifest "$RUN/split.csv" --out "$RUN/lite2-head" \
+  --eval-gallery-where domain=iconic --epochs 8 --views 3
+for protocol in all iconic; do
+  where=(--query-where split=test --gallery-where split=test)
+  [[ $protocol == iconic ]] && where+=(--gallery-where domain=iconic)
+  snapshop evaluate --manifest "$RUN/split.csv" -m efficientnet_lite2 -m "$RUN/lite2-head" \
+    -k 1 -k 2 -k 4 -k 5 -k 8 -k 10 -k 100 "${where[@]}" \
+    --plot "docs/img/grocery-heldout-$protocol-recall.png" \
+    --grid "docs/img/grocery-heldout-$protocol-grid.png" --json-out "$RUN/eval-$protocol.json"
+done

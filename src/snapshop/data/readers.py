@@ -1,0 +1,248 @@
+"""Dataset readers: each turns one dataset layout into the same :class:`ManifestRow` list.
+
+Every row carries ``source`` (the reader's name) in ``extra``; rows keep the dataset's own
+query/gallery role where it has one (``gallery`` otherwise), so protocols can re-split them.
+
+Supported layouts:
+
+- DeepFashion In-shop: ``list_eval_partition.txt`` (a count line, a header line
+  ``image_name item_id evaluation_status``, then one image per line), images under ``img/``.
+- Street2Shop: ``meta/json/retrieval_<cat>.json`` (shop photos ``{"photo", "product"}``) and
+  ``meta/json/{train,test}_pairs_<cat>.json`` (street photos ``{"photo", "product", "bbox"}``);
+  photos are files ``<images>/<photo id>.<ext>``.
+- a manifest CSV (``path`` or ``image_path``, ``product_id``, optional ``role``, extra columns),
+- a folder per product (``ROOT/<product_id>/<images>``),
+- a snapshop catalog directory (products and images from its SQLite store).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from snapshop.data.manifest import ROLES, ManifestRow
+from snapshop.errors import ManifestError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+INSHOP_LIST = "list_eval_partition.txt"
+INSHOP_STATUS_ROLE = {"query": "query", "gallery": "gallery", "train": "gallery"}
+
+
+def read_inshop(root: Path) -> list[ManifestRow]:
+    """DeepFashion In-shop: rows of ``list_eval_partition.txt`` (Eval/ or the root)."""
+    root = Path(root)
+    listing = next((p for p in (root / INSHOP_LIST, root / "Eval" / INSHOP_LIST) if p.is_file()),
+                   None)  # fmt: skip
+    if listing is None:
+        raise ManifestError(f"{root}: no {INSHOP_LIST} (DeepFashion In-shop layout)")
+    lines = listing.read_text(encoding="utf-8").splitlines()
+    if len(lines) < 2 or lines[1].split()[:3] != ["image_name", "item_id", "evaluation_status"]:
+        raise ManifestError(f"{listing}: expected a count line and the header "
+                            "'image_name item_id evaluation_status'")  # fmt: skip
+    rows: list[ManifestRow] = []
+    for n, line in enumerate(lines[2:], start=3):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3 or parts[2] not in INSHOP_STATUS_ROLE:
+            raise ManifestError(f"{listing}:{n}: expected 'image_name item_id train|query|gallery'")
+        name, item, status = parts
+        rel = name if name.startswith("img/") else f"img/{name}"
+        rows.append(ManifestRow(root / rel, item, INSHOP_STATUS_ROLE[status],
+                                {"source": "inshop", "eval_status": status}))  # fmt: skip
+    expected = lines[0].strip()
+    if expected.isdigit() and int(expected) != len(rows):
+        log.warning("%s: header says %s images, found %d", listing, expected, len(rows))
+    if not rows:
+        raise ManifestError(f"{listing}: no images listed")
+    return rows
+
+
+def _load_json_list(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+        raise ManifestError(f"{path}: expected a JSON list of objects")
+    return data
+
+
+def _photo_index(images: Path) -> dict[str, Path]:
+    if not images.is_dir():
+        raise ManifestError(f"{images}: Street2Shop photo folder not found")
+    return {p.stem: p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def read_street2shop(root: Path, images: Path | None = None) -> list[ManifestRow]:
+    """Street2Shop: shop photos (gallery) and street photos with their bbox (query).
+
+    Product ids are ``<category>/<product>``; street rows carry ``bbox`` as ``x1,y1,x2,y2``.
+    Photos missing from ``images`` (default ``ROOT/images``) are skipped with a warning.
+    """
+    root = Path(root)
+    meta = root / "meta" / "json"
+    retrieval = sorted(meta.glob("retrieval_*.json"))
+    if not retrieval:
+        raise ManifestError(f"{meta}: no retrieval_*.json (Street2Shop layout)")
+    photos = _photo_index(Path(images) if images else root / "images")
+    rows: list[ManifestRow] = []
+    missing = 0
+
+    def add(photo: Any, product: Any, role: str, extra: dict[str, str]) -> None:
+        nonlocal missing
+        path = photos.get(str(photo))
+        if path is None:
+            missing += 1
+            return
+        rows.append(ManifestRow(path, f"{extra['category']}/{product}", role, extra))
+
+    for path in retrieval:
+        category = path.stem.removeprefix("retrieval_")
+        for entry in _load_json_list(path):
+            if "photo" not in entry or "product" not in entry:
+                raise ManifestError(f"{path}: entries need 'photo' and 'product'")
+            add(entry["photo"], entry["product"], "gallery",
+                {"source": "street2shop", "category": category, "domain": "shop"})  # fmt: skip
+    for path in sorted(meta.glob("*_pairs_*.json")):
+        match = re.fullmatch(r"(train|test)_pairs_(.+)", path.stem)
+        if not match:
+            continue
+        pair_split, category = match.groups()
+        for entry in _load_json_list(path):
+            box = entry.get("bbox") or {}
+            try:
+                x1, y1 = float(box["left"]), float(box["top"])
+                x2, y2 = x1 + float(box["width"]), y1 + float(box["height"])
+            except (KeyError, TypeError, ValueError):
+                raise ManifestError(f"{path}: entry {entry} has no valid bbox") from None
+            add(entry.get("photo"), entry.get("product"), "query",
+                {"source": "street2shop", "category": category, "domain": "street",
+                 "pair_split": pair_split, "bbox": f"{x1:g},{y1:g},{x2:g},{y2:g}"})  # fmt: skip
+    if missing:
+        log.warning("street2shop: %d listed photos are not in the photo folder", missing)
+    if not rows:
+        raise ManifestError(f"{root}: no Street2Shop photo found on disk")
+    return rows
+
+
+def read_manifest_csv(path: Path) -> list[ManifestRow]:
+    """A CSV with ``path`` (or ``image_path``) and ``product_id``; ``role`` defaults to gallery."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: file not found")
+    rows: list[ManifestRow] = []
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in reader.fieldnames or []]
+        reader.fieldnames = header
+        path_col = "path" if "path" in header else "image_path" if "image_path" in header else None
+        if path_col is None or "product_id" not in header:
+            raise ManifestError(f"{path}: needs columns path (or image_path) and product_id")
+        for row in reader:
+            values = {k: (v or "").strip() for k, v in row.items() if k is not None}
+            if not any(values.values()):
+                continue
+            image, product = values[path_col], values["product_id"]
+            if not image or not product:
+                raise ManifestError(f"{path}:{reader.line_num}: empty path or product_id")
+            role = values.get("role") or "gallery"
+            if role not in ROLES:
+                raise ManifestError(f"{path}:{reader.line_num}: role {role!r} is not query|gallery")
+            p = Path(image)
+            extra = {k: v for k, v in values.items() if k not in (path_col, "product_id", "role")}
+            extra.setdefault("source", "csv")
+            rows.append(ManifestRow(p if p.is_absolute() else path.parent / p, product, role,
+                                    extra))  # fmt: skip
+    if not rows:
+        raise ManifestError(f"{path}: no rows")
+    return rows
+
+
+def read_folder_tree(root: Path) -> list[ManifestRow]:
+    """``ROOT/<product_id>/<images>`` (nested folders allowed); every image is a gallery row."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"{root}: not a directory")
+    rows = [
+        ManifestRow(p, d.name, "gallery", {"source": "folder"})
+        for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
+        for p in sorted(d.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    ]  # fmt: skip
+    if not rows:
+        raise ManifestError(f"{root}: no images in product sub-folders")
+    return rows
+
+
+def read_catalog(directory: Path) -> list[ManifestRow]:
+    """Every image of every product of a snapshop catalog (the stored copy when there is one)."""
+    from snapshop.catalog import open_catalog
+
+    catalog = open_catalog(directory)
+    rows: list[ManifestRow] = []
+    try:
+        after = 0
+        while products := catalog.store.list_products(after_id=after, limit=500):
+            for product in products:
+                for image in catalog.store.images_of(product.id):
+                    path = catalog.directory / image.blob if image.blob else Path(image.source)
+                    extra = {"source": "catalog", "category": product.category or ""}
+                    rows.append(ManifestRow(path, product.sku, "gallery", extra))
+            after = products[-1].id
+    finally:
+        catalog.close()
+    if not rows:
+        raise ManifestError(f"{directory}: the catalog has no images")
+    return rows
+
+
+READERS: dict[str, Callable[[Path], list[ManifestRow]]] = {
+    "inshop": read_inshop,
+    "street2shop": read_street2shop,
+    "csv": read_manifest_csv,
+    "folder": read_folder_tree,
+    "catalog": read_catalog,
+}
+
+
+def detect_format(path: Path) -> str:
+    """Guess a source's format from its layout."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() == ".csv":
+            return "csv"
+        if path.name == INSHOP_LIST:
+            return "inshop"
+        raise ManifestError(f"{path}: unknown dataset file (expected a .csv)")
+    if not path.is_dir():
+        raise ManifestError(f"{path}: not found")
+    if (path / INSHOP_LIST).is_file() or (path / "Eval" / INSHOP_LIST).is_file():
+        return "inshop"
+    if (path / "meta" / "json").is_dir():
+        return "street2shop"
+    if (path / "catalog.json").is_file() and (path / "catalog.sqlite").exists():
+        return "catalog"
+    return "folder"
+
+
+def read_dataset(spec: str | Path) -> list[ManifestRow]:
+    """Rows of a source given as ``PATH`` (format guessed) or ``FORMAT:PATH``."""
+    text = str(spec)
+    fmt, sep, rest = text.partition(":")
+    if sep and fmt in READERS:
+        path = Path(rest)
+    else:
+        fmt, path = "", Path(text)
+    if fmt == "inshop" and path.is_file():
+        path = path.parent.parent if path.parent.name == "Eval" else path.parent
+    fmt = fmt or detect_format(path)
+    if fmt == "inshop" and path.is_file():
+        path = path.parent.parent if path.parent.name == "Eval" else path.parent
+    return READERS[fmt](path)

@@ -1,0 +1,182 @@
+"""Detector evaluation on CCP-format boxes: per-position recall / precision at IoU >= 0.5.
+
+Ground truth is a CSV with at least ``path, group, x1, y1, x2, y2`` (extra columns ignored).
+``group`` is a garment group (top, outwear, dress, trousers, shorts, skirt) or a DeepFashion2
+class; anything without a garment position (``x_footwear``, ``x_bag``...) is ignored.
+
+One ground-truth box per position per image: the **union** (enclosing box) of that position's
+garment boxes. A top under an open coat, or a skirt over leggings, is one region a shopper
+would point at, and the detector keeps one box per position, so the union is what it should
+find. Dresses count as *upper* (so a dress image has no lower box, and a detector that adds
+one loses precision). Every image listed in the CSV is scored, also those without garments.
+
+A detector's prediction for a position is its best-scoring detection there
+(:func:`keep_best_per_position`): a true positive when its IoU with the ground truth is >= 0.5.
+recall = TP / ground-truth boxes, precision = TP / predicted boxes, per position.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from snapshop.detect.base import POSITIONS, Box, Detection, Detector, keep_best_per_position, position_of  # fmt: skip
+from snapshop.errors import ConfigError, ManifestError
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("path", "group", "x1", "y1", "x2", "y2")
+
+
+def load_ground_truth(boxes_csv: str | Path) -> dict[str, dict[str, Box]]:
+    """path -> {position: union box}; every path in the CSV appears, possibly with no boxes."""
+    path = Path(boxes_csv)
+    try:
+        fh = open(path, newline="")
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    out: dict[str, dict[str, Box]] = {}
+    with fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ManifestError(f"{path}: missing column(s) {missing}; need {list(REQUIRED)}")
+        for line, row in enumerate(reader, start=2):
+            image = row["path"].strip()
+            if not image:
+                raise ManifestError(f"{path}:{line}: empty path")
+            boxes = out.setdefault(image, {})
+            pos = position_of(row["group"] or "")
+            if pos is None:
+                continue
+            try:
+                x1, y1, x2, y2 = (float(row[k]) for k in ("x1", "y1", "x2", "y2"))
+            except (TypeError, ValueError):
+                raise ManifestError(f"{path}:{line}: box coordinates must be numbers") from None
+            if not (x2 > x1 and y2 > y1):
+                raise ManifestError(f"{path}:{line}: empty box ({x1}, {y1}, {x2}, {y2})")
+            old = boxes.get(pos)
+            boxes[pos] = Box(x1, y1, x2, y2) if old is None else Box(
+                min(old.x1, x1), min(old.y1, y1), max(old.x2, x2), max(old.y2, y2))  # fmt: skip
+    if not out:
+        raise ManifestError(f"{path}: no rows")
+    return out
+
+
+@dataclass
+class PositionScore:
+    ground_truth: int = 0
+    predicted: int = 0
+    true_positive: int = 0
+    ious: list[float] = field(default_factory=list)
+
+    @property
+    def recall(self) -> float:
+        return self.true_positive / self.ground_truth if self.ground_truth else 0.0
+
+    @property
+    def precision(self) -> float:
+        return self.true_positive / self.predicted if self.predicted else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ground_truth": self.ground_truth, "predicted": self.predicted,
+                "true_positive": self.true_positive, "recall": round(self.recall, 4),
+                "precision": round(self.precision, 4),
+                "mean_iou_matched_gt": round(float(np.mean(self.ious)), 4) if self.ious else None}  # fmt: skip
+
+
+@dataclass
+class DetectionReport:
+    detector: str
+    images: int
+    iou_threshold: float
+    positions: dict[str, PositionScore]
+    latency_ms: list[float] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def latency_p50_ms(self) -> float:
+        return float(np.median(self.latency_ms)) if self.latency_ms else 0.0
+
+    @property
+    def latency_mean_ms(self) -> float:
+        return float(np.mean(self.latency_ms)) if self.latency_ms else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"detector": self.detector, "images": self.images,
+                "iou_threshold": self.iou_threshold,
+                "positions": {p: s.to_dict() for p, s in self.positions.items()},
+                "latency_ms": {"p50": round(self.latency_p50_ms, 2),
+                               "mean": round(self.latency_mean_ms, 2)},
+                "failed": [{"path": p, "reason": r} for p, r in self.failed]}  # fmt: skip
+
+
+def score_image(
+    truth: dict[str, Box],
+    detections: Iterable[Detection],
+    positions: dict[str, PositionScore],
+    iou_threshold: float = 0.5,
+) -> None:
+    """Add one image's outcome to ``positions`` (best detection per position vs the truth)."""
+    best = keep_best_per_position(detections)
+    for pos in POSITIONS:
+        score = positions.setdefault(pos, PositionScore())
+        gt, det = truth.get(pos), best.get(pos)
+        score.ground_truth += gt is not None
+        score.predicted += det is not None
+        if gt is not None and det is not None:
+            iou = gt.iou(det.box)
+            score.ious.append(iou)
+            score.true_positive += iou >= iou_threshold
+
+
+def evaluate_detector(
+    boxes_csv: str | Path,
+    detector: Detector,
+    images_root: str | Path | None = None,
+    *,
+    iou_threshold: float = 0.5,
+    limit: int | None = None,
+    where: Callable[[str], bool] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> DetectionReport:
+    """Run ``detector`` on every image of ``boxes_csv`` (paths relative to ``images_root``,
+    default the CSV's folder) and score it. Latency is ``detector.detect`` alone, decoded
+    image in memory."""
+    from snapshop.errors import ImageDecodeError
+    from snapshop.images import load_image
+
+    if not 0.0 < iou_threshold <= 1.0:
+        raise ConfigError(f"iou threshold must be in (0, 1], got {iou_threshold}")
+    truth = load_ground_truth(boxes_csv)
+    root = Path(images_root) if images_root is not None else Path(boxes_csv).parent
+    if not root.is_dir():
+        raise ConfigError(f"images root {root} is not a directory")
+    paths = [p for p in sorted(truth) if where is None or where(p)]
+    if limit is not None:
+        paths = paths[:limit]
+    report = DetectionReport(getattr(detector, "name", type(detector).__name__), 0, iou_threshold,
+                             {p: PositionScore() for p in POSITIONS})  # fmt: skip
+    for path in paths:
+        try:
+            image = load_image(root / path)
+        except ImageDecodeError as exc:
+            report.failed.append((path, exc.reason))
+            continue
+        t0 = time.perf_counter()
+        detections = detector.detect(image)
+        report.latency_ms.append((time.perf_counter() - t0) * 1e3)
+        score_image(truth[path], detections, report.positions, iou_threshold)
+        report.images += 1
+        if progress:
+            progress(1)
+    if report.images == 0:
+        raise ManifestError(f"{boxes_csv}: no image could be read under {root}")
+    return report

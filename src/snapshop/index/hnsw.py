@@ -1,0 +1,232 @@
+"""Approximate search: faiss ``IndexHNSWFlat`` (inner product) with an id map and tombstones.
+
+HNSW graphs cannot delete nodes, so ``remove`` (and ``add`` over an existing id) marks the old
+node dead; searches skip dead nodes through a faiss ``IDSelectorBitmap`` *during* graph
+traversal (no post-filtering, so no result is silently dropped), and once dead nodes exceed
+``compact_fraction`` of the graph it is rebuilt from the stored vectors.
+
+``efSearch`` is raised to at least ``k`` (times ``ef_factor`` over-fetch when there are
+tombstones), so large fetches made by filtered searches keep their recall.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from numpy.typing import NDArray
+
+from snapshop.index.base import SearchHits, check_ids, check_vectors
+
+log = logging.getLogger(__name__)
+
+FORMAT = "snapshop-hnsw/1"
+
+
+class HNSWIndex:
+    """HNSW over L2-normalised vectors; ``add`` with an existing id replaces its vector."""
+
+    kind = "hnsw"
+
+    def __init__(
+        self,
+        dim: int,
+        m: int = 32,
+        ef_construction: int = 40,
+        ef_search: int = 128,
+        compact_fraction: float = 0.2,
+    ) -> None:
+        if m < 4 or ef_construction < 1 or ef_search < 1:
+            raise ValueError("m >= 4, ef_construction >= 1 and ef_search >= 1 are required")
+        if not 0.0 < compact_fraction <= 1.0:
+            raise ValueError("compact_fraction must be in (0, 1]")
+        self.dim = dim
+        self.m = m
+        self.ef_construction = ef_construction
+        self.ef_search = ef_search
+        self.compact_fraction = compact_fraction
+        self._index = self._new_graph()
+        self._labels = np.zeros(0, np.int64)  # graph node -> catalog id
+        self._alive = np.zeros(0, bool)  # graph node -> still live
+        self._where: dict[int, int] = {}  # live catalog id -> graph node
+        self._selector: Any = None  # cached IDSelectorBitmap (None: no tombstones)
+        self._bitmap: NDArray[np.uint8] | None = None
+
+    def _new_graph(self) -> faiss.IndexHNSWFlat:
+        index = faiss.IndexHNSWFlat(self.dim, self.m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = self.ef_construction
+        index.hnsw.efSearch = self.ef_search
+        return index
+
+    # --- size ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._where)
+
+    @property
+    def tombstones(self) -> int:
+        return int(self._index.ntotal) - len(self._where)
+
+    # --- writes -------------------------------------------------------------------------
+    def add(self, ids: NDArray[np.int64], vectors: NDArray[np.float32]) -> None:
+        vectors = check_vectors(vectors, self.dim)
+        ids = check_ids(ids, len(vectors))
+        if len(ids) == 0:
+            return
+        self._kill(ids)
+        start = int(self._index.ntotal)
+        self._index.add(vectors)
+        self._labels = np.concatenate([self._labels, ids])
+        self._alive = np.concatenate([self._alive, np.ones(len(ids), bool)])
+        for node, i in enumerate(ids.tolist(), start):
+            self._where[i] = node
+        self._selector = None
+        self._maybe_compact()
+
+    def remove(self, ids: NDArray[np.int64]) -> int:
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        removed = self._kill(ids)
+        if removed:
+            self._maybe_compact()
+        return removed
+
+    def _kill(self, ids: NDArray[np.int64]) -> int:
+        removed = 0
+        for i in ids.tolist():
+            node = self._where.pop(i, None)
+            if node is not None:
+                self._alive[node] = False
+                removed += 1
+        if removed:
+            self._selector = None
+        return removed
+
+    def _maybe_compact(self) -> None:
+        total = int(self._index.ntotal)
+        if total and self.tombstones > self.compact_fraction * total:
+            self.compact()
+
+    def compact(self) -> None:
+        """Rebuild the graph from the live vectors (drops every tombstone)."""
+        started = time.perf_counter()
+        dead = self.tombstones
+        ids, vectors = self.ids(), self.vectors()
+        self._index = self._new_graph()
+        self._labels = np.zeros(0, np.int64)
+        self._alive = np.zeros(0, bool)
+        self._where = {}
+        self._selector = None
+        if len(ids):
+            self._index.add(vectors)
+            self._labels = ids.copy()
+            self._alive = np.ones(len(ids), bool)
+            self._where = {i: n for n, i in enumerate(ids.tolist())}
+        log.info(
+            "hnsw compacted: %d live, %d tombstones dropped, %.1f s",
+            len(ids),
+            dead,
+            time.perf_counter() - started,
+        )
+
+    # --- reads --------------------------------------------------------------------------
+    def _params(self, k: int) -> Any:
+        params = faiss.SearchParametersHNSW()
+        tomb = self.tombstones
+        over = 1.0 if tomb == 0 else min(4.0, int(self._index.ntotal) / max(len(self), 1))
+        params.efSearch = max(self.ef_search, int(np.ceil(k * over)))
+        if tomb:
+            if self._selector is None:
+                self._bitmap = np.packbits(self._alive, bitorder="little")
+                self._selector = faiss.IDSelectorBitmap(
+                    len(self._alive), faiss.swig_ptr(self._bitmap)
+                )
+            params.sel = self._selector
+        return params
+
+    def search(self, queries: NDArray[np.float32], k: int) -> SearchHits:
+        queries = check_vectors(queries, self.dim)
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        q = len(queries)
+        scores_out = np.full((q, k), -np.inf, np.float32)
+        ids_out = np.full((q, k), -1, np.int64)
+        if len(self) == 0 or q == 0:
+            return SearchHits(scores_out, ids_out)
+        kk = min(k, len(self))
+        scores, nodes = self._index.search(queries, kk, params=self._params(kk))
+        valid = nodes >= 0
+        ids_out[:, :kk] = np.where(valid, self._labels[np.where(valid, nodes, 0)], -1)
+        scores_out[:, :kk] = np.where(valid, scores, -np.inf)
+        return SearchHits(scores_out, ids_out)
+
+    def ids(self) -> NDArray[np.int64]:
+        return self._labels[self._alive].copy()
+
+    def vectors(self) -> NDArray[np.float32]:
+        """(N, dim) live vectors in the order of :meth:`ids`."""
+        total = int(self._index.ntotal)
+        if total == 0:
+            return np.zeros((0, self.dim), np.float32)
+        storage = faiss.downcast_index(self._index.storage)
+        flat = faiss.rev_swig_ptr(storage.get_xb(), total * self.dim).reshape(total, self.dim)
+        return np.array(flat[self._alive], dtype=np.float32)
+
+    # --- persistence --------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".hnsw.tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(
+                    fh,
+                    graph=faiss.serialize_index(self._index),
+                    labels=self._labels,
+                    alive=self._alive,
+                    config=np.array([self.dim, self.m, self.ef_construction, self.ef_search]),
+                    compact_fraction=np.array(self.compact_fraction),
+                    format=np.array(FORMAT),
+                )
+                fh.flush()
+                os.fsync(fh.fileno())
+            Path(tmp).replace(path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: Path) -> HNSWIndex:
+        try:
+            with np.load(Path(path), allow_pickle=False) as data:
+                if str(data["format"]) != FORMAT:
+                    raise RuntimeError(f"not a {FORMAT} file")
+                dim, m, efc, efs = (int(v) for v in data["config"])
+                self = cls(dim, m, efc, efs, float(data["compact_fraction"]))
+                self._index = faiss.deserialize_index(data["graph"])
+                self._labels = data["labels"].astype(np.int64)
+                self._alive = data["alive"].astype(bool)
+        except (OSError, ValueError, KeyError) as exc:  # not an npz / missing member
+            raise RuntimeError(f"cannot read HNSW index ({exc})") from None
+        if len(self._labels) != self._index.ntotal or len(self._alive) != len(self._labels):
+            raise RuntimeError("HNSW index file is inconsistent")
+        self._index.hnsw.efSearch = self.ef_search
+        live = np.flatnonzero(self._alive)
+        self._where = dict(zip(self._labels[live].tolist(), live.tolist(), strict=True))
+        return self
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "count": len(self),
+            "metric": "inner_product",
+            "m": self.m,
+            "ef_construction": self.ef_construction,
+            "ef_search": self.ef_search,
+            "tombstones": self.tombstones,
+            "compact_fraction": self.compact_fraction,
+        }

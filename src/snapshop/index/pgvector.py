@@ -1,0 +1,201 @@
+"""PostgreSQL + pgvector backend: one table per index, an HNSW index on inner product.
+
+The same code runs against a local server, a managed database (RDS, Cloud SQL, Azure, Supabase,
+Neon: anything with the ``vector`` extension) or a cluster. ``dsn`` is a libpq connection
+string; when empty, libpq's own environment (``PGHOST``, ``PGUSER``, ``PGPASSWORD``...) or
+``SNAPSHOP_PG_DSN`` is used, so no password has to be written into the catalog.
+
+``save(path)`` writes a small JSON pointer (dsn unless it came from the environment, table,
+parameters); ``load(path)`` reconnects. The rows are the index: nothing else is persisted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from snapshop.config import read_json, write_json
+from snapshop.index.base import SearchHits, check_ids, check_vectors
+
+FORMAT = "snapshop-pgvector/1"
+DSN_ENV = "SNAPSHOP_PG_DSN"
+MAX_EF_SEARCH = 1000  # pgvector's limit; larger k falls back to an exact scan
+_TABLE = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
+
+
+def _vec_text(row: NDArray[np.float32]) -> str:
+    return "[" + ",".join(repr(float(v)) for v in row) + "]"
+
+
+class PgVectorIndex:
+    """Vectors in a PostgreSQL table ``(id bigint primary key, embedding vector(dim))``."""
+
+    kind = "pgvector"
+
+    def __init__(
+        self,
+        dim: int,
+        dsn: str | None = None,
+        table: str | None = None,
+        m: int = 16,
+        ef_construction: int = 64,
+        ef_search: int = 100,
+    ) -> None:
+        import psycopg
+        from psycopg import sql
+
+        self.dim = dim
+        self._dsn_given = dsn
+        self.dsn = dsn if dsn is not None else os.environ.get(DSN_ENV, "")
+        self.table = table or f"snapshop_{uuid.uuid4().hex[:12]}"
+        if not _TABLE.match(self.table):
+            raise ValueError(f"table name {self.table!r} must match {_TABLE.pattern}")
+        self.m, self.ef_construction, self.ef_search = m, ef_construction, ef_search
+        self._sql = sql
+        self._t = sql.Identifier(self.table)
+        self._conn = psycopg.connect(self.dsn, autocommit=True)
+        with self._conn.transaction():
+            self._conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            self._conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {}"
+                    " (id bigint PRIMARY KEY, embedding vector({}) NOT NULL)"
+                ).format(self._t, sql.Literal(dim))
+            )
+            self._conn.execute(
+                sql.SQL(
+                    "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw (embedding vector_ip_ops)"
+                    " WITH (m = {}, ef_construction = {})"
+                ).format(
+                    sql.Identifier(f"{self.table}_hnsw"),
+                    self._t,
+                    sql.Literal(m),
+                    sql.Literal(ef_construction),
+                )
+            )
+        found = self._conn.execute(
+            "SELECT atttypmod FROM pg_attribute WHERE attrelid = %s::regclass"
+            " AND attname = 'embedding'",
+            (self.table,),
+        ).fetchone()
+        if found is None or int(found[0]) != dim:
+            raise ValueError(f"table {self.table} holds vectors of dim {found}, not {dim}")
+
+    def __len__(self) -> int:
+        row = self._conn.execute(self._sql.SQL("SELECT count(*) FROM {}").format(self._t))
+        return int(row.fetchone()[0])  # type: ignore[index]
+
+    def add(self, ids: NDArray[np.int64], vectors: NDArray[np.float32]) -> None:
+        vectors = check_vectors(vectors, self.dim)
+        ids = check_ids(ids, len(vectors))
+        if len(ids) == 0:
+            return
+        sql = self._sql
+        with self._conn.transaction(), self._conn.cursor() as cur:
+            cur.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS snapshop_stage"
+                " (id bigint, embedding text) ON COMMIT DELETE ROWS"
+            )
+            with cur.copy("COPY snapshop_stage (id, embedding) FROM STDIN") as copy:
+                for i, row in zip(ids.tolist(), vectors, strict=True):
+                    copy.write_row((i, _vec_text(row)))
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {} (id, embedding)"
+                    " SELECT id, embedding::vector FROM snapshop_stage"
+                    " ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding"
+                ).format(self._t)
+            )
+
+    def remove(self, ids: NDArray[np.int64]) -> int:
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) == 0:
+            return 0
+        cur = self._conn.execute(
+            self._sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(self._t), (ids.tolist(),)
+        )
+        return int(cur.rowcount)
+
+    def search(self, queries: NDArray[np.float32], k: int) -> SearchHits:
+        queries = check_vectors(queries, self.dim)
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        ids = np.full((len(queries), k), -1, np.int64)
+        query = self._sql.SQL(
+            "SELECT id, -(embedding <#> %s::vector) FROM {} ORDER BY embedding <#> %s::vector"
+            " LIMIT %s"
+        ).format(self._t)
+        with self._conn.transaction(), self._conn.cursor() as cur:
+            if k > MAX_EF_SEARCH:  # HNSW cannot return more than ef_search rows: scan exactly
+                cur.execute("SET LOCAL enable_indexscan = off")
+            else:
+                ef = max(self.ef_search, k)
+                cur.execute(
+                    self._sql.SQL("SET LOCAL hnsw.ef_search = {}").format(self._sql.Literal(ef))
+                )
+            for qi, q in enumerate(queries):
+                text = _vec_text(q)
+                rows = cur.execute(query, (text, text, k)).fetchall()
+                if rows:
+                    ids[qi, : len(rows)] = [r[0] for r in rows]
+                    scores[qi, : len(rows)] = [r[1] for r in rows]
+        return SearchHits(scores, ids)
+
+    def ids(self) -> NDArray[np.int64]:
+        rows = self._conn.execute(self._sql.SQL("SELECT id FROM {}").format(self._t)).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def save(self, path: Path) -> None:
+        write_json(
+            Path(path),
+            {
+                "format": FORMAT,
+                "dsn": self._dsn_given,
+                "table": self.table,
+                "dim": self.dim,
+                "m": self.m,
+                "ef_construction": self.ef_construction,
+                "ef_search": self.ef_search,
+            },
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> PgVectorIndex:
+        data = read_json(Path(path))
+        if data.get("format") != FORMAT:
+            raise RuntimeError(f"{path}: not a {FORMAT} pointer")
+        return cls(
+            int(data["dim"]),
+            data.get("dsn"),
+            data["table"],
+            int(data["m"]),
+            int(data["ef_construction"]),
+            int(data["ef_search"]),
+        )
+
+    def drop(self) -> None:
+        """Delete the table (tests, benchmarks, catalog rebuilds) and close the connection."""
+        self._conn.execute(self._sql.SQL("DROP TABLE IF EXISTS {}").format(self._t))
+        self.close()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "count": len(self),
+            "metric": "inner_product",
+            "table": self.table,
+            "m": self.m,
+            "ef_construction": self.ef_construction,
+            "ef_search": self.ef_search,
+        }

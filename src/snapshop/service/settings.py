@@ -1,0 +1,75 @@
+"""Service configuration: one frozen dataclass, built by the CLI or by tests."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snapshop.errors import ConfigError
+
+DEFAULT_API_KEY_ENV = "SNAPSHOP_API_KEY"
+THUMB_SIZES: tuple[int, ...] = (64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Everything the HTTP service needs to know; limits apply to every upload.
+
+    ``api_key`` None disables the write endpoints (they answer 403).
+    """
+
+    catalog_dir: Path
+    model: str | None = None
+    detector: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_images_per_product: int = 20
+    max_k: int = 100
+    default_k: int = 12
+    page_limit: int = 24
+    max_page_limit: int = 200
+    thumb_sizes: tuple[int, ...] = THUMB_SIZES
+    max_concurrent_searches: int = 16
+    queue_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "catalog_dir", Path(self.catalog_dir))
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise ConfigError("the API key must be at least 8 characters long")
+        positive = (
+            "max_upload_bytes",
+            "max_pixels",
+            "max_images_per_product",
+            "max_k",
+            "default_k",
+            "page_limit",
+            "max_page_limit",
+            "max_concurrent_searches",
+        )
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer")
+        if not 1 <= self.default_k <= self.max_k:
+            raise ConfigError("default_k must be between 1 and max_k")
+        if not 1 <= self.page_limit <= self.max_page_limit:
+            raise ConfigError("page_limit must be between 1 and max_page_limit")
+        if not self.thumb_sizes or any(s < 16 or s > 2048 for s in self.thumb_sizes):
+            raise ConfigError("thumb_sizes must be between 16 and 2048 pixels")
+        object.__setattr__(self, "thumb_sizes", tuple(sorted(set(self.thumb_sizes))))
+
+    @property
+    def writes_enabled(self) -> bool:
+        return self.api_key is not None
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Whole multipart body: every allowed image plus room for the form fields."""
+        return self.max_upload_bytes * self.max_images_per_product + 1024 * 1024
+
+
+def api_key_from_env(name: str = DEFAULT_API_KEY_ENV) -> str | None:
+    """The API key held in environment variable ``name`` (None when unset or empty)."""
+    value = os.environ.get(name, "").strip()
+    return value or None

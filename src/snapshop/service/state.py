@@ -1,0 +1,110 @@
+"""What the app holds between requests: one searcher over one open catalog, and the locks
+that let many searches run at once while a write (ingest, delete) runs alone."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from snapshop.data.sources import CatalogRecord
+from snapshop.ingest import Ingestor, IngestReport
+from snapshop.search import Searcher
+from snapshop.service.errors import ApiError
+from snapshop.service.settings import ServiceSettings
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation).
+
+    The vector indexes are not safe to search while they are being modified, so searches
+    hold the read side and anything that changes an index holds the write side.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class ServiceState:
+    def __init__(self, settings: ServiceSettings, searcher: Searcher) -> None:
+        self.settings = settings
+        self.searcher = searcher
+        self.catalog = searcher.catalog
+        self.lock = ReadWriteLock()
+        self._slots = threading.BoundedSemaphore(settings.max_concurrent_searches)
+        self._seen_generation = -1
+
+    @property
+    def detector_name(self) -> str | None:
+        det = self.searcher.detector
+        return None if det is None else str(getattr(det, "name", type(det).__name__))
+
+    @contextmanager
+    def search_slot(self) -> Iterator[None]:
+        """Bound concurrent searches; a request that waits too long gets a 429 to retry."""
+        if not self._slots.acquire(timeout=self.settings.queue_timeout_s):
+            raise ApiError(
+                429, "too many searches in flight; retry in a moment", headers={"Retry-After": "1"}
+            )
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def ensure_fresh(self) -> None:
+        """Pick up writes made by other processes (e.g. `snapshop index` on the same catalog)
+        under the write lock, so no search sees an index while it is being reconciled."""
+        generation = self.catalog.store.generation
+        if generation != self._seen_generation:
+            with self.lock.write():
+                self.catalog.refresh()
+                self._seen_generation = generation
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        self.ensure_fresh()
+        with self.lock.read():
+            yield
+
+    def ingest(self, records: list[CatalogRecord]) -> IngestReport:
+        with self.lock.write():
+            ingestor = Ingestor(self.catalog, self.searcher.embedder, self.searcher.detector)
+            return ingestor.ingest(records)
+
+    def remove_product(self, product_id: int) -> int:
+        with self.lock.write():
+            return self.catalog.remove_product(product_id)

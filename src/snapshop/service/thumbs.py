@@ -1,0 +1,57 @@
+"""Catalog image files and their cached thumbnails, addressed by catalog id only."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from snapshop.catalog.store import ImageRow
+from snapshop.errors import CatalogError
+from snapshop.images import DecodeLimits, load_image
+
+log = logging.getLogger(__name__)
+
+THUMB_DIR = "thumbs"
+
+
+def snap_size(requested: int | None, sizes: tuple[int, ...]) -> int:
+    """The smallest allowed size >= ``requested`` (the largest one when it is bigger);
+    ``None`` -> the middle size. Keeps the cache to a handful of files per image."""
+    if requested is None:
+        return sizes[len(sizes) // 2]
+    i = bisect.bisect_left(sizes, max(1, requested))
+    return sizes[min(i, len(sizes) - 1)]
+
+
+def blob_path(catalog_dir: Path, image: ImageRow) -> Path:
+    """The stored file of ``image``, guaranteed to lie inside the catalog directory."""
+    if not image.blob:
+        raise CatalogError(f"no stored file for image {image.id}")
+    root = catalog_dir.resolve()
+    path = (root / image.blob).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise CatalogError(f"no stored file for image {image.id}")
+    return path
+
+
+def thumbnail(catalog_dir: Path, image: ImageRow, size: int) -> Path:
+    """JPEG thumbnail (longest side ``size``) cached under ``catalog_dir/thumbs``."""
+    target = catalog_dir / THUMB_DIR / str(size) / image.sha256[:2] / f"{image.sha256}.jpg"
+    if target.is_file():
+        return target
+    source = blob_path(catalog_dir, image)
+    pixels = load_image(source, DecodeLimits(max_pixels=200_000_000, max_bytes=1 << 30))
+    pixels.thumbnail((size, size))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pixels.save(fh, format="JPEG", quality=82, optimize=True)
+        Path(tmp).replace(target)  # atomic: concurrent requests may both render, never tear
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    log.debug("thumbnail %s written", target)
+    return target

@@ -1,0 +1,1 @@
+"""Deep metric learning: NormSoftmax loss, class-balanced sampling, the training loop."""

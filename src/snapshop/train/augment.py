@@ -1,0 +1,74 @@
+"""Train-time augmentation with PIL and numpy: random resized crop, flip, colour jitter."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageEnhance
+
+from snapshop.models.embedder import preprocess
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    scale: tuple[float, float] = (0.35, 1.0)  # crop area as a fraction of the image
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.5
+    brightness: float = 0.3
+    contrast: float = 0.3
+    saturation: float = 0.3
+
+
+def random_resized_crop(
+    image: Image.Image, size: int, rng: random.Random, config: AugmentConfig
+) -> Image.Image:
+    """A random crop of ``scale`` area and ``ratio`` aspect, resized to ``size`` x ``size``."""
+    w, h = image.size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*config.scale)
+        log_ratio = (math.log(config.ratio[0]), math.log(config.ratio[1]))
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            break
+    else:  # fall back to the central square
+        cw = ch = min(w, h)
+        x, y = (w - cw) // 2, (h - ch) // 2
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=(x, y, x + cw, y + ch))
+
+
+def colour_jitter(image: Image.Image, rng: random.Random, config: AugmentConfig) -> Image.Image:
+    ops = [
+        (ImageEnhance.Brightness, config.brightness),
+        (ImageEnhance.Contrast, config.contrast),
+        (ImageEnhance.Color, config.saturation),
+    ]
+    rng.shuffle(ops)
+    for enhancer, amount in ops:
+        if amount > 0:
+            image = enhancer(image).enhance(rng.uniform(1 - amount, 1 + amount))
+    return image
+
+
+def augment(
+    image: Image.Image, size: int, rng: random.Random, config: AugmentConfig = AugmentConfig()
+) -> NDArray[np.float32]:
+    """RGB image -> (3, size, size) float32 normalised like :func:`preprocess`, augmented."""
+    out = random_resized_crop(image, size, rng, config)
+    if rng.random() < config.flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    out = colour_jitter(out, rng, config)
+    return preprocess(out, size)
+
+
+def views(
+    image: Image.Image, size: int, n: int, rng: random.Random, config: AugmentConfig
+) -> list[NDArray[np.float32]]:
+    """``n`` views: the eval-time centre crop first, then ``n - 1`` augmented ones."""
+    return [preprocess(image, size)] + [augment(image, size, rng, config) for _ in range(n - 1)]

@@ -1,0 +1,514 @@
+"""NormSoftmax training loop: frozen trunk (optionally cached), trainable top, export to ONNX.
+
+The backbone splits at ``boundary = n_blocks - train_blocks``: blocks before it are frozen,
+the last ``train_blocks`` blocks, the head conv (when ``train_blocks > 0``), the embedding head
+and the class proxies are trained. ``train_blocks=0`` freezes the whole backbone (pooled 1280-d
+features in, the head learns); ``train_blocks=-1`` fine-tunes everything (a GPU job).
+
+With ``cache=True`` the frozen part runs once per image and view (``views`` views: the
+eval-time centre crop plus augmented ones) and its outputs are kept (fp16, also on disk under
+``out_dir/cache``), so an epoch only runs the trainable top: the fast path on CPU.
+
+BatchNorm statistics stay frozen (eval mode) throughout; affine parameters train.
+Schedule: epoch 0 warms up the new parameters (head + proxies) only, then SGD (momentum 0.9)
+on everything trainable, lr x ``lr_decay`` every ``lr_step`` epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from torch import nn
+
+from snapshop.data.manifest import ManifestRow
+from snapshop.errors import ConfigError, ImageDecodeError
+from snapshop.images import load_image
+from snapshop.models.embedder import preprocess
+from snapshop.models.heads import EmbeddingNet, create_embedding_net
+from snapshop.train.augment import AugmentConfig, augment, views
+from snapshop.train.losses import DEFAULT_TEMPERATURE, NormSoftmaxLoss
+from snapshop.train.samplers import PKSampler
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    backbone: str = "efficientnet_lite2"
+    dim: int = 512
+    temperature: float = DEFAULT_TEMPERATURE
+    epochs: int = 8  # including the warm-up epoch
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_step: int = 4  # lr x lr_decay every lr_step epochs after the warm-up
+    lr_decay: float = 0.1
+    warmup_epochs: int = 1
+    classes_per_batch: int = 16  # P
+    samples_per_class: int = 4  # K
+    train_blocks: int = 0  # last MBConv blocks to train; 0 = backbone frozen; -1 = all
+    cache: bool = True
+    views: int = 4  # cached views per image: centre crop + (views - 1) augmented
+    device: str = "cpu"
+    threads: int = 2
+    seed: int = 0
+    pretrained: bool = True
+    input_size: int | None = None  # default: the backbone's
+    onnx_frozen: bool = True  # on the CPU, run the frozen part with ONNX Runtime
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.dim >= 2, f"dim must be >= 2, got {self.dim}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must be in 0..epochs"),
+            (self.lr > 0 and self.lr_step >= 1, "lr must be > 0 and lr_step >= 1"),
+            (self.classes_per_batch >= 2 and self.samples_per_class >= 1, "need P >= 2, K >= 1"),
+            (self.train_blocks >= -1, f"train_blocks must be >= -1, got {self.train_blocks}"),
+            (self.views >= 1, f"views must be >= 1, got {self.views}"),
+            (not (self.cache and self.train_blocks == -1),
+             "cannot cache features when the whole backbone trains (train_blocks=-1)"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    classes: list[str]
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    seconds: float
+
+
+class TrainableTop(nn.Module):
+    """The part of the network that trains: last blocks (+ head conv) + embedding head."""
+
+    def __init__(self, net: EmbeddingNet, boundary: int, train_blocks: int) -> None:
+        super().__init__()
+        self.net = net
+        self.boundary = boundary
+        self.train_blocks = train_blocks
+
+    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the frozen part's output (pooled features when the trunk is frozen)."""
+        backbone = self.net.backbone
+        if self.train_blocks == 0:
+            return backbone.forward_features(x).mean(dim=(2, 3))
+        if self.train_blocks == -1:
+            return x
+        return backbone.forward_stem(x, self.boundary)
+
+    def forward(self, frozen_out: torch.Tensor) -> torch.Tensor:
+        if self.train_blocks == 0:
+            return self.net.embed_pooled(frozen_out)
+        if self.train_blocks == -1:
+            return self.net(frozen_out)
+        feats = self.net.backbone.forward_features(frozen_out, from_block=self.boundary)
+        return self.net.embed_pooled(feats.mean(dim=(2, 3)))
+
+
+def _new_and_trunk_params(
+    net: EmbeddingNet, boundary: int, train_blocks: int
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(new parameters = head, trainable backbone parameters); freezes the rest."""
+    backbone = net.backbone
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    trunk: list[nn.Parameter] = []
+    if train_blocks == -1:
+        trunk = list(backbone.parameters())
+    elif train_blocks > 0:
+        for module in [*backbone._blocks[boundary:], backbone._conv_head, backbone._bn1]:
+            trunk += list(module.parameters())
+    for p in trunk:
+        p.requires_grad_(True)
+    assert net.head is not None
+    return list(net.head.parameters()), trunk
+
+
+def _freeze_bn(net: nn.Module) -> None:
+    net.eval()  # BatchNorm uses its ImageNet running statistics; affine parameters still train
+
+
+def _load(path: Path) -> Any:
+    return load_image(path)
+
+
+def _rows_key(rows: Sequence[ManifestRow], config: TrainConfig, n_views: int, tag: str) -> str:
+    digest = hashlib.sha256()
+    for r in rows:
+        digest.update(f"{r.path}|{r.product_id}\n".encode())
+    settings = (config.backbone, config.train_blocks, n_views, config.seed, config.input_size,
+                config.pretrained, json.dumps(dataclasses.asdict(config.augment)), tag)  # fmt: skip
+    digest.update(repr(settings).encode())
+    return digest.hexdigest()[:16]
+
+
+def compute_frozen(
+    top: TrainableTop,
+    rows: Sequence[ManifestRow],
+    size: int,
+    n_views: int,
+    config: TrainConfig,
+    seed: int,
+    cache_dir: Path | None = None,
+    tag: str = "train",
+) -> tuple[torch.Tensor, list[int]]:
+    """Run the frozen part over ``n_views`` views of each readable image.
+
+    Returns ((M, V, ...) float16 outputs, kept row positions). Unreadable images are skipped.
+    Results are stored in ``cache_dir`` keyed by the rows and settings, and reused.
+    """
+    key = _rows_key(rows, config, n_views, tag)
+    cache_file = cache_dir / f"{tag}-{key}.pt" if cache_dir else None
+    if cache_file is not None and cache_file.exists():
+        data = torch.load(cache_file, weights_only=True)
+        log.info("frozen features from %s", cache_file)
+        return data["features"], list(data["kept"])
+    rng = random.Random(seed)
+    run_frozen = _frozen_runner(top, config, size, cache_dir)
+    outs: list[torch.Tensor] = []
+    kept: list[int] = []
+    batch_arrays: list[np.ndarray] = []
+    t0 = time.perf_counter()
+
+    def flush() -> None:
+        if not batch_arrays:
+            return
+        outs.append(run_frozen(np.ascontiguousarray(np.stack(batch_arrays))))
+        batch_arrays.clear()
+
+    per_batch = max(1, 32 // n_views)
+    for i, row in enumerate(rows):
+        try:
+            image = _load(row.path)
+        except ImageDecodeError as exc:
+            log.warning("skipping %s: %s", row.path, exc.reason)
+            continue
+        kept.append(i)
+        batch_arrays += views(image, size, n_views, rng, config.augment)
+        if len(batch_arrays) >= per_batch * n_views:
+            flush()
+        if (len(kept)) % 200 == 0:
+            log.info("frozen features: %d/%d images, %.0f s", len(kept), len(rows),
+                     time.perf_counter() - t0)  # fmt: skip
+    flush()
+    if not outs:
+        raise ConfigError("no readable training image")
+    feats = torch.cat(outs)
+    feats = feats.reshape(len(kept), n_views, *feats.shape[1:])
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"features": feats, "kept": kept}, cache_file)
+    log.info("frozen features for %d images x %d views in %.0f s", len(kept), n_views,
+             time.perf_counter() - t0)  # fmt: skip
+    return feats, kept
+
+
+class _Frozen(nn.Module):
+    def __init__(self, top: TrainableTop) -> None:
+        super().__init__()
+        self.top = top
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.top.frozen(x)
+
+
+def _frozen_runner(
+    top: TrainableTop, config: TrainConfig, size: int, cache_dir: Path | None
+) -> Callable[[np.ndarray], torch.Tensor]:
+    """(N, 3, S, S) float32 -> the frozen part's float16 output, on the CPU.
+
+    On the CPU the frozen part is exported to ONNX and run with ONNX Runtime (about twice as
+    fast as torch eager here); on a GPU it runs in torch.
+    """
+    device = torch.device(config.device)
+    if device.type != "cpu" or not config.onnx_frozen or cache_dir is None:
+
+        def run_torch(batch: np.ndarray) -> torch.Tensor:
+            with torch.no_grad():
+                return top.frozen(torch.from_numpy(batch).to(device)).to("cpu", torch.float16)
+
+        return run_torch
+    import onnxruntime as ort
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = cache_dir / f"frozen-{config.backbone}-{top.boundary}-{top.train_blocks}.onnx"
+    if not onnx_path.exists():
+        frozen = _Frozen(top).eval()
+        tmp = onnx_path.with_suffix(".tmp.onnx")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes on constant SAME padding: expected
+            torch.onnx.export(frozen, (torch.zeros(1, 3, size, size),), str(tmp),
+                              input_names=["images"], output_names=["features"],
+                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+                              opset_version=17, dynamo=False)  # fmt: skip
+        tmp.replace(onnx_path)
+    options = ort.SessionOptions()
+    if config.threads:
+        options.intra_op_num_threads = config.threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared CPUs
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+    def run_onnx(batch: np.ndarray) -> torch.Tensor:
+        out = session.run(None, {"images": batch.astype(np.float32, copy=False)})[0]
+        return torch.from_numpy(out).to(torch.float16)
+
+    return run_onnx
+
+
+def _lr_at(config: TrainConfig, epoch: int) -> float:
+    if epoch < config.warmup_epochs:
+        return config.lr
+    return config.lr * config.lr_decay ** ((epoch - config.warmup_epochs) // config.lr_step)
+
+
+def _embed_eval(
+    top: TrainableTop, feats: torch.Tensor, device: torch.device, batch: int = 128
+) -> NDArray[np.float32]:
+    top.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(feats), batch):
+            x = feats[start : start + batch, 0].to(device, torch.float32)
+            out.append(top(x).cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def train(
+    train_rows: Sequence[ManifestRow],
+    out_dir: Path,
+    config: TrainConfig = TrainConfig(),
+    eval_rows: Sequence[ManifestRow] | None = None,
+    gallery_where: dict[str, str] | None = None,
+    resume: bool = False,
+    export: bool = True,
+    data_name: str = "",
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train a NormSoftmax embedder on ``train_rows`` (product_id = class), export it to
+    ``out_dir`` (model.onnx + model.json). ``eval_rows`` (query/gallery, products disjoint from
+    the training ones) are scored after every epoch; ``gallery_where`` adds a second protocol.
+    """
+    from snapshop.data.manifest import matches
+    from snapshop.evaluate.retrieval import evaluate_embeddings
+    from snapshop.models.card import sha256_file
+    from snapshop.models.efficientnet_lite import weights_path
+    from snapshop.models.export import save_model
+
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = sorted({r.product_id for r in train_rows})
+    if len(classes) < 2:
+        raise ConfigError(f"training needs at least 2 products, got {len(classes)}")
+    if eval_rows:
+        overlap = classes_set = set(classes)
+        overlap = classes_set & {r.product_id for r in eval_rows}
+        if overlap:
+            raise ConfigError(
+                f"{len(overlap)} evaluation products are also training products"
+                f" (e.g. {sorted(overlap)[:3]}); evaluate on held-out products only"
+            )
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but torch sees no CUDA device")
+    torch.manual_seed(config.seed)
+    if config.device == "cpu" and config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+
+    net = create_embedding_net(config.backbone, dim=config.dim, pretrained=config.pretrained)
+    n_blocks = len(net.backbone._blocks)
+    if config.train_blocks > n_blocks:
+        raise ConfigError(f"{config.backbone} has {n_blocks} blocks; train_blocks is too large")
+    boundary = n_blocks - config.train_blocks if config.train_blocks >= 0 else 0
+    size = config.input_size or net.backbone.spec.input_size
+    top = TrainableTop(net, boundary, config.train_blocks).to(device)
+    if device.type == "cpu":
+        top = top.to(memory_format=torch.channels_last)
+    new_params, trunk_params = _new_and_trunk_params(net, boundary, config.train_blocks)
+    loss_fn = NormSoftmaxLoss(config.dim, len(classes), config.temperature).to(device)
+    label_of = {c: i for i, c in enumerate(classes)}
+
+    cache_dir = out_dir / "cache"
+    n_views = config.views if config.cache else 1
+    if config.cache:
+        train_feats, kept = compute_frozen(top, train_rows, size, n_views, config, config.seed,
+                                           cache_dir, "train")  # fmt: skip
+        rows_kept = [train_rows[i] for i in kept]
+    else:
+        train_feats = None
+        rows_kept = list(train_rows)
+    labels = np.array([label_of[r.product_id] for r in rows_kept], dtype=np.int64)
+
+    eval_feats = None
+    eval_kept: list[ManifestRow] = []
+    if eval_rows:
+        eval_feats, ekept = compute_frozen(top, eval_rows, size, 1, config, config.seed,
+                                           cache_dir, "eval")  # fmt: skip
+        eval_kept = [eval_rows[i] for i in ekept]
+
+    params = [
+        {"params": new_params, "lr": config.lr},
+        {"params": list(loss_fn.parameters()), "lr": config.lr},
+    ]
+    if trunk_params:
+        params.append({"params": trunk_params, "lr": config.lr})
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)  # fmt: skip
+
+    start_epoch = 0
+    history: list[dict[str, Any]] = []
+    ckpt_path = out_dir / CHECKPOINT
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        saved = {k: v for k, v in ckpt["config"].items() if k != "epochs"}
+        wanted = {k: v for k, v in config.to_dict().items() if k != "epochs"}
+        if ckpt["classes"] != classes or saved != wanted:
+            raise ConfigError(f"{ckpt_path}: saved with other classes or settings; not resuming")
+        net.load_state_dict(ckpt["net"])
+        loss_fn.load_state_dict(ckpt["loss"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        history = list(ckpt["history"])
+        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+
+    batch = config.classes_per_batch * config.samples_per_class
+    steps = max(1, math.ceil(len(rows_kept) / batch))
+    aug_rng = random.Random(config.seed)
+
+    def evaluate_now() -> dict[str, Any]:
+        if eval_feats is None:
+            return {}
+        vecs = _embed_eval(top, eval_feats, device)
+        metrics: dict[str, Any] = {}
+        protocols = {"all": {}} | ({"where": gallery_where} if gallery_where else {})
+        for name, where in protocols.items():
+            q = [i for i, r in enumerate(eval_kept) if r.role == "query"]
+            g = [i for i, r in enumerate(eval_kept) if r.role == "gallery" and matches(r, where)]
+            if not q or not g:
+                continue
+            report = evaluate_embeddings(
+                name, vecs[q], [eval_kept[i].product_id for i in q],
+                vecs[g], [eval_kept[i].product_id for i in g], ks=(1, 5, 10),
+            )  # fmt: skip
+            key = (
+                "photo_to_all"
+                if name == "all"
+                else "photo_to_" + ",".join(f"{k}={v}" for k, v in where.items())
+            )
+            metrics[key] = {f"R@{k}": round(v, 4) for k, v in report.recall.items()}
+            metrics[key]["mAP@R"] = round(report.map_at_r, 4)
+        return metrics
+
+    for epoch in range(start_epoch, config.epochs):
+        warm = epoch < config.warmup_epochs
+        for p in trunk_params:
+            p.requires_grad_(not warm)
+        lr = _lr_at(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        _freeze_bn(top)
+        sampler = PKSampler(labels, config.classes_per_batch, config.samples_per_class, steps,
+                            seed=config.seed * 1000 + epoch)  # fmt: skip
+        view_rng = np.random.default_rng(config.seed * 1000 + epoch + 7)
+        t_epoch = time.perf_counter()
+        losses = []
+        for idx in sampler:
+            if train_feats is not None:
+                v = view_rng.integers(0, n_views, size=len(idx))
+                x = train_feats[torch.from_numpy(idx), torch.from_numpy(v)]
+                x = x.to(device, torch.float32)
+                if x.ndim == 4 and device.type == "cpu":
+                    x = x.contiguous(memory_format=torch.channels_last)
+            else:
+                arrays = [augment(_load(rows_kept[i].path), size, aug_rng, config.augment)
+                          for i in idx]  # fmt: skip
+                x = torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).to(device)
+                with torch.no_grad():
+                    x = top.frozen(x)
+            y = torch.from_numpy(labels[idx]).to(device)
+            with torch.set_grad_enabled(True):
+                emb = top(x)
+                loss = loss_fn(emb, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        record: dict[str, Any] = {
+            "epoch": epoch, "warmup": warm, "lr": lr, "loss": float(np.mean(losses)),
+            "seconds": round(time.perf_counter() - t_epoch, 1),
+        }  # fmt: skip
+        record.update(evaluate_now())
+        history.append(record)
+        log.info("epoch %s", json.dumps(record))
+        if progress is not None:
+            progress(record)
+        torch.save({"epoch": epoch, "net": net.state_dict(), "loss": loss_fn.state_dict(),
+                    "optimizer": optimizer.state_dict(), "classes": classes,
+                    "config": config.to_dict(), "history": history}, ckpt_path)  # fmt: skip
+        (out_dir / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
+
+    metrics = {k: v for k, v in (history[-1] if history else {}).items()
+               if k.startswith("photo_to")}  # fmt: skip
+    if export:
+        net = net.to("cpu", memory_format=torch.contiguous_format).eval()
+        save_model(
+            net, out_dir, name=f"normsoftmax-{config.backbone}-d{config.dim}",
+            source_weights_sha256=sha256_file(weights_path(config.backbone)),
+            kind="normsoftmax",
+            training={
+                "data": data_name, "classes": classes, "n_classes": len(classes),
+                "n_images": len(rows_kept), "dim": config.dim, "temperature": config.temperature,
+                "epochs": config.epochs, "train_blocks": config.train_blocks,
+                "config": config.to_dict(), "final_loss": history[-1]["loss"] if history else None,
+                "seconds": round(time.perf_counter() - t_start, 1),
+            },
+            metrics={"held_out": metrics, "eval_products": len({r.product_id for r in eval_kept})},
+        )  # fmt: skip
+    return TrainResult(out_dir, classes, history, metrics, time.perf_counter() - t_start)
+
+
+def split_rows(
+    rows: Sequence[ManifestRow], train_where: dict[str, str], eval_where: dict[str, str] | None
+) -> tuple[list[ManifestRow], list[ManifestRow]]:
+    """Select training rows and (optionally) evaluation rows from one manifest."""
+    from snapshop.data.manifest import matches
+
+    train_rows = [r for r in rows if matches(r, train_where)]
+    eval_rows = [r for r in rows if eval_where is not None and matches(r, eval_where)]
+    if not train_rows:
+        raise ConfigError(f"no manifest row matches {train_where}")
+    return train_rows, eval_rows
+
+
+def embed_torch(net: EmbeddingNet, images: Sequence[Any], size: int) -> NDArray[np.float32]:
+    """Embed PIL images with a torch network (eval-time preprocessing), for checks and tests."""
+    x = torch.from_numpy(np.stack([preprocess(im, size) for im in images]))
+    with torch.no_grad():
+        return F.normalize(net.eval()(x), dim=1).numpy()

@@ -1,0 +1,127 @@
+"""Recall@K and mAP@R against hand-computed values and brute-force references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from snapshop.errors import ConfigError
+from snapshop.evaluate.retrieval import (
+    evaluate_embeddings,
+    map_at_r,
+    product_scores,
+    recall_at_k,
+)
+
+
+def test_recall_at_k_hand_computed_with_ties() -> None:
+    sims = np.array(
+        [
+            [0.9, 0.5, 0.1],  # label 0: rank 0
+            [0.8, 0.8, 0.1],  # label 1: tied with product 0 -> counted behind it, rank 1
+            [0.3, 0.2, 0.1],  # label 2: rank 2
+            [0.4, 0.4, 0.4],  # label 0: three-way tie -> rank 2
+        ],
+        dtype=np.float32,
+    )
+    labels = np.array([0, 1, 2, 0])
+    assert recall_at_k(sims, labels, [1, 2, 3]) == {1: 0.25, 2: 0.5, 3: 1.0}
+
+
+def test_recall_at_k_larger_than_products() -> None:
+    sims = np.array([[0.1, 0.9]], dtype=np.float32)
+    assert recall_at_k(sims, np.array([0]), [1, 100]) == {1: 0.0, 100: 1.0}
+
+
+def test_product_scores_is_max_over_each_products_images() -> None:
+    sims = np.array([[0.1, 0.7, 0.3, 0.2], [0.5, 0.4, 0.9, 0.0]], dtype=np.float32)
+    labels = np.array([0, 0, 2, 2])  # product 1 has no gallery image
+    out = product_scores(sims, labels, 3)
+    assert out[0].tolist() == pytest.approx([0.7, -np.inf, 0.3])
+    assert out[1].tolist() == pytest.approx([0.5, -np.inf, 0.9])
+
+
+def test_product_level_recall_one_product_many_images() -> None:
+    """Five near-duplicates of a wrong product rank as ONE product, not five."""
+    sims = np.array([[0.95, 0.94, 0.93, 0.92, 0.91, 0.90]], dtype=np.float32)
+    gallery = np.array([1, 1, 1, 1, 1, 0])
+    per_product = product_scores(sims, gallery, 2)
+    assert recall_at_k(per_product, np.array([0]), [1, 2]) == {1: 0.0, 2: 1.0}
+
+
+def test_map_at_r_hand_computed() -> None:
+    gallery = np.array([0, 0, 1, 1, 1])
+    sims = np.array(
+        [
+            [0.9, 0.1, 0.8, 0.2, 0.3],  # label 0, R=2: top2 = [rel, irr] -> (1/1) / 2 = 0.5
+            [0.9, 0.8, 0.7, 0.6, 0.5],  # label 1, R=3: top3 = [irr, irr, rel] -> (1/3) / 3
+            [0.9, 0.8, 0.1, 0.1, 0.1],  # label 2: no gallery image -> left out
+            [0.1, 0.2, 0.9, 0.8, 0.7],  # label 1, R=3: all relevant first -> 1.0
+        ],
+        dtype=np.float32,
+    )
+    labels = np.array([0, 1, 2, 1])
+    expected = (0.5 + 1 / 9 + 1.0) / 3
+    assert map_at_r(sims, labels, gallery) == pytest.approx(expected)
+
+
+def test_map_at_r_ties_count_against_the_query() -> None:
+    sims = np.array([[0.5, 0.5]], dtype=np.float32)
+    # The relevant image ties with an irrelevant one: same answer whichever comes first.
+    assert map_at_r(sims, np.array([0]), np.array([0, 1])) == 0.0
+    assert map_at_r(sims, np.array([0]), np.array([1, 0])) == 0.0
+
+
+def test_map_at_r_only_lone_queries() -> None:
+    sims = np.array([[0.5, 0.2]], dtype=np.float32)
+    assert map_at_r(sims, np.array([3]), np.array([0, 1])) == 0.0
+
+
+def test_map_at_r_matches_brute_force_on_random_data() -> None:
+    rng = np.random.default_rng(0)
+    sims = rng.normal(size=(20, 30)).astype(np.float32)
+    gallery = rng.integers(0, 5, 30)
+    labels = rng.integers(0, 6, 20)  # label 5 never in the gallery
+    values = []
+    for q in range(20):
+        ranked = sorted(range(30), key=lambda g: -sims[q, g])
+        r = int((gallery == labels[q]).sum())
+        if r == 0:
+            continue
+        hits, total = 0, 0.0
+        for i, g in enumerate(ranked[:r], 1):
+            if gallery[g] == labels[q]:
+                hits += 1
+                total += hits / i
+        values.append(total / r)
+    assert map_at_r(sims, labels, gallery) == pytest.approx(float(np.mean(values)))
+
+
+def unit(rows: list[list[float]]) -> np.ndarray:
+    arr = np.array(rows, dtype=np.float32)
+    return arr / np.linalg.norm(arr, axis=1, keepdims=True)
+
+
+def test_evaluate_embeddings_end_to_end() -> None:
+    gallery = unit([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]])
+    gallery_products = ["a", "a", "b", "c"]
+    queries = unit([[1, 0.05, 0], [0.1, 0, 1], [0.7, 0.71, 0], [0, 0.2, 1]])
+    query_products = ["a", "b", "lone", "c"]  # "lone" has no gallery image: dropped
+    report = evaluate_embeddings(
+        "toy", queries, query_products, gallery, gallery_products, ks=(1, 2, 3)
+    )
+    assert report.n_queries == 3 and report.n_gallery == 4 and report.n_products == 3
+    # a -> a first (hit@1); b -> c, a, b (hit@3); c -> c (hit@1)
+    assert report.recall == {1: pytest.approx(2 / 3), 2: pytest.approx(2 / 3), 3: 1.0}
+    assert report.search_ms_per_query >= 0
+    data = report.to_dict()
+    assert data["recall"]["R@1"] == round(2 / 3, 4)
+    assert data["queries"] == 3
+
+
+def test_evaluate_embeddings_needs_overlap() -> None:
+    g = unit([[1, 0]])
+    with pytest.raises(ConfigError):
+        evaluate_embeddings("x", unit([[0, 1]]), ["q"], g, ["g"])
+    with pytest.raises(ConfigError):
+        evaluate_embeddings("x", np.zeros((0, 2), np.float32), [], g, ["g"])

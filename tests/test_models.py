@@ -1,0 +1,170 @@
+"""EfficientNet-Lite0 export: torch/ONNX agreement, model card, export cache, broken model dirs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from snapshop.demo import demo_products, render
+from snapshop.errors import ModelError
+from snapshop.models import export
+from snapshop.models.card import CARD_FILE, MODEL_FILE, read_card, sha256_file
+from snapshop.models.efficientnet_lite import weights_path
+from snapshop.models.embedder import Embedder, load_embedder, preprocess
+from snapshop.models.heads import create_embedding_net
+
+
+def sample_images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    products = demo_products(3)
+    images = [render(p, seed=i, size=200) for i, p in enumerate(products)]
+    images.append(Image.fromarray(rng.integers(0, 256, (150, 300, 3), dtype=np.uint8)))
+    images.append(Image.new("RGB", (224, 224), (255, 255, 255)))
+    return images
+
+
+def test_onnx_matches_torch(lite0_model_dir: Path, lite0_embedder: Embedder) -> None:
+    images = sample_images()
+    batch = np.stack([preprocess(im, 224) for im in images])
+    net = create_embedding_net("efficientnet_lite0", dim=None, pretrained=True).eval()
+    with torch.no_grad():
+        reference = net(torch.from_numpy(batch)).numpy()
+    onnx_out = lite0_embedder.embed_images(images)
+    assert onnx_out.dtype == np.float32 and onnx_out.shape == (len(images), 1280)
+    assert np.abs(onnx_out - reference).max() < 1e-4
+    # the embeddings are informative: different images are not all the same vector
+    sims = onnx_out @ onnx_out.T
+    assert sims[np.triu_indices(len(images), 1)].min() < 0.95
+
+
+def test_embeddings_l2_normalised_and_batch_independent(lite0_embedder: Embedder) -> None:
+    images = sample_images()
+    together = lite0_embedder.embed_images(images)
+    assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+    alone = np.concatenate([lite0_embedder.embed_images([im]) for im in images])
+    assert np.abs(together - alone).max() < 1e-5
+    assert lite0_embedder.embed_images([]).shape == (0, 1280)
+
+
+def test_small_batch_size_gives_same_vectors(
+    lite0_model_dir: Path, lite0_embedder: Embedder
+) -> None:
+    images = sample_images()
+    small = Embedder(lite0_model_dir, batch_size=2)
+    assert np.abs(small.embed_images(images) - lite0_embedder.embed_images(images)).max() < 1e-5
+
+
+def test_preprocess_shorter_side_and_centre_crop() -> None:
+    arr = np.zeros((100, 300, 3), np.uint8)
+    arr[:, 100:200] = 255  # a white centre third: fills the centre crop exactly
+    out = preprocess(Image.fromarray(arr), 64)
+    assert out.shape == (3, 64, 64) and out.dtype == np.float32
+    assert out.flags["C_CONTIGUOUS"]
+    assert np.allclose(out[:, :, 2:-2], (255 - 127) / 128, atol=1e-6)
+    assert out.min() >= -1.0 and out.max() <= 1.0
+
+
+def test_model_card(lite0_model_dir: Path) -> None:
+    card = read_card(lite0_model_dir)
+    data = json.loads((lite0_model_dir / CARD_FILE).read_text())
+    for key in ("name", "backbone", "input_size", "normalisation", "output_dim",
+                "source_weights_sha256", "onnx_sha256"):  # fmt: skip
+        assert key in data
+    assert card.name == "efficientnet_lite0" and card.backbone == "efficientnet_lite0"
+    assert card.input_size == 224 and card.output_dim == 1280
+    assert card.normalisation == {"mean": 127.0, "std": 128.0}
+    assert card.source_weights_sha256 == sha256_file(weights_path("efficientnet_lite0"))
+    assert card.onnx_sha256 == sha256_file(lite0_model_dir / MODEL_FILE)
+    assert card.model_id == f"efficientnet_lite0@{card.onnx_sha256[:12]}"
+    assert Embedder(lite0_model_dir, verify=True).model_id == card.model_id
+
+
+def test_cached_export_is_reused(lite0_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    onnx = lite0_model_dir / MODEL_FILE
+    before = (onnx.stat().st_mtime_ns, sha256_file(onnx))
+
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise AssertionError("re-exported a cached model")
+
+    monkeypatch.setattr(export, "export_pretrained", no_export)
+    assert export.resolve_model_dir("efficientnet_lite0") == lite0_model_dir
+    assert load_embedder("efficientnet_lite0").model_dir == lite0_model_dir
+    assert export.resolve_model_dir(lite0_model_dir) == lite0_model_dir  # a directory as is
+    assert (onnx.stat().st_mtime_ns, sha256_file(onnx)) == before
+
+
+@pytest.mark.parametrize("damage", ["onnx_bytes", "card_json", "card_missing_onnx_sha"])
+def test_damaged_cache_is_exported_again(
+    lite0_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    home = tmp_path / "home"
+    cached = home / "models" / "efficientnet_lite0"
+    shutil.copytree(lite0_model_dir, cached)
+    if damage == "onnx_bytes":
+        with open(cached / MODEL_FILE, "r+b") as fh:
+            fh.seek(1000)
+            fh.write(b"\x00" * 64)
+    elif damage == "card_json":
+        (cached / CARD_FILE).write_text("{not json")
+    else:
+        data = json.loads((cached / CARD_FILE).read_text())
+        del data["onnx_sha256"]
+        (cached / CARD_FILE).write_text(json.dumps(data))
+    exported: list[Path] = []
+
+    def fake_export(name: str, model_dir: Path) -> None:  # copying is what export would write
+        exported.append(model_dir)
+        shutil.rmtree(model_dir)
+        shutil.copytree(lite0_model_dir, model_dir)
+
+    monkeypatch.setenv("SNAPSHOP_HOME", str(home))
+    monkeypatch.setattr(export, "export_pretrained", fake_export)
+    assert export.resolve_model_dir("efficientnet_lite0") == cached
+    assert exported == [cached]
+
+
+def test_missing_model_dir_or_unknown_name(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not a model directory"):
+        export.resolve_model_dir(tmp_path / "nowhere")
+    with pytest.raises(ModelError, match="known backbone"):
+        load_embedder("resnet9000")
+
+
+@pytest.mark.parametrize(
+    "damage", ["no_card", "bad_json", "incomplete_card", "no_onnx", "bad_onnx"]
+)
+def test_corrupt_model_dir_raises_model_error(
+    lite0_model_dir: Path, tmp_path: Path, damage: str
+) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(lite0_model_dir, model_dir)
+    if damage == "no_card":
+        (model_dir / CARD_FILE).unlink()
+    elif damage == "bad_json":
+        (model_dir / CARD_FILE).write_text('{"name": ')
+    elif damage == "incomplete_card":
+        (model_dir / CARD_FILE).write_text(json.dumps({"name": "x"}))
+    elif damage == "no_onnx":
+        (model_dir / MODEL_FILE).unlink()
+    else:
+        (model_dir / MODEL_FILE).write_bytes(b"this is not a protobuf" * 10)
+    with pytest.raises(ModelError) as info:
+        Embedder(model_dir)
+    assert str(model_dir) in str(info.value)
+
+
+def test_verify_detects_modified_onnx(lite0_model_dir: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(lite0_model_dir, model_dir)
+    data = json.loads((model_dir / CARD_FILE).read_text())
+    data["onnx_sha256"] = "0" * 64
+    (model_dir / CARD_FILE).write_text(json.dumps(data))
+    Embedder(model_dir)  # loads without verification
+    with pytest.raises(ModelError, match="sha256"):
+        Embedder(model_dir, verify=True)

@@ -1,0 +1,134 @@
+"""NormSoftmax loss, P x K sampler, and tiny end-to-end training runs on generated images."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from snapshop.data.manifest import ManifestRow
+from snapshop.errors import ConfigError
+from snapshop.train.losses import NormSoftmaxLoss, normsoftmax_loss
+from snapshop.train.samplers import PKSampler
+
+
+def test_normsoftmax_loss_matches_hand_computation() -> None:
+    emb = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    proxies = torch.tensor([[1.0, 0.0], [0.0, 5.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 2])
+    t = 0.5
+    c = 1 / math.sqrt(2)  # cosine between an axis and the diagonal proxy
+    # row 0 = (1, 0): cosines (1, 0, c); row 1 = (0, 1): cosines (0, 1, c)
+    loss0 = -math.log(math.exp(1 / t) / (math.exp(1 / t) + math.exp(0) + math.exp(c / t)))
+    loss1 = -math.log(math.exp(c / t) / (math.exp(0) + math.exp(1 / t) + math.exp(c / t)))
+    got = normsoftmax_loss(emb, labels, proxies, temperature=t)
+    assert got.item() == pytest.approx((loss0 + loss1) / 2, rel=1e-6)
+
+
+def test_normsoftmax_module_is_scale_invariant_and_checks_shapes() -> None:
+    loss = NormSoftmaxLoss(dim=4, n_classes=3)
+    emb, labels = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    assert loss(emb, labels).item() == pytest.approx(loss(emb * 7, labels).item(), rel=1e-5)
+    with pytest.raises(ConfigError):
+        loss(torch.randn(5, 3), labels)
+    with pytest.raises(ConfigError):
+        NormSoftmaxLoss(dim=4, n_classes=3, temperature=0)
+
+
+def test_pk_sampler_batches() -> None:
+    labels = np.array([0] * 10 + [1] * 1 + [2] * 4 + [3] * 7 + [4] * 2)
+    sampler = PKSampler(labels, p=3, k=4, batches=20, seed=5)
+    batches = list(sampler)
+    assert len(batches) == 20
+    for idx in batches:
+        assert idx.shape == (12,)
+        assert idx.min() >= 0 and idx.max() < len(labels)
+        per_class = labels[idx].reshape(3, 4)
+        assert (per_class == per_class[:, :1]).all()  # K samples of one class per block
+        assert len(set(per_class[:, 0])) == 3  # P distinct classes
+    again = list(PKSampler(labels, p=3, k=4, batches=20, seed=5))
+    assert all((a == b).all() for a, b in zip(batches, again, strict=True))
+    assert {int(c) for idx in batches for c in labels[idx]} == {0, 1, 2, 3, 4}
+    with pytest.raises(ConfigError):
+        PKSampler(labels, p=0, k=4, batches=1)
+
+
+# --- tiny training runs ---------------------------------------------------------------------
+N_PRODUCTS, PER_PRODUCT = 6, 4
+
+
+@pytest.fixture(scope="module")
+def demo_rows(tmp_path_factory: pytest.TempPathFactory) -> list[ManifestRow]:
+    from snapshop.demo import demo_products, render
+
+    root = tmp_path_factory.mktemp("train-data")
+    rows = []
+    for n, product in enumerate(demo_products(N_PRODUCTS + 2, seed=1)):
+        split = "train" if n < N_PRODUCTS else "test"
+        for j in range(PER_PRODUCT):
+            path = root / f"{product.sku}-{j}.jpg"
+            render(product, 1000 + n * 10 + j, size=128).save(path)
+            role = "query" if j == 0 else "gallery"
+            rows.append(ManifestRow(path, product.sku, role, {"split": split}))
+    return rows
+
+
+def _config(**kw: object):
+    from snapshop.train.trainer import TrainConfig
+
+    base = dict(backbone="efficientnet_lite0", dim=32, epochs=4, lr=0.05, classes_per_batch=4,
+                samples_per_class=2, views=2, input_size=96, threads=1)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_training_reduces_loss_resumes_and_exports(tmp_path: Path, demo_rows) -> None:
+    from snapshop.models.embedder import Embedder
+    from snapshop.train.trainer import train
+
+    train_rows = [r for r in demo_rows if r.extra["split"] == "train"]
+    test_rows = [r for r in demo_rows if r.extra["split"] == "test"]
+    out = tmp_path / "model"
+    first = train(train_rows, out, _config(epochs=3), export=False)
+    assert [h["epoch"] for h in first.history] == [0, 1, 2]
+    assert (out / "checkpoint.pt").exists()
+    resumed = train(train_rows, out, _config(epochs=6), eval_rows=test_rows,
+                    gallery_where={"split": "test"}, resume=True)  # fmt: skip
+    losses = [h["loss"] for h in resumed.history]
+    assert [h["epoch"] for h in resumed.history] == list(range(6))
+    assert losses[:3] == [h["loss"] for h in first.history]  # the resumed run kept its history
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert "photo_to_all" in resumed.history[-1]
+
+    embedder = Embedder(out)
+    assert embedder.dim == 32 and embedder.card.kind == "normsoftmax"
+    assert embedder.card.training["classes"] == sorted({r.product_id for r in train_rows})
+    assert embedder.card.training["temperature"] == 0.05
+    assert "photo_to_all" in embedder.card.metrics["held_out"]
+    from PIL import Image
+
+    vecs = embedder.embed_images([Image.open(r.path).convert("RGB") for r in train_rows[:3]])
+    assert vecs.shape == (3, 32)
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_training_last_block_without_cache_and_guards(tmp_path: Path, demo_rows) -> None:
+    from snapshop.train.trainer import train
+
+    train_rows = [r for r in demo_rows if r.extra["split"] == "train"]
+    result = train(train_rows, tmp_path / "m", _config(epochs=2, train_blocks=1, cache=False),
+                   export=False)  # fmt: skip
+    assert len(result.history) == 2 and result.history[0]["warmup"]
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    with pytest.raises(ConfigError, match="held-out"):
+        train(train_rows, tmp_path / "x", _config(), eval_rows=train_rows[:2], export=False)
+    with pytest.raises(ConfigError):
+        _config(train_blocks=-1, cache=True)
+    with pytest.raises(ConfigError, match="not resuming"):
+        train(train_rows, tmp_path / "m", _config(epochs=3, dim=16, train_blocks=1, cache=False),
+              resume=True, export=False)  # fmt: skip
