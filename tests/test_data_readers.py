@@ -46,6 +46,7 @@ def test_inshop_reader_parses_partition_file(tmp_path: Path) -> None:
     assert rows[2].path == tmp_path / names[2][0]
     assert rows[0].extra == {"source": "inshop", "eval_status": "train"}
     assert detect_format(tmp_path) == "inshop"
+    assert read_dataset(tmp_path / "Eval" / "list_eval_partition.txt") == rows
 
 
 def test_inshop_reader_rejects_missing_header(tmp_path: Path) -> None:

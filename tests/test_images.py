@@ -103,6 +103,24 @@ def test_exif_orientation_applied(tmp_path: Path, orientation: int, fmt: str) ->
     assert abs(pixels[size[1] - 1 - row, size[0] - 1 - col] - 40).max() < 30
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"Exif\x00\x00" + b"\xff" * 30,  # not TIFF at all
+        b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff",  # IFD runs past the end
+        # orientation 9: out of range
+        b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01"
+        b"\x00\x09\x00\x00",
+    ],
+)
+def test_malformed_exif_keeps_pixels(payload: bytes) -> None:
+    data = encode(Image.fromarray(np.full((6, 9, 3), 200, np.uint8)), "JPEG")
+    segment = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    out = load_image(data[:2] + segment + data[2:])
+    assert out.size == (9, 6)
+    assert abs(np.asarray(out).astype(int) - 200).max() < 5
+
+
 # --- colour modes ---------------------------------------------------------------------------
 
 

@@ -189,8 +189,8 @@ def test_sync_removes_images_no_longer_listed(
 def test_remove_product(base: dict[str, Any], cat: Path) -> None:
     shop = base["images"]
     sku = list(shop)[2]
-    image_ids = [r[0] for r in db_rows(cat, "SELECT i.id FROM images i JOIN products"
-                                       f" p ON p.id = i.product_id WHERE p.sku = '{sku}'")]  # fmt: skip
+    sql = f"SELECT i.id FROM images i JOIN products p ON p.id = i.product_id WHERE p.sku = '{sku}'"
+    image_ids = [r[0] for r in db_rows(cat, sql)]
     assert len(image_ids) == 3
     assert api.remove_products(cat, [sku]) == {sku: 3}
     assert db_rows(cat, f"SELECT * FROM products WHERE sku = '{sku}'") == []

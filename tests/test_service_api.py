@@ -624,3 +624,35 @@ def test_serve_cli_errors_are_one_line(tmp_path):
     result = runner.invoke(app, ["serve", "--catalog", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "no catalog here" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def test_detectors_see_one_image_at_a_time(catalog):
+    from snapshop.service.state import SerialDetector
+
+    class Recording:
+        name = "recording"
+
+        def __init__(self) -> None:
+            self.active = 0
+            self.peak = 0
+            self.lock = threading.Lock()
+
+        def detect(self, image):
+            with self.lock:
+                self.active += 1
+                self.peak = max(self.peak, self.active)
+            threading.Event().wait(0.02)
+            with self.lock:
+                self.active -= 1
+            return []
+
+    inner = Recording()
+    serial = SerialDetector(inner)
+    image = Image.new("RGB", (32, 32))
+    threads = [threading.Thread(target=lambda: [serial.detect(image) for _ in range(3)])
+               for _ in range(4)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert inner.peak == 1 and serial.name == "recording"

@@ -129,6 +129,9 @@ def test_training_last_block_without_cache_and_guards(tmp_path: Path, demo_rows)
         train(train_rows, tmp_path / "x", _config(), eval_rows=train_rows[:2], export=False)
     with pytest.raises(ConfigError):
         _config(train_blocks=-1, cache=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="cuda"):
+            train(train_rows, tmp_path / "g", _config(device="cuda", train_blocks=-1, cache=False))
     with pytest.raises(ConfigError, match="not resuming"):
         train(train_rows, tmp_path / "m", _config(epochs=3, dim=16, train_blocks=1, cache=False),
               resume=True, export=False)  # fmt: skip

@@ -89,9 +89,11 @@ def index_source(
             catalog = open_catalog(directory)  # another process created it a moment ago
             catalog.check_model(embedder.model_id)
     try:
-        det = (
-            create_detector(detector) if isinstance(detector, str) or detector is None else detector
-        )
+        # No detector given: keep using the one the catalog's crops came from (issue #4).
+        spec = detector if detector is not None else catalog.detector
+        det = create_detector(spec) if isinstance(spec, str) or spec is None else spec
+        if detector is not None:
+            catalog.record_detector(detector if isinstance(detector, str) else detector.name)
         if progress_total:
             progress_total(len(records))
         ingestor = Ingestor(catalog, embedder, det, batch_size=batch_size, workers=workers)
@@ -118,9 +120,16 @@ def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | No
 def open_searcher(
     catalog_dir: PathLike, *, model: str | None = None, detector: str | Detector | None = None
 ) -> Searcher:
+    """A searcher over ``catalog_dir``; ``detector`` None means the catalog's own (``"none"``:
+    no item-based results)."""
     catalog = open_catalog(catalog_dir)
-    det = create_detector(detector) if isinstance(detector, str) or detector is None else detector
-    return Searcher(catalog, catalog_embedder(catalog, model), det)
+    try:
+        spec = detector if detector is not None else catalog.detector
+        det = create_detector(spec) if isinstance(spec, str) or spec is None else spec
+        return Searcher(catalog, catalog_embedder(catalog, model), det)
+    except BaseException:
+        catalog.close()
+        raise
 
 
 def search_image(

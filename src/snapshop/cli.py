@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -40,15 +41,21 @@ DetectorOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
+def _print_error(exc: BaseException) -> None:
+    """One line on stderr: never wrapped, and ``[...]`` in the message is text, not markup."""
+    message = escape(str(exc).replace("\n", " "))
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+
+
 def run(fn: Callable[[], T]) -> T:
     """Call ``fn``; user errors become a one-line message and a non-zero exit code."""
     try:
         return fn()
     except (ConfigError, ManifestError) as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        _print_error(exc)
         raise typer.Exit(2) from None
     except SnapshopError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        _print_error(exc)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -61,8 +68,9 @@ def progress_bar(description: str) -> Iterator[tuple[Callable[[int], None], Call
     if not err.is_terminal:
         yield (lambda total: None), (lambda n: None)
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err) as bar:  # fmt: skip
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=err) as bar:
         task = bar.add_task(description, total=None, rate="")
 
         def advance(n: int) -> None:
@@ -118,7 +126,8 @@ def index(
             f" ({report.images_per_second:.1f} img/s)"
         )
         for source_path, reason in report.failed[:20]:
-            err.print(f"  [yellow]skipped[/yellow] {source_path}: {reason}", highlight=False)
+            err.print(f"  [yellow]skipped[/yellow] {escape(f'{source_path}: {reason}')}",
+                      highlight=False, soft_wrap=True)  # fmt: skip
     if report.failed and report.added == 0 and report.skipped == 0:
         raise typer.Exit(1)
 
@@ -203,11 +212,12 @@ def demo(
     ),
     k: Annotated[int, typer.Option("-k", min=1, max=50)] = 5,
     model: ModelOpt = None,
+    products: Annotated[int, typer.Option(min=2, max=128, help="Demo products.")] = 24,
 ) -> None:
     """Generate a small demo catalog, index it and search it with an unseen photo."""
     from snapshop.demo import generate_demo_catalog, search_demo_queries
 
-    manifest, queries = generate_demo_catalog(directory / "source")
+    manifest, queries = generate_demo_catalog(directory / "source", n_products=products)
     out.print(f"demo catalog source: {manifest} ({len(queries)} products)")
     with progress_bar("indexing demo") as (set_total, advance):
         report = run(lambda: api.index_source(
@@ -286,8 +296,9 @@ def evaluate(
     if as_json:
         out.print_json(json.dumps(data))
         return
-    table = Table(title=f"{manifest}: {reports[0].n_queries} queries, {reports[0].n_gallery} gallery,"
-                        f" {reports[0].n_products} products")  # fmt: skip
+    first = reports[0]
+    table = Table(title=f"{manifest}: {first.n_queries} queries, {first.n_gallery} gallery,"
+                        f" {first.n_products} products")  # fmt: skip
     table.add_column("metric")
     for r in reports:
         table.add_column(r.name)
@@ -299,7 +310,8 @@ def evaluate(
     out.print(table)
     for r in reports:
         for path, reason in r.skipped[:10]:
-            err.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
+            err.print(f"[yellow]skipped[/yellow] {escape(f'{path}: {reason}')}", highlight=False,
+                      soft_wrap=True)  # fmt: skip
 
 
 # --- service (issue #5) ---------------------------------------------------------------------
@@ -315,6 +327,12 @@ def serve(
         typer.Option(help="Environment variable with the API key for writes (unset: read-only)."),
     ] = "SNAPSHOP_API_KEY",
     max_upload_mb: Annotated[float, typer.Option(min=0.1, max=1024)] = 10.0,
+    search_threads: Annotated[
+        int, typer.Option(min=0, max=256, help="faiss threads per search (0: all cores).")
+    ] = 1,
+    embed_threads: Annotated[
+        int, typer.Option(min=0, max=256, help="ONNX Runtime threads per request (0: default).")
+    ] = 0,
 ) -> None:
     """Serve the REST API (/v1, docs at /docs) and the web page (/) over a catalog."""
     from snapshop.service import ServiceSettings, api_key_from_env, serve
@@ -322,6 +340,7 @@ def serve(
     settings = run(lambda: ServiceSettings(
         catalog, model=model, detector=detector, api_key=api_key_from_env(api_key_env),
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        search_threads=search_threads or None, embed_threads=embed_threads or None,
     ))  # fmt: skip
     if not settings.writes_enabled:
         err.print(f"[dim]${api_key_env} is not set: product writes are disabled[/dim]")
@@ -426,6 +445,79 @@ def train(
               f" model: {result.model_dir}")  # fmt: skip
     if result.metrics:
         out.print_json(json.dumps(result.metrics))
+
+
+# --- scale: int8 quantisation (issue #6) -----------------------------------------------------
+@app.command()
+def quantize(
+    calibration: Annotated[
+        Path,
+        typer.Option(help="Catalog images: a folder, catalog CSV or evaluation manifest."),
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Model directory to write.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model directory or backbone name.")
+    ] = "efficientnet_lite2",
+    max_images: Annotated[int, typer.Option(min=1, help="Calibration images to sample.")] = 256,
+    method: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
+) -> None:
+    """Static int8 (QDQ) copy of a model, calibrated on catalog images; check its recall with
+    `snapshop evaluate --model OUT`."""
+    from snapshop.models.quantize import quantize as quantize_model
+
+    card = run(lambda: quantize_model(model, calibration, out_dir, max_images=max_images,
+                                      method=method))  # fmt: skip
+    calib = card.training.get("quantization", {}).get("calibration_images")
+    out.print(f"wrote {out_dir} ({card.model_id}, {calib} calibration images)")
+
+
+# --- detection: detector evaluation (issue #4) -----------------------------------------------
+@app.command("evaluate-detector")
+def evaluate_detector(
+    boxes: Annotated[
+        Path, typer.Option(help="CCP-format CSV: path, group, x1, y1, x2, y2 (extra columns ok).")
+    ],
+    images_root: Annotated[
+        Path | None, typer.Option(help="Folder the CSV paths are relative to (default: its own).")
+    ] = None,
+    detector: Annotated[
+        str, typer.Option("--detector", help="Detector spec: pose, yolo:FILE.onnx, ...")
+    ] = "pose",
+    iou: Annotated[float, typer.Option(min=0.01, max=1.0, help="IoU for a match.")] = 0.5,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json-out", help="Also write JSON here.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-position recall / precision at IoU >= 0.5 and per-image latency of a detector."""
+    from snapshop.detect.factory import create_detector
+    from snapshop.evaluate.detection import evaluate_detector as evaluate_boxes
+
+    det = run(lambda: create_detector(detector))
+    if det is None:
+        err.print("[red]error:[/red] --detector none has nothing to evaluate", highlight=False)
+        raise typer.Exit(2)
+    with progress_bar("detecting") as (_, advance):
+        report = run(lambda: evaluate_boxes(boxes, det, images_root, iou_threshold=iou,
+                                            limit=limit, progress=advance))  # fmt: skip
+    data = report.to_dict()
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(data, indent=2) + "\n")
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    table = Table(title=f"{boxes}: {report.images} images, detector {detector}, IoU >= {iou}")
+    for col in ("position", "ground truth", "predicted", "TP", "recall", "precision"):
+        table.add_column(col)
+    for pos, s in report.positions.items():
+        table.add_row(pos, str(s.ground_truth), str(s.predicted), str(s.true_positive),
+                      f"{s.recall:.3f}", f"{s.precision:.3f}")  # fmt: skip
+    out.print(table)
+    out.print(f"detect ms/image: p50 {report.latency_p50_ms:.1f}, mean {report.latency_mean_ms:.1f}")
+    for path, reason in report.failed[:10]:
+        err.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
 
 
 def entrypoint() -> None:  # pragma: no cover

@@ -110,6 +110,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _upright(image: Image.Image, name: str) -> Image.Image:
+    """Apply the EXIF orientation; malformed EXIF leaves the pixels as stored (not an error)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # PIL: "Corrupt EXIF data"
+            return ImageOps.exif_transpose(image) or image
+    except Exception as exc:  # a broken EXIF block must not reject good pixels
+        log.warning("%s: ignoring unreadable EXIF orientation (%s)", name, exc)
+        return image
+
+
 def load_image(
     source: ImageSource,
     limits: DecodeLimits = DecodeLimits(),
@@ -126,6 +137,7 @@ def load_image(
         with warnings.catch_warnings():
             # Our own limit (below) applies; PIL's global warning threshold must not override it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": pixels are fine
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError(name, "not an image file (unrecognised format)") from None
@@ -148,7 +160,7 @@ def load_image(
     try:
         # Multi-frame files (GIF, APNG, MPO, TIFF) open on their first frame: that one is used.
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        image = _upright(image, name)
         rgb = _to_rgb(image)
         rgb.load()
     except Image.DecompressionBombError as exc:

@@ -180,6 +180,7 @@ class Ingestor:
             with self.catalog.write_lock(), store.transaction() as db:
                 for record in updates:
                     store.upsert_product(db, record.sku, **record.metadata)
+            self.catalog.applied(store.last_commit())  # metadata only: indexes unchanged
         return fresh
 
     def _decode(
@@ -242,10 +243,12 @@ class Ingestor:
                 report.crops += len(crop_ids)
                 report.products.add(d.record.sku)
         # Vectors reach the indexes only after their rows committed.
+        committed = store.last_commit()
         for position, pairs in [(None, new_images), *new_crops.items()]:
             if pairs:
                 ids = np.array([p[0] for p in pairs], dtype=np.int64)
                 self.catalog.add_vectors(position, ids, np.stack([p[1] for p in pairs]))
+        self.catalog.applied(committed)  # our own write: no store rescan needed at save time
 
     def ingest(
         self,

@@ -74,6 +74,25 @@ class Catalog:
     def model_ref(self) -> str:
         return str(self.card["model_ref"])
 
+    @property
+    def detector(self) -> str | None:
+        """Spec of the garment detector the catalog's crops were made with (None: none)."""
+        value = self.card.get("detector")
+        return str(value) if value and str(value).lower() != "none" else None
+
+    def record_detector(self, spec: str) -> None:
+        """Remember ``spec`` in the card: later ingests and searches default to it (issue #4)."""
+        if self.card.get("detector") == spec:
+            return
+        if self.detector is not None and spec.lower() != "none":
+            log.warning("catalog %s: crops so far came from detector %r, new ones from %r",
+                        self.directory, self.detector, spec)  # fmt: skip
+        path = self.directory / CARD_FILE
+        card = read_json(path)
+        card["detector"] = spec
+        write_json(path, card)
+        self.card["detector"] = spec
+
     def check_model(self, model_id: str) -> None:
         if model_id != self.model_id:
             raise ModelError(
@@ -168,6 +187,14 @@ class Catalog:
         if len(extra) or len(missing):
             log.info("index %s reconciled: +%d -%d", name, len(missing), len(extra))
 
+    def applied(self, before: int | None) -> None:
+        """This thread committed ``before -> before + 1`` and has applied that change to the
+        in-memory indexes: if they were current at ``before`` they are current now, and the
+        next refresh need not rescan the store. Otherwise the next refresh reconciles."""
+        with self._lock:
+            if before is not None and self._generation == before:
+                self._generation = before + 1
+
     def save_indexes(self) -> None:
         """Reconcile with the store (other writers may have committed), then persist every index.
 
@@ -206,13 +233,17 @@ class Catalog:
         with self.write_lock():
             image_ids, crop_ids = self.store.delete_product(product_id)
             self.remove_vectors(image_ids, crop_ids)
+            self.applied(self.store.last_commit())
             self.save_indexes()
         return len(image_ids)
 
     def remove_images(self, image_ids: list[int]) -> None:
+        if not image_ids:
+            return
         with self.write_lock():
             crop_ids = self.store.delete_images(image_ids)
             self.remove_vectors(image_ids, crop_ids)
+            self.applied(self.store.last_commit())
             self.save_indexes()
 
     def info(self) -> dict[str, Any]:
@@ -221,6 +252,7 @@ class Catalog:
             **self.store.counts(),
             "model_id": self.model_id,
             "model_ref": self.model_ref,
+            "detector": self.detector,
             "dim": self.dim,
             "index_kind": self.index_kind,
             "indexes": {name: len(idx) for name, idx in sorted(self.indexes.items())},

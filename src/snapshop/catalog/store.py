@@ -144,6 +144,7 @@ class CatalogStore:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
+        self._local = threading.local()  # per thread: generation before its last commit
         if readonly and not self.path.exists():
             raise CatalogError(f"{self.path}: catalog database not found")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +164,7 @@ class CatalogStore:
             raise CatalogError(f"{self.path}: not a usable catalog database ({exc})") from None
 
     def _init_meta(self) -> None:
-        with self.transaction() as db:
+        with self.transaction(bump=False) as db:  # opening a catalog is not a write
             db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
@@ -178,16 +179,24 @@ class CatalogStore:
             self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: writers queue instead of failing)."""
+    def transaction(self, bump: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: writers queue instead of failing).
+
+        ``bump`` advances ``generation`` (every content change must, so caches notice)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
-                self._db.execute(
-                    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"
-                )
+                before = None
+                if bump:
+                    row = self._db.execute("SELECT value FROM meta WHERE key = 'generation'")
+                    before = int(row.fetchone()[0])
+                    self._db.execute(
+                        "UPDATE meta SET value = ? WHERE key = 'generation'", (str(before + 1),)
+                    )
                 self._db.execute("COMMIT")
+                if before is not None:
+                    self._local.last_commit = before
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -208,6 +217,11 @@ class CatalogStore:
     @property
     def generation(self) -> int:
         return int(self.get_meta("generation") or 0)
+
+    def last_commit(self) -> int | None:
+        """The generation this thread's latest write transaction started from (it committed
+        ``last_commit() -> last_commit() + 1``), or None before its first write."""
+        return getattr(self._local, "last_commit", None)
 
     # --- products ---------------------------------------------------------------------
     def upsert_product(self, db: sqlite3.Connection, sku: str, **fields: Any) -> int:

@@ -240,8 +240,6 @@ def read_dataset(spec: str | Path) -> list[ManifestRow]:
         path = Path(rest)
     else:
         fmt, path = "", Path(text)
-    if fmt == "inshop" and path.is_file():
-        path = path.parent.parent if path.parent.name == "Eval" else path.parent
     fmt = fmt or detect_format(path)
     if fmt == "inshop" and path.is_file():
         path = path.parent.parent if path.parent.name == "Eval" else path.parent

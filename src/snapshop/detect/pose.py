@@ -40,9 +40,7 @@ log = logging.getLogger(__name__)
 L_SHOULDER, R_SHOULDER, L_HIP, R_HIP = 11, 12, 23, 24
 L_KNEE, R_KNEE, L_ANKLE, R_ANKLE = 25, 26, 27, 28
 
-BIN = 0.1  # bin height, in torso lengths
-TOP = -0.4  # first bin starts this far above the shoulders (torso lengths)
-WEIGHTS = "pose_bins.npz"
+WEIGHTS = "pose_seg.onnx"
 SKIN_LUT = "skin_lut.npy"
 PRODUCT = "product"
 
@@ -55,16 +53,15 @@ class PoseConfig:
     mask_threshold: float = 0.5
     upper_threshold: float = 0.5
     lower_threshold: float = 0.5
-    min_run_bins: int = 3
-    x_percentile: float = 1.0
-    min_column_fraction: float = 0.1
+    min_area: float = 0.15  # smallest garment area kept, in squared torso lengths
+    line_fraction: float = 0.1  # box edges: rows/columns with >= this share of the busiest
 
     def __post_init__(self) -> None:
         for name in ("min_visibility", "mask_threshold", "upper_threshold", "lower_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1]")
-        if self.min_run_bins < 1:
-            raise ConfigError("min_run_bins must be positive")
+        if self.min_area < 0 or not 0.0 <= self.line_fraction <= 1.0:
+            raise ConfigError("min_area must be >= 0 and line_fraction in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -125,17 +122,6 @@ class BodyFrame:
     torso: float
     width: float  # shoulder width in pixels
 
-    def y_of_bin(self, i: int) -> float:
-        return float(self.shoulder[1] + (TOP + i * BIN) * self.torso)
-
-    def n_bins(self) -> int:
-        return int(np.ceil(((self.ankle[1] - self.shoulder[1]) / self.torso + 0.4 - TOP) / BIN))
-
-    def centre_x(self, y: float) -> float:
-        ys = [self.shoulder[1], self.hip[1], self.knee[1], self.ankle[1]]
-        xs = [self.shoulder[0], self.hip[0], self.knee[0], self.ankle[0]]
-        return float(np.interp(y, ys, xs))
-
 
 def body_frame(keypoints: NDArray[np.float32], min_visibility: float) -> BodyFrame | None:
     """Geometry from keypoints; None unless both shoulders and hips are confidently visible."""
@@ -160,185 +146,155 @@ def body_frame(keypoints: NDArray[np.float32], min_visibility: float) -> BodyFra
                      max(width, 0.3 * torso))  # fmt: skip
 
 
-N_FEATURES = 16
-
-
-def bin_features(
-    frame: BodyFrame, rgb: NDArray[np.uint8], person: NDArray[np.bool_]
-) -> tuple[NDArray[np.float32], list[tuple[int, int]]]:
-    """(n_bins, N_FEATURES) features of the body-axis bins and each bin's (y0, y1) pixel rows.
-
-    Per bin, over garment pixels (person and not skin) in a column of one shoulder width
-    around the body axis: position relative to hips/knees/ankles (torso units), garment /
-    skin / person coverage, Lab distance to the chest, thigh and shin colours, to the bins
-    above and below, and two image-level contrasts (chest-thigh, thigh-shin).
-    """
-    h, w = person.shape
-    lab = _lab(rgb)
-    skin = skin_probability(rgb) > 0.5
-    garment = person & ~skin
-    n = frame.n_bins()
-    spans: list[tuple[int, int]] = []
-    colour = np.zeros((n, 3), np.float32)
-    stats = np.zeros((n, 3), np.float32)
-    for i in range(n):
-        y0 = int(np.clip(round(frame.y_of_bin(i)), 0, h))
-        y1 = int(np.clip(round(frame.y_of_bin(i + 1)), 0, h))
-        spans.append((y0, y1))
-        cx = frame.centre_x((y0 + y1) / 2)
-        x0, x1 = int(np.clip(cx - 0.5 * frame.width, 0, w)), int(np.clip(cx + 0.5 * frame.width, 0, w))  # fmt: skip
-        if y1 <= y0 or x1 <= x0:
-            continue
-        g = garment[y0:y1, x0:x1]
-        p = person[y0:y1, x0:x1]
-        area = g.size
-        stats[i] = (g.sum() / area, (p & skin[y0:y1, x0:x1]).sum() / area, p.sum() / area)
-        if g.any():
-            colour[i] = lab[y0:y1, x0:x1][g].mean(axis=0)
-
-    def ref(t0: float, t1: float) -> NDArray[np.float32]:
-        ys = [(frame.y_of_bin(i) - frame.shoulder[1]) / frame.torso for i in range(n)]
-        sel = [i for i in range(n) if t0 <= ys[i] < t1 and stats[i, 0] > 0.05]
-        return colour[sel].mean(axis=0) if sel else colour[min(n - 1, max(0, n // 3))]
-
-    hip_t = (frame.hip[1] - frame.shoulder[1]) / frame.torso
-    knee_t = (frame.knee[1] - frame.shoulder[1]) / frame.torso
-    ankle_t = (frame.ankle[1] - frame.shoulder[1]) / frame.torso
-    chest = ref(0.15, 0.6)
-    thigh = ref(hip_t + 0.3, (hip_t + knee_t) / 2 + 0.3)
-    shin = ref(knee_t + 0.2, ankle_t - 0.1)
-    scale = 50.0
-    feats = np.zeros((n, N_FEATURES), np.float32)
-    for i in range(n):
-        t = (frame.y_of_bin(i) + frame.y_of_bin(i + 1)) / 2 - frame.shoulder[1]
-        t /= frame.torso
-        up = colour[max(i - 1, 0)]
-        down = colour[min(i + 1, n - 1)]
-        feats[i] = (
-            t - hip_t, t - knee_t, t - ankle_t,
-            *stats[i],
-            np.linalg.norm(colour[i] - chest) / scale,
-            np.linalg.norm(colour[i] - thigh) / scale,
-            np.linalg.norm(colour[i] - shin) / scale,
-            np.linalg.norm(colour[i] - up) / scale,
-            np.linalg.norm(colour[i] - down) / scale,
-            np.linalg.norm(chest - thigh) / scale,
-            np.linalg.norm(thigh - shin) / scale,
-            t,
-            knee_t - hip_t,
-            1.0,
-        )  # fmt: skip
-    return feats, spans
-
-
-def context_features(feats: NDArray[np.float32]) -> NDArray[np.float32]:
-    """Each bin's features with those of the bins 2 above and 2 below (edge-padded)."""
-    pad = np.concatenate([feats[:1], feats[:1], feats, feats[-1:], feats[-1:]])
-    n = len(feats)
-    return np.concatenate([pad[k : k + n] for k in range(5)], axis=1)
+GRID = 8  # pixel features are computed on the image downscaled by this factor
+N_FEATURES = 15
+CLASSES = ("other", UPPER, LOWER)
 
 
 @dataclass(frozen=True)
-class BinModel:
-    """A one-hidden-layer MLP on context features -> P(upper), P(lower) per bin."""
+class PixelGrid:
+    """Per-cell features of the downscaled image: (h, w, N_FEATURES) and the person mask."""
 
-    mean: NDArray[np.float32]
-    std: NDArray[np.float32]
-    w1: NDArray[np.float32]
-    b1: NDArray[np.float32]
-    w2: NDArray[np.float32]
-    b2: NDArray[np.float32]
+    features: NDArray[np.float32]
+    person: NDArray[np.bool_]
+    scale: float  # original pixels per cell
 
-    def predict(self, feats: NDArray[np.float32]) -> NDArray[np.float32]:
-        x = (context_features(feats) - self.mean) / self.std
-        hidden = np.maximum(x @ self.w1 + self.b1, 0.0)
-        return (1.0 / (1.0 + np.exp(-(hidden @ self.w2 + self.b2)))).astype(np.float32)
 
-    def save(self, path: Any) -> None:
-        np.savez(path, mean=self.mean, std=self.std, w1=self.w1, b1=self.b1, w2=self.w2, b2=self.b2)
+def _reference(lab: NDArray[np.float32], sel: NDArray[np.bool_]) -> NDArray[np.float32]:
+    return np.median(lab[sel], axis=0).astype(np.float32) if sel.sum() >= 4 else np.zeros(3, np.float32)  # fmt: skip
 
-    @classmethod
-    def load(cls, path: Any = None) -> BinModel:
+
+def pixel_features(
+    frame: BodyFrame, rgb: NDArray[np.uint8], mask: NDArray[np.float32], threshold: float = 0.5
+) -> PixelGrid:
+    """Features of every cell of the image downscaled by :data:`GRID`.
+
+    Per cell: Lab colour, skin probability, person probability, body coordinates (height v
+    from the hips and offset u from the body axis, in torso lengths / shoulder widths; v
+    relative to knees and ankles), Lab distances to the chest, thigh and shin colours (medians
+    of the person's non-skin pixels there), and the image's chest-thigh and thigh-shin
+    contrasts, which tell a dress (one colour across the hips) from separates.
+    """
+    import cv2
+
+    h, w = rgb.shape[:2]
+    gh, gw = max(1, h // GRID), max(1, w // GRID)
+    small = cv2.resize(rgb, (gw, gh), interpolation=cv2.INTER_AREA)
+    pmask = cv2.resize(mask.astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA)
+    scale_y, scale_x = h / gh, w / gw
+    lab = _lab(small)
+    skin = skin_probability(small)
+    ys = (np.arange(gh, dtype=np.float32) + 0.5) * scale_y
+    xs = (np.arange(gw, dtype=np.float32) + 0.5) * scale_x
+    centre = np.interp(ys, [frame.shoulder[1], frame.hip[1], frame.knee[1], frame.ankle[1]],
+                       [frame.shoulder[0], frame.hip[0], frame.knee[0], frame.ankle[0]])  # fmt: skip
+    v = np.repeat(((ys - frame.hip[1]) / frame.torso)[:, None], gw, axis=1)
+    u = (xs[None, :] - centre[:, None]) / frame.width
+    knee_v = float((frame.knee[1] - frame.hip[1]) / frame.torso)
+    ankle_v = float((frame.ankle[1] - frame.hip[1]) / frame.torso)
+    person = pmask > threshold
+    cloth = person & (skin < 0.5) & (np.abs(u) < 0.6)
+    chest = _reference(lab, cloth & (v > -0.85) & (v < -0.35))
+    thigh = _reference(lab, cloth & (v > 0.25) & (v < 0.25 + 0.5 * knee_v))
+    shin = _reference(lab, cloth & (v > knee_v + 0.15) & (v < ankle_v - 0.1))
+
+    def dist(ref: NDArray[np.float32]) -> NDArray[np.float32]:
+        return np.linalg.norm(lab - ref, axis=2) / 50.0
+
+    ones = np.ones((gh, gw), np.float32)
+    feats = np.stack([
+        lab[..., 0] / 100.0, (lab[..., 1] - 128) / 50.0, (lab[..., 2] - 128) / 50.0,
+        skin, pmask, v, u, v - knee_v, v - ankle_v,
+        dist(chest), dist(thigh), dist(shin),
+        ones * float(np.linalg.norm(chest - thigh) / 50.0),
+        ones * float(np.linalg.norm(thigh - shin) / 50.0),
+        ones * knee_v,
+    ], axis=2).astype(np.float32)  # fmt: skip
+    return PixelGrid(feats, person, float((scale_x + scale_y) / 2))
+
+
+N_INPUTS = 12  # the per-cell features the segmenter reads (the rest are image constants)
+
+
+class GarmentSegmenter:
+    """A small dilated CNN (ONNX, ``detect/weights/pose_seg.onnx``): cell features
+    ``[1, N_INPUTS, h, w]`` -> class probabilities ``[1, 3, h, w]`` (other, upper, lower).
+
+    Fitted by :mod:`snapshop.detect.pose_fit` on CCP pixel labels (even image ids of ccp-dev);
+    its card ``pose_seg.json`` names the data and the held-out scores.
+    """
+
+    def __init__(self, path: Any = None) -> None:
+        import onnxruntime as ort
+
         source = _resource(WEIGHTS) if path is None else path
         try:
-            with (source.open("rb") if hasattr(source, "open") else open(source, "rb")) as fh:
-                data = np.load(fh)
-                return cls(*(data[k].astype(np.float32) for k in ("mean", "std", "w1", "b1", "w2", "b2")))  # fmt: skip
-        except (OSError, KeyError, ValueError) as exc:
-            raise ModelError(f"pose bin model {source}: unreadable ({exc})") from None
+            data = source.read_bytes() if hasattr(source, "read_bytes") else open(source, "rb").read()  # fmt: skip
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.log_severity_level = 3
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises untyped errors
+            raise ModelError(f"garment segmenter {source}: unreadable ({exc})") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def predict(self, feats: NDArray[np.float32]) -> NDArray[np.float32]:
+        """(h, w, >= N_INPUTS) features -> (h, w, 3) class probabilities."""
+        x = np.ascontiguousarray(feats[..., :N_INPUTS].transpose(2, 0, 1)[None], np.float32)
+        probs = self.session.run(None, {self.input_name: x})[0][0]
+        return np.ascontiguousarray(probs.transpose(1, 2, 0), np.float32)
 
 
-def _runs(active: NDArray[np.bool_]) -> list[tuple[int, int]]:
-    """[start, end) index ranges of consecutive True values."""
-    out, start = [], None
-    for i, a in enumerate(active):
-        if a and start is None:
-            start = i
-        elif not a and start is not None:
-            out.append((start, i))
-            start = None
-    if start is not None:
-        out.append((start, len(active)))
-    return out
-
-
-def _x_extent(
-    garment: NDArray[np.bool_], y0: int, y1: int, config: PoseConfig
-) -> tuple[float, float] | None:
-    band = garment[y0:y1]
-    if band.size == 0:
+def _extent(counts: NDArray[np.float32], fraction: float) -> tuple[int, int] | None:
+    """First and last index (inclusive) whose count reaches ``fraction`` of the maximum."""
+    if counts.size == 0 or counts.max() <= 0:
         return None
-    cols = band.mean(axis=0)
-    active = np.flatnonzero(cols > config.min_column_fraction * max(float(cols.max()), 1e-6))
-    if len(active) == 0:
-        return None
-    return float(active[0]), float(active[-1] + 1)
+    idx = np.flatnonzero(counts >= fraction * counts.max())
+    return int(idx[0]), int(idx[-1])
 
 
 def boxes_from_observation(
     obs: PoseObservation,
     rgb: NDArray[np.uint8],
-    model: BinModel,
+    model: GarmentSegmenter,
     config: PoseConfig = PoseConfig(),
 ) -> list[Detection]:
-    """Garment detections of one image from its pose observation (pure; no mediapipe)."""
+    """Garment detections of one image from its pose observation (no mediapipe needed)."""
     frame = None
     if obs.keypoints is not None and obs.mask is not None:
         frame = body_frame(obs.keypoints, config.min_visibility)
     if frame is None:
         return [Detection(product_box(rgb), PRODUCT, None, 1.0)]
-    person = obs.mask > config.mask_threshold
-    feats, spans = bin_features(frame, rgb, person)
-    garment = person & ~(skin_probability(rgb) > 0.5)
-    return boxes_from_bins(model.predict(feats), spans, garment, person, config)
+    grid = pixel_features(frame, rgb, obs.mask, config.mask_threshold)
+    probs = model.predict(grid.features)
+    h, w = rgb.shape[:2]
+    return boxes_from_probabilities(probs, grid.person, (w, h), frame.torso, config)
 
 
-def boxes_from_bins(
+def boxes_from_probabilities(
     probs: NDArray[np.float32],
-    spans: list[tuple[int, int]],
-    garment: NDArray[np.bool_],
     person: NDArray[np.bool_],
+    size: tuple[int, int],
+    torso: float,
     config: PoseConfig = PoseConfig(),
 ) -> list[Detection]:
-    """Upper / lower boxes from per-bin probabilities (n_bins, 2) and the garment pixels."""
-    h, w = garment.shape
+    """Upper / lower boxes from per-cell class probabilities (gh, gw, 3) on the person."""
+    w, h = size
+    gh, gw = person.shape
+    sy, sx = h / gh, w / gw
     out: list[Detection] = []
-    for col, (position, threshold) in enumerate(
-        ((UPPER, config.upper_threshold), (LOWER, config.lower_threshold))
-    ):
-        p = probs[:, col]
-        runs = [r for r in _runs(p > threshold) if r[1] - r[0] >= config.min_run_bins]
-        if not runs:
+    for col, position, threshold in ((1, UPPER, config.upper_threshold),
+                                     (2, LOWER, config.lower_threshold)):  # fmt: skip
+        hit = (probs[..., col] > threshold) & person
+        area = float(hit.sum()) * sx * sy
+        if area < config.min_area * torso * torso:
             continue
-        start, end = max(runs, key=lambda r: float(p[r[0] : r[1]].sum()))
-        y0, y1 = spans[start][0], spans[end - 1][1]
-        if y1 - y0 < 8:
+        rows = _extent(hit.sum(axis=1).astype(np.float32), config.line_fraction)
+        cols = _extent(hit.sum(axis=0).astype(np.float32), config.line_fraction)
+        if rows is None or cols is None:
             continue
-        extent = _x_extent(garment, y0, y1, config) or _x_extent(person, y0, y1, config)
-        if extent is None:
-            continue
-        box = Box(extent[0], float(y0), extent[1], float(y1)).clip(w, h)
-        out.append(Detection(box, position, position, float(p[start:end].mean())))
+        box = Box(cols[0] * sx, rows[0] * sy, (cols[1] + 1) * sx, (rows[1] + 1) * sy).clip(w, h)
+        out.append(Detection(box, position, position, float(probs[..., col][hit].mean())))
     return out
 
 
@@ -347,7 +303,7 @@ class PoseDetector:
 
     name = "pose"
 
-    def __init__(self, config: PoseConfig = PoseConfig(), model: BinModel | None = None) -> None:
+    def __init__(self, config: PoseConfig = PoseConfig(), model: GarmentSegmenter | None = None) -> None:
         try:
             import mediapipe as mp  # noqa: F401
             from mediapipe.python.solutions import pose as mp_pose
@@ -357,7 +313,7 @@ class PoseDetector:
                 " `pip install 'snapshop[detect]' && pip install --no-deps mediapipe==0.10.21`"
             ) from None
         self.config = config
-        self.model = model or BinModel.load()
+        self.model = model or GarmentSegmenter()
         self._pose = mp_pose.Pose(static_image_mode=True, model_complexity=1,
                                   enable_segmentation=True, min_detection_confidence=0.5)  # fmt: skip
         self._lock = threading.Lock()  # a mediapipe graph runs one image at a time

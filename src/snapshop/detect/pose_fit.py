@@ -1,7 +1,10 @@
-"""Fit the pose detector's bin model (and skin table) on CCP-format pixel labels and boxes.
+"""Fit the pose detector's garment segmenter on CCP-format pixel labels (``masks/<id>.png``).
 
 ``python -m snapshop.detect.pose_fit ../shared/datasets/ccp-dev --parity even`` fits on the
-even image ids (the shipped weights) and leaves the odd ones for a held-out score.
+even image ids (the shipped weights, ``detect/weights/pose_seg.onnx``, ~40 KB) and leaves the
+odd ones for a held-out score. The input is the grid of cell features of
+:func:`snapshop.detect.pose.pixel_features`; each cell is labelled other / upper (top,
+outwear, dress) / lower (trousers, shorts, skirt) from CCP's label at the cell centre.
 """
 
 from __future__ import annotations
@@ -9,60 +12,54 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from snapshop.detect.base import LOWER, UPPER, position_of
-from snapshop.detect.pose import (
-    BinModel,
-    PoseObservation,
-    PoseConfig,
-    bin_features,
-    body_frame,
-    context_features,
-)
+from snapshop.detect.base import LOWER, UPPER
+from snapshop.detect.pose import N_INPUTS, PoseConfig, PoseObservation, body_frame, pixel_features
 
 log = logging.getLogger(__name__)
 
-SKIN_LABEL, HAIR_LABEL = 41, 19
+# CCP label names -> position (the groups of boxes.csv: top/outwear/dress, trousers/shorts/skirt).
+CCP_UPPER = ("blazer", "blouse", "bodysuit", "cape", "cardigan", "coat", "dress", "hoodie",
+             "jacket", "jumper", "romper", "shirt", "suit", "sweater", "sweatshirt", "t-shirt",
+             "top", "vest")  # fmt: skip
+CCP_LOWER = ("jeans", "leggings", "pants", "shorts", "skirt")
 
 
-def ground_truth_spans(boxes_csv: Path) -> dict[str, dict[str, tuple[float, float]]]:
-    """image path -> position -> (y1, y2) of the union of that position's garment boxes."""
-    spans: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
-    with open(boxes_csv, newline="") as fh:
+def label_table(mask_labels_csv: Path) -> NDArray[np.int64]:
+    """(256,) CCP label index -> class index in :data:`snapshop.detect.pose.CLASSES`."""
+    table = np.zeros(256, np.int64)
+    with open(mask_labels_csv, newline="") as fh:
         for row in csv.DictReader(fh):
-            pos = position_of(row["group"])
-            if pos is None:
-                continue
-            y1, y2 = float(row["y1"]), float(row["y2"])
-            old = spans[row["path"]].get(pos)
-            spans[row["path"]][pos] = (y1, y2) if old is None else (min(old[0], y1), max(old[1], y2))
-    return spans
+            name = row["label"].strip().lower()
+            if name in CCP_UPPER:
+                table[int(row["index"])] = 1
+            elif name in CCP_LOWER:
+                table[int(row["index"])] = 2
+    return table
 
 
-def bin_labels(spans: list[tuple[int, int]], gt: dict[str, tuple[float, float]]) -> NDArray[np.float32]:
-    """(n_bins, 2): whether each bin's centre row lies inside the upper / lower garment."""
-    out = np.zeros((len(spans), 2), np.float32)
-    for i, (y0, y1) in enumerate(spans):
-        c = (y0 + y1) / 2
-        for col, pos in enumerate((UPPER, LOWER)):
-            if pos in gt and gt[pos][0] <= c <= gt[pos][1]:
-                out[i, col] = 1.0
-    return out
+def cell_labels(mask: NDArray[np.uint8], shape: tuple[int, int], table: NDArray[np.int64]) -> NDArray[np.int64]:  # fmt: skip
+    """Class of each grid cell: the CCP label at the cell centre."""
+    gh, gw = shape
+    h, w = mask.shape
+    ys = ((np.arange(gh) + 0.5) * h / gh).astype(int)
+    xs = ((np.arange(gw) + 0.5) * w / gw).astype(int)
+    return table[mask[ys][:, xs]]
 
 
-def training_rows(
+def training_grids(
     root: Path, items: Iterable[tuple[str, PoseObservation]], config: PoseConfig = PoseConfig()
-) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    """Context features and labels of every bin of every image with a person."""
-    gt = ground_truth_spans(root / "boxes.csv")
-    xs, ys = [], []
+) -> list[tuple[NDArray[np.float32], NDArray[np.int64]]]:
+    """(features (h, w, N_INPUTS), labels (h, w)) of every image with a confident person."""
+    table = label_table(root / "mask_labels.csv")
+    out = []
     for path, obs in items:
         if obs.keypoints is None or obs.mask is None:
             continue
@@ -70,50 +67,104 @@ def training_rows(
         if frame is None:
             continue
         rgb = np.asarray(Image.open(root / path).convert("RGB"))
-        feats, spans = bin_features(frame, rgb, obs.mask > config.mask_threshold)
-        xs.append(context_features(feats))
-        ys.append(bin_labels(spans, gt.get(path, {})))
-    return np.concatenate(xs), np.concatenate(ys)
+        mask = np.asarray(Image.open(root / "masks" / (Path(path).stem + ".png")))
+        grid = pixel_features(frame, rgb, obs.mask, config.mask_threshold)
+        out.append((grid.features[..., :N_INPUTS], cell_labels(mask, grid.person.shape, table)))
+    return out
 
 
-def fit_bin_model(
-    x: NDArray[np.float32], y: NDArray[np.float32], hidden: int = 32, epochs: int = 600,
-    weight_decay: float = 1e-3, seed: int = 0,
-) -> BinModel:  # fmt: skip
-    """Full-batch Adam on binary cross-entropy; returns numpy weights."""
+def segmenter_net(channels: int = 32) -> Any:
+    """Dilated 3x3 convolutions (receptive field 31 cells ~ 250 px) -> 3 class logits."""
+    import torch
+
+    c = channels
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(N_INPUTS, c, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(c, c, 3, padding=2, dilation=2), torch.nn.ReLU(),
+        torch.nn.Conv2d(c, c, 3, padding=4, dilation=4), torch.nn.ReLU(),
+        torch.nn.Conv2d(c, c, 3, padding=8, dilation=8), torch.nn.ReLU(),
+        torch.nn.Conv2d(c, 3, 1),
+    )  # fmt: skip
+
+
+def fit_segmenter(
+    grids: list[tuple[NDArray[np.float32], NDArray[np.int64]]], epochs: int = 10,
+    batch: int = 16, size: tuple[int, int] = (112, 80), seed: int = 0,
+) -> Any:  # fmt: skip
+    """Adam on per-cell cross-entropy, padded batches, horizontal flips on odd epochs.
+
+    Returns a torch module mapping *raw* features to probabilities (normalisation and softmax
+    inside), ready for :func:`export_segmenter`.
+    """
     import torch
 
     torch.manual_seed(seed)
-    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
-    xt = torch.from_numpy(np.ascontiguousarray((x - mean) / std, np.float32))
-    yt = torch.from_numpy(np.ascontiguousarray(y, np.float32))
-    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(),
-                              torch.nn.Linear(hidden, y.shape[1]))  # fmt: skip
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=weight_decay)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    hh, ww = size
+    x = np.zeros((len(grids), N_INPUTS, hh, ww), np.float32)
+    y = np.full((len(grids), hh, ww), -1, np.int64)
+    for i, (f, lab) in enumerate(grids):
+        h, w = min(f.shape[0], hh), min(f.shape[1], ww)
+        x[i, :, :h, :w] = f[:h, :w].transpose(2, 0, 1)
+        y[i, :h, :w] = lab[:h, :w]
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    valid = (yt >= 0).unsqueeze(1).float()
+    mean = (xt * valid).sum((0, 2, 3), keepdim=True) / valid.sum()
+    std = (((xt - mean) ** 2 * valid).sum((0, 2, 3), keepdim=True) / valid.sum()).sqrt() + 1e-6
+    net = segmenter_net()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    u_channel = 6  # horizontal offset from the body axis changes sign under a flip
     for epoch in range(epochs):
-        opt.zero_grad()
-        loss = loss_fn(net(xt), yt)
-        loss.backward()
-        opt.step()
-        if epoch % 200 == 0:
-            log.info("epoch %d loss %.4f", epoch, float(loss))
-    l1, l2 = net[0], net[2]
-    return BinModel(mean.astype(np.float32), std.astype(np.float32),
-                    l1.weight.detach().numpy().T.copy(), l1.bias.detach().numpy().copy(),
-                    l2.weight.detach().numpy().T.copy(), l2.bias.detach().numpy().copy())  # fmt: skip
+        perm = torch.randperm(len(xt))
+        total = 0.0
+        for i in range(0, len(xt), batch):
+            idx = perm[i : i + batch]
+            xb, yb = xt[idx].clone(), yt[idx]
+            if epoch % 2:
+                xb, yb = xb.flip(-1), yb.flip(-1)
+                xb[:, u_channel] = -xb[:, u_channel]
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net((xb - mean) / std), yb, ignore_index=-1)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        log.info("epoch %d loss %.4f", epoch, total / len(xt))
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.register_buffer("mean", mean)
+            self.register_buffer("std", std)
+
+        def forward(self, features: Any) -> Any:
+            return torch.softmax(self.net((features - self.mean) / self.std), dim=1)
+
+    return Wrapped().eval()
+
+
+def export_segmenter(module: Any, path: Path) -> Path:
+    """Write ``module`` as ONNX with free height and width."""
+    import torch
+
+    dummy = torch.zeros(1, N_INPUTS, 104, 69)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(module, (dummy,), str(path), input_names=["features"],
+                      output_names=["probabilities"], opset_version=17, dynamo=False,
+                      dynamic_axes={"features": {2: "h", 3: "w"}, "probabilities": {2: "h", 3: "w"}})  # fmt: skip
+    return path
 
 
 def main() -> None:  # pragma: no cover - a training command
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("root", type=Path, help="CCP-format folder (manifest.csv, boxes.csv)")
+    parser.add_argument("root", type=Path, help="CCP-format folder (manifest.csv, masks/)")
     parser.add_argument("--parity", choices=("even", "odd", "all"), default="even")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights" / "pose_bins.npz")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights" / "pose_seg.onnx")  # fmt: skip
+    parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     from snapshop.detect.pose import PoseDetector
 
-    detector = PoseDetector(model=BinModel(*(np.zeros(1, np.float32) for _ in range(6))))
+    detector = PoseDetector(model=_NoModel())  # type: ignore[arg-type]  # observe() only
     with open(args.root / "manifest.csv", newline="") as fh:
         rows = [r for r in csv.DictReader(fh)
                 if args.parity == "all" or int(r["image_id"]) % 2 == (args.parity == "odd")]  # fmt: skip
@@ -123,10 +174,13 @@ def main() -> None:  # pragma: no cover - a training command
             rgb = np.asarray(Image.open(args.root / r["path"]).convert("RGB"))
             yield r["path"], detector.observe(rgb)
 
-    x, y = training_rows(args.root, items())
-    model = fit_bin_model(x, y)
-    model.save(args.out)
-    log.info("fitted on %d bins of %d images -> %s", len(x), len(rows), args.out)
+    grids = training_grids(args.root, items())
+    export_segmenter(fit_segmenter(grids, epochs=args.epochs), args.out)
+    log.info("fitted on %d of %d images -> %s", len(grids), len(rows), args.out)
+
+
+class _NoModel:
+    """Stands in for the segmenter while only keypoints and masks are needed."""
 
 
 if __name__ == "__main__":  # pragma: no cover

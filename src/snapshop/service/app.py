@@ -146,12 +146,19 @@ def _check_position(position: str | None) -> str | None:
 
 
 def _open_searcher(settings: ServiceSettings, detector: Detector | None) -> Searcher:
-    from snapshop import api
+    from snapshop.catalog.catalog import open_catalog
+    from snapshop.detect.factory import create_detector
+    from snapshop.models.embedder import load_embedder
 
-    return api.open_searcher(
-        settings.catalog_dir, model=settings.model,
-        detector=detector if detector is not None else settings.detector,
-    )  # fmt: skip
+    catalog = open_catalog(settings.catalog_dir)
+    try:
+        threads = {"threads": settings.embed_threads} if settings.embed_threads else {}
+        embedder = load_embedder(settings.model or catalog.model_ref, **threads)
+        det = detector if detector is not None else create_detector(settings.detector)
+        return Searcher(catalog, embedder, det)  # checks the catalog's model id
+    except BaseException:
+        catalog.close()
+        raise
 
 
 def create_app(

@@ -33,6 +33,8 @@ class ServiceSettings:
     thumb_sizes: tuple[int, ...] = THUMB_SIZES
     max_concurrent_searches: int = 16
     queue_timeout_s: float = 10.0
+    search_threads: int | None = 1  # faiss OpenMP threads per search; None: faiss default
+    embed_threads: int | None = None  # ONNX Runtime intra-op threads; None: its default
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "catalog_dir", Path(self.catalog_dir))

@@ -6,6 +6,8 @@
   const SVG = "http://www.w3.org/2000/svg";
   const MAX_SIDE = 1600;            // downscale big camera photos before upload
   const POSITION_NAMES = { upper: "Upper garment", lower: "Lower garment", box: "Your box" };
+  const SHORT_NAMES = { upper: "Upper", lower: "Lower", box: "Your box" };
+  const ORDER = { upper: 0, lower: 1, box: 2 };
   const COLORS = { upper: "var(--upper)", lower: "var(--lower)", box: "var(--box)" };
 
   const state = { blob: null, size: null, url: null, first: null, selected: null, drawing: false, busy: 0 };
@@ -114,6 +116,7 @@
       state.first = res;
       state.size = res.query_size;
       state.selected = null;
+      $("all-btn").hidden = true;
       drawBoxes(res.item_results);
       renderImageResults(res.image_results);
       renderItemResults(res.item_results, false);
@@ -131,7 +134,8 @@
     }
   }
 
-  async function searchBox(box, position, label) {
+  async function searchBox(box, position, label, what) {
+    what = what || "your box";
     if (!state.blob) return;
     const form = new FormData();
     form.append("image", state.blob, "query.jpg");
@@ -139,17 +143,17 @@
     if (position && position !== "box") form.append("position", position);
     addFilters(form);
     const token = ++state.busy;
-    setStatus(`Searching ${label || "your box"}…`, "loading");
+    setStatus(`Searching ${what}…`, "loading");
     try {
       const res = await api("/v1/search/crop", form);
       if (token !== state.busy) return;
-      state.selected = { box, position, label };
+      state.selected = { box, position, label, what };
       markSelected();
       const results = res.item_results.map((r) => ({ ...r, position: position || "box", label: label || r.label }));
       renderItemResults(results, true);
       $("all-btn").hidden = !(state.first && state.first.item_results.length);
       const hits = results.length ? results[0].results.length : 0;
-      setStatus(`Found ${hits} items like ${label || "your box"} (${Math.round(res.timings_ms.request)} ms).`);
+      setStatus(`Found ${hits} items like ${what} (${Math.round(res.timings_ms.request)} ms).`);
       $("item-results").scrollIntoView({ behavior: "smooth", block: "nearest" });
     } catch (err) {
       if (token !== state.busy) return;
@@ -166,38 +170,55 @@
 
   function pretty(label) { return String(label || "").replaceAll("_", " "); }
 
+  function unitsPerPixel() {
+    // image pixels per CSS pixel, so labels read the same size on any screen
+    const img = $("query-img");
+    const shown = img.clientWidth || img.width;
+    return shown && state.size ? state.size[0] / shown : Math.max(...(state.size || [500])) / 500;
+  }
+
+  function sortItems(items) {
+    return [...items].sort((a, b) => (ORDER[a.position] ?? 9) - (ORDER[b.position] ?? 9));
+  }
+
   function drawBoxes(items) {
+    items = sortItems(items);
     const svg = $("overlay");
     svg.replaceChildren();
     if (!state.size) return;
     const [w, h] = state.size;
     svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
     svg.setAttribute("preserveAspectRatio", "none");
-    const scale = Math.max(w, h) / 500; // label size relative to the photo
+    const scale = unitsPerPixel();
     items.forEach((item, i) => {
       const [x1, y1, x2, y2] = item.box;
       const color = COLORS[item.position] || COLORS.box;
       const name = POSITION_NAMES[item.position] || pretty(item.position);
-      const text = `${name} · ${pretty(item.label)} ${Math.round(item.score * 100)}%`;
+      const short = SHORT_NAMES[item.position] || name;
+      const detail = item.label && item.label !== "drawn" ? ` · ${pretty(item.label)}` : "";
+      const text = `${short}${detail} ${Math.round(item.score * 100)}%`;
       const g = svgEl("g", {
         class: "box", tabindex: "0", role: "button", "data-position": item.position,
-        "data-testid": "box", "aria-label": `Search ${text}`,
+        "data-testid": "box", "aria-label": `Search ${name}${detail}, ${Math.round(item.score * 100)}% confidence`,
       });
       g.dataset.index = String(i);
       g.append(svgEl("rect", { class: "frame", x: x1, y: y1, width: x2 - x1, height: y2 - y1, stroke: color, rx: 4 * scale }));
-      const th = 22 * scale;
-      const tw = Math.min(x2 - x1, (text.length * 7.4 + 12) * scale);
+      svg.append(g);
+      const th = 20 * scale;
       const ty = y1 - th >= 0 ? y1 - th : y1;
-      g.append(svgEl("rect", { class: "tag-bg", x: x1, y: ty, width: tw, height: th, fill: color, rx: 3 * scale }));
-      const t = svgEl("text", { x: x1 + 6 * scale, y: ty + 15.5 * scale, "font-size": 13 * scale });
+      const t = svgEl("text", { x: 0, y: ty + 14 * scale, "font-size": 12 * scale });
       t.textContent = text;
       g.append(t);
-      const go = () => searchBox(item.box, item.position, name.toLowerCase());
+      let tw = 12 * scale;
+      try { tw += t.getComputedTextLength(); } catch (_) { tw += text.length * 7 * scale; }
+      const tx = Math.max(0, Math.min(x1, w - tw));
+      t.setAttribute("x", tx + 6 * scale);
+      g.insertBefore(svgEl("rect", { class: "tag-bg", x: tx, y: ty, width: tw, height: th, fill: color, rx: 3 * scale }), t);
+      const go = () => searchBox(item.box, item.position, item.label, `the ${name.toLowerCase()}`);
       g.addEventListener("click", (e) => { if (!state.drawing) { e.stopPropagation(); go(); } });
       g.addEventListener("keydown", (e) => {
         if (e.key === "Enter" || e.key === " ") { e.preventDefault(); go(); }
       });
-      svg.append(g);
     });
     $("box-hint").textContent = items.length
       ? "Select a box to search just that garment, or draw your own."
@@ -267,7 +288,7 @@
       setDrawing(false);
       const items = (state.first ? state.first.item_results : []).concat([{ position: "box", label: "drawn", score: 1, box }]);
       drawBoxes(items);
-      searchBox(box, "box", "your box");
+      searchBox(box, "box", "drawn", "your box");
     };
     svg.addEventListener("pointerup", finish);
     svg.addEventListener("pointercancel", () => { if (draft) draft.remove(); start = null; });
@@ -318,6 +339,7 @@
   }
 
   function renderItemResults(items, selected) {
+    items = sortItems(items);
     const rows = $("item-rows");
     rows.replaceChildren();
     if (!items.length) {
@@ -374,7 +396,8 @@
     });
     $("filters").addEventListener("submit", (e) => {
       e.preventDefault();
-      if (state.selected) searchBox(state.selected.box, state.selected.position, state.selected.label);
+      const sel = state.selected;
+      if (sel) searchBox(sel.box, sel.position, sel.label, sel.what);
       else searchWhole();
     });
     $("draw-btn").addEventListener("click", () => setDrawing(!state.drawing));
@@ -390,6 +413,18 @@
     document.addEventListener("keydown", (e) => { if (e.key === "Escape" && state.drawing) setDrawing(false); });
     initDrawing();
     loadStats();
+    let pending = null;
+    const redraw = () => {
+      if (!state.first) return;
+      const items = state.first.item_results.slice();
+      if (state.selected && state.selected.position === "box") {
+        items.push({ position: "box", label: "drawn", score: 1, box: state.selected.box });
+      }
+      drawBoxes(items);
+      markSelected();
+    };
+    window.addEventListener("resize", () => { clearTimeout(pending); pending = setTimeout(redraw, 150); });
+    $("query-img").addEventListener("load", redraw);
   }
 
   init();

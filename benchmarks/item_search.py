@@ -1,0 +1,117 @@
+"""Item-based vs image-based search on CCP street photos with a changed background and scale.
+
+Catalog: N ccp-dev photos (odd image ids by default: not used to fit the pose detector), one
+product each, indexed with a detector (default ``pose``) so each photo also stores its upper /
+lower garment crops. Queries: each catalog photo's person (cut out with CCP's pixel labels),
+rescaled by a random factor in [0.55, 0.85] and pasted at a random place on *another* CCP photo
+blurred beyond recognition. A query hits when the source product is in the top K of the
+image-based list, or of the item-based list of a position (counted over queries whose source
+has a ground-truth garment there; no detection at that position counts as a miss).
+
+    python benchmarks/item_search.py --dataset ../shared/datasets/ccp-dev --n 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from snapshop import api
+from snapshop.evaluate.detection import load_ground_truth
+
+
+def make_query(photo: Image.Image, labels: np.ndarray, background: Image.Image,
+               rng: random.Random) -> Image.Image:  # fmt: skip
+    """The person of ``photo`` (labels > 0) scaled and pasted on a blurred ``background``."""
+    w, h = photo.size
+    canvas = background.resize((w, h)).filter(ImageFilter.GaussianBlur(radius=12))
+    scale = rng.uniform(0.55, 0.85)
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    person = photo.resize((sw, sh), Image.Resampling.BILINEAR)
+    alpha = Image.fromarray(((labels > 0) * 255).astype(np.uint8)).resize((sw, sh))
+    canvas.paste(person, (rng.randint(0, w - sw), rng.randint(0, h - sh)), alpha)
+    return canvas
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", type=Path, default=Path("../shared/datasets/ccp-dev"))
+    parser.add_argument("--n", type=int, default=100, help="catalog photos (= queries)")
+    parser.add_argument("--detector", default="pose")
+    parser.add_argument("--model", default=None, help="backbone (default: efficientnet_lite2)")
+    parser.add_argument("--parity", choices=("odd", "even", "all"), default="odd")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    rng = random.Random(args.seed)
+    with open(args.dataset / "manifest.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh)
+                if args.parity == "all" or int(r["image_id"]) % 2 == (args.parity == "odd")]  # fmt: skip
+    rows = rows[: args.n]
+    truth = load_ground_truth(args.dataset / "boxes.csv")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="item-search-"))
+    manifest = work / "catalog.csv"
+    work.mkdir(parents=True, exist_ok=True)
+    with open(manifest, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["product_id", "image_path"])
+        for r in rows:
+            writer.writerow([f"ccp-{r['image_id']}", str((args.dataset / r["path"]).resolve())])
+    t0 = time.perf_counter()
+    report = api.index_source(manifest, work / "catalog", model=args.model, detector=args.detector)
+    index_s = time.perf_counter() - t0
+    print(f"indexed {report.added} photos, {report.crops} crops in {index_s:.1f} s")
+
+    searcher = api.open_searcher(work / "catalog")
+    k_max = 5
+    hits = {"image": [0, 0, 0], "upper": [0, 0, 0], "lower": [0, 0, 0]}  # R@1, R@5, n
+    found_pos = {"upper": 0, "lower": 0}
+    detect_ms, total_ms = [], []
+    for i, r in enumerate(rows):
+        photo = Image.open(args.dataset / r["path"]).convert("RGB")
+        labels = np.asarray(Image.open(args.dataset / "masks" / f"{r['image_id']}.png"))
+        other = rows[(i + 1 + rng.randrange(len(rows) - 1)) % len(rows)]
+        background = Image.open(args.dataset / other["path"]).convert("RGB")
+        query = make_query(photo, labels, background, rng)
+        result = searcher.search(query, k=k_max)
+        detect_ms.append(result.timings_ms["detect"])
+        total_ms.append(result.timings_ms["total"])
+        sku = f"ccp-{r['image_id']}"
+        lists = {"image": [h.sku for h in result.image_results]}
+        for item in result.item_results:
+            lists[item.position] = [h.sku for h in item.results]
+        for key in hits:
+            if key != "image" and key not in truth.get(r["path"], {}):
+                continue
+            hits[key][2] += 1
+            ranked = lists.get(key, [])
+            if key != "image" and key in lists:
+                found_pos[key] += 1
+            hits[key][0] += ranked[:1] == [sku]
+            hits[key][1] += sku in ranked[:k_max]
+    searcher.catalog.close()
+
+    print(f"\n{len(rows)} queries (catalog of {len(rows)} CCP photos, detector {args.detector},"
+          f" load {os.getloadavg()[0]:.1f})")  # fmt: skip
+    print("| result list | queries | detected | R@1 | R@5 |")
+    print("|---|---|---|---|---|")
+    for key, (r1, r5, n) in hits.items():
+        det = "-" if key == "image" else f"{found_pos[key]}"
+        print(f"| {key} | {n} | {det} | {r1 / max(n, 1):.3f} | {r5 / max(n, 1):.3f} |")
+    print(f"\ndetect ms/query: p50 {np.median(detect_ms):.1f}, mean {np.mean(detect_ms):.1f};"
+          f" whole query (decode+detect+embed+search): p50 {np.median(total_ms):.1f},"
+          f" mean {np.mean(total_ms):.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

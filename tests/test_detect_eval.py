@@ -1,0 +1,156 @@
+"""Detector evaluation (CCP-format boxes), the evaluate-detector CLI and catalog integration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from catalog_helpers import make_images
+from PIL import Image
+from typer.testing import CliRunner
+
+from snapshop import api
+from snapshop.catalog.catalog import open_catalog
+from snapshop.cli import app
+from snapshop.detect.base import Box, Detection
+from snapshop.detect.factory import register_detector
+from snapshop.errors import ManifestError
+from snapshop.evaluate.detection import (
+    PositionScore,
+    evaluate_detector,
+    load_ground_truth,
+    score_image,
+)
+
+HEADER = "path,image_id,group,x1,y1,x2,y2\n"
+
+
+class HalfDetector:
+    """Upper = top half, lower = bottom half of every image; counts its calls."""
+
+    name = "halves"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def detect(self, image: Image.Image) -> list[Detection]:
+        self.calls += 1
+        w, h = image.size
+        return [
+            Detection(Box(0, 0, w, h / 2), "top", "upper", 0.9),
+            Detection(Box(0, 0, 4, 4), "top", "upper", 0.1),  # weaker: ignored
+            Detection(Box(0, h / 2, w, h), "trousers", "lower", 0.8),
+            Detection(Box(0, 0, w, h), "bag", None, 1.0),  # no position: ignored
+        ]
+
+
+register_detector("halves", lambda args: HalfDetector())
+
+
+def test_ground_truth_union_per_position(tmp_path: Path) -> None:
+    csv_path = tmp_path / "boxes.csv"
+    csv_path.write_text(HEADER + "a.jpg,1,top,10,10,50,40\n"
+                        "a.jpg,1,outwear,5,12,60,70\n"
+                        "a.jpg,1,x_bag,0,0,100,100\n"
+                        "b.jpg,2,dress,10,10,40,90\n"
+                        "c.jpg,3,x_footwear,1,1,5,5\n")  # fmt: skip
+    gt = load_ground_truth(csv_path)
+    assert gt["a.jpg"] == {"upper": Box(5, 10, 60, 70)}
+    assert gt["b.jpg"] == {"upper": Box(10, 10, 40, 90)}  # a dress is upper, no lower
+    assert gt["c.jpg"] == {}  # listed, no garments: any garment box is a false positive
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [("path,group,x1\na.jpg,top,1\n", "missing column"),
+     (HEADER + "a.jpg,1,top,1,2,x,4\n", "numbers"),
+     (HEADER + "a.jpg,1,top,10,2,5,4\n", "empty box"),
+     (HEADER, "no rows")],
+)  # fmt: skip
+def test_ground_truth_errors(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(ManifestError, match=match):
+        load_ground_truth(path)
+
+
+def test_score_image_counts() -> None:
+    positions: dict[str, PositionScore] = {}
+    truth = {"upper": Box(0, 0, 100, 100), "lower": Box(0, 100, 100, 200)}
+    dets = [Detection(Box(0, 0, 100, 60), "top", "upper", 0.9),  # IoU .6: TP
+            Detection(Box(0, 100, 100, 140), "trousers", "lower", 0.9)]  # IoU .4: miss  # fmt: skip
+    score_image(truth, dets, positions)
+    score_image({}, dets, positions)  # two false positives
+    up, low = positions["upper"], positions["lower"]
+    assert (up.ground_truth, up.predicted, up.true_positive) == (1, 2, 1)
+    assert (low.ground_truth, low.predicted, low.true_positive) == (1, 2, 0)
+    assert up.recall == 1.0 and up.precision == 0.5 and low.recall == 0.0
+
+
+def _dataset(tmp_path: Path) -> Path:
+    (tmp_path / "images").mkdir()
+    for name in ("p1", "p2", "p3"):
+        Image.new("RGB", (40, 80), (200, 30, 30)).save(tmp_path / "images" / f"{name}.jpg")
+    csv_path = tmp_path / "boxes.csv"
+    csv_path.write_text(HEADER + "images/p1.jpg,1,top,0,0,40,40\n"
+                        "images/p1.jpg,1,trousers,0,40,40,80\n"
+                        "images/p2.jpg,2,dress,0,0,40,80\n"
+                        "images/p3.jpg,3,shorts,0,60,40,80\n")  # fmt: skip
+    return csv_path
+
+
+def test_evaluate_detector_end_to_end(tmp_path: Path) -> None:
+    detector = HalfDetector()
+    report = evaluate_detector(_dataset(tmp_path), detector)
+    assert report.images == 3 and detector.calls == 3 and len(report.latency_ms) == 3
+    up, low = report.positions["upper"], report.positions["lower"]
+    # upper: p1 exact (TP), p2 dress 0-80 vs 0-40 (IoU .5: TP), p3 no truth (FP)
+    assert (up.ground_truth, up.predicted, up.true_positive) == (2, 3, 2)
+    # lower: p1 exact, p2 dress has no lower (FP), p3 shorts 60-80 vs 40-80 (IoU .5: TP)
+    assert (low.ground_truth, low.predicted, low.true_positive) == (2, 3, 2)
+    data = report.to_dict()
+    assert data["positions"]["upper"]["precision"] == pytest.approx(2 / 3, abs=1e-4)
+    assert data["latency_ms"]["p50"] >= 0
+
+
+def test_cli_evaluate_detector(tmp_path: Path) -> None:
+    csv_path = _dataset(tmp_path)
+    runner = CliRunner()
+    out_json = tmp_path / "out" / "det.json"
+    result = runner.invoke(app, ["evaluate-detector", "--boxes", str(csv_path), "--detector",
+                                 "halves", "--json-out", str(out_json)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "upper" in result.output and "0.667" in result.output
+    assert json.loads(out_json.read_text())["images"] == 3
+    bad = runner.invoke(app, ["evaluate-detector", "--boxes", str(tmp_path / "nope.csv"),
+                              "--detector", "halves"])  # fmt: skip
+    assert bad.exit_code != 0 and "cannot read" in bad.output and "Traceback" not in bad.output
+    unknown = runner.invoke(app, ["evaluate-detector", "--boxes", str(csv_path), "--detector",
+                                  "nosuch"])  # fmt: skip
+    assert unknown.exit_code == 2 and "unknown detector" in unknown.output
+
+
+def test_catalog_records_detector_and_search_uses_it(tmp_path: Path, lite0_model_dir: Path) -> None:
+    make_images(tmp_path / "shop", n_products=2, per_product=1, size=64)
+    cat = tmp_path / "cat"
+    report = api.index_source(tmp_path / "shop", cat, model=str(lite0_model_dir), detector="halves")
+    assert report.crops == 4  # upper + lower per image
+    catalog = open_catalog(cat)
+    assert catalog.detector == "halves" and catalog.info()["detector"] == "halves"
+    catalog.close()
+    assert json.loads((cat / "catalog.json").read_text())["detector"] == "halves"
+
+    searcher = api.open_searcher(cat)
+    assert isinstance(searcher.detector, HalfDetector)
+    query = next((tmp_path / "shop").rglob("*.jpg"))
+    result = searcher.search(query, k=2)
+    searcher.catalog.close()
+    assert sorted(item.position for item in result.item_results) == ["lower", "upper"]
+    no_items = api.search_image(query, cat, k=2, detector="none")
+    assert no_items.item_results == [] and no_items.image_results
+
+    # a later ingest without --detector keeps making crops with the recorded one
+    make_images(tmp_path / "more", n_products=1, per_product=1, size=64, seed=5)
+    again = api.index_source(tmp_path / "more", cat, model=str(lite0_model_dir))
+    assert again.added == 1 and again.crops == 2

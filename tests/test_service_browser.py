@@ -1,0 +1,171 @@
+"""End-to-end: the web page in headless Chromium against a live server on loopback.
+
+Upload a photo, see the detected boxes, click one (and use the keyboard and a drawn box),
+see both result sections; screenshots land in the test's output directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from service_fixtures import FixedGarmentDetector, build_catalog
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+LAUNCH_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--disable-gpu"]  # fmt: skip
+TIMEOUT_MS = 60_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed (scripts/setup-test-extras.sh installs it)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    import uvicorn
+
+    from snapshop.service import ServiceSettings, create_app
+
+    catalog, queries = build_catalog(tmp_path_factory.mktemp("service-browser"), n_products=6)
+    app = create_app(ServiceSettings(catalog), detector=FixedGarmentDetector())
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", queries
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
+        yield b
+        b.close()
+
+
+def test_upload_boxes_click_and_results(server, browser, tmp_path):
+    url, queries = server
+    query, sku = queries[0]
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    page_errors: list[str] = []
+    page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+    page.goto(url)
+    assert page.title().startswith("snapshop")
+    page.wait_for_function("document.getElementById('stats').textContent.includes('6 products')")
+
+    page.set_input_files("[data-testid=file-input]", str(query))
+    boxes = page.locator("[data-testid=box]")
+    boxes.first.wait_for()
+    assert boxes.count() == 2
+    assert sorted(boxes.nth(i).get_attribute("data-position") for i in range(2)) == [
+        "lower",
+        "upper",
+    ]
+    image_cards = page.locator("[data-testid=image-results] [data-testid=card]")
+    image_cards.first.wait_for()
+    assert image_cards.count() == 6  # every product, one card each
+    assert page.get_by_role("heading", name="Similar images").is_visible()
+    assert page.get_by_role("heading", name="Similar items").is_visible()
+    rows = page.locator("[data-testid=item-row]")
+    assert sorted(rows.nth(i).get_attribute("data-position") for i in range(rows.count())) == [
+        "lower", "upper"]  # fmt: skip
+    first = image_cards.first
+    assert first.locator(".price").inner_text().strip()
+    assert "% match" in first.locator(".score").inner_text()
+    assert first.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
+    assert f"/{sku}" in first.locator("a").get_attribute("href")  # the held-out photo's product
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
+
+    # click the upper box: one "selected" row of items for that garment
+    page.locator("[data-testid=box][data-position=upper]").click()
+    page.wait_for_function(
+        "document.querySelector('[data-testid=status]').textContent.includes('items like')"
+    )
+    assert rows.count() == 1 and rows.first.get_attribute("data-position") == "upper"
+    assert "(selected)" in rows.first.locator(".row-head").inner_text()
+    assert rows.first.locator("[data-testid=card]").count() > 0
+    assert image_cards.count() == 6  # the image results stay
+    assert "selected" in (page.locator("[data-testid=box][data-position=upper]")
+                          .get_attribute("class"))  # fmt: skip
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(tmp_path / "box-selected.png"), full_page=True)
+    if os.environ.get("SNAPSHOP_DOCS_SCREENSHOT"):
+        shutil.copy(tmp_path / "box-selected.png", os.environ["SNAPSHOP_DOCS_SCREENSHOT"])
+
+    # keyboard: focus the lower box and press Enter
+    lower = page.locator("[data-testid=box][data-position=lower]")
+    lower.focus()
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        "document.querySelector('[data-testid=item-row]')?.dataset.position === 'lower'"
+    )
+
+    # draw a box with the mouse
+    page.get_by_role("button", name="Draw a box").click()
+    overlay = page.locator("[data-testid=overlay]").bounding_box()
+    x, y, w, h = overlay["x"], overlay["y"], overlay["width"], overlay["height"]
+    page.mouse.move(x + 0.2 * w, y + 0.2 * h)
+    page.mouse.down()
+    page.mouse.move(x + 0.6 * w, y + 0.5 * h, steps=5)
+    page.mouse.up()
+    page.wait_for_function(
+        "document.querySelector('[data-testid=item-row]')?.dataset.position === 'box'"
+    )
+    assert page.locator("[data-testid=box][data-position=box]").count() == 1
+    assert page.locator("[data-testid=item-row] [data-testid=card]").count() > 0
+    assert page_errors == []
+    page.close()
+
+
+def test_error_state_and_phone_layout(server, browser, tmp_path):
+    url, queries = server
+    page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                            is_mobile=True, has_touch=True)  # fmt: skip
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("this is text, not a photo")
+    page.set_input_files("[data-testid=file-input]", str(not_image))
+    status = page.locator("[data-testid=status]")
+    page.wait_for_function(
+        "document.querySelector('[data-testid=status]').dataset.state === 'error'"
+    )
+    assert "not a supported image" in status.inner_text()
+    assert page.locator("[data-testid=image-results]").is_hidden()
+
+    page.set_input_files("[data-testid=file-input]", str(queries[1][0]))
+    page.locator("[data-testid=image-results] [data-testid=card]").first.wait_for()
+    assert page.locator("[data-testid=box]").count() == 2
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"page is {overflow}px wider than a phone screen"
+    camera = page.locator("#camera-input")
+    assert camera.get_attribute("capture") == "environment"
+    # every control is reachable by keyboard and labelled
+    for name in ("Choose a photo", "Take a photo", "Draw a box"):
+        assert page.get_by_role("button", name=name).is_enabled()
+    page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+    page.close()
