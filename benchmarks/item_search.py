@@ -29,8 +29,9 @@ from snapshop import api
 from snapshop.evaluate.detection import load_ground_truth
 
 
-def make_query(photo: Image.Image, labels: np.ndarray, background: Image.Image,
-               rng: random.Random) -> Image.Image:  # fmt: skip
+def make_query(
+    photo: Image.Image, labels: np.ndarray, background: Image.Image, rng: random.Random
+) -> Image.Image:
     """The person of ``photo`` (labels > 0) scaled and pasted on a blurred ``background``."""
     w, h = photo.size
     canvas = background.resize((w, h)).filter(ImageFilter.GaussianBlur(radius=12))
@@ -55,8 +56,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     rng = random.Random(args.seed)
     with open(args.dataset / "manifest.csv", newline="") as fh:
-        rows = [r for r in csv.DictReader(fh)
-                if args.parity == "all" or int(r["image_id"]) % 2 == (args.parity == "odd")]  # fmt: skip
+        rows = [
+            r
+            for r in csv.DictReader(fh)
+            if args.parity == "all" or int(r["image_id"]) % 2 == (args.parity == "odd")
+        ]
     rows = rows[: args.n]
     truth = load_ground_truth(args.dataset / "boxes.csv")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="item-search-"))
@@ -101,16 +105,20 @@ def main() -> None:
             hits[key][1] += sku in ranked[:k_max]
     searcher.catalog.close()
 
-    print(f"\n{len(rows)} queries (catalog of {len(rows)} CCP photos, detector {args.detector},"
-          f" load {os.getloadavg()[0]:.1f})")  # fmt: skip
+    print(
+        f"\n{len(rows)} queries (catalog of {len(rows)} CCP photos, detector {args.detector},"
+        f" load {os.getloadavg()[0]:.1f})"
+    )
     print("| result list | queries | detected | R@1 | R@5 |")
     print("|---|---|---|---|---|")
     for key, (r1, r5, n) in hits.items():
         det = "-" if key == "image" else f"{found_pos[key]}"
         print(f"| {key} | {n} | {det} | {r1 / max(n, 1):.3f} | {r5 / max(n, 1):.3f} |")
-    print(f"\ndetect ms/query: p50 {np.median(detect_ms):.1f}, mean {np.mean(detect_ms):.1f};"
-          f" whole query (decode+detect+embed+search): p50 {np.median(total_ms):.1f},"
-          f" mean {np.mean(total_ms):.1f}")  # fmt: skip
+    print(
+        f"\ndetect ms/query: p50 {np.median(detect_ms):.1f}, mean {np.mean(detect_ms):.1f};"
+        f" whole query (decode+detect+embed+search): p50 {np.median(total_ms):.1f},"
+        f" mean {np.mean(total_ms):.1f}"
+    )
 
 
 if __name__ == "__main__":

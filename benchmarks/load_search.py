@@ -5,12 +5,17 @@ running service, then N client threads send query photos until --requests are do
 --duration seconds pass (both bounded). Prints latency percentiles and throughput.
 
     python benchmarks/load_search.py --catalog /tmp/cat --queries manifest.csv --clients 4
+
+`--write-catalog-csv OUT --queries ../shared/datasets/grocery-dev/manifest.csv` instead
+writes a `snapshop index` manifest pointing at every grocery-dev image (absolute paths, never
+copies), with a deterministic made-up price per product, and exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import itertools
 import os
 import platform
@@ -44,6 +49,22 @@ def query_files(source: Path, limit: int) -> list[Path]:
         raise SystemExit(f"{source}: no query images")
     step = max(1, len(files) // limit)  # spread over the whole set, deterministic
     return files[::step][:limit]
+
+
+def write_catalog_csv(grocery_manifest: Path, out: Path) -> int:
+    """grocery-dev manifest -> `snapshop index` CSV (all images; price made up per product)."""
+    root = grocery_manifest.resolve().parent
+    with open(grocery_manifest, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["product_id", "image_path", "title", "price", "currency", "category"])
+        for r in rows:
+            h = int(hashlib.sha256(r["product_id"].encode()).hexdigest()[:6], 16)
+            writer.writerow([r["product_id"], root / r["path"], r["product_name"].replace("-", " "),
+                             f"{0.5 + (h % 900) / 100:.2f}", "EUR", r["category"]])  # fmt: skip
+    return len(rows)
 
 
 def load() -> str:
@@ -148,7 +169,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--serve-arg", action="append", default=[], help="extra `serve` argument")
+    ap.add_argument("--write-catalog-csv", type=Path, help="write an index CSV and exit")
     args = ap.parse_args()
+    if args.write_catalog_csv:
+        n = write_catalog_csv(args.queries, args.write_catalog_csv)
+        print(f"wrote {args.write_catalog_csv}: {n} images")
+        return
     requests = min(args.requests, MAX_REQUESTS)
     duration = min(args.duration, MAX_DURATION_S)
     files = query_files(args.queries, args.max_queries)

@@ -50,11 +50,13 @@ register_detector("halves", lambda args: HalfDetector())
 
 def test_ground_truth_union_per_position(tmp_path: Path) -> None:
     csv_path = tmp_path / "boxes.csv"
-    csv_path.write_text(HEADER + "a.jpg,1,top,10,10,50,40\n"
-                        "a.jpg,1,outwear,5,12,60,70\n"
-                        "a.jpg,1,x_bag,0,0,100,100\n"
-                        "b.jpg,2,dress,10,10,40,90\n"
-                        "c.jpg,3,x_footwear,1,1,5,5\n")  # fmt: skip
+    csv_path.write_text(
+        HEADER + "a.jpg,1,top,10,10,50,40\n"
+        "a.jpg,1,outwear,5,12,60,70\n"
+        "a.jpg,1,x_bag,0,0,100,100\n"
+        "b.jpg,2,dress,10,10,40,90\n"
+        "c.jpg,3,x_footwear,1,1,5,5\n"
+    )
     gt = load_ground_truth(csv_path)
     assert gt["a.jpg"] == {"upper": Box(5, 10, 60, 70)}
     assert gt["b.jpg"] == {"upper": Box(10, 10, 40, 90)}  # a dress is upper, no lower
@@ -63,11 +65,13 @@ def test_ground_truth_union_per_position(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "match"),
-    [("path,group,x1\na.jpg,top,1\n", "missing column"),
-     (HEADER + "a.jpg,1,top,1,2,x,4\n", "numbers"),
-     (HEADER + "a.jpg,1,top,10,2,5,4\n", "empty box"),
-     (HEADER, "no rows")],
-)  # fmt: skip
+    [
+        ("path,group,x1\na.jpg,top,1\n", "missing column"),
+        (HEADER + "a.jpg,1,top,1,2,x,4\n", "numbers"),
+        (HEADER + "a.jpg,1,top,10,2,5,4\n", "empty box"),
+        (HEADER, "no rows"),
+    ],
+)
 def test_ground_truth_errors(tmp_path: Path, text: str, match: str) -> None:
     path = tmp_path / "bad.csv"
     path.write_text(text)
@@ -78,8 +82,10 @@ def test_ground_truth_errors(tmp_path: Path, text: str, match: str) -> None:
 def test_score_image_counts() -> None:
     positions: dict[str, PositionScore] = {}
     truth = {"upper": Box(0, 0, 100, 100), "lower": Box(0, 100, 100, 200)}
-    dets = [Detection(Box(0, 0, 100, 60), "top", "upper", 0.9),  # IoU .6: TP
-            Detection(Box(0, 100, 100, 140), "trousers", "lower", 0.9)]  # IoU .4: miss  # fmt: skip
+    dets = [
+        Detection(Box(0, 0, 100, 60), "top", "upper", 0.9),  # IoU .6: TP
+        Detection(Box(0, 100, 100, 140), "trousers", "lower", 0.9),
+    ]  # IoU .4: miss
     score_image(truth, dets, positions)
     score_image({}, dets, positions)  # two false positives
     up, low = positions["upper"], positions["lower"]
@@ -93,10 +99,12 @@ def _dataset(tmp_path: Path) -> Path:
     for name in ("p1", "p2", "p3"):
         Image.new("RGB", (40, 80), (200, 30, 30)).save(tmp_path / "images" / f"{name}.jpg")
     csv_path = tmp_path / "boxes.csv"
-    csv_path.write_text(HEADER + "images/p1.jpg,1,top,0,0,40,40\n"
-                        "images/p1.jpg,1,trousers,0,40,40,80\n"
-                        "images/p2.jpg,2,dress,0,0,40,80\n"
-                        "images/p3.jpg,3,shorts,0,60,40,80\n")  # fmt: skip
+    csv_path.write_text(
+        HEADER + "images/p1.jpg,1,top,0,0,40,40\n"
+        "images/p1.jpg,1,trousers,0,40,40,80\n"
+        "images/p2.jpg,2,dress,0,0,40,80\n"
+        "images/p3.jpg,3,shorts,0,60,40,80\n"
+    )
     return csv_path
 
 
@@ -118,16 +126,28 @@ def test_cli_evaluate_detector(tmp_path: Path) -> None:
     csv_path = _dataset(tmp_path)
     runner = CliRunner()
     out_json = tmp_path / "out" / "det.json"
-    result = runner.invoke(app, ["evaluate-detector", "--boxes", str(csv_path), "--detector",
-                                 "halves", "--json-out", str(out_json)])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "evaluate-detector",
+            "--boxes",
+            str(csv_path),
+            "--detector",
+            "halves",
+            "--json-out",
+            str(out_json),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "upper" in result.output and "0.667" in result.output
     assert json.loads(out_json.read_text())["images"] == 3
-    bad = runner.invoke(app, ["evaluate-detector", "--boxes", str(tmp_path / "nope.csv"),
-                              "--detector", "halves"])  # fmt: skip
+    bad = runner.invoke(
+        app, ["evaluate-detector", "--boxes", str(tmp_path / "nope.csv"), "--detector", "halves"]
+    )
     assert bad.exit_code != 0 and "cannot read" in bad.output and "Traceback" not in bad.output
-    unknown = runner.invoke(app, ["evaluate-detector", "--boxes", str(csv_path), "--detector",
-                                  "nosuch"])  # fmt: skip
+    unknown = runner.invoke(
+        app, ["evaluate-detector", "--boxes", str(csv_path), "--detector", "nosuch"]
+    )
     assert unknown.exit_code == 2 and "unknown detector" in unknown.output
 
 

@@ -35,10 +35,12 @@ def constant_model(path: Path, output: np.ndarray, size: int = 64) -> Path:
         helper.make_node("Add", ["raw", "z"], ["output0"]),
     ]
     graph = helper.make_graph(
-        nodes, "yolo", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, size, size])],
+        nodes,
+        "yolo",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, size, size])],
         [helper.make_tensor_value_info("output0", TensorProto.FLOAT, list(output.shape))],
         initializer=[const, numpy_helper.from_array(np.zeros((), np.float32), "zero")],
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -93,12 +95,14 @@ def test_nms_matches_brute_force() -> None:
 
 
 def test_yolov8_layout_decode_rescale_nms(tmp_path: Path) -> None:
-    raw = v8_rows([
-        (32, 32, 20, 10, TROUSERS, 0.9),   # kept
-        (33, 32, 20, 10, TROUSERS, 0.8),   # same class, IoU > 0.45 with the first: suppressed
-        (33, 32, 20, 10, SKIRT, 0.7),      # other class: kept despite the overlap
-        (10, 40, 8, 8, LS_TOP, 0.1),       # under conf 0.25: dropped
-    ])  # fmt: skip
+    raw = v8_rows(
+        [
+            (32, 32, 20, 10, TROUSERS, 0.9),  # kept
+            (33, 32, 20, 10, TROUSERS, 0.8),  # same class, IoU > 0.45 with the first: suppressed
+            (33, 32, 20, 10, SKIRT, 0.7),  # other class: kept despite the overlap
+            (10, 40, 8, 8, LS_TOP, 0.1),  # under conf 0.25: dropped
+        ]
+    )
     det = create_detector(f"yolo:{constant_model(tmp_path / 'v8.onnx', raw)}")
     found = det.detect(Image.new("RGB", (128, 64)))
     assert [(d.label, d.position) for d in found] == [("trousers", "lower"), ("skirt", "lower")]
@@ -151,7 +155,9 @@ def test_bad_models_and_specs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         YoloConfig(conf_threshold=1.5)
     assert parse_spec_args("a.cfg, b.weights ,names=n.txt", {"names"}) == (
-        ["a.cfg", "b.weights"], {"names": "n.txt"})  # fmt: skip
+        ["a.cfg", "b.weights"],
+        {"names": "n.txt"},
+    )
 
 
 # --- Darknet -------------------------------------------------------------------------------

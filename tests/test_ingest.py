@@ -115,10 +115,15 @@ def test_reingest_is_idempotent(base: dict[str, Any], cat: Path, lite0_model_dir
     assert check_catalog_dir(cat) == {"products": 4, "images": 12, "crops": 0}
     assert sorted(db_rows(cat, "SELECT id, sha256 FROM images")) == ids
     assert sorted((cat / "blobs").rglob("*")) == blobs
-    # the same files again through the folder reader: still the same images
+    # the same files again through the folder reader: still the same images, and the CSV's
+    # titles are not replaced by folder names; nothing was written at all
+    generation = db_rows(cat, "SELECT value FROM meta WHERE key = 'generation'")
     third = ingest(base["csv"].parent / "shop", cat, lite0_model_dir)
     assert (third.added, third.skipped) == (0, 12)
     assert sorted(db_rows(cat, "SELECT id, sha256 FROM images")) == ids
+    titles = dict(db_rows(cat, "SELECT sku, title FROM products"))
+    assert titles == {sku: p.title for sku, p in products_of(4).items()}
+    assert db_rows(cat, "SELECT value FROM meta WHERE key = 'generation'") == generation
 
 
 def test_duplicate_rows_and_shared_files(tmp_path: Path, lite0_model_dir: Path) -> None:

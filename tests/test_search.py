@@ -245,3 +245,23 @@ def test_search_image_api(shop: dict[str, Any], searcher: Searcher) -> None:
     searcher_image(shop["queries"][2]).save(buf, "PNG")
     result = api.search_image(buf.getvalue(), shop["catalog"], k=2)
     assert result.image_results[0].sku == shop["products"][2].sku
+
+
+def test_auto_refresh_picks_up_other_writers(
+    shop: dict[str, Any], lite0_model_dir: Path, lite0_embedder: Embedder, tmp_path: Path
+) -> None:
+    cat = tmp_path / "cat"
+    shutil.copytree(shop["catalog"], cat)
+    query = shop["queries"][1]
+    catalog = open_catalog(cat)
+    try:
+        searcher = Searcher(catalog, lite0_embedder)
+        searcher.auto_refresh = False  # the host refreshes under its own lock
+        rows = [["new-sku", query, "The query itself", "", "", ""]]
+        api.index_source(write_csv(tmp_path / "new.csv", rows), cat, model=str(lite0_model_dir))
+        assert "new-sku" not in {h.sku for h in searcher.search(query, 10).image_results}
+        searcher.auto_refresh = True
+        top = searcher.search(query, 10).image_results[0]
+        assert top.sku == "new-sku" and top.score > 0.999
+    finally:
+        catalog.close()

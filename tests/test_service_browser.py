@@ -111,7 +111,8 @@ def test_upload_boxes_click_and_results(server, browser, tmp_path):
     assert image_cards.count() == 6  # the image results stay
     assert "selected" in (page.locator("[data-testid=box][data-position=upper]")
                           .get_attribute("class"))  # fmt: skip
-    page.evaluate("window.scrollTo(0, 0)")
+    page.evaluate("window.scrollTo({top: 0, behavior: 'instant'})")
+    page.wait_for_timeout(300)  # let the smooth scroll to the results settle
     page.screenshot(path=str(tmp_path / "box-selected.png"), full_page=True)
     if os.environ.get("SNAPSHOP_DOCS_SCREENSHOT"):
         shutil.copy(tmp_path / "box-selected.png", os.environ["SNAPSHOP_DOCS_SCREENSHOT"])

@@ -75,7 +75,11 @@ def index_source(
         if index_kind is not None:
             set_index_kind(directory, index_kind)
         catalog = open_catalog(directory)
-        embedder = catalog_embedder(catalog, model)
+        try:
+            embedder = catalog_embedder(catalog, model)
+        except BaseException:
+            catalog.close()
+            raise
     else:
         embedder = load_embedder(model)
         try:

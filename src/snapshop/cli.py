@@ -412,6 +412,9 @@ def train(
     threads: Annotated[int, typer.Option(min=0)] = 2,
     seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Frozen-feature cache (default OUT/cache); shareable.")
+    ] = None,
 ) -> None:
     """Train a NormSoftmax embedder and export it (model.onnx + model.json) to OUT."""
     from snapshop.data.manifest import parse_where, read_manifest
@@ -439,7 +442,7 @@ def train(
 
     result = run(lambda: train_model(
         train_rows, out_dir, config, eval_rows or None, g_where, resume=resume,
-        data_name=str(manifest), progress=show,
+        data_name=str(manifest), progress=show, cache_dir=cache_dir,
     ))  # fmt: skip
     out.print(f"trained on {len(result.classes)} products in {result.seconds:.0f} s;"
               f" model: {result.model_dir}")  # fmt: skip
@@ -515,7 +518,8 @@ def evaluate_detector(
         table.add_row(pos, str(s.ground_truth), str(s.predicted), str(s.true_positive),
                       f"{s.recall:.3f}", f"{s.precision:.3f}")  # fmt: skip
     out.print(table)
-    out.print(f"detect ms/image: p50 {report.latency_p50_ms:.1f}, mean {report.latency_mean_ms:.1f}")
+    p50, mean = report.latency_p50_ms, report.latency_mean_ms
+    out.print(f"detect ms/image: p50 {p50:.1f}, mean {mean:.1f}")
     for path, reason in report.failed[:10]:
         err.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
 

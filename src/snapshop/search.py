@@ -153,6 +153,10 @@ class Searcher:
         self.embedder = embedder
         self.detector = detector
         self.limits = limits
+        # Each search first picks up other writers' changes. A host that refreshes under its
+        # own exclusive lock (the service) turns this off: a refresh mutates the indexes and
+        # must never run beside another thread's search.
+        self.auto_refresh = True
 
     def _hits(
         self, found: list[tuple[int, float, int]], crops: dict[int, Any] | None = None
@@ -219,7 +223,8 @@ class Searcher:
         image = source if isinstance(source, Image.Image) else load_image(source, self.limits)
         t1 = time.perf_counter()
         timings["decode"] = (t1 - t0) * 1e3
-        self.catalog.refresh()
+        if self.auto_refresh:
+            self.catalog.refresh()
 
         detections: list[Detection] = []
         regions: list[tuple[str, str, float, Box]] = []

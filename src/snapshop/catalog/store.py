@@ -240,6 +240,7 @@ class CatalogStore:
         attrs = fields.pop("attributes", None) or {}
         values = {k: v for k, v in fields.items() if v is not None}
         if row is None:
+            values.setdefault("title", sku)  # a product always has something to show
             cur = db.execute(
                 "INSERT INTO products(sku, title, url, price, currency, category, attributes,"
                 " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -49,7 +49,9 @@ def read_folder(root: Path) -> Iterator[CatalogRecord]:
     for product_dir in product_dirs:
         for path in sorted(product_dir.rglob("*")):
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                yield CatalogRecord(product_dir.name, path, {"title": product_dir.name})
+                # No title: a new product is titled by its sku (the folder name), and a
+                # re-index of the folder never overwrites a title set by a CSV since.
+                yield CatalogRecord(product_dir.name, path)
 
 
 def _parse_price(raw: str, line: int, path: Path) -> float | None:

@@ -25,6 +25,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -140,10 +141,20 @@ def body_frame(keypoints: NDArray[np.float32], min_visibility: float) -> BodyFra
     knee, ankle = mid(L_KNEE, R_KNEE), mid(L_ANKLE, R_ANKLE)
     # Occluded or out-of-frame legs: fall back to average body proportions.
     knee = knee if knee[1] > hip[1] + 0.4 * torso else hip + np.array([0, 0.85 * torso], np.float32)
-    ankle = ankle if ankle[1] > knee[1] + 0.4 * torso else knee + np.array([0, 0.85 * torso], np.float32)  # fmt: skip
+    ankle = (
+        ankle
+        if ankle[1] > knee[1] + 0.4 * torso
+        else knee + np.array([0, 0.85 * torso], np.float32)
+    )
     width = float(abs(pts[L_SHOULDER, 0] - pts[R_SHOULDER, 0]))
-    return BodyFrame(shoulder, hip, knee.astype(np.float32), ankle.astype(np.float32), torso,
-                     max(width, 0.3 * torso))  # fmt: skip
+    return BodyFrame(
+        shoulder,
+        hip,
+        knee.astype(np.float32),
+        ankle.astype(np.float32),
+        torso,
+        max(width, 0.3 * torso),
+    )
 
 
 GRID = 8  # pixel features are computed on the image downscaled by this factor
@@ -161,7 +172,11 @@ class PixelGrid:
 
 
 def _reference(lab: NDArray[np.float32], sel: NDArray[np.bool_]) -> NDArray[np.float32]:
-    return np.median(lab[sel], axis=0).astype(np.float32) if sel.sum() >= 4 else np.zeros(3, np.float32)  # fmt: skip
+    return (
+        np.median(lab[sel], axis=0).astype(np.float32)
+        if sel.sum() >= 4
+        else np.zeros(3, np.float32)
+    )
 
 
 def pixel_features(
@@ -186,8 +201,11 @@ def pixel_features(
     skin = skin_probability(small)
     ys = (np.arange(gh, dtype=np.float32) + 0.5) * scale_y
     xs = (np.arange(gw, dtype=np.float32) + 0.5) * scale_x
-    centre = np.interp(ys, [frame.shoulder[1], frame.hip[1], frame.knee[1], frame.ankle[1]],
-                       [frame.shoulder[0], frame.hip[0], frame.knee[0], frame.ankle[0]])  # fmt: skip
+    centre = np.interp(
+        ys,
+        [frame.shoulder[1], frame.hip[1], frame.knee[1], frame.ankle[1]],
+        [frame.shoulder[0], frame.hip[0], frame.knee[0], frame.ankle[0]],
+    )
     v = np.repeat(((ys - frame.hip[1]) / frame.torso)[:, None], gw, axis=1)
     u = (xs[None, :] - centre[:, None]) / frame.width
     knee_v = float((frame.knee[1] - frame.hip[1]) / frame.torso)
@@ -202,14 +220,26 @@ def pixel_features(
         return np.linalg.norm(lab - ref, axis=2) / 50.0
 
     ones = np.ones((gh, gw), np.float32)
-    feats = np.stack([
-        lab[..., 0] / 100.0, (lab[..., 1] - 128) / 50.0, (lab[..., 2] - 128) / 50.0,
-        skin, pmask, v, u, v - knee_v, v - ankle_v,
-        dist(chest), dist(thigh), dist(shin),
-        ones * float(np.linalg.norm(chest - thigh) / 50.0),
-        ones * float(np.linalg.norm(thigh - shin) / 50.0),
-        ones * knee_v,
-    ], axis=2).astype(np.float32)  # fmt: skip
+    feats = np.stack(
+        [
+            lab[..., 0] / 100.0,
+            (lab[..., 1] - 128) / 50.0,
+            (lab[..., 2] - 128) / 50.0,
+            skin,
+            pmask,
+            v,
+            u,
+            v - knee_v,
+            v - ankle_v,
+            dist(chest),
+            dist(thigh),
+            dist(shin),
+            ones * float(np.linalg.norm(chest - thigh) / 50.0),
+            ones * float(np.linalg.norm(thigh - shin) / 50.0),
+            ones * knee_v,
+        ],
+        axis=2,
+    ).astype(np.float32)
     return PixelGrid(feats, person, float((scale_x + scale_y) / 2))
 
 
@@ -229,7 +259,9 @@ class GarmentSegmenter:
 
         source = _resource(WEIGHTS) if path is None else path
         try:
-            data = source.read_bytes() if hasattr(source, "read_bytes") else open(source, "rb").read()  # fmt: skip
+            data = (
+                source.read_bytes() if hasattr(source, "read_bytes") else Path(source).read_bytes()
+            )
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
             options.log_severity_level = 3
@@ -283,8 +315,10 @@ def boxes_from_probabilities(
     gh, gw = person.shape
     sy, sx = h / gh, w / gw
     out: list[Detection] = []
-    for col, position, threshold in ((1, UPPER, config.upper_threshold),
-                                     (2, LOWER, config.lower_threshold)):  # fmt: skip
+    for col, position, threshold in (
+        (1, UPPER, config.upper_threshold),
+        (2, LOWER, config.lower_threshold),
+    ):
         hit = (probs[..., col] > threshold) & person
         area = float(hit.sum()) * sx * sy
         if area < config.min_area * torso * torso:
@@ -303,7 +337,9 @@ class PoseDetector:
 
     name = "pose"
 
-    def __init__(self, config: PoseConfig = PoseConfig(), model: GarmentSegmenter | None = None) -> None:
+    def __init__(
+        self, config: PoseConfig = PoseConfig(), model: GarmentSegmenter | None = None
+    ) -> None:
         try:
             import mediapipe as mp  # noqa: F401
             from mediapipe.python.solutions import pose as mp_pose
@@ -314,8 +350,12 @@ class PoseDetector:
             ) from None
         self.config = config
         self.model = model or GarmentSegmenter()
-        self._pose = mp_pose.Pose(static_image_mode=True, model_complexity=1,
-                                  enable_segmentation=True, min_detection_confidence=0.5)  # fmt: skip
+        self._pose = mp_pose.Pose(
+            static_image_mode=True,
+            model_complexity=1,
+            enable_segmentation=True,
+            min_detection_confidence=0.5,
+        )
         self._lock = threading.Lock()  # a mediapipe graph runs one image at a time
 
     @classmethod
@@ -330,8 +370,10 @@ class PoseDetector:
             result = self._pose.process(np.ascontiguousarray(rgb))
         if result.pose_landmarks is None or result.segmentation_mask is None:
             return PoseObservation(None, None)
-        kp = np.array([[lm.x * w, lm.y * h, lm.visibility] for lm in result.pose_landmarks.landmark],
-                      np.float32)  # fmt: skip
+        kp = np.array(
+            [[lm.x * w, lm.y * h, lm.visibility] for lm in result.pose_landmarks.landmark],
+            np.float32,
+        )
         return PoseObservation(kp, np.asarray(result.segmentation_mask, np.float32))
 
     def detect(self, image: Image.Image) -> list[Detection]:

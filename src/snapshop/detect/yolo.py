@@ -98,14 +98,24 @@ def cxcywh_to_xyxy(boxes: NDArray[np.float32]) -> NDArray[np.float32]:
 def nms(boxes: NDArray[np.float32], scores: NDArray[np.float32], iou_threshold: float) -> list[int]:
     """Greedy non-maximum suppression: indices kept, best first. ``boxes`` (N, 4) xyxy."""
     order = np.argsort(-scores, kind="stable")
-    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(
+        boxes[:, 3] - boxes[:, 1], 0, None
+    )
     keep: list[int] = []
     while order.size:
         i = int(order[0])
         keep.append(i)
         rest = order[1:]
-        ix = np.clip(np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0]), 0, None)  # fmt: skip
-        iy = np.clip(np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1]), 0, None)  # fmt: skip
+        ix = np.clip(
+            np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0]),
+            0,
+            None,
+        )
+        iy = np.clip(
+            np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1]),
+            0,
+            None,
+        )
         inter = ix * iy
         union = areas[i] + areas[rest] - inter
         iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
@@ -199,7 +209,9 @@ def to_detections(
     mask = scores >= config.conf_threshold
     xyxy, scores, class_ids = xyxy[mask], scores[mask], class_ids[mask]
     if class_ids.size and int(class_ids.max()) >= len(names):
-        raise ModelError(f"the model predicts class {int(class_ids.max())} but names lists {len(names)}")  # fmt: skip
+        raise ModelError(
+            f"the model predicts class {int(class_ids.max())} but names lists {len(names)}"
+        )
     keep = class_aware_nms(xyxy, scores, class_ids, config.iou_threshold, config.max_detections)
     out = []
     for i in keep:
@@ -221,8 +233,11 @@ def _float_arg(kwargs: dict[str, str], key: str, default: float) -> float:
 
 
 def _config_from(kwargs: dict[str, str]) -> YoloConfig:
-    return YoloConfig(_float_arg(kwargs, "conf", 0.25), _float_arg(kwargs, "iou", 0.45),
-                      int(_float_arg(kwargs, "max_det", 100)))  # fmt: skip
+    return YoloConfig(
+        _float_arg(kwargs, "conf", 0.25),
+        _float_arg(kwargs, "iou", 0.45),
+        int(_float_arg(kwargs, "max_det", 100)),
+    )
 
 
 def _existing(path: str, what: str) -> Path:
@@ -282,8 +297,12 @@ class YoloOnnxDetector:
             if s < 32:
                 raise ConfigError(f"size must be at least 32, got {s}")
             size = (s, s)
-        return cls(_existing(positional[0], "YOLO model"), load_names(kwargs.get("names")),
-                   _config_from(kwargs), size)  # fmt: skip
+        return cls(
+            _existing(positional[0], "YOLO model"),
+            load_names(kwargs.get("names")),
+            _config_from(kwargs),
+            size,
+        )
 
     def detect(self, image: Image.Image) -> list[Detection]:
         pixels, lb = letterbox(image, self.input_size)
@@ -322,7 +341,9 @@ class DarknetDetector:
         try:
             self.net = cv2.dnn.readNetFromDarknet(str(self.cfg), str(self.weights))
         except cv2.error as exc:
-            raise ModelError(f"{self.cfg}, {self.weights}: OpenCV cannot load them ({exc})") from None  # fmt: skip
+            raise ModelError(
+                f"{self.cfg}, {self.weights}: OpenCV cannot load them ({exc})"
+            ) from None
         self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
         self.output_names = list(self.net.getUnconnectedOutLayersNames())
         self.input_size = _darknet_input_size(self.cfg)
@@ -334,8 +355,12 @@ class DarknetDetector:
         positional, kwargs = parse_spec_args(args, {"names", "conf", "iou", "max_det"})
         if len(positional) != 2:
             raise ConfigError("usage: darknet:MODEL.cfg,MODEL.weights[,names=FILE][,conf=C]")
-        return cls(_existing(positional[0], "Darknet cfg"), _existing(positional[1], "Darknet weights"),
-                   load_names(kwargs.get("names")), _config_from(kwargs))  # fmt: skip
+        return cls(
+            _existing(positional[0], "Darknet cfg"),
+            _existing(positional[1], "Darknet weights"),
+            load_names(kwargs.get("names")),
+            _config_from(kwargs),
+        )
 
     def detect(self, image: Image.Image) -> list[Detection]:
         import cv2
@@ -348,7 +373,9 @@ class DarknetDetector:
         rows = np.concatenate([np.asarray(o, np.float32).reshape(-1, o.shape[-1]) for o in outputs])
         n_classes = rows.shape[1] - 5
         if n_classes != len(self.names):
-            raise ModelError(f"the network predicts {n_classes} classes but names lists {len(self.names)}")  # fmt: skip
+            raise ModelError(
+                f"the network predicts {n_classes} classes but names lists {len(self.names)}"
+            )
         # OpenCV's yolo layer already multiplies class probabilities by objectness.
         class_scores = rows[:, 5:]
         class_ids = class_scores.argmax(axis=1).astype(np.int64)

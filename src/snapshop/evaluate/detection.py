@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from snapshop.detect.base import POSITIONS, Box, Detection, Detector, keep_best_per_position, position_of  # fmt: skip
+from snapshop.detect.base import (
+    POSITIONS,
+    Box,
+    Detection,
+    Detector,
+    keep_best_per_position,
+    position_of,
+)
 from snapshop.errors import ConfigError, ManifestError
 
 log = logging.getLogger(__name__)
@@ -39,7 +46,7 @@ def load_ground_truth(boxes_csv: str | Path) -> dict[str, dict[str, Box]]:
     """path -> {position: union box}; every path in the CSV appears, possibly with no boxes."""
     path = Path(boxes_csv)
     try:
-        fh = open(path, newline="")
+        fh = open(path, newline="")  # noqa: SIM115 - closed by the with below
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from None
     out: dict[str, dict[str, Box]] = {}
@@ -63,8 +70,11 @@ def load_ground_truth(boxes_csv: str | Path) -> dict[str, dict[str, Box]]:
             if not (x2 > x1 and y2 > y1):
                 raise ManifestError(f"{path}:{line}: empty box ({x1}, {y1}, {x2}, {y2})")
             old = boxes.get(pos)
-            boxes[pos] = Box(x1, y1, x2, y2) if old is None else Box(
-                min(old.x1, x1), min(old.y1, y1), max(old.x2, x2), max(old.y2, y2))  # fmt: skip
+            boxes[pos] = (
+                Box(x1, y1, x2, y2)
+                if old is None
+                else Box(min(old.x1, x1), min(old.y1, y1), max(old.x2, x2), max(old.y2, y2))
+            )
     if not out:
         raise ManifestError(f"{path}: no rows")
     return out
@@ -86,10 +96,14 @@ class PositionScore:
         return self.true_positive / self.predicted if self.predicted else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ground_truth": self.ground_truth, "predicted": self.predicted,
-                "true_positive": self.true_positive, "recall": round(self.recall, 4),
-                "precision": round(self.precision, 4),
-                "mean_iou_matched_gt": round(float(np.mean(self.ious)), 4) if self.ious else None}  # fmt: skip
+        return {
+            "ground_truth": self.ground_truth,
+            "predicted": self.predicted,
+            "true_positive": self.true_positive,
+            "recall": round(self.recall, 4),
+            "precision": round(self.precision, 4),
+            "mean_iou_matched_gt": round(float(np.mean(self.ious)), 4) if self.ious else None,
+        }
 
 
 @dataclass
@@ -110,12 +124,17 @@ class DetectionReport:
         return float(np.mean(self.latency_ms)) if self.latency_ms else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"detector": self.detector, "images": self.images,
-                "iou_threshold": self.iou_threshold,
-                "positions": {p: s.to_dict() for p, s in self.positions.items()},
-                "latency_ms": {"p50": round(self.latency_p50_ms, 2),
-                               "mean": round(self.latency_mean_ms, 2)},
-                "failed": [{"path": p, "reason": r} for p, r in self.failed]}  # fmt: skip
+        return {
+            "detector": self.detector,
+            "images": self.images,
+            "iou_threshold": self.iou_threshold,
+            "positions": {p: s.to_dict() for p, s in self.positions.items()},
+            "latency_ms": {
+                "p50": round(self.latency_p50_ms, 2),
+                "mean": round(self.latency_mean_ms, 2),
+            },
+            "failed": [{"path": p, "reason": r} for p, r in self.failed],
+        }
 
 
 def score_image(
@@ -162,8 +181,12 @@ def evaluate_detector(
     paths = [p for p in sorted(truth) if where is None or where(p)]
     if limit is not None:
         paths = paths[:limit]
-    report = DetectionReport(getattr(detector, "name", type(detector).__name__), 0, iou_threshold,
-                             {p: PositionScore() for p in POSITIONS})  # fmt: skip
+    report = DetectionReport(
+        getattr(detector, "name", type(detector).__name__),
+        0,
+        iou_threshold,
+        {p: PositionScore() for p in POSITIONS},
+    )
     for path in paths:
         try:
             image = load_image(root / path)

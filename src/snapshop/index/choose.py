@@ -89,4 +89,5 @@ def resolve_index_kind(
     if kind != AUTO:
         return kind, params
     choice = choose_index(n, dim, budget)
-    return choice.kind, {**choice.params, **params.get(choice.kind, {})}
+    override = params.get(choice.kind)  # auto cards key their params by kind: {"hnsw": {...}}
+    return choice.kind, {**choice.params, **(override if isinstance(override, dict) else {})}

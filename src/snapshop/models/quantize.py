@@ -45,7 +45,7 @@ class QuantizeConfig:
     method: str = "minmax"
     seed: int = 0
     activations: str = "uint8"
-    keep_ends_float: bool = False  # leave the first and the last convolution in float
+    keep_ends_float: bool = True  # leave the first and the last convolution in float
 
     def __post_init__(self) -> None:
         if self.method not in ("minmax", "entropy", "percentile"):

@@ -67,7 +67,7 @@ def limit_search_threads(threads: int | None) -> None:
 
     Requests already run in parallel threads; an OpenMP team inside each one oversubscribes
     the cores and spins. Measured on the shared 2-core dev machine (load average ~12): one
-    exact search over 2,913 x 1280 took ~145 ms with 2 OpenMP threads and ~8 ms with 1.
+    exact search over 2,913 x 1280 took 135-161 ms with 2 OpenMP threads and 8-15 ms with 1.
     """
     if threads:
         import faiss

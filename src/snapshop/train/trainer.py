@@ -282,6 +282,26 @@ def _frozen_runner(
     return run_onnx
 
 
+def score_retrieval(
+    query_vecs: NDArray[np.float32],
+    query_products: Sequence[str],
+    gallery_vecs: NDArray[np.float32],
+    gallery_products: Sequence[str],
+    ks: Sequence[int] = (1, 5, 10),
+) -> tuple[dict[int, float], float]:
+    """Product-level Recall@K and mAP@R (no timing): the per-epoch held-out score."""
+    from snapshop.evaluate.retrieval import map_at_r, product_scores, recall_at_k
+
+    products = sorted(set(gallery_products))
+    pid = {p: i for i, p in enumerate(products)}
+    keep = [i for i, p in enumerate(query_products) if p in pid]
+    q_labels = np.array([pid[query_products[i]] for i in keep], dtype=np.int64)
+    g_labels = np.array([pid[p] for p in gallery_products], dtype=np.int64)
+    sims = query_vecs[keep] @ gallery_vecs.T
+    recall = recall_at_k(product_scores(sims, g_labels, len(products)), q_labels, ks)
+    return recall, map_at_r(sims, q_labels, g_labels)
+
+
 def _lr_at(config: TrainConfig, epoch: int) -> float:
     if epoch < config.warmup_epochs:
         return config.lr
@@ -310,13 +330,15 @@ def train(
     export: bool = True,
     data_name: str = "",
     progress: Callable[[dict[str, Any]], None] | None = None,
+    cache_dir: Path | None = None,
 ) -> TrainResult:
     """Train a NormSoftmax embedder on ``train_rows`` (product_id = class), export it to
     ``out_dir`` (model.onnx + model.json). ``eval_rows`` (query/gallery, products disjoint from
     the training ones) are scored after every epoch; ``gallery_where`` adds a second protocol.
+    Frozen features are cached in ``cache_dir`` (default ``out_dir/cache``), keyed by the
+    images and the settings that change them, so runs that differ in head settings share them.
     """
     from snapshop.data.manifest import matches
-    from snapshop.evaluate.retrieval import evaluate_embeddings
     from snapshop.models.card import sha256_file
     from snapshop.models.efficientnet_lite import weights_path
     from snapshop.models.export import save_model
@@ -355,7 +377,7 @@ def train(
     loss_fn = NormSoftmaxLoss(config.dim, len(classes), config.temperature).to(device)
     label_of = {c: i for i, c in enumerate(classes)}
 
-    cache_dir = out_dir / "cache"
+    cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     n_views = config.views if config.cache else 1
     if config.cache:
         train_feats, kept = compute_frozen(top, train_rows, size, n_views, config, config.seed,
@@ -413,8 +435,8 @@ def train(
             g = [i for i, r in enumerate(eval_kept) if r.role == "gallery" and matches(r, where)]
             if not q or not g:
                 continue
-            report = evaluate_embeddings(
-                name, vecs[q], [eval_kept[i].product_id for i in q],
+            recall, map_r = score_retrieval(
+                vecs[q], [eval_kept[i].product_id for i in q],
                 vecs[g], [eval_kept[i].product_id for i in g], ks=(1, 5, 10),
             )  # fmt: skip
             key = (
@@ -422,8 +444,8 @@ def train(
                 if name == "all"
                 else "photo_to_" + ",".join(f"{k}={v}" for k, v in where.items())
             )
-            metrics[key] = {f"R@{k}": round(v, 4) for k, v in report.recall.items()}
-            metrics[key]["mAP@R"] = round(report.map_at_r, 4)
+            metrics[key] = {f"R@{k}": round(v, 4) for k, v in recall.items()}
+            metrics[key]["mAP@R"] = round(map_r, 4)
         return metrics
 
     for epoch in range(start_epoch, config.epochs):
