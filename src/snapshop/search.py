@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -158,33 +159,22 @@ class Searcher:
         # must never run beside another thread's search.
         self.auto_refresh = True
 
-    def _hits(
-        self, found: list[tuple[int, float, int]], crops: dict[int, Any] | None = None
-    ) -> list[ProductHit]:
+    def _hits(self, found: list[tuple[int, float, int]], crops: bool = False) -> list[ProductHit]:
+        """Hits for ``found`` [(product, score, entry)]; entries are crop ids when ``crops``."""
         products = self.catalog.store.products_by_ids([p for p, _, _ in found])
+        crop_rows = self.catalog.store.crop_rows([e for _, _, e in found]) if crops else {}
         out = []
         for product_id, score, entry in found:
             p = products.get(product_id)
-            if p is None:  # deleted between search and lookup
+            if p is None or (crops and entry not in crop_rows):  # deleted meanwhile
                 continue
             image_id, crop_id, box = entry, None, None
-            if crops is not None:
-                crop_row = crops[entry][0]
+            if crops:
+                crop_row = crop_rows[entry][0]
                 image_id, crop_id, box = crop_row.image_id, entry, crop_row.box
             out.append(ProductHit(p.id, p.sku, p.title, p.url, p.price, p.currency, p.category,
                                   score, image_id, crop_id, box))  # fmt: skip
         return out
-
-    def _crop_owners(self, crop_info: dict[int, Any]) -> Callable[[list[int]], dict[int, int]]:
-        """crop ids -> product ids; the crop rows looked up are kept in ``crop_info``."""
-        store = self.catalog.store
-
-        def owner_of(ids: list[int]) -> dict[int, int]:
-            rows = store.crop_rows(ids)
-            crop_info.update(rows)
-            return {cid: product for cid, (_, product) in rows.items()}
-
-        return owner_of
 
     def _accept(self, filters: ProductFilter | None) -> Callable[[int], bool] | None:
         if filters is None or not filters.active:
@@ -253,24 +243,23 @@ class Searcher:
         image_index = self.catalog.index(None)
         image_results: list[ProductHit] = []
         if image_index is not None and box is None:
-            found = top_products(image_index, vectors[0], k, store.image_product_map, accept)
-            image_results = self._hits(found)
+            owners = functools.partial(self.catalog.owners, None)
+            image_results = self._hits(top_products(image_index, vectors[0], k, owners, accept))
 
         item_results: list[ItemResult] = []
         for (pos, label, score, region_box), vec in zip(regions, vectors[1:], strict=True):
             targets = [pos] if pos != "box" else store.crop_positions()
             merged: list[tuple[int, float, int]] = []
-            crop_info: dict[int, Any] = {}
-            owner_of = self._crop_owners(crop_info)
             for target in targets:
                 index = self.catalog.index(target)
                 if index is None:
                     continue
-                merged += top_products(index, vec, k, owner_of, accept)
+                owners = functools.partial(self.catalog.owners, target)
+                merged += top_products(index, vec, k, owners, accept)
             best: dict[int, tuple[int, float, int]] = {}
             for item in sorted(merged, key=lambda t: -t[1]):
                 best.setdefault(item[0], item)
-            hits = self._hits(list(best.values())[:k], crop_info)
+            hits = self._hits(list(best.values())[:k], crops=True)
             item_results.append(ItemResult(pos, label, score, region_box.as_tuple(), hits))
         timings["search"] = (time.perf_counter() - t3) * 1e3
         timings["total"] = (time.perf_counter() - t0) * 1e3

@@ -62,6 +62,7 @@ class Catalog:
         self._lock = threading.RLock()
         self._flock_depth = 0  # write_lock nesting in the thread that holds self._lock
         self.indexes: dict[str, VectorIndex] = {}
+        self._owner_cache: dict[str, dict[int, int]] = {}
         self._generation = -1
         self.refresh(force=True)
 
@@ -182,6 +183,9 @@ class Catalog:
         missing = np.setdiff1d(want, have, assume_unique=True)
         if len(extra):
             index.remove(extra)
+            cache = self._owner_cache.get(name, {})
+            for entry in extra.tolist():
+                cache.pop(entry, None)
         for ids, vecs in self.store.iter_vectors(table, self.dim, ids=missing.tolist()):
             index.add(ids, vecs)
         if len(extra) or len(missing):
@@ -211,6 +215,24 @@ class Catalog:
                 )
             self._generation = generation
 
+    def owners(self, position: str | None, ids: list[int]) -> dict[int, int]:
+        """Index entry ids (image ids, or crop ids of ``position``) -> product ids.
+
+        Search ranks by product, so it asks this for every neighbour it fetches; an image's
+        product never changes, so answers are cached in memory and only misses hit SQLite.
+        """
+        with self._lock:
+            cache = self._owner_cache.setdefault(index_name(position), {})
+            missing = [i for i in ids if i not in cache]
+            if missing:
+                if position is None:
+                    cache.update(self.store.image_product_map(missing))
+                else:
+                    cache.update(
+                        {cid: pid for cid, (_, pid) in self.store.crop_rows(missing).items()}
+                    )
+            return {i: cache[i] for i in ids if i in cache}
+
     def add_vectors(
         self, position: str | None, ids: NDArray[np.int64], vectors: NDArray[np.float32]
     ) -> None:
@@ -219,6 +241,9 @@ class Catalog:
 
     def remove_vectors(self, image_ids: list[int], crop_ids: list[int]) -> None:
         with self._lock:
+            for name, cache in self._owner_cache.items():
+                for entry in image_ids if name == IMAGES else crop_ids:
+                    cache.pop(entry, None)
             if image_ids and IMAGES in self.indexes:
                 self.indexes[IMAGES].remove(np.array(image_ids, dtype=np.int64))
             if crop_ids:

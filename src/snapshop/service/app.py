@@ -165,6 +165,30 @@ def _open_searcher(settings: ServiceSettings, detector: Detector | None) -> Sear
         raise
 
 
+def _install_offline_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the ``swagger-ui-bundle`` package, not a CDN (closed networks)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    try:
+        import swagger_ui_bundle
+    except ImportError:  # pragma: no cover - the dependency is declared
+        return
+    app.mount(
+        "/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), "docs-assets"
+    )
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="snapshop API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
+
+
 def create_app(
     settings: ServiceSettings,
     *,
@@ -194,9 +218,11 @@ def create_app(
         version="1",
         summary="Visual search for e-commerce: photograph a product, find similar ones.",
         responses=ERRORS,
+        docs_url=None,
     )
     app.state.snapshop = state
     install_error_handlers(app)
+    _install_offline_docs(app)
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next: Any) -> Response:

@@ -101,6 +101,7 @@ class ServiceState:
         detector = searcher.detector
         if detector is not None and not getattr(detector, "thread_safe", False):
             searcher.detector = SerialDetector(detector)
+        searcher.auto_refresh = False  # ensure_fresh refreshes under the write lock instead
         self.searcher = searcher
         self.catalog = searcher.catalog
         self.lock = ReadWriteLock()
