@@ -81,6 +81,7 @@ def main() -> None:
     hits = {"image": [0, 0, 0], "upper": [0, 0, 0], "lower": [0, 0, 0]}  # R@1, R@5, n
     found_pos = {"upper": 0, "lower": 0}
     detect_ms, total_ms = [], []
+    stages: dict[str, list[float]] = {}
     for i, r in enumerate(rows):
         photo = Image.open(args.dataset / r["path"]).convert("RGB")
         labels = np.asarray(Image.open(args.dataset / "masks" / f"{r['image_id']}.png"))
@@ -90,6 +91,8 @@ def main() -> None:
         result = searcher.search(query, k=k_max)
         detect_ms.append(result.timings_ms["detect"])
         total_ms.append(result.timings_ms["total"])
+        for stage, ms in result.timings_ms.items():
+            stages.setdefault(stage, []).append(ms)
         sku = f"ccp-{r['image_id']}"
         lists = {"image": [h.sku for h in result.image_results]}
         for item in result.item_results:
@@ -119,6 +122,7 @@ def main() -> None:
         f" whole query (decode+detect+embed+search): p50 {np.median(total_ms):.1f},"
         f" mean {np.mean(total_ms):.1f}"
     )
+    print("stage p50 ms: " + ", ".join(f"{k} {np.median(v):.1f}" for k, v in stages.items()))
 
 
 if __name__ == "__main__":

@@ -3,20 +3,20 @@
 Pipeline for one image:
 
 1. mediapipe 0.10.21 BlazePose (bundled full model, static images) gives 33 keypoints and a
-   person segmentation mask. No confident person (shoulders and hips) -> one whole-product box
-   (``label="product"``, ``position=None``): the foreground's bounding box against the border
-   colour, or the whole image. Position None means no garment crop is stored or searched; the
-   image is still searched as a whole image.
-2. The body axis from the shoulders to below the ankles is cut into bins of a tenth of the
-   torso length. Each bin gets colour/skin/coverage features of the *garment pixels* (person
-   mask minus skin; skin from a colour lookup table learned on CCP pixel labels), measured
-   relative to the chest, thigh and shin colours (see :func:`bin_features`).
-3. A tiny MLP (weights in ``detect/weights/pose_bins.npz``, fitted on CCP's even image ids by
-   :mod:`snapshop.detect.pose_fit`) says for every bin whether it lies in the upper garment
-   and in the lower garment. A dress is one garment from the shoulders down, so its bins are
-   *upper* and no lower box is produced; trousers/skirts/shorts make a *lower* run.
-4. Each run's vertical extent, tightened horizontally to the garment pixels inside it, is the
-   box; the score is the run's mean probability.
+   person segmentation mask. No confident person (both shoulders and hips visible) -> one
+   whole-product box (``label="product"``, ``position=None``): the bounding box of what
+   differs from the border colour, or the whole image. Position None means no garment crop is
+   stored or searched; the image is still searched as a whole image.
+2. The image is cut into cells of 8 x 8 px. Each cell gets features relative to the body
+   (:func:`pixel_features`): colour, skin probability (a colour table learned on CCP's skin
+   pixels), person probability, height from the hips / knees / ankles in torso lengths,
+   offset from the body axis, and colour distances to the person's chest, thigh and shin.
+3. A tiny per-cell classifier (:class:`GarmentSegmenter`, 7.6 KB ONNX, fitted on CCP's even
+   image ids by :mod:`snapshop.detect.pose_fit`) labels cells other / upper / lower. A dress
+   is labelled *upper* from shoulders to hem, so it yields no lower box unless enough cells
+   look like a lower garment (``min_area``).
+4. Each class's box spans the rows and columns holding at least ``line_fraction`` of its
+   busiest row / column (robust to stray cells); its score is the mean class probability.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ class PoseConfig:
     min_visibility: float = 0.5
     mask_threshold: float = 0.5
     upper_threshold: float = 0.5
-    lower_threshold: float = 0.5
-    min_area: float = 0.15  # smallest garment area kept, in squared torso lengths
-    line_fraction: float = 0.1  # box edges: rows/columns with >= this share of the busiest
+    lower_threshold: float = 0.4
+    min_area: float = 0.3  # smallest garment area kept, in squared torso lengths
+    line_fraction: float = 0.2  # box edges: rows/columns with >= this share of the busiest
 
     def __post_init__(self) -> None:
         for name in ("min_visibility", "mask_threshold", "upper_threshold", "lower_threshold"):

@@ -24,6 +24,27 @@ def _pyplot():  # noqa: ANN202 - matplotlib's module
     return plt
 
 
+def _save(fig: object, path: Path, colours: int = 0) -> Path:
+    """Save a figure as PNG; with ``colours``, palette-quantised to keep photo grids small."""
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)  # type: ignore[attr-defined]
+    plt.close(fig)
+    if colours:
+        compact_png(path, colours)
+    return path
+
+
+def compact_png(path: Path, colours: int = 128) -> None:
+    """Re-save a PNG with an adaptive palette of ``colours`` colours (about 4x smaller)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(colors=colours, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
+
+
 def plot_recall(reports: Sequence[RetrievalReport], path: Path, title: str = "") -> Path:
     """Recall@K (log-scaled K) with one line per model."""
     if not reports:
@@ -42,11 +63,7 @@ def plot_recall(reports: Sequence[RetrievalReport], path: Path, title: str = "")
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _thumb(path: str, size: int = 96) -> np.ndarray:
@@ -106,8 +123,4 @@ def plot_grid(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path, colours=128)
