@@ -53,7 +53,7 @@ def main() -> None:
         print(f"generated {args.images} images in {time.perf_counter() - t:.0f} s", flush=True)
     n = len(read_source(args.folder))
     print(f"{n} images in {args.folder}, {args.size}px JPEG, detector {args.detector}")
-    print("| model | workers | batch | images | seconds | images/s | peak RSS main / workers MB |")
+    print("| model | workers | batch | images | seconds | images/s | peak RSS main MB |")
     print("|---|---|---|---|---|---|---|", flush=True)
     for model in args.model:
         api.load_embedder(model)  # export once, outside the timing
@@ -67,11 +67,10 @@ def main() -> None:
             finally:
                 shutil.rmtree(out, ignore_errors=True)
             main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
-            kids_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e3
             name = Path(model).name if Path(model).exists() else model
             print(f"| {name} | {workers} | {args.batch_size} | {report.added} |"
                   f" {report.seconds:.1f} | {report.images_per_second:.1f} |"
-                  f" {main_mb:.0f} / {kids_mb:.0f} |", flush=True)  # fmt: skip
+                  f" {main_mb:.0f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -336,6 +336,7 @@ class PoseDetector:
     """``pose``: mediapipe BlazePose + segmentation, then :func:`boxes_from_observation`."""
 
     name = "pose"
+    thread_safe = True  # one mediapipe graph, serialised by a lock
 
     def __init__(
         self, config: PoseConfig = PoseConfig(), model: GarmentSegmenter | None = None

@@ -250,6 +250,8 @@ def _existing(path: str, what: str) -> Path:
 class YoloOnnxDetector:
     """A YOLO model exported to ONNX, run with ONNX Runtime (input ``[1, 3, H, W]`` RGB 0-1)."""
 
+    thread_safe = True  # ONNX Runtime sessions may run concurrently
+
     def __init__(
         self,
         model_path: str | Path,

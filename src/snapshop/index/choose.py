@@ -18,9 +18,11 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-# Single-query exact scan throughput (bytes of float32 vectors read per ms) measured on the
-# 2-core development machines while loaded: flat 100k x 1280 p50 (see docs/benchmarks.md).
-EXACT_BYTES_PER_MS = 25e6
+# Single-query exact scan throughput (bytes of float32 vectors read per ms), measured with
+# benchmarks/index_latency.py on the shared 2-core machines under load (2.0-2.8 GB/s at
+# 100k-1M x 256 and 100k x 1280; docs/benchmarks.md). A quiet machine scans ~10x faster:
+# pass IndexBudget(exact_bytes_per_ms=...) to move the switch-over up.
+EXACT_BYTES_PER_MS = 2.5e6
 HNSW_M = 32
 
 
