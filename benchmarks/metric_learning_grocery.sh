@@ -10,11 +10,20 @@ snapshop prepare "$DATA" --out "$RUN/split.csv" --test-fraction 0.4 --max-images
   --keep-roles --seed 0
 snapshop -v train --manifest "$RUN/split.csv" --out "$RUN/lite2-head" \
   --eval-gallery-where domain=iconic --epochs 8 --views 3
-for protocol in all iconic; do
+for protocol in all catalog; do
   where=(--query-where split=test --gallery-where split=test)
-  [[ $protocol == iconic ]] && where+=(--gallery-where domain=iconic)
+  [[ $protocol == catalog ]] && where+=(--gallery-where domain=iconic)
   snapshop evaluate --manifest "$RUN/split.csv" -m efficientnet_lite2 -m "$RUN/lite2-head" \
     -k 1 -k 2 -k 4 -k 5 -k 8 -k 10 -k 100 "${where[@]}" \
     --plot "docs/img/grocery-heldout-$protocol-recall.png" \
     --grid "docs/img/grocery-heldout-$protocol-grid.png" --json-out "$RUN/eval-$protocol.json"
+done
+# Model B: the last MBConv block + head conv train too (cached block-19 outputs).
+snapshop -v train --manifest "$RUN/split.csv" --out "$RUN/lite2-last1" \
+  --eval-gallery-where domain=iconic --epochs 6 --lr-step 3 --views 3 --train-blocks 1
+for protocol in all catalog; do
+  where=(--query-where split=test --gallery-where split=test)
+  [[ $protocol == catalog ]] && where+=(--gallery-where domain=iconic)
+  snapshop evaluate --manifest "$RUN/split.csv" -m "$RUN/lite2-last1" \
+    -k 1 -k 2 -k 4 -k 5 -k 8 -k 10 -k 100 "${where[@]}" --json-out "$RUN/eval-$protocol-last1.json"
 done

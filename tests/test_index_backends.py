@@ -321,3 +321,44 @@ def open_catalog_with_budget(directory: Path, opener: Callable[[Path], Any]) -> 
 
     with mock.patch("snapshop.catalog.catalog.resolve_index_kind", resolve):
         return opener(directory)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("kind", ["pgvector", "milvus"])
+def test_catalog_on_server_backend(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A catalog whose card names a server backend keeps a pointer per index and reconnects."""
+    from snapshop.catalog.catalog import create_catalog, open_catalog
+
+    params = (
+        {"dsn": request.getfixturevalue("pg_dsn")}
+        if kind == "pgvector"
+        else {"uri": request.getfixturevalue("milvus_uri")}
+    )
+    rng = np.random.default_rng(8)
+    vecs = unit(rng, 12, 16)
+    cat = create_catalog(tmp_path / "c", model_id="m", model_ref="m", dim=16, index_kind=kind,
+                         index_params=params)  # fmt: skip
+    with cat.write_lock(), cat.store.transaction() as db:
+        pid = cat.store.upsert_product(db, "sku-1")
+        image_ids = [
+            cat.store.insert_image(db, pid, source=f"{i}.jpg", blob=None, sha256=f"{i:064x}",
+                                   width=4, height=4, vector=v)[0]
+            for i, v in enumerate(vecs)
+        ]  # fmt: skip
+    cat.refresh()
+    cat.save_indexes()
+    pointer = tmp_path / "c" / "index" / "images.faiss"
+    assert pointer.read_text().lstrip().startswith("{")  # a JSON pointer, not vectors
+    cat.close()
+    reopened = open_catalog(tmp_path / "c")
+    try:
+        index = reopened.index(None)
+        assert index is not None and index.kind == kind
+        assert sorted(index.ids().tolist()) == sorted(image_ids)
+        assert index.search(vecs[:3], 1).ids[:, 0].tolist() == image_ids[:3]
+    finally:
+        reopened.close()
+        if index is not None:
+            index.drop()  # type: ignore[attr-defined]

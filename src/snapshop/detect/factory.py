@@ -72,6 +72,13 @@ def _darknet(args: str) -> Detector:
     return DarknetDetector.from_spec(args)
 
 
+def _segmenter(args: str) -> Detector:
+    from snapshop.detect.segmenter import SegmenterDetector
+
+    return SegmenterDetector.from_spec(args)
+
+
 register_detector("pose", _pose)
 register_detector("yolo", _yolo)
 register_detector("darknet", _darknet)
+register_detector("segmenter", _segmenter)

@@ -158,7 +158,9 @@ def _open_searcher(settings: ServiceSettings, detector: Detector | None) -> Sear
     try:
         threads = {"threads": settings.embed_threads} if settings.embed_threads else {}
         embedder = load_embedder(settings.model or catalog.model_ref, **threads)
-        det = detector if detector is not None else create_detector(settings.detector)
+        # No detector setting: use the one the catalog's crops came from.
+        spec = settings.detector if settings.detector is not None else catalog.detector
+        det = detector if detector is not None else create_detector(spec)
         return Searcher(catalog, embedder, det)  # checks the catalog's model id
     except BaseException:
         catalog.close()

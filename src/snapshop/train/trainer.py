@@ -350,8 +350,7 @@ def train(
     if len(classes) < 2:
         raise ConfigError(f"training needs at least 2 products, got {len(classes)}")
     if eval_rows:
-        overlap = classes_set = set(classes)
-        overlap = classes_set & {r.product_id for r in eval_rows}
+        overlap = set(classes) & {r.product_id for r in eval_rows}
         if overlap:
             raise ConfigError(
                 f"{len(overlap)} evaluation products are also training products"

