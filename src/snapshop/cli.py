@@ -36,7 +36,8 @@ ModelOpt = Annotated[
     ),
 ]
 DetectorOpt = Annotated[
-    str | None, typer.Option("--detector", help="Garment detector: none, pose, yolo:FILE.onnx, ...")
+    str | None,
+    typer.Option("--detector", help="Garment detector: none, segmenter, pose, yolo:FILE.onnx, ..."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
@@ -484,8 +485,8 @@ def evaluate_detector(
         Path | None, typer.Option(help="Folder the CSV paths are relative to (default: its own).")
     ] = None,
     detector: Annotated[
-        str, typer.Option("--detector", help="Detector spec: pose, yolo:FILE.onnx, ...")
-    ] = "pose",
+        str, typer.Option("--detector", help="Detector spec: segmenter, pose, yolo:FILE.onnx, ...")
+    ] = "segmenter",
     iou: Annotated[float, typer.Option(min=0.01, max=1.0, help="IoU for a match.")] = 0.5,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images.")] = None,
     json_out: Annotated[

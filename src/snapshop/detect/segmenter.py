@@ -13,11 +13,13 @@ Pipeline for one image:
    convs: per-cell logits for other / upper (top, outwear) / lower (trousers, shorts, skirt) /
    dress (dress, romper).
 3. Logits are upsampled (bilinear) to the resized image, softmaxed and labelled by argmax.
-   *Upper* pixels are upper + dress, *lower* pixels are lower only, so a dress yields one upper
-   box and no lower box. Each position's box is the extent of its connected components that
-   hold at least ``keep_fraction`` of the largest one (after a small morphological opening);
-   a position is skipped when it covers less than ``min_area`` of the image. The score is the
-   mean probability of the position's classes over its kept pixels.
+   *Upper* pixels are upper + dress, *lower* pixels are lower only; when at least
+   ``dress_share`` of the upper region is dress, the photo shows a dress: one upper box
+   (label ``dress``) and no lower box. Each position's box is the extent of its connected
+   components that hold at least ``keep_fraction`` of the largest one (after an optional
+   morphological opening); a position is skipped when it covers less than ``min_area`` of the
+   image. The score is the mean probability of the position's classes over its kept pixels.
+   Box-extraction thresholds come from the model card (chosen on the even ids).
 """
 
 from __future__ import annotations
@@ -59,14 +61,17 @@ class SegmenterConfig:
 
     long_side: int = 320
     min_area: float = 0.01  # smallest garment region kept, as a fraction of the image area
-    keep_fraction: float = 0.2  # components smaller than this share of the largest are dropped
-    open_px: int = 3  # morphological opening kernel (px at the resized scale); 0 = none
+    keep_fraction: float = 0.05  # components smaller than this share of the largest are dropped
+    open_px: int = 0  # morphological opening kernel (px at the resized scale); 0 = none
+    dress_share: float = 0.5  # upper region at least this much dress -> a dress: no lower box
 
     def __post_init__(self) -> None:
         if self.long_side < STRIDE or self.long_side % STRIDE:
             raise ConfigError(f"long_side must be a positive multiple of {STRIDE}")
         if not 0.0 <= self.min_area < 1.0 or not 0.0 <= self.keep_fraction <= 1.0:
             raise ConfigError("min_area must be in [0, 1) and keep_fraction in [0, 1]")
+        if not 0.0 < self.dress_share <= 1.0:
+            raise ConfigError("dress_share must be in (0, 1]")
         if self.open_px < 0:
             raise ConfigError("open_px must be >= 0")
 
@@ -177,7 +182,7 @@ class Trunk:
     def __init__(self, path: Path | None = None) -> None:
         try:
             self.session = _session(path or trunk_onnx_path())
-        except ImportError:
+        except ImportError:  # the backbone package is missing: its message says what to install
             raise
         except Exception as exc:  # onnxruntime / export raise untyped errors
             raise ModelError(f"segmenter trunk: cannot load ({exc})") from None
@@ -190,8 +195,10 @@ class Trunk:
 # The trainable head (torch for fitting, ONNX for inference)
 
 
-def build_head(width: int = 64, num_classes: int = len(CLASSES)) -> Any:
-    """:class:`SegHead`: (s8, s16, s32) -> (N, num_classes, H/8, W/8) logits."""
+def build_head(width: int = 64, num_classes: int = len(CLASSES), dropout: float = 0.0) -> Any:
+    """:class:`SegHead`: (s8, s16, s32) -> (N, num_classes, H/8, W/8) logits.
+
+    ``dropout`` (channel dropout on the fused features) acts in training only."""
     import torch
     from torch import nn
 
@@ -200,6 +207,7 @@ def build_head(width: int = 64, num_classes: int = len(CLASSES)) -> Any:
             super().__init__()
             lat = width // 2
             self.lateral = nn.ModuleList(nn.Conv2d(c, lat, 1) for c in FEATURE_CHANNELS)
+            self.drop = nn.Dropout2d(dropout)
             self.fuse = nn.Sequential(
                 nn.Conv2d(3 * lat, width, 3, padding=1),
                 nn.ReLU(inplace=True),
@@ -213,7 +221,7 @@ def build_head(width: int = 64, num_classes: int = len(CLASSES)) -> Any:
             a = f.relu(self.lateral[0](s8))
             b = f.interpolate(f.relu(self.lateral[1](s16)), scale_factor=2.0, mode="bilinear")
             c = f.interpolate(f.relu(self.lateral[2](s32)), scale_factor=4.0, mode="bilinear")
-            return self.fuse(torch.cat([a, b, c], dim=1))
+            return self.fuse(self.drop(torch.cat([a, b, c], dim=1)))
 
     return SegHead()
 
@@ -309,19 +317,21 @@ def boxes_from_probabilities(
     """
     labels = probs.argmax(axis=2)
     out: list[Detection] = []
+    is_dress = False
     for position, classes in ((UPPER, (UPPER_CLS, DRESS_CLS)), (LOWER, (LOWER_CLS,))):
+        if position == LOWER and is_dress:
+            continue
         found = _region_box(np.isin(labels, classes), config)
         if found is None:
             continue
         (x1, y1, x2, y2), kept = found
+        if position == UPPER:
+            is_dress = float((labels[kept] == DRESS_CLS).mean()) >= config.dress_share
         box = Box(x1 / scale, y1 / scale, x2 / scale, y2 / scale)
         if image_size is not None:
             box = box.clip(*image_size)
         score = float(probs[..., list(classes)].sum(axis=2)[kept].mean())
-        label = position
-        if position == UPPER:
-            dress = float(probs[..., DRESS_CLS][kept].mean())
-            label = "dress" if dress > 0.5 else UPPER
+        label = "dress" if position == UPPER and is_dress else position
         out.append(Detection(box, label, position, score))
     return out
 
@@ -354,12 +364,13 @@ class SegmenterDetector:
         try:
             self.card: dict[str, Any] = json.loads(card_src.read_text())
             self.head = _session(head_src.read_bytes(), threads=1)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"garment segmenter {head_src}: unreadable ({exc})") from None
-        except Exception as exc:  # onnxruntime raises untyped errors
+        except Exception as exc:  # OSError, bad JSON, and onnxruntime's untyped errors
             raise ModelError(f"garment segmenter {head_src}: unreadable ({exc})") from None
         if config is None:
-            config = SegmenterConfig(**self.card.get("config", {}))
+            try:
+                config = SegmenterConfig(**self.card.get("config", {}))
+            except (TypeError, ConfigError) as exc:
+                raise ModelError(f"garment segmenter {card_src}: bad config ({exc})") from None
         self.config = config
         self._trunk = trunk
         self._lock = threading.Lock()

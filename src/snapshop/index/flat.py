@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,25 @@ from snapshop.index.base import SearchHits, check_ids, check_vectors
 # faiss only uses BLAS for batches over this many queries; the default (20) routes small
 # batches through a slow scalar path on these CPUs (see shared/NOTES.md).
 faiss.cvar.distance_compute_blas_threshold = 1
+
+# A query or a few run on one OpenMP thread. Requests already arrive on parallel threads, and a
+# team of 2 per search makes OpenMP spin on a busy 2-core machine: at load average 3.6, one
+# query over 641 x 512 took 24 ms with 2 threads and 0.3 ms with 1; over 100k x 256, 40 vs 18 ms.
+SINGLE_THREAD_MAX_QUERIES = 16
+
+
+@contextmanager
+def omp_threads(n: int) -> Iterator[None]:
+    """Run faiss with ``n`` OpenMP threads on the calling thread (the setting is per thread)."""
+    previous = faiss.omp_get_max_threads()
+    if previous == n:
+        yield
+        return
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def write_faiss_atomic(index: faiss.Index, path: Path) -> None:
@@ -65,7 +86,11 @@ class FlatIndex:
         if len(self) == 0 or len(queries) == 0:
             q = len(queries)
             return SearchHits(np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64))
-        scores, ids = self._index.search(queries, k)
+        if len(queries) <= SINGLE_THREAD_MAX_QUERIES:
+            with omp_threads(1):
+                scores, ids = self._index.search(queries, k)
+        else:
+            scores, ids = self._index.search(queries, k)
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
         return SearchHits(scores, ids.astype(np.int64))
 
