@@ -27,9 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
-import warnings
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -129,7 +127,7 @@ def trunk_onnx_path() -> Path:
     """
     from snapshop.models.card import sha256_file
     from snapshop.models.efficientnet_lite import weights_path
-    from snapshop.models.export import snapshop_home
+    from snapshop.models.export import export_module_onnx, snapshop_home
 
     digest = sha256_file(weights_path(BACKBONE))[:16]
     path = snapshop_home() / "detect" / f"{BACKBONE}_s8s16s32_{digest}.onnx"
@@ -138,31 +136,19 @@ def trunk_onnx_path() -> Path:
     import torch
 
     log.info("exporting the %s feature trunk to %s", BACKBONE, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        # SAME padding is traced as constants; they hold for every input size that is a
-        # multiple of 32 (what preprocess feeds), so H and W can stay dynamic.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                _trunk_module(),
-                (torch.zeros(1, 3, 320, 224),),
-                tmp,
-                input_names=["images"],
-                output_names=["s8", "s16", "s32"],
-                dynamic_axes={
-                    "images": {0: "batch", 2: "height", 3: "width"},
-                    **{k: {0: "batch", 2: f"h_{k}", 3: f"w_{k}"} for k in ("s8", "s16", "s32")},
-                },
-                opset_version=ONNX_OPSET,
-                dynamo=False,
-            )
-        os.chmod(tmp, 0o644)
-        Path(tmp).replace(path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    # SAME padding is traced as constants; they hold for every input size that is a
+    # multiple of 32 (what preprocess feeds), so H and W can stay dynamic.
+    export_module_onnx(
+        _trunk_module(),
+        (torch.zeros(1, 3, 320, 224),),
+        path,
+        input_names=["images"],
+        output_names=["s8", "s16", "s32"],
+        dynamic_axes={
+            "images": {0: "batch", 2: "height", 3: "width"},
+            **{k: {0: "batch", 2: f"h_{k}", 3: f"w_{k}"} for k in ("s8", "s16", "s32")},
+        },
+    )
     return path
 
 
@@ -230,35 +216,24 @@ def export_head(head: Any, path: Path) -> None:
     """Write the head as ONNX (dynamic batch / size), atomically."""
     import torch
 
-    head = head.eval()
+    from snapshop.models.export import export_module_onnx
+
     dummy = (
         torch.zeros(1, FEATURE_CHANNELS[0], 40, 28),
         torch.zeros(1, FEATURE_CHANNELS[1], 20, 14),
         torch.zeros(1, FEATURE_CHANNELS[2], 10, 7),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                head,
-                dummy,
-                tmp,
-                input_names=["s8", "s16", "s32"],
-                output_names=["logits"],
-                dynamic_axes={
-                    **{k: {0: "batch", 2: f"h_{k}", 3: f"w_{k}"} for k in ("s8", "s16", "s32")},
-                    "logits": {0: "batch", 2: "h", 3: "w"},
-                },
-                opset_version=ONNX_OPSET,
-                dynamo=False,
-            )
-        os.chmod(tmp, 0o644)
-        Path(tmp).replace(path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    export_module_onnx(
+        head,
+        dummy,
+        path,
+        input_names=["s8", "s16", "s32"],
+        output_names=["logits"],
+        dynamic_axes={
+            **{k: {0: "batch", 2: f"h_{k}", 3: f"w_{k}"} for k in ("s8", "s16", "s32")},
+            "logits": {0: "batch", 2: "h", 3: "w"},
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,31 +35,52 @@ def snapshop_home() -> Path:
     return Path(os.environ.get("SNAPSHOP_HOME", Path.home() / ".cache" / "snapshop"))
 
 
-def export_onnx(net: EmbeddingNet, path: Path, input_size: int) -> None:
-    """Trace ``net`` to ONNX with a dynamic batch axis; written atomically."""
-    net = net.eval()
-    dummy = torch.zeros(1, 3, input_size, input_size)
+def export_module_onnx(
+    module: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    *,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> None:
+    """Trace ``module`` to ONNX at ``path``, atomically (temp file + rename, world-readable)."""
+    module = module.eval()
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
     os.close(fd)
     try:
-        # The tracer's warnings (constant SAME padding, Slice folding) are expected: the graph
-        # is traced at the fixed input size the embedder always feeds.
+        # The tracer's warnings (constant SAME padding, Slice folding) are expected: SAME
+        # padding is traced for the sizes the callers feed.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                net,
-                (dummy,),
+                module,
+                inputs,
                 tmp_name,
-                input_names=["images"],
-                output_names=["embeddings"],
-                dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )
+        os.chmod(tmp_name, 0o644)
         Path(tmp_name).replace(path)
     finally:
         Path(tmp_name).unlink(missing_ok=True)
+
+
+def export_onnx(net: EmbeddingNet, path: Path, input_size: int) -> None:
+    """Trace ``net`` to ONNX with a dynamic batch axis; written atomically."""
+    export_module_onnx(
+        net,
+        (torch.zeros(1, 3, input_size, input_size),),
+        path,
+        input_names=["images"],
+        output_names=["embeddings"],
+        dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+    )
 
 
 def save_model(

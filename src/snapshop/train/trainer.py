@@ -23,7 +23,6 @@ import logging
 import math
 import random
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from snapshop.data.manifest import ManifestRow
 from snapshop.errors import ConfigError, ImageDecodeError
 from snapshop.images import load_image
 from snapshop.models.embedder import preprocess
+from snapshop.models.export import export_module_onnx
 from snapshop.models.heads import EmbeddingNet, create_embedding_net
 from snapshop.train.augment import AugmentConfig, augment, views
 from snapshop.train.losses import DEFAULT_TEMPERATURE, NormSoftmaxLoss
@@ -260,15 +260,11 @@ def _frozen_runner(
     cache_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = cache_dir / f"frozen-{config.backbone}-{top.boundary}-{top.train_blocks}.onnx"
     if not onnx_path.exists():
-        frozen = _Frozen(top).eval()
-        tmp = onnx_path.with_suffix(".tmp.onnx")
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer notes on constant SAME padding: expected
-            torch.onnx.export(frozen, (torch.zeros(1, 3, size, size),), str(tmp),
-                              input_names=["images"], output_names=["features"],
-                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-                              opset_version=17, dynamo=False)  # fmt: skip
-        tmp.replace(onnx_path)
+        export_module_onnx(
+            _Frozen(top), (torch.zeros(1, 3, size, size),), onnx_path,
+            input_names=["images"], output_names=["features"],
+            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+        )  # fmt: skip
     options = ort.SessionOptions()
     if config.threads:
         options.intra_op_num_threads = config.threads
