@@ -27,3 +27,18 @@ for protocol in all catalog; do
   snapshop evaluate --manifest "$RUN/split.csv" -m "$RUN/lite2-last1" \
     -k 1 -k 2 -k 4 -k 5 -k 8 -k 10 -k 100 "${where[@]}" --json-out "$RUN/eval-$protocol-last1.json"
 done
+# Model C: the last 4 blocks train too; model D: C + each product's catalog image repeated 21x
+# among the training rows, so class-balanced batches usually hold it.
+snapshop -v train --manifest "$RUN/split.csv" --out "$RUN/lite2-last4" \
+  --eval-gallery-where domain=iconic --epochs 9 --lr-step 5 --views 4 --train-blocks 4
+snapshop -v train --manifest "$RUN/split.csv" --out "$RUN/lite2-last4-iconic20" \
+  --eval-gallery-where domain=iconic --epochs 9 --lr-step 5 --views 4 --train-blocks 4 \
+  --repeat-where domain=iconic --repeat 21
+for m in lite2-last4 lite2-last4-iconic20; do
+  for protocol in all catalog; do
+    where=(--query-where split=test --gallery-where split=test)
+    [[ $protocol == catalog ]] && where+=(--gallery-where domain=iconic)
+    snapshop evaluate --manifest "$RUN/split.csv" -m "$RUN/$m" \
+      -k 1 -k 2 -k 4 -k 5 -k 8 -k 10 -k 100 "${where[@]}" --json-out "$RUN/eval-$protocol-${m#lite2-}.json"
+  done
+done

@@ -135,3 +135,21 @@ def test_training_last_block_without_cache_and_guards(tmp_path: Path, demo_rows)
     with pytest.raises(ConfigError, match="not resuming"):
         train(train_rows, tmp_path / "m", _config(epochs=3, dim=16, train_blocks=1, cache=False),
               resume=True, export=False)  # fmt: skip
+
+
+def test_repeat_matching_lists_rare_rows_more_often_in_place() -> None:
+    from snapshop.data.manifest import repeat_matching
+    from snapshop.errors import ManifestError
+
+    rows = [
+        ManifestRow(Path(f"{p}-{i}.jpg"), p, "gallery", {"domain": d})
+        for p in ("a", "b")
+        for i, d in enumerate(("natural", "iconic", "natural"))
+    ]
+    out = repeat_matching(rows, {"domain": "iconic"}, 3)
+    assert len(out) == len(rows) + 2 * 2
+    assert [r.path.name for r in out[:5]] == ["a-0.jpg", "a-1.jpg", "a-1.jpg", "a-1.jpg", "a-2.jpg"]
+    assert repeat_matching(rows, {}, 5) == rows
+    assert repeat_matching(rows, {"domain": "iconic"}, 1) == rows
+    with pytest.raises(ManifestError):
+        repeat_matching(rows, {"domain": "iconic"}, 0)

@@ -416,9 +416,16 @@ def train(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Frozen-feature cache (default OUT/cache); shareable.")
     ] = None,
+    repeat_where: Annotated[
+        list[str] | None,
+        typer.Option(help="Training rows to repeat, COLUMN=VALUE (e.g. domain=iconic)."),
+    ] = None,
+    repeat: Annotated[
+        int, typer.Option(min=1, help="How many times --repeat-where rows are listed.")
+    ] = 1,
 ) -> None:
     """Train a NormSoftmax embedder and export it (model.onnx + model.json) to OUT."""
-    from snapshop.data.manifest import parse_where, read_manifest
+    from snapshop.data.manifest import parse_where, read_manifest, repeat_matching
     from snapshop.train.trainer import TrainConfig, split_rows
     from snapshop.train.trainer import train as train_model
 
@@ -434,6 +441,8 @@ def train(
     e_where = run(lambda: parse_where(eval_where)) or ({"split": "test"} if has_split else None)
     g_where = run(lambda: parse_where(eval_gallery_where)) or None
     train_rows, eval_rows = run(lambda: split_rows(rows, t_where, e_where))
+    r_where = run(lambda: parse_where(repeat_where))
+    train_rows = run(lambda: repeat_matching(train_rows, r_where, repeat))
 
     def show(record: dict[str, Any]) -> None:
         scores = "  ".join(f"{k} R@1 {v['R@1']:.3f}" for k, v in record.items()

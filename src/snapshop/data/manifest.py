@@ -37,6 +37,21 @@ def matches(row: ManifestRow, where: dict[str, str]) -> bool:
     return all(row.extra.get(k) == v for k, v in where.items())
 
 
+def repeat_matching(
+    rows: list[ManifestRow], where: dict[str, str], times: int
+) -> list[ManifestRow]:
+    """Rows matching ``where`` listed ``times`` times, each copy right after the original.
+
+    The class-balanced sampler draws K of a class's rows uniformly, so repeating a class's rare
+    rows (e.g. its one catalog image, ``domain=iconic``) puts them in most of its batches.
+    """
+    if times < 1:
+        raise ManifestError(f"repeat must be >= 1, got {times}")
+    if not where or times == 1:
+        return list(rows)
+    return [copy for row in rows for copy in [row] * (times if matches(row, where) else 1)]
+
+
 def read_manifest(path: Path, root: Path | None = None) -> list[ManifestRow]:
     """Read and validate an evaluation manifest; relative paths resolve against ``root``
     (default: the CSV's folder)."""
