@@ -184,3 +184,20 @@ def test_prepare_writes_a_manifest_with_split_column(tmp_path: Path) -> None:
     assert [(r.path.resolve(), r.product_id, r.role, r.extra["split"]) for r in back] == \
         [(r.path.resolve(), r.product_id, r.role, r.extra["split"]) for r in rows]  # fmt: skip
     assert all(r.path.is_file() for r in back)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"path,product_id\na.jpg,p1\n", "role"),
+        (b"path,product_id,role\na.jpg,p1,query,extra\n", "more fields"),
+        (b"path,product_id,role\n\xff\xfe\x00bad\n", "UTF-8"),
+        (b"path,product_id,role\n", "no rows"),
+        (b"path,product_id,role\n,p1,query\n", "empty path"),
+    ],
+)
+def test_read_manifest_rejects_bad_csv(tmp_path: Path, content: bytes, message: str) -> None:
+    csv_path = tmp_path / "bad.csv"
+    csv_path.write_bytes(content)
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(csv_path)

@@ -52,32 +52,51 @@ def repeat_matching(
     return [copy for row in rows for copy in [row] * (times if matches(row, where) else 1)]
 
 
-def read_manifest(path: Path, root: Path | None = None) -> list[ManifestRow]:
-    """Read and validate an evaluation manifest; relative paths resolve against ``root``
-    (default: the CSV's folder)."""
+def read_manifest(
+    path: Path, root: Path | None = None, default_role: str | None = None
+) -> list[ManifestRow]:
+    """Read and validate a manifest CSV: ``path`` (or ``image_path``), ``product_id``, ``role``.
+
+    Relative paths resolve against ``root`` (default: the CSV's folder). With ``default_role``
+    the ``role`` column is optional and empty roles take that value. Every problem raises
+    :class:`ManifestError` naming the file (and line).
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: file not found")
     root = Path(root) if root else path.parent
     rows: list[ManifestRow] = []
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        missing = [c for c in ("path", "product_id", "role") if c not in header]
-        if missing:
-            raise ManifestError(f"{path}: missing column(s) {missing}")
-        for row in reader:
-            role = (row["role"] or "").strip()
-            if role not in ROLES:
-                raise ManifestError(f"{path}:{reader.line_num}: role {role!r} is not query|gallery")
-            if not (row["path"] or "").strip() or not (row["product_id"] or "").strip():
-                raise ManifestError(f"{path}:{reader.line_num}: empty path or product_id")
-            p = Path(row["path"].strip())
-            extra = {
-                k: (v or "") for k, v in row.items() if k not in ("path", "product_id", "role")
-            }
-            rows.append(ManifestRow(p if p.is_absolute() else root / p, row["product_id"].strip(),
-                                    role, extra))  # fmt: skip
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in reader.fieldnames or []]
+            reader.fieldnames = header
+            path_col = next((c for c in ("path", "image_path") if c in header), None)
+            needed = ["product_id"] + ([] if default_role else ["role"])
+            missing = [c for c in needed if c not in header] + ([] if path_col else ["path"])
+            if missing:
+                raise ManifestError(f"{path}: missing column(s) {missing}; header is {header}")
+            for row in reader:
+                line = reader.line_num
+                if None in row:
+                    raise ManifestError(f"{path}:{line}: more fields than the header has")
+                values = {k: (v or "").strip() for k, v in row.items()}
+                if not any(values.values()):
+                    continue
+                role = values.get("role") or default_role or ""
+                if role not in ROLES:
+                    raise ManifestError(f"{path}:{line}: role {role!r} is not query|gallery")
+                image, product = values[path_col], values["product_id"]  # type: ignore[index]
+                if not image or not product:
+                    raise ManifestError(f"{path}:{line}: empty path or product_id")
+                p = Path(image)
+                own = (path_col, "product_id", "role")
+                extra = {k: v for k, v in values.items() if k not in own}
+                rows.append(ManifestRow(p if p.is_absolute() else root / p, product, role, extra))
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except csv.Error as exc:
+        raise ManifestError(f"{path}: malformed CSV ({exc})") from None
     if not rows:
         raise ManifestError(f"{path}: no rows")
     return rows

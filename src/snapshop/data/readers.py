@@ -17,7 +17,6 @@ Supported layouts:
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
@@ -25,7 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from snapshop.data.manifest import ROLES, ManifestRow
+from snapshop.data.manifest import ManifestRow, read_manifest
+from snapshop.data.sources import read_folder
 from snapshop.errors import ManifestError
 
 log = logging.getLogger(__name__)
@@ -135,47 +135,15 @@ def read_street2shop(root: Path, images: Path | None = None) -> list[ManifestRow
 
 def read_manifest_csv(path: Path) -> list[ManifestRow]:
     """A CSV with ``path`` (or ``image_path``) and ``product_id``; ``role`` defaults to gallery."""
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: file not found")
-    rows: list[ManifestRow] = []
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in reader.fieldnames or []]
-        reader.fieldnames = header
-        path_col = "path" if "path" in header else "image_path" if "image_path" in header else None
-        if path_col is None or "product_id" not in header:
-            raise ManifestError(f"{path}: needs columns path (or image_path) and product_id")
-        for row in reader:
-            values = {k: (v or "").strip() for k, v in row.items() if k is not None}
-            if not any(values.values()):
-                continue
-            image, product = values[path_col], values["product_id"]
-            if not image or not product:
-                raise ManifestError(f"{path}:{reader.line_num}: empty path or product_id")
-            role = values.get("role") or "gallery"
-            if role not in ROLES:
-                raise ManifestError(f"{path}:{reader.line_num}: role {role!r} is not query|gallery")
-            p = Path(image)
-            extra = {k: v for k, v in values.items() if k not in (path_col, "product_id", "role")}
-            extra.setdefault("source", "csv")
-            rows.append(ManifestRow(p if p.is_absolute() else path.parent / p, product, role,
-                                    extra))  # fmt: skip
-    if not rows:
-        raise ManifestError(f"{path}: no rows")
-    return rows
+    return [
+        ManifestRow(r.path, r.product_id, r.role, {"source": "csv", **r.extra})
+        for r in read_manifest(path, default_role="gallery")
+    ]
 
 
 def read_folder_tree(root: Path) -> list[ManifestRow]:
     """``ROOT/<product_id>/<images>`` (nested folders allowed); every image is a gallery row."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ManifestError(f"{root}: not a directory")
-    rows = [
-        ManifestRow(p, d.name, "gallery", {"source": "folder"})
-        for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
-        for p in sorted(d.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    ]  # fmt: skip
+    rows = [ManifestRow(r.path, r.sku, "gallery", {"source": "folder"}) for r in read_folder(root)]
     if not rows:
         raise ManifestError(f"{root}: no images in product sub-folders")
     return rows
