@@ -137,6 +137,38 @@ def test_training_last_block_without_cache_and_guards(tmp_path: Path, demo_rows)
               resume=True, export=False)  # fmt: skip
 
 
+@pytest.mark.slow
+def test_end_to_end_training_is_the_same_with_decoding_workers(tmp_path: Path, demo_rows) -> None:
+    """The GPU path (whole backbone, images augmented per step) on the CPU: a corrupt image is
+    skipped up front, and each view's augmentation seed travels with its index, so decoding in
+    worker processes changes nothing."""
+    from snapshop.train.trainer import train
+
+    train_rows = [r for r in demo_rows if r.extra["split"] == "train"]
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rows = [*train_rows, ManifestRow(corrupt, train_rows[0].product_id, "gallery", {})]
+    settings = dict(epochs=2, train_blocks=-1, cache=False, input_size=64, lr=0.01)
+    in_process = train(rows, tmp_path / "a", _config(**settings), export=False)
+    with_workers = train(rows, tmp_path / "b", _config(**settings, workers=2), export=False)
+    assert [h["loss"] for h in in_process.history] == pytest.approx(
+        [h["loss"] for h in with_workers.history], rel=1e-5
+    )
+    assert all(math.isfinite(h["loss"]) for h in in_process.history)
+    with pytest.raises(ConfigError, match="workers"):
+        _config(workers=-1)
+
+
+def test_backbone_learning_rate_is_scaled_down_only_for_the_whole_backbone() -> None:
+    from snapshop.train.trainer import TrainConfig
+
+    assert TrainConfig(train_blocks=-1, cache=False).backbone_lr == pytest.approx(0.001)
+    assert TrainConfig(train_blocks=4).backbone_lr == pytest.approx(0.01)
+    assert TrainConfig(train_blocks=-1, cache=False, backbone_lr_scale=1).backbone_lr == 0.01
+    with pytest.raises(ConfigError, match="backbone_lr_scale"):
+        TrainConfig(backbone_lr_scale=0)
+
+
 def test_repeat_matching_lists_rare_rows_more_often_in_place() -> None:
     from snapshop.data.manifest import repeat_matching
     from snapshop.errors import ManifestError

@@ -402,15 +402,25 @@ def train(
     epochs: Annotated[int, typer.Option(min=1, help="Epochs, the warm-up epoch included.")] = 8,
     lr: Annotated[float, typer.Option(min=1e-8)] = 0.01,
     lr_step: Annotated[int, typer.Option(min=1, help="lr x0.1 every N epochs.")] = 4,
+    backbone_lr_scale: Annotated[
+        float | None,
+        typer.Option(help="Backbone lr = lr x this (default 0.1 with --train-blocks -1, else 1)."),
+    ] = None,
     classes_per_batch: Annotated[int, typer.Option("-p", min=2)] = 16,
     samples_per_class: Annotated[int, typer.Option("-k", min=1)] = 4,
     train_blocks: Annotated[
         int, typer.Option(min=-1, help="Last blocks to train (0: backbone frozen, -1: all).")
     ] = 0,
-    cache: Annotated[bool, typer.Option(help="Cache the frozen part's outputs once.")] = True,
+    cache: Annotated[
+        bool | None,
+        typer.Option(help="Cache the frozen part's outputs (default: unless --train-blocks -1)."),
+    ] = None,
     views: Annotated[int, typer.Option(min=1, help="Cached views per image.")] = 4,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     threads: Annotated[int, typer.Option(min=0)] = 2,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Image-decoding processes when not caching.")
+    ] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
     cache_dir: Annotated[
@@ -431,9 +441,10 @@ def train(
 
     config = run(lambda: TrainConfig(
         backbone=backbone, dim=dim, temperature=temperature, epochs=epochs, lr=lr,
-        lr_step=lr_step, classes_per_batch=classes_per_batch,
-        samples_per_class=samples_per_class, train_blocks=train_blocks, cache=cache,
-        views=views, device=device, threads=threads, seed=seed,
+        lr_step=lr_step, backbone_lr_scale=backbone_lr_scale, classes_per_batch=classes_per_batch,
+        samples_per_class=samples_per_class, train_blocks=train_blocks,
+        cache=train_blocks != -1 if cache is None else cache,
+        views=views, device=device, threads=threads, workers=workers, seed=seed,
     ))  # fmt: skip
     rows = run(lambda: read_manifest(manifest))
     has_split = any("split" in r.extra for r in rows)

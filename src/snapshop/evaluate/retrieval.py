@@ -16,7 +16,6 @@ from numpy.typing import NDArray
 
 from snapshop.errors import ConfigError, ImageDecodeError
 from snapshop.images import load_image
-from snapshop.index.flat import FlatIndex
 
 DEFAULT_KS = (1, 5, 10, 100)
 
@@ -141,6 +140,8 @@ def evaluate_embeddings(
     g_labels = np.array([pid[p] for p in gallery_products], dtype=np.int64)
     sims = q_vecs @ gallery_vecs.T
     recall = recall_at_k(product_scores(sims, g_labels, len(products)), q_labels, ks)
+
+    from snapshop.index.flat import FlatIndex
 
     index = FlatIndex(gallery_vecs.shape[1])
     index.add(np.arange(len(gallery_vecs), dtype=np.int64), gallery_vecs)

@@ -8,12 +8,12 @@ from typing import Any
 from snapshop.config import read_json, write_json
 from snapshop.errors import CatalogError
 from snapshop.index.base import VectorIndex
-from snapshop.index.flat import FlatIndex
-from snapshop.index.hnsw import HNSWIndex
 
 
 class _Lazy:
-    """A backend class imported on first use (server clients are optional extras)."""
+    """A backend class imported on first use: faiss loads only when an index is made (a quick
+    CLI start-up, and training runs where faiss is absent); server clients are optional extras.
+    """
 
     def __init__(self, module: str, name: str, extra: str) -> None:
         self.module, self.name, self.extra = module, name, extra
@@ -24,8 +24,9 @@ class _Lazy:
         try:
             return getattr(importlib.import_module(self.module), self.name)
         except ImportError as exc:
+            package = f"'snapshop[{self.extra}]'" if self.extra else "faiss-cpu"
             raise CatalogError(
-                f"index backend {self.name} needs `pip install 'snapshop[{self.extra}]'` ({exc})"
+                f"index backend {self.name} needs `pip install {package}` ({exc})"
             ) from None
 
     def __call__(self, dim: int, **params: Any) -> VectorIndex:
@@ -36,8 +37,8 @@ class _Lazy:
 
 
 INDEX_KINDS: dict[str, Any] = {
-    "flat": FlatIndex,
-    "hnsw": HNSWIndex,
+    "flat": _Lazy("snapshop.index.flat", "FlatIndex", ""),
+    "hnsw": _Lazy("snapshop.index.hnsw", "HNSWIndex", ""),
     "pgvector": _Lazy("snapshop.index.pgvector", "PgVectorIndex", "pgvector"),
     "milvus": _Lazy("snapshop.index.milvus", "MilvusIndex", "milvus"),
 }
