@@ -16,7 +16,7 @@ for protocol in all catalog; do
   snapshop evaluate --manifest "$RUN/split.csv" -m efficientnet_lite2 -m "$RUN/lite2-head" \
     -k 1 -k 2 -k 4 -k 5 -k 8 -k 10 -k 100 "${where[@]}" \
     --plot "docs/img/grocery-heldout-$protocol-recall.png" \
-    --grid "docs/img/grocery-heldout-$protocol-grid.png" --json-out "$RUN/eval-$protocol.json"
+    --grid "$RUN/heldout-$protocol-grid.png" --json-out "$RUN/eval-$protocol.json"
 done
 # Model B: the last MBConv block + head conv train too (cached block-19 outputs).
 snapshop -v train --manifest "$RUN/split.csv" --out "$RUN/lite2-last1" \
