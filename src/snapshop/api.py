@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from snapshop.catalog.blobs import DEFAULT_GRACE_SECONDS, GcReport
 from snapshop.catalog.catalog import CARD_FILE, Catalog, create_catalog, open_catalog
 from snapshop.config import read_json, write_json
 from snapshop.data.sources import CatalogRecord, read_source
@@ -181,3 +182,16 @@ def remove_products(catalog_dir: PathLike, products: list[str]) -> dict[str, int
     finally:
         catalog.close()
     return removed
+
+
+def collect_garbage(
+    catalog_dir: PathLike, *, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE_SECONDS
+) -> GcReport:
+    """Remove the catalog's blob files no image references (left by deletes before blobs were
+    freed with their images, or by an ingest that died before committing) and temp files of
+    interrupted blob writes, when older than ``grace_seconds``."""
+    catalog = open_catalog(catalog_dir)
+    try:
+        return catalog.collect_garbage(dry_run=dry_run, min_age_seconds=grace_seconds)
+    finally:
+        catalog.close()

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from snapshop import api
+from snapshop.catalog.blobs import DEFAULT_GRACE_SECONDS
 from snapshop.errors import ConfigError, ManifestError, SnapshopError
 
 app = typer.Typer(help="snapshop: visual search for e-commerce.", no_args_is_help=True,
@@ -204,6 +205,49 @@ def catalog_remove(
     removed = run(lambda: api.remove_products(catalog, products))
     for key, n in removed.items():
         out.print(f"removed product {key} ({n} images)")
+
+
+@catalog_app.command("gc")
+def catalog_gc(
+    catalog: CatalogOpt,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be removed; remove nothing.")
+    ] = False,
+    grace: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Keep files younger than this many seconds (an ingest may be in flight)."
+        ),
+    ] = DEFAULT_GRACE_SECONDS,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove blob files no image references, and leftovers of interrupted blob writes."""
+    report = run(lambda: api.collect_garbage(catalog, dry_run=dry_run, grace_seconds=grace))
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+        return
+    mib = 1024 * 1024
+    if report.dry_run:
+        out.print(
+            f"dry run: would remove {report.orphans_found} unreferenced blobs and"
+            f" {report.temp_files_found} temp files ({report.reclaimable_bytes / mib:.1f} MiB)"
+        )
+    else:
+        out.print(
+            f"removed {report.orphans_removed} of {report.orphans_found} unreferenced blobs and"
+            f" {report.temp_files_removed} of {report.temp_files_found} temp files,"
+            f" freed {report.bytes_freed / mib:.1f} MiB"
+        )
+    out.print(
+        f"scanned {report.files_scanned} files; kept {report.young_files_kept} unreferenced"
+        f" files younger than {report.grace_seconds:g} s; stale thumbnails:"
+        f" {report.stale_thumbnails} found, {report.thumbnails_removed} removed"
+    )
+    if report.missing_blobs:
+        err.print(
+            f"[yellow]warning:[/yellow] {report.missing_blobs} blob files that images name are"
+            " missing", highlight=False,
+        )  # fmt: skip
 
 
 @app.command()

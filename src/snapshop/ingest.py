@@ -86,15 +86,21 @@ def write_blob(blob_dir: Path, sha256: str, data: bytes) -> str:
     suffix = FORMAT_SUFFIX.get(sniff_format(data) or "", ".bin")
     rel = Path("blobs") / sha256[:2] / f"{sha256}{suffix}"
     target = blob_dir.parent / rel
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            Path(tmp).replace(target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+    try:
+        # Reusing a stored file: make it young again, so garbage collection (which spares files
+        # younger than its grace period) cannot take it before this ingest commits its row.
+        os.utime(target)
+        return str(rel)
+    except FileNotFoundError:
+        pass  # not stored yet (or collected a moment ago): write it
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        Path(tmp).replace(target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return str(rel)
 
 

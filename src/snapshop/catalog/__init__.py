@@ -1,6 +1,16 @@
 """The catalog: SQLite store (source of truth) plus the vector indexes derived from it."""
 
+from snapshop.catalog.blobs import GcReport
 from snapshop.catalog.catalog import Catalog, open_catalog
 from snapshop.catalog.store import CatalogStore, CropRow, ImageRow, NewCrop, Product
 
-__all__ = ["Catalog", "CatalogStore", "CropRow", "ImageRow", "NewCrop", "Product", "open_catalog"]
+__all__ = [
+    "Catalog",
+    "CatalogStore",
+    "CropRow",
+    "GcReport",
+    "ImageRow",
+    "NewCrop",
+    "Product",
+    "open_catalog",
+]

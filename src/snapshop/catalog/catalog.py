@@ -4,7 +4,8 @@ Layout::
 
     DIR/catalog.json           card: model id and dim, index kind, created_at
     DIR/catalog.sqlite         products, images, crops and their vectors (source of truth)
-    DIR/blobs/ab/<sha256>.jpg  content-addressed copies of the ingested image files
+    DIR/blobs/ab/<sha256>.jpg  content-addressed copies of the ingested image files; removed
+                               with their last image, or by ``collect_garbage`` (see ``blobs``)
     DIR/index/images.faiss     whole-image index (ids = image ids) + images.json card
     DIR/index/crops-<pos>.faiss  one crop index per garment position (ids = crop ids)
 
@@ -28,6 +29,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from snapshop.catalog.blobs import (
+    BLOB_DIR,
+    DEFAULT_GRACE_SECONDS,
+    GcReport,
+    collect_garbage,
+    free_unreferenced_blobs,
+)
 from snapshop.catalog.store import CatalogStore
 from snapshop.config import read_json, write_json
 from snapshop.errors import CatalogError, ConfigError, ModelError
@@ -103,7 +111,7 @@ class Catalog:
 
     @property
     def blob_dir(self) -> Path:
-        return self.directory / "blobs"
+        return self.directory / BLOB_DIR
 
     def index_path(self, name: str) -> Path:
         return self.directory / "index" / f"{name}.faiss"
@@ -254,22 +262,40 @@ class Catalog:
 
     # --- write operations -------------------------------------------------------------
     def remove_product(self, product_id: int) -> int:
-        """Delete a product with its images and crops; returns how many images went."""
+        """Delete a product with its images and crops; returns how many images went.
+
+        Blob files no other image shares are removed after the commit."""
         with self.write_lock():
+            files = self.store.blob_refs_of_product(product_id)  # the lock keeps them current
             image_ids, crop_ids = self.store.delete_product(product_id)
             self.remove_vectors(image_ids, crop_ids)
             self.applied(self.store.last_commit())
             self.save_indexes()
+            free_unreferenced_blobs(self.directory, self.store, files)
         return len(image_ids)
 
     def remove_images(self, image_ids: list[int]) -> None:
+        """Delete images and their crops; blob files no other image shares go too."""
         if not image_ids:
             return
         with self.write_lock():
+            files = self.store.blob_refs_of_images(image_ids)
             crop_ids = self.store.delete_images(image_ids)
             self.remove_vectors(image_ids, crop_ids)
             self.applied(self.store.last_commit())
             self.save_indexes()
+            free_unreferenced_blobs(self.directory, self.store, files)
+
+    def collect_garbage(
+        self, dry_run: bool = False, min_age_seconds: float = DEFAULT_GRACE_SECONDS
+    ) -> GcReport:
+        """Remove blob files no image references and temp files of interrupted blob writes,
+        when older than ``min_age_seconds`` (younger ones may belong to an ingest in flight in
+        another process). ``dry_run``: only count what would go."""
+        return collect_garbage(
+            self.directory, self.store, self.write_lock,
+            dry_run=dry_run, min_age_seconds=min_age_seconds,
+        )  # fmt: skip
 
     def info(self) -> dict[str, Any]:
         return {

@@ -378,6 +378,35 @@ class CatalogStore:
                 db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
         return crop_ids
 
+    # --- blob references (see ``catalog.blobs``) ---------------------------------------
+    def references_sha256(self, sha256: str) -> bool:
+        """Whether any image row holds these bytes (and so needs their blob file)."""
+        return bool(self._query("SELECT 1 FROM images WHERE sha256 = ? LIMIT 1", (sha256,)))
+
+    def blob_refs_with_prefix(self, prefix: str) -> list[tuple[str, str | None]]:
+        """Distinct (sha256, blob) of the images whose sha256 starts with hex ``prefix``."""
+        rows = self._query(
+            "SELECT DISTINCT sha256, blob FROM images WHERE sha256 >= ? AND sha256 < ?",
+            (prefix, prefix + "~"),  # "~" sorts after every hex digit: an index range scan
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    def blob_refs_of_product(self, product_id: int) -> list[tuple[str, str | None]]:
+        """(sha256, blob) of a product's images."""
+        rows = self._query("SELECT sha256, blob FROM images WHERE product_id = ?", (product_id,))
+        return [(r[0], r[1]) for r in rows]
+
+    def blob_refs_of_images(self, image_ids: Sequence[int]) -> list[tuple[str, str | None]]:
+        """(sha256, blob) of the given images (unknown ids are skipped)."""
+        out: list[tuple[str, str | None]] = []
+        ids = [int(i) for i in image_ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._query(f"SELECT sha256, blob FROM images WHERE id IN ({marks})", chunk)
+            out += [(r[0], r[1]) for r in rows]
+        return out
+
     def image_product_map(self, image_ids: Sequence[int]) -> dict[int, int]:
         out: dict[int, int] = {}
         ids = [int(i) for i in image_ids]

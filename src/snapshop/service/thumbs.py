@@ -8,13 +8,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from snapshop.catalog.blobs import THUMB_DIR
 from snapshop.catalog.store import ImageRow
 from snapshop.errors import CatalogError
 from snapshop.images import DecodeLimits, load_image
 
 log = logging.getLogger(__name__)
-
-THUMB_DIR = "thumbs"
 
 
 def snap_size(requested: int | None, sizes: tuple[int, ...]) -> int:

@@ -1,0 +1,255 @@
+"""Blob files: the content-addressed image copies under ``DIR/blobs`` and their garbage collection.
+
+Ingest writes ``blobs/ab/<sha256><suffix>`` (temp file + rename) *before* the transaction that
+commits the rows naming it, outside the catalog write lock. So a blob no row references is
+either garbage (its rows were deleted, or the ingest died before committing) or belongs to an
+ingest in another process that has not committed yet. Garbage collection tells them apart by
+age: a file younger than the grace period is never removed. Each removal happens under the
+catalog write lock (every commit takes it) right after re-reading the file's references and
+age, so a row committed after the scan keeps its file. An ingest that finds the blob already
+on disk refreshes its mtime (``ingest.write_blob``), so it is young again for the grace period.
+Not covered: deleting the last row of a blob frees the file at once, so an ingest in another
+process that reused those same bytes a moment before and commits just after is left with a
+missing file (reported by garbage collection as ``missing_blobs``; re-ingesting restores it).
+
+Several rows may share one blob (the same bytes under two products), so a blob is referenced
+while any image row has its sha256.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from snapshop.catalog.store import CatalogStore
+from snapshop.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BLOB_DIR = "blobs"
+DEFAULT_GRACE_SECONDS = 3600.0
+SHARD_NAME = re.compile(r"[0-9a-f]{2}")
+BLOB_NAME = re.compile(r"(?P<sha256>[0-9a-f]{64})\.[a-z0-9]{1,8}")
+THUMB_DIR = "thumbs"  # service.thumbs writes thumbs/<size>/ab/<sha256>.jpg
+THUMB_NAME = re.compile(r"(?P<sha256>[0-9a-f]{64})\.jpg")
+# ingest.write_blob's tempfile.mkstemp(dir=shard, suffix=".tmp"): "tmp" + 8 random characters.
+TEMP_NAME = re.compile(r"tmp[a-z0-9_]{8}\.tmp")
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What one garbage collection over a catalog's blob directory found and did."""
+
+    dry_run: bool
+    grace_seconds: float
+    files_scanned: int  # blob and temp files looked at (other files are never touched)
+    orphans_found: int  # unreferenced blobs older than the grace period
+    orphans_removed: int
+    temp_files_found: int  # leftovers of interrupted blob writes, older than the grace period
+    temp_files_removed: int
+    young_files_kept: int  # unreferenced or temp, but within the grace period: maybe in flight
+    reclaimable_bytes: int  # size of what was found (orphans + temp files)
+    bytes_freed: int
+    missing_blobs: int  # blob files image rows name that do not exist (damage GC cannot repair)
+    stale_thumbnails: int = 0  # cached thumbnails (thumbs/SIZE/ab/<sha256>.jpg) of no image
+    thumbnails_removed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    path: Path
+    sha256: str | None  # None: a temp file
+    size: int
+
+
+def file_age_stamp(st: os.stat_result) -> float:
+    """When the file was last written or put in place (ctime: a rename or copy refreshes it)."""
+    return max(st.st_mtime, st.st_ctime)
+
+
+def _now() -> float:
+    return time.time()
+
+
+def blob_file(catalog_dir: Path, relative: str, sha256: str) -> Path | None:
+    """The file a row's ``blob`` column names, if it has the layout ingest writes
+    (``blobs/<sha256[:2]>/<sha256>.<suffix>``); anything else is not ours to touch."""
+    parts = Path(relative).parts
+    if len(parts) != 3 or parts[0] != BLOB_DIR:
+        return None
+    match = BLOB_NAME.fullmatch(parts[2])
+    if match is None or match["sha256"] != sha256 or parts[1] != sha256[:2]:
+        return None
+    return catalog_dir / relative
+
+
+def _regular_file(path: Path) -> os.stat_result | None:
+    """lstat ``path``: its result for a regular file, None for a symlink, a missing file or
+    anything else (a symlink is never followed, never removed)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def free_unreferenced_blobs(
+    catalog_dir: Path, store: CatalogStore, files: Iterable[tuple[str, str | None]]
+) -> tuple[int, int]:
+    """Remove the files of deleted rows, given as (sha256, blob) pairs, that no row references
+    any more. Call under the catalog write lock, after the deleting transaction committed.
+
+    Returns (files removed, bytes freed). A file that cannot be removed is left for
+    :func:`collect_garbage`; so is every file after a crash between the commit and here.
+    """
+    removed = freed = 0
+    for sha256, relative in sorted({(s, b) for s, b in files if b is not None}):
+        path = blob_file(catalog_dir, relative, sha256)
+        if path is None:
+            log.warning("image blob %r does not look like a catalog blob; not removed", relative)
+            continue
+        if store.references_sha256(sha256):
+            continue
+        st = _regular_file(path)
+        if st is None:
+            continue
+        try:
+            path.unlink()
+        except OSError as exc:
+            log.warning("could not remove unreferenced blob %s (%s); gc will retry", path, exc)
+            continue
+        removed += 1
+        freed += st.st_size
+    if removed:
+        log.info("removed %d unreferenced blobs (%d bytes)", removed, freed)
+    return removed, freed
+
+
+def collect_garbage(
+    catalog_dir: Path,
+    store: CatalogStore,
+    write_lock: Callable[[], AbstractContextManager[None]],
+    *,
+    dry_run: bool = False,
+    min_age_seconds: float = DEFAULT_GRACE_SECONDS,
+) -> GcReport:
+    """Remove blob files no image row references, and temp files of interrupted blob writes,
+    that are older than ``min_age_seconds``. See the module docstring for why it is safe
+    against concurrent ingests. Files that do not look like blobs, and symlinks, are ignored."""
+    if not min_age_seconds >= 0:  # also rejects NaN
+        raise ConfigError(f"grace period must be >= 0 seconds, got {min_age_seconds}")
+    cutoff = _now() - min_age_seconds
+    counts = dict.fromkeys(
+        ("files_scanned", "orphans_found", "orphans_removed", "temp_files_found",
+         "temp_files_removed", "young_files_kept", "reclaimable_bytes", "bytes_freed",
+         "missing_blobs"), 0,
+    )  # fmt: skip
+    for prefix in (f"{i:02x}" for i in range(256)):  # every shard, so missing ones count too
+        _collect_shard(catalog_dir, prefix, store, write_lock, cutoff, dry_run, counts)
+    counts.update(_collect_thumbnails(catalog_dir, store, dry_run))
+    report = GcReport(dry_run=dry_run, grace_seconds=float(min_age_seconds), **counts)
+    if report.missing_blobs:
+        log.warning("%s: %d blob files that image rows name are missing",
+                    catalog_dir, report.missing_blobs)  # fmt: skip
+    return report
+
+
+def _collect_thumbnails(catalog_dir: Path, store: CatalogStore, dry_run: bool) -> dict[str, int]:
+    """Remove cached thumbnails whose image is gone. They are a cache rendered from the blob on
+    demand, so no grace period: one rendered again later costs only time."""
+    found = removed = 0
+    root = catalog_dir / THUMB_DIR
+    if not root.is_dir() or root.is_symlink():
+        return {"stale_thumbnails": 0, "thumbnails_removed": 0}
+    for size_dir in sorted(root.iterdir()):
+        if not size_dir.name.isdigit() or size_dir.is_symlink() or not size_dir.is_dir():
+            continue
+        for shard in sorted(size_dir.iterdir()):
+            if shard.is_symlink() or not shard.is_dir():
+                continue
+            for entry in sorted(shard.iterdir()):
+                name = THUMB_NAME.fullmatch(entry.name)
+                if name is None or not name["sha256"].startswith(shard.name):
+                    continue
+                if entry.is_symlink() or store.references_sha256(name["sha256"]):
+                    continue
+                found += 1
+                if not dry_run:
+                    entry.unlink(missing_ok=True)
+                    removed += 1
+    return {"stale_thumbnails": found, "thumbnails_removed": removed}
+
+
+def _collect_shard(
+    catalog_dir: Path,
+    prefix: str,
+    store: CatalogStore,
+    write_lock: Callable[[], AbstractContextManager[None]],
+    cutoff: float,
+    dry_run: bool,
+    counts: dict[str, int],
+) -> None:
+    listed: set[str] = set()
+    old: list[_Candidate] = []
+    young: list[str | None] = []  # sha256 of young blobs, None for young temp files
+    shard = catalog_dir / BLOB_DIR / prefix
+    # A symlinked shard is skipped, never followed (the blob root itself may be a symlink).
+    if shard.is_dir() and not shard.is_symlink():
+        with os.scandir(shard) as entries:
+            for entry in entries:
+                blob = BLOB_NAME.fullmatch(entry.name)
+                is_temp = TEMP_NAME.fullmatch(entry.name) is not None
+                if blob is None and not is_temp or not entry.is_file(follow_symlinks=False):
+                    continue
+                if blob is not None and not blob["sha256"].startswith(prefix):
+                    continue
+                counts["files_scanned"] += 1
+                listed.add(entry.name)
+                sha256 = blob["sha256"] if blob is not None else None
+                st = entry.stat(follow_symlinks=False)
+                if file_age_stamp(st) <= cutoff:
+                    old.append(_Candidate(Path(entry.path), sha256, st.st_size))
+                else:
+                    young.append(sha256)
+
+    rows = store.blob_refs_with_prefix(prefix)
+    referenced = {sha256 for sha256, _ in rows}
+    for _, relative in rows:
+        if relative is None or Path(relative).name in listed:
+            continue
+        if not (catalog_dir / relative).is_file():  # look again: it may be newer than the listing
+            counts["missing_blobs"] += 1
+    counts["young_files_kept"] += sum(1 for s in young if s is None or s not in referenced)
+    garbage = [c for c in old if c.sha256 is None or c.sha256 not in referenced]
+    for c in garbage:
+        counts["temp_files_found" if c.sha256 is None else "orphans_found"] += 1
+        counts["reclaimable_bytes"] += c.size
+    if dry_run or not garbage:
+        return
+    with write_lock():  # no row can commit between the re-check and the unlink
+        for c in garbage:
+            if c.sha256 is not None and store.references_sha256(c.sha256):
+                continue  # committed since the scan
+            st = _regular_file(c.path)
+            if st is None or file_age_stamp(st) > cutoff:
+                continue  # gone, replaced by something else, or rewritten since the scan
+            try:
+                c.path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("could not remove %s (%s)", c.path, exc)
+                continue
+            counts["temp_files_removed" if c.sha256 is None else "orphans_removed"] += 1
+            counts["bytes_freed"] += st.st_size
