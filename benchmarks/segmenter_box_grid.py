@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from snapshop.detect.segmenter import (
-    SegmenterConfig,
     SegmenterDetector,
     boxes_from_probabilities,
     model_files,

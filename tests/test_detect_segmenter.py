@@ -459,3 +459,62 @@ def test_pack_script_writes_a_dataset_segmenter_fit_reads(tmp_path: Path) -> Non
         rows = list(csv.DictReader(fh))
     assert [r["image_id"] for r in rows] == ["0002", "0004"]
     assert (rows[0]["x1"], rows[0]["y2"]) == ("38", "80")
+
+
+def test_zoom_region_frames_small_garments_like_a_training_photo() -> None:
+    from snapshop.detect.base import Box, Detection
+    from snapshop.detect.segmenter import zoom_region
+
+    config = SegmenterConfig()  # zoom below 0.40 of the height, to 0.64
+    small = [Detection(Box(300, 500, 360, 580), "upper", UPPER, 0.9),
+             Detection(Box(305, 580, 355, 660), "lower", LOWER, 0.8)]  # fmt: skip
+    x1, y1, x2, y2 = zoom_region(small, 600, 900, config)
+    assert 0 <= x1 < 300 and 360 < x2 <= 600 and 0 <= y1 < 500 and 660 < y2 <= 900
+    assert (y2 - y1) == pytest.approx(160 / 0.64, abs=1)  # garments span zoom_fill of it
+    assert (x2 - x1) / (y2 - y1) == pytest.approx(600 / 900, abs=0.01)  # the image's aspect
+    near_edge = [Detection(Box(560, 800, 590, 880), "upper", UPPER, 0.9)]
+    ex1, ey1, ex2, ey2 = zoom_region(near_edge, 600, 900, config)
+    assert ex2 == 600 and ey2 == 900 and ex1 <= 560 and ey1 <= 800  # shifted inside
+    big = [Detection(Box(100, 150, 500, 800), "upper", UPPER, 0.9)]
+    assert zoom_region(big, 600, 900, config) is None
+    assert zoom_region(small, 600, 900, SegmenterConfig(zoom_below=0)) is None
+    assert zoom_region([Detection(Box(0, 0, 9, 9), "product", None, 1)], 600, 900, config) is None
+    with pytest.raises(ConfigError):
+        SegmenterConfig(zoom_below=0.7, zoom_fill=0.6)
+
+
+def test_detector_looks_again_at_small_people_and_maps_boxes_back() -> None:
+    from snapshop.detect.base import Box, Detection
+
+    det = SegmenterDetector(trunk=FakeTrunk())  # type: ignore[arg-type]
+    seen: list[tuple[int, int]] = []
+
+    def fake_detect(rgb: np.ndarray) -> list[Detection]:
+        seen.append(rgb.shape[:2])
+        if len(seen) == 1:  # the whole photo: a small person, lower garment missed
+            return [Detection(Box(300, 500, 360, 580), "upper", UPPER, 0.6)]
+        return [Detection(Box(10, 20, 50, 60), "upper", UPPER, 0.9),
+                Detection(Box(12, 60, 48, 110), "lower", LOWER, 0.8)]  # fmt: skip
+
+    det._detect_rgb = fake_detect  # type: ignore[method-assign]
+    found = det.detect(Image.new("RGB", (600, 900)))
+    from snapshop.detect.segmenter import zoom_region
+
+    x1, y1, x2, y2 = zoom_region(
+        [Detection(Box(300, 500, 360, 580), "upper", UPPER, 0.6)], 600, 900, det.config
+    )
+    assert seen == [(900, 600), (y2 - y1, x2 - x1)]
+    assert [d.position for d in found] == [UPPER, LOWER]
+    assert found[0].box == Box(300, 500, 360, 580)  # found with the whole photo in view: kept
+    assert found[1].box == Box(12 + x1, 60 + y1, 48 + x1, 110 + y1)  # added, in photo pixels
+
+    dress = Detection(Box(300, 500, 360, 580), "dress", UPPER, 0.6)
+    looks: list[int] = []
+
+    def dress_then_lower(rgb: np.ndarray) -> list[Detection]:
+        looks.append(1)
+        return [dress] if len(looks) == 1 else [Detection(Box(12, 60, 48, 110), "lower", LOWER, 1)]
+
+    det._detect_rgb = dress_then_lower  # type: ignore[method-assign]
+    assert det.detect(Image.new("RGB", (600, 900))) == [dress]  # a dress: no lower added
+    assert len(looks) == 2
