@@ -125,3 +125,21 @@ def test_evaluate_embeddings_needs_overlap() -> None:
         evaluate_embeddings("x", unit([[0, 1]]), ["q"], g, ["g"])
     with pytest.raises(ConfigError):
         evaluate_embeddings("x", np.zeros((0, 2), np.float32), [], g, ["g"])
+
+
+def test_recall_interval_resamples_products_not_queries() -> None:
+    from snapshop.evaluate.retrieval import recall_interval
+
+    # 4 products x 10 queries: products 0 and 1 always hit, 2 and 3 always miss -> R@1 = 0.5
+    labels = np.repeat(np.arange(4), 10)
+    ranks = np.where(labels < 2, 0, 3)
+    lo, hi = recall_interval(ranks, labels, k=1)
+    assert lo <= 0.5 <= hi
+    assert hi - lo >= 0.5  # 4 clusters: wide; resampling the 40 queries would give about 0.3
+    assert (lo, hi) == recall_interval(ranks, labels, k=1)  # seeded
+    assert recall_interval(ranks, labels, k=4) == (1.0, 1.0)  # every query within 4
+    # the same hit rate spread inside every product: resampling products changes nothing
+    mixed = np.tile([0, 3], 20)
+    assert recall_interval(mixed, labels, k=1) == (0.5, 0.5)
+    with pytest.raises(ConfigError):
+        recall_interval(ranks, labels, k=1, level=1.0)

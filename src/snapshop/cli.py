@@ -349,6 +349,10 @@ def evaluate(
         table.add_column(r.name)
     for k in cutoffs:
         table.add_row(f"R@{k}", *(f"{r.recall[k]:.4f}" for r in reports))
+    # Over products: with few of them, a difference inside these intervals is noise.
+    table.add_row("R@1 95% CI", *(
+        "{:.3f}–{:.3f}".format(*r.recall_ci[1]) if 1 in r.recall_ci else "" for r in reports
+    ))  # fmt: skip
     table.add_row("mAP@R", *(f"{r.map_at_r:.4f}" for r in reports))
     table.add_row("embed ms/image", *(f"{r.embed_ms_per_image:.1f}" for r in reports))
     table.add_row("search ms/query", *(f"{r.search_ms_per_query:.3f}" for r in reports))

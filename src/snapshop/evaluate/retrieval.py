@@ -39,10 +39,40 @@ def recall_at_k(
 
     Ties are broken against the query (a tied wrong product counts as ranked ahead).
     """
+    rank = product_ranks(product_sims, query_labels)
+    return {k: float((rank < k).mean()) for k in ks}
+
+
+def product_ranks(
+    product_sims: NDArray[np.float32], query_labels: NDArray[np.int64]
+) -> NDArray[np.int64]:
+    """0-based rank of each query's product among all products, pessimistic on ties."""
     rows = np.arange(len(query_labels))
     true = product_sims[rows, query_labels]
-    rank = (product_sims >= true[:, None]).sum(axis=1) - 1  # 0-based, pessimistic on ties
-    return {k: float((rank < k).mean()) for k in ks}
+    return (product_sims >= true[:, None]).sum(axis=1) - 1  # type: ignore[no-any-return]
+
+
+def recall_interval(
+    ranks: NDArray[np.int64],
+    query_labels: NDArray[np.int64],
+    k: int,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of Recall@K, resampling *products* with all their queries.
+
+    Photos of one product succeed or fail together, so resampling single queries would make
+    the interval far too narrow when there are few products (16 held-out ones, say)."""
+    if not 0 < level < 1 or resamples < 1:
+        raise ConfigError(f"need 0 < level < 1 and resamples >= 1, got {level}, {resamples}")
+    products, inverse = np.unique(query_labels, return_inverse=True)
+    hits = np.bincount(inverse, weights=(ranks < k).astype(np.float64), minlength=len(products))
+    counts = np.bincount(inverse, minlength=len(products)).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(products), (resamples, len(products)))
+    rates = hits[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    lo, hi = np.quantile(rates, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def map_at_r(
@@ -77,6 +107,8 @@ class RetrievalReport:
     embed_ms_per_image: float
     search_ms_per_query: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # 95 % bootstrap interval of each Recall@K over products (see recall_interval)
+    recall_ci: dict[int, tuple[float, float]] = field(default_factory=dict)
     # query/gallery vectors, paths and products (evaluate_manifest fills it; for plots)
     vectors: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -84,6 +116,9 @@ class RetrievalReport:
         return {
             "name": self.name,
             "recall": {f"R@{k}": round(v, 4) for k, v in self.recall.items()},
+            "recall_ci95": {
+                f"R@{k}": [round(lo, 4), round(hi, 4)] for k, (lo, hi) in self.recall_ci.items()
+            },  # fmt: skip
             "mAP@R": round(self.map_at_r, 4),
             "queries": self.n_queries,
             "gallery": self.n_gallery,
@@ -139,7 +174,9 @@ def evaluate_embeddings(
     q_labels = np.array([pid[query_products[i]] for i in keep], dtype=np.int64)
     g_labels = np.array([pid[p] for p in gallery_products], dtype=np.int64)
     sims = q_vecs @ gallery_vecs.T
-    recall = recall_at_k(product_scores(sims, g_labels, len(products)), q_labels, ks)
+    ranks = product_ranks(product_scores(sims, g_labels, len(products)), q_labels)
+    recall = {k: float((ranks < k).mean()) for k in ks}
+    recall_ci = {k: recall_interval(ranks, q_labels, k) for k in ks}
 
     from snapshop.index.flat import FlatIndex
 
@@ -159,6 +196,7 @@ def evaluate_embeddings(
         n_products=len(products),
         embed_ms_per_image=embed_ms,
         search_ms_per_query=search_ms,
+        recall_ci=recall_ci,
     )
 
 
