@@ -15,7 +15,7 @@ OUT=$2
 RUNS=${RUNS:-/tmp/snapshop-gpu-runs}
 export PYTHONUNBUFFERED=1
 WORKERS=${WORKERS:-$(($(nproc) - 2))}
-snapshop() { python -c "${PRELUDE:-}from snapshop.cli import app; app()" "$@"; }
+snapshop() { python -c 'from snapshop.cli import app; app()' "$@"; }
 common=(--manifest "$DATA/manifest.csv" --train-where split=train --device "${DEVICE:-cuda}"
         --train-blocks -1 --workers "$WORKERS" --epochs "${EPOCHS:-20}" --lr-step 8 --dim 512)
 train_and_pack() {
