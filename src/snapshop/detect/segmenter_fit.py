@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -814,30 +815,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command = "python -m snapshop.detect.segmenter_fit " + " ".join(
-        argv if argv is not None else __import__("sys").argv[1:]
+        argv if argv is not None else sys.argv[1:]
     )
     finetune_only = {
         "device", "workers", "trunk_lr", "weight_decay", "optimizer", "schedule", "min_scale",
         "max_scale", "jitter", "augment", "bf16", "max_train_seconds", "seed",
     }  # fmt: skip
     given = {k for k in finetune_only if getattr(args, k) is not None}
+    shared_names = ("epochs", "batch_size", "lr", "width", "dropout", "dress_weight",
+                    "long_side", "negatives")  # fmt: skip
+    shared = {k: getattr(args, k) for k in shared_names}  # both training modes take these
     if args.finetune_blocks:
         if args.cache is not None:
             parser.error("--cache holds frozen-trunk features: not with --finetune-blocks")
         settings = {k: getattr(args, k) for k in given}
         try:
-            config = FinetuneConfig(
-                finetune_blocks=args.finetune_blocks,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                width=args.width,
-                dropout=args.dropout,
-                dress_weight=args.dress_weight,
-                long_side=args.long_side,
-                negatives=args.negatives,
-                **settings,
-            )
+            config = FinetuneConfig(finetune_blocks=args.finetune_blocks, **shared, **settings)
         except ConfigError as exc:
             parser.error(str(exc))
         fit_finetune(
@@ -856,16 +849,9 @@ def main(argv: list[str] | None = None) -> None:
         args.dataset,
         args.out,
         parity=args.parity,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        width=args.width,
-        dropout=args.dropout,
-        dress_weight=args.dress_weight,
-        long_side=args.long_side,
+        **shared,
         limit=args.limit,
         cache=args.cache,
-        negatives=args.negatives,
         command=command,
         prefix=args.prefix,
     )
