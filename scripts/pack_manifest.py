@@ -17,14 +17,14 @@ from snapshop.errors import ImageDecodeError
 from snapshop.images import load_image
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("manifest", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--long-side", type=int, default=348)
     parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--where", action="append", default=[], help="COLUMN=VALUE filter")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     wanted = parse_where(args.where)
     rows = [r for r in read_manifest(args.manifest) if matches(r, wanted)]
@@ -49,7 +49,8 @@ def main() -> None:
             written += 1
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"{written} images ({skipped} skipped), {size / 2**20:.1f} MiB in {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -201,3 +201,38 @@ def test_read_manifest_rejects_bad_csv(tmp_path: Path, content: bytes, message: 
     csv_path.write_bytes(content)
     with pytest.raises(ManifestError, match=message):
         read_manifest(csv_path)
+
+
+def test_pack_manifest_copies_selected_rows_with_relative_paths(tmp_path: Path) -> None:
+    """scripts/pack_manifest.py: the data of a run on another machine (re-encoded, long side
+    capped, paths relative to the new folder, filters applied, unreadable files skipped)."""
+    import importlib.util
+
+    from PIL import Image
+
+    from snapshop.data.manifest import read_manifest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (400, 200), (200, 30, 30)).save(src / "a.png")
+    Image.new("RGB", (100, 300), (30, 200, 30)).save(src / "b.jpg")
+    (src / "broken.jpg").write_bytes(b"not an image")
+    (src / "m.csv").write_text(
+        "path,product_id,role,split\na.png,p1,query,train\nb.jpg,p2,gallery,train\n"
+        "broken.jpg,p2,gallery,train\nb.jpg,p3,gallery,test\n"
+    )
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pack_manifest.py"
+    spec = importlib.util.spec_from_file_location("pack_manifest", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "packed"
+    assert module.main([str(src / "m.csv"), str(out), "--where", "split=train",
+                        "--long-side", "150"]) == 0  # fmt: skip
+    rows = read_manifest(out / "manifest.csv")
+    assert [(r.product_id, r.role, r.extra["split"]) for r in rows] == [
+        ("p1", "query", "train"),
+        ("p2", "gallery", "train"),
+    ]
+    assert all(r.path.is_relative_to(out) for r in rows)
+    assert [Image.open(r.path).size for r in rows] == [(150, 75), (50, 150)]
