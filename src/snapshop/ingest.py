@@ -93,6 +93,9 @@ def write_blob(blob_dir: Path, sha256: str, data: bytes) -> str:
         return str(rel)
     except FileNotFoundError:
         pass  # not stored yet (or collected a moment ago): write it
+    except OSError as exc:  # stored, but not ours to touch (e.g. another user's file): use it
+        log.debug("could not refresh %s (%s)", target, exc)
+        return str(rel)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
     try:
