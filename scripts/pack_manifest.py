@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import sys
 from pathlib import Path
 
 from snapshop.data.manifest import matches, parse_where, read_manifest
-from snapshop.errors import ImageDecodeError
+from snapshop.errors import ImageDecodeError, SnapshopError
 from snapshop.images import load_image
 
 
@@ -26,8 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--where", action="append", default=[], help="COLUMN=VALUE filter")
     args = parser.parse_args(argv)
 
-    wanted = parse_where(args.where)
-    rows = [r for r in read_manifest(args.manifest) if matches(r, wanted)]
+    try:
+        wanted = parse_where(args.where)
+        rows = [r for r in read_manifest(args.manifest) if matches(r, wanted)]
+    except SnapshopError as exc:  # a bad CSV or filter: one line, nothing written
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     (args.out / "images").mkdir(parents=True, exist_ok=True)
     header = ["path", "product_id", "role", *sorted({k for r in rows for k in r.extra})]
     written = skipped = 0

@@ -236,3 +236,6 @@ def test_pack_manifest_copies_selected_rows_with_relative_paths(tmp_path: Path) 
     ]
     assert all(r.path.is_relative_to(out) for r in rows)
     assert [Image.open(r.path).size for r in rows] == [(150, 75), (50, 150)]
+    (src / "bad.csv").write_text("path,role\na.png,query\n")  # no product_id column
+    assert module.main([str(src / "bad.csv"), str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none").exists()
