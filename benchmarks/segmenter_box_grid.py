@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder or *garment_seg.json")
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--write-card", action="store_true")
+    parser.add_argument("--json-out", type=Path, help="every setting's numbers (JSON lines)")
     args = parser.parse_args()
 
     detector = SegmenterDetector(args.model)
@@ -79,6 +80,12 @@ def main() -> None:
         cells += [str(getattr(config, k)) for k in GRID]
         mark = " (current)" if config == base else ""
         print("| " + " | ".join(cells) + f" |{mark}")
+
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            for mean, numbers, config in results:
+                setting = {k: getattr(config, k) for k in GRID}
+                fh.write(json.dumps({"setting": setting, "mean": mean, "numbers": numbers}) + "\n")
 
     if args.write_card:
         _, card_path, _ = model_files(args.model)

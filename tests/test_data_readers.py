@@ -161,6 +161,29 @@ def test_protocol_split_is_product_disjoint_and_reproducible() -> None:
     assert counts.images["test/query"] + counts.images["test/gallery"] == 36
 
 
+def test_protocol_folds_hold_every_product_out_exactly_once() -> None:
+    rows = _rows(31, 4)
+    held_out = []
+    for fold in range(3):
+        out, counts = split_products(rows, ProtocolConfig(seed=5, folds=3, fold=fold))
+        again, _ = split_products(rows, ProtocolConfig(seed=5, folds=3, fold=fold))
+        assert [(r.path, r.role) for r in out] == [(r.path, r.role) for r in again]
+        test = {r.product_id for r in out if r.extra["split"] == "test"}
+        train = {r.product_id for r in out if r.extra["split"] == "train"}
+        assert not test & train and len(test | train) == 31
+        assert counts.products["test"] == len(test) in (10, 11)
+        held_out.append(test)
+    assert set().union(*held_out) == {f"p{p:02d}" for p in range(31)}
+    assert sum(len(t) for t in held_out) == 31  # disjoint: each product once
+    other_seed, _ = split_products(rows, ProtocolConfig(seed=6, folds=3, fold=0))
+    assert {r.product_id for r in other_seed if r.extra["split"] == "test"} != held_out[0]
+    for bad in ({"folds": 1}, {"folds": 3, "fold": 3}, {"folds": 0, "fold": 1}, {"folds": -2}):
+        with pytest.raises(ConfigError):
+            ProtocolConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="at least as many products"):
+        split_products(_rows(3, 2), ProtocolConfig(folds=4, fold=0))
+
+
 def test_protocol_filters_by_image_count_and_keeps_roles() -> None:
     rows = _rows(5, [1, 2, 30, 31, 5])
     out, counts = split_products(rows, ProtocolConfig(test_fraction=0.5, seed=0))

@@ -101,6 +101,18 @@ def test_prepare_cli_and_user_errors(tmp_path: Path) -> None:
     assert (tmp_path / "split.csv").read_text().count(",test") == 4
     bad = runner.invoke(app, ["prepare", str(tmp_path / "nope"), "--out", str(tmp_path / "x.csv")])
     assert bad.exit_code == 2 and "error" in bad.output and "Traceback" not in bad.output
+    held_out = []
+    for fold in range(2):
+        out = tmp_path / f"fold{fold}.csv"
+        result = runner.invoke(app, ["prepare", str(tmp_path / "shop"), "--out", str(out),
+                                     "--folds", "2", "--fold", str(fold)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        held_out.append({line.split(",")[1] for line in out.read_text().splitlines()
+                         if line.endswith(",test")})  # fmt: skip
+    assert len(held_out[0] | held_out[1]) == 5 and not held_out[0] & held_out[1]
+    bad = runner.invoke(app, ["prepare", str(tmp_path / "shop"), "--out", str(tmp_path / "x.csv"),
+                              "--folds", "2", "--fold", "2"])  # fmt: skip
+    assert bad.exit_code == 2 and "fold must be in 0..1" in bad.output
     bad = runner.invoke(app, ["train", "--manifest", str(tmp_path / "split.csv"), "--out",
                               str(tmp_path / "m"), "--train-where", "split=nothing"])  # fmt: skip
     assert bad.exit_code == 2 and "no manifest row" in bad.output

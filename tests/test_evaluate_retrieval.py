@@ -143,3 +143,75 @@ def test_recall_interval_resamples_products_not_queries() -> None:
     assert recall_interval(mixed, labels, k=1) == (0.5, 0.5)
     with pytest.raises(ConfigError):
         recall_interval(ranks, labels, k=1, level=1.0)
+
+
+def _grocery_cv():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grocery_cv.py"
+    spec = importlib.util.spec_from_file_location("grocery_cv", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules["grocery_cv"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_cross_validated_ranks_match_brute_force_and_pool_over_folds() -> None:
+    cv = _grocery_cv()
+    rng = np.random.default_rng(0)
+    label_of = {f"p{i}": i for i in range(6)}
+    pooled = cv.PooledRanks()
+    expected_hits, total = 0, 0
+    for fold_products in (["p0", "p2", "p4"], ["p1", "p3", "p5"]):
+        gallery_products = [p for p in fold_products for _ in range(3)]
+        query_products = [p for p in fold_products for _ in range(4)]
+        g = rng.normal(size=(len(gallery_products), 8)).astype(np.float32)
+        q = rng.normal(size=(len(query_products), 8)).astype(np.float32)
+        ranks, labels = cv.fold_ranks(q, query_products, g, gallery_products, label_of)
+        for i, product in enumerate(query_products):  # brute force: best image per product
+            best = {p: max(float(q[i] @ g[j]) for j, gp in enumerate(gallery_products) if gp == p)
+                    for p in fold_products}  # fmt: skip
+            assert ranks[i] == sum(v >= best[product] for v in best.values()) - 1
+            assert labels[i] == label_of[product]
+            expected_hits += ranks[i] == 0
+            total += 1
+        pooled.add(ranks, labels)
+    value, (lo, hi) = pooled.recall(1)
+    assert value == pytest.approx(expected_hits / total) and lo <= value <= hi
+    assert pooled.queries == total and len(pooled.per_fold_r1) == 2
+    with pytest.raises(ValueError, match="without a gallery image"):
+        cv.fold_ranks(q[:1], ["p9"], g, gallery_products, {"p9": 9})
+
+
+def test_cross_validation_script_scores_every_product_once(tmp_path, lite0_model_dir) -> None:
+    import csv
+    import json
+
+    from PIL import Image
+
+    cv = _grocery_cv()
+    rng = np.random.default_rng(1)
+    rows = []
+    for p in range(6):
+        colour = rng.integers(0, 255, 3)
+        for i in range(4):
+            pixels = np.clip(colour + rng.normal(0, 20, (48, 48, 3)), 0, 255).astype(np.uint8)
+            name = f"p{p}_{i}.png"
+            Image.fromarray(pixels).save(tmp_path / name)
+            rows.append({"path": name, "product_id": f"p{p}", "role": "query" if i < 2 else
+                         "gallery", "domain": "iconic" if i == 3 else "natural"})  # fmt: skip
+    with open(tmp_path / "m.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "cv.json"
+    model = str(lite0_model_dir)
+    assert cv.main([str(tmp_path / "m.csv"), "--fold-models", model, model, model,
+                    "--json-out", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())["trained (fold models)"]
+    assert set(report) == {"photo -> all", "photo -> catalog"}
+    for protocol in report.values():
+        assert len(protocol["per_fold_R@1"]) == 3
+        assert 0.0 <= protocol["R@1"]["value"] <= protocol["R@5"]["value"] == 1.0  # <= 2 products

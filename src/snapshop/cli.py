@@ -415,14 +415,23 @@ def prepare(
     keep_roles: Annotated[
         bool, typer.Option(help="Keep the sources' query/gallery roles for test images.")
     ] = False,
+    folds: Annotated[
+        int, typer.Option(min=0, help="K >= 2: cross-validation, hold out part --fold of K.")
+    ] = 0,
+    fold: Annotated[int, typer.Option(min=0, help="Which of the --folds parts is held out.")] = 0,
 ) -> None:
     """The reference protocol: merge sources, split products into train/test, write a manifest."""
     from snapshop.data.protocol import ProtocolConfig
     from snapshop.data.protocol import prepare as prepare_manifest
 
-    config = run(lambda: ProtocolConfig(test_fraction, min_images, max_images, seed, keep_roles))
+    config = run(
+        lambda: ProtocolConfig(
+            test_fraction, min_images, max_images, seed, keep_roles, folds=folds, fold=fold
+        )
+    )
     _, counts = run(lambda: prepare_manifest(sources, output, config))
-    table = Table(title=f"{output} (seed {seed}; {counts.dropped_products} products dropped)")
+    part = f", fold {fold} of {folds}" if folds else ""
+    table = Table(title=f"{output} (seed {seed}{part}; {counts.dropped_products} products dropped)")
     for col in ("split/role", "products", "images"):
         table.add_column(col)
     for name, n_products, n_images in counts.table():

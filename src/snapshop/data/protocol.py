@@ -1,9 +1,11 @@
 """The reference protocol: a seeded, product-disjoint train/test split of merged sources.
 
 Products with ``min_images..max_images`` images are kept; a random ``test_fraction`` of the
-*products* is held out; each test image becomes a query or a gallery image with probability
-1/2 (each test product gets at least one of each when it has two images or more), unless
-``keep_roles`` keeps the roles the sources gave. Every row gets a ``split`` column
+*products* is held out (or, with ``folds = K``, the ``fold``-th of K equal parts of the same
+seeded shuffle: the K manifests hold every product out exactly once, for cross-validation);
+each test image becomes a query or a gallery image with probability 1/2 (each test product
+gets at least one of each when it has two images or more), unless ``keep_roles`` keeps the
+roles the sources gave. Every row gets a ``split`` column
 (``train`` | ``test``); a source's own ``split`` column is kept as ``source_split``.
 """
 
@@ -25,10 +27,16 @@ class ProtocolConfig:
     max_images: int = 30  # 0 = no upper limit
     seed: int = 0
     keep_roles: bool = False
+    folds: int = 0  # >= 2: hold out part ``fold`` of ``folds`` instead of ``test_fraction``
+    fold: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.folds == 1 or self.folds < 0:
+            raise ConfigError(f"folds must be 0 (no cross-validation) or >= 2, got {self.folds}")
+        if not 0 <= self.fold < max(self.folds, 1):
+            raise ConfigError(f"fold must be in 0..{max(self.folds, 1) - 1}, got {self.fold}")
         if self.min_images < 1:
             raise ConfigError(f"min_images must be >= 1, got {self.min_images}")
         if self.max_images and self.max_images < self.min_images:
@@ -69,8 +77,13 @@ def split_products(rows: list[ManifestRow], config: ProtocolConfig = ProtocolCon
     rng = random.Random(config.seed)
     shuffled = kept[:]
     rng.shuffle(shuffled)
-    n_test = min(len(kept) - 1, max(1, round(len(kept) * config.test_fraction)))
-    test = set(shuffled[:n_test])
+    if config.folds:
+        if config.folds > len(kept):
+            raise ConfigError(f"{config.folds} folds need at least as many products ({len(kept)})")
+        test = set(shuffled[config.fold :: config.folds])
+    else:
+        n_test = min(len(kept) - 1, max(1, round(len(kept) * config.test_fraction)))
+        test = set(shuffled[:n_test])
     out: list[ManifestRow] = []
     counts = SplitCounts(dropped_products=len(by_product) - len(kept))
     for product in kept:
