@@ -19,7 +19,8 @@ Pipeline for one image:
    components that hold at least ``keep_fraction`` of the largest one (after an optional
    morphological opening); a position is skipped when it covers less than ``min_area`` of the
    image. The score is the mean probability of the position's classes over its kept pixels.
-   Box-extraction thresholds come from the model card (chosen on the even ids).
+   Box-extraction thresholds come from the model card (chosen on the even ids, re-checked
+   by cross-validation).
 
 A model fitted end to end (``segmenter_fit --finetune-blocks N``) also ships
 ``garment_seg_trunk.npz``: the fine-tuned tensors of the stem and blocks ``0..N-1``, which are

@@ -1,10 +1,12 @@
 """Fit the learned garment segmenter's head on CCP-format pixel labels (``masks/<id>.png``).
 
 ``python -m snapshop.detect.segmenter_fit ../shared/datasets/ccp-dev --parity even
---out src/snapshop/detect/weights`` fits on the even image ids (the shipped head,
-``detect/weights/garment_seg.onnx``, 250 KB; about 1 min of features and 5 min of training on
-a busy 2-core machine) and leaves the odd ones for a held-out score. Add ``--cache FILE.pkl``
-to reuse the trunk features between runs.
+--out DIR`` fits a head on the even image ids (250 KB; about 1 min of features and 5 min of
+training on a busy 2-core machine) and leaves the odd ones for a held-out score; ``--parity
+odd`` gives the other fold of a two-fold cross-validation. The shipped model
+(``detect/weights/``) was fitted end to end on a GPU on all ccp-dev ids (``--parity all
+--finetune-blocks 11``, its card has the command) once the two folds had scored the recipe.
+Add ``--cache FILE.pkl`` to reuse the trunk features between runs.
 
 The frozen EfficientNet-Lite0 trunk runs once per photo and once per horizontally flipped
 photo (the augmentation); its three feature maps are kept in memory (float16) and only the
