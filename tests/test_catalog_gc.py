@@ -409,6 +409,51 @@ def test_reusing_a_stored_blob_makes_it_young_again(tmp_path: Path) -> None:
     assert write_blob(blob_dir, "ab" + "0" * 62, data) == rel and path.read_bytes() == data
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_ingest_restores_a_blob_removed_by_a_concurrent_delete(
+    tmp_path: Path, lite0_model_dir: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Another process deletes the last row sharing these bytes (freeing the file) after this
+    ingest wrote or reused the blob and before it commits: the commit puts the file back, from
+    memory (in-process decode) or by reading the source again (decode workers keep no copy).
+    A source that changed meanwhile fails that one image with a clear reason, committing
+    nothing that names a missing file."""
+    images = make_images(tmp_path / "shop", n_products=3, per_product=2, size=48, seed=21)
+    changed = images[next(iter(images))][0]
+    real_lock = Catalog.write_lock
+    raced: list[Path] = []
+
+    @contextmanager
+    def lock_after_a_concurrent_delete(self: Catalog) -> Iterator[None]:
+        present = [p for p in (self.directory / "blobs").glob("*/*") if p.is_file()]
+        if present and not raced:  # the first commit after blobs were written
+            with real_lock(self):
+                for path in present:  # what the other process's delete frees, under the lock
+                    path.unlink()
+                    raced.append(path)
+                if workers:  # and the source is replaced before the re-read
+                    render(demo_products(1, seed=99)[0], 99, size=48).save(changed)
+        with real_lock(self):
+            yield
+
+    monkeypatch.setattr(Catalog, "write_lock", lock_after_a_concurrent_delete)
+    manifest = shop_csv(tmp_path / "shop.csv", images)
+    report = api.index_source(manifest, tmp_path / "cat", model=str(lite0_model_dir),
+                              workers=workers, batch_size=1)  # fmt: skip
+    monkeypatch.undo()
+    assert raced, "the simulated delete did not happen"
+    referenced = referenced_blobs(tmp_path / "cat")
+    assert referenced and all(p.is_file() for p in referenced)
+    assert gc(tmp_path / "cat").missing_blobs == 0
+    if workers:
+        assert report.added == 5
+        assert [(path, reason) for path, reason in report.failed] == [(
+            str(changed), "stored copy removed by a concurrent delete and the source changed"
+            " since it was read")]  # fmt: skip
+    else:
+        assert report.added == 6 and not report.failed
+
+
 def test_thumbnails_of_deleted_images_are_collected(tmp_path: Path) -> None:
     """Cached thumbnails are keyed by sha256: those of images no row has any more go (without
     a grace period: they are rendered again on demand); the others and odd files stay."""

@@ -238,6 +238,9 @@ class Ingestor:
                     report.skipped += 1  # another writer added it since we looked
                     offset += len(crops)
                     continue
+                if not self._blob_in_place(d, blob, report):
+                    offset += len(crops)
+                    continue
                 new = [NewCrop(pos, label, score, box, crop_vecs[offset + j])
                        for j, (pos, label, score, box, _) in enumerate(crops)]  # fmt: skip
                 image_id, crop_ids = store.insert_image(
@@ -258,6 +261,30 @@ class Ingestor:
                 ids = np.array([p[0] for p in pairs], dtype=np.int64)
                 self.catalog.add_vectors(position, ids, np.stack([p[1] for p in pairs]))
         self.catalog.applied(committed)  # our own write: no store rescan needed at save time
+
+    def _blob_in_place(self, d: Decoded, blob: str, report: IngestReport) -> bool:
+        """Under the write lock, before the row naming ``blob`` commits: make sure the file is
+        there. Another process deleting the last row that shared these bytes (or collecting
+        garbage) may have removed it between our write and now; deletes and collections
+        remove files under this same lock, so once checked here the file stays."""
+        if (self.catalog.directory / blob).is_file():
+            return True
+        data = d.data
+        if not data:  # a decode worker wrote the blob and kept no copy: read the source again
+            try:
+                data = d.record.read(self.limits)
+            except ImageDecodeError as exc:
+                data = b""
+                reason = exc.reason
+            else:
+                reason = "the source changed since it was read"
+            if hashlib.sha256(data).hexdigest() != d.sha256:
+                why = f"stored copy removed by a concurrent delete and {reason}"
+                report.failed.append((str(d.record.path), why))
+                return False
+        write_blob(self.catalog.blob_dir, d.sha256, data)
+        log.info("stored %s again: removed by a concurrent writer", blob)
+        return True
 
     def ingest(
         self,

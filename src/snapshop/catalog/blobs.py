@@ -8,9 +8,11 @@ age: a file younger than the grace period is never removed. Each removal happens
 catalog write lock (every commit takes it) right after re-reading the file's references and
 age, so a row committed after the scan keeps its file. An ingest that finds the blob already
 on disk refreshes its mtime (``ingest.write_blob``), so it is young again for the grace period.
-Not covered: deleting the last row of a blob frees the file at once, so an ingest in another
-process that reused those same bytes a moment before and commits just after is left with a
-missing file (reported by garbage collection as ``missing_blobs``; re-ingesting restores it).
+Deleting the last row of a blob frees the file at once, also while an ingest in another
+process has just written or reused those same bytes: that ingest checks its files under the
+write lock right before committing and stores any that went missing again (from memory, or by
+re-reading the source; a source that changed meanwhile fails that one image), so no committed
+row names a missing file.
 
 Several rows may share one blob (the same bytes under two products), so a blob is referenced
 while any image row has its sha256.
