@@ -284,6 +284,7 @@ def test_finetune_config_rejects_bad_values() -> None:
         {"optimizer": "lamb"},
         {"device": "tpu"},
         {"min_scale": 1.5, "max_scale": 1.0},
+        {"overlay_dtype": "int8"},
     ):
         with pytest.raises(ConfigError):
             FinetuneConfig(**bad)
@@ -329,6 +330,18 @@ def test_finetune_reduces_the_loss_and_changes_only_the_tuned_blocks(tmp_path: P
     with torch.no_grad():
         trained = net(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(shipped, trained, atol=1e-4)
+
+    # Stored as float16 (half the bytes), it loads as float32 and computes nearly the same.
+    half = tmp_path / "half"
+    entry16 = write_finetuned(net, half, dtype="float16")
+    assert entry16["dtype"] == "float16" and entry16["parameters"] == entry["parameters"]
+    assert entry16["bytes"] < 0.6 * entry["bytes"]
+    (half / CARD_FILE).write_text(json.dumps({"trunk_overlay": entry16, "config": {}}))
+    det16 = SegmenterDetector(half)
+    s8, s16, s32 = det16.trunk(x)
+    rounded = det16.head.run(None, {"s8": s8, "s16": s16, "s32": s32})[0]
+    assert not np.array_equal(rounded, shipped)  # the rounding reached the trunk
+    np.testing.assert_allclose(rounded, trained, atol=2e-2)
 
 
 def test_bad_trunk_overlays_are_model_errors() -> None:

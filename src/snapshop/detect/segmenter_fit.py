@@ -388,6 +388,7 @@ class FinetuneConfig:
     bf16: bool = True  # autocast on cuda only
     max_train_seconds: float | None = None  # stop early (after an epoch) past this
     seed: int = 0
+    overlay_dtype: str = "float32"  # float16 halves garment_seg_trunk.npz (read back as float32)
 
     def __post_init__(self) -> None:
         SegmenterConfig(long_side=self.long_side)  # raises ConfigError for a bad long side
@@ -397,6 +398,8 @@ class FinetuneConfig:
             raise ConfigError("epochs and batch_size must be >= 1, workers and negatives >= 0")
         if self.lr <= 0 or self.trunk_lr < 0 or self.weight_decay < 0:
             raise ConfigError("lr must be > 0, trunk_lr and weight_decay >= 0")
+        if self.overlay_dtype not in ("float32", "float16"):
+            raise ConfigError(f"overlay_dtype must be float32 or float16, got {self.overlay_dtype}")
         if self.optimizer not in ("adamw", "sgd") or self.schedule not in ("cosine", "step"):
             raise ConfigError("optimizer must be adamw or sgd, schedule cosine or step")
         if self.device not in ("auto", "cuda", "cpu"):
@@ -696,11 +699,14 @@ def _train_finetune(
     return net.cpu().float().eval(), losses, info
 
 
-def write_finetuned(net: Any, out: Path, prefix: str = "") -> dict[str, Any]:
-    """Write the head (ONNX) and the trunk overlay (npz); returns the card's overlay entry."""
+def write_finetuned(
+    net: Any, out: Path, prefix: str = "", dtype: str = "float32"
+) -> dict[str, Any]:
+    """Write the head (ONNX) and the trunk overlay (npz, ``dtype``); returns the card's
+    overlay entry."""
     out.mkdir(parents=True, exist_ok=True)
     export_head(net.head, out / f"{prefix}{HEAD_FILE}")
-    tensors = trunk_overlay(net)
+    tensors = {name: t.astype(dtype) for name, t in trunk_overlay(net).items()}
     path = out / f"{prefix}{TRUNK_FILE}"
     with open(path, "wb") as fh:
         np.savez(fh, **tensors)
@@ -711,6 +717,7 @@ def write_finetuned(net: Any, out: Path, prefix: str = "") -> dict[str, Any]:
         "overrides": f"_conv_stem, _bn0, _blocks.0-{blocks[-1]} parameters"
         " (BatchNorm statistics stay ImageNet's)",
         "tensors": len(tensors),
+        "dtype": dtype,
         "parameters": int(sum(t.size for t in tensors.values())),
         "bytes": path.stat().st_size,
     }
@@ -739,7 +746,7 @@ def fit_finetune(
     t_load = time.perf_counter() - t0
     log.info("%d photos + %d negatives in memory (%.1f s)", len(pairs), config.negatives, t_load)
     net, losses, info = train_finetune(images, config)
-    overlay = write_finetuned(net, out, prefix)
+    overlay = write_finetuned(net, out, prefix, config.overlay_dtype)
     n = config.finetune_blocks
     card = {
         "model": f"{HEAD_FILE}: head of the `segmenter` detector (1x1 laterals + 2 3x3 convs,"
@@ -814,6 +821,8 @@ def main(argv: list[str] | None = None) -> None:
     ft.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="autocast on cuda")
     ft.add_argument("--max-train-seconds", type=float, help="stop after the epoch past this")
     ft.add_argument("--seed", type=int)
+    ft.add_argument("--overlay-dtype", choices=("float32", "float16"),
+                    help="storage of the fine-tuned trunk tensors")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command = "python -m snapshop.detect.segmenter_fit " + " ".join(
@@ -821,7 +830,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     finetune_only = {
         "device", "workers", "trunk_lr", "weight_decay", "optimizer", "schedule", "min_scale",
-        "max_scale", "jitter", "augment", "bf16", "max_train_seconds", "seed",
+        "max_scale", "jitter", "augment", "bf16", "max_train_seconds", "seed", "overlay_dtype",
     }  # fmt: skip
     given = {k for k in finetune_only if getattr(args, k) is not None}
     shared_names = ("epochs", "batch_size", "lr", "width", "dropout", "dress_weight",
