@@ -135,15 +135,24 @@ def main(argv: list[str] | None = None) -> int:
                 ("photo -> catalog", [r for r in present if r.role == "gallery"
                                       and matches(r, catalog)]),
             ):  # fmt: skip
-                ranks, labels = fold_ranks(vec_of(queries), [r.product_id for r in queries],
+                in_gallery = {r.product_id for r in gallery}
+                asked = [r for r in queries if r.product_id in in_gallery]
+                if not asked:  # e.g. no catalog images in this dataset
+                    continue
+                ranks, labels = fold_ranks(vec_of(asked), [r.product_id for r in asked],
                                            vec_of(gallery), [r.product_id for r in gallery],
                                            label_of)  # fmt: skip
                 pooled[protocol].add(ranks, labels)
 
     report: dict[str, dict[str, object]] = {}
     for protocol in ("photo -> all", "photo -> catalog"):
-        print(f"\n{protocol}: {folds} folds, {len(label_of)} products, "
-              f"{results[columns[0][0]][protocol].queries} queries, pooled")  # fmt: skip
+        asked = results[columns[0][0]][protocol]
+        if not asked.queries:
+            print(f"\n{protocol}: no query has a gallery image of its product (skipped)")
+            continue
+        products = len(np.unique(np.concatenate(asked.labels)))
+        print(f"\n{protocol}: {folds} folds, {products} products, {asked.queries} queries,"
+              " pooled")  # fmt: skip
         print("| metric | " + " | ".join(name for name, _ in columns) + " |")
         print("|---" * (len(columns) + 1) + "|")
         for k in KS:

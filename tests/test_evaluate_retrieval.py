@@ -215,3 +215,6 @@ def test_cross_validation_script_scores_every_product_once(tmp_path, lite0_model
     for protocol in report.values():
         assert len(protocol["per_fold_R@1"]) == 3
         assert 0.0 <= protocol["R@1"]["value"] <= protocol["R@5"]["value"] == 1.0  # <= 2 products
+    assert cv.main([str(tmp_path / "m.csv"), "--fold-models", model, model, model,
+                    "--catalog-where", "domain=none", "--json-out", str(out)]) == 0  # fmt: skip
+    assert set(json.loads(out.read_text())["trained (fold models)"]) == {"photo -> all"}
