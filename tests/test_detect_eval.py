@@ -174,3 +174,45 @@ def test_catalog_records_detector_and_search_uses_it(tmp_path: Path, lite0_model
     make_images(tmp_path / "more", n_products=1, per_product=1, size=64, seed=5)
     again = api.index_source(tmp_path / "more", cat, model=str(lite0_model_dir))
     assert again.added == 1 and again.crops == 2
+
+
+def _benchmark(name: str):
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_detector_breakdown_outcomes_and_label_rows(tmp_path: Path) -> None:
+    from snapshop.detect.base import Box, Detection
+
+    bd = _benchmark("detector_breakdown")
+    truth = {"upper": Box(0, 0, 10, 10), "lower": Box(0, 10, 10, 20)}
+    found = [Detection(Box(0, 0, 10, 9), "top", "upper", 0.9),  # IoU 0.9: right
+             Detection(Box(0, 0, 10, 10), "top", "upper", 0.1),  # lower score: ignored
+             Detection(Box(0, 18, 10, 30), "skirt", "lower", 0.8)]  # IoU 0.1: off  # fmt: skip
+    assert bd.position_outcomes(truth, found) == {"upper": "right", "lower": "off"}
+    assert bd.position_outcomes({"upper": Box(0, 0, 10, 10)}, found[2:]) == {
+        "upper": "missed", "lower": "spurious"}  # fmt: skip
+    assert bd.position_outcomes({}, []) == {"upper": "right", "lower": "right"}
+
+    csv_path = tmp_path / "boxes.csv"
+    csv_path.write_text("path,group,ccp_label,x1,y1,x2,y2\n"
+                        "a.jpg,top,blouse,0,0,10,10\na.jpg,skirt,skirt,0,10,10,20\n"
+                        "b.jpg,dress,dress,0,0,10,20\n")  # fmt: skip
+    labels = bd.photo_labels(csv_path)
+    assert labels == {"a.jpg": frozenset({"blouse", "skirt"}), "b.jpg": frozenset({"dress"})}
+    photos = [
+        bd.PhotoOutcome("a.jpg", labels["a.jpg"], {"upper": "right", "lower": "off"}),
+        bd.PhotoOutcome("b.jpg", labels["b.jpg"], {"upper": "right", "lower": "spurious"}),
+    ]
+    rows = {label: (n, counts) for label, n, counts in bd.breakdown(photos, min_photos=1)}
+    assert set(rows) == {"all photos", "blouse", "skirt", "dress"}
+    assert rows["all photos"][0] == 2 and rows["all photos"][1]["upper"]["right"] == 2
+    assert rows["dress"][1]["lower"] == {"spurious": 1}
+    assert [label for label, _, _ in bd.breakdown(photos, min_photos=2)] == ["all photos"]

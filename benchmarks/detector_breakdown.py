@@ -1,0 +1,129 @@
+"""Where a garment detector fails, per label: for the photos showing each label of a CCP-format
+boxes CSV (``ccp_label`` when present, else ``group``), how often each position is right.
+
+A position is right on a photo when it has no ground-truth box and none is predicted, or the
+best-scoring prediction there has IoU >= 0.5 with the ground truth (the union of that
+position's garment boxes, as ``snapshop evaluate-detector`` scores). Failures are counted as
+missed (truth, no prediction), off (IoU < 0.5) or spurious (prediction, no truth). Several
+``--fold DETECTOR=BOXES_CSV`` pairs pool cross-validation folds, each detector run only on its
+own CSV's photos.
+
+    awk -F, 'NR==1 || ($2+0)%2==1' ../shared/datasets/ccp-dev/boxes.csv > /tmp/boxes_odd.csv
+    awk -F, 'NR==1 || ($2+0)%2==0' ../shared/datasets/ccp-dev/boxes.csv > /tmp/boxes_even.csv
+    python benchmarks/detector_breakdown.py --images-root ../shared/datasets/ccp-dev \
+        --fold segmenter:runs/ccp-cv/wide_even_garment_seg.json=/tmp/boxes_odd.csv \
+        --fold segmenter:runs/ccp-cv/wide_odd_garment_seg.json=/tmp/boxes_even.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapshop.detect.base import POSITIONS, Box, Detection, keep_best_per_position
+from snapshop.detect.factory import create_detector
+from snapshop.evaluate.detection import load_ground_truth
+from snapshop.images import load_image
+
+OUTCOMES = ("right", "missed", "off", "spurious")
+
+
+@dataclass(frozen=True)
+class PhotoOutcome:
+    path: str
+    labels: frozenset[str]
+    outcome: dict[str, str]  # position -> one of OUTCOMES
+
+
+def position_outcomes(
+    truth: dict[str, Box], detections: Iterable[Detection], iou_threshold: float = 0.5
+) -> dict[str, str]:
+    """Per position: right, missed, off (IoU below the threshold) or spurious."""
+    best = keep_best_per_position(detections)
+    out = {}
+    for position in POSITIONS:
+        gt, det = truth.get(position), best.get(position)
+        if gt is None:
+            out[position] = "right" if det is None else "spurious"
+        elif det is None:
+            out[position] = "missed"
+        else:
+            out[position] = "right" if gt.iou(det.box) >= iou_threshold else "off"
+    return out
+
+
+def photo_labels(boxes_csv: Path) -> dict[str, frozenset[str]]:
+    """path -> the labels of its rows (``ccp_label`` when the CSV has it, else ``group``)."""
+    labels: dict[str, set[str]] = defaultdict(set)
+    with open(boxes_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            labels[row["path"].strip()].add(row.get("ccp_label") or row["group"])
+    return {path: frozenset(found) for path, found in labels.items()}
+
+
+def breakdown(
+    outcomes: list[PhotoOutcome], min_photos: int
+) -> list[tuple[str, int, dict[str, Counter[str]]]]:
+    """(label, photos, {position: Counter of outcomes}) for labels on >= ``min_photos``
+    photos, plus an ``all photos`` row first."""
+    rows = [("all photos", outcomes)]
+    by_label: dict[str, list[PhotoOutcome]] = defaultdict(list)
+    for photo in outcomes:
+        for label in photo.labels:
+            by_label[label].append(photo)
+    rows += sorted((label, photos) for label, photos in by_label.items()
+                   if len(photos) >= min_photos)  # fmt: skip
+    return [
+        (label, len(photos), {p: Counter(ph.outcome[p] for ph in photos) for p in POSITIONS})
+        for label, photos in rows
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fold", action="append", required=True, metavar="DETECTOR=BOXES_CSV")
+    parser.add_argument("--images-root", type=Path, required=True)
+    parser.add_argument("--min-photos", type=int, default=10, help="rows for labels this common")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args(argv)
+
+    outcomes: list[PhotoOutcome] = []
+    for pair in args.fold:
+        spec, sep, boxes = pair.rpartition("=")
+        if not sep or not spec:
+            parser.error(f"--fold {pair!r}: expected DETECTOR=BOXES_CSV")
+        detector = create_detector(spec)
+        if detector is None:
+            parser.error(f"--fold {pair!r}: no detector")
+        truth, labels = load_ground_truth(boxes), photo_labels(Path(boxes))
+        for path in sorted(truth):
+            detections = detector.detect(load_image(args.images_root / path))
+            outcome = position_outcomes(truth[path], detections)
+            outcomes.append(PhotoOutcome(path, labels.get(path, frozenset()), outcome))
+
+    table = breakdown(outcomes, args.min_photos)
+    print(f"{len(outcomes)} photos, {len(args.fold)} fold(s); per position: right share, then"
+          " missed / off (IoU < 0.5) / spurious counts")  # fmt: skip
+    header = ["label", "photos"] + [f"{p} right" for p in POSITIONS]
+    header += [f"{p} missed / off / spurious" for p in POSITIONS]
+    print("| " + " | ".join(header) + " |")
+    print("|---" * len(header) + "|")
+    for label, n, counts in table:
+        cells = [label, str(n)] + [f"{counts[p]['right'] / n:.2f}" for p in POSITIONS]
+        cells += [" / ".join(str(counts[p][o]) for o in OUTCOMES[1:]) for p in POSITIONS]
+        print("| " + " | ".join(cells) + " |")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(
+            [{"label": label, "photos": n, **{p: dict(c) for p, c in counts.items()}}
+             for label, n, counts in table], indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
