@@ -265,3 +265,80 @@ def test_auto_refresh_picks_up_other_writers(
         assert top.sku == "new-sku" and top.score > 0.999
     finally:
         catalog.close()
+
+
+def test_square_pad_keeps_the_whole_garment() -> None:
+    from PIL import Image
+
+    from snapshop.detect.base import frame_crop, square_pad
+
+    tall = Image.new("RGB", (10, 30), (200, 10, 10))
+    tall.paste((0, 0, 250), (0, 0, 10, 3))  # a blue waistband the centre crop would cut off
+    padded = square_pad(tall)
+    assert padded.size == (30, 30)
+    assert padded.crop((10, 0, 20, 30)).tobytes() == tall.tobytes()  # centred, untouched
+    fill = padded.getpixel((0, 15))
+    assert fill == tuple(round(c) for c in np.asarray(tall, np.float64).reshape(-1, 3).mean(0))
+    assert square_pad(Image.new("RGB", (9, 9))).size == (9, 9)
+    wide = frame_crop(Image.new("RGB", (100, 100)), Box(10, 40, 90, 60), "pad")
+    assert wide is not None and wide.size == (80, 80)
+    center = frame_crop(Image.new("RGB", (100, 100)), Box(10, 40, 90, 60), "center")
+    assert center is not None and center.size == (80, 20)
+    with pytest.raises(ConfigError, match="crop mode"):
+        frame_crop(tall, Box(0, 0, 5, 5), "stretch")
+
+
+def test_catalog_and_query_crops_are_framed_alike(tmp_path: Path, lite0_model_dir: Path) -> None:
+    """New catalogs pad crops to squares at ingest and at search; a catalog card from before
+    the mode existed keeps embedding them as they are, on both sides."""
+    from service_fixtures import FixedGarmentDetector
+
+    from snapshop.catalog.catalog import CARD_FILE as CATALOG_CARD
+    from snapshop.catalog.catalog import create_catalog
+    from snapshop.detect.base import frame_crop
+    from snapshop.errors import CatalogError
+
+    images = []
+    for n, product in enumerate(demo_products(3, seed=11)):
+        path = tmp_path / f"{product.sku}.jpg"
+        render(product, seed=n, size=96).save(path, quality=95)
+        images.append([product.sku, path, product.title, "", 10.0, ""])
+    manifest = write_csv(tmp_path / "shop.csv", images)
+    embedder = Embedder(lite0_model_dir)
+    detector = FixedGarmentDetector()
+    from PIL import Image
+
+    for mode in ("pad", "center"):
+        cat = tmp_path / f"cat-{mode}"
+        if mode == "center":  # an older catalog: its card has no crop_mode
+            create_catalog(cat, model_id=embedder.model_id, model_ref=str(lite0_model_dir),
+                           dim=embedder.dim).close()  # fmt: skip
+            card = json.loads((cat / CATALOG_CARD).read_text())
+            assert card.pop("crop_mode") == "pad"
+            (cat / CATALOG_CARD).write_text(json.dumps(card))
+        api.index_source(manifest, cat, model=str(lite0_model_dir), detector=detector)
+        catalog = open_catalog(cat)
+        try:
+            assert catalog.crop_mode == mode and catalog.info()["crop_mode"] == mode
+            first = Image.open(images[0][1]).convert("RGB")
+            lower = detector.detect(first)[1].box
+            stored = np.concatenate([v for _, v in catalog.store.iter_vectors(
+                "crops", catalog.dim, position="lower")])  # fmt: skip
+            expected = embedder.embed_images([frame_crop(first, lower, mode)])[0]
+            other = embedder.embed_images([frame_crop(first, lower, "pad" if mode == "center"
+                                                      else "center")])[0]  # fmt: skip
+            assert float((stored @ expected).max()) > 0.999
+            assert float((stored @ other).max()) < 0.999
+            result = Searcher(catalog, embedder, detector).search(first, k=1)
+            lower_hits = [r for r in result.item_results if r.position == "lower"][0].results
+            assert lower_hits[0].sku == images[0][0] and lower_hits[0].score > 0.999
+        finally:
+            catalog.close()
+    card = json.loads((cat / CATALOG_CARD).read_text())
+    (cat / CATALOG_CARD).write_text(json.dumps({**card, "crop_mode": "stretch"}))
+    broken = open_catalog(cat)
+    try:
+        with pytest.raises(CatalogError, match="crop_mode"):
+            _ = broken.crop_mode
+    finally:
+        broken.close()

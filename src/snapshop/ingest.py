@@ -27,7 +27,7 @@ from PIL import Image
 from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import CatalogStore, NewCrop, Product
 from snapshop.data.sources import CatalogRecord
-from snapshop.detect.base import Detector, crop, keep_best_per_position
+from snapshop.detect.base import Detector, frame_crop, keep_best_per_position
 from snapshop.errors import ImageDecodeError
 from snapshop.images import DecodeLimits, load_image, sniff_format
 from snapshop.models.embedder import Embedder, preprocess
@@ -108,13 +108,13 @@ def write_blob(blob_dir: Path, sha256: str, data: bytes) -> str:
 
 
 def _detect_crops(
-    detector: Detector | None, image: Image.Image
+    detector: Detector | None, image: Image.Image, crop_mode: str
 ) -> list[tuple[str, str, float, tuple[float, float, float, float], Image.Image]]:
     if detector is None:
         return []
     out = []
     for position, det in sorted(keep_best_per_position(detector.detect(image)).items()):
-        pixels = crop(image, det.box)
+        pixels = frame_crop(image, det.box, crop_mode)
         if pixels is not None:
             out.append((position, det.label, det.score, det.box.as_tuple(), pixels))
     return out
@@ -212,7 +212,10 @@ class Ingestor:
 
     def _write_batch(self, batch: list[Decoded], report: IngestReport) -> None:
         crops_per_image = [
-            _detect_crops(self.detector, d.image) if d.image is not None else [] for d in batch
+            _detect_crops(self.detector, d.image, self.catalog.crop_mode)
+            if d.image is not None
+            else []
+            for d in batch
         ]
         crop_pixels = [c[4] for cs in crops_per_image for c in cs]
         if any(d.pixels is not None for d in batch):  # preprocessed by the decode workers

@@ -14,7 +14,7 @@ from PIL import Image
 
 from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import Product
-from snapshop.detect.base import Box, Detection, Detector, crop, keep_best_per_position
+from snapshop.detect.base import Box, Detection, Detector, frame_crop, keep_best_per_position
 from snapshop.errors import ConfigError
 from snapshop.images import DecodeLimits, ImageSource, load_image
 from snapshop.index.base import VectorIndex
@@ -232,7 +232,7 @@ class Searcher:
         t2 = time.perf_counter()
         timings["detect"] = (t2 - t1) * 1e3
 
-        cropped = [(r, crop(image, r[3])) for r in regions]
+        cropped = [(r, frame_crop(image, r[3], self.catalog.crop_mode)) for r in regions]
         regions = [r for r, pixels in cropped if pixels is not None]
         vectors = self.embedder.embed_images([image] + [p for _, p in cropped if p is not None])
         t3 = time.perf_counter()

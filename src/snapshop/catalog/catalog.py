@@ -38,6 +38,7 @@ from snapshop.catalog.blobs import (
 )
 from snapshop.catalog.store import CatalogStore
 from snapshop.config import read_json, write_json
+from snapshop.detect.base import CROP_MODES, DEFAULT_CROP_MODE
 from snapshop.errors import CatalogError, ConfigError, ModelError
 from snapshop.index import VectorIndex, create_index, load_index, save_index
 from snapshop.index.choose import resolve_index_kind
@@ -88,6 +89,15 @@ class Catalog:
         """Spec of the garment detector the catalog's crops were made with (None: none)."""
         value = self.card.get("detector")
         return str(value) if value and str(value).lower() != "none" else None
+
+    @property
+    def crop_mode(self) -> str:
+        """How garment crops are framed for the embedder (``detect.base.CROP_MODES``); a card
+        without the key predates it, and its crops were embedded as they are ("center")."""
+        value = str(self.card.get("crop_mode", "center"))
+        if value not in CROP_MODES:
+            raise CatalogError(f"{self.directory / CARD_FILE}: unknown crop_mode {value!r}")
+        return value
 
     def record_detector(self, spec: str) -> None:
         """Remember ``spec`` in the card: later ingests and searches default to it (issue #4)."""
@@ -304,6 +314,7 @@ class Catalog:
             "model_id": self.model_id,
             "model_ref": self.model_ref,
             "detector": self.detector,
+            "crop_mode": self.crop_mode,
             "dim": self.dim,
             "index_kind": self.index_kind,
             "indexes": {name: len(idx) for name, idx in sorted(self.indexes.items())},
@@ -355,6 +366,7 @@ def _create(
         "dim": int(dim),
         "index_kind": index_kind,
         "index_params": index_params or {},
+        "crop_mode": DEFAULT_CROP_MODE,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     store = CatalogStore(directory / DB_FILE)

@@ -6,7 +6,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from PIL import Image
+from PIL import Image, ImageStat
+
+from snapshop.errors import ConfigError
 
 UPPER = "upper"
 LOWER = "lower"
@@ -147,3 +149,32 @@ def crop(image: Image.Image, box: Box, min_side: int = 8) -> Image.Image | None:
     if x2 - x1 < min_side or y2 - y1 < min_side:
         return None
     return image.crop((x1, y1, x2, y2))
+
+
+# How garment crops are framed for the embedder, recorded in each catalog's card: catalog and
+# query crops must be framed alike. "center": the crop as it is, so the embedder's centre crop
+# keeps only the middle of a tall garment (a trousers crop loses its waist and hem); "pad": the
+# crop centred on a square of its mean colour, so all of it is embedded.
+CROP_MODES: tuple[str, ...] = ("center", "pad")
+DEFAULT_CROP_MODE = "pad"  # catalogs created before the mode was recorded used "center"
+
+
+def square_pad(image: Image.Image) -> Image.Image:
+    """``image`` centred on a square canvas filled with its mean colour."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    rgb = image.convert("RGB")
+    fill = tuple(round(c) for c in ImageStat.Stat(rgb).mean)
+    canvas = Image.new("RGB", (side, side), fill)  # type: ignore[arg-type]
+    canvas.paste(rgb, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def frame_crop(image: Image.Image, box: Box, mode: str, min_side: int = 8) -> Image.Image | None:
+    """:func:`crop`, framed for the embedder as ``mode`` (one of :data:`CROP_MODES`) says."""
+    if mode not in CROP_MODES:
+        raise ConfigError(f"crop mode must be one of {list(CROP_MODES)}, got {mode!r}")
+    pixels = crop(image, box, min_side)
+    return square_pad(pixels) if pixels is not None and mode == "pad" else pixels
