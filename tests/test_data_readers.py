@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from script_helpers import load_script
 
 from snapshop.data.manifest import ManifestRow, read_manifest
 from snapshop.data.protocol import ProtocolConfig, prepare, split_products
@@ -229,7 +230,6 @@ def test_read_manifest_rejects_bad_csv(tmp_path: Path, content: bytes, message: 
 def test_pack_manifest_copies_selected_rows_with_relative_paths(tmp_path: Path) -> None:
     """scripts/pack_manifest.py: the data of a run on another machine (re-encoded, long side
     capped, paths relative to the new folder, filters applied, unreadable files skipped)."""
-    import importlib.util
 
     from PIL import Image
 
@@ -244,11 +244,7 @@ def test_pack_manifest_copies_selected_rows_with_relative_paths(tmp_path: Path) 
         "path,product_id,role,split\na.png,p1,query,train\nb.jpg,p2,gallery,train\n"
         "broken.jpg,p2,gallery,train\nb.jpg,p3,gallery,test\n"
     )
-    script = Path(__file__).resolve().parents[1] / "scripts" / "pack_manifest.py"
-    spec = importlib.util.spec_from_file_location("pack_manifest", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("scripts/pack_manifest.py")
     out = tmp_path / "packed"
     assert module.main([str(src / "m.csv"), str(out), "--where", "split=train",
                         "--long-side", "150"]) == 0  # fmt: skip

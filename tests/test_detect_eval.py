@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from catalog_helpers import make_images
 from PIL import Image
+from script_helpers import load_script
 from typer.testing import CliRunner
 
 from snapshop import api
@@ -176,22 +177,10 @@ def test_catalog_records_detector_and_search_uses_it(tmp_path: Path, lite0_model
     assert again.added == 1 and again.crops == 2
 
 
-def _benchmark(name: str):
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 def test_detector_breakdown_outcomes_and_label_rows(tmp_path: Path) -> None:
     from snapshop.detect.base import Box, Detection
 
-    bd = _benchmark("detector_breakdown")
+    bd = load_script("benchmarks/detector_breakdown.py")
     truth = {"upper": Box(0, 0, 10, 10), "lower": Box(0, 10, 10, 20)}
     found = [Detection(Box(0, 0, 10, 9), "top", "upper", 0.9),  # IoU 0.9: right
              Detection(Box(0, 0, 10, 10), "top", "upper", 0.1),  # lower score: ignored

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from script_helpers import load_script
 
 from snapshop.detect.base import LOWER, UPPER, keep_best_per_position
 from snapshop.detect.factory import create_detector
@@ -445,7 +446,6 @@ def test_shipped_weights_stay_small() -> None:
 
 
 def test_pack_script_writes_a_dataset_segmenter_fit_reads(tmp_path: Path) -> None:
-    import importlib.util
 
     from snapshop.detect.segmenter_fit import label_table, list_images, load_training_images
 
@@ -456,11 +456,7 @@ def test_pack_script_writes_a_dataset_segmenter_fit_reads(tmp_path: Path) -> Non
         w.writerow(["path", "image_id", "split", "ccp_label", "group", "x1", "y1", "x2", "y2"])
         for i in range(1, 5):
             w.writerow([f"images/{i:04d}.jpg", f"{i:04d}", "dev", "shirt", "top", 75, 70, 146, 160])
-    script = Path(__file__).resolve().parents[1] / "scripts" / "pack_ccp_for_device.py"
-    spec = importlib.util.spec_from_file_location("pack_ccp_for_device", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("scripts/pack_ccp_for_device.py")
     dest = tmp_path / "packed"
     assert module.main([str(root), str(dest), "--long-side", "165"]) == 0
     pairs = list_images(dest, "all")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from script_helpers import load_script
 
 from snapshop.errors import ConfigError
 from snapshop.evaluate.retrieval import (
@@ -145,21 +146,8 @@ def test_recall_interval_resamples_products_not_queries() -> None:
         recall_interval(ranks, labels, k=1, level=1.0)
 
 
-def _grocery_cv():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grocery_cv.py"
-    spec = importlib.util.spec_from_file_location("grocery_cv", path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["grocery_cv"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 def test_cross_validated_ranks_match_brute_force_and_pool_over_folds() -> None:
-    cv = _grocery_cv()
+    cv = load_script("benchmarks/grocery_cv.py")
     rng = np.random.default_rng(0)
     label_of = {f"p{i}": i for i in range(6)}
     pooled = cv.PooledRanks()
@@ -191,7 +179,7 @@ def test_cross_validation_script_scores_every_product_once(tmp_path, lite0_model
 
     from PIL import Image
 
-    cv = _grocery_cv()
+    cv = load_script("benchmarks/grocery_cv.py")
     rng = np.random.default_rng(1)
     rows = []
     for p in range(6):
