@@ -28,6 +28,7 @@ from pathlib import Path
 
 from snapshop.detect.base import POSITIONS, Box, Detection, keep_best_per_position
 from snapshop.detect.factory import create_detector
+from snapshop.errors import SnapshopError
 from snapshop.evaluate.detection import load_ground_truth
 from snapshop.images import load_image
 
@@ -98,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         spec, sep, boxes = pair.rpartition("=")
         if not sep or not spec:
             parser.error(f"--fold {pair!r}: expected DETECTOR=BOXES_CSV")
+        truth, labels = load_ground_truth(boxes), photo_labels(Path(boxes))  # bad CSV: fail first
         detector = create_detector(spec)
         if detector is None:
             parser.error(f"--fold {pair!r}: no detector")
-        truth, labels = load_ground_truth(boxes), photo_labels(Path(boxes))
         for path in sorted(truth):
             detections = detector.detect(load_image(args.images_root / path))
             outcome = position_outcomes(truth[path], detections)
@@ -126,4 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SnapshopError as exc:  # a bad CSV, model or image: one line, no traceback
+        sys.exit(f"error: {exc}")

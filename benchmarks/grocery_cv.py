@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 from snapshop.data.manifest import ManifestRow, matches, parse_where
 from snapshop.data.protocol import ProtocolConfig, split_products
 from snapshop.data.readers import read_dataset
+from snapshop.errors import SnapshopError
 from snapshop.evaluate.retrieval import embed_paths, product_ranks, product_scores, recall_interval
 from snapshop.models.embedder import load_embedder
 
@@ -178,4 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SnapshopError as exc:  # a bad CSV, model or image: one line, no traceback
+        sys.exit(f"error: {exc}")

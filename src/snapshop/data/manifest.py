@@ -6,6 +6,8 @@ Extra columns are kept per row so protocols can select subsets (e.g. ``domain=ic
 from __future__ import annotations
 
 import csv
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,19 @@ def repeat_matching(
     return [copy for row in rows for copy in [row] * (times if matches(row, where) else 1)]
 
 
+def nonblank_rows(
+    reader: csv.DictReader[str], path: str | os.PathLike[str]
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, stripped values) of each CSV row with any value; a row with more fields
+    than the header is a :class:`ManifestError` naming the line."""
+    for row in reader:
+        if None in row:
+            raise ManifestError(f"{path}:{reader.line_num}: more fields than the header has")
+        values = {k: (v or "").strip() for k, v in row.items()}
+        if any(values.values()):
+            yield reader.line_num, values
+
+
 def read_manifest(
     path: Path, root: Path | None = None, default_role: str | None = None
 ) -> list[ManifestRow]:
@@ -76,13 +91,7 @@ def read_manifest(
             missing = [c for c in needed if c not in header] + ([] if path_col else ["path"])
             if missing:
                 raise ManifestError(f"{path}: missing column(s) {missing}; header is {header}")
-            for row in reader:
-                line = reader.line_num
-                if None in row:
-                    raise ManifestError(f"{path}:{line}: more fields than the header has")
-                values = {k: (v or "").strip() for k, v in row.items()}
-                if not any(values.values()):
-                    continue
+            for line, values in nonblank_rows(reader, path):
                 role = values.get("role") or default_role or ""
                 if role not in ROLES:
                     raise ManifestError(f"{path}:{line}: role {role!r} is not query|gallery")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snapshop.data.manifest import nonblank_rows
 from snapshop.errors import ManifestError
 from snapshop.images import DecodeLimits, read_bytes
 
@@ -84,13 +85,7 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
                     f"{path}: missing column(s) {missing}; header is {header or 'empty'}"
                 )
             reader.fieldnames = header
-            for row in reader:
-                line = reader.line_num
-                if None in row:
-                    raise ManifestError(f"{path}:{line}: more fields than the header has")
-                values = {k: (v or "").strip() for k, v in row.items()}
-                if not any(values.values()):
-                    continue
+            for line, values in nonblank_rows(reader, path):
                 sku, image = values["product_id"], values["image_path"]
                 if not sku:
                     raise ManifestError(f"{path}:{line}: empty product_id")
