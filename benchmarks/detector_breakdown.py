@@ -6,7 +6,8 @@ best-scoring prediction there has IoU >= 0.5 with the ground truth (the union of
 position's garment boxes, as ``snapshop evaluate-detector`` scores). Failures are counted as
 missed (truth, no prediction), off (IoU < 0.5) or spurious (prediction, no truth). Several
 ``--fold DETECTOR=BOXES_CSV`` pairs pool cross-validation folds, each detector run only on its
-own CSV's photos.
+own CSV's photos; the pooled recall and precision per position come first, with 95 % bootstrap
+intervals over photos.
 
     awk -F, 'NR==1 || ($2+0)%2==1' ../shared/datasets/ccp-dev/boxes.csv > /tmp/boxes_odd.csv
     awk -F, 'NR==1 || ($2+0)%2==0' ../shared/datasets/ccp-dev/boxes.csv > /tmp/boxes_even.csv
@@ -29,7 +30,7 @@ from pathlib import Path
 from snapshop.detect.base import POSITIONS, Box, Detection, keep_best_per_position
 from snapshop.detect.factory import create_detector
 from snapshop.errors import SnapshopError
-from snapshop.evaluate.detection import load_ground_truth
+from snapshop.evaluate.detection import PositionScore, load_ground_truth, score_image
 from snapshop.images import load_image
 
 OUTCOMES = ("right", "missed", "off", "spurious")
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     outcomes: list[PhotoOutcome] = []
+    pooled: dict[str, PositionScore] = {}
     for pair in args.fold:
         spec, sep, boxes = pair.rpartition("=")
         if not sep or not spec:
@@ -106,8 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         for path in sorted(truth):
             detections = detector.detect(load_image(args.images_root / path))
             outcome = position_outcomes(truth[path], detections)
+            score_image(truth[path], detections, pooled)
             outcomes.append(PhotoOutcome(path, labels.get(path, frozenset()), outcome))
 
+    print(f"pooled over {len(outcomes)} photos: recall / precision (95 % interval over photos)")
+    print("| position | ground truth | predicted | recall | precision |\n|---|---|---|---|---|")
+    for position, score in pooled.items():
+        ci = score.intervals()
+        print(f"| {position} | {score.ground_truth} | {score.predicted} | {score.recall:.3f}"
+              f" ({ci['recall'][0]:.3f}–{ci['recall'][1]:.3f}) | {score.precision:.3f}"
+              f" ({ci['precision'][0]:.3f}–{ci['precision'][1]:.3f}) |")  # fmt: skip
+    print()
     table = breakdown(outcomes, args.min_photos)
     print(f"{len(outcomes)} photos, {len(args.fold)} fold(s); per position: right share, then"
           " missed / off (IoU < 0.5) / spurious counts")  # fmt: skip
@@ -120,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         cells += [" / ".join(str(counts[p][o]) for o in OUTCOMES[1:]) for p in POSITIONS]
         print("| " + " | ".join(cells) + " |")
     if args.json_out:
-        args.json_out.write_text(json.dumps(
-            [{"label": label, "photos": n, **{p: dict(c) for p, c in counts.items()}}
-             for label, n, counts in table], indent=2))  # fmt: skip
+        args.json_out.write_text(json.dumps({
+            "pooled": {p: score.to_dict() for p, score in pooled.items()},
+            "labels": [{"label": label, "photos": n, **{p: dict(c) for p, c in counts.items()}}
+                       for label, n, counts in table]}, indent=2))  # fmt: skip
     return 0
 
 

@@ -93,6 +93,29 @@ def test_score_image_counts() -> None:
     assert (up.ground_truth, up.predicted, up.true_positive) == (1, 2, 1)
     assert (low.ground_truth, low.predicted, low.true_positive) == (1, 2, 0)
     assert up.recall == 1.0 and up.precision == 0.5 and low.recall == 0.0
+    assert up.per_image == [(1, 1, 1), (0, 1, 0)] and low.per_image == [(1, 1, 0), (0, 1, 0)]
+
+
+def test_position_intervals_resample_images() -> None:
+    score = PositionScore()
+    for i in range(40):  # 30 of 40 truths found; 10 spurious predictions
+        score.add(truth=True, predicted=i < 30, true_positive=i < 30)
+        score.add(truth=False, predicted=i < 10, true_positive=False)
+    assert (score.recall, score.precision) == (0.75, 0.75)
+    ci = score.intervals()
+    for name in ("recall", "precision"):
+        lo, hi = ci[name]
+        assert 0.55 < lo < 0.75 < hi < 0.92
+    wide = PositionScore()
+    for i in range(8):
+        wide.add(truth=True, predicted=i < 6, true_positive=i < 6)
+    lo, hi = wide.intervals()["recall"]
+    assert hi - lo > ci["recall"][1] - ci["recall"][0]  # fewer images, more doubt
+    data = score.to_dict()
+    assert data["recall_ci95"] == [round(v, 4) for v in ci["recall"]]
+    empty = PositionScore()
+    empty.add(truth=False, predicted=False, true_positive=False)
+    assert empty.to_dict()["recall_ci95"] is None  # no truth: nothing to resample
 
 
 def _dataset(tmp_path: Path) -> Path:
@@ -141,7 +164,10 @@ def test_cli_evaluate_detector(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "upper" in result.output and "0.667" in result.output
-    assert json.loads(out_json.read_text())["images"] == 3
+    assert "95 % bootstrap interval" in result.output
+    data = json.loads(out_json.read_text())
+    assert data["images"] == 3
+    assert data["positions"]["upper"]["recall_ci95"] == [1.0, 1.0]  # 2 of 2 in every resample
     bad = runner.invoke(
         app, ["evaluate-detector", "--boxes", str(tmp_path / "nope.csv"), "--detector", "halves"]
     )
@@ -205,3 +231,21 @@ def test_detector_breakdown_outcomes_and_label_rows(tmp_path: Path) -> None:
     assert rows["all photos"][0] == 2 and rows["all photos"][1]["upper"]["right"] == 2
     assert rows["dress"][1]["lower"] == {"spurious": 1}
     assert [label for label, _, _ in bd.breakdown(photos, min_photos=2)] == ["all photos"]
+
+
+def test_detector_breakdown_pools_folds_like_evaluate_detector(tmp_path: Path) -> None:
+    bd = load_script("benchmarks/detector_breakdown.py")
+    boxes = _dataset(tmp_path)
+    rows = boxes.read_text().splitlines()
+    first, second = tmp_path / "fold1.csv", tmp_path / "fold2.csv"
+    first.write_text("\n".join(rows[:3]) + "\n")  # p1
+    second.write_text("\n".join(rows[:1] + rows[3:]) + "\n")  # p2, p3
+    out = tmp_path / "breakdown.json"
+    assert bd.main(["--fold", f"halves={first}", "--fold", f"halves={second}",
+                    "--images-root", str(tmp_path), "--json-out", str(out)]) == 0  # fmt: skip
+    pooled = json.loads(out.read_text())["pooled"]
+    whole = evaluate_detector(boxes, HalfDetector()).to_dict()["positions"]
+    for position in ("upper", "lower"):
+        for key in ("ground_truth", "predicted", "true_positive", "recall", "precision"):
+            assert pooled[position][key] == whole[position][key]
+    assert pooled["upper"]["ground_truth"] == 2 and pooled["lower"]["predicted"] == 3

@@ -206,3 +206,22 @@ def test_cross_validation_script_scores_every_product_once(tmp_path, lite0_model
     assert cv.main([str(tmp_path / "m.csv"), "--fold-models", model, model, model,
                     "--catalog-where", "domain=none", "--json-out", str(out)]) == 0  # fmt: skip
     assert set(json.loads(out.read_text())["trained (fold models)"]) == {"photo -> all"}
+
+
+def test_ratio_interval_units_and_edges() -> None:
+    import numpy as np
+
+    from snapshop.evaluate.stats import ratio_interval
+
+    assert ratio_interval([3, 2], [3, 2]) == (1.0, 1.0)
+    lo, hi = ratio_interval(np.r_[np.ones(50), np.zeros(50)], np.ones(100))
+    assert 0.38 < lo < 0.5 < hi < 0.62
+    # one unit holding every hit: resampling units (not hits) gives a wide interval
+    lo, hi = ratio_interval([10, 0, 0, 0], [10, 10, 10, 10])
+    assert lo == 0.0 and hi >= 0.5
+    assert ratio_interval([0, 0], [0, 0]) != ratio_interval([0, 0], [0, 0])  # (nan, nan)
+    assert np.isnan(ratio_interval([], [])[0])
+    with pytest.raises(ConfigError):
+        ratio_interval([1, 2], [1])
+    with pytest.raises(ConfigError):
+        ratio_interval([1], [1], level=0.0)

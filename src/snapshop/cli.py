@@ -553,6 +553,10 @@ def quantize(
 
 
 # --- detection: detector evaluation (issue #4) -----------------------------------------------
+def _interval(lo: float, hi: float) -> str:
+    return "" if lo != lo else f"({lo:.3f}–{hi:.3f})"  # lo != lo: NaN, nothing to resample
+
+
 @app.command("evaluate-detector")
 def evaluate_detector(
     boxes: Annotated[
@@ -593,9 +597,12 @@ def evaluate_detector(
     for col in ("position", "ground truth", "predicted", "TP", "recall", "precision"):
         table.add_column(col)
     for pos, s in report.positions.items():
+        ci = s.intervals()
         table.add_row(pos, str(s.ground_truth), str(s.predicted), str(s.true_positive),
-                      f"{s.recall:.3f}", f"{s.precision:.3f}")  # fmt: skip
+                      f"{s.recall:.3f} {_interval(*ci['recall'])}",
+                      f"{s.precision:.3f} {_interval(*ci['precision'])}")  # fmt: skip
     out.print(table)
+    out.print("(lo–hi): 95 % bootstrap interval over images")
     p50, mean = report.latency_p50_ms, report.latency_mean_ms
     out.print(f"detect ms/image: p50 {p50:.1f}, mean {mean:.1f}")
     for path, reason in report.failed[:10]:

@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.errors import ConfigError, ImageDecodeError
+from snapshop.evaluate.stats import ratio_interval
 from snapshop.images import load_image
 
 DEFAULT_KS = (1, 5, 10, 100)
@@ -64,15 +65,10 @@ def recall_interval(
 
     Photos of one product succeed or fail together, so resampling single queries would make
     the interval far too narrow when there are few products (16 held-out ones, say)."""
-    if not 0 < level < 1 or resamples < 1:
-        raise ConfigError(f"need 0 < level < 1 and resamples >= 1, got {level}, {resamples}")
     products, inverse = np.unique(query_labels, return_inverse=True)
     hits = np.bincount(inverse, weights=(ranks < k).astype(np.float64), minlength=len(products))
-    counts = np.bincount(inverse, minlength=len(products)).astype(np.float64)
-    draws = np.random.default_rng(seed).integers(0, len(products), (resamples, len(products)))
-    rates = hits[draws].sum(axis=1) / counts[draws].sum(axis=1)
-    lo, hi = np.quantile(rates, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    counts = np.bincount(inverse, minlength=len(products))
+    return ratio_interval(hits, counts, level, resamples, seed)
 
 
 def map_at_r(
