@@ -9,6 +9,10 @@ image-based list, or of the item-based list of a position (counted over queries 
 has a ground-truth garment there; no detection at that position counts as a miss).
 
     python benchmarks/item_search.py --dataset ../shared/datasets/ccp-dev --n 100
+
+``--busy N`` keeps N other processes busy (a spinning loop each) while the queries run: the
+latency of a machine that is not idle. ``SNAPSHOP_ORT_SPINNING=1`` restores ONNX Runtime's
+spinning workers for comparison.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import multiprocessing
 import os
 import random
 import tempfile
@@ -43,6 +48,11 @@ def make_query(
     return canvas
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=Path("../shared/datasets/ccp-dev"))
@@ -52,6 +62,7 @@ def main() -> None:
     parser.add_argument("--parity", choices=("odd", "even", "all"), default="odd")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--busy", type=int, default=0, help="busy processes beside the queries")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rng = random.Random(args.seed)
@@ -77,6 +88,9 @@ def main() -> None:
     print(f"indexed {report.added} photos, {report.crops} crops in {index_s:.1f} s")
 
     searcher = api.open_searcher(work / "catalog")
+    busy = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.busy)]
+    for process in busy:
+        process.start()
     k_max = 5
     hits = {"image": [0, 0, 0], "upper": [0, 0, 0], "lower": [0, 0, 0]}  # R@1, R@5, n
     found_pos = {"upper": 0, "lower": 0}
@@ -107,10 +121,13 @@ def main() -> None:
             hits[key][0] += ranked[:1] == [sku]
             hits[key][1] += sku in ranked[:k_max]
     searcher.catalog.close()
+    for process in busy:
+        process.terminate()
 
+    spinning = os.environ.get("SNAPSHOP_ORT_SPINNING", "0") == "1"
     print(
         f"\n{len(rows)} queries (catalog of {len(rows)} CCP photos, detector {args.detector},"
-        f" load {os.getloadavg()[0]:.1f})"
+        f" load {os.getloadavg()[0]:.1f}, {args.busy} busy processes, ORT spinning {spinning})"
     )
     print("| result list | queries | detected | R@1 | R@5 |")
     print("|---|---|---|---|---|")

@@ -168,3 +168,23 @@ def test_verify_detects_modified_onnx(lite0_model_dir: Path, tmp_path: Path) -> 
     Embedder(model_dir)  # loads without verification
     with pytest.raises(ModelError, match="sha256"):
         Embedder(model_dir, verify=True)
+
+
+def test_sessions_do_not_spin_unless_asked(
+    lite0_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from snapshop.models.runtime import SPINNING_ENV, cpu_session
+
+    def spinning(session: object) -> str:
+        options = session.get_session_options()  # type: ignore[attr-defined]
+        return str(options.get_session_config_entry("session.intra_op.allow_spinning"))
+
+    monkeypatch.delenv(SPINNING_ENV, raising=False)
+    embedder = Embedder(lite0_model_dir, threads=1)
+    assert spinning(embedder.session) == "0"
+    assert embedder.session.get_session_options().intra_op_num_threads == 1
+    data = (lite0_model_dir / MODEL_FILE).read_bytes()
+    assert spinning(cpu_session(data)) == "0"  # bytes work as a path does
+    monkeypatch.setenv(SPINNING_ENV, "1")
+    with pytest.raises(Exception, match="allow_spinning"):  # unset: ONNX Runtime's default
+        spinning(cpu_session(data))

@@ -255,17 +255,14 @@ class GarmentSegmenter:
     """
 
     def __init__(self, path: Any = None) -> None:
-        import onnxruntime as ort
+        from snapshop.models.runtime import cpu_session
 
         source = _resource(WEIGHTS) if path is None else path
         try:
             data = (
                 source.read_bytes() if hasattr(source, "read_bytes") else Path(source).read_bytes()
             )
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.log_severity_level = 3
-            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            self.session = cpu_session(data, threads=1)
         except Exception as exc:  # onnxruntime raises untyped errors
             raise ModelError(f"garment segmenter {source}: unreadable ({exc})") from None
         self.input_name = self.session.get_inputs()[0].name

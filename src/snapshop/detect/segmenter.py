@@ -52,6 +52,7 @@ from PIL import Image
 
 from snapshop.detect.base import LOWER, UPPER, Box, Detection
 from snapshop.errors import ConfigError, ModelError
+from snapshop.models.runtime import cpu_session
 
 log = logging.getLogger(__name__)
 
@@ -214,16 +215,6 @@ def trunk_onnx_path(overlay: bytes | None = None) -> Path:
     return path
 
 
-def _session(source: Path | bytes, threads: int = 0) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    data = source if isinstance(source, bytes) else str(source)
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-
-
 class Trunk:
     """ONNX Runtime session of the trunk: (N, 3, H, W) -> (s8, s16, s32) maps.
 
@@ -231,7 +222,7 @@ class Trunk:
 
     def __init__(self, path: Path | None = None, overlay: bytes | None = None) -> None:
         try:
-            self.session = _session(path or trunk_onnx_path(overlay))
+            self.session = cpu_session(path or trunk_onnx_path(overlay))
         except (ImportError, ModelError):  # missing backbone package / bad overlay: say so
             raise
         except Exception as exc:  # onnxruntime / export raise untyped errors
@@ -414,7 +405,7 @@ class SegmenterDetector:
         head_src, card_src, overlay_src = model_files(model_dir)
         try:
             self.card: dict[str, Any] = json.loads(card_src.read_text())
-            self.head = _session(head_src.read_bytes(), threads=1)
+            self.head = cpu_session(head_src.read_bytes(), threads=1)
         except Exception as exc:  # OSError, bad JSON, and onnxruntime's untyped errors
             raise ModelError(f"garment segmenter {head_src}: unreadable ({exc})") from None
         self.trunk_overlay = _read_overlay(self.card, overlay_src)

@@ -259,18 +259,14 @@ class YoloOnnxDetector:
         config: YoloConfig = YoloConfig(),
         input_size: tuple[int, int] | None = None,
     ) -> None:
-        import onnxruntime as ort
+        from snapshop.models.runtime import cpu_session
 
         self.model_path = Path(model_path)
         self.names = names
         self.config = config
         self.name = f"yolo:{self.model_path.name}"
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(
-                str(self.model_path), options, providers=["CPUExecutionProvider"]
-            )
+            self.session = cpu_session(self.model_path)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"{self.model_path}: not a loadable ONNX model ({exc})") from None
         inputs = self.session.get_inputs()

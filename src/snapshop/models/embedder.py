@@ -13,6 +13,7 @@ from PIL import Image
 
 from snapshop.errors import ModelError
 from snapshop.models.card import MODEL_FILE, ModelCard, read_card, sha256_file
+from snapshop.models.runtime import cpu_session
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ class Embedder:
         threads: int | None = None,
         verify: bool = False,
     ) -> None:
-        import onnxruntime as ort
-
         self.model_dir = Path(model_dir)
         self.card: ModelCard = read_card(self.model_dir)
         onnx_path = self.model_dir / MODEL_FILE
@@ -50,13 +49,8 @@ class Embedder:
             raise ModelError(f"{self.model_dir}: {MODEL_FILE} is missing")
         if verify and sha256_file(onnx_path) != self.card.onnx_sha256:
             raise ModelError(f"{onnx_path}: sha256 differs from the model card")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(
-                str(onnx_path), options, providers=["CPUExecutionProvider"]
-            )
+            self.session = cpu_session(onnx_path, threads)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"{onnx_path}: cannot load ONNX model ({exc})") from None
         self.input_name = self.session.get_inputs()[0].name

@@ -40,6 +40,7 @@ from snapshop.images import load_image
 from snapshop.models.embedder import preprocess
 from snapshop.models.export import export_module_onnx
 from snapshop.models.heads import EmbeddingNet, create_embedding_net
+from snapshop.models.runtime import cpu_session
 from snapshop.train.augment import AugmentConfig, augment, views
 from snapshop.train.losses import DEFAULT_TEMPERATURE, NormSoftmaxLoss
 from snapshop.train.samplers import PKSampler
@@ -303,7 +304,6 @@ def _frozen_runner(
                 return top.frozen(torch.from_numpy(batch).to(device)).to("cpu", torch.float16)
 
         return run_torch
-    import onnxruntime as ort
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = cache_dir / f"frozen-{config.backbone}-{top.boundary}-{top.train_blocks}.onnx"
@@ -313,11 +313,7 @@ def _frozen_runner(
             input_names=["images"], output_names=["features"],
             dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
         )  # fmt: skip
-    options = ort.SessionOptions()
-    if config.threads:
-        options.intra_op_num_threads = config.threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared CPUs
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(onnx_path, config.threads)
 
     def run_onnx(batch: np.ndarray) -> torch.Tensor:
         out = session.run(None, {"images": batch.astype(np.float32, copy=False)})[0]
