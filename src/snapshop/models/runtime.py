@@ -24,8 +24,10 @@ def cpu_session(model: str | Path | bytes, threads: int | None = None) -> Any:
     # By default a session's workers keep spinning after each run. A query runs three
     # sessions back to back (detector trunk, its head, the embedder), so idle pools spin
     # against the busy one, and any other process on a 2-core machine makes it worse.
-    # Without spinning: query p50 136 -> 107 ms idle, 242 -> 135 ms with one core busy
-    # (docs/benchmarks.md, "ONNX Runtime thread spinning").
+    # Without spinning, whole-query p50 122-144 -> 109-111 ms idle, 288-305 -> 147-163 ms
+    # beside one busy process (docs/benchmarks.md, "ONNX Runtime thread spinning"). Spinning
+    # only inside a run (session.force_spinning_stop) is as bad beside a busy process. One
+    # session run back to back at batch 1 is faster with spinning; a query is not that.
     if os.environ.get(SPINNING_ENV, "0") != "1":
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
