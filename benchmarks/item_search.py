@@ -32,6 +32,7 @@ from PIL import Image, ImageFilter
 
 from snapshop import api
 from snapshop.evaluate.detection import load_ground_truth
+from snapshop.evaluate.stats import ratio_interval
 
 
 def make_query(
@@ -92,7 +93,8 @@ def main() -> None:
     for process in busy:
         process.start()
     k_max = 5
-    hits = {"image": [0, 0, 0], "upper": [0, 0, 0], "lower": [0, 0, 0]}  # R@1, R@5, n
+    # per list, one (hit at 1, hit at 5) pair per query counted there
+    hits: dict[str, list[tuple[bool, bool]]] = {"image": [], "upper": [], "lower": []}
     found_pos = {"upper": 0, "lower": 0}
     detect_ms, total_ms = [], []
     stages: dict[str, list[float]] = {}
@@ -114,12 +116,10 @@ def main() -> None:
         for key in hits:
             if key != "image" and key not in truth.get(r["path"], {}):
                 continue
-            hits[key][2] += 1
             ranked = lists.get(key, [])
             if key != "image" and key in lists:
                 found_pos[key] += 1
-            hits[key][0] += ranked[:1] == [sku]
-            hits[key][1] += sku in ranked[:k_max]
+            hits[key].append((ranked[:1] == [sku], sku in ranked[:k_max]))
     searcher.catalog.close()
     for process in busy:
         process.terminate()
@@ -129,11 +129,16 @@ def main() -> None:
         f"\n{len(rows)} queries (catalog of {len(rows)} CCP photos, detector {args.detector},"
         f" load {os.getloadavg()[0]:.1f}, {args.busy} busy processes, ORT spinning {spinning})"
     )
-    print("| result list | queries | detected | R@1 | R@5 |")
+    print("| result list | queries | detected | R@1 (95 % interval) | R@5 (95 % interval) |")
     print("|---|---|---|---|---|")
-    for key, (r1, r5, n) in hits.items():
+    for key, found in hits.items():
         det = "-" if key == "image" else f"{found_pos[key]}"
-        print(f"| {key} | {n} | {det} | {r1 / max(n, 1):.3f} | {r5 / max(n, 1):.3f} |")
+        cells = []
+        for at in (0, 1):
+            won = np.array([pair[at] for pair in found], np.float64)
+            lo, hi = ratio_interval(won, np.ones_like(won))  # queries are the units
+            cells.append(f"{won.mean() if len(won) else 0.0:.3f} ({lo:.3f}–{hi:.3f})")
+        print(f"| {key} | {len(found)} | {det} | {cells[0]} | {cells[1]} |")
     print(
         f"\ndetect ms/query: p50 {np.median(detect_ms):.1f}, mean {np.mean(detect_ms):.1f};"
         f" whole query (decode+detect+embed+search): p50 {np.median(total_ms):.1f},"
