@@ -10,6 +10,12 @@ has a ground-truth garment there; no detection at that position counts as a miss
 
     python benchmarks/item_search.py --dataset ../shared/datasets/ccp-dev --n 100
 
+``--flat`` builds a shop of flat product shots instead: each photo's upper garments (tops,
+outwear or a dress) and its lower garment, cut out with CCP's pixel labels and centred on
+white, are two products (``ccp-ID-upper``, ``ccp-ID-lower``) with the categories ``Tops`` and
+``Trousers`` (``--no-categories``: none); an item list hits when it ranks the product of its own
+position, the image list when it ranks either of the photo's products.
+
 ``--busy N`` keeps N other processes busy (a spinning loop each) while the queries run: the
 latency of a machine that is not idle. ``SNAPSHOP_ORT_SPINNING=1`` restores ONNX Runtime's
 spinning workers for comparison.
@@ -31,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from snapshop import api
+from snapshop.detect.segmenter_fit import label_table
 from snapshop.evaluate.detection import load_ground_truth
 from snapshop.evaluate.stats import ratio_interval
 
@@ -49,6 +56,21 @@ def make_query(
     return canvas
 
 
+def flat_shot(photo: Image.Image, classes: np.ndarray, keep: tuple[int, ...]) -> Image.Image | None:
+    """The pixels of ``photo`` whose class is in ``keep``, cropped with a margin, on white;
+    None when they cover under 1 % of the photo."""
+    mask = np.isin(classes, keep)
+    if mask.mean() < 0.01:
+        return None
+    ys, xs = np.nonzero(mask)
+    margin = max(4, int(0.05 * max(np.ptp(ys), np.ptp(xs))))
+    y1, y2 = max(0, ys.min() - margin), ys.max() + 1 + margin
+    x1, x2 = max(0, xs.min() - margin), xs.max() + 1 + margin
+    pixels = np.full_like(np.asarray(photo), 255)
+    pixels[mask] = np.asarray(photo)[mask]
+    return Image.fromarray(pixels[y1:y2, x1:x2])
+
+
 def _spin() -> None:
     while True:
         pass
@@ -64,6 +86,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--busy", type=int, default=0, help="busy processes beside the queries")
+    parser.add_argument("--flat", action="store_true", help="catalog of flat product shots")
+    parser.add_argument("--no-categories", action="store_true", help="--flat without categories")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rng = random.Random(args.seed)
@@ -75,14 +99,31 @@ def main() -> None:
         ]
     rows = rows[: args.n]
     truth = load_ground_truth(args.dataset / "boxes.csv")
+    ccp_classes = label_table(args.dataset / "mask_labels.csv")  # other, upper, lower, dress
     work = args.workdir or Path(tempfile.mkdtemp(prefix="item-search-"))
     manifest = work / "catalog.csv"
+    made: set[str] = set()  # --flat: the products written
     work.mkdir(parents=True, exist_ok=True)
     with open(manifest, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["product_id", "image_path"])
+        writer.writerow(["product_id", "image_path", "category"])
         for r in rows:
-            writer.writerow([f"ccp-{r['image_id']}", str((args.dataset / r["path"]).resolve())])
+            if not args.flat:
+                path = str((args.dataset / r["path"]).resolve())
+                writer.writerow([f"ccp-{r['image_id']}", path, ""])
+                continue
+            photo = Image.open(args.dataset / r["path"]).convert("RGB")
+            mask = np.asarray(Image.open(args.dataset / "masks" / f"{r['image_id']}.png"))
+            classes = ccp_classes[mask]
+            (work / "flat").mkdir(exist_ok=True)
+            for key, keep, category in (("upper", (1, 3), "Tops"), ("lower", (2,), "Trousers")):
+                shot = flat_shot(photo, classes, keep)
+                if shot is not None:
+                    path = work / "flat" / f"{r['image_id']}-{key}.jpg"
+                    shot.save(path, quality=90)
+                    writer.writerow([f"ccp-{r['image_id']}-{key}", str(path.resolve()),
+                                     "" if args.no_categories else category])  # fmt: skip
+                    made.add(f"ccp-{r['image_id']}-{key}")
     t0 = time.perf_counter()
     report = api.index_source(manifest, work / "catalog", model=args.model, detector=args.detector)
     index_s = time.perf_counter() - t0
@@ -110,16 +151,23 @@ def main() -> None:
         for stage, ms in result.timings_ms.items():
             stages.setdefault(stage, []).append(ms)
         sku = f"ccp-{r['image_id']}"
-        lists = {"image": [h.sku for h in result.image_results]}
+        # --flat: the image list hits with either of the photo's products
+        lists = {"image": [h.sku.removesuffix("-upper").removesuffix("-lower")
+                           for h in result.image_results]}  # fmt: skip
         for item in result.item_results:
             lists[item.position] = [h.sku for h in item.results]
         for key in hits:
-            if key != "image" and key not in truth.get(r["path"], {}):
+            target = sku
+            if key != "image" and args.flat:
+                target = f"{sku}-{key}"
+                if target not in made:
+                    continue
+            elif key != "image" and key not in truth.get(r["path"], {}):
                 continue
             ranked = lists.get(key, [])
             if key != "image" and key in lists:
                 found_pos[key] += 1
-            hits[key].append((ranked[:1] == [sku], sku in ranked[:k_max]))
+            hits[key].append((ranked[:1] == [target], target in ranked[:k_max]))
     searcher.catalog.close()
     for process in busy:
         process.terminate()

@@ -249,3 +249,77 @@ def test_detector_breakdown_pools_folds_like_evaluate_detector(tmp_path: Path) -
         for key in ("ground_truth", "predicted", "true_positive", "recall", "precision"):
             assert pooled[position][key] == whole[position][key]
     assert pooled["upper"]["ground_truth"] == 2 and pooled["lower"]["predicted"] == 3
+
+
+@pytest.mark.parametrize(
+    ("category", "position"),
+    [
+        ("Women > Tops", "upper"), ("T-Shirts", "upper"), ("Shirt dress", "upper"),
+        ("dresses", "upper"), ("long_sleeve_outwear", "upper"), ("lower", "lower"),
+        ("Skinny jeans", "lower"), ("Men/Trousers", "lower"), ("skirts", "lower"),
+        ("Shorts", "lower"), ("Sale", None), ("jumpsuits", None), ("", None), (None, None),
+        ("Tops / ", "upper"),
+    ],
+)  # fmt: skip
+def test_position_of_category(category: str | None, position: str | None) -> None:
+    from snapshop.detect.base import position_of_category
+
+    assert position_of_category(category) == position
+
+
+class OnlyProductDetector:
+    """A flat product shot as a person-less detector reports it: one whole-product box."""
+
+    name = "only-product"
+
+    def detect(self, image: Image.Image) -> list[Detection]:
+        return [Detection(Box(5, 6, 30, 70), "product", None, 1.0)]
+
+
+def test_category_keeps_its_position_and_boxes_flat_shots(tmp_path: Path) -> None:
+    from snapshop.ingest import _detect_crops
+
+    photo = Image.new("RGB", (40, 80), (255, 255, 255))
+    photo.paste((20, 40, 160), (10, 20, 30, 60))  # the garment on a white background
+    halves = HalfDetector()
+
+    def found(detector: object, category: str | None) -> list[tuple[str, str, tuple]]:
+        crops = _detect_crops(detector, photo, "pad", category)  # type: ignore[arg-type]
+        return [(pos, label, box) for pos, label, _, box, _ in crops]
+
+    assert found(halves, None) == found(halves, "Sale") == [
+        ("lower", "trousers", (0, 40, 40, 80)), ("upper", "top", (0, 0, 40, 40))]  # fmt: skip
+    assert found(halves, "Women > Jeans") == [("lower", "trousers", (0, 40, 40, 80))]
+    assert found(halves, "tops") == [("upper", "top", (0, 0, 40, 40))]
+    # no detection at the category's position: the whole product is the garment
+    assert found(OnlyProductDetector(), "skirts") == [("lower", "product", (5, 6, 30, 70))]
+    assert found(OnlyProductDetector(), None) == []  # no position: nothing to crop
+
+    class Nothing:
+        name = "nothing"
+
+        def detect(self, image: Image.Image) -> list[Detection]:
+            return []
+
+    assert found(Nothing(), "T-shirts") == [("upper", "product", (10.0, 20.0, 30.0, 60.0))]
+
+
+def test_catalog_crops_follow_product_categories(tmp_path: Path, lite0_model_dir: Path) -> None:
+    (tmp_path / "img").mkdir()
+    rows = ["product_id,image_path,category"]
+    for n, category in enumerate(("Tops", "Jeans", "Accessories")):
+        Image.new("RGB", (48, 96), (40 * n, 90, 200 - 40 * n)).save(tmp_path / "img" / f"{n}.jpg")
+        rows.append(f"p{n},img/{n}.jpg,{category}")
+    (tmp_path / "catalog.csv").write_text("\n".join(rows) + "\n")
+    report = api.index_source(tmp_path / "catalog.csv", tmp_path / "cat",
+                              model=str(lite0_model_dir), detector="halves")  # fmt: skip
+    assert report.added == 3 and report.crops == 4  # tops: upper, jeans: lower, other: both
+    catalog = open_catalog(tmp_path / "cat")
+    by_sku = {}
+    for sku in ("p0", "p1", "p2"):
+        product = catalog.store.find_product(sku)
+        images = catalog.store.images_of(product.id)
+        rows_ = catalog.store.crops_of_image(images[0].id)
+        by_sku[sku] = sorted(c.position for c in rows_)
+    catalog.close()
+    assert by_sku == {"p0": ["upper"], "p1": ["lower"], "p2": ["lower", "upper"]}

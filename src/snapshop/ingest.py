@@ -27,7 +27,15 @@ from PIL import Image
 from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import CatalogStore, NewCrop, Product
 from snapshop.data.sources import CatalogRecord
-from snapshop.detect.base import Detector, frame_crop, keep_best_per_position
+from snapshop.detect.base import (
+    PRODUCT,
+    Detection,
+    Detector,
+    frame_crop,
+    keep_best_per_position,
+    position_of_category,
+    product_box,
+)
 from snapshop.errors import ImageDecodeError
 from snapshop.images import DecodeLimits, load_image, sniff_format
 from snapshop.models.embedder import Embedder, preprocess
@@ -108,12 +116,28 @@ def write_blob(blob_dir: Path, sha256: str, data: bytes) -> str:
 
 
 def _detect_crops(
-    detector: Detector | None, image: Image.Image, crop_mode: str
+    detector: Detector | None, image: Image.Image, crop_mode: str, category: str | None = None
 ) -> list[tuple[str, str, float, tuple[float, float, float, float], Image.Image]]:
+    """The garment crops of one catalog image: the best detection per position.
+
+    A product whose ``category`` names a garment position (tops, jeans...) is that garment:
+    only its position's crop is kept (the model's other clothes are not the product), and
+    when the detector finds none there (a flat product shot), the whole product's box is it.
+    """
     if detector is None:
         return []
+    detections = detector.detect(image)
+    best = keep_best_per_position(detections)
+    position = position_of_category(category)
+    if position is not None:
+        det = best.get(position)
+        if det is None:
+            whole = [d.box for d in detections if d.label == PRODUCT and d.position is None]
+            box = whole[0] if whole else product_box(np.asarray(image.convert("RGB")))
+            det = Detection(box, PRODUCT, position, 1.0)
+        best = {position: det}
     out = []
-    for position, det in sorted(keep_best_per_position(detector.detect(image)).items()):
+    for position, det in sorted(best.items()):
         pixels = frame_crop(image, det.box, crop_mode)
         if pixels is not None:
             out.append((position, det.label, det.score, det.box.as_tuple(), pixels))
@@ -212,7 +236,9 @@ class Ingestor:
 
     def _write_batch(self, batch: list[Decoded], report: IngestReport) -> None:
         crops_per_image = [
-            _detect_crops(self.detector, d.image, self.catalog.crop_mode)
+            _detect_crops(
+                self.detector, d.image, self.catalog.crop_mode, d.record.metadata.get("category")
+            )
             if d.image is not None
             else []
             for d in batch

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+from numpy.typing import NDArray
 from PIL import Image, ImageStat
 
 from snapshop.errors import ConfigError
@@ -66,6 +69,41 @@ def position_of(label: str) -> str | None:
     return GROUP_POSITION.get(group)
 
 
+# Words of shop categories that name one garment position ("Women > Tops", "Skinny jeans").
+# Full-body pieces (jumpsuits, suits, sets) name none: their crops are kept as detected.
+CATEGORY_WORDS: dict[str, str] = {
+    **{w: UPPER for w in (
+        "top", "tee", "shirt", "blouse", "sweater", "jumper", "pullover", "hoodie", "sweatshirt",
+        "cardigan", "jacket", "coat", "blazer", "outerwear", "outwear", "vest", "tank",
+        "camisole", "polo", "tunic", "parka", "dress", "gown", "sling",
+    )},
+    **{w: LOWER for w in (
+        "trousers", "pants", "jeans", "leggings", "shorts", "skirt", "chinos", "joggers",
+        "culottes", "sweatpants", "trouser", "pant", "short",
+    )},
+}  # fmt: skip
+
+
+def position_of_category(category: str | None) -> str | None:
+    """The garment position a product category names, or None.
+
+    The last segment of a path-like category counts ("Women > Tops" -> tops), its words from
+    the last ("Shirt dress" -> dress), each also without a plural ending; a position name,
+    DeepFashion2 class or garment group is taken as it is.
+    """
+    if not category or not category.strip():
+        return None
+    last = re.split(r"[/>|\\]", category.strip().lower())[-1].strip() or category.lower()
+    direct = position_of(last)
+    if direct is not None:
+        return direct
+    for word in reversed(re.findall(r"[a-z]+", last)):
+        for form in (word, word.removesuffix("s"), word.removesuffix("es")):
+            if form in CATEGORY_WORDS:
+                return CATEGORY_WORDS[form]
+    return None
+
+
 @dataclass(frozen=True)
 class Box:
     """Pixel box, ``x1 < x2`` and ``y1 < y2``, in the coordinates of the decoded image."""
@@ -120,6 +158,23 @@ class Detection:
         data = asdict(self)
         data["box"] = list(self.box.as_tuple())
         return data
+
+
+PRODUCT = "product"  # label of a whole-product box (no garment position of its own)
+
+
+def product_box(rgb: NDArray[np.uint8], threshold: float = 30.0) -> Box:
+    """Bounding box of what differs from the border colour (the whole image if nothing does)."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    border = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
+    fg = np.linalg.norm(lab - np.median(border, axis=0), axis=2) > threshold
+    rows, cols = np.flatnonzero(fg.mean(axis=1) > 0.01), np.flatnonzero(fg.mean(axis=0) > 0.01)
+    if len(rows) < 2 or len(cols) < 2 or fg.mean() < 0.01:
+        return Box(0.0, 0.0, float(w), float(h))
+    return Box(float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
 
 
 @runtime_checkable

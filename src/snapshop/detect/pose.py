@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from snapshop.detect.base import LOWER, UPPER, Box, Detection
+from snapshop.detect.base import LOWER, PRODUCT, UPPER, Box, Detection, product_box
 from snapshop.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ L_KNEE, R_KNEE, L_ANKLE, R_ANKLE = 25, 26, 27, 28
 
 WEIGHTS = "pose_seg.onnx"
 SKIN_LUT = "skin_lut.npy"
-PRODUCT = "product"
 
 
 @dataclass(frozen=True)
@@ -98,18 +97,6 @@ def _lab(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
     import cv2
 
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
-
-
-def product_box(rgb: NDArray[np.uint8], threshold: float = 30.0) -> Box:
-    """Bounding box of what differs from the border colour (the whole image if nothing does)."""
-    h, w = rgb.shape[:2]
-    lab = _lab(rgb)
-    border = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
-    fg = np.linalg.norm(lab - np.median(border, axis=0), axis=2) > threshold
-    rows, cols = np.flatnonzero(fg.mean(axis=1) > 0.01), np.flatnonzero(fg.mean(axis=0) > 0.01)
-    if len(rows) < 2 or len(cols) < 2 or fg.mean() < 0.01:
-        return Box(0.0, 0.0, float(w), float(h))
-    return Box(float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
 
 
 @dataclass(frozen=True)
