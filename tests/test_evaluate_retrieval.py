@@ -225,3 +225,14 @@ def test_ratio_interval_units_and_edges() -> None:
         ratio_interval([1, 2], [1])
     with pytest.raises(ConfigError):
         ratio_interval([1], [1], level=0.0)
+
+
+def test_ratio_interval_in_chunks_is_the_same_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from snapshop.evaluate import stats
+
+    hits = np.random.default_rng(1).integers(0, 2, 300).astype(np.float64)
+    whole = stats.ratio_interval(hits, np.ones(300))
+    monkeypatch.setattr(stats, "MAX_DRAWN", 1000)  # 3 resamples per chunk
+    assert stats.ratio_interval(hits, np.ones(300)) == whole

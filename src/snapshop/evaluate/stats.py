@@ -7,6 +7,8 @@ from numpy.typing import ArrayLike
 
 from snapshop.errors import ConfigError
 
+MAX_DRAWN = 4_000_000  # unit indices drawn at once (32 MB)
+
 
 def ratio_interval(
     numerators: ArrayLike,
@@ -29,9 +31,14 @@ def ratio_interval(
         raise ConfigError("numerators and denominators must be 1-d and of one length")
     if len(num) == 0:
         return float("nan"), float("nan")
-    draws = np.random.default_rng(seed).integers(0, len(num), (resamples, len(num)))
-    totals = den[draws].sum(axis=1)
-    rates = num[draws].sum(axis=1)[totals > 0] / totals[totals > 0]
+    rng = np.random.default_rng(seed)
+    chunk = max(1, MAX_DRAWN // len(num))  # bounded memory for many units
+    parts = []
+    for start in range(0, resamples, chunk):
+        draws = rng.integers(0, len(num), (min(chunk, resamples - start), len(num)))
+        totals = den[draws].sum(axis=1)
+        parts.append(num[draws].sum(axis=1)[totals > 0] / totals[totals > 0])
+    rates = np.concatenate(parts)
     if len(rates) == 0:
         return float("nan"), float("nan")
     lo, hi = np.quantile(rates, [(1 - level) / 2, (1 + level) / 2])
