@@ -13,7 +13,8 @@ has a ground-truth garment there; no detection at that position counts as a miss
 ``--flat`` builds a shop of flat product shots instead: each photo's upper garments (tops,
 outwear or a dress) and its lower garment, cut out with CCP's pixel labels and centred on
 white, are two products (``ccp-ID-upper``, ``ccp-ID-lower``) with the categories ``Tops`` and
-``Trousers`` (``--no-categories``: none); an item list hits when it ranks the product of its own
+``Trousers`` (``--no-categories``: none; ``--packshot``: the rows say they are packshots, so
+the catalog side is not detected); an item list hits when it ranks the product of its own
 position, the image list when it ranks either of the photo's products.
 
 ``--busy N`` keeps N other processes busy (a spinning loop each) while the queries run: the
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=0, help="busy processes beside the queries")
     parser.add_argument("--flat", action="store_true", help="catalog of flat product shots")
     parser.add_argument("--no-categories", action="store_true", help="--flat without categories")
+    parser.add_argument("--packshot", action="store_true", help="--flat rows marked packshot=1")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rng = random.Random(args.seed)
@@ -106,11 +108,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     with open(manifest, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["product_id", "image_path", "category"])
+        writer.writerow(["product_id", "image_path", "category", "packshot"])
         for r in rows:
             if not args.flat:
                 path = str((args.dataset / r["path"]).resolve())
-                writer.writerow([f"ccp-{r['image_id']}", path, ""])
+                writer.writerow([f"ccp-{r['image_id']}", path, "", ""])
                 continue
             photo = Image.open(args.dataset / r["path"]).convert("RGB")
             mask = np.asarray(Image.open(args.dataset / "masks" / f"{r['image_id']}.png"))
@@ -122,7 +124,8 @@ def main() -> None:
                     path = work / "flat" / f"{r['image_id']}-{key}.jpg"
                     shot.save(path, quality=90)
                     writer.writerow([f"ccp-{r['image_id']}-{key}", str(path.resolve()),
-                                     "" if args.no_categories else category])  # fmt: skip
+                                     "" if args.no_categories else category,
+                                     "1" if args.packshot else ""])  # fmt: skip
                     made.add(f"ccp-{r['image_id']}-{key}")
     t0 = time.perf_counter()
     report = api.index_source(manifest, work / "catalog", model=args.model, detector=args.detector)

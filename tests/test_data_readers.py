@@ -258,3 +258,18 @@ def test_pack_manifest_copies_selected_rows_with_relative_paths(tmp_path: Path) 
     (src / "bad.csv").write_text("path,role\na.png,query\n")  # no product_id column
     assert module.main([str(src / "bad.csv"), str(tmp_path / "none")]) == 2
     assert not (tmp_path / "none").exists()
+
+
+def test_catalog_csv_packshot_column(tmp_path: Path) -> None:
+    from snapshop.data.sources import read_csv_manifest
+
+    csv_path = tmp_path / "catalog.csv"
+    csv_path.write_text("product_id,image_path,category,packshot,colour\n"
+                        "a,a1.jpg,Tops,1,red\na,a2.jpg,Tops,,red\nb,b1.jpg,Jeans,Yes,blue\n"
+                        "b,b2.jpg,Jeans,false,blue\n")  # fmt: skip
+    records = read_csv_manifest(csv_path)
+    assert [r.packshot for r in records] == [True, False, True, False]
+    assert records[0].metadata == {"category": "Tops", "attributes": {"colour": "red"}}
+    csv_path.write_text("product_id,image_path,packshot\na,a1.jpg,1\na,a2.jpg,maybe\n")
+    with pytest.raises(ManifestError, match=r"catalog.csv:3: packshot: 'maybe'"):
+        read_csv_manifest(csv_path)

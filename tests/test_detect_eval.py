@@ -303,6 +303,14 @@ def test_category_keeps_its_position_and_boxes_flat_shots(tmp_path: Path) -> Non
 
     assert found(Nothing(), "T-shirts") == [("upper", "product", (10.0, 20.0, 30.0, 60.0))]
 
+    # a packshot of a garment product is not detected: the whole product is the crop
+    calls = halves.calls
+    crops = _detect_crops(halves, photo, "pad", "Women > Jeans", packshot=True)
+    assert [(p, label, box) for p, label, _, box, _ in crops] == [
+        ("lower", "product", (10.0, 20.0, 30.0, 60.0))]  # fmt: skip
+    assert halves.calls == calls
+    assert len(_detect_crops(halves, photo, "pad", "Sale", packshot=True)) == 2  # no position
+
 
 def test_catalog_crops_follow_product_categories(tmp_path: Path, lite0_model_dir: Path) -> None:
     (tmp_path / "img").mkdir()

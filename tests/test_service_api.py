@@ -661,3 +661,24 @@ def test_detectors_see_one_image_at_a_time(catalog):
     for t in threads:
         t.join(10)
     assert inner.peak == 1 and serial.name == "recording"
+
+
+def test_packshot_upload_stores_the_whole_product_as_its_crop(client):
+    from snapshop.detect.base import product_box
+
+    pixels = np.full((160, 120, 3), 250, np.uint8)
+    pixels[30:140, 20:100] = (30, 60, 150)  # a garment on a plain background
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
+    form = {"sku": "pack-001", "category": "Trousers", "packshot": "true"}
+    r = client.post("/v1/products", data=form, headers=AUTH,
+                    files=[("images", ("p.jpg", buf.getvalue(), "image/jpeg"))])  # fmt: skip
+    assert r.status_code == 201, r.text
+    assert r.json()["crops"] == 1  # lower only; the fixed detector's boxes are not used
+    decoded = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    x1, y1, x2, y2 = product_box(decoded).as_tuple()
+    box = {"x1": str(x1), "y1": str(y1), "x2": str(x2), "y2": str(y2), "position": "lower"}
+    r = client.post("/v1/search/crop", files=upload(buf.getvalue()), data={**box, "k": "1"})
+    best = r.json()["item_results"][0]["results"][0]
+    assert best["sku"] == "pack-001" and best["score"] == pytest.approx(1.0, abs=1e-3)
+    assert best["crop_box"] == pytest.approx([x1, y1, x2, y2])

@@ -116,19 +116,26 @@ def write_blob(blob_dir: Path, sha256: str, data: bytes) -> str:
 
 
 def _detect_crops(
-    detector: Detector | None, image: Image.Image, crop_mode: str, category: str | None = None
+    detector: Detector | None,
+    image: Image.Image,
+    crop_mode: str,
+    category: str | None = None,
+    packshot: bool = False,
 ) -> list[tuple[str, str, float, tuple[float, float, float, float], Image.Image]]:
     """The garment crops of one catalog image: the best detection per position.
 
     A product whose ``category`` names a garment position (tops, jeans...) is that garment:
     only its position's crop is kept (the model's other clothes are not the product), and
     when the detector finds none there (a flat product shot), the whole product's box is it.
+    A ``packshot`` (the product alone, no model) of such a product is not detected at all:
+    its whole-product box is the crop (a detector made for worn clothes boxes a lone garment
+    in parts).
     """
     if detector is None:
         return []
-    detections = detector.detect(image)
-    best = keep_best_per_position(detections)
     position = position_of_category(category)
+    detections = [] if packshot and position is not None else detector.detect(image)
+    best = keep_best_per_position(detections)
     if position is not None:
         det = best.get(position)
         if det is None:
@@ -237,8 +244,12 @@ class Ingestor:
     def _write_batch(self, batch: list[Decoded], report: IngestReport) -> None:
         crops_per_image = [
             _detect_crops(
-                self.detector, d.image, self.catalog.crop_mode, d.record.metadata.get("category")
-            )
+                self.detector,
+                d.image,
+                self.catalog.crop_mode,
+                d.record.metadata.get("category"),
+                d.record.packshot,
+            )  # fmt: skip
             if d.image is not None
             else []
             for d in batch

@@ -1,7 +1,9 @@
 """Catalog sources for ingest: a folder with one sub-folder per product, or a CSV manifest.
 
 A CSV manifest has a header with at least ``product_id`` and ``image_path``, optionally
-``title, url, price, currency, category``; any other column becomes a product attribute.
+``title, url, price, currency, category`` and ``packshot`` (1 / true / yes: the photo shows
+the product alone, no model; 0 / false / no or empty: not known to); any other column becomes
+a product attribute.
 Relative image paths are resolved against the CSV's folder. The whole file is validated
 before anything is written, so a bad row stops the ingest with its line number and loses
 nothing.
@@ -23,6 +25,8 @@ from snapshop.images import DecodeLimits, read_bytes
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 REQUIRED_COLUMNS = ("product_id", "image_path")
 PRODUCT_COLUMNS = ("title", "url", "price", "currency", "category")
+IMAGE_COLUMNS = ("packshot",)
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "y"), ("0", "false", "no", "n", "")
 MAX_CSV_FIELD = 1 << 20
 
 
@@ -34,6 +38,7 @@ class CatalogRecord:
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
     data: bytes | None = None  # the file's bytes when they did not come from ``path`` (uploads)
+    packshot: bool = False  # the photo shows the product alone (no model wearing it)
 
     def read(self, limits: DecodeLimits = DecodeLimits()) -> bytes:
         return read_bytes(self.data if self.data is not None else self.path, limits)
@@ -66,6 +71,16 @@ def _parse_price(raw: str, line: int, path: Path) -> float | None:
     if not math.isfinite(value) or value < 0:
         raise ManifestError(f"{path}:{line}: price {raw!r} must be a non-negative number")
     return value
+
+
+def parse_flag(raw: str | None, what: str) -> bool:
+    """1 / true / yes -> True; 0 / false / no / empty / None -> False; else ManifestError."""
+    word = (raw or "").strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ManifestError(f"{what}: {raw!r} is not one of 1, true, yes, 0, false, no")
 
 
 def read_csv_manifest(path: Path) -> list[CatalogRecord]:
@@ -101,10 +116,12 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
                 if "price" in meta:
                     meta["price"] = _parse_price(meta["price"], line, path)
                 extra = {k: v for k, v in values.items()
-                         if k not in REQUIRED_COLUMNS + PRODUCT_COLUMNS and v}  # fmt: skip
+                         if k not in REQUIRED_COLUMNS + PRODUCT_COLUMNS + IMAGE_COLUMNS
+                         and v}  # fmt: skip
                 if extra:
                     meta["attributes"] = extra
-                records.append(CatalogRecord(sku, image_path, meta))
+                packshot = parse_flag(values.get("packshot"), f"{path}:{line}: packshot")
+                records.append(CatalogRecord(sku, image_path, meta, packshot=packshot))
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except csv.Error as exc:

@@ -338,6 +338,9 @@ def create_app(
         attributes: Annotated[
             str | None, Form(max_length=20_000, description="JSON object")
         ] = None,
+        packshot: Annotated[
+            bool, Form(description="the photos show the product alone, no model wearing it")
+        ] = False,
     ) -> IngestOut:
         """Add a product with its images, or add images to an existing sku (incremental)."""
         sku = sku.strip()
@@ -362,7 +365,7 @@ def create_app(
             data = read_bounded(upload.file, settings.max_upload_bytes, name)
             decode_upload(data, limits, name)
             records.append(CatalogRecord(sku, Path("upload") / (upload.filename or f"{n}"),
-                                         meta, data=data))  # fmt: skip
+                                         meta, data=data, packshot=packshot))  # fmt: skip
         created = store.find_product(sku) is None
         report = state.ingest(records)
         product = store.find_product(sku)
