@@ -91,6 +91,10 @@ def main() -> None:
     parser.add_argument("--no-categories", action="store_true", help="--flat without categories")
     parser.add_argument("--packshot", action="store_true", help="--flat rows marked packshot=1")
     args = parser.parse_args()
+    if (args.no_categories or args.packshot) and not args.flat:
+        parser.error("--no-categories and --packshot describe a --flat catalog")
+    if args.busy < 0 or args.n < 2:
+        parser.error("--busy must be >= 0 and --n >= 2")
     logging.basicConfig(level=logging.WARNING)
     rng = random.Random(args.seed)
     with open(args.dataset / "manifest.csv", newline="") as fh:
