@@ -12,6 +12,7 @@ from catalog_helpers import assert_consistent, make_images
 from snapshop import api
 from snapshop.catalog.catalog import Catalog, create_catalog, open_catalog
 from snapshop.catalog.store import NewCrop
+from snapshop.config import read_json, write_json
 from snapshop.errors import CatalogError, ModelError
 
 DIM = 8
@@ -110,6 +111,40 @@ def test_open_errors(tmp_path: Path, filled: Path) -> None:
     assert not (filled / "catalog.sqlite").exists()  # not silently recreated empty
 
 
+def test_zero_byte_database_is_not_a_new_empty_catalog(filled: Path) -> None:
+    """SQLite would take a 0-byte file (a failed copy) for a new database: the catalog would
+    open empty and its next index save would drop every vector."""
+    for suffix in ("-wal", "-shm"):
+        (filled / f"catalog.sqlite{suffix}").unlink(missing_ok=True)
+    (filled / "catalog.sqlite").write_bytes(b"")
+    index_bytes = (filled / "index" / "images.faiss").read_bytes()
+    with pytest.raises(CatalogError, match="empty"):
+        open_catalog(filled)
+    assert (filled / "index" / "images.faiss").read_bytes() == index_bytes
+
+
+@pytest.mark.parametrize("dim", ["8", 0, 4])
+def test_card_dim_that_does_not_fit_the_store(filled: Path, dim: object) -> None:
+    card = read_json(filled / "catalog.json")
+    write_json(filled / "catalog.json", {**card, "dim": dim})
+    with pytest.raises(CatalogError, match="dim"):
+        open_catalog(filled).close()
+
+
+def test_ids_beyond_sqlite_integers_name_nothing(filled: Path) -> None:
+    catalog = open_catalog(filled)
+    try:
+        huge = 10**30
+        for lookup in (catalog.store.get_product, catalog.store.get_image,
+                       catalog.remove_product):  # fmt: skip
+            with pytest.raises(CatalogError, match=f"no (product|image) with id {huge}"):
+                lookup(huge)
+        assert catalog.store.list_products(after_id=huge) == []
+        assert catalog.store.counts()["products"] == 5
+    finally:
+        catalog.close()
+
+
 def test_not_a_database(filled: Path) -> None:
     for suffix in ("-wal", "-shm"):
         (filled / f"catalog.sqlite{suffix}").unlink(missing_ok=True)
@@ -125,6 +160,7 @@ def test_create_refuses_existing_or_foreign_directory(tmp_path: Path, filled: Pa
     (tmp_path / "photos" / "holiday.jpg").write_bytes(b"x")
     with pytest.raises(CatalogError, match="not empty"):
         new_catalog(tmp_path / "photos")
+    assert [p.name for p in (tmp_path / "photos").iterdir()] == ["holiday.jpg"]  # no lock file
     (tmp_path / "file").write_text("x")
     with pytest.raises(CatalogError, match="not a directory"):
         new_catalog(tmp_path / "file")
@@ -333,6 +369,15 @@ def test_store_products(filled: Path) -> None:
         with pytest.raises(CatalogError), store.transaction() as db:
             store.upsert_product(db, "  ")
         assert store.find_product("  ") is None
+        assert store.update_product(p.id, url=" https://shop.example/p2 ").url == (
+            "https://shop.example/p2"
+        )
+        for url in ("javascript:alert(1)", "JavaScript://x/%0aalert(1)", "data:text/html,x",
+                    "/p2", "https://", "https://shop.example/a b"):  # fmt: skip
+            with pytest.raises(CatalogError, match="url"):
+                store.update_product(p.id, url=url)
+        assert store.get_product(p.id).url == "https://shop.example/p2"  # the bad ones: no write
+        assert store.update_product(p.id, url="").url == ""  # clears the link
     finally:
         catalog.close()
 

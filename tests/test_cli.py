@@ -121,6 +121,8 @@ def test_catalog_info_and_remove(built: dict[str, Any], cat: Path) -> None:
     hits = json.loads(invoke("search", built["query"], "--catalog", cat, "--json").stdout)
     assert sku not in {h["sku"] for h in hits["image_results"]}
     assert_user_error(invoke("catalog", "remove", sku, "--catalog", cat), 1, "no product", sku)
+    huge = "9" * 30
+    assert_user_error(invoke("catalog", "remove", huge, "--catalog", cat), 1, "no product", huge)
     table = invoke("catalog", "info", "--catalog", cat)
     assert table.exit_code == 0 and "model_id" in table.stdout
 
@@ -190,6 +192,25 @@ def test_bad_k_exits_2(built: dict[str, Any], cat: Path) -> None:
         result = invoke("search", built["query"], "--catalog", cat, "-k", k)
         assert result.exit_code == 2, result.output
         assert "Traceback" not in result.output
+
+
+def test_unusable_output_paths_are_one_line_errors(built: dict[str, Any], cat: Path) -> None:
+    a_file = built["query"]
+    result = invoke("search", built["query"], "--catalog", cat, "--detector", "none",
+                    "--save-boxes", a_file / "boxes.png")  # fmt: skip
+    assert_user_error(result, 1, str(a_file), "a folder is needed")
+    result = invoke("search", built["query"], "--catalog", cat, "--detector", "none",
+                    "--save-boxes", cat)  # fmt: skip
+    assert_user_error(result, 1, str(cat), "Is a directory")
+    result = invoke("demo", "--dir", a_file / "demo", "--products", 2)
+    assert_user_error(result, 1, str(a_file))
+
+
+def test_evaluate_bad_cutoff_exits_2(tmp_path: Path) -> None:
+    manifest = tmp_path / "eval.csv"
+    manifest.write_text("path,product_id,role\na.jpg,p1,query\nb.jpg,p1,gallery\n")
+    result = invoke("evaluate", "--manifest", manifest, "-k", 0)
+    assert_user_error(result, 2, "K must be >= 1")
 
 
 def test_bad_price_filter_exits_2(built: dict[str, Any], cat: Path) -> None:

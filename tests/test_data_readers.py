@@ -218,6 +218,8 @@ def test_prepare_writes_a_manifest_with_split_column(tmp_path: Path) -> None:
         (b"path,product_id,role\n\xff\xfe\x00bad\n", "UTF-8"),
         (b"path,product_id,role\n", "no rows"),
         (b"path,product_id,role\n,p1,query\n", "empty path"),
+        (b'path,product_id,role\n"a.jpg,p1,query\nb.jpg,p2,gallery\n', r"bad\.csv:2: malformed"),
+        (b"path,product_id,role,product_id\na.jpg,p1,query,p2\n", "more than once"),
     ],
 )
 def test_read_manifest_rejects_bad_csv(tmp_path: Path, content: bytes, message: str) -> None:

@@ -71,11 +71,14 @@ def test_ground_truth_union_per_position(tmp_path: Path) -> None:
         (HEADER + "a.jpg,1,top,1,2,x,4\n", "numbers"),
         (HEADER + "a.jpg,1,top,10,2,5,4\n", "empty box"),
         (HEADER, "no rows"),
+        (HEADER + '"a.jpg,1,top,1,2,3,4\nb.jpg,2,top,1,2,3,4\n', r"bad\.csv:2: malformed"),
+        (HEADER + "a.jpg,1,top,1,2,3,4,5\n", r"bad\.csv:2: more fields"),
+        (HEADER + "caf\udce9.jpg,1,top,1,2,3,4\n", "not UTF-8"),
     ],
 )
 def test_ground_truth_errors(tmp_path: Path, text: str, match: str) -> None:
     path = tmp_path / "bad.csv"
-    path.write_text(text)
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))  # \udce9: a Latin-1 byte
     with pytest.raises(ManifestError, match=match):
         load_ground_truth(path)
 

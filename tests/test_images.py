@@ -364,6 +364,11 @@ def test_directory_path(tmp_path: Path) -> None:
     assert_decode_error(tmp_path / "folder.jpg", "not a regular file")
 
 
+def test_name_with_a_nul_byte(tmp_path: Path) -> None:
+    """A path read from a CSV can hold a NUL byte, which the operating system refuses."""
+    assert_decode_error(tmp_path / "a.jpg\x00.png", "nul byte")
+
+
 def test_unreadable_file(tmp_path: Path) -> None:
     import os
 

@@ -308,6 +308,40 @@ def test_catalog_auto_index_switches_to_hnsw(tmp_path: Path) -> None:
         cat2.close()
 
 
+def test_index_kind_that_cannot_be_made_leaves_the_catalog_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Switching to a backend that cannot be made (no server address, parameters it refuses)
+    is refused with the reason, and the card keeps the kind every later open can make."""
+    pytest.importorskip("pymilvus", reason="needs pymilvus (pip install 'snapshop[milvus]')")
+    from snapshop import api
+    from snapshop.catalog.catalog import create_catalog, open_catalog
+    from snapshop.config import read_json
+
+    monkeypatch.delenv("SNAPSHOP_MILVUS_URI", raising=False)
+    vecs = unit(np.random.default_rng(9), 6, 16)
+    cat = create_catalog(tmp_path / "c", model_id="m", model_ref="m", dim=16, index_kind="flat")
+    with cat.write_lock(), cat.store.transaction() as db:
+        pid = cat.store.upsert_product(db, "sku-1")
+        for i, v in enumerate(vecs):
+            cat.store.insert_image(db, pid, source=f"{i}.jpg", blob=None, sha256=f"{i:064x}",
+                                   width=4, height=4, vector=v)  # fmt: skip
+    cat.close()
+    card = read_json(tmp_path / "c" / "catalog.json")
+    with pytest.raises(CatalogError, match="cannot make a milvus index: .*SNAPSHOP_MILVUS_URI"):
+        api.set_index_kind(tmp_path / "c", "milvus")
+    with pytest.raises(CatalogError, match="cannot make a hnsw index"):
+        api.set_index_kind(tmp_path / "c", "hnsw", {"m": "many"})
+    assert read_json(tmp_path / "c" / "catalog.json") == card
+    reopened = open_catalog(tmp_path / "c")
+    try:
+        assert reopened.index_kind == "flat" and len(reopened.index(None)) == 6
+    finally:
+        reopened.close()
+    api.set_index_kind(tmp_path / "c", "hnsw")  # a kind that can be made is switched to
+    assert api.catalog_info(tmp_path / "c")["index_kind"] == "hnsw"
+
+
 def open_catalog_with_budget(directory: Path, opener: Callable[[Path], Any]) -> Any:
     from unittest import mock
 

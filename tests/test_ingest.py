@@ -28,7 +28,7 @@ from PIL import Image
 from snapshop import api
 from snapshop.catalog.catalog import Catalog, open_catalog
 from snapshop.data.sources import read_csv_manifest
-from snapshop.errors import ManifestError
+from snapshop.errors import CatalogError, ManifestError
 
 
 @pytest.fixture()
@@ -216,7 +216,24 @@ def test_remove_product(base: dict[str, Any], cat: Path) -> None:
     # unknown keys remove nothing, even when listed with a known one
     with pytest.raises(Exception, match="no product"):
         api.remove_products(cat, [list(shop)[0], "no-such-sku"])
+    with pytest.raises(CatalogError, match="no product"):  # beyond SQLite's integers
+        api.remove_products(cat, [list(shop)[0], "9" * 30])
     assert check_catalog_dir(cat)["products"] == 3
+
+
+def test_remove_names_one_product_twice(base: dict[str, Any], cat: Path) -> None:
+    """By sku twice, or by sku and id: removed once, not removed then reported missing."""
+    first, second = list(base["images"])[:2]
+    (first_id,) = db_rows(cat, f"SELECT id FROM products WHERE sku = '{first}'")[0]
+    assert api.remove_products(cat, [first, first, str(first_id), second]) == {first: 3, second: 3}
+    assert check_catalog_dir(cat)["products"] == 2
+
+
+def test_rows_of_a_product_may_leave_its_fields_empty(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "p.csv", [["p1", "a.jpg", "Red tee", "", "9.5", ""],
+                                          ["p1", "b.jpg", "", "", "", "tops"],
+                                          ["p2", "c.jpg", "Other", "", "1", "tops"]])  # fmt: skip
+    assert [r.metadata.get("title") for r in read_csv_manifest(path)] == ["Red tee", None, "Other"]
 
 
 BAD_CSVS = {
@@ -228,7 +245,19 @@ BAD_CSVS = {
     "too_many_fields": ("product_id,image_path\np1,{img}\np2,{img},extra\n", "more fields", 3),
     "empty_file": ("", "missing column", None),
     "header_only": ("product_id,image_path\n", "no rows", None),
-}
+    # an open quote would swallow every later row into one field: p2 would vanish silently
+    "unbalanced_quote": ('product_id,image_path,title\np1,{img},"Red\np2,{img},Blue\n',
+                         "malformed csv", 2),
+    "repeated_column": ("product_id,image_path,product_id\np1,{img},p2\n", "more than once",
+                        None),
+    "conflicting_rows": ("product_id,image_path,price\np1,{img},10\np1,{img},12.5\n",
+                         "has price 12.5, but line 2 gives 10.0", 3),
+    "nul_in_path": ("product_id,image_path\np1,{img}\x00.jpg\n", "nul byte", 2),
+    "field_too_long": ("product_id,image_path,title\np1,{img},x\np2,{img}," + "x" * (1 << 21)
+                       + "\n", "field larger", 3),
+    "semicolons": ("product_id;image_path\np1;{img}\n", "separated by commas", None),
+    "script_url": ("product_id,image_path,url\np1,{img},javascript:alert(1)\n", "https://", 2),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", [*BAD_CSVS, "non_utf8"])
@@ -394,6 +423,19 @@ def test_kill_9_mid_ingest_recovers(tmp_path: Path, lite0_model_dir: Path) -> No
     assert check_catalog_dir(cat) == {"products": 10, "images": total, "crops": 0}
     shas = db_rows(cat, "SELECT product_id, sha256, COUNT(*) FROM images GROUP BY 1, 2")
     assert all(n == 1 for _, _, n in shas)
+
+
+def test_images_another_writer_added_meanwhile_still_count_their_products(
+    base: dict[str, Any], cat: Path, lite0_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second of two runs over one source finds every image committed by the first only
+    at write time: its report must still name the source's products, not "0 products"."""
+    from snapshop.catalog.store import CatalogStore
+
+    monkeypatch.setattr(CatalogStore, "has_image", lambda self, product_id, sha256: False)
+    report = ingest(base["csv"], cat, lite0_model_dir, workers=0)
+    assert (report.added, report.skipped) == (0, 12)
+    assert report.products == set(base["images"])
 
 
 def test_concurrent_writers_create_and_fill_one_catalog(

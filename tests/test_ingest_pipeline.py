@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import signal
@@ -20,6 +21,8 @@ from catalog_helpers import check_catalog_dir, db_rows, make_images
 from snapshop import api
 from snapshop.catalog.catalog import open_catalog
 from snapshop.data.sources import CatalogRecord, read_source
+from snapshop.errors import IngestError
+from snapshop.images import DecodeLimits
 from snapshop.ingest import Ingestor
 from snapshop.models.embedder import Embedder
 
@@ -171,6 +174,31 @@ def test_kill_9_resume_does_not_reembed(tmp_path: Path, lite0_model_dir: Path) -
     assert CountingEmbedder.embedded == total - done  # finished images were not re-embedded
     assert report.added == total - done and report.skipped == done
     assert check_catalog_dir(cat) == {"products": 8, "images": total, "crops": 0}
+
+
+class WorkerKillingRecord(CatalogRecord):
+    """A record whose decode worker dies reading it, as one the kernel kills for memory does."""
+
+    def read(self, limits: DecodeLimits = DecodeLimits()) -> bytes:
+        if multiprocessing.parent_process() is not None:
+            os._exit(9)
+        return super().read(limits)
+
+
+def test_dead_decode_worker_is_one_clear_error(tmp_path: Path, lite0_model_dir: Path) -> None:
+    make_images(tmp_path / "shop", n_products=4, per_product=6, size=48)
+    records = read_source(tmp_path / "shop")
+    doomed = records[13]
+    records[13] = WorkerKillingRecord(doomed.sku, doomed.path)
+    with pytest.raises(IngestError, match="decode worker process died") as info:
+        api.index_source(records, tmp_path / "cat", model=str(lite0_model_dir), batch_size=4,
+                         workers=2)  # fmt: skip
+    assert "run the ingest again" in str(info.value)
+    kept = check_catalog_dir(tmp_path / "cat")["images"]
+    assert kept % 4 == 0 and kept <= 12  # whole batches before the dead worker's, nothing else
+    report = api.index_source(tmp_path / "shop", tmp_path / "cat", batch_size=4, workers=2)
+    assert (report.added, report.skipped) == (24 - kept, kept)
+    assert check_catalog_dir(tmp_path / "cat")["images"] == 24
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -70,6 +70,33 @@ def test_preprocess_shorter_side_and_centre_crop() -> None:
     assert out.min() >= -1.0 and out.max() <= 1.0
 
 
+def test_preprocess_of_a_long_thin_image_resamples_only_its_centre(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 2 x 40,000 strip (a 2 KB PNG) resized whole would be 64 x 1.28M pixels, gigabytes at
+    the real input size, to keep only its centre square."""
+    rng = np.random.default_rng(3)
+    strip = Image.fromarray(rng.integers(0, 256, (40_000, 2, 3), dtype=np.uint8))
+    sizes: list[tuple[int, int]] = []
+    real_resize = Image.Image.resize
+
+    def recording_resize(self: Image.Image, size: tuple[int, int], *args, **kwargs):
+        sizes.append(tuple(size))
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    assert preprocess(strip, 64).shape == (3, 64, 64)
+    assert max(w * h for w, h in sizes) <= 64 * 64
+    monkeypatch.undo()
+    # The same pixels (to one level of rounding) as resizing the whole image, where that is cheap.
+    short = strip.crop((0, 19_000, 2, 21_000))
+    scale = 64 / 2
+    whole = short.resize((64, round(2_000 * scale)), Image.Resampling.BILINEAR, reducing_gap=None)
+    top = (whole.height - 64) // 2
+    expected = (np.asarray(whole.crop((0, top, 64, top + 64)), np.float32) - 127) / 128
+    assert np.abs(preprocess(short, 64) - expected.transpose(2, 0, 1)).max() <= 1 / 128 + 1e-6
+
+
 def test_model_card(lite0_model_dir: Path) -> None:
     card = read_card(lite0_model_dir)
     data = json.loads((lite0_model_dir / CARD_FILE).read_text())

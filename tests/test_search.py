@@ -267,6 +267,21 @@ def test_auto_refresh_picks_up_other_writers(
         catalog.close()
 
 
+def test_square_pad_scales_a_long_crop_down_before_padding() -> None:
+    """A 10 x 40,000 crop padded as it is would need a 40,000^2 canvas (4.8 GB)."""
+    from PIL import Image
+
+    from snapshop.detect.base import MAX_PAD_SIDE, frame_crop, square_pad
+
+    strip = Image.new("RGB", (10, 40_000), (200, 10, 10))
+    padded = square_pad(strip)
+    assert padded.size == (MAX_PAD_SIDE, MAX_PAD_SIDE)
+    assert padded.getpixel((MAX_PAD_SIDE // 2, MAX_PAD_SIDE // 2)) == (200, 10, 10)
+    framed = frame_crop(strip, Box(0, 0, 10, 40_000), "pad")
+    assert framed is not None and framed.size == (MAX_PAD_SIDE, MAX_PAD_SIDE)
+    assert square_pad(Image.new("RGB", (300, 100)), max_side=120).size == (120, 120)
+
+
 def test_square_pad_keeps_the_whole_garment() -> None:
     from PIL import Image
 

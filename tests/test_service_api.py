@@ -377,6 +377,18 @@ def test_product_and_image_by_id(client, catalog):
         assert client.get(path).status_code in (404, 422)
 
 
+def test_ids_beyond_64_bits_are_404_not_500(client):
+    """SQLite integers are 64-bit: a longer id in a path or a cursor names nothing."""
+    huge = "9" * 30
+    for method, path in [("GET", f"/v1/products/{huge}"), ("GET", f"/v1/images/{huge}"),
+                         ("GET", f"/v1/images/{huge}/thumb"), ("DELETE", f"/v1/products/{huge}"),
+                         ("PATCH", f"/v1/products/{huge}")]:  # fmt: skip
+        r = client.request(method, path, headers=AUTH, json={"title": "x"})
+        assert r.status_code == 404 and huge in r.json()["detail"], (method, path, r.text)
+    r = client.get("/v1/products", params={"cursor": encode_cursor(int(huge))})
+    assert r.status_code == 200 and r.json() == {"items": [], "next_cursor": None}
+
+
 def test_snap_size():
     assert [snap_size(s, (64, 128, 256)) for s in (None, 1, 64, 65, 200, 256, 9999)] == [
         128,
@@ -505,6 +517,8 @@ def test_patch_product(client):
         ({"price": -1}, 422),
         ({"colour": "red"}, 422),
         ({"title": "x" * 501}, 422),
+        ({"url": "javascript:alert(document.cookie)"}, 400),  # the page links to it
+        ({"url": "data:text/html,<script>alert(1)</script>"}, 400),
     ]:
         assert (
             client.patch(f"/v1/products/{product['id']}", json=body, headers=AUTH).status_code

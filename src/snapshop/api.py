@@ -108,18 +108,30 @@ def index_source(
 
 
 def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | None = None) -> None:
-    """Record ``kind`` (and ``params``) in the catalog card; the next open rebuilds indexes of
-    another kind from the store (issue #6)."""
+    """Record ``kind`` (and ``params``) in the catalog card and rebuild the indexes of the
+    new kind from the store (issue #6). A kind that cannot be made (a server that is not
+    reachable, parameters it refuses) raises CatalogError and leaves the card as it was."""
     if kind != AUTO and kind not in INDEX_KINDS:
         raise CatalogError(f"unknown index kind {kind!r}; choose from auto, {sorted(INDEX_KINDS)}")
     path = Path(catalog_dir) / CARD_FILE
     card = read_json(path)
     if card.get("index_kind") == kind and (params is None or card.get("index_params") == params):
         return
+    previous = dict(card)
     if params is not None or card.get("index_kind") != kind:  # old params fit the old kind
         card["index_params"] = params or {}
     card["index_kind"] = kind
     write_json(path, card)
+    try:
+        catalog = open_catalog(catalog_dir)
+    except CatalogError:
+        write_json(path, previous)  # every later open would fail the same way
+        raise
+    try:
+        with catalog.write_lock():
+            catalog.save_indexes()
+    finally:
+        catalog.close()
 
 
 def open_searcher(
@@ -176,7 +188,9 @@ def remove_products(catalog_dir: PathLike, products: list[str]) -> dict[str, int
                     found = None
             if found is None:
                 raise CatalogError(f"no product with id or sku {key!r}")
-            targets.append((key, found.id))
+            # a product named twice (its sku and its id, say) is removed once
+            if all(found.id != product_id for _, product_id in targets):
+                targets.append((key, found.id))
         for key, product_id in targets:
             removed[key] = catalog.remove_product(product_id)
     finally:

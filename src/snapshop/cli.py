@@ -49,6 +49,15 @@ def _print_error(exc: BaseException) -> None:
     err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
 
 
+def _describe_os_error(exc: OSError) -> str:
+    """``[Errno 21] Is a directory: 'out'`` -> ``cannot use out: Is a directory``."""
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, FileExistsError) and names and not Path(names[0]).is_dir():
+        reason = "it is a file, and a folder is needed there"  # mkdir's "File exists"
+    return f"cannot use {' or '.join(names)}: {reason}" if names else reason
+
+
 def run(fn: Callable[[], T]) -> T:
     """Call ``fn``; user errors become a one-line message and a non-zero exit code."""
     try:
@@ -59,9 +68,18 @@ def run(fn: Callable[[], T]) -> T:
     except SnapshopError as exc:
         _print_error(exc)
         raise typer.Exit(1) from None
+    except OSError as exc:  # a path the user gave that cannot be read or written, a full disk
+        logging.getLogger(__name__).debug("file system error", exc_info=True)
+        _print_error(_describe_os_error(exc))
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 @contextmanager
@@ -262,7 +280,9 @@ def demo(
     """Generate a small demo catalog, index it and search it with an unseen photo."""
     from snapshop.demo import generate_demo_catalog, search_demo_queries
 
-    manifest, queries = generate_demo_catalog(directory / "source", n_products=products)
+    manifest, queries = run(
+        lambda: generate_demo_catalog(directory / "source", n_products=products)
+    )
     out.print(f"demo catalog source: {manifest} ({len(queries)} products)")
     with progress_bar("indexing demo") as (set_total, advance):
         report = run(lambda: api.index_source(
@@ -336,8 +356,7 @@ def evaluate(
         err.print(f"result grid: {grid}")
     data = [r.to_dict() for r in reports]
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(data, indent=2) + "\n")
+        run(lambda: _write_json(json_out, data))
     if as_json:
         out.print_json(json.dumps(data))
         return
@@ -588,8 +607,7 @@ def evaluate_detector(
                                             limit=limit, progress=advance))  # fmt: skip
     data = report.to_dict()
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(data, indent=2) + "\n")
+        run(lambda: _write_json(json_out, data))
     if as_json:
         out.print_json(json.dumps(data))
         return

@@ -23,6 +23,10 @@ class CatalogError(SnapshopError):
     """The catalog is missing, inconsistent or was asked for something it does not hold."""
 
 
+class IngestError(SnapshopError):
+    """An ingest stopped before the end of its source; the batches it committed are kept."""
+
+
 class ManifestError(SnapshopError):
     """A CSV manifest or dataset listing is malformed."""
 

@@ -58,6 +58,8 @@ def read_bytes(source: ImageSource, limits: DecodeLimits = DecodeLimits()) -> by
             raise ImageDecodeError(name, "file not found") from None
         except OSError as exc:
             raise ImageDecodeError(name, f"cannot read file ({exc.strerror})") from None
+        except ValueError:  # os.stat refuses names with a NUL byte
+            raise ImageDecodeError(name, "invalid file name (contains a NUL byte)") from None
         if not path.is_file():
             raise ImageDecodeError(name, "not a regular file")
         if size > limits.max_bytes:

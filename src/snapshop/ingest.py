@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from snapshop.detect.base import (
     position_of_category,
     product_box,
 )
-from snapshop.errors import ImageDecodeError
+from snapshop.errors import ImageDecodeError, IngestError
 from snapshop.images import DecodeLimits, load_image, sniff_format
 from snapshop.models.embedder import Embedder, preprocess
 
@@ -276,6 +277,7 @@ class Ingestor:
                 product_id = store.upsert_product(db, d.record.sku, **d.record.metadata)
                 if store.find_image(db, product_id, d.sha256) is not None:
                     report.skipped += 1  # another writer added it since we looked
+                    report.products.add(d.record.sku)
                     offset += len(crops)
                     continue
                 if not self._blob_in_place(d, blob, report):
@@ -387,7 +389,7 @@ class Ingestor:
         window = self.batch_size * (self.prefetch_batches + 1)
         ctx = mp.get_context("spawn")  # fork would copy ONNX Runtime / faiss thread state
         with ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
-            pending: deque[Future[_Outcome]] = deque()
+            pending: deque[tuple[Future[_Outcome], CatalogRecord]] = deque()
             source = iter(records)
             exhausted = False
             batch: list[Decoded] = []
@@ -395,15 +397,24 @@ class Ingestor:
             seen: set[tuple[str, str]] = set()
             consumed = 0
             while True:
-                while not exhausted and len(pending) < window:
-                    record = next(source, None)
-                    if record is None:
-                        exhausted = True
-                    else:
-                        pending.append(pool.submit(_prepare, job, record))
-                if not pending:
-                    break
-                outcome = pending.popleft().result()
+                try:
+                    while not exhausted and len(pending) < window:
+                        record = next(source, None)
+                        if record is None:
+                            exhausted = True
+                        else:
+                            pending.append((pool.submit(_prepare, job, record), record))
+                    if not pending:
+                        break
+                    outcome = pending[0][0].result()
+                except BrokenProcessPool:
+                    at = f" at or after {pending[0][1].path}" if pending else ""
+                    raise IngestError(
+                        f"a decode worker process died (killed, or out of memory){at};"
+                        f" the {report.added} images added so far are kept: run the ingest again"
+                        " to continue (with 0 workers, images are decoded in this process)"
+                    ) from None
+                pending.popleft()
                 consumed += 1
                 if isinstance(outcome, Decoded):
                     if (outcome.record.sku, outcome.sha256) in seen:

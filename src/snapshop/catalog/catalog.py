@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 CARD_FILE = "catalog.json"
 DB_FILE = "catalog.sqlite"
 LOCK_FILE = "write.lock"
+# What a process creating a catalog writes before it lets go of the lock.
+_CREATING = frozenset({DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal",
+                       CARD_FILE, f"{CARD_FILE}.tmp"})  # fmt: skip
 IMAGES = "images"
 
 
@@ -340,15 +343,23 @@ def create_catalog(
     if directory.exists() and not directory.is_dir():
         raise CatalogError(f"{directory}: not a directory")
     directory.mkdir(parents=True, exist_ok=True)
+    # Checked before the lock file is made too, so a folder of other files is left as it was
+    # (a catalog another process is creating here now passes, and is waited for below).
+    _check_empty(directory, also_allowed=_CREATING)
     # Creation holds the write lock, so of two processes creating one catalog at once the
     # second sees the first one's card ("already exists") rather than a half-made directory.
     with open(directory / LOCK_FILE, "a+") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         if (directory / CARD_FILE).exists():
             raise CatalogError(f"{directory}: a catalog already exists here")
-        if any(p.name not in (".DS_Store", LOCK_FILE) for p in directory.iterdir()):
-            raise CatalogError(f"{directory}: directory is not empty and holds no catalog")
+        _check_empty(directory)
         return _create(directory, model_id, model_ref, dim, index_kind, index_params)
+
+
+def _check_empty(directory: Path, also_allowed: frozenset[str] = frozenset()) -> None:
+    allowed = {".DS_Store", LOCK_FILE, *also_allowed}
+    if any(p.name not in allowed for p in directory.iterdir()):
+        raise CatalogError(f"{directory}: directory is not empty and holds no catalog")
 
 
 def _create(
@@ -388,8 +399,19 @@ def open_catalog(directory: str | os.PathLike[str]) -> Catalog:
     for key in ("model_id", "model_ref", "dim"):
         if key not in card:
             raise CatalogError(f"{directory / CARD_FILE}: missing {key!r}")
-    if not (directory / DB_FILE).exists():
-        # Never recreate an empty store under a card: that would silently empty the indexes.
-        raise CatalogError(f"{directory / DB_FILE}: catalog database is missing")
-    store = CatalogStore(directory / DB_FILE)
-    return Catalog(directory, card, store)
+    if not isinstance(card["dim"], int) or card["dim"] < 1:
+        raise CatalogError(f"{directory / CARD_FILE}: dim must be a positive integer")
+    db_path = directory / DB_FILE
+    # Never recreate an empty store under a card: that would silently empty the indexes. A
+    # store SQLite has written is never 0 bytes (its header is written first), so such a file
+    # is a broken copy, not a new database.
+    if not db_path.exists():
+        raise CatalogError(f"{db_path}: catalog database is missing")
+    if db_path.stat().st_size == 0:
+        raise CatalogError(f"{db_path}: catalog database is empty (0 bytes)")
+    store = CatalogStore(db_path)
+    try:
+        return Catalog(directory, card, store)
+    except BaseException:
+        store.close()
+        raise

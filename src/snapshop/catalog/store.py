@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from numpy.typing import NDArray
@@ -62,6 +63,29 @@ CREATE INDEX IF NOT EXISTS crops_position ON crops(position);
 """
 
 PRODUCT_FIELDS = ("title", "url", "price", "currency", "category")
+MAX_ROW_ID = 2**63 - 1  # SQLite integers are signed 64-bit
+
+
+def _row_id(value: int, what: str) -> int:
+    """``value`` as an id SQLite can look up; one beyond its integers names nothing."""
+    value = int(value)
+    if abs(value) > MAX_ROW_ID:
+        raise CatalogError(f"no {what} with id {value}")
+    return value
+
+
+def check_product_url(url: str) -> str:
+    """``url`` if the web page may link to it: an absolute http(s) address, or "" for none.
+    Any other scheme (``javascript:``, ``data:``) would run in the page of whoever clicks."""
+    url = url.strip()
+    if url == "":
+        return url
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise CatalogError(f"product url {url[:80]!r} must be an http:// or https:// address")
+    if any(ch.isspace() or ord(ch) < 32 for ch in url):
+        raise CatalogError(f"product url {url[:80]!r} contains spaces or control characters")
+    return url
 
 
 def now() -> str:
@@ -239,6 +263,8 @@ class CatalogStore:
         row = db.execute("SELECT id, attributes FROM products WHERE sku = ?", (sku,)).fetchone()
         attrs = fields.pop("attributes", None) or {}
         values = {k: v for k, v in fields.items() if v is not None}
+        if "url" in values:
+            values["url"] = check_product_url(str(values["url"]))
         if row is None:
             values.setdefault("title", sku)  # a product always has something to show
             cur = db.execute(
@@ -265,7 +291,7 @@ class CatalogStore:
         return self.get_product(product_id)
 
     def get_product(self, product_id: int) -> Product:
-        rows = self._query("SELECT * FROM products WHERE id = ?", (int(product_id),))
+        rows = self._query("SELECT * FROM products WHERE id = ?", (_row_id(product_id, "product"),))
         if not rows:
             raise CatalogError(f"no product with id {product_id}")
         return _product(rows[0])
@@ -288,7 +314,7 @@ class CatalogStore:
         self, category: str | None = None, after_id: int = 0, limit: int = 50
     ) -> list[Product]:
         sql = "SELECT * FROM products WHERE id > ?"
-        params: list[Any] = [after_id]
+        params: list[Any] = [min(int(after_id), MAX_ROW_ID)]
         if category is not None:
             sql += " AND category = ?"
             params.append(category)
@@ -298,6 +324,7 @@ class CatalogStore:
 
     def delete_product(self, product_id: int) -> tuple[list[int], list[int]]:
         """Delete a product, its images and crops; returns (image ids, crop ids) removed."""
+        product_id = _row_id(product_id, "product")
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM products WHERE id = ?", (product_id,)).fetchone() is None:
                 raise CatalogError(f"no product with id {product_id}")
@@ -354,12 +381,13 @@ class CatalogStore:
         return image_id, crop_ids
 
     def get_image(self, image_id: int) -> ImageRow:
-        rows = self._query("SELECT * FROM images WHERE id = ?", (int(image_id),))
+        rows = self._query("SELECT * FROM images WHERE id = ?", (_row_id(image_id, "image"),))
         if not rows:
             raise CatalogError(f"no image with id {image_id}")
         return _image(rows[0])
 
     def images_of(self, product_id: int) -> list[ImageRow]:
+        product_id = _row_id(product_id, "product")
         rows = self._query("SELECT * FROM images WHERE product_id = ? ORDER BY id", (product_id,))
         return [_image(r) for r in rows]
 
@@ -393,6 +421,7 @@ class CatalogStore:
 
     def blob_refs_of_product(self, product_id: int) -> list[tuple[str, str | None]]:
         """(sha256, blob) of a product's images."""
+        product_id = _row_id(product_id, "product")
         rows = self._query("SELECT sha256, blob FROM images WHERE product_id = ?", (product_id,))
         return [(r[0], r[1]) for r in rows]
 
@@ -487,7 +516,12 @@ class CatalogStore:
     @staticmethod
     def _unpack(rows: list[sqlite3.Row], dim: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
         ids = np.array([r[0] for r in rows], dtype=np.int64)
-        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+        data = b"".join(r[1] for r in rows)
+        if len(data) != 4 * dim * len(rows):
+            raise CatalogError(
+                f"stored vectors do not have the catalog's dimension {dim} (catalog card edited?)"
+            )
+        vecs = np.frombuffer(data, dtype=np.float32).reshape(len(rows), dim)
         return ids, vecs
 
     # --- stats ------------------------------------------------------------------------

@@ -54,12 +54,27 @@ def repeat_matching(
     return [copy for row in rows for copy in [row] * (times if matches(row, where) else 1)]
 
 
+def check_unique_columns(header: list[str], path: str | os.PathLike[str]) -> None:
+    """A column named twice would have its first values silently replaced by the second's."""
+    repeated = sorted({c for c in header if c and header.count(c) > 1})
+    if repeated:
+        raise ManifestError(f"{path}: column(s) {repeated} appear more than once in the header")
+
+
 def nonblank_rows(
     reader: csv.DictReader[str], path: str | os.PathLike[str]
 ) -> Iterator[tuple[int, dict[str, str]]]:
     """(line number, stripped values) of each CSV row with any value; a row with more fields
-    than the header is a :class:`ManifestError` naming the line."""
-    for row in reader:
+    than the header, or that the reader cannot parse, is a :class:`ManifestError` naming the
+    line it starts on."""
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise ManifestError(f"{path}:{start}: malformed CSV ({exc})") from None
         if None in row:
             raise ManifestError(f"{path}:{reader.line_num}: more fields than the header has")
         values = {k: (v or "").strip() for k, v in row.items()}
@@ -83,8 +98,10 @@ def read_manifest(
     rows: list[ManifestRow] = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
+            # strict: a quote left open would otherwise swallow every following row silently
+            reader = csv.DictReader(fh, strict=True)
             header = [h.strip() for h in reader.fieldnames or []]
+            check_unique_columns(header, path)
             reader.fieldnames = header
             path_col = next((c for c in ("path", "image_path") if c in header), None)
             needed = ["product_id"] + ([] if default_role else ["role"])

@@ -3,7 +3,7 @@
 A CSV manifest has a header with at least ``product_id`` and ``image_path``, optionally
 ``title, url, price, currency, category`` and ``packshot`` (1 / true / yes: the photo shows
 the product alone, no model; 0 / false / no or empty: not known to); any other column becomes
-a product attribute.
+a product attribute. A product's rows may leave its fields empty but must not disagree on them.
 Relative image paths are resolved against the CSV's folder. The whole file is validated
 before anything is written, so a bad row stops the ingest with its line number and loses
 nothing.
@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapshop.data.manifest import nonblank_rows
-from snapshop.errors import ManifestError
+from snapshop.catalog.store import check_product_url
+from snapshop.data.manifest import check_unique_columns, nonblank_rows
+from snapshop.errors import CatalogError, ManifestError
 from snapshop.images import DecodeLimits, read_bytes
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -83,6 +84,35 @@ def parse_flag(raw: str | None, what: str) -> bool:
     raise ManifestError(f"{what}: {raw!r} is not one of 1, true, yes, 0, false, no")
 
 
+def _check_header(header: list[str], path: Path) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        other_separator = len(header) == 1 and any(sep in header[0] for sep in ";\t|")
+        hint = " (columns must be separated by commas)" if other_separator else ""
+        raise ManifestError(
+            f"{path}: missing column(s) {missing}; header is {header or 'empty'}{hint}"
+        )
+    check_unique_columns(header, path)
+
+
+def _check_same_product(
+    known: dict[str, dict[str, tuple[Any, int]]], sku: str, meta: dict[str, Any], line: int,
+    path: Path,
+) -> None:  # fmt: skip
+    """Rows of one product may leave its fields empty but not disagree on them: neither row
+    could be said to win, and a silent choice would lose the other's value."""
+    fields = known.setdefault(sku, {})
+    for col in PRODUCT_COLUMNS:
+        if col not in meta:
+            continue
+        value, first_line = fields.setdefault(col, (meta[col], line))
+        if value != meta[col]:
+            raise ManifestError(
+                f"{path}:{line}: product {sku!r} has {col} {meta[col]!r}, but line {first_line}"
+                f" gives {value!r}"
+            )
+
+
 def read_csv_manifest(path: Path) -> list[CatalogRecord]:
     """Parse and validate a whole CSV manifest (raises ManifestError naming the line)."""
     path = Path(path)
@@ -90,15 +120,13 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
         raise ManifestError(f"{path}: file not found")
     csv.field_size_limit(MAX_CSV_FIELD)
     records: list[CatalogRecord] = []
+    products: dict[str, dict[str, tuple[Any, int]]] = {}
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
+            # strict: a quote left open would otherwise swallow every following row silently
+            reader = csv.DictReader(fh, strict=True)
             header = [h.strip() for h in (reader.fieldnames or [])]
-            missing = [c for c in REQUIRED_COLUMNS if c not in header]
-            if missing:
-                raise ManifestError(
-                    f"{path}: missing column(s) {missing}; header is {header or 'empty'}"
-                )
+            _check_header(header, path)
             reader.fieldnames = header
             for line, values in nonblank_rows(reader, path):
                 sku, image = values["product_id"], values["image_path"]
@@ -106,6 +134,8 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
                     raise ManifestError(f"{path}:{line}: empty product_id")
                 if not image:
                     raise ManifestError(f"{path}:{line}: empty image_path")
+                if "\0" in image:
+                    raise ManifestError(f"{path}:{line}: image_path contains a NUL byte")
                 image_path = Path(image)
                 if not image_path.is_absolute():
                     image_path = path.parent / image_path
@@ -115,6 +145,12 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
                         meta[col] = values[col]
                 if "price" in meta:
                     meta["price"] = _parse_price(meta["price"], line, path)
+                if "url" in meta:
+                    try:
+                        check_product_url(meta["url"])
+                    except CatalogError as exc:
+                        raise ManifestError(f"{path}:{line}: {exc}") from None
+                _check_same_product(products, sku, meta, line, path)
                 extra = {k: v for k, v in values.items()
                          if k not in REQUIRED_COLUMNS + PRODUCT_COLUMNS + IMAGE_COLUMNS
                          and v}  # fmt: skip

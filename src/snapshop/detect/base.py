@@ -212,15 +212,22 @@ def crop(image: Image.Image, box: Box, min_side: int = 8) -> Image.Image | None:
 # crop centred on a square of its mean colour, so all of it is embedded.
 CROP_MODES: tuple[str, ...] = ("center", "pad")
 DEFAULT_CROP_MODE = "pad"  # catalogs created before the mode was recorded used "center"
+MAX_PAD_SIDE = 4096
 
 
-def square_pad(image: Image.Image) -> Image.Image:
-    """``image`` centred on a square canvas filled with its mean colour."""
+def square_pad(image: Image.Image, max_side: int = MAX_PAD_SIDE) -> Image.Image:
+    """``image`` centred on a square canvas filled with its mean colour; a crop longer than
+    ``max_side`` is first scaled down to it (a 10 x 50,000 crop would need a 7.5 GB canvas,
+    and the embedder sees a few hundred pixels of it anyway)."""
     w, h = image.size
     if w == h:
         return image
-    side = max(w, h)
     rgb = image.convert("RGB")
+    if max(w, h) > max_side:
+        scale = max_side / max(w, h)
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+        rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
+    side = max(w, h)
     fill = tuple(round(c) for c in ImageStat.Stat(rgb).mean)
     canvas = Image.new("RGB", (side, side), fill)  # type: ignore[arg-type]
     canvas.paste(rgb, ((side - w) // 2, (side - h) // 2))

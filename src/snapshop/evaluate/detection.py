@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from snapshop.data.manifest import nonblank_rows
 from snapshop.detect.base import (
     POSITIONS,
     Box,
@@ -48,38 +49,46 @@ def load_ground_truth(boxes_csv: str | Path) -> dict[str, dict[str, Box]]:
     """path -> {position: union box}; every path in the CSV appears, possibly with no boxes."""
     path = Path(boxes_csv)
     try:
-        fh = open(path, newline="")  # noqa: SIM115 - closed by the with below
+        fh = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115 - closed below
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from None
     out: dict[str, dict[str, Box]] = {}
-    with fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ManifestError(f"{path}: missing column(s) {missing}; need {list(REQUIRED)}")
-        for line, row in enumerate(reader, start=2):
-            image = row["path"].strip()
-            if not image:
-                raise ManifestError(f"{path}:{line}: empty path")
-            boxes = out.setdefault(image, {})
-            pos = position_of(row["group"] or "")
-            if pos is None:
-                continue
-            try:
-                x1, y1, x2, y2 = (float(row[k]) for k in ("x1", "y1", "x2", "y2"))
-            except (TypeError, ValueError):
-                raise ManifestError(f"{path}:{line}: box coordinates must be numbers") from None
-            if not (x2 > x1 and y2 > y1):
-                raise ManifestError(f"{path}:{line}: empty box ({x1}, {y1}, {x2}, {y2})")
-            old = boxes.get(pos)
-            boxes[pos] = (
-                Box(x1, y1, x2, y2)
-                if old is None
-                else Box(min(old.x1, x1), min(old.y1, y1), max(old.x2, x2), max(old.y2, y2))
-            )
+    try:
+        with fh:
+            _read_boxes(csv.DictReader(fh, strict=True), path, out)
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except csv.Error as exc:
+        raise ManifestError(f"{path}: malformed CSV ({exc})") from None
     if not out:
         raise ManifestError(f"{path}: no rows")
     return out
+
+
+def _read_boxes(reader: csv.DictReader[str], path: Path, out: dict[str, dict[str, Box]]) -> None:
+    missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {missing}; need {list(REQUIRED)}")
+    for line, row in nonblank_rows(reader, path):
+        image = row["path"]
+        if not image:
+            raise ManifestError(f"{path}:{line}: empty path")
+        boxes = out.setdefault(image, {})
+        pos = position_of(row["group"] or "")
+        if pos is None:
+            continue
+        try:
+            x1, y1, x2, y2 = (float(row[k]) for k in ("x1", "y1", "x2", "y2"))
+        except (TypeError, ValueError):
+            raise ManifestError(f"{path}:{line}: box coordinates must be numbers") from None
+        if not (x2 > x1 and y2 > y1):
+            raise ManifestError(f"{path}:{line}: empty box ({x1}, {y1}, {x2}, {y2})")
+        old = boxes.get(pos)
+        boxes[pos] = (
+            Box(x1, y1, x2, y2)
+            if old is None
+            else Box(min(old.x1, x1), min(old.y1, y1), max(old.x2, x2), max(old.y2, y2))
+        )
 
 
 @dataclass

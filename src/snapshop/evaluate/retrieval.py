@@ -149,6 +149,11 @@ def embed_paths(
     return vecs, kept, skipped, 1e3 * elapsed / max(len(kept), 1)
 
 
+def _check_cutoffs(ks: Sequence[int]) -> None:
+    if not ks or min(ks) < 1:
+        raise ConfigError(f"recall cut-offs K must be >= 1, got {sorted(ks)}")
+
+
 def evaluate_embeddings(
     name: str,
     query_vecs: NDArray[np.float32],
@@ -159,6 +164,7 @@ def evaluate_embeddings(
     embed_ms: float = 0.0,
 ) -> RetrievalReport:
     """Recall@K and mAP@R from embeddings; search time measured on an exact index, per query."""
+    _check_cutoffs(ks)
     if len(query_vecs) == 0 or len(gallery_vecs) == 0:
         raise ConfigError("evaluation needs at least one query and one gallery image")
     products = sorted(set(gallery_products))
@@ -208,6 +214,7 @@ def evaluate_manifest(
     from snapshop.data.manifest import ManifestRow, matches, read_manifest
     from snapshop.models.embedder import load_embedder
 
+    _check_cutoffs(ks)
     rows: list[ManifestRow] = manifest if isinstance(manifest, list) else read_manifest(manifest)
     queries = [r for r in rows if r.role == "query" and matches(r, query_where or {})]
     gallery = [r for r in rows if r.role == "gallery" and matches(r, gallery_where or {})]

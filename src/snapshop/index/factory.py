@@ -55,7 +55,14 @@ def create_index(kind: str, dim: int, **params: Any) -> VectorIndex:
         raise CatalogError(
             f"unknown index kind {kind!r}; choose from {sorted(INDEX_KINDS)}"
         ) from None
-    return cls(dim, **params)
+    try:
+        return cls(dim, **params)
+    except CatalogError:
+        raise
+    except (TypeError, ValueError) as exc:  # parameters the backend refuses, a missing uri
+        raise CatalogError(f"cannot make a {kind} index: {exc}") from None
+    except Exception as exc:  # database clients raise their own types when unreachable
+        raise CatalogError(f"cannot make a {kind} index ({type(exc).__name__}: {exc})") from None
 
 
 def card_path(path: Path) -> Path:

@@ -17,6 +17,10 @@ from snapshop.models.runtime import cpu_session
 
 log = logging.getLogger(__name__)
 
+# preprocess resizes the whole image when that is at most this many output squares (every
+# ordinary photo: the exact pixels as always); beyond, it resamples the centre square only.
+MAX_RESIZED_SQUARES = 16
+
 
 def preprocess(image: Image.Image, size: int) -> NDArray[np.float32]:
     """RGB image -> (3, size, size) float32: shorter side resized to ``size``, centre crop,
@@ -24,9 +28,16 @@ def preprocess(image: Image.Image, size: int) -> NDArray[np.float32]:
     w, h = image.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    resized = image.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
     left, top = (nw - size) // 2, (nh - size) // 2
-    crop = resized.crop((left, top, left + size, top + size))
+    if nw * nh <= MAX_RESIZED_SQUARES * size * size:
+        resized = image.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
+        crop = resized.crop((left, top, left + size, top + size))
+    else:
+        # A very long, thin image (3 x 50,000 px) would be resized to size x millions of
+        # pixels (gigabytes) only to keep its centre: resample just the centre's source region.
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        crop = image.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
     arr = np.asarray(crop, dtype=np.float32)
     arr = (arr - 127.0) / 128.0
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -307,7 +307,8 @@
   function card(hit) {
     const node = $("card-tpl").content.firstElementChild.cloneNode(true);
     const link = node.querySelector(".card-link");
-    const external = Boolean(hit.url);
+    // only web addresses: a javascript: link stored before urls were checked must not run here
+    const external = /^https?:\/\//i.test(hit.url || "");
     link.href = external ? hit.url : `/v1/products/${hit.product_id}`;
     if (external) { link.target = "_blank"; link.rel = "noopener noreferrer"; }
     const title = hit.title || hit.sku;
