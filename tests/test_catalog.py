@@ -378,6 +378,11 @@ def test_store_products(filled: Path) -> None:
                 store.update_product(p.id, url=url)
         assert store.get_product(p.id).url == "https://shop.example/p2"  # the bad ones: no write
         assert store.update_product(p.id, url="").url == ""  # clears the link
+        with pytest.raises(CatalogError, match="control"), store.transaction() as db:
+            store.upsert_product(db, "p\x007")
+        with pytest.raises(CatalogError, match="plain JSON"):
+            store.update_product(p.id, attributes={"weight": float("nan")})
+        assert store.get_product(p.id).attributes == {"colour": "red", "size": "M"}
     finally:
         catalog.close()
 

@@ -256,6 +256,7 @@ BAD_CSVS = {
     "field_too_long": ("product_id,image_path,title\np1,{img},x\np2,{img}," + "x" * (1 << 21)
                        + "\n", "field larger", 3),
     "semicolons": ("product_id;image_path\np1;{img}\n", "separated by commas", None),
+    "control_in_sku": ("product_id,image_path\np\x1b1,{img}\n", "control characters", 2),
     "script_url": ("product_id,image_path,url\np1,{img},javascript:alert(1)\n", "https://", 2),
 }  # fmt: skip
 

@@ -88,6 +88,13 @@ def check_product_url(url: str) -> str:
     return url
 
 
+def _attributes_json(attributes: dict[str, Any]) -> str:
+    try:  # NaN / Infinity are not JSON: stored, they would come back as something else
+        return json.dumps(attributes, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise CatalogError(f"product attributes must be plain JSON values ({exc})") from None
+
+
 def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
@@ -256,6 +263,8 @@ class CatalogStore:
         if not sku or not str(sku).strip():
             raise CatalogError("product id (sku) must not be empty")
         sku = str(sku).strip()
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in sku):
+            raise CatalogError(f"product id (sku) {sku[:80]!r} contains control characters")
         unknown = set(fields) - set(PRODUCT_FIELDS) - {"attributes"}
         if unknown:
             raise CatalogError(f"unknown product fields {sorted(unknown)}")
@@ -270,7 +279,13 @@ class CatalogStore:
             cur = db.execute(
                 "INSERT INTO products(sku, title, url, price, currency, category, attributes,"
                 " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (sku, *(values.get(k) for k in PRODUCT_FIELDS), json.dumps(attrs), stamp, stamp),
+                (
+                    sku,
+                    *(values.get(k) for k in PRODUCT_FIELDS),
+                    _attributes_json(attrs),
+                    stamp,
+                    stamp,
+                ),
             )
             return int(cur.lastrowid or 0)
         product_id = int(row["id"])
@@ -280,7 +295,7 @@ class CatalogStore:
             db.execute(
                 f"UPDATE products SET {sets + ', ' if sets else ''}attributes = ?, updated_at = ?"
                 " WHERE id = ?",
-                (*values.values(), json.dumps(merged), stamp, product_id),
+                (*values.values(), _attributes_json(merged), stamp, product_id),
             )
         return product_id
 

@@ -132,6 +132,8 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
                 sku, image = values["product_id"], values["image_path"]
                 if not sku:
                     raise ManifestError(f"{path}:{line}: empty product_id")
+                if any(ord(ch) < 32 or ord(ch) == 127 for ch in sku):
+                    raise ManifestError(f"{path}:{line}: product_id contains control characters")
                 if not image:
                     raise ManifestError(f"{path}:{line}: empty image_path")
                 if "\0" in image:
