@@ -72,6 +72,17 @@ def test_index_folder_reports_failures(built: dict[str, Any], cat: Path, tmp_pat
     assert result.exit_code == 0, result.output
     assert "added 1 images" in result.stdout and "1 failed" in result.stdout
     assert "broken.jpg" in result.stderr and "not an image" in result.stderr
+    assert "failed" in result.stderr.split("broken.jpg")[0]
+    # the real process (its logging goes to the terminal too) lists the file once
+    exe = Path(sys.executable).parent / "snapshop"
+    if exe.exists():
+        again = shop / "p_again"
+        again.mkdir()
+        (again / "broken2.jpg").write_text("<html>")
+        proc = subprocess.run([str(exe), "index", str(shop), "--catalog", str(cat)],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.count("broken2.jpg") == 1, proc.stderr
 
 
 def test_index_only_failures_exits_non_zero(tmp_path: Path, lite0_model_dir: Path) -> None:

@@ -146,8 +146,10 @@ def index(
             f" ({report.images_per_second:.1f} img/s)"
         )
         for source_path, reason in report.failed[:20]:
-            err.print(f"  [yellow]skipped[/yellow] {escape(f'{source_path}: {reason}')}",
+            err.print(f"  [yellow]failed[/yellow] {escape(f'{source_path}: {reason}')}",
                       highlight=False, soft_wrap=True)  # fmt: skip
+        if len(report.failed) > 20:
+            err.print(f"  ... and {len(report.failed) - 20} more (all of them: --json)")
     if report.failed and report.added == 0 and report.skipped == 0:
         raise typer.Exit(1)
 

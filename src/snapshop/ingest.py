@@ -355,8 +355,8 @@ class Ingestor:
             report.removed = self._sync(records)  # type: ignore[arg-type]
         with self.catalog.write_lock():
             self.catalog.save_indexes()
-        for source, reason in report.failed:
-            log.warning("skipped %s: %s", source, reason)
+        for source, reason in report.failed:  # the report carries them; callers show them
+            log.info("not indexed %s: %s", source, reason)
         report.seconds = time.perf_counter() - start
         return report
 
