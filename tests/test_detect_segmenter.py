@@ -25,6 +25,8 @@ from snapshop.detect.segmenter import (
     SegmenterConfig,
     SegmenterDetector,
     boxes_from_probabilities,
+    build_head,
+    export_head,
     preprocess,
     softmax_upsampled,
 )
@@ -215,6 +217,50 @@ def test_fit_command_writes_a_loadable_model(
     assert (out / HEAD_FILE).stat().st_size < 5_000_000
 
 
+def test_aux_labels_get_classes_of_their_own_and_fold_back_into_other(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    from snapshop.detect.segmenter_fit import (
+        AUX_CLASSES,
+        fold_aux_head,
+        label_table,
+        num_train_classes,
+    )
+
+    root = tmp_path / "ccp"
+    write_tiny_ccp(root, n=1)
+    plain, aux = label_table(root / "mask_labels.csv"), label_table(root / "mask_labels.csv", True)
+    assert plain[1] == 0  # skin is "other" for the detector
+    assert aux[1] == len(CLASSES) + AUX_CLASSES.index("skin")
+    np.testing.assert_array_equal(aux[[0, 2, 3, 4]], plain[[0, 2, 3, 4]])
+    assert num_train_classes(False) == len(CLASSES)
+
+    torch.manual_seed(0)
+    head = build_head(16, num_classes=num_train_classes(True)).eval()
+    for p in head.parameters():  # large logits: a fold that drops a class would show
+        torch.nn.init.normal_(p, std=0.5)
+    feats = tuple(torch.randn(2, c, h, w) for c, (h, w) in zip(
+        FEATURE_CHANNELS, [(8, 12), (4, 6), (2, 3)], strict=True))  # fmt: skip
+    with torch.no_grad():
+        full = torch.softmax(head(*feats), dim=1).numpy()
+        folded = torch.softmax(fold_aux_head(head)(*feats), dim=1).numpy()
+    assert folded.shape[1] == len(CLASSES)
+    expected = np.concatenate(
+        [full[:, :1] + full[:, len(CLASSES) :].sum(1, keepdims=True), full[:, 1 : len(CLASSES)]],
+        axis=1,
+    )
+    np.testing.assert_allclose(folded, expected, atol=1e-5)
+    assert full[:, len(CLASSES) :].sum(1).mean() > 0.1  # the auxiliary classes carry mass
+
+    export_head(fold_aux_head(head), tmp_path / "head.onnx")
+    session = ort.InferenceSession(str(tmp_path / "head.onnx"))
+    names = [i.name for i in session.get_inputs()]
+    (logits,) = session.run(None, {n: f.numpy() for n, f in zip(names, feats, strict=True)})
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(shifted / shifted.sum(1, keepdims=True), expected, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # End-to-end fine-tuning (--finetune-blocks) and the trunk overlay
 
@@ -376,7 +422,7 @@ def test_finetune_command_writes_a_model_the_detector_loads(tmp_path: Path) -> N
     main([
         str(root), "--parity", "all", "--finetune-blocks", "2", "--epochs", "1",
         "--batch-size", "2", "--long-side", "128", "--negatives", "1", "--workers", "1",
-        "--device", "cpu", "--out", str(out), "--prefix", "ft_",
+        "--device", "cpu", "--aux-labels", "--out", str(out), "--prefix", "ft_",
     ])  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == [
         f"ft_{CARD_FILE}",
@@ -388,6 +434,7 @@ def test_finetune_command_writes_a_model_the_detector_loads(tmp_path: Path) -> N
     assert card["trunk_overlay"]["sha256"] == hashlib.sha256(overlay_bytes).hexdigest()
     assert card["trunk_overlay"]["finetune_blocks"] == 2
     assert card["config"]["long_side"] == 128 and card["training"]["epochs_run"] == 1
+    assert card["training"]["aux_labels"] and "legwear" in card["auxiliary_classes"]
     total = sum(p.stat().st_size for p in out.iterdir())
     assert total < 5_000_000
 

@@ -86,8 +86,31 @@ CCP_DRESS = ("dress", "romper")
 CCP_LOWER = ("jeans", "leggings", "pants", "shorts", "skirt")
 
 
-def label_table(mask_labels_csv: Path) -> NDArray[np.uint8]:
-    """(256,) CCP label index -> class index in :data:`snapshop.detect.segmenter.CLASSES`."""
+# Auxiliary training classes (``--aux-labels``): more of CCP's labels taught as classes of
+# their own, so that legs, stockings, shoes and belts are not one "other" class. The exported
+# head folds them back into *other* (:class:`AuxFoldedHead`): the detector sees four classes.
+CCP_AUX: dict[str, tuple[str, ...]] = {
+    "skin": ("skin",),
+    "hair": ("hair",),
+    "legwear": ("socks", "stockings", "tights"),
+    "footwear": (
+        "boots", "clogs", "flats", "heels", "loafers", "pumps", "sandals", "shoes", "sneakers",
+        "wedges",
+    ),
+    "bag": ("bag", "purse", "wallet"),
+    "belt": ("belt",),
+}  # fmt: skip
+AUX_CLASSES: tuple[str, ...] = tuple(CCP_AUX)
+
+
+def num_train_classes(aux_labels: bool) -> int:
+    return len(CLASSES) + (len(AUX_CLASSES) if aux_labels else 0)
+
+
+def label_table(mask_labels_csv: Path, aux_labels: bool = False) -> NDArray[np.uint8]:
+    """(256,) CCP label index -> class index in :data:`snapshop.detect.segmenter.CLASSES`,
+    or past them in :data:`AUX_CLASSES` order with ``aux_labels``."""
+    aux = {name: len(CLASSES) + i for i, labels in enumerate(CCP_AUX.values()) for name in labels}
     table = np.zeros(256, np.uint8)
     with open(mask_labels_csv, newline="") as fh:
         for row in csv.DictReader(fh):
@@ -99,6 +122,8 @@ def label_table(mask_labels_csv: Path) -> NDArray[np.uint8]:
                 table[idx] = DRESS_CLS
             elif name in CCP_LOWER:
                 table[idx] = LOWER_CLS
+            elif aux_labels and name in aux:
+                table[idx] = aux[name]
     return table
 
 
@@ -389,6 +414,7 @@ class FinetuneConfig:
     max_train_seconds: float | None = None  # stop early (after an epoch) past this
     seed: int = 0
     overlay_dtype: str = "float32"  # float16 halves garment_seg_trunk.npz (read back as float32)
+    aux_labels: bool = False  # train AUX_CLASSES too (folded into "other" at export)
 
     def __post_init__(self) -> None:
         SegmenterConfig(long_side=self.long_side)  # raises ConfigError for a bad long side
@@ -546,7 +572,11 @@ def build_finetune_net(config: FinetuneConfig) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.trunk = create_backbone(BACKBONE, pretrained=True)
-            self.head = build_head(config.width, dropout=config.dropout)
+            self.head = build_head(
+                config.width,
+                num_classes=num_train_classes(config.aux_labels),
+                dropout=config.dropout,
+            )
             tuned = [self.trunk._conv_stem, self.trunk._bn0]
             tuned += list(self.trunk._blocks[: config.finetune_blocks])
             self.trunk.requires_grad_(False)
@@ -626,7 +656,7 @@ def _train_finetune(
     torch.manual_seed(config.seed)
     torch.backends.cudnn.benchmark = True  # fixed input size
     net = build_finetune_net(config).to(device)
-    weight = torch.ones(len(CLASSES), device=device)
+    weight = torch.ones(num_train_classes(config.aux_labels), device=device)
     weight[DRESS_CLS] = config.dress_weight
     groups = [
         {"params": list(net.head.parameters()), "lr": config.lr},
@@ -699,13 +729,37 @@ def _train_finetune(
     return net.cpu().float().eval(), losses, info
 
 
+def fold_aux_head(head: Any) -> Any:
+    """``head`` with its auxiliary classes folded into *other*: the logit of *other* becomes
+    the log-sum-exp of *other* and the auxiliary logits, so the softmax over the four
+    detector classes is the trained model's marginal (P(other) + sum of P(aux))."""
+    import torch
+    from torch import nn
+
+    class AuxFoldedHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = head
+
+        def forward(self, s8: torch.Tensor, s16: torch.Tensor, s32: torch.Tensor) -> torch.Tensor:
+            logits = self.head(s8, s16, s32)
+            n = len(CLASSES)
+            rest = torch.cat([logits[:, :1], logits[:, n:]], dim=1)
+            other = torch.logsumexp(rest, dim=1, keepdim=True)
+            return torch.cat([other, logits[:, 1:n]], dim=1)
+
+    return AuxFoldedHead().eval()
+
+
 def write_finetuned(
     net: Any, out: Path, prefix: str = "", dtype: str = "float32"
 ) -> dict[str, Any]:
-    """Write the head (ONNX) and the trunk overlay (npz, ``dtype``); returns the card's
-    overlay entry."""
+    """Write the head (ONNX; auxiliary classes folded into *other*) and the trunk overlay
+    (npz, ``dtype``); returns the card's overlay entry."""
     out.mkdir(parents=True, exist_ok=True)
-    export_head(net.head, out / f"{prefix}{HEAD_FILE}")
+    n_out = net.head.fuse[-1].out_channels
+    head = net.head if n_out == len(CLASSES) else fold_aux_head(net.head)
+    export_head(head, out / f"{prefix}{HEAD_FILE}")
     tensors = {name: t.astype(dtype) for name, t in trunk_overlay(net).items()}
     path = out / f"{prefix}{TRUNK_FILE}"
     with open(path, "wb") as fh:
@@ -741,7 +795,8 @@ def fit_finetune(
     if not pairs:
         raise SystemExit(f"{root}: no photos with masks for parity {parity!r}")
     t0 = time.perf_counter()
-    images = load_training_images(pairs, label_table(root / "mask_labels.csv"))
+    table = label_table(root / "mask_labels.csv", config.aux_labels)
+    images = load_training_images(pairs, table)
     images += negative_training_images(config.negatives, config.long_side, config.seed)
     t_load = time.perf_counter() - t0
     log.info("%d photos + %d negatives in memory (%.1f s)", len(pairs), config.negatives, t_load)
@@ -762,6 +817,17 @@ def fit_finetune(
         f" photos third-party, research use only) ccp-dev, {parity} image ids ({len(pairs)}"
         " photos, augmented: scale, crop, flip, colour), CCP pixel labels"
         + (f"; {config.negatives} synthetic person-free images" if config.negatives else ""),
+        **(
+            {
+                "auxiliary_classes": {
+                    name: list(labels) for name, labels in CCP_AUX.items()
+                },
+                "auxiliary_note": "trained as classes of their own; the exported head folds"
+                " them into *other* (log-sum-exp of the logits)",
+            }
+            if config.aux_labels
+            else {}
+        ),
         "training_command": command,
         "training": {
             **asdict(config),
@@ -823,6 +889,11 @@ def main(argv: list[str] | None = None) -> None:
     ft.add_argument("--seed", type=int)
     ft.add_argument("--overlay-dtype", choices=("float32", "float16"),
                     help="storage of the fine-tuned trunk tensors")  # fmt: skip
+    ft.add_argument(
+        "--aux-labels", action=argparse.BooleanOptionalAction,
+        help="also train skin, hair, legwear, footwear, bag and belt as classes (folded into"
+        " other in the exported head)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command = "python -m snapshop.detect.segmenter_fit " + " ".join(
@@ -831,6 +902,7 @@ def main(argv: list[str] | None = None) -> None:
     finetune_only = {
         "device", "workers", "trunk_lr", "weight_decay", "optimizer", "schedule", "min_scale",
         "max_scale", "jitter", "augment", "bf16", "max_train_seconds", "seed", "overlay_dtype",
+        "aux_labels",
     }  # fmt: skip
     given = {k for k in finetune_only if getattr(args, k) is not None}
     shared_names = ("epochs", "batch_size", "lr", "width", "dropout", "dress_weight",
