@@ -819,9 +819,7 @@ def fit_finetune(
         + (f"; {config.negatives} synthetic person-free images" if config.negatives else ""),
         **(
             {
-                "auxiliary_classes": {
-                    name: list(labels) for name, labels in CCP_AUX.items()
-                },
+                "auxiliary_classes": {name: list(labels) for name, labels in CCP_AUX.items()},
                 "auxiliary_note": "trained as classes of their own; the exported head folds"
                 " them into *other* (log-sum-exp of the logits)",
             }
