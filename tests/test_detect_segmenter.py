@@ -332,11 +332,47 @@ def test_finetune_config_rejects_bad_values() -> None:
         {"device": "tpu"},
         {"min_scale": 1.5, "max_scale": 1.0},
         {"overlay_dtype": "int8"},
+        {"recolour": 1.5},
     ):
         with pytest.raises(ConfigError):
             FinetuneConfig(**bad)
     with pytest.raises(SystemExit):  # fine-tuning options without --finetune-blocks
         main(["unused", "--device", "cpu"])
+
+
+def test_recolour_changes_each_garment_on_its_own_and_nothing_else() -> None:
+    import cv2
+
+    from snapshop.detect.segmenter_fit import (
+        FinetuneConfig,
+        TrainImage,
+        recolour_garments,
+        render_sample,
+    )
+
+    rgb = np.zeros((80, 40, 3), np.uint8)
+    rgb[:] = (180, 40, 40)  # one red for the background, the top and the skirt
+    labels = np.zeros((80, 40), np.uint8)
+    labels[10:40], labels[40:70] = UPPER_CLS, LOWER_CLS
+    rng = np.random.default_rng(0)
+    hues = []
+    for _ in range(20):
+        out = recolour_garments(rgb, labels, rng)
+        np.testing.assert_array_equal(out[labels == 0], rgb[labels == 0])
+        hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV).astype(int)
+        for cls in (UPPER_CLS, LOWER_CLS):
+            # one colour per garment (OpenCV's vector and scalar paths may differ by a unit)
+            assert np.ptp(hsv[labels == cls], axis=0).max() <= 3
+        hues.append((hsv[20, 0, 0], hsv[50, 0, 0]))
+    top, skirt = np.array(hues).T
+    assert np.ptp(top) > 60 and np.ptp(skirt) > 60  # the hue moves
+    assert (np.abs(top - skirt) > 10).mean() > 0.5  # mostly apart, independently drawn
+
+    image = TrainImage(rgb, labels, (0, 0, 40, 80))
+    x, target = render_sample(image, 64, FinetuneConfig(long_side=64, recolour=1.0), rng)
+    assert set(np.unique(target)) <= {0, UPPER_CLS, LOWER_CLS, 255}  # labels untouched
+    plain, _ = render_sample(image, 64, FinetuneConfig(long_side=64, recolour=0.0), None)
+    assert x.shape == plain.shape
 
 
 @pytest.mark.slow

@@ -415,6 +415,7 @@ class FinetuneConfig:
     seed: int = 0
     overlay_dtype: str = "float32"  # float16 halves garment_seg_trunk.npz (read back as float32)
     aux_labels: bool = False  # train AUX_CLASSES too (folded into "other" at export)
+    recolour: float = 0.0  # chance per sample that each garment class gets its own hue / tone
 
     def __post_init__(self) -> None:
         SegmenterConfig(long_side=self.long_side)  # raises ConfigError for a bad long side
@@ -432,6 +433,8 @@ class FinetuneConfig:
             raise ConfigError("device must be auto, cuda or cpu")
         if not 0 < self.min_scale <= self.max_scale or not 0 <= self.jitter < 1:
             raise ConfigError("need 0 < min_scale <= max_scale and 0 <= jitter < 1")
+        if not 0 <= self.recolour <= 1:
+            raise ConfigError("recolour is a probability: 0..1")
         if not 0 <= self.warmup_fraction < 1 or not 0 <= self.dropout < 1:
             raise ConfigError("warmup_fraction and dropout must be in [0, 1)")
         if self.max_train_seconds is not None and self.max_train_seconds <= 0:
@@ -521,7 +524,11 @@ def render_sample(
     sy, dy = _crop_or_place(nh, ch, int(y1 * scale), math.ceil(y2 * scale), rng)
     sx, dx = _crop_or_place(nw, cw, int(x1 * scale), math.ceil(x2 * scale), rng)
     th, tw = min(nh, ch), min(nw, cw)
-    crop = rgb[sy : sy + th, sx : sx + tw].astype(np.float32)
+    crop_labels = labels[sy : sy + th, sx : sx + tw]
+    crop_rgb = rgb[sy : sy + th, sx : sx + tw]
+    if rng is not None and config.recolour > 0 and rng.random() < config.recolour:
+        crop_rgb = recolour_garments(crop_rgb, crop_labels, rng)
+    crop = crop_rgb.astype(np.float32)
     if rng is not None and config.jitter > 0:
         lo, hi = 1.0 - config.jitter, 1.0 + config.jitter
         crop *= float(rng.uniform(lo, hi))  # brightness
@@ -532,8 +539,34 @@ def render_sample(
     x = np.zeros((3, ch, cw), np.float32)
     x[:, dy : dy + th, dx : dx + tw] = (crop.transpose(2, 0, 1) - 127.0) / 128.0
     target = np.full((ch, cw), IGNORE, np.uint8)
-    target[dy : dy + th, dx : dx + tw] = labels[sy : sy + th, sx : sx + tw]
+    target[dy : dy + th, dx : dx + tw] = crop_labels
     return x, target[2::4, 2::4]
+
+
+def recolour_garments(
+    rgb: NDArray[np.uint8], labels: NDArray[np.uint8], rng: Any
+) -> NDArray[np.uint8]:
+    """Each garment class (upper, lower, dress) in ``rgb`` gets its own random hue rotation
+    and saturation / brightness factor: a top and a skirt of one colour, or of two, whatever
+    the photo had, so that colour alone does not tell separates from a dress."""
+    import cv2
+
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV).astype(np.float32)
+    garment = np.zeros(labels.shape, bool)
+    for cls in (UPPER_CLS, LOWER_CLS, DRESS_CLS):
+        where = labels == cls
+        if not where.any():
+            continue
+        garment |= where
+        part = hsv[where]
+        part[:, 0] = (part[:, 0] + rng.uniform(0, 180)) % 180  # OpenCV's 8-bit hue: 0..179
+        part[:, 1] *= rng.uniform(0.5, 1.5)
+        part[:, 2] *= rng.uniform(0.7, 1.3)
+        hsv[where] = part
+    np.clip(hsv, 0, 255, out=hsv)
+    out = rgb.copy()  # only garment pixels change (an HSV round trip is not exact)
+    out[garment] = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)[garment]
+    return out
 
 
 class AugmentedImages:
@@ -888,6 +921,10 @@ def main(argv: list[str] | None = None) -> None:
     ft.add_argument("--overlay-dtype", choices=("float32", "float16"),
                     help="storage of the fine-tuned trunk tensors")  # fmt: skip
     ft.add_argument(
+        "--recolour", type=float,
+        help="chance per sample of giving each garment class its own random colour",
+    )  # fmt: skip
+    ft.add_argument(
         "--aux-labels", action=argparse.BooleanOptionalAction,
         help="also train skin, hair, legwear, footwear, bag and belt as classes (folded into"
         " other in the exported head)",
@@ -900,7 +937,7 @@ def main(argv: list[str] | None = None) -> None:
     finetune_only = {
         "device", "workers", "trunk_lr", "weight_decay", "optimizer", "schedule", "min_scale",
         "max_scale", "jitter", "augment", "bf16", "max_train_seconds", "seed", "overlay_dtype",
-        "aux_labels",
+        "aux_labels", "recolour",
     }  # fmt: skip
     given = {k for k in finetune_only if getattr(args, k) is not None}
     shared_names = ("epochs", "batch_size", "lr", "width", "dropout", "dress_weight",
