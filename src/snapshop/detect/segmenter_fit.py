@@ -88,7 +88,7 @@ CCP_LOWER = ("jeans", "leggings", "pants", "shorts", "skirt")
 
 # Auxiliary training classes (``--aux-labels``): more of CCP's labels taught as classes of
 # their own, so that legs, stockings, shoes and belts are not one "other" class. The exported
-# head folds them back into *other* (:class:`AuxFoldedHead`): the detector sees four classes.
+# head folds them back into *other* (:func:`fold_aux_head`): the detector sees four classes.
 CCP_AUX: dict[str, tuple[str, ...]] = {
     "skin": ("skin",),
     "hair": ("hair",),
