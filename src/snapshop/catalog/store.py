@@ -88,6 +88,11 @@ def check_product_url(url: str) -> str:
     return url
 
 
+def has_control_characters(text: str) -> bool:
+    """True if ``text`` holds ASCII control characters (tabs and newlines included)."""
+    return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
+
+
 def _attributes_json(attributes: dict[str, Any]) -> str:
     try:  # NaN / Infinity are not JSON: stored, they would come back as something else
         return json.dumps(attributes, allow_nan=False)
@@ -263,7 +268,7 @@ class CatalogStore:
         if not sku or not str(sku).strip():
             raise CatalogError("product id (sku) must not be empty")
         sku = str(sku).strip()
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in sku):
+        if has_control_characters(sku):
             raise CatalogError(f"product id (sku) {sku[:80]!r} contains control characters")
         unknown = set(fields) - set(PRODUCT_FIELDS) - {"attributes"}
         if unknown:

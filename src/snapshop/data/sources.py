@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapshop.catalog.store import check_product_url
+from snapshop.catalog.store import check_product_url, has_control_characters
 from snapshop.data.manifest import check_unique_columns, nonblank_rows
 from snapshop.errors import CatalogError, ManifestError
 from snapshop.images import DecodeLimits, read_bytes
@@ -132,7 +132,7 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
                 sku, image = values["product_id"], values["image_path"]
                 if not sku:
                     raise ManifestError(f"{path}:{line}: empty product_id")
-                if any(ord(ch) < 32 or ord(ch) == 127 for ch in sku):
+                if has_control_characters(sku):
                     raise ManifestError(f"{path}:{line}: product_id contains control characters")
                 if not image:
                     raise ManifestError(f"{path}:{line}: empty image_path")
