@@ -117,9 +117,13 @@ def test_upload_boxes_click_and_results(server, browser, tmp_path):
     if os.environ.get("SNAPSHOP_DOCS_SCREENSHOT"):
         shutil.copy(tmp_path / "box-selected.png", os.environ["SNAPSHOP_DOCS_SCREENSHOT"])
 
-    # keyboard: focus the lower box and press Enter
+    # keyboard: focus the lower box, resize the window (the boxes are redrawn), press Enter
     lower = page.locator("[data-testid=box][data-position=lower]")
     lower.focus()
+    before_resize = lower.element_handle()
+    page.set_viewport_size({"width": 1180, "height": 900})
+    page.wait_for_function("g => !g.isConnected", arg=before_resize)
+    assert page.evaluate("document.activeElement.dataset.position") == "lower"
     page.keyboard.press("Enter")
     page.wait_for_function(
         "document.querySelector('[data-testid=item-row]')?.dataset.position === 'lower'"

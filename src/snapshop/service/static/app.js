@@ -184,6 +184,9 @@
   function drawBoxes(items) {
     items = sortItems(items);
     const svg = $("overlay");
+    // a redraw (resize, image load) replaces the boxes; keep keyboard focus on the same garment
+    const active = document.activeElement;
+    const refocus = active && svg.contains(active) ? active.dataset.position : null;
     svg.replaceChildren();
     if (!state.size) return;
     const [w, h] = state.size;
@@ -220,6 +223,10 @@
         if (e.key === "Enter" || e.key === " ") { e.preventDefault(); go(); }
       });
     });
+    if (refocus) {
+      const again = svg.querySelector(`.box[data-position='${refocus}']`);
+      if (again) again.focus({ preventScroll: true });
+    }
     $("box-hint").textContent = items.length
       ? "Select a box to search just that garment, or draw your own."
       : "No garments detected. Use “Draw a box” to search part of the photo.";
