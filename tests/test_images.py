@@ -14,7 +14,14 @@ import pytest
 from PIL import Image
 
 from snapshop.errors import ImageDecodeError
-from snapshop.images import DecodeLimits, image_size, load_image, read_bytes, sniff_format
+from snapshop.images import (
+    DecodeLimits,
+    image_size,
+    load_image,
+    pil_pixel_ceiling,
+    read_bytes,
+    sniff_format,
+)
 
 
 def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -331,6 +338,37 @@ def test_limit_above_pil_default_is_honoured() -> None:
     with pytest.raises(ImageDecodeError) as info:
         load_image(png_claiming(10_000, 9_500), limits)  # 95M: allowed, then fails as truncated
     assert "pixels" not in info.value.reason
+
+
+def test_header_over_pil_ceiling_names_our_limit() -> None:
+    """PIL refuses before we see the size; the message still gives the limit that applies."""
+    ceiling = pil_pixel_ceiling()
+    assert ceiling is not None
+    reason = assert_decode_error(png_claiming(20_000, 10_000), "bomb")
+    assert f"over {ceiling} pixels" in reason and f"limit is {DecodeLimits().max_pixels}" in reason
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_pixels": 0},
+        {"max_bytes": -1},
+        {"min_side": 0},
+        {"max_pixels": 1.5},
+        {"max_bytes": True},
+    ],
+)
+def test_decode_limits_reject_bad_values(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        DecodeLimits(**kwargs)
+
+
+def test_decode_limits_cannot_exceed_pil_ceiling() -> None:
+    ceiling = pil_pixel_ceiling()
+    assert ceiling is not None
+    assert DecodeLimits(max_pixels=ceiling).max_pixels == ceiling
+    with pytest.raises(ValueError, match="MAX_IMAGE_PIXELS"):
+        DecodeLimits(max_pixels=ceiling + 1)
 
 
 def test_file_over_byte_limit(tmp_path: Path) -> None:

@@ -630,6 +630,8 @@ def test_settings_validation(tmp_path):
         ServiceSettings(tmp_path, max_k=0)
     with pytest.raises(ConfigError):
         ServiceSettings(tmp_path, thumb_sizes=(8,))
+    with pytest.raises(ConfigError, match="PIL"):
+        ServiceSettings(tmp_path, max_pixels=10**9)  # PIL refuses such images before we can
     assert ServiceSettings(tmp_path, thumb_sizes=(256, 64, 64)).thumb_sizes == (64, 256)
 
 

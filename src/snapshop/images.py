@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,16 @@ ImageSource = str | os.PathLike[str] | bytes
 _BOMB = "too many pixels, possible decompression bomb"
 
 
+def pil_pixel_ceiling() -> int | None:
+    """Pixel count at which PIL itself refuses to open an image (None: PIL's check is off).
+
+    PIL raises ``DecompressionBombError`` above twice ``Image.MAX_IMAGE_PIXELS`` before we see
+    the size, so no limit of ours can allow more.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
     """Limits applied before any pixel is decoded."""
@@ -39,6 +50,18 @@ class DecodeLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
     min_side: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "max_bytes", "min_side"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"DecodeLimits.{name} must be a positive integer, got {value!r}")
+        ceiling = pil_pixel_ceiling()
+        if ceiling is not None and self.max_pixels > ceiling:
+            raise ValueError(
+                f"DecodeLimits.max_pixels is {self.max_pixels}, above PIL's own limit of "
+                f"{ceiling} pixels (raise PIL.Image.MAX_IMAGE_PIXELS to allow more)"
+            )
 
 
 def _source_name(source: ImageSource) -> str:
@@ -143,8 +166,12 @@ def load_image(
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError(name, "not an image file (unrecognised format)") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(name, f"{_BOMB} ({exc})") from None
+    except Image.DecompressionBombError:
+        raise ImageDecodeError(
+            name,
+            f"image is over {pil_pixel_ceiling()} pixels, limit is {limits.max_pixels}"
+            " (possible decompression bomb)",
+        ) from None
     except Exception as exc:  # plugins raise OSError, SyntaxError, struct.error, IndexError...
         raise ImageDecodeError(name, f"cannot open image ({exc})") from None
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshop.errors import ConfigError
+from snapshop.images import pil_pixel_ceiling
 
 DEFAULT_API_KEY_ENV = "SNAPSHOP_API_KEY"
 THUMB_SIZES: tuple[int, ...] = (64, 128, 256, 512)
@@ -53,6 +54,9 @@ class ServiceSettings:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer")
+        ceiling = pil_pixel_ceiling()
+        if ceiling is not None and self.max_pixels > ceiling:
+            raise ConfigError(f"max_pixels must be at most {ceiling} (PIL's own limit)")
         if not 1 <= self.default_k <= self.max_k:
             raise ConfigError("default_k must be between 1 and max_k")
         if not 1 <= self.page_limit <= self.max_page_limit:

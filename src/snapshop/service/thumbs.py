@@ -11,7 +11,7 @@ from pathlib import Path
 from snapshop.catalog.blobs import THUMB_DIR
 from snapshop.catalog.store import ImageRow
 from snapshop.errors import CatalogError
-from snapshop.images import DecodeLimits, load_image
+from snapshop.images import DecodeLimits, load_image, pil_pixel_ceiling
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ def thumbnail(catalog_dir: Path, image: ImageRow, size: int) -> Path:
     if target.is_file():
         return target
     source = blob_path(catalog_dir, image)
-    pixels = load_image(source, DecodeLimits(max_pixels=200_000_000, max_bytes=1 << 30))
+    # the file passed ingest's limits already; only PIL's own ceiling applies here
+    largest = pil_pixel_ceiling() or 200_000_000
+    pixels = load_image(source, DecodeLimits(max_pixels=largest, max_bytes=1 << 30))
     pixels.thumbnail((size, size))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
