@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sqlite3
@@ -297,19 +298,38 @@ def test_csv_line_numbers_count_multiline_fields(tmp_path: Path) -> None:
 
 
 def test_corrupt_images_reported_and_others_ingested(
-    tmp_path: Path, shop: dict[str, list[Path]], lite0_model_dir: Path
+    tmp_path: Path,
+    shop: dict[str, list[Path]],
+    lite0_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sku = next(iter(shop))
     good = shop[sku][0].read_bytes()
     (tmp_path / "shop" / sku / "cut.jpg").write_bytes(good[: len(good) // 2])
     (tmp_path / "shop" / sku / "notes.jpg").write_text("not an image")
     (tmp_path / "shop" / sku / "empty.png").write_bytes(b"")
-    report = ingest(tmp_path / "shop", tmp_path / "cat", lite0_model_dir, batch_size=4)
+    locked = tmp_path / "shop" / sku / "locked.jpg"
+    locked.write_bytes(good)
+    locked.chmod(0)
+    workers = None
+    if os.geteuid() == 0:  # root reads any file: make this one fail as it would for a user
+        workers = 0  # in this process, where the patch applies
+        read_bytes = Path.read_bytes
+
+        def refuse_locked(self: Path) -> bytes:
+            if self.name == locked.name:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return read_bytes(self)
+
+        monkeypatch.setattr(Path, "read_bytes", refuse_locked)
+    report = ingest(
+        tmp_path / "shop", tmp_path / "cat", lite0_model_dir, batch_size=4, workers=workers
+    )
     assert report.added == 12
     failed = {Path(s).name: reason for s, reason in report.failed}
-    assert set(failed) == {"cut.jpg", "notes.jpg", "empty.png"}
+    assert set(failed) == {"cut.jpg", "notes.jpg", "empty.png", "locked.jpg"}
     assert "truncated" in failed["cut.jpg"] and "not an image" in failed["notes.jpg"]
-    assert "empty" in failed["empty.png"]
+    assert "empty" in failed["empty.png"] and "cannot read" in failed["locked.jpg"]
     assert check_catalog_dir(tmp_path / "cat")["images"] == 12
     assert report.to_dict()["failed"][0]["reason"]
 
