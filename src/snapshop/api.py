@@ -13,7 +13,7 @@ from snapshop.config import read_json, write_json
 from snapshop.data.sources import CatalogRecord, read_source
 from snapshop.detect.base import Detector
 from snapshop.detect.factory import create_detector
-from snapshop.errors import CatalogError
+from snapshop.errors import CatalogError, NotFoundError
 from snapshop.images import ImageSource
 from snapshop.index.choose import AUTO
 from snapshop.index.factory import INDEX_KINDS
@@ -43,11 +43,22 @@ def _model_ref(model: str | None) -> str:
     return str(path.resolve()) if path.exists() else model
 
 
-def catalog_embedder(catalog: Catalog, model: str | None = None) -> Embedder:
-    """The embedder a catalog was built with (or ``model``, which must match it)."""
-    embedder = load_embedder(model or catalog.model_ref)
+def catalog_embedder(
+    catalog: Catalog, model: str | None = None, *, threads: int | None = None
+) -> Embedder:
+    """The embedder a catalog was built with (or ``model``, which must match it);
+    ``threads``: ONNX Runtime intra-op threads (None: its default)."""
+    embedder = load_embedder(model or catalog.model_ref, threads=threads)
     catalog.check_model(embedder.model_id)
     return embedder
+
+
+def catalog_detector(catalog: Catalog, detector: str | Detector | None = None) -> Detector | None:
+    """``detector`` (a spec such as ``"none"`` or ``"segmenter"``, or an instance), or when
+    None the one the catalog's crops came from (issue #4)."""
+    if detector is not None and not isinstance(detector, str):
+        return detector
+    return create_detector(detector if detector is not None else catalog.detector)
 
 
 def index_source(
@@ -94,9 +105,7 @@ def index_source(
             catalog = open_catalog(directory)  # another process created it a moment ago
             catalog.check_model(embedder.model_id)
     try:
-        # No detector given: keep using the one the catalog's crops came from (issue #4).
-        spec = detector if detector is not None else catalog.detector
-        det = create_detector(spec) if isinstance(spec, str) or spec is None else spec
+        det = catalog_detector(catalog, detector)
         if detector is not None:
             catalog.record_detector(detector if isinstance(detector, str) else detector.name)
         if progress_total:
@@ -135,15 +144,19 @@ def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | No
 
 
 def open_searcher(
-    catalog_dir: PathLike, *, model: str | None = None, detector: str | Detector | None = None
+    catalog_dir: PathLike,
+    *,
+    model: str | None = None,
+    detector: str | Detector | None = None,
+    embed_threads: int | None = None,
 ) -> Searcher:
-    """A searcher over ``catalog_dir``; ``detector`` None means the catalog's own (``"none"``:
-    no item-based results)."""
+    """A searcher over ``catalog_dir`` that owns the catalog it opened (close it with
+    ``searcher.catalog.close()``); ``detector`` None means the catalog's own (``"none"``: no
+    item-based results); ``embed_threads``: ONNX Runtime threads (None: its default)."""
     catalog = open_catalog(catalog_dir)
     try:
-        spec = detector if detector is not None else catalog.detector
-        det = create_detector(spec) if isinstance(spec, str) or spec is None else spec
-        return Searcher(catalog, catalog_embedder(catalog, model), det)
+        embedder = catalog_embedder(catalog, model, threads=embed_threads)
+        return Searcher(catalog, embedder, catalog_detector(catalog, detector))
     except BaseException:
         catalog.close()
         raise
@@ -187,7 +200,7 @@ def remove_products(catalog_dir: PathLike, products: list[str]) -> dict[str, int
                 except CatalogError:
                     found = None
             if found is None:
-                raise CatalogError(f"no product with id or sku {key!r}")
+                raise NotFoundError(f"no product with id or sku {key!r}")
             # a product named twice (its sku and its id, say) is removed once
             if all(found.id != product_id for _, product_id in targets):
                 targets.append((key, found.id))

@@ -23,6 +23,21 @@ class CatalogError(SnapshopError):
     """The catalog is missing, inconsistent or was asked for something it does not hold."""
 
 
+class NotFoundError(CatalogError):
+    """The catalog holds no such thing (a product or image id, a sku): the caller named
+    something absent, which the service answers with 404."""
+
+
+class StoredFileError(CatalogError):
+    """A file the catalog stored itself (an image blob) is damaged: a server-side fault,
+    never the caller's. ``path`` is the file, ``reason`` says what is wrong with it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 class IngestError(SnapshopError):
     """An ingest stopped before the end of its source; the batches it committed are kept."""
 

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from numpy.typing import NDArray
 
-from snapshop.errors import CatalogError
+from snapshop.errors import CatalogError, NotFoundError
 
 SCHEMA_VERSION = 1
 
@@ -70,7 +70,7 @@ def _row_id(value: int, what: str) -> int:
     """``value`` as an id SQLite can look up; one beyond its integers names nothing."""
     value = int(value)
     if abs(value) > MAX_ROW_ID:
-        raise CatalogError(f"no {what} with id {value}")
+        raise NotFoundError(f"no {what} with id {value}")
     return value
 
 
@@ -313,7 +313,7 @@ class CatalogStore:
     def get_product(self, product_id: int) -> Product:
         rows = self._query("SELECT * FROM products WHERE id = ?", (_row_id(product_id, "product"),))
         if not rows:
-            raise CatalogError(f"no product with id {product_id}")
+            raise NotFoundError(f"no product with id {product_id}")
         return _product(rows[0])
 
     def find_product(self, sku: str) -> Product | None:
@@ -347,7 +347,7 @@ class CatalogStore:
         product_id = _row_id(product_id, "product")
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM products WHERE id = ?", (product_id,)).fetchone() is None:
-                raise CatalogError(f"no product with id {product_id}")
+                raise NotFoundError(f"no product with id {product_id}")
             image_ids = [r[0] for r in db.execute(
                 "SELECT id FROM images WHERE product_id = ?", (product_id,))]  # fmt: skip
             crop_ids = [r[0] for r in db.execute(
@@ -403,7 +403,7 @@ class CatalogStore:
     def get_image(self, image_id: int) -> ImageRow:
         rows = self._query("SELECT * FROM images WHERE id = ?", (_row_id(image_id, "image"),))
         if not rows:
-            raise CatalogError(f"no image with id {image_id}")
+            raise NotFoundError(f"no image with id {image_id}")
         return _image(rows[0])
 
     def images_of(self, product_id: int) -> list[ImageRow]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import threading
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from snapshop.errors import (
     CatalogError,
@@ -15,8 +18,11 @@ from snapshop.errors import (
     ImageDecodeError,
     ManifestError,
     ModelError,
+    NotFoundError,
     SnapshopError,
+    StoredFileError,
 )
+from snapshop.service.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +30,27 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404:
                  405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
                  415: "unsupported_media_type", 422: "invalid_request",
                  429: "too_many_requests", 503: "unavailable"}  # fmt: skip
+# What each error status means in this API (the OpenAPI document's response descriptions).
+ERROR_MEANINGS = {
+    400: "Malformed request (bad Content-Length, a parameter the API refuses), or an image "
+         "that cannot be decoded (code bad_image) or is empty (empty_upload)",
+    401: "Missing X-API-Key header",
+    403: "Wrong API key, or writes are disabled (code writes_disabled)",
+    404: "No such product, image or path",
+    413: "Request body, upload (bytes) or image (pixels, code too_many_pixels) over the limits",
+    415: "Not a supported image type (judged from the bytes, not the name or content-type)",
+    422: "A parameter or body field failed validation (code invalid_request)",
+    429: "Too many searches in flight; retry after the Retry-After header's seconds",
+    500: "A stored catalog file is damaged (code stored_image_corrupt) or an unexpected fault",
+    503: "The model is unavailable",
+}  # fmt: skip
+# Every operation can meet these: the request guard and the HTTP parser answer them.
+COMMON_ERRORS = (400, 413)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` declaring ``statuses`` with the ``{"code", "detail"}`` body."""
+    return {s: {"model": ErrorBody, "description": ERROR_MEANINGS[s]} for s in statuses}
 
 
 class ApiError(Exception):
@@ -73,7 +100,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return error_response(exc.status_code, detail, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette lists only the first matching route's methods
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request))}
+        return error_response(exc.status_code, detail, headers=headers)
 
     @app.exception_handler(ImageDecodeError)
     async def _decode(request: Request, exc: ImageDecodeError) -> JSONResponse:
@@ -87,11 +117,22 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _manifest(request: Request, exc: ManifestError) -> JSONResponse:
         return error_response(400, str(exc), "bad_metadata")
 
+    @app.exception_handler(NotFoundError)
+    async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
+        return error_response(404, str(exc))
+
+    corrupt_logged = _LoggedOnce()
+
+    @app.exception_handler(StoredFileError)
+    async def _stored_file(request: Request, exc: StoredFileError) -> JSONResponse:
+        if corrupt_logged.first(exc.path):
+            log.error("damaged catalog file %s (%s); re-ingest its product", exc.path, exc.reason)
+        return error_response(500, "a stored catalog image is damaged (logged on the server)",
+                              "stored_image_corrupt")  # fmt: skip
+
     @app.exception_handler(CatalogError)
     async def _catalog(request: Request, exc: CatalogError) -> JSONResponse:
-        message = str(exc)
-        status = 404 if message.startswith("no ") else 400
-        return error_response(status, message)
+        return error_response(400, str(exc))
 
     @app.exception_handler(ModelError)
     async def _model(request: Request, exc: ModelError) -> JSONResponse:
@@ -106,3 +147,31 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal server error (logged on the server)", "internal")
+
+
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route accepts on this request's path (the 405 ``Allow`` header)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= set(route_methods)
+    return sorted(methods)
+
+
+class _LoggedOnce:
+    """Remembers which keys were logged, so a damaged file requested again and again is
+    logged once, not once per request. Bounded: past ``limit`` keys it stops remembering."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._seen: set[str] = set()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def first(self, key: str) -> bool:
+        with self._lock:
+            if key in self._seen:
+                return False
+            if len(self._seen) < self._limit:
+                self._seen.add(key)
+            return True

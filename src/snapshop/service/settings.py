@@ -11,6 +11,7 @@ from snapshop.images import pil_pixel_ceiling
 
 DEFAULT_API_KEY_ENV = "SNAPSHOP_API_KEY"
 THUMB_SIZES: tuple[int, ...] = (64, 128, 256, 512)
+FORM_ROOM = 1024 * 1024  # a multipart body's form fields and part headers, beyond its images
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class ServiceSettings:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_images_per_product: int = 20
+    max_json_bytes: int = 1024 * 1024  # any body but an upload (PATCH's JSON)
     max_k: int = 100
     default_k: int = 12
     page_limit: int = 24
@@ -45,6 +47,7 @@ class ServiceSettings:
             "max_upload_bytes",
             "max_pixels",
             "max_images_per_product",
+            "max_json_bytes",
             "max_k",
             "default_k",
             "page_limit",
@@ -71,8 +74,13 @@ class ServiceSettings:
 
     @property
     def max_request_bytes(self) -> int:
-        """Whole multipart body: every allowed image plus room for the form fields."""
-        return self.max_upload_bytes * self.max_images_per_product + 1024 * 1024
+        """Whole body of a product upload: every allowed image plus room for the form fields."""
+        return self.max_upload_bytes * self.max_images_per_product + FORM_ROOM
+
+    @property
+    def max_search_request_bytes(self) -> int:
+        """Whole body of a search: one image plus room for the form fields."""
+        return self.max_upload_bytes + FORM_ROOM
 
 
 def api_key_from_env(name: str = DEFAULT_API_KEY_ENV) -> str | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from snapshop.catalog.blobs import THUMB_DIR
 from snapshop.catalog.store import ImageRow
-from snapshop.errors import CatalogError
+from snapshop.errors import ImageDecodeError, NotFoundError, StoredFileError
 from snapshop.images import DecodeLimits, load_image, pil_pixel_ceiling
 
 log = logging.getLogger(__name__)
@@ -28,11 +28,11 @@ def snap_size(requested: int | None, sizes: tuple[int, ...]) -> int:
 def blob_path(catalog_dir: Path, image: ImageRow) -> Path:
     """The stored file of ``image``, guaranteed to lie inside the catalog directory."""
     if not image.blob:
-        raise CatalogError(f"no stored file for image {image.id}")
+        raise NotFoundError(f"no stored file for image {image.id}")
     root = catalog_dir.resolve()
     path = (root / image.blob).resolve()
     if not path.is_relative_to(root) or not path.is_file():
-        raise CatalogError(f"no stored file for image {image.id}")
+        raise NotFoundError(f"no stored file for image {image.id}")
     return path
 
 
@@ -44,7 +44,10 @@ def thumbnail(catalog_dir: Path, image: ImageRow, size: int) -> Path:
     source = blob_path(catalog_dir, image)
     # the file passed ingest's limits already; only PIL's own ceiling applies here
     largest = pil_pixel_ceiling() or 200_000_000
-    pixels = load_image(source, DecodeLimits(max_pixels=largest, max_bytes=1 << 30))
+    try:
+        pixels = load_image(source, DecodeLimits(max_pixels=largest, max_bytes=1 << 30))
+    except ImageDecodeError as exc:  # our own file: the catalog's fault, not the caller's
+        raise StoredFileError(str(source), exc.reason) from None
     pixels.thumbnail((size, size))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")

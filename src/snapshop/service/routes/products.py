@@ -1,0 +1,163 @@
+"""/v1/products: list, read, add (with images), change and delete products."""
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
+
+from snapshop.data.sources import CatalogRecord
+from snapshop.images import DecodeLimits
+from snapshop.service.convert import decode_cursor, encode_cursor, product_out
+from snapshop.service.dependencies import State, require_key
+from snapshop.service.errors import ApiError, error_responses
+from snapshop.service.routes.forms import Category, Price, image_limits
+from snapshop.service.schemas import (
+    DeleteOut,
+    IngestFailure,
+    IngestOut,
+    ProductOut,
+    ProductPage,
+    ProductPatch,
+)
+from snapshop.service.settings import ServiceSettings
+from snapshop.service.state import ServiceState
+from snapshop.service.uploads import decode_upload, read_bounded
+
+MAX_TEXT = 2000
+WRITE_ERRORS = error_responses(401, 403, 422, 503)
+
+
+def parse_attributes(attributes: str | None) -> dict[str, Any] | None:
+    if not attributes:
+        return None
+    try:
+        attrs = json.loads(attributes)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"attributes is not valid JSON ({exc.msg})") from None
+    if not isinstance(attrs, dict):
+        raise ApiError(400, "attributes must be a JSON object")
+    return attrs
+
+
+def add_product(
+    state: ServiceState,
+    sku: str,
+    uploads: list[UploadFile],
+    meta: dict[str, Any],
+    packshot: bool,
+) -> IngestOut:
+    """Validate every upload, then ingest them all (nothing is written when one is bad)."""
+    settings = state.settings
+    sku = sku.strip()
+    if not sku:
+        raise ApiError(400, "sku must not be blank")
+    if len(uploads) > settings.max_images_per_product:
+        raise ApiError(413, f"at most {settings.max_images_per_product} images per request")
+    limits = DecodeLimits(max_pixels=settings.max_pixels, max_bytes=settings.max_upload_bytes)
+    records = []
+    for n, upload in enumerate(uploads):
+        name = f"image {n + 1} ({(upload.filename or 'unnamed')[:80]})"
+        data = read_bounded(upload.file, settings.max_upload_bytes, name)
+        decode_upload(data, limits, name)
+        records.append(CatalogRecord(sku, Path("upload") / (upload.filename or f"{n}"),
+                                     meta, data=data, packshot=packshot))  # fmt: skip
+    store = state.catalog.store
+    created = store.find_product(sku) is None
+    report = state.ingest(records)
+    product = store.find_product(sku)
+    if product is None:  # every image failed after validation (should not happen)
+        raise ApiError(400, "no image could be ingested")
+    return IngestOut(
+        product=product_out(product, store.images_of(product.id)), created=created,
+        added=report.added, skipped=report.skipped, crops=report.crops,
+        failed=[IngestFailure(source=s, reason=r) for s, r in report.failed],
+    )  # fmt: skip
+
+
+def router(settings: ServiceSettings) -> APIRouter:
+    routes = APIRouter(prefix="/v1/products", tags=["products"])
+    Limit = Annotated[int | None, Query(ge=1, le=settings.max_page_limit)]
+    writes: dict[str, Any] = {"dependencies": [Depends(require_key)]}
+
+    @routes.get("", response_model=ProductPage, responses=error_responses(422))
+    def list_products(
+        state: State,
+        category: Annotated[str | None, Query(max_length=200)] = None,
+        limit: Limit = None,
+        cursor: Annotated[str | None, Query(max_length=64, description=(
+            "next_cursor of the previous page (opaque; anything else is a 400)"))] = None,
+    ) -> ProductPage:  # fmt: skip
+        """Products in id order, ``limit`` per page; follow ``next_cursor`` for more."""
+        after = decode_cursor(cursor) if cursor else 0
+        size = limit or state.settings.page_limit
+        store = state.catalog.store
+        rows = store.list_products(category or None, after_id=after, limit=size + 1)
+        page = rows[:size]
+        return ProductPage(
+            items=[product_out(p, store.images_of(p.id)) for p in page],
+            next_cursor=encode_cursor(page[-1].id) if len(rows) > size else None,
+        )
+
+    @routes.get("/{product_id}", response_model=ProductOut, responses=error_responses(404, 422))
+    def get_product(state: State, product_id: int) -> ProductOut:
+        store = state.catalog.store
+        product = store.get_product(product_id)
+        return product_out(product, store.images_of(product.id))
+
+    @routes.post("", response_model=IngestOut, status_code=201, responses={
+        200: {"model": IngestOut, "description": "Images added to an existing product"},
+        **WRITE_ERRORS, **error_responses(415)}, description=(
+        "Add a product with its images, or add images to an existing sku (incremental). "
+        f"Images: {image_limits(settings)}; at most {settings.max_images_per_product} per "
+        f"request; the request body is at most {settings.max_request_bytes} bytes."
+    ), **writes)  # fmt: skip
+    def add(
+        state: State,
+        response: Response,
+        sku: Annotated[str, Form(min_length=1, max_length=200, description="product id")],
+        images: Annotated[list[UploadFile], File(
+            description="one or more product photos",
+            json_schema_extra={"minItems": 1, "maxItems": settings.max_images_per_product})],
+        title: Annotated[str | None, Form(max_length=500)] = None,
+        url: Annotated[str | None, Form(max_length=MAX_TEXT)] = None,
+        price: Price = None,
+        currency: Annotated[str | None, Form(max_length=8)] = None,
+        category: Category = None,
+        attributes: Annotated[
+            str | None, Form(max_length=20_000, description="JSON object")
+        ] = None,
+        packshot: Annotated[
+            bool, Form(description="the photos show the product alone, no model wearing it")
+        ] = False,
+    ) -> IngestOut:  # fmt: skip
+        given = {"title": title, "url": url, "price": price, "currency": currency,
+                 "category": category}  # fmt: skip
+        meta: dict[str, Any] = {k: v for k, v in given.items() if v is not None and v != ""}
+        attrs = parse_attributes(attributes)
+        if attrs is not None:
+            meta["attributes"] = attrs
+        result = add_product(state, sku, images, meta, packshot)
+        if not result.created:
+            response.status_code = 200
+        return result
+
+    @routes.patch("/{product_id}", response_model=ProductOut,
+                  responses={**WRITE_ERRORS, **error_responses(404)}, **writes)  # fmt: skip
+    def patch_product(state: State, product_id: int, patch: ProductPatch) -> ProductOut:
+        fields = patch.model_dump(exclude_unset=True, exclude_none=True)
+        if not fields:
+            raise ApiError(400, "nothing to change: send at least one of "
+                           + ", ".join(ProductPatch.model_fields))  # fmt: skip
+        store = state.catalog.store
+        product = store.update_product(product_id, **fields)
+        return product_out(product, store.images_of(product.id))
+
+    @routes.delete("/{product_id}", response_model=DeleteOut,
+                   responses={**WRITE_ERRORS, **error_responses(404)}, **writes)  # fmt: skip
+    def delete_product(state: State, product_id: int) -> DeleteOut:
+        product = state.catalog.store.get_product(product_id)
+        removed = state.remove_product(product_id)
+        return DeleteOut(id=product.id, sku=product.sku, images_removed=removed)
+
+    return routes

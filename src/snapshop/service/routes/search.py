@@ -1,0 +1,95 @@
+"""POST /v1/search and /v1/search/crop: a photo in, similar products out."""
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, UploadFile
+
+from snapshop.detect.base import Box
+from snapshop.images import DecodeLimits
+from snapshop.search import ProductFilter
+from snapshop.service.convert import search_response
+from snapshop.service.dependencies import State
+from snapshop.service.errors import ApiError, error_responses
+from snapshop.service.routes.forms import (
+    Category,
+    Coord,
+    Position,
+    Price,
+    check_position,
+    query_image,
+    results_per_list,
+)
+from snapshop.service.schemas import SearchResponse
+from snapshop.service.settings import ServiceSettings
+from snapshop.service.state import ServiceState
+from snapshop.service.uploads import decode_upload, read_bounded
+
+SEARCH_ERRORS = error_responses(415, 422, 429, 503)
+
+
+def run_search(
+    state: ServiceState, upload: UploadFile, k: int | None, filters: ProductFilter, **kwargs: Any
+) -> SearchResponse:
+    """Decode the upload within the limits, then search under a search slot and the read lock."""
+    settings = state.settings
+    limits = DecodeLimits(max_pixels=settings.max_pixels, max_bytes=settings.max_upload_bytes)
+    start = time.perf_counter()
+    with state.search_slot():
+        data = read_bounded(upload.file, settings.max_upload_bytes)
+        pixels = decode_upload(data, limits)
+        decode_ms = (time.perf_counter() - start) * 1e3
+        with state.reading():
+            result = state.searcher.search(
+                pixels, k or settings.default_k, filters=filters, **kwargs
+            )
+    return search_response(result, (time.perf_counter() - start) * 1e3, decode_ms)
+
+
+def router(settings: ServiceSettings) -> APIRouter:
+    Image = query_image(settings)
+    K = results_per_list(settings)
+    routes = APIRouter(prefix="/v1", tags=["search"], responses=SEARCH_ERRORS)
+    body_limit = settings.max_search_request_bytes
+
+    @routes.post("/search", response_model=SearchResponse, description=(
+        "Whole-image results plus item results for each detected garment position "
+        f"(min_price <= max_price, else 400). The request body is at most {body_limit} bytes."
+    ))  # fmt: skip
+    def search(
+        state: State,
+        image: Image,
+        k: K = None,
+        position: Position = None,
+        category: Category = None,
+        min_price: Price = None,
+        max_price: Price = None,
+        detect: Annotated[bool, Form()] = True,
+    ) -> SearchResponse:
+        return run_search(state, image, k, ProductFilter(category or None, min_price, max_price),
+                          detect=detect, position=check_position(position))  # fmt: skip
+
+    @routes.post("/search/crop", response_model=SearchResponse, description=(
+        "Item results for one box: x1 < x2, y1 < y2 in query-image pixels, at least 8x8 "
+        "pixels inside the image (else 400); min_price <= max_price. The request body is at "
+        f"most {body_limit} bytes."
+    ))  # fmt: skip
+    def search_crop(
+        state: State,
+        image: Image,
+        x1: Coord,
+        y1: Coord,
+        x2: Coord,
+        y2: Coord,
+        k: K = None,
+        position: Position = None,
+        category: Category = None,
+        min_price: Price = None,
+        max_price: Price = None,
+    ) -> SearchResponse:
+        if not (x2 > x1 and y2 > y1):
+            raise ApiError(400, "the box needs x1 < x2 and y1 < y2")
+        return run_search(state, image, k, ProductFilter(category or None, min_price, max_price),
+                          box=Box(x1, y1, x2, y2), position=check_position(position))  # fmt: skip
+
+    return routes
