@@ -1,8 +1,17 @@
-"""Helpers shared by the service tests: a deterministic garment detector and a tiny catalog."""
+"""Helpers shared by the service tests: a deterministic garment detector, tiny catalogs and a
+live `snapshop serve` subprocess."""
 
 from __future__ import annotations
 
 import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
@@ -48,3 +57,59 @@ def jpeg_bytes(
     buf = io.BytesIO()
     Image.new("RGB", size, colour).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def small_catalog(root: Path, n_products: int = 4) -> Path:
+    """A generated catalog indexed with Lite0 and no detector (``snapshop serve`` in a
+    subprocess cannot load the test detector above); one image per product."""
+    from snapshop import api
+    from snapshop.demo import generate_demo_catalog
+
+    manifest, _ = generate_demo_catalog(root / "source", n_products=n_products,
+                                        images_per_product=1)  # fmt: skip
+    catalog = root / "catalog"
+    api.index_source(manifest, catalog, model="efficientnet_lite0", detector="none", workers=0)
+    return catalog
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def live_serve(catalog: Path, log_path: Path, *args: str) -> Iterator[str]:
+    """``snapshop serve`` (the real CLI, uvicorn and all) in a subprocess on 127.0.0.1 with
+    ``API_KEY``; yields its base URL and stops it on exit."""
+    import snapshop
+
+    port = free_port()
+    src = str(Path(snapshop.__file__).resolve().parents[1])
+    env = {**os.environ, "SNAPSHOP_API_KEY": API_KEY,
+           "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-c", "from snapshop.cli import app; app()", "serve",
+               "--catalog", str(catalog), "--port", str(port), "--detector", "none", *args]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"snapshop serve exited: {log_path.read_text()[-2000:]}")
+                try:
+                    with urllib.request.urlopen(url + "/healthz", timeout=2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("snapshop serve did not start in 120 s") from None
+                    time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -70,14 +70,16 @@ def create_app(
         docs_url=None,
     )
     app.state.snapshop = state
-    install_error_handlers(app)
+    routers = (search.router(settings), products.router(settings), images.router(settings),
+               service.router(), pages.router())  # fmt: skip
+    routes = [route for router in routers for route in router.routes]
+    install_error_handlers(app, routes)
     pages.install_offline_docs(app)
-    for router in (search.router(settings), products.router(settings),
-                   images.router(settings), service.router(), pages.router()):  # fmt: skip
+    for router in routers:
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
-    write_routes = routes_depending_on(app, require_key)
+    write_routes = routes_depending_on(routes, require_key)
 
     def refuse(scope: Scope) -> ApiError | None:
         if not matches_any(write_routes, scope):

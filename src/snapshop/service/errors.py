@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from snapshop.errors import (
     CatalogError,
@@ -86,8 +87,9 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Map snapshop's typed errors to 4xx JSON; anything unexpected is a logged JSON 500."""
+def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> None:
+    """Map snapshop's typed errors to 4xx JSON; anything unexpected is a logged JSON 500.
+    ``routes``: the app's routes, for the ``Allow`` header of a 405."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -102,7 +104,7 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:  # Starlette lists only the first matching route's methods
-            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request))}
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(routes, request))}
         return error_response(exc.status_code, detail, headers=headers)
 
     @app.exception_handler(ImageDecodeError)
@@ -149,10 +151,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal server error (logged on the server)", "internal")
 
 
-def allowed_methods(app: FastAPI, request: Request) -> list[str]:
-    """Every method some route accepts on this request's path (the 405 ``Allow`` header)."""
+def allowed_methods(routes: Sequence[BaseRoute], request: Request) -> list[str]:
+    """Every method one of ``routes`` accepts on this request's path (a 405's ``Allow``)."""
     methods: set[str] = set()
-    for route in app.router.routes:
+    for route in routes:
         route_methods = getattr(route, "methods", None)
         if route_methods and route.matches(request.scope)[0] is not Match.NONE:
             methods |= set(route_methods)

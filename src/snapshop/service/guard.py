@@ -13,15 +13,14 @@ then drops the connection instead of reading the rest of the body to keep it ali
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from snapshop.service.errors import ApiError, error_response
@@ -48,11 +47,13 @@ class BodyLimits:
         return self.by_path.get(scope["path"], self.default)
 
 
-def routes_depending_on(app: FastAPI, dependency: Callable[..., Any]) -> list[APIRoute]:
-    """The app's routes that declare ``dependency`` (directly) among their dependencies."""
+def routes_depending_on(
+    routes: Sequence[BaseRoute], dependency: Callable[..., Any]
+) -> list[APIRoute]:
+    """Those of ``routes`` that declare ``dependency`` (directly) among their dependencies."""
     return [
         route
-        for route in app.router.routes
+        for route in routes
         if isinstance(route, APIRoute)
         and any(dep.call is dependency for dep in route.dependant.dependencies)
     ]

@@ -11,7 +11,7 @@ from snapshop.images import DecodeLimits
 from snapshop.service.convert import decode_cursor, encode_cursor, product_out
 from snapshop.service.dependencies import State, require_key
 from snapshop.service.errors import ApiError, error_responses
-from snapshop.service.routes.forms import Category, Price, image_limits
+from snapshop.service.routes.forms import Category, Price, image_limits, image_parts
 from snapshop.service.schemas import (
     DeleteOut,
     IngestFailure,
@@ -26,6 +26,10 @@ from snapshop.service.uploads import decode_upload, read_bounded
 
 MAX_TEXT = 2000
 WRITE_ERRORS = error_responses(401, 403, 422, 503)
+# An empty PATCH is a 400 ("nothing to change"): say so in the body's schema.
+AT_LEAST_ONE_FIELD = {
+    "requestBody": {"content": {"application/json": {"schema": {"minProperties": 1}}}}
+}
 
 
 def parse_attributes(attributes: str | None) -> dict[str, Any] | None:
@@ -111,7 +115,7 @@ def router(settings: ServiceSettings) -> APIRouter:
         "Add a product with its images, or add images to an existing sku (incremental). "
         f"Images: {image_limits(settings)}; at most {settings.max_images_per_product} per "
         f"request; the request body is at most {settings.max_request_bytes} bytes."
-    ), **writes)  # fmt: skip
+    ), openapi_extra=image_parts("images"), **writes)  # fmt: skip
     def add(
         state: State,
         response: Response,
@@ -143,7 +147,8 @@ def router(settings: ServiceSettings) -> APIRouter:
         return result
 
     @routes.patch("/{product_id}", response_model=ProductOut,
-                  responses={**WRITE_ERRORS, **error_responses(404)}, **writes)  # fmt: skip
+                  responses={**WRITE_ERRORS, **error_responses(404)},
+                  openapi_extra=AT_LEAST_ONE_FIELD, **writes)  # fmt: skip
     def patch_product(state: State, product_id: int, patch: ProductPatch) -> ProductOut:
         fields = patch.model_dump(exclude_unset=True, exclude_none=True)
         if not fields:
