@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import File, Form, UploadFile
 
@@ -11,8 +11,6 @@ from snapshop.service.errors import ApiError
 from snapshop.service.settings import ServiceSettings
 from snapshop.service.uploads import ACCEPTED
 
-IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp",
-                     "image/tiff")  # fmt: skip
 Category = Annotated[str | None, Form(max_length=200, description="only this category")]
 Price = Annotated[float | None, Form(ge=0, allow_inf_nan=False)]
 # The enum is declared for clients; an unknown value is a 400 from check_position.
@@ -21,13 +19,6 @@ Position = Annotated[
     Form(description="upper or lower", json_schema_extra={"enum": list(POSITIONS)}),
 ]
 Coord = Annotated[float, Form(allow_inf_nan=False, description="query-image pixels")]
-
-
-def image_parts(*names: str) -> dict[str, Any]:
-    """``openapi_extra`` declaring that the multipart parts ``names`` are images of the types
-    the service accepts (the type itself is judged from the bytes)."""
-    encoding = {name: {"contentType": ", ".join(IMAGE_MEDIA_TYPES)} for name in names}
-    return {"requestBody": {"content": {"multipart/form-data": {"encoding": encoding}}}}
 
 
 def image_limits(settings: ServiceSettings) -> str:

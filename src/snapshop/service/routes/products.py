@@ -11,7 +11,7 @@ from snapshop.images import DecodeLimits
 from snapshop.service.convert import decode_cursor, encode_cursor, product_out
 from snapshop.service.dependencies import State, require_key
 from snapshop.service.errors import ApiError, error_responses
-from snapshop.service.routes.forms import Category, Price, image_limits, image_parts
+from snapshop.service.routes.forms import Category, Price, image_limits
 from snapshop.service.schemas import (
     DeleteOut,
     IngestFailure,
@@ -115,7 +115,7 @@ def router(settings: ServiceSettings) -> APIRouter:
         "Add a product with its images, or add images to an existing sku (incremental). "
         f"Images: {image_limits(settings)}; at most {settings.max_images_per_product} per "
         f"request; the request body is at most {settings.max_request_bytes} bytes."
-    ), openapi_extra=image_parts("images"), **writes)  # fmt: skip
+    ), **writes)  # fmt: skip
     def add(
         state: State,
         response: Response,

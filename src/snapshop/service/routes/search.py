@@ -17,7 +17,6 @@ from snapshop.service.routes.forms import (
     Position,
     Price,
     check_position,
-    image_parts,
     query_image,
     results_per_list,
 )
@@ -53,8 +52,7 @@ def router(settings: ServiceSettings) -> APIRouter:
     routes = APIRouter(prefix="/v1", tags=["search"], responses=SEARCH_ERRORS)
     body_limit = settings.max_search_request_bytes
 
-    @routes.post("/search", response_model=SearchResponse, openapi_extra=image_parts("image"),
-                 description=(
+    @routes.post("/search", response_model=SearchResponse, description=(
         "Whole-image results plus item results for each detected garment position "
         f"(min_price <= max_price, else 400). The request body is at most {body_limit} bytes."
     ))  # fmt: skip
@@ -71,8 +69,7 @@ def router(settings: ServiceSettings) -> APIRouter:
         return run_search(state, image, k, ProductFilter(category or None, min_price, max_price),
                           detect=detect, position=check_position(position))  # fmt: skip
 
-    @routes.post("/search/crop", response_model=SearchResponse,
-                 openapi_extra=image_parts("image"), description=(
+    @routes.post("/search/crop", response_model=SearchResponse, description=(
         "Item results for one box: x1 < x2, y1 < y2 in query-image pixels, at least 8x8 "
         "pixels inside the image (else 400); min_price <= max_price. The request body is at "
         f"most {body_limit} bytes."
