@@ -86,10 +86,24 @@ def live_serve(catalog: Path, log_path: Path, *args: str) -> Iterator[str]:
 
     port = free_port()
     src = str(Path(snapshop.__file__).resolve().parents[1])
-    env = {**os.environ, "SNAPSHOP_API_KEY": API_KEY,
-           "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-c", "from snapshop.cli import app; app()", "serve",
-               "--catalog", str(catalog), "--port", str(port), "--detector", "none", *args]
+    env = {
+        **os.environ,
+        "SNAPSHOP_API_KEY": API_KEY,
+        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+    }
+    command = [
+        sys.executable,
+        "-c",
+        "from snapshop.cli import app; app()",
+        "serve",
+        "--catalog",
+        str(catalog),
+        "--port",
+        str(port),
+        "--detector",
+        "none",
+        *args,
+    ]
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

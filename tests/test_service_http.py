@@ -15,7 +15,6 @@ import logging
 import select
 import shutil
 import socket
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -121,8 +120,11 @@ def test_chunked_body_over_the_limit_stops_being_read(settings, method, path, he
     """No Content-Length: the guard counts what the app reads and refuses at limit + 1."""
     app = create_app(settings)
     ex = exchange(app, method, path, headers, endless(IMAGE_PART))
-    allowed = {"search": settings.max_search_request_bytes,
-               "products": settings.max_request_bytes, "json": settings.max_json_bytes}[limit]
+    allowed = {
+        "search": settings.max_search_request_bytes,
+        "products": settings.max_request_bytes,
+        "json": settings.max_json_bytes,
+    }[limit]
     assert ex.status == 413, ex.body
     assert ex.json()["code"] == "payload_too_large" and str(allowed) in ex.json()["detail"]
     assert ex.headers["content-type"] == "application/json"

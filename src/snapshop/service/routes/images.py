@@ -36,7 +36,8 @@ def router(settings: ServiceSettings) -> APIRouter:
     @routes.get("/{image_id}/thumb", response_class=FileResponse, responses={
         200: {"content": {"image/jpeg": {}}, "description": "JPEG thumbnail"},
         **error_responses(404, 422, 500)},
-        description=f"JPEG thumbnail; `size` snaps up to one of {sizes} (cached on disk).")  # fmt: skip
+        description=f"JPEG thumbnail; `size` snaps up to one of {sizes} (cached on disk)."
+    )  # fmt: skip
     def get_thumb(
         state: State,
         image_id: int,
