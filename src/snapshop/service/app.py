@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.routing import Route
 from starlette.types import Scope
 
 from snapshop import api
@@ -72,11 +73,13 @@ def create_app(
     app.state.snapshop = state
     routers = (search.router(settings), products.router(settings), images.router(settings),
                service.router(), pages.router())  # fmt: skip
-    routes = [route for router in routers for route in router.routes]
-    install_error_handlers(app, routes)
     pages.install_offline_docs(app)
     for router in routers:
         app.include_router(router)
+    # The routers' own routes: FastAPI may keep an included router as one opaque entry.
+    routes = [route for router in routers for route in router.routes]
+    routes += [route for route in app.router.routes if isinstance(route, Route)]
+    install_error_handlers(app, routes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     write_routes = routes_depending_on(routes, require_key)
