@@ -191,7 +191,7 @@ def remove_products(catalog_dir: PathLike, products: list[str]) -> dict[str, int
     catalog = open_catalog(catalog_dir)
     removed: dict[str, int] = {}
     try:
-        targets = []
+        targets: list[tuple[str, int]] = []
         for key in products:  # resolve every key first: an unknown one removes nothing
             found = catalog.store.find_product(key)
             if found is None and key.isdigit():

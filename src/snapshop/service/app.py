@@ -106,18 +106,14 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's document, with the null dropped from optional form fields: a multipart
     field cannot carry a JSON null (a client would send the text "null"); leaving the field
     out is how a form says "none"."""
-    if app.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
-
-        schema = get_openapi(
-            title=app.title, version=app.version, summary=app.summary, routes=app.routes
-        )
-        for name, component in schema.get("components", {}).get("schemas", {}).items():
-            if name.startswith("Body_"):  # FastAPI's name for a form body's model
-                for field in component.get("properties", {}).values():
-                    _drop_null(field)
-        app.openapi_schema = schema
-    return app.openapi_schema
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = FastAPI.openapi(app)  # builds and caches app.openapi_schema
+    for name, component in schema.get("components", {}).get("schemas", {}).items():
+        if name.startswith("Body_"):  # FastAPI's name for a form body's model
+            for field in component.get("properties", {}).values():
+                _drop_null(field)
+    return schema
 
 
 def _drop_null(field: dict[str, Any]) -> None:

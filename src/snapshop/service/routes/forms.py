@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import File, Form, UploadFile
+from fastapi import Form
 
 from snapshop.detect.base import POSITIONS
 from snapshop.service.errors import ApiError
@@ -24,19 +24,6 @@ Coord = Annotated[float, Form(allow_inf_nan=False, description="query-image pixe
 def image_limits(settings: ServiceSettings) -> str:
     return (f"{ACCEPTED}, judged from the bytes; at most {settings.max_upload_bytes} bytes and "
             f"{settings.max_pixels} pixels (413 beyond)")  # fmt: skip
-
-
-def query_image(settings: ServiceSettings) -> type[UploadFile]:
-    """The ``image`` field, its limits in its description."""
-    return Annotated[  # type: ignore[return-value]
-        UploadFile, File(description=f"query photo: {image_limits(settings)}")
-    ]
-
-
-def results_per_list(settings: ServiceSettings) -> type[int | None]:
-    return Annotated[  # type: ignore[return-value]
-        int | None, Form(ge=1, le=settings.max_k, description="results per list")
-    ]
 
 
 def check_position(position: str | None) -> str | None:

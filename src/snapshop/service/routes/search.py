@@ -3,7 +3,7 @@
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 
 from snapshop.detect.base import Box
 from snapshop.images import DecodeLimits
@@ -17,8 +17,7 @@ from snapshop.service.routes.forms import (
     Position,
     Price,
     check_position,
-    query_image,
-    results_per_list,
+    image_limits,
 )
 from snapshop.service.schemas import SearchResponse
 from snapshop.service.settings import ServiceSettings
@@ -47,8 +46,8 @@ def run_search(
 
 
 def router(settings: ServiceSettings) -> APIRouter:
-    Image = query_image(settings)
-    K = results_per_list(settings)
+    Image = Annotated[UploadFile, File(description=f"query photo: {image_limits(settings)}")]
+    K = Annotated[int | None, Form(ge=1, le=settings.max_k, description="results per list")]
     routes = APIRouter(prefix="/v1", tags=["search"], responses=SEARCH_ERRORS)
     body_limit = settings.max_search_request_bytes
 
