@@ -629,5 +629,87 @@ def evaluate_detector(
         err.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
 
 
+# --- detection: garment-segmenter training (issue #4) ---------------------------------------
+@app.command("train-detector")
+def train_detector(
+    dataset: Annotated[
+        Path, typer.Argument(help="CCP-format folder (manifest.csv, masks/, mask_labels.csv).")
+    ],
+    parity: Annotated[str, typer.Option(help="Image ids to train on: even, odd or all.")] = "even",
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the model into.")] = Path(
+        "garment_seg_model"
+    ),
+    epochs: Annotated[int, typer.Option()] = 10,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    lr: Annotated[float, typer.Option()] = 3e-3,
+    width: Annotated[int, typer.Option()] = 48,
+    dropout: Annotated[float, typer.Option()] = 0.3,
+    dress_weight: Annotated[float, typer.Option(help="Loss weight of dress.")] = 1.0,
+    long_side: Annotated[int, typer.Option()] = 320,
+    limit: Annotated[int | None, typer.Option(help="Only the first N photos.")] = None,
+    negatives: Annotated[int, typer.Option(help="Synthetic person-free images.")] = 60,
+    seed: Annotated[int | None, typer.Option()] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="Frozen-trunk feature cache (.pkl) to reuse.")
+    ] = None,
+    prefix: Annotated[str, typer.Option(help="File name prefix of the written files.")] = "",
+    finetune_blocks: Annotated[
+        int,
+        typer.Option(help="Train the stem + blocks 0..N-1 with the head (0: frozen trunk)."),
+    ] = 0,
+    # The options below apply with --finetune-blocks N only (None: FinetuneConfig's default).
+    device: Annotated[str | None, typer.Option(help="auto, cuda or cpu.")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
+    trunk_lr: Annotated[
+        float | None, typer.Option(help="Learning rate of the fine-tuned blocks.")
+    ] = None,
+    weight_decay: Annotated[float | None, typer.Option()] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw or sgd.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="cosine or step.")] = None,
+    min_scale: Annotated[float | None, typer.Option(help="Random rescale range.")] = None,
+    max_scale: Annotated[float | None, typer.Option()] = None,
+    jitter: Annotated[float | None, typer.Option(help="Colour jitter strength.")] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="Autocast on cuda.")] = None,
+    max_train_seconds: Annotated[
+        float | None, typer.Option(help="Stop after the epoch that ends past this.")
+    ] = None,
+    overlay_dtype: Annotated[
+        str | None, typer.Option(help="float32 or float16: storage of the trunk tensors.")
+    ] = None,
+    recolour: Annotated[
+        float | None, typer.Option(help="Chance per sample of a new colour per garment class.")
+    ] = None,
+    aux_labels: Annotated[
+        bool | None,
+        typer.Option(
+            "--aux-labels/--no-aux-labels",
+            help="Also train skin, hair, legwear, footwear, bag, belt (folded into other).",
+        ),
+    ] = None,
+) -> None:
+    """Train the `segmenter` garment detector on CCP pixel labels (head on the frozen trunk, or
+    end to end with --finetune-blocks N); load the result with --detector segmenter:OUT."""
+    from snapshop.detect.segmenter import CARD_FILE
+    from snapshop.train.segmenter import detector_training
+    from snapshop.train.segmenter import train_detector as train_segmenter
+
+    settings = dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, width=width, dropout=dropout,
+        dress_weight=dress_weight, long_side=long_side, negatives=negatives, seed=seed,
+        device=device, workers=workers, trunk_lr=trunk_lr, weight_decay=weight_decay,
+        optimizer=optimizer, schedule=schedule, min_scale=min_scale, max_scale=max_scale,
+        jitter=jitter, augment=augment, bf16=bf16, max_train_seconds=max_train_seconds,
+        overlay_dtype=overlay_dtype, recolour=recolour, aux_labels=aux_labels,
+    )  # fmt: skip
+    job = run(lambda: detector_training(
+        dataset, finetune_blocks=finetune_blocks, settings=settings, out=out_dir, parity=parity,
+        limit=limit, prefix=prefix, cache=cache,
+    ))  # fmt: skip
+    card = run(lambda: train_segmenter(job))
+    out.print(f"wrote {job.out / (job.prefix + CARD_FILE)} (final loss"
+              f" {card['training']['final_loss']})")  # fmt: skip
+
+
 def entrypoint() -> None:  # pragma: no cover
     sys.exit(app())
