@@ -674,6 +674,9 @@ def train_detector(
     max_train_seconds: Annotated[
         float | None, typer.Option(help="Stop after the epoch that ends past this.")
     ] = None,
+    warmup_fraction: Annotated[
+        float | None, typer.Option(help="Share of the steps with a rising learning rate.")
+    ] = None,
     overlay_dtype: Annotated[
         str | None, typer.Option(help="float32 or float16: storage of the trunk tensors.")
     ] = None,
@@ -700,6 +703,7 @@ def train_detector(
         device=device, workers=workers, trunk_lr=trunk_lr, weight_decay=weight_decay,
         optimizer=optimizer, schedule=schedule, min_scale=min_scale, max_scale=max_scale,
         jitter=jitter, augment=augment, bf16=bf16, max_train_seconds=max_train_seconds,
+        warmup_fraction=warmup_fraction,
         overlay_dtype=overlay_dtype, recolour=recolour, aux_labels=aux_labels,
     )  # fmt: skip
     job = run(lambda: detector_training(

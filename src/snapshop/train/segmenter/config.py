@@ -154,13 +154,16 @@ class DetectorTraining:
                 args += [f"--{name}", str(value)]
         if self.prefix:
             args += ["--prefix", self.prefix]
-        defaults = type(self.model)()
+        # The command's defaults: HeadConfig's for the options both modes take (so fine-tuning
+        # runs 10 epochs unless told otherwise), FinetuneConfig's for the others.
+        head, finetune = HeadConfig(), FinetuneConfig()
         for field in fields(self.model):
             value = getattr(self.model, field.name)
             flag = "--" + field.name.replace("_", "-")
-            if isinstance(self.model, FinetuneConfig) and field.name == "finetune_blocks":
+            default = getattr(head, field.name, getattr(finetune, field.name))
+            if field.name == "finetune_blocks":
                 args += [flag, str(value)]
-            elif value == getattr(defaults, field.name) or value is None:
+            elif value == default or value is None:
                 continue
             elif isinstance(value, bool):
                 args.append(flag if value else "--no-" + flag[2:])
