@@ -328,33 +328,15 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Recall@K, mAP@R, embed ms/image and search ms/query of one or more models."""
-    from snapshop.data.manifest import parse_where
-    from snapshop.evaluate.retrieval import DEFAULT_KS, evaluate_manifest
+    from snapshop.evaluate.retrieval import compare_models
 
-    cutoffs = tuple(sorted(set(ks))) if ks else DEFAULT_KS
-    plot_ks = (1, 2, 4, 5, 8, 10, 16, 32, 64, 100) if plot else ()
-    reports = []
-    for m in model or [None]:
-        reports.append(run(lambda m=m: evaluate_manifest(
-            manifest, m, tuple(sorted(set(cutoffs) | set(plot_ks))),
-            run(lambda: parse_where(query_where)), run(lambda: parse_where(gallery_where)),
-        )))  # fmt: skip
+    comparison = run(lambda: compare_models(
+        manifest, model or [None], ks, query_where or (), gallery_where or (), plot, grid,
+    ))  # fmt: skip
+    cutoffs, reports = comparison.cutoffs, comparison.reports
     if plot:
-        import dataclasses
-
-        from snapshop.evaluate.plots import plot_recall
-
-        shown = [  # K beyond the product count says nothing
-            dataclasses.replace(r, recall={k: v for k, v in r.recall.items() if k <= r.n_products})
-            for r in reports
-        ]
-        where = " ".join((query_where or []) + (gallery_where or []))
-        run(lambda: plot_recall(shown, plot, f"{manifest.name} {where}".strip()))
         err.print(f"recall plot: {plot}")
     if grid:
-        from snapshop.evaluate.plots import plot_grid
-
-        run(lambda: plot_grid(reports, grid))
         err.print(f"result grid: {grid}")
     data = [r.to_dict() for r in reports]
     if json_out:
@@ -513,25 +495,18 @@ def train(
     ] = 1,
 ) -> None:
     """Train a NormSoftmax embedder and export it (model.onnx + model.json) to OUT."""
-    from snapshop.data.manifest import parse_where, read_manifest, repeat_matching
-    from snapshop.train.trainer import TrainConfig, split_rows
-    from snapshop.train.trainer import train as train_model
+    from snapshop.train.trainer import RowSelection, TrainConfig, train_from_manifest
 
     config = run(lambda: TrainConfig(
         backbone=backbone, dim=dim, temperature=temperature, epochs=epochs, lr=lr,
         lr_step=lr_step, backbone_lr_scale=backbone_lr_scale, classes_per_batch=classes_per_batch,
-        samples_per_class=samples_per_class, train_blocks=train_blocks,
-        cache=train_blocks != -1 if cache is None else cache,
+        samples_per_class=samples_per_class, train_blocks=train_blocks, cache=cache,
         views=views, device=device, threads=threads, workers=workers, seed=seed,
     ))  # fmt: skip
-    rows = run(lambda: read_manifest(manifest))
-    has_split = any("split" in r.extra for r in rows)
-    t_where = run(lambda: parse_where(train_where)) or ({"split": "train"} if has_split else {})
-    e_where = run(lambda: parse_where(eval_where)) or ({"split": "test"} if has_split else None)
-    g_where = run(lambda: parse_where(eval_gallery_where)) or None
-    train_rows, eval_rows = run(lambda: split_rows(rows, t_where, e_where))
-    r_where = run(lambda: parse_where(repeat_where))
-    train_rows = run(lambda: repeat_matching(train_rows, r_where, repeat))
+    selection = RowSelection(
+        tuple(train_where or ()), tuple(eval_where or ()), tuple(eval_gallery_where or ()),
+        tuple(repeat_where or ()), repeat,
+    )  # fmt: skip
 
     def show(record: dict[str, Any]) -> None:
         scores = "  ".join(f"{k} R@1 {v['R@1']:.3f}" for k, v in record.items()
@@ -539,9 +514,8 @@ def train(
         err.print(f"epoch {record['epoch']} lr {record['lr']:g} loss {record['loss']:.4f}"
                   f" ({record['seconds']:.0f} s)  {scores}", highlight=False)  # fmt: skip
 
-    result = run(lambda: train_model(
-        train_rows, out_dir, config, eval_rows or None, g_where, resume=resume,
-        data_name=str(manifest), progress=show, cache_dir=cache_dir,
+    result = run(lambda: train_from_manifest(
+        manifest, out_dir, config, selection, resume=resume, progress=show, cache_dir=cache_dir,
     ))  # fmt: skip
     out.print(f"trained on {len(result.classes)} products in {result.seconds:.0f} s;"
               f" model: {result.model_dir}")  # fmt: skip
@@ -639,35 +613,30 @@ def train_detector(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the model into.")] = Path(
         "garment_seg_model"
     ),
-    epochs: Annotated[int, typer.Option()] = 10,
-    batch_size: Annotated[int, typer.Option()] = 16,
-    lr: Annotated[float, typer.Option()] = 3e-3,
-    width: Annotated[int, typer.Option()] = 48,
-    dropout: Annotated[float, typer.Option()] = 0.3,
+    epochs: int = 10,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    width: int = 48,
+    dropout: float = 0.3,
     dress_weight: Annotated[float, typer.Option(help="Loss weight of dress.")] = 1.0,
-    long_side: Annotated[int, typer.Option()] = 320,
+    long_side: int = 320,
     limit: Annotated[int | None, typer.Option(help="Only the first N photos.")] = None,
     negatives: Annotated[int, typer.Option(help="Synthetic person-free images.")] = 60,
-    seed: Annotated[int | None, typer.Option()] = None,
-    cache: Annotated[
-        Path | None, typer.Option(help="Frozen-trunk feature cache (.pkl) to reuse.")
-    ] = None,
+    seed: int | None = None,
+    cache: Annotated[Path | None, typer.Option(help="Trunk feature cache (.pkl).")] = None,
     prefix: Annotated[str, typer.Option(help="File name prefix of the written files.")] = "",
     finetune_blocks: Annotated[
-        int,
-        typer.Option(help="Train the stem + blocks 0..N-1 with the head (0: frozen trunk)."),
+        int, typer.Option(help="Train the stem + blocks 0..N-1 with the head (0: frozen trunk).")
     ] = 0,
     # The options below apply with --finetune-blocks N only (None: FinetuneConfig's default).
     device: Annotated[str | None, typer.Option(help="auto, cuda or cpu.")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
-    trunk_lr: Annotated[
-        float | None, typer.Option(help="Learning rate of the fine-tuned blocks.")
-    ] = None,
-    weight_decay: Annotated[float | None, typer.Option()] = None,
+    trunk_lr: Annotated[float | None, typer.Option(help="Lr of the fine-tuned blocks.")] = None,
+    weight_decay: float | None = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw or sgd.")] = None,
     schedule: Annotated[str | None, typer.Option(help="cosine or step.")] = None,
     min_scale: Annotated[float | None, typer.Option(help="Random rescale range.")] = None,
-    max_scale: Annotated[float | None, typer.Option()] = None,
+    max_scale: float | None = None,
     jitter: Annotated[float | None, typer.Option(help="Colour jitter strength.")] = None,
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
     bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="Autocast on cuda.")] = None,
@@ -703,8 +672,8 @@ def train_detector(
         device=device, workers=workers, trunk_lr=trunk_lr, weight_decay=weight_decay,
         optimizer=optimizer, schedule=schedule, min_scale=min_scale, max_scale=max_scale,
         jitter=jitter, augment=augment, bf16=bf16, max_train_seconds=max_train_seconds,
-        warmup_fraction=warmup_fraction,
-        overlay_dtype=overlay_dtype, recolour=recolour, aux_labels=aux_labels,
+        warmup_fraction=warmup_fraction, overlay_dtype=overlay_dtype, recolour=recolour,
+        aux_labels=aux_labels,
     )  # fmt: skip
     job = run(lambda: detector_training(
         dataset, finetune_blocks=finetune_blocks, settings=settings, out=out_dir, parity=parity,

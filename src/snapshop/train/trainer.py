@@ -65,7 +65,7 @@ class TrainConfig:
     classes_per_batch: int = 16  # P
     samples_per_class: int = 4  # K
     train_blocks: int = 0  # last MBConv blocks to train; 0 = backbone frozen; -1 = all
-    cache: bool = True
+    cache: bool | None = None  # cache frozen features; None: unless the whole backbone trains
     views: int = 4  # cached views per image: centre crop + (views - 1) augmented
     device: str = "cpu"
     threads: int = 2
@@ -81,6 +81,8 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
+        if self.cache is None:  # nothing is frozen when every block trains
+            object.__setattr__(self, "cache", self.train_blocks != -1)
         checks = [
             (self.dim >= 2, f"dim must be >= 2, got {self.dim}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
@@ -641,3 +643,58 @@ def split_rows(
     if not train_rows:
         raise ConfigError(f"no manifest row matches {train_where}")
     return train_rows, eval_rows
+
+
+@dataclass(frozen=True)
+class RowSelection:
+    """Which manifest rows train and which are scored, as ``COLUMN=VALUE`` filters (all must
+    hold). Empty filters: ``split=train`` / ``split=test`` when the manifest has a split column
+    (``snapshop prepare`` writes one), else every row trains and none is scored."""
+
+    train_where: tuple[str, ...] = ()
+    eval_where: tuple[str, ...] = ()
+    eval_gallery_where: tuple[str, ...] = ()  # a second, smaller gallery (e.g. domain=iconic)
+    repeat_where: tuple[str, ...] = ()  # training rows listed ``repeat`` times
+    repeat: int = 1
+
+
+def select_rows(
+    rows: Sequence[ManifestRow], selection: RowSelection
+) -> tuple[list[ManifestRow], list[ManifestRow], dict[str, str] | None]:
+    """(training rows, evaluation rows, gallery filter of the second protocol or None)."""
+    from snapshop.data.manifest import parse_where, repeat_matching
+
+    has_split = any("split" in r.extra for r in rows)
+    train_where = parse_where(list(selection.train_where)) or (
+        {"split": "train"} if has_split else {}
+    )
+    eval_where = parse_where(list(selection.eval_where)) or (
+        {"split": "test"} if has_split else None
+    )
+    gallery_where = parse_where(list(selection.eval_gallery_where)) or None
+    train_rows, eval_rows = split_rows(rows, train_where, eval_where)
+    repeat_where = parse_where(list(selection.repeat_where))
+    train_rows = repeat_matching(train_rows, repeat_where, selection.repeat)
+    return train_rows, eval_rows, gallery_where
+
+
+def train_from_manifest(
+    manifest: Path,
+    out_dir: Path,
+    config: TrainConfig = TrainConfig(),
+    selection: RowSelection = RowSelection(),
+    *,
+    resume: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    cache_dir: Path | None = None,
+) -> TrainResult:
+    """:func:`train` on the rows of a manifest CSV that ``selection`` picks (what ``snapshop
+    train`` runs)."""
+    from snapshop.data.manifest import read_manifest
+
+    rows = read_manifest(manifest)
+    train_rows, eval_rows, gallery_where = select_rows(rows, selection)
+    return train(
+        train_rows, out_dir, config, eval_rows or None, gallery_where, resume=resume,
+        data_name=str(manifest), progress=progress, cache_dir=cache_dir,
+    )  # fmt: skip
