@@ -179,6 +179,10 @@ def test_cli_evaluate_detector(tmp_path: Path) -> None:
         app, ["evaluate-detector", "--boxes", str(csv_path), "--detector", "nosuch"]
     )
     assert unknown.exit_code == 2 and "unknown detector" in unknown.output
+    nothing = runner.invoke(
+        app, ["evaluate-detector", "--boxes", str(csv_path), "--detector", "none"]
+    )
+    assert nothing.exit_code == 2 and "--detector none has nothing to evaluate" in nothing.output
 
 
 def test_catalog_records_detector_and_search_uses_it(tmp_path: Path, lite0_model_dir: Path) -> None:

@@ -571,13 +571,10 @@ def evaluate_detector(
     as_json: JsonOpt = False,
 ) -> None:
     """Per-position recall / precision at IoU >= 0.5 and per-image latency of a detector."""
-    from snapshop.detect.factory import create_detector
+    from snapshop.evaluate.detection import detector_to_evaluate
     from snapshop.evaluate.detection import evaluate_detector as evaluate_boxes
 
-    det = run(lambda: create_detector(detector))
-    if det is None:
-        err.print("[red]error:[/red] --detector none has nothing to evaluate", highlight=False)
-        raise typer.Exit(2)
+    det = run(lambda: detector_to_evaluate(detector))
     with progress_bar("detecting") as (_, advance):
         report = run(lambda: evaluate_boxes(boxes, det, images_root, iou_threshold=iou,
                                             limit=limit, progress=advance))  # fmt: skip

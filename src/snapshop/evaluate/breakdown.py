@@ -18,8 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapshop.detect.base import POSITIONS, Box, Detection, keep_best_per_position
-from snapshop.errors import ConfigError
-from snapshop.evaluate.detection import PositionScore, load_ground_truth, score_image
+from snapshop.evaluate.detection import (
+    PositionScore,
+    detector_to_evaluate,
+    load_ground_truth,
+    score_image,
+)
 from snapshop.images import load_image
 
 OUTCOMES = ("right", "missed", "off", "spurious")
@@ -82,15 +86,11 @@ def score_folds(
     """Run each fold's detector (a ``--detector`` spec) on its own boxes CSV's photos; returns
     every photo's outcome and the pooled per-position scores (as ``evaluate-detector`` counts
     them). A fold's CSV is read before its detector loads: a bad CSV fails first."""
-    from snapshop.detect.factory import create_detector
-
     outcomes: list[PhotoOutcome] = []
     pooled: dict[str, PositionScore] = {}
     for spec, boxes in folds:
         truth, labels = load_ground_truth(boxes), photo_labels(Path(boxes))
-        detector = create_detector(spec)
-        if detector is None:
-            raise ConfigError(f"detector {spec!r}: nothing to evaluate")
+        detector = detector_to_evaluate(spec)
         for path in sorted(truth):
             detections = detector.detect(load_image(images_root / path))
             outcome = position_outcomes(truth[path], detections)

