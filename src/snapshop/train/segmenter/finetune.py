@@ -51,9 +51,9 @@ from snapshop.train.segmenter.config import (
 from snapshop.train.segmenter.photos import (
     AugmentedImages,
     TrainImage,
-    _seed_worker,
     load_training_images,
     negative_training_images,
+    seed_worker,
 )
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class FinetuneTrainer(EpochLoop):
             shuffle=True,
             drop_last=True,  # one fixed batch shape
             num_workers=config.workers,
-            worker_init_fn=_seed_worker if config.workers else None,
+            worker_init_fn=seed_worker if config.workers else None,
             persistent_workers=config.workers > 0,
             pin_memory=device == "cuda",
             generator=torch.Generator().manual_seed(config.seed),

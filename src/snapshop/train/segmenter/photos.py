@@ -166,7 +166,8 @@ class AugmentedImages:
         return x, target.astype(np.int64)
 
 
-def _seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker init: each worker draws its augmentations from its own seeded rng."""
     import torch
 
     info = torch.utils.data.get_worker_info()
