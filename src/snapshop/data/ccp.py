@@ -55,9 +55,9 @@ def label_table(mask_labels_csv: Path, groups: Mapping[int, Sequence[str]]) -> N
     table = np.zeros(256, np.uint8)
     with open(mask_labels_csv, newline="") as fh:
         for row in csv.DictReader(fh):
-            cls = class_of.get(row["label"].strip().lower())
-            if cls is not None:
-                table[int(row["index"])] = cls
+            found = class_of.get(row["label"].strip().lower())
+            if found is not None:
+                table[int(row["index"])] = found
     return table
 
 

@@ -346,7 +346,7 @@ class NormSoftmaxTrainer(EpochLoop):
         rows = self.eval_kept
         metrics: dict[str, Any] = {}
         where = self.gallery_where
-        protocols = {"all": {}} | ({"where": where} if where else {})
+        protocols: dict[str, dict[str, str]] = {"all": {}} | ({"where": where} if where else {})
         for name, gallery_filter in protocols.items():
             q = [i for i, r in enumerate(rows) if r.role == "query"]
             g = [i for i, r in enumerate(rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -182,7 +183,7 @@ def detector_training(
     dataset: Path,
     *,
     finetune_blocks: int = 0,
-    settings: dict[str, object] | None = None,
+    settings: Mapping[str, object] | None = None,
     out: Path = Path("garment_seg_model"),
     parity: str = "even",
     limit: int | None = None,
