@@ -658,7 +658,8 @@ def train_detector(
     ] = None,
 ) -> None:
     """Train the `segmenter` garment detector on CCP pixel labels (head on the frozen trunk, or
-    end to end with --finetune-blocks N); load the result with --detector segmenter:OUT."""
+    end to end with --finetune-blocks N); load the result with --detector segmenter:OUT.
+    `snapshop -v train-detector ...` logs every epoch."""
     from snapshop.detect.segmenter import CARD_FILE
     from snapshop.train.segmenter import detector_training
     from snapshop.train.segmenter import train_detector as train_segmenter
