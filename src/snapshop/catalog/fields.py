@@ -101,8 +101,9 @@ def normalise_sku(sku: object) -> str:
     for ch in sku:
         if unicodedata.category(ch) in _SKU_REFUSED_CATEGORIES and ch != " ":
             raise CatalogError(
-                f"product id (sku) {_preview(sku)} contains {_describe(ch)}: control, invisible"
-                " and separator characters (other than a plain space) are not allowed in skus"
+                f"product id (sku) {_preview(sku)} contains {_describe(ch)}: control characters,"
+                " invisible (format) characters and separators other than a plain space are"
+                " not allowed in skus"
             )
     return sku
 
