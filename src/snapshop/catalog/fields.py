@@ -252,20 +252,19 @@ def stored_attributes(text: str | None, product_id: int) -> dict[str, Any]:
     if not text:
         return {}
     problem: str | None
-    if json_nesting(text) > LIMITS.attributes_depth:
-        problem = f"nested deeper than {LIMITS.attributes_depth} levels"
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        problem = f"not readable JSON ({str(exc)[:80]})"
     else:
-        try:
-            value = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            problem = f"not readable JSON ({str(exc)[:80]})"
+        if not isinstance(value, dict):
+            problem = "not a JSON object"
+        elif not _may_be_unservable(text):
+            return value
         else:
-            if isinstance(value, dict):
-                problem = _attribute_problem(value, 1, LIMITS.attributes_depth)
-                if problem is None:
-                    return value  # over the size limit is still safe to serve: kept
-            else:
-                problem = "not a JSON object"
+            problem = _attribute_problem(value, 1, LIMITS.attributes_depth)
+            if problem is None:
+                return value  # over today's size limit is still safe to serve: kept
     if product_id not in _warned:
         _warned.add(product_id)
         log.warning(
@@ -277,6 +276,14 @@ def stored_attributes(text: str | None, product_id: int) -> dict[str, Any]:
 
 
 _warned: set[int] = set()  # product ids already warned about, once per process
+
+
+def _may_be_unservable(text: str) -> bool:
+    """Whether stored JSON ``text`` could be too deep or hold an unpaired surrogate; reads are
+    hot, so only such text is walked. Stored text is ASCII JSON: a surrogate is a ``\\ud..``
+    escape, and nesting deeper than the limit needs more brackets than the limit."""
+    brackets = text.count("[") + text.count("{")
+    return brackets > LIMITS.attributes_depth or "\\ud" in text or "\\uD" in text
 
 
 def check_product_fields(fields: dict[str, Any]) -> dict[str, Any]:
