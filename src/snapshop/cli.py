@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,14 +155,32 @@ def index(
         raise typer.Exit(1)
 
 
+def terminal_text(value: object) -> str:
+    """``value`` as a table cell shows it: rich markup escaped, and every control, format or
+    separator character (ESC, NUL, bidi overrides...) written as a visible ``\\x1b``-style
+    escape, so catalog text (rows written before it was checked, too) cannot drive the
+    terminal or disguise itself."""
+    text = "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch) in _HIDDEN_CATEGORIES
+        else ch
+        for ch in str(value)
+    )
+    return escape(text)
+
+
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
 def _hits_table(title: str, hits: list[Any]) -> Table:
-    table = Table(title=title, title_justify="left")
-    for col in ("#", "product", "sku", "title", "price", "score", "image"):
+    table = Table(title=terminal_text(title), title_justify="left")
+    for col in ("#", "product id", "sku", "title", "price", "score", "image id"):
         table.add_column(col)
     for rank, h in enumerate(hits, 1):
         price = "" if h.price is None else f"{h.price:.2f} {h.currency or ''}".strip()
-        table.add_row(str(rank), str(h.product_id), h.sku, h.title or "", price,
-                      f"{h.score:.4f}", str(h.image_id))  # fmt: skip
+        table.add_row(str(rank), str(h.product_id), terminal_text(h.sku),
+                      terminal_text(h.title or ""), terminal_text(price), f"{h.score:.4f}",
+                      str(h.image_id))  # fmt: skip
     return table
 
 
@@ -218,13 +237,21 @@ def catalog_info(catalog: CatalogOpt, as_json: JsonOpt = False) -> None:
 
 @catalog_app.command("remove")
 def catalog_remove(
-    products: Annotated[list[str], typer.Argument(help="Product ids or skus.")],
     catalog: CatalogOpt,
+    skus: Annotated[
+        list[str] | None, typer.Argument(help="Skus of the products to remove.", show_default=False)
+    ] = None,
+    ids: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--id", help="Catalog id of a product to remove (repeatable).", show_default=False
+        ),
+    ] = None,
 ) -> None:
-    """Remove products (their images, crops and vectors) from a catalog."""
-    removed = run(lambda: api.remove_products(catalog, products))
-    for key, n in removed.items():
-        out.print(f"removed product {key} ({n} images)")
+    """Remove products (their images, crops and vectors) from a catalog, by sku or --id."""
+    removed = run(lambda: api.remove_products(catalog, skus or [], ids=ids or []))
+    for sku, n in removed.items():
+        out.print(f"removed product {terminal_text(sku)} ({n} images)", highlight=False)
 
 
 @catalog_app.command("gc")
