@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,26 +186,33 @@ def catalog_info(catalog_dir: PathLike) -> dict[str, Any]:
         catalog.close()
 
 
-def remove_products(catalog_dir: PathLike, products: list[str]) -> dict[str, int]:
-    """Remove products given by integer id or sku; returns {product: images removed}."""
+def remove_products(
+    catalog_dir: PathLike, skus: Sequence[str] = (), *, ids: Sequence[int] = ()
+) -> dict[str, int]:
+    """Remove the products with these ``skus`` and these catalog ``ids`` (never guessed from
+    one another: the sku "12" is not product 12); returns {sku: images removed}. Every key is
+    resolved first: an unknown one removes nothing."""
+    if not skus and not ids:
+        raise CatalogError("name at least one product to remove (a sku, or an id)")
     catalog = open_catalog(catalog_dir)
     removed: dict[str, int] = {}
     try:
-        targets: list[tuple[str, int]] = []
-        for key in products:  # resolve every key first: an unknown one removes nothing
-            found = catalog.store.find_product(key)
-            if found is None and key.isdigit():
-                try:
-                    found = catalog.store.get_product(int(key))
-                except CatalogError:
-                    found = None
+        targets: dict[int, str] = {}  # a product named twice (sku and id, say) is removed once
+        for sku in skus:
+            found = catalog.store.find_product(sku)
             if found is None:
-                raise NotFoundError(f"no product with id or sku {key!r}")
-            # a product named twice (its sku and its id, say) is removed once
-            if all(found.id != product_id for _, product_id in targets):
-                targets.append((key, found.id))
-        for key, product_id in targets:
-            removed[key] = catalog.remove_product(product_id)
+                hint = (
+                    f" (product id {sku}? ids are given as ids: --id {sku})"
+                    if sku.isdigit()
+                    else ""
+                )
+                raise NotFoundError(f"no product with sku {sku!r}{hint}")
+            targets[found.id] = found.sku
+        for product_id in ids:
+            product = catalog.store.get_product(product_id)
+            targets[product.id] = product.sku
+        for product_id, sku in targets.items():
+            removed[sku] = catalog.remove_product(product_id)
     finally:
         catalog.close()
     return removed

@@ -6,12 +6,13 @@ from typing import Annotated
 
 from fastapi import Form
 
+from snapshop.catalog.fields import LIMITS
 from snapshop.detect.base import POSITIONS
 from snapshop.service.errors import ApiError
 from snapshop.service.settings import ServiceSettings
 from snapshop.service.uploads import ACCEPTED
 
-Category = Annotated[str | None, Form(max_length=200, description="only this category")]
+Category = Annotated[str | None, Form(max_length=LIMITS.category, description="only this category")]
 Price = Annotated[float | None, Form(ge=0, allow_inf_nan=False)]
 # The enum is declared for clients; an unknown value is a 400 from check_position.
 Position = Annotated[

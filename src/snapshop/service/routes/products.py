@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 
+from snapshop.catalog.fields import LIMITS
 from snapshop.data.sources import CatalogRecord
 from snapshop.images import DecodeLimits
 from snapshop.service.convert import decode_cursor, encode_cursor, product_out
@@ -24,7 +25,6 @@ from snapshop.service.settings import ServiceSettings
 from snapshop.service.state import ServiceState
 from snapshop.service.uploads import decode_upload, read_bounded
 
-MAX_TEXT = 2000
 WRITE_ERRORS = error_responses(401, 403, 422, 503)
 # An empty PATCH is a 400 ("nothing to change"): say so in the body's schema.
 AT_LEAST_ONE_FIELD = {
@@ -119,17 +119,18 @@ def router(settings: ServiceSettings) -> APIRouter:
     def add(
         state: State,
         response: Response,
-        sku: Annotated[str, Form(min_length=1, max_length=200, description="product id")],
+        sku: Annotated[str, Form(min_length=1, max_length=LIMITS.sku, description="product id")],
         images: Annotated[list[UploadFile], File(
             description="one or more product photos",
             json_schema_extra={"minItems": 1, "maxItems": settings.max_images_per_product})],
-        title: Annotated[str | None, Form(max_length=500)] = None,
-        url: Annotated[str | None, Form(max_length=MAX_TEXT)] = None,
+        title: Annotated[str | None, Form(max_length=LIMITS.title)] = None,
+        url: Annotated[str | None, Form(max_length=LIMITS.url)] = None,
         price: Price = None,
-        currency: Annotated[str | None, Form(max_length=8)] = None,
+        currency: Annotated[str | None, Form(max_length=LIMITS.currency)] = None,
         category: Category = None,
         attributes: Annotated[
-            str | None, Form(max_length=20_000, description="JSON object")
+            str | None, Form(max_length=LIMITS.attributes_chars, description=f"JSON object, "
+                             f"nested at most {LIMITS.attributes_depth} levels deep")
         ] = None,
         packshot: Annotated[
             bool, Form(description="the photos show the product alone, no model wearing it")
