@@ -89,12 +89,6 @@ def test_form_refuses_deep_attributes_and_writes_nothing(client):
     assert_reads_work(client)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the route to parse attributes with catalog.fields.parse_attributes (app.py is"
-    " being split by another engineer: change described in the rel-fields report); remove this"
-    " marker when applied",
-)
 def test_form_attributes_json_cannot_parse_safely_are_4xx(client):
     before = counts(client)
     for n, text in enumerate([nested_text(5000), '{"n": ' + "9" * 4400 + "}"]):
