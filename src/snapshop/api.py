@@ -13,11 +13,11 @@ from snapshop.config import read_json, write_json
 from snapshop.data.sources import CatalogRecord, read_source
 from snapshop.detect.base import Detector
 from snapshop.detect.factory import create_detector
-from snapshop.errors import CatalogError
+from snapshop.errors import CatalogError, ManifestError
 from snapshop.images import ImageSource
 from snapshop.index.choose import AUTO
 from snapshop.index.factory import INDEX_KINDS
-from snapshop.ingest import Ingestor, IngestReport
+from snapshop.ingest import Ingestor, IngestReport, discard_empty_catalog
 from snapshop.models.embedder import Embedder, load_embedder
 from snapshop.search import ProductFilter, Searcher, SearchResult
 
@@ -69,9 +69,18 @@ def index_source(
     latency budget, HNSW above), ``flat``, ``hnsw``, ``pgvector``, ``milvus``; given for an
     existing catalog it replaces the card's choice (indexes are rebuilt from the store).
     ``workers``: decode processes (None: one per core; 0: in-process).
+    A source with no image raises ManifestError before anything is written, and a catalog
+    this call created is removed again if nothing was indexed into it. Files a folder holds
+    that are not supported images come back in the report's ``ignored``.
     """
-    records = source if isinstance(source, list) else read_source(Path(source))
+    ignored: list[tuple[str, str]] = []
+    records = source if isinstance(source, list) else read_source(Path(source), ignored)
+    if not records:
+        shown = "".join(f"; {path}: {reason}" for path, reason in ignored[:5])
+        where = "the records given" if isinstance(source, list) else str(source)
+        raise ManifestError(f"{where}: no image to index{shown}")
     directory = Path(catalog_dir)
+    existed, created = directory.exists(), False
     if (directory / CARD_FILE).exists():
         if index_kind is not None:
             set_index_kind(directory, index_kind)
@@ -88,6 +97,7 @@ def index_source(
                 directory, model_id=embedder.model_id, model_ref=_model_ref(model),
                 dim=embedder.dim, index_kind=index_kind or AUTO,
             )  # fmt: skip
+            created = True
         except CatalogError:
             if not (directory / CARD_FILE).exists():
                 raise
@@ -102,9 +112,17 @@ def index_source(
         if progress_total:
             progress_total(len(records))
         ingestor = Ingestor(catalog, embedder, det, batch_size=batch_size, workers=workers)
-        return ingestor.ingest(records, progress=progress, sync=sync)
-    finally:
+        report = ingestor.ingest(records, progress=progress, sync=sync)
+    except BaseException:
         catalog.close()
+        if created:
+            discard_empty_catalog(directory, remove_directory=not existed)
+        raise
+    catalog.close()
+    if created and report.added == 0:  # nothing indexed: a new catalog is not left behind
+        discard_empty_catalog(directory, remove_directory=not existed)
+    report.ignored = ignored
+    return report
 
 
 def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | None = None) -> None:

@@ -130,7 +130,11 @@ def index(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add a folder or CSV manifest to a catalog (created on first use); re-runs are idempotent."""
+    """Add a folder or CSV manifest to a catalog (created on first use); re-runs are idempotent.
+
+    Exit codes: 0 every image is indexed; 1 some images failed (the others are indexed) or an
+    error stopped the ingest (committed batches are kept); 2 bad usage or input (malformed
+    CSV, no image to index): nothing written; 130 interrupted."""
     with progress_bar("indexing") as (set_total, advance):
         report = run(lambda: api.index_source(
             source, catalog, model=model, detector=detector, batch_size=batch_size, sync=sync,
@@ -141,17 +145,24 @@ def index(
     else:
         out.print(
             f"added {report.added} images ({report.crops} garment crops), skipped {report.skipped}"
-            f" already indexed, {len(report.failed)} failed, removed {report.removed};"
-            f" {len(report.products)} products; {report.seconds:.1f} s"
-            f" ({report.images_per_second:.1f} img/s)"
+            f" already indexed, {len(report.failed)} failed, {len(report.ignored)} not supported,"
+            f" removed {report.removed}; {len(report.products)} products;"
+            f" {report.seconds:.1f} s ({report.images_per_second:.1f} img/s)"
         )
-        for source_path, reason in report.failed[:20]:
-            err.print(f"  [yellow]failed[/yellow] {escape(f'{source_path}: {reason}')}",
-                      highlight=False, soft_wrap=True)  # fmt: skip
-        if len(report.failed) > 20:
-            err.print(f"  ... and {len(report.failed) - 20} more (all of them: --json)")
-    if report.failed and report.added == 0 and report.skipped == 0:
+        _print_not_indexed("failed", report.failed)
+        _print_not_indexed("not supported", report.ignored)
+        if report.failed and not report.added and not report.skipped:
+            err.print("nothing was indexed")
+    if report.failed:
         raise typer.Exit(1)
+
+
+def _print_not_indexed(what: str, entries: list[tuple[str, str]], shown: int = 20) -> None:
+    for source_path, reason in entries[:shown]:
+        err.print(f"  [yellow]{what}[/yellow] {escape(f'{source_path}: {reason}')}",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+    if len(entries) > shown:
+        err.print(f"  ... and {len(entries) - shown} more {what} (all of them: --json)")
 
 
 def _hits_table(title: str, hits: list[Any]) -> Table:

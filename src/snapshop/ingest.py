@@ -7,11 +7,14 @@ at most the batch in flight; indexes are saved every few batches and reconciled 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -29,7 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from snapshop.catalog.catalog import Catalog
+from snapshop.catalog.catalog import DB_FILE, LOCK_FILE, Catalog
 from snapshop.catalog.store import CatalogStore, NewCrop, Product
 from snapshop.data.sources import CatalogRecord
 from snapshop.detect.base import (
@@ -53,10 +56,15 @@ FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", 
 
 @dataclass
 class IngestReport:
+    """``skipped``: images the catalog already held; ``failed``: images that could not be
+    indexed (source, reason); ``ignored``: files the source holds that are not supported
+    images (source, reason)."""
+
     added: int = 0
     skipped: int = 0
     crops: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
     products: set[str] = field(default_factory=set)
     removed: int = 0
     seconds: float = 0.0
@@ -69,6 +77,7 @@ class IngestReport:
         return {
             "added": self.added, "skipped": self.skipped, "crops": self.crops,
             "failed": [{"source": s, "reason": r} for s, r in self.failed],
+            "ignored": [{"source": s, "reason": r} for s, r in self.ignored],
             "products": len(self.products), "removed": self.removed,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
@@ -414,6 +423,30 @@ class Ingestor:
         if stale:
             self.catalog.remove_images(stale)
         return len(stale)
+
+
+def discard_empty_catalog(directory: Path, remove_directory: bool) -> bool:
+    """Delete the catalog in ``directory`` if it holds no product: an ingest that created it
+    and indexed nothing leaves nothing behind. Under the write lock, so a catalog another
+    process has filled meanwhile is kept. Returns whether it was deleted."""
+    with open(directory / LOCK_FILE, "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        store = CatalogStore(directory / DB_FILE, readonly=True)
+        try:
+            if store.counts()["products"]:
+                return False
+        finally:
+            store.close()
+        for child in directory.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    if remove_directory:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+    log.info("%s: nothing was indexed, the new catalog is removed", directory)
+    return True
 
 
 # --- prepare: the one step decode workers and the in-process path share ---------------------
