@@ -45,7 +45,13 @@ from snapshop.detect.base import (
     product_box,
 )
 from snapshop.errors import ImageDecodeError, IngestError
-from snapshop.images import DecodeLimits, load_image, sniff_format
+from snapshop.images import (
+    DecodeLimits,
+    load_image,
+    original_size,
+    scale_to_original,
+    sniff_format,
+)
 from snapshop.models.embedder import Embedder, preprocess
 
 log = logging.getLogger(__name__)
@@ -130,7 +136,8 @@ def _detect_crops(
     category: str | None = None,
     packshot: bool = False,
 ) -> list[tuple[str, str, float, tuple[float, float, float, float], Image.Image]]:
-    """The garment crops of one catalog image: the best detection per position.
+    """The garment crops of one catalog image: the best detection per position, boxes in
+    the original file's pixels.
 
     A product whose ``category`` names a garment position (tops, jeans...) is that garment:
     only its position's crop is kept (the model's other clothes are not the product), and
@@ -152,10 +159,12 @@ def _detect_crops(
             det = Detection(box, PRODUCT, position, 1.0)
         best = {position: det}
     out = []
+    sx, sy = scale_to_original(image)  # boxes are stored in the file's pixels
     for position, det in sorted(best.items()):
         pixels = frame_crop(image, det.box, crop_mode)
         if pixels is not None:
-            out.append((position, det.label, det.score, det.box.as_tuple(), pixels))
+            box = det.box.scaled(sx, sy).as_tuple()
+            out.append((position, det.label, det.score, box, pixels))
     return out
 
 
@@ -479,7 +488,8 @@ def prepare(
         return (str(record.path), exc.reason)
     blob = write_blob(blob_dir, sha, data)
     pixels = preprocess(image, job.input_size)
-    return Decoded(record, sha, image.size, pixels, blob, image if job.keep_image else None)
+    size = original_size(image)  # a large image is decoded reduced
+    return Decoded(record, sha, size, pixels, blob, image if job.keep_image else None)
 
 
 # --- decode workers (issue #6) ------------------------------------------------------------------
