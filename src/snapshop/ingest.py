@@ -163,8 +163,8 @@ def _detect_crops(
     for position, det in sorted(best.items()):
         pixels = frame_crop(image, det.box, crop_mode)
         if pixels is not None:
-            box = det.box.scaled(sx, sy).as_tuple()
-            out.append((position, det.label, det.score, box, pixels))
+            stored_box = det.box.scaled(sx, sy).as_tuple()
+            out.append((position, det.label, det.score, stored_box, pixels))
     return out
 
 
@@ -510,10 +510,12 @@ def _prepare_in_worker(
 def _worker_init(parent_pid: int) -> None:
     """A decode worker ends when the ingest that started it dies, even by ``kill -9``.
 
-    Nothing else would end it: each worker holds both ends of the pool's pipes, so it never
-    sees end-of-file, and it keeps multiprocessing's resource tracker alive too (the tracker
-    exits once every holder of its pipe is gone). On Linux the kernel sends SIGKILL when the
-    parent dies; elsewhere (and as a second line) a thread polls the parent's pid.
+    Nothing else would end it: a worker waiting on the pool's call queue does not notice its
+    parent is gone (measured: it waited forever, re-parented to pid 1), and while it lives it
+    keeps multiprocessing's resource tracker alive too (the tracker exits once every holder
+    of its pipe is gone). On Linux the kernel sends SIGKILL when the parent thread dies (the
+    pool starts workers from the thread that runs the ingest, which outlives the pool);
+    elsewhere, and as a second line, a thread polls the parent's pid.
     """
     if sys.platform.startswith("linux"):
         try:
