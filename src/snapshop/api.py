@@ -209,3 +209,23 @@ def collect_garbage(
         return catalog.collect_garbage(dry_run=dry_run, min_age_seconds=grace_seconds)
     finally:
         catalog.close()
+
+
+# --- shop features (issue #18): more like this, similar-product export, duplicates -----------
+def similar(
+    catalog_dir: PathLike,
+    product: str | int,
+    *,
+    k: int = 10,
+    position: str | None = None,
+    filters: ProductFilter | None = None,
+) -> SearchResult:
+    """More like this for a catalog product (sku or id) from its stored vectors: image-based
+    and item-based results, the product itself excluded (see ``snapshop.similar``)."""
+    from snapshop.similar import similar_products
+
+    catalog = open_catalog(catalog_dir)
+    try:
+        return similar_products(catalog, product, k, position=position, filters=filters)
+    finally:
+        catalog.close()

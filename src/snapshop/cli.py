@@ -631,3 +631,34 @@ def evaluate_detector(
 
 def entrypoint() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+# --- shop features (issue #18): more like this, similar-product export, duplicates -----------
+@app.command()
+def similar(
+    product: Annotated[str, typer.Argument(help="Product sku (or integer id).")],
+    catalog: CatalogOpt,
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Products per result list.")] = 10,
+    position: Annotated[
+        str | None, typer.Option(help="Only item-based results at this garment position.")
+    ] = None,
+    category: Annotated[str | None, typer.Option(help="Only products of this category.")] = None,
+    min_price: Annotated[float | None, typer.Option(min=0)] = None,
+    max_price: Annotated[float | None, typer.Option(min=0)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """More like this: the products that look like PRODUCT, from its stored vectors."""
+    from snapshop.search import ProductFilter
+
+    result = run(lambda: api.similar(
+        catalog, product, k=k, position=position,
+        filters=ProductFilter(category, min_price, max_price),
+    ))  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    if position is None:
+        out.print(_hits_table(f"More like {product} (image-based)", result.image_results))
+    for item in result.item_results:
+        out.print(_hits_table(f"More like {product}: {item.position} (item-based)",
+                              item.results))  # fmt: skip
