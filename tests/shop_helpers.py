@@ -68,14 +68,15 @@ def fill_shop(catalog: Catalog, n_products: int = 30, seed: int = 0) -> None:
     product's images resemble each other), an upper crop on most images and a lower crop on
     some, a category and a price (every fifth product has none)."""
     rng = np.random.default_rng(seed)
+    dim = catalog.dim
     for n in range(n_products):
-        centre = unit(rng)[0]
+        centre = unit(rng, dim=dim)[0]
         for _ in range(int(rng.integers(1, 5))):
             crops = {}
             if rng.random() < 0.8:
                 crops["upper"] = near(rng, centre, 0.6)
             if rng.random() < 0.4:
-                crops["lower"] = unit(rng)[0]
+                crops["lower"] = unit(rng, dim=dim)[0]
             add_image(
                 catalog, f"p{n:02d}", near(rng, centre, 0.4), crops,
                 price=None if n % 5 == 4 else float(10 + n), category=CATEGORIES[n % 3],
