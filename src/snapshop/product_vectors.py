@@ -94,9 +94,7 @@ class ProductVectors:
             return sorted(n.removeprefix("crops-") for n, g in self._groups.items()
                           if n != IMAGES and len(g.product_ids))  # fmt: skip
 
-    def vectors(
-        self, position: str | None = None
-    ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    def vectors(self, position: str | None = None) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
         """(product ids (P,) ascending, (P, D) L2-normalised vectors) of the images, or of the
         crops at ``position``."""
         with self._lock:
