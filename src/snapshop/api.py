@@ -212,6 +212,12 @@ def collect_garbage(
 
 
 # --- shop features (issue #18): more like this, similar-product export, duplicates -----------
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:  # imported where used: they load faiss, which the CLI's start-up avoids
+    from snapshop.recommend import ExportReport
+
+
 def similar(
     catalog_dir: PathLike,
     product: str | int,
@@ -227,5 +233,31 @@ def similar(
     catalog = open_catalog(catalog_dir)
     try:
         return similar_products(catalog, product, k, position=position, filters=filters)
+    finally:
+        catalog.close()
+
+
+def recommend(
+    catalog_dir: PathLike,
+    out: PathLike,
+    *,
+    k: int = 20,
+    position: str | None = None,
+    batch_size: int = 1024,
+    restart: bool = False,
+    progress_total: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ExportReport:
+    """Write every product's ``k`` most similar products (by product vector) to ``out`` (.csv,
+    or .parquet when pyarrow is installed), resuming an interrupted export of the same file
+    unless ``restart`` (see ``snapshop.recommend``)."""
+    from snapshop.recommend import export_similar
+
+    catalog = open_catalog(catalog_dir)
+    try:
+        return export_similar(
+            catalog, out, k, position=position, batch_size=batch_size, restart=restart,
+            progress_total=progress_total, progress=progress,
+        )  # fmt: skip
     finally:
         catalog.close()

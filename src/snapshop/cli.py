@@ -662,3 +662,46 @@ def similar(
     for item in result.item_results:
         out.print(_hits_table(f"More like {product}: {item.position} (item-based)",
                               item.results))  # fmt: skip
+
+
+@app.command()
+def recommend(
+    catalog: CatalogOpt,
+    output: Annotated[
+        Path, typer.Option("--out", "-o", help="similar.csv, or similar.parquet (needs pyarrow).")
+    ],
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Similar products each.")] = 20,
+    position: Annotated[
+        str | None, typer.Option(help="Rank by the product vectors of this garment position.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=65536)] = 1024,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Start over instead of resuming an unfinished run.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export every product's k most similar products (by product vector); resumable."""
+    with _count_bar("products") as (set_total, advance):
+        report = run(lambda: api.recommend(
+            catalog, output, k=k, position=position, batch_size=batch_size, restart=restart,
+            progress_total=set_total, progress=advance,
+        ))  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+        return
+    after = report.resumed_after
+    resumed = "" if after is None else f" (resumed after product {after})"
+    out.print(f"wrote {report.rows} rows for {report.products} products to {report.path}{resumed};"
+              f" {report.seconds:.1f} s ({report.products_per_second:.0f} products/s)")  # fmt: skip
+
+
+@contextmanager
+def _count_bar(unit: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """(set_total, advance) callbacks; a live bar counting ``unit`` only on a terminal."""
+    if not err.is_terminal:
+        yield (lambda total: None), (lambda n: None)
+        return
+    columns = (TextColumn(unit), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task(unit, total=None)
+        yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
