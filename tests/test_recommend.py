@@ -130,7 +130,7 @@ def test_resume_after_a_crash_continues_after_the_last_complete_product(
     assert state["done"] > 0
     if suffix == ".csv":  # a torn write after the resume point: a partial row
         with open(out, "ab") as fh:
-            fh.write(b"999,p99,1,12")
+            fh.write(b"999,p99,1,12" + b"9" * 100_000)  # longer than the rest of the file
     else:  # a part file that never got renamed
         (out.with_name(out.name + ".parts") / "part-000002.tmp").write_bytes(b"torn")
 
