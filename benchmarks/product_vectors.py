@@ -24,12 +24,14 @@ from numpy.typing import NDArray
 
 from snapshop.data.manifest import read_manifest
 from snapshop.evaluate.retrieval import embed_paths, product_ranks, product_scores, recall_interval
+from snapshop.evaluate.stats import ratio_interval
 from snapshop.index.flat import FlatIndex
 from snapshop.models.embedder import load_embedder
 from snapshop.product_vectors import mean_pool
 from snapshop.search import top_products
 
 KS = (1, 5, 10)
+PER_PRODUCT = (1, 2, 3, 5, 10)  # gallery images kept per product in the subsampled runs
 
 
 def embeddings(manifest: Path, model: str, cache: Path | None) -> dict[str, NDArray]:
@@ -56,6 +58,61 @@ def recall_table(name: str, ranks: NDArray[np.int64], labels: NDArray[np.int64])
         lo, hi = recall_interval(ranks, labels, k)
         cells.append(f"{(ranks < k).mean():.3f} ({lo:.3f}–{hi:.3f})")
     return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def both_ranks(
+    q_vecs: NDArray[np.float32],
+    q_labels: NDArray[np.int64],
+    g_vecs: NDArray[np.float32],
+    g_labels: NDArray[np.int64],
+    n_products: int,
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Ranks of each query's product: by best image, and by product vector."""
+    by_image = product_ranks(product_scores(q_vecs @ g_vecs.T, g_labels, n_products), q_labels)
+    pooled_ids, pooled = mean_pool(g_labels, g_vecs)
+    assert np.array_equal(pooled_ids, np.arange(n_products))
+    return by_image, product_ranks(q_vecs @ pooled.T, q_labels)
+
+
+def paired_difference(
+    first: NDArray[np.int64], second: NDArray[np.int64], labels: NDArray[np.int64], k: int
+) -> tuple[float, float, float]:
+    """R@k(second) - R@k(first) with a 95 % bootstrap interval over products (paired: the
+    same resampled products for both)."""
+    products, inverse = np.unique(labels, return_inverse=True)
+    gain = (second < k).astype(np.float64) - (first < k).astype(np.float64)
+    per_product = np.bincount(inverse, weights=gain, minlength=len(products))
+    counts = np.bincount(inverse, minlength=len(products))
+    lo, hi = ratio_interval(per_product, counts)
+    return float(gain.mean()), lo, hi
+
+
+def subsampled(
+    q_vecs: NDArray[np.float32],
+    q_labels: NDArray[np.int64],
+    g_vecs: NDArray[np.float32],
+    g_labels: NDArray[np.int64],
+    n_products: int,
+    seeds: int = 5,
+) -> None:
+    """The same comparison with only m gallery images per product (a shop lists a few)."""
+    print("\n| gallery images per product | R@1 best image | R@1 product vector |"
+          " R@1 gain (95% CI) | R@5 best image | R@5 product vector |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for m in PER_PRODUCT:
+        rows = []
+        for seed in range(seeds):
+            rng = np.random.default_rng(seed)
+            keep = np.concatenate([rng.permutation(np.flatnonzero(g_labels == p))[:m]
+                                   for p in range(n_products)])  # fmt: skip
+            by_image, by_product = both_ranks(q_vecs, q_labels, g_vecs[keep], g_labels[keep],
+                                              n_products)  # fmt: skip
+            gain = paired_difference(by_image, by_product, q_labels, 1)
+            rows.append(((by_image < 1).mean(), (by_product < 1).mean(), *gain,
+                         (by_image < 5).mean(), (by_product < 5).mean()))  # fmt: skip
+        a = np.mean(rows, axis=0)
+        print(f"| {m} (mean of {seeds} draws) | {a[0]:.3f} | {a[1]:.3f} |"
+              f" {a[2]:+.3f} ({a[3]:+.3f}…{a[4]:+.3f}) | {a[5]:.3f} | {a[6]:.3f} |")  # fmt: skip
 
 
 def time_searches(
@@ -105,10 +162,7 @@ def main() -> None:
     g_vecs = data["gallery_vecs"]
     g_labels = np.array([pid[p] for p in data["gallery_products"].tolist()], np.int64)
 
-    by_image = product_ranks(product_scores(q_vecs @ g_vecs.T, g_labels, len(products)), q_labels)
-    pooled_ids, pooled = mean_pool(g_labels, g_vecs)
-    assert np.array_equal(pooled_ids, np.arange(len(products)))
-    by_product = product_ranks(q_vecs @ pooled.T, q_labels)
+    by_image, by_product = both_ranks(q_vecs, q_labels, g_vecs, g_labels, len(products))
 
     print(f"\n{args.manifest}: {len(q_vecs)} query photos, {len(g_vecs)} gallery images,"
           f" {len(products)} products, model {args.model}\n")  # fmt: skip
@@ -120,6 +174,11 @@ def main() -> None:
     print(f"\nqueries whose top-1 correctness differs: {int(changed.sum())} of {len(q_labels)}"
           f" (image-only right {int(((by_image == 0) & (by_product != 0)).sum())},"
           f" product-only right {int(((by_product == 0) & (by_image != 0)).sum())})")  # fmt: skip
+    for k in (1, 5):
+        gain, lo, hi = paired_difference(by_image, by_product, q_labels, k)
+        ci = f"{lo:+.3f}…{hi:+.3f}"
+        print(f"R@{k} gain of product vectors: {gain:+.3f} (95% CI over products {ci})")
+    subsampled(q_vecs, q_labels, g_vecs, g_labels, len(products))
 
     print("\n| gallery | images | products | best image ms/query | product vector ms/query |")
     print("|---|---|---|---|---|")
