@@ -94,6 +94,9 @@ def main() -> None:
             f"\n{report.rows} rows, {size:.1f} MiB; resident memory before the export"
             f" {before:.0f} MiB, during it {min(samples):.0f}–{max(samples):.0f} MiB"
         )
+        every = max(1, len(samples) // 10)
+        print("MiB after batches:", ", ".join(f"{n}: {s:.0f}" for n, s in
+                                              list(enumerate(samples))[::every]))  # fmt: skip
 
 
 if __name__ == "__main__":

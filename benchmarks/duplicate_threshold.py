@@ -1,0 +1,143 @@
+"""Precision and recall of near-duplicate detection per similarity threshold.
+
+Generates ``--products`` distinct demo products (two photos each, one listing per product)
+and, for each product's first photo, edited copies listed as other products: re-encoded
+(JPEG q 30), resized (50 %), cropped (80 % of each side, centred), watermarked (text and a
+logo over the photo), and all four together. Indexes them into a catalog with the given model
+(no detector), finds every cross-product pair above 0.5 with ``duplicates.candidate_pairs``,
+and prints, per threshold: precision (pairs derived from one photo / all pairs reported),
+recall over every such pair, and recall per kind of copy (original vs copy).
+Pairs of a copy with its product's *other* photo are neither: they are left out of both.
+
+    python benchmarks/duplicate_threshold.py --products 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from snapshop import api
+from snapshop.catalog.catalog import open_catalog
+from snapshop.demo import demo_products, render
+from snapshop.duplicates import candidate_pairs
+
+KINDS = ("reencode", "resize", "crop", "watermark", "all")
+THRESHOLDS = (0.70, 0.75, 0.80, 0.85, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98)
+
+
+def watermark(image: Image.Image) -> Image.Image:
+    out = image.convert("RGBA")
+    overlay = Image.new("RGBA", out.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    w, h = out.size
+    for y in range(h // 6, h, h // 3):
+        draw.text((w // 10, y), "SAMPLE  SHOP.EXAMPLE", fill=(255, 255, 255, 150))
+    draw.rectangle((w - w // 4, h - h // 8, w - 4, h - 4), fill=(20, 20, 160, 170))
+    return Image.alpha_composite(out, overlay).convert("RGB")
+
+
+def edit(image: Image.Image, kind: str, path: Path) -> None:
+    w, h = image.size
+    quality = 92
+    if kind in ("crop", "all"):
+        image = image.crop((w // 10, h // 10, w - w // 10, h - h // 10))
+    if kind in ("resize", "all"):
+        image = image.resize((image.width // 2, image.height // 2), Image.Resampling.BILINEAR)
+    if kind in ("watermark", "all"):
+        image = watermark(image)
+    if kind in ("reencode", "all"):
+        quality = 30
+    image.save(path, quality=quality)
+
+
+def generate(root: Path, n_products: int, size: int) -> tuple[Path, dict[str, tuple[str, str]]]:
+    """A catalog CSV and {file name: (product, kind)} with kind "photo0", "photo1" or a copy."""
+    rows, origin = [], {}
+    for n, product in enumerate(demo_products(n_products, seed=1)):
+        for j in range(2):
+            path = root / f"{product.sku}-photo{j}.jpg"
+            render(product, 100 * n + j, size=size).save(path, quality=92)
+            rows.append([product.sku, path])
+            origin[path.name] = (product.sku, f"photo{j}")
+        first = Image.open(root / f"{product.sku}-photo0.jpg").convert("RGB")
+        for kind in KINDS:
+            path = root / f"{product.sku}-copy-{kind}.jpg"
+            edit(first, kind, path)
+            rows.append([f"{product.sku}-copy-{kind}", path])  # listed as another product
+            origin[path.name] = (product.sku, kind)
+    manifest = root / "catalog.csv"
+    with open(manifest, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["product_id", "image_path"])
+        writer.writerows(rows)
+    return manifest, origin
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--products", type=int, default=80)
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--model", default="efficientnet_lite2")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "images").mkdir()
+        manifest, origin = generate(root / "images", args.products, args.size)
+        t = time.perf_counter()
+        api.index_source(manifest, root / "catalog", model=args.model, detector="none",
+                         workers=0)  # fmt: skip
+        index_s = time.perf_counter() - t
+        catalog = open_catalog(root / "catalog")
+        try:
+            t = time.perf_counter()
+            found = candidate_pairs(catalog, 0.5, neighbours=64)
+            search_s = time.perf_counter() - t
+            source = {i.id: Path(i.source).name for p in catalog.store.list_products(limit=10**6)
+                      for i in catalog.store.images_of(p.id)}  # fmt: skip
+        finally:
+            catalog.close()
+
+    # Every pair of files derived from one product's first photo (its copies and itself,
+    # each listed as a different product) is a true duplicate.
+    derived = [n for n, (_, kind) in origin.items() if kind != "photo1"]
+    truth = {frozenset(pair) for pair in itertools.combinations(derived, 2)
+             if origin[pair[0]][0] == origin[pair[1]][0]}  # fmt: skip
+    ambiguous = {frozenset((a, b)) for a, b in itertools.permutations(origin, 2)
+                 if origin[a][0] == origin[b][0] and origin[a][1] == "photo1"
+                 and origin[b][1] in KINDS}  # fmt: skip
+    scored = {frozenset((source[a], source[b])): s for (a, b), s in found.items()}
+
+    n_images = len(origin)
+    print(f"{args.products} distinct products x 2 photos + {len(KINDS)} edited copies of each"
+          f" first photo = {n_images} images, model {args.model}; indexing {index_s:.0f} s,"
+          f" all-pairs search {search_s:.1f} s\n")  # fmt: skip
+    print("| threshold | pairs reported | precision | recall (all derived pairs) | "
+          + " | ".join(f"recall {k}" for k in KINDS) + " |")  # fmt: skip
+    print("|---" * (4 + len(KINDS)) + "|")
+    for threshold in THRESHOLDS:
+        reported = {p for p, s in scored.items() if s >= threshold and p not in ambiguous}
+        true_positive = len(reported & truth)
+        precision = true_positive / len(reported) if reported else 1.0
+        per_kind = []
+        for kind in KINDS:
+            pairs = {frozenset((f"{sku}-photo0.jpg", f"{sku}-copy-{kind}.jpg"))
+                     for sku, _ in set(origin.values())}  # fmt: skip
+            per_kind.append(len(pairs & reported) / len(pairs))
+        print(f"| {threshold:.2f} | {len(reported)} | {precision:.3f} |"
+              f" {true_positive / len(truth):.3f} | "
+              + " | ".join(f"{r:.3f}" for r in per_kind) + " |")  # fmt: skip
+    negatives = sorted((s for p, s in scored.items() if p not in truth and p not in ambiguous),
+                       reverse=True)  # fmt: skip
+    print(f"\nhighest score of a pair of distinct products: {negatives[0] if negatives else 0:.4f}")
+
+
+if __name__ == "__main__":
+    main()
