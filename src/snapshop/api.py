@@ -215,6 +215,7 @@ def collect_garbage(
 from typing import TYPE_CHECKING  # noqa: E402
 
 if TYPE_CHECKING:  # imported where used: they load faiss, which the CLI's start-up avoids
+    from snapshop.duplicates import DuplicateReport
     from snapshop.recommend import ExportReport
 
 
@@ -259,5 +260,34 @@ def recommend(
             catalog, out, k, position=position, batch_size=batch_size, restart=restart,
             progress_total=progress_total, progress=progress,
         )  # fmt: skip
+    finally:
+        catalog.close()
+
+
+def duplicates(
+    catalog_dir: PathLike,
+    *,
+    threshold: float | None = None,
+    out: PathLike | None = None,
+    html: PathLike | None = None,
+    progress_total: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> DuplicateReport:
+    """Near-identical image pairs across different products (similarity >= ``threshold``,
+    default ``duplicates.DEFAULT_THRESHOLD``); written as CSV to ``out`` and as a page of
+    side-by-side thumbnails to ``html`` when given (see ``snapshop.duplicates``)."""
+    from snapshop.duplicates import DEFAULT_THRESHOLD, find_duplicates, write_csv, write_html
+
+    catalog = open_catalog(catalog_dir)
+    try:
+        chosen = DEFAULT_THRESHOLD if threshold is None else threshold
+        if progress_total:
+            progress_total(catalog.store.counts()["images"])
+        report = find_duplicates(catalog, chosen, progress=progress)
+        if out is not None:
+            write_csv(report.pairs, Path(out))
+        if html is not None:
+            write_html(catalog, report, Path(html))
+        return report
     finally:
         catalog.close()

@@ -705,3 +705,30 @@ def _count_bar(unit: str) -> Iterator[tuple[Callable[[int], None], Callable[[int
     with Progress(*columns, console=err) as bar:
         task = bar.add_task(unit, total=None)
         yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
+
+
+@catalog_app.command("duplicates")
+def catalog_duplicates(
+    catalog: CatalogOpt,
+    output: Annotated[Path, typer.Option("--out", "-o", help="CSV of the pairs to write.")],
+    threshold: Annotated[
+        float | None,
+        typer.Option(min=-1.0, max=1.0, help="Similarity from which two images are duplicates."),
+    ] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write a page of side-by-side thumbnails.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Near-identical images listed under different products (reused photos, duplicates)."""
+    with _count_bar("images") as (set_total, advance):
+        report = run(lambda: api.duplicates(
+            catalog, threshold=threshold, out=output, html=html, progress_total=set_total,
+            progress=advance,
+        ))  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+        return
+    out.print(f"{len(report.pairs)} near-duplicate pairs among {report.images} images"
+              f" (similarity >= {report.threshold:g}) -> {output}"
+              + (f", {html}" if html else ""))  # fmt: skip
