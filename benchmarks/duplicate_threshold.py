@@ -8,8 +8,12 @@ logo over the photo), and all four together. Indexes them into a catalog with th
 and prints, per threshold: precision (pairs derived from one photo / all pairs reported),
 recall over every such pair, and recall per kind of copy (original vs copy).
 Pairs of a copy with its product's *other* photo are neither: they are left out of both.
+``--photos MANIFEST`` takes the two photos of each product from a dataset manifest instead of
+generating them (read where they lie, resized to ``--size`` in a temporary folder).
 
     python benchmarks/duplicate_threshold.py --products 80
+    python benchmarks/duplicate_threshold.py --products 80 \
+        --photos ../shared/datasets/grocery-dev/manifest.csv
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ import csv
 import itertools
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from snapshop import api
 from snapshop.catalog.catalog import open_catalog
+from snapshop.data.manifest import read_manifest
 from snapshop.demo import demo_products, render
 from snapshop.duplicates import candidate_pairs
+from snapshop.images import load_image
 
 KINDS = ("reencode", "resize", "crop", "watermark", "all")
 THRESHOLDS = (0.70, 0.75, 0.80, 0.85, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98)
@@ -57,21 +64,42 @@ def edit(image: Image.Image, kind: str, path: Path) -> None:
     image.save(path, quality=quality)
 
 
-def generate(root: Path, n_products: int, size: int) -> tuple[Path, dict[str, tuple[str, str]]]:
+def photo_pairs(n_products: int, size: int, manifest: Path | None) -> Iterator[tuple[str, list]]:
+    """(sku, [two photos]) of ``n_products`` products: rendered, or read from ``manifest``."""
+    if manifest is None:
+        for n, product in enumerate(demo_products(n_products, seed=1)):
+            yield product.sku, [render(product, 100 * n + j, size=size) for j in range(2)]
+        return
+    by_product: dict[str, list[Path]] = {}
+    for row in read_manifest(manifest):
+        by_product.setdefault(row.product_id, []).append(row.path)
+    chosen = [p for p in sorted(by_product) if len(by_product[p]) >= 2][:n_products]
+    for product in chosen:
+        photos = []
+        for path in by_product[product][:2]:
+            image = load_image(path)
+            image.thumbnail((size, size))
+            photos.append(image)
+        yield product, photos
+
+
+def generate(
+    root: Path, n_products: int, size: int, manifest: Path | None
+) -> tuple[Path, dict[str, tuple[str, str]]]:
     """A catalog CSV and {file name: (product, kind)} with kind "photo0", "photo1" or a copy."""
     rows, origin = [], {}
-    for n, product in enumerate(demo_products(n_products, seed=1)):
-        for j in range(2):
-            path = root / f"{product.sku}-photo{j}.jpg"
-            render(product, 100 * n + j, size=size).save(path, quality=92)
-            rows.append([product.sku, path])
-            origin[path.name] = (product.sku, f"photo{j}")
-        first = Image.open(root / f"{product.sku}-photo0.jpg").convert("RGB")
+    for sku, photos in photo_pairs(n_products, size, manifest):
+        for j, photo in enumerate(photos):
+            path = root / f"{sku}-photo{j}.jpg"
+            photo.save(path, quality=92)
+            rows.append([sku, path])
+            origin[path.name] = (sku, f"photo{j}")
+        first = photos[0]
         for kind in KINDS:
-            path = root / f"{product.sku}-copy-{kind}.jpg"
+            path = root / f"{sku}-copy-{kind}.jpg"
             edit(first, kind, path)
-            rows.append([f"{product.sku}-copy-{kind}", path])  # listed as another product
-            origin[path.name] = (product.sku, kind)
+            rows.append([f"{sku}-copy-{kind}", path])  # listed as another product
+            origin[path.name] = (sku, kind)
     manifest = root / "catalog.csv"
     with open(manifest, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -85,12 +113,13 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=80)
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--model", default="efficientnet_lite2")
+    parser.add_argument("--photos", type=Path, default=None, help="Dataset manifest CSV.")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "images").mkdir()
-        manifest, origin = generate(root / "images", args.products, args.size)
+        manifest, origin = generate(root / "images", args.products, args.size, args.photos)
         t = time.perf_counter()
         api.index_source(manifest, root / "catalog", model=args.model, detector="none",
                          workers=0)  # fmt: skip
@@ -116,8 +145,10 @@ def main() -> None:
     scored = {frozenset((source[a], source[b])): s for (a, b), s in found.items()}
 
     n_images = len(origin)
-    print(f"{args.products} distinct products x 2 photos + {len(KINDS)} edited copies of each"
-          f" first photo = {n_images} images, model {args.model}; indexing {index_s:.0f} s,"
+    where = args.photos or "generated demo products"
+    n_products = len(origin) // (2 + len(KINDS))
+    print(f"{where}: {n_products} distinct products x 2 photos + {len(KINDS)} edited copies"
+          f" of each first photo = {n_images} images, model {args.model}; indexing {index_s:.0f} s,"
           f" all-pairs search {search_s:.1f} s\n")  # fmt: skip
     print("| threshold | pairs reported | precision | recall (all derived pairs) | "
           + " | ".join(f"recall {k}" for k in KINDS) + " |")  # fmt: skip
