@@ -32,11 +32,13 @@ from snapshop import api
 from snapshop.catalog.catalog import open_catalog
 from snapshop.data.manifest import read_manifest
 from snapshop.demo import demo_products, render
-from snapshop.duplicates import candidate_pairs
+from snapshop.duplicates import candidate_pairs, pixel_signatures, pixel_similarity
 from snapshop.images import load_image
 
 KINDS = ("reencode", "resize", "crop", "watermark", "all")
 THRESHOLDS = (0.70, 0.75, 0.80, 0.85, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98)
+FLOORS = (0.7, 0.8, 0.85)
+PIXEL_THRESHOLDS = (0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 
 
 def watermark(image: Image.Image) -> Image.Image:
@@ -133,6 +135,12 @@ def main() -> None:
                       for i in catalog.store.images_of(p.id)}  # fmt: skip
         finally:
             catalog.close()
+        scored = {frozenset((source[a], source[b])): s for (a, b), s in found.items()}
+        # The pixel check, on every pair that could pass the lowest vector floor below.
+        signatures = {name: pixel_signatures(Image.open(root / "images" / name))
+                      for name in origin}  # fmt: skip
+        pixels = {pair: pixel_similarity(*(signatures[n] for n in pair))
+                  for pair, s in scored.items() if s >= min(FLOORS)}  # fmt: skip
 
     # Every pair of files derived from one product's first photo (its copies and itself,
     # each listed as a different product) is a true duplicate.
@@ -142,32 +150,42 @@ def main() -> None:
     ambiguous = {frozenset((a, b)) for a, b in itertools.permutations(origin, 2)
                  if origin[a][0] == origin[b][0] and origin[a][1] == "photo1"
                  and origin[b][1] in KINDS}  # fmt: skip
-    scored = {frozenset((source[a], source[b])): s for (a, b), s in found.items()}
+    by_kind = {kind: {frozenset((f"{sku}-photo0.jpg", f"{sku}-copy-{kind}.jpg"))
+                      for sku, _ in set(origin.values())} for kind in KINDS}  # fmt: skip
 
-    n_images = len(origin)
+    def row(label: str, reported: set[frozenset[str]]) -> str:
+        reported = reported - ambiguous
+        true_positive = len(reported & truth)
+        precision = true_positive / len(reported) if reported else 1.0
+        per_kind = [len(pairs & reported) / len(pairs) for pairs in by_kind.values()]
+        return (f"| {label} | {len(reported)} | {precision:.3f} | {true_positive / len(truth):.3f}"
+                " | " + " | ".join(f"{r:.3f}" for r in per_kind) + " |")  # fmt: skip
+
+    header = ("| pairs reported | precision | recall (all derived pairs) | "
+              + " | ".join(f"recall {k}" for k in KINDS) + " |")  # fmt: skip
+    rule = "|---" * (4 + len(KINDS)) + "|"
     where = args.photos or "generated demo products"
     n_products = len(origin) // (2 + len(KINDS))
     print(f"{where}: {n_products} distinct products x 2 photos + {len(KINDS)} edited copies"
-          f" of each first photo = {n_images} images, model {args.model}; indexing {index_s:.0f} s,"
-          f" all-pairs search {search_s:.1f} s\n")  # fmt: skip
-    print("| threshold | pairs reported | precision | recall (all derived pairs) | "
-          + " | ".join(f"recall {k}" for k in KINDS) + " |")  # fmt: skip
-    print("|---" * (4 + len(KINDS)) + "|")
+          f" of each first photo = {len(origin)} images, model {args.model}; indexing"
+          f" {index_s:.0f} s, all-pairs search {search_s:.1f} s\n")  # fmt: skip
+    print("Vector similarity alone:\n")
+    print("| vector threshold " + header + "\n" + rule)
     for threshold in THRESHOLDS:
-        reported = {p for p, s in scored.items() if s >= threshold and p not in ambiguous}
-        true_positive = len(reported & truth)
-        precision = true_positive / len(reported) if reported else 1.0
-        per_kind = []
-        for kind in KINDS:
-            pairs = {frozenset((f"{sku}-photo0.jpg", f"{sku}-copy-{kind}.jpg"))
-                     for sku, _ in set(origin.values())}  # fmt: skip
-            per_kind.append(len(pairs & reported) / len(pairs))
-        print(f"| {threshold:.2f} | {len(reported)} | {precision:.3f} |"
-              f" {true_positive / len(truth):.3f} | "
-              + " | ".join(f"{r:.3f}" for r in per_kind) + " |")  # fmt: skip
+        print(row(f"{threshold:.2f}", {p for p, s in scored.items() if s >= threshold}))
     negatives = sorted((s for p, s in scored.items() if p not in truth and p not in ambiguous),
                        reverse=True)  # fmt: skip
-    print(f"\nhighest score of a pair of distinct products: {negatives[0] if negatives else 0:.4f}")
+    print(f"\nhighest vector score of a pair of distinct products: {negatives[0]:.4f}")
+
+    print("\nVector candidates confirmed by the pixel check (duplicates.pixel_similarity):\n")
+    print("| vector floor, pixel threshold " + header + "\n" + rule)
+    for floor, pixel in itertools.product(FLOORS, PIXEL_THRESHOLDS):
+        kept = {p for p, s in pixels.items() if s >= pixel and scored[p] >= floor}
+        print(row(f"{floor:.2f}, {pixel:.2f}", kept))
+    negatives = sorted((pixels[p] for p in pixels if p not in truth and p not in ambiguous),
+                       reverse=True)  # fmt: skip
+    print(f"\nhighest pixel score of a pair of distinct products (vector >= {min(FLOORS)}):"
+          f" {negatives[0] if negatives else float('nan'):.4f}")  # fmt: skip
 
 
 if __name__ == "__main__":

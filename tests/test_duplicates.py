@@ -131,3 +131,46 @@ def test_csv_html_and_cli(tmp_path: Path) -> None:
     assert len(data["pairs"]) == 3  # every cross-product pair
     bad = runner.invoke(app, [*args, "--threshold", "2"])
     assert bad.exit_code == 2
+
+
+def stored_picture(catalog_dir: Path, image: Image.Image, quality: int = 90) -> tuple[str, str]:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    data = buffer.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    blob = f"blobs/{sha[:2]}/{sha}.jpg"
+    (catalog_dir / blob).parent.mkdir(parents=True, exist_ok=True)
+    (catalog_dir / blob).write_bytes(data)
+    return blob, sha
+
+
+def test_pixel_check_keeps_edited_copies_and_drops_lookalikes(tmp_path: Path) -> None:
+    """Every image has the same vector, so vectors alone call every pair a duplicate; the
+    stored files tell a re-encoded, resized, cropped copy from another product's photo."""
+    from snapshop.demo import demo_products, render
+
+    first, second = demo_products(2, seed=3)
+    photo = render(first, seed=1, size=200)
+    w, h = photo.size
+    copies = {
+        "original": (photo, 90),
+        "smaller-worse": (photo.resize((100, 100)), 30),
+        "cropped": (photo.crop((w // 10, h // 10, w - w // 10, h - h // 10)), 90),
+        "other": (render(second, seed=2, size=200), 90),
+    }
+    directory = tmp_path / "cat"
+    catalog = new_catalog(directory)
+    try:
+        vec = unit(np.random.default_rng(0))[0]
+        for sku, (image, quality) in copies.items():
+            blob, sha = stored_picture(directory, image, quality)
+            add_image(catalog, sku, vec, blob=blob, sha256=sha)
+        unchecked = find_duplicates(catalog, 0.9, pixel_threshold=None)
+        checked = find_duplicates(catalog, 0.9)
+    finally:
+        catalog.close()
+    assert len(unchecked.pairs) == 6 and all(p.pixel_score is None for p in unchecked.pairs)
+    kept = {frozenset((p.sku, p.other_sku)) for p in checked.pairs}
+    assert kept == {frozenset(pair) for pair in
+                    itertools.combinations(("original", "smaller-worse", "cropped"), 2)}  # fmt: skip
+    assert all(p.pixel_score is not None and p.pixel_score >= 0.9 for p in checked.pairs)

@@ -268,26 +268,32 @@ def duplicates(
     catalog_dir: PathLike,
     *,
     threshold: float | None = None,
+    pixel_threshold: float | None = None,
+    pixel_check: bool = True,
     out: PathLike | None = None,
     html: PathLike | None = None,
     progress_total: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> DuplicateReport:
-    """Near-identical image pairs across different products (similarity >= ``threshold``,
-    default ``duplicates.DEFAULT_THRESHOLD``); written as CSV to ``out`` and as a page of
-    side-by-side thumbnails to ``html`` when given (see ``snapshop.duplicates``)."""
-    from snapshop.duplicates import DEFAULT_THRESHOLD, find_duplicates, write_csv, write_html
+    """Near-identical image pairs across different products: vector similarity >=
+    ``threshold``, confirmed on the stored files by pixel similarity >= ``pixel_threshold``
+    unless not ``pixel_check`` (None: the defaults in ``snapshop.duplicates``). Written as CSV
+    to ``out`` and as a page of side-by-side thumbnails to ``html`` when given."""
+    from snapshop import duplicates as dup
 
     catalog = open_catalog(catalog_dir)
     try:
-        chosen = DEFAULT_THRESHOLD if threshold is None else threshold
         if progress_total:
             progress_total(catalog.store.counts()["images"])
-        report = find_duplicates(catalog, chosen, progress=progress)
+        pixel = dup.DEFAULT_PIXEL_THRESHOLD if pixel_threshold is None else pixel_threshold
+        report = dup.find_duplicates(
+            catalog, dup.DEFAULT_THRESHOLD if threshold is None else threshold,
+            pixel_threshold=pixel if pixel_check else None, progress=progress,
+        )  # fmt: skip
         if out is not None:
-            write_csv(report.pairs, Path(out))
+            dup.write_csv(report.pairs, Path(out))
         if html is not None:
-            write_html(catalog, report, Path(html))
+            dup.write_html(catalog, report, Path(html))
         return report
     finally:
         catalog.close()

@@ -713,8 +713,15 @@ def catalog_duplicates(
     output: Annotated[Path, typer.Option("--out", "-o", help="CSV of the pairs to write.")],
     threshold: Annotated[
         float | None,
-        typer.Option(min=-1.0, max=1.0, help="Similarity from which two images are duplicates."),
+        typer.Option(min=-1.0, max=1.0, help="Vector similarity from which a pair is a candidate."),
     ] = None,
+    pixel_threshold: Annotated[
+        float | None,
+        typer.Option(min=-1.0, max=1.0, help="Pixel similarity that confirms a candidate."),
+    ] = None,
+    pixel_check: Annotated[
+        bool, typer.Option(help="Confirm candidates on the stored image files.")
+    ] = True,
     html: Annotated[
         Path | None, typer.Option("--html", help="Also write a page of side-by-side thumbnails.")
     ] = None,
@@ -723,12 +730,15 @@ def catalog_duplicates(
     """Near-identical images listed under different products (reused photos, duplicates)."""
     with _count_bar("images") as (set_total, advance):
         report = run(lambda: api.duplicates(
-            catalog, threshold=threshold, out=output, html=html, progress_total=set_total,
+            catalog, threshold=threshold, pixel_threshold=pixel_threshold,
+            pixel_check=pixel_check, out=output, html=html, progress_total=set_total,
             progress=advance,
         ))  # fmt: skip
     if as_json:
         out.print_json(json.dumps(report.to_dict()))
         return
+    pixel = report.pixel_threshold
+    checked = "not checked" if pixel is None else f">= {pixel:g}"
     out.print(f"{len(report.pairs)} near-duplicate pairs among {report.images} images"
-              f" (similarity >= {report.threshold:g}) -> {output}"
+              f" (vector similarity >= {report.threshold:g}, pixels {checked}) -> {output}"
               + (f", {html}" if html else ""))  # fmt: skip
