@@ -171,6 +171,6 @@ def test_pixel_check_keeps_edited_copies_and_drops_lookalikes(tmp_path: Path) ->
         catalog.close()
     assert len(unchecked.pairs) == 6 and all(p.pixel_score is None for p in unchecked.pairs)
     kept = {frozenset((p.sku, p.other_sku)) for p in checked.pairs}
-    assert kept == {frozenset(pair) for pair in
-                    itertools.combinations(("original", "smaller-worse", "cropped"), 2)}  # fmt: skip
+    copies = ("original", "smaller-worse", "cropped")
+    assert kept == {frozenset(pair) for pair in itertools.combinations(copies, 2)}
     assert all(p.pixel_score is not None and p.pixel_score >= 0.9 for p in checked.pairs)
