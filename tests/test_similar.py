@@ -136,6 +136,9 @@ def test_sees_other_writers_and_deleted_products(tmp_path: Path) -> None:
         add_image(writer, "far", -base)
         assert [h.sku for h in similar_products(reader, "a", 5).image_results] == ["far"]
         add_image(writer, "twin", base)  # committed by another Catalog object
+        # a host that refreshes under its own lock sees it only after its refresh
+        stale = similar_products(reader, "a", 5, refresh=False).image_results
+        assert [h.sku for h in stale] == ["far"]
         hits = similar_products(reader, "a", 5).image_results
         assert [h.sku for h in hits] == ["twin", "far"]
         assert hits[0].score == pytest.approx(1.0, abs=1e-5)

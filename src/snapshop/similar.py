@@ -127,6 +127,7 @@ def similar_products(
     *,
     position: str | None = None,
     filters: ProductFilter | None = None,
+    refresh: bool = True,
 ) -> SearchResult:
     """Image-based and item-based "more like this" for the catalog product ``product`` (sku
     or id), excluding the product itself.
@@ -136,11 +137,14 @@ def similar_products(
     crops at (only ``position`` when given), ranked by crop-to-crop similarity; its label,
     score and box are those of the product's most confident crop there. ``query_size`` is
     the size of the product's first image; ``detections`` is empty (nothing is detected).
+    ``refresh``: first pick up other writers' changes (a host that refreshes the catalog
+    under its own lock, as the service does for searches, passes False).
     """
     if not 1 <= k <= MAX_K:
         raise ConfigError(f"k must be between 1 and {MAX_K}, got {k}")
     t0 = time.perf_counter()
-    catalog.refresh()
+    if refresh:
+        catalog.refresh()
     store = catalog.store
     target = find_product(store, product)
     images = store.images_of(target.id)
