@@ -241,7 +241,7 @@ figure {{ margin: 0; width: {size}px; }}
 figure img, .missing {{ width: {size}px; height: {size}px; object-fit: contain;
                        background: #f3f3f3; display: block; }}
 .missing {{ display: flex; align-items: center; justify-content: center; color: #888; }}
-figcaption {{ font-size: .8rem; word-break: break-all; }}
+figcaption {{ font-size: .8rem; overflow-wrap: anywhere; }}
 .score {{ font-weight: 600; min-width: 4rem; }}
 </style></head><body>
 <h1>Near-duplicate images</h1>
