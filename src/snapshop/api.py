@@ -216,3 +216,91 @@ def collect_garbage(
         return catalog.collect_garbage(dry_run=dry_run, min_age_seconds=grace_seconds)
     finally:
         catalog.close()
+
+
+# --- shop features (issue #18): more like this, similar-product export, duplicates -----------
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:  # imported where used: they load faiss, which the CLI's start-up avoids
+    from snapshop.duplicates import DuplicateReport
+    from snapshop.recommend import ExportReport
+
+
+def similar(
+    catalog_dir: PathLike,
+    product: str | int,
+    *,
+    k: int = 10,
+    position: str | None = None,
+    filters: ProductFilter | None = None,
+) -> SearchResult:
+    """More like this for a catalog product (sku or id) from its stored vectors: image-based
+    and item-based results, the product itself excluded (see ``snapshop.similar``)."""
+    from snapshop.similar import similar_products
+
+    catalog = open_catalog(catalog_dir)
+    try:
+        return similar_products(catalog, product, k, position=position, filters=filters)
+    finally:
+        catalog.close()
+
+
+def recommend(
+    catalog_dir: PathLike,
+    out: PathLike,
+    *,
+    k: int = 20,
+    position: str | None = None,
+    batch_size: int = 1024,
+    restart: bool = False,
+    progress_total: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ExportReport:
+    """Write every product's ``k`` most similar products (by product vector) to ``out`` (.csv,
+    or .parquet when pyarrow is installed), resuming an interrupted export of the same file
+    unless ``restart`` (see ``snapshop.recommend``)."""
+    from snapshop.recommend import export_similar
+
+    catalog = open_catalog(catalog_dir)
+    try:
+        return export_similar(
+            catalog, out, k, position=position, batch_size=batch_size, restart=restart,
+            progress_total=progress_total, progress=progress,
+        )  # fmt: skip
+    finally:
+        catalog.close()
+
+
+def duplicates(
+    catalog_dir: PathLike,
+    *,
+    threshold: float | None = None,
+    pixel_threshold: float | None = None,
+    pixel_check: bool = True,
+    out: PathLike | None = None,
+    html: PathLike | None = None,
+    progress_total: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> DuplicateReport:
+    """Near-identical image pairs across different products: vector similarity >=
+    ``threshold``, confirmed on the stored files by pixel similarity >= ``pixel_threshold``
+    unless not ``pixel_check`` (None: the defaults in ``snapshop.duplicates``). Written as CSV
+    to ``out`` and as a page of side-by-side thumbnails to ``html`` when given."""
+    from snapshop import duplicates as dup
+
+    catalog = open_catalog(catalog_dir)
+    try:
+        if progress_total:
+            progress_total(catalog.store.counts()["images"])
+        pixel = dup.DEFAULT_PIXEL_THRESHOLD if pixel_threshold is None else pixel_threshold
+        report = dup.find_duplicates(
+            catalog, dup.DEFAULT_THRESHOLD if threshold is None else threshold,
+            pixel_threshold=pixel if pixel_check else None, progress=progress,
+        )  # fmt: skip
+        if out is not None:
+            dup.write_csv(report.pairs, Path(out))
+        if html is not None:
+            dup.write_html(catalog, report, Path(html))
+        return report
+    finally:
+        catalog.close()
