@@ -7,7 +7,8 @@ position's garment boxes, as ``snapshop evaluate-detector`` scores). Failures ar
 missed (truth, no prediction), off (IoU < 0.5) or spurious (prediction, no truth). Several
 ``--fold DETECTOR=BOXES_CSV`` pairs pool cross-validation folds, each detector run only on its
 own CSV's photos; the pooled recall and precision per position come first, with 95 % bootstrap
-intervals over photos.
+intervals over photos. The counting is :mod:`snapshop.evaluate.breakdown`; this script prints
+its tables.
 
     awk -F, 'NR==1 || ($2+0)%2==1' ../shared/datasets/ccp-dev/boxes.csv > /tmp/boxes_odd.csv
     awk -F, 'NR==1 || ($2+0)%2==0' ../shared/datasets/ccp-dev/boxes.csv > /tmp/boxes_even.csv
@@ -19,72 +20,13 @@ intervals over photos.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
-from collections import Counter, defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
-from snapshop.detect.base import POSITIONS, Box, Detection, keep_best_per_position
-from snapshop.detect.factory import create_detector
+from snapshop.detect.base import POSITIONS
 from snapshop.errors import SnapshopError
-from snapshop.evaluate.detection import PositionScore, load_ground_truth, score_image
-from snapshop.images import load_image
-
-OUTCOMES = ("right", "missed", "off", "spurious")
-
-
-@dataclass(frozen=True)
-class PhotoOutcome:
-    path: str
-    labels: frozenset[str]
-    outcome: dict[str, str]  # position -> one of OUTCOMES
-
-
-def position_outcomes(
-    truth: dict[str, Box], detections: Iterable[Detection], iou_threshold: float = 0.5
-) -> dict[str, str]:
-    """Per position: right, missed, off (IoU below the threshold) or spurious."""
-    best = keep_best_per_position(detections)
-    out = {}
-    for position in POSITIONS:
-        gt, det = truth.get(position), best.get(position)
-        if gt is None:
-            out[position] = "right" if det is None else "spurious"
-        elif det is None:
-            out[position] = "missed"
-        else:
-            out[position] = "right" if gt.iou(det.box) >= iou_threshold else "off"
-    return out
-
-
-def photo_labels(boxes_csv: Path) -> dict[str, frozenset[str]]:
-    """path -> the labels of its rows (``ccp_label`` when the CSV has it, else ``group``)."""
-    labels: dict[str, set[str]] = defaultdict(set)
-    with open(boxes_csv, newline="") as fh:
-        for row in csv.DictReader(fh):
-            labels[row["path"].strip()].add(row.get("ccp_label") or row["group"])
-    return {path: frozenset(found) for path, found in labels.items()}
-
-
-def breakdown(
-    outcomes: list[PhotoOutcome], min_photos: int
-) -> list[tuple[str, int, dict[str, Counter[str]]]]:
-    """(label, photos, {position: Counter of outcomes}) for labels on >= ``min_photos``
-    photos, plus an ``all photos`` row first."""
-    rows = [("all photos", outcomes)]
-    by_label: dict[str, list[PhotoOutcome]] = defaultdict(list)
-    for photo in outcomes:
-        for label in photo.labels:
-            by_label[label].append(photo)
-    rows += sorted((label, photos) for label, photos in by_label.items()
-                   if len(photos) >= min_photos)  # fmt: skip
-    return [
-        (label, len(photos), {p: Counter(ph.outcome[p] for ph in photos) for p in POSITIONS})
-        for label, photos in rows
-    ]
+from snapshop.evaluate.breakdown import OUTCOMES, breakdown, score_folds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,21 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
 
-    outcomes: list[PhotoOutcome] = []
-    pooled: dict[str, PositionScore] = {}
+    folds = []
     for pair in args.fold:
         spec, sep, boxes = pair.rpartition("=")
         if not sep or not spec:
             parser.error(f"--fold {pair!r}: expected DETECTOR=BOXES_CSV")
-        truth, labels = load_ground_truth(boxes), photo_labels(Path(boxes))  # bad CSV: fail first
-        detector = create_detector(spec)
-        if detector is None:
-            parser.error(f"--fold {pair!r}: no detector")
-        for path in sorted(truth):
-            detections = detector.detect(load_image(args.images_root / path))
-            outcome = position_outcomes(truth[path], detections)
-            score_image(truth[path], detections, pooled)
-            outcomes.append(PhotoOutcome(path, labels.get(path, frozenset()), outcome))
+        folds.append((spec, Path(boxes)))
+    outcomes, pooled = score_folds(folds, args.images_root)
 
     print(f"pooled over {len(outcomes)} photos: recall / precision (95 % interval over photos)")
     print("| position | ground truth | predicted | recall | precision |\n|---|---|---|---|---|")

@@ -38,9 +38,9 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from snapshop import api
-from snapshop.detect.segmenter_fit import label_table
 from snapshop.evaluate.detection import load_ground_truth
 from snapshop.evaluate.stats import ratio_interval
+from snapshop.train.segmenter import segmenter_label_table
 
 
 def make_query(
@@ -105,7 +105,8 @@ def main() -> None:
         ]
     rows = rows[: args.n]
     truth = load_ground_truth(args.dataset / "boxes.csv")
-    ccp_classes = label_table(args.dataset / "mask_labels.csv")  # other, upper, lower, dress
+    # other, upper, lower, dress
+    ccp_classes = segmenter_label_table(args.dataset / "mask_labels.csv")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="item-search-"))
     manifest = work / "catalog.csv"
     made: set[str] = set()  # --flat: the products written

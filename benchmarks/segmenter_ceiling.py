@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from detector_breakdown import PhotoOutcome, breakdown, photo_labels, position_outcomes
 from numpy.typing import NDArray
 
 from snapshop.detect.base import LOWER, POSITIONS, UPPER, Box, Detection
@@ -47,6 +46,7 @@ from snapshop.detect.segmenter import (
     boxes_from_probabilities,
 )
 from snapshop.errors import SnapshopError
+from snapshop.evaluate.breakdown import PhotoOutcome, breakdown, photo_labels, position_outcomes
 from snapshop.evaluate.detection import PositionScore, load_ground_truth, score_image
 from snapshop.images import load_image
 

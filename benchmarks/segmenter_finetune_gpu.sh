@@ -47,9 +47,9 @@ print("torch", torch.__version__, torch.cuda.get_device_name() if cuda else "cpu
 EOF
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
-train() {  # NAME PARITY, extra segmenter_fit arguments
+train() {  # NAME PARITY, extra `snapshop train-detector` arguments
   local name=$1 parity=$2; shift 2
-  "$PY" -m snapshop.detect.segmenter_fit "$DATA" --parity "$parity" --finetune-blocks 11 \
+  "$PY" -m snapshop.train.segmenter "$DATA" --parity "$parity" --finetune-blocks 11 \
     --epochs "$EPOCHS" --batch-size 16 --lr 3e-3 --trunk-lr 3e-4 --width 48 --dropout 0.3 \
     --negatives 60 --device "$DEVICE" --workers "$WORKERS" \
     --max-train-seconds "$MAX_TRAIN_SECONDS" --out "$OUT" --prefix "${name}_" \

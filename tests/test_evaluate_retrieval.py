@@ -147,7 +147,8 @@ def test_recall_interval_resamples_products_not_queries() -> None:
 
 
 def test_cross_validated_ranks_match_brute_force_and_pool_over_folds() -> None:
-    cv = load_script("benchmarks/grocery_cv.py")
+    from snapshop.evaluate import crossval as cv
+
     rng = np.random.default_rng(0)
     label_of = {f"p{i}": i for i in range(6)}
     pooled = cv.PooledRanks()
@@ -179,7 +180,7 @@ def test_cross_validation_script_scores_every_product_once(tmp_path, lite0_model
 
     from PIL import Image
 
-    cv = load_script("benchmarks/grocery_cv.py")
+    cv = load_script("benchmarks/grocery_cv.py")  # the script: a shell over evaluate.crossval
     rng = np.random.default_rng(1)
     rows = []
     for p in range(6):
@@ -194,18 +195,34 @@ def test_cross_validation_script_scores_every_product_once(tmp_path, lite0_model
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    out = tmp_path / "cv.json"
+    from snapshop.data.readers import read_dataset
+    from snapshop.evaluate.crossval import cross_validate, held_out_folds
+
     model = str(lite0_model_dir)
-    assert cv.main([str(tmp_path / "m.csv"), "--fold-models", model, model, model,
-                    "--json-out", str(out)]) == 0  # fmt: skip
-    report = json.loads(out.read_text())["trained (fold models)"]
+    rows = read_dataset(tmp_path / "m.csv")
+    folds = held_out_folds(rows, 3)
+    held_out = [r.product_id for fold in folds for r in fold]
+    assert sorted(set(held_out)) == [f"p{p}" for p in range(6)]  # every product once ...
+    assert len(held_out) == len(rows)  # ... with all its images
+    result = cross_validate(rows, [model] * 3)
+    report = result.to_dict()["trained (fold models)"]
     assert set(report) == {"photo -> all", "photo -> catalog"}
     for protocol in report.values():
         assert len(protocol["per_fold_R@1"]) == 3
         assert 0.0 <= protocol["R@1"]["value"] <= protocol["R@5"]["value"] == 1.0  # <= 2 products
+    pooled = result.results["trained (fold models)"]["photo -> all"]
+    assert pooled.queries == 12 and pooled.products == 6  # 2 query photos of each product
+    no_catalog = cross_validate(rows, [model] * 3, catalog_where="domain=none")
+    assert set(no_catalog.to_dict()["trained (fold models)"]) == {"photo -> all"}
+    assert any("skipped" in line for line in no_catalog.markdown())
+    with pytest.raises(ConfigError, match="at least 2"):
+        cross_validate(rows, [model])
+
+    # The script is a shell over the library: the same numbers, as JSON.
+    out = tmp_path / "cv.json"
     assert cv.main([str(tmp_path / "m.csv"), "--fold-models", model, model, model,
-                    "--catalog-where", "domain=none", "--json-out", str(out)]) == 0  # fmt: skip
-    assert set(json.loads(out.read_text())["trained (fold models)"]) == {"photo -> all"}
+                    "--json-out", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result.to_dict()))
 
 
 def test_ratio_interval_units_and_edges() -> None:

@@ -185,3 +185,108 @@ def test_repeat_matching_lists_rare_rows_more_often_in_place() -> None:
     assert repeat_matching(rows, {"domain": "iconic"}, 1) == rows
     with pytest.raises(ManifestError):
         repeat_matching(rows, {"domain": "iconic"}, 0)
+
+
+# --- the loop skeleton every training loop shares ------------------------------------------
+class _CountingLoop:
+    """A toy EpochLoop: one weight pulled towards 3 by SGD; 'loss' is its squared distance."""
+
+    @staticmethod
+    def make(path: Path | None, epochs: int, stop_at: int | None = None):
+        from snapshop.train.loop import EpochLoop, make_optimizer, seed_everything
+
+        class Loop(EpochLoop):
+            def __init__(self) -> None:
+                super().__init__()
+                self.epochs, self.checkpoint_path, self.trained = epochs, path, []
+
+            def setup(self) -> None:
+                seed_everything(0)
+                self.weight = torch.nn.Parameter(torch.zeros(1))
+                self.opt = make_optimizer("sgd", [{"params": [self.weight], "lr": 0.25}],
+                                          weight_decay=0.0, momentum=0.0)  # fmt: skip
+
+            def train_epoch(self, epoch: int) -> dict:
+                self.trained.append(epoch)
+                loss = ((self.weight - 3) ** 2).sum()
+                self.opt.zero_grad()
+                loss.backward()
+                self.opt.step()
+                return {"loss": float(loss)}
+
+            def evaluate(self, epoch: int) -> dict:
+                return {"weight": float(self.weight)}
+
+            def stop_after(self, epoch: int) -> bool:
+                return stop_at is not None and epoch >= stop_at
+
+            def checkpoint_state(self) -> dict:
+                return {"weight": self.weight.detach().clone(), "opt": self.opt.state_dict()}
+
+            def restore(self, state: dict) -> None:
+                with torch.no_grad():
+                    self.weight.copy_(state["weight"])
+                self.opt.load_state_dict(state["opt"])
+
+        return Loop()
+
+
+def test_epoch_loop_checkpoints_resumes_and_stops(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    whole = _CountingLoop.make(None, epochs=4).run()
+    assert [r["epoch"] for r in whole] == [0, 1, 2, 3]
+    assert [r["loss"] for r in whole] == pytest.approx([9.0, 2.25, 0.5625, 0.140625])  # x 1/4
+
+    first = _CountingLoop.make(path, epochs=2)
+    first.run()
+    assert path.exists() and first.trained == [0, 1]
+    again = _CountingLoop.make(path, epochs=4)
+    history = again.run(resume=True)
+    assert again.trained == [2, 3]  # only the epochs the checkpoint had not run
+    assert history == whole  # the same run as without the interruption
+    fresh = _CountingLoop.make(path, epochs=1)
+    assert fresh.run(resume=False) == whole[:1]  # resume=False ignores the checkpoint
+
+    stopped = _CountingLoop.make(None, epochs=5, stop_at=1)
+    assert [r["epoch"] for r in stopped.run()] == [0, 1]
+
+
+def test_loop_helpers_reject_what_they_cannot_do() -> None:
+    from snapshop.train.loop import make_optimizer, resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda:0")
+    params = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1}]
+    assert isinstance(make_optimizer("adamw", params, weight_decay=0.0), torch.optim.AdamW)
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        make_optimizer("lamb", params, weight_decay=0.0)
+
+
+def test_row_selection_defaults_to_the_protocol_split() -> None:
+    from snapshop.train.trainer import RowSelection, TrainConfig, select_rows
+
+    rows = [
+        ManifestRow(Path(f"{p}-{i}.jpg"), p, "gallery" if i else "query",
+                    {"split": split, "domain": "iconic" if i == 2 else "natural"})
+        for p, split in (("a", "train"), ("b", "train"), ("c", "test"))
+        for i in range(3)
+    ]  # fmt: skip
+    train_rows, eval_rows, gallery = select_rows(rows, RowSelection())
+    assert {r.product_id for r in train_rows} == {"a", "b"} and len(train_rows) == 6
+    assert {r.product_id for r in eval_rows} == {"c"} and gallery is None
+    train_rows, eval_rows, gallery = select_rows(
+        rows, RowSelection(("split=test",), ("split=train",), ("domain=iconic",),
+                           ("domain=iconic",), repeat=3),
+    )  # fmt: skip
+    assert [r.path.name for r in train_rows] == ["c-0.jpg", "c-1.jpg"] + ["c-2.jpg"] * 3
+    assert len(eval_rows) == 6 and gallery == {"domain": "iconic"}
+    plain = [ManifestRow(r.path, r.product_id, r.role, {}) for r in rows]  # no split column
+    train_rows, eval_rows, _ = select_rows(plain, RowSelection())
+    assert len(train_rows) == 9 and eval_rows == []
+    with pytest.raises(ConfigError, match="no manifest row"):
+        select_rows(rows, RowSelection(("split=nowhere",)))
+    # features are cached unless the whole backbone trains (nothing is frozen then)
+    assert TrainConfig().cache and not TrainConfig(train_blocks=-1).cache

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,26 +191,33 @@ def catalog_info(catalog_dir: PathLike) -> dict[str, Any]:
         catalog.close()
 
 
-def remove_products(catalog_dir: PathLike, products: list[str]) -> dict[str, int]:
-    """Remove products given by integer id or sku; returns {product: images removed}."""
+def remove_products(
+    catalog_dir: PathLike, skus: Sequence[str] = (), *, ids: Sequence[int] = ()
+) -> dict[str, int]:
+    """Remove the products with these ``skus`` and these catalog ``ids`` (never guessed from
+    one another: the sku "12" is not product 12); returns {sku: images removed}. Every key is
+    resolved first: an unknown one removes nothing."""
+    if not skus and not ids:
+        raise CatalogError("name at least one product to remove (a sku, or an id)")
     catalog = open_catalog(catalog_dir)
     removed: dict[str, int] = {}
     try:
-        targets = []
-        for key in products:  # resolve every key first: an unknown one removes nothing
-            found = catalog.store.find_product(key)
-            if found is None and key.isdigit():
-                try:
-                    found = catalog.store.get_product(int(key))
-                except CatalogError:
-                    found = None
+        targets: dict[int, str] = {}  # a product named twice (sku and id, say) is removed once
+        for sku in skus:
+            found = catalog.store.find_product(sku)
             if found is None:
-                raise CatalogError(f"no product with id or sku {key!r}")
-            # a product named twice (its sku and its id, say) is removed once
-            if all(found.id != product_id for _, product_id in targets):
-                targets.append((key, found.id))
-        for key, product_id in targets:
-            removed[key] = catalog.remove_product(product_id)
+                hint = (
+                    f" (product id {sku}? ids are given as ids: --id {sku})"
+                    if sku.isdigit()
+                    else ""
+                )
+                raise CatalogError(f"no product with sku {sku!r}{hint}")
+            targets[found.id] = found.sku
+        for product_id in ids:
+            product = catalog.store.get_product(product_id)
+            targets[product.id] = product.sku
+        for product_id, sku in targets.items():
+            removed[sku] = catalog.remove_product(product_id)
     finally:
         catalog.close()
     return removed
@@ -225,5 +232,93 @@ def collect_garbage(
     catalog = open_catalog(catalog_dir)
     try:
         return catalog.collect_garbage(dry_run=dry_run, min_age_seconds=grace_seconds)
+    finally:
+        catalog.close()
+
+
+# --- shop features (issue #18): more like this, similar-product export, duplicates -----------
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:  # imported where used: they load faiss, which the CLI's start-up avoids
+    from snapshop.duplicates import DuplicateReport
+    from snapshop.recommend import ExportReport
+
+
+def similar(
+    catalog_dir: PathLike,
+    product: str | int,
+    *,
+    k: int = 10,
+    position: str | None = None,
+    filters: ProductFilter | None = None,
+) -> SearchResult:
+    """More like this for a catalog product (sku or id) from its stored vectors: image-based
+    and item-based results, the product itself excluded (see ``snapshop.similar``)."""
+    from snapshop.similar import similar_products
+
+    catalog = open_catalog(catalog_dir)
+    try:
+        return similar_products(catalog, product, k, position=position, filters=filters)
+    finally:
+        catalog.close()
+
+
+def recommend(
+    catalog_dir: PathLike,
+    out: PathLike,
+    *,
+    k: int = 20,
+    position: str | None = None,
+    batch_size: int = 1024,
+    restart: bool = False,
+    progress_total: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ExportReport:
+    """Write every product's ``k`` most similar products (by product vector) to ``out`` (.csv,
+    or .parquet when pyarrow is installed), resuming an interrupted export of the same file
+    unless ``restart`` (see ``snapshop.recommend``)."""
+    from snapshop.recommend import export_similar
+
+    catalog = open_catalog(catalog_dir)
+    try:
+        return export_similar(
+            catalog, out, k, position=position, batch_size=batch_size, restart=restart,
+            progress_total=progress_total, progress=progress,
+        )  # fmt: skip
+    finally:
+        catalog.close()
+
+
+def duplicates(
+    catalog_dir: PathLike,
+    *,
+    threshold: float | None = None,
+    pixel_threshold: float | None = None,
+    pixel_check: bool = True,
+    out: PathLike | None = None,
+    html: PathLike | None = None,
+    progress_total: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> DuplicateReport:
+    """Near-identical image pairs across different products: vector similarity >=
+    ``threshold``, confirmed on the stored files by pixel similarity >= ``pixel_threshold``
+    unless not ``pixel_check`` (None: the defaults in ``snapshop.duplicates``). Written as CSV
+    to ``out`` and as a page of side-by-side thumbnails to ``html`` when given."""
+    from snapshop import duplicates as dup
+
+    catalog = open_catalog(catalog_dir)
+    try:
+        if progress_total:
+            progress_total(catalog.store.counts()["images"])
+        pixel = dup.DEFAULT_PIXEL_THRESHOLD if pixel_threshold is None else pixel_threshold
+        report = dup.find_duplicates(
+            catalog, dup.DEFAULT_THRESHOLD if threshold is None else threshold,
+            pixel_threshold=pixel if pixel_check else None, progress=progress,
+        )  # fmt: skip
+        if out is not None:
+            dup.write_csv(report.pairs, Path(out))
+        if html is not None:
+            dup.write_html(catalog, report, Path(html))
+        return report
     finally:
         catalog.close()

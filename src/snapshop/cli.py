@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -165,14 +166,32 @@ def _print_not_indexed(what: str, entries: list[tuple[str, str]], shown: int = 2
         err.print(f"  ... and {len(entries) - shown} more {what} (all of them: --json)")
 
 
+def terminal_text(value: object) -> str:
+    """``value`` as a table cell shows it: rich markup escaped, and every control, format or
+    separator character (ESC, NUL, bidi overrides...) written as a visible ``\\x1b``-style
+    escape, so catalog text (rows written before it was checked, too) cannot drive the
+    terminal or disguise itself."""
+    text = "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch) in _HIDDEN_CATEGORIES
+        else ch
+        for ch in str(value)
+    )
+    return escape(text)
+
+
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
 def _hits_table(title: str, hits: list[Any]) -> Table:
-    table = Table(title=title, title_justify="left")
-    for col in ("#", "product", "sku", "title", "price", "score", "image"):
+    table = Table(title=terminal_text(title), title_justify="left")
+    for col in ("#", "product id", "sku", "title", "price", "score", "image id"):
         table.add_column(col)
     for rank, h in enumerate(hits, 1):
         price = "" if h.price is None else f"{h.price:.2f} {h.currency or ''}".strip()
-        table.add_row(str(rank), str(h.product_id), h.sku, h.title or "", price,
-                      f"{h.score:.4f}", str(h.image_id))  # fmt: skip
+        table.add_row(str(rank), str(h.product_id), terminal_text(h.sku),
+                      terminal_text(h.title or ""), terminal_text(price), f"{h.score:.4f}",
+                      str(h.image_id))  # fmt: skip
     return table
 
 
@@ -229,13 +248,21 @@ def catalog_info(catalog: CatalogOpt, as_json: JsonOpt = False) -> None:
 
 @catalog_app.command("remove")
 def catalog_remove(
-    products: Annotated[list[str], typer.Argument(help="Product ids or skus.")],
     catalog: CatalogOpt,
+    skus: Annotated[
+        list[str] | None, typer.Argument(help="Skus of the products to remove.", show_default=False)
+    ] = None,
+    ids: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--id", help="Catalog id of a product to remove (repeatable).", show_default=False
+        ),
+    ] = None,
 ) -> None:
-    """Remove products (their images, crops and vectors) from a catalog."""
-    removed = run(lambda: api.remove_products(catalog, products))
-    for key, n in removed.items():
-        out.print(f"removed product {key} ({n} images)")
+    """Remove products (their images, crops and vectors) from a catalog, by sku or --id."""
+    removed = run(lambda: api.remove_products(catalog, skus or [], ids=ids or []))
+    for sku, n in removed.items():
+        out.print(f"removed product {terminal_text(sku)} ({n} images)", highlight=False)
 
 
 @catalog_app.command("gc")
@@ -339,33 +366,15 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Recall@K, mAP@R, embed ms/image and search ms/query of one or more models."""
-    from snapshop.data.manifest import parse_where
-    from snapshop.evaluate.retrieval import DEFAULT_KS, evaluate_manifest
+    from snapshop.evaluate.retrieval import compare_models
 
-    cutoffs = tuple(sorted(set(ks))) if ks else DEFAULT_KS
-    plot_ks = (1, 2, 4, 5, 8, 10, 16, 32, 64, 100) if plot else ()
-    reports = []
-    for m in model or [None]:
-        reports.append(run(lambda m=m: evaluate_manifest(
-            manifest, m, tuple(sorted(set(cutoffs) | set(plot_ks))),
-            run(lambda: parse_where(query_where)), run(lambda: parse_where(gallery_where)),
-        )))  # fmt: skip
+    comparison = run(lambda: compare_models(
+        manifest, model or [None], ks, query_where or (), gallery_where or (), plot, grid,
+    ))  # fmt: skip
+    cutoffs, reports = comparison.cutoffs, comparison.reports
     if plot:
-        import dataclasses
-
-        from snapshop.evaluate.plots import plot_recall
-
-        shown = [  # K beyond the product count says nothing
-            dataclasses.replace(r, recall={k: v for k, v in r.recall.items() if k <= r.n_products})
-            for r in reports
-        ]
-        where = " ".join((query_where or []) + (gallery_where or []))
-        run(lambda: plot_recall(shown, plot, f"{manifest.name} {where}".strip()))
         err.print(f"recall plot: {plot}")
     if grid:
-        from snapshop.evaluate.plots import plot_grid
-
-        run(lambda: plot_grid(reports, grid))
         err.print(f"result grid: {grid}")
     data = [r.to_dict() for r in reports]
     if json_out:
@@ -524,25 +533,18 @@ def train(
     ] = 1,
 ) -> None:
     """Train a NormSoftmax embedder and export it (model.onnx + model.json) to OUT."""
-    from snapshop.data.manifest import parse_where, read_manifest, repeat_matching
-    from snapshop.train.trainer import TrainConfig, split_rows
-    from snapshop.train.trainer import train as train_model
+    from snapshop.train.trainer import RowSelection, TrainConfig, train_from_manifest
 
     config = run(lambda: TrainConfig(
         backbone=backbone, dim=dim, temperature=temperature, epochs=epochs, lr=lr,
         lr_step=lr_step, backbone_lr_scale=backbone_lr_scale, classes_per_batch=classes_per_batch,
-        samples_per_class=samples_per_class, train_blocks=train_blocks,
-        cache=train_blocks != -1 if cache is None else cache,
+        samples_per_class=samples_per_class, train_blocks=train_blocks, cache=cache,
         views=views, device=device, threads=threads, workers=workers, seed=seed,
     ))  # fmt: skip
-    rows = run(lambda: read_manifest(manifest))
-    has_split = any("split" in r.extra for r in rows)
-    t_where = run(lambda: parse_where(train_where)) or ({"split": "train"} if has_split else {})
-    e_where = run(lambda: parse_where(eval_where)) or ({"split": "test"} if has_split else None)
-    g_where = run(lambda: parse_where(eval_gallery_where)) or None
-    train_rows, eval_rows = run(lambda: split_rows(rows, t_where, e_where))
-    r_where = run(lambda: parse_where(repeat_where))
-    train_rows = run(lambda: repeat_matching(train_rows, r_where, repeat))
+    selection = RowSelection(
+        tuple(train_where or ()), tuple(eval_where or ()), tuple(eval_gallery_where or ()),
+        tuple(repeat_where or ()), repeat,
+    )  # fmt: skip
 
     def show(record: dict[str, Any]) -> None:
         scores = "  ".join(f"{k} R@1 {v['R@1']:.3f}" for k, v in record.items()
@@ -550,9 +552,8 @@ def train(
         err.print(f"epoch {record['epoch']} lr {record['lr']:g} loss {record['loss']:.4f}"
                   f" ({record['seconds']:.0f} s)  {scores}", highlight=False)  # fmt: skip
 
-    result = run(lambda: train_model(
-        train_rows, out_dir, config, eval_rows or None, g_where, resume=resume,
-        data_name=str(manifest), progress=show, cache_dir=cache_dir,
+    result = run(lambda: train_from_manifest(
+        manifest, out_dir, config, selection, resume=resume, progress=show, cache_dir=cache_dir,
     ))  # fmt: skip
     out.print(f"trained on {len(result.classes)} products in {result.seconds:.0f} s;"
               f" model: {result.model_dir}")  # fmt: skip
@@ -608,13 +609,10 @@ def evaluate_detector(
     as_json: JsonOpt = False,
 ) -> None:
     """Per-position recall / precision at IoU >= 0.5 and per-image latency of a detector."""
-    from snapshop.detect.factory import create_detector
+    from snapshop.evaluate.detection import detector_to_evaluate
     from snapshop.evaluate.detection import evaluate_detector as evaluate_boxes
 
-    det = run(lambda: create_detector(detector))
-    if det is None:
-        err.print("[red]error:[/red] --detector none has nothing to evaluate", highlight=False)
-        raise typer.Exit(2)
+    det = run(lambda: detector_to_evaluate(detector))
     with progress_bar("detecting") as (_, advance):
         report = run(lambda: evaluate_boxes(boxes, det, images_root, iou_threshold=iou,
                                             limit=limit, progress=advance))  # fmt: skip
@@ -640,5 +638,198 @@ def evaluate_detector(
         err.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
 
 
+# --- detection: garment-segmenter training (issue #4) ---------------------------------------
+@app.command("train-detector")
+def train_detector(
+    dataset: Annotated[
+        Path, typer.Argument(help="CCP-format folder (manifest.csv, masks/, mask_labels.csv).")
+    ],
+    parity: Annotated[str, typer.Option(help="Image ids to train on: even, odd or all.")] = "even",
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the model into.")] = Path(
+        "garment_seg_model"
+    ),
+    epochs: int = 10,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    width: int = 48,
+    dropout: float = 0.3,
+    dress_weight: Annotated[float, typer.Option(help="Loss weight of dress.")] = 1.0,
+    long_side: int = 320,
+    limit: Annotated[int | None, typer.Option(help="Only the first N photos.")] = None,
+    negatives: Annotated[int, typer.Option(help="Synthetic person-free images.")] = 60,
+    seed: int | None = None,
+    cache: Annotated[Path | None, typer.Option(help="Trunk feature cache (.pkl).")] = None,
+    prefix: Annotated[str, typer.Option(help="File name prefix of the written files.")] = "",
+    finetune_blocks: Annotated[
+        int, typer.Option(help="Train the stem + blocks 0..N-1 with the head (0: frozen trunk).")
+    ] = 0,
+    # The options below apply with --finetune-blocks N only (None: FinetuneConfig's default).
+    device: Annotated[str | None, typer.Option(help="auto, cuda or cpu.")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
+    trunk_lr: Annotated[float | None, typer.Option(help="Lr of the fine-tuned blocks.")] = None,
+    weight_decay: float | None = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw or sgd.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="cosine or step.")] = None,
+    min_scale: Annotated[float | None, typer.Option(help="Random rescale range.")] = None,
+    max_scale: float | None = None,
+    jitter: Annotated[float | None, typer.Option(help="Colour jitter strength.")] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="Autocast on cuda.")] = None,
+    max_train_seconds: Annotated[
+        float | None, typer.Option(help="Stop after the epoch that ends past this.")
+    ] = None,
+    warmup_fraction: Annotated[
+        float | None, typer.Option(help="Share of the steps with a rising learning rate.")
+    ] = None,
+    overlay_dtype: Annotated[
+        str | None, typer.Option(help="float32 or float16: storage of the trunk tensors.")
+    ] = None,
+    recolour: Annotated[
+        float | None, typer.Option(help="Chance per sample of a new colour per garment class.")
+    ] = None,
+    aux_labels: Annotated[
+        bool | None,
+        typer.Option(
+            "--aux-labels/--no-aux-labels",
+            help="Also train skin, hair, legwear, footwear, bag, belt (folded into other).",
+        ),
+    ] = None,
+) -> None:
+    """Train the `segmenter` garment detector on CCP pixel labels (head on the frozen trunk, or
+    end to end with --finetune-blocks N); load the result with --detector segmenter:OUT.
+    `snapshop -v train-detector ...` logs every epoch."""
+    from snapshop.detect.segmenter import CARD_FILE
+    from snapshop.train.segmenter import detector_training
+    from snapshop.train.segmenter import train_detector as train_segmenter
+
+    settings = dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, width=width, dropout=dropout,
+        dress_weight=dress_weight, long_side=long_side, negatives=negatives, seed=seed,
+        device=device, workers=workers, trunk_lr=trunk_lr, weight_decay=weight_decay,
+        optimizer=optimizer, schedule=schedule, min_scale=min_scale, max_scale=max_scale,
+        jitter=jitter, augment=augment, bf16=bf16, max_train_seconds=max_train_seconds,
+        warmup_fraction=warmup_fraction, overlay_dtype=overlay_dtype, recolour=recolour,
+        aux_labels=aux_labels,
+    )  # fmt: skip
+    job = run(lambda: detector_training(
+        dataset, finetune_blocks=finetune_blocks, settings=settings, out=out_dir, parity=parity,
+        limit=limit, prefix=prefix, cache=cache,
+    ))  # fmt: skip
+    card = run(lambda: train_segmenter(job))
+    out.print(f"wrote {job.out / (job.prefix + CARD_FILE)} (final loss"
+              f" {card['training']['final_loss']})")  # fmt: skip
+
+
 def entrypoint() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+# --- shop features (issue #18): more like this, similar-product export, duplicates -----------
+@app.command()
+def similar(
+    product: Annotated[str, typer.Argument(help="Product sku (or integer id).")],
+    catalog: CatalogOpt,
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Products per result list.")] = 10,
+    position: Annotated[
+        str | None, typer.Option(help="Only item-based results at this garment position.")
+    ] = None,
+    category: Annotated[str | None, typer.Option(help="Only products of this category.")] = None,
+    min_price: Annotated[float | None, typer.Option(min=0)] = None,
+    max_price: Annotated[float | None, typer.Option(min=0)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """More like this: the products that look like PRODUCT, from its stored vectors."""
+    from snapshop.search import ProductFilter
+
+    result = run(lambda: api.similar(
+        catalog, product, k=k, position=position,
+        filters=ProductFilter(category, min_price, max_price),
+    ))  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    if position is None:
+        out.print(_hits_table(f"More like {product} (image-based)", result.image_results))
+    for item in result.item_results:
+        out.print(_hits_table(f"More like {product}: {item.position} (item-based)",
+                              item.results))  # fmt: skip
+
+
+@app.command()
+def recommend(
+    catalog: CatalogOpt,
+    output: Annotated[
+        Path, typer.Option("--out", "-o", help="similar.csv, or similar.parquet (needs pyarrow).")
+    ],
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Similar products each.")] = 20,
+    position: Annotated[
+        str | None, typer.Option(help="Rank by the product vectors of this garment position.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=65536)] = 1024,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Start over instead of resuming an unfinished run.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export every product's k most similar products (by product vector); resumable."""
+    with _count_bar("products") as (set_total, advance):
+        report = run(lambda: api.recommend(
+            catalog, output, k=k, position=position, batch_size=batch_size, restart=restart,
+            progress_total=set_total, progress=advance,
+        ))  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+        return
+    after = report.resumed_after
+    resumed = "" if after is None else f" (resumed after product {after})"
+    out.print(f"wrote {report.rows} rows for {report.products} products to {report.path}{resumed};"
+              f" {report.seconds:.1f} s ({report.products_per_second:.0f} products/s)")  # fmt: skip
+
+
+@contextmanager
+def _count_bar(unit: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """(set_total, advance) callbacks; a live bar counting ``unit`` only on a terminal."""
+    if not err.is_terminal:
+        yield (lambda total: None), (lambda n: None)
+        return
+    columns = (TextColumn(unit), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task(unit, total=None)
+        yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
+
+
+@catalog_app.command("duplicates")
+def catalog_duplicates(
+    catalog: CatalogOpt,
+    output: Annotated[Path, typer.Option("--out", "-o", help="CSV of the pairs to write.")],
+    threshold: Annotated[
+        float | None,
+        typer.Option(min=-1.0, max=1.0, help="Vector similarity from which a pair is a candidate."),
+    ] = None,
+    pixel_threshold: Annotated[
+        float | None,
+        typer.Option(min=-1.0, max=1.0, help="Pixel similarity that confirms a candidate."),
+    ] = None,
+    pixel_check: Annotated[
+        bool, typer.Option(help="Confirm candidates on the stored image files.")
+    ] = True,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write a page of side-by-side thumbnails.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Near-identical images listed under different products (reused photos, duplicates)."""
+    with _count_bar("images") as (set_total, advance):
+        report = run(lambda: api.duplicates(
+            catalog, threshold=threshold, pixel_threshold=pixel_threshold,
+            pixel_check=pixel_check, out=output, html=html, progress_total=set_total,
+            progress=advance,
+        ))  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+        return
+    pixel = report.pixel_threshold
+    checked = "not checked" if pixel is None else f">= {pixel:g}"
+    out.print(f"{len(report.pairs)} near-duplicate pairs among {report.images} images"
+              f" (vector similarity >= {report.threshold:g}, pixels {checked}) -> {output}"
+              + (f", {html}" if html else ""))  # fmt: skip

@@ -11,7 +11,6 @@ id difference can never keep a deleted image's vector under a new image's id.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -19,11 +18,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 from numpy.typing import NDArray
 
+from snapshop.catalog.fields import (
+    attributes_json,
+    check_product_fields,
+    lookup_sku,
+    normalise_sku,
+    stored_attributes,
+)
+from snapshop.catalog.fields import check_product_url as check_product_url  # re-exported
+from snapshop.catalog.fields import has_control_characters as has_control_characters
 from snapshop.errors import CatalogError
 
 SCHEMA_VERSION = 1
@@ -72,32 +79,6 @@ def _row_id(value: int, what: str) -> int:
     if abs(value) > MAX_ROW_ID:
         raise CatalogError(f"no {what} with id {value}")
     return value
-
-
-def check_product_url(url: str) -> str:
-    """``url`` if the web page may link to it: an absolute http(s) address, or "" for none.
-    Any other scheme (``javascript:``, ``data:``) would run in the page of whoever clicks."""
-    url = url.strip()
-    if url == "":
-        return url
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        raise CatalogError(f"product url {url[:80]!r} must be an http:// or https:// address")
-    if any(ch.isspace() or ord(ch) < 32 for ch in url):
-        raise CatalogError(f"product url {url[:80]!r} contains spaces or control characters")
-    return url
-
-
-def has_control_characters(text: str) -> bool:
-    """True if ``text`` holds ASCII control characters (tabs and newlines included)."""
-    return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
-
-
-def _attributes_json(attributes: dict[str, Any]) -> str:
-    try:  # NaN / Infinity are not JSON: stored, they would come back as something else
-        return json.dumps(attributes, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise CatalogError(f"product attributes must be plain JSON values ({exc})") from None
 
 
 def now() -> str:
@@ -157,7 +138,7 @@ def _product(row: sqlite3.Row) -> Product:
     return Product(
         id=row["id"], sku=row["sku"], title=row["title"], url=row["url"], price=row["price"],
         currency=row["currency"], category=row["category"],
-        attributes=json.loads(row["attributes"] or "{}"),
+        attributes=stored_attributes(row["attributes"], row["id"]),
         created_at=row["created_at"], updated_at=row["updated_at"],
     )  # fmt: skip
 
@@ -265,20 +246,15 @@ class CatalogStore:
 
         Only fields given (not None) overwrite stored values; ``attributes`` are merged.
         """
-        if not sku or not str(sku).strip():
-            raise CatalogError("product id (sku) must not be empty")
-        sku = str(sku).strip()
-        if has_control_characters(sku):
-            raise CatalogError(f"product id (sku) {sku[:80]!r} contains control characters")
+        sku = normalise_sku(sku)
         unknown = set(fields) - set(PRODUCT_FIELDS) - {"attributes"}
         if unknown:
             raise CatalogError(f"unknown product fields {sorted(unknown)}")
+        fields = check_product_fields(fields)
         stamp = now()
         row = db.execute("SELECT id, attributes FROM products WHERE sku = ?", (sku,)).fetchone()
         attrs = fields.pop("attributes", None) or {}
         values = {k: v for k, v in fields.items() if v is not None}
-        if "url" in values:
-            values["url"] = check_product_url(str(values["url"]))
         if row is None:
             values.setdefault("title", sku)  # a product always has something to show
             cur = db.execute(
@@ -287,20 +263,22 @@ class CatalogStore:
                 (
                     sku,
                     *(values.get(k) for k in PRODUCT_FIELDS),
-                    _attributes_json(attrs),
+                    attributes_json(attrs),
                     stamp,
                     stamp,
                 ),
             )
             return int(cur.lastrowid or 0)
         product_id = int(row["id"])
-        if values or attrs:
-            merged = {**json.loads(row["attributes"] or "{}"), **attrs}
+        if attrs:  # merged into the stored ones (a stored value no reader can use is replaced)
+            values["attributes"] = attributes_json(
+                {**stored_attributes(row["attributes"], product_id), **attrs}
+            )
+        if values:
             sets = ", ".join(f"{k} = ?" for k in values)
             db.execute(
-                f"UPDATE products SET {sets + ', ' if sets else ''}attributes = ?, updated_at = ?"
-                " WHERE id = ?",
-                (*values.values(), _attributes_json(merged), stamp, product_id),
+                f"UPDATE products SET {sets}, updated_at = ? WHERE id = ?",
+                (*values.values(), stamp, product_id),
             )
         return product_id
 
@@ -317,7 +295,7 @@ class CatalogStore:
         return _product(rows[0])
 
     def find_product(self, sku: str) -> Product | None:
-        rows = self._query("SELECT * FROM products WHERE sku = ?", (str(sku).strip(),))
+        rows = self._query("SELECT * FROM products WHERE sku = ?", (lookup_sku(sku),))
         return _product(rows[0]) if rows else None
 
     def products_by_ids(self, ids: Sequence[int]) -> dict[int, Product]:

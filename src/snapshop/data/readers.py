@@ -26,7 +26,7 @@ from typing import Any
 
 from snapshop.data.manifest import ManifestRow, read_manifest
 from snapshop.data.sources import read_folder
-from snapshop.errors import ManifestError
+from snapshop.errors import CatalogError, ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,11 @@ def read_manifest_csv(path: Path) -> list[ManifestRow]:
 
 def read_folder_tree(root: Path) -> list[ManifestRow]:
     """``ROOT/<product_id>/<images>`` (nested folders allowed); every image is a gallery row."""
-    rows = [ManifestRow(r.path, r.sku, "gallery", {"source": "folder"}) for r in read_folder(root)]
+    try:  # folder names are skus: checked like every other sku
+        records = list(read_folder(root))
+    except CatalogError as exc:
+        raise ManifestError(f"{root}: {exc}") from None
+    rows = [ManifestRow(r.path, r.sku, "gallery", {"source": "folder"}) for r in records]
     if not rows:
         raise ManifestError(f"{root}: no images in product sub-folders")
     return rows

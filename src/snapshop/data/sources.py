@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapshop.catalog.store import check_product_url, has_control_characters
+from snapshop.catalog.fields import check_product_fields, normalise_sku
 from snapshop.data.manifest import check_unique_columns, nonblank_rows
 from snapshop.errors import CatalogError, ManifestError
 from snapshop.images import DecodeLimits, read_bytes
@@ -44,6 +44,10 @@ class CatalogRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     data: bytes | None = None  # the file's bytes when they did not come from ``path`` (uploads)
     packshot: bool = False  # the photo shows the product alone (no model wearing it)
+
+    def __post_init__(self) -> None:  # every entry point builds records: one check for all
+        object.__setattr__(self, "sku", normalise_sku(self.sku))
+        object.__setattr__(self, "metadata", check_product_fields(self.metadata))
 
     def read(self, limits: DecodeLimits = DecodeLimits()) -> bytes:
         return read_bytes(self.data if self.data is not None else self.path, limits)
@@ -184,8 +188,10 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
                 sku, image = values["product_id"], values["image_path"]
                 if not sku:
                     raise ManifestError(f"{path}:{line}: empty product_id")
-                if has_control_characters(sku):
-                    raise ManifestError(f"{path}:{line}: product_id contains control characters")
+                try:
+                    sku = normalise_sku(sku)
+                except CatalogError as exc:
+                    raise ManifestError(f"{path}:{line}: {exc}") from None
                 if not image:
                     raise ManifestError(f"{path}:{line}: empty image_path")
                 if "\0" in image:
@@ -199,17 +205,16 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
                         meta[col] = values[col]
                 if "price" in meta:
                     meta["price"] = _parse_price(meta["price"], line, path)
-                if "url" in meta:
-                    try:
-                        check_product_url(meta["url"])
-                    except CatalogError as exc:
-                        raise ManifestError(f"{path}:{line}: {exc}") from None
-                _check_same_product(products, sku, meta, line, path)
                 extra = {k: v for k, v in values.items()
                          if k not in REQUIRED_COLUMNS + PRODUCT_COLUMNS + IMAGE_COLUMNS
                          and v}  # fmt: skip
                 if extra:
                     meta["attributes"] = extra
+                try:
+                    meta = check_product_fields(meta)
+                except CatalogError as exc:
+                    raise ManifestError(f"{path}:{line}: {exc}") from None
+                _check_same_product(products, sku, meta, line, path)
                 packshot = parse_flag(values.get("packshot"), f"{path}:{line}: packshot")
                 records.append(CatalogRecord(sku, image_path, meta, packshot=packshot))
     except UnicodeDecodeError as exc:

@@ -12,7 +12,7 @@ Pipeline for one image:
    pixels), person probability, height from the hips / knees / ankles in torso lengths,
    offset from the body axis, and colour distances to the person's chest, thigh and shin.
 3. A tiny per-cell classifier (:class:`GarmentSegmenter`, 7.6 KB ONNX, fitted on CCP's even
-   image ids by :mod:`snapshop.detect.pose_fit`) labels cells other / upper / lower. A dress
+   image ids by :mod:`snapshop.train.pose`) labels cells other / upper / lower. A dress
    is labelled *upper* from shoulders to hem, so it yields no lower box unless enough cells
    look like a lower garment (``min_area``).
 4. Each class's box spans the rows and columns holding at least ``line_fraction`` of its
@@ -237,7 +237,7 @@ class GarmentSegmenter:
     """A small dilated CNN (ONNX, ``detect/weights/pose_seg.onnx``): cell features
     ``[1, N_INPUTS, h, w]`` -> class probabilities ``[1, 3, h, w]`` (other, upper, lower).
 
-    Fitted by :mod:`snapshop.detect.pose_fit` on CCP pixel labels (even image ids of ccp-dev);
+    Fitted by :mod:`snapshop.train.pose` on CCP pixel labels (even image ids of ccp-dev);
     its card ``pose_seg.json`` names the data and the held-out scores.
     """
 

@@ -8,7 +8,7 @@ Pipeline for one image:
    ``$SNAPSHOP_HOME/detect``) gives three feature maps: stride 8 (block 4, 40 ch), stride 16
    (block 10, 112 ch) and stride 32 (block 15, 320 ch).
 2. A small head (:class:`SegHead`, shipped as ``detect/weights/garment_seg.onnx``, fitted on
-   CCP pixel labels of the even ccp-dev image ids by :mod:`snapshop.detect.segmenter_fit`)
+   CCP pixel labels of the even ccp-dev image ids by :mod:`snapshop.train.segmenter`)
    reduces each map with a 1x1 conv, upsamples to stride 8, concatenates and applies two 3x3
    convs: per-cell logits for other / upper (top, outwear) / lower (trousers, shorts, skirt) /
    dress (dress, romper).
@@ -22,7 +22,7 @@ Pipeline for one image:
    Box-extraction thresholds come from the model card (chosen on the even ids, re-checked
    by cross-validation).
 
-A model fitted end to end (``segmenter_fit --finetune-blocks N``) also ships
+A model fitted end to end (``snapshop train-detector --finetune-blocks N``) also ships
 ``garment_seg_trunk.npz``: the fine-tuned tensors of the stem and blocks ``0..N-1``, which are
 laid over the ImageNet weights before the trunk is exported (the card's ``trunk_overlay``
 holds the file's sha256; the export's name carries it, so a new overlay means a new export).

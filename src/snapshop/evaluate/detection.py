@@ -186,6 +186,17 @@ def score_image(
         score.add(gt is not None, det is not None, iou is not None and iou >= iou_threshold)
 
 
+def detector_to_evaluate(spec: str) -> Detector:
+    """The detector a ``--detector`` spec names; ``none`` is a :class:`ConfigError` here (it
+    has nothing to evaluate)."""
+    from snapshop.detect.factory import create_detector
+
+    detector = create_detector(spec)
+    if detector is None:
+        raise ConfigError(f"--detector {spec} has nothing to evaluate")
+    return detector
+
+
 def evaluate_detector(
     boxes_csv: str | Path,
     detector: Detector,

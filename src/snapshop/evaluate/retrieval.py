@@ -6,9 +6,11 @@ A query hits at K when a gallery image of its product is among the top K *produc
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -241,3 +243,49 @@ def evaluate_manifest(
         "gallery_products": [gallery[i].product_id for i in g_kept],
     }  # fmt: skip
     return report
+
+
+PLOT_KS = (1, 2, 4, 5, 8, 10, 16, 32, 64, 100)  # the recall-vs-K curve's points
+
+
+@dataclass
+class ModelComparison:
+    """One report per model; ``cutoffs`` are the K asked for (reports may hold more, the
+    plot's)."""
+
+    cutoffs: tuple[int, ...]
+    reports: list[RetrievalReport]
+
+
+def compare_models(
+    manifest: Path,
+    models: Sequence[str | None] = (None,),
+    ks: Sequence[int] | None = None,
+    query_where: Sequence[str] = (),
+    gallery_where: Sequence[str] = (),
+    plot: Path | None = None,
+    grid: Path | None = None,
+) -> ModelComparison:
+    """:func:`evaluate_manifest` for each model (None: the default backbone) on the same rows
+    (``COLUMN=VALUE`` filters); with ``plot`` a PNG of recall vs K, one line per model (K up to
+    the product count), with ``grid`` a PNG of queries and their top-5 results."""
+    from snapshop.data.manifest import parse_where
+
+    cutoffs = tuple(sorted(set(ks))) if ks else DEFAULT_KS
+    asked = tuple(sorted(set(cutoffs) | set(PLOT_KS if plot else ())))
+    queries, gallery = parse_where(list(query_where)), parse_where(list(gallery_where))
+    reports = [evaluate_manifest(manifest, m, asked, queries, gallery) for m in models]
+    if plot:
+        from snapshop.evaluate.plots import plot_recall
+
+        shown = [  # K beyond the product count says nothing
+            dataclasses.replace(r, recall={k: v for k, v in r.recall.items() if k <= r.n_products})
+            for r in reports
+        ]
+        where = " ".join([*query_where, *gallery_where])
+        plot_recall(shown, plot, f"{Path(manifest).name} {where}".strip())
+    if grid:
+        from snapshop.evaluate.plots import plot_grid
+
+        plot_grid(reports, grid)
+    return ModelComparison(cutoffs, reports)

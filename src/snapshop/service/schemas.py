@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from snapshop.catalog.fields import LIMITS
 
 
 class ErrorBody(BaseModel):
@@ -87,16 +89,24 @@ class ProductPage(BaseModel):
 
 
 class ProductPatch(BaseModel):
-    """Fields to change; omitted fields keep their value."""
+    """Fields to change; omitted fields keep their value. Types are strict: ``"price": false``
+    or ``"price": "3"`` is refused, not read as 0.0 or 3.0. Values are then checked by
+    ``catalog.fields`` (control characters, attribute depth and size) like every other entry
+    point's."""
 
-    model_config = {"extra": "forbid"}
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    title: str | None = Field(None, max_length=500)
-    url: str | None = Field(None, max_length=2000)
+    title: str | None = Field(None, max_length=LIMITS.title)
+    url: str | None = Field(None, max_length=LIMITS.url)
     price: float | None = Field(None, ge=0, allow_inf_nan=False)
-    currency: str | None = Field(None, max_length=8)
-    category: str | None = Field(None, max_length=200)
-    attributes: dict[str, Any] | None = None
+    currency: str | None = Field(None, max_length=LIMITS.currency)
+    category: str | None = Field(None, max_length=LIMITS.category)
+    attributes: dict[str, Any] | None = Field(
+        None,
+        description=f"merged into the product's attributes; the result at most"
+        f" {LIMITS.attributes_chars} characters as compact JSON, nested at most"
+        f" {LIMITS.attributes_depth} levels deep",
+    )
 
 
 class IngestFailure(BaseModel):

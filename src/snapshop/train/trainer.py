@@ -1,5 +1,8 @@
 """NormSoftmax training loop: frozen trunk (optionally cached), trainable top, export to ONNX.
 
+The loop (:class:`NormSoftmaxTrainer`) runs the steps of :class:`snapshop.train.loop.EpochLoop`;
+the network's split and the frozen-feature cache are :mod:`snapshop.train.frozen`.
+
 The backbone splits at ``boundary = n_blocks - train_blocks``: blocks before it are frozen,
 the last ``train_blocks`` blocks, the head conv (when ``train_blocks > 0``), the embedding head
 and the class proxies are trained. ``train_blocks=0`` freezes the whole backbone (pooled 1280-d
@@ -17,31 +20,32 @@ on everything trainable, lr x ``lr_decay`` every ``lr_step`` epochs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numpy.typing import NDArray
-from torch import nn
 
 from snapshop.data.manifest import ManifestRow
-from snapshop.errors import ConfigError, ImageDecodeError
-from snapshop.images import load_image
-from snapshop.models.embedder import preprocess
-from snapshop.models.export import export_module_onnx
-from snapshop.models.heads import EmbeddingNet, create_embedding_net
-from snapshop.models.runtime import cpu_session
-from snapshop.train.augment import AugmentConfig, augment, views
+from snapshop.errors import ConfigError
+from snapshop.models.heads import create_embedding_net
+from snapshop.train.augment import AugmentConfig
+from snapshop.train.frozen import (
+    AugmentedRows,
+    TrainableTop,
+    compute_frozen,
+    freeze_bn,
+    new_and_trunk_params,
+    readable_rows,
+)
+from snapshop.train.loop import EpochLoop, make_optimizer, resolve_device, seed_everything
 from snapshop.train.losses import DEFAULT_TEMPERATURE, NormSoftmaxLoss
 from snapshop.train.samplers import PKSampler
 
@@ -66,7 +70,7 @@ class TrainConfig:
     classes_per_batch: int = 16  # P
     samples_per_class: int = 4  # K
     train_blocks: int = 0  # last MBConv blocks to train; 0 = backbone frozen; -1 = all
-    cache: bool = True
+    cache: bool | None = None  # cache frozen features; None: unless the whole backbone trains
     views: int = 4  # cached views per image: centre crop + (views - 1) augmented
     device: str = "cpu"
     threads: int = 2
@@ -82,6 +86,8 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
+        if self.cache is None:  # nothing is frozen when every block trains
+            object.__setattr__(self, "cache", self.train_blocks != -1)
         checks = [
             (self.dim >= 2, f"dim must be >= 2, got {self.dim}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
@@ -119,207 +125,6 @@ class TrainResult:
     history: list[dict[str, Any]]
     metrics: dict[str, Any]
     seconds: float
-
-
-class TrainableTop(nn.Module):
-    """The part of the network that trains: last blocks (+ head conv) + embedding head."""
-
-    def __init__(self, net: EmbeddingNet, boundary: int, train_blocks: int) -> None:
-        super().__init__()
-        self.net = net
-        self.boundary = boundary
-        self.train_blocks = train_blocks
-
-    def frozen(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> the frozen part's output (pooled features when the trunk is frozen)."""
-        backbone = self.net.backbone
-        if self.train_blocks == 0:
-            return backbone.forward_features(x).mean(dim=(2, 3))
-        if self.train_blocks == -1:
-            return x
-        return backbone.forward_stem(x, self.boundary)
-
-    def forward(self, frozen_out: torch.Tensor) -> torch.Tensor:
-        if self.train_blocks == 0:
-            return self.net.embed_pooled(frozen_out)
-        if self.train_blocks == -1:
-            return self.net(frozen_out)
-        feats = self.net.backbone.forward_features(frozen_out, from_block=self.boundary)
-        return self.net.embed_pooled(feats.mean(dim=(2, 3)))
-
-
-def _new_and_trunk_params(
-    net: EmbeddingNet, boundary: int, train_blocks: int
-) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(new parameters = head, trainable backbone parameters); freezes the rest."""
-    backbone = net.backbone
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    trunk: list[nn.Parameter] = []
-    if train_blocks == -1:
-        trunk = list(backbone.parameters())
-    elif train_blocks > 0:
-        for module in [*backbone._blocks[boundary:], backbone._conv_head, backbone._bn1]:
-            trunk += list(module.parameters())
-    for p in trunk:
-        p.requires_grad_(True)
-    assert net.head is not None
-    return list(net.head.parameters()), trunk
-
-
-def _freeze_bn(net: nn.Module) -> None:
-    net.eval()  # BatchNorm uses its ImageNet running statistics; affine parameters still train
-
-
-def _load(path: Path) -> Any:
-    return load_image(path)
-
-
-class AugmentedRows(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    """(row position, augmentation seed) -> an augmented view, decoded where it is asked for
-    (in DataLoader workers when ``workers > 0``). The seed travels with the index, so a view
-    does not depend on which worker draws it."""
-
-    def __init__(self, rows: Sequence[ManifestRow], size: int, config: AugmentConfig) -> None:
-        self.rows, self.size, self.config = rows, size, config
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, key: tuple[int, int]) -> NDArray[np.float32]:
-        position, seed = key
-        image = _load(self.rows[position].path)
-        return augment(image, self.size, random.Random(seed), self.config)
-
-
-def readable_rows(rows: Sequence[ManifestRow]) -> list[ManifestRow]:
-    """Rows whose image decodes (the others are logged and skipped), checked once up front so
-    that a corrupt file cannot stop training in the middle of an epoch."""
-    kept = []
-    for row in rows:
-        try:
-            _load(row.path)
-        except ImageDecodeError as exc:
-            log.warning("skipping %s: %s", row.path, exc.reason)
-            continue
-        kept.append(row)
-    if not kept:
-        raise ConfigError("no readable training image")
-    return kept
-
-
-def _rows_key(rows: Sequence[ManifestRow], config: TrainConfig, n_views: int, tag: str) -> str:
-    digest = hashlib.sha256()
-    for r in rows:
-        digest.update(f"{r.path}|{r.product_id}\n".encode())
-    settings = (config.backbone, config.train_blocks, n_views, config.seed, config.input_size,
-                config.pretrained, json.dumps(dataclasses.asdict(config.augment)), tag)  # fmt: skip
-    digest.update(repr(settings).encode())
-    return digest.hexdigest()[:16]
-
-
-def compute_frozen(
-    top: TrainableTop,
-    rows: Sequence[ManifestRow],
-    size: int,
-    n_views: int,
-    config: TrainConfig,
-    seed: int,
-    cache_dir: Path | None = None,
-    tag: str = "train",
-) -> tuple[torch.Tensor, list[int]]:
-    """Run the frozen part over ``n_views`` views of each readable image.
-
-    Returns ((M, V, ...) float16 outputs, kept row positions). Unreadable images are skipped.
-    Results are stored in ``cache_dir`` keyed by the rows and settings, and reused.
-    """
-    key = _rows_key(rows, config, n_views, tag)
-    cache_file = cache_dir / f"{tag}-{key}.pt" if cache_dir else None
-    if cache_file is not None and cache_file.exists():
-        data = torch.load(cache_file, weights_only=True)
-        log.info("frozen features from %s", cache_file)
-        return data["features"], list(data["kept"])
-    rng = random.Random(seed)
-    run_frozen = _frozen_runner(top, config, size, cache_dir)
-    outs: list[torch.Tensor] = []
-    kept: list[int] = []
-    batch_arrays: list[np.ndarray] = []
-    t0 = time.perf_counter()
-
-    def flush() -> None:
-        if not batch_arrays:
-            return
-        outs.append(run_frozen(np.ascontiguousarray(np.stack(batch_arrays))))
-        batch_arrays.clear()
-
-    per_batch = max(1, 32 // n_views)
-    for i, row in enumerate(rows):
-        try:
-            image = _load(row.path)
-        except ImageDecodeError as exc:
-            log.warning("skipping %s: %s", row.path, exc.reason)
-            continue
-        kept.append(i)
-        batch_arrays += views(image, size, n_views, rng, config.augment)
-        if len(batch_arrays) >= per_batch * n_views:
-            flush()
-        if (len(kept)) % 200 == 0:
-            log.info("frozen features: %d/%d images, %.0f s", len(kept), len(rows),
-                     time.perf_counter() - t0)  # fmt: skip
-    flush()
-    if not outs:
-        raise ConfigError("no readable training image")
-    feats = torch.cat(outs)
-    feats = feats.reshape(len(kept), n_views, *feats.shape[1:])
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"features": feats, "kept": kept}, cache_file)
-    log.info("frozen features for %d images x %d views in %.0f s", len(kept), n_views,
-             time.perf_counter() - t0)  # fmt: skip
-    return feats, kept
-
-
-class _Frozen(nn.Module):
-    def __init__(self, top: TrainableTop) -> None:
-        super().__init__()
-        self.top = top
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.top.frozen(x)
-
-
-def _frozen_runner(
-    top: TrainableTop, config: TrainConfig, size: int, cache_dir: Path | None
-) -> Callable[[np.ndarray], torch.Tensor]:
-    """(N, 3, S, S) float32 -> the frozen part's float16 output, on the CPU.
-
-    On the CPU the frozen part is exported to ONNX and run with ONNX Runtime (about twice as
-    fast as torch eager here); on a GPU it runs in torch.
-    """
-    device = torch.device(config.device)
-    if device.type != "cpu" or not config.onnx_frozen or cache_dir is None:
-
-        def run_torch(batch: np.ndarray) -> torch.Tensor:
-            with torch.no_grad():
-                return top.frozen(torch.from_numpy(batch).to(device)).to("cpu", torch.float16)
-
-        return run_torch
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = cache_dir / f"frozen-{config.backbone}-{top.boundary}-{top.train_blocks}.onnx"
-    if not onnx_path.exists():
-        export_module_onnx(
-            _Frozen(top), (torch.zeros(1, 3, size, size),), onnx_path,
-            input_names=["images"], output_names=["features"],
-            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-        )  # fmt: skip
-    session = cpu_session(onnx_path, config.threads)
-
-    def run_onnx(batch: np.ndarray) -> torch.Tensor:
-        out = session.run(None, {"images": batch.astype(np.float32, copy=False)})[0]
-        return torch.from_numpy(out).to(torch.float16)
-
-    return run_onnx
 
 
 def score_retrieval(
@@ -360,6 +165,248 @@ def _embed_eval(
     return np.concatenate(out).astype(np.float32)
 
 
+class NormSoftmaxTrainer(EpochLoop):
+    """The NormSoftmax loop in the steps of :class:`snapshop.train.loop.EpochLoop`: setup
+    (network, frozen features, optimiser), resume, epochs (P x K batches; epoch 0 warms up the
+    new parameters only), evaluate (held-out Recall@K, mAP@R), then :meth:`export`."""
+
+    def __init__(
+        self,
+        train_rows: Sequence[ManifestRow],
+        out_dir: Path,
+        config: TrainConfig,
+        eval_rows: Sequence[ManifestRow] | None = None,
+        gallery_where: dict[str, str] | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.train_rows, self.config, self.epochs = train_rows, config, config.epochs
+        self.eval_rows, self.gallery_where, self.progress = eval_rows, gallery_where, progress
+        self.out_dir = Path(out_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir else self.out_dir / "cache"
+        self.checkpoint_path = self.out_dir / CHECKPOINT
+        self.classes = sorted({r.product_id for r in train_rows})
+
+    # -- setup -----------------------------------------------------------------------------
+    def check_data(self) -> None:
+        if len(self.classes) < 2:
+            raise ConfigError(f"training needs at least 2 products, got {len(self.classes)}")
+        if self.eval_rows:
+            overlap = set(self.classes) & {r.product_id for r in self.eval_rows}
+            if overlap:
+                raise ConfigError(
+                    f"{len(overlap)} evaluation products are also training products"
+                    f" (e.g. {sorted(overlap)[:3]}); evaluate on held-out products only"
+                )
+
+    def setup(self) -> None:
+        config = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.check_data()
+        self.device = resolve_device(config.device)
+        seed_everything(config.seed)
+        if config.device == "cpu" and config.threads:
+            torch.set_num_threads(config.threads)
+        self.build_network()
+        self.prepare_data()
+        params = [
+            {"params": self.new_params, "lr": config.lr},
+            {"params": list(self.loss_fn.parameters()), "lr": config.lr},
+        ]
+        if self.trunk_params:
+            params.append({"params": self.trunk_params, "lr": config.backbone_lr, "backbone": True})
+        self.optimizer = make_optimizer(
+            "sgd", params, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+
+    def build_network(self) -> None:
+        """The embedding net split into its frozen part and :class:`TrainableTop`, the loss."""
+        config = self.config
+        self.net = create_embedding_net(config.backbone, dim=config.dim,
+                                        pretrained=config.pretrained)  # fmt: skip
+        n_blocks = len(self.net.backbone._blocks)
+        if config.train_blocks > n_blocks:
+            raise ConfigError(f"{config.backbone} has {n_blocks} blocks; train_blocks is too large")
+        boundary = n_blocks - config.train_blocks if config.train_blocks >= 0 else 0
+        self.size = config.input_size or self.net.backbone.spec.input_size
+        top = TrainableTop(self.net, boundary, config.train_blocks).to(self.device)
+        self.top = top.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.new_params, self.trunk_params = new_and_trunk_params(
+            self.net, boundary, config.train_blocks
+        )
+        self.loss_fn = NormSoftmaxLoss(config.dim, len(self.classes), config.temperature).to(
+            self.device
+        )
+
+    def prepare_data(self) -> None:
+        """Frozen features (cached) or readable rows for training; frozen features for eval."""
+        config = self.config
+        self.n_views = config.views if config.cache else 1
+        self.train_feats: torch.Tensor | None = None
+        if config.cache:
+            self.train_feats, kept = compute_frozen(
+                self.top, self.train_rows, self.size, self.n_views, config, config.seed,
+                self.cache_dir, "train",
+            )  # fmt: skip
+            self.rows_kept = [self.train_rows[i] for i in kept]
+        else:
+            self.rows_kept = readable_rows(self.train_rows)
+        label_of = {c: i for i, c in enumerate(self.classes)}
+        self.labels = np.array([label_of[r.product_id] for r in self.rows_kept], dtype=np.int64)
+        self.eval_feats: torch.Tensor | None = None
+        self.eval_kept: list[ManifestRow] = []
+        if self.eval_rows:
+            self.eval_feats, ekept = compute_frozen(
+                self.top, self.eval_rows, self.size, 1, config, config.seed, self.cache_dir, "eval"
+            )
+            self.eval_kept = [self.eval_rows[i] for i in ekept]
+        self.batch = config.classes_per_batch * config.samples_per_class
+        self.steps = max(1, math.ceil(len(self.rows_kept) / self.batch))
+        self.augmented = AugmentedRows(self.rows_kept, self.size, config.augment)
+
+    # -- resume ----------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "loss": self.loss_fn.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "classes": self.classes,
+                "config": self.config.to_dict()}  # fmt: skip
+
+    def restore(self, state: dict[str, Any]) -> None:
+        saved = {k: v for k, v in state["config"].items() if k != "epochs"}
+        wanted = {k: v for k, v in self.config.to_dict().items() if k != "epochs"}
+        if state["classes"] != self.classes or saved != wanted:
+            raise ConfigError(
+                f"{self.checkpoint_path}: saved with other classes or settings; not resuming"
+            )
+        self.net.load_state_dict(state["net"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    # -- epoch -----------------------------------------------------------------------------
+    def batches(self, sampler: PKSampler, epoch: int) -> Iterator[tuple[torch.Tensor, Any]]:
+        """(frozen-part output, row positions) per batch: cached views, or images augmented
+        now (decoded in DataLoader workers when ``workers > 0``)."""
+        config = self.config
+        if self.train_feats is not None:
+            view_rng = np.random.default_rng(config.seed * 1000 + epoch + 7)
+            for idx in sampler:
+                v = view_rng.integers(0, self.n_views, size=len(idx))
+                yield self.train_feats[torch.from_numpy(idx), torch.from_numpy(v)], idx
+            return
+        index_batches = list(sampler)
+        base = (config.seed * 1000 + epoch) * 10_000_019
+        keyed = [[(int(i), base + step * self.batch + j) for j, i in enumerate(idx)]
+                 for step, idx in enumerate(index_batches)]  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            self.augmented, batch_sampler=keyed, num_workers=config.workers,
+            pin_memory=self.device.type == "cuda",
+        )  # fmt: skip
+        for idx, images in zip(index_batches, loader, strict=True):
+            with torch.no_grad():
+                yield self.top.frozen(images.to(self.device, non_blocking=True)), idx
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        config = self.config
+        warm = epoch < config.warmup_epochs
+        for p in self.trunk_params:
+            p.requires_grad_(not warm)
+        lr = _lr_at(config, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * (config.backbone_lr / config.lr if group.get("backbone") else 1)
+        freeze_bn(self.top)
+        sampler = PKSampler(self.labels, config.classes_per_batch, config.samples_per_class,
+                            self.steps, seed=config.seed * 1000 + epoch)  # fmt: skip
+        t_epoch = time.perf_counter()
+        losses = []
+        for x, idx in self.batches(sampler, epoch):
+            x = x.to(self.device, torch.float32)
+            if x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(self.labels[idx]).to(self.device)
+            with torch.set_grad_enabled(True):
+                loss = self.loss_fn(self.top(x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+        return {"warmup": warm, "lr": lr, "loss": float(np.mean(losses)),
+                "seconds": round(time.perf_counter() - t_epoch, 1)}  # fmt: skip
+
+    # -- evaluate --------------------------------------------------------------------------
+    def evaluate(self, epoch: int) -> dict[str, Any]:
+        """``photo_to_all`` (and ``photo_to_COLUMN=VALUE`` for ``gallery_where``): Recall@1/5/10
+        and mAP@R of the held-out rows."""
+        from snapshop.data.manifest import matches
+
+        if self.eval_feats is None:
+            return {}
+        vecs = _embed_eval(self.top, self.eval_feats, self.device)
+        rows = self.eval_kept
+        metrics: dict[str, Any] = {}
+        where = self.gallery_where
+        protocols: dict[str, dict[str, str]] = {"all": {}} | ({"where": where} if where else {})
+        for name, gallery_filter in protocols.items():
+            q = [i for i, r in enumerate(rows) if r.role == "query"]
+            g = [i for i, r in enumerate(rows)
+                 if r.role == "gallery" and matches(r, gallery_filter)]  # fmt: skip
+            if not q or not g:
+                continue
+            recall, map_r = score_retrieval(
+                vecs[q], [rows[i].product_id for i in q],
+                vecs[g], [rows[i].product_id for i in g], ks=(1, 5, 10),
+            )  # fmt: skip
+            key = (
+                "photo_to_all"
+                if name == "all"
+                else "photo_to_" + ",".join(f"{k}={v}" for k, v in gallery_filter.items())
+            )
+            metrics[key] = {f"R@{k}": round(v, 4) for k, v in recall.items()}
+            metrics[key]["mAP@R"] = round(map_r, 4)
+        return metrics
+
+    def describe(self, record: dict[str, Any]) -> str:
+        return json.dumps(record)
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        super().end_epoch(record)
+        (self.out_dir / HISTORY).write_text(json.dumps(self.history, indent=2) + "\n")
+
+    def on_epoch(self, record: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress(record)
+
+    # -- export ----------------------------------------------------------------------------
+    def held_out_metrics(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {k: v for k, v in last.items() if k.startswith("photo_to")}
+
+    def export(self, data_name: str, seconds: float) -> None:
+        """model.onnx + model.json (card with the training settings and held-out scores)."""
+        from snapshop.models.card import sha256_file
+        from snapshop.models.efficientnet_lite import weights_path
+        from snapshop.models.export import save_model
+
+        config, history = self.config, self.history
+        net = self.net.to("cpu", memory_format=torch.contiguous_format).eval()
+        eval_products = len({r.product_id for r in self.eval_kept})
+        save_model(
+            net, self.out_dir, name=f"normsoftmax-{config.backbone}-d{config.dim}",
+            source_weights_sha256=sha256_file(weights_path(config.backbone)),
+            kind="normsoftmax",
+            training={
+                "data": data_name, "classes": self.classes, "n_classes": len(self.classes),
+                "n_images": len(self.rows_kept), "dim": config.dim,
+                "temperature": config.temperature, "epochs": config.epochs,
+                "train_blocks": config.train_blocks, "backbone_lr": config.backbone_lr,
+                "config": config.to_dict(), "final_loss": history[-1]["loss"] if history else None,
+                "seconds": round(seconds, 1),
+            },
+            metrics={"held_out": self.held_out_metrics(), "eval_products": eval_products},
+        )  # fmt: skip
+
+
 def train(
     train_rows: Sequence[ManifestRow],
     out_dir: Path,
@@ -378,193 +425,15 @@ def train(
     Frozen features are cached in ``cache_dir`` (default ``out_dir/cache``), keyed by the
     images and the settings that change them, so runs that differ in head settings share them.
     """
-    from snapshop.data.manifest import matches
-    from snapshop.models.card import sha256_file
-    from snapshop.models.efficientnet_lite import weights_path
-    from snapshop.models.export import save_model
-
     t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    classes = sorted({r.product_id for r in train_rows})
-    if len(classes) < 2:
-        raise ConfigError(f"training needs at least 2 products, got {len(classes)}")
-    if eval_rows:
-        overlap = set(classes) & {r.product_id for r in eval_rows}
-        if overlap:
-            raise ConfigError(
-                f"{len(overlap)} evaluation products are also training products"
-                f" (e.g. {sorted(overlap)[:3]}); evaluate on held-out products only"
-            )
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but torch sees no CUDA device")
-    torch.manual_seed(config.seed)
-    if config.device == "cpu" and config.threads:
-        torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
-
-    net = create_embedding_net(config.backbone, dim=config.dim, pretrained=config.pretrained)
-    n_blocks = len(net.backbone._blocks)
-    if config.train_blocks > n_blocks:
-        raise ConfigError(f"{config.backbone} has {n_blocks} blocks; train_blocks is too large")
-    boundary = n_blocks - config.train_blocks if config.train_blocks >= 0 else 0
-    size = config.input_size or net.backbone.spec.input_size
-    top = TrainableTop(net, boundary, config.train_blocks).to(device)
-    top = top.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    new_params, trunk_params = _new_and_trunk_params(net, boundary, config.train_blocks)
-    loss_fn = NormSoftmaxLoss(config.dim, len(classes), config.temperature).to(device)
-    label_of = {c: i for i, c in enumerate(classes)}
-
-    cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
-    n_views = config.views if config.cache else 1
-    if config.cache:
-        train_feats, kept = compute_frozen(top, train_rows, size, n_views, config, config.seed,
-                                           cache_dir, "train")  # fmt: skip
-        rows_kept = [train_rows[i] for i in kept]
-    else:
-        train_feats = None
-        rows_kept = readable_rows(train_rows)
-    labels = np.array([label_of[r.product_id] for r in rows_kept], dtype=np.int64)
-
-    eval_feats = None
-    eval_kept: list[ManifestRow] = []
-    if eval_rows:
-        eval_feats, ekept = compute_frozen(top, eval_rows, size, 1, config, config.seed,
-                                           cache_dir, "eval")  # fmt: skip
-        eval_kept = [eval_rows[i] for i in ekept]
-
-    params = [
-        {"params": new_params, "lr": config.lr},
-        {"params": list(loss_fn.parameters()), "lr": config.lr},
-    ]
-    if trunk_params:
-        params.append({"params": trunk_params, "lr": config.backbone_lr, "backbone": True})
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)  # fmt: skip
-
-    start_epoch = 0
-    history: list[dict[str, Any]] = []
-    ckpt_path = out_dir / CHECKPOINT
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        saved = {k: v for k, v in ckpt["config"].items() if k != "epochs"}
-        wanted = {k: v for k, v in config.to_dict().items() if k != "epochs"}
-        if ckpt["classes"] != classes or saved != wanted:
-            raise ConfigError(f"{ckpt_path}: saved with other classes or settings; not resuming")
-        net.load_state_dict(ckpt["net"])
-        loss_fn.load_state_dict(ckpt["loss"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        history = list(ckpt["history"])
-        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
-
-    batch = config.classes_per_batch * config.samples_per_class
-    steps = max(1, math.ceil(len(rows_kept) / batch))
-    augmented = AugmentedRows(rows_kept, size, config.augment)
-
-    def batches(sampler: PKSampler, epoch: int) -> Any:
-        """(frozen-part output, labels) per batch: cached views, or images augmented now."""
-        if train_feats is not None:
-            view_rng = np.random.default_rng(config.seed * 1000 + epoch + 7)
-            for idx in sampler:
-                v = view_rng.integers(0, n_views, size=len(idx))
-                yield train_feats[torch.from_numpy(idx), torch.from_numpy(v)], idx
-            return
-        index_batches = list(sampler)
-        base = (config.seed * 1000 + epoch) * 10_000_019
-        keyed = [[(int(i), base + step * batch + j) for j, i in enumerate(idx)]
-                 for step, idx in enumerate(index_batches)]  # fmt: skip
-        loader = torch.utils.data.DataLoader(
-            augmented, batch_sampler=keyed, num_workers=config.workers,
-            pin_memory=device.type == "cuda",
-        )  # fmt: skip
-        for idx, images in zip(index_batches, loader, strict=True):
-            with torch.no_grad():
-                yield top.frozen(images.to(device, non_blocking=True)), idx
-
-    def evaluate_now() -> dict[str, Any]:
-        if eval_feats is None:
-            return {}
-        vecs = _embed_eval(top, eval_feats, device)
-        metrics: dict[str, Any] = {}
-        protocols = {"all": {}} | ({"where": gallery_where} if gallery_where else {})
-        for name, where in protocols.items():
-            q = [i for i, r in enumerate(eval_kept) if r.role == "query"]
-            g = [i for i, r in enumerate(eval_kept) if r.role == "gallery" and matches(r, where)]
-            if not q or not g:
-                continue
-            recall, map_r = score_retrieval(
-                vecs[q], [eval_kept[i].product_id for i in q],
-                vecs[g], [eval_kept[i].product_id for i in g], ks=(1, 5, 10),
-            )  # fmt: skip
-            key = (
-                "photo_to_all"
-                if name == "all"
-                else "photo_to_" + ",".join(f"{k}={v}" for k, v in where.items())
-            )
-            metrics[key] = {f"R@{k}": round(v, 4) for k, v in recall.items()}
-            metrics[key]["mAP@R"] = round(map_r, 4)
-        return metrics
-
-    for epoch in range(start_epoch, config.epochs):
-        warm = epoch < config.warmup_epochs
-        for p in trunk_params:
-            p.requires_grad_(not warm)
-        lr = _lr_at(config, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * (config.backbone_lr / config.lr if group.get("backbone") else 1)
-        _freeze_bn(top)
-        sampler = PKSampler(labels, config.classes_per_batch, config.samples_per_class, steps,
-                            seed=config.seed * 1000 + epoch)  # fmt: skip
-        t_epoch = time.perf_counter()
-        losses = []
-        for x, idx in batches(sampler, epoch):
-            x = x.to(device, torch.float32)
-            if x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(labels[idx]).to(device)
-            with torch.set_grad_enabled(True):
-                emb = top(x)
-                loss = loss_fn(emb, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-        record: dict[str, Any] = {
-            "epoch": epoch, "warmup": warm, "lr": lr, "loss": float(np.mean(losses)),
-            "seconds": round(time.perf_counter() - t_epoch, 1),
-        }  # fmt: skip
-        record.update(evaluate_now())
-        history.append(record)
-        log.info("epoch %s", json.dumps(record))
-        if progress is not None:
-            progress(record)
-        torch.save({"epoch": epoch, "net": net.state_dict(), "loss": loss_fn.state_dict(),
-                    "optimizer": optimizer.state_dict(), "classes": classes,
-                    "config": config.to_dict(), "history": history}, ckpt_path)  # fmt: skip
-        (out_dir / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
-
-    metrics = {k: v for k, v in (history[-1] if history else {}).items()
-               if k.startswith("photo_to")}  # fmt: skip
+    trainer = NormSoftmaxTrainer(
+        train_rows, out_dir, config, eval_rows, gallery_where, progress, cache_dir
+    )
+    history = trainer.run(resume=resume)
     if export:
-        net = net.to("cpu", memory_format=torch.contiguous_format).eval()
-        save_model(
-            net, out_dir, name=f"normsoftmax-{config.backbone}-d{config.dim}",
-            source_weights_sha256=sha256_file(weights_path(config.backbone)),
-            kind="normsoftmax",
-            training={
-                "data": data_name, "classes": classes, "n_classes": len(classes),
-                "n_images": len(rows_kept), "dim": config.dim, "temperature": config.temperature,
-                "epochs": config.epochs, "train_blocks": config.train_blocks,
-                "backbone_lr": config.backbone_lr,
-                "config": config.to_dict(), "final_loss": history[-1]["loss"] if history else None,
-                "seconds": round(time.perf_counter() - t_start, 1),
-            },
-            metrics={"held_out": metrics, "eval_products": len({r.product_id for r in eval_kept})},
-        )  # fmt: skip
-    return TrainResult(out_dir, classes, history, metrics, time.perf_counter() - t_start)
+        trainer.export(data_name, time.perf_counter() - t_start)
+    return TrainResult(trainer.out_dir, trainer.classes, history, trainer.held_out_metrics(),
+                       time.perf_counter() - t_start)  # fmt: skip
 
 
 def split_rows(
@@ -580,8 +449,56 @@ def split_rows(
     return train_rows, eval_rows
 
 
-def embed_torch(net: EmbeddingNet, images: Sequence[Any], size: int) -> NDArray[np.float32]:
-    """Embed PIL images with a torch network (eval-time preprocessing), for checks and tests."""
-    x = torch.from_numpy(np.stack([preprocess(im, size) for im in images]))
-    with torch.no_grad():
-        return F.normalize(net.eval()(x), dim=1).numpy()
+@dataclass(frozen=True)
+class RowSelection:
+    """Which manifest rows train and which are scored, as ``COLUMN=VALUE`` filters (all must
+    hold). Empty filters: ``split=train`` / ``split=test`` when the manifest has a split column
+    (``snapshop prepare`` writes one), else every row trains and none is scored."""
+
+    train_where: tuple[str, ...] = ()
+    eval_where: tuple[str, ...] = ()
+    eval_gallery_where: tuple[str, ...] = ()  # a second, smaller gallery (e.g. domain=iconic)
+    repeat_where: tuple[str, ...] = ()  # training rows listed ``repeat`` times
+    repeat: int = 1
+
+
+def select_rows(
+    rows: Sequence[ManifestRow], selection: RowSelection
+) -> tuple[list[ManifestRow], list[ManifestRow], dict[str, str] | None]:
+    """(training rows, evaluation rows, gallery filter of the second protocol or None)."""
+    from snapshop.data.manifest import parse_where, repeat_matching
+
+    has_split = any("split" in r.extra for r in rows)
+    train_where = parse_where(list(selection.train_where)) or (
+        {"split": "train"} if has_split else {}
+    )
+    eval_where = parse_where(list(selection.eval_where)) or (
+        {"split": "test"} if has_split else None
+    )
+    gallery_where = parse_where(list(selection.eval_gallery_where)) or None
+    train_rows, eval_rows = split_rows(rows, train_where, eval_where)
+    repeat_where = parse_where(list(selection.repeat_where))
+    train_rows = repeat_matching(train_rows, repeat_where, selection.repeat)
+    return train_rows, eval_rows, gallery_where
+
+
+def train_from_manifest(
+    manifest: Path,
+    out_dir: Path,
+    config: TrainConfig = TrainConfig(),
+    selection: RowSelection = RowSelection(),
+    *,
+    resume: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    cache_dir: Path | None = None,
+) -> TrainResult:
+    """:func:`train` on the rows of a manifest CSV that ``selection`` picks (what ``snapshop
+    train`` runs)."""
+    from snapshop.data.manifest import read_manifest
+
+    rows = read_manifest(manifest)
+    train_rows, eval_rows, gallery_where = select_rows(rows, selection)
+    return train(
+        train_rows, out_dir, config, eval_rows or None, gallery_where, resume=resume,
+        data_name=str(manifest), progress=progress, cache_dir=cache_dir,
+    )  # fmt: skip

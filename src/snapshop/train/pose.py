@@ -1,6 +1,6 @@
 """Fit the pose detector's garment segmenter on CCP-format pixel labels (``masks/<id>.png``).
 
-``python -m snapshop.detect.pose_fit ../shared/datasets/ccp-dev --parity even`` fits on the
+``python -m snapshop.train.pose ../shared/datasets/ccp-dev --parity even`` fits on the
 even image ids (the shipped weights, ``detect/weights/pose_seg.onnx``, ~40 KB) and leaves the
 odd ones for a held-out score. The input is the grid of cell features of
 :func:`snapshop.detect.pose.pixel_features`; each cell is labelled other / upper (top,
@@ -10,7 +10,6 @@ outwear, dress) / lower (trousers, shorts, skirt) from CCP's label at the cell c
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,45 +19,30 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from snapshop.detect.pose import N_INPUTS, PoseConfig, PoseObservation, body_frame, pixel_features
+from snapshop.data.ccp import CCP_LOWER, CCP_ONE_PIECE, CCP_UPPER, label_table, manifest_rows
+from snapshop.detect.base import LOWER, UPPER
+from snapshop.detect.pose import CLASSES as POSE_CLASSES
+from snapshop.detect.pose import (
+    N_INPUTS,
+    PoseConfig,
+    PoseObservation,
+    body_frame,
+    pixel_features,
+)
+from snapshop.train.loop import make_optimizer, seed_everything
 
 log = logging.getLogger(__name__)
 
-# CCP label names -> position (the groups of boxes.csv: top/outwear/dress, trousers/shorts/skirt).
-CCP_UPPER = (
-    "blazer",
-    "blouse",
-    "bodysuit",
-    "cape",
-    "cardigan",
-    "coat",
-    "dress",
-    "hoodie",
-    "jacket",
-    "jumper",
-    "romper",
-    "shirt",
-    "suit",
-    "sweater",
-    "sweatshirt",
-    "t-shirt",
-    "top",
-    "vest",
-)
-CCP_LOWER = ("jeans", "leggings", "pants", "shorts", "skirt")
+SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "detect" / "weights"
 
 
-def label_table(mask_labels_csv: Path) -> NDArray[np.int64]:
-    """(256,) CCP label index -> class index in :data:`snapshop.detect.pose.CLASSES`."""
-    table = np.zeros(256, np.int64)
-    with open(mask_labels_csv, newline="") as fh:
-        for row in csv.DictReader(fh):
-            name = row["label"].strip().lower()
-            if name in CCP_UPPER:
-                table[int(row["index"])] = 1
-            elif name in CCP_LOWER:
-                table[int(row["index"])] = 2
-    return table
+def pose_label_table(mask_labels_csv: Path) -> NDArray[np.int64]:
+    """(256,) CCP label index -> class index in :data:`snapshop.detect.pose.CLASSES`: a dress
+    or romper is the *upper* garment here (the groups of boxes.csv: top/outwear/dress,
+    trousers/shorts/skirt), unlike the learned segmenter's dress class."""
+    upper, lower = (POSE_CLASSES.index(p) for p in (UPPER, LOWER))
+    groups = {upper: CCP_UPPER + CCP_ONE_PIECE, lower: CCP_LOWER}
+    return label_table(mask_labels_csv, groups).astype(np.int64)
 
 
 def cell_labels(
@@ -79,7 +63,7 @@ def training_grids(
     seed: int = 0,
 ) -> list[tuple[NDArray[np.float32], NDArray[np.int64]]]:
     """(features (h, w, N_INPUTS), labels (h, w), -1 = ignored) of every image with a person."""
-    table = label_table(root / "mask_labels.csv")
+    table = pose_label_table(root / "mask_labels.csv")
     rng = np.random.default_rng(seed)
     out = []
     for path, obs in items:
@@ -129,7 +113,7 @@ def fit_segmenter(
     """
     import torch
 
-    torch.manual_seed(seed)
+    seed_everything(seed)
     hh, ww = size
     x = np.zeros((len(grids), N_INPUTS, hh, ww), np.float32)
     y = np.full((len(grids), hh, ww), -1, np.int64)
@@ -142,7 +126,8 @@ def fit_segmenter(
     mean = (xt * valid).sum((0, 2, 3), keepdim=True) / valid.sum()
     std = (((xt - mean) ** 2 * valid).sum((0, 2, 3), keepdim=True) / valid.sum()).sqrt() + 1e-6
     net = segmenter_net()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    params = [{"params": list(net.parameters()), "lr": 3e-3}]
+    opt = make_optimizer("adam", params, weight_decay=1e-4)
     u_channel = 6  # horizontal offset from the body axis changes sign under a flip
     for epoch in range(epochs):
         perm = torch.randperm(len(xt))
@@ -196,21 +181,14 @@ def main() -> None:  # pragma: no cover - a training command
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("root", type=Path, help="CCP-format folder (manifest.csv, masks/)")
     parser.add_argument("--parity", choices=("even", "odd", "all"), default="even")
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "weights" / "pose_seg.onnx"
-    )
+    parser.add_argument("--out", type=Path, default=SHIPPED_WEIGHTS / "pose_seg.onnx")
     parser.add_argument("--epochs", type=int, default=60)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     from snapshop.detect.pose import PoseDetector
 
     detector = PoseDetector(model=_NoModel())  # type: ignore[arg-type]  # observe() only
-    with open(args.root / "manifest.csv", newline="") as fh:
-        rows = [
-            r
-            for r in csv.DictReader(fh)
-            if args.parity == "all" or int(r["image_id"]) % 2 == (args.parity == "odd")
-        ]
+    rows = list(manifest_rows(args.root, args.parity))
 
     def items() -> Iterable[tuple[str, PoseObservation]]:
         for r in rows:

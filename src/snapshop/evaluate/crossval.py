@@ -1,0 +1,216 @@
+"""Cross-validated retrieval on unseen products: each fold's model scored on its own held-out
+products, the ranks pooled over the folds, so every product of the dataset counts as unseen.
+
+The folds are the protocol's (``snapshop prepare --folds K --fold N``, same seed and options
+as the training side). Two protocols: photo -> the fold's whole held-out gallery, and photo ->
+the fold's catalog images only (``catalog_where``). Columns: each baseline model (the same for
+every fold, embedded once) and the fold models (one per fold, in fold order). R@K with a 95 %
+bootstrap interval over products (all photos of a product resampled together).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from snapshop.data.manifest import ManifestRow, matches, parse_where
+from snapshop.data.protocol import ProtocolConfig, split_products
+from snapshop.errors import ConfigError
+from snapshop.evaluate.retrieval import embed_paths, product_ranks, product_scores, recall_interval
+
+log = logging.getLogger(__name__)
+
+KS = (1, 2, 4, 5, 8, 10, 100)
+PROTOCOLS = ("photo -> all", "photo -> catalog")
+FOLD_MODELS = "trained (fold models)"
+
+
+@dataclass
+class PooledRanks:
+    """Ranks of every query among its fold's held-out products, with global product labels."""
+
+    ranks: list[NDArray[np.int64]] = field(default_factory=list)
+    labels: list[NDArray[np.int64]] = field(default_factory=list)
+    per_fold_r1: list[float] = field(default_factory=list)
+
+    def add(self, ranks: NDArray[np.int64], labels: NDArray[np.int64]) -> None:
+        self.ranks.append(ranks)
+        self.labels.append(labels)
+        self.per_fold_r1.append(float((ranks < 1).mean()))
+
+    def recall(self, k: int) -> tuple[float, tuple[float, float]]:
+        ranks, labels = np.concatenate(self.ranks), np.concatenate(self.labels)
+        return float((ranks < k).mean()), recall_interval(ranks, labels, k)
+
+    @property
+    def queries(self) -> int:
+        return int(sum(len(r) for r in self.ranks))
+
+    @property
+    def products(self) -> int:
+        return len(np.unique(np.concatenate(self.labels))) if self.labels else 0
+
+
+def fold_ranks(
+    query_vecs: NDArray[np.float32],
+    query_products: Sequence[str],
+    gallery_vecs: NDArray[np.float32],
+    gallery_products: Sequence[str],
+    label_of: dict[str, int],
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """0-based product rank of each query within this gallery, and the queries' global labels.
+
+    Every query's product must be in the gallery (a fold holds out whole products)."""
+    products = sorted(set(gallery_products))
+    local = {p: i for i, p in enumerate(products)}
+    missing = sorted(set(query_products) - set(local))
+    if missing:
+        raise ValueError(f"queries of products without a gallery image: {missing[:5]}")
+    q_local = np.array([local[p] for p in query_products], dtype=np.int64)
+    g_local = np.array([local[p] for p in gallery_products], dtype=np.int64)
+    sims = query_vecs @ gallery_vecs.T
+    ranks = product_ranks(product_scores(sims, g_local, len(products)), q_local)
+    return ranks, np.array([label_of[p] for p in query_products], dtype=np.int64)
+
+
+def held_out_folds(
+    rows: list[ManifestRow], folds: int, *, seed: int = 0, max_images: int = 0,
+    keep_roles: bool = True,
+) -> list[list[ManifestRow]]:  # fmt: skip
+    """The test rows of each of ``folds`` protocol folds (as ``snapshop prepare --folds``)."""
+    held_out = []
+    for fold in range(folds):
+        config = ProtocolConfig(max_images=max_images, seed=seed, keep_roles=keep_roles,
+                                folds=folds, fold=fold)  # fmt: skip
+        split, _ = split_products(rows, config)
+        held_out.append([r for r in split if r.extra["split"] == "test"])
+    return held_out
+
+
+@dataclass
+class CrossValidation:
+    """Pooled ranks per column (model) and protocol."""
+
+    folds: int
+    columns: list[str]
+    results: dict[str, dict[str, PooledRanks]]
+
+    def protocols(self) -> list[str]:
+        """The protocols some query was scored in (a dataset without catalog images has one)."""
+        return [p for p in PROTOCOLS if self.results[self.columns[0]][p].queries]
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """column -> protocol -> R@K {value, ci95} and per_fold_R@1."""
+        report: dict[str, dict[str, Any]] = {}
+        for protocol in self.protocols():
+            for name in self.columns:
+                pooled = self.results[name][protocol]
+                entry: dict[str, Any] = {}
+                for k in KS:
+                    value, (lo, hi) = pooled.recall(k)
+                    interval = [round(lo, 4), round(hi, 4)]
+                    entry[f"R@{k}"] = {"value": round(value, 4), "ci95": interval}
+                entry["per_fold_R@1"] = pooled.per_fold_r1
+                report.setdefault(name, {})[protocol] = entry
+        return report
+
+    def markdown(self) -> list[str]:
+        """One markdown table per protocol: R@K per column (95 % interval at K 1, 5, 10)."""
+        lines = []
+        for protocol in PROTOCOLS:
+            first = self.results[self.columns[0]][protocol]
+            if not first.queries:
+                lines += ["", f"{protocol}: no query has a gallery image of its product (skipped)"]
+                continue
+            lines += ["", f"{protocol}: {self.folds} folds, {first.products} products,"
+                      f" {first.queries} queries, pooled"]  # fmt: skip
+            lines.append("| metric | " + " | ".join(self.columns) + " |")
+            lines.append("|---" * (len(self.columns) + 1) + "|")
+            for k in KS:
+                cells = []
+                for name in self.columns:
+                    value, (lo, hi) = self.results[name][protocol].recall(k)
+                    cells.append(f"{value:.4f} [{lo:.3f}, {hi:.3f}]" if k in (1, 5, 10)
+                                 else f"{value:.4f}")  # fmt: skip
+                lines.append(f"| R@{k} | " + " | ".join(cells) + " |")
+            cells = [" / ".join(f"{r:.3f}" for r in self.results[name][protocol].per_fold_r1)
+                     for name in self.columns]  # fmt: skip
+            lines.append("| R@1 per fold | " + " | ".join(cells) + " |")
+        return lines
+
+
+def _score_column(
+    models: Sequence[str],
+    fold_rows: list[list[ManifestRow]],
+    catalog: dict[str, str],
+    label_of: dict[str, int],
+) -> dict[str, PooledRanks]:
+    """One column: model ``models[i]`` embeds fold ``i``'s held-out rows (each image once per
+    model), ranked in both protocols."""
+    from snapshop.models.embedder import load_embedder
+
+    pooled = {protocol: PooledRanks() for protocol in PROTOCOLS}
+    cache: dict[tuple[str, str], NDArray[np.float32]] = {}
+    for model, held_out in zip(models, fold_rows, strict=True):
+        embedder = load_embedder(model)
+        trained_on = set(embedder.card.training.get("classes", []))
+        if trained_on & {r.product_id for r in held_out}:
+            raise ConfigError(f"{model} was trained on products this fold holds out: "
+                              "not the same folds (seed, --max-images, --keep-roles?)")  # fmt: skip
+        paths = [str(r.path) for r in held_out]
+        todo = [p for p in paths if (model, p) not in cache]
+        vecs, kept, skipped, _ = embed_paths(embedder, todo)
+        if skipped:
+            log.warning("%d unreadable images skipped", len(skipped))
+        for vec, i in zip(vecs, kept, strict=True):
+            cache[(model, todo[i])] = vec
+        present = [r for r in held_out if (model, str(r.path)) in cache]
+
+        def vectors(rows: list[ManifestRow], model: str = model) -> NDArray[np.float32]:
+            return np.stack([cache[(model, str(r.path))] for r in rows])
+
+        queries = [r for r in present if r.role == "query"]
+        gallery = [r for r in present if r.role == "gallery"]
+        galleries = {"photo -> all": gallery,
+                     "photo -> catalog": [r for r in gallery if matches(r, catalog)]}  # fmt: skip
+        for protocol, shown in galleries.items():
+            in_gallery = {r.product_id for r in shown}
+            asked = [r for r in queries if r.product_id in in_gallery]
+            if not asked:  # e.g. no catalog images in this dataset
+                continue
+            ranks, labels = fold_ranks(vectors(asked), [r.product_id for r in asked],
+                                       vectors(shown), [r.product_id for r in shown],
+                                       label_of)  # fmt: skip
+            pooled[protocol].add(ranks, labels)
+    return pooled
+
+
+def cross_validate(
+    rows: list[ManifestRow],
+    fold_models: Sequence[str],
+    baselines: Sequence[str] = (),
+    *,
+    seed: int = 0,
+    max_images: int = 0,
+    keep_roles: bool = True,
+    catalog_where: str = "domain=iconic",
+) -> CrossValidation:
+    """Score ``fold_models`` (one per fold, in fold order) and ``baselines`` (every fold) on
+    the held-out products of each fold of ``rows``; ranks pooled over the folds."""
+    folds = len(fold_models)
+    if folds < 2:
+        raise ConfigError("cross-validation needs one model per fold (at least 2)")
+    catalog = parse_where([catalog_where])
+    fold_rows = held_out_folds(rows, folds, seed=seed, max_images=max_images,
+                               keep_roles=keep_roles)  # fmt: skip
+    products = sorted({r.product_id for held_out in fold_rows for r in held_out})
+    label_of = {p: i for i, p in enumerate(products)}
+    columns = [(name, [name] * folds) for name in baselines] + [(FOLD_MODELS, list(fold_models))]
+    results = {name: _score_column(models, fold_rows, catalog, label_of)
+               for name, models in columns}  # fmt: skip
+    return CrossValidation(folds, [name for name, _ in columns], results)

@@ -1,0 +1,205 @@
+"""Settings of garment-segmenter training: the class map, the two modes' frozen configs, a run."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from snapshop.data.ccp import CCP_AUX, CCP_LOWER, CCP_ONE_PIECE, CCP_UPPER, PARITIES, label_table
+from snapshop.detect.segmenter import (
+    CLASSES,
+    DRESS_CLS,
+    FEATURE_BLOCKS,
+    LOWER_CLS,
+    UPPER_CLS,
+    SegmenterConfig,
+)
+from snapshop.errors import ConfigError
+
+IGNORE = 255  # target value of padding pixels: no loss
+
+# Auxiliary training classes (``aux_labels``): more of CCP's labels taught as classes of their
+# own, so that legs, stockings, shoes and belts are not one "other" class. The exported head
+# folds them back into *other* (:func:`~snapshop.train.segmenter.finetune.fold_aux_head`): the
+# detector sees four classes.
+AUX_CLASSES: tuple[str, ...] = tuple(CCP_AUX)
+MAX_FINETUNE_BLOCKS = FEATURE_BLOCKS[-1] + 1
+
+
+def num_train_classes(aux_labels: bool) -> int:
+    return len(CLASSES) + (len(AUX_CLASSES) if aux_labels else 0)
+
+
+def segmenter_label_table(mask_labels_csv: Path, aux_labels: bool = False) -> NDArray[np.uint8]:
+    """(256,) CCP label index -> class index in :data:`snapshop.detect.segmenter.CLASSES`
+    (dresses and rompers: a class of their own), or past them in :data:`AUX_CLASSES` order
+    with ``aux_labels``."""
+    groups = {UPPER_CLS: CCP_UPPER, LOWER_CLS: CCP_LOWER, DRESS_CLS: CCP_ONE_PIECE}
+    if aux_labels:
+        groups |= {len(CLASSES) + i: labels for i, labels in enumerate(CCP_AUX.values())}
+    return label_table(mask_labels_csv, groups)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Frozen-trunk training: only the head learns, on cached trunk features of every photo
+    and its mirror image (AdamW, one-cycle schedule)."""
+
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 3e-3
+    width: int = 48
+    dropout: float = 0.3
+    dress_weight: float = 1.0
+    long_side: int = 320
+    negatives: int = 60  # synthetic person-free images
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        SegmenterConfig(long_side=self.long_side)  # raises ConfigError for a bad long side
+        if self.epochs < 1 or self.batch_size < 1 or self.negatives < 0 or self.width < 1:
+            raise ConfigError("epochs, batch_size and width must be >= 1, negatives >= 0")
+        if self.lr <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError("lr must be > 0 and dropout in [0, 1)")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """End-to-end training (the defaults are the GPU script's): the stem and blocks 0..N-1 train
+    with the head on photos augmented on the fly; BatchNorm keeps ImageNet's statistics."""
+
+    finetune_blocks: int = 11  # the stem and blocks 0..N-1 train; later blocks stay ImageNet
+    epochs: int = 60
+    batch_size: int = 16
+    lr: float = 3e-3  # head
+    trunk_lr: float = 3e-4  # stem and fine-tuned blocks
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, Nesterov)
+    schedule: str = "cosine"  # cosine | step (x0.1 at 2/3 and 9/10 of the steps)
+    warmup_fraction: float = 0.05
+    width: int = 48
+    dropout: float = 0.3
+    dress_weight: float = 1.0
+    long_side: int = 320
+    negatives: int = 60
+    augment: bool = True
+    min_scale: float = 0.75  # random rescale relative to "long side = long_side"
+    max_scale: float = 1.25
+    jitter: float = 0.25  # brightness / contrast / saturation factors in [1 - j, 1 + j]
+    device: str = "auto"  # auto | cuda | cpu
+    workers: int = 0
+    bf16: bool = True  # autocast on cuda only
+    max_train_seconds: float | None = None  # stop early (after an epoch) past this
+    seed: int = 0
+    overlay_dtype: str = "float32"  # float16 halves garment_seg_trunk.npz (read back as float32)
+    aux_labels: bool = False  # train AUX_CLASSES too (folded into "other" at export)
+    recolour: float = 0.0  # chance per sample that each garment class gets its own hue / tone
+
+    def __post_init__(self) -> None:
+        SegmenterConfig(long_side=self.long_side)  # raises ConfigError for a bad long side
+        if not 1 <= self.finetune_blocks <= MAX_FINETUNE_BLOCKS:
+            raise ConfigError(f"finetune_blocks must be in 1..{MAX_FINETUNE_BLOCKS}")
+        if self.epochs < 1 or self.batch_size < 1 or self.workers < 0 or self.negatives < 0:
+            raise ConfigError("epochs and batch_size must be >= 1, workers and negatives >= 0")
+        if self.lr <= 0 or self.trunk_lr < 0 or self.weight_decay < 0:
+            raise ConfigError("lr must be > 0, trunk_lr and weight_decay >= 0")
+        if self.overlay_dtype not in ("float32", "float16"):
+            raise ConfigError(f"overlay_dtype must be float32 or float16, got {self.overlay_dtype}")
+        if self.optimizer not in ("adamw", "sgd") or self.schedule not in ("cosine", "step"):
+            raise ConfigError("optimizer must be adamw or sgd, schedule cosine or step")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError("device must be auto, cuda or cpu")
+        if not 0 < self.min_scale <= self.max_scale or not 0 <= self.jitter < 1:
+            raise ConfigError("need 0 < min_scale <= max_scale and 0 <= jitter < 1")
+        if not 0 <= self.recolour <= 1:
+            raise ConfigError("recolour is a probability: 0..1")
+        if not 0 <= self.warmup_fraction < 1 or not 0 <= self.dropout < 1:
+            raise ConfigError("warmup_fraction and dropout must be in [0, 1)")
+        if self.max_train_seconds is not None and self.max_train_seconds <= 0:
+            raise ConfigError("max_train_seconds must be > 0")
+
+
+@dataclass(frozen=True)
+class DetectorTraining:
+    """One training run: which CCP photos, which mode (:class:`HeadConfig` or
+    :class:`FinetuneConfig`) and where the model goes (``prefix`` + the usual file names)."""
+
+    dataset: Path
+    model: HeadConfig | FinetuneConfig = HeadConfig()
+    out: Path = Path("garment_seg_model")
+    parity: str = "even"
+    limit: int | None = None
+    prefix: str = ""
+    cache: Path | None = None  # frozen-trunk feature cache (.pkl); head training only
+
+    def __post_init__(self) -> None:
+        if self.parity not in PARITIES:
+            raise ConfigError(f"parity must be one of {', '.join(PARITIES)}, got {self.parity!r}")
+        if "/" in self.prefix or "\\" in self.prefix:
+            raise ConfigError("prefix is a file name prefix, not a path")
+        if self.cache is not None and isinstance(self.model, FinetuneConfig):
+            raise ConfigError("the feature cache holds frozen-trunk features: not with fine-tuning")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("limit must be >= 1")
+
+    def command_line(self) -> str:
+        """The ``snapshop train-detector`` command that repeats this run (for the model card)."""
+        args = [str(self.dataset), "--parity", self.parity, "--out", str(self.out)]
+        for name, value in (("limit", self.limit), ("cache", self.cache)):
+            if value is not None:
+                args += [f"--{name}", str(value)]
+        if self.prefix:
+            args += ["--prefix", self.prefix]
+        # The command's defaults: HeadConfig's for the options both modes take (so fine-tuning
+        # runs 10 epochs unless told otherwise), FinetuneConfig's for the others.
+        head, finetune = HeadConfig(), FinetuneConfig()
+        for field in fields(self.model):
+            value = getattr(self.model, field.name)
+            flag = "--" + field.name.replace("_", "-")
+            default = getattr(head, field.name, getattr(finetune, field.name))
+            if field.name == "finetune_blocks":
+                args += [flag, str(value)]
+            elif value == default or value is None:
+                continue
+            elif isinstance(value, bool):
+                args.append(flag if value else "--no-" + flag[2:])
+            else:
+                args += [flag, str(value)]
+        return shlex.join(["snapshop", "train-detector", *args])
+
+
+# Options that only fine-tuning takes (the command rejects them without --finetune-blocks).
+FINETUNE_ONLY = frozenset(
+    f.name for f in fields(FinetuneConfig) if f.name not in {g.name for g in fields(HeadConfig)}
+) - {"finetune_blocks"}
+
+
+def detector_training(
+    dataset: Path,
+    *,
+    finetune_blocks: int = 0,
+    settings: Mapping[str, object] | None = None,
+    out: Path = Path("garment_seg_model"),
+    parity: str = "even",
+    limit: int | None = None,
+    prefix: str = "",
+    cache: Path | None = None,
+) -> DetectorTraining:
+    """The run a command line asks for: ``finetune_blocks`` 0 trains the head on the frozen
+    trunk (:class:`HeadConfig`), N >= 1 fine-tunes (:class:`FinetuneConfig`). ``settings``:
+    the config fields given (None values are left at their defaults)."""
+    given = {k: v for k, v in (settings or {}).items() if v is not None}
+    if finetune_blocks:
+        model: HeadConfig | FinetuneConfig = FinetuneConfig(finetune_blocks=finetune_blocks,
+                                                            **given)  # type: ignore[arg-type]  # fmt: skip
+    else:
+        only = sorted(FINETUNE_ONLY & set(given))
+        if only:
+            raise ConfigError(f"--{only[0].replace('_', '-')} needs --finetune-blocks N")
+        model = HeadConfig(**given)  # type: ignore[arg-type]
+    return DetectorTraining(dataset, model, out, parity, limit, prefix, cache)

@@ -1,0 +1,156 @@
+"""Frozen-trunk training: only the head learns, on cached trunk features (the CPU path).
+
+Per-pixel cross-entropy against CCP's labels mapped to other / upper / lower / dress, at
+stride 4 (logits upsampled bilinearly x2, labels at the 4x4 cell centres, padding ignored);
+AdamW with a one-cycle schedule; batches hold samples of one shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from snapshop.data.ccp import list_images
+from snapshop.detect.segmenter import (
+    BACKBONE,
+    CARD_FILE,
+    CLASSES,
+    DRESS_CLS,
+    FEATURE_BLOCKS,
+    HEAD_FILE,
+    build_head,
+    export_head,
+)
+from snapshop.errors import ConfigError
+from snapshop.train.loop import EpochLoop, make_optimizer, seed_everything
+from snapshop.train.segmenter.card import BACKBONE_SOURCE, CCP_SOURCE, INPUT, OUTPUT, card_tail
+from snapshop.train.segmenter.config import (
+    IGNORE,
+    DetectorTraining,
+    HeadConfig,
+    segmenter_label_table,
+)
+from snapshop.train.segmenter.samples import Sample, load_or_build_samples
+
+log = logging.getLogger(__name__)
+
+
+class HeadTrainer(EpochLoop):
+    """:func:`build_head` on cached features, in the steps of :class:`EpochLoop`."""
+
+    def __init__(self, samples: list[Sample], config: HeadConfig) -> None:
+        super().__init__()
+        self.samples, self.config, self.epochs = samples, config, config.epochs
+
+    def setup(self) -> None:
+        import torch
+
+        config = self.config
+        seed_everything(config.seed)
+        self.rng = np.random.default_rng(config.seed)
+        self.head = build_head(config.width, dropout=config.dropout)
+        self.weight = torch.ones(len(CLASSES))
+        self.weight[DRESS_CLS] = config.dress_weight
+        params = [{"params": list(self.head.parameters()), "lr": config.lr}]
+        self.optimizer = make_optimizer("adamw", params, weight_decay=1e-4)
+        self.by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(self.samples):
+            self.by_shape.setdefault(s.target.shape, []).append(i)
+        steps_per_epoch = sum(-(-len(v) // config.batch_size) for v in self.by_shape.values())
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=config.lr, total_steps=max(1, config.epochs * steps_per_epoch),
+            pct_start=0.1,
+        )  # fmt: skip
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        import torch
+        import torch.nn.functional as F
+
+        self.head.train()
+        batch_size, samples = self.config.batch_size, self.samples
+        batches = []
+        for idx in self.by_shape.values():
+            order = self.rng.permutation(idx)
+            batches += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        self.rng.shuffle(batches)
+        total, count = 0.0, 0
+        for batch in batches:
+            feats = [
+                torch.from_numpy(np.stack([samples[i].feats[k] for i in batch]).astype(np.float32))
+                for k in range(3)
+            ]
+            # Loss at stride 4: logits upsampled x2, targets sampled at the 4x4 cell centres.
+            target = np.stack([samples[i].target[2::4, 2::4] for i in batch]).astype(np.int64)
+            logits = F.interpolate(self.head(*feats), scale_factor=2.0, mode="bilinear")
+            loss = F.cross_entropy(
+                logits, torch.from_numpy(target), weight=self.weight, ignore_index=IGNORE
+            )
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            total += float(loss.detach()) * len(batch)
+            count += len(batch)
+        return {"loss": total / max(count, 1)}
+
+
+def train_head(samples: list[Sample], config: HeadConfig) -> tuple[Any, list[float]]:
+    """Fit :func:`build_head` with AdamW + one-cycle decay; returns the head (eval mode) and
+    the per-epoch loss."""
+    trainer = HeadTrainer(samples, config)
+    history = trainer.run()
+    return trainer.head.eval(), [record["loss"] for record in history]
+
+
+def fit_head(run: DetectorTraining) -> dict[str, Any]:
+    """Train the head on ``run.dataset`` (CCP layout) and write ``garment_seg.onnx`` +
+    ``garment_seg.json`` (``run.prefix`` before both names) into ``run.out``; returns the card."""
+    config = run.model
+    assert isinstance(config, HeadConfig)
+    pairs = list_images(run.dataset, run.parity, run.limit)
+    if not pairs:
+        raise ConfigError(f"{run.dataset}: no photos with masks for parity {run.parity!r}")
+    table = segmenter_label_table(run.dataset / "mask_labels.csv")
+    t0 = time.perf_counter()
+    samples = load_or_build_samples(
+        pairs, table, config.long_side, run.cache, config.negatives, config.seed
+    )
+    t_feats = time.perf_counter() - t0
+    head, losses = train_head(samples, config)
+    t_train = time.perf_counter() - t0 - t_feats
+    run.out.mkdir(parents=True, exist_ok=True)
+    head_path = run.out / f"{run.prefix}{HEAD_FILE}"
+    export_head(head, head_path)
+    card = {
+        "model": f"{HEAD_FILE}: head of the `segmenter` detector (1x1 laterals + 2 3x3 convs,"
+        f" width {config.width}) on frozen ImageNet {BACKBONE} blocks {list(FEATURE_BLOCKS)}",
+        "backbone": f"{BACKBONE_SOURCE}, built at load time and exported to $SNAPSHOP_HOME/detect",
+        "input": INPUT,
+        "output": OUTPUT,
+        "training_data": f"{CCP_SOURCE}, {run.parity} image ids ({len(pairs)}"
+        " photos + mirrored copies), CCP pixel labels"
+        + (f"; {config.negatives} synthetic person-free images" if config.negatives else ""),
+        "training_command": run.command_line(),
+        "training": {
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "lr": config.lr,
+            "width": config.width,
+            "dropout": config.dropout,
+            "dress_weight": config.dress_weight,
+            "long_side": config.long_side,
+            "synthetic_negatives": config.negatives,
+            "seed": config.seed,
+            "final_loss": round(losses[-1], 4) if losses else None,
+            "feature_seconds": round(t_feats, 1),
+            "train_seconds": round(t_train, 1),
+        },
+        **card_tail(config.long_side),
+    }
+    (run.out / f"{run.prefix}{CARD_FILE}").write_text(json.dumps(card, indent=2) + "\n")
+    log.info("wrote %s (%.1f s features, %.1f s training)", head_path, t_feats, t_train)
+    return card
