@@ -69,7 +69,7 @@ def test_index_folder_reports_failures(built: dict[str, Any], cat: Path, tmp_pat
     make_images(shop, n_products=1, per_product=1, size=64, seed=9)
     (next(shop.iterdir()) / "broken.jpg").write_text("<html>")
     result = invoke("index", shop, "--catalog", cat)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # an image failed (issue #19)
     assert "added 1 images" in result.stdout and "1 failed" in result.stdout
     assert "broken.jpg" in result.stderr and "not an image" in result.stderr
     assert "failed" in result.stderr.split("broken.jpg")[0]
@@ -81,7 +81,7 @@ def test_index_folder_reports_failures(built: dict[str, Any], cat: Path, tmp_pat
         (again / "broken2.jpg").write_text("<html>")
         proc = subprocess.run([str(exe), "index", str(shop), "--catalog", str(cat)],
                               capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
+        assert proc.returncode == 1, proc.stderr
         assert proc.stderr.count("broken2.jpg") == 1, proc.stderr
 
 

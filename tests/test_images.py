@@ -18,6 +18,7 @@ from snapshop.images import (
     DecodeLimits,
     image_size,
     load_image,
+    original_size,
     pil_pixel_ceiling,
     read_bytes,
     sniff_format,
@@ -243,8 +244,10 @@ def test_tiny_one_pixel() -> None:
 
 
 def test_extremely_wide_aspect_ratio() -> None:
-    out = load_image(encode(Image.new("RGB", (20000, 1), (9, 9, 9)), "PNG"))
-    assert out.size == (20000, 1)
+    data = encode(Image.new("RGB", (20000, 1), (9, 9, 9)), "PNG")
+    out = load_image(data)  # reduced to the working size, its original size remembered
+    assert out.size == (2048, 1) and original_size(out) == (20000, 1)
+    assert load_image(data, DecodeLimits(max_side=None)).size == (20000, 1)
 
 
 def test_path_and_bytes_give_the_same_pixels(tmp_path: Path) -> None:

@@ -194,9 +194,11 @@ def test_dead_decode_worker_is_one_clear_error(tmp_path: Path, lite0_model_dir: 
         api.index_source(records, tmp_path / "cat", model=str(lite0_model_dir), batch_size=4,
                          workers=2)  # fmt: skip
     assert "run the ingest again" in str(info.value)
-    kept = check_catalog_dir(tmp_path / "cat")["images"]
-    assert kept % 4 == 0 and kept <= 12  # whole batches before the dead worker's, nothing else
-    report = api.index_source(tmp_path / "shop", tmp_path / "cat", batch_size=4, workers=2)
+    # Whole batches before the dead worker's, nothing else (and no catalog if none committed).
+    kept = check_catalog_dir(tmp_path / "cat")["images"] if (tmp_path / "cat").exists() else 0
+    assert kept % 4 == 0 and kept <= 12
+    report = api.index_source(tmp_path / "shop", tmp_path / "cat", model=str(lite0_model_dir),
+                              batch_size=4, workers=2)  # fmt: skip
     assert (report.added, report.skipped) == (24 - kept, kept)
     assert check_catalog_dir(tmp_path / "cat")["images"] == 24
 
@@ -215,3 +217,31 @@ def test_rerun_skips_everything(tmp_path: Path, lite0_model_dir: Path, workers: 
     finally:
         catalog.close()
     assert (report.added, report.skipped, CountingEmbedder.embedded) == (0, 24, 0)
+
+
+class ReadCountingRecord(CatalogRecord):
+    """Counts the reads made in the ingesting process (decode workers read their own)."""
+
+    main_process_reads = 0
+
+    def read(self, limits: DecodeLimits = DecodeLimits()) -> bytes:
+        if multiprocessing.parent_process() is None:
+            ReadCountingRecord.main_process_reads += 1
+        return super().read(limits)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_prepare_step_reads_each_known_image_once(
+    tmp_path: Path, lite0_model_dir: Path, workers: int
+) -> None:
+    """Issue #17: in-process decoding and decode workers run the same prepare step, and the
+    skip check is made once: a re-run with workers no longer reads every known image again
+    in the ingesting process."""
+    make_images(tmp_path / "shop", n_products=4, per_product=6, size=48)
+    records = [ReadCountingRecord(r.sku, r.path) for r in read_source(tmp_path / "shop")]
+    api.index_source(records, tmp_path / "cat", model=str(lite0_model_dir), batch_size=4,
+                     workers=workers)  # fmt: skip
+    ReadCountingRecord.main_process_reads = 0
+    report = api.index_source(records, tmp_path / "cat", batch_size=4, workers=workers)
+    assert (report.added, report.skipped) == (0, 24)
+    assert ReadCountingRecord.main_process_reads == (24 if workers == 0 else 0)

@@ -13,11 +13,11 @@ from snapshop.config import read_json, write_json
 from snapshop.data.sources import CatalogRecord, read_source
 from snapshop.detect.base import Detector
 from snapshop.detect.factory import create_detector
-from snapshop.errors import CatalogError, NotFoundError
+from snapshop.errors import CatalogError, ManifestError, NotFoundError
 from snapshop.images import ImageSource
 from snapshop.index.choose import AUTO
 from snapshop.index.factory import INDEX_KINDS
-from snapshop.ingest import Ingestor, IngestReport
+from snapshop.ingest import Ingestor, IngestReport, discard_empty_catalog
 from snapshop.models.embedder import Embedder, load_embedder
 from snapshop.search import ProductFilter, Searcher, SearchResult
 
@@ -80,9 +80,18 @@ def index_source(
     latency budget, HNSW above), ``flat``, ``hnsw``, ``pgvector``, ``milvus``; given for an
     existing catalog it replaces the card's choice (indexes are rebuilt from the store).
     ``workers``: decode processes (None: one per core; 0: in-process).
+    A source with no image raises ManifestError before anything is written, and a catalog
+    this call created is removed again if nothing was indexed into it. Files a folder holds
+    that are not supported images come back in the report's ``ignored``.
     """
-    records = source if isinstance(source, list) else read_source(Path(source))
+    ignored: list[tuple[str, str]] = []
+    records = source if isinstance(source, list) else read_source(Path(source), ignored)
+    if not records:
+        shown = "".join(f"; {path}: {reason}" for path, reason in ignored[:5])
+        where = "the records given" if isinstance(source, list) else str(source)
+        raise ManifestError(f"{where}: no image to index{shown}")
     directory = Path(catalog_dir)
+    existed, created = directory.exists(), False
     if (directory / CARD_FILE).exists():
         if index_kind is not None:
             set_index_kind(directory, index_kind)
@@ -99,6 +108,7 @@ def index_source(
                 directory, model_id=embedder.model_id, model_ref=_model_ref(model),
                 dim=embedder.dim, index_kind=index_kind or AUTO,
             )  # fmt: skip
+            created = True
         except CatalogError:
             if not (directory / CARD_FILE).exists():
                 raise
@@ -111,9 +121,17 @@ def index_source(
         if progress_total:
             progress_total(len(records))
         ingestor = Ingestor(catalog, embedder, det, batch_size=batch_size, workers=workers)
-        return ingestor.ingest(records, progress=progress, sync=sync)
-    finally:
+        report = ingestor.ingest(records, progress=progress, sync=sync)
+    except BaseException:
         catalog.close()
+        if created:
+            discard_empty_catalog(directory, remove_directory=not existed)
+        raise
+    catalog.close()
+    if created and report.added == 0:  # nothing indexed: a new catalog is not left behind
+        discard_empty_catalog(directory, remove_directory=not existed)
+    report.ignored = ignored
+    return report
 
 
 def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | None = None) -> None:
@@ -227,5 +245,93 @@ def collect_garbage(
     catalog = open_catalog(catalog_dir)
     try:
         return catalog.collect_garbage(dry_run=dry_run, min_age_seconds=grace_seconds)
+    finally:
+        catalog.close()
+
+
+# --- shop features (issue #18): more like this, similar-product export, duplicates -----------
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:  # imported where used: they load faiss, which the CLI's start-up avoids
+    from snapshop.duplicates import DuplicateReport
+    from snapshop.recommend import ExportReport
+
+
+def similar(
+    catalog_dir: PathLike,
+    product: str | int,
+    *,
+    k: int = 10,
+    position: str | None = None,
+    filters: ProductFilter | None = None,
+) -> SearchResult:
+    """More like this for a catalog product (sku or id) from its stored vectors: image-based
+    and item-based results, the product itself excluded (see ``snapshop.similar``)."""
+    from snapshop.similar import similar_products
+
+    catalog = open_catalog(catalog_dir)
+    try:
+        return similar_products(catalog, product, k, position=position, filters=filters)
+    finally:
+        catalog.close()
+
+
+def recommend(
+    catalog_dir: PathLike,
+    out: PathLike,
+    *,
+    k: int = 20,
+    position: str | None = None,
+    batch_size: int = 1024,
+    restart: bool = False,
+    progress_total: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ExportReport:
+    """Write every product's ``k`` most similar products (by product vector) to ``out`` (.csv,
+    or .parquet when pyarrow is installed), resuming an interrupted export of the same file
+    unless ``restart`` (see ``snapshop.recommend``)."""
+    from snapshop.recommend import export_similar
+
+    catalog = open_catalog(catalog_dir)
+    try:
+        return export_similar(
+            catalog, out, k, position=position, batch_size=batch_size, restart=restart,
+            progress_total=progress_total, progress=progress,
+        )  # fmt: skip
+    finally:
+        catalog.close()
+
+
+def duplicates(
+    catalog_dir: PathLike,
+    *,
+    threshold: float | None = None,
+    pixel_threshold: float | None = None,
+    pixel_check: bool = True,
+    out: PathLike | None = None,
+    html: PathLike | None = None,
+    progress_total: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> DuplicateReport:
+    """Near-identical image pairs across different products: vector similarity >=
+    ``threshold``, confirmed on the stored files by pixel similarity >= ``pixel_threshold``
+    unless not ``pixel_check`` (None: the defaults in ``snapshop.duplicates``). Written as CSV
+    to ``out`` and as a page of side-by-side thumbnails to ``html`` when given."""
+    from snapshop import duplicates as dup
+
+    catalog = open_catalog(catalog_dir)
+    try:
+        if progress_total:
+            progress_total(catalog.store.counts()["images"])
+        pixel = dup.DEFAULT_PIXEL_THRESHOLD if pixel_threshold is None else pixel_threshold
+        report = dup.find_duplicates(
+            catalog, dup.DEFAULT_THRESHOLD if threshold is None else threshold,
+            pixel_threshold=pixel if pixel_check else None, progress=progress,
+        )  # fmt: skip
+        if out is not None:
+            dup.write_csv(report.pairs, Path(out))
+        if html is not None:
+            dup.write_html(catalog, report, Path(html))
+        return report
     finally:
         catalog.close()

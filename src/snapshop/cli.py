@@ -131,7 +131,11 @@ def index(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add a folder or CSV manifest to a catalog (created on first use); re-runs are idempotent."""
+    """Add a folder or CSV manifest to a catalog (created on first use); re-runs are idempotent.
+
+    Exit codes: 0 every image is indexed; 1 some images failed (the others are indexed) or an
+    error stopped the ingest (committed batches are kept); 2 bad usage or input (malformed
+    CSV, no image to index): nothing written; 130 interrupted."""
     with progress_bar("indexing") as (set_total, advance):
         report = run(lambda: api.index_source(
             source, catalog, model=model, detector=detector, batch_size=batch_size, sync=sync,
@@ -142,17 +146,24 @@ def index(
     else:
         out.print(
             f"added {report.added} images ({report.crops} garment crops), skipped {report.skipped}"
-            f" already indexed, {len(report.failed)} failed, removed {report.removed};"
-            f" {len(report.products)} products; {report.seconds:.1f} s"
-            f" ({report.images_per_second:.1f} img/s)"
+            f" already indexed, {len(report.failed)} failed, {len(report.ignored)} not supported,"
+            f" removed {report.removed}; {len(report.products)} products;"
+            f" {report.seconds:.1f} s ({report.images_per_second:.1f} img/s)"
         )
-        for source_path, reason in report.failed[:20]:
-            err.print(f"  [yellow]failed[/yellow] {escape(f'{source_path}: {reason}')}",
-                      highlight=False, soft_wrap=True)  # fmt: skip
-        if len(report.failed) > 20:
-            err.print(f"  ... and {len(report.failed) - 20} more (all of them: --json)")
-    if report.failed and report.added == 0 and report.skipped == 0:
+        _print_not_indexed("failed", report.failed)
+        _print_not_indexed("not supported", report.ignored)
+        if report.failed and not report.added and not report.skipped:
+            err.print("nothing was indexed")
+    if report.failed:
         raise typer.Exit(1)
+
+
+def _print_not_indexed(what: str, entries: list[tuple[str, str]], shown: int = 20) -> None:
+    for source_path, reason in entries[:shown]:
+        err.print(f"  [yellow]{what}[/yellow] {escape(f'{source_path}: {reason}')}",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+    if len(entries) > shown:
+        err.print(f"  ... and {len(entries) - shown} more {what} (all of them: --json)")
 
 
 def terminal_text(value: object) -> str:
@@ -711,3 +722,114 @@ def train_detector(
 
 def entrypoint() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+# --- shop features (issue #18): more like this, similar-product export, duplicates -----------
+@app.command()
+def similar(
+    product: Annotated[str, typer.Argument(help="Product sku (or integer id).")],
+    catalog: CatalogOpt,
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Products per result list.")] = 10,
+    position: Annotated[
+        str | None, typer.Option(help="Only item-based results at this garment position.")
+    ] = None,
+    category: Annotated[str | None, typer.Option(help="Only products of this category.")] = None,
+    min_price: Annotated[float | None, typer.Option(min=0)] = None,
+    max_price: Annotated[float | None, typer.Option(min=0)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """More like this: the products that look like PRODUCT, from its stored vectors."""
+    from snapshop.search import ProductFilter
+
+    result = run(lambda: api.similar(
+        catalog, product, k=k, position=position,
+        filters=ProductFilter(category, min_price, max_price),
+    ))  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    if position is None:
+        out.print(_hits_table(f"More like {product} (image-based)", result.image_results))
+    for item in result.item_results:
+        out.print(_hits_table(f"More like {product}: {item.position} (item-based)",
+                              item.results))  # fmt: skip
+
+
+@app.command()
+def recommend(
+    catalog: CatalogOpt,
+    output: Annotated[
+        Path, typer.Option("--out", "-o", help="similar.csv, or similar.parquet (needs pyarrow).")
+    ],
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Similar products each.")] = 20,
+    position: Annotated[
+        str | None, typer.Option(help="Rank by the product vectors of this garment position.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=65536)] = 1024,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Start over instead of resuming an unfinished run.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export every product's k most similar products (by product vector); resumable."""
+    with _count_bar("products") as (set_total, advance):
+        report = run(lambda: api.recommend(
+            catalog, output, k=k, position=position, batch_size=batch_size, restart=restart,
+            progress_total=set_total, progress=advance,
+        ))  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+        return
+    after = report.resumed_after
+    resumed = "" if after is None else f" (resumed after product {after})"
+    out.print(f"wrote {report.rows} rows for {report.products} products to {report.path}{resumed};"
+              f" {report.seconds:.1f} s ({report.products_per_second:.0f} products/s)")  # fmt: skip
+
+
+@contextmanager
+def _count_bar(unit: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """(set_total, advance) callbacks; a live bar counting ``unit`` only on a terminal."""
+    if not err.is_terminal:
+        yield (lambda total: None), (lambda n: None)
+        return
+    columns = (TextColumn(unit), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task(unit, total=None)
+        yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
+
+
+@catalog_app.command("duplicates")
+def catalog_duplicates(
+    catalog: CatalogOpt,
+    output: Annotated[Path, typer.Option("--out", "-o", help="CSV of the pairs to write.")],
+    threshold: Annotated[
+        float | None,
+        typer.Option(min=-1.0, max=1.0, help="Vector similarity from which a pair is a candidate."),
+    ] = None,
+    pixel_threshold: Annotated[
+        float | None,
+        typer.Option(min=-1.0, max=1.0, help="Pixel similarity that confirms a candidate."),
+    ] = None,
+    pixel_check: Annotated[
+        bool, typer.Option(help="Confirm candidates on the stored image files.")
+    ] = True,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write a page of side-by-side thumbnails.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Near-identical images listed under different products (reused photos, duplicates)."""
+    with _count_bar("images") as (set_total, advance):
+        report = run(lambda: api.duplicates(
+            catalog, threshold=threshold, pixel_threshold=pixel_threshold,
+            pixel_check=pixel_check, out=output, html=html, progress_total=set_total,
+            progress=advance,
+        ))  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+        return
+    pixel = report.pixel_threshold
+    checked = "not checked" if pixel is None else f">= {pixel:g}"
+    out.print(f"{len(report.pairs)} near-duplicate pairs among {report.images} images"
+              f" (vector similarity >= {report.threshold:g}, pixels {checked}) -> {output}"
+              + (f", {html}" if html else ""))  # fmt: skip

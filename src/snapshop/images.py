@@ -3,14 +3,24 @@
 Every entry point (ingest, search, service, training) goes through :func:`load_image`, so the
 rules live in one place: EXIF orientation applied, every mode converted to RGB (alpha
 composited on white), a decompression-bomb limit, and one typed error for every failure.
+
+Memory: an image larger than ``DecodeLimits.max_side`` is decoded at reduced size (JPEG
+draft, then a thumbnail) and remembers its original size (:func:`original_size`), so boxes
+can be reported in the original image's pixels. At most :func:`decode_slots` decodes run at
+once in a process, so the decoders' peak memory is bounded by slots x (compressed bytes +
+one full-size bitmap) whatever the number of concurrent requests.
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
+import math
 import numbers
 import os
+import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +34,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+# Every consumer works at or below this: detectors at 320-640 px (the segmenter's zoomed re-run
+# on a small person included), the embedder at 224-260 px on crops down to 1/8 of the image.
+DEFAULT_MAX_SIDE = 2048
+DECODE_SLOTS_ENV = "SNAPSHOP_DECODE_SLOTS"
+ORIGINAL_SIZE = "snapshop.original_size"  # image.info key: (width, height) before reduction
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
 
 # We never accept truncated files silently; the default is already False, pin it.
@@ -45,14 +60,17 @@ def pil_pixel_ceiling() -> int | None:
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """Limits applied before any pixel is decoded."""
+    """Limits applied before any pixel is decoded. ``max_side``: longer images are decoded
+    at reduced size, their longer side ``max_side`` px (None: always at full size)."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
     min_side: int = 1
+    max_side: int | None = DEFAULT_MAX_SIDE
 
     def __post_init__(self) -> None:
-        for name in ("max_pixels", "max_bytes", "min_side"):
+        names = ("max_pixels", "max_bytes", "min_side", "max_side")
+        for name in names if self.max_side is not None else names[:3]:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"DecodeLimits.{name} must be a positive integer, got {value!r}")
@@ -62,6 +80,72 @@ class DecodeLimits:
                 f"DecodeLimits.max_pixels is {self.max_pixels}, above PIL's own limit of "
                 f"{ceiling} pixels (raise PIL.Image.MAX_IMAGE_PIXELS to allow more)"
             )
+
+
+def _default_decode_slots() -> int:
+    raw = os.environ.get(DECODE_SLOTS_ENV, "").strip()
+    if raw:
+        try:
+            slots = int(raw)
+        except ValueError:
+            slots = 0
+        if slots >= 1:
+            return slots
+        log.warning("%s=%r is not a positive integer: ignored", DECODE_SLOTS_ENV, raw)
+    return min(4, os.cpu_count() or 1)  # decoding is CPU-bound: more slots buy memory, not speed
+
+
+def _return_freed_bitmaps_to_the_system() -> None:
+    """Keep large buffers in memory maps that go back to the system when freed.
+
+    glibc raises its mmap threshold (up to 32 MiB) once a large block is freed, so the next
+    bitmaps (PIL allocates them in blocks of up to 16 MiB) come from per-thread heaps that
+    keep the memory after the image is gone: eight threads decoding in turn, two at a time,
+    ended up holding eight bitmaps (docs/benchmarks/reliability.md). A fixed threshold turns
+    that off; buffers under it are unaffected.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
+        log.debug("mallopt(M_MMAP_THRESHOLD) refused: freed bitmaps may stay resident")
+
+
+_M_MMAP_THRESHOLD = -3  # from <malloc.h>
+MMAP_THRESHOLD = 1 << 20
+_return_freed_bitmaps_to_the_system()
+_decode_slots = _default_decode_slots()
+_decode_gate = threading.BoundedSemaphore(_decode_slots)
+
+
+def decode_slots() -> int:
+    """How many images this process decodes at once (``SNAPSHOP_DECODE_SLOTS``, default the
+    CPU count, at most 4); further decodes wait for a slot."""
+    return _decode_slots
+
+
+def set_decode_slots(slots: int) -> None:
+    """Change the number of concurrent decodes (for decodes that start after this call)."""
+    global _decode_slots, _decode_gate
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise ValueError(f"decode slots must be a positive integer, got {slots!r}")
+    _decode_slots, _decode_gate = slots, threading.BoundedSemaphore(slots)
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the file ``image`` was decoded from, after EXIF orientation: larger
+    than ``image.size`` when :func:`load_image` decoded it at reduced size."""
+    size = image.info.get(ORIGINAL_SIZE)
+    return (int(size[0]), int(size[1])) if size else image.size
+
+
+def scale_to_original(image: Image.Image) -> tuple[float, float]:
+    """Factors (x, y) that map ``image``'s pixel coordinates to the original file's."""
+    (ow, oh), (w, h) = original_size(image), image.size
+    return ow / w, oh / h
 
 
 def _source_name(source: ImageSource) -> str:
@@ -136,11 +220,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _upright(image: Image.Image, name: str) -> Image.Image:
-    """Apply the EXIF orientation; malformed EXIF leaves the pixels as stored (not an error)."""
+    """Apply the EXIF orientation; malformed EXIF leaves the pixels as stored (not an error).
+    In place: an image without an orientation is not copied."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # PIL: "Corrupt EXIF data"
-            return ImageOps.exif_transpose(image) or image
+            ImageOps.exif_transpose(image, in_place=True)
+            return image
     except Exception as exc:  # a broken EXIF block must not reject good pixels
         log.warning("%s: ignoring unreadable EXIF orientation (%s)", name, exc)
         return image
@@ -158,6 +244,11 @@ def load_image(
     """
     name = _source_name(source)
     data = read_bytes(source, limits)
+    with _decode_gate:
+        return _decode(data, name, limits)
+
+
+def _decode(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Our own limit (below) applies; PIL's global warning threshold must not override it.
@@ -187,10 +278,19 @@ def load_image(
             " (possible decompression bomb)",
         )
     try:
+        if limits.max_side is not None and max(width, height) > limits.max_side:
+            # JPEG decodes at 1/2, 1/4 or 1/8 scale directly: the full-size bitmap never exists.
+            scale = limits.max_side / max(width, height)
+            image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
         # Multi-frame files (GIF, APNG, MPO, TIFF) open on their first frame: that one is used.
         image.load()
-        image = _upright(image, name)
-        rgb = _to_rgb(image)
+        stored_size = image.size
+        upright = _upright(image, name)
+        if upright.size != stored_size:  # a quarter turn: the axes swap
+            width, height = height, width
+        if upright.mode in _RESIZABLE_MODES:  # reduce before the RGB copy is made
+            upright = _reduce(upright, limits.max_side)
+        rgb = _reduce(_to_rgb(upright), limits.max_side)
         rgb.load()
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(name, f"{_BOMB} ({exc})") from None
@@ -198,9 +298,23 @@ def load_image(
         raise ImageDecodeError(name, "out of memory while decoding") from None
     except Exception as exc:  # malformed data surfaces as many exception types
         raise ImageDecodeError(name, f"corrupt or truncated image data ({exc})") from None
+    if rgb.size != (width, height):
+        rgb.info[ORIGINAL_SIZE] = (width, height)
     return rgb
+
+
+# Modes PIL resamples with a proper filter (palette and 16-bit modes are converted first).
+_RESIZABLE_MODES = frozenset({"RGB", "RGBA", "L", "LA", "CMYK", "YCbCr"})
+
+
+def _reduce(image: Image.Image, max_side: int | None) -> Image.Image:
+    """``image`` with its longer side at most ``max_side`` (aspect kept): a box-filter
+    reduction by a whole factor, then an antialiased resize over the last factor < 2."""
+    if max_side is not None and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    return image
 
 
 def image_size(source: ImageSource, limits: DecodeLimits = DecodeLimits()) -> tuple[int, int]:
     """Width and height after EXIF orientation, without keeping the pixels."""
-    return load_image(source, limits).size
+    return original_size(load_image(source, limits))

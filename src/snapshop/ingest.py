@@ -7,11 +7,18 @@ at most the batch in flight; indexes are saved every few batches and reconciled 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import hashlib
 import logging
 import multiprocessing as mp
 import os
+import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,7 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from snapshop.catalog.catalog import Catalog
+from snapshop.catalog.catalog import DB_FILE, LOCK_FILE, Catalog
 from snapshop.catalog.store import CatalogStore, NewCrop, Product
 from snapshop.data.sources import CatalogRecord
 from snapshop.detect.base import (
@@ -38,7 +45,13 @@ from snapshop.detect.base import (
     product_box,
 )
 from snapshop.errors import ImageDecodeError, IngestError
-from snapshop.images import DecodeLimits, load_image, sniff_format
+from snapshop.images import (
+    DecodeLimits,
+    load_image,
+    original_size,
+    scale_to_original,
+    sniff_format,
+)
 from snapshop.models.embedder import Embedder, preprocess
 
 log = logging.getLogger(__name__)
@@ -49,10 +62,15 @@ FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", 
 
 @dataclass
 class IngestReport:
+    """``skipped``: images the catalog already held; ``failed``: images that could not be
+    indexed (source, reason); ``ignored``: files the source holds that are not supported
+    images (source, reason)."""
+
     added: int = 0
     skipped: int = 0
     crops: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
     products: set[str] = field(default_factory=set)
     removed: int = 0
     seconds: float = 0.0
@@ -65,6 +83,7 @@ class IngestReport:
         return {
             "added": self.added, "skipped": self.skipped, "crops": self.crops,
             "failed": [{"source": s, "reason": r} for s, r in self.failed],
+            "ignored": [{"source": s, "reason": r} for s, r in self.ignored],
             "products": len(self.products), "removed": self.removed,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
@@ -73,21 +92,15 @@ class IngestReport:
 
 @dataclass
 class Decoded:
-    """A fresh image ready to embed. Decode workers send ``pixels`` (the embedder's input,
-    already preprocessed) and ``blob`` (already written) and no ``image`` unless a detector
-    needs it."""
+    """A fresh image ready to embed: ``pixels`` are the embedder's input, ``blob`` is already
+    written, and ``image`` is kept only when a detector needs it."""
 
     record: CatalogRecord
-    data: bytes
     sha256: str
-    image: Image.Image | None
-    size: tuple[int, int] = (0, 0)
-    pixels: NDArray[np.float32] | None = None
-    blob: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.image is not None and self.size == (0, 0):
-            self.size = self.image.size
+    size: tuple[int, int]
+    pixels: NDArray[np.float32]
+    blob: str
+    image: Image.Image | None = None
 
 
 def write_blob(blob_dir: Path, sha256: str, data: bytes) -> str:
@@ -123,7 +136,8 @@ def _detect_crops(
     category: str | None = None,
     packshot: bool = False,
 ) -> list[tuple[str, str, float, tuple[float, float, float, float], Image.Image]]:
-    """The garment crops of one catalog image: the best detection per position.
+    """The garment crops of one catalog image: the best detection per position, boxes in
+    the original file's pixels.
 
     A product whose ``category`` names a garment position (tops, jeans...) is that garment:
     only its position's crop is kept (the model's other clothes are not the product), and
@@ -145,10 +159,12 @@ def _detect_crops(
             det = Detection(box, PRODUCT, position, 1.0)
         best = {position: det}
     out = []
+    sx, sy = scale_to_original(image)  # boxes are stored in the file's pixels
     for position, det in sorted(best.items()):
         pixels = frame_crop(image, det.box, crop_mode)
         if pixels is not None:
-            out.append((position, det.label, det.score, det.box.as_tuple(), pixels))
+            stored_box = det.box.scaled(sx, sy).as_tuple()
+            out.append((position, det.label, det.score, stored_box, pixels))
     return out
 
 
@@ -191,56 +207,23 @@ class Ingestor:
         self.workers = min(4, os.cpu_count() or 1) if workers is None else max(0, workers)
         self.prefetch_batches = max(1, prefetch_batches)
 
-    def _known(
-        self, records: Sequence[CatalogRecord], report: IngestReport
-    ) -> list[tuple[CatalogRecord, bytes, str]]:
-        """Read bytes and drop images the catalog already holds for the same product.
-
-        A known image whose record carries changed product metadata still updates the product
-        (re-ingesting an edited CSV updates titles, prices... without re-embedding).
-        """
-        fresh = []
-        updates: list[CatalogRecord] = []
+    def _update_known(self, records: Sequence[CatalogRecord], report: IngestReport) -> None:
+        """Count images the catalog already holds; a known image whose record carries changed
+        product metadata still updates the product (re-ingesting an edited CSV updates titles,
+        prices... without re-embedding)."""
         store = self.catalog.store
+        updates = []
         for record in records:
-            try:
-                data = record.read(self.limits)
-            except ImageDecodeError as exc:
-                report.failed.append((str(record.path), exc.reason))
-                continue
-            sha = hashlib.sha256(data).hexdigest()
+            report.skipped += 1
+            report.products.add(record.sku)
             product = store.find_product(record.sku)
-            if product is not None and store.has_image(product.id, sha):
-                report.skipped += 1
-                report.products.add(record.sku)
-                if _metadata_changes(product, record.metadata):
-                    updates.append(record)
-                continue
-            fresh.append((record, data, sha))
+            if product is not None and _metadata_changes(product, record.metadata):
+                updates.append(record)
         if updates:
             with self.catalog.write_lock(), store.transaction() as db:
                 for record in updates:
                     store.upsert_product(db, record.sku, **record.metadata)
             self.catalog.applied(store.last_commit())  # metadata only: indexes unchanged
-        return fresh
-
-    def _decode(
-        self, items: Sequence[tuple[CatalogRecord, bytes, str]], report: IngestReport
-    ) -> list[Decoded]:
-        decoded = []
-        seen: set[tuple[str, str]] = set()
-        for record, data, sha in items:
-            if (record.sku, sha) in seen:  # the same file twice in one batch
-                report.skipped += 1
-                continue
-            try:
-                image = load_image(data, self.limits)
-            except ImageDecodeError as exc:
-                report.failed.append((str(record.path), exc.reason))
-                continue
-            seen.add((record.sku, sha))
-            decoded.append(Decoded(record, data, sha, image))
-        return decoded
 
     def _write_batch(self, batch: list[Decoded], report: IngestReport) -> None:
         crops_per_image = [
@@ -256,17 +239,9 @@ class Ingestor:
             for d in batch
         ]
         crop_pixels = [c[4] for cs in crops_per_image for c in cs]
-        if any(d.pixels is not None for d in batch):  # preprocessed by the decode workers
-            size = self.embedder.input_size
-            arrays = [d.pixels if d.pixels is not None else preprocess(d.image, size)  # type: ignore[arg-type]
-                      for d in batch]  # fmt: skip
-            image_vecs = self.embedder.embed_arrays(np.stack(arrays))
-            crop_vecs = self.embedder.embed_images(crop_pixels)
-        else:
-            images = [d.image for d in batch if d.image is not None]
-            vectors = self.embedder.embed_images(images + crop_pixels)
-            image_vecs, crop_vecs = vectors[: len(batch)], vectors[len(batch) :]
-        blobs = [d.blob or write_blob(self.catalog.blob_dir, d.sha256, d.data) for d in batch]
+        image_vecs = self.embedder.embed_arrays(np.stack([d.pixels for d in batch]))
+        crop_vecs = self.embedder.embed_images(crop_pixels)
+        blobs = [d.blob for d in batch]
 
         new_images: list[tuple[int, np.ndarray]] = []
         new_crops: dict[str, list[tuple[int, np.ndarray]]] = {}
@@ -311,19 +286,17 @@ class Ingestor:
         remove files under this same lock, so once checked here the file stays."""
         if (self.catalog.directory / blob).is_file():
             return True
-        data = d.data
-        if not data:  # a decode worker wrote the blob and kept no copy: read the source again
-            try:
-                data = d.record.read(self.limits)
-            except ImageDecodeError as exc:
-                data = b""
-                reason = exc.reason
-            else:
-                reason = "the source changed since it was read"
-            if hashlib.sha256(data).hexdigest() != d.sha256:
-                why = f"stored copy removed by a concurrent delete and {reason}"
-                report.failed.append((str(d.record.path), why))
-                return False
+        try:  # the prepare step kept no copy of the bytes: read the source again
+            data = d.record.read(self.limits)
+        except ImageDecodeError as exc:
+            data = b""
+            reason = exc.reason
+        else:
+            reason = "the source changed since it was read"
+        if hashlib.sha256(data).hexdigest() != d.sha256:
+            why = f"stored copy removed by a concurrent delete and {reason}"
+            report.failed.append((str(d.record.path), why))
+            return False
         write_blob(self.catalog.blob_dir, d.sha256, data)
         log.info("stored %s again: removed by a concurrent writer", blob)
         return True
@@ -364,48 +337,66 @@ class Ingestor:
     def _batches(
         self, records: Iterable[CatalogRecord], report: IngestReport
     ) -> Iterator[tuple[list[Decoded], int]]:
-        """(fresh decoded images, records consumed) per batch of ``batch_size`` records."""
-        small = isinstance(records, Sequence) and len(records) <= 2 * self.batch_size
-        if self.workers == 0 or small:
-            chunk: list[CatalogRecord] = []
-            for record in records:
-                chunk.append(record)
-                if len(chunk) == self.batch_size:
-                    yield self._decode(self._known(chunk, report), report), len(chunk)
-                    chunk = []
-            if chunk:
-                yield self._decode(self._known(chunk, report), report), len(chunk)
-            return
-        yield from self._parallel_batches(records, report)
+        """(fresh decoded images, records consumed) per batch of ``batch_size`` records.
 
-    def _parallel_batches(
-        self, records: Iterable[CatalogRecord], report: IngestReport
-    ) -> Iterator[tuple[list[Decoded], int]]:
-        job = _DecodeJob(
-            db_path=str(self.catalog.store.path), blob_dir=str(self.catalog.blob_dir),
+        Every record goes through :func:`prepare`, in this process or in decode workers; only
+        the runner differs. Known images are counted (and their metadata updated) here."""
+        job = PrepareJob(
             limits=self.limits, input_size=self.embedder.input_size,
             keep_image=self.detector is not None,
         )  # fmt: skip
+        small = isinstance(records, Sequence) and len(records) <= 2 * self.batch_size
+        if self.workers == 0 or small:
+            store = self.catalog.store
+            outcomes: Iterator[_Outcome] = (prepare(job, r, store, self.catalog.blob_dir)
+                                            for r in records)  # fmt: skip
+        else:
+            outcomes = self._prepared_by_workers(records, job, report)
+        batch: list[Decoded] = []
+        known: list[CatalogRecord] = []
+        seen: set[tuple[str, str]] = set()
+        consumed = 0
+        for outcome in outcomes:
+            consumed += 1
+            if isinstance(outcome, Decoded):
+                if (outcome.record.sku, outcome.sha256) in seen:
+                    report.skipped += 1  # the same file twice in one batch
+                else:
+                    seen.add((outcome.record.sku, outcome.sha256))
+                    batch.append(outcome)
+            elif isinstance(outcome, CatalogRecord):
+                known.append(outcome)
+            else:
+                report.failed.append(outcome)
+            if consumed == self.batch_size:
+                self._update_known(known, report)
+                yield batch, consumed
+                batch, known, seen, consumed = [], [], set(), 0
+        if consumed:
+            self._update_known(known, report)
+            yield batch, consumed
+
+    def _prepared_by_workers(
+        self, records: Iterable[CatalogRecord], job: PrepareJob, report: IngestReport
+    ) -> Iterator[_Outcome]:
+        """:func:`prepare`'s outcomes, in source order, from ``workers`` decode processes
+        that run up to ``prefetch_batches`` batches ahead."""
         window = self.batch_size * (self.prefetch_batches + 1)
         ctx = mp.get_context("spawn")  # fork would copy ONNX Runtime / faiss thread state
-        with ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
+        pool = ProcessPoolExecutor(
+            self.workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
+        )
+        with pool:
             pending: deque[tuple[Future[_Outcome], CatalogRecord]] = deque()
             source = iter(records)
-            exhausted = False
-            batch: list[Decoded] = []
-            known: list[CatalogRecord] = []
-            seen: set[tuple[str, str]] = set()
-            consumed = 0
+            db_path, blob_dir = str(self.catalog.store.path), str(self.catalog.blob_dir)
             while True:
                 try:
-                    while not exhausted and len(pending) < window:
-                        record = next(source, None)
-                        if record is None:
-                            exhausted = True
-                        else:
-                            pending.append((pool.submit(_prepare, job, record), record))
+                    while len(pending) < window and (record := next(source, None)) is not None:
+                        future = pool.submit(_prepare_in_worker, job, db_path, blob_dir, record)
+                        pending.append((future, record))
                     if not pending:
-                        break
+                        return
                     outcome = pending[0][0].result()
                 except BrokenProcessPool:
                     at = f" at or after {pending[0][1].path}" if pending else ""
@@ -415,22 +406,7 @@ class Ingestor:
                         " to continue (with 0 workers, images are decoded in this process)"
                     ) from None
                 pending.popleft()
-                consumed += 1
-                if isinstance(outcome, Decoded):
-                    if (outcome.record.sku, outcome.sha256) in seen:
-                        report.skipped += 1  # the same file twice in one batch
-                    else:
-                        seen.add((outcome.record.sku, outcome.sha256))
-                        batch.append(outcome)
-                elif isinstance(outcome, CatalogRecord):
-                    known.append(outcome)
-                else:
-                    report.failed.append(outcome)
-                if consumed == self.batch_size or (exhausted and not pending):
-                    if known:  # skip (and update metadata) exactly as the in-process path does
-                        batch += self._decode(self._known(known, report), report)
-                    yield batch, consumed
-                    batch, known, seen, consumed = [], [], set(), 0
+                yield outcome
 
     def _sync(self, records: Sequence[CatalogRecord]) -> int:
         wanted: dict[str, set[str]] = {}
@@ -458,31 +434,51 @@ class Ingestor:
         return len(stale)
 
 
-# --- decode workers (issue #6) ------------------------------------------------------------------
+def discard_empty_catalog(directory: Path, remove_directory: bool) -> bool:
+    """Delete the catalog in ``directory`` if it holds no product: an ingest that created it
+    and indexed nothing leaves nothing behind. Under the write lock, so a catalog another
+    process has filled meanwhile is kept. Returns whether it was deleted."""
+    with open(directory / LOCK_FILE, "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        store = CatalogStore(directory / DB_FILE, readonly=True)
+        try:
+            if store.counts()["products"]:
+                return False
+        finally:
+            store.close()
+        for child in directory.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    if remove_directory:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+    log.info("%s: nothing was indexed, the new catalog is removed", directory)
+    return True
+
+
+# --- prepare: the one step decode workers and the in-process path share ---------------------
 @dataclass(frozen=True)
-class _DecodeJob:
-    db_path: str
-    blob_dir: str
+class PrepareJob:
     limits: DecodeLimits
     input_size: int
-    keep_image: bool
+    keep_image: bool  # a detector will look at the image
 
 
 _Outcome = Decoded | CatalogRecord | tuple[str, str]
-_worker_stores: dict[str, CatalogStore] = {}
 
 
-def _prepare(job: _DecodeJob, record: CatalogRecord) -> _Outcome:
-    """In a worker: read, sha256, skip if the catalog already holds it (returns the record),
-    decode, preprocess and store the blob. Failures come back as (source, reason)."""
+def prepare(
+    job: PrepareJob, record: CatalogRecord, store: CatalogStore, blob_dir: Path
+) -> _Outcome:
+    """Read, sha256, skip if the catalog already holds it (returns the record), decode,
+    preprocess for the embedder and store the blob. Failures come back as (source, reason)."""
     try:
         data = record.read(job.limits)
     except ImageDecodeError as exc:
         return (str(record.path), exc.reason)
     sha = hashlib.sha256(data).hexdigest()
-    store = _worker_stores.get(job.db_path)
-    if store is None:
-        store = _worker_stores[job.db_path] = CatalogStore(Path(job.db_path), readonly=True)
     product = store.find_product(record.sku)
     if product is not None and store.has_image(product.id, sha):
         return record
@@ -490,6 +486,51 @@ def _prepare(job: _DecodeJob, record: CatalogRecord) -> _Outcome:
         image = load_image(data, job.limits)
     except ImageDecodeError as exc:
         return (str(record.path), exc.reason)
-    blob = write_blob(Path(job.blob_dir), sha, data)
+    blob = write_blob(blob_dir, sha, data)
     pixels = preprocess(image, job.input_size)
-    return Decoded(record, b"", sha, image if job.keep_image else None, image.size, pixels, blob)
+    size = original_size(image)  # a large image is decoded reduced
+    return Decoded(record, sha, size, pixels, blob, image if job.keep_image else None)
+
+
+# --- decode workers (issue #6) ------------------------------------------------------------------
+_worker_stores: dict[str, CatalogStore] = {}
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_PARENT_POLL_SECONDS = 0.5
+
+
+def _prepare_in_worker(
+    job: PrepareJob, db_path: str, blob_dir: str, record: CatalogRecord
+) -> _Outcome:
+    store = _worker_stores.get(db_path)
+    if store is None:
+        store = _worker_stores[db_path] = CatalogStore(Path(db_path), readonly=True)
+    return prepare(job, record, store, Path(blob_dir))
+
+
+def _worker_init(parent_pid: int) -> None:
+    """A decode worker ends when the ingest that started it dies, even by ``kill -9``.
+
+    Nothing else would end it: a worker waiting on the pool's call queue does not notice its
+    parent is gone (measured: it waited forever, re-parented to pid 1), and while it lives it
+    keeps multiprocessing's resource tracker alive too (the tracker exits once every holder
+    of its pipe is gone). On Linux the kernel sends SIGKILL when the parent thread dies (the
+    pool starts workers from the thread that runs the ingest, which outlives the pool);
+    elsewhere, and as a second line, a thread polls the parent's pid.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        except (OSError, AttributeError) as exc:
+            log.debug("no parent-death signal (%s): the watchdog alone applies", exc)
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True,
+                     name="snapshop-parent-watchdog").start()  # fmt: skip
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(_PARENT_POLL_SECONDS)
+    os._exit(1)

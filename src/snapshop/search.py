@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,7 @@ from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import Product
 from snapshop.detect.base import Box, Detection, Detector, frame_crop, keep_best_per_position
 from snapshop.errors import ConfigError
-from snapshop.images import DecodeLimits, ImageSource, load_image
+from snapshop.images import DecodeLimits, ImageSource, load_image, original_size, scale_to_original
 from snapshop.index.base import VectorIndex
 from snapshop.models.embedder import Embedder
 
@@ -216,15 +216,18 @@ class Searcher:
         if self.auto_refresh:
             self.catalog.refresh()
 
+        # Boxes in and out are in the original file's pixels; a large image was decoded
+        # reduced (images.load_image), so they are scaled on the way in and out.
+        sx, sy = scale_to_original(image)
         detections: list[Detection] = []
         regions: list[tuple[str, str, float, Box]] = []
         if box is not None:
-            clipped = box.clip(*image.size)
+            clipped = box.clip(*original_size(image))
             if clipped.width < 8 or clipped.height < 8:
                 raise ConfigError("the box is empty or smaller than 8x8 pixels inside the image")
             regions.append((position or "box", "user_box", 1.0, clipped))
         elif detect and self.detector is not None:
-            detections = self.detector.detect(image)
+            detections = [replace(d, box=d.box.scaled(sx, sy)) for d in self.detector.detect(image)]
             best = keep_best_per_position(detections)
             for pos, det in sorted(best.items()):
                 if position is None or pos == position:
@@ -232,7 +235,8 @@ class Searcher:
         t2 = time.perf_counter()
         timings["detect"] = (t2 - t1) * 1e3
 
-        cropped = [(r, frame_crop(image, r[3], self.catalog.crop_mode)) for r in regions]
+        mode = self.catalog.crop_mode
+        cropped = [(r, frame_crop(image, r[3].scaled(1 / sx, 1 / sy), mode)) for r in regions]
         regions = [r for r, pixels in cropped if pixels is not None]
         vectors = self.embedder.embed_images([image] + [p for _, p in cropped if p is not None])
         t3 = time.perf_counter()
@@ -263,4 +267,5 @@ class Searcher:
             item_results.append(ItemResult(pos, label, score, region_box.as_tuple(), hits))
         timings["search"] = (time.perf_counter() - t3) * 1e3
         timings["total"] = (time.perf_counter() - t0) * 1e3
-        return SearchResult(image.size, detections, image_results, item_results, timings)
+        size = original_size(image)
+        return SearchResult(size, detections, image_results, item_results, timings)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,10 @@ from snapshop.data.manifest import check_unique_columns, nonblank_rows
 from snapshop.errors import CatalogError, ManifestError
 from snapshop.images import DecodeLimits, read_bytes
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Suffixes of the formats images.load_image decodes (.jfif and .jpe are JPEG).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif",
+                            ".tif", ".tiff"})  # fmt: skip
+SUPPORTED_SUFFIXES = ", ".join(sorted(IMAGE_SUFFIXES))
 REQUIRED_COLUMNS = ("product_id", "image_path")
 PRODUCT_COLUMNS = ("title", "url", "price", "currency", "category")
 IMAGE_COLUMNS = ("packshot",)
@@ -49,20 +53,68 @@ class CatalogRecord:
         return read_bytes(self.data if self.data is not None else self.path, limits)
 
 
-def read_folder(root: Path) -> Iterator[CatalogRecord]:
-    """``root/<product_id>/<image files>``; sub-folder names are the product ids."""
+def read_folder(
+    root: Path, skipped: list[tuple[str, str]] | None = None
+) -> Iterator[CatalogRecord]:
+    """``root/<product_id>/<image files>``; sub-folder names are the product ids.
+
+    Files that cannot be indexed (another format, no extension, not a regular file, outside
+    a product folder) and folders that cannot be read are appended to ``skipped`` as
+    (path, reason). Hidden files that are not images (``.DS_Store``) are ignored.
+    """
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"{root}: not a directory")
-    product_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    report = skipped if skipped is not None else []
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as exc:
+        raise ManifestError(f"{root}: cannot read folder ({exc.strerror})") from None
+    product_dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     if not product_dirs:
         raise ManifestError(f"{root}: no product sub-folders (expected ROOT/<product_id>/<images>)")
+    for path in entries:
+        if not path.is_dir() and _reportable(path):
+            report.append((str(path), "not in a product folder (expected ROOT/<product_id>/)"))
     for product_dir in product_dirs:
-        for path in sorted(product_dir.rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        for path in _walk_files(product_dir, report):
+            reason = _why_not_an_image(path)
+            if reason is None:
                 # No title: a new product is titled by its sku (the folder name), and a
                 # re-index of the folder never overwrites a title set by a CSV since.
                 yield CatalogRecord(product_dir.name, path)
+            elif _reportable(path):
+                report.append((str(path), reason))
+
+
+def _walk_files(folder: Path, skipped: list[tuple[str, str]]) -> Iterator[Path]:
+    """Every file under ``folder`` in name order (symlinked folders not followed); folders
+    that cannot be read are reported in ``skipped``."""
+
+    def unreadable(exc: OSError) -> None:
+        skipped.append((str(exc.filename), f"cannot read folder ({exc.strerror})"))
+
+    for top, dirs, files in os.walk(folder, onerror=unreadable):
+        dirs.sort()
+        for name in dirs:
+            if (Path(top) / name).is_symlink():
+                skipped.append((str(Path(top) / name), "link to a folder (not followed)"))
+        yield from (Path(top) / name for name in sorted(files))
+
+
+def _why_not_an_image(path: Path) -> str | None:
+    """None for a file to index, else why it is skipped."""
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        kind = f"unsupported file type {suffix}" if suffix else "no file extension"
+        return f"{kind} (supported: {SUPPORTED_SUFFIXES})"
+    if not path.is_file():  # a broken link, a socket...
+        return "not a regular file"
+    return None
+
+
+def _reportable(path: Path) -> bool:
+    return not path.name.startswith(".") or path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def _parse_price(raw: str, line: int, path: Path) -> float | None:
@@ -174,11 +226,12 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
     return records
 
 
-def read_source(source: Path) -> list[CatalogRecord]:
-    """Records from a folder or a ``.csv`` manifest."""
+def read_source(source: Path, skipped: list[tuple[str, str]] | None = None) -> list[CatalogRecord]:
+    """Records from a folder or a ``.csv`` manifest; files a folder holds that cannot be
+    indexed are appended to ``skipped`` as (path, reason)."""
     source = Path(source)
     if source.is_dir():
-        return list(read_folder(source))
+        return list(read_folder(source, skipped))
     if source.suffix.lower() == ".csv":
         return read_csv_manifest(source)
     if not source.exists():

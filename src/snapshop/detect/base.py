@@ -143,6 +143,11 @@ class Box:
     def as_tuple(self) -> tuple[float, float, float, float]:
         return (self.x1, self.y1, self.x2, self.y2)
 
+    def scaled(self, sx: float, sy: float) -> Box:
+        """The box in an image scaled by (sx, sy): e.g. from a reduced decode to the file's
+        pixels with ``images.scale_to_original``."""
+        return Box(self.x1 * sx, self.y1 * sy, self.x2 * sx, self.y2 * sy)
+
     def to_int(self) -> tuple[int, int, int, int]:
         return (int(round(self.x1)), int(round(self.y1)), int(round(self.x2)), int(round(self.y2)))
 

@@ -211,7 +211,7 @@ def evaluate_detector(
     default the CSV's folder) and score it. Latency is ``detector.detect`` alone, decoded
     image in memory."""
     from snapshop.errors import ImageDecodeError
-    from snapshop.images import load_image
+    from snapshop.images import DecodeLimits, load_image
 
     if not 0.0 < iou_threshold <= 1.0:
         raise ConfigError(f"iou threshold must be in (0, 1], got {iou_threshold}")
@@ -230,7 +230,7 @@ def evaluate_detector(
     )
     for path in paths:
         try:
-            image = load_image(root / path)
+            image = load_image(root / path, DecodeLimits(max_side=None))  # truth: file pixels
         except ImageDecodeError as exc:
             report.failed.append((path, exc.reason))
             continue

@@ -1,0 +1,230 @@
+"""Product vectors: one vector per product fusing its images (and one per garment position).
+
+A product's vector is the mean of its L2-normalised image vectors, renormalised; its vector
+at a garment position is the same over its crops at that position. They are a cache derived
+from the store, like the catalog's indexes: ``DIR/index/products.npz`` holds, per group
+(``images`` and ``crops-<position>``), the entry ids (image or crop ids) the vectors were
+computed from, each entry's product, and the product vectors, tagged with the store
+generation they reflect. On open a stale cache is reconciled by id difference: only the
+products that gained or lost an entry are recomputed, from the vectors in the store. The
+file is replaced atomically, so a crash costs recomputation, never data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from snapshop.catalog.catalog import IMAGES, Catalog, index_name
+from snapshop.index.flat import FlatIndex
+
+log = logging.getLogger(__name__)
+
+CACHE_FILE = "products.npz"
+FORMAT = "snapshop-product-vectors/1"
+
+
+def mean_pool(
+    owners: NDArray[np.int64], vectors: NDArray[np.float32]
+) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """(products (P,) sorted, (P, D) float32 L2-normalised): per owner, the mean of its rows
+    of ``vectors`` (N, D) after normalising each row, renormalised."""
+    dim = vectors.shape[1] if vectors.ndim == 2 else 0
+    if len(owners) == 0:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    rows = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    products, inverse = np.unique(owners, return_inverse=True)
+    sums = np.zeros((len(products), dim), np.float64)
+    np.add.at(sums, inverse, rows)
+    # Opposite images of one product could cancel out: such a mean has no direction to keep.
+    norms = np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    return products.astype(np.int64), (sums / norms).astype(np.float32)
+
+
+@dataclass
+class _Group:
+    """Entries (sorted ids and their products) and the product vectors computed from them."""
+
+    entry_ids: NDArray[np.int64]
+    entry_owner: NDArray[np.int64]
+    product_ids: NDArray[np.int64]  # sorted
+    vectors: NDArray[np.float32]
+
+    @classmethod
+    def empty(cls, dim: int) -> _Group:
+        none = np.zeros(0, np.int64)
+        return cls(none, none.copy(), none.copy(), np.zeros((0, dim), np.float32))
+
+
+class ProductVectors:
+    """The product vectors of an open catalog, current as of the last :meth:`refresh`.
+
+    Thread-safe. Searches go through :meth:`index` (an exact index keyed by product id).
+    """
+
+    def __init__(self, catalog: Catalog, *, save: bool = True) -> None:
+        self.catalog = catalog
+        self.dim = catalog.dim
+        self.path = catalog.directory / "index" / CACHE_FILE
+        self._save_enabled = save
+        self._lock = threading.RLock()
+        self._groups: dict[str, _Group] = {}
+        self._indexes: dict[str, FlatIndex] = {}
+        self._generation = -1
+        self._load()
+        self.refresh()
+
+    # --- reading ------------------------------------------------------------------------
+    @property
+    def generation(self) -> int:
+        """The store generation the vectors reflect."""
+        return self._generation
+
+    def positions(self) -> list[str]:
+        """Garment positions that have product vectors."""
+        with self._lock:
+            return sorted(n.removeprefix("crops-") for n, g in self._groups.items()
+                          if n != IMAGES and len(g.product_ids))  # fmt: skip
+
+    def vectors(self, position: str | None = None) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """(product ids (P,) ascending, (P, D) L2-normalised vectors) of the images, or of the
+        crops at ``position``."""
+        with self._lock:
+            group = self._groups.get(index_name(position)) or _Group.empty(self.dim)
+            return group.product_ids, group.vectors
+
+    def index(self, position: str | None = None) -> FlatIndex:
+        """An exact index over :meth:`vectors` keyed by product id (built on first use)."""
+        with self._lock:
+            name = index_name(position)
+            if name not in self._indexes:
+                ids, vecs = self.vectors(position)
+                index = FlatIndex(self.dim)
+                index.add(ids, vecs)
+                self._indexes[name] = index
+            return self._indexes[name]
+
+    # --- reconciliation -----------------------------------------------------------------
+    def refresh(self, force: bool = False) -> bool:
+        """Bring the vectors up to the store when its generation moved (or ``force``), and
+        save the cache. Returns True if it reconciled."""
+        with self._lock:
+            store = self.catalog.store
+            generation = store.generation  # read first: a later write forces another pass
+            if not force and generation == self._generation:
+                return False
+            changed = False
+            names = [IMAGES] + [index_name(p) for p in store.crop_positions()]
+            for name in sorted(set(names) | set(self._groups)):
+                changed |= self._reconcile(name)
+            self._generation = generation
+            if changed:
+                self._indexes.clear()
+            if self._save_enabled and (changed or not self.path.exists()):
+                self._save()
+            return True
+
+    def _current_entries(self, name: str) -> NDArray[np.int64]:
+        store = self.catalog.store
+        ids = store.image_ids() if name == IMAGES else store.crop_ids(name.removeprefix("crops-"))
+        return np.sort(ids)
+
+    def _owners(self, name: str, ids: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Products of entries (an entry's product never changes); -1 for one deleted since."""
+        store = self.catalog.store
+        if name == IMAGES:
+            found = store.image_product_map(ids.tolist())
+        else:
+            found = {cid: pid for cid, (_, pid) in store.crop_rows(ids.tolist()).items()}
+        return np.array([found.get(int(i), -1) for i in ids], dtype=np.int64)
+
+    def _reconcile(self, name: str) -> bool:
+        group = self._groups.get(name) or _Group.empty(self.dim)
+        want = self._current_entries(name)
+        added = np.setdiff1d(want, group.entry_ids, assume_unique=True)
+        removed_mask = ~np.isin(group.entry_ids, want, assume_unique=True)
+        if len(added) == 0 and not removed_mask.any():
+            self._groups[name] = group
+            return False
+        added_owner = self._owners(name, added)
+        keep = ~removed_mask
+        entry_ids = np.concatenate([group.entry_ids[keep], added[added_owner >= 0]])
+        entry_owner = np.concatenate([group.entry_owner[keep], added_owner[added_owner >= 0]])
+        order = np.argsort(entry_ids)
+        entry_ids, entry_owner = entry_ids[order], entry_owner[order]
+        dirty = np.union1d(group.entry_owner[removed_mask], added_owner[added_owner >= 0])
+
+        table = "images" if name == IMAGES else "crops"
+        wanted = entry_ids[np.isin(entry_owner, dirty)]
+        got_ids, got_vecs = [], []
+        for ids, vecs in self.catalog.store.iter_vectors(table, self.dim, ids=wanted.tolist()):
+            got_ids.append(ids)
+            got_vecs.append(vecs)
+        ids = np.concatenate(got_ids) if got_ids else np.zeros(0, np.int64)
+        vecs = np.concatenate(got_vecs) if got_vecs else np.zeros((0, self.dim), np.float32)
+        owners = entry_owner[np.searchsorted(entry_ids, ids)]
+        fresh_ids, fresh_vecs = mean_pool(owners, vecs)
+
+        clean = ~np.isin(group.product_ids, dirty)
+        product_ids = np.concatenate([group.product_ids[clean], fresh_ids])
+        vectors = np.concatenate([group.vectors[clean], fresh_vecs])
+        order = np.argsort(product_ids)
+        self._groups[name] = _Group(entry_ids, entry_owner, product_ids[order], vectors[order])
+        log.info("product vectors %s reconciled: %d products recomputed", name, len(dirty))
+        return True
+
+    # --- the cache file -----------------------------------------------------------------
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                if str(data["format"]) != FORMAT or int(data["dim"]) != self.dim:
+                    raise ValueError("format or dimension changed")
+                if str(data["model_id"]) != self.catalog.model_id:
+                    raise ValueError("model changed")
+                groups = {}
+                for name in (str(n) for n in data["names"]):
+                    groups[name] = _Group(*(data[f"{name}.{field}"] for field in
+                                            ("entry_ids", "entry_owner", "product_ids",
+                                             "vectors")))  # fmt: skip
+                    if groups[name].vectors.shape != (len(groups[name].product_ids), self.dim):
+                        raise ValueError(f"{name}: vectors do not match their products")
+                generation = int(data["generation"])
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            log.warning("%s: unusable product-vector cache (%s), recomputing", self.path, exc)
+            return
+        self._groups, self._generation = groups, generation
+
+    def _save(self) -> None:
+        arrays: dict[str, NDArray] = {
+            "format": np.array(FORMAT), "dim": np.array(self.dim),
+            "model_id": np.array(self.catalog.model_id),
+            "generation": np.array(self._generation),
+            "names": np.array(sorted(self._groups), dtype=str),
+        }  # fmt: skip
+        for name, group in self._groups.items():
+            arrays[f"{name}.entry_ids"] = group.entry_ids
+            arrays[f"{name}.entry_owner"] = group.entry_owner
+            arrays[f"{name}.product_ids"] = group.product_ids
+            arrays[f"{name}.vectors"] = group.vectors
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".npz.tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            Path(tmp).replace(self.path)
+        except OSError as exc:  # a read-only catalog still gets its vectors, only not cached
+            log.warning("%s: cannot save the product-vector cache (%s)", self.path, exc)
+        finally:
+            Path(tmp).unlink(missing_ok=True)

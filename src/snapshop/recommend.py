@@ -1,0 +1,319 @@
+"""Similar-products export: for every product, its k most similar products by product vector.
+
+The feed a shop's recommendation system reads nightly. Products are taken in id order in
+batches; each batch is one search of the product index (``snapshop.product_vectors``), and
+its rows go straight to the output file, so memory holds the product vectors and one batch.
+
+Resumable: after each batch is on disk, ``OUT.progress.json`` records the last product done
+and how much of the output is complete (bytes of a CSV; finished part files of a parquet
+export, which are written to ``OUT.parts/`` and joined into OUT at the end). A run that finds
+that file continues after the last complete product; a finished export removes it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from snapshop.catalog.catalog import Catalog
+from snapshop.errors import ConfigError
+from snapshop.product_vectors import ProductVectors
+from snapshop.search import MAX_K
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("product_id", "sku", "rank", "similar_product_id", "similar_sku", "score")
+FORMATS = (".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    path: str
+    format: str
+    k: int
+    position: str | None
+    products: int  # exported by this run
+    rows: int  # written by this run
+    resumed_after: int | None  # the last product id a previous run had finished
+    seconds: float
+
+    @property
+    def products_per_second(self) -> float:
+        return self.products / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "products_per_second": round(self.products_per_second, 1)}
+
+
+def parquet_available() -> bool:
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def output_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise ConfigError(f"{path}: the output must end in .csv or .parquet")
+    if suffix == ".parquet" and not parquet_available():
+        raise ConfigError("parquet output needs pyarrow, which is not installed; write a .csv")
+    return suffix.removeprefix(".")
+
+
+def neighbours(
+    pv: ProductVectors,
+    k: int,
+    *,
+    position: str | None = None,
+    after: int = 0,
+    batch_size: int = 1024,
+) -> Iterator[tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float32]]]:
+    """Batches of (products (B,), their k most similar products (B, k), scores (B, k)), for
+    the products with id > ``after`` in id order; a product is never its own neighbour, and
+    missing neighbours (fewer than k + 1 products) are -1 with score -inf."""
+    ids, vectors = pv.vectors(position)
+    index = pv.index(position)
+    start = int(np.searchsorted(ids, after, side="right"))
+    fetch = min(k + 1, max(len(ids), 1))
+    for lo in range(start, len(ids), batch_size):
+        batch = ids[lo : lo + batch_size]
+        hits = index.search(vectors[lo : lo + batch_size], fetch)
+        out_ids = np.full((len(batch), k), -1, np.int64)
+        out_scores = np.full((len(batch), k), -np.inf, np.float32)
+        for row, product in enumerate(batch):
+            keep = (hits.ids[row] != product) & (hits.ids[row] >= 0)
+            found, scores = hits.ids[row][keep][:k], hits.scores[row][keep][:k]
+            out_ids[row, : len(found)] = found
+            out_scores[row, : len(found)] = scores
+        yield batch, out_ids, out_scores
+
+
+class _Progress:
+    """``OUT.progress.json``: the resume point, replaced atomically after every batch."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out.with_name(out.name + ".progress.json")
+
+    def read(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            data = json.loads(self.path.read_text())
+            int(data["last_product_id"]), int(data["done"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"{self.path}: unreadable resume point ({exc}); delete it (and the output)"
+                " or pass restart to start over"
+            ) from None
+        return data  # type: ignore[no-any-return]
+
+    def write(self, data: dict[str, Any]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            Path(tmp).replace(self.path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _fsync_write(fh: Any, data: bytes) -> None:
+    fh.write(data)
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def export_similar(
+    catalog: Catalog,
+    out: str | os.PathLike[str],
+    k: int = 20,
+    *,
+    position: str | None = None,
+    batch_size: int = 1024,
+    restart: bool = False,
+    progress_total: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ExportReport:
+    """Write every product's ``k`` most similar products (by product vector of the images,
+    or of the crops at ``position``) to ``out`` (.csv, or .parquet when pyarrow is there):
+    one row per (product, rank) with the columns of ``COLUMNS``, ranks from 1, products in id
+    order. Continues an interrupted export of the same ``out`` unless ``restart``."""
+    if not 1 <= k <= MAX_K:
+        raise ConfigError(f"k must be between 1 and {MAX_K}, got {k}")
+    if batch_size < 1:
+        raise ConfigError("batch_size must be >= 1")
+    out = Path(out)
+    fmt = output_format(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pv = ProductVectors(catalog)
+    ids, _ = pv.vectors(position)
+    if position is not None and position not in pv.positions():
+        raise ConfigError(
+            f"no product has garment crops at position {position!r}"
+            f" (positions: {', '.join(pv.positions()) or 'none'})"
+        )
+    state = _Progress(out)
+    resume = None if restart else state.read()
+    parts = out.with_name(out.name + ".parts")
+    if resume is not None:
+        settings = {"format": fmt, "k": k, "position": position}
+        previous = {key: resume.get(key) for key in settings}
+        if previous != settings:
+            raise ConfigError(
+                f"{out}: an unfinished export with {previous} is here, not {settings};"
+                " pass restart to start over"
+            )
+        if resume.get("generation") != pv.generation:
+            log.warning("%s: the catalog changed since this export began; products exported"
+                        " before the resume reflect the older catalog", out)  # fmt: skip
+    if resume is not None:
+        _check_resume_point(out, parts, fmt, int(resume["done"]))
+    after = int(resume["last_product_id"]) if resume else 0
+    done = int(resume["done"]) if resume else 0
+    header = {"format": fmt, "k": k, "position": position, "generation": pv.generation}
+
+    if resume is None:  # a fresh start: nothing of an earlier run is kept
+        shutil.rmtree(parts, ignore_errors=True)
+        if fmt == "csv":
+            buffer = io.StringIO()
+            csv.writer(buffer).writerow(COLUMNS)
+            with open(out, "wb") as fh:
+                _fsync_write(fh, buffer.getvalue().encode())
+                done = fh.tell()
+        state.write({**header, "last_product_id": 0, "done": done})
+    if progress_total:
+        progress_total(len(ids))
+    if progress:
+        progress(int(np.searchsorted(ids, after, side="right")))
+
+    sku_of: dict[int, str] = {}
+    exported = rows = 0
+    csv_file = None
+    if fmt == "csv":
+        csv_file = open(out, "r+b")  # noqa: SIM115 (closed below)
+        csv_file.truncate(done)  # rows after the resume point may be partial: dropped
+        csv_file.seek(done)
+    else:
+        parts.mkdir(exist_ok=True)
+        for stray in parts.glob("*.tmp"):
+            stray.unlink()
+    try:
+        for batch, found, scores in neighbours(
+            pv, k, position=position, after=after, batch_size=batch_size
+        ):
+            missing = {int(i) for i in np.concatenate([batch, found.ravel()])
+                       if i >= 0 and int(i) not in sku_of}  # fmt: skip
+            sku_of.update(
+                {i: p.sku for i, p in catalog.store.products_by_ids(sorted(missing)).items()}
+            )
+            table = _rows(batch, found, scores, sku_of)
+            if csv_file is not None:
+                buffer = io.StringIO()
+                csv.writer(buffer).writerows(zip(*table.values(), strict=True))
+                _fsync_write(csv_file, buffer.getvalue().encode())
+                done = csv_file.tell()
+            else:
+                _write_part(parts / f"part-{done:06d}.parquet", table)
+                done += 1
+            last = int(batch[-1])
+            state.write({**header, "last_product_id": last, "done": done})
+            exported += len(batch)
+            rows += len(table["product_id"])
+            if progress:
+                progress(len(batch))
+    finally:
+        if csv_file is not None:
+            csv_file.close()
+    if fmt == "parquet":
+        _join_parts(parts, done, out)
+        shutil.rmtree(parts, ignore_errors=True)
+    state.clear()
+    report = ExportReport(str(out), fmt, k, position, exported, rows,
+                          after if resume else None, time.perf_counter() - t0)  # fmt: skip
+    log.info("exported %d products (%d rows) to %s", exported, rows, out)
+    return report
+
+
+def _check_resume_point(out: Path, parts: Path, fmt: str, done: int) -> None:
+    """The output an unfinished export left must hold what its resume point says."""
+    if fmt == "csv":
+        complete = out.is_file() and out.stat().st_size >= done
+    else:
+        complete = all((parts / f"part-{n:06d}.parquet").is_file() for n in range(done))
+    if not complete:
+        raise ConfigError(
+            f"{out}: the output of the unfinished export is missing or shorter than its resume"
+            " point; pass restart to start over"
+        )
+
+
+def _rows(
+    batch: NDArray[np.int64],
+    found: NDArray[np.int64],
+    scores: NDArray[np.float32],
+    sku_of: dict[int, str],
+) -> dict[str, list[Any]]:
+    table: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+    for product, neighbours_, product_scores in zip(batch, found, scores, strict=True):
+        for rank, (other, score) in enumerate(zip(neighbours_, product_scores, strict=True), 1):
+            if other < 0 or int(other) not in sku_of:  # none left, or deleted meanwhile
+                continue
+            table["product_id"].append(int(product))
+            table["sku"].append(sku_of.get(int(product), ""))
+            table["rank"].append(rank)
+            table["similar_product_id"].append(int(other))
+            table["similar_sku"].append(sku_of[int(other)])
+            table["score"].append(round(float(score), 6))
+    return table
+
+
+def _write_part(path: Path, table: dict[str, list[Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.table(table, schema=_schema()), tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([("product_id", pa.int64()), ("sku", pa.string()), ("rank", pa.int32()),
+                      ("similar_product_id", pa.int64()), ("similar_sku", pa.string()),
+                      ("score", pa.float32())])  # fmt: skip
+
+
+def _join_parts(parts: Path, count: int, out: Path) -> None:
+    """Stream the ``count`` finished part files, in order, into one parquet file ``out``."""
+    import pyarrow.parquet as pq
+
+    tmp = out.with_name(out.name + ".tmp")
+    with pq.ParquetWriter(tmp, _schema()) as writer:
+        for n in range(count):
+            writer.write_table(pq.read_table(parts / f"part-{n:06d}.parquet"))
+    tmp.replace(out)
