@@ -65,10 +65,15 @@ BACKENDS = [
     "flat",
     "hnsw",
     "hnsw-compacting",
+    "hnsw_sq",
+    "ivfpq",
     pytest.param("pgvector", marks=pytest.mark.server),
     pytest.param("milvus", marks=pytest.mark.server),
 ]
-APPROXIMATE = {"hnsw", "hnsw-compacting", "pgvector"}
+APPROXIMATE = {"hnsw", "hnsw-compacting", "hnsw_sq", "ivfpq", "pgvector"}
+# Compressed kinds train once they hold this many vectors (fewer: exact search): small enough
+# that the suite's larger cases run through the trained, re-ranked path.
+TRAIN_MIN = 64
 
 
 @pytest.fixture(params=BACKENDS)
@@ -79,6 +84,12 @@ def make(request: pytest.FixtureRequest) -> Iterator[Factory]:
     def factory(dim: int, **params: Any) -> VectorIndex:
         if name == "hnsw-compacting":
             index = create_index("hnsw", dim, compact_fraction=0.1, **params)
+        elif name == "hnsw_sq":
+            index = create_index("hnsw_sq", dim, train_min=TRAIN_MIN, **params)
+        elif name == "ivfpq":
+            index = create_index(
+                "ivfpq", dim, train_min=TRAIN_MIN, nlist=16, pq_m=dim // 4, nprobe=4, **params
+            )
         elif name == "pgvector":
             index = create_index("pgvector", dim, dsn=request.getfixturevalue("pg_dsn"), **params)
         elif name == "milvus":
@@ -266,7 +277,7 @@ def test_choose_index_by_size_and_budget() -> None:
     assert choose_index(small, 256).kind == "flat"
     assert choose_index(small + 1, 256).kind == "hnsw"
     assert choose_index(1_000_000, 256).kind == "hnsw"
-    tight = IndexBudget(latency_ms=1.0)
+    tight = IndexBudget(max_query_ms=1.0)
     assert max_exact_vectors(256, tight) < small
     assert choose_index(small // 2, 256, tight).kind == "hnsw"
 
@@ -350,8 +361,10 @@ def open_catalog_with_budget(directory: Path, opener: Callable[[Path], Any]) -> 
     tiny = choose.IndexBudget(exact_bytes_per_ms=100.0)  # 20 ms -> 2000 bytes -> 31 x 16-d
     real = choose.resolve_index_kind
 
-    def resolve(kind: str, params: dict[str, Any], n: int, dim: int) -> tuple[str, dict[str, Any]]:
-        return real(kind, params, n, dim, tiny)
+    def resolve(
+        kind: str, params: dict[str, Any], n: int, dim: int, n_total: int | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        return real(kind, params, n, dim, tiny, n_total)
 
     with mock.patch("snapshop.catalog.catalog.resolve_index_kind", resolve):
         return opener(directory)

@@ -9,6 +9,7 @@ backend does that below ``exact_max`` vectors: correct at any selectivity.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -76,20 +77,23 @@ class SelectionCache:
     def __init__(self, size: int = 8) -> None:
         self.size = size
         self._items: dict[Hashable, NodeSelection] = {}
+        self._lock = threading.Lock()  # searches run on several threads
 
     def clear(self) -> None:
-        self._items.clear()
+        with self._lock:
+            self._items.clear()
 
     def get(self, allowed: IdFilter, make: Any) -> NodeSelection:
         if allowed.key is None:
             return make()  # type: ignore[no-any-return]
-        found = self._items.get(allowed.key)
-        if found is None:
-            found = make()
-            if len(self._items) >= self.size:
-                self._items.pop(next(iter(self._items)))
-            self._items[allowed.key] = found
-        return found
+        with self._lock:
+            found = self._items.get(allowed.key)
+            if found is None:
+                found = make()
+                if len(self._items) >= self.size:
+                    self._items.pop(next(iter(self._items)))
+                self._items[allowed.key] = found
+            return found
 
 
 def exact_top_k(

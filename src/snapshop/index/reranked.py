@@ -151,7 +151,7 @@ class RerankedIndex:
     def _new_index(self, n_train: int) -> Any:
         raise NotImplementedError
 
-    def _search_params(self, fetch: int, widen: float, sel: Any) -> Any:
+    def _search_params(self, fetch: int, widen: float, sel: Any, exhaustive: bool = False) -> Any:
         raise NotImplementedError
 
     def code_bytes_per_vector(self) -> float:
@@ -280,13 +280,20 @@ class RerankedIndex:
             nodes = selection.nodes if selection is not None else np.flatnonzero(self._alive)
             scores, ids = exact_top_k(self._floats.take(nodes), self._labels[nodes], queries, k)
             return SearchHits(scores, ids)
-        fetch = min(max(k, self.rerank), len(self))
+        # candidates to re-rank: ``rerank``, and at least twice k (a large k, as filtered
+        # product searches ask for, must not be ordered by the codes alone)
+        fetch = min(max(2 * k, self.rerank), len(self))
         widen = 1.0
         if selection is not None:
             fetch = min(fetch, len(selection.nodes))
             widen = min(FILTER_WIDEN_MAX, 1.0 / max(selection.fraction, 1e-9))
-        params = self._search_params(fetch, widen, selection.selector if selection else None)
-        _, nodes = self._index.search(queries, fetch, params=params)
+        sel = selection.selector if selection else None
+        available = len(selection.nodes) if selection is not None else len(self)
+        _, nodes = self._index.search(queries, fetch, params=self._search_params(fetch, widen, sel))
+        short = (nodes >= 0).sum(axis=1) < min(fetch, available)
+        if short.any():  # the probed lists / the beam held too few: search those exhaustively
+            exhaustive = self._search_params(fetch, widen, sel, exhaustive=True)
+            _, nodes[short] = self._index.search(queries[short], fetch, params=exhaustive)
         scores_out = np.full((q, k), -np.inf, np.float32)
         ids_out = np.full((q, k), -1, np.int64)
         for row, (query, found) in enumerate(zip(queries, nodes, strict=True)):
@@ -454,9 +461,11 @@ class HNSWSQIndex(RerankedIndex):
         index.hnsw.efConstruction = self.params["ef_construction"]
         return index
 
-    def _search_params(self, fetch: int, widen: float, sel: Any) -> Any:
+    def _search_params(self, fetch: int, widen: float, sel: Any, exhaustive: bool = False) -> Any:
         params = faiss.SearchParametersHNSW()
         params.efSearch = int(max(self.params["ef_search"], fetch) * widen)
+        if exhaustive:
+            params.efSearch = max(params.efSearch * 4, int(self._index.ntotal))
         if sel is not None:
             params.sel = sel
         return params
@@ -504,10 +513,13 @@ class IVFPQIndex(RerankedIndex):
         key = (f"OPQ{p['pq_m']}," if p["opq"] else "") + f"IVF{self._nlist},{codes}"
         return faiss.index_factory(self.dim, key, faiss.METRIC_INNER_PRODUCT)
 
-    def _search_params(self, fetch: int, widen: float, sel: Any) -> Any:
+    def _search_params(self, fetch: int, widen: float, sel: Any, exhaustive: bool = False) -> Any:
         ivf = faiss.extract_index_ivf(self._index)
         params = faiss.SearchParametersIVF()
-        params.nprobe = int(min(ivf.nlist, np.ceil(self.params["nprobe"] * widen)))
+        # enough lists to hold the candidates twice over (a large fetch probes more lists)
+        per_list = max(ivf.ntotal / ivf.nlist / widen, 1.0)
+        nprobe = max(self.params["nprobe"] * widen, 2 * fetch / per_list)
+        params.nprobe = ivf.nlist if exhaustive else int(min(ivf.nlist, np.ceil(nprobe)))
         if sel is not None:
             params.sel = sel
         if self.params["opq"]:
