@@ -49,6 +49,7 @@ from snapshop.index.choose import (
     resolve_index_kind,
     smallest_choice,
 )
+from snapshop.index.factory import card_path
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +243,11 @@ class Catalog:
             if before is not None and self._generation == before:
                 self._generation = before + 1
 
-    def save_indexes(self) -> None:
+    def save_indexes(self, measure: bool = True) -> None:
         """Reconcile with the store (other writers may have committed), then persist every index.
+
+        An index never measured, or measured at under half or over twice its size, is measured
+        (recall@10, latency, memory) into its card (``measure``: False skips that).
 
         Call under :meth:`write_lock` so no other writer commits between the two steps.
         """
@@ -251,9 +255,13 @@ class Catalog:
             self.refresh()
             generation = self._generation
             for name, index in self.indexes.items():
-                if self._measurement_stale(name):
+                path = self.index_path(name)
+                save_index(index, path, self._card_extra(name, generation))
+                if measure and self._measurement_stale(name):
+                    # measured once saved: saved float vectors are memory-mapped, not resident
                     self.measured[name] = self.measure_index(name)
-                save_index(index, self.index_path(name), self._card_extra(name, generation))
+                    write_json(card_path(path), {**index.info(),
+                                                 **self._card_extra(name, generation)})  # fmt: skip
             self._generation = generation
 
     def _card_extra(self, name: str, generation: int) -> dict[str, Any]:
@@ -333,10 +341,11 @@ class Catalog:
             self.indexes = rebuilt
             self.index_kind, self.index_params = choice.kind, dict(choice.params)
             self.measured = {}
+            self.save_indexes(measure=False)  # first, so float vectors are memory-mapped
             for name in rebuilt:
                 if len(rebuilt[name]):
                     self.measured[name] = self.measure_index(name, budget)
-            self.save_indexes()
+            self.save_indexes(measure=False)  # the tuned search parameters and measurements
         return {
             "kind": choice.kind,
             "params": choice.params,

@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 # Exact scan of the allowed vectors while it reads at most this many bytes (8 MB: ~3 ms on the
 # shared machines, see choose.EXACT_BYTES_PER_MS): 8k vectors of 256-d, 1.6k of 1280-d.
 EXACT_FILTER_BYTES = 8_000_000
+EXACT_FILTER_MIN = 1024  # however wide the vectors, this many are always scanned exactly
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,7 +41,7 @@ class IdFilter:
 
 def exact_filter_max(dim: int) -> int:
     """Largest allowed set scanned exactly rather than through the ANN structure."""
-    return max(1024, EXACT_FILTER_BYTES // (4 * dim))
+    return max(EXACT_FILTER_MIN, EXACT_FILTER_BYTES // (4 * dim))
 
 
 class NodeSelection:

@@ -197,6 +197,12 @@ class HNSWIndex:
         valid = nodes >= 0
         ids_out[:, :kk] = np.where(valid, self._labels[np.where(valid, nodes, 0)], -1)
         scores_out[:, :kk] = np.where(valid, scores, -np.inf)
+        short = valid.sum(axis=1) < kk
+        if allowed is not None and short.any():
+            # A selective filter can strand the beam among non-matching nodes: scan exactly.
+            rows = self._storage()[selection.nodes]
+            s, i = exact_top_k(rows, self._labels[selection.nodes], queries[short], k)
+            scores_out[short], ids_out[short] = s, i
         return SearchHits(scores_out, ids_out)
 
     def ids(self) -> NDArray[np.int64]:

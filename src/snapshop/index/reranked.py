@@ -291,12 +291,21 @@ class RerankedIndex:
         available = len(selection.nodes) if selection is not None else len(self)
         _, nodes = self._index.search(queries, fetch, params=self._search_params(fetch, widen, sel))
         short = (nodes >= 0).sum(axis=1) < min(fetch, available)
-        if short.any():  # the probed lists / the beam held too few: search those exhaustively
-            exhaustive = self._search_params(fetch, widen, sel, exhaustive=True)
-            _, nodes[short] = self._index.search(queries[short], fetch, params=exhaustive)
         scores_out = np.full((q, k), -np.inf, np.float32)
         ids_out = np.full((q, k), -1, np.int64)
+        if short.any() and selection is not None and allowed is not None:
+            # A selective filter stranded the beam / the probed lists: scan the allowed exactly.
+            rows = self._floats.take(selection.nodes)
+            s, i = exact_top_k(rows, self._labels[selection.nodes], queries[short], k)
+            scores_out[short], ids_out[short] = s, i
+            nodes[short] = -1
+        elif short.any():  # too few live candidates (tombstones): search those exhaustively
+            exhaustive = self._search_params(fetch, widen, sel, exhaustive=True)
+            _, nodes[short] = self._index.search(queries[short], fetch, params=exhaustive)
+            short[:] = False
         for row, (query, found) in enumerate(zip(queries, nodes, strict=True)):
+            if short[row]:
+                continue
             found = found[found >= 0]
             s, i = exact_top_k(self._floats.take(found), self._labels[found], query[None], k)
             scores_out[row], ids_out[row] = s[0], i[0]
