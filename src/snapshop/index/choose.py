@@ -46,8 +46,10 @@ SQ_SLOWDOWN = 1.5  # 8-bit codes are decoded on the fly
 RERANK_MS_PER_KB = 0.002
 # 4-bit fast-scan PQ reads codes at ~1 GB/s on one busy core.
 PQ_SCAN_BYTES_PER_MS = 1e6
-# Per-vector bookkeeping every compressed index keeps: label, alive flag, id lookup.
-ID_BYTES = 17
+# Per-vector bookkeeping: label, alive flag and id lookup; the compressed kinds keep the lookup
+# in sorted arrays (reranked.ID_BYTES), hnsw in a Python dict (~100 bytes an entry).
+ID_BYTES = 25
+HNSW_ID_BYTES = 109
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}  # fmt: skip
 
@@ -135,7 +137,7 @@ def index_memory_bytes(kind: str, n: int, dim: int, params: dict[str, Any] | Non
     if kind == "flat":
         return n * (4 * dim + 8)
     if kind == "hnsw":
-        return n * (4 * dim + 8 * m + ID_BYTES)
+        return n * (4 * dim + 8 * m + HNSW_ID_BYTES)
     if kind == "hnsw_sq":
         return n * (dim + 8 * m + ID_BYTES)
     if kind == "ivfpq":

@@ -107,7 +107,10 @@ def exact_top_k(
     ids_out = np.full((q, k), -1, np.int64)
     if len(vectors) == 0 or q == 0:
         return scores_out, ids_out
-    scores = queries @ vectors.T
+    # One matrix-vector product per query for a few: a (1, d) x (d, M) GEMM goes through
+    # OpenBLAS' threaded path and took 2.5 ms instead of 0.02 ms for M = 2000 (busy machine).
+    few = q <= 16
+    scores = np.stack([vectors @ query for query in queries]) if few else queries @ vectors.T
     kk = min(k, len(vectors))
     if kk < len(vectors):
         part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]

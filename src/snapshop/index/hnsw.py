@@ -153,9 +153,10 @@ class HNSWIndex:
         params.efSearch = max(self.ef_search, int(np.ceil(k * over)))
         if allowed is not None:
             selection = self._selection(allowed)
-            # Under a filter keeping a fraction f, the beam is widened by 1/f (at most 16x):
-            # non-matching nodes are walked through but do not count towards the results.
-            widen = min(16.0, 1.0 / max(selection.fraction, 1e-9))
+            # Under a filter keeping a fraction f, the beam is widened by sqrt(1/f) (at most
+            # 16x): non-matching nodes are walked through but do not count towards the
+            # results (1/f cost 4 ms at 10 % over 200k for no recall gain).
+            widen = min(16.0, np.sqrt(1.0 / max(selection.fraction, 1e-9)))
             params.efSearch = int(max(self.ef_search, k) * widen)
             params.sel = selection.selector
         elif tomb:
@@ -277,5 +278,6 @@ class HNSWIndex:
         }
 
     def memory_bytes(self) -> int:
-        """Resident bytes (estimated): float vectors, level-0 links, labels."""
-        return int(self._index.ntotal * (4 * self.dim + 8 * self.m + 17))
+        """Resident bytes (estimated): float vectors, level-0 links, labels, alive flags and
+        the id -> node dict (~100 bytes an entry)."""
+        return int(self._index.ntotal * (4 * self.dim + 8 * self.m + 109))
