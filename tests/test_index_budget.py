@@ -358,3 +358,41 @@ def test_cli_reindex_and_info(tmp_path: Path) -> None:
     bad = runner.invoke(app, ["catalog", "reindex", "--catalog", str(tmp_path / "c"),
                               "--memory", "lots"])  # fmt: skip
     assert bad.exit_code == 1 and "memory size" in bad.stderr
+
+
+def test_filter_resolver_follows_product_edits(tmp_path: Path) -> None:
+    """A product filter becomes the entry ids of the products that pass it; an edit to a
+    product (it bumps the store's generation) is seen by the next search."""
+    from snapshop.search import FilterResolver, ProductFilter
+
+    vecs = product_like(np.random.default_rng(10), 40, 16, clusters=4)
+    cat = create_catalog(tmp_path / "c", model_id="m", model_ref="m", dim=16, index_kind="flat")
+    images: dict[int, list[int]] = {}
+    with cat.write_lock(), cat.store.transaction() as db:
+        for p in range(4):
+            pid = cat.store.upsert_product(db, f"sku-{p}", category="a" if p < 2 else "b",
+                                           price=10.0 * (p + 1))  # fmt: skip
+            images[pid] = [
+                cat.store.insert_image(db, pid, source=f"{p}-{i}.jpg", blob=None,
+                                       sha256=f"{p * 100 + i:064x}", width=4, height=4,
+                                       vector=vecs[p * 10 + i])[0]
+                for i in range(10)
+            ]  # fmt: skip
+    cat.refresh()
+    pids = sorted(images)
+    try:
+        resolver = FilterResolver(cat)
+        first = resolver.allowed(None, ProductFilter(category="a"))
+        assert first is not None
+        assert first.ids.tolist() == sorted(images[pids[0]] + images[pids[1]])
+        cheap = resolver.allowed(None, ProductFilter(min_price=25.0, max_price=35.0))
+        assert cheap is not None and cheap.ids.tolist() == sorted(images[pids[2]])
+        assert resolver.allowed(None, ProductFilter(category="a")) is first  # cached
+        cat.store.update_product(pids[3], category="a")
+        moved = resolver.allowed(None, ProductFilter(category="a"))
+        assert moved is not None and moved.key != first.key
+        assert moved.ids.tolist() == sorted(images[pids[0]] + images[pids[1]] + images[pids[3]])
+        hits = cat.index(None).search(vecs[35:36], 5, allowed=moved)
+        assert set(hits.ids[0].tolist()) <= set(moved.ids.tolist())
+    finally:
+        cat.close()
