@@ -209,6 +209,31 @@ def test_large_fetch_keeps_recall(make: Factory) -> None:
     assert recall(hits.ids, brute(ids, vecs, queries, 400)) >= 0.95
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.01, 0.001])
+def test_filter_inside_search(make: Factory, fraction: float) -> None:
+    """Backends that filter inside the search return the exact filtered top-k (up to their
+    recall) and nothing outside the allowed ids, at any selectivity."""
+    from snapshop.index import IdFilter
+
+    rng = np.random.default_rng(11)
+    vecs = unit(rng, 3000, 16, clusters=30)
+    ids = np.arange(5000, 8000, dtype=np.int64)
+    index = make(16)
+    if not getattr(index, "filters_inside", False):
+        pytest.skip(f"{make.backend} filters after the search (over-fetch)")  # type: ignore[attr-defined]
+    index.add(ids, vecs)
+    allowed = np.sort(rng.choice(ids, size=max(3, int(fraction * 3000)), replace=False))
+    queries = unit(rng, 8, 16, clusters=30)
+    k = min(10, len(allowed))
+    hits = index.search(queries, k, allowed=IdFilter.of(allowed))  # type: ignore[call-arg]
+    keep = np.isin(ids, allowed)
+    truth = brute(ids[keep], vecs[keep], queries, k)
+    assert set(hits.ids.ravel().tolist()) <= set(allowed.tolist())
+    exact = make.backend == "flat"  # type: ignore[attr-defined]
+    assert recall(hits.ids, truth) >= (1.0 if exact else 0.95)
+    assert (np.diff(hits.scores, axis=1) <= 1e-5).all()
+
+
 def test_save_and_load(make: Factory, tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     vecs = unit(rng, 120, 20)
