@@ -197,6 +197,23 @@ def test_compressed_kinds_rerank_and_reload_memory_mapped(kind: str, tmp_path: P
     assert len(again) == 4001 and again.search(new, 1).ids[0, 0] == 1
 
 
+def test_ivf_with_many_lists_finds_them_through_a_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapshop.index import reranked
+
+    monkeypatch.setattr(reranked, "HNSW_COARSE_MIN", 16)  # 4096 lists in production
+    rng = np.random.default_rng(12)
+    vecs = product_like(rng, 4000, 32, clusters=60)
+    index = create_index("ivfpq", 32, nlist=32, pq_m=16, nprobe=8)
+    index.add(np.arange(4000, dtype=np.int64), vecs)
+    quantizer = reranked.faiss.downcast_index(
+        reranked.faiss.extract_index_ivf(index._index).quantizer
+    )
+    assert "HNSW" in type(quantizer).__name__
+    queries = product_like(np.random.default_rng(13), 20, 32, clusters=60)
+    truth = np.argsort(-(queries @ vecs.T), axis=1)[:, :10]
+    assert recall(index.search(queries, 10).ids, truth) >= 0.95
+
+
 def test_vectors_file_that_does_not_match_is_refused_and_rebuilt(tmp_path: Path) -> None:
     """A save interrupted between the vectors file and the index leaves them mismatched: the
     index refuses to load, and the catalog rebuilds it from its store."""

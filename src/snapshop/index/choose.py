@@ -164,7 +164,8 @@ def predicted_ms(
         return HNSW_MS_256D * scale * (SQ_SLOWDOWN if kind == "hnsw_sq" else 1.0) + rerank_ms
     if kind == "ivfpq":
         nlist, nprobe = int(params["nlist"]), int(params["nprobe"])
-        coarse = 4.0 * nlist * dim / budget.exact_bytes_per_ms
+        coarse = (4.0 * nlist * dim / budget.exact_bytes_per_ms if nlist < 4096  # scanned
+                  else HNSW_MS_256D * dim / 256)  # an HNSW graph over the centroids  # fmt: skip
         codes = n * nprobe / nlist * int(params["pq_m"]) * int(params.get("nbits", 4)) / 8
         return coarse + codes / PQ_SCAN_BYTES_PER_MS + rerank_ms
     raise CatalogError(f"no latency model for index kind {kind!r}")

@@ -45,6 +45,7 @@ from snapshop.index.filtering import (
 log = logging.getLogger(__name__)
 
 ID_BYTES = 25  # a node's label (8), alive flag (1) and id-map entry (16)
+HNSW_COARSE_MIN = 4096  # IVF lists from which the coarse quantiser is an HNSW graph
 
 FORMAT = "snapshop-reranked/1"
 TRAIN_SAMPLE = 100_000  # vectors used to train quantisers (faiss samples larger sets anyway)
@@ -199,6 +200,9 @@ class RerankedIndex:
     def code_bytes_per_vector(self) -> float:
         raise NotImplementedError
 
+    def _train_size(self) -> int:
+        return TRAIN_SAMPLE
+
     def _widen(self, fraction: float) -> float:
         """How much wider to search when a filter keeps ``fraction`` of the vectors."""
         return 1.0 / max(fraction, 1e-9)  # IVF: probe lists until as many candidates pass
@@ -273,7 +277,7 @@ class RerankedIndex:
         started = time.perf_counter()
         live = np.flatnonzero(self._alive)
         rng = np.random.default_rng(0)
-        sample = np.sort(rng.choice(live, size=min(len(live), TRAIN_SAMPLE), replace=False))
+        sample = np.sort(rng.choice(live, size=min(len(live), self._train_size()), replace=False))
         index = self._new_index(len(sample))
         index.train(self._floats.take(sample))
         for _, rows in self._floats.chunks():
@@ -567,6 +571,9 @@ class IVFPQIndex(RerankedIndex):
     def nprobe(self, value: int) -> None:
         self.params["nprobe"] = int(value)
 
+    def _train_size(self) -> int:
+        return max(TRAIN_SAMPLE, 40 * int(self.params["nlist"]))  # k-means wants ~39 a list
+
     def _nlist_for(self, n_train: int) -> int:
         # k-means wants ~39 training points per list; a small catalog gets fewer lists.
         return max(1, min(self.params["nlist"], n_train // 39))
@@ -575,7 +582,11 @@ class IVFPQIndex(RerankedIndex):
         p = self.params
         self._nlist = self._nlist_for(n_train)
         codes = f"PQ{p['pq_m']}x4fs" if p["nbits"] == 4 else f"PQ{p['pq_m']}x8"
-        key = (f"OPQ{p['pq_m']}," if p["opq"] else "") + f"IVF{self._nlist},{codes}"
+        # many lists: find the nearest ones through an HNSW graph rather than a scan of all
+        coarse = (
+            f"IVF{self._nlist}_HNSW32" if self._nlist >= HNSW_COARSE_MIN else f"IVF{self._nlist}"
+        )
+        key = (f"OPQ{p['pq_m']}," if p["opq"] else "") + f"{coarse},{codes}"
         return faiss.index_factory(self.dim, key, faiss.METRIC_INNER_PRODUCT)
 
     def _search_params(self, fetch: int, widen: float, sel: Any, exhaustive: bool = False) -> Any:
