@@ -73,6 +73,15 @@ def parse_bytes(text: str | int | float) -> int:
     return int(value * UNITS[unit])
 
 
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
 @dataclass(frozen=True)
 class IndexBudget:
     """What the catalog's indexes may cost: ``max_memory_bytes`` resident (None: unbounded)
@@ -199,21 +208,21 @@ def choose_index(
             continue
         fits_memory.append((kind, params, memory, ms))
         if ms <= budget.max_query_ms:
-            reason = (f"{kind}: ~{memory / 1e6:,.0f} MB for {total:,} vectors"
-                      f"{'' if limit_b is None else f' (budget {limit_b / 1e6:,.0f} MB)'},"
+            reason = (f"{kind}: ~{human_bytes(memory)} for {total:,} vectors"
+                      f"{'' if limit_b is None else f' (budget {human_bytes(limit_b)})'},"
                       f" ~{ms:.2f} ms predicted (budget {budget.max_query_ms:g} ms)")  # fmt: skip
             return IndexChoice(kind, dict(params), reason, memory, ms)
     if not fits_memory:
         smallest = min(index_memory_bytes(k, total, dim, p) for k, p in candidates(n, dim))
         raise CatalogError(
-            f"no index of {total:,} x {dim} vectors fits {limit_b / 1e6:,.0f} MB (the smallest"
-            f" needs ~{smallest / 1e6:,.0f} MB): raise the memory budget, reduce the"
+            f"no index of {total:,} x {dim} vectors fits {human_bytes(limit_b or 0)} (the"
+            f" smallest needs ~{human_bytes(smallest)}): raise the memory budget, reduce the"
             " dimension, or use a server backend (pgvector, milvus)"
         )
     kind, params, memory, ms = min(fits_memory, key=lambda c: c[3])
     log.warning("no index of %d x %d meets %g ms within the memory budget; %s predicts %.1f ms",
                 n, dim, budget.max_query_ms, kind, ms)  # fmt: skip
-    reason = (f"{kind}: fastest within the memory budget (~{memory / 1e6:,.0f} MB),"
+    reason = (f"{kind}: fastest within the memory budget (~{human_bytes(memory)}),"
               f" ~{ms:.1f} ms predicted, over the {budget.max_query_ms:g} ms budget")  # fmt: skip
     return IndexChoice(kind, dict(params), reason, memory, ms)
 
