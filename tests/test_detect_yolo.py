@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from snapshop.detect.base import DF2_CLASSES
-from snapshop.detect.factory import create_detector, parse_spec_args
+from snapshop.detect.factory import create_detector
+from snapshop.detect.spec import parse_spec_args
 from snapshop.detect.yolo import (
     YoloConfig,
     class_aware_nms,

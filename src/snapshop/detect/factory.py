@@ -1,6 +1,7 @@
 """Detector registry: build a detector from a spec string such as ``none``.
 
-Backends register a constructor taking the text after ``name:`` (may be empty).
+Backends register a constructor taking the text after ``name:`` (may be empty); they parse it
+with ``snapshop.detect.spec``, which imports no backend (so no backend imports this module).
 """
 
 from __future__ import annotations
@@ -20,26 +21,6 @@ def register_detector(name: str, factory: DetectorFactory) -> None:
 
 def list_detectors() -> list[str]:
     return ["none", *sorted(_REGISTRY)]
-
-
-def parse_spec_args(args: str, allowed: set[str]) -> tuple[list[str], dict[str, str]]:
-    """``"a.cfg,b.weights,names=x.txt"`` -> (["a.cfg", "b.weights"], {"names": "x.txt"})."""
-    positional: list[str] = []
-    kwargs: dict[str, str] = {}
-    for part in (p.strip() for p in args.split(",")):
-        if not part:
-            continue
-        key, eq, value = part.partition("=")
-        if eq and key.strip().isidentifier():
-            key = key.strip().lower()
-            if key not in allowed:
-                raise ConfigError(f"unknown detector option {key!r}; allowed: {sorted(allowed)}")
-            kwargs[key] = value.strip()
-        elif kwargs:
-            raise ConfigError(f"positional detector argument {part!r} after key=value options")
-        else:
-            positional.append(part)
-    return positional, kwargs
 
 
 def create_detector(spec: str | None) -> Detector | None:

@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from snapshop.detect.base import DF2_CLASSES, Box, Detection, position_of
+from snapshop.detect.spec import parse_spec_args
 from snapshop.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -284,8 +285,6 @@ class YoloOnnxDetector:
 
     @classmethod
     def from_spec(cls, args: str) -> YoloOnnxDetector:
-        from snapshop.detect.factory import parse_spec_args
-
         positional, kwargs = parse_spec_args(args, {"names", "conf", "iou", "size", "max_det"})
         if len(positional) != 1:
             raise ConfigError("usage: yolo:MODEL.onnx[,names=FILE][,conf=C][,iou=T][,size=S]")
@@ -348,8 +347,6 @@ class DarknetDetector:
 
     @classmethod
     def from_spec(cls, args: str) -> DarknetDetector:
-        from snapshop.detect.factory import parse_spec_args
-
         positional, kwargs = parse_spec_args(args, {"names", "conf", "iou", "max_det"})
         if len(positional) != 2:
             raise ConfigError("usage: darknet:MODEL.cfg,MODEL.weights[,names=FILE][,conf=C]")
