@@ -40,14 +40,3 @@ def read_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON ({exc})") from None
 
-
-@dataclasses.dataclass(frozen=True)
-class SearchConfig:
-    """Parameters of one query."""
-
-    k: int = 10
-    detect: bool = True
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.k <= 1000:
-            raise ConfigError(f"k must be between 1 and 1000, got {self.k}")

@@ -155,11 +155,6 @@ def index_memory_bytes(kind: str, n: int, dim: int, params: dict[str, Any] | Non
     raise CatalogError(f"no memory model for index kind {kind!r}")
 
 
-def index_memory_gb(kind: str, n: int, dim: int, m: int = HNSW_M) -> float:
-    """Approximate resident size in GB (see :func:`index_memory_bytes`)."""
-    return index_memory_bytes(kind, n, dim, {"m": m}) / 1e9
-
-
 def predicted_ms(
     kind: str, n: int, dim: int, params: dict[str, Any], budget: IndexBudget = IndexBudget()
 ) -> float:

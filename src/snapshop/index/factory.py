@@ -46,10 +46,6 @@ INDEX_KINDS: dict[str, Any] = {
 }
 
 
-def register_index(kind: str, cls: Any) -> None:
-    INDEX_KINDS[kind] = cls
-
-
 def create_index(kind: str, dim: int, **params: Any) -> VectorIndex:
     try:
         cls = INDEX_KINDS[kind]
