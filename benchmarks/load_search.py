@@ -29,7 +29,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+from snapshop.images import IMAGE_SUFFIXES
+
 MAX_REQUESTS = 5000
 MAX_DURATION_S = 600.0
 

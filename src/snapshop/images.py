@@ -40,6 +40,10 @@ DEFAULT_MAX_SIDE = 2048
 DECODE_SLOTS_ENV = "SNAPSHOP_DECODE_SLOTS"
 ORIGINAL_SIZE = "snapshop.original_size"  # image.info key: (width, height) before reduction
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+# File suffixes of those formats (.jfif and .jpe are JPEG): what folder readers pick up.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+)
 
 # We never accept truncated files silently; the default is already False, pin it.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -27,10 +27,10 @@ from typing import Any
 from snapshop.data.manifest import ManifestRow, read_manifest
 from snapshop.data.sources import read_folder
 from snapshop.errors import CatalogError, ManifestError
+from snapshop.images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 INSHOP_LIST = "list_eval_partition.txt"
 INSHOP_STATUS_ROLE = {"query": "query", "gallery": "gallery", "train": "gallery"}
 

@@ -22,11 +22,8 @@ from typing import Any
 from snapshop.catalog.fields import check_product_fields, normalise_sku
 from snapshop.data.manifest import check_unique_columns, nonblank_rows
 from snapshop.errors import CatalogError, ManifestError
-from snapshop.images import DecodeLimits, read_bytes
+from snapshop.images import IMAGE_SUFFIXES, DecodeLimits, read_bytes
 
-# Suffixes of the formats images.load_image decodes (.jfif and .jpe are JPEG).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif",
-                            ".tif", ".tiff"})  # fmt: skip
 SUPPORTED_SUFFIXES = ", ".join(sorted(IMAGE_SUFFIXES))
 REQUIRED_COLUMNS = ("product_id", "image_path")
 PRODUCT_COLUMNS = ("title", "url", "price", "currency", "category")

@@ -25,13 +25,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.errors import ConfigError, ImageDecodeError
-from snapshop.images import load_image
+from snapshop.images import IMAGE_SUFFIXES, load_image
 from snapshop.models.card import MODEL_FILE, ModelCard, read_card, sha256_file, write_card
 from snapshop.models.embedder import preprocess
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 @dataclass(frozen=True)
