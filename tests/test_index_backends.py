@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from snapshop.errors import CatalogError
+from snapshop.errors import CatalogError, VectorIndexError
 from snapshop.index import VectorIndex, create_index, load_index, save_index
 
 Factory = Callable[..., VectorIndex]
@@ -271,8 +271,20 @@ def test_rejects_bad_input(make: Factory) -> None:
 
 # --- backend specifics ---------------------------------------------------------------------
 def test_unknown_kind() -> None:
-    with pytest.raises(CatalogError, match="unknown index kind"):
+    with pytest.raises(VectorIndexError, match="unknown index kind"):
         create_index("nope", 8)
+
+
+def test_index_errors_are_their_own_type_and_still_catalog_errors(tmp_path: Path) -> None:
+    # The index layer raises VectorIndexError; callers that handle CatalogError (the CLI's exit
+    # code, the service's 400) keep handling it.
+    (tmp_path / "broken.faiss").write_bytes(b"not an index")
+    (tmp_path / "broken.json").write_text('{"kind": "flat"}')
+    with pytest.raises(VectorIndexError, match="cannot make a hnsw index") as made:
+        create_index("hnsw", 8, m="many")
+    assert isinstance(made.value, CatalogError)
+    with pytest.raises(VectorIndexError):
+        load_index(tmp_path / "broken.faiss")
 
 
 def test_hnsw_tombstones_compact() -> None:

@@ -28,6 +28,13 @@ class NotFoundError(CatalogError):
     something absent, which the service answers with 404."""
 
 
+class VectorIndexError(CatalogError):
+    """A vector index cannot be made, read or sized as asked (unknown kind, bad parameters,
+    unreadable file, unreachable server, impossible budget). A subclass of CatalogError because
+    the indexes are the catalog's caches: every caller that handles catalog failures (CLI exit
+    code, the service's 400) handles these the same way; catch this to single them out."""
+
+
 class StoredFileError(CatalogError):
     """A file the catalog stored itself (an image blob) is damaged: a server-side fault,
     never the caller's. ``path`` is the file, ``reason`` says what is wrong with it."""

@@ -25,7 +25,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from snapshop.errors import CatalogError
+from snapshop.errors import VectorIndexError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
 
 
 def parse_bytes(text: str | int | float) -> int:
-    """``"2GB"``, ``"512MiB"``, ``"1.5e9"`` -> bytes; raises CatalogError on anything else."""
+    """``"2GB"``, ``"512MiB"``, ``"1.5e9"`` -> bytes; raises VectorIndexError on anything else."""
     if isinstance(text, int | float):
         value, unit = float(text), ""
     else:
@@ -65,11 +65,11 @@ def parse_bytes(text: str | int | float) -> int:
         try:
             value = float(num)
         except ValueError:
-            raise CatalogError(
+            raise VectorIndexError(
                 f"cannot read a memory size from {text!r} (e.g. 2GB, 512MiB)"
             ) from None
     if unit not in UNITS or not math.isfinite(value) or value <= 0:
-        raise CatalogError(f"cannot read a memory size from {text!r} (e.g. 2GB, 512MiB)")
+        raise VectorIndexError(f"cannot read a memory size from {text!r} (e.g. 2GB, 512MiB)")
     return int(value * UNITS[unit])
 
 
@@ -94,11 +94,11 @@ class IndexBudget:
 
     def __post_init__(self) -> None:
         if self.max_memory_bytes is not None and self.max_memory_bytes <= 0:
-            raise CatalogError("max_memory_bytes must be positive")
+            raise VectorIndexError("max_memory_bytes must be positive")
         if not self.max_query_ms > 0:
-            raise CatalogError("max_query_ms must be positive")
+            raise VectorIndexError("max_query_ms must be positive")
         if not 0 < self.target_recall <= 1:
-            raise CatalogError("target_recall must be in (0, 1]")
+            raise VectorIndexError("target_recall must be in (0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "exact_bytes_per_ms"}
@@ -108,7 +108,7 @@ class IndexBudget:
         data = dict(data or {})
         allowed = {"max_memory_bytes", "max_query_ms", "target_recall"}
         if set(data) - allowed:
-            raise CatalogError(f"unknown index budget keys {sorted(set(data) - allowed)}")
+            raise VectorIndexError(f"unknown index budget keys {sorted(set(data) - allowed)}")
         return cls(**data)
 
 
@@ -152,7 +152,7 @@ def index_memory_bytes(kind: str, n: int, dim: int, params: dict[str, Any] | Non
     if kind == "ivfpq":
         per = int(p["pq_m"]) * int(p.get("nbits", 4)) / 8 + 8 + ID_BYTES
         return int(n * per + 4 * dim * int(p["nlist"]))
-    raise CatalogError(f"no memory model for index kind {kind!r}")
+    raise VectorIndexError(f"no memory model for index kind {kind!r}")
 
 
 def predicted_ms(
@@ -172,7 +172,7 @@ def predicted_ms(
                   else HNSW_MS_256D * dim / 256)  # an HNSW graph over the centroids  # fmt: skip
         codes = n * nprobe / nlist * int(params["pq_m"]) * int(params.get("nbits", 4)) / 8
         return coarse + codes / PQ_SCAN_BYTES_PER_MS + rerank_ms
-    raise CatalogError(f"no latency model for index kind {kind!r}")
+    raise VectorIndexError(f"no latency model for index kind {kind!r}")
 
 
 def candidates(n: int, dim: int) -> list[tuple[str, dict[str, Any]]]:
@@ -209,7 +209,7 @@ def choose_index(
             return IndexChoice(kind, dict(params), reason, memory, ms)
     if not fits_memory:
         smallest = min(index_memory_bytes(k, total, dim, p) for k, p in candidates(n, dim))
-        raise CatalogError(
+        raise VectorIndexError(
             f"no index of {total:,} x {dim} vectors fits {human_bytes(limit_b or 0)} (the"
             f" smallest needs ~{human_bytes(smallest)}): raise the memory budget, reduce the"
             " dimension, or use a server backend (pgvector, milvus)"

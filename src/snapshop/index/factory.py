@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshop.config import read_json, write_json
-from snapshop.errors import CatalogError
+from snapshop.errors import VectorIndexError
 from snapshop.index.base import VectorIndex
 
 
@@ -25,7 +25,7 @@ class _Lazy:
             return getattr(importlib.import_module(self.module), self.name)
         except ImportError as exc:
             package = f"'snapshop[{self.extra}]'" if self.extra else "faiss-cpu"
-            raise CatalogError(
+            raise VectorIndexError(
                 f"index backend {self.name} needs `pip install {package}` ({exc})"
             ) from None
 
@@ -50,17 +50,19 @@ def create_index(kind: str, dim: int, **params: Any) -> VectorIndex:
     try:
         cls = INDEX_KINDS[kind]
     except KeyError:
-        raise CatalogError(
+        raise VectorIndexError(
             f"unknown index kind {kind!r}; choose from {sorted(INDEX_KINDS)}"
         ) from None
     try:
         return cls(dim, **params)
-    except CatalogError:
+    except VectorIndexError:
         raise
     except (TypeError, ValueError) as exc:  # parameters the backend refuses, a missing uri
-        raise CatalogError(f"cannot make a {kind} index: {exc}") from None
+        raise VectorIndexError(f"cannot make a {kind} index: {exc}") from None
     except Exception as exc:  # database clients raise their own types when unreachable
-        raise CatalogError(f"cannot make a {kind} index ({type(exc).__name__}: {exc})") from None
+        raise VectorIndexError(
+            f"cannot make a {kind} index ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def card_path(path: Path) -> Path:
@@ -74,14 +76,14 @@ def save_index(index: VectorIndex, path: Path, extra: dict[str, Any] | None = No
 
 
 def load_index(path: Path) -> tuple[VectorIndex, dict[str, Any]]:
-    """Load the index at ``path`` and its card; raises CatalogError when either is unusable."""
+    """Load the index at ``path`` and its card; raises VectorIndexError when either is unusable."""
     card = read_json(card_path(path))
     kind = card.get("kind", "flat")
     try:
         cls = INDEX_KINDS[kind]
         index = cls.load(Path(path))
     except KeyError:
-        raise CatalogError(f"{path}: unknown index kind {kind!r}") from None
+        raise VectorIndexError(f"{path}: unknown index kind {kind!r}") from None
     except RuntimeError as exc:  # faiss raises RuntimeError on corrupt files
-        raise CatalogError(f"{path}: cannot read index ({exc})") from None
+        raise VectorIndexError(f"{path}: cannot read index ({exc})") from None
     return index, card
