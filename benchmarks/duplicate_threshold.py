@@ -74,7 +74,7 @@ def photo_pairs(n_products: int, size: int, manifest: Path | None) -> Iterator[t
         return
     by_product: dict[str, list[Path]] = {}
     for row in read_manifest(manifest):
-        by_product.setdefault(row.product_id, []).append(row.path)
+        by_product.setdefault(row.sku, []).append(row.path)
     chosen = [p for p in sorted(by_product) if len(by_product[p]) >= 2][:n_products]
     for product in chosen:
         photos = []

@@ -45,7 +45,7 @@ def embeddings(manifest: Path, model: str, cache: Path | None) -> dict[str, NDAr
         chosen = [r for r in rows if r.role == role]
         vecs, kept, _, ms = embed_paths(embedder, [str(r.path) for r in chosen])
         out[f"{role}_vecs"] = vecs
-        out[f"{role}_products"] = np.array([chosen[i].product_id for i in kept])
+        out[f"{role}_products"] = np.array([chosen[i].sku for i in kept])
         print(f"embedded {len(kept)} {role} images ({ms:.1f} ms/image)")
     if cache is not None:
         np.savez(cache, **out)

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             image.thumbnail((args.long_side, args.long_side))
             name = hashlib.sha256(str(row.path).encode()).hexdigest()[:16] + ".jpg"
             image.save(args.out / "images" / name, quality=args.quality)
-            writer.writerow({"path": f"images/{name}", "product_id": row.product_id,
+            writer.writerow({"path": f"images/{name}", "product_id": row.sku,
                              "role": row.role, **row.extra})  # fmt: skip
             written += 1
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())

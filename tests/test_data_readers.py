@@ -42,7 +42,7 @@ def test_inshop_reader_parses_partition_file(tmp_path: Path) -> None:
     (tmp_path / "Eval").mkdir()
     (tmp_path / "Eval" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
     rows = read_inshop(tmp_path)
-    assert [r.product_id for r in rows] == [i for _, i, _ in names]
+    assert [r.sku for r in rows] == [i for _, i, _ in names]
     assert [r.role for r in rows] == ["gallery", "gallery", "query", "gallery"]
     assert rows[2].path == tmp_path / names[2][0]
     assert rows[0].extra == {"source": "inshop", "eval_status": "train"}
@@ -77,9 +77,9 @@ def test_street2shop_reader_maps_photos_and_boxes(tmp_path: Path) -> None:
     rows = read_street2shop(tmp_path)
     by_path = {r.path.name: r for r in rows}
     assert set(by_path) == {"11.jpg", "12.jpg", "21.jpg", "31.jpg"}
-    assert by_path["11.jpg"].role == "gallery" and by_path["11.jpg"].product_id == "dresses/5"
+    assert by_path["11.jpg"].role == "gallery" and by_path["11.jpg"].sku == "dresses/5"
     street = by_path["21.jpg"]
-    assert street.role == "query" and street.product_id == "dresses/5"
+    assert street.role == "query" and street.sku == "dresses/5"
     assert street.extra["bbox"] == "4,10,54,90" and street.extra["pair_split"] == "train"
     assert by_path["31.jpg"].extra["pair_split"] == "test"
     assert detect_format(tmp_path) == "street2shop"
@@ -101,7 +101,7 @@ def test_csv_and_folder_readers(tmp_path: Path) -> None:
     _image(tmp_path / "shop" / "sku-2" / "c.jpg")
     (tmp_path / "shop" / "sku-2" / "notes.txt").write_text("not an image")
     rows = read_folder_tree(tmp_path / "shop")
-    assert Counter(r.product_id for r in rows) == {"sku-1": 2, "sku-2": 1}
+    assert Counter(r.sku for r in rows) == {"sku-1": 2, "sku-2": 1}
     assert all(r.role == "gallery" for r in rows)
 
     csv_path = tmp_path / "m.csv"
@@ -110,7 +110,7 @@ def test_csv_and_folder_readers(tmp_path: Path) -> None:
         "shop/sku-2/c.jpg,sku-2,,blue\n"
     )
     rows = read_manifest_csv(csv_path)
-    assert [(r.product_id, r.role, r.extra["colour"]) for r in rows] == [
+    assert [(r.sku, r.role, r.extra["colour"]) for r in rows] == [
         ("sku-1", "query", "red"),
         ("sku-2", "gallery", "blue"),
     ]
@@ -118,7 +118,7 @@ def test_csv_and_folder_readers(tmp_path: Path) -> None:
     csv_path.write_text("path,product_id,role\na.jpg,sku-1,probe\n")
     with pytest.raises(ManifestError, match="role"):
         read_manifest_csv(csv_path)
-    assert [r.product_id for r in read_dataset(f"folder:{tmp_path / 'shop'}")][:1] == ["sku-1"]
+    assert [r.sku for r in read_dataset(f"folder:{tmp_path / 'shop'}")][:1] == ["sku-1"]
 
 
 @pytest.mark.slow
@@ -131,7 +131,7 @@ def test_catalog_reader_lists_stored_images(tmp_path: Path, lite0_model_dir: Pat
     _image(src / "sku-b" / "1.jpg", (20, 20, 200))
     api.index_source(src, tmp_path / "cat", model=str(lite0_model_dir), detector="none")
     rows = read_catalog(tmp_path / "cat")
-    assert Counter(r.product_id for r in rows) == {"sku-a": 2, "sku-b": 1}
+    assert Counter(r.sku for r in rows) == {"sku-a": 2, "sku-b": 1}
     assert all(r.path.is_file() for r in rows)
     assert detect_format(tmp_path / "cat") == "catalog"
 
@@ -149,13 +149,13 @@ def test_protocol_split_is_product_disjoint_and_reproducible() -> None:
     c, _ = split_products(rows, ProtocolConfig(seed=4))
     assert [(r.path, r.role, r.extra["split"]) for r in a] == \
         [(r.path, r.role, r.extra["split"]) for r in b]  # fmt: skip
-    train = {r.product_id for r in a if r.extra["split"] == "train"}
-    test = {r.product_id for r in a if r.extra["split"] == "test"}
+    train = {r.sku for r in a if r.extra["split"] == "train"}
+    test = {r.sku for r in a if r.extra["split"] == "test"}
     assert train and test and not train & test
     assert len(test) == 6  # 20 % of 30 products
-    assert test != {r.product_id for r in c if r.extra["split"] == "test"}
+    assert test != {r.sku for r in c if r.extra["split"] == "test"}
     for product in test:
-        roles = {r.role for r in a if r.product_id == product}
+        roles = {r.role for r in a if r.sku == product}
         assert roles == {"query", "gallery"}
     assert all(r.extra["source_split"] == "dev" for r in a)
     assert counts.products["test"] == 6 and counts.images["train"] == 24 * 6
@@ -169,15 +169,15 @@ def test_protocol_folds_hold_every_product_out_exactly_once() -> None:
         out, counts = split_products(rows, ProtocolConfig(seed=5, folds=3, fold=fold))
         again, _ = split_products(rows, ProtocolConfig(seed=5, folds=3, fold=fold))
         assert [(r.path, r.role) for r in out] == [(r.path, r.role) for r in again]
-        test = {r.product_id for r in out if r.extra["split"] == "test"}
-        train = {r.product_id for r in out if r.extra["split"] == "train"}
+        test = {r.sku for r in out if r.extra["split"] == "test"}
+        train = {r.sku for r in out if r.extra["split"] == "train"}
         assert not test & train and len(test | train) == 31
         assert counts.products["test"] == len(test) in (10, 11)
         held_out.append(test)
     assert set().union(*held_out) == {f"p{p:02d}" for p in range(31)}
     assert sum(len(t) for t in held_out) == 31  # disjoint: each product once
     other_seed, _ = split_products(rows, ProtocolConfig(seed=6, folds=3, fold=0))
-    assert {r.product_id for r in other_seed if r.extra["split"] == "test"} != held_out[0]
+    assert {r.sku for r in other_seed if r.extra["split"] == "test"} != held_out[0]
     for bad in ({"folds": 1}, {"folds": 3, "fold": 3}, {"folds": 0, "fold": 1}, {"folds": -2}):
         with pytest.raises(ConfigError):
             ProtocolConfig(**bad)  # type: ignore[arg-type]
@@ -188,10 +188,10 @@ def test_protocol_folds_hold_every_product_out_exactly_once() -> None:
 def test_protocol_filters_by_image_count_and_keeps_roles() -> None:
     rows = _rows(5, [1, 2, 30, 31, 5])
     out, counts = split_products(rows, ProtocolConfig(test_fraction=0.5, seed=0))
-    assert {r.product_id for r in out} == {"p01", "p02", "p04"}
+    assert {r.sku for r in out} == {"p01", "p02", "p04"}
     assert counts.dropped_products == 2
     out, _ = split_products(rows, ProtocolConfig(test_fraction=0.5, max_images=0, keep_roles=True))
-    assert {r.product_id for r in out} == {"p01", "p02", "p03", "p04"}
+    assert {r.sku for r in out} == {"p01", "p02", "p03", "p04"}
     assert all(r.role == "gallery" for r in out)
     with pytest.raises(ConfigError):
         split_products(_rows(1, 3))
@@ -205,8 +205,8 @@ def test_prepare_writes_a_manifest_with_split_column(tmp_path: Path) -> None:
             _image(tmp_path / "shop" / f"sku-{p}" / f"{i}.jpg", (40 * p, 10 * i, 90))
     rows, _ = prepare([tmp_path / "shop"], tmp_path / "out" / "split.csv", ProtocolConfig(seed=1))
     back = read_manifest(tmp_path / "out" / "split.csv")
-    assert [(r.path.resolve(), r.product_id, r.role, r.extra["split"]) for r in back] == \
-        [(r.path.resolve(), r.product_id, r.role, r.extra["split"]) for r in rows]  # fmt: skip
+    assert [(r.path.resolve(), r.sku, r.role, r.extra["split"]) for r in back] == \
+        [(r.path.resolve(), r.sku, r.role, r.extra["split"]) for r in rows]  # fmt: skip
     assert all(r.path.is_file() for r in back)
 
 
@@ -251,7 +251,7 @@ def test_pack_manifest_copies_selected_rows_with_relative_paths(tmp_path: Path) 
     assert module.main([str(src / "m.csv"), str(out), "--where", "split=train",
                         "--long-side", "150"]) == 0  # fmt: skip
     rows = read_manifest(out / "manifest.csv")
-    assert [(r.product_id, r.role, r.extra["split"]) for r in rows] == [
+    assert [(r.sku, r.role, r.extra["split"]) for r in rows] == [
         ("p1", "query", "train"),
         ("p2", "gallery", "train"),
     ]

@@ -201,7 +201,7 @@ def test_cross_validation_script_scores_every_product_once(tmp_path, lite0_model
     model = str(lite0_model_dir)
     rows = read_dataset(tmp_path / "m.csv")
     folds = held_out_folds(rows, 3)
-    held_out = [r.product_id for fold in folds for r in fold]
+    held_out = [r.sku for fold in folds for r in fold]
     assert sorted(set(held_out)) == [f"p{p}" for p in range(6)]  # every product once ...
     assert len(held_out) == len(rows)  # ... with all its images
     result = cross_validate(rows, [model] * 3)

@@ -295,7 +295,7 @@ def test_folder_names_are_skus_and_checked(tmp_path: Path) -> None:
     (tmp_path / "shop" / "Cafe\u0301").mkdir(parents=True)
     (tmp_path / "shop" / "Cafe\u0301" / "a.jpg").write_bytes(b"x")
     assert [r.sku for r in read_source(tmp_path / "shop")] == ["Caf\u00e9"]
-    assert [r.product_id for r in read_folder_tree(tmp_path / "shop")] == ["Caf\u00e9"]
+    assert [r.sku for r in read_folder_tree(tmp_path / "shop")] == ["Caf\u00e9"]
     (tmp_path / "shop" / "T1\u200b").mkdir()
     (tmp_path / "shop" / "T1\u200b" / "a.jpg").write_bytes(b"x")
     with pytest.raises(CatalogError, match="U\\+200B"):

@@ -106,7 +106,7 @@ def test_training_reduces_loss_resumes_and_exports(tmp_path: Path, demo_rows) ->
 
     embedder = Embedder(out)
     assert embedder.dim == 32 and embedder.card.kind == "normsoftmax"
-    assert embedder.card.training["classes"] == sorted({r.product_id for r in train_rows})
+    assert embedder.card.training["classes"] == sorted({r.sku for r in train_rows})
     assert embedder.card.training["temperature"] == 0.05
     assert "photo_to_all" in embedder.card.metrics["held_out"]
     from PIL import Image
@@ -147,7 +147,7 @@ def test_end_to_end_training_is_the_same_with_decoding_workers(tmp_path: Path, d
     train_rows = [r for r in demo_rows if r.extra["split"] == "train"]
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    rows = [*train_rows, ManifestRow(corrupt, train_rows[0].product_id, "gallery", {})]
+    rows = [*train_rows, ManifestRow(corrupt, train_rows[0].sku, "gallery", {})]
     settings = dict(epochs=2, train_blocks=-1, cache=False, input_size=64, lr=0.01)
     in_process = train(rows, tmp_path / "a", _config(**settings), export=False)
     with_workers = train(rows, tmp_path / "b", _config(**settings, workers=2), export=False)
@@ -275,15 +275,15 @@ def test_row_selection_defaults_to_the_protocol_split() -> None:
         for i in range(3)
     ]  # fmt: skip
     train_rows, eval_rows, gallery = select_rows(rows, RowSelection())
-    assert {r.product_id for r in train_rows} == {"a", "b"} and len(train_rows) == 6
-    assert {r.product_id for r in eval_rows} == {"c"} and gallery is None
+    assert {r.sku for r in train_rows} == {"a", "b"} and len(train_rows) == 6
+    assert {r.sku for r in eval_rows} == {"c"} and gallery is None
     train_rows, eval_rows, gallery = select_rows(
         rows, RowSelection(("split=test",), ("split=train",), ("domain=iconic",),
                            ("domain=iconic",), repeat=3),
     )  # fmt: skip
     assert [r.path.name for r in train_rows] == ["c-0.jpg", "c-1.jpg"] + ["c-2.jpg"] * 3
     assert len(eval_rows) == 6 and gallery == {"domain": "iconic"}
-    plain = [ManifestRow(r.path, r.product_id, r.role, {}) for r in rows]  # no split column
+    plain = [ManifestRow(r.path, r.sku, r.role, {}) for r in rows]  # no split column
     train_rows, eval_rows, _ = select_rows(plain, RowSelection())
     assert len(train_rows) == 9 and eval_rows == []
     with pytest.raises(ConfigError, match="no manifest row"):

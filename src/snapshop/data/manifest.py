@@ -18,8 +18,11 @@ ROLES = ("query", "gallery")
 
 @dataclass(frozen=True)
 class ManifestRow:
+    """One image: ``sku`` is the product as the CSV names it (column ``product_id``, kept for the
+    file format); the catalog store maps skus to integer product ids."""
+
     path: Path
-    product_id: str
+    sku: str
     role: str
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -112,13 +115,13 @@ def read_manifest(
                 role = values.get("role") or default_role or ""
                 if role not in ROLES:
                     raise ManifestError(f"{path}:{line}: role {role!r} is not query|gallery")
-                image, product = values[path_col], values["product_id"]  # type: ignore[index]
-                if not image or not product:
+                image, sku = values[path_col], values["product_id"]  # type: ignore[index]
+                if not image or not sku:
                     raise ManifestError(f"{path}:{line}: empty path or product_id")
                 p = Path(image)
                 own = (path_col, "product_id", "role")
                 extra = {k: v for k, v in values.items() if k not in own}
-                rows.append(ManifestRow(p if p.is_absolute() else root / p, product, role, extra))
+                rows.append(ManifestRow(p if p.is_absolute() else root / p, sku, role, extra))
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except csv.Error as exc:
@@ -143,6 +146,4 @@ def write_manifest(path: Path, rows: list[ManifestRow], root: Path | None = None
                     p = r.path.relative_to(root)
                 except ValueError:
                     p = r.path.resolve()
-            writer.writerow(
-                [str(p), r.product_id, r.role, *(r.extra.get(c, "") for c in extra_cols)]
-            )
+            writer.writerow([str(p), r.sku, r.role, *(r.extra.get(c, "") for c in extra_cols)])

@@ -60,10 +60,10 @@ def split_products(rows: list[ManifestRow], config: ProtocolConfig = ProtocolCon
     by_product: dict[str, list[ManifestRow]] = defaultdict(list)
     seen: set[tuple[str, str]] = set()
     for r in rows:
-        key = (r.product_id, str(r.path))
+        key = (r.sku, str(r.path))
         if key not in seen:  # the same image listed twice by merged sources counts once
             seen.add(key)
-            by_product[r.product_id].append(r)
+            by_product[r.sku].append(r)
     kept = sorted(
         p for p, images in by_product.items()
         if len(images) >= config.min_images
@@ -109,7 +109,7 @@ def split_products(rows: list[ManifestRow], config: ProtocolConfig = ProtocolCon
             counts.images[key] = counts.images.get(key, 0) + 1
     for key in list(counts.images):
         keys_of = lambda r: (r.extra["split"], f"{r.extra['split']}/{r.role}")  # noqa: E731
-        counts.products[key] = len({r.product_id for r in out if key in keys_of(r)})
+        counts.products[key] = len({r.sku for r in out if key in keys_of(r)})
     return out, counts
 
 

@@ -136,7 +136,7 @@ def read_street2shop(root: Path, images: Path | None = None) -> list[ManifestRow
 def read_manifest_csv(path: Path) -> list[ManifestRow]:
     """A CSV with ``path`` (or ``image_path``) and ``product_id``; ``role`` defaults to gallery."""
     return [
-        ManifestRow(r.path, r.product_id, r.role, {"source": "csv", **r.extra})
+        ManifestRow(r.path, r.sku, r.role, {"source": "csv", **r.extra})
         for r in read_manifest(path, default_role="gallery")
     ]
 

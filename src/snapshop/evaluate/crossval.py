@@ -159,7 +159,7 @@ def _score_column(
     for model, held_out in zip(models, fold_rows, strict=True):
         embedder = load_embedder(model)
         trained_on = set(embedder.card.training.get("classes", []))
-        if trained_on & {r.product_id for r in held_out}:
+        if trained_on & {r.sku for r in held_out}:
             raise ConfigError(f"{model} was trained on products this fold holds out: "
                               "not the same folds (seed, --max-images, --keep-roles?)")  # fmt: skip
         paths = [str(r.path) for r in held_out]
@@ -179,12 +179,12 @@ def _score_column(
         galleries = {"photo -> all": gallery,
                      "photo -> catalog": [r for r in gallery if matches(r, catalog)]}  # fmt: skip
         for protocol, shown in galleries.items():
-            in_gallery = {r.product_id for r in shown}
-            asked = [r for r in queries if r.product_id in in_gallery]
+            in_gallery = {r.sku for r in shown}
+            asked = [r for r in queries if r.sku in in_gallery]
             if not asked:  # e.g. no catalog images in this dataset
                 continue
-            ranks, labels = fold_ranks(vectors(asked), [r.product_id for r in asked],
-                                       vectors(shown), [r.product_id for r in shown],
+            ranks, labels = fold_ranks(vectors(asked), [r.sku for r in asked],
+                                       vectors(shown), [r.sku for r in shown],
                                        label_of)  # fmt: skip
             pooled[protocol].add(ranks, labels)
     return pooled
@@ -208,7 +208,7 @@ def cross_validate(
     catalog = parse_where([catalog_where])
     fold_rows = held_out_folds(rows, folds, seed=seed, max_images=max_images,
                                keep_roles=keep_roles)  # fmt: skip
-    products = sorted({r.product_id for held_out in fold_rows for r in held_out})
+    products = sorted({r.sku for held_out in fold_rows for r in held_out})
     label_of = {p: i for i, p in enumerate(products)}
     columns = [(name, [name] * folds) for name in baselines] + [(FOLD_MODELS, list(fold_models))]
     results = {name: _score_column(models, fold_rows, catalog, label_of)

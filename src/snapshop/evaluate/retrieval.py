@@ -231,16 +231,16 @@ def evaluate_manifest(
     embed_ms = (q_ms * len(q_kept) + g_ms * len(g_kept)) / max(n, 1)
     report = evaluate_embeddings(
         name or embedder.card.name,
-        q_vecs, [queries[i].product_id for i in q_kept],
-        g_vecs, [gallery[i].product_id for i in g_kept],
+        q_vecs, [queries[i].sku for i in q_kept],
+        g_vecs, [gallery[i].sku for i in g_kept],
         ks, embed_ms,
     )  # fmt: skip
     report.skipped = q_skip + g_skip
     report.vectors = {
         "query_vecs": q_vecs, "query_paths": [str(queries[i].path) for i in q_kept],
-        "query_products": [queries[i].product_id for i in q_kept],
+        "query_products": [queries[i].sku for i in q_kept],
         "gallery_vecs": g_vecs, "gallery_paths": [str(gallery[i].path) for i in g_kept],
-        "gallery_products": [gallery[i].product_id for i in g_kept],
+        "gallery_products": [gallery[i].sku for i in g_kept],
     }  # fmt: skip
     return report
 

@@ -128,7 +128,7 @@ def readable_rows(rows: Sequence[ManifestRow]) -> list[ManifestRow]:
 def _rows_key(rows: Sequence[ManifestRow], config: TrainConfig, n_views: int, tag: str) -> str:
     digest = hashlib.sha256()
     for r in rows:
-        digest.update(f"{r.path}|{r.product_id}\n".encode())
+        digest.update(f"{r.path}|{r.sku}\n".encode())
     settings = (config.backbone, config.train_blocks, n_views, config.seed, config.input_size,
                 config.pretrained, json.dumps(dataclasses.asdict(config.augment)), tag)  # fmt: skip
     digest.update(repr(settings).encode())

@@ -186,14 +186,14 @@ class NormSoftmaxTrainer(EpochLoop):
         self.out_dir = Path(out_dir)
         self.cache_dir = Path(cache_dir) if cache_dir else self.out_dir / "cache"
         self.checkpoint_path = self.out_dir / CHECKPOINT
-        self.classes = sorted({r.product_id for r in train_rows})
+        self.classes = sorted({r.sku for r in train_rows})
 
     # -- setup -----------------------------------------------------------------------------
     def check_data(self) -> None:
         if len(self.classes) < 2:
             raise ConfigError(f"training needs at least 2 products, got {len(self.classes)}")
         if self.eval_rows:
-            overlap = set(self.classes) & {r.product_id for r in self.eval_rows}
+            overlap = set(self.classes) & {r.sku for r in self.eval_rows}
             if overlap:
                 raise ConfigError(
                     f"{len(overlap)} evaluation products are also training products"
@@ -255,7 +255,7 @@ class NormSoftmaxTrainer(EpochLoop):
         else:
             self.rows_kept = readable_rows(self.train_rows)
         label_of = {c: i for i, c in enumerate(self.classes)}
-        self.labels = np.array([label_of[r.product_id] for r in self.rows_kept], dtype=np.int64)
+        self.labels = np.array([label_of[r.sku] for r in self.rows_kept], dtype=np.int64)
         self.eval_feats: torch.Tensor | None = None
         self.eval_kept: list[ManifestRow] = []
         if self.eval_rows:
@@ -354,8 +354,8 @@ class NormSoftmaxTrainer(EpochLoop):
             if not q or not g:
                 continue
             recall, map_r = score_retrieval(
-                vecs[q], [rows[i].product_id for i in q],
-                vecs[g], [rows[i].product_id for i in g], ks=(1, 5, 10),
+                vecs[q], [rows[i].sku for i in q],
+                vecs[g], [rows[i].sku for i in g], ks=(1, 5, 10),
             )  # fmt: skip
             key = (
                 "photo_to_all"
@@ -390,7 +390,7 @@ class NormSoftmaxTrainer(EpochLoop):
 
         config, history = self.config, self.history
         net = self.net.to("cpu", memory_format=torch.contiguous_format).eval()
-        eval_products = len({r.product_id for r in self.eval_kept})
+        eval_products = len({r.sku for r in self.eval_kept})
         save_model(
             net, self.out_dir, name=f"normsoftmax-{config.backbone}-d{config.dim}",
             source_weights_sha256=sha256_file(weights_path(config.backbone)),
