@@ -44,7 +44,7 @@ DetectorOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
-def _print_error(exc: BaseException) -> None:
+def _print_error(exc: BaseException | str) -> None:
     """One line on stderr: never wrapped, and ``[...]`` in the message is text, not markup."""
     message = escape(str(exc).replace("\n", " "))
     err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)

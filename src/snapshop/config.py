@@ -39,4 +39,3 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: file not found") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON ({exc})") from None
-

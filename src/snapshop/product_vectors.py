@@ -220,7 +220,8 @@ class ProductVectors:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".npz.tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
+                # numpy's stub reads **arrays as possibly holding allow_pickle: bool
+                np.savez(fh, **arrays)  # type: ignore[arg-type]
                 fh.flush()
                 os.fsync(fh.fileno())
             Path(tmp).replace(self.path)

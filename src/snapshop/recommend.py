@@ -121,7 +121,7 @@ class _Progress:
                 f"{self.path}: unreadable resume point ({exc}); delete it (and the output)"
                 " or pass restart to start over"
             ) from None
-        return data  # type: ignore[no-any-return]
+        return data
 
     def write(self, data: dict[str, Any]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")

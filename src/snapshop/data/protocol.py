@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -60,9 +61,9 @@ def split_products(rows: list[ManifestRow], config: ProtocolConfig = ProtocolCon
     by_product: dict[str, list[ManifestRow]] = defaultdict(list)
     seen: set[tuple[str, str]] = set()
     for r in rows:
-        key = (r.sku, str(r.path))
-        if key not in seen:  # the same image listed twice by merged sources counts once
-            seen.add(key)
+        image_key = (r.sku, str(r.path))
+        if image_key not in seen:  # the same image listed twice by merged sources counts once
+            seen.add(image_key)
             by_product[r.sku].append(r)
     kept = sorted(
         p for p, images in by_product.items()
@@ -114,7 +115,7 @@ def split_products(rows: list[ManifestRow], config: ProtocolConfig = ProtocolCon
 
 
 def prepare(
-    sources: list[str | Path], output: Path, config: ProtocolConfig = ProtocolConfig()
+    sources: Sequence[str | Path], output: Path, config: ProtocolConfig = ProtocolConfig()
 ) -> tuple[list[ManifestRow], SplitCounts]:
     """Read and merge ``sources`` (see :func:`snapshop.data.readers.read_dataset`), split them,
     and write one manifest with a ``split`` column to ``output`` (paths relative to it)."""

@@ -234,7 +234,7 @@ def square_pad(image: Image.Image, max_side: int = MAX_PAD_SIDE) -> Image.Image:
         rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
     side = max(w, h)
     fill = tuple(round(c) for c in ImageStat.Stat(rgb).mean)
-    canvas = Image.new("RGB", (side, side), fill)  # type: ignore[arg-type]
+    canvas = Image.new("RGB", (side, side), fill)
     canvas.paste(rgb, ((side - w) // 2, (side - h) // 2))
     return canvas
 

@@ -181,7 +181,7 @@ def pixel_features(
 
     h, w = rgb.shape[:2]
     gh, gw = max(1, h // GRID), max(1, w // GRID)
-    small = cv2.resize(rgb, (gw, gh), interpolation=cv2.INTER_AREA)
+    small = np.asarray(cv2.resize(rgb, (gw, gh), interpolation=cv2.INTER_AREA), np.uint8)
     pmask = cv2.resize(mask.astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA)
     scale_y, scale_x = h / gh, w / gw
     lab = _lab(small)
@@ -279,7 +279,7 @@ def boxes_from_observation(
     frame = None
     if obs.keypoints is not None and obs.mask is not None:
         frame = body_frame(obs.keypoints, config.min_visibility)
-    if frame is None:
+    if frame is None or obs.mask is None:
         return [Detection(product_box(rgb), PRODUCT, None, 1.0)]
     grid = pixel_features(frame, rgb, obs.mask, config.mask_threshold)
     probs = model.predict(grid.features)

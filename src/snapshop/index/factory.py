@@ -30,10 +30,10 @@ class _Lazy:
             ) from None
 
     def __call__(self, dim: int, **params: Any) -> VectorIndex:
-        return self._cls()(dim, **params)  # type: ignore[no-any-return]
+        return self._cls()(dim, **params)
 
     def load(self, path: Path) -> VectorIndex:
-        return self._cls().load(path)  # type: ignore[no-any-return]
+        return self._cls().load(path)
 
 
 INDEX_KINDS: dict[str, Any] = {

@@ -86,7 +86,7 @@ class SelectionCache:
 
     def get(self, allowed: IdFilter, make: Any) -> NodeSelection:
         if allowed.key is None:
-            return make()  # type: ignore[no-any-return]
+            return make()
         with self._lock:
             found = self._items.get(allowed.key)
             if found is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -75,12 +76,15 @@ def measure(
 
 def _knobs(index: Any) -> list[tuple[str, Callable[[], int], Callable[[int], None]]]:
     """Search-time parameters that trade latency for recall, in the order they are raised."""
-    out = []
+    out: list[tuple[str, Callable[[], int], Callable[[int], None]]] = []
     for name in ("ef_search", "nprobe", "rerank"):
         if hasattr(index, name):
-            out.append((name, lambda n=name: int(getattr(index, n)),
-                        lambda v, n=name: setattr(index, n, v)))  # fmt: skip
+            out.append((name, partial(_int_attribute, index, name), partial(setattr, index, name)))
     return out
+
+
+def _int_attribute(obj: Any, name: str) -> int:
+    return int(getattr(obj, name))
 
 
 def tune(

@@ -92,7 +92,7 @@ def _load(path: Path) -> Any:
     return load_image(path)
 
 
-class AugmentedRows(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class AugmentedRows(torch.utils.data.Dataset):
     """(row position, augmentation seed) -> an augmented view, decoded where it is asked for
     (in DataLoader workers when ``workers > 0``). The seed travels with the index, so a view
     does not depend on which worker draws it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from snapshop.errors import ConfigError
 
@@ -17,7 +18,14 @@ class PKSampler:
     with fewer than ``k`` samples still fill their slots. Deterministic for a given ``seed``.
     """
 
-    def __init__(self, labels: Sequence[int], p: int, k: int, batches: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        labels: Sequence[int] | NDArray[np.integer],
+        p: int,
+        k: int,
+        batches: int,
+        seed: int = 0,
+    ) -> None:
         if p < 1 or k < 1 or batches < 1:
             raise ConfigError(f"P, K and batches must be >= 1, got {p}, {k}, {batches}")
         labels_arr = np.asarray(labels, dtype=np.int64)

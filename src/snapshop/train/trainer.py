@@ -231,7 +231,8 @@ class NormSoftmaxTrainer(EpochLoop):
         boundary = n_blocks - config.train_blocks if config.train_blocks >= 0 else 0
         self.size = config.input_size or self.net.backbone.spec.input_size
         top = TrainableTop(self.net, boundary, config.train_blocks).to(self.device)
-        self.top = top.to(memory_format=torch.channels_last)
+        # torch's stubs omit Module.to(memory_format=...), which exists at runtime
+        self.top = top.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.new_params, self.trunk_params = new_and_trunk_params(
@@ -389,7 +390,8 @@ class NormSoftmaxTrainer(EpochLoop):
         from snapshop.models.export import save_model
 
         config, history = self.config, self.history
-        net = self.net.to("cpu", memory_format=torch.contiguous_format).eval()
+        # torch's stubs omit Module.to(memory_format=...), which exists at runtime
+        net = self.net.to("cpu", memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
         eval_products = len({r.sku for r in self.eval_kept})
         save_model(
             net, self.out_dir, name=f"normsoftmax-{config.backbone}-d{config.dim}",

@@ -149,8 +149,9 @@ class FinetuneTrainer(EpochLoop):
         self.optimizer = make_optimizer(
             config.optimizer, groups, weight_decay=config.weight_decay, nesterov=True
         )
-        self.loader = torch.utils.data.DataLoader(
-            AugmentedImages(self.images, config),
+        # AugmentedImages is map-style without subclassing Dataset (photos.py imports no torch)
+        self.loader: torch.utils.data.DataLoader[tuple[Any, Any]] = torch.utils.data.DataLoader(
+            AugmentedImages(self.images, config),  # type: ignore[arg-type]
             batch_size=min(config.batch_size, len(self.images)),
             shuffle=True,
             drop_last=True,  # one fixed batch shape
@@ -272,7 +273,8 @@ def write_finetuned(
     tensors = {name: t.astype(dtype) for name, t in trunk_overlay(net).items()}
     path = out / f"{prefix}{TRUNK_FILE}"
     with open(path, "wb") as fh:
-        np.savez(fh, **tensors)
+        # numpy's stub reads **tensors as possibly holding allow_pickle: bool
+        np.savez(fh, **tensors)  # type: ignore[arg-type]
     blocks = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("_blocks.")})
     return {
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),

@@ -96,10 +96,13 @@ def render_sample(
             x1, x2 = w - x2, w - x1
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    rgb = cv2.resize(np.ascontiguousarray(rgb), (nw, nh), interpolation=interpolation)
+    rgb = np.asarray(
+        cv2.resize(np.ascontiguousarray(rgb), (nw, nh), interpolation=interpolation), np.uint8
+    )
     # NEAREST_EXACT samples pixel centres as the image's resize does (NEAREST: half a pixel off)
-    labels = cv2.resize(
-        np.ascontiguousarray(labels), (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT
+    labels = np.asarray(
+        cv2.resize(np.ascontiguousarray(labels), (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT),
+        np.uint8,
     )
     sy, dy = _crop_or_place(nh, ch, int(y1 * scale), math.ceil(y2 * scale), rng)
     sx, dx = _crop_or_place(nw, cw, int(x1 * scale), math.ceil(x2 * scale), rng)
@@ -171,4 +174,7 @@ def seed_worker(worker_id: int) -> None:
     import torch
 
     info = torch.utils.data.get_worker_info()
-    info.dataset.rng = np.random.default_rng(info.seed % 2**32)
+    if info is None:  # called outside a worker: the dataset keeps its seeded rng
+        return
+    dataset: Any = info.dataset  # our AugmentedImages (torch types it as a plain Dataset)
+    dataset.rng = np.random.default_rng(info.seed % 2**32)
