@@ -49,13 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     print("| position | ground truth | predicted | recall | precision |\n|---|---|---|---|---|")
     for position, score in pooled.items():
         ci = score.intervals()
-        print(f"| {position} | {score.ground_truth} | {score.predicted} | {score.recall:.3f}"
-              f" ({ci['recall'][0]:.3f}–{ci['recall'][1]:.3f}) | {score.precision:.3f}"
-              f" ({ci['precision'][0]:.3f}–{ci['precision'][1]:.3f}) |")  # fmt: skip
+        print(
+            f"| {position} | {score.ground_truth} | {score.predicted} | {score.recall:.3f}"
+            f" ({ci['recall'][0]:.3f}–{ci['recall'][1]:.3f}) | {score.precision:.3f}"
+            f" ({ci['precision'][0]:.3f}–{ci['precision'][1]:.3f}) |"
+        )
     print()
     table = breakdown(outcomes, args.min_photos)
-    print(f"{len(outcomes)} photos, {len(args.fold)} fold(s); per position: right share, then"
-          " missed / off (IoU < 0.5) / spurious counts")  # fmt: skip
+    print(
+        f"{len(outcomes)} photos, {len(args.fold)} fold(s); per position: right share, then"
+        " missed / off (IoU < 0.5) / spurious counts"
+    )
     header = ["label", "photos"] + [f"{p} right" for p in POSITIONS]
     header += [f"{p} missed / off / spurious" for p in POSITIONS]
     print("| " + " | ".join(header) + " |")
@@ -65,10 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         cells += [" / ".join(str(counts[p][o]) for o in OUTCOMES[1:]) for p in POSITIONS]
         print("| " + " | ".join(cells) + " |")
     if args.json_out:
-        args.json_out.write_text(json.dumps({
-            "pooled": {p: score.to_dict() for p, score in pooled.items()},
-            "labels": [{"label": label, "photos": n, **{p: dict(c) for p, c in counts.items()}}
-                       for label, n, counts in table]}, indent=2))  # fmt: skip
+        args.json_out.write_text(
+            json.dumps(
+                {
+                    "pooled": {p: score.to_dict() for p, score in pooled.items()},
+                    "labels": [
+                        {"label": label, "photos": n, **{p: dict(c) for p, c in counts.items()}}
+                        for label, n, counts in table
+                    ],
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

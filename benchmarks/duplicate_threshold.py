@@ -123,58 +123,80 @@ def main() -> None:
         (root / "images").mkdir()
         manifest, origin = generate(root / "images", args.products, args.size, args.photos)
         t = time.perf_counter()
-        api.index_source(manifest, root / "catalog", model=args.model, detector="none",
-                         workers=0)  # fmt: skip
+        api.index_source(manifest, root / "catalog", model=args.model, detector="none", workers=0)
         index_s = time.perf_counter() - t
         catalog = open_catalog(root / "catalog")
         try:
             t = time.perf_counter()
             found = candidate_pairs(catalog, 0.5, neighbours=64)
             search_s = time.perf_counter() - t
-            source = {i.id: Path(i.source).name for p in catalog.store.list_products(limit=10**6)
-                      for i in catalog.store.images_of(p.id)}  # fmt: skip
+            source = {
+                i.id: Path(i.source).name
+                for p in catalog.store.list_products(limit=10**6)
+                for i in catalog.store.images_of(p.id)
+            }
         finally:
             catalog.close()
         scored = {frozenset((source[a], source[b])): s for (a, b), s in found.items()}
         # The pixel check, on every pair that could pass the lowest vector floor below.
-        signatures = {name: pixel_signatures(Image.open(root / "images" / name))
-                      for name in origin}  # fmt: skip
-        pixels = {pair: pixel_similarity(*(signatures[n] for n in pair))
-                  for pair, s in scored.items() if s >= min(FLOORS)}  # fmt: skip
+        signatures = {name: pixel_signatures(Image.open(root / "images" / name)) for name in origin}
+        pixels = {
+            pair: pixel_similarity(*(signatures[n] for n in pair))
+            for pair, s in scored.items()
+            if s >= min(FLOORS)
+        }
 
     # Every pair of files derived from one product's first photo (its copies and itself,
     # each listed as a different product) is a true duplicate.
     derived = [n for n, (_, kind) in origin.items() if kind != "photo1"]
-    truth = {frozenset(pair) for pair in itertools.combinations(derived, 2)
-             if origin[pair[0]][0] == origin[pair[1]][0]}  # fmt: skip
-    ambiguous = {frozenset((a, b)) for a, b in itertools.permutations(origin, 2)
-                 if origin[a][0] == origin[b][0] and origin[a][1] == "photo1"
-                 and origin[b][1] in KINDS}  # fmt: skip
-    by_kind = {kind: {frozenset((f"{sku}-photo0.jpg", f"{sku}-copy-{kind}.jpg"))
-                      for sku, _ in set(origin.values())} for kind in KINDS}  # fmt: skip
+    truth = {
+        frozenset(pair)
+        for pair in itertools.combinations(derived, 2)
+        if origin[pair[0]][0] == origin[pair[1]][0]
+    }
+    ambiguous = {
+        frozenset((a, b))
+        for a, b in itertools.permutations(origin, 2)
+        if origin[a][0] == origin[b][0] and origin[a][1] == "photo1" and origin[b][1] in KINDS
+    }
+    by_kind = {
+        kind: {
+            frozenset((f"{sku}-photo0.jpg", f"{sku}-copy-{kind}.jpg"))
+            for sku, _ in set(origin.values())
+        }
+        for kind in KINDS
+    }
 
     def row(label: str, reported: set[frozenset[str]]) -> str:
         reported = reported - ambiguous
         true_positive = len(reported & truth)
         precision = true_positive / len(reported) if reported else 1.0
         per_kind = [len(pairs & reported) / len(pairs) for pairs in by_kind.values()]
-        return (f"| {label} | {len(reported)} | {precision:.3f} | {true_positive / len(truth):.3f}"
-                " | " + " | ".join(f"{r:.3f}" for r in per_kind) + " |")  # fmt: skip
+        return (
+            f"| {label} | {len(reported)} | {precision:.3f} | {true_positive / len(truth):.3f}"
+            " | " + " | ".join(f"{r:.3f}" for r in per_kind) + " |"
+        )
 
-    header = ("| pairs reported | precision | recall (all derived pairs) | "
-              + " | ".join(f"recall {k}" for k in KINDS) + " |")  # fmt: skip
+    header = (
+        "| pairs reported | precision | recall (all derived pairs) | "
+        + " | ".join(f"recall {k}" for k in KINDS)
+        + " |"
+    )
     rule = "|---" * (4 + len(KINDS)) + "|"
     where = args.photos or "generated demo products"
     n_products = len(origin) // (2 + len(KINDS))
-    print(f"{where}: {n_products} distinct products x 2 photos + {len(KINDS)} edited copies"
-          f" of each first photo = {len(origin)} images, model {args.model}; indexing"
-          f" {index_s:.0f} s, all-pairs search {search_s:.1f} s\n")  # fmt: skip
+    print(
+        f"{where}: {n_products} distinct products x 2 photos + {len(KINDS)} edited copies"
+        f" of each first photo = {len(origin)} images, model {args.model}; indexing"
+        f" {index_s:.0f} s, all-pairs search {search_s:.1f} s\n"
+    )
     print("Vector similarity alone:\n")
     print("| vector threshold " + header + "\n" + rule)
     for threshold in THRESHOLDS:
         print(row(f"{threshold:.2f}", {p for p, s in scored.items() if s >= threshold}))
-    negatives = sorted((s for p, s in scored.items() if p not in truth and p not in ambiguous),
-                       reverse=True)  # fmt: skip
+    negatives = sorted(
+        (s for p, s in scored.items() if p not in truth and p not in ambiguous), reverse=True
+    )
     print(f"\nhighest vector score of a pair of distinct products: {negatives[0]:.4f}")
 
     print("\nVector candidates confirmed by the pixel check (duplicates.pixel_similarity):\n")
@@ -182,10 +204,13 @@ def main() -> None:
     for floor, pixel in itertools.product(FLOORS, PIXEL_THRESHOLDS):
         kept = {p for p, s in pixels.items() if s >= pixel and scored[p] >= floor}
         print(row(f"{floor:.2f}, {pixel:.2f}", kept))
-    negatives = sorted((pixels[p] for p in pixels if p not in truth and p not in ambiguous),
-                       reverse=True)  # fmt: skip
-    print(f"\nhighest pixel score of a pair of distinct products (vector >= {min(FLOORS)}):"
-          f" {negatives[0] if negatives else float('nan'):.4f}")  # fmt: skip
+    negatives = sorted(
+        (pixels[p] for p in pixels if p not in truth and p not in ambiguous), reverse=True
+    )
+    print(
+        f"\nhighest pixel score of a pair of distinct products (vector >= {min(FLOORS)}):"
+        f" {negatives[0] if negatives else float('nan'):.4f}"
+    )
 
 
 if __name__ == "__main__":

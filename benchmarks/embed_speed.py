@@ -49,8 +49,11 @@ def main() -> None:
             x = rng.uniform(-1, 1, (batch, 3, size, size)).astype(np.float32)
             reps = args.repeats if batch == 1 else max(3, args.repeats // 3)
             ms = time_ms_per_image(lambda x=x, e=embedder: e.embed_arrays(x), batch, reps)
-            print(f"| onnxruntime ({embedder.card.kind}) | {embedder.card.name} | {batch} |"
-                  f" {ms:.1f} |", flush=True)  # fmt: skip
+            print(
+                f"| onnxruntime ({embedder.card.kind}) | {embedder.card.name} | {batch} |"
+                f" {ms:.1f} |",
+                flush=True,
+            )
     if args.torch:
         import torch
 

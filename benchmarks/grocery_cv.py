@@ -43,9 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.fold_models) < 2:
         parser.error("--fold-models needs one directory per fold (at least 2)")
     result = cross_validate(
-        read_dataset(args.dataset), args.fold_models, args.baseline, seed=args.seed,
-        max_images=args.max_images, keep_roles=args.keep_roles, catalog_where=args.catalog_where,
-    )  # fmt: skip
+        read_dataset(args.dataset),
+        args.fold_models,
+        args.baseline,
+        seed=args.seed,
+        max_images=args.max_images,
+        keep_roles=args.keep_roles,
+        catalog_where=args.catalog_where,
+    )
     print("\n".join(result.markdown()))
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -69,9 +69,13 @@ def timed(fn: Any, queries: NDArray[np.float32]) -> tuple[list[float], list[Any]
 
 
 def filtered_rows(
-    kind: str, index: Any, base: NDArray[np.float32], queries: NDArray[np.float32],
-    selectivities: list[float], n_over: int,
-) -> list[str]:  # fmt: skip
+    kind: str,
+    index: Any,
+    base: NDArray[np.float32],
+    queries: NDArray[np.float32],
+    selectivities: list[float],
+    n_over: int,
+) -> list[str]:
     n = len(base)
     ids = np.arange(n, dtype=np.int64)
     rows = []
@@ -95,10 +99,11 @@ def filtered_rows(
         )
         over_q = queries[:n_over]
         lat_over, found_over = timed(
-            lambda q, s=allowed_set: [e for _, _, e in top_products(
-                index, q, 10, owner_of, accept=lambda p: p in s)],
+            lambda q, s=allowed_set: [
+                e for _, _, e in top_products(index, q, 10, owner_of, accept=lambda p: p in s)
+            ],
             over_q,
-        )  # fmt: skip
+        )
         pad = [np.array((f + [-1] * 10)[:10]) for f in found_in]
         pad_over = [np.array((f + [-1] * 10)[:10]) for f in found_over]
         rows.append(
@@ -121,8 +126,12 @@ def main() -> None:
     ap.add_argument("--pq-m", type=int, default=None, help="ivfpq sub-quantisers (default d/4)")
     ap.add_argument("--selectivity", type=float, nargs="*", default=[0.5, 0.1, 0.01, 0.001])
     ap.add_argument("--filter-kinds", nargs="*", default=["flat", "hnsw", "hnsw_sq", "ivfpq"])
-    ap.add_argument("--over-fetch-queries", type=int, default=30,
-                    help="queries for the (slow) over-fetch baseline")  # fmt: skip
+    ap.add_argument(
+        "--over-fetch-queries",
+        type=int,
+        default=30,
+        help="queries for the (slow) over-fetch baseline",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(f"faiss {faiss.__version__}, omp threads {faiss.omp_get_max_threads()}", flush=True)

@@ -128,7 +128,7 @@ def measure(
     close = getattr(index, "drop", None)
     if close is not None:
         close()
-    return rows  # fmt: skip
+    return rows
 
 
 def local_postgres() -> str:
@@ -184,9 +184,12 @@ def main() -> None:
                 if backend == "hnsw" and args.ef:
                     p["ef_sweep"] = args.ef
                 for r in measure(backend, n, dim, args.queries, p, args.data):
-                    print(f"| {r['backend']} | {r['n']:,} | {r['dim']} | {r['build_s']:.1f} |"
-                          f" {r['p50']:.3f} | {r['p99']:.3f} | {r['recall']:.4f} |"
-                          f" {r['rss_gb']:.1f} |", flush=True)  # fmt: skip
+                    print(
+                        f"| {r['backend']} | {r['n']:,} | {r['dim']} | {r['build_s']:.1f} |"
+                        f" {r['p50']:.3f} | {r['p99']:.3f} | {r['recall']:.4f} |"
+                        f" {r['rss_gb']:.1f} |",
+                        flush=True,
+                    )
                 gc.collect()
     for s in skipped:
         print(f"skipped: {s}", file=sys.stderr)

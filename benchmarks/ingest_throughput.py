@@ -61,16 +61,23 @@ def main() -> None:
             out = Path(tempfile.mkdtemp(prefix="snapshop-ingest-"))
             try:
                 report = api.index_source(
-                    args.folder, out / "catalog", model=model, detector=args.detector,
-                    batch_size=args.batch_size, workers=workers,
-                )  # fmt: skip
+                    args.folder,
+                    out / "catalog",
+                    model=model,
+                    detector=args.detector,
+                    batch_size=args.batch_size,
+                    workers=workers,
+                )
             finally:
                 shutil.rmtree(out, ignore_errors=True)
             main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
             name = Path(model).name if Path(model).exists() else model
-            print(f"| {name} | {workers} | {args.batch_size} | {report.added} |"
-                  f" {report.seconds:.1f} | {report.images_per_second:.1f} |"
-                  f" {main_mb:.0f} |", flush=True)  # fmt: skip
+            print(
+                f"| {name} | {workers} | {args.batch_size} | {report.added} |"
+                f" {report.seconds:.1f} | {report.images_per_second:.1f} |"
+                f" {main_mb:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -128,9 +128,14 @@ def main() -> None:
                 if shot is not None:
                     path = work / "flat" / f"{r['image_id']}-{key}.jpg"
                     shot.save(path, quality=90)
-                    writer.writerow([f"ccp-{r['image_id']}-{key}", str(path.resolve()),
-                                     "" if args.no_categories else category,
-                                     "1" if args.packshot else ""])  # fmt: skip
+                    writer.writerow(
+                        [
+                            f"ccp-{r['image_id']}-{key}",
+                            str(path.resolve()),
+                            "" if args.no_categories else category,
+                            "1" if args.packshot else "",
+                        ]
+                    )
                     made.add(f"ccp-{r['image_id']}-{key}")
     t0 = time.perf_counter()
     report = api.index_source(manifest, work / "catalog", model=args.model, detector=args.detector)
@@ -160,8 +165,11 @@ def main() -> None:
             stages.setdefault(stage, []).append(ms)
         sku = f"ccp-{r['image_id']}"
         # --flat: the image list hits with either of the photo's products
-        lists = {"image": [h.sku.removesuffix("-upper").removesuffix("-lower")
-                           for h in result.image_results]}  # fmt: skip
+        lists = {
+            "image": [
+                h.sku.removesuffix("-upper").removesuffix("-lower") for h in result.image_results
+            ]
+        }
         for item in result.item_results:
             lists[item.position] = [h.sku for h in item.results]
         for key in hits:

@@ -63,8 +63,16 @@ def write_catalog_csv(grocery_manifest: Path, out: Path) -> int:
         writer.writerow(["product_id", "image_path", "title", "price", "currency", "category"])
         for r in rows:
             h = int(hashlib.sha256(r["product_id"].encode()).hexdigest()[:6], 16)
-            writer.writerow([r["product_id"], root / r["path"], r["product_name"].replace("-", " "),
-                             f"{0.5 + (h % 900) / 100:.2f}", "EUR", r["category"]])  # fmt: skip
+            writer.writerow(
+                [
+                    r["product_id"],
+                    root / r["path"],
+                    r["product_name"].replace("-", " "),
+                    f"{0.5 + (h % 900) / 100:.2f}",
+                    "EUR",
+                    r["category"],
+                ]
+            )
     return len(rows)
 
 
@@ -149,13 +157,18 @@ def run_load(
         for key in ("decode", "detect", "embed", "search", "total")
     }
     return {
-        "clients": clients, "ok": len(latencies), "errors": sum(v for s, v in statuses.items()
-                                                                   if s != 200),
-        "statuses": statuses, "wall_s": wall, "throughput": len(latencies) / wall,
-        "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
-        "p99": float(np.percentile(lat, 99)), "mean": float(lat.mean()),
+        "clients": clients,
+        "ok": len(latencies),
+        "errors": sum(v for s, v in statuses.items() if s != 200),
+        "statuses": statuses,
+        "wall_s": wall,
+        "throughput": len(latencies) / wall,
+        "p50": float(np.percentile(lat, 50)),
+        "p95": float(np.percentile(lat, 95)),
+        "p99": float(np.percentile(lat, 99)),
+        "mean": float(lat.mean()),
         "server": mean_server,
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -194,24 +207,35 @@ def main() -> None:
     try:
         wait_ready(url, proc)
         stats = httpx.get(f"{url}/v1/stats", timeout=10).json()
-        print(f"# catalog: {stats['products']} products, {stats['images']} images,"
-              f" {stats['crops']} crops; index {stats['index_kind']}; model {stats['model_id']};"
-              f" detector {stats['detector']}")  # fmt: skip
-        print(f"# queries: {len(files)} photos from {args.queries}; k={args.k};"
-              f" bounded by {requests} requests or {duration:.0f} s per run")  # fmt: skip
-        print(f"# host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores;"
-              f" load average before: {load()}")  # fmt: skip
-        rows = [run_load(url, files, c, requests, duration, args.k, args.warmup)
-                for c in args.clients]  # fmt: skip
+        print(
+            f"# catalog: {stats['products']} products, {stats['images']} images,"
+            f" {stats['crops']} crops; index {stats['index_kind']}; model {stats['model_id']};"
+            f" detector {stats['detector']}"
+        )
+        print(
+            f"# queries: {len(files)} photos from {args.queries}; k={args.k};"
+            f" bounded by {requests} requests or {duration:.0f} s per run"
+        )
+        print(
+            f"# host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores;"
+            f" load average before: {load()}"
+        )
+        rows = [
+            run_load(url, files, c, requests, duration, args.k, args.warmup) for c in args.clients
+        ]
         print()
-        print("| clients | requests ok | errors | p50 ms | p95 ms | p99 ms | mean ms | req/s |"
-              " server embed ms | server search ms |")  # fmt: skip
+        print(
+            "| clients | requests ok | errors | p50 ms | p95 ms | p99 ms | mean ms | req/s |"
+            " server embed ms | server search ms |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             s = r["server"]
-            print(f"| {r['clients']} | {r['ok']} | {r['errors']} | {r['p50']:.1f} | {r['p95']:.1f}"
-                  f" | {r['p99']:.1f} | {r['mean']:.1f} | {r['throughput']:.2f}"
-                  f" | {s['embed']:.1f} | {s['search']:.1f} |")  # fmt: skip
+            print(
+                f"| {r['clients']} | {r['ok']} | {r['errors']} | {r['p50']:.1f} | {r['p95']:.1f}"
+                f" | {r['p99']:.1f} | {r['mean']:.1f} | {r['throughput']:.2f}"
+                f" | {s['embed']:.1f} | {s['search']:.1f} |"
+            )
         print(f"\n# load average after: {load()}")
         bad = [r["statuses"] for r in rows if r["errors"]]
         if bad:

@@ -199,15 +199,19 @@ def main() -> None:
 
     mb = 1024 * 1024
     print(f"snapshop from {Path(snapshop.__file__).parent}; decode slots: {slots}")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores,"
-          f" load {', '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores,"
+        f" load {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     print(f"{args.clients} concurrent searches x {args.rounds} rounds, a fresh service per row\n")
     print("| photo | upload MB | RSS before MB | peak RSS MB | growth MB | statuses |")
     print("|---|---|---|---|---|---|")
     for fmt, mpx, size, before, peak, statuses in rows:
         codes = ", ".join(f"{s}x{statuses.count(s)}" for s in sorted(set(statuses)))
-        print(f"| {mpx:g} Mpx {fmt} | {size / mb:.1f} | {before / mb:.0f} | {peak / mb:.0f} |"
-              f" {(peak - before) / mb:.0f} | {codes} |")  # fmt: skip
+        print(
+            f"| {mpx:g} Mpx {fmt} | {size / mb:.1f} | {before / mb:.0f} | {peak / mb:.0f} |"
+            f" {(peak - before) / mb:.0f} | {codes} |"
+        )
 
 
 if __name__ == "__main__":

@@ -96,23 +96,36 @@ def subsampled(
     seeds: int = 5,
 ) -> None:
     """The same comparison with only m gallery images per product (a shop lists a few)."""
-    print("\n| gallery images per product | R@1 best image | R@1 product vector |"
-          " R@1 gain (95% CI) | R@5 best image | R@5 product vector |")  # fmt: skip
+    print(
+        "\n| gallery images per product | R@1 best image | R@1 product vector |"
+        " R@1 gain (95% CI) | R@5 best image | R@5 product vector |"
+    )
     print("|---|---|---|---|---|---|")
     for m in PER_PRODUCT:
         rows = []
         for seed in range(seeds):
             rng = np.random.default_rng(seed)
-            keep = np.concatenate([rng.permutation(np.flatnonzero(g_labels == p))[:m]
-                                   for p in range(n_products)])  # fmt: skip
-            by_image, by_product = both_ranks(q_vecs, q_labels, g_vecs[keep], g_labels[keep],
-                                              n_products)  # fmt: skip
+            keep = np.concatenate(
+                [rng.permutation(np.flatnonzero(g_labels == p))[:m] for p in range(n_products)]
+            )
+            by_image, by_product = both_ranks(
+                q_vecs, q_labels, g_vecs[keep], g_labels[keep], n_products
+            )
             gain = paired_difference(by_image, by_product, q_labels, 1)
-            rows.append(((by_image < 1).mean(), (by_product < 1).mean(), *gain,
-                         (by_image < 5).mean(), (by_product < 5).mean()))  # fmt: skip
+            rows.append(
+                (
+                    (by_image < 1).mean(),
+                    (by_product < 1).mean(),
+                    *gain,
+                    (by_image < 5).mean(),
+                    (by_product < 5).mean(),
+                )
+            )
         a = np.mean(rows, axis=0)
-        print(f"| {m} (mean of {seeds} draws) | {a[0]:.3f} | {a[1]:.3f} |"
-              f" {a[2]:+.3f} ({a[3]:+.3f}…{a[4]:+.3f}) | {a[5]:.3f} | {a[6]:.3f} |")  # fmt: skip
+        print(
+            f"| {m} (mean of {seeds} draws) | {a[0]:.3f} | {a[1]:.3f} |"
+            f" {a[2]:+.3f} ({a[3]:+.3f}…{a[4]:+.3f}) | {a[5]:.3f} | {a[6]:.3f} |"
+        )
 
 
 def time_searches(
@@ -164,16 +177,20 @@ def main() -> None:
 
     by_image, by_product = both_ranks(q_vecs, q_labels, g_vecs, g_labels, len(products))
 
-    print(f"\n{args.manifest}: {len(q_vecs)} query photos, {len(g_vecs)} gallery images,"
-          f" {len(products)} products, model {args.model}\n")  # fmt: skip
+    print(
+        f"\n{args.manifest}: {len(q_vecs)} query photos, {len(g_vecs)} gallery images,"
+        f" {len(products)} products, model {args.model}\n"
+    )
     print("| ranking | " + " | ".join(f"R@{k} (95% CI)" for k in KS) + " |")
     print("|---|" + "---|" * len(KS))
     print(recall_table("best image per product (search today)", by_image, q_labels))
     print(recall_table("product vector (mean of images)", by_product, q_labels))
     changed = (by_image == 0) != (by_product == 0)
-    print(f"\nqueries whose top-1 correctness differs: {int(changed.sum())} of {len(q_labels)}"
-          f" (image-only right {int(((by_image == 0) & (by_product != 0)).sum())},"
-          f" product-only right {int(((by_product == 0) & (by_image != 0)).sum())})")  # fmt: skip
+    print(
+        f"\nqueries whose top-1 correctness differs: {int(changed.sum())} of {len(q_labels)}"
+        f" (image-only right {int(((by_image == 0) & (by_product != 0)).sum())},"
+        f" product-only right {int(((by_product == 0) & (by_image != 0)).sum())})"
+    )
     for k in (1, 5):
         gain, lo, hi = paired_difference(by_image, by_product, q_labels, k)
         ci = f"{lo:+.3f}…{hi:+.3f}"
@@ -183,8 +200,10 @@ def main() -> None:
     print("\n| gallery | images | products | best image ms/query | product vector ms/query |")
     print("|---|---|---|---|---|")
     img_ms, prod_ms = time_searches(g_vecs, g_labels, q_vecs, 10)
-    print(f"| {args.manifest.parent.name} | {len(g_vecs)} | {len(products)} | {img_ms:.3f} |"
-          f" {prod_ms:.3f} |")  # fmt: skip
+    print(
+        f"| {args.manifest.parent.name} | {len(g_vecs)} | {len(products)} | {img_ms:.3f} |"
+        f" {prod_ms:.3f} |"
+    )
     rng = np.random.default_rng(0)
     dim = g_vecs.shape[1]
     centres = rng.normal(size=(args.scale, dim)).astype(np.float32)

@@ -30,8 +30,13 @@ def rss_mib() -> float:
 
 def build(directory: Path, products: int, per_product: int, dim: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    catalog = create_catalog(directory, model_id="synthetic@000000000000", model_ref="synthetic",
-                             dim=dim, index_kind="flat")  # fmt: skip
+    catalog = create_catalog(
+        directory,
+        model_id="synthetic@000000000000",
+        model_ref="synthetic",
+        dim=dim,
+        index_kind="flat",
+    )
     store = catalog.store
     try:
         for lo in range(0, products, 10_000):
@@ -44,9 +49,16 @@ def build(directory: Path, products: int, per_product: int, dim: int, seed: int)
                     vecs = centres[i] + 0.6 * noise
                     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
                     for j, vec in enumerate(vecs):
-                        store.insert_image(db, pid, source=f"{lo + i}-{j}.jpg", blob=None,
-                                           sha256=f"{lo + i:032x}{j:032x}", width=1, height=1,
-                                           vector=vec)  # fmt: skip
+                        store.insert_image(
+                            db,
+                            pid,
+                            source=f"{lo + i}-{j}.jpg",
+                            blob=None,
+                            sha256=f"{lo + i:032x}{j:032x}",
+                            width=1,
+                            height=1,
+                            vector=vec,
+                        )
     finally:
         catalog.close()
 
@@ -75,28 +87,41 @@ def main() -> None:
             vectors_s = time.perf_counter() - t
             samples: list[float] = []
             before = rss_mib()
-            report = export_similar(catalog, out, args.k, batch_size=args.batch_size,
-                                    progress=lambda n: samples.append(rss_mib()))  # fmt: skip
+            report = export_similar(
+                catalog,
+                out,
+                args.k,
+                batch_size=args.batch_size,
+                progress=lambda n: samples.append(rss_mib()),
+            )
         finally:
             catalog.close()
         size = out.stat().st_size / 2**20
-        print(f"{args.products} products x {args.images_per_product} images, dim {args.dim},"
-              f" k {args.k}, batch {args.batch_size}, output {out.suffix}\n")  # fmt: skip
+        print(
+            f"{args.products} products x {args.images_per_product} images, dim {args.dim},"
+            f" k {args.k}, batch {args.batch_size}, output {out.suffix}\n"
+        )
         print("| step | seconds | rate |")
         print("|---|---|---|")
         print(f"| build synthetic catalog (SQLite) | {build_s:.1f} | |")
         images = args.products * args.images_per_product
-        print(f"| product vectors from the store (first time) | {vectors_s:.1f} |"
-              f" {images / vectors_s:.0f} images/s |")  # fmt: skip
-        print(f"| export (cached vectors, search, write) | {report.seconds:.1f} |"
-              f" {report.products_per_second:.0f} products/s |")  # fmt: skip
+        print(
+            f"| product vectors from the store (first time) | {vectors_s:.1f} |"
+            f" {images / vectors_s:.0f} images/s |"
+        )
+        print(
+            f"| export (cached vectors, search, write) | {report.seconds:.1f} |"
+            f" {report.products_per_second:.0f} products/s |"
+        )
         print(
             f"\n{report.rows} rows, {size:.1f} MiB; resident memory before the export"
             f" {before:.0f} MiB, during it {min(samples):.0f}–{max(samples):.0f} MiB"
         )
         every = max(1, len(samples) // 10)
-        print("MiB after batches:", ", ".join(f"{n}: {s:.0f}" for n, s in
-                                              list(enumerate(samples))[::every]))  # fmt: skip
+        print(
+            "MiB after batches:",
+            ", ".join(f"{n}: {s:.0f}" for n, s in list(enumerate(samples))[::every]),
+        )
 
 
 if __name__ == "__main__":

@@ -157,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             score_image(photo.truth, detections, per_fold[fold_no])
             if name == "truth gate + folded":
                 outcome = position_outcomes(photo.truth, detections)
-                failures.append(PhotoOutcome(photo.path, labels.get(photo.path, frozenset()),
-                                             outcome))  # fmt: skip
-        cells = [name] + [interval_cell(pooled[p], m) for p in POSITIONS
-                          for m in ("recall", "precision")]  # fmt: skip
+                failures.append(
+                    PhotoOutcome(photo.path, labels.get(photo.path, frozenset()), outcome)
+                )
+        cells = [name] + [
+            interval_cell(pooled[p], m) for p in POSITIONS for m in ("recall", "precision")
+        ]
         cells += [f"{f[LOWER].recall:.3f} / {f[LOWER].precision:.3f}" for f in per_fold]
         print("| " + " | ".join(cells) + " |")
         results[name] = {p: s.to_dict() for p, s in pooled.items()}
@@ -170,13 +172,23 @@ def main(argv: list[str] | None = None) -> int:
     table = breakdown(failures, args.min_photos)
     for label, n, counts in table:
         lower = counts[LOWER]
-        print(f"| {label} | {n} | {lower['right'] / n:.2f} | {lower['missed']} / {lower['off']}"
-              f" / {lower['spurious']} |")  # fmt: skip
+        print(
+            f"| {label} | {n} | {lower['right'] / n:.2f} | {lower['missed']} / {lower['off']}"
+            f" / {lower['spurious']} |"
+        )
     if args.json_out:
-        args.json_out.write_text(json.dumps({
-            "decodings": results,
-            "truth_gate_folded_labels": [{"label": label, "photos": n, LOWER: dict(c[LOWER])}
-                                         for label, n, c in table]}, indent=2))  # fmt: skip
+        args.json_out.write_text(
+            json.dumps(
+                {
+                    "decodings": results,
+                    "truth_gate_folded_labels": [
+                        {"label": label, "photos": n, LOWER: dict(c[LOWER])}
+                        for label, n, c in table
+                    ],
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -50,8 +50,16 @@ def shop_csv(path: Path, images: dict[str, list[Path]], seed: int = 0) -> Path:
     for sku, paths in images.items():
         p = meta.get(sku)
         for image in paths:
-            rows.append([sku, image, p.title if p else sku, f"https://shop.example/{sku}",
-                         p.price if p else "", p.shape if p else ""])  # fmt: skip
+            rows.append(
+                [
+                    sku,
+                    image,
+                    p.title if p else sku,
+                    f"https://shop.example/{sku}",
+                    p.price if p else "",
+                    p.shape if p else "",
+                ]
+            )
     return write_csv(path, rows)
 
 

@@ -43,16 +43,25 @@ def add_image(
     blob: str | None = None,
 ) -> tuple[int, list[int]]:
     """Insert one image (and crops {position: vector}) the way ingest does; indexes saved."""
-    new = [NewCrop(pos, f"{pos}-label", 0.5 + 0.1 * n, (1.0, 2.0, 30.0, 40.0), vec)
-           for n, (pos, vec) in enumerate(sorted((crops or {}).items()))]  # fmt: skip
+    new = [
+        NewCrop(pos, f"{pos}-label", 0.5 + 0.1 * n, (1.0, 2.0, 30.0, 40.0), vec)
+        for n, (pos, vec) in enumerate(sorted((crops or {}).items()))
+    ]
     store = catalog.store
     sha = sha256 or f"{abs(hash((sku, vector.tobytes()))):064x}"
     with catalog.write_lock(), store.transaction() as db:
         product_id = store.upsert_product(db, sku, price=price, category=category)
         image_id, crop_ids = store.insert_image(
-            db, product_id, source=f"{sku}.jpg", blob=blob, sha256=sha, width=40, height=50,
-            vector=vector, crops=new,
-        )  # fmt: skip
+            db,
+            product_id,
+            source=f"{sku}.jpg",
+            blob=blob,
+            sha256=sha,
+            width=40,
+            height=50,
+            vector=vector,
+            crops=new,
+        )
     committed = store.last_commit()
     catalog.add_vectors(None, np.array([image_id]), vector[None, :])
     for cid, c in zip(crop_ids, new, strict=True):
@@ -78,9 +87,13 @@ def fill_shop(catalog: Catalog, n_products: int = 30, seed: int = 0) -> None:
             if rng.random() < 0.4:
                 crops["lower"] = unit(rng, dim=dim)[0]
             add_image(
-                catalog, f"p{n:02d}", near(rng, centre, 0.4), crops,
-                price=None if n % 5 == 4 else float(10 + n), category=CATEGORIES[n % 3],
-            )  # fmt: skip
+                catalog,
+                f"p{n:02d}",
+                near(rng, centre, 0.4),
+                crops,
+                price=None if n % 5 == 4 else float(10 + n),
+                category=CATEGORIES[n % 3],
+            )
 
 
 def stored(catalog_dir: Path, table: str, position: str | None = None) -> dict[int, tuple]:
@@ -89,8 +102,11 @@ def stored(catalog_dir: Path, table: str, position: str | None = None) -> dict[i
     if table == "images":
         rows = db_rows(catalog_dir, "SELECT id, product_id, vector FROM images")
     else:
-        rows = db_rows(catalog_dir, "SELECT c.id, i.product_id, c.vector FROM crops c JOIN images"
-                       f" i ON c.image_id = i.id WHERE c.position = '{position}'")  # fmt: skip
+        rows = db_rows(
+            catalog_dir,
+            "SELECT c.id, i.product_id, c.vector FROM crops c JOIN images"
+            f" i ON c.image_id = i.id WHERE c.position = '{position}'",
+        )
     return {r[0]: (r[1], np.frombuffer(r[2], np.float32)) for r in rows}
 
 

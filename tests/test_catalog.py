@@ -44,9 +44,16 @@ def add_image(
         product_id = store.upsert_product(db, sku, title=sku.upper())
         sha = f"{rng.integers(1 << 62):064x}"
         image_id, crop_ids = store.insert_image(
-            db, product_id, source=f"{sku}.jpg", blob=None, sha256=sha, width=4, height=4,
-            vector=vec, crops=new,
-        )  # fmt: skip
+            db,
+            product_id,
+            source=f"{sku}.jpg",
+            blob=None,
+            sha256=sha,
+            width=4,
+            height=4,
+            vector=vec,
+            crops=new,
+        )
     committed = store.last_commit()
     catalog.add_vectors(None, np.array([image_id]), vec[None, :])
     for cid, c in zip(crop_ids, new, strict=True):
@@ -135,8 +142,7 @@ def test_ids_beyond_sqlite_integers_name_nothing(filled: Path) -> None:
     catalog = open_catalog(filled)
     try:
         huge = 10**30
-        for lookup in (catalog.store.get_product, catalog.store.get_image,
-                       catalog.remove_product):  # fmt: skip
+        for lookup in (catalog.store.get_product, catalog.store.get_image, catalog.remove_product):
             with pytest.raises(CatalogError, match=f"no (product|image) with id {huge}"):
                 lookup(huge)
         assert catalog.store.list_products(after_id=huge) == []
@@ -334,8 +340,13 @@ def test_threads_ingesting_into_one_catalog(tmp_path: Path, lite0_model_dir: Pat
 
     def work(source: str) -> None:
         try:
-            api.index_source(tmp_path / source, tmp_path / "cat", model=str(lite0_model_dir),
-                             batch_size=1, workers=0)  # fmt: skip
+            api.index_source(
+                tmp_path / source,
+                tmp_path / "cat",
+                model=str(lite0_model_dir),
+                batch_size=1,
+                workers=0,
+            )
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -372,8 +383,14 @@ def test_store_products(filled: Path) -> None:
         assert store.update_product(p.id, url=" https://shop.example/p2 ").url == (
             "https://shop.example/p2"
         )
-        for url in ("javascript:alert(1)", "JavaScript://x/%0aalert(1)", "data:text/html,x",
-                    "/p2", "https://", "https://shop.example/a b"):  # fmt: skip
+        for url in (
+            "javascript:alert(1)",
+            "JavaScript://x/%0aalert(1)",
+            "data:text/html,x",
+            "/p2",
+            "https://",
+            "https://shop.example/a b",
+        ):
             with pytest.raises(CatalogError, match="url"):
                 store.update_product(p.id, url=url)
         assert store.get_product(p.id).url == "https://shop.example/p2"  # the bad ones: no write

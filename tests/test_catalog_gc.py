@@ -231,9 +231,15 @@ def test_row_committed_after_the_scan_keeps_its_blob(
             with real_lock(), other.transaction() as db:
                 product_id = other.upsert_product(db, "late-sku")
                 other.insert_image(
-                    db, product_id, source="late.jpg", blob=str(orphan.relative_to(cat)),
-                    sha256=sha, width=48, height=48, vector=np.full(catalog.dim, 0.5, np.float32),
-                )  # fmt: skip
+                    db,
+                    product_id,
+                    source="late.jpg",
+                    blob=str(orphan.relative_to(cat)),
+                    sha256=sha,
+                    width=48,
+                    height=48,
+                    vector=np.full(catalog.dim, 0.5, np.float32),
+                )
         finally:
             other.close()
         with real_lock():
@@ -309,9 +315,12 @@ def test_non_blob_files_and_symlinks_left_alone(cat: Path, tmp_path: Path) -> No
 
 
 def test_gc_after_crash_mid_ingest(
-    built: dict[str, Any], cat: Path, tmp_path: Path, lite0_model_dir: Path,
+    built: dict[str, Any],
+    cat: Path,
+    tmp_path: Path,
+    lite0_model_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     """Blobs are written before their rows commit: an ingest that dies in between leaves them."""
     make_images(tmp_path / "new", n_products=2, per_product=1, size=64, seed=9)
     for folder in list((tmp_path / "new").iterdir()):
@@ -371,8 +380,9 @@ def test_cli_gc(cat: Path) -> None:
     assert "would remove 0 unreferenced blobs" in result.stdout  # young: inside the grace
     assert "kept 1 unreferenced files younger than 3600 s" in result.stdout
 
-    result = runner.invoke(app, ["catalog", "gc", "--catalog", str(cat), "--dry-run",
-                                 "--grace", "0", "--json"])  # fmt: skip
+    result = runner.invoke(
+        app, ["catalog", "gc", "--catalog", str(cat), "--dry-run", "--grace", "0", "--json"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert (data["dry_run"], data["orphans_found"], data["reclaimable_bytes"]) == (True, 1, size)
@@ -438,8 +448,9 @@ def test_ingest_restores_a_blob_removed_by_a_concurrent_delete(
 
     monkeypatch.setattr(Catalog, "write_lock", lock_after_a_concurrent_delete)
     manifest = shop_csv(tmp_path / "shop.csv", images)
-    report = api.index_source(manifest, tmp_path / "cat", model=str(lite0_model_dir),
-                              workers=workers, batch_size=1)  # fmt: skip
+    report = api.index_source(
+        manifest, tmp_path / "cat", model=str(lite0_model_dir), workers=workers, batch_size=1
+    )
     monkeypatch.undo()
     assert raced, "the simulated delete did not happen"
     referenced = referenced_blobs(tmp_path / "cat")
@@ -447,9 +458,13 @@ def test_ingest_restores_a_blob_removed_by_a_concurrent_delete(
     assert gc(tmp_path / "cat").missing_blobs == 0
     if workers:
         assert report.added == 5
-        assert [(path, reason) for path, reason in report.failed] == [(
-            str(changed), "stored copy removed by a concurrent delete and the source changed"
-            " since it was read")]  # fmt: skip
+        assert [(path, reason) for path, reason in report.failed] == [
+            (
+                str(changed),
+                "stored copy removed by a concurrent delete and the source changed"
+                " since it was read",
+            )
+        ]
     else:
         assert report.added == 6 and not report.failed
 

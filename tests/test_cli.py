@@ -42,15 +42,21 @@ def built(tmp_path_factory: pytest.TempPathFactory, lite0_model_dir: Path) -> di
     root = tmp_path_factory.mktemp("cli")
     images = make_images(root / "shop", n_products=3, per_product=2, size=64)
     csv_path = shop_csv(root / "shop.csv", images)
-    result = invoke("index", csv_path, "--catalog", root / "cat", "--model", lite0_model_dir,
-                    "--json")  # fmt: skip
+    result = invoke(
+        "index", csv_path, "--catalog", root / "cat", "--model", lite0_model_dir, "--json"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert (report["added"], report["skipped"], report["products"]) == (6, 0, 3)
     query = root / "query.jpg"
     render(demo_products(3)[1], seed=4242, size=64).save(query)
-    return {"root": root, "images": images, "csv": csv_path, "catalog": root / "cat",
-            "query": query}  # fmt: skip
+    return {
+        "root": root,
+        "images": images,
+        "csv": csv_path,
+        "catalog": root / "cat",
+        "query": query,
+    }
 
 
 @pytest.fixture()
@@ -79,8 +85,12 @@ def test_index_folder_reports_failures(built: dict[str, Any], cat: Path, tmp_pat
         again = shop / "p_again"
         again.mkdir()
         (again / "broken2.jpg").write_text("<html>")
-        proc = subprocess.run([str(exe), "index", str(shop), "--catalog", str(cat)],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            [str(exe), "index", str(shop), "--catalog", str(cat)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 1, proc.stderr
         assert proc.stderr.count("broken2.jpg") == 1, proc.stderr
 
@@ -88,8 +98,9 @@ def test_index_folder_reports_failures(built: dict[str, Any], cat: Path, tmp_pat
 def test_index_only_failures_exits_non_zero(tmp_path: Path, lite0_model_dir: Path) -> None:
     (tmp_path / "shop" / "p1").mkdir(parents=True)
     (tmp_path / "shop" / "p1" / "a.jpg").write_bytes(b"")
-    result = invoke("index", tmp_path / "shop", "--catalog", tmp_path / "cat", "--model",
-                    lite0_model_dir)  # fmt: skip
+    result = invoke(
+        "index", tmp_path / "shop", "--catalog", tmp_path / "cat", "--model", lite0_model_dir
+    )
     assert result.exit_code == 1
     assert "empty" in result.stderr
 
@@ -150,8 +161,20 @@ def test_evaluate_tiny_manifest(tmp_path: Path, lite0_model_dir: Path) -> None:
     with open(manifest, "w", newline="") as fh:
         csv.writer(fh).writerows([["path", "product_id", "role"], *rows])
     out = tmp_path / "out" / "report.json"
-    result = invoke("evaluate", "--manifest", manifest, "--model", lite0_model_dir, "-k", 1,
-                    "-k", 3, "--json-out", out, "--json")  # fmt: skip
+    result = invoke(
+        "evaluate",
+        "--manifest",
+        manifest,
+        "--model",
+        lite0_model_dir,
+        "-k",
+        1,
+        "-k",
+        3,
+        "--json-out",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     [report] = json.loads(result.stdout)
     assert (report["queries"], report["gallery"], report["products"]) == (3, 6, 3)
@@ -207,11 +230,20 @@ def test_bad_k_exits_2(built: dict[str, Any], cat: Path) -> None:
 
 def test_unusable_output_paths_are_one_line_errors(built: dict[str, Any], cat: Path) -> None:
     a_file = built["query"]
-    result = invoke("search", built["query"], "--catalog", cat, "--detector", "none",
-                    "--save-boxes", a_file / "boxes.png")  # fmt: skip
+    result = invoke(
+        "search",
+        built["query"],
+        "--catalog",
+        cat,
+        "--detector",
+        "none",
+        "--save-boxes",
+        a_file / "boxes.png",
+    )
     assert_user_error(result, 1, str(a_file), "a folder is needed")
-    result = invoke("search", built["query"], "--catalog", cat, "--detector", "none",
-                    "--save-boxes", cat)  # fmt: skip
+    result = invoke(
+        "search", built["query"], "--catalog", cat, "--detector", "none", "--save-boxes", cat
+    )
     assert_user_error(result, 1, str(cat), "Is a directory")
     result = invoke("demo", "--dir", a_file / "demo", "--products", 2)
     assert_user_error(result, 1, str(a_file))
@@ -225,8 +257,7 @@ def test_evaluate_bad_cutoff_exits_2(tmp_path: Path) -> None:
 
 
 def test_bad_price_filter_exits_2(built: dict[str, Any], cat: Path) -> None:
-    result = invoke("search", built["query"], "--catalog", cat, "--min-price", 5,
-                    "--max-price", 1)  # fmt: skip
+    result = invoke("search", built["query"], "--catalog", cat, "--min-price", 5, "--max-price", 1)
     assert_user_error(result, 2, "min_price")
 
 
@@ -265,8 +296,11 @@ def test_console_script_error_without_traceback(tmp_path: Path) -> None:
         pytest.skip("console script not installed")
     proc = subprocess.run(
         [str(exe), "catalog", "info", "--catalog", str(tmp_path / "none")],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "40"},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "40"},
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "no catalog here" in proc.stderr
     assert "Traceback" not in proc.stderr

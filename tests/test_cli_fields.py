@@ -24,8 +24,17 @@ def rendered(table: object) -> str:
 
 
 def hit(sku: str, title: str) -> ProductHit:
-    return ProductHit(product_id=4, sku=sku, title=title, url=None, price=9.5, currency="EUR",
-                      category=None, score=0.9, image_id=17)  # fmt: skip
+    return ProductHit(
+        product_id=4,
+        sku=sku,
+        title=title,
+        url=None,
+        price=9.5,
+        currency="EUR",
+        category=None,
+        score=0.9,
+        image_id=17,
+    )
 
 
 def test_search_tables_show_catalog_text_inertly() -> None:

@@ -138,8 +138,11 @@ def test_catalog_reader_lists_stored_images(tmp_path: Path, lite0_model_dir: Pat
 
 def _rows(n_products: int, per_product: int | list[int]) -> list[ManifestRow]:
     counts = per_product if isinstance(per_product, list) else [per_product] * n_products
-    return [ManifestRow(Path(f"/data/p{p}/{i}.jpg"), f"p{p:02d}", "gallery", {"split": "dev"})
-            for p in range(n_products) for i in range(counts[p])]  # fmt: skip
+    return [
+        ManifestRow(Path(f"/data/p{p}/{i}.jpg"), f"p{p:02d}", "gallery", {"split": "dev"})
+        for p in range(n_products)
+        for i in range(counts[p])
+    ]
 
 
 def test_protocol_split_is_product_disjoint_and_reproducible() -> None:
@@ -147,8 +150,9 @@ def test_protocol_split_is_product_disjoint_and_reproducible() -> None:
     a, counts = split_products(rows, ProtocolConfig(seed=3))
     b, _ = split_products(rows, ProtocolConfig(seed=3))
     c, _ = split_products(rows, ProtocolConfig(seed=4))
-    assert [(r.path, r.role, r.extra["split"]) for r in a] == \
-        [(r.path, r.role, r.extra["split"]) for r in b]  # fmt: skip
+    assert [(r.path, r.role, r.extra["split"]) for r in a] == [
+        (r.path, r.role, r.extra["split"]) for r in b
+    ]
     train = {r.sku for r in a if r.extra["split"] == "train"}
     test = {r.sku for r in a if r.extra["split"] == "test"}
     assert train and test and not train & test
@@ -205,8 +209,9 @@ def test_prepare_writes_a_manifest_with_split_column(tmp_path: Path) -> None:
             _image(tmp_path / "shop" / f"sku-{p}" / f"{i}.jpg", (40 * p, 10 * i, 90))
     rows, _ = prepare([tmp_path / "shop"], tmp_path / "out" / "split.csv", ProtocolConfig(seed=1))
     back = read_manifest(tmp_path / "out" / "split.csv")
-    assert [(r.path.resolve(), r.sku, r.role, r.extra["split"]) for r in back] == \
-        [(r.path.resolve(), r.sku, r.role, r.extra["split"]) for r in rows]  # fmt: skip
+    assert [(r.path.resolve(), r.sku, r.role, r.extra["split"]) for r in back] == [
+        (r.path.resolve(), r.sku, r.role, r.extra["split"]) for r in rows
+    ]
     assert all(r.path.is_file() for r in back)
 
 
@@ -248,8 +253,10 @@ def test_pack_manifest_copies_selected_rows_with_relative_paths(tmp_path: Path) 
     )
     module = load_script("scripts/pack_manifest.py")
     out = tmp_path / "packed"
-    assert module.main([str(src / "m.csv"), str(out), "--where", "split=train",
-                        "--long-side", "150"]) == 0  # fmt: skip
+    assert (
+        module.main([str(src / "m.csv"), str(out), "--where", "split=train", "--long-side", "150"])
+        == 0
+    )
     rows = read_manifest(out / "manifest.csv")
     assert [(r.sku, r.role, r.extra["split"]) for r in rows] == [
         ("p1", "query", "train"),
@@ -266,9 +273,11 @@ def test_catalog_csv_packshot_column(tmp_path: Path) -> None:
     from snapshop.data.sources import read_csv_manifest
 
     csv_path = tmp_path / "catalog.csv"
-    csv_path.write_text("product_id,image_path,category,packshot,colour\n"
-                        "a,a1.jpg,Tops,1,red\na,a2.jpg,Tops,,red\nb,b1.jpg,Jeans,Yes,blue\n"
-                        "b,b2.jpg,Jeans,false,blue\n")  # fmt: skip
+    csv_path.write_text(
+        "product_id,image_path,category,packshot,colour\n"
+        "a,a1.jpg,Tops,1,red\na,a2.jpg,Tops,,red\nb,b1.jpg,Jeans,Yes,blue\n"
+        "b,b2.jpg,Jeans,false,blue\n"
+    )
     records = read_csv_manifest(csv_path)
     assert [r.packshot for r in records] == [True, False, True, False]
     assert records[0].metadata == {"category": "Tops", "attributes": {"colour": "red"}}

@@ -215,18 +215,24 @@ def test_detector_breakdown_outcomes_and_label_rows(tmp_path: Path) -> None:
     from snapshop.evaluate import breakdown as bd
 
     truth = {"upper": Box(0, 0, 10, 10), "lower": Box(0, 10, 10, 20)}
-    found = [Detection(Box(0, 0, 10, 9), "top", "upper", 0.9),  # IoU 0.9: right
-             Detection(Box(0, 0, 10, 10), "top", "upper", 0.1),  # lower score: ignored
-             Detection(Box(0, 18, 10, 30), "skirt", "lower", 0.8)]  # IoU 0.1: off  # fmt: skip
+    found = [
+        Detection(Box(0, 0, 10, 9), "top", "upper", 0.9),  # IoU 0.9: right
+        Detection(Box(0, 0, 10, 10), "top", "upper", 0.1),  # lower score: ignored
+        Detection(Box(0, 18, 10, 30), "skirt", "lower", 0.8),
+    ]  # IoU 0.1: off
     assert bd.position_outcomes(truth, found) == {"upper": "right", "lower": "off"}
     assert bd.position_outcomes({"upper": Box(0, 0, 10, 10)}, found[2:]) == {
-        "upper": "missed", "lower": "spurious"}  # fmt: skip
+        "upper": "missed",
+        "lower": "spurious",
+    }
     assert bd.position_outcomes({}, []) == {"upper": "right", "lower": "right"}
 
     csv_path = tmp_path / "boxes.csv"
-    csv_path.write_text("path,group,ccp_label,x1,y1,x2,y2\n"
-                        "a.jpg,top,blouse,0,0,10,10\na.jpg,skirt,skirt,0,10,10,20\n"
-                        "b.jpg,dress,dress,0,0,10,20\n")  # fmt: skip
+    csv_path.write_text(
+        "path,group,ccp_label,x1,y1,x2,y2\n"
+        "a.jpg,top,blouse,0,0,10,10\na.jpg,skirt,skirt,0,10,10,20\n"
+        "b.jpg,dress,dress,0,0,10,20\n"
+    )
     labels = bd.photo_labels(csv_path)
     assert labels == {"a.jpg": frozenset({"blouse", "skirt"}), "b.jpg": frozenset({"dress"})}
     photos = [
@@ -262,8 +268,21 @@ def test_detector_breakdown_pools_folds_like_evaluate_detector(tmp_path: Path) -
     # The script is a shell over the library: the same pooled counts, as JSON.
     out = tmp_path / "breakdown.json"
     script = load_script("benchmarks/detector_breakdown.py")
-    assert script.main(["--fold", f"halves={first}", "--fold", f"halves={second}",
-                        "--images-root", str(tmp_path), "--json-out", str(out)]) == 0  # fmt: skip
+    assert (
+        script.main(
+            [
+                "--fold",
+                f"halves={first}",
+                "--fold",
+                f"halves={second}",
+                "--images-root",
+                str(tmp_path),
+                "--json-out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["pooled"] == pooled
 
 
@@ -274,13 +293,23 @@ def whole_paths(boxes_csv: Path) -> set[str]:
 @pytest.mark.parametrize(
     ("category", "position"),
     [
-        ("Women > Tops", "upper"), ("T-Shirts", "upper"), ("Shirt dress", "upper"),
-        ("dresses", "upper"), ("long_sleeve_outwear", "upper"), ("lower", "lower"),
-        ("Skinny jeans", "lower"), ("Men/Trousers", "lower"), ("skirts", "lower"),
-        ("Shorts", "lower"), ("Sale", None), ("jumpsuits", None), ("", None), (None, None),
+        ("Women > Tops", "upper"),
+        ("T-Shirts", "upper"),
+        ("Shirt dress", "upper"),
+        ("dresses", "upper"),
+        ("long_sleeve_outwear", "upper"),
+        ("lower", "lower"),
+        ("Skinny jeans", "lower"),
+        ("Men/Trousers", "lower"),
+        ("skirts", "lower"),
+        ("Shorts", "lower"),
+        ("Sale", None),
+        ("jumpsuits", None),
+        ("", None),
+        (None, None),
         ("Tops / ", "upper"),
     ],
-)  # fmt: skip
+)
 def test_position_of_category(category: str | None, position: str | None) -> None:
     from snapshop.detect.base import position_of_category
 
@@ -307,8 +336,11 @@ def test_category_keeps_its_position_and_boxes_flat_shots(tmp_path: Path) -> Non
         crops = _detect_crops(detector, photo, "pad", category)  # type: ignore[arg-type]
         return [(pos, label, box) for pos, label, _, box, _ in crops]
 
-    assert found(halves, None) == found(halves, "Sale") == [
-        ("lower", "trousers", (0, 40, 40, 80)), ("upper", "top", (0, 0, 40, 40))]  # fmt: skip
+    assert (
+        found(halves, None)
+        == found(halves, "Sale")
+        == [("lower", "trousers", (0, 40, 40, 80)), ("upper", "top", (0, 0, 40, 40))]
+    )
     assert found(halves, "Women > Jeans") == [("lower", "trousers", (0, 40, 40, 80))]
     assert found(halves, "tops") == [("upper", "top", (0, 0, 40, 40))]
     # no detection at the category's position: the whole product is the garment
@@ -327,7 +359,8 @@ def test_category_keeps_its_position_and_boxes_flat_shots(tmp_path: Path) -> Non
     calls = halves.calls
     crops = _detect_crops(halves, photo, "pad", "Women > Jeans", packshot=True)
     assert [(p, label, box) for p, label, _, box, _ in crops] == [
-        ("lower", "product", (10.0, 20.0, 30.0, 60.0))]  # fmt: skip
+        ("lower", "product", (10.0, 20.0, 30.0, 60.0))
+    ]
     assert halves.calls == calls
     assert len(_detect_crops(halves, photo, "pad", "Sale", packshot=True)) == 2  # no position
 
@@ -339,8 +372,9 @@ def test_catalog_crops_follow_product_categories(tmp_path: Path, lite0_model_dir
         Image.new("RGB", (48, 96), (40 * n, 90, 200 - 40 * n)).save(tmp_path / "img" / f"{n}.jpg")
         rows.append(f"p{n},img/{n}.jpg,{category}")
     (tmp_path / "catalog.csv").write_text("\n".join(rows) + "\n")
-    report = api.index_source(tmp_path / "catalog.csv", tmp_path / "cat",
-                              model=str(lite0_model_dir), detector="halves")  # fmt: skip
+    report = api.index_source(
+        tmp_path / "catalog.csv", tmp_path / "cat", model=str(lite0_model_dir), detector="halves"
+    )
     assert report.added == 3 and report.crops == 4  # tops: upper, jeans: lower, other: both
     catalog = open_catalog(tmp_path / "cat")
     by_sku = {}

@@ -255,8 +255,10 @@ def test_aux_labels_get_classes_of_their_own_and_fold_back_into_other(tmp_path: 
     head = build_head(16, num_classes=num_train_classes(True)).eval()
     for p in head.parameters():  # large logits: a fold that drops a class would show
         torch.nn.init.normal_(p, std=0.5)
-    feats = tuple(torch.randn(2, c, h, w) for c, (h, w) in zip(
-        FEATURE_CHANNELS, [(8, 12), (4, 6), (2, 3)], strict=True))  # fmt: skip
+    feats = tuple(
+        torch.randn(2, c, h, w)
+        for c, (h, w) in zip(FEATURE_CHANNELS, [(8, 12), (4, 6), (2, 3)], strict=True)
+    )
     with torch.no_grad():
         full = torch.softmax(head(*feats), dim=1).numpy()
         folded = torch.softmax(fold_aux_head(head)(*feats), dim=1).numpy()
@@ -407,9 +409,17 @@ def test_finetune_reduces_the_loss_and_changes_only_the_tuned_blocks(tmp_path: P
     )
 
     config = FinetuneConfig(
-        finetune_blocks=3, epochs=6, batch_size=3, lr=3e-3, trunk_lr=1e-3, dropout=0.0,
-        long_side=128, negatives=0, augment=False, device="cpu",
-    )  # fmt: skip
+        finetune_blocks=3,
+        epochs=6,
+        batch_size=3,
+        lr=3e-3,
+        trunk_lr=1e-3,
+        dropout=0.0,
+        long_side=128,
+        negatives=0,
+        augment=False,
+        device="cpu",
+    )
     net, losses, info = train_finetune(person_training_images(), config)
     assert info["epochs_run"] == 6 and losses[-1] < 0.7 * losses[0]
     overlay = trunk_overlay(net)
@@ -472,11 +482,32 @@ def test_finetune_command_writes_a_model_the_detector_loads(tmp_path: Path) -> N
     root = tmp_path / "ccp"
     write_tiny_ccp(root, n=3)
     out = tmp_path / "flat"
-    train_detector_command([
-        str(root), "--parity", "all", "--finetune-blocks", "2", "--epochs", "1",
-        "--batch-size", "2", "--long-side", "128", "--negatives", "1", "--workers", "1",
-        "--device", "cpu", "--aux-labels", "--out", str(out), "--prefix", "ft_",
-    ])  # fmt: skip
+    train_detector_command(
+        [
+            str(root),
+            "--parity",
+            "all",
+            "--finetune-blocks",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--long-side",
+            "128",
+            "--negatives",
+            "1",
+            "--workers",
+            "1",
+            "--device",
+            "cpu",
+            "--aux-labels",
+            "--out",
+            str(out),
+            "--prefix",
+            "ft_",
+        ]
+    )
     assert sorted(p.name for p in out.iterdir()) == [
         f"ft_{CARD_FILE}",
         f"ft_{HEAD_FILE}",
@@ -576,8 +607,10 @@ def test_zoom_region_frames_small_garments_like_a_training_photo() -> None:
     from snapshop.detect.segmenter import zoom_region
 
     config = SegmenterConfig()  # zoom below 0.40 of the height, to 0.64
-    small = [Detection(Box(300, 500, 360, 580), "upper", UPPER, 0.9),
-             Detection(Box(305, 580, 355, 660), "lower", LOWER, 0.8)]  # fmt: skip
+    small = [
+        Detection(Box(300, 500, 360, 580), "upper", UPPER, 0.9),
+        Detection(Box(305, 580, 355, 660), "lower", LOWER, 0.8),
+    ]
     x1, y1, x2, y2 = zoom_region(small, 600, 900, config)
     assert 0 <= x1 < 300 and 360 < x2 <= 600 and 0 <= y1 < 500 and 660 < y2 <= 900
     assert (y2 - y1) == pytest.approx(160 / 0.64, abs=1)  # garments span zoom_fill of it
@@ -603,8 +636,10 @@ def test_detector_looks_again_at_small_people_and_maps_boxes_back() -> None:
         seen.append(rgb.shape[:2])
         if len(seen) == 1:  # the whole photo: a small person, lower garment missed
             return [Detection(Box(300, 500, 360, 580), "upper", UPPER, 0.6)]
-        return [Detection(Box(10, 20, 50, 60), "upper", UPPER, 0.9),
-                Detection(Box(12, 60, 48, 110), "lower", LOWER, 0.8)]  # fmt: skip
+        return [
+            Detection(Box(10, 20, 50, 60), "upper", UPPER, 0.9),
+            Detection(Box(12, 60, 48, 110), "lower", LOWER, 0.8),
+        ]
 
     det._detect_rgb = fake_detect  # type: ignore[method-assign]
     found = det.detect(Image.new("RGB", (600, 900)))
@@ -650,7 +685,10 @@ def test_ccp_groups_put_dresses_where_each_model_wants_them(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="two groups"):
         label_table(labels_csv, {1: ("shirt",), 2: ("shirt", "pants")})
     assert [has_parity(i, p) for i, p in [("0002", "even"), ("0002", "odd"), ("7", "all")]] == [
-        True, False, True]  # fmt: skip
+        True,
+        False,
+        True,
+    ]
 
 
 def test_training_command_on_the_card_repeats_the_run(
@@ -669,13 +707,28 @@ def test_training_command_on_the_card_repeats_the_run(
 
     monkeypatch.setattr(segmenter_training, "train_detector", record)
     runs = [
-        DetectorTraining(tmp_path / "data set", HeadConfig(epochs=3, dropout=0.1, seed=4),
-                         tmp_path / "out", parity="odd", limit=7, cache=tmp_path / "f.pkl"),
-        DetectorTraining(tmp_path, FinetuneConfig(finetune_blocks=3, augment=False, jitter=0.1,
-                                                  device="cpu", max_train_seconds=9.5,
-                                                  warmup_fraction=0.1, epochs=60),
-                         prefix="ft_"),
-    ]  # fmt: skip
+        DetectorTraining(
+            tmp_path / "data set",
+            HeadConfig(epochs=3, dropout=0.1, seed=4),
+            tmp_path / "out",
+            parity="odd",
+            limit=7,
+            cache=tmp_path / "f.pkl",
+        ),
+        DetectorTraining(
+            tmp_path,
+            FinetuneConfig(
+                finetune_blocks=3,
+                augment=False,
+                jitter=0.1,
+                device="cpu",
+                max_train_seconds=9.5,
+                warmup_fraction=0.1,
+                epochs=60,
+            ),
+            prefix="ft_",
+        ),
+    ]
     for job in runs:
         words = shlex.split(job.command_line())
         assert words[:2] == ["snapshop", "train-detector"]
@@ -692,6 +745,7 @@ def test_module_entry_is_the_train_detector_command(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "snapshop.train.segmenter"]
     shown = subprocess.run([*command, "--help"], capture_output=True, text=True, env=env)
     assert shown.returncode == 0 and "--finetune-blocks" in shown.stdout
-    bad = subprocess.run([*command, str(tmp_path), "--parity", "third"], capture_output=True,
-                         text=True, env=env)  # fmt: skip
+    bad = subprocess.run(
+        [*command, str(tmp_path), "--parity", "third"], capture_output=True, text=True, env=env
+    )
     assert bad.returncode == 2 and "parity must be one of" in bad.stderr

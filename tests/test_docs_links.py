@@ -72,8 +72,10 @@ def anchors(path: Path) -> set[str]:
 
 def _check_target(target: Path, anchor: str, where: str) -> list[str]:
     if not target.exists():
-        return [f"{where}: {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}"
-                " does not exist"]  # fmt: skip
+        return [
+            f"{where}: {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}"
+            " does not exist"
+        ]
     if anchor and target.suffix == ".md" and anchor not in anchors(target):
         return [f"{where}: no heading for #{anchor} in {target.name}"]
     return []

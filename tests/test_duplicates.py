@@ -110,8 +110,9 @@ def test_csv_html_and_cli(tmp_path: Path) -> None:
     finally:
         catalog.close()
 
-    report = api.duplicates(directory, threshold=0.9, out=tmp_path / "d.csv",
-                            html=tmp_path / "d.html")  # fmt: skip
+    report = api.duplicates(
+        directory, threshold=0.9, out=tmp_path / "d.csv", html=tmp_path / "d.html"
+    )
     assert len(report.pairs) == 1
     with open(tmp_path / "d.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

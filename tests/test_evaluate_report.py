@@ -31,11 +31,18 @@ def _report(tmp_path: Path, perfect: bool) -> RetrievalReport:
     q = np.eye(3, dtype=np.float32)
     g = np.eye(3, dtype=np.float32) if perfect else np.roll(np.eye(3, dtype=np.float32), 1, 0)
     products = ["a", "b", "c"]
-    vectors = {"query_vecs": q, "query_paths": paths, "query_products": products,
-               "gallery_vecs": g, "gallery_paths": paths, "gallery_products": products}  # fmt: skip
+    vectors = {
+        "query_vecs": q,
+        "query_paths": paths,
+        "query_products": products,
+        "gallery_vecs": g,
+        "gallery_paths": paths,
+        "gallery_products": products,
+    }
     recall = {1: 1.0 if perfect else 0.0, 2: 1.0, 3: 1.0}
-    return RetrievalReport("perfect" if perfect else "shifted", recall, 1.0, 3, 3, 3, 1.0, 0.1,
-                           vectors=vectors)  # fmt: skip
+    return RetrievalReport(
+        "perfect" if perfect else "shifted", recall, 1.0, 3, 3, 3, 1.0, 0.1, vectors=vectors
+    )
 
 
 def test_grid_marks_hits_green_and_misses_red(tmp_path: Path) -> None:
@@ -70,11 +77,28 @@ def _demo_manifest(root: Path, n_products: int = 5) -> Path:
 @pytest.mark.slow
 def test_evaluate_cli_writes_plot_grid_and_table(tmp_path: Path, lite0_model_dir: Path) -> None:
     manifest = _demo_manifest(tmp_path)
-    result = runner.invoke(app, [
-        "evaluate", "--manifest", str(manifest), "-m", str(lite0_model_dir), "-k", "1",
-        "-k", "5", "--gallery-where", "domain=iconic", "--plot", str(tmp_path / "recall.png"),
-        "--grid", str(tmp_path / "grid.png"), "--json-out", str(tmp_path / "r.json"),
-    ])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--manifest",
+            str(manifest),
+            "-m",
+            str(lite0_model_dir),
+            "-k",
+            "1",
+            "-k",
+            "5",
+            "--gallery-where",
+            "domain=iconic",
+            "--plot",
+            str(tmp_path / "recall.png"),
+            "--grid",
+            str(tmp_path / "grid.png"),
+            "--json-out",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "R@1" in result.output and "search ms/query" in result.output
     data = json.loads((tmp_path / "r.json").read_text())
@@ -93,9 +117,16 @@ def test_prepare_cli_and_user_errors(tmp_path: Path) -> None:
                 tmp_path / "shop" / f"sku-{p}" / f"{i}.jpg"
             )
     result = runner.invoke(
-        app, ["prepare", str(tmp_path / "shop"), "--out", str(tmp_path / "split.csv"),
-              "--test-fraction", "0.4"],
-    )  # fmt: skip
+        app,
+        [
+            "prepare",
+            str(tmp_path / "shop"),
+            "--out",
+            str(tmp_path / "split.csv"),
+            "--test-fraction",
+            "0.4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "test/query" in result.output
     assert (tmp_path / "split.csv").read_text().count(",test") == 4
@@ -104,15 +135,48 @@ def test_prepare_cli_and_user_errors(tmp_path: Path) -> None:
     held_out = []
     for fold in range(2):
         out = tmp_path / f"fold{fold}.csv"
-        result = runner.invoke(app, ["prepare", str(tmp_path / "shop"), "--out", str(out),
-                                     "--folds", "2", "--fold", str(fold)])  # fmt: skip
+        result = runner.invoke(
+            app,
+            [
+                "prepare",
+                str(tmp_path / "shop"),
+                "--out",
+                str(out),
+                "--folds",
+                "2",
+                "--fold",
+                str(fold),
+            ],
+        )
         assert result.exit_code == 0, result.output
-        held_out.append({line.split(",")[1] for line in out.read_text().splitlines()
-                         if line.endswith(",test")})  # fmt: skip
+        held_out.append(
+            {line.split(",")[1] for line in out.read_text().splitlines() if line.endswith(",test")}
+        )
     assert len(held_out[0] | held_out[1]) == 5 and not held_out[0] & held_out[1]
-    bad = runner.invoke(app, ["prepare", str(tmp_path / "shop"), "--out", str(tmp_path / "x.csv"),
-                              "--folds", "2", "--fold", "2"])  # fmt: skip
+    bad = runner.invoke(
+        app,
+        [
+            "prepare",
+            str(tmp_path / "shop"),
+            "--out",
+            str(tmp_path / "x.csv"),
+            "--folds",
+            "2",
+            "--fold",
+            "2",
+        ],
+    )
     assert bad.exit_code == 2 and "fold must be in 0..1" in bad.output
-    bad = runner.invoke(app, ["train", "--manifest", str(tmp_path / "split.csv"), "--out",
-                              str(tmp_path / "m"), "--train-where", "split=nothing"])  # fmt: skip
+    bad = runner.invoke(
+        app,
+        [
+            "train",
+            "--manifest",
+            str(tmp_path / "split.csv"),
+            "--out",
+            str(tmp_path / "m"),
+            "--train-where",
+            "split=nothing",
+        ],
+    )
     assert bad.exit_code == 2 and "no manifest row" in bad.output

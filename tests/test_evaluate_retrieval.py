@@ -160,8 +160,10 @@ def test_cross_validated_ranks_match_brute_force_and_pool_over_folds() -> None:
         q = rng.normal(size=(len(query_products), 8)).astype(np.float32)
         ranks, labels = cv.fold_ranks(q, query_products, g, gallery_products, label_of)
         for i, product in enumerate(query_products):  # brute force: best image per product
-            best = {p: max(float(q[i] @ g[j]) for j, gp in enumerate(gallery_products) if gp == p)
-                    for p in fold_products}  # fmt: skip
+            best = {
+                p: max(float(q[i] @ g[j]) for j, gp in enumerate(gallery_products) if gp == p)
+                for p in fold_products
+            }
             assert ranks[i] == sum(v >= best[product] for v in best.values()) - 1
             assert labels[i] == label_of[product]
             expected_hits += ranks[i] == 0
@@ -189,8 +191,14 @@ def test_cross_validation_script_scores_every_product_once(tmp_path, lite0_model
             pixels = np.clip(colour + rng.normal(0, 20, (48, 48, 3)), 0, 255).astype(np.uint8)
             name = f"p{p}_{i}.png"
             Image.fromarray(pixels).save(tmp_path / name)
-            rows.append({"path": name, "product_id": f"p{p}", "role": "query" if i < 2 else
-                         "gallery", "domain": "iconic" if i == 3 else "natural"})  # fmt: skip
+            rows.append(
+                {
+                    "path": name,
+                    "product_id": f"p{p}",
+                    "role": "query" if i < 2 else "gallery",
+                    "domain": "iconic" if i == 3 else "natural",
+                }
+            )
     with open(tmp_path / "m.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -220,8 +228,12 @@ def test_cross_validation_script_scores_every_product_once(tmp_path, lite0_model
 
     # The script is a shell over the library: the same numbers, as JSON.
     out = tmp_path / "cv.json"
-    assert cv.main([str(tmp_path / "m.csv"), "--fold-models", model, model, model,
-                    "--json-out", str(out)]) == 0  # fmt: skip
+    assert (
+        cv.main(
+            [str(tmp_path / "m.csv"), "--fold-models", model, model, model, "--json-out", str(out)]
+        )
+        == 0
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(result.to_dict()))
 
 

@@ -53,9 +53,21 @@ def test_skus_are_nfc_and_stripped() -> None:
 
 @pytest.mark.parametrize(
     "sku",
-    ["T1\u200b", "T\u202e1", "T\u00851", "T\u20281", "T\u00a01", "T1\x1b[31m", "p\x007",
-     "T\ud8001", "T\ue0001", "\u200b", "   ", ""],
-)  # fmt: skip
+    [
+        "T1\u200b",
+        "T\u202e1",
+        "T\u00851",
+        "T\u20281",
+        "T\u00a01",
+        "T1\x1b[31m",
+        "p\x007",
+        "T\ud8001",
+        "T\ue0001",
+        "\u200b",
+        "   ",
+        "",
+    ],
+)
 def test_invisible_control_and_separator_characters_are_refused_in_skus(sku: str) -> None:
     with pytest.raises(CatalogError, match="sku"):
         normalise_sku(sku)
@@ -72,9 +84,17 @@ def test_sku_length_and_type() -> None:
 # --- text fields --------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "value",
-    ["a\x00b", "\x1b[2J\x1b[31mred", "tab\there", "two\nlines", "rtl \u202e gnp.exe", "c1 \x9b",
-     "\ud800", "del\x7f"],
-)  # fmt: skip
+    [
+        "a\x00b",
+        "\x1b[2J\x1b[31mred",
+        "tab\there",
+        "two\nlines",
+        "rtl \u202e gnp.exe",
+        "c1 \x9b",
+        "\ud800",
+        "del\x7f",
+    ],
+)
 @pytest.mark.parametrize("name", fields.TEXT_FIELDS)
 def test_control_characters_are_refused_in_every_text_field(name: str, value: str) -> None:
     with pytest.raises(CatalogError, match=name):
@@ -123,9 +143,18 @@ def test_attribute_size_limit_counts_compact_json() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [{"n": float("nan")}, {"n": float("inf")}, {"n": 2**64}, {"n": -(2**63) - 1}, {1: "a"},
-     {"s": "\udc80"}, {"\ud800": 1}, {"s": {1, 2}}, {"b": b"x"}],
-)  # fmt: skip
+    [
+        {"n": float("nan")},
+        {"n": float("inf")},
+        {"n": 2**64},
+        {"n": -(2**63) - 1},
+        {1: "a"},
+        {"s": "\udc80"},
+        {"\ud800": 1},
+        {"s": {1, 2}},
+        {"b": b"x"},
+    ],
+)
 def test_attributes_are_plain_json(value: dict) -> None:
     with pytest.raises(CatalogError, match="plain JSON"):
         check_attributes(value)
@@ -258,8 +287,12 @@ def test_one_product_per_normalised_sku(tmp_path: Path) -> None:
 def test_catalog_records_are_checked_when_built() -> None:
     record = CatalogRecord("Cafe\u0301 ", Path("a.jpg"), {"title": "Tee", "price": 3})
     assert record.sku == "Caf\u00e9" and record.metadata["price"] == 3.0
-    for sku, meta in [("T1\u200b", {}), ("T1", {"title": "a\x1bb"}), ("T1", {"colour": "red"}),
-                      ("T1", {"attributes": nested(300)})]:  # fmt: skip
+    for sku, meta in [
+        ("T1\u200b", {}),
+        ("T1", {"title": "a\x1bb"}),
+        ("T1", {"colour": "red"}),
+        ("T1", {"attributes": nested(300)}),
+    ]:
         with pytest.raises(CatalogError):
             CatalogRecord(sku, Path("a.jpg"), meta)
 
@@ -279,15 +312,21 @@ def test_csv_rows_are_checked_with_the_same_limits(
 ) -> None:
     (tmp_path / "a.jpg").write_bytes(b"")
     row = row + [""] * (4 - len(row))
-    path = write_csv(tmp_path / "m.csv", [["ok", "a.jpg", "fine", ""], row],
-                     header=["product_id", "image_path", "title", "notes"])  # fmt: skip
+    path = write_csv(
+        tmp_path / "m.csv",
+        [["ok", "a.jpg", "fine", ""], row],
+        header=["product_id", "image_path", "title", "notes"],
+    )
     with pytest.raises(ManifestError, match=f"m\\.csv:3: .*{message}"):
         read_csv_manifest(path)
 
 
 def test_csv_skus_are_normalised(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "m.csv", [["Cafe\u0301", "a.jpg"], ["Caf\u00e9", "b.jpg"]],
-                     header=["product_id", "image_path"])  # fmt: skip
+    path = write_csv(
+        tmp_path / "m.csv",
+        [["Cafe\u0301", "a.jpg"], ["Caf\u00e9", "b.jpg"]],
+        header=["product_id", "image_path"],
+    )
     assert {r.sku for r in read_csv_manifest(path)} == {"Caf\u00e9"}
 
 

@@ -113,9 +113,13 @@ def test_full_size_jpeg_bitmap_never_exists(tmp_path: Path) -> None:
     grown = {}
     for mode in ("reduced", "full"):
         out = subprocess.run(
-            [sys.executable, "-c", probe, str(path), mode], capture_output=True, text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=True, timeout=120,
-        ).stdout.split()  # fmt: skip
+            [sys.executable, "-c", probe, str(path), mode],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+            check=True,
+            timeout=120,
+        ).stdout.split()
         grown[mode] = int(out[1])
     bitmap = 8192 * 5120 * 3
     assert grown["full"] >= 0.9 * bitmap, grown  # the probe sees a full-size decode
@@ -159,8 +163,14 @@ def test_decode_slots_from_the_environment(value: str, expected: int | None) -> 
         "from snapshop.images import decode_slots; import os; print(decode_slots(), os.cpu_count())"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), images.DECODE_SLOTS_ENV: value}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         check=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=60,
+    )
     slots, cpus = map(int, out.stdout.split())
     assert slots == (expected or min(4, cpus))
     if value == "zero":
@@ -172,8 +182,13 @@ def test_ingest_and_search_report_original_pixels(tmp_path: Path, lite0_model_di
     photo.parent.mkdir(parents=True)
     photo.write_bytes(garment_photo("PNG"))
     detector = RedThingDetector()
-    api.index_source(tmp_path / "shop", tmp_path / "cat", model=str(lite0_model_dir),
-                     detector=detector, workers=0)  # fmt: skip
+    api.index_source(
+        tmp_path / "shop",
+        tmp_path / "cat",
+        model=str(lite0_model_dir),
+        detector=detector,
+        workers=0,
+    )
     assert detector.seen_sizes == [(2048, 1229)]  # it worked on the reduced image
     [(width, height)] = db_rows(tmp_path / "cat", "SELECT width, height FROM images")
     assert (width, height) == PHOTO_SIZE
@@ -236,8 +251,14 @@ def test_memory_of_decodes_in_many_threads_is_bounded_and_given_back(tmp_path: P
     path = tmp_path / "big.png"
     Image.new("RGB", (5000, 4000), (20, 120, 220)).save(path)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), images.DECODE_SLOTS_ENV: "2"}
-    out = subprocess.run([sys.executable, "-c", DECODE_IN_THREADS, str(path)], env=env,
-                         capture_output=True, text=True, check=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", DECODE_IN_THREADS, str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     peak, after = map(int, out.stdout.split())
     bitmap = 5000 * 4000 * 3
     assert peak < 5 * bitmap, (peak, after)

@@ -333,10 +333,18 @@ def test_catalog_auto_index_switches_to_hnsw(tmp_path: Path) -> None:
     with cat.write_lock(), cat.store.transaction() as db:
         pid = cat.store.upsert_product(db, "sku-1")
         image_ids = [
-            cat.store.insert_image(db, pid, source=f"{i}.jpg", blob=None, sha256=f"{i:064x}",
-                                   width=4, height=4, vector=v)[0]
+            cat.store.insert_image(
+                db,
+                pid,
+                source=f"{i}.jpg",
+                blob=None,
+                sha256=f"{i:064x}",
+                width=4,
+                height=4,
+                vector=v,
+            )[0]
             for i, v in enumerate(vecs)
-        ]  # fmt: skip
+        ]
     cat.refresh()
     cat.save_indexes()
     cat.close()
@@ -372,8 +380,16 @@ def test_index_kind_that_cannot_be_made_leaves_the_catalog_usable(
     with cat.write_lock(), cat.store.transaction() as db:
         pid = cat.store.upsert_product(db, "sku-1")
         for i, v in enumerate(vecs):
-            cat.store.insert_image(db, pid, source=f"{i}.jpg", blob=None, sha256=f"{i:064x}",
-                                   width=4, height=4, vector=v)  # fmt: skip
+            cat.store.insert_image(
+                db,
+                pid,
+                source=f"{i}.jpg",
+                blob=None,
+                sha256=f"{i:064x}",
+                width=4,
+                height=4,
+                vector=v,
+            )
     cat.close()
     card = read_json(tmp_path / "c" / "catalog.json")
     with pytest.raises(CatalogError, match="cannot make a milvus index: .*SNAPSHOP_MILVUS_URI"):
@@ -422,15 +438,24 @@ def test_catalog_on_server_backend(
     )
     rng = np.random.default_rng(8)
     vecs = unit(rng, 12, 16)
-    cat = create_catalog(tmp_path / "c", model_id="m", model_ref="m", dim=16, index_kind=kind,
-                         index_params=params)  # fmt: skip
+    cat = create_catalog(
+        tmp_path / "c", model_id="m", model_ref="m", dim=16, index_kind=kind, index_params=params
+    )
     with cat.write_lock(), cat.store.transaction() as db:
         pid = cat.store.upsert_product(db, "sku-1")
         image_ids = [
-            cat.store.insert_image(db, pid, source=f"{i}.jpg", blob=None, sha256=f"{i:064x}",
-                                   width=4, height=4, vector=v)[0]
+            cat.store.insert_image(
+                db,
+                pid,
+                source=f"{i}.jpg",
+                blob=None,
+                sha256=f"{i:064x}",
+                width=4,
+                height=4,
+                vector=v,
+            )[0]
             for i, v in enumerate(vecs)
-        ]  # fmt: skip
+        ]
     cat.refresh()
     cat.save_indexes()
     pointer = tmp_path / "c" / "index" / "images.faiss"

@@ -81,9 +81,14 @@ def built(data: dict[str, Any], kind: str) -> Any:
 @pytest.mark.parametrize(
     ("selectivity", "path"),
     # 10k allowed vectors (50 %) always go through the index at this dimension
-    [(0.5, "inside-index"), (0.01, "inside-index"), (0.001, "inside-index"),
-     (0.01, "scan-allowed"), (0.001, "scan-allowed")],
-)  # fmt: skip
+    [
+        (0.5, "inside-index"),
+        (0.01, "inside-index"),
+        (0.001, "inside-index"),
+        (0.01, "scan-allowed"),
+        (0.001, "scan-allowed"),
+    ],
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_filtered_search_matches_exact_filtered_search(
     data: dict[str, Any], kind: str, selectivity: float, path: str, monkeypatch: pytest.MonkeyPatch
@@ -266,8 +271,9 @@ def test_choice_never_exceeds_the_memory_budget() -> None:
                     try:
                         choice = choose_index(n, dim, budget)
                     except CatalogError:
-                        smallest = min(index_memory_bytes(k, n, dim, p) for k, p in
-                                       candidates(n, dim))  # fmt: skip
+                        smallest = min(
+                            index_memory_bytes(k, n, dim, p) for k, p in candidates(n, dim)
+                        )
                         assert smallest > memory  # refused only when nothing fits
                         continue
                     assert choice.memory_bytes <= memory
@@ -294,8 +300,16 @@ def catalog_with_vectors(directory: Path, n: int, dim: int, kind: str = "auto") 
     with cat.write_lock(), cat.store.transaction() as db:
         pid = cat.store.upsert_product(db, "sku-1")
         for i, v in enumerate(vecs):
-            cat.store.insert_image(db, pid, source=f"{i}.jpg", blob=None, sha256=f"{i:064x}",
-                                   width=4, height=4, vector=v)  # fmt: skip
+            cat.store.insert_image(
+                db,
+                pid,
+                source=f"{i}.jpg",
+                blob=None,
+                sha256=f"{i:064x}",
+                width=4,
+                height=4,
+                vector=v,
+            )
     cat.refresh()
     with cat.write_lock():
         cat.save_indexes()
@@ -365,15 +379,28 @@ def test_cli_reindex_and_info(tmp_path: Path) -> None:
     cat = catalog_with_vectors(tmp_path / "c", 3000, 32)
     cat.close()
     runner = CliRunner()
-    result = runner.invoke(app, ["catalog", "reindex", "--catalog", str(tmp_path / "c"),
-                                 "--memory", "200kB", "--max-ms", "50"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "catalog",
+            "reindex",
+            "--catalog",
+            str(tmp_path / "c"),
+            "--memory",
+            "200kB",
+            "--max-ms",
+            "50",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "chose ivfpq" in result.stdout and "recall@10" in result.stdout
-    info = json.loads(runner.invoke(app, ["catalog", "info", "--catalog", str(tmp_path / "c"),
-                                          "--json"]).stdout)  # fmt: skip
+    info = json.loads(
+        runner.invoke(app, ["catalog", "info", "--catalog", str(tmp_path / "c"), "--json"]).stdout
+    )
     assert info["index_kind"] == "ivfpq" and info["measured"]["images"]["recall_at_10"] >= 0.95
-    bad = runner.invoke(app, ["catalog", "reindex", "--catalog", str(tmp_path / "c"),
-                              "--memory", "lots"])  # fmt: skip
+    bad = runner.invoke(
+        app, ["catalog", "reindex", "--catalog", str(tmp_path / "c"), "--memory", "lots"]
+    )
     assert bad.exit_code == 1 and "memory size" in bad.stderr
 
 
@@ -387,14 +414,22 @@ def test_filter_resolver_follows_product_edits(tmp_path: Path) -> None:
     images: dict[int, list[int]] = {}
     with cat.write_lock(), cat.store.transaction() as db:
         for p in range(4):
-            pid = cat.store.upsert_product(db, f"sku-{p}", category="a" if p < 2 else "b",
-                                           price=10.0 * (p + 1))  # fmt: skip
+            pid = cat.store.upsert_product(
+                db, f"sku-{p}", category="a" if p < 2 else "b", price=10.0 * (p + 1)
+            )
             images[pid] = [
-                cat.store.insert_image(db, pid, source=f"{p}-{i}.jpg", blob=None,
-                                       sha256=f"{p * 100 + i:064x}", width=4, height=4,
-                                       vector=vecs[p * 10 + i])[0]
+                cat.store.insert_image(
+                    db,
+                    pid,
+                    source=f"{p}-{i}.jpg",
+                    blob=None,
+                    sha256=f"{p * 100 + i:064x}",
+                    width=4,
+                    height=4,
+                    vector=vecs[p * 10 + i],
+                )[0]
                 for i in range(10)
-            ]  # fmt: skip
+            ]
     cat.refresh()
     pids = sorted(images)
     try:

@@ -61,8 +61,11 @@ def test_ingest_folder(tmp_path: Path, shop: dict[str, list[Path]], lite0_model_
     report = ingest(tmp_path / "shop", tmp_path / "cat", lite0_model_dir)
     assert (report.added, report.skipped, report.failed) == (12, 0, [])
     assert report.products == set(shop)
-    rows = db_rows(tmp_path / "cat", "SELECT p.sku, p.title, i.source, i.blob, i.width, i.sha256"
-                   " FROM images i JOIN products p ON p.id = i.product_id")  # fmt: skip
+    rows = db_rows(
+        tmp_path / "cat",
+        "SELECT p.sku, p.title, i.source, i.blob, i.width, i.sha256"
+        " FROM images i JOIN products p ON p.id = i.product_id",
+    )
     assert len(rows) == 12
     assert {r[0] for r in rows} == set(shop)
     assert all(r[1] == r[0] for r in rows)  # folder name is the title
@@ -95,8 +98,11 @@ def test_ingest_csv_with_metadata(
 def test_csv_extra_columns_become_attributes(tmp_path: Path, lite0_model_dir: Path) -> None:
     images = make_images(tmp_path / "shop", n_products=1, per_product=1)
     sku, [path] = next(iter(images.items()))
-    csv_path = write_csv(tmp_path / "a.csv", [[sku, path.name, "red", "M"]],
-                         ["product_id", "image_path", "colour", "size"])  # fmt: skip
+    csv_path = write_csv(
+        tmp_path / "a.csv",
+        [[sku, path.name, "red", "M"]],
+        ["product_id", "image_path", "colour", "size"],
+    )
     (tmp_path / path.name).write_bytes(path.read_bytes())  # relative to the CSV's folder
     ingest(csv_path, tmp_path / "cat", lite0_model_dir)
     catalog = open_catalog(tmp_path / "cat")
@@ -130,8 +136,10 @@ def test_reingest_is_idempotent(base: dict[str, Any], cat: Path, lite0_model_dir
 def test_duplicate_rows_and_shared_files(tmp_path: Path, lite0_model_dir: Path) -> None:
     images = make_images(tmp_path / "shop", n_products=2, per_product=1)
     (a, [pa]), (b, _) = images.items()
-    csv_path = write_csv(tmp_path / "d.csv", [[a, pa, "", "", "", ""], [a, pa, "", "", "", ""],
-                                              [b, pa, "", "", "", ""]])  # fmt: skip
+    csv_path = write_csv(
+        tmp_path / "d.csv",
+        [[a, pa, "", "", "", ""], [a, pa, "", "", "", ""], [b, pa, "", "", "", ""]],
+    )
     report = ingest(csv_path, tmp_path / "cat", lite0_model_dir)
     # the same file twice for one product is one image; the same file for two products is two
     assert (report.added, report.skipped) == (2, 1)
@@ -170,11 +178,15 @@ def test_sync_removes_images_no_longer_listed(
     # b is not listed at all (untouched)
     missing = shop[sku_a][2]
     missing.rename(tmp_path / "elsewhere.jpg")
-    rows = [[sku_a, shop[sku_a][0], "", "", "", ""], [sku_a, missing, "", "", "", ""],
-            [sku_a, new_image, "", "", "", ""]]  # fmt: skip
+    rows = [
+        [sku_a, shop[sku_a][0], "", "", "", ""],
+        [sku_a, missing, "", "", "", ""],
+        [sku_a, new_image, "", "", "", ""],
+    ]
     before = dict(db_rows(tmp_path / "cat", "SELECT source, id FROM images"))
-    report = ingest(write_csv(tmp_path / "a.csv", rows), tmp_path / "cat", lite0_model_dir,
-                    sync=True)  # fmt: skip
+    report = ingest(
+        write_csv(tmp_path / "a.csv", rows), tmp_path / "cat", lite0_model_dir, sync=True
+    )
     assert (report.added, report.skipped, report.removed) == (1, 1, 1)
     assert [f[0] for f in report.failed] == [str(missing)]
     after = dict(db_rows(tmp_path / "cat", "SELECT source, id FROM images"))
@@ -232,9 +244,14 @@ def test_remove_names_one_product_twice(base: dict[str, Any], cat: Path) -> None
 
 
 def test_rows_of_a_product_may_leave_its_fields_empty(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "p.csv", [["p1", "a.jpg", "Red tee", "", "9.5", ""],
-                                          ["p1", "b.jpg", "", "", "", "tops"],
-                                          ["p2", "c.jpg", "Other", "", "1", "tops"]])  # fmt: skip
+    path = write_csv(
+        tmp_path / "p.csv",
+        [
+            ["p1", "a.jpg", "Red tee", "", "9.5", ""],
+            ["p1", "b.jpg", "", "", "", "tops"],
+            ["p2", "c.jpg", "Other", "", "1", "tops"],
+        ],
+    )
     assert [r.metadata.get("title") for r in read_csv_manifest(path)] == ["Red tee", None, "Other"]
 
 
@@ -248,19 +265,27 @@ BAD_CSVS = {
     "empty_file": ("", "missing column", None),
     "header_only": ("product_id,image_path\n", "no rows", None),
     # an open quote would swallow every later row into one field: p2 would vanish silently
-    "unbalanced_quote": ('product_id,image_path,title\np1,{img},"Red\np2,{img},Blue\n',
-                         "malformed csv", 2),
-    "repeated_column": ("product_id,image_path,product_id\np1,{img},p2\n", "more than once",
-                        None),
-    "conflicting_rows": ("product_id,image_path,price\np1,{img},10\np1,{img},12.5\n",
-                         "has price 12.5, but line 2 gives 10.0", 3),
+    "unbalanced_quote": (
+        'product_id,image_path,title\np1,{img},"Red\np2,{img},Blue\n',
+        "malformed csv",
+        2,
+    ),
+    "repeated_column": ("product_id,image_path,product_id\np1,{img},p2\n", "more than once", None),
+    "conflicting_rows": (
+        "product_id,image_path,price\np1,{img},10\np1,{img},12.5\n",
+        "has price 12.5, but line 2 gives 10.0",
+        3,
+    ),
     "nul_in_path": ("product_id,image_path\np1,{img}\x00.jpg\n", "nul byte", 2),
-    "field_too_long": ("product_id,image_path,title\np1,{img},x\np2,{img}," + "x" * (1 << 21)
-                       + "\n", "field larger", 3),
+    "field_too_long": (
+        "product_id,image_path,title\np1,{img},x\np2,{img}," + "x" * (1 << 21) + "\n",
+        "field larger",
+        3,
+    ),
     "semicolons": ("product_id;image_path\np1;{img}\n", "separated by commas", None),
     "control_in_sku": ("product_id,image_path\np\x1b1,{img}\n", "control characters", 2),
     "script_url": ("product_id,image_path,url\np1,{img},javascript:alert(1)\n", "https://", 2),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", [*BAD_CSVS, "non_utf8"])
@@ -408,9 +433,12 @@ def start_worker(tmp_path: Path, source: Path, catalog: Path, model: Path, batch
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(
         [sys.executable, str(script), str(source), str(catalog), str(model), str(batch)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,  # its own process group: kill -9 takes its workers too
-    )  # fmt: skip
+    )
 
 
 def count_images(catalog: Path) -> int:

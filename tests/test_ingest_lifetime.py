@@ -40,11 +40,24 @@ def test_kill_9_of_index_ends_its_decode_workers(tmp_path: Path, lite0_model_dir
     make_images(tmp_path / "shop", n_products=10, per_product=12, size=64)
     snapshop = [sys.executable, "-c", "from snapshop.cli import app; app()"]
     proc = subprocess.Popen(
-        [*snapshop, "index", str(tmp_path / "shop"), "--catalog", str(tmp_path / "cat"),
-         "--model", str(lite0_model_dir), "--workers", "2", "--batch-size", "4"],
+        [
+            *snapshop,
+            "index",
+            str(tmp_path / "shop"),
+            "--catalog",
+            str(tmp_path / "cat"),
+            "--model",
+            str(lite0_model_dir),
+            "--workers",
+            "2",
+            "--batch-size",
+            "4",
+        ],
         env={**os.environ, "PYTHONPATH": str(REPO / "src"), "PYTHONWARNINGS": "ignore"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         # The ingest, its two decode workers and the resource tracker.

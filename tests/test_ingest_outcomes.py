@@ -103,15 +103,19 @@ def test_source_without_images_creates_nothing(tmp_path: Path, lite0_model_dir: 
 def all_broken_csv(tmp_path: Path) -> Path:
     (tmp_path / "a.jpg").write_text("<html>")
     (tmp_path / "b.png").write_bytes(b"")
-    return write_csv(tmp_path / "shop.csv", [["p1", "a.jpg"], ["p2", "b.png"]],
-                     header=["product_id", "image_path"])  # fmt: skip
+    return write_csv(
+        tmp_path / "shop.csv",
+        [["p1", "a.jpg"], ["p2", "b.png"]],
+        header=["product_id", "image_path"],
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_all_failed_leaves_no_catalog(tmp_path: Path, lite0_model_dir: Path, workers: int) -> None:
     csv_path = all_broken_csv(tmp_path)
-    result = index(csv_path, "--catalog", tmp_path / "cat", "--model", lite0_model_dir,
-                   "--workers", workers)  # fmt: skip
+    result = index(
+        csv_path, "--catalog", tmp_path / "cat", "--model", lite0_model_dir, "--workers", workers
+    )
     assert result.exit_code == 1, result.output
     assert "2 failed" in result.stdout and "nothing was indexed" in result.stderr
     assert "empty" in result.stderr and "not an image" in result.stderr

@@ -136,9 +136,12 @@ def test_kill_9_resume_does_not_reembed(tmp_path: Path, lite0_model_dir: Path) -
     script.write_text(RESUMABLE)
     proc = subprocess.Popen(
         [sys.executable, str(script), str(tmp_path / "shop"), str(cat), str(lite0_model_dir)],
-        env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
     def stored() -> int:
         try:
@@ -191,14 +194,16 @@ def test_dead_decode_worker_is_one_clear_error(tmp_path: Path, lite0_model_dir: 
     doomed = records[13]
     records[13] = WorkerKillingRecord(doomed.sku, doomed.path)
     with pytest.raises(IngestError, match="decode worker process died") as info:
-        api.index_source(records, tmp_path / "cat", model=str(lite0_model_dir), batch_size=4,
-                         workers=2)  # fmt: skip
+        api.index_source(
+            records, tmp_path / "cat", model=str(lite0_model_dir), batch_size=4, workers=2
+        )
     assert "run the ingest again" in str(info.value)
     # Whole batches before the dead worker's, nothing else (and no catalog if none committed).
     kept = check_catalog_dir(tmp_path / "cat")["images"] if (tmp_path / "cat").exists() else 0
     assert kept % 4 == 0 and kept <= 12
-    report = api.index_source(tmp_path / "shop", tmp_path / "cat", model=str(lite0_model_dir),
-                              batch_size=4, workers=2)  # fmt: skip
+    report = api.index_source(
+        tmp_path / "shop", tmp_path / "cat", model=str(lite0_model_dir), batch_size=4, workers=2
+    )
     assert (report.added, report.skipped) == (24 - kept, kept)
     assert check_catalog_dir(tmp_path / "cat")["images"] == 24
 
@@ -206,8 +211,13 @@ def test_dead_decode_worker_is_one_clear_error(tmp_path: Path, lite0_model_dir: 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_rerun_skips_everything(tmp_path: Path, lite0_model_dir: Path, workers: int) -> None:
     make_images(tmp_path / "shop", n_products=4, per_product=6, size=48)
-    api.index_source(tmp_path / "shop", tmp_path / "cat", model=str(lite0_model_dir),
-                     batch_size=4, workers=workers)  # fmt: skip
+    api.index_source(
+        tmp_path / "shop",
+        tmp_path / "cat",
+        model=str(lite0_model_dir),
+        batch_size=4,
+        workers=workers,
+    )
     CountingEmbedder.embedded = 0
     catalog = open_catalog(tmp_path / "cat")
     try:
@@ -239,8 +249,9 @@ def test_one_prepare_step_reads_each_known_image_once(
     in the ingesting process."""
     make_images(tmp_path / "shop", n_products=4, per_product=6, size=48)
     records = [ReadCountingRecord(r.sku, r.path) for r in read_source(tmp_path / "shop")]
-    api.index_source(records, tmp_path / "cat", model=str(lite0_model_dir), batch_size=4,
-                     workers=workers)  # fmt: skip
+    api.index_source(
+        records, tmp_path / "cat", model=str(lite0_model_dir), batch_size=4, workers=workers
+    )
     ReadCountingRecord.main_process_reads = 0
     report = api.index_source(records, tmp_path / "cat", batch_size=4, workers=workers)
     assert (report.added, report.skipped) == (0, 24)

@@ -100,8 +100,15 @@ def test_preprocess_of_a_long_thin_image_resamples_only_its_centre(
 def test_model_card(lite0_model_dir: Path) -> None:
     card = read_card(lite0_model_dir)
     data = json.loads((lite0_model_dir / CARD_FILE).read_text())
-    for key in ("name", "backbone", "input_size", "normalisation", "output_dim",
-                "source_weights_sha256", "onnx_sha256"):  # fmt: skip
+    for key in (
+        "name",
+        "backbone",
+        "input_size",
+        "normalisation",
+        "output_dim",
+        "source_weights_sha256",
+        "onnx_sha256",
+    ):
         assert key in data
     assert card.name == "efficientnet_lite0" and card.backbone == "efficientnet_lite0"
     assert card.input_size == 224 and card.output_dim == 1280

@@ -51,8 +51,9 @@ def test_vectors_follow_every_write_incrementally(tmp_path: Path) -> None:
         add_image(catalog, "new", unit(rng)[0])  # a new product
         ids = product_ids(directory)
         catalog.remove_product(ids["p07"])
-        catalog.remove_images([r for r, (p, _) in stored(directory, "images").items()
-                               if p == ids["p02"]][:1])  # fmt: skip
+        catalog.remove_images(
+            [r for r, (p, _) in stored(directory, "images").items() if p == ids["p02"]][:1]
+        )
         assert pv.refresh()
         assert_matches_store(pv, directory)
         assert ids["p07"] not in pv.vectors()[0].tolist()

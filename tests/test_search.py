@@ -326,8 +326,9 @@ def test_catalog_and_query_crops_are_framed_alike(tmp_path: Path, lite0_model_di
     for mode in ("pad", "center"):
         cat = tmp_path / f"cat-{mode}"
         if mode == "center":  # an older catalog: its card has no crop_mode
-            create_catalog(cat, model_id=embedder.model_id, model_ref=str(lite0_model_dir),
-                           dim=embedder.dim).close()  # fmt: skip
+            create_catalog(
+                cat, model_id=embedder.model_id, model_ref=str(lite0_model_dir), dim=embedder.dim
+            ).close()
             card = json.loads((cat / CATALOG_CARD).read_text())
             assert card.pop("crop_mode") == "pad"
             (cat / CATALOG_CARD).write_text(json.dumps(card))
@@ -337,11 +338,13 @@ def test_catalog_and_query_crops_are_framed_alike(tmp_path: Path, lite0_model_di
             assert catalog.crop_mode == mode and catalog.info()["crop_mode"] == mode
             first = Image.open(images[0][1]).convert("RGB")
             lower = detector.detect(first)[1].box
-            stored = np.concatenate([v for _, v in catalog.store.iter_vectors(
-                "crops", catalog.dim, position="lower")])  # fmt: skip
+            stored = np.concatenate(
+                [v for _, v in catalog.store.iter_vectors("crops", catalog.dim, position="lower")]
+            )
             expected = embedder.embed_images([frame_crop(first, lower, mode)])[0]
-            other = embedder.embed_images([frame_crop(first, lower, "pad" if mode == "center"
-                                                      else "center")])[0]  # fmt: skip
+            other = embedder.embed_images(
+                [frame_crop(first, lower, "pad" if mode == "center" else "center")]
+            )[0]
             assert float((stored @ expected).max()) > 0.999
             assert float((stored @ other).max()) < 0.999
             result = Searcher(catalog, embedder, detector).search(first, k=1)

@@ -49,8 +49,9 @@ def reference(
 
 
 def as_tuples(hits) -> list[tuple[int, float, int]]:
-    return [(h.product_id, h.score, h.crop_id if h.crop_id is not None else h.image_id)
-            for h in hits]  # fmt: skip
+    return [
+        (h.product_id, h.score, h.crop_id if h.crop_id is not None else h.image_id) for h in hits
+    ]
 
 
 def assert_same(got: list, want: list) -> None:
@@ -66,9 +67,15 @@ def test_image_and_item_results_match_brute_force(shop: Path, k: int) -> None:
         for sku in ("p00", "p07", "p21"):
             result = similar_products(catalog, sku, k)
             assert_same(as_tuples(result.image_results), reference(shop, sku, k))
-            own_positions = {r[0] for r in db_rows(shop, "SELECT DISTINCT c.position FROM crops c"
-                             f" JOIN images i ON c.image_id = i.id JOIN products p ON"
-                             f" i.product_id = p.id WHERE p.sku = '{sku}'")}  # fmt: skip
+            own_positions = {
+                r[0]
+                for r in db_rows(
+                    shop,
+                    "SELECT DISTINCT c.position FROM crops c"
+                    f" JOIN images i ON c.image_id = i.id JOIN products p ON"
+                    f" i.product_id = p.id WHERE p.sku = '{sku}'",
+                )
+            }
             assert {r.position for r in result.item_results} == own_positions
             for item in result.item_results:
                 assert_same(as_tuples(item.results), reference(shop, sku, k, item.position))
@@ -83,16 +90,17 @@ def test_image_and_item_results_match_brute_force(shop: Path, k: int) -> None:
 def test_position_and_filters(shop: Path) -> None:
     catalog = open_catalog(shop)
     try:
-        sku = next(s for s in ("p00", "p01", "p02", "p03")
-                   if reference(shop, s, 1, "upper"))  # fmt: skip
+        sku = next(s for s in ("p00", "p01", "p02", "p03") if reference(shop, s, 1, "upper"))
         result = similar_products(catalog, sku, 5, position="upper")
         assert result.image_results == []  # a position asks for item-based results only
         assert [r.position for r in result.item_results] == ["upper"]
         assert_same(as_tuples(result.item_results[0].results), reference(shop, sku, 5, "upper"))
 
         filters = ProductFilter(category="skirts", min_price=12, max_price=30)
-        meta = {pid: (cat, price) for pid, cat, price in
-                db_rows(shop, "SELECT id, category, price FROM products")}  # fmt: skip
+        meta = {
+            pid: (cat, price)
+            for pid, cat, price in db_rows(shop, "SELECT id, category, price FROM products")
+        }
 
         def accept(pid: int) -> bool:
             cat, price = meta[pid]

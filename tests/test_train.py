@@ -79,8 +79,17 @@ def demo_rows(tmp_path_factory: pytest.TempPathFactory) -> list[ManifestRow]:
 def _config(**kw: object):
     from snapshop.train.trainer import TrainConfig
 
-    base = dict(backbone="efficientnet_lite0", dim=32, epochs=4, lr=0.05, classes_per_batch=4,
-                samples_per_class=2, views=2, input_size=96, threads=1)  # fmt: skip
+    base = dict(
+        backbone="efficientnet_lite0",
+        dim=32,
+        epochs=4,
+        lr=0.05,
+        classes_per_batch=4,
+        samples_per_class=2,
+        views=2,
+        input_size=96,
+        threads=1,
+    )
     base.update(kw)
     return TrainConfig(**base)  # type: ignore[arg-type]
 
@@ -96,8 +105,14 @@ def test_training_reduces_loss_resumes_and_exports(tmp_path: Path, demo_rows) ->
     first = train(train_rows, out, _config(epochs=3), export=False)
     assert [h["epoch"] for h in first.history] == [0, 1, 2]
     assert (out / "checkpoint.pt").exists()
-    resumed = train(train_rows, out, _config(epochs=6), eval_rows=test_rows,
-                    gallery_where={"split": "test"}, resume=True)  # fmt: skip
+    resumed = train(
+        train_rows,
+        out,
+        _config(epochs=6),
+        eval_rows=test_rows,
+        gallery_where={"split": "test"},
+        resume=True,
+    )
     losses = [h["loss"] for h in resumed.history]
     assert [h["epoch"] for h in resumed.history] == list(range(6))
     assert losses[:3] == [h["loss"] for h in first.history]  # the resumed run kept its history
@@ -121,8 +136,9 @@ def test_training_last_block_without_cache_and_guards(tmp_path: Path, demo_rows)
     from snapshop.train.trainer import train
 
     train_rows = [r for r in demo_rows if r.extra["split"] == "train"]
-    result = train(train_rows, tmp_path / "m", _config(epochs=2, train_blocks=1, cache=False),
-                   export=False)  # fmt: skip
+    result = train(
+        train_rows, tmp_path / "m", _config(epochs=2, train_blocks=1, cache=False), export=False
+    )
     assert len(result.history) == 2 and result.history[0]["warmup"]
     assert all(math.isfinite(h["loss"]) for h in result.history)
     with pytest.raises(ConfigError, match="held-out"):
@@ -133,8 +149,13 @@ def test_training_last_block_without_cache_and_guards(tmp_path: Path, demo_rows)
         with pytest.raises(ConfigError, match="cuda"):
             train(train_rows, tmp_path / "g", _config(device="cuda", train_blocks=-1, cache=False))
     with pytest.raises(ConfigError, match="not resuming"):
-        train(train_rows, tmp_path / "m", _config(epochs=3, dim=16, train_blocks=1, cache=False),
-              resume=True, export=False)  # fmt: skip
+        train(
+            train_rows,
+            tmp_path / "m",
+            _config(epochs=3, dim=16, train_blocks=1, cache=False),
+            resume=True,
+            export=False,
+        )
 
 
 @pytest.mark.slow
@@ -203,8 +224,9 @@ class _CountingLoop:
             def setup(self) -> None:
                 seed_everything(0)
                 self.weight = torch.nn.Parameter(torch.zeros(1))
-                self.opt = make_optimizer("sgd", [{"params": [self.weight], "lr": 0.25}],
-                                          weight_decay=0.0, momentum=0.0)  # fmt: skip
+                self.opt = make_optimizer(
+                    "sgd", [{"params": [self.weight], "lr": 0.25}], weight_decay=0.0, momentum=0.0
+                )
 
             def train_epoch(self, epoch: int) -> dict:
                 self.trained.append(epoch)
@@ -269,18 +291,24 @@ def test_row_selection_defaults_to_the_protocol_split() -> None:
     from snapshop.train.trainer import RowSelection, TrainConfig, select_rows
 
     rows = [
-        ManifestRow(Path(f"{p}-{i}.jpg"), p, "gallery" if i else "query",
-                    {"split": split, "domain": "iconic" if i == 2 else "natural"})
+        ManifestRow(
+            Path(f"{p}-{i}.jpg"),
+            p,
+            "gallery" if i else "query",
+            {"split": split, "domain": "iconic" if i == 2 else "natural"},
+        )
         for p, split in (("a", "train"), ("b", "train"), ("c", "test"))
         for i in range(3)
-    ]  # fmt: skip
+    ]
     train_rows, eval_rows, gallery = select_rows(rows, RowSelection())
     assert {r.sku for r in train_rows} == {"a", "b"} and len(train_rows) == 6
     assert {r.sku for r in eval_rows} == {"c"} and gallery is None
     train_rows, eval_rows, gallery = select_rows(
-        rows, RowSelection(("split=test",), ("split=train",), ("domain=iconic",),
-                           ("domain=iconic",), repeat=3),
-    )  # fmt: skip
+        rows,
+        RowSelection(
+            ("split=test",), ("split=train",), ("domain=iconic",), ("domain=iconic",), repeat=3
+        ),
+    )
     assert [r.path.name for r in train_rows] == ["c-0.jpg", "c-1.jpg"] + ["c-2.jpg"] * 3
     assert len(eval_rows) == 6 and gallery == {"domain": "iconic"}
     plain = [ManifestRow(r.path, r.sku, r.role, {}) for r in rows]  # no split column

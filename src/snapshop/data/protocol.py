@@ -55,8 +55,9 @@ class SplitCounts:
         return [(k, self.products[k], self.images[k]) for k in self.products]
 
 
-def split_products(rows: list[ManifestRow], config: ProtocolConfig = ProtocolConfig()
-                   ) -> tuple[list[ManifestRow], SplitCounts]:  # fmt: skip
+def split_products(
+    rows: list[ManifestRow], config: ProtocolConfig = ProtocolConfig()
+) -> tuple[list[ManifestRow], SplitCounts]:
     """Apply the protocol to merged rows; returns the new rows (sorted by product) and counts."""
     by_product: dict[str, list[ManifestRow]] = defaultdict(list)
     seen: set[tuple[str, str]] = set()
@@ -66,10 +67,11 @@ def split_products(rows: list[ManifestRow], config: ProtocolConfig = ProtocolCon
             seen.add(image_key)
             by_product[r.sku].append(r)
     kept = sorted(
-        p for p, images in by_product.items()
+        p
+        for p, images in by_product.items()
         if len(images) >= config.min_images
         and (not config.max_images or len(images) <= config.max_images)
-    )  # fmt: skip
+    )
     if len(kept) < 2:
         raise ConfigError(
             f"{len(kept)} products have {config.min_images}..{config.max_images or 'any'} images;"

@@ -38,14 +38,17 @@ INSHOP_STATUS_ROLE = {"query": "query", "gallery": "gallery", "train": "gallery"
 def read_inshop(root: Path) -> list[ManifestRow]:
     """DeepFashion In-shop: rows of ``list_eval_partition.txt`` (Eval/ or the root)."""
     root = Path(root)
-    listing = next((p for p in (root / INSHOP_LIST, root / "Eval" / INSHOP_LIST) if p.is_file()),
-                   None)  # fmt: skip
+    listing = next(
+        (p for p in (root / INSHOP_LIST, root / "Eval" / INSHOP_LIST) if p.is_file()), None
+    )
     if listing is None:
         raise ManifestError(f"{root}: no {INSHOP_LIST} (DeepFashion In-shop layout)")
     lines = listing.read_text(encoding="utf-8").splitlines()
     if len(lines) < 2 or lines[1].split()[:3] != ["image_name", "item_id", "evaluation_status"]:
-        raise ManifestError(f"{listing}: expected a count line and the header "
-                            "'image_name item_id evaluation_status'")  # fmt: skip
+        raise ManifestError(
+            f"{listing}: expected a count line and the header "
+            "'image_name item_id evaluation_status'"
+        )
     rows: list[ManifestRow] = []
     for n, line in enumerate(lines[2:], start=3):
         parts = line.split()
@@ -55,8 +58,14 @@ def read_inshop(root: Path) -> list[ManifestRow]:
             raise ManifestError(f"{listing}:{n}: expected 'image_name item_id train|query|gallery'")
         name, item, status = parts
         rel = name if name.startswith("img/") else f"img/{name}"
-        rows.append(ManifestRow(root / rel, item, INSHOP_STATUS_ROLE[status],
-                                {"source": "inshop", "eval_status": status}))  # fmt: skip
+        rows.append(
+            ManifestRow(
+                root / rel,
+                item,
+                INSHOP_STATUS_ROLE[status],
+                {"source": "inshop", "eval_status": status},
+            )
+        )
     expected = lines[0].strip()
     if expected.isdigit() and int(expected) != len(rows):
         log.warning("%s: header says %s images, found %d", listing, expected, len(rows))
@@ -109,8 +118,12 @@ def read_street2shop(root: Path, images: Path | None = None) -> list[ManifestRow
         for entry in _load_json_list(path):
             if "photo" not in entry or "product" not in entry:
                 raise ManifestError(f"{path}: entries need 'photo' and 'product'")
-            add(entry["photo"], entry["product"], "gallery",
-                {"source": "street2shop", "category": category, "domain": "shop"})  # fmt: skip
+            add(
+                entry["photo"],
+                entry["product"],
+                "gallery",
+                {"source": "street2shop", "category": category, "domain": "shop"},
+            )
     for path in sorted(meta.glob("*_pairs_*.json")):
         match = re.fullmatch(r"(train|test)_pairs_(.+)", path.stem)
         if not match:
@@ -123,9 +136,18 @@ def read_street2shop(root: Path, images: Path | None = None) -> list[ManifestRow
                 x2, y2 = x1 + float(box["width"]), y1 + float(box["height"])
             except (KeyError, TypeError, ValueError):
                 raise ManifestError(f"{path}: entry {entry} has no valid bbox") from None
-            add(entry.get("photo"), entry.get("product"), "query",
-                {"source": "street2shop", "category": category, "domain": "street",
-                 "pair_split": pair_split, "bbox": f"{x1:g},{y1:g},{x2:g},{y2:g}"})  # fmt: skip
+            add(
+                entry.get("photo"),
+                entry.get("product"),
+                "query",
+                {
+                    "source": "street2shop",
+                    "category": category,
+                    "domain": "street",
+                    "pair_split": pair_split,
+                    "bbox": f"{x1:g},{y1:g},{x2:g},{y2:g}",
+                },
+            )
     if missing:
         log.warning("street2shop: %d listed photos are not in the photo folder", missing)
     if not rows:

@@ -149,9 +149,12 @@ def _check_header(header: list[str], path: Path) -> None:
 
 
 def _check_same_product(
-    known: dict[str, dict[str, tuple[Any, int]]], sku: str, meta: dict[str, Any], line: int,
+    known: dict[str, dict[str, tuple[Any, int]]],
+    sku: str,
+    meta: dict[str, Any],
+    line: int,
     path: Path,
-) -> None:  # fmt: skip
+) -> None:
     """Rows of one product may leave its fields empty but not disagree on them: neither row
     could be said to win, and a silent choice would lose the other's value."""
     fields = known.setdefault(sku, {})
@@ -202,9 +205,11 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
                         meta[col] = values[col]
                 if "price" in meta:
                     meta["price"] = _parse_price(meta["price"], line, path)
-                extra = {k: v for k, v in values.items()
-                         if k not in REQUIRED_COLUMNS + PRODUCT_COLUMNS + IMAGE_COLUMNS
-                         and v}  # fmt: skip
+                extra = {
+                    k: v
+                    for k, v in values.items()
+                    if k not in REQUIRED_COLUMNS + PRODUCT_COLUMNS + IMAGE_COLUMNS and v
+                }
                 if extra:
                     meta["attributes"] = extra
                 try:

@@ -72,8 +72,9 @@ def breakdown(
     for photo in outcomes:
         for label in photo.labels:
             by_label[label].append(photo)
-    rows += sorted((label, photos) for label, photos in by_label.items()
-                   if len(photos) >= min_photos)  # fmt: skip
+    rows += sorted(
+        (label, photos) for label, photos in by_label.items() if len(photos) >= min_photos
+    )
     return [
         (label, len(photos), {p: Counter(ph.outcome[p] for ph in photos) for p in POSITIONS})
         for label, photos in rows

@@ -79,14 +79,19 @@ def fold_ranks(
 
 
 def held_out_folds(
-    rows: list[ManifestRow], folds: int, *, seed: int = 0, max_images: int = 0,
+    rows: list[ManifestRow],
+    folds: int,
+    *,
+    seed: int = 0,
+    max_images: int = 0,
     keep_roles: bool = True,
-) -> list[list[ManifestRow]]:  # fmt: skip
+) -> list[list[ManifestRow]]:
     """The test rows of each of ``folds`` protocol folds (as ``snapshop prepare --folds``)."""
     held_out = []
     for fold in range(folds):
-        config = ProtocolConfig(max_images=max_images, seed=seed, keep_roles=keep_roles,
-                                folds=folds, fold=fold)  # fmt: skip
+        config = ProtocolConfig(
+            max_images=max_images, seed=seed, keep_roles=keep_roles, folds=folds, fold=fold
+        )
         split, _ = split_products(rows, config)
         held_out.append([r for r in split if r.extra["split"] == "test"])
     return held_out
@@ -127,19 +132,25 @@ class CrossValidation:
             if not first.queries:
                 lines += ["", f"{protocol}: no query has a gallery image of its product (skipped)"]
                 continue
-            lines += ["", f"{protocol}: {self.folds} folds, {first.products} products,"
-                      f" {first.queries} queries, pooled"]  # fmt: skip
+            lines += [
+                "",
+                f"{protocol}: {self.folds} folds, {first.products} products,"
+                f" {first.queries} queries, pooled",
+            ]
             lines.append("| metric | " + " | ".join(self.columns) + " |")
             lines.append("|---" * (len(self.columns) + 1) + "|")
             for k in KS:
                 cells = []
                 for name in self.columns:
                     value, (lo, hi) = self.results[name][protocol].recall(k)
-                    cells.append(f"{value:.4f} [{lo:.3f}, {hi:.3f}]" if k in (1, 5, 10)
-                                 else f"{value:.4f}")  # fmt: skip
+                    cells.append(
+                        f"{value:.4f} [{lo:.3f}, {hi:.3f}]" if k in (1, 5, 10) else f"{value:.4f}"
+                    )
                 lines.append(f"| R@{k} | " + " | ".join(cells) + " |")
-            cells = [" / ".join(f"{r:.3f}" for r in self.results[name][protocol].per_fold_r1)
-                     for name in self.columns]  # fmt: skip
+            cells = [
+                " / ".join(f"{r:.3f}" for r in self.results[name][protocol].per_fold_r1)
+                for name in self.columns
+            ]
             lines.append("| R@1 per fold | " + " | ".join(cells) + " |")
         return lines
 
@@ -160,8 +171,10 @@ def _score_column(
         embedder = load_embedder(model)
         trained_on = set(embedder.card.training.get("classes", []))
         if trained_on & {r.sku for r in held_out}:
-            raise ConfigError(f"{model} was trained on products this fold holds out: "
-                              "not the same folds (seed, --max-images, --keep-roles?)")  # fmt: skip
+            raise ConfigError(
+                f"{model} was trained on products this fold holds out: "
+                "not the same folds (seed, --max-images, --keep-roles?)"
+            )
         paths = [str(r.path) for r in held_out]
         todo = [p for p in paths if (model, p) not in cache]
         vecs, kept, skipped, _ = embed_paths(embedder, todo)
@@ -176,16 +189,22 @@ def _score_column(
 
         queries = [r for r in present if r.role == "query"]
         gallery = [r for r in present if r.role == "gallery"]
-        galleries = {"photo -> all": gallery,
-                     "photo -> catalog": [r for r in gallery if matches(r, catalog)]}  # fmt: skip
+        galleries = {
+            "photo -> all": gallery,
+            "photo -> catalog": [r for r in gallery if matches(r, catalog)],
+        }
         for protocol, shown in galleries.items():
             in_gallery = {r.sku for r in shown}
             asked = [r for r in queries if r.sku in in_gallery]
             if not asked:  # e.g. no catalog images in this dataset
                 continue
-            ranks, labels = fold_ranks(vectors(asked), [r.sku for r in asked],
-                                       vectors(shown), [r.sku for r in shown],
-                                       label_of)  # fmt: skip
+            ranks, labels = fold_ranks(
+                vectors(asked),
+                [r.sku for r in asked],
+                vectors(shown),
+                [r.sku for r in shown],
+                label_of,
+            )
             pooled[protocol].add(ranks, labels)
     return pooled
 
@@ -206,11 +225,11 @@ def cross_validate(
     if folds < 2:
         raise ConfigError("cross-validation needs one model per fold (at least 2)")
     catalog = parse_where([catalog_where])
-    fold_rows = held_out_folds(rows, folds, seed=seed, max_images=max_images,
-                               keep_roles=keep_roles)  # fmt: skip
+    fold_rows = held_out_folds(rows, folds, seed=seed, max_images=max_images, keep_roles=keep_roles)
     products = sorted({r.sku for held_out in fold_rows for r in held_out})
     label_of = {p: i for i, p in enumerate(products)}
     columns = [(name, [name] * folds) for name in baselines] + [(FOLD_MODELS, list(fold_models))]
-    results = {name: _score_column(models, fold_rows, catalog, label_of)
-               for name, models in columns}  # fmt: skip
+    results = {
+        name: _score_column(models, fold_rows, catalog, label_of) for name, models in columns
+    }
     return CrossValidation(folds, [name for name, _ in columns], results)

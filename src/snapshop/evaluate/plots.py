@@ -97,8 +97,9 @@ def plot_grid(
     picks = sorted(random.Random(seed).sample(range(n), min(n_queries, n)))
     plt = _pyplot()
     rows = len(picks) * len(usable)
-    fig, axes = plt.subplots(rows, top + 1, figsize=(1.3 * (top + 1), 1.45 * rows), dpi=90,
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        rows, top + 1, figsize=(1.3 * (top + 1), 1.45 * rows), dpi=90, squeeze=False
+    )
     row = 0
     for qi in picks:
         for report in usable:

@@ -116,7 +116,7 @@ class RetrievalReport:
             "recall": {f"R@{k}": round(v, 4) for k, v in self.recall.items()},
             "recall_ci95": {
                 f"R@{k}": [round(lo, 4), round(hi, 4)] for k, (lo, hi) in self.recall_ci.items()
-            },  # fmt: skip
+            },
             "mAP@R": round(self.map_at_r, 4),
             "queries": self.n_queries,
             "gallery": self.n_gallery,
@@ -231,17 +231,22 @@ def evaluate_manifest(
     embed_ms = (q_ms * len(q_kept) + g_ms * len(g_kept)) / max(n, 1)
     report = evaluate_embeddings(
         name or embedder.card.name,
-        q_vecs, [queries[i].sku for i in q_kept],
-        g_vecs, [gallery[i].sku for i in g_kept],
-        ks, embed_ms,
-    )  # fmt: skip
+        q_vecs,
+        [queries[i].sku for i in q_kept],
+        g_vecs,
+        [gallery[i].sku for i in g_kept],
+        ks,
+        embed_ms,
+    )
     report.skipped = q_skip + g_skip
     report.vectors = {
-        "query_vecs": q_vecs, "query_paths": [str(queries[i].path) for i in q_kept],
+        "query_vecs": q_vecs,
+        "query_paths": [str(queries[i].path) for i in q_kept],
         "query_products": [queries[i].sku for i in q_kept],
-        "gallery_vecs": g_vecs, "gallery_paths": [str(gallery[i].path) for i in g_kept],
+        "gallery_vecs": g_vecs,
+        "gallery_paths": [str(gallery[i].path) for i in g_kept],
         "gallery_products": [gallery[i].sku for i in g_kept],
-    }  # fmt: skip
+    }
     return report
 
 

@@ -134,8 +134,13 @@ def max_exact_vectors(dim: int, budget: IndexBudget = IndexBudget()) -> int:
 def ivf_params(n: int, dim: int, pq_m: int) -> dict[str, Any]:
     """nlist ~ 4 sqrt(N) (a power of two), nprobe ~ nlist / 32, 4-bit fast-scan codes."""
     nlist = 2 ** max(4, min(16, round(math.log2(max(4 * math.sqrt(max(n, 1)), 1)))))
-    return {"nlist": nlist, "pq_m": pq_m, "nbits": 4,
-            "nprobe": max(8, min(256, nlist // 32)), "rerank": 100}  # fmt: skip
+    return {
+        "nlist": nlist,
+        "pq_m": pq_m,
+        "nbits": 4,
+        "nprobe": max(8, min(256, nlist // 32)),
+        "rerank": 100,
+    }
 
 
 def index_memory_bytes(kind: str, n: int, dim: int, params: dict[str, Any] | None = None) -> int:
@@ -168,8 +173,11 @@ def predicted_ms(
         return HNSW_MS_256D * scale * (SQ_SLOWDOWN if kind == "hnsw_sq" else 1.0) + rerank_ms
     if kind == "ivfpq":
         nlist, nprobe = int(params["nlist"]), int(params["nprobe"])
-        coarse = (4.0 * nlist * dim / budget.exact_bytes_per_ms if nlist < 4096  # scanned
-                  else HNSW_MS_256D * dim / 256)  # an HNSW graph over the centroids  # fmt: skip
+        coarse = (
+            4.0 * nlist * dim / budget.exact_bytes_per_ms
+            if nlist < 4096  # scanned
+            else HNSW_MS_256D * dim / 256
+        )  # an HNSW graph over the centroids
         codes = n * nprobe / nlist * int(params["pq_m"]) * int(params.get("nbits", 4)) / 8
         return coarse + codes / PQ_SCAN_BYTES_PER_MS + rerank_ms
     raise VectorIndexError(f"no latency model for index kind {kind!r}")
@@ -203,9 +211,11 @@ def choose_index(
             continue
         fits_memory.append((kind, params, memory, ms))
         if ms <= budget.max_query_ms:
-            reason = (f"{kind}: ~{human_bytes(memory)} for {total:,} vectors"
-                      f"{'' if limit_b is None else f' (budget {human_bytes(limit_b)})'},"
-                      f" ~{ms:.2f} ms predicted (budget {budget.max_query_ms:g} ms)")  # fmt: skip
+            reason = (
+                f"{kind}: ~{human_bytes(memory)} for {total:,} vectors"
+                f"{'' if limit_b is None else f' (budget {human_bytes(limit_b)})'},"
+                f" ~{ms:.2f} ms predicted (budget {budget.max_query_ms:g} ms)"
+            )
             return IndexChoice(kind, dict(params), reason, memory, ms)
     if not fits_memory:
         smallest = min(index_memory_bytes(k, total, dim, p) for k, p in candidates(n, dim))
@@ -215,10 +225,18 @@ def choose_index(
             " dimension, or use a server backend (pgvector, milvus)"
         )
     kind, params, memory, ms = min(fits_memory, key=lambda c: c[3])
-    log.warning("no index of %d x %d meets %g ms within the memory budget; %s predicts %.1f ms",
-                n, dim, budget.max_query_ms, kind, ms)  # fmt: skip
-    reason = (f"{kind}: fastest within the memory budget (~{human_bytes(memory)}),"
-              f" ~{ms:.1f} ms predicted, over the {budget.max_query_ms:g} ms budget")  # fmt: skip
+    log.warning(
+        "no index of %d x %d meets %g ms within the memory budget; %s predicts %.1f ms",
+        n,
+        dim,
+        budget.max_query_ms,
+        kind,
+        ms,
+    )
+    reason = (
+        f"{kind}: fastest within the memory budget (~{human_bytes(memory)}),"
+        f" ~{ms:.1f} ms predicted, over the {budget.max_query_ms:g} ms budget"
+    )
     return IndexChoice(kind, dict(params), reason, memory, ms)
 
 

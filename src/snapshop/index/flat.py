@@ -152,5 +152,10 @@ class FlatIndex:
         return int(len(self) * (4 * self.dim + 8))
 
     def info(self) -> dict[str, Any]:
-        return {"kind": self.kind, "dim": self.dim, "count": len(self), "metric": "inner_product",
-                "memory_bytes": self.memory_bytes()}  # fmt: skip
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "count": len(self),
+            "metric": "inner_product",
+            "memory_bytes": self.memory_bytes(),
+        }

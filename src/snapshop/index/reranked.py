@@ -285,8 +285,13 @@ class RerankedIndex:
             index.add(rows)
         self._index = index
         self._trained_on = len(live)
-        log.info("%s trained on %d and filled with %d vectors in %.1f s", self.kind,
-                 len(sample), len(self._labels), time.perf_counter() - started)  # fmt: skip
+        log.info(
+            "%s trained on %d and filled with %d vectors in %.1f s",
+            self.kind,
+            len(sample),
+            len(self._labels),
+            time.perf_counter() - started,
+        )
 
     def compact(self) -> None:
         """Rebuild (and retrain) from the live float vectors, dropping every dead node."""
@@ -330,9 +335,10 @@ class RerankedIndex:
             return SearchHits(np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64))
         selection = self._selection(allowed)
         if self._index is None or (
-            selection is not None and allowed is not None
+            selection is not None
+            and allowed is not None
             and len(selection.nodes) <= exact_filter_max(self.dim)
-        ):  # fmt: skip
+        ):
             nodes = selection.nodes if selection is not None else np.flatnonzero(self._alive)
             scores, ids = exact_top_k(self._floats.take(nodes), self._labels[nodes], queries, k)
             return SearchHits(scores, ids)
@@ -386,8 +392,11 @@ class RerankedIndex:
     # --- memory -----------------------------------------------------------------------------
     def memory_bytes(self) -> int:
         """Resident bytes (estimated): codes and structure, labels and unsaved floats."""
-        return int(len(self._labels) * (self.code_bytes_per_vector() + ID_BYTES)
-                   + self.fixed_bytes() + self._floats.resident_bytes)  # fmt: skip
+        return int(
+            len(self._labels) * (self.code_bytes_per_vector() + ID_BYTES)
+            + self.fixed_bytes()
+            + self._floats.resident_bytes
+        )
 
     def fixed_bytes(self) -> int:
         """Bytes that do not grow with the number of vectors (centroids, rotations)."""
@@ -421,7 +430,7 @@ class RerankedIndex:
                         faiss.serialize_index(self._index)
                         if self._index is not None
                         else np.zeros(0, np.uint8)
-                    ),  # fmt: skip
+                    ),
                     labels=self._labels,
                     alive=self._alive,
                     config=np.array(repr(self._config())),
@@ -474,9 +483,13 @@ class RerankedIndex:
         kind_cls = RERANKED_KINDS.get(config.get("kind"))
         if kind_cls is None:
             raise RuntimeError(f"unknown reranked kind {config.get('kind')!r}")
-        self = kind_cls(int(config["dim"]), rerank=int(config["rerank"]),
-                        compact_fraction=float(config["compact_fraction"]),
-                        train_min=int(config["train_min"]), **config["params"])  # fmt: skip
+        self = kind_cls(
+            int(config["dim"]),
+            rerank=int(config["rerank"]),
+            compact_fraction=float(config["compact_fraction"]),
+            train_min=int(config["train_min"]),
+            **config["params"],
+        )
         if floats.shape != (len(labels), self.dim) or len(alive) != len(labels):
             raise RuntimeError("index and its vectors file do not match (interrupted save?)")
         if len(graph):
@@ -530,8 +543,9 @@ class HNSWSQIndex(RerankedIndex):
         self.params["ef_search"] = int(value)
 
     def _new_index(self, n_train: int) -> Any:
-        index = faiss.IndexHNSWSQ(self.dim, faiss.ScalarQuantizer.QT_8bit, self.params["m"],
-                                  faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+        index = faiss.IndexHNSWSQ(
+            self.dim, faiss.ScalarQuantizer.QT_8bit, self.params["m"], faiss.METRIC_INNER_PRODUCT
+        )
         index.hnsw.efConstruction = self.params["ef_construction"]
         return index
 

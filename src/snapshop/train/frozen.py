@@ -129,8 +129,16 @@ def _rows_key(rows: Sequence[ManifestRow], config: TrainConfig, n_views: int, ta
     digest = hashlib.sha256()
     for r in rows:
         digest.update(f"{r.path}|{r.sku}\n".encode())
-    settings = (config.backbone, config.train_blocks, n_views, config.seed, config.input_size,
-                config.pretrained, json.dumps(dataclasses.asdict(config.augment)), tag)  # fmt: skip
+    settings = (
+        config.backbone,
+        config.train_blocks,
+        n_views,
+        config.seed,
+        config.input_size,
+        config.pretrained,
+        json.dumps(dataclasses.asdict(config.augment)),
+        tag,
+    )
     digest.update(repr(settings).encode())
     return digest.hexdigest()[:16]
 
@@ -181,8 +189,12 @@ def compute_frozen(
         if len(batch_arrays) >= per_batch * n_views:
             flush()
         if (len(kept)) % 200 == 0:
-            log.info("frozen features: %d/%d images, %.0f s", len(kept), len(rows),
-                     time.perf_counter() - t0)  # fmt: skip
+            log.info(
+                "frozen features: %d/%d images, %.0f s",
+                len(kept),
+                len(rows),
+                time.perf_counter() - t0,
+            )
     flush()
     if not outs:
         raise ConfigError("no readable training image")
@@ -191,8 +203,12 @@ def compute_frozen(
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"features": feats, "kept": kept}, cache_file)
-    log.info("frozen features for %d images x %d views in %.0f s", len(kept), n_views,
-             time.perf_counter() - t0)  # fmt: skip
+    log.info(
+        "frozen features for %d images x %d views in %.0f s",
+        len(kept),
+        n_views,
+        time.perf_counter() - t0,
+    )
     return feats, kept
 
 
@@ -226,10 +242,13 @@ def _frozen_runner(
     onnx_path = cache_dir / f"frozen-{config.backbone}-{top.boundary}-{top.train_blocks}.onnx"
     if not onnx_path.exists():
         export_module_onnx(
-            _Frozen(top), (torch.zeros(1, 3, size, size),), onnx_path,
-            input_names=["images"], output_names=["features"],
+            _Frozen(top),
+            (torch.zeros(1, 3, size, size),),
+            onnx_path,
+            input_names=["images"],
+            output_names=["features"],
             dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-        )  # fmt: skip
+        )
     session = cpu_session(onnx_path, config.threads)
 
     def run_onnx(batch: np.ndarray) -> torch.Tensor:

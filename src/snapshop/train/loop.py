@@ -107,8 +107,11 @@ class EpochLoop(ABC):
 
     def describe(self, record: dict[str, Any]) -> str:
         """The epoch's log line, after ``epoch N/M:``."""
-        return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                         for k, v in record.items() if k != "epoch")  # fmt: skip
+        return ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in record.items()
+            if k != "epoch"
+        )
 
     def on_epoch(self, record: dict[str, Any]) -> None:
         """Called with every epoch's record once it is logged and saved (progress display)."""

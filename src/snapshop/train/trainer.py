@@ -98,11 +98,15 @@ class TrainConfig:
             (self.train_blocks >= -1, f"train_blocks must be >= -1, got {self.train_blocks}"),
             (self.views >= 1, f"views must be >= 1, got {self.views}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
-            (self.backbone_lr_scale is None or self.backbone_lr_scale > 0,
-             f"backbone_lr_scale must be > 0, got {self.backbone_lr_scale}"),
-            (not (self.cache and self.train_blocks == -1),
-             "cannot cache features when the whole backbone trains (train_blocks=-1)"),
-        ]  # fmt: skip
+            (
+                self.backbone_lr_scale is None or self.backbone_lr_scale > 0,
+                f"backbone_lr_scale must be > 0, got {self.backbone_lr_scale}",
+            ),
+            (
+                not (self.cache and self.train_blocks == -1),
+                "cannot cache features when the whole backbone trains (train_blocks=-1)",
+            ),
+        ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -223,8 +227,9 @@ class NormSoftmaxTrainer(EpochLoop):
     def build_network(self) -> None:
         """The embedding net split into its frozen part and :class:`TrainableTop`, the loss."""
         config = self.config
-        self.net = create_embedding_net(config.backbone, dim=config.dim,
-                                        pretrained=config.pretrained)  # fmt: skip
+        self.net = create_embedding_net(
+            config.backbone, dim=config.dim, pretrained=config.pretrained
+        )
         n_blocks = len(self.net.backbone._blocks)
         if config.train_blocks > n_blocks:
             raise ConfigError(f"{config.backbone} has {n_blocks} blocks; train_blocks is too large")
@@ -249,9 +254,15 @@ class NormSoftmaxTrainer(EpochLoop):
         self.train_feats: torch.Tensor | None = None
         if config.cache:
             self.train_feats, kept = compute_frozen(
-                self.top, self.train_rows, self.size, self.n_views, config, config.seed,
-                self.cache_dir, "train",
-            )  # fmt: skip
+                self.top,
+                self.train_rows,
+                self.size,
+                self.n_views,
+                config,
+                config.seed,
+                self.cache_dir,
+                "train",
+            )
             self.rows_kept = [self.train_rows[i] for i in kept]
         else:
             self.rows_kept = readable_rows(self.train_rows)
@@ -270,9 +281,13 @@ class NormSoftmaxTrainer(EpochLoop):
 
     # -- resume ----------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "loss": self.loss_fn.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "classes": self.classes,
-                "config": self.config.to_dict()}  # fmt: skip
+        return {
+            "net": self.net.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "classes": self.classes,
+            "config": self.config.to_dict(),
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         saved = {k: v for k, v in state["config"].items() if k != "epochs"}
@@ -298,12 +313,16 @@ class NormSoftmaxTrainer(EpochLoop):
             return
         index_batches = list(sampler)
         base = (config.seed * 1000 + epoch) * 10_000_019
-        keyed = [[(int(i), base + step * self.batch + j) for j, i in enumerate(idx)]
-                 for step, idx in enumerate(index_batches)]  # fmt: skip
+        keyed = [
+            [(int(i), base + step * self.batch + j) for j, i in enumerate(idx)]
+            for step, idx in enumerate(index_batches)
+        ]
         loader = torch.utils.data.DataLoader(
-            self.augmented, batch_sampler=keyed, num_workers=config.workers,
+            self.augmented,
+            batch_sampler=keyed,
+            num_workers=config.workers,
             pin_memory=self.device.type == "cuda",
-        )  # fmt: skip
+        )
         for idx, images in zip(index_batches, loader, strict=True):
             with torch.no_grad():
                 yield self.top.frozen(images.to(self.device, non_blocking=True)), idx
@@ -317,8 +336,13 @@ class NormSoftmaxTrainer(EpochLoop):
         for group in self.optimizer.param_groups:
             group["lr"] = lr * (config.backbone_lr / config.lr if group.get("backbone") else 1)
         freeze_bn(self.top)
-        sampler = PKSampler(self.labels, config.classes_per_batch, config.samples_per_class,
-                            self.steps, seed=config.seed * 1000 + epoch)  # fmt: skip
+        sampler = PKSampler(
+            self.labels,
+            config.classes_per_batch,
+            config.samples_per_class,
+            self.steps,
+            seed=config.seed * 1000 + epoch,
+        )
         t_epoch = time.perf_counter()
         losses = []
         for x, idx in self.batches(sampler, epoch):
@@ -332,8 +356,12 @@ class NormSoftmaxTrainer(EpochLoop):
             loss.backward()
             self.optimizer.step()
             losses.append(float(loss.detach()))
-        return {"warmup": warm, "lr": lr, "loss": float(np.mean(losses)),
-                "seconds": round(time.perf_counter() - t_epoch, 1)}  # fmt: skip
+        return {
+            "warmup": warm,
+            "lr": lr,
+            "loss": float(np.mean(losses)),
+            "seconds": round(time.perf_counter() - t_epoch, 1),
+        }
 
     # -- evaluate --------------------------------------------------------------------------
     def evaluate(self, epoch: int) -> dict[str, Any]:
@@ -350,14 +378,18 @@ class NormSoftmaxTrainer(EpochLoop):
         protocols: dict[str, dict[str, str]] = {"all": {}} | ({"where": where} if where else {})
         for name, gallery_filter in protocols.items():
             q = [i for i, r in enumerate(rows) if r.role == "query"]
-            g = [i for i, r in enumerate(rows)
-                 if r.role == "gallery" and matches(r, gallery_filter)]  # fmt: skip
+            g = [
+                i for i, r in enumerate(rows) if r.role == "gallery" and matches(r, gallery_filter)
+            ]
             if not q or not g:
                 continue
             recall, map_r = score_retrieval(
-                vecs[q], [rows[i].sku for i in q],
-                vecs[g], [rows[i].sku for i in g], ks=(1, 5, 10),
-            )  # fmt: skip
+                vecs[q],
+                [rows[i].sku for i in q],
+                vecs[g],
+                [rows[i].sku for i in g],
+                ks=(1, 5, 10),
+            )
             key = (
                 "photo_to_all"
                 if name == "all"
@@ -394,19 +426,27 @@ class NormSoftmaxTrainer(EpochLoop):
         net = self.net.to("cpu", memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
         eval_products = len({r.sku for r in self.eval_kept})
         save_model(
-            net, self.out_dir, name=f"normsoftmax-{config.backbone}-d{config.dim}",
+            net,
+            self.out_dir,
+            name=f"normsoftmax-{config.backbone}-d{config.dim}",
             source_weights_sha256=sha256_file(weights_path(config.backbone)),
             kind="normsoftmax",
             training={
-                "data": data_name, "classes": self.classes, "n_classes": len(self.classes),
-                "n_images": len(self.rows_kept), "dim": config.dim,
-                "temperature": config.temperature, "epochs": config.epochs,
-                "train_blocks": config.train_blocks, "backbone_lr": config.backbone_lr,
-                "config": config.to_dict(), "final_loss": history[-1]["loss"] if history else None,
+                "data": data_name,
+                "classes": self.classes,
+                "n_classes": len(self.classes),
+                "n_images": len(self.rows_kept),
+                "dim": config.dim,
+                "temperature": config.temperature,
+                "epochs": config.epochs,
+                "train_blocks": config.train_blocks,
+                "backbone_lr": config.backbone_lr,
+                "config": config.to_dict(),
+                "final_loss": history[-1]["loss"] if history else None,
                 "seconds": round(seconds, 1),
             },
             metrics={"held_out": self.held_out_metrics(), "eval_products": eval_products},
-        )  # fmt: skip
+        )
 
 
 def train(
@@ -434,8 +474,13 @@ def train(
     history = trainer.run(resume=resume)
     if export:
         trainer.export(data_name, time.perf_counter() - t_start)
-    return TrainResult(trainer.out_dir, trainer.classes, history, trainer.held_out_metrics(),
-                       time.perf_counter() - t_start)  # fmt: skip
+    return TrainResult(
+        trainer.out_dir,
+        trainer.classes,
+        history,
+        trainer.held_out_metrics(),
+        time.perf_counter() - t_start,
+    )
 
 
 def split_rows(
@@ -501,6 +546,13 @@ def train_from_manifest(
     rows = read_manifest(manifest)
     train_rows, eval_rows, gallery_where = select_rows(rows, selection)
     return train(
-        train_rows, out_dir, config, eval_rows or None, gallery_where, resume=resume,
-        data_name=str(manifest), progress=progress, cache_dir=cache_dir,
-    )  # fmt: skip
+        train_rows,
+        out_dir,
+        config,
+        eval_rows or None,
+        gallery_where,
+        resume=resume,
+        data_name=str(manifest),
+        progress=progress,
+        cache_dir=cache_dir,
+    )

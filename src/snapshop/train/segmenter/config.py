@@ -195,8 +195,9 @@ def detector_training(
     the config fields given (None values are left at their defaults)."""
     given = {k: v for k, v in (settings or {}).items() if v is not None}
     if finetune_blocks:
-        model: HeadConfig | FinetuneConfig = FinetuneConfig(finetune_blocks=finetune_blocks,
-                                                            **given)  # type: ignore[arg-type]  # fmt: skip
+        model: HeadConfig | FinetuneConfig = FinetuneConfig(
+            finetune_blocks=finetune_blocks, **given
+        )  # type: ignore[arg-type]
     else:
         only = sorted(FINETUNE_ONLY & set(given))
         if only:

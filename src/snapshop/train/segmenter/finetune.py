@@ -170,9 +170,12 @@ class FinetuneTrainer(EpochLoop):
         self.device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         log.info(
             "fine-tuning stem + blocks 0..%d on %s: %d images, %d steps/epoch, bf16 %s",
-            config.finetune_blocks - 1, self.device_name, len(self.images), len(self.loader),
+            config.finetune_blocks - 1,
+            self.device_name,
+            len(self.images),
+            len(self.loader),
             self.use_bf16,
-        )  # fmt: skip
+        )
 
     def autocast(self) -> Any:
         import torch
@@ -234,8 +237,11 @@ def train_finetune(
         history = trainer.run()
     finally:
         cv2.setNumThreads(threads)
-    info = {"device": trainer.device_name, "epochs_run": len(history),
-            "train_seconds": trainer.elapsed()}  # fmt: skip
+    info = {
+        "device": trainer.device_name,
+        "epochs_run": len(history),
+        "train_seconds": trainer.elapsed(),
+    }
     return trainer.net.cpu().float().eval(), [r["loss"] for r in history], info
 
 
@@ -341,7 +347,9 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
     (out / f"{prefix}{CARD_FILE}").write_text(json.dumps(card, indent=2) + "\n")
     log.info(
         "wrote %s, %s (%d bytes), %s",
-        out / f"{prefix}{HEAD_FILE}", f"{prefix}{TRUNK_FILE}", overlay["bytes"],
+        out / f"{prefix}{HEAD_FILE}",
+        f"{prefix}{TRUNK_FILE}",
+        overlay["bytes"],
         f"{prefix}{CARD_FILE}",
-    )  # fmt: skip
+    )
     return card

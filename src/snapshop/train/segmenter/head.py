@@ -62,9 +62,11 @@ class HeadTrainer(EpochLoop):
             self.by_shape.setdefault(s.target.shape, []).append(i)
         steps_per_epoch = sum(-(-len(v) // config.batch_size) for v in self.by_shape.values())
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=config.lr, total_steps=max(1, config.epochs * steps_per_epoch),
+            self.optimizer,
+            max_lr=config.lr,
+            total_steps=max(1, config.epochs * steps_per_epoch),
             pct_start=0.1,
-        )  # fmt: skip
+        )
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         import torch
