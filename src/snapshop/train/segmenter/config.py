@@ -6,6 +6,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -193,11 +194,12 @@ def detector_training(
     """The run a command line asks for: ``finetune_blocks`` 0 trains the head on the frozen
     trunk (:class:`HeadConfig`), N >= 1 fine-tunes (:class:`FinetuneConfig`). ``settings``:
     the config fields given (None values are left at their defaults)."""
-    given = {k: v for k, v in (settings or {}).items() if v is not None}
+    # Any: the fields' types vary; the config's __post_init__ checks the values.
+    given: dict[str, Any] = {k: v for k, v in (settings or {}).items() if v is not None}
     if finetune_blocks:
         model: HeadConfig | FinetuneConfig = FinetuneConfig(
             finetune_blocks=finetune_blocks, **given
-        )  # type: ignore[arg-type]
+        )
     else:
         only = sorted(FINETUNE_ONLY & set(given))
         if only:
