@@ -204,5 +204,5 @@ def detector_training(
         only = sorted(FINETUNE_ONLY & set(given))
         if only:
             raise ConfigError(f"--{only[0].replace('_', '-')} needs --finetune-blocks N")
-        model = HeadConfig(**given)  # type: ignore[arg-type]
+        model = HeadConfig(**given)
     return DetectorTraining(dataset, model, out, parity, limit, prefix, cache)
