@@ -240,6 +240,7 @@ def test_service_refreshes_before_similar(app, client, products):
 
     state = app.state.snapshop
     victim = products[-1]
+    indexed = len(state.catalog.index(None))
     other = open_catalog(state.catalog.directory)  # as another process would
     try:
         other.remove_product(victim["id"])
@@ -248,4 +249,5 @@ def test_service_refreshes_before_similar(app, client, products):
     r = client.get(f"/v1/products/{products[0]['id']}/similar", params={"k": 20})
     assert r.status_code == 200
     assert victim["id"] not in {h["product_id"] for h in r.json()["image_results"]}
+    assert len(state.catalog.index(None)) == indexed - len(victim["images"])  # refreshed
     assert client.get(f"/v1/products/{victim['id']}/similar").status_code == 404
