@@ -26,7 +26,8 @@ A model fitted end to end (``segmenter_fit --finetune-blocks N``) also ships
 ``garment_seg_trunk.npz``: the fine-tuned tensors of the stem and blocks ``0..N-1``, which are
 laid over the ImageNet weights before the trunk is exported (the card's ``trunk_overlay``
 holds the file's sha256; the export's name carries it, so a new overlay means a new export).
-The card's ``config.long_side`` is the resolution the model was trained at and runs at.
+The card's ``config.long_side`` is the resolution the model runs at: the training size, or
+less when its recall holds there (the shipped model: trained at 320, runs at 256, issue #16).
 
 A model folder holds ``garment_seg.onnx``, ``garment_seg.json`` and, when fine-tuned,
 ``garment_seg_trunk.npz``; ``segmenter:DIR/PREFIXgarment_seg.json`` loads files that share a
