@@ -312,6 +312,11 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=50, help="catalog: 4 photos each")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--variant", type=parse_variant, action="append", default=None)
+    ap.add_argument(
+        "--one-call", action="append", default=[], metavar="NAME",
+        help="this variant embeds photo + crops in one batched call on ONNX Runtime's threads"
+        " (Embedder parallel=0, the behaviour before issue #16)",
+    )  # fmt: skip
     ap.add_argument("--levers", action="store_true", help="also time the levers (last variant)")
     ap.add_argument("--lever-repeats", type=int, default=24)
     ap.add_argument("--workdir", type=Path, default=None)
@@ -338,6 +343,8 @@ def main() -> None:
                   f" {time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
         variant.searcher = api.open_searcher(catalog, model=variant.model,
                                              detector=variant.detector)  # fmt: skip
+        if variant.name in args.one_call:
+            variant.searcher.embedder = Embedder(variant.searcher.embedder.model_dir, parallel=0)
         instrument(variant)
         variant.counter = FlopCounter(variant.searcher.embedder, variant.searcher.detector)
     run_queries(variants, photos, args.k, args.warmup)
@@ -350,7 +357,10 @@ def main() -> None:
           f" higher)"
           f" load average {load_start[0]:.1f} -> {load_end[0]:.1f}")  # fmt: skip
     for variant in variants:
-        print(f"- {variant.name}: model {variant.model}, detector {variant.detector}")
+        assert variant.searcher is not None
+        calls = variant.searcher.embedder.parallel or "one batched call"
+        print(f"- {variant.name}: model {variant.model}, detector {variant.detector},"
+              f" embedding calls side by side: {calls}")  # fmt: skip
     print()
     print_table(variants, machine_gflops)
     if args.levers:

@@ -253,3 +253,9 @@ def test_parallel_single_image_calls_match_one_batched_call(
     assert Embedder(lite0_model_dir, threads=2).parallel == max(1, default.parallel // 2)
     with pytest.raises(ConfigError, match="parallel"):
         Embedder(lite0_model_dir, parallel=-1)
+    monkeypatch.setenv("SNAPSHOP_EMBED_PARALLEL", "0")  # the setting for a whole process
+    assert Embedder(lite0_model_dir).parallel == 0
+    assert Embedder(lite0_model_dir, parallel=2).parallel == 2  # an argument wins
+    monkeypatch.setenv("SNAPSHOP_EMBED_PARALLEL", "two")
+    with pytest.raises(ConfigError, match="SNAPSHOP_EMBED_PARALLEL"):
+        Embedder(lite0_model_dir)

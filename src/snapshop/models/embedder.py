@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # preprocess resizes the whole image when that is at most this many output squares (every
 # ordinary photo: the exact pixels as always); beyond, it resamples the centre square only.
 MAX_RESIZED_SQUARES = 16
+PARALLEL_ENV = "SNAPSHOP_EMBED_PARALLEL"  # Embedder(parallel=None) reads it when set
 
 
 def preprocess(image: Image.Image, size: int) -> NDArray[np.float32]:
@@ -59,9 +60,9 @@ class Embedder:
     on a small thread pool, each call on one thread (``threads`` per call when given). On
     these CPUs a call costs the least CPU time per image at batch 1 (Lite2: 28 ms at batch 1,
     36 at 3, 43-47 at 8-32; docs/benchmarks/service.md, "Speed per core"): the activations
-    of one image stay in cache. None: one call per core (``cpu_count // threads``); 0: each
-    ``batch_size`` chunk in one call on ``threads`` threads (ONNX Runtime's default when
-    None), the behaviour before issue #16.
+    of one image stay in cache. None: ``$SNAPSHOP_EMBED_PARALLEL`` when set, else one call
+    per core (``cores // threads``); 0: each ``batch_size`` chunk in one call on ``threads``
+    threads (ONNX Runtime's default when None), the behaviour before issue #16.
     """
 
     def __init__(
@@ -79,6 +80,11 @@ class Embedder:
             raise ModelError(f"{self.model_dir}: {MODEL_FILE} is missing")
         if verify and sha256_file(onnx_path) != self.card.onnx_sha256:
             raise ModelError(f"{onnx_path}: sha256 differs from the model card")
+        if parallel is None and os.environ.get(PARALLEL_ENV, "").strip():
+            try:
+                parallel = int(os.environ[PARALLEL_ENV])
+            except ValueError:
+                raise ConfigError(f"{PARALLEL_ENV} must be an integer") from None
         if parallel is None:
             parallel = max(1, usable_cores() // (threads or 1))
         if parallel < 0:
