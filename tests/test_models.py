@@ -249,6 +249,11 @@ def test_parallel_single_image_calls_match_one_batched_call(
     assert names and all(n.startswith("snapshop-embed") for n in names)  # on the pool
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert pool.embed_images([]).shape == (0, 1280)
+    # preprocessed arrays (what ingest's decode workers send) take the same path
+    shapes.clear()
+    arrays = np.stack([preprocess(im, pool.input_size) for im in images])
+    assert np.abs(pool.embed_arrays(arrays) - reference).max() < 1e-5
+    assert [s[0] for s in shapes] == [1] * len(images)
     # two threads per call halve the default number of calls side by side
     assert Embedder(lite0_model_dir, threads=2).parallel == max(1, default.parallel // 2)
     with pytest.raises(ConfigError, match="parallel"):
