@@ -216,6 +216,7 @@ class Searcher:
         if self.auto_refresh:
             self.catalog.refresh()
 
+        photo_vector = self.embedder.submit(image)  # needs no boxes: runs beside detection
         detections: list[Detection] = []
         regions: list[tuple[str, str, float, Box]] = []
         if box is not None:
@@ -234,7 +235,8 @@ class Searcher:
 
         cropped = [(r, frame_crop(image, r[3], self.catalog.crop_mode)) for r in regions]
         regions = [r for r, pixels in cropped if pixels is not None]
-        vectors = self.embedder.embed_images([image] + [p for _, p in cropped if p is not None])
+        crop_vectors = self.embedder.embed_images([p for _, p in cropped if p is not None])
+        vectors = np.concatenate([photo_vector.result(), crop_vectors])
         t3 = time.perf_counter()
         timings["embed"] = (t3 - t2) * 1e3
 

@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +151,19 @@ class Embedder:
             return _normalised(list(self._workers().map(self._embed_one, images)))
         batch = np.stack([preprocess(im, self.input_size) for im in images])
         return self.embed_arrays(batch)
+
+    def submit(self, image: Image.Image) -> Future[NDArray[np.float32]]:
+        """Start embedding one image on the pool and return at once: ``.result()`` is its
+        (1, D) L2-normalised vector. A query starts its photo this way before detecting, since
+        only the crops need the boxes (issue #16). With ``parallel=0`` it runs here and now."""
+        if not self.parallel:
+            done: Future[NDArray[np.float32]] = Future()
+            try:
+                done.set_result(self.embed_images([image]))
+            except Exception as exc:  # handed to the caller by .result(), as the pool would
+                done.set_exception(exc)
+            return done
+        return self._workers().submit(lambda: _normalised([self._embed_one(image)]))
 
     def _embed_one(self, image: Image.Image) -> NDArray[np.float32]:
         return self._run(preprocess(image, self.input_size)[None])
