@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,21 @@ def query_photos(dataset: Path | None, n: int, workdir: Path) -> list[Path]:
         render(products[i % len(products)], 10_000 + i, size=640).save(path, quality=90)
         paths.append(path)
     return paths
+
+
+def serial_submit(embedder: Embedder) -> Callable[[Any], Future[NDArray[np.float32]]]:
+    """``Embedder.submit`` that returns a future the searcher resolves after detecting: the
+    photo is then embedded beside nothing, after the detector (before issue #16)."""
+
+    class Deferred(Future[NDArray[np.float32]]):
+        def __init__(self, image: Any) -> None:
+            super().__init__()
+            self.image = image
+
+        def result(self, timeout: float | None = None) -> NDArray[np.float32]:
+            return embedder.embed_images([self.image])
+
+    return Deferred
 
 
 def instrument(variant: Variant) -> None:
@@ -317,6 +333,10 @@ def main() -> None:
         help="this variant embeds photo + crops in one batched call on ONNX Runtime's threads"
         " (Embedder parallel=0, the behaviour before issue #16)",
     )  # fmt: skip
+    ap.add_argument(
+        "--photo-after-detect", action="append", default=[], metavar="NAME",
+        help="this variant embeds the photo after detection, not beside it (issue #16)",
+    )  # fmt: skip
     ap.add_argument("--levers", action="store_true", help="also time the levers (last variant)")
     ap.add_argument("--lever-repeats", type=int, default=24)
     ap.add_argument("--workdir", type=Path, default=None)
@@ -350,6 +370,10 @@ def main() -> None:
                                              detector=variant.detector)  # fmt: skip
         if variant.name in args.one_call:
             variant.searcher.embedder = Embedder(variant.searcher.embedder.model_dir, parallel=0)
+        if variant.name in args.photo_after_detect:
+            variant.searcher.embedder.submit = serial_submit(  # type: ignore[method-assign]
+                variant.searcher.embedder
+            )
         instrument(variant)
         variant.counter = FlopCounter(variant.searcher.embedder, variant.searcher.detector)
     run_queries(variants, photos, args.k, args.warmup)
