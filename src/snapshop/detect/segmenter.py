@@ -465,7 +465,7 @@ class SegmenterDetector:
 
     @classmethod
     def from_spec(cls, args: str) -> SegmenterDetector:
-        from snapshop.detect.factory import parse_spec_args
+        from snapshop.detect.spec import parse_spec_args
 
         positional, options = parse_spec_args(args, {"precision", "long_side"})
         if len(positional) > 1:
