@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from snapshop.catalog.blobs import DEFAULT_GRACE_SECONDS, GcReport
+from snapshop.catalog.card import read_card, write_card
 from snapshop.catalog.catalog import CARD_FILE, Catalog, create_catalog, open_catalog
-from snapshop.config import read_json, write_json
 from snapshop.data.sources import CatalogRecord, read_source
 from snapshop.detect.base import Detector
 from snapshop.detect.factory import create_detector
@@ -141,18 +141,17 @@ def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | No
     if kind != AUTO and kind not in INDEX_KINDS:
         raise CatalogError(f"unknown index kind {kind!r}; choose from auto, {sorted(INDEX_KINDS)}")
     path = Path(catalog_dir) / CARD_FILE
-    card = read_json(path)
-    if card.get("index_kind") == kind and (params is None or card.get("index_params") == params):
+    previous = read_card(path)
+    if previous.index_kind == kind and (params is None or previous.index_params == params):
         return
-    previous = dict(card)
-    if params is not None or card.get("index_kind") != kind:  # old params fit the old kind
-        card["index_params"] = params or {}
-    card["index_kind"] = kind
-    write_json(path, card)
+    card = previous.replace(index_kind=kind)
+    if params is not None or previous.index_kind != kind:  # old params fit the old kind
+        card = card.replace(index_params=params or {})
+    write_card(path, card)
     try:
         catalog = open_catalog(catalog_dir)
     except CatalogError:
-        write_json(path, previous)  # every later open would fail the same way
+        write_card(path, previous)  # every later open would fail the same way
         raise
     try:
         with catalog.write_lock():

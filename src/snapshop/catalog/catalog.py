@@ -16,7 +16,6 @@ a committed ingest and an index save costs a little recomputation and loses noth
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import logging
 import os
@@ -36,10 +35,10 @@ from snapshop.catalog.blobs import (
     collect_garbage,
     free_unreferenced_blobs,
 )
+from snapshop.catalog.card import CatalogCard, read_card, write_card
 from snapshop.catalog.store import CatalogStore
-from snapshop.config import read_json, write_json
 from snapshop.detect.base import CROP_MODES, DEFAULT_CROP_MODE
-from snapshop.errors import CatalogError, ConfigError, ModelError
+from snapshop.errors import CatalogError, ModelError
 from snapshop.index import VectorIndex, create_index, load_index, save_index
 from snapshop.index.choose import resolve_index_kind
 
@@ -61,15 +60,14 @@ def index_name(position: str | None) -> str:
 class Catalog:
     """Open catalog directory. Thread-safe; writers across processes serialise on a file lock."""
 
-    def __init__(self, directory: Path, card: dict[str, Any], store: CatalogStore) -> None:
+    def __init__(self, directory: Path, card: CatalogCard, store: CatalogStore) -> None:
         self.directory = Path(directory)
         self.card = card
         self.store = store
-        self.dim: int = int(card["dim"])
+        self.dim: int = card.dim
         # "auto" (issue #6): exact below the size exact search meets the latency budget, HNSW above.
         self.index_kind, self.index_params = resolve_index_kind(
-            card.get("index_kind", "flat"), card.get("index_params", {}),
-            store.counts()["images"], self.dim,
+            card.index_kind, dict(card.index_params), store.counts()["images"], self.dim,
         )  # fmt: skip
         self._lock = threading.RLock()
         self._flock_depth = 0  # write_lock nesting in the thread that holds self._lock
@@ -81,39 +79,38 @@ class Catalog:
     # --- identity ---------------------------------------------------------------------
     @property
     def model_id(self) -> str:
-        return str(self.card["model_id"])
+        return self.card.model_id
 
     @property
     def model_ref(self) -> str:
-        return str(self.card["model_ref"])
+        return self.card.model_ref
 
     @property
     def detector(self) -> str | None:
         """Spec of the garment detector the catalog's crops were made with (None: none)."""
-        value = self.card.get("detector")
-        return str(value) if value and str(value).lower() != "none" else None
+        value = self.card.detector
+        return value if value and value.lower() != "none" else None
 
     @property
     def crop_mode(self) -> str:
         """How garment crops are framed for the embedder (``detect.base.CROP_MODES``); a card
         without the key predates it, and its crops were embedded as they are ("center")."""
-        value = str(self.card.get("crop_mode", "center"))
+        value = self.card.crop_mode
         if value not in CROP_MODES:
             raise CatalogError(f"{self.directory / CARD_FILE}: unknown crop_mode {value!r}")
         return value
 
     def record_detector(self, spec: str) -> None:
         """Remember ``spec`` in the card: later ingests and searches default to it (issue #4)."""
-        if self.card.get("detector") == spec:
+        if self.card.detector == spec:
             return
         if self.detector is not None and spec.lower() != "none":
             log.warning("catalog %s: crops so far came from detector %r, new ones from %r",
                         self.directory, self.detector, spec)  # fmt: skip
         path = self.directory / CARD_FILE
-        card = read_json(path)
-        card["detector"] = spec
-        write_json(path, card)
-        self.card["detector"] = spec
+        on_disk = read_card(path)  # the file may have changed since open (set_index_kind)
+        write_card(path, on_disk.replace(detector=spec))
+        self.card = self.card.replace(detector=spec)
 
     def check_model(self, model_id: str) -> None:
         if model_id != self.model_id:
@@ -370,18 +367,12 @@ def _create(
     index_kind: str,
     index_params: dict[str, Any] | None,
 ) -> Catalog:
-    card = {
-        "format": "snapshop-catalog/1",
-        "model_id": model_id,
-        "model_ref": model_ref,
-        "dim": int(dim),
-        "index_kind": index_kind,
-        "index_params": index_params or {},
-        "crop_mode": DEFAULT_CROP_MODE,
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
+    card = CatalogCard.new(
+        model_id=model_id, model_ref=model_ref, dim=dim, index_kind=index_kind,
+        index_params=index_params, crop_mode=DEFAULT_CROP_MODE,
+    )  # fmt: skip
     store = CatalogStore(directory / DB_FILE)
-    write_json(directory / CARD_FILE, card)
+    write_card(directory / CARD_FILE, card)
     return Catalog(directory, card, store)
 
 
@@ -392,15 +383,7 @@ def open_catalog(directory: str | os.PathLike[str]) -> Catalog:
         raise CatalogError(
             f"{directory}: no catalog here (create one with `snapshop index SOURCE --catalog DIR`)"
         )
-    try:
-        card = read_json(directory / CARD_FILE)
-    except ConfigError as exc:
-        raise CatalogError(f"unreadable catalog card: {exc}") from None
-    for key in ("model_id", "model_ref", "dim"):
-        if key not in card:
-            raise CatalogError(f"{directory / CARD_FILE}: missing {key!r}")
-    if not isinstance(card["dim"], int) or card["dim"] < 1:
-        raise CatalogError(f"{directory / CARD_FILE}: dim must be a positive integer")
+    card = read_card(directory / CARD_FILE)
     db_path = directory / DB_FILE
     # Never recreate an empty store under a card: that would silently empty the indexes. A
     # store SQLite has written is never 0 bytes (its header is written first), so such a file
