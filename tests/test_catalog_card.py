@@ -113,3 +113,45 @@ def test_rewriting_the_card_keeps_keys_it_does_not_know(tmp_path: Path) -> None:
     assert written["shop_region"] == "eu" and written["detector"] == "halves"
     assert written["index_kind"] == "hnsw" and written["format"] == "snapshop-catalog/1"
     assert written["created_at"] == EARLY_CARD["created_at"]
+
+
+class _RecordingClient:
+    """Stands in for a server index (pgvector, Milvus): counts closes, may fail one."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.closed = 0
+        self.fail = fail
+
+    def close(self) -> None:
+        self.closed += 1
+        if self.fail:
+            raise RuntimeError("connection already gone")
+
+
+def test_close_closes_index_clients_and_the_store(tmp_path: Path) -> None:
+    import sqlite3
+
+    catalog = create_catalog(tmp_path / "c", model_id="m", model_ref="m", dim=8)
+    failing, healthy = _RecordingClient(fail=True), _RecordingClient()
+    catalog.indexes["crops-upper"] = failing  # type: ignore[assignment]
+    catalog.indexes["crops-lower"] = healthy  # type: ignore[assignment]
+    with catalog as entered:
+        assert entered is catalog
+    assert failing.closed == 1 and healthy.closed == 1  # one failing does not keep others open
+    with pytest.raises(sqlite3.ProgrammingError):
+        catalog.store.counts()
+    catalog.close()  # idempotent: clients are not closed twice
+    assert healthy.closed == 1
+
+
+def test_with_block_closes_on_error(tmp_path: Path) -> None:
+    import sqlite3
+
+    create_catalog(tmp_path / "c", model_id="m", model_ref="m", dim=8).close()
+    client = _RecordingClient()
+    with pytest.raises(KeyError), open_catalog(tmp_path / "c") as catalog:
+        catalog.indexes["crops-upper"] = client  # type: ignore[assignment]
+        raise KeyError("boom")
+    assert client.closed == 1
+    with pytest.raises(sqlite3.ProgrammingError):
+        catalog.store.counts()

@@ -91,16 +91,37 @@ def index_source(
         where = "the records given" if isinstance(source, list) else str(source)
         raise ManifestError(f"{where}: no image to index{shown}")
     directory = Path(catalog_dir)
-    existed, created = directory.exists(), False
+    existed = directory.exists()
+    catalog, embedder, created = _open_for_ingest(directory, model, index_kind)
+    try:
+        with catalog:
+            det = catalog_detector(catalog, detector)
+            if detector is not None:
+                catalog.record_detector(detector if isinstance(detector, str) else detector.name)
+            if progress_total:
+                progress_total(len(records))
+            ingestor = Ingestor(catalog, embedder, det, batch_size=batch_size, workers=workers)
+            report = ingestor.ingest(records, progress=progress, sync=sync)
+    except BaseException:
+        if created:
+            discard_empty_catalog(directory, remove_directory=not existed)
+        raise
+    if created and report.added == 0:  # nothing indexed: a new catalog is not left behind
+        discard_empty_catalog(directory, remove_directory=not existed)
+    report.ignored = ignored
+    return report
+
+
+def _open_for_ingest(
+    directory: Path, model: str | None, index_kind: str | None
+) -> tuple[Catalog, Embedder, bool]:
+    """The catalog in ``directory`` (created when there is none: the bool says so) and the
+    embedder that fits it."""
     if (directory / CARD_FILE).exists():
         if index_kind is not None:
             set_index_kind(directory, index_kind)
         catalog = open_catalog(directory)
-        try:
-            embedder = catalog_embedder(catalog, model)
-        except BaseException:
-            catalog.close()
-            raise
+        embedder: Embedder | None = None
     else:
         embedder = load_embedder(model)
         try:
@@ -108,30 +129,20 @@ def index_source(
                 directory, model_id=embedder.model_id, model_ref=_model_ref(model),
                 dim=embedder.dim, index_kind=index_kind or AUTO,
             )  # fmt: skip
-            created = True
+            return catalog, embedder, True
         except CatalogError:
             if not (directory / CARD_FILE).exists():
                 raise
             catalog = open_catalog(directory)  # another process created it a moment ago
-            catalog.check_model(embedder.model_id)
     try:
-        det = catalog_detector(catalog, detector)
-        if detector is not None:
-            catalog.record_detector(detector if isinstance(detector, str) else detector.name)
-        if progress_total:
-            progress_total(len(records))
-        ingestor = Ingestor(catalog, embedder, det, batch_size=batch_size, workers=workers)
-        report = ingestor.ingest(records, progress=progress, sync=sync)
+        if embedder is None:
+            embedder = catalog_embedder(catalog, model)
+        else:
+            catalog.check_model(embedder.model_id)
     except BaseException:
         catalog.close()
-        if created:
-            discard_empty_catalog(directory, remove_directory=not existed)
         raise
-    catalog.close()
-    if created and report.added == 0:  # nothing indexed: a new catalog is not left behind
-        discard_empty_catalog(directory, remove_directory=not existed)
-    report.ignored = ignored
-    return report
+    return catalog, embedder, False
 
 
 def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | None = None) -> None:
@@ -153,11 +164,8 @@ def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | No
     except CatalogError:
         write_card(path, previous)  # every later open would fail the same way
         raise
-    try:
-        with catalog.write_lock():
-            catalog.save_indexes()
-    finally:
-        catalog.close()
+    with catalog, catalog.write_lock():
+        catalog.save_indexes()
 
 
 def open_searcher(
@@ -189,18 +197,13 @@ def search_image(
     filters: ProductFilter | None = None,
 ) -> SearchResult:
     searcher = open_searcher(catalog_dir, model=model, detector=detector)
-    try:
+    with searcher.catalog:
         return searcher.search(image, k, filters=filters)
-    finally:
-        searcher.catalog.close()
 
 
 def catalog_info(catalog_dir: PathLike) -> dict[str, Any]:
-    catalog = open_catalog(catalog_dir)
-    try:
+    with open_catalog(catalog_dir) as catalog:
         return catalog.info()
-    finally:
-        catalog.close()
 
 
 def remove_products(
@@ -211,9 +214,8 @@ def remove_products(
     resolved first: an unknown one removes nothing."""
     if not skus and not ids:
         raise CatalogError("name at least one product to remove (a sku, or an id)")
-    catalog = open_catalog(catalog_dir)
     removed: dict[str, int] = {}
-    try:
+    with open_catalog(catalog_dir) as catalog:
         targets: dict[int, str] = {}  # a product named twice (sku and id, say) is removed once
         for sku in skus:
             found = catalog.store.find_product(sku)
@@ -230,8 +232,6 @@ def remove_products(
             targets[product.id] = product.sku
         for product_id, sku in targets.items():
             removed[sku] = catalog.remove_product(product_id)
-    finally:
-        catalog.close()
     return removed
 
 
@@ -241,11 +241,8 @@ def collect_garbage(
     """Remove the catalog's blob files no image references (left by deletes before blobs were
     freed with their images, or by an ingest that died before committing) and temp files of
     interrupted blob writes, when older than ``grace_seconds``."""
-    catalog = open_catalog(catalog_dir)
-    try:
+    with open_catalog(catalog_dir) as catalog:
         return catalog.collect_garbage(dry_run=dry_run, min_age_seconds=grace_seconds)
-    finally:
-        catalog.close()
 
 
 # --- shop features (issue #18): more like this, similar-product export, duplicates -----------
@@ -268,11 +265,8 @@ def similar(
     and item-based results, the product itself excluded (see ``snapshop.similar``)."""
     from snapshop.similar import similar_products
 
-    catalog = open_catalog(catalog_dir)
-    try:
+    with open_catalog(catalog_dir) as catalog:
         return similar_products(catalog, product, k, position=position, filters=filters)
-    finally:
-        catalog.close()
 
 
 def recommend(
@@ -291,14 +285,11 @@ def recommend(
     unless ``restart`` (see ``snapshop.recommend``)."""
     from snapshop.recommend import export_similar
 
-    catalog = open_catalog(catalog_dir)
-    try:
+    with open_catalog(catalog_dir) as catalog:
         return export_similar(
             catalog, out, k, position=position, batch_size=batch_size, restart=restart,
             progress_total=progress_total, progress=progress,
         )  # fmt: skip
-    finally:
-        catalog.close()
 
 
 def duplicates(
@@ -318,8 +309,7 @@ def duplicates(
     to ``out`` and as a page of side-by-side thumbnails to ``html`` when given."""
     from snapshop import duplicates as dup
 
-    catalog = open_catalog(catalog_dir)
-    try:
+    with open_catalog(catalog_dir) as catalog:
         if progress_total:
             progress_total(catalog.store.counts()["images"])
         pixel = dup.DEFAULT_PIXEL_THRESHOLD if pixel_threshold is None else pixel_threshold
@@ -332,5 +322,3 @@ def duplicates(
         if html is not None:
             dup.write_html(catalog, report, Path(html))
         return report
-    finally:
-        catalog.close()

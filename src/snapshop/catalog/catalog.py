@@ -322,7 +322,28 @@ class Catalog:
         }
 
     def close(self) -> None:
-        self.store.close()
+        """Close the index clients (a pgvector connection, a Milvus client) and the store.
+        Idempotent; one client failing to close does not keep the others open."""
+        with self._lock:
+            indexes, self.indexes = self.indexes, {}
+            for name, index in indexes.items():
+                close = getattr(index, "close", None)
+                if close is None:
+                    continue
+                try:
+                    close()
+                except Exception as exc:  # closing must not hide the caller's own error
+                    log.warning(
+                        "index %s of %s did not close cleanly (%s)", name, self.directory, exc
+                    )
+            self._owner_cache.clear()
+            self.store.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def create_catalog(
