@@ -265,6 +265,41 @@ def catalog_remove(
         out.print(f"removed product {terminal_text(sku)} ({n} images)", highlight=False)
 
 
+@catalog_app.command("reindex")
+def catalog_reindex(
+    catalog: CatalogOpt,
+    memory: Annotated[
+        str, typer.Option("--memory", help="Resident memory for all indexes: 2GB, 512MiB, ...")
+    ] = "2GiB",
+    max_ms: Annotated[
+        float, typer.Option("--max-ms", min=0.001, help="Latency budget of one query (ms).")
+    ] = 20.0,
+    recall: Annotated[
+        float, typer.Option("--recall", min=0.01, max=1.0, help="Target recall@10 vs exact.")
+    ] = 0.95,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rebuild the indexes by a memory/latency budget; print what was chosen and measured."""
+    from snapshop.catalog.catalog import reindex_catalog
+    from snapshop.index.choose import IndexBudget, parse_bytes
+
+    report = run(lambda: reindex_catalog(catalog, IndexBudget(
+        parse_bytes(memory), max_ms, target_recall=recall)))  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    out.print(f"chose {report['kind']} {json.dumps(report['params'])}")
+    out.print(f"  {report['reason']}")
+    table = Table("index", "vectors", "MB", "B/vector", "recall@10", "p50 ms", "p99 ms", "search")
+    for name, m in report["indexes"].items():
+        mem = m.get("memory_bytes")
+        table.add_row(name, str(m.get("count", 0)), "-" if mem is None else f"{mem / 1e6:.1f}",
+                      str(m.get("bytes_per_vector", "-")), str(m.get("recall_at_10", "-")),
+                      str(m.get("p50_ms", "-")), str(m.get("p99_ms", "-")),
+                      json.dumps(m.get("search_params", {})))  # fmt: skip
+    out.print(table)
+
+
 @catalog_app.command("gc")
 def catalog_gc(
     catalog: CatalogOpt,

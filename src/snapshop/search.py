@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -18,6 +19,7 @@ from snapshop.detect.base import Box, Detection, Detector, frame_crop, keep_best
 from snapshop.errors import ConfigError
 from snapshop.images import DecodeLimits, ImageSource, load_image, original_size, scale_to_original
 from snapshop.index.base import VectorIndex
+from snapshop.index.filtering import IdFilter
 from snapshop.models.embedder import Embedder
 
 MAX_K = 1000
@@ -107,18 +109,33 @@ def top_products(
     k: int,
     owner_of: Callable[[list[int]], dict[int, int]],
     accept: Callable[[int], bool] | None = None,
+    allowed: IdFilter | None = None,
 ) -> list[tuple[int, float, int]]:
     """Best-scoring entry per product: [(product_id, score, entry_id)], at most ``k``.
 
-    Fetches 4k neighbours and doubles until ``k`` distinct accepted products are found or the
+    Fetches 4k neighbours and widens until ``k`` distinct accepted products are found or the
     index is exhausted, so one product with many images never crowds out the others.
+    ``allowed`` (entries of accepted products) is applied inside the search by indexes that
+    can (``filters_inside``), so a selective filter needs no deep fetch; others fall back to
+    ``accept`` on what they return.
     """
     total = len(index)
     if total == 0:
         return []
+    inside = allowed is not None and getattr(index, "filters_inside", False)
+    if inside:
+        assert allowed is not None
+        total = min(total, len(allowed))
+        if total == 0:
+            return []
+        accept = None  # every entry the search returns is allowed
     fetch = min(total, max(4 * k, 16))
     while True:
-        hits = index.search(query.reshape(1, -1), fetch)
+        if inside:
+            search: Any = index.search  # the protocol's search takes no filter
+            hits = search(query.reshape(1, -1), fetch, allowed=allowed)
+        else:
+            hits = index.search(query.reshape(1, -1), fetch)
         ids = [int(i) for i in hits.ids[0] if i >= 0]
         scores = hits.scores[0][: len(ids)]
         owners = owner_of(ids)
@@ -137,6 +154,65 @@ def top_products(
         if len(seen) >= k or fetch >= total:
             return list(seen.values())
         fetch = min(total, fetch * 4)
+
+
+class FilterResolver:
+    """A product filter as the entry ids (image or crop ids) each index may return.
+
+    Built from the index's ids, their owners (the catalog's cache) and the owning products'
+    attributes; cached per (index, filter) until the store's generation moves (a product edit
+    bumps it too)."""
+
+    def __init__(self, catalog: Catalog, max_filters: int = 32) -> None:
+        self.catalog = catalog
+        self.max_filters = max_filters
+        self._generation = -1
+        self._owners: dict[str, tuple[NDArray[np.int64], NDArray[np.int64]]] = {}
+        self._filters: dict[tuple[str, ProductFilter], IdFilter] = {}
+        self._lock = threading.Lock()
+
+    def allowed(self, position: str | None, filters: ProductFilter) -> IdFilter | None:
+        """Entries of ``position``'s index (None: images) whose product passes ``filters``."""
+        from snapshop.catalog.catalog import index_name
+
+        name = index_name(position)
+        index = self.catalog.indexes.get(name)
+        if index is None or not getattr(index, "filters_inside", False):
+            return None
+        with self._lock:
+            return self._allowed(name, position, index, filters)
+
+    def _allowed(
+        self, name: str, position: str | None, index: VectorIndex, filters: ProductFilter
+    ) -> IdFilter:
+        generation = self.catalog.store.generation
+        if generation != self._generation:
+            self._owners.clear()
+            self._filters.clear()
+            self._generation = generation
+        key = (name, filters)
+        if key not in self._filters:
+            entries, owners = self._entry_owners(name, position, index)
+            products = np.unique(owners)
+            found = self.catalog.store.products_by_ids(products.tolist())
+            passes = [pid in found and filters.accepts(found[pid]) for pid in products.tolist()]
+            keep = np.isin(owners, products[np.array(passes, dtype=bool)])
+            if len(self._filters) >= self.max_filters:
+                self._filters.pop(next(iter(self._filters)))
+            self._filters[key] = IdFilter.of(entries[keep], key=(name, filters, generation))
+        return self._filters[key]
+
+    def _entry_owners(
+        self, name: str, position: str | None, index: VectorIndex
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        if name not in self._owners:
+            entries = np.sort(index.ids())
+            owner = self.catalog.owners(position, entries.tolist())
+            kept = np.array([e in owner for e in entries.tolist()], dtype=bool)
+            entries = entries[kept]
+            owners = np.array([owner[e] for e in entries.tolist()], dtype=np.int64)
+            self._owners[name] = (entries, owners)
+        return self._owners[name]
 
 
 class Searcher:
@@ -158,6 +234,7 @@ class Searcher:
         # own exclusive lock (the service) turns this off: a refresh mutates the indexes and
         # must never run beside another thread's search.
         self.auto_refresh = True
+        self.filter_resolver = FilterResolver(catalog)
 
     def _hits(self, found: list[tuple[int, float, int]], crops: bool = False) -> list[ProductHit]:
         """Hits for ``found`` [(product, score, entry)]; entries are crop ids when ``crops``."""
@@ -189,6 +266,11 @@ class Searcher:
             return cache[product_id]
 
         return accept
+
+    def _allowed(self, position: str | None, filters: ProductFilter | None) -> IdFilter | None:
+        if filters is None or not filters.active:
+            return None
+        return self.filter_resolver.allowed(position, filters)
 
     def search(
         self,
@@ -248,7 +330,10 @@ class Searcher:
         image_results: list[ProductHit] = []
         if image_index is not None and box is None:
             owners = functools.partial(self.catalog.owners, None)
-            image_results = self._hits(top_products(image_index, vectors[0], k, owners, accept))
+            allowed = self._allowed(None, filters)
+            image_results = self._hits(
+                top_products(image_index, vectors[0], k, owners, accept, allowed)
+            )
 
         item_results: list[ItemResult] = []
         for (pos, label, score, region_box), vec in zip(regions, vectors[1:], strict=True):
@@ -259,7 +344,8 @@ class Searcher:
                 if index is None:
                     continue
                 owners = functools.partial(self.catalog.owners, target)
-                merged += top_products(index, vec, k, owners, accept)
+                allowed = self._allowed(target, filters)
+                merged += top_products(index, vec, k, owners, accept, allowed)
             best: dict[int, tuple[int, float, int]] = {}
             for item in sorted(merged, key=lambda t: -t[1]):
                 best.setdefault(item[0], item)

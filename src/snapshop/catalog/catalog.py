@@ -16,6 +16,7 @@ a committed ingest and an index save costs a little recomputation and loses noth
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import logging
 import os
@@ -37,10 +38,19 @@ from snapshop.catalog.blobs import (
 )
 from snapshop.catalog.card import CatalogCard, read_card, write_card
 from snapshop.catalog.store import CatalogStore
+from snapshop.config import write_json
 from snapshop.detect.base import CROP_MODES, DEFAULT_CROP_MODE
 from snapshop.errors import CatalogError, ModelError
 from snapshop.index import VectorIndex, create_index, load_index, save_index
-from snapshop.index.choose import resolve_index_kind
+from snapshop.index.choose import (
+    AUTO,
+    IndexBudget,
+    IndexChoice,
+    choose_index,
+    resolve_index_kind,
+    smallest_choice,
+)
+from snapshop.index.factory import card_path
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,10 @@ LOCK_FILE = "write.lock"
 _CREATING = frozenset({DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal",
                        CARD_FILE, f"{CARD_FILE}.tmp"})  # fmt: skip
 IMAGES = "images"
+# Kinds whose recall and latency the catalog measures on its own vectors (server backends are
+# measured by benchmarks, not on every save).
+MEASURED_KINDS = frozenset({"flat", "hnsw", "hnsw_sq", "ivfpq"})
+MEASURE_QUERIES = 100
 
 
 def index_name(position: str | None) -> str:
@@ -65,10 +79,20 @@ class Catalog:
         self.card = card
         self.store = store
         self.dim: int = card.dim
-        # "auto" (issue #6): exact below the size exact search meets the latency budget, HNSW above.
-        self.index_kind, self.index_params = resolve_index_kind(
-            card.index_kind, dict(card.index_params), store.counts()["images"], self.dim,
-        )  # fmt: skip
+        # "auto" (issues #6, #15): the most accurate kind that fits the card's memory and
+        # latency budget (the default budget when the card names none).
+        counts = store.counts()
+        kind, params = card.index_kind, dict(card.index_params)
+        try:
+            self.index_kind, self.index_params = resolve_index_kind(
+                kind, params, counts["images"], self.dim,
+                n_total=counts["images"] + counts["crops"],
+            )  # fmt: skip
+        except CatalogError as exc:  # nothing fits: open with the smallest rather than fail
+            log.warning("catalog %s: %s; using the smallest index", directory, exc)
+            fallback = smallest_choice(counts["images"], self.dim)
+            self.index_kind, self.index_params = fallback.kind, fallback.params
+        self.measured: dict[str, dict[str, Any]] = {}  # index name -> its measured card entry
         self._lock = threading.RLock()
         self._flock_depth = 0  # write_lock nesting in the thread that holds self._lock
         self.indexes: dict[str, VectorIndex] = {}
@@ -183,6 +207,8 @@ class Catalog:
             try:
                 index, card = load_index(path)
                 if index.dim == self.dim and card.get("kind") == self.index_kind:
+                    if isinstance(card.get("measured"), dict):
+                        self.measured[name] = card["measured"]
                     return index
                 log.warning("%s: index kind/dim changed, rebuilding", path)
             except (CatalogError, Exception) as exc:  # a corrupt cache is rebuilt, never fatal
@@ -217,8 +243,11 @@ class Catalog:
             if before is not None and self._generation == before:
                 self._generation = before + 1
 
-    def save_indexes(self) -> None:
+    def save_indexes(self, measure: bool = True) -> None:
         """Reconcile with the store (other writers may have committed), then persist every index.
+
+        An index never measured, or measured at under half or over twice its size, is measured
+        (recall@10, latency, memory) into its card (``measure``: False skips that).
 
         Call under :meth:`write_lock` so no other writer commits between the two steps.
         """
@@ -226,12 +255,106 @@ class Catalog:
             self.refresh()
             generation = self._generation
             for name, index in self.indexes.items():
-                save_index(
-                    index,
-                    self.index_path(name),
-                    {"generation": generation, "name": name, "model_id": self.model_id},
-                )
+                path = self.index_path(name)
+                save_index(index, path, self._card_extra(name, generation))
+                if measure and self._measurement_stale(name):
+                    # measured once saved: saved float vectors are memory-mapped, not resident
+                    self.measured[name] = self.measure_index(name)
+                    write_json(card_path(path), {**index.info(),
+                                                 **self._card_extra(name, generation)})  # fmt: skip
             self._generation = generation
+
+    def _card_extra(self, name: str, generation: int) -> dict[str, Any]:
+        extra: dict[str, Any] = {"generation": generation, "name": name, "model_id": self.model_id}
+        if name in self.measured:
+            extra["measured"] = self.measured[name]
+        return extra
+
+    def _measurement_stale(self, name: str) -> bool:
+        """Measured never, or at less than half or more than twice today's size."""
+        index = self.indexes[name]
+        if index.kind not in MEASURED_KINDS or len(index) == 0:
+            return False
+        found = self.measured.get(name)
+        if not found or found.get("kind") != index.kind:
+            return True
+        count = int(found.get("count", 0))
+        return not count / 2 <= len(index) <= 2 * count
+
+    def _vectors_of(self, name: str, ids: list[int] | None = None) -> Any:
+        if name == IMAGES:
+            return self.store.iter_vectors("images", self.dim, ids=ids, batch=65_536)
+        position = name.removeprefix("crops-")
+        return self.store.iter_vectors("crops", self.dim, ids=ids, position=position, batch=65_536)
+
+    def measure_index(self, name: str, budget: IndexBudget | None = None) -> dict[str, Any]:
+        """recall@10 vs exact search and single-query latency of index ``name``, on a sample
+        of the catalog's own vectors; with ``budget``, search-time parameters are widened
+        until its target recall is met (or its latency spent). Returns the card entry."""
+        from snapshop.index.measure import exact_neighbours, measure, tune
+
+        index = self.indexes[name]
+        ids = index.ids()
+        rng = np.random.default_rng(0)
+        sample = np.sort(rng.choice(ids, size=min(MEASURE_QUERIES, len(ids)), replace=False))
+        queries = np.concatenate([v for _, v in self._vectors_of(name, sample.tolist())])
+        truth = exact_neighbours(queries, self._vectors_of(name), 10)
+        if budget is not None:
+            result = tune(index, queries, truth, budget.target_recall, budget.max_query_ms)
+        else:
+            result = measure(index, queries, truth)
+        memory = getattr(index, "memory_bytes", None)
+        result.update(
+            kind=index.kind,
+            count=len(index),
+            memory_bytes=int(memory()) if memory is not None else None,
+            measured_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        )
+        if result["memory_bytes"] is not None and len(index):
+            result["bytes_per_vector"] = round(result["memory_bytes"] / len(index), 1)
+        log.info("index %s measured: %s", name, result)
+        return result
+
+    def reindex(self, budget: IndexBudget) -> dict[str, Any]:
+        """Choose the index kind and parameters for ``budget`` (recorded in the card as
+        ``auto``), rebuild every index from the store, measure and tune each on the
+        catalog's own vectors, and save. Raises CatalogError when nothing fits the budget
+        (the catalog is left as it was). Returns what was chosen and measured."""
+        with self.write_lock():
+            self.refresh()
+            counts = self.store.counts()
+            choice: IndexChoice = choose_index(
+                counts["images"], self.dim, budget, counts["images"] + counts["crops"]
+            )
+            rebuilt: dict[str, VectorIndex] = {}
+            for name in self.indexes:
+                index = create_index(choice.kind, self.dim, **choice.params)
+                for ids, vecs in self._vectors_of(name):
+                    index.add(ids, vecs)
+                rebuilt[name] = index
+            path = self.directory / CARD_FILE
+            card = read_card(path).replace(
+                index_kind=AUTO, index_params={"budget": budget.to_dict()}
+            )
+            write_card(path, card)
+            self.card = card
+            self.indexes = rebuilt
+            self.index_kind, self.index_params = choice.kind, dict(choice.params)
+            self.measured = {}
+            self.save_indexes(measure=False)  # first, so float vectors are memory-mapped
+            for name in rebuilt:
+                if len(rebuilt[name]):
+                    self.measured[name] = self.measure_index(name, budget)
+            self.save_indexes(measure=False)  # the tuned search parameters and measurements
+        return {
+            "kind": choice.kind,
+            "params": choice.params,
+            "reason": choice.reason,
+            "predicted_memory_bytes": choice.memory_bytes,
+            "predicted_ms": round(choice.predicted_ms, 3),
+            "budget": budget.to_dict(),
+            "indexes": {name: self.measured.get(name, {"count": 0}) for name in self.indexes},
+        }
 
     def owners(self, position: str | None, ids: list[int]) -> dict[int, int]:
         """Index entry ids (image ids, or crop ids of ``position``) -> product ids.
@@ -317,7 +440,13 @@ class Catalog:
             "crop_mode": self.crop_mode,
             "dim": self.dim,
             "index_kind": self.index_kind,
+            # server kinds' parameters may hold a connection string: only local ones are shown
+            "index_params": dict(self.index_params) if self.index_kind in MEASURED_KINDS else {},
+            "index_budget": IndexBudget.from_dict(self.card.index_params.get("budget")).to_dict()
+            if self.card.index_kind == AUTO
+            else None,
             "indexes": {name: len(idx) for name, idx in sorted(self.indexes.items())},
+            "measured": {name: self.measured[name] for name in sorted(self.measured)},
             "generation": self.store.generation,
         }
 
@@ -395,6 +524,12 @@ def _create(
     store = CatalogStore(directory / DB_FILE)
     write_card(directory / CARD_FILE, card)
     return Catalog(directory, card, store)
+
+
+def reindex_catalog(directory: str | os.PathLike[str], budget: IndexBudget) -> dict[str, Any]:
+    """Rebuild a catalog's indexes by ``budget`` (see :meth:`Catalog.reindex`)."""
+    with open_catalog(directory) as catalog:
+        return catalog.reindex(budget)
 
 
 def open_catalog(directory: str | os.PathLike[str]) -> Catalog:

@@ -37,7 +37,11 @@ class VectorIndex(Protocol):
         """Remove ``ids``; unknown ids are ignored. Returns how many were removed."""
 
     def search(self, queries: NDArray[np.float32], k: int) -> SearchHits:
-        """Top-``k`` by inner product for each of the (Q, dim) queries."""
+        """Top-``k`` by inner product for each of the (Q, dim) queries.
+
+        Backends with ``filters_inside = True`` also take ``allowed`` (an
+        ``index.filtering.IdFilter``): only those ids are returned, applied during the search.
+        """
 
     def ids(self) -> NDArray[np.int64]:
         """Every id in the index (any order)."""

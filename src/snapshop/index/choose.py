@@ -1,19 +1,31 @@
-"""Pick an index kind from the catalog size and a latency/memory budget (autofaiss spirit).
+"""Pick an index kind and its parameters from the catalog size and a memory/latency budget
+(autofaiss spirit).
 
-Exact search reads every vector per query, so its latency grows as ``N * d``; it stays the
-default while one query fits the latency budget, and HNSW takes over above. The scan
+Candidates, most accurate first: ``flat`` (exact), ``hnsw`` (float vectors + graph),
+``hnsw_sq`` (8-bit codes + graph, re-ranked exactly) and ``ivfpq`` with ever fewer PQ bytes
+per vector (re-ranked exactly from the memory-mapped float vectors). The first one whose
+predicted resident memory fits ``max_memory_bytes`` and whose predicted single-query latency
+fits ``max_query_ms`` wins; when none meets the latency the smallest that fits the memory is
+taken (with a warning); when nothing fits the memory the choice fails with the reason. The
+predictions are rough models; the catalog then *measures* recall@10 and latency on its own
+vectors and writes them into the index card (``index.measure``).
+
+Exact search reads every vector per query, so its latency grows as ``N * d``. The scan
 throughput is a measured constant (``benchmarks/index_latency.py``, docs/benchmarks.md), kept
 conservative because the machines are shared.
 
 A catalog card with ``index_kind: "auto"`` is resolved here on every open: when the catalog
-grows past the threshold its indexes are rebuilt as HNSW from the store (once).
+grows past a threshold its indexes are rebuilt from the store (once).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from snapshop.errors import CatalogError
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +36,80 @@ AUTO = "auto"
 # pass IndexBudget(exact_bytes_per_ms=...) to move the switch-over up.
 EXACT_BYTES_PER_MS = 2.5e6
 HNSW_M = 32
+# A new catalog's indexes together stay under this much resident memory unless told otherwise.
+DEFAULT_MEMORY_BYTES = 2 * 1024**3
+# HNSW, ef 128, 256-d: p50 0.45 ms at 200k on the shared machine (shared/NOTES.md); scaled by
+# d, ef and log N below, doubled for safety.
+HNSW_MS_256D = 0.9
+SQ_SLOWDOWN = 1.5  # 8-bit codes are decoded on the fly
+# Re-ranking reads `rerank` float rows (page cache, random access): ~2 us a 1 KB row.
+RERANK_MS_PER_KB = 0.002
+# 4-bit fast-scan PQ reads codes at ~1 GB/s on one busy core.
+PQ_SCAN_BYTES_PER_MS = 1e6
+# Per-vector bookkeeping: label, alive flag and id lookup; the compressed kinds keep the lookup
+# in sorted arrays (reranked.ID_BYTES), hnsw in a Python dict (~100 bytes an entry).
+ID_BYTES = 25
+HNSW_ID_BYTES = 109
+UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+         "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}  # fmt: skip
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """``"2GB"``, ``"512MiB"``, ``"1.5e9"`` -> bytes; raises CatalogError on anything else."""
+    if isinstance(text, int | float):
+        value, unit = float(text), ""
+    else:
+        s = text.strip().upper().replace(" ", "")
+        num = s.rstrip("KMGTIB")
+        unit = s[len(num) :]
+        try:
+            value = float(num)
+        except ValueError:
+            raise CatalogError(
+                f"cannot read a memory size from {text!r} (e.g. 2GB, 512MiB)"
+            ) from None
+    if unit not in UNITS or not math.isfinite(value) or value <= 0:
+        raise CatalogError(f"cannot read a memory size from {text!r} (e.g. 2GB, 512MiB)")
+    return int(value * UNITS[unit])
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
 
 
 @dataclass(frozen=True)
 class IndexBudget:
-    """What one query may cost: ``latency_ms`` per query, ``memory_gb`` for the index (None:
-    unbounded)."""
+    """What the catalog's indexes may cost: ``max_memory_bytes`` resident (None: unbounded)
+    for all its indexes together, ``max_query_ms`` per single query."""
 
-    latency_ms: float = 20.0
-    memory_gb: float | None = None
+    max_memory_bytes: int | None = DEFAULT_MEMORY_BYTES
+    max_query_ms: float = 20.0
+    target_recall: float = 0.95
     exact_bytes_per_ms: float = EXACT_BYTES_PER_MS
+
+    def __post_init__(self) -> None:
+        if self.max_memory_bytes is not None and self.max_memory_bytes <= 0:
+            raise CatalogError("max_memory_bytes must be positive")
+        if not self.max_query_ms > 0:
+            raise CatalogError("max_query_ms must be positive")
+        if not 0 < self.target_recall <= 1:
+            raise CatalogError("target_recall must be in (0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "exact_bytes_per_ms"}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> IndexBudget:
+        data = dict(data or {})
+        allowed = {"max_memory_bytes", "max_query_ms", "target_recall"}
+        if set(data) - allowed:
+            raise CatalogError(f"unknown index budget keys {sorted(set(data) - allowed)}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -41,6 +117,8 @@ class IndexChoice:
     kind: str
     params: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
+    memory_bytes: int = 0
+    predicted_ms: float = 0.0
 
 
 def exact_latency_ms(n: int, dim: int, budget: IndexBudget = IndexBudget()) -> float:
@@ -49,47 +127,128 @@ def exact_latency_ms(n: int, dim: int, budget: IndexBudget = IndexBudget()) -> f
 
 
 def max_exact_vectors(dim: int, budget: IndexBudget = IndexBudget()) -> int:
-    """The largest catalog exact search answers within ``budget.latency_ms``."""
-    return int(budget.latency_ms * budget.exact_bytes_per_ms / (4.0 * dim))
+    """The largest catalog exact search answers within ``budget.max_query_ms``."""
+    return int(budget.max_query_ms * budget.exact_bytes_per_ms / (4.0 * dim))
+
+
+def ivf_params(n: int, dim: int, pq_m: int) -> dict[str, Any]:
+    """nlist ~ 4 sqrt(N) (a power of two), nprobe ~ nlist / 32, 4-bit fast-scan codes."""
+    nlist = 2 ** max(4, min(16, round(math.log2(max(4 * math.sqrt(max(n, 1)), 1)))))
+    return {"nlist": nlist, "pq_m": pq_m, "nbits": 4,
+            "nprobe": max(8, min(256, nlist // 32)), "rerank": 100}  # fmt: skip
+
+
+def index_memory_bytes(kind: str, n: int, dim: int, params: dict[str, Any] | None = None) -> int:
+    """Predicted resident bytes of ``n`` vectors (float vectors of re-ranked kinds live in a
+    memory-mapped file and are not counted)."""
+    p = params or {}
+    m = int(p.get("m", HNSW_M))
+    if kind == "flat":
+        return n * (4 * dim + 8)
+    if kind == "hnsw":
+        return n * (4 * dim + 8 * m + HNSW_ID_BYTES)
+    if kind == "hnsw_sq":
+        return n * (dim + 8 * m + ID_BYTES)
+    if kind == "ivfpq":
+        per = int(p["pq_m"]) * int(p.get("nbits", 4)) / 8 + 8 + ID_BYTES
+        return int(n * per + 4 * dim * int(p["nlist"]))
+    raise CatalogError(f"no memory model for index kind {kind!r}")
 
 
 def index_memory_gb(kind: str, n: int, dim: int, m: int = HNSW_M) -> float:
-    """Approximate resident size: vectors plus (for HNSW) ~2·m int32 links per vector."""
-    per_vector = 4 * dim + (8 * m + 16 if kind == "hnsw" else 8)
-    return n * per_vector / 1e9
+    """Approximate resident size in GB (see :func:`index_memory_bytes`)."""
+    return index_memory_bytes(kind, n, dim, {"m": m}) / 1e9
 
 
-def choose_index(n: int, dim: int, budget: IndexBudget = IndexBudget()) -> IndexChoice:
-    """Exact below the size where one query stops meeting the latency budget, HNSW above."""
-    limit = max_exact_vectors(dim, budget)
-    if n <= limit:
-        return IndexChoice(
-            "flat", {}, f"{n} <= {limit} vectors: exact search meets {budget.latency_ms:g} ms"
+def predicted_ms(
+    kind: str, n: int, dim: int, params: dict[str, Any], budget: IndexBudget = IndexBudget()
+) -> float:
+    """A rough single-query latency model on the shared 2-core machines."""
+    if kind == "flat":
+        return exact_latency_ms(n, dim, budget)
+    rerank_ms = int(params.get("rerank", 0)) * RERANK_MS_PER_KB * 4 * dim / 1000
+    if kind in ("hnsw", "hnsw_sq"):
+        scale = (dim / 256) * (int(params.get("ef_search", 128)) / 128)
+        scale *= max(1.0, math.log2(max(n, 2)) / math.log2(200_000))
+        return HNSW_MS_256D * scale * (SQ_SLOWDOWN if kind == "hnsw_sq" else 1.0) + rerank_ms
+    if kind == "ivfpq":
+        nlist, nprobe = int(params["nlist"]), int(params["nprobe"])
+        coarse = (4.0 * nlist * dim / budget.exact_bytes_per_ms if nlist < 4096  # scanned
+                  else HNSW_MS_256D * dim / 256)  # an HNSW graph over the centroids  # fmt: skip
+        codes = n * nprobe / nlist * int(params["pq_m"]) * int(params.get("nbits", 4)) / 8
+        return coarse + codes / PQ_SCAN_BYTES_PER_MS + rerank_ms
+    raise CatalogError(f"no latency model for index kind {kind!r}")
+
+
+def candidates(n: int, dim: int) -> list[tuple[str, dict[str, Any]]]:
+    """Every (kind, params) the budget may choose, most accurate first."""
+    out: list[tuple[str, dict[str, Any]]] = [
+        ("flat", {}),
+        ("hnsw", {"m": HNSW_M, "ef_search": 128}),
+        ("hnsw_sq", {"m": HNSW_M, "ef_search": 128, "rerank": 100}),
+    ]
+    for divisor in (2, 4, 8, 16, 32):
+        if dim % divisor == 0 and dim // divisor >= 1:
+            out.append(("ivfpq", ivf_params(n, dim, dim // divisor)))
+    return out
+
+
+def choose_index(
+    n: int, dim: int, budget: IndexBudget = IndexBudget(), n_total: int | None = None
+) -> IndexChoice:
+    """The most accurate kind that fits the budget: latency judged on the largest index
+    (``n`` vectors), memory on every vector the catalog indexes (``n_total``, default ``n``)."""
+    total = max(n, n_total or n)
+    limit_b = budget.max_memory_bytes
+    fits_memory = []
+    for kind, params in candidates(n, dim):
+        memory = index_memory_bytes(kind, total, dim, params)
+        ms = predicted_ms(kind, n, dim, params, budget)
+        if limit_b is not None and memory > limit_b:
+            continue
+        fits_memory.append((kind, params, memory, ms))
+        if ms <= budget.max_query_ms:
+            reason = (f"{kind}: ~{human_bytes(memory)} for {total:,} vectors"
+                      f"{'' if limit_b is None else f' (budget {human_bytes(limit_b)})'},"
+                      f" ~{ms:.2f} ms predicted (budget {budget.max_query_ms:g} ms)")  # fmt: skip
+            return IndexChoice(kind, dict(params), reason, memory, ms)
+    if not fits_memory:
+        smallest = min(index_memory_bytes(k, total, dim, p) for k, p in candidates(n, dim))
+        raise CatalogError(
+            f"no index of {total:,} x {dim} vectors fits {human_bytes(limit_b or 0)} (the"
+            f" smallest needs ~{human_bytes(smallest)}): raise the memory budget, reduce the"
+            " dimension, or use a server backend (pgvector, milvus)"
         )
-    memory = index_memory_gb("hnsw", n, dim)
-    if budget.memory_gb is not None and memory > budget.memory_gb:
-        log.warning(
-            "HNSW over %d x %d needs ~%.1f GB, over the %.1f GB budget; consider a "
-            "server backend (pgvector, milvus)",
-            n,
-            dim,
-            memory,
-            budget.memory_gb,
-        )
+    kind, params, memory, ms = min(fits_memory, key=lambda c: c[3])
+    log.warning("no index of %d x %d meets %g ms within the memory budget; %s predicts %.1f ms",
+                n, dim, budget.max_query_ms, kind, ms)  # fmt: skip
+    reason = (f"{kind}: fastest within the memory budget (~{human_bytes(memory)}),"
+              f" ~{ms:.1f} ms predicted, over the {budget.max_query_ms:g} ms budget")  # fmt: skip
+    return IndexChoice(kind, dict(params), reason, memory, ms)
+
+
+def smallest_choice(n: int, dim: int) -> IndexChoice:
+    """The candidate with the least memory (when no budget can be met)."""
+    kind, params = min(candidates(n, dim), key=lambda c: index_memory_bytes(c[0], n, dim, c[1]))
     return IndexChoice(
-        "hnsw",
-        {"m": HNSW_M, "ef_search": 128},
-        f"{n} > {limit} vectors: exact search would take "
-        f"~{exact_latency_ms(n, dim, budget):.0f} ms",
+        kind, dict(params), "smallest index", index_memory_bytes(kind, n, dim, params)
     )
 
 
 def resolve_index_kind(
-    kind: str, params: dict[str, Any], n: int, dim: int, budget: IndexBudget = IndexBudget()
+    kind: str,
+    params: dict[str, Any],
+    n: int,
+    dim: int,
+    budget: IndexBudget | None = None,
+    n_total: int | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """The concrete (kind, params) for a catalog card entry; ``auto`` is chosen by size."""
+    """The concrete (kind, params) for a catalog card entry; ``auto`` is chosen by size and
+    the budget (``params["budget"]``, else ``budget``, else the default budget)."""
     if kind != AUTO:
         return kind, params
-    choice = choose_index(n, dim, budget)
+    if budget is None:
+        budget = IndexBudget.from_dict(params.get("budget"))
+    choice = choose_index(n, dim, budget, n_total)
     override = params.get(choice.kind)  # auto cards key their params by kind: {"hnsw": {...}}
     return choice.kind, {**choice.params, **(override if isinstance(override, dict) else {})}

@@ -39,6 +39,8 @@ class _Lazy:
 INDEX_KINDS: dict[str, Any] = {
     "flat": _Lazy("snapshop.index.flat", "FlatIndex", ""),
     "hnsw": _Lazy("snapshop.index.hnsw", "HNSWIndex", ""),
+    "hnsw_sq": _Lazy("snapshop.index.reranked", "HNSWSQIndex", ""),
+    "ivfpq": _Lazy("snapshop.index.reranked", "IVFPQIndex", ""),
     "pgvector": _Lazy("snapshop.index.pgvector", "PgVectorIndex", "pgvector"),
     "milvus": _Lazy("snapshop.index.milvus", "MilvusIndex", "milvus"),
 }

@@ -14,6 +14,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.index.base import SearchHits, check_ids, check_vectors
+from snapshop.index.filtering import (
+    IdFilter,
+    NodeSelection,
+    SelectionCache,
+    exact_filter_max,
+    exact_top_k,
+    select_nodes,
+)
 
 # faiss only uses BLAS for batches over this many queries; the default (20) routes small
 # batches through a slow scalar path on these CPUs (see shared/NOTES.md).
@@ -57,10 +65,12 @@ class FlatIndex:
     """Exact search; ``add`` with an existing id replaces its vector."""
 
     kind = "flat"
+    filters_inside = True
 
     def __init__(self, dim: int, index: faiss.IndexIDMap2 | None = None) -> None:
         self.dim = dim
         self._index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._selections = SelectionCache()
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
@@ -72,30 +82,55 @@ class FlatIndex:
             return
         self.remove(ids)
         self._index.add_with_ids(vectors, ids)
+        self._selections.clear()
 
     def remove(self, ids: NDArray[np.int64]) -> int:
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) == 0 or len(self) == 0:
             return 0
+        self._selections.clear()
         return int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
 
-    def search(self, queries: NDArray[np.float32], k: int) -> SearchHits:
+    def _select(self, allowed: IdFilter) -> NodeSelection:
+        return self._selections.get(allowed, lambda: select_nodes(self.ids(), None, allowed))
+
+    def search(
+        self, queries: NDArray[np.float32], k: int, allowed: IdFilter | None = None
+    ) -> SearchHits:
+        """Exact top-``k``; ``allowed`` limits the result to those ids (scanned during the
+        search: a small allowed set is gathered and scanned alone)."""
         queries = check_vectors(queries, self.dim)
         if k < 1:
             raise ValueError("k must be >= 1")
         if len(self) == 0 or len(queries) == 0:
             q = len(queries)
             return SearchHits(np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64))
-        if len(queries) <= SINGLE_THREAD_MAX_QUERIES:
-            with omp_threads(1):
-                scores, ids = self._index.search(queries, k)
-        else:
-            scores, ids = self._index.search(queries, k)
+        selection = self._select(allowed) if allowed is not None else None
+        if selection is not None and len(selection.nodes) <= exact_filter_max(self.dim):
+            rows = self._stored()[selection.nodes]
+            labels = faiss.rev_swig_ptr(self._index.id_map.data(), len(self))
+            scores, ids = exact_top_k(rows, np.asarray(labels)[selection.nodes], queries, k)
+            return SearchHits(scores, ids)
+        params = None
+        if selection is not None:
+            params = faiss.SearchParameters()
+            params.sel = selection.selector
+        with omp_threads(
+            1 if len(queries) <= SINGLE_THREAD_MAX_QUERIES else faiss.omp_get_max_threads()
+        ):
+            scores, nodes = self._index.index.search(queries, k, params=params)
+        labels = faiss.rev_swig_ptr(self._index.id_map.data(), len(self))
+        ids = np.where(nodes >= 0, np.asarray(labels)[np.maximum(nodes, 0)], -1)
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
         return SearchHits(scores, ids.astype(np.int64))
 
     def ids(self) -> NDArray[np.int64]:
         return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+
+    def _stored(self) -> NDArray[np.float32]:
+        """A view of the stored (N, dim) vectors (valid until the next write)."""
+        inner = faiss.downcast_index(self._index.index)
+        return faiss.rev_swig_ptr(inner.get_xb(), len(self) * self.dim).reshape(-1, self.dim)
 
     def vectors(self) -> NDArray[np.float32]:
         """(N, dim) in the order of :meth:`ids`."""
@@ -113,5 +148,9 @@ class FlatIndex:
             index = faiss.downcast_index(index)
         return cls(index.d, index)
 
+    def memory_bytes(self) -> int:
+        return int(len(self) * (4 * self.dim + 8))
+
     def info(self) -> dict[str, Any]:
-        return {"kind": self.kind, "dim": self.dim, "count": len(self), "metric": "inner_product"}
+        return {"kind": self.kind, "dim": self.dim, "count": len(self), "metric": "inner_product",
+                "memory_bytes": self.memory_bytes()}  # fmt: skip

@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 
 from snapshop.config import read_json, write_json
 from snapshop.index.base import SearchHits, check_ids, check_vectors
+from snapshop.index.filtering import IdFilter
 
 FORMAT = "snapshop-pgvector/1"
 DSN_ENV = "SNAPSHOP_PG_DSN"
@@ -86,6 +87,13 @@ class PgVectorIndex:
         ).fetchone()
         if found is None or int(found[0]) != dim:
             raise ValueError(f"table {self.table} holds vectors of dim {found}, not {dim}")
+        row = self._conn.execute(
+            "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
+        ).fetchone()
+        version = tuple(int(p) for p in re.findall(r"\d+", str(row[0] if row else "0"))[:2])
+        # pgvector 0.8 scans an HNSW index further until enough rows pass a WHERE clause
+        # (iterative scan); older servers would return too few rows under a selective filter.
+        self.filters_inside = version >= (0, 8)
 
     def __len__(self) -> int:
         row = self._conn.execute(self._sql.SQL("SELECT count(*) FROM {}").format(self._t))
@@ -122,16 +130,24 @@ class PgVectorIndex:
         )
         return int(cur.rowcount)
 
-    def search(self, queries: NDArray[np.float32], k: int) -> SearchHits:
+    def search(
+        self, queries: NDArray[np.float32], k: int, allowed: IdFilter | None = None
+    ) -> SearchHits:
+        """Top-``k`` per query; ``allowed`` becomes ``WHERE id = ANY(...)`` with pgvector's
+        iterative index scan (relaxed order, re-sorted here), so a filter is applied inside
+        the search at any selectivity (the planner scans a small allowed set exactly)."""
         queries = check_vectors(queries, self.dim)
         if k < 1:
             raise ValueError("k must be >= 1")
+        if allowed is not None and not self.filters_inside:
+            raise ValueError("filtered search needs pgvector >= 0.8 (iterative index scans)")
         scores = np.full((len(queries), k), -np.inf, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
+        where = self._sql.SQL("WHERE id = ANY(%s)" if allowed is not None else "")
         query = self._sql.SQL(
-            "SELECT id, -(embedding <#> %s::vector) FROM {} ORDER BY embedding <#> %s::vector"
+            "SELECT id, -(embedding <#> %s::vector) FROM {} {} ORDER BY embedding <#> %s::vector"
             " LIMIT %s"
-        ).format(self._t)
+        ).format(self._t, where)
         with self._conn.transaction(), self._conn.cursor() as cur:
             if k > MAX_EF_SEARCH:  # HNSW cannot return more than ef_search rows: scan exactly
                 cur.execute("SET LOCAL enable_indexscan = off")
@@ -140,9 +156,15 @@ class PgVectorIndex:
                 cur.execute(
                     self._sql.SQL("SET LOCAL hnsw.ef_search = {}").format(self._sql.Literal(ef))
                 )
+            if allowed is not None:
+                cur.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+            allowed_list = allowed.ids.tolist() if allowed is not None else None
             for qi, q in enumerate(queries):
                 text = _vec_text(q)
-                rows = cur.execute(query, (text, text, k)).fetchall()
+                args = (text, allowed_list, text, k) if allowed is not None else (text, text, k)
+                rows = cur.execute(query, args).fetchall()
+                if allowed is not None:  # relaxed order: nearly sorted, sort it
+                    rows.sort(key=lambda r: -r[1])
                 if rows:
                     ids[qi, : len(rows)] = [r[0] for r in rows]
                     scores[qi, : len(rows)] = [r[1] for r in rows]
