@@ -164,7 +164,7 @@ def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | No
     except CatalogError:
         write_card(path, previous)  # every later open would fail the same way
         raise
-    with catalog, catalog.write_lock():
+    with catalog:
         catalog.save_indexes()
 
 

@@ -220,10 +220,9 @@ class Ingestor:
             if product is not None and _metadata_changes(product, record.metadata):
                 updates.append(record)
         if updates:
-            with self.catalog.write_lock(), store.transaction() as db:
+            with self.catalog.writing() as write:  # metadata only: indexes unchanged
                 for record in updates:
-                    store.upsert_product(db, record.sku, **record.metadata)
-            self.catalog.applied(store.last_commit())  # metadata only: indexes unchanged
+                    write.upsert_product(record.sku, **record.metadata)
 
     def _write_batch(self, batch: list[Decoded], report: IngestReport) -> None:
         crops_per_image = [
@@ -243,14 +242,12 @@ class Ingestor:
         crop_vecs = self.embedder.embed_images(crop_pixels)
         blobs = [d.blob for d in batch]
 
-        new_images: list[tuple[int, np.ndarray]] = []
-        new_crops: dict[str, list[tuple[int, np.ndarray]]] = {}
-        store = self.catalog.store
-        with self.catalog.write_lock(), store.transaction() as db:
+        # Vectors reach the indexes only after their rows committed (``Catalog.writing``).
+        with self.catalog.writing() as write:
             offset = 0
             for d, blob, vec, crops in zip(batch, blobs, image_vecs, crops_per_image, strict=True):
-                product_id = store.upsert_product(db, d.record.sku, **d.record.metadata)
-                if store.find_image(db, product_id, d.sha256) is not None:
+                product_id = write.upsert_product(d.record.sku, **d.record.metadata)
+                if write.find_image(product_id, d.sha256) is not None:
                     report.skipped += 1  # another writer added it since we looked
                     report.products.add(d.record.sku)
                     offset += len(crops)
@@ -260,24 +257,14 @@ class Ingestor:
                     continue
                 new = [NewCrop(pos, label, score, box, crop_vecs[offset + j])
                        for j, (pos, label, score, box, _) in enumerate(crops)]  # fmt: skip
-                image_id, crop_ids = store.insert_image(
-                    db, product_id, source=str(d.record.path), blob=blob, sha256=d.sha256,
+                _, crop_ids = write.insert_image(
+                    product_id, source=str(d.record.path), blob=blob, sha256=d.sha256,
                     width=d.size[0], height=d.size[1], vector=vec, crops=new,
                 )  # fmt: skip
-                new_images.append((image_id, vec))
-                for cid, c in zip(crop_ids, new, strict=True):
-                    new_crops.setdefault(c.position, []).append((cid, c.vector))
                 offset += len(crops)
                 report.added += 1
                 report.crops += len(crop_ids)
                 report.products.add(d.record.sku)
-        # Vectors reach the indexes only after their rows committed.
-        committed = store.last_commit()
-        for position, pairs in [(None, new_images), *new_crops.items()]:
-            if pairs:
-                ids = np.array([p[0] for p in pairs], dtype=np.int64)
-                self.catalog.add_vectors(position, ids, np.stack([p[1] for p in pairs]))
-        self.catalog.applied(committed)  # our own write: no store rescan needed at save time
 
     def _blob_in_place(self, d: Decoded, blob: str, report: IngestReport) -> bool:
         """Under the write lock, before the row naming ``blob`` commits: make sure the file is
@@ -319,15 +306,13 @@ class Ingestor:
                 self._write_batch(decoded, report)
                 batches_since_save += 1
             if batches_since_save >= self.save_every:
-                with self.catalog.write_lock():
-                    self.catalog.save_indexes()
+                self.catalog.save_indexes()
                 batches_since_save = 0
             if progress:
                 progress(consumed)
         if sync:
             report.removed = self._sync(records)  # type: ignore[arg-type]
-        with self.catalog.write_lock():
-            self.catalog.save_indexes()
+        self.catalog.save_indexes()
         for source, reason in report.failed:  # the report carries them; callers show them
             log.info("not indexed %s: %s", source, reason)
         report.seconds = time.perf_counter() - start

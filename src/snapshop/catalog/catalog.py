@@ -38,6 +38,7 @@ from snapshop.catalog.blobs import (
 )
 from snapshop.catalog.card import CatalogCard, read_card, write_card
 from snapshop.catalog.store import CatalogStore
+from snapshop.catalog.write import CatalogWrite
 from snapshop.config import write_json
 from snapshop.detect.base import CROP_MODES, DEFAULT_CROP_MODE
 from snapshop.errors import CatalogError, ModelError
@@ -174,6 +175,27 @@ class Catalog:
                     self._flock_depth = 0
                     fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
+    @contextmanager
+    def writing(self) -> Iterator[CatalogWrite]:
+        """One write: the write lock, one store transaction, and the index bookkeeping.
+
+        Rows written through the yielded :class:`CatalogWrite` commit together, with the
+        store's ``generation`` bumped, when the block ends; an exception inside the block
+        rolls all of them back and changes no index. After the commit, the vectors the write
+        added or removed are applied to the in-memory indexes and the catalog records that
+        they are current (:meth:`applied`), so the next save need not rescan the store. The
+        indexes are not saved here: call :meth:`save_indexes` when it is time."""
+        with self.write_lock():
+            with self.store.transaction() as db:
+                write = CatalogWrite(self.store, db)
+                yield write
+            before = self.store.last_commit()
+            self.remove_vectors(write.removed_images, write.removed_crops)
+            for position, pairs in write.added.items():
+                ids = np.array([entry for entry, _ in pairs], dtype=np.int64)
+                self.add_vectors(position, ids, np.stack([vector for _, vector in pairs]))
+            self.applied(before)  # only once every change is in: else a refresh reconciles
+
     # --- index maintenance ------------------------------------------------------------
     def index(self, position: str | None = None) -> VectorIndex | None:
         return self.indexes.get(index_name(position))
@@ -249,9 +271,9 @@ class Catalog:
         An index never measured, or measured at under half or over twice its size, is measured
         (recall@10, latency, memory) into its card (``measure``: False skips that).
 
-        Call under :meth:`write_lock` so no other writer commits between the two steps.
+        Takes the write lock (re-entrant), so no other writer commits between the two steps.
         """
-        with self._lock:
+        with self.write_lock():
             self.refresh()
             generation = self._generation
             for name, index in self.indexes.items():
@@ -399,10 +421,9 @@ class Catalog:
 
         Blob files no other image shares are removed after the commit."""
         with self.write_lock():
-            files = self.store.blob_refs_of_product(product_id)  # the lock keeps them current
-            image_ids, crop_ids = self.store.delete_product(product_id)
-            self.remove_vectors(image_ids, crop_ids)
-            self.applied(self.store.last_commit())
+            with self.writing() as write:
+                files = self.store.blob_refs_of_product(product_id)  # the lock keeps them current
+                image_ids = write.delete_product(product_id)
             self.save_indexes()
             free_unreferenced_blobs(self.directory, self.store, files)
         return len(image_ids)
@@ -412,10 +433,9 @@ class Catalog:
         if not image_ids:
             return
         with self.write_lock():
-            files = self.store.blob_refs_of_images(image_ids)
-            crop_ids = self.store.delete_images(image_ids)
-            self.remove_vectors(image_ids, crop_ids)
-            self.applied(self.store.last_commit())
+            with self.writing() as write:
+                files = self.store.blob_refs_of_images(image_ids)
+                write.delete_images(image_ids)
             self.save_indexes()
             free_unreferenced_blobs(self.directory, self.store, files)
 
