@@ -132,3 +132,31 @@ def test_ingest_batch_that_fails_mid_write_commits_nothing(
         assert catalog.store.generation == generation
         assert catalog.store.counts()["images"] == len(images)
         assert len(catalog.index(None)) == len(images)  # type: ignore[arg-type]
+
+
+def test_queries_and_metadata_update_on_the_catalog(catalog: Catalog) -> None:
+    """The typed queries callers use instead of reaching into ``catalog.store``."""
+    from snapshop.errors import NotFoundError
+
+    rng = np.random.default_rng(4)
+    with catalog.writing() as write:
+        image_id = insert(write, "a", rng)
+        insert(write, "b", rng)
+    product = catalog.find_product("a")
+    assert product is not None and catalog.get_product(product.id) == product
+    assert [p.sku for p in catalog.list_products(after_id=0, limit=1)] == ["a"]
+    assert [im.id for im in catalog.images_of(product.id)] == [image_id]
+    assert catalog.get_image(image_id).sha256 == catalog.images_of(product.id)[0].sha256
+    assert catalog.has_image(product.id, catalog.get_image(image_id).sha256)
+    assert not catalog.has_image(product.id, "0" * 64)
+    assert catalog.counts() == {"products": 2, "images": 2, "crops": 0}
+    assert catalog.db_path.is_file()
+
+    generation = catalog.generation
+    updated = catalog.update_product(product.id, title="Renamed", price=9.5)
+    assert (updated.title, updated.price, updated.sku) == ("Renamed", 9.5, "a")
+    assert catalog.generation == generation + 1
+    assert catalog.refresh() is False  # a metadata write leaves the indexes current
+    with pytest.raises(NotFoundError, match="no product with id 999"):
+        catalog.update_product(999, title="x")
+    assert catalog.generation == generation + 1  # the failed update committed nothing

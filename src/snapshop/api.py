@@ -218,7 +218,7 @@ def remove_products(
     with open_catalog(catalog_dir) as catalog:
         targets: dict[int, str] = {}  # a product named twice (sku and id, say) is removed once
         for sku in skus:
-            found = catalog.store.find_product(sku)
+            found = catalog.find_product(sku)
             if found is None:
                 hint = (
                     f" (product id {sku}? ids are given as ids: --id {sku})"
@@ -228,7 +228,7 @@ def remove_products(
                 raise NotFoundError(f"no product with sku {sku!r}{hint}")
             targets[found.id] = found.sku
         for product_id in ids:
-            product = catalog.store.get_product(product_id)
+            product = catalog.get_product(product_id)
             targets[product.id] = product.sku
         for product_id, sku in targets.items():
             removed[sku] = catalog.remove_product(product_id)
@@ -311,7 +311,7 @@ def duplicates(
 
     with open_catalog(catalog_dir) as catalog:
         if progress_total:
-            progress_total(catalog.store.counts()["images"])
+            progress_total(catalog.counts()["images"])
         pixel = dup.DEFAULT_PIXEL_THRESHOLD if pixel_threshold is None else pixel_threshold
         report = dup.find_duplicates(
             catalog, dup.DEFAULT_THRESHOLD if threshold is None else threshold,

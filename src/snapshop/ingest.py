@@ -26,7 +26,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -211,12 +211,11 @@ class Ingestor:
         """Count images the catalog already holds; a known image whose record carries changed
         product metadata still updates the product (re-ingesting an edited CSV updates titles,
         prices... without re-embedding)."""
-        store = self.catalog.store
         updates = []
         for record in records:
             report.skipped += 1
             report.products.add(record.sku)
-            product = store.find_product(record.sku)
+            product = self.catalog.find_product(record.sku)
             if product is not None and _metadata_changes(product, record.metadata):
                 updates.append(record)
         if updates:
@@ -332,8 +331,7 @@ class Ingestor:
         )  # fmt: skip
         small = isinstance(records, Sequence) and len(records) <= 2 * self.batch_size
         if self.workers == 0 or small:
-            store = self.catalog.store
-            outcomes: Iterator[_Outcome] = (prepare(job, r, store, self.catalog.blob_dir)
+            outcomes: Iterator[_Outcome] = (prepare(job, r, self.catalog, self.catalog.blob_dir)
                                             for r in records)  # fmt: skip
         else:
             outcomes = self._prepared_by_workers(records, job, report)
@@ -374,7 +372,7 @@ class Ingestor:
         with pool:
             pending: deque[tuple[Future[_Outcome], CatalogRecord]] = deque()
             source = iter(records)
-            db_path, blob_dir = str(self.catalog.store.path), str(self.catalog.blob_dir)
+            db_path, blob_dir = str(self.catalog.db_path), str(self.catalog.blob_dir)
             while True:
                 try:
                     while len(pending) < window and (record := next(source, None)) is not None:
@@ -405,13 +403,13 @@ class Ingestor:
             wanted.setdefault(record.sku, set()).add(hashlib.sha256(data).hexdigest())
         stale: list[int] = []
         for sku, shas in wanted.items():
-            product = self.catalog.store.find_product(sku)
+            product = self.catalog.find_product(sku)
             if product is None:
                 continue
             keep = unreadable.get(sku, set())
             stale += [
                 im.id
-                for im in self.catalog.store.images_of(product.id)
+                for im in self.catalog.images_of(product.id)
                 if im.sha256 not in shas and im.source not in keep
             ]
         if stale:
@@ -454,9 +452,16 @@ class PrepareJob:
 _Outcome = Decoded | CatalogRecord | tuple[str, str]
 
 
-def prepare(
-    job: PrepareJob, record: CatalogRecord, store: CatalogStore, blob_dir: Path
-) -> _Outcome:
+class KnownImages(Protocol):
+    """What :func:`prepare` asks of the catalog: an open ``Catalog``, or a decode worker's
+    read-only ``CatalogStore``."""
+
+    def find_product(self, sku: str) -> Product | None: ...
+
+    def has_image(self, product_id: int, sha256: str) -> bool: ...
+
+
+def prepare(job: PrepareJob, record: CatalogRecord, known: KnownImages, blob_dir: Path) -> _Outcome:
     """Read, sha256, skip if the catalog already holds it (returns the record), decode,
     preprocess for the embedder and store the blob. Failures come back as (source, reason)."""
     try:
@@ -464,8 +469,8 @@ def prepare(
     except ImageDecodeError as exc:
         return (str(record.path), exc.reason)
     sha = hashlib.sha256(data).hexdigest()
-    product = store.find_product(record.sku)
-    if product is not None and store.has_image(product.id, sha):
+    product = known.find_product(record.sku)
+    if product is not None and known.has_image(product.id, sha):
         return record
     try:
         image = load_image(data, job.limits)

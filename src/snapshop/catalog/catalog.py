@@ -37,7 +37,7 @@ from snapshop.catalog.blobs import (
     free_unreferenced_blobs,
 )
 from snapshop.catalog.card import CatalogCard, read_card, write_card
-from snapshop.catalog.store import CatalogStore
+from snapshop.catalog.store import CatalogStore, ImageRow, Product
 from snapshop.catalog.write import CatalogWrite
 from snapshop.config import write_json
 from snapshop.detect.base import CROP_MODES, DEFAULT_CROP_MODE
@@ -415,7 +415,53 @@ class Catalog:
                     if name != IMAGES:
                         index.remove(arr)
 
+    # --- queries (the store's rows, typed) -----------------------------------------------
+    @property
+    def generation(self) -> int:
+        """The store's write counter: every committed write moves it."""
+        return self.store.generation
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file (decode workers open it read-only)."""
+        return self.store.path
+
+    def counts(self) -> dict[str, int]:
+        """How many products, images and crops the catalog holds."""
+        return self.store.counts()
+
+    def get_product(self, product_id: int) -> Product:
+        """The product with this catalog id (NotFoundError if there is none)."""
+        return self.store.get_product(product_id)
+
+    def find_product(self, sku: str) -> Product | None:
+        return self.store.find_product(sku)
+
+    def list_products(
+        self, category: str | None = None, after_id: int = 0, limit: int = 50
+    ) -> list[Product]:
+        """Products in id order after ``after_id``, at most ``limit``, of ``category`` if given."""
+        return self.store.list_products(category, after_id=after_id, limit=limit)
+
+    def get_image(self, image_id: int) -> ImageRow:
+        """The image with this catalog id (NotFoundError if there is none)."""
+        return self.store.get_image(image_id)
+
+    def images_of(self, product_id: int) -> list[ImageRow]:
+        return self.store.images_of(product_id)
+
+    def has_image(self, product_id: int, sha256: str) -> bool:
+        """Whether ``product_id`` already holds an image with these bytes."""
+        return self.store.has_image(product_id, sha256)
+
     # --- write operations -------------------------------------------------------------
+    def update_product(self, product_id: int, **fields: Any) -> Product:
+        """Change a product's metadata (one write; no vector changes). NotFoundError if the
+        product does not exist."""
+        with self.writing() as write:
+            write.update_product(product_id, **fields)
+        return self.store.get_product(product_id)
+
     def remove_product(self, product_id: int) -> int:
         """Delete a product with its images and crops; returns how many images went.
 

@@ -29,6 +29,12 @@ class CatalogWrite:
         """Insert or update the product ``sku``; returns its id."""
         return self._store.upsert_product(self._db, sku, **fields)
 
+    def update_product(self, product_id: int, **fields: Any) -> int:
+        """Change the metadata of the product with this id (NotFoundError if none)."""
+        return self._store.upsert_product(
+            self._db, self._store.get_product(product_id).sku, **fields
+        )
+
     def find_image(self, product_id: int, sha256: str) -> int | None:
         """The id of ``product_id``'s image with these bytes, if it has one."""
         return self._store.find_image(self._db, product_id, sha256)
