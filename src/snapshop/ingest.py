@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -32,6 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from snapshop.catalog.blobs import write_blob
 from snapshop.catalog.catalog import DB_FILE, LOCK_FILE, Catalog
 from snapshop.catalog.store import CatalogStore, NewCrop, Product
 from snapshop.data.sources import CatalogRecord
@@ -50,14 +50,10 @@ from snapshop.images import (
     load_image,
     original_size,
     scale_to_original,
-    sniff_format,
 )
 from snapshop.models.embedder import Embedder, preprocess
 
 log = logging.getLogger(__name__)
-
-FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif",
-                 "BMP": ".bmp", "TIFF": ".tif"}  # fmt: skip
 
 
 @dataclass
@@ -101,32 +97,6 @@ class Decoded:
     pixels: NDArray[np.float32]
     blob: str
     image: Image.Image | None = None
-
-
-def write_blob(blob_dir: Path, sha256: str, data: bytes) -> str:
-    """Store ``data`` content-addressed; returns the path relative to the catalog."""
-    suffix = FORMAT_SUFFIX.get(sniff_format(data) or "", ".bin")
-    rel = Path("blobs") / sha256[:2] / f"{sha256}{suffix}"
-    target = blob_dir.parent / rel
-    try:
-        # Reusing a stored file: make it young again, so garbage collection (which spares files
-        # younger than its grace period) cannot take it before this ingest commits its row.
-        os.utime(target)
-        return str(rel)
-    except FileNotFoundError:
-        pass  # not stored yet (or collected a moment ago): write it
-    except OSError as exc:  # stored, but not ours to touch (e.g. another user's file): use it
-        log.debug("could not refresh %s (%s)", target, exc)
-        return str(rel)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        Path(tmp).replace(target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return str(rel)
 
 
 def _detect_crops(

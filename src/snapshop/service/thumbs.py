@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
-import tempfile
 from pathlib import Path
 
-from snapshop.catalog.blobs import THUMB_DIR
+from snapshop.catalog.blobs import THUMBNAILS, atomic_file
 from snapshop.catalog.store import ImageRow
 from snapshop.errors import ImageDecodeError, NotFoundError, StoredFileError
 from snapshop.images import DecodeLimits, load_image, pil_pixel_ceiling
@@ -37,8 +35,8 @@ def blob_path(catalog_dir: Path, image: ImageRow) -> Path:
 
 
 def thumbnail(catalog_dir: Path, image: ImageRow, size: int) -> Path:
-    """JPEG thumbnail (longest side ``size``) cached under ``catalog_dir/thumbs``."""
-    target = catalog_dir / THUMB_DIR / str(size) / image.sha256[:2] / f"{image.sha256}.jpg"
+    """JPEG thumbnail (longest side ``size``) cached in the catalog (``blobs.THUMBNAILS``)."""
+    target = THUMBNAILS.file(catalog_dir, size, image.sha256)
     if target.is_file():
         return target
     source = blob_path(catalog_dir, image)
@@ -49,13 +47,7 @@ def thumbnail(catalog_dir: Path, image: ImageRow, size: int) -> Path:
     except ImageDecodeError as exc:  # our own file: the catalog's fault, not the caller's
         raise StoredFileError(str(source), exc.reason) from None
     pixels.thumbnail((size, size))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pixels.save(fh, format="JPEG", quality=82, optimize=True)
-        Path(tmp).replace(target)  # atomic: concurrent requests may both render, never tear
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(target) as fh:  # concurrent requests may both render, never tear
+        pixels.save(fh, format="JPEG", quality=82, optimize=True)
     log.debug("thumbnail %s written", target)
     return target
