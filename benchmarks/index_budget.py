@@ -41,9 +41,12 @@ from snapshop.search import top_products
 faiss.cvar.distance_compute_blas_threshold = 1
 
 
-def params_for(kind: str, n: int, dim: int, pq_m: int | None = None) -> dict[str, Any]:
+def params_for(
+    kind: str, n: int, dim: int, pq_m: int | None = None, rerank: int | None = None
+) -> dict[str, Any]:
     if kind == "ivfpq":
-        return ivf_params(n, dim, pq_m or dim // 4)  # 4-bit codes: pq_m / 2 bytes a vector
+        params = ivf_params(n, dim, pq_m or dim // 4)  # 4-bit codes: pq_m / 2 bytes a vector
+        return params | ({"rerank": rerank} if rerank else {})
     if kind == "hnsw_sq":
         return {"m": 32, "ef_search": 128, "rerank": 100}
     if kind == "hnsw":
@@ -105,8 +108,12 @@ def filtered_rows(
             f"| {kind} | {sel * 100:g} % | {len(allowed):,} | {first:.1f} |"
             f" {np.percentile(lat_in, 50):.2f} |"
             f" {np.percentile(lat_in, 99):.2f} | {recall(np.array(pad), truth):.3f} |"
-            f" {np.percentile(lat_over, 50):.2f} |"
-            f" {recall(np.array(pad_over), truth[:n_over]):.3f} |"
+            + (
+                f" {np.percentile(lat_over, 50):.2f} |"
+                f" {recall(np.array(pad_over), truth[:n_over]):.3f} |"
+                if n_over
+                else " – | – |"
+            )
         )
         print(rows[-1], flush=True)
     return rows
@@ -119,6 +126,7 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["flat", "hnsw", "hnsw_sq", "ivfpq"])
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--pq-m", type=int, default=None, help="ivfpq sub-quantisers (default d/4)")
+    ap.add_argument("--rerank", type=int, default=None, help="ivfpq re-rank depth (default 100)")
     ap.add_argument("--selectivity", type=float, nargs="*", default=[0.5, 0.1, 0.01, 0.001])
     ap.add_argument("--filter-kinds", nargs="*", default=["flat", "hnsw", "hnsw_sq", "ivfpq"])
     ap.add_argument("--over-fetch-queries", type=int, default=30,
@@ -134,7 +142,7 @@ def main() -> None:
         truth = exact_topk(base, queries, 10)
         ids = np.arange(args.n, dtype=np.int64)
         for kind in args.kinds:
-            index = create_index(kind, dim, **params_for(kind, args.n, dim, args.pq_m))
+            index = create_index(kind, dim, **params_for(kind, args.n, dim, args.pq_m, args.rerank))
             t0 = time.perf_counter()
             for s in range(0, args.n, 100_000):
                 index.add(ids[s : s + 100_000], base[s : s + 100_000])

@@ -532,3 +532,29 @@ def test_service_thumbnails_live_where_gc_looks(cat: Path) -> None:
         catalog.remove_product(victim.id)
         report = catalog.collect_garbage()
     assert report.thumbnails_removed == 1 and not paths[0].exists() and paths[1].exists()
+
+
+def test_crop_thumbnails_of_deleted_images_are_collected(tmp_path: Path) -> None:
+    """Crop thumbnails (named by the image's sha256 and the crop box) are a derived cache
+    too: those of bytes no row holds go, the others stay."""
+
+    class Store:
+        def references_sha256(self, sha256: str) -> bool:
+            return sha256.startswith("aa")
+
+        def blob_refs_with_prefix(self, prefix: str) -> list[tuple[str, str | None]]:
+            return []
+
+    kept, stale = "aa" + "1" * 62, "bb" + "2" * 62
+    crops = blobs.CROP_THUMBNAILS
+    files = [crops.file(tmp_path, 128, sha, tag="0_0_40_60") for sha in (kept, stale)]
+    assert files[0] == tmp_path / "thumbs" / "crops" / "128" / "aa" / f"{kept}-0_0_40_60.jpg"
+    whole = blobs.THUMBNAILS.file(tmp_path, 128, kept)
+    for path in [*files, whole]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    report = blobs.collect_garbage(tmp_path, Store(), contextlib.nullcontext)  # type: ignore[arg-type]
+    assert (report.stale_thumbnails, report.thumbnails_removed) == (1, 1)
+    assert files[0].exists() and not files[1].exists() and whole.exists()
+    with pytest.raises(ValueError, match="tag"):
+        crops.file(tmp_path, 128, kept, tag="../../x")

@@ -57,26 +57,32 @@ TEMP_NAME = re.compile(rf"{TEMP_PREFIX}[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
 @dataclass(frozen=True)
 class DerivedCache:
     """Files rendered from blobs on demand (thumbnails), kept under
-    ``DIR/<folder>/<variant>/<sha256[:2]>/<sha256><suffix>``; ``variant`` is a number (a
-    size). Garbage collection removes the files of bytes no image row holds any more, with no
-    grace period: a file taken too early is rendered again, which costs only time."""
+    ``DIR/<folder>/<variant>/<sha256[:2]>/<sha256>[-<tag>]<suffix>``; ``variant`` is a number
+    (a size), ``tag`` digits and underscores (a crop box). Garbage collection removes the
+    files of bytes no image row holds any more, with no grace period: a file taken too early
+    is rendered again, which costs only time."""
 
     folder: str
     suffix: str
 
-    def file(self, catalog_dir: Path, variant: int, sha256: str) -> Path:
-        return catalog_dir / self.folder / str(int(variant)) / sha256[:2] / f"{sha256}{self.suffix}"
+    def file(self, catalog_dir: Path, variant: int, sha256: str, tag: str | None = None) -> Path:
+        if tag is not None and not re.fullmatch(r"[0-9_]{1,64}", tag):
+            raise ValueError(f"cache tag {tag!r}: digits and underscores only")
+        name = f"{sha256}-{tag}{self.suffix}" if tag is not None else f"{sha256}{self.suffix}"
+        return catalog_dir / self.folder / str(int(variant)) / sha256[:2] / name
 
     def sha256_of(self, name: str) -> str | None:
         """The sha256 a file name of this cache stands for (None: not one of its files)."""
-        match = re.fullmatch(rf"(?P<sha256>[0-9a-f]{{64}}){re.escape(self.suffix)}", name)
+        pattern = rf"(?P<sha256>[0-9a-f]{{64}})(-[0-9_]{{1,64}})?{re.escape(self.suffix)}"
+        match = re.fullmatch(pattern, name)
         return match["sha256"] if match else None
 
 
 # The caches garbage collection sweeps: a cache of files derived from blobs is declared here,
-# so the catalog knows its layout without knowing who renders it.
-THUMBNAILS = DerivedCache("thumbs", ".jpg")  # service.thumbs: one variant per thumbnail size
-DERIVED_CACHES: tuple[DerivedCache, ...] = (THUMBNAILS,)
+# so the catalog knows its layout without knowing who renders it (service.thumbs does).
+THUMBNAILS = DerivedCache("thumbs", ".jpg")  # one variant per thumbnail size
+CROP_THUMBNAILS = DerivedCache("thumbs/crops", ".jpg")  # tagged with the crop's pixel box
+DERIVED_CACHES: tuple[DerivedCache, ...] = (THUMBNAILS, CROP_THUMBNAILS)
 THUMB_DIR = THUMBNAILS.folder
 
 

@@ -37,11 +37,11 @@ from snapshop.catalog.blobs import (
     free_unreferenced_blobs,
 )
 from snapshop.catalog.card import CatalogCard, read_card, write_card
-from snapshop.catalog.store import CatalogStore, ImageRow, Product
+from snapshop.catalog.store import MAX_ROW_ID, CatalogStore, CropRow, ImageRow, Product
 from snapshop.catalog.write import CatalogWrite
 from snapshop.config import write_json
 from snapshop.detect.base import CROP_MODES, DEFAULT_CROP_MODE
-from snapshop.errors import CatalogError, ModelError
+from snapshop.errors import CatalogError, ModelError, NotFoundError
 from snapshop.index import VectorIndex, create_index, load_index, save_index
 from snapshop.index.choose import (
     AUTO,
@@ -446,6 +446,13 @@ class Catalog:
     def get_image(self, image_id: int) -> ImageRow:
         """The image with this catalog id (NotFoundError if there is none)."""
         return self.store.get_image(image_id)
+
+    def get_crop(self, crop_id: int) -> CropRow:
+        """The crop with this catalog id (NotFoundError if there is none)."""
+        found = self.store.crop_rows([crop_id]).get(crop_id) if abs(crop_id) <= MAX_ROW_ID else None
+        if found is None:
+            raise NotFoundError(f"no crop with id {crop_id}")
+        return found[0]
 
     def images_of(self, product_id: int) -> list[ImageRow]:
         return self.store.images_of(product_id)

@@ -28,7 +28,7 @@ from snapshop.service.errors import (
     install_error_handlers,
 )
 from snapshop.service.guard import BodyLimits, RequestGuard, matches_any, routes_depending_on
-from snapshop.service.routes import images, pages, products, search, service
+from snapshop.service.routes import crops, images, pages, products, search, service, similar
 from snapshop.service.settings import ServiceSettings
 from snapshop.service.state import ServiceState
 
@@ -71,8 +71,9 @@ def create_app(
         docs_url=None,
     )
     app.state.snapshop = state
-    routers = (search.router(settings), products.router(settings), images.router(settings),
-               service.router(), pages.router())  # fmt: skip
+    routers = (search.router(settings), products.router(settings), similar.router(settings),
+               images.router(settings), crops.router(settings), service.router(),
+               pages.router())  # fmt: skip
     pages.install_offline_docs(app)
     for router in routers:
         app.include_router(router)

@@ -22,17 +22,26 @@ def image_urls(image_id: int) -> tuple[str, str]:
     return f"/v1/images/{image_id}", f"/v1/images/{image_id}/thumb?size=256"
 
 
+def crop_thumbnail_url(crop_id: int) -> str:
+    return f"/v1/crops/{crop_id}/thumb?size=256"
+
+
 def hit_out(h: ProductHit) -> HitOut:
     url, thumb = image_urls(h.image_id)
+    crop_thumb = crop_thumbnail_url(h.crop_id) if h.crop_id is not None else None
     return HitOut(
         product_id=h.product_id, sku=h.sku, title=h.title, price=h.price, currency=h.currency,
         category=h.category, url=h.url, score=round(h.score, 5), image_id=h.image_id,
         crop_id=h.crop_id, crop_box=list(h.crop_box) if h.crop_box else None, image_url=url,
-        thumbnail_url=thumb,
+        thumbnail_url=thumb, crop_thumbnail_url=crop_thumb,
     )  # fmt: skip
 
 
-def search_response(result: SearchResult, request_ms: float, decode_ms: float) -> SearchResponse:
+def search_response(
+    result: SearchResult, request_ms: float, decode_ms: float | None = None
+) -> SearchResponse:
+    """``decode_ms``: time spent decoding an upload (None: the request had no image)."""
+    decode = {} if decode_ms is None else {"decode": round(decode_ms, 2)}
     return SearchResponse(
         query_size=list(result.query_size),
         detections=[
@@ -57,7 +66,7 @@ def search_response(result: SearchResult, request_ms: float, decode_ms: float) -
         ],
         timings_ms={
             **{k: round(v, 2) for k, v in result.timings_ms.items()},
-            "decode": round(decode_ms, 2),  # the upload, decoded before the searcher sees it
+            **decode,  # the upload, decoded before the searcher sees it
             "request": round(request_ms, 2),
         },
     )

@@ -43,6 +43,9 @@ class HitOut(BaseModel):
     crop_box: list[float] | None = Field(None, description="matched garment box in that image")
     image_url: str
     thumbnail_url: str
+    crop_thumbnail_url: str | None = Field(
+        None, description="JPEG of the matched garment crop (item results; null otherwise)"
+    )
 
 
 class ItemResultOut(BaseModel):

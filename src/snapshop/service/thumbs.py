@@ -1,13 +1,17 @@
-"""Catalog image files and their cached thumbnails, addressed by catalog id only."""
+"""Catalog image files and their cached thumbnails (whole images and garment crops),
+addressed by catalog id only."""
 
 from __future__ import annotations
 
 import bisect
 import logging
+import math
 from pathlib import Path
 
-from snapshop.catalog.blobs import THUMBNAILS, atomic_file
-from snapshop.catalog.store import ImageRow
+from PIL import Image
+
+from snapshop.catalog.blobs import CROP_THUMBNAILS, THUMBNAILS, atomic_file
+from snapshop.catalog.store import CropRow, ImageRow
 from snapshop.errors import ImageDecodeError, NotFoundError, StoredFileError
 from snapshop.images import DecodeLimits, load_image, pil_pixel_ceiling
 
@@ -39,14 +43,58 @@ def thumbnail(catalog_dir: Path, image: ImageRow, size: int) -> Path:
     target = THUMBNAILS.file(catalog_dir, size, image.sha256)
     if target.is_file():
         return target
+    pixels = _stored_pixels(catalog_dir, image)
+    pixels.thumbnail((size, size))
+    return _save_jpeg(pixels, target)
+
+
+Pixels = tuple[int, int, int, int]
+
+
+def crop_pixels(crop: CropRow, image: ImageRow) -> Pixels:
+    """The crop's box as whole pixels of its image: rounded outwards, clamped to the image.
+
+    A stored box that leaves nothing inside the image (not one ingest writes) is a
+    NotFoundError: there is no crop to show.
+    """
+    x1, y1, x2, y2 = crop.box
+    if not all(math.isfinite(v) for v in crop.box):
+        raise NotFoundError(f"crop {crop.id} has no usable box")
+    left, top = max(0, math.floor(x1)), max(0, math.floor(y1))
+    right, bottom = min(image.width, math.ceil(x2)), min(image.height, math.ceil(y2))
+    if right - left < 1 or bottom - top < 1:
+        raise NotFoundError(f"crop {crop.id} has no usable box inside image {image.id}")
+    return left, top, right, bottom
+
+
+def crop_thumbnail(catalog_dir: Path, image: ImageRow, box: Pixels, size: int) -> Path:
+    """JPEG of ``box`` (from :func:`crop_pixels`) of ``image``, longest side at most ``size``,
+    cached in the catalog (``blobs.CROP_THUMBNAILS``). Named by the image's content and the
+    box, so a cached file can never show another crop than the one asked for."""
+    target = CROP_THUMBNAILS.file(catalog_dir, size, image.sha256, tag="_".join(map(str, box)))
+    if target.is_file():
+        return target
+    pixels = _stored_pixels(catalog_dir, image)
+    # ingest stores boxes in the decoded image's pixels; a file that decodes to another size
+    # than its row says cannot be cropped by them
+    if pixels.size != (image.width, image.height):
+        raise StoredFileError(str(blob_path(catalog_dir, image)), "size differs from the catalog")
+    part = pixels.crop(box)
+    part.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return _save_jpeg(part, target)
+
+
+def _stored_pixels(catalog_dir: Path, image: ImageRow) -> Image.Image:
     source = blob_path(catalog_dir, image)
     # the file passed ingest's limits already; only PIL's own ceiling applies here
     largest = pil_pixel_ceiling() or 200_000_000
     try:
-        pixels = load_image(source, DecodeLimits(max_pixels=largest, max_bytes=1 << 30))
+        return load_image(source, DecodeLimits(max_pixels=largest, max_bytes=1 << 30))
     except ImageDecodeError as exc:  # our own file: the catalog's fault, not the caller's
         raise StoredFileError(str(source), exc.reason) from None
-    pixels.thumbnail((size, size))
+
+
+def _save_jpeg(pixels: Image.Image, target: Path) -> Path:
     with atomic_file(target) as fh:  # concurrent requests may both render, never tear
         pixels.save(fh, format="JPEG", quality=82, optimize=True)
     log.debug("thumbnail %s written", target)

@@ -20,6 +20,11 @@ def router() -> APIRouter:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
                             headers={"Cache-Control": "no-cache"})  # fmt: skip
 
+    @routes.get("/p/{product_id:int}")
+    def product_page(product_id: int) -> FileResponse:
+        """The same page; its script shows the product and its similar products."""
+        return index_page()
+
     @routes.get("/static/{name}")
     def static_file(name: str) -> FileResponse:
         allowed = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file()}

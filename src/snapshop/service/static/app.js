@@ -1,5 +1,7 @@
-/* snapshop web page: upload a photo, see detected garments, search the whole photo or a box.
-   Plain JS, no build step; talks to the /v1 REST API of the same origin. */
+/* snapshop web page: upload a photo, see detected garments, search the whole photo or a box;
+   /p/{id} (and "More like this" on any result) shows a catalog product with its similar
+   products. Plain JS, no build step; talks to the /v1 REST API of the same origin.
+   Catalog text is shown with textContent only (titles can hold anything). */
 (() => {
   "use strict";
   const $ = (id) => document.getElementById(id);
@@ -10,7 +12,8 @@
   const ORDER = { upper: 0, lower: 1, box: 2 };
   const COLORS = { upper: "var(--upper)", lower: "var(--lower)", box: "var(--box)" };
 
-  const state = { blob: null, size: null, url: null, first: null, selected: null, drawing: false, busy: 0 };
+  const state = { blob: null, size: null, url: null, first: null, selected: null, drawing: false, busy: 0, product: null };
+  const PRODUCT_PATH = /^\/p\/(\d+)\/?$/;
 
   // ---------------------------------------------------------------- status
   function setStatus(text, kind) {
@@ -52,7 +55,7 @@
   }
 
   // ---------------------------------------------------------------- filters
-  function addFilters(form) {
+  function addFilters(form) {  // a FormData (searches) or URLSearchParams (more like this)
     const k = $("f-k").value;
     if (k) form.append("k", k);
     const cat = $("f-category").value.trim();
@@ -93,6 +96,10 @@
     state.first = null;
     if (state.url) URL.revokeObjectURL(state.url);
     state.url = URL.createObjectURL(blob);
+    if (state.product !== null) {  // a photo dropped or pasted on a product page
+      history.pushState({}, "", "/");
+      showSearchView();
+    }
     const img = $("query-img");
     img.src = state.url;
     $("welcome").hidden = true;
@@ -316,15 +323,26 @@
     const link = node.querySelector(".card-link");
     // only web addresses: a javascript: link stored before urls were checked must not run here
     const external = /^https?:\/\//i.test(hit.url || "");
-    link.href = external ? hit.url : `/v1/products/${hit.product_id}`;
+    const productPage = `/p/${encodeURIComponent(hit.product_id)}`;
+    link.href = external ? hit.url : productPage;
     if (external) { link.target = "_blank"; link.rel = "noopener noreferrer"; }
     const title = hit.title || hit.sku;
     const price = money(hit.price, hit.currency);
     const pct = `${Math.round(Math.max(0, hit.score) * 100)}% match`;
     link.setAttribute("aria-label", [title, price, pct].filter(Boolean).join(", "));
     const img = node.querySelector("img");
-    img.src = hit.thumbnail_url;
-    img.alt = title;
+    // an item hit shows the garment that matched, cut from its photo, not the whole photo
+    img.src = hit.crop_thumbnail_url || hit.thumbnail_url;
+    img.alt = hit.crop_thumbnail_url ? `${title} (the matching item)` : title;
+    if (hit.crop_thumbnail_url) node.classList.add("crop");
+    const more = node.querySelector(".more");
+    more.href = productPage;
+    more.setAttribute("aria-label", `More like ${title}`);
+    more.addEventListener("click", (e) => {
+      if (e.button !== 0 || e.metaKey || e.ctrlKey || e.shiftKey || e.altKey) return;  // new tab
+      e.preventDefault();
+      openProduct(hit.product_id);
+    });
     node.querySelector(".title").textContent = title;
     node.querySelector(".price").textContent = price;
     node.querySelector(".score").textContent = pct;
@@ -346,12 +364,12 @@
     $("image-results").hidden = false;
   }
 
-  function renderItemResults(items, selected) {
+  function renderItemResults(items, selected, none) {
     items = sortItems(items);
     const rows = $("item-rows");
     rows.replaceChildren();
     if (!items.length) {
-      rows.append(empty("No garments detected in this photo. Draw a box on the photo to search one part of it."));
+      rows.append(empty(none || "No garments detected in this photo. Draw a box on the photo to search one part of it."));
     }
     for (const item of items) {
       const wrap = document.createElement("div");
@@ -379,6 +397,111 @@
     $("item-results").hidden = false;
   }
 
+  // ---------------------------------------------------------------- product page (/p/{id})
+  function setProductMode(on) {
+    $("product").hidden = !on;
+    $("upload").hidden = on;
+    $("image-results-hint").hidden = !on;
+    $("item-results-hint").hidden = !on;
+    if (on) {
+      $("query").hidden = true;
+      $("welcome").hidden = true;
+    }
+  }
+
+  function showSearchView() {
+    state.product = null;
+    ++state.busy;  // a product request still in flight must not render over the search
+    setProductMode(false);
+    document.title = "snapshop · visual search";
+    const searched = Boolean(state.first);
+    $("query").hidden = !state.blob;
+    $("welcome").hidden = Boolean(state.blob);
+    $("image-results").hidden = !searched;
+    $("item-results").hidden = !searched;
+    if (searched) {
+      renderImageResults(state.first.image_results);
+      const sel = state.selected;
+      if (sel) searchBox(sel.box, sel.position, sel.label, sel.what);
+      else renderItemResults(state.first.item_results, false);
+    }
+    setStatus("");
+  }
+
+  function openProduct(id) {
+    history.pushState({ product: id }, "", `/p/${encodeURIComponent(id)}`);
+    showProduct(id, true);
+  }
+
+  function renderProduct(p) {
+    const title = p.title || p.sku;
+    document.title = `${title} · snapshop`;
+    $("product-title").textContent = title;
+    $("product-category").textContent = p.category || "";
+    $("product-price").textContent = money(p.price, p.currency);
+    $("product-sku").textContent = `SKU ${p.sku}`;
+    const link = $("product-link");
+    const external = /^https?:\/\//i.test(p.url || "");
+    link.hidden = !external;
+    if (external) link.href = p.url; else link.removeAttribute("href");
+    const gallery = $("product-gallery");
+    gallery.replaceChildren(...p.images.map((image, i) => {
+      const img = document.createElement("img");
+      img.src = image.thumbnail_url.replace(/size=\d+/, "size=512");
+      img.alt = p.images.length > 1 ? `${title}, photo ${i + 1} of ${p.images.length}` : title;
+      img.width = image.width;
+      img.height = image.height;
+      img.dataset.testid = "product-image";
+      return img;
+    }));
+    if (!p.images.length) gallery.append(empty("No photos."));
+  }
+
+  async function showProduct(id, focus) {
+    state.product = id;
+    setProductMode(true);
+    const token = ++state.busy;
+    setStatus("Finding similar products…", "loading");
+    document.body.setAttribute("aria-busy", "true");
+    const query = new URLSearchParams();
+    addFilters(query);
+    try {
+      const [product, res] = await Promise.all([
+        api(`/v1/products/${encodeURIComponent(id)}`),
+        api(`/v1/products/${encodeURIComponent(id)}/similar?${query}`),
+      ]);
+      if (token !== state.busy) return;
+      renderProduct(product);
+      renderImageResults(res.image_results);
+      renderItemResults(res.item_results, false, "This product has no garment crops, so there are no item results.");
+      const n = res.item_results.length;
+      setStatus(`${res.image_results.length} products look like this one` +
+        (n ? `; similar items for ${n} garment${n > 1 ? "s" : ""}` : "") +
+        ` (${Math.round(res.timings_ms.request)} ms).`);
+      if (focus) {
+        window.scrollTo({ top: 0, behavior: "instant" });
+        $("product-title").focus({ preventScroll: true });
+      }
+    } catch (err) {
+      if (token !== state.busy) return;
+      $("product-title").textContent = "Product not found";
+      $("product-gallery").replaceChildren();
+      for (const id of ["product-category", "product-price", "product-sku"]) $(id).textContent = "";
+      $("product-link").hidden = true;
+      $("image-results").hidden = true;
+      $("item-results").hidden = true;
+      setStatus(err.message, "error");
+    } finally {
+      if (token === state.busy) document.body.removeAttribute("aria-busy");
+    }
+  }
+
+  function route() {
+    const m = PRODUCT_PATH.exec(location.pathname);
+    if (m) showProduct(Number(m[1]), false);
+    else if (state.product !== null) showSearchView();
+  }
+
   // ---------------------------------------------------------------- wiring
   function init() {
     const pick = $("file-input");
@@ -404,6 +527,7 @@
     });
     $("filters").addEventListener("submit", (e) => {
       e.preventDefault();
+      if (state.product !== null) { showProduct(state.product, false); return; }
       const sel = state.selected;
       if (sel) searchBox(sel.box, sel.position, sel.label, sel.what);
       else searchWhole();
@@ -421,6 +545,14 @@
     document.addEventListener("keydown", (e) => { if (e.key === "Escape" && state.drawing) setDrawing(false); });
     initDrawing();
     loadStats();
+    $("back-link").addEventListener("click", (e) => {
+      if (e.button !== 0 || e.metaKey || e.ctrlKey || e.shiftKey || e.altKey) return;
+      e.preventDefault();
+      history.pushState({}, "", "/");
+      showSearchView();
+    });
+    window.addEventListener("popstate", route);
+    route();
     let pending = null;
     const redraw = () => {
       if (!state.first) return;
