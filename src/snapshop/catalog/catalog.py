@@ -2,7 +2,7 @@
 
 Layout::
 
-    DIR/catalog.json           card: model id and dim, index kind, created_at
+    DIR/catalog.json           card (``card.CatalogCard``): format, model id and dim, index kind...
     DIR/catalog.sqlite         products, images, crops and their vectors (source of truth)
     DIR/blobs/ab/<sha256>.jpg  content-addressed copies of the ingested image files; removed
                                with their last image, or by ``collect_garbage`` (see ``blobs``)
