@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from snapshop.demo import demo_products, render
-from snapshop.errors import ModelError
+from snapshop.errors import ConfigError, ModelError
 from snapshop.models import export
 from snapshop.models.card import CARD_FILE, MODEL_FILE, read_card, sha256_file
 from snapshop.models.efficientnet_lite import weights_path
@@ -215,3 +215,52 @@ def test_sessions_do_not_spin_unless_asked(
     monkeypatch.setenv(SPINNING_ENV, "1")
     with pytest.raises(Exception, match="allow_spinning"):  # unset: ONNX Runtime's default
         spinning(cpu_session(data))
+
+
+def test_parallel_single_image_calls_match_one_batched_call(
+    lite0_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #16: by default images run one per call on a small pool of one-thread calls; the
+    vectors are those of one batched call (parallel=0, the previous behaviour)."""
+    import threading
+
+    images = sample_images()
+    batched = Embedder(lite0_model_dir, parallel=0)
+    assert batched.session.get_session_options().intra_op_num_threads == 0  # ORT's choice
+    default = Embedder(lite0_model_dir)
+    assert default.parallel >= 1
+    assert default.session.get_session_options().intra_op_num_threads == 1
+    reference = batched.embed_images(images)
+
+    pool = Embedder(lite0_model_dir, parallel=3)
+    shapes: list[tuple[int, ...]] = []
+    names: set[str] = set()
+    run = pool.session.run
+
+    def recording_run(outputs: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        shapes.append(next(iter(feeds.values())).shape)
+        names.add(threading.current_thread().name)
+        return run(outputs, feeds)
+
+    monkeypatch.setattr(pool.session, "run", recording_run, raising=False)
+    vectors = pool.embed_images(images)
+    assert np.abs(vectors - reference).max() < 1e-5
+    assert [s[0] for s in shapes] == [1] * len(images)  # one image per call
+    assert names and all(n.startswith("snapshop-embed") for n in names)  # on the pool
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert pool.embed_images([]).shape == (0, 1280)
+    # preprocessed arrays (what ingest's decode workers send) take the same path
+    shapes.clear()
+    arrays = np.stack([preprocess(im, pool.input_size) for im in images])
+    assert np.abs(pool.embed_arrays(arrays) - reference).max() < 1e-5
+    assert [s[0] for s in shapes] == [1] * len(images)
+    # two threads per call halve the default number of calls side by side
+    assert Embedder(lite0_model_dir, threads=2).parallel == max(1, default.parallel // 2)
+    with pytest.raises(ConfigError, match="parallel"):
+        Embedder(lite0_model_dir, parallel=-1)
+    monkeypatch.setenv("SNAPSHOP_EMBED_PARALLEL", "0")  # the setting for a whole process
+    assert Embedder(lite0_model_dir).parallel == 0
+    assert Embedder(lite0_model_dir, parallel=2).parallel == 2  # an argument wins
+    monkeypatch.setenv("SNAPSHOP_EMBED_PARALLEL", "two")
+    with pytest.raises(ConfigError, match="SNAPSHOP_EMBED_PARALLEL"):
+        Embedder(lite0_model_dir)

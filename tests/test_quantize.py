@@ -61,3 +61,36 @@ def test_calibration_sources(tmp_path: Path) -> None:
         calibration_paths(tmp_path / "nope.txt")
     with pytest.raises(ConfigError):
         QuantizeConfig(method="dynamic")
+
+
+def test_quantize_onnx_from_a_ranges_file_repeats_the_calibration(tmp_path: Path) -> None:
+    """The calibrated ranges, saved, give the same int8 model without the images (issue #16:
+    the segmenter ships its trunk's ranges instead of its calibration photos)."""
+    import onnxruntime as ort
+    from test_flops import export_tiny
+
+    from snapshop.models.quantize import quantize_onnx
+
+    source = export_tiny(tmp_path / "tiny.onnx")
+    rng = np.random.default_rng(0)
+    batches = [rng.uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32) for _ in range(3)]
+    ranges = tmp_path / "ranges.json"
+    quantize_onnx(source, tmp_path / "calibrated.onnx", batches, ranges=ranges)
+    assert ranges.is_file()
+    quantize_onnx(source, tmp_path / "from_ranges.onnx", None, ranges=ranges)
+    x = rng.uniform(-1, 1, (4, 3, 16, 16)).astype(np.float32)
+    outs = []
+    for name in ("calibrated.onnx", "from_ranges.onnx", "tiny.onnx"):
+        session = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        outs.append(session.run(None, {"x": x})[0])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], outs[2])  # quantised: not the float model
+    np.testing.assert_allclose(outs[0], outs[2], atol=0.05 * np.abs(outs[2]).max())
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "from_ranges.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # New batches recalibrate: the old ranges file is replaced, not read.
+    quantize_onnx(source, tmp_path / "again.onnx", [10 * b for b in batches], ranges=ranges)
+    wider = ort.InferenceSession(str(tmp_path / "again.onnx"), providers=["CPUExecutionProvider"])
+    assert not np.array_equal(wider.run(None, {"x": x})[0], outs[0])
+    with pytest.raises(ConfigError, match="ranges"):
+        quantize_onnx(source, tmp_path / "none.onnx", None, ranges=tmp_path / "missing.json")

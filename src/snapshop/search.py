@@ -301,6 +301,7 @@ class Searcher:
         # Boxes in and out are in the original file's pixels; a large image was decoded
         # reduced (images.load_image), so they are scaled on the way in and out.
         sx, sy = scale_to_original(image)
+        photo_vector = self.embedder.submit(image)  # needs no boxes: runs beside detection
         detections: list[Detection] = []
         regions: list[tuple[str, str, float, Box]] = []
         if box is not None:
@@ -320,7 +321,8 @@ class Searcher:
         mode = self.catalog.crop_mode
         cropped = [(r, frame_crop(image, r[3].scaled(1 / sx, 1 / sy), mode)) for r in regions]
         regions = [r for r, pixels in cropped if pixels is not None]
-        vectors = self.embedder.embed_images([image] + [p for _, p in cropped if p is not None])
+        crop_vectors = self.embedder.embed_images([p for _, p in cropped if p is not None])
+        vectors = np.concatenate([photo_vector.result(), crop_vectors])
         t3 = time.perf_counter()
         timings["embed"] = (t3 - t2) * 1e3
 

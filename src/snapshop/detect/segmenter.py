@@ -26,7 +26,8 @@ A model fitted end to end (``snapshop train-detector --finetune-blocks N``) also
 ``garment_seg_trunk.npz``: the fine-tuned tensors of the stem and blocks ``0..N-1``, which are
 laid over the ImageNet weights before the trunk is exported (the card's ``trunk_overlay``
 holds the file's sha256; the export's name carries it, so a new overlay means a new export).
-The card's ``config.long_side`` is the resolution the model was trained at and runs at.
+The card's ``config.long_side`` is the resolution the model runs at: the training size, or
+less when its recall holds there (the shipped model: trained at 320, runs at 256, issue #16).
 
 A model folder holds ``garment_seg.onnx``, ``garment_seg.json`` and, when fine-tuned,
 ``garment_seg_trunk.npz``; ``segmenter:DIR/PREFIXgarment_seg.json`` loads files that share a
@@ -41,7 +42,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,10 @@ HEAD_FILE = "garment_seg.onnx"
 CARD_FILE = "garment_seg.json"
 TRUNK_FILE = "garment_seg_trunk.npz"  # fine-tuned trunk tensors laid over ImageNet (optional)
 TRUNK_OVERLAY_KEY = "trunk_overlay"  # card entry: {"sha256": ..., "finetune_blocks": N, ...}
+# card entry {"ranges": FILE, "sha256": ..., ...}: the trunk's calibrated int8 activation ranges;
+# a card with one runs the trunk in static int8 (QDQ) unless fp32 is asked for
+TRUNK_INT8_KEY = "trunk_int8"
+PRECISIONS = ("int8", "fp32")
 ONNX_OPSET = 17
 
 
@@ -215,14 +220,42 @@ def trunk_onnx_path(overlay: bytes | None = None) -> Path:
     return path
 
 
+def trunk_int8_path(overlay: bytes | None, ranges: bytes) -> Path:
+    """The trunk in static int8 (QDQ), built once from its fp32 export (:func:`trunk_onnx_path`)
+    and the calibrated activation ``ranges`` (JSON bytes) the model ships: first and last
+    convolution in float, per-channel int8 weights, uint8 activations (as ``snapshop quantize``)."""
+    import tempfile
+
+    from snapshop.models.quantize import QuantizeConfig, quantize_onnx
+
+    fp32 = trunk_onnx_path(overlay)
+    path = fp32.with_name(f"{fp32.stem}_int8_{hashlib.sha256(ranges).hexdigest()[:16]}.onnx")
+    if path.exists():
+        return path
+    log.info("quantising the segmenter trunk to %s", path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        ranges_file = Path(tmp) / "ranges.json"
+        ranges_file.write_bytes(ranges)
+        try:
+            quantize_onnx(fp32, path, None, QuantizeConfig(), ranges=ranges_file)
+        except Exception as exc:  # onnxruntime.quantization raises untyped errors
+            raise ModelError(f"segmenter trunk: int8 from the ranges failed ({exc})") from None
+    return path
+
+
 class Trunk:
     """ONNX Runtime session of the trunk: (N, 3, H, W) -> (s8, s16, s32) maps.
 
     ``overlay``: ``garment_seg_trunk.npz`` bytes laid over the ImageNet weights (fine-tuned)."""
 
-    def __init__(self, path: Path | None = None, overlay: bytes | None = None) -> None:
+    def __init__(
+        self, path: Path | None = None, overlay: bytes | None = None, int8: bytes | None = None
+    ) -> None:
+        """``int8``: the card's activation ranges (JSON bytes): run the trunk in int8."""
         try:
-            self.session = cpu_session(path or trunk_onnx_path(overlay))
+            if path is None:
+                path = trunk_onnx_path(overlay) if int8 is None else trunk_int8_path(overlay, int8)
+            self.session = cpu_session(path)
         except (ImportError, ModelError):  # missing backbone package / bad overlay: say so
             raise
         except Exception as exc:  # onnxruntime / export raise untyped errors
@@ -391,7 +424,11 @@ def model_files(model: str | os.PathLike[str] | None) -> tuple[Any, Any, Any]:
 
 class SegmenterDetector:
     """``segmenter`` / ``segmenter:MODEL_DIR`` / ``segmenter:DIR/PREFIXgarment_seg.json``:
-    Lite0 trunk (ONNX; ImageNet, or with the model's fine-tuned overlay) + the head (ONNX)."""
+    Lite0 trunk (ONNX; ImageNet, or with the model's fine-tuned overlay) + the head (ONNX).
+
+    Options after the model (or alone): ``precision=fp32`` runs the trunk in float when the
+    card ships int8 ranges (which it then runs on by default, issue #16); ``long_side=N``
+    overrides the card's input size (a multiple of 32)."""
 
     name = "segmenter"
     thread_safe = True  # ONNX Runtime sessions may run concurrently
@@ -401,14 +438,22 @@ class SegmenterDetector:
         model_dir: str | os.PathLike[str] | None = None,
         config: SegmenterConfig | None = None,
         trunk: Trunk | None = None,
+        precision: str | None = None,
     ) -> None:
         head_src, card_src, overlay_src = model_files(model_dir)
         try:
             self.card: dict[str, Any] = json.loads(card_src.read_text())
-            self.head = cpu_session(head_src.read_bytes(), threads=1)
+            self.head_model: bytes = head_src.read_bytes()  # ONNX bytes (FLOP counts)
+            self.head = cpu_session(self.head_model, threads=1)
         except Exception as exc:  # OSError, bad JSON, and onnxruntime's untyped errors
             raise ModelError(f"garment segmenter {head_src}: unreadable ({exc})") from None
         self.trunk_overlay = _read_overlay(self.card, overlay_src)
+        self.precision = precision or ("int8" if TRUNK_INT8_KEY in self.card else "fp32")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"segmenter precision must be one of {PRECISIONS}, not {precision!r}")
+        self.trunk_ranges: bytes | None = None
+        if self.precision == "int8":
+            self.trunk_ranges = _read_ranges(self.card, model_dir, card_src)
         if config is None:
             try:
                 config = SegmenterConfig(**self.card.get("config", {}))
@@ -420,13 +465,27 @@ class SegmenterDetector:
 
     @classmethod
     def from_spec(cls, args: str) -> SegmenterDetector:
-        return cls(args.strip() or None)
+        from snapshop.detect.factory import parse_spec_args
+
+        positional, options = parse_spec_args(args, {"precision", "long_side"})
+        if len(positional) > 1:
+            raise ConfigError(f"segmenter takes one model argument, got {positional}")
+        detector = cls(positional[0] if positional else None, precision=options.get("precision"))
+        if "long_side" in options:
+            try:
+                long_side = int(options["long_side"])
+            except ValueError:
+                raise ConfigError(
+                    f"long_side must be an integer, not {options['long_side']!r}"
+                ) from None
+            detector.config = replace(detector.config, long_side=long_side)
+        return detector
 
     @property
     def trunk(self) -> Trunk:
         with self._lock:  # the first call may export the trunk: once, not per thread
             if self._trunk is None:
-                self._trunk = Trunk(overlay=self.trunk_overlay)
+                self._trunk = Trunk(overlay=self.trunk_overlay, int8=self.trunk_ranges)
         return self._trunk
 
     def probabilities(self, rgb: NDArray[np.uint8]) -> tuple[NDArray[np.float32], float]:
@@ -501,6 +560,25 @@ def _read_overlay(card: dict[str, Any], source: Any) -> bytes | None:
         raise ModelError(f"garment segmenter: the card names a trunk overlay; {exc}") from None
     expected = entry.get("sha256") if isinstance(entry, dict) else None
     if hashlib.sha256(data).hexdigest() != expected:
+        raise ModelError(f"garment segmenter {source}: sha256 differs from the card's")
+    return data
+
+
+def _read_ranges(card: dict[str, Any], model_dir: Any, card_src: Any) -> bytes:
+    """The int8 activation ranges the card names (a file beside it, checked by sha256)."""
+    entry = card.get(TRUNK_INT8_KEY)
+    if not isinstance(entry, dict) or not isinstance(entry.get("ranges"), str):
+        raise ModelError(f"garment segmenter {card_src}: no int8 ranges in the card (use fp32)")
+    if model_dir is None:
+        source: Any = _resource(entry["ranges"])
+    else:
+        prefix = card_src.name[: -len(CARD_FILE)]
+        source = Path(card_src).parent / f"{prefix}{entry['ranges']}"
+    try:
+        data: bytes = source.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"garment segmenter: the card names int8 ranges; {exc}") from None
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         raise ModelError(f"garment segmenter {source}: sha256 differs from the card's")
     return data
 

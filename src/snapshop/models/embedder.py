@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from snapshop.errors import ModelError
+from snapshop.errors import ConfigError, ModelError
 from snapshop.models.card import MODEL_FILE, ModelCard, read_card, sha256_file
 from snapshop.models.runtime import cpu_session
 
@@ -20,6 +22,7 @@ log = logging.getLogger(__name__)
 # preprocess resizes the whole image when that is at most this many output squares (every
 # ordinary photo: the exact pixels as always); beyond, it resamples the centre square only.
 MAX_RESIZED_SQUARES = 16
+PARALLEL_ENV = "SNAPSHOP_EMBED_PARALLEL"  # Embedder(parallel=None) reads it when set
 
 
 def preprocess(image: Image.Image, size: int) -> NDArray[np.float32]:
@@ -43,8 +46,24 @@ def preprocess(image: Image.Image, size: int) -> NDArray[np.float32]:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 class Embedder:
-    """Embeds PIL images with an exported model directory (model.onnx + model.json)."""
+    """Embeds PIL images with an exported model directory (model.onnx + model.json).
+
+    ``parallel`` (issue #16): images run one per ONNX Runtime call, this many calls at a time
+    on a small thread pool, each call on one thread (``threads`` per call when given). On
+    these CPUs a call costs the least CPU time per image at batch 1 (Lite2: 28 ms at batch 1,
+    36 at 3, 43-47 at 8-32; docs/benchmarks/service.md, "Speed per core"): the activations
+    of one image stay in cache. None: ``$SNAPSHOP_EMBED_PARALLEL`` when set, else one call
+    per core (``cores // threads``); 0: each ``batch_size`` chunk in one call on ``threads``
+    threads (ONNX Runtime's default when None), the behaviour before issue #16.
+    """
 
     def __init__(
         self,
@@ -52,6 +71,7 @@ class Embedder:
         batch_size: int = 32,
         threads: int | None = None,
         verify: bool = False,
+        parallel: int | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.card: ModelCard = read_card(self.model_dir)
@@ -60,12 +80,24 @@ class Embedder:
             raise ModelError(f"{self.model_dir}: {MODEL_FILE} is missing")
         if verify and sha256_file(onnx_path) != self.card.onnx_sha256:
             raise ModelError(f"{onnx_path}: sha256 differs from the model card")
+        if parallel is None and os.environ.get(PARALLEL_ENV, "").strip():
+            try:
+                parallel = int(os.environ[PARALLEL_ENV])
+            except ValueError:
+                raise ConfigError(f"{PARALLEL_ENV} must be an integer") from None
+        if parallel is None:
+            parallel = max(1, usable_cores() // (threads or 1))
+        if parallel < 0:
+            raise ConfigError(f"parallel must be >= 0, got {parallel}")
+        self.parallel = parallel
         try:
-            self.session = cpu_session(onnx_path, threads)
+            self.session = cpu_session(onnx_path, (threads or 1) if parallel else threads)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"{onnx_path}: cannot load ONNX model ({exc})") from None
         self.input_name = self.session.get_inputs()[0].name
         self.batch_size = batch_size
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -83,21 +115,66 @@ class Embedder:
         """(N, 3, S, S) preprocessed -> (N, D) float32, L2-normalised."""
         if len(batch) == 0:
             return np.zeros((0, self.dim), np.float32)
-        outs = []
-        for start in range(0, len(batch), self.batch_size):
-            chunk = np.ascontiguousarray(batch[start : start + self.batch_size], dtype=np.float32)
-            outs.append(self.session.run(None, {self.input_name: chunk})[0])
-        emb = np.concatenate(outs).astype(np.float32, copy=False)
-        # The graph normalises already; renormalising guards against fp drift in quantised models.
-        norms = np.linalg.norm(emb, axis=1, keepdims=True)
-        return emb / np.maximum(norms, 1e-12)
+        if self.parallel:
+            rows = [np.ascontiguousarray(batch[i : i + 1], np.float32) for i in range(len(batch))]
+            if self.parallel == 1 or len(rows) == 1:
+                outs = [self._run(row) for row in rows]
+            else:
+                outs = list(self._workers().map(self._run, rows))
+        else:
+            outs = [
+                self._run(np.ascontiguousarray(batch[start : start + self.batch_size], np.float32))
+                for start in range(0, len(batch), self.batch_size)
+            ]
+        return _normalised(outs)
+
+    def _run(self, chunk: NDArray[np.float32]) -> NDArray[np.float32]:
+        out: NDArray[np.float32] = self.session.run(None, {self.input_name: chunk})[0]
+        return out
+
+    def _workers(self) -> ThreadPoolExecutor:
+        """The threads that run calls side by side (made on first use; ONNX Runtime sessions
+        may run concurrently). Shared by every caller, so concurrent requests queue here
+        instead of oversubscribing the cores."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="snapshop-embed")
+            return self._pool
 
     def embed_images(self, images: Sequence[Image.Image]) -> NDArray[np.float32]:
         """PIL RGB images -> (N, D) float32, L2-normalised."""
         if not images:
             return np.zeros((0, self.dim), np.float32)
+        if self.parallel > 1 and len(images) > 1:
+            # each image resized on the pool too: a street photo and two crops take ≈ 7 ms of
+            # resizing, which then runs beside the other calls instead of before them
+            return _normalised(list(self._workers().map(self._embed_one, images)))
         batch = np.stack([preprocess(im, self.input_size) for im in images])
         return self.embed_arrays(batch)
+
+    def submit(self, image: Image.Image) -> Future[NDArray[np.float32]]:
+        """Start embedding one image on the pool and return at once: ``.result()`` is its
+        (1, D) L2-normalised vector. A query starts its photo this way before detecting, since
+        only the crops need the boxes (issue #16). With ``parallel=0`` it runs here and now."""
+        if not self.parallel:
+            done: Future[NDArray[np.float32]] = Future()
+            try:
+                done.set_result(self.embed_images([image]))
+            except Exception as exc:  # handed to the caller by .result(), as the pool would
+                done.set_exception(exc)
+            return done
+        return self._workers().submit(lambda: _normalised([self._embed_one(image)]))
+
+    def _embed_one(self, image: Image.Image) -> NDArray[np.float32]:
+        return self._run(preprocess(image, self.input_size)[None])
+
+
+def _normalised(outs: list[NDArray[np.float32]]) -> NDArray[np.float32]:
+    """Concatenated session outputs, L2-normalised row by row."""
+    emb = np.concatenate(outs).astype(np.float32, copy=False)
+    # The graph normalises already; renormalising guards against fp drift in quantised models.
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb / np.maximum(norms, 1e-12)
 
 
 def load_embedder(model: str | os.PathLike[str] | None = None, **kwargs: object) -> Embedder:

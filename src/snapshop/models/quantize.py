@@ -113,13 +113,24 @@ def _load_batches(
     return [stack[i : i + config.batch_size] for i in range(0, len(stack), config.batch_size)]
 
 
-def quantize_model(
-    model_dir: Path,
-    calibration: Path,
-    out_dir: Path,
+def quantize_onnx(
+    source: Path,
+    target: Path,
+    batches: Sequence[NDArray[np.float32]] | None,
     config: QuantizeConfig = QuantizeConfig(),
-) -> ModelCard:
-    """Write a static-int8 (QDQ) copy of ``model_dir`` to ``out_dir`` and return its card."""
+    ranges: Path | None = None,
+) -> None:
+    """Static int8 (QDQ) copy of the ONNX file ``source`` at ``target``, calibrated on
+    ``batches`` of the graph's first input (shapes may differ between batches when the graph
+    has dynamic axes). Written through a temporary file next to ``target``.
+
+    ``ranges``: a JSON file of the calibrated activation ranges. With ``batches`` it is
+    written; without, it is read instead of calibrating (the same graph gives the same int8
+    model from it, so a model can ship its ranges rather than its calibration images)."""
+    if batches is None and (ranges is None or not Path(ranges).is_file()):
+        raise ConfigError("quantize_onnx needs calibration batches or a ranges file")
+    if batches is not None and ranges is not None:
+        Path(ranges).unlink(missing_ok=True)  # a stale file would be read, not rewritten
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -128,6 +139,43 @@ def quantize_model(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[config.method]
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
+        import onnx
+
+        graph = onnx.load(str(prepared), load_external_data=False).graph
+        input_name = graph.input[0].name
+        convs = [n.name for n in graph.node if n.op_type == "Conv"]
+        exclude = [convs[0], convs[-1]] if config.keep_ends_float and convs else []
+        written = Path(tmp) / target.name
+        quantize_static(
+            str(prepared), str(written),
+            None if batches is None else _Reader(input_name, list(batches)),
+            quant_format=QuantFormat.QDQ, nodes_to_exclude=exclude,
+            activation_type=QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8, per_channel=config.per_channel,
+            op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=method,
+            calibration_cache_path=None if ranges is None else str(ranges),
+        )  # fmt: skip
+        os.chmod(written, 0o644)
+        written.replace(target)
+
+
+def quantize_model(
+    model_dir: Path,
+    calibration: Path,
+    out_dir: Path,
+    config: QuantizeConfig = QuantizeConfig(),
+) -> ModelCard:
+    """Write a static-int8 (QDQ) copy of ``model_dir`` to ``out_dir`` and return its card."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     card = read_card(model_dir)
     paths = calibration_paths(calibration)
@@ -137,30 +185,8 @@ def quantize_model(
     paths = paths[: config.max_images]
     started = time.perf_counter()
     batches = _load_batches(paths, card.input_size, config)
-    method = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }[config.method]
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(model_dir / MODEL_FILE), str(prepared), skip_symbolic_shape=False)
-        import onnx
-
-        graph = onnx.load(str(prepared), load_external_data=False).graph
-        input_name = graph.input[0].name
-        convs = [n.name for n in graph.node if n.op_type == "Conv"]
-        exclude = [convs[0], convs[-1]] if config.keep_ends_float and convs else []
-        target = Path(tmp) / MODEL_FILE
-        quantize_static(
-            str(prepared), str(target), _Reader(input_name, batches),
-            quant_format=QuantFormat.QDQ, nodes_to_exclude=exclude,
-            activation_type=QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8,
-            weight_type=QuantType.QInt8, per_channel=config.per_channel,
-            op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=method,
-        )  # fmt: skip
-        target.replace(out_dir / MODEL_FILE)
+    quantize_onnx(model_dir / MODEL_FILE, out_dir / MODEL_FILE, batches, config)
     n_images = sum(len(b) for b in batches)
     quantized = dataclasses.replace(
         card,
