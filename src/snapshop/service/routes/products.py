@@ -67,6 +67,9 @@ def add_product(
 
 
 def router(settings: ServiceSettings) -> APIRouter:
+    """The product routes. They are defined inside this function because their parameter
+    limits (page size) come from ``settings`` and FastAPI reads limits from the annotations
+    when a route is declared; each route body is a call or two into the library."""
     routes = APIRouter(prefix="/v1/products", tags=["products"])
     Limit = Annotated[int | None, Query(ge=1, le=settings.max_page_limit)]
     writes: dict[str, Any] = {"dependencies": [Depends(require_key)]}
