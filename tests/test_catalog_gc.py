@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -30,12 +29,12 @@ from typer.testing import CliRunner
 
 from snapshop import api
 from snapshop.catalog import blobs
+from snapshop.catalog.blobs import write_blob
 from snapshop.catalog.catalog import Catalog, open_catalog
 from snapshop.catalog.store import CatalogStore
 from snapshop.cli import app
 from snapshop.demo import demo_products, render
 from snapshop.errors import ConfigError
-from snapshop.ingest import write_blob
 
 TWO_HOURS = 2 * 3600.0
 SHARED_SKU = "shared-copy"
@@ -96,10 +95,10 @@ def write_stale_temp(catalog_dir: Path, shard: str = "00") -> Path:
     """A temp file of a blob write interrupted before its rename (same naming as ingest)."""
     folder = catalog_dir / "blobs" / shard
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    fd, tmp = blobs.make_temp(folder)
     with os.fdopen(fd, "wb") as fh:
         fh.write(b"\xff\xd8 half a jpeg")
-    return Path(tmp)
+    return tmp
 
 
 def gc(catalog_dir: Path, **kwargs: Any) -> blobs.GcReport:
@@ -405,7 +404,7 @@ def test_reusing_a_stored_blob_makes_it_young_again(tmp_path: Path) -> None:
     collection (which spares young files) cannot take it before the ingest commits."""
     import os
 
-    from snapshop.ingest import write_blob
+    from snapshop.catalog.blobs import write_blob
 
     blob_dir = tmp_path / "blobs"
     data = b"\xff\xd8\xff\xe0" + b"0" * 64
@@ -496,3 +495,81 @@ def test_thumbnails_of_deleted_images_are_collected(tmp_path: Path) -> None:
     report = collect_garbage(tmp_path, Store(), lock)  # type: ignore[arg-type]
     assert (report.stale_thumbnails, report.thumbnails_removed) == (1, 1)
     assert files[kept].exists() and not files[stale].exists() and odd.exists()
+
+
+def test_temp_names_are_made_and_recognised_in_one_place(tmp_path: Path) -> None:
+    """GC recognises the temp files blobs.make_temp names (and those older versions left,
+    which tempfile named the same way), and nothing else."""
+    fd, made = blobs.make_temp(tmp_path)
+    os.close(fd)
+    assert made.parent == tmp_path and blobs.is_temp_name(made.name)
+    assert blobs.is_temp_name("tmpab_c1234.tmp")  # as ingest's mkstemp named them before
+    for other in ("tmpab_c1234.tmp.jpg", "notes.tmp", "tmpABCDEFGH.tmp", "x" + made.name):
+        assert not blobs.is_temp_name(other), other
+
+
+def test_atomic_file_leaves_no_temp_behind(tmp_path: Path) -> None:
+    target = tmp_path / "shard" / "file.bin"
+    with blobs.atomic_file(target) as fh:
+        fh.write(b"whole")
+    assert target.read_bytes() == b"whole"
+    with pytest.raises(RuntimeError), blobs.atomic_file(target) as fh:
+        fh.write(b"torn")
+        raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"whole"  # the old file, never a torn one
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]
+
+
+def test_service_thumbnails_live_where_gc_looks(cat: Path) -> None:
+    """The service's thumbnail cache locates its files through blobs.THUMBNAILS, so GC
+    collects the thumbnails of a deleted product and keeps the others."""
+    from snapshop.service.thumbs import thumbnail
+
+    with open_catalog(cat) as catalog:
+        owners: dict[str, set[int]] = {}
+        for product in catalog.list_products(limit=1000):
+            for image in catalog.images_of(product.id):
+                owners.setdefault(image.sha256, set()).add(product.id)
+        victim = next(
+            p
+            for p in catalog.list_products(limit=1000)
+            if all(owners[im.sha256] == {p.id} for im in catalog.images_of(p.id))
+        )
+        doomed = catalog.images_of(victim.id)[0]
+        kept = next(
+            catalog.images_of(pid)[0]
+            for pids in owners.values()
+            for pid in pids
+            if pid != victim.id
+        )
+        paths = [thumbnail(cat, image, 64) for image in (doomed, kept)]
+        assert paths == [blobs.THUMBNAILS.file(cat, 64, im.sha256) for im in (doomed, kept)]
+        catalog.remove_product(victim.id)
+        report = catalog.collect_garbage()
+    assert report.thumbnails_removed == 1 and not paths[0].exists() and paths[1].exists()
+
+
+def test_crop_thumbnails_of_deleted_images_are_collected(tmp_path: Path) -> None:
+    """Crop thumbnails (named by the image's sha256 and the crop box) are a derived cache
+    too: those of bytes no row holds go, the others stay."""
+
+    class Store:
+        def references_sha256(self, sha256: str) -> bool:
+            return sha256.startswith("aa")
+
+        def blob_refs_with_prefix(self, prefix: str) -> list[tuple[str, str | None]]:
+            return []
+
+    kept, stale = "aa" + "1" * 62, "bb" + "2" * 62
+    crops = blobs.CROP_THUMBNAILS
+    files = [crops.file(tmp_path, 128, sha, tag="0_0_40_60") for sha in (kept, stale)]
+    assert files[0] == tmp_path / "thumbs" / "crops" / "128" / "aa" / f"{kept}-0_0_40_60.jpg"
+    whole = blobs.THUMBNAILS.file(tmp_path, 128, kept)
+    for path in [*files, whole]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    report = blobs.collect_garbage(tmp_path, Store(), contextlib.nullcontext)  # type: ignore[arg-type]
+    assert (report.stale_thumbnails, report.thumbnails_removed) == (1, 1)
+    assert files[0].exists() and not files[1].exists() and whole.exists()
+    with pytest.raises(ValueError, match="tag"):
+        crops.file(tmp_path, 128, kept, tag="../../x")

@@ -468,6 +468,8 @@ def test_catalog_on_server_backend(
         assert sorted(index.ids().tolist()) == sorted(image_ids)
         assert index.search(vecs[:3], 1).ids[:, 0].tolist() == image_ids[:3]
     finally:
-        reopened.close()
         if index is not None:
             index.drop()  # type: ignore[attr-defined]
+        reopened.close()
+    with pytest.raises(Exception, match="connection"):  # each client raises its own type
+        index.ids()  # close() closed the server client with the catalog

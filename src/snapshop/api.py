@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from snapshop.catalog.blobs import DEFAULT_GRACE_SECONDS, GcReport
+from snapshop.catalog.card import read_card, write_card
 from snapshop.catalog.catalog import CARD_FILE, Catalog, create_catalog, open_catalog
-from snapshop.config import read_json, write_json
 from snapshop.data.sources import CatalogRecord, read_source
 from snapshop.detect.base import Detector
 from snapshop.detect.factory import create_detector
@@ -91,16 +91,37 @@ def index_source(
         where = "the records given" if isinstance(source, list) else str(source)
         raise ManifestError(f"{where}: no image to index{shown}")
     directory = Path(catalog_dir)
-    existed, created = directory.exists(), False
+    existed = directory.exists()
+    catalog, embedder, created = _open_for_ingest(directory, model, index_kind)
+    try:
+        with catalog:
+            det = catalog_detector(catalog, detector)
+            if detector is not None:
+                catalog.record_detector(detector if isinstance(detector, str) else detector.name)
+            if progress_total:
+                progress_total(len(records))
+            ingestor = Ingestor(catalog, embedder, det, batch_size=batch_size, workers=workers)
+            report = ingestor.ingest(records, progress=progress, sync=sync)
+    except BaseException:
+        if created:
+            discard_empty_catalog(directory, remove_directory=not existed)
+        raise
+    if created and report.added == 0:  # nothing indexed: a new catalog is not left behind
+        discard_empty_catalog(directory, remove_directory=not existed)
+    report.ignored = ignored
+    return report
+
+
+def _open_for_ingest(
+    directory: Path, model: str | None, index_kind: str | None
+) -> tuple[Catalog, Embedder, bool]:
+    """The catalog in ``directory`` (created when there is none: the bool says so) and the
+    embedder that fits it."""
     if (directory / CARD_FILE).exists():
         if index_kind is not None:
             set_index_kind(directory, index_kind)
         catalog = open_catalog(directory)
-        try:
-            embedder = catalog_embedder(catalog, model)
-        except BaseException:
-            catalog.close()
-            raise
+        embedder: Embedder | None = None
     else:
         embedder = load_embedder(model)
         try:
@@ -108,30 +129,20 @@ def index_source(
                 directory, model_id=embedder.model_id, model_ref=_model_ref(model),
                 dim=embedder.dim, index_kind=index_kind or AUTO,
             )  # fmt: skip
-            created = True
+            return catalog, embedder, True
         except CatalogError:
             if not (directory / CARD_FILE).exists():
                 raise
             catalog = open_catalog(directory)  # another process created it a moment ago
-            catalog.check_model(embedder.model_id)
     try:
-        det = catalog_detector(catalog, detector)
-        if detector is not None:
-            catalog.record_detector(detector if isinstance(detector, str) else detector.name)
-        if progress_total:
-            progress_total(len(records))
-        ingestor = Ingestor(catalog, embedder, det, batch_size=batch_size, workers=workers)
-        report = ingestor.ingest(records, progress=progress, sync=sync)
+        if embedder is None:
+            embedder = catalog_embedder(catalog, model)
+        else:
+            catalog.check_model(embedder.model_id)
     except BaseException:
         catalog.close()
-        if created:
-            discard_empty_catalog(directory, remove_directory=not existed)
         raise
-    catalog.close()
-    if created and report.added == 0:  # nothing indexed: a new catalog is not left behind
-        discard_empty_catalog(directory, remove_directory=not existed)
-    report.ignored = ignored
-    return report
+    return catalog, embedder, False
 
 
 def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | None = None) -> None:
@@ -141,24 +152,20 @@ def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | No
     if kind != AUTO and kind not in INDEX_KINDS:
         raise CatalogError(f"unknown index kind {kind!r}; choose from auto, {sorted(INDEX_KINDS)}")
     path = Path(catalog_dir) / CARD_FILE
-    card = read_json(path)
-    if card.get("index_kind") == kind and (params is None or card.get("index_params") == params):
+    previous = read_card(path)
+    if previous.index_kind == kind and (params is None or previous.index_params == params):
         return
-    previous = dict(card)
-    if params is not None or card.get("index_kind") != kind:  # old params fit the old kind
-        card["index_params"] = params or {}
-    card["index_kind"] = kind
-    write_json(path, card)
+    card = previous.replace(index_kind=kind)
+    if params is not None or previous.index_kind != kind:  # old params fit the old kind
+        card = card.replace(index_params=params or {})
+    write_card(path, card)
     try:
         catalog = open_catalog(catalog_dir)
     except CatalogError:
-        write_json(path, previous)  # every later open would fail the same way
+        write_card(path, previous)  # every later open would fail the same way
         raise
-    try:
-        with catalog.write_lock():
-            catalog.save_indexes()
-    finally:
-        catalog.close()
+    with catalog:
+        catalog.save_indexes()
 
 
 def open_searcher(
@@ -190,18 +197,13 @@ def search_image(
     filters: ProductFilter | None = None,
 ) -> SearchResult:
     searcher = open_searcher(catalog_dir, model=model, detector=detector)
-    try:
+    with searcher.catalog:
         return searcher.search(image, k, filters=filters)
-    finally:
-        searcher.catalog.close()
 
 
 def catalog_info(catalog_dir: PathLike) -> dict[str, Any]:
-    catalog = open_catalog(catalog_dir)
-    try:
+    with open_catalog(catalog_dir) as catalog:
         return catalog.info()
-    finally:
-        catalog.close()
 
 
 def remove_products(
@@ -212,12 +214,11 @@ def remove_products(
     resolved first: an unknown one removes nothing."""
     if not skus and not ids:
         raise CatalogError("name at least one product to remove (a sku, or an id)")
-    catalog = open_catalog(catalog_dir)
     removed: dict[str, int] = {}
-    try:
+    with open_catalog(catalog_dir) as catalog:
         targets: dict[int, str] = {}  # a product named twice (sku and id, say) is removed once
         for sku in skus:
-            found = catalog.store.find_product(sku)
+            found = catalog.find_product(sku)
             if found is None:
                 hint = (
                     f" (product id {sku}? ids are given as ids: --id {sku})"
@@ -227,12 +228,10 @@ def remove_products(
                 raise NotFoundError(f"no product with sku {sku!r}{hint}")
             targets[found.id] = found.sku
         for product_id in ids:
-            product = catalog.store.get_product(product_id)
+            product = catalog.get_product(product_id)
             targets[product.id] = product.sku
         for product_id, sku in targets.items():
             removed[sku] = catalog.remove_product(product_id)
-    finally:
-        catalog.close()
     return removed
 
 
@@ -242,11 +241,8 @@ def collect_garbage(
     """Remove the catalog's blob files no image references (left by deletes before blobs were
     freed with their images, or by an ingest that died before committing) and temp files of
     interrupted blob writes, when older than ``grace_seconds``."""
-    catalog = open_catalog(catalog_dir)
-    try:
+    with open_catalog(catalog_dir) as catalog:
         return catalog.collect_garbage(dry_run=dry_run, min_age_seconds=grace_seconds)
-    finally:
-        catalog.close()
 
 
 # --- shop features (issue #18): more like this, similar-product export, duplicates -----------
@@ -269,11 +265,8 @@ def similar(
     and item-based results, the product itself excluded (see ``snapshop.similar``)."""
     from snapshop.similar import similar_products
 
-    catalog = open_catalog(catalog_dir)
-    try:
+    with open_catalog(catalog_dir) as catalog:
         return similar_products(catalog, product, k, position=position, filters=filters)
-    finally:
-        catalog.close()
 
 
 def recommend(
@@ -292,14 +285,11 @@ def recommend(
     unless ``restart`` (see ``snapshop.recommend``)."""
     from snapshop.recommend import export_similar
 
-    catalog = open_catalog(catalog_dir)
-    try:
+    with open_catalog(catalog_dir) as catalog:
         return export_similar(
             catalog, out, k, position=position, batch_size=batch_size, restart=restart,
             progress_total=progress_total, progress=progress,
         )  # fmt: skip
-    finally:
-        catalog.close()
 
 
 def duplicates(
@@ -319,10 +309,9 @@ def duplicates(
     to ``out`` and as a page of side-by-side thumbnails to ``html`` when given."""
     from snapshop import duplicates as dup
 
-    catalog = open_catalog(catalog_dir)
-    try:
+    with open_catalog(catalog_dir) as catalog:
         if progress_total:
-            progress_total(catalog.store.counts()["images"])
+            progress_total(catalog.counts()["images"])
         pixel = dup.DEFAULT_PIXEL_THRESHOLD if pixel_threshold is None else pixel_threshold
         report = dup.find_duplicates(
             catalog, dup.DEFAULT_THRESHOLD if threshold is None else threshold,
@@ -333,5 +322,3 @@ def duplicates(
         if html is not None:
             dup.write_html(catalog, report, Path(html))
         return report
-    finally:
-        catalog.close()

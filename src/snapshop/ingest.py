@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -26,12 +25,13 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from snapshop.catalog.blobs import write_blob
 from snapshop.catalog.catalog import DB_FILE, LOCK_FILE, Catalog
 from snapshop.catalog.store import CatalogStore, NewCrop, Product
 from snapshop.data.sources import CatalogRecord
@@ -50,14 +50,10 @@ from snapshop.images import (
     load_image,
     original_size,
     scale_to_original,
-    sniff_format,
 )
 from snapshop.models.embedder import Embedder, preprocess
 
 log = logging.getLogger(__name__)
-
-FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif",
-                 "BMP": ".bmp", "TIFF": ".tif"}  # fmt: skip
 
 
 @dataclass
@@ -101,32 +97,6 @@ class Decoded:
     pixels: NDArray[np.float32]
     blob: str
     image: Image.Image | None = None
-
-
-def write_blob(blob_dir: Path, sha256: str, data: bytes) -> str:
-    """Store ``data`` content-addressed; returns the path relative to the catalog."""
-    suffix = FORMAT_SUFFIX.get(sniff_format(data) or "", ".bin")
-    rel = Path("blobs") / sha256[:2] / f"{sha256}{suffix}"
-    target = blob_dir.parent / rel
-    try:
-        # Reusing a stored file: make it young again, so garbage collection (which spares files
-        # younger than its grace period) cannot take it before this ingest commits its row.
-        os.utime(target)
-        return str(rel)
-    except FileNotFoundError:
-        pass  # not stored yet (or collected a moment ago): write it
-    except OSError as exc:  # stored, but not ours to touch (e.g. another user's file): use it
-        log.debug("could not refresh %s (%s)", target, exc)
-        return str(rel)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        Path(tmp).replace(target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return str(rel)
 
 
 def _detect_crops(
@@ -211,19 +181,17 @@ class Ingestor:
         """Count images the catalog already holds; a known image whose record carries changed
         product metadata still updates the product (re-ingesting an edited CSV updates titles,
         prices... without re-embedding)."""
-        store = self.catalog.store
         updates = []
         for record in records:
             report.skipped += 1
             report.products.add(record.sku)
-            product = store.find_product(record.sku)
+            product = self.catalog.find_product(record.sku)
             if product is not None and _metadata_changes(product, record.metadata):
                 updates.append(record)
         if updates:
-            with self.catalog.write_lock(), store.transaction() as db:
+            with self.catalog.writing() as write:  # metadata only: indexes unchanged
                 for record in updates:
-                    store.upsert_product(db, record.sku, **record.metadata)
-            self.catalog.applied(store.last_commit())  # metadata only: indexes unchanged
+                    write.upsert_product(record.sku, **record.metadata)
 
     def _write_batch(self, batch: list[Decoded], report: IngestReport) -> None:
         crops_per_image = [
@@ -243,14 +211,12 @@ class Ingestor:
         crop_vecs = self.embedder.embed_images(crop_pixels)
         blobs = [d.blob for d in batch]
 
-        new_images: list[tuple[int, np.ndarray]] = []
-        new_crops: dict[str, list[tuple[int, np.ndarray]]] = {}
-        store = self.catalog.store
-        with self.catalog.write_lock(), store.transaction() as db:
+        # Vectors reach the indexes only after their rows committed (``Catalog.writing``).
+        with self.catalog.writing() as write:
             offset = 0
             for d, blob, vec, crops in zip(batch, blobs, image_vecs, crops_per_image, strict=True):
-                product_id = store.upsert_product(db, d.record.sku, **d.record.metadata)
-                if store.find_image(db, product_id, d.sha256) is not None:
+                product_id = write.upsert_product(d.record.sku, **d.record.metadata)
+                if write.find_image(product_id, d.sha256) is not None:
                     report.skipped += 1  # another writer added it since we looked
                     report.products.add(d.record.sku)
                     offset += len(crops)
@@ -260,24 +226,14 @@ class Ingestor:
                     continue
                 new = [NewCrop(pos, label, score, box, crop_vecs[offset + j])
                        for j, (pos, label, score, box, _) in enumerate(crops)]  # fmt: skip
-                image_id, crop_ids = store.insert_image(
-                    db, product_id, source=str(d.record.path), blob=blob, sha256=d.sha256,
+                _, crop_ids = write.insert_image(
+                    product_id, source=str(d.record.path), blob=blob, sha256=d.sha256,
                     width=d.size[0], height=d.size[1], vector=vec, crops=new,
                 )  # fmt: skip
-                new_images.append((image_id, vec))
-                for cid, c in zip(crop_ids, new, strict=True):
-                    new_crops.setdefault(c.position, []).append((cid, c.vector))
                 offset += len(crops)
                 report.added += 1
                 report.crops += len(crop_ids)
                 report.products.add(d.record.sku)
-        # Vectors reach the indexes only after their rows committed.
-        committed = store.last_commit()
-        for position, pairs in [(None, new_images), *new_crops.items()]:
-            if pairs:
-                ids = np.array([p[0] for p in pairs], dtype=np.int64)
-                self.catalog.add_vectors(position, ids, np.stack([p[1] for p in pairs]))
-        self.catalog.applied(committed)  # our own write: no store rescan needed at save time
 
     def _blob_in_place(self, d: Decoded, blob: str, report: IngestReport) -> bool:
         """Under the write lock, before the row naming ``blob`` commits: make sure the file is
@@ -319,15 +275,13 @@ class Ingestor:
                 self._write_batch(decoded, report)
                 batches_since_save += 1
             if batches_since_save >= self.save_every:
-                with self.catalog.write_lock():
-                    self.catalog.save_indexes()
+                self.catalog.save_indexes()
                 batches_since_save = 0
             if progress:
                 progress(consumed)
         if sync:
             report.removed = self._sync(records)  # type: ignore[arg-type]
-        with self.catalog.write_lock():
-            self.catalog.save_indexes()
+        self.catalog.save_indexes()
         for source, reason in report.failed:  # the report carries them; callers show them
             log.info("not indexed %s: %s", source, reason)
         report.seconds = time.perf_counter() - start
@@ -347,8 +301,7 @@ class Ingestor:
         )  # fmt: skip
         small = isinstance(records, Sequence) and len(records) <= 2 * self.batch_size
         if self.workers == 0 or small:
-            store = self.catalog.store
-            outcomes: Iterator[_Outcome] = (prepare(job, r, store, self.catalog.blob_dir)
+            outcomes: Iterator[_Outcome] = (prepare(job, r, self.catalog, self.catalog.blob_dir)
                                             for r in records)  # fmt: skip
         else:
             outcomes = self._prepared_by_workers(records, job, report)
@@ -389,7 +342,7 @@ class Ingestor:
         with pool:
             pending: deque[tuple[Future[_Outcome], CatalogRecord]] = deque()
             source = iter(records)
-            db_path, blob_dir = str(self.catalog.store.path), str(self.catalog.blob_dir)
+            db_path, blob_dir = str(self.catalog.db_path), str(self.catalog.blob_dir)
             while True:
                 try:
                     while len(pending) < window and (record := next(source, None)) is not None:
@@ -420,13 +373,13 @@ class Ingestor:
             wanted.setdefault(record.sku, set()).add(hashlib.sha256(data).hexdigest())
         stale: list[int] = []
         for sku, shas in wanted.items():
-            product = self.catalog.store.find_product(sku)
+            product = self.catalog.find_product(sku)
             if product is None:
                 continue
             keep = unreadable.get(sku, set())
             stale += [
                 im.id
-                for im in self.catalog.store.images_of(product.id)
+                for im in self.catalog.images_of(product.id)
                 if im.sha256 not in shas and im.source not in keep
             ]
         if stale:
@@ -469,9 +422,16 @@ class PrepareJob:
 _Outcome = Decoded | CatalogRecord | tuple[str, str]
 
 
-def prepare(
-    job: PrepareJob, record: CatalogRecord, store: CatalogStore, blob_dir: Path
-) -> _Outcome:
+class KnownImages(Protocol):
+    """What :func:`prepare` asks of the catalog: an open ``Catalog``, or a decode worker's
+    read-only ``CatalogStore``."""
+
+    def find_product(self, sku: str) -> Product | None: ...
+
+    def has_image(self, product_id: int, sha256: str) -> bool: ...
+
+
+def prepare(job: PrepareJob, record: CatalogRecord, known: KnownImages, blob_dir: Path) -> _Outcome:
     """Read, sha256, skip if the catalog already holds it (returns the record), decode,
     preprocess for the embedder and store the blob. Failures come back as (source, reason)."""
     try:
@@ -479,8 +439,8 @@ def prepare(
     except ImageDecodeError as exc:
         return (str(record.path), exc.reason)
     sha = hashlib.sha256(data).hexdigest()
-    product = store.find_product(record.sku)
-    if product is not None and store.has_image(product.id, sha):
+    product = known.find_product(record.sku)
+    if product is not None and known.has_image(product.id, sha):
         return record
     try:
         image = load_image(data, job.limits)

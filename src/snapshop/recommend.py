@@ -175,34 +175,14 @@ def export_similar(
             f" (positions: {', '.join(pv.positions()) or 'none'})"
         )
     state = _Progress(out)
-    resume = None if restart else state.read()
     parts = out.with_name(out.name + ".parts")
-    if resume is not None:
-        settings = {"format": fmt, "k": k, "position": position}
-        previous = {key: resume.get(key) for key in settings}
-        if previous != settings:
-            raise ConfigError(
-                f"{out}: an unfinished export with {previous} is here, not {settings};"
-                " pass restart to start over"
-            )
-        if resume.get("generation") != pv.generation:
-            log.warning("%s: the catalog changed since this export began; products exported"
-                        " before the resume reflect the older catalog", out)  # fmt: skip
-    if resume is not None:
-        _check_resume_point(out, parts, fmt, int(resume["done"]))
-    after = int(resume["last_product_id"]) if resume else 0
-    done = int(resume["done"]) if resume else 0
     header = {"format": fmt, "k": k, "position": position, "generation": pv.generation}
-
+    resume = None if restart else _resume_point(state, out, parts, header)
     if resume is None:  # a fresh start: nothing of an earlier run is kept
-        shutil.rmtree(parts, ignore_errors=True)
-        if fmt == "csv":
-            buffer = io.StringIO()
-            csv.writer(buffer).writerow(COLUMNS)
-            with open(out, "wb") as fh:
-                _fsync_write(fh, buffer.getvalue().encode())
-                done = fh.tell()
+        after, done = 0, _start_output(out, parts, fmt)
         state.write({**header, "last_product_id": 0, "done": done})
+    else:
+        after, done = int(resume["last_product_id"]), int(resume["done"])
     if progress_total:
         progress_total(len(ids))
     if progress:
@@ -210,16 +190,7 @@ def export_similar(
 
     sku_of: dict[int, str] = {}
     exported = rows = 0
-    csv_file = None
-    if fmt == "csv":
-        csv_file = open(out, "r+b")  # noqa: SIM115 (closed below)
-        csv_file.truncate(done)  # rows after the resume point may be partial: dropped
-        csv_file.seek(done)
-    else:
-        parts.mkdir(exist_ok=True)
-        for stray in parts.glob("*.tmp"):
-            stray.unlink()
-    try:
+    with _RowSink(out, parts, fmt, done) as sink:
         for batch, found, scores in neighbours(
             pv, k, position=position, after=after, batch_size=batch_size
         ):
@@ -229,23 +200,12 @@ def export_similar(
                 {i: p.sku for i, p in catalog.store.products_by_ids(sorted(missing)).items()}
             )
             table = _rows(batch, found, scores, sku_of)
-            if csv_file is not None:
-                buffer = io.StringIO()
-                csv.writer(buffer).writerows(zip(*table.values(), strict=True))
-                _fsync_write(csv_file, buffer.getvalue().encode())
-                done = csv_file.tell()
-            else:
-                _write_part(parts / f"part-{done:06d}.parquet", table)
-                done += 1
-            last = int(batch[-1])
-            state.write({**header, "last_product_id": last, "done": done})
+            done = sink.write(table)
+            state.write({**header, "last_product_id": int(batch[-1]), "done": done})
             exported += len(batch)
             rows += len(table["product_id"])
             if progress:
                 progress(len(batch))
-    finally:
-        if csv_file is not None:
-            csv_file.close()
     if fmt == "parquet":
         _join_parts(parts, done, out)
         shutil.rmtree(parts, ignore_errors=True)
@@ -254,6 +214,75 @@ def export_similar(
                           after if resume else None, time.perf_counter() - t0)  # fmt: skip
     log.info("exported %d products (%d rows) to %s", exported, rows, out)
     return report
+
+
+def _resume_point(
+    state: _Progress, out: Path, parts: Path, header: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The unfinished export's resume point, checked against this run's settings and against
+    the output it left; None when there is none."""
+    resume = state.read()
+    if resume is None:
+        return None
+    settings = {key: header[key] for key in ("format", "k", "position")}
+    previous = {key: resume.get(key) for key in settings}
+    if previous != settings:
+        raise ConfigError(
+            f"{out}: an unfinished export with {previous} is here, not {settings};"
+            " pass restart to start over"
+        )
+    if resume.get("generation") != header["generation"]:
+        log.warning("%s: the catalog changed since this export began; products exported"
+                    " before the resume reflect the older catalog", out)  # fmt: skip
+    _check_resume_point(out, parts, settings["format"], int(resume["done"]))
+    return resume
+
+
+def _start_output(out: Path, parts: Path, fmt: str) -> int:
+    """Start an empty output (a CSV holds its header); returns its resume offset."""
+    shutil.rmtree(parts, ignore_errors=True)
+    if fmt != "csv":
+        return 0
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(COLUMNS)
+    with open(out, "wb") as fh:
+        _fsync_write(fh, buffer.getvalue().encode())
+        return fh.tell()
+
+
+class _RowSink:
+    """Where the rows go: appended to the CSV in place (resume offset: its length in bytes),
+    or one parquet part file per batch (resume offset: the number of parts)."""
+
+    def __init__(self, out: Path, parts: Path, fmt: str, done: int) -> None:
+        self.parts, self.done = parts, done
+        self.csv_file: Any = None
+        if fmt == "csv":
+            self.csv_file = open(out, "r+b")  # noqa: SIM115 (closed by __exit__)
+            self.csv_file.truncate(done)  # rows after the resume point may be partial: dropped
+            self.csv_file.seek(done)
+        else:
+            parts.mkdir(exist_ok=True)
+            for stray in parts.glob("*.tmp"):
+                stray.unlink()
+
+    def write(self, table: dict[str, Any]) -> int:
+        if self.csv_file is not None:
+            buffer = io.StringIO()
+            csv.writer(buffer).writerows(zip(*table.values(), strict=True))
+            _fsync_write(self.csv_file, buffer.getvalue().encode())
+            self.done = self.csv_file.tell()
+        else:
+            _write_part(self.parts / f"part-{self.done:06d}.parquet", table)
+            self.done += 1
+        return self.done
+
+    def __enter__(self) -> _RowSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.csv_file is not None:
+            self.csv_file.close()
 
 
 def _check_resume_point(out: Path, parts: Path, fmt: str, done: int) -> None:

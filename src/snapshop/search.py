@@ -286,7 +286,8 @@ class Searcher:
 
         ``box`` searches one user-drawn region instead of detecting (its position is
         ``position`` or, without one, every crop index is searched). ``position`` alone limits
-        item-based results to that garment position.
+        item-based results to that garment position. Kept as one function, the query path
+        read top to bottom with its per-stage timings (decode, detect, embed, search).
         """
         if not 1 <= k <= MAX_K:
             raise ConfigError(f"k must be between 1 and {MAX_K}, got {k}")

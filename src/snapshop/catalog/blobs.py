@@ -1,18 +1,21 @@
-"""Blob files: the content-addressed image copies under ``DIR/blobs`` and their garbage collection.
+"""Blob files: the content-addressed image copies under ``DIR/blobs``, the caches derived from
+them (thumbnails), and their garbage collection. The one module that names these files: blob
+paths (:func:`write_blob`, :func:`blob_file`), temp files (:func:`make_temp`,
+:func:`is_temp_name`, :func:`atomic_file`) and derived caches (:data:`DERIVED_CACHES`).
 
-Ingest writes ``blobs/ab/<sha256><suffix>`` (temp file + rename) *before* the transaction that
-commits the rows naming it, outside the catalog write lock. So a blob no row references is
-either garbage (its rows were deleted, or the ingest died before committing) or belongs to an
-ingest in another process that has not committed yet. Garbage collection tells them apart by
-age: a file younger than the grace period is never removed. Each removal happens under the
-catalog write lock (every commit takes it) right after re-reading the file's references and
-age, so a row committed after the scan keeps its file. An ingest that finds the blob already
-on disk refreshes its mtime (``ingest.write_blob``), so it is young again for the grace period.
-Deleting the last row of a blob frees the file at once, also while an ingest in another
-process has just written or reused those same bytes: that ingest checks its files under the
-write lock right before committing and stores any that went missing again (from memory, or by
-re-reading the source; a source that changed meanwhile fails that one image), so no committed
-row names a missing file.
+Ingest writes ``blobs/ab/<sha256><suffix>`` (:func:`write_blob`: temp file + rename)
+*before* the transaction that commits the rows naming it, outside the catalog write lock. So
+a blob no row references is either garbage (its rows were deleted, or the ingest died before
+committing) or belongs to an ingest in another process that has not committed yet. Garbage
+collection tells them apart by age: a file younger than the grace period is never removed.
+Each removal happens under the catalog write lock (every commit takes it) right after
+re-reading the file's references and age, so a row committed after the scan keeps its file.
+An ingest that finds the blob already on disk refreshes its mtime (:func:`write_blob`), so it
+is young again for the grace period. Deleting the last row of a blob frees the file at once,
+also while an ingest in another process has just written or reused those same bytes: that
+ingest checks its files under the write lock right before committing and stores any that
+went missing again (from memory, or by re-reading the source; a source that changed meanwhile
+fails that one image), so no committed row names a missing file.
 
 Several rows may share one blob (the same bytes under two products), so a blob is referenced
 while any image row has its sha256.
@@ -24,15 +27,17 @@ import logging
 import os
 import re
 import stat
+import tempfile
 import time
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from snapshop.catalog.store import CatalogStore
 from snapshop.errors import ConfigError
+from snapshop.images import sniff_format
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +45,45 @@ BLOB_DIR = "blobs"
 DEFAULT_GRACE_SECONDS = 3600.0
 SHARD_NAME = re.compile(r"[0-9a-f]{2}")
 BLOB_NAME = re.compile(r"(?P<sha256>[0-9a-f]{64})\.[a-z0-9]{1,8}")
-THUMB_DIR = "thumbs"  # service.thumbs writes thumbs/<size>/ab/<sha256>.jpg
-THUMB_NAME = re.compile(r"(?P<sha256>[0-9a-f]{64})\.jpg")
-# ingest.write_blob's tempfile.mkstemp(dir=shard, suffix=".tmp"): "tmp" + 8 random characters.
-TEMP_NAME = re.compile(r"tmp[a-z0-9_]{8}\.tmp")
+FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif",
+                 "BMP": ".bmp", "TIFF": ".tif"}  # fmt: skip
+# Temp files of interrupted writes are recognised by name: ``make_temp`` names them
+# TEMP_PREFIX + tempfile's 8 random characters ([a-z0-9_]) + TEMP_SUFFIX, as every earlier
+# version did, so leftovers of older writes are still collected.
+TEMP_PREFIX, TEMP_SUFFIX = "tmp", ".tmp"
+TEMP_NAME = re.compile(rf"{TEMP_PREFIX}[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
+
+
+@dataclass(frozen=True)
+class DerivedCache:
+    """Files rendered from blobs on demand (thumbnails), kept under
+    ``DIR/<folder>/<variant>/<sha256[:2]>/<sha256>[-<tag>]<suffix>``; ``variant`` is a number
+    (a size), ``tag`` digits and underscores (a crop box). Garbage collection removes the
+    files of bytes no image row holds any more, with no grace period: a file taken too early
+    is rendered again, which costs only time."""
+
+    folder: str
+    suffix: str
+
+    def file(self, catalog_dir: Path, variant: int, sha256: str, tag: str | None = None) -> Path:
+        if tag is not None and not re.fullmatch(r"[0-9_]{1,64}", tag):
+            raise ValueError(f"cache tag {tag!r}: digits and underscores only")
+        name = f"{sha256}-{tag}{self.suffix}" if tag is not None else f"{sha256}{self.suffix}"
+        return catalog_dir / self.folder / str(int(variant)) / sha256[:2] / name
+
+    def sha256_of(self, name: str) -> str | None:
+        """The sha256 a file name of this cache stands for (None: not one of its files)."""
+        pattern = rf"(?P<sha256>[0-9a-f]{{64}})(-[0-9_]{{1,64}})?{re.escape(self.suffix)}"
+        match = re.fullmatch(pattern, name)
+        return match["sha256"] if match else None
+
+
+# The caches garbage collection sweeps: a cache of files derived from blobs is declared here,
+# so the catalog knows its layout without knowing who renders it (service.thumbs does).
+THUMBNAILS = DerivedCache("thumbs", ".jpg")  # one variant per thumbnail size
+CROP_THUMBNAILS = DerivedCache("thumbs/crops", ".jpg")  # tagged with the crop's pixel box
+DERIVED_CACHES: tuple[DerivedCache, ...] = (THUMBNAILS, CROP_THUMBNAILS)
+THUMB_DIR = THUMBNAILS.folder
 
 
 @dataclass(frozen=True)
@@ -82,6 +122,57 @@ def file_age_stamp(st: os.stat_result) -> float:
 
 def _now() -> float:
     return time.time()
+
+
+def make_temp(folder: Path) -> tuple[int, Path]:
+    """A new temp file in ``folder`` (open descriptor, path), named so that garbage
+    collection recognises it (:func:`is_temp_name`) if the write is interrupted."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
+    return fd, Path(name)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one :func:`make_temp` makes."""
+    return TEMP_NAME.fullmatch(name) is not None
+
+
+@contextmanager
+def atomic_file(target: Path) -> Iterator[IO[bytes]]:
+    """Write ``target`` through a temp file beside it, renamed into place when the block
+    ends: readers see the old file or the whole new one, never a torn one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = make_temp(target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def blob_relative(sha256: str, suffix: str) -> str:
+    """A blob's path relative to the catalog directory (what image rows store)."""
+    return str(Path(BLOB_DIR) / sha256[:2] / f"{sha256}{suffix}")
+
+
+def write_blob(blob_dir: Path, sha256: str, data: bytes) -> str:
+    """Store ``data`` content-addressed under ``blob_dir`` (the catalog's ``blobs``); returns
+    the path relative to the catalog."""
+    relative = blob_relative(sha256, FORMAT_SUFFIX.get(sniff_format(data) or "", ".bin"))
+    target = blob_dir.parent / relative
+    try:
+        # Reusing a stored file: make it young again, so garbage collection (which spares files
+        # younger than its grace period) cannot take it before this ingest commits its row.
+        os.utime(target)
+        return relative
+    except FileNotFoundError:
+        pass  # not stored yet (or collected a moment ago): write it
+    except OSError as exc:  # stored, but not ours to touch (e.g. another user's file): use it
+        log.debug("could not refresh %s (%s)", target, exc)
+        return relative
+    with atomic_file(target) as fh:
+        fh.write(data)
+    return relative
 
 
 def blob_file(catalog_dir: Path, relative: str, sha256: str) -> Path | None:
@@ -168,28 +259,28 @@ def collect_garbage(
 
 
 def _collect_thumbnails(catalog_dir: Path, store: CatalogStore, dry_run: bool) -> dict[str, int]:
-    """Remove cached thumbnails whose image is gone. They are a cache rendered from the blob on
-    demand, so no grace period: one rendered again later costs only time."""
+    """Remove the files of every derived cache (thumbnails) whose image is gone."""
     found = removed = 0
-    root = catalog_dir / THUMB_DIR
-    if not root.is_dir() or root.is_symlink():
-        return {"stale_thumbnails": 0, "thumbnails_removed": 0}
-    for size_dir in sorted(root.iterdir()):
-        if not size_dir.name.isdigit() or size_dir.is_symlink() or not size_dir.is_dir():
+    for cache in DERIVED_CACHES:
+        root = catalog_dir / cache.folder
+        if not root.is_dir() or root.is_symlink():
             continue
-        for shard in sorted(size_dir.iterdir()):
-            if shard.is_symlink() or not shard.is_dir():
+        for variant in sorted(root.iterdir()):
+            if not variant.name.isdigit() or variant.is_symlink() or not variant.is_dir():
                 continue
-            for entry in sorted(shard.iterdir()):
-                name = THUMB_NAME.fullmatch(entry.name)
-                if name is None or not name["sha256"].startswith(shard.name):
+            for shard in sorted(variant.iterdir()):
+                if shard.is_symlink() or not shard.is_dir():
                     continue
-                if entry.is_symlink() or store.references_sha256(name["sha256"]):
-                    continue
-                found += 1
-                if not dry_run:
-                    entry.unlink(missing_ok=True)
-                    removed += 1
+                for entry in sorted(shard.iterdir()):
+                    sha256 = cache.sha256_of(entry.name)
+                    if sha256 is None or not sha256.startswith(shard.name):
+                        continue
+                    if entry.is_symlink() or store.references_sha256(sha256):
+                        continue
+                    found += 1
+                    if not dry_run:
+                        entry.unlink(missing_ok=True)
+                        removed += 1
     return {"stale_thumbnails": found, "thumbnails_removed": removed}
 
 
@@ -211,7 +302,7 @@ def _collect_shard(
         with os.scandir(shard) as entries:
             for entry in entries:
                 blob = BLOB_NAME.fullmatch(entry.name)
-                is_temp = TEMP_NAME.fullmatch(entry.name) is not None
+                is_temp = is_temp_name(entry.name)
                 if blob is None and not is_temp or not entry.is_file(follow_symlinks=False):
                     continue
                 if blob is not None and not blob["sha256"].startswith(prefix):

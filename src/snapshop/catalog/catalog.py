@@ -2,7 +2,7 @@
 
 Layout::
 
-    DIR/catalog.json           card: model id and dim, index kind, created_at
+    DIR/catalog.json           card (``card.CatalogCard``): format, model id and dim, index kind...
     DIR/catalog.sqlite         products, images, crops and their vectors (source of truth)
     DIR/blobs/ab/<sha256>.jpg  content-addressed copies of the ingested image files; removed
                                with their last image, or by ``collect_garbage`` (see ``blobs``)
@@ -36,10 +36,12 @@ from snapshop.catalog.blobs import (
     collect_garbage,
     free_unreferenced_blobs,
 )
-from snapshop.catalog.store import CatalogStore
-from snapshop.config import read_json, write_json
+from snapshop.catalog.card import CatalogCard, read_card, write_card
+from snapshop.catalog.store import MAX_ROW_ID, CatalogStore, CropRow, ImageRow, Product
+from snapshop.catalog.write import CatalogWrite
+from snapshop.config import write_json
 from snapshop.detect.base import CROP_MODES, DEFAULT_CROP_MODE
-from snapshop.errors import CatalogError, ConfigError, ModelError
+from snapshop.errors import CatalogError, ModelError, NotFoundError
 from snapshop.index import VectorIndex, create_index, load_index, save_index
 from snapshop.index.choose import (
     AUTO,
@@ -73,15 +75,15 @@ def index_name(position: str | None) -> str:
 class Catalog:
     """Open catalog directory. Thread-safe; writers across processes serialise on a file lock."""
 
-    def __init__(self, directory: Path, card: dict[str, Any], store: CatalogStore) -> None:
+    def __init__(self, directory: Path, card: CatalogCard, store: CatalogStore) -> None:
         self.directory = Path(directory)
         self.card = card
         self.store = store
-        self.dim: int = int(card["dim"])
+        self.dim: int = card.dim
         # "auto" (issues #6, #15): the most accurate kind that fits the card's memory and
         # latency budget (the default budget when the card names none).
         counts = store.counts()
-        kind, params = card.get("index_kind", "flat"), card.get("index_params", {})
+        kind, params = card.index_kind, dict(card.index_params)
         try:
             self.index_kind, self.index_params = resolve_index_kind(
                 kind, params, counts["images"], self.dim,
@@ -102,39 +104,38 @@ class Catalog:
     # --- identity ---------------------------------------------------------------------
     @property
     def model_id(self) -> str:
-        return str(self.card["model_id"])
+        return self.card.model_id
 
     @property
     def model_ref(self) -> str:
-        return str(self.card["model_ref"])
+        return self.card.model_ref
 
     @property
     def detector(self) -> str | None:
         """Spec of the garment detector the catalog's crops were made with (None: none)."""
-        value = self.card.get("detector")
-        return str(value) if value and str(value).lower() != "none" else None
+        value = self.card.detector
+        return value if value and value.lower() != "none" else None
 
     @property
     def crop_mode(self) -> str:
         """How garment crops are framed for the embedder (``detect.base.CROP_MODES``); a card
         without the key predates it, and its crops were embedded as they are ("center")."""
-        value = str(self.card.get("crop_mode", "center"))
+        value = self.card.crop_mode
         if value not in CROP_MODES:
             raise CatalogError(f"{self.directory / CARD_FILE}: unknown crop_mode {value!r}")
         return value
 
     def record_detector(self, spec: str) -> None:
         """Remember ``spec`` in the card: later ingests and searches default to it (issue #4)."""
-        if self.card.get("detector") == spec:
+        if self.card.detector == spec:
             return
         if self.detector is not None and spec.lower() != "none":
             log.warning("catalog %s: crops so far came from detector %r, new ones from %r",
                         self.directory, self.detector, spec)  # fmt: skip
         path = self.directory / CARD_FILE
-        card = read_json(path)
-        card["detector"] = spec
-        write_json(path, card)
-        self.card["detector"] = spec
+        on_disk = read_card(path)  # the file may have changed since open (set_index_kind)
+        write_card(path, on_disk.replace(detector=spec))
+        self.card = self.card.replace(detector=spec)
 
     def check_model(self, model_id: str) -> None:
         if model_id != self.model_id:
@@ -173,6 +174,27 @@ class Catalog:
                 finally:
                     self._flock_depth = 0
                     fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    @contextmanager
+    def writing(self) -> Iterator[CatalogWrite]:
+        """One write: the write lock, one store transaction, and the index bookkeeping.
+
+        Rows written through the yielded :class:`CatalogWrite` commit together, with the
+        store's ``generation`` bumped, when the block ends; an exception inside the block
+        rolls all of them back and changes no index. After the commit, the vectors the write
+        added or removed are applied to the in-memory indexes and the catalog records that
+        they are current (:meth:`applied`), so the next save need not rescan the store. The
+        indexes are not saved here: call :meth:`save_indexes` when it is time."""
+        with self.write_lock():
+            with self.store.transaction() as db:
+                write = CatalogWrite(self.store, db)
+                yield write
+            before = self.store.last_commit()
+            self.remove_vectors(write.removed_images, write.removed_crops)
+            for position, pairs in write.added.items():
+                ids = np.array([entry for entry, _ in pairs], dtype=np.int64)
+                self.add_vectors(position, ids, np.stack([vector for _, vector in pairs]))
+            self.applied(before)  # only once every change is in: else a refresh reconciles
 
     # --- index maintenance ------------------------------------------------------------
     def index(self, position: str | None = None) -> VectorIndex | None:
@@ -249,9 +271,9 @@ class Catalog:
         An index never measured, or measured at under half or over twice its size, is measured
         (recall@10, latency, memory) into its card (``measure``: False skips that).
 
-        Call under :meth:`write_lock` so no other writer commits between the two steps.
+        Takes the write lock (re-entrant), so no other writer commits between the two steps.
         """
-        with self._lock:
+        with self.write_lock():
             self.refresh()
             generation = self._generation
             for name, index in self.indexes.items():
@@ -333,10 +355,10 @@ class Catalog:
                     index.add(ids, vecs)
                 rebuilt[name] = index
             path = self.directory / CARD_FILE
-            card = read_json(path)
-            card["index_kind"] = AUTO
-            card["index_params"] = {"budget": budget.to_dict()}
-            write_json(path, card)
+            card = read_card(path).replace(
+                index_kind=AUTO, index_params={"budget": budget.to_dict()}
+            )
+            write_card(path, card)
             self.card = card
             self.indexes = rebuilt
             self.index_kind, self.index_params = choice.kind, dict(choice.params)
@@ -393,16 +415,68 @@ class Catalog:
                     if name != IMAGES:
                         index.remove(arr)
 
+    # --- queries (the store's rows, typed) -----------------------------------------------
+    @property
+    def generation(self) -> int:
+        """The store's write counter: every committed write moves it."""
+        return self.store.generation
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file (decode workers open it read-only)."""
+        return self.store.path
+
+    def counts(self) -> dict[str, int]:
+        """How many products, images and crops the catalog holds."""
+        return self.store.counts()
+
+    def get_product(self, product_id: int) -> Product:
+        """The product with this catalog id (NotFoundError if there is none)."""
+        return self.store.get_product(product_id)
+
+    def find_product(self, sku: str) -> Product | None:
+        return self.store.find_product(sku)
+
+    def list_products(
+        self, category: str | None = None, after_id: int = 0, limit: int = 50
+    ) -> list[Product]:
+        """Products in id order after ``after_id``, at most ``limit``, of ``category`` if given."""
+        return self.store.list_products(category, after_id=after_id, limit=limit)
+
+    def get_image(self, image_id: int) -> ImageRow:
+        """The image with this catalog id (NotFoundError if there is none)."""
+        return self.store.get_image(image_id)
+
+    def get_crop(self, crop_id: int) -> CropRow:
+        """The crop with this catalog id (NotFoundError if there is none)."""
+        found = self.store.crop_rows([crop_id]).get(crop_id) if abs(crop_id) <= MAX_ROW_ID else None
+        if found is None:
+            raise NotFoundError(f"no crop with id {crop_id}")
+        return found[0]
+
+    def images_of(self, product_id: int) -> list[ImageRow]:
+        return self.store.images_of(product_id)
+
+    def has_image(self, product_id: int, sha256: str) -> bool:
+        """Whether ``product_id`` already holds an image with these bytes."""
+        return self.store.has_image(product_id, sha256)
+
     # --- write operations -------------------------------------------------------------
+    def update_product(self, product_id: int, **fields: Any) -> Product:
+        """Change a product's metadata (one write; no vector changes). NotFoundError if the
+        product does not exist."""
+        with self.writing() as write:
+            write.update_product(product_id, **fields)
+        return self.store.get_product(product_id)
+
     def remove_product(self, product_id: int) -> int:
         """Delete a product with its images and crops; returns how many images went.
 
         Blob files no other image shares are removed after the commit."""
         with self.write_lock():
-            files = self.store.blob_refs_of_product(product_id)  # the lock keeps them current
-            image_ids, crop_ids = self.store.delete_product(product_id)
-            self.remove_vectors(image_ids, crop_ids)
-            self.applied(self.store.last_commit())
+            with self.writing() as write:
+                files = self.store.blob_refs_of_product(product_id)  # the lock keeps them current
+                image_ids = write.delete_product(product_id)
             self.save_indexes()
             free_unreferenced_blobs(self.directory, self.store, files)
         return len(image_ids)
@@ -412,10 +486,9 @@ class Catalog:
         if not image_ids:
             return
         with self.write_lock():
-            files = self.store.blob_refs_of_images(image_ids)
-            crop_ids = self.store.delete_images(image_ids)
-            self.remove_vectors(image_ids, crop_ids)
-            self.applied(self.store.last_commit())
+            with self.writing() as write:
+                files = self.store.blob_refs_of_images(image_ids)
+                write.delete_images(image_ids)
             self.save_indexes()
             free_unreferenced_blobs(self.directory, self.store, files)
 
@@ -442,10 +515,8 @@ class Catalog:
             "index_kind": self.index_kind,
             # server kinds' parameters may hold a connection string: only local ones are shown
             "index_params": dict(self.index_params) if self.index_kind in MEASURED_KINDS else {},
-            "index_budget": IndexBudget.from_dict(
-                self.card.get("index_params", {}).get("budget")
-            ).to_dict()
-            if self.card.get("index_kind") == AUTO
+            "index_budget": IndexBudget.from_dict(self.card.index_params.get("budget")).to_dict()
+            if self.card.index_kind == AUTO
             else None,
             "indexes": {name: len(idx) for name, idx in sorted(self.indexes.items())},
             "measured": {name: self.measured[name] for name in sorted(self.measured)},
@@ -453,7 +524,28 @@ class Catalog:
         }
 
     def close(self) -> None:
-        self.store.close()
+        """Close the index clients (a pgvector connection, a Milvus client) and the store.
+        Idempotent; one client failing to close does not keep the others open."""
+        with self._lock:
+            indexes, self.indexes = self.indexes, {}
+            for name, index in indexes.items():
+                close = getattr(index, "close", None)
+                if close is None:
+                    continue
+                try:
+                    close()
+                except Exception as exc:  # closing must not hide the caller's own error
+                    log.warning(
+                        "index %s of %s did not close cleanly (%s)", name, self.directory, exc
+                    )
+            self._owner_cache.clear()
+            self.store.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def create_catalog(
@@ -498,28 +590,19 @@ def _create(
     index_kind: str,
     index_params: dict[str, Any] | None,
 ) -> Catalog:
-    card = {
-        "format": "snapshop-catalog/1",
-        "model_id": model_id,
-        "model_ref": model_ref,
-        "dim": int(dim),
-        "index_kind": index_kind,
-        "index_params": index_params or {},
-        "crop_mode": DEFAULT_CROP_MODE,
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
+    card = CatalogCard.new(
+        model_id=model_id, model_ref=model_ref, dim=dim, index_kind=index_kind,
+        index_params=index_params, crop_mode=DEFAULT_CROP_MODE,
+    )  # fmt: skip
     store = CatalogStore(directory / DB_FILE)
-    write_json(directory / CARD_FILE, card)
+    write_card(directory / CARD_FILE, card)
     return Catalog(directory, card, store)
 
 
 def reindex_catalog(directory: str | os.PathLike[str], budget: IndexBudget) -> dict[str, Any]:
     """Rebuild a catalog's indexes by ``budget`` (see :meth:`Catalog.reindex`)."""
-    catalog = open_catalog(directory)
-    try:
+    with open_catalog(directory) as catalog:
         return catalog.reindex(budget)
-    finally:
-        catalog.close()
 
 
 def open_catalog(directory: str | os.PathLike[str]) -> Catalog:
@@ -529,15 +612,7 @@ def open_catalog(directory: str | os.PathLike[str]) -> Catalog:
         raise CatalogError(
             f"{directory}: no catalog here (create one with `snapshop index SOURCE --catalog DIR`)"
         )
-    try:
-        card = read_json(directory / CARD_FILE)
-    except ConfigError as exc:
-        raise CatalogError(f"unreadable catalog card: {exc}") from None
-    for key in ("model_id", "model_ref", "dim"):
-        if key not in card:
-            raise CatalogError(f"{directory / CARD_FILE}: missing {key!r}")
-    if not isinstance(card["dim"], int) or card["dim"] < 1:
-        raise CatalogError(f"{directory / CARD_FILE}: dim must be a positive integer")
+    card = read_card(directory / CARD_FILE)
     db_path = directory / DB_FILE
     # Never recreate an empty store under a card: that would silently empty the indexes. A
     # store SQLite has written is never 0 bytes (its header is written first), so such a file

@@ -322,16 +322,22 @@ class CatalogStore:
 
     def delete_product(self, product_id: int) -> tuple[list[int], list[int]]:
         """Delete a product, its images and crops; returns (image ids, crop ids) removed."""
-        product_id = _row_id(product_id, "product")
         with self.transaction() as db:
-            if db.execute("SELECT 1 FROM products WHERE id = ?", (product_id,)).fetchone() is None:
-                raise NotFoundError(f"no product with id {product_id}")
-            image_ids = [r[0] for r in db.execute(
-                "SELECT id FROM images WHERE product_id = ?", (product_id,))]  # fmt: skip
-            crop_ids = [r[0] for r in db.execute(
-                "SELECT c.id FROM crops c JOIN images i ON c.image_id = i.id"
-                " WHERE i.product_id = ?", (product_id,))]  # fmt: skip
-            db.execute("DELETE FROM products WHERE id = ?", (product_id,))
+            return self.delete_product_rows(db, product_id)
+
+    def delete_product_rows(
+        self, db: sqlite3.Connection, product_id: int
+    ) -> tuple[list[int], list[int]]:
+        """:meth:`delete_product` inside an open transaction."""
+        product_id = _row_id(product_id, "product")
+        if db.execute("SELECT 1 FROM products WHERE id = ?", (product_id,)).fetchone() is None:
+            raise NotFoundError(f"no product with id {product_id}")
+        image_ids = [r[0] for r in db.execute(
+            "SELECT id FROM images WHERE product_id = ?", (product_id,))]  # fmt: skip
+        crop_ids = [r[0] for r in db.execute(
+            "SELECT c.id FROM crops c JOIN images i ON c.image_id = i.id"
+            " WHERE i.product_id = ?", (product_id,))]  # fmt: skip
+        db.execute("DELETE FROM products WHERE id = ?", (product_id,))
         return image_ids, crop_ids
 
     # --- images -----------------------------------------------------------------------
@@ -391,17 +397,21 @@ class CatalogStore:
 
     def delete_images(self, image_ids: Sequence[int]) -> list[int]:
         """Delete images (and their crops); returns the crop ids removed."""
-        ids = [int(i) for i in image_ids]
-        if not ids:
+        if not image_ids:
             return []
-        crop_ids: list[int] = []
         with self.transaction() as db:
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                crop_ids += [r[0] for r in db.execute(
-                    f"SELECT id FROM crops WHERE image_id IN ({marks})", chunk)]  # fmt: skip
-                db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
+            return self.delete_image_rows(db, image_ids)
+
+    def delete_image_rows(self, db: sqlite3.Connection, image_ids: Sequence[int]) -> list[int]:
+        """:meth:`delete_images` inside an open transaction."""
+        ids = [int(i) for i in image_ids]
+        crop_ids: list[int] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            crop_ids += [r[0] for r in db.execute(
+                f"SELECT id FROM crops WHERE image_id IN ({marks})", chunk)]  # fmt: skip
+            db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
         return crop_ids
 
     # --- blob references (see ``catalog.blobs``) ---------------------------------------

@@ -128,7 +128,7 @@ class ServiceState:
     def ensure_fresh(self) -> None:
         """Pick up writes made by other processes (e.g. `snapshop index` on the same catalog)
         under the write lock, so no search sees an index while it is being reconciled."""
-        generation = self.catalog.store.generation
+        generation = self.catalog.generation
         if generation != self._seen_generation:
             with self.lock.write():
                 self.catalog.refresh()

@@ -6,13 +6,11 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
-from snapshop.catalog.blobs import THUMB_DIR
+from snapshop.catalog.blobs import CROP_THUMBNAILS, THUMBNAILS, atomic_file
 from snapshop.catalog.store import CropRow, ImageRow
 from snapshop.errors import ImageDecodeError, NotFoundError, StoredFileError
 from snapshop.images import DecodeLimits, load_image, pil_pixel_ceiling
@@ -41,8 +39,8 @@ def blob_path(catalog_dir: Path, image: ImageRow) -> Path:
 
 
 def thumbnail(catalog_dir: Path, image: ImageRow, size: int) -> Path:
-    """JPEG thumbnail (longest side ``size``) cached under ``catalog_dir/thumbs``."""
-    target = catalog_dir / THUMB_DIR / str(size) / image.sha256[:2] / f"{image.sha256}.jpg"
+    """JPEG thumbnail (longest side ``size``) cached in the catalog (``blobs.THUMBNAILS``)."""
+    target = THUMBNAILS.file(catalog_dir, size, image.sha256)
     if target.is_file():
         return target
     pixels = _stored_pixels(catalog_dir, image)
@@ -71,10 +69,9 @@ def crop_pixels(crop: CropRow, image: ImageRow) -> Pixels:
 
 def crop_thumbnail(catalog_dir: Path, image: ImageRow, box: Pixels, size: int) -> Path:
     """JPEG of ``box`` (from :func:`crop_pixels`) of ``image``, longest side at most ``size``,
-    cached under ``catalog_dir/thumbs/crops``. Named by the image's content and the box, so a
-    cached file can never show another crop than the one asked for."""
-    name = f"{image.sha256}-{'_'.join(map(str, box))}.jpg"
-    target = catalog_dir / THUMB_DIR / "crops" / str(size) / image.sha256[:2] / name
+    cached in the catalog (``blobs.CROP_THUMBNAILS``). Named by the image's content and the
+    box, so a cached file can never show another crop than the one asked for."""
+    target = CROP_THUMBNAILS.file(catalog_dir, size, image.sha256, tag="_".join(map(str, box)))
     if target.is_file():
         return target
     pixels = _stored_pixels(catalog_dir, image)
@@ -98,13 +95,7 @@ def _stored_pixels(catalog_dir: Path, image: ImageRow) -> Image.Image:
 
 
 def _save_jpeg(pixels: Image.Image, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pixels.save(fh, format="JPEG", quality=82, optimize=True)
-        Path(tmp).replace(target)  # atomic: concurrent requests may both render, never tear
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(target) as fh:  # concurrent requests may both render, never tear
+        pixels.save(fh, format="JPEG", quality=82, optimize=True)
     log.debug("thumbnail %s written", target)
     return target

@@ -9,8 +9,6 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from snapshop.catalog.store import MAX_ROW_ID
-from snapshop.errors import NotFoundError
 from snapshop.service.dependencies import State
 from snapshop.service.errors import error_responses
 from snapshop.service.settings import ServiceSettings
@@ -33,12 +31,8 @@ def router(settings: ServiceSettings) -> APIRouter:
         crop_id: int,
         size: Annotated[int | None, Query(ge=1, le=100_000, description="longest side")] = None,
     ) -> FileResponse:
-        store = state.catalog.store
-        found = store.crop_rows([crop_id]).get(crop_id) if abs(crop_id) <= MAX_ROW_ID else None
-        if found is None:
-            raise NotFoundError(f"no crop with id {crop_id}")
-        crop = found[0]
-        image = store.get_image(crop.image_id)
+        crop = state.catalog.get_crop(crop_id)
+        image = state.catalog.get_image(crop.image_id)
         box = crop_pixels(crop, image)
         side = snap_size(size, state.settings.thumb_sizes)
         path = crop_thumbnail(state.catalog.directory, image, box, side)

@@ -28,7 +28,7 @@ def router(settings: ServiceSettings) -> APIRouter:
               "description": "The image file"}, **error_responses(404, 422)})  # fmt: skip
     def get_image(state: State, image_id: int) -> FileResponse:
         """The stored catalog image (by catalog id only)."""
-        image = state.catalog.store.get_image(image_id)
+        image = state.catalog.get_image(image_id)
         path = blob_path(state.catalog.directory, image)
         media = MEDIA_TYPES.get(path.suffix, "application/octet-stream")
         return FileResponse(path, media_type=media, headers=_image_headers(image))
@@ -43,7 +43,7 @@ def router(settings: ServiceSettings) -> APIRouter:
         image_id: int,
         size: Annotated[int | None, Query(ge=1, le=100_000, description="longest side")] = None,
     ) -> FileResponse:
-        image = state.catalog.store.get_image(image_id)
+        image = state.catalog.get_image(image_id)
         side = snap_size(size, state.settings.thumb_sizes)
         path = thumbnail(state.catalog.directory, image, side)
         return FileResponse(path, media_type="image/jpeg", headers=_image_headers(image))

@@ -53,20 +53,23 @@ def add_product(
         decode_upload(data, limits, name)
         records.append(CatalogRecord(sku, Path("upload") / (upload.filename or f"{n}"),
                                      meta, data=data, packshot=packshot))  # fmt: skip
-    store = state.catalog.store
-    created = store.find_product(sku) is None
+    catalog = state.catalog
+    created = catalog.find_product(sku) is None
     report = state.ingest(records)
-    product = store.find_product(sku)
+    product = catalog.find_product(sku)
     if product is None:  # every image failed after validation (should not happen)
         raise ApiError(400, "no image could be ingested")
     return IngestOut(
-        product=product_out(product, store.images_of(product.id)), created=created,
+        product=product_out(product, catalog.images_of(product.id)), created=created,
         added=report.added, skipped=report.skipped, crops=report.crops,
         failed=[IngestFailure(source=s, reason=r) for s, r in report.failed],
     )  # fmt: skip
 
 
 def router(settings: ServiceSettings) -> APIRouter:
+    """The product routes. They are defined inside this function because their parameter
+    limits (page size) come from ``settings`` and FastAPI reads limits from the annotations
+    when a route is declared; each route body is a call or two into the library."""
     routes = APIRouter(prefix="/v1/products", tags=["products"])
     Limit = Annotated[int | None, Query(ge=1, le=settings.max_page_limit)]
     writes: dict[str, Any] = {"dependencies": [Depends(require_key)]}
@@ -82,19 +85,19 @@ def router(settings: ServiceSettings) -> APIRouter:
         """Products in id order, ``limit`` per page; follow ``next_cursor`` for more."""
         after = decode_cursor(cursor) if cursor else 0
         size = limit or state.settings.page_limit
-        store = state.catalog.store
-        rows = store.list_products(category or None, after_id=after, limit=size + 1)
+        catalog = state.catalog
+        rows = catalog.list_products(category or None, after_id=after, limit=size + 1)
         page = rows[:size]
         return ProductPage(
-            items=[product_out(p, store.images_of(p.id)) for p in page],
+            items=[product_out(p, catalog.images_of(p.id)) for p in page],
             next_cursor=encode_cursor(page[-1].id) if len(rows) > size else None,
         )
 
     @routes.get("/{product_id}", response_model=ProductOut, responses=error_responses(404, 422))
     def get_product(state: State, product_id: int) -> ProductOut:
-        store = state.catalog.store
-        product = store.get_product(product_id)
-        return product_out(product, store.images_of(product.id))
+        catalog = state.catalog
+        product = catalog.get_product(product_id)
+        return product_out(product, catalog.images_of(product.id))
 
     @routes.post("", response_model=IngestOut, status_code=201, responses={
         200: {"model": IngestOut, "description": "Images added to an existing product"},
@@ -141,14 +144,14 @@ def router(settings: ServiceSettings) -> APIRouter:
         if not fields:
             raise ApiError(400, "nothing to change: send at least one of "
                            + ", ".join(ProductPatch.model_fields))  # fmt: skip
-        store = state.catalog.store
-        product = store.update_product(product_id, **fields)
-        return product_out(product, store.images_of(product.id))
+        catalog = state.catalog
+        product = catalog.update_product(product_id, **fields)
+        return product_out(product, catalog.images_of(product.id))
 
     @routes.delete("/{product_id}", response_model=DeleteOut,
                    responses={**WRITE_ERRORS, **error_responses(404)}, **writes)  # fmt: skip
     def delete_product(state: State, product_id: int) -> DeleteOut:
-        product = state.catalog.store.get_product(product_id)
+        product = state.catalog.get_product(product_id)
         removed = state.remove_product(product_id)
         return DeleteOut(id=product.id, sku=product.sku, images_removed=removed)
 

@@ -27,7 +27,7 @@ def router() -> APIRouter:
 
     @routes.get("/healthz", response_model=Health)
     def healthz(state: State) -> Health:
-        counts = state.catalog.store.counts()
+        counts = state.catalog.counts()
         return Health(status="ok", products=counts["products"], images=counts["images"])
 
     return routes

@@ -28,7 +28,7 @@ def run_similar(
     (``ensure_fresh``), so the library must not refresh it again outside the write lock."""
     start = time.perf_counter()
     with state.search_slot(), state.reading():
-        product = state.catalog.store.get_product(product_id)  # 404 before any search
+        product = state.catalog.get_product(product_id)  # 404 before any search
         result = similar_products(state.catalog, product.id, k or state.settings.default_k,
                                   position=position, filters=filters, refresh=False)  # fmt: skip
     return search_response(result, (time.perf_counter() - start) * 1e3)

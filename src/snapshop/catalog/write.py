@@ -1,0 +1,78 @@
+"""One write to a catalog in progress: the rows of one transaction, and the index changes they
+imply, staged until the transaction commits (see ``Catalog.writing``)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from snapshop.catalog.store import CatalogStore, NewCrop
+
+
+class CatalogWrite:
+    """Rows go into the open transaction at once; vectors reach the indexes only after it
+    committed (:meth:`Catalog.writing` applies :attr:`added` and :attr:`removed_images` /
+    :attr:`removed_crops` then). Reads through it see the transaction's own rows."""
+
+    def __init__(self, store: CatalogStore, db: sqlite3.Connection) -> None:
+        self._store = store
+        self._db = db
+        self.added: dict[str | None, list[tuple[int, NDArray[np.float32]]]] = {}
+        self.removed_images: list[int] = []
+        self.removed_crops: list[int] = []
+
+    def upsert_product(self, sku: str, **fields: Any) -> int:
+        """Insert or update the product ``sku``; returns its id."""
+        return self._store.upsert_product(self._db, sku, **fields)
+
+    def update_product(self, product_id: int, **fields: Any) -> int:
+        """Change the metadata of the product with this id (NotFoundError if none)."""
+        return self._store.upsert_product(
+            self._db, self._store.get_product(product_id).sku, **fields
+        )
+
+    def find_image(self, product_id: int, sha256: str) -> int | None:
+        """The id of ``product_id``'s image with these bytes, if it has one."""
+        return self._store.find_image(self._db, product_id, sha256)
+
+    def insert_image(
+        self,
+        product_id: int,
+        *,
+        source: str,
+        blob: str | None,
+        sha256: str,
+        width: int,
+        height: int,
+        vector: NDArray[np.float32],
+        crops: Sequence[NewCrop] = (),
+    ) -> tuple[int, list[int]]:
+        """Insert an image with its vector and crops; returns (image id, crop ids). The
+        vectors are added to the indexes once the write commits."""
+        image_id, crop_ids = self._store.insert_image(
+            self._db, product_id, source=source, blob=blob, sha256=sha256, width=width,
+            height=height, vector=vector, crops=crops,
+        )  # fmt: skip
+        self.added.setdefault(None, []).append((image_id, vector))
+        for crop_id, crop in zip(crop_ids, crops, strict=True):
+            self.added.setdefault(crop.position, []).append((crop_id, crop.vector))
+        return image_id, crop_ids
+
+    def delete_product(self, product_id: int) -> list[int]:
+        """Delete a product with its images and crops (NotFoundError if there is none);
+        returns the image ids removed."""
+        image_ids, crop_ids = self._store.delete_product_rows(self._db, product_id)
+        self.removed_images += image_ids
+        self.removed_crops += crop_ids
+        return image_ids
+
+    def delete_images(self, image_ids: Sequence[int]) -> list[int]:
+        """Delete images and their crops; returns the crop ids removed."""
+        crop_ids = self._store.delete_image_rows(self._db, image_ids)
+        self.removed_images += [int(i) for i in image_ids]
+        self.removed_crops += crop_ids
+        return crop_ids
