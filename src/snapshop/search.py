@@ -349,10 +349,10 @@ class Searcher:
                 owners = functools.partial(self.catalog.owners, target)
                 allowed = self._allowed(target, filters)
                 merged += top_products(index, vec, k, owners, accept, allowed)
-            best: dict[int, tuple[int, float, int]] = {}
+            best_of_product: dict[int, tuple[int, float, int]] = {}
             for item in sorted(merged, key=lambda t: -t[1]):
-                best.setdefault(item[0], item)
-            hits = self._hits(list(best.values())[:k], crops=True)
+                best_of_product.setdefault(item[0], item)
+            hits = self._hits(list(best_of_product.values())[:k], crops=True)
             item_results.append(ItemResult(pos, label, score, region_box.as_tuple(), hits))
         timings["search"] = (time.perf_counter() - t3) * 1e3
         timings["total"] = (time.perf_counter() - t0) * 1e3

@@ -334,8 +334,8 @@ def _collect_shard(
         for c in garbage:
             if c.sha256 is not None and store.references_sha256(c.sha256):
                 continue  # committed since the scan
-            st = _regular_file(c.path)
-            if st is None or file_age_stamp(st) > cutoff:
+            current = _regular_file(c.path)
+            if current is None or file_age_stamp(current) > cutoff:
                 continue  # gone, replaced by something else, or rewritten since the scan
             try:
                 c.path.unlink()
@@ -345,4 +345,4 @@ def _collect_shard(
                 log.warning("could not remove %s (%s)", c.path, exc)
                 continue
             counts["temp_files_removed" if c.sha256 is None else "orphans_removed"] += 1
-            counts["bytes_freed"] += st.st_size
+            counts["bytes_freed"] += current.st_size

@@ -348,7 +348,7 @@ def _region_box(
     """Box (x1, y1, x2, y2; exclusive ends) of the big components of ``hit`` and their pixels."""
     import cv2
 
-    mask = hit.astype(np.uint8)
+    mask: NDArray[Any] = hit.astype(np.uint8)
     if config.open_px > 1:
         kernel = np.ones((config.open_px, config.open_px), np.uint8)
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
@@ -419,7 +419,8 @@ def model_files(model: str | os.PathLike[str] | None) -> tuple[Any, Any, Any]:
         folder, prefix = path.parent, path.name[: -len(CARD_FILE)]
     else:
         raise ModelError(f"garment segmenter {path}: expected a model folder or a *{CARD_FILE}")
-    return tuple(folder / f"{prefix}{name}" for name in (HEAD_FILE, CARD_FILE, TRUNK_FILE))
+    head, card, trunk = (folder / f"{prefix}{name}" for name in (HEAD_FILE, CARD_FILE, TRUNK_FILE))
+    return head, card, trunk
 
 
 class SegmenterDetector:

@@ -94,11 +94,11 @@ def graph_flops(model: str | Path | bytes, input_shapes: Mapping[str, Sequence[i
     for node in proto.graph.node:
         if node.op_type not in COUNTED_OPS:
             continue
-        flops = _node_flops(node, shapes)
-        if flops is None:
+        counted = _node_flops(node, shapes)
+        if counted is None:
             log.warning("FLOPs: %s %s has unknown shapes; not counted", node.op_type, node.name)
             continue
-        flops, is_depthwise = flops
+        flops, is_depthwise = counted
         by_op[node.op_type] = by_op.get(node.op_type, 0.0) + flops
         if is_depthwise:
             depthwise += flops
