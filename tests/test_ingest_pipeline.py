@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from catalog_helpers import check_catalog_dir, db_rows, make_images
+from PIL import Image
 
 from snapshop import api
-from snapshop.catalog.catalog import open_catalog
+from snapshop.catalog.catalog import create_catalog, open_catalog
 from snapshop.data.sources import CatalogRecord, read_source
+from snapshop.detect.base import UPPER, Box, Detection
 from snapshop.errors import IngestError
 from snapshop.images import DecodeLimits
 from snapshop.ingest import Ingestor
@@ -256,3 +259,57 @@ def test_one_prepare_step_reads_each_known_image_once(
     report = api.index_source(records, tmp_path / "cat", batch_size=4, workers=workers)
     assert (report.added, report.skipped) == (0, 24)
     assert ReadCountingRecord.main_process_reads == (24 if workers == 0 else 0)
+
+
+class BlockingEmbedder(Embedder):
+    """Records whether a batch of photos started embedding (``embed_arrays``)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.photos_started = threading.Event()
+
+    def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
+        self.photos_started.set()
+        return super().embed_arrays(batch)
+
+
+class WaitingDetector:
+    """Boxes the top half of each photo, after waiting (up to 10 s) for the batch's photos to
+    start embedding: they can only start during detection if the ingest began them first."""
+
+    name = "waiting"
+
+    def __init__(self, started: threading.Event) -> None:
+        self.started = started
+        self.saw_embedding: list[bool] = []
+
+    def detect(self, image: Image.Image) -> list[Detection]:
+        self.saw_embedding.append(self.started.wait(timeout=10))
+        w, h = image.size
+        return [Detection(Box(0.1 * w, 0.05 * h, 0.9 * w, 0.5 * h), "top", UPPER, 0.9)]
+
+
+def test_photos_are_embedded_beside_detection(tmp_path: Path, lite0_model_dir: Path) -> None:
+    """Issue #16: a batch's photos need no boxes, so they embed while the detector runs; the
+    vectors are the ones the serial path gives."""
+    make_images(tmp_path / "shop", n_products=3, per_product=2)
+    vectors = {}
+    for name in ("beside", "serial"):
+        embedder = BlockingEmbedder(lite0_model_dir, parallel=2 if name == "beside" else 0)
+        started = threading.Event() if name == "serial" else embedder.photos_started
+        if name == "serial":
+            started.set()  # the reference: detection does not wait
+        detector = WaitingDetector(started)
+        with create_catalog(
+            tmp_path / name, model_id=embedder.model_id, model_ref=str(lite0_model_dir),
+            dim=embedder.dim,
+        ) as catalog:  # fmt: skip
+            report = Ingestor(catalog, embedder, detector, workers=0).ingest(
+                read_source(tmp_path / "shop", [])
+            )
+        assert report.added == 6 and report.crops == 6
+        assert detector.saw_embedding == [True] * 6
+        vectors[name] = vectors_by_file(tmp_path / name)
+    assert vectors["beside"].keys() == vectors["serial"].keys()
+    for key, (vector, *_size) in vectors["beside"].items():
+        np.testing.assert_allclose(vector, vectors["serial"][key][0], atol=1e-5)

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,21 +194,24 @@ class Ingestor:
                     write.upsert_product(record.sku, **record.metadata)
 
     def _write_batch(self, batch: list[Decoded], report: IngestReport) -> None:
-        crops_per_image = [
-            _detect_crops(
-                self.detector,
-                d.image,
-                self.catalog.crop_mode,
-                d.record.metadata.get("category"),
-                d.record.packshot,
-            )  # fmt: skip
-            if d.image is not None
-            else []
-            for d in batch
-        ]
-        crop_pixels = [c[4] for cs in crops_per_image for c in cs]
-        image_vecs = self.embedder.embed_arrays(np.stack([d.pixels for d in batch]))
-        crop_vecs = self.embedder.embed_images(crop_pixels)
+        # The photos need no boxes: they are embedded on a thread beside detection (issue #16);
+        # only the crops wait for the detector.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshop-embed") as beside:
+            photos = beside.submit(self.embedder.embed_arrays, np.stack([d.pixels for d in batch]))
+            crops_per_image = [
+                _detect_crops(
+                    self.detector,
+                    d.image,
+                    self.catalog.crop_mode,
+                    d.record.metadata.get("category"),
+                    d.record.packshot,
+                )  # fmt: skip
+                if d.image is not None
+                else []
+                for d in batch
+            ]
+            crop_vecs = self.embedder.embed_images([c[4] for cs in crops_per_image for c in cs])
+            image_vecs = photos.result()
         blobs = [d.blob for d in batch]
 
         # Vectors reach the indexes only after their rows committed (``Catalog.writing``).
