@@ -271,3 +271,25 @@ def test_parallel_single_image_calls_match_one_batched_call(
     monkeypatch.setenv("SNAPSHOP_EMBED_PARALLEL", "two")
     with pytest.raises(ConfigError, match="SNAPSHOP_EMBED_PARALLEL"):
         Embedder(lite0_model_dir)
+
+
+def test_the_model_cards_normalisation_is_what_the_embedder_applies(
+    lite0_model_dir: Path, tmp_path: Path
+) -> None:
+    """The card's `normalisation` is read, not assumed: a card that says 0-255 -> 0-1 changes
+    the input the network sees, on the pool path and the batched path alike."""
+    model = tmp_path / "model"
+    shutil.copytree(lite0_model_dir, model)
+    card = json.loads((model / CARD_FILE).read_text())
+    card["normalisation"] = {"mean": 0.0, "std": 255.0}
+    (model / CARD_FILE).write_text(json.dumps(card))
+    image = render(demo_products(1)[0], seed=2, size=96)
+    size = read_card(model).input_size
+    expected = Embedder(model, parallel=0).embed_arrays(
+        preprocess(image, size, {"mean": 0.0, "std": 255.0})[None]
+    )
+    for parallel in (0, 2):
+        got = Embedder(model, parallel=parallel).embed_images([image, image])
+        np.testing.assert_allclose(got, np.vstack([expected, expected]), atol=1e-5)
+    default = Embedder(lite0_model_dir, parallel=0).embed_images([image])
+    assert float(default[0] @ expected[0]) < 0.999  # the default scale gives another vector

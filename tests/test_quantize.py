@@ -73,7 +73,7 @@ def test_quantize_onnx_from_a_ranges_file_repeats_the_calibration(tmp_path: Path
 
     source = export_tiny(tmp_path / "tiny.onnx")
     rng = np.random.default_rng(0)
-    batches = [rng.uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32) for _ in range(3)]
+    batches = [rng.uniform(-1, 1, (4, 3, 16, 16)).astype(np.float32) for _ in range(8)]
     ranges = tmp_path / "ranges.json"
     quantize_onnx(source, tmp_path / "calibrated.onnx", batches, ranges=ranges)
     assert ranges.is_file()

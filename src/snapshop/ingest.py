@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -51,6 +51,7 @@ from snapshop.images import (
     original_size,
     scale_to_original,
 )
+from snapshop.models.card import NORMALISATION
 from snapshop.models.embedder import Embedder, preprocess
 
 log = logging.getLogger(__name__)
@@ -300,7 +301,7 @@ class Ingestor:
         the runner differs. Known images are counted (and their metadata updated) here."""
         job = PrepareJob(
             limits=self.limits, input_size=self.embedder.input_size,
-            keep_image=self.detector is not None,
+            keep_image=self.detector is not None, normalisation=self.embedder.card.normalisation,
         )  # fmt: skip
         small = isinstance(records, Sequence) and len(records) <= 2 * self.batch_size
         if self.workers == 0 or small:
@@ -420,6 +421,7 @@ class PrepareJob:
     limits: DecodeLimits
     input_size: int
     keep_image: bool  # a detector will look at the image
+    normalisation: Mapping[str, float] = field(default_factory=lambda: dict(NORMALISATION))
 
 
 _Outcome = Decoded | CatalogRecord | tuple[str, str]
@@ -450,7 +452,7 @@ def prepare(job: PrepareJob, record: CatalogRecord, known: KnownImages, blob_dir
     except ImageDecodeError as exc:
         return (str(record.path), exc.reason)
     blob = write_blob(blob_dir, sha, data)
-    pixels = preprocess(image, job.input_size)
+    pixels = preprocess(image, job.input_size, job.normalisation)
     size = original_size(image)  # a large image is decoded reduced
     return Decoded(record, sha, size, pixels, blob, image if job.keep_image else None)
 

@@ -53,6 +53,7 @@ from PIL import Image
 
 from snapshop.detect.base import LOWER, UPPER, Box, Detection
 from snapshop.errors import ConfigError, ModelError
+from snapshop.models.card import normalise_pixels
 from snapshop.models.runtime import cpu_session
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def preprocess(rgb: NDArray[np.uint8], long_side: int) -> tuple[NDArray[np.float
     resized = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
     ph, pw = -(-nh // STRIDE) * STRIDE, -(-nw // STRIDE) * STRIDE
     x = np.zeros((1, 3, ph, pw), np.float32)
-    x[0, :, :nh, :nw] = (resized.transpose(2, 0, 1).astype(np.float32) - 127.0) / 128.0
+    x[0, :, :nh, :nw] = normalise_pixels(resized.transpose(2, 0, 1))
     return x, scale
 
 

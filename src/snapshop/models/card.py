@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
 
 from snapshop.config import read_json, write_json
 from snapshop.errors import ConfigError, ModelError
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
-NORMALISATION = {"mean": 127.0, "std": 128.0}
+NORMALISATION = {"mean": 127.0, "std": 128.0}  # what the EfficientNet-Lite weights expect
+
+
+def normalise_pixels(
+    pixels: NDArray[Any], normalisation: Mapping[str, float] = NORMALISATION
+) -> NDArray[np.float32]:
+    """0-255 pixel values -> the network's input scale, (x - mean) / std as a model card says
+    (the one place this is written; the segmenter's Lite0 trunk uses the default)."""
+    mean, std = float(normalisation["mean"]), float(normalisation["std"])
+    return (np.asarray(pixels, dtype=np.float32) - mean) / std
 
 
 @dataclasses.dataclass(frozen=True)

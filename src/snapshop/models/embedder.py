@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +14,14 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from snapshop.errors import ConfigError, ModelError
-from snapshop.models.card import MODEL_FILE, ModelCard, read_card, sha256_file
+from snapshop.models.card import (
+    MODEL_FILE,
+    NORMALISATION,
+    ModelCard,
+    normalise_pixels,
+    read_card,
+    sha256_file,
+)
 from snapshop.models.runtime import cpu_session
 
 log = logging.getLogger(__name__)
@@ -25,9 +32,11 @@ MAX_RESIZED_SQUARES = 16
 PARALLEL_ENV = "SNAPSHOP_EMBED_PARALLEL"  # Embedder(parallel=None) reads it when set
 
 
-def preprocess(image: Image.Image, size: int) -> NDArray[np.float32]:
+def preprocess(
+    image: Image.Image, size: int, normalisation: Mapping[str, float] = NORMALISATION
+) -> NDArray[np.float32]:
     """RGB image -> (3, size, size) float32: shorter side resized to ``size``, centre crop,
-    then (x - 127) / 128 as the EfficientNet-Lite weights expect."""
+    then normalised as the model card says ((x - 127) / 128 for EfficientNet-Lite)."""
     w, h = image.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -41,8 +50,7 @@ def preprocess(image: Image.Image, size: int) -> NDArray[np.float32]:
         sx, sy = w / nw, h / nh
         box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
         crop = image.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
-    arr = np.asarray(crop, dtype=np.float32)
-    arr = (arr - 127.0) / 128.0
+    arr = normalise_pixels(np.asarray(crop), normalisation)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
@@ -149,7 +157,9 @@ class Embedder:
             # each image resized on the pool too: a street photo and two crops take ≈ 7 ms of
             # resizing, which then runs beside the other calls instead of before them
             return _normalised(list(self._workers().map(self._embed_one, images)))
-        batch = np.stack([preprocess(im, self.input_size) for im in images])
+        batch = np.stack(
+            [preprocess(im, self.input_size, self.card.normalisation) for im in images]
+        )
         return self.embed_arrays(batch)
 
     def submit(self, image: Image.Image) -> Future[NDArray[np.float32]]:
@@ -166,7 +176,7 @@ class Embedder:
         return self._workers().submit(lambda: _normalised([self._embed_one(image)]))
 
     def _embed_one(self, image: Image.Image) -> NDArray[np.float32]:
-        return self._run(preprocess(image, self.input_size)[None])
+        return self._run(preprocess(image, self.input_size, self.card.normalisation)[None])
 
 
 def _normalised(outs: list[NDArray[np.float32]]) -> NDArray[np.float32]:

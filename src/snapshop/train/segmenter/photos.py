@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from snapshop.detect.segmenter import DRESS_CLS, LOWER_CLS, STRIDE, UPPER_CLS
+from snapshop.models.card import normalise_pixels
 from snapshop.train.segmenter.config import IGNORE, FinetuneConfig
 from snapshop.train.segmenter.samples import synthetic_negative_images
 
@@ -120,7 +121,7 @@ def render_sample(
         crop = (crop - grey) * float(rng.uniform(lo, hi)) + grey  # saturation
         np.clip(crop, 0.0, 255.0, out=crop)
     x = np.zeros((3, ch, cw), np.float32)
-    x[:, dy : dy + th, dx : dx + tw] = (crop.transpose(2, 0, 1) - 127.0) / 128.0
+    x[:, dy : dy + th, dx : dx + tw] = normalise_pixels(crop.transpose(2, 0, 1))
     target = np.full((ch, cw), IGNORE, np.uint8)
     target[dy : dy + th, dx : dx + tw] = crop_labels
     return x, target[2::4, 2::4]
