@@ -227,10 +227,6 @@ class CatalogStore:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0]["value"] if rows else None
 
-    def set_meta(self, key: str, value: str) -> None:
-        with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
-
     @property
     def generation(self) -> int:
         return int(self.get_meta("generation") or 0)

@@ -175,15 +175,7 @@ def _trunk_module(overlay: bytes | None = None) -> Any:
 
 def feature_maps(net: Any, x: Any) -> tuple[Any, ...]:
     """The stride 8 / 16 / 32 maps (blocks :data:`FEATURE_BLOCKS`) of the Lite0 module ``net``."""
-    import torch
-
-    x = torch.nn.functional.relu6(net._bn0(net._conv_stem(x)))
-    outs = []
-    for i, block in enumerate(net._blocks[: FEATURE_BLOCKS[-1] + 1]):
-        x = block(x)
-        if i in FEATURE_BLOCKS:
-            outs.append(x)
-    return tuple(outs)
+    return tuple(net.block_outputs(x, FEATURE_BLOCKS))
 
 
 def trunk_onnx_path(overlay: bytes | None = None) -> Path:

@@ -161,17 +161,33 @@ class EfficientNetLite(nn.Module):
     def forward_features(self, x: torch.Tensor, from_block: int = 0) -> torch.Tensor:
         """Run blocks ``from_block..`` (0 = from the stem) and the head conv."""
         if from_block == 0:
-            x = F.relu6(self._bn0(self._conv_stem(x)))
+            x = self._stem(x)
         for block in self._blocks[from_block:]:
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)))
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The MBConv blocks in order (``_blocks`` is the weight files' name for them)."""
+        return self._blocks
+
     def forward_stem(self, x: torch.Tensor, to_block: int) -> torch.Tensor:
         """Stem and blocks ``0..to_block-1``: the frozen part when fine-tuning the top only."""
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks[:to_block]:
+        return self.block_outputs(x, (to_block - 1,))[0] if to_block > 0 else self._stem(x)
+
+    def block_outputs(self, x: torch.Tensor, at: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """The outputs of blocks ``at`` (ascending), running the stem and blocks up to the last:
+        the multi-scale feature maps a dense head (the garment segmenter) reads."""
+        x = self._stem(x)
+        outs: list[torch.Tensor] = []
+        for i, block in enumerate(self._blocks[: at[-1] + 1]):
             x = block(x)
-        return x
+            if i in at:
+                outs.append(x)
+        return tuple(outs)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self._bn0(self._conv_stem(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = self.forward_features(x).mean(dim=(2, 3))

@@ -76,7 +76,7 @@ def new_and_trunk_params(
     if train_blocks == -1:
         trunk = list(backbone.parameters())
     elif train_blocks > 0:
-        for module in [*backbone._blocks[boundary:], backbone._conv_head, backbone._bn1]:
+        for module in [*backbone.blocks[boundary:], backbone._conv_head, backbone._bn1]:
             trunk += list(module.parameters())
     for p in trunk:
         p.requires_grad_(True)

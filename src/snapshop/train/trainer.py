@@ -230,7 +230,7 @@ class NormSoftmaxTrainer(EpochLoop):
         self.net = create_embedding_net(
             config.backbone, dim=config.dim, pretrained=config.pretrained
         )
-        n_blocks = len(self.net.backbone._blocks)
+        n_blocks = len(self.net.backbone.blocks)
         if config.train_blocks > n_blocks:
             raise ConfigError(f"{config.backbone} has {n_blocks} blocks; train_blocks is too large")
         boundary = n_blocks - config.train_blocks if config.train_blocks >= 0 else 0

@@ -77,7 +77,7 @@ def build_finetune_net(config: FinetuneConfig) -> Any:
                 dropout=config.dropout,
             )
             tuned = [self.trunk._conv_stem, self.trunk._bn0]
-            tuned += list(self.trunk._blocks[: config.finetune_blocks])
+            tuned += list(self.trunk.blocks[: config.finetune_blocks])
             self.trunk.requires_grad_(False)
             for module in tuned:
                 module.requires_grad_(True)
