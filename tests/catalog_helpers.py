@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import sqlite3
 from pathlib import Path
 
@@ -115,3 +116,19 @@ def copy_catalog(source: Path, target: Path) -> Path:
 
     shutil.copytree(source, target)
     return target
+
+
+def add_vectors(
+    catalog: Catalog, vectors: np.ndarray, sku: str = "sku-1", **meta: object
+) -> list[int]:
+    """Store ``vectors`` as images of one product (no files), straight into the store in one
+    transaction; returns their image ids. Indexes catch up on the next ``refresh``."""
+    with catalog.write_lock(), catalog.store.transaction() as db:
+        product_id = catalog.store.upsert_product(db, sku, **meta)
+        return [
+            catalog.store.insert_image(
+                db, product_id, source=f"{sku}-{i}.jpg", blob=None, width=4, height=4, vector=v,
+                sha256=hashlib.sha256(f"{sku}/{i}".encode()).hexdigest(),
+            )[0]
+            for i, v in enumerate(vectors)
+        ]  # fmt: skip

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from catalog_helpers import add_vectors
 
 from snapshop.errors import CatalogError, VectorIndexError
 from snapshop.index import VectorIndex, create_index, load_index, save_index
@@ -330,21 +331,7 @@ def test_catalog_auto_index_switches_to_hnsw(tmp_path: Path) -> None:
     vecs = unit(rng, 40, 16)
     cat = create_catalog(tmp_path / "c", model_id="m", model_ref="m", dim=16, index_kind="auto")
     assert cat.index_kind == "flat"
-    with cat.write_lock(), cat.store.transaction() as db:
-        pid = cat.store.upsert_product(db, "sku-1")
-        image_ids = [
-            cat.store.insert_image(
-                db,
-                pid,
-                source=f"{i}.jpg",
-                blob=None,
-                sha256=f"{i:064x}",
-                width=4,
-                height=4,
-                vector=v,
-            )[0]
-            for i, v in enumerate(vecs)
-        ]
+    image_ids = add_vectors(cat, vecs)
     cat.refresh()
     cat.save_indexes()
     cat.close()
@@ -377,19 +364,7 @@ def test_index_kind_that_cannot_be_made_leaves_the_catalog_usable(
     monkeypatch.delenv("SNAPSHOP_MILVUS_URI", raising=False)
     vecs = unit(np.random.default_rng(9), 6, 16)
     cat = create_catalog(tmp_path / "c", model_id="m", model_ref="m", dim=16, index_kind="flat")
-    with cat.write_lock(), cat.store.transaction() as db:
-        pid = cat.store.upsert_product(db, "sku-1")
-        for i, v in enumerate(vecs):
-            cat.store.insert_image(
-                db,
-                pid,
-                source=f"{i}.jpg",
-                blob=None,
-                sha256=f"{i:064x}",
-                width=4,
-                height=4,
-                vector=v,
-            )
+    add_vectors(cat, vecs)
     cat.close()
     card = read_json(tmp_path / "c" / "catalog.json")
     with pytest.raises(CatalogError, match="cannot make a milvus index: .*SNAPSHOP_MILVUS_URI"):
@@ -441,21 +416,7 @@ def test_catalog_on_server_backend(
     cat = create_catalog(
         tmp_path / "c", model_id="m", model_ref="m", dim=16, index_kind=kind, index_params=params
     )
-    with cat.write_lock(), cat.store.transaction() as db:
-        pid = cat.store.upsert_product(db, "sku-1")
-        image_ids = [
-            cat.store.insert_image(
-                db,
-                pid,
-                source=f"{i}.jpg",
-                blob=None,
-                sha256=f"{i:064x}",
-                width=4,
-                height=4,
-                vector=v,
-            )[0]
-            for i, v in enumerate(vecs)
-        ]
+    image_ids = add_vectors(cat, vecs)
     cat.refresh()
     cat.save_indexes()
     pointer = tmp_path / "c" / "index" / "images.faiss"

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from catalog_helpers import add_vectors
 from typer.testing import CliRunner
 
 from snapshop.catalog.catalog import create_catalog, open_catalog, reindex_catalog
@@ -297,19 +298,7 @@ def test_choice_prefers_accuracy_within_budget() -> None:
 def catalog_with_vectors(directory: Path, n: int, dim: int, kind: str = "auto") -> Any:
     vecs = product_like(np.random.default_rng(9), n, dim, clusters=max(10, n // 50))
     cat = create_catalog(directory, model_id="m", model_ref="m", dim=dim, index_kind=kind)
-    with cat.write_lock(), cat.store.transaction() as db:
-        pid = cat.store.upsert_product(db, "sku-1")
-        for i, v in enumerate(vecs):
-            cat.store.insert_image(
-                db,
-                pid,
-                source=f"{i}.jpg",
-                blob=None,
-                sha256=f"{i:064x}",
-                width=4,
-                height=4,
-                vector=v,
-            )
+    add_vectors(cat, vecs)
     cat.refresh()
     with cat.write_lock():
         cat.save_indexes()
@@ -412,24 +401,10 @@ def test_filter_resolver_follows_product_edits(tmp_path: Path) -> None:
     vecs = product_like(np.random.default_rng(10), 40, 16, clusters=4)
     cat = create_catalog(tmp_path / "c", model_id="m", model_ref="m", dim=16, index_kind="flat")
     images: dict[int, list[int]] = {}
-    with cat.write_lock(), cat.store.transaction() as db:
-        for p in range(4):
-            pid = cat.store.upsert_product(
-                db, f"sku-{p}", category="a" if p < 2 else "b", price=10.0 * (p + 1)
-            )
-            images[pid] = [
-                cat.store.insert_image(
-                    db,
-                    pid,
-                    source=f"{p}-{i}.jpg",
-                    blob=None,
-                    sha256=f"{p * 100 + i:064x}",
-                    width=4,
-                    height=4,
-                    vector=vecs[p * 10 + i],
-                )[0]
-                for i in range(10)
-            ]
+    for p in range(4):
+        ids = add_vectors(cat, vecs[p * 10 : p * 10 + 10], f"sku-{p}",
+                          category="a" if p < 2 else "b", price=10.0 * (p + 1))  # fmt: skip
+        images[cat.store.find_product(f"sku-{p}").id] = ids  # type: ignore[union-attr]
     cat.refresh()
     pids = sorted(images)
     try:
