@@ -19,7 +19,6 @@ import io
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+from load_search import free_port, wait_ready
 from PIL import Image
 
 SAMPLE_SECONDS = 0.02
@@ -105,26 +105,6 @@ def big_photo(megapixels: float, fmt: str) -> bytes:
     buf = io.BytesIO()
     image.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": 1}))
     return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited ({proc.returncode})")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} not ready after {timeout:.0f} s")
 
 
 def fire(url: str, name: str, data: bytes, clients: int) -> list[int]:
