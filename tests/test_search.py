@@ -48,35 +48,61 @@ def shop(tmp_path_factory: pytest.TempPathFactory, lite0_model_dir: Path) -> dic
 
 @pytest.fixture(scope="module")
 def searcher(shop: dict[str, Any], lite0_embedder: Embedder):
+    """The default searcher: image-based results ranked by product vector."""
     catalog = open_catalog(shop["catalog"])
     yield Searcher(catalog, lite0_embedder, None)
     catalog.close()
 
 
-def reference(
-    searcher: Searcher, query: Path, k: int, accept: Any = None
+@pytest.fixture(scope="module")
+def image_searcher(searcher: Searcher) -> Searcher:
+    """Image-based results ranked by each product's best image (``ranking="image"``)."""
+    return Searcher(searcher.catalog, searcher.embedder, None, ranking="image")
+
+
+def ranked_reference(
+    searcher: Searcher, q: np.ndarray, k: int, accept: Any, ranking: str
 ) -> list[tuple[int, float, int]]:
-    """Brute force: cosine against every stored image vector, best image per product."""
+    """Brute force over the stored image vectors: [(product, score, best image)], best first.
+
+    ``ranking="image"``: a product scores its best image. ``"product"``: it scores the inner
+    product with the mean of its L2-normalised image vectors, renormalised; the image shown
+    is still its best one."""
     store = searcher.catalog.store
     ids, vecs = [], []
     for batch_ids, batch_vecs in store.iter_vectors("images", searcher.catalog.dim):
         ids += batch_ids.tolist()
         vecs.append(batch_vecs)
+    if not ids:
+        return []
     matrix = np.concatenate(vecs)
-    from snapshop.images import load_image
-
-    q = searcher.embedder.embed_images([load_image(query)])[0]
     scores = matrix @ q
     owner = store.image_product_map(ids)
     best: dict[int, tuple[float, int]] = {}
-    for image_id, score in zip(ids, scores, strict=True):
+    rows: dict[int, list[np.ndarray]] = {}
+    for image_id, score, vec in zip(ids, scores, matrix, strict=True):
         product = owner[image_id]
         if accept is not None and not accept(store.get_product(product)):
             continue
+        rows.setdefault(product, []).append(vec / np.linalg.norm(vec))
         if product not in best or score > best[product][0]:
             best[product] = (float(score), image_id)
+    if ranking == "product":
+        for product, unit_rows in rows.items():
+            mean = np.mean(unit_rows, axis=0)
+            best[product] = (float(mean @ q / np.linalg.norm(mean)), best[product][1])
     ranked = sorted(best.items(), key=lambda kv: -kv[1][0])[:k]
     return [(p, s, i) for p, (s, i) in ranked]
+
+
+def reference(
+    searcher: Searcher, query: Path, k: int, accept: Any = None, ranking: str = "image"
+) -> list[tuple[int, float, int]]:
+    """Brute force for the photo ``query`` (see :func:`ranked_reference`)."""
+    from snapshop.images import load_image
+
+    q = searcher.embedder.embed_images([load_image(query)])[0]
+    return ranked_reference(searcher, q, k, accept, ranking)
 
 
 def as_tuples(result) -> list[tuple[int, float, int]]:
@@ -90,17 +116,40 @@ def assert_matches(got: list[tuple[int, float, int]], want: list[tuple[int, floa
     assert all(a[1] >= b[1] for a, b in zip(got, got[1:], strict=False))  # ordered
 
 
+@pytest.mark.parametrize("ranking", ["product", "image"])
 @pytest.mark.parametrize("k", [1, 3, 8, 50])
-def test_matches_brute_force(shop: dict[str, Any], searcher: Searcher, k: int) -> None:
+def test_matches_brute_force(
+    shop: dict[str, Any], searcher: Searcher, image_searcher: Searcher, k: int, ranking: str
+) -> None:
+    chosen = searcher if ranking == "product" else image_searcher
+    assert chosen.ranking == ranking
     for query in shop["queries"]:
-        result = searcher.search(query, k)
-        want = reference(searcher, query, k)
+        result = chosen.search(query, k)
+        want = reference(chosen, query, k, ranking=ranking)
         assert_matches(as_tuples(result), want)
         assert len(result.image_results) == min(k, 8)
         assert len({h.product_id for h in result.image_results}) == len(result.image_results)
 
 
-def test_crowded_product_does_not_hide_others(shop: dict[str, Any], searcher: Searcher) -> None:
+def test_product_ranking_differs_from_best_image(
+    shop: dict[str, Any], searcher: Searcher, image_searcher: Searcher
+) -> None:
+    """The two rankings are not the same thing: their scores differ on this shop (so the
+    brute-force tests above tell them apart)."""
+    for query in shop["queries"]:
+        by_product = as_tuples(searcher.search(query, 8))
+        by_image = as_tuples(image_searcher.search(query, 8))
+        assert {p for p, _, _ in by_product} == {p for p, _, _ in by_image}  # all 8 products
+        best_image = {p: i for p, _, i in by_image}
+        assert all(best_image[p] == i for p, _, i in by_product)  # the same image shown
+        score_of = {p: s for p, s, _ in by_image}
+        assert any(abs(s - score_of[p]) > 1e-3 for p, s, _ in by_product)
+
+
+def test_crowded_product_does_not_hide_others(
+    shop: dict[str, Any], image_searcher: Searcher
+) -> None:
+    searcher = image_searcher
     query = shop["queries"][0]
     index = searcher.catalog.index(None)
     hits = index.search(searcher.embedder.embed_images([searcher_image(query)]), 16)
@@ -147,12 +196,14 @@ def test_top_products_fetches_deeper_until_k_products() -> None:
         ProductFilter(category="no-such-category"),
     ],
 )
+@pytest.mark.parametrize("ranking", ["product", "image"])
 def test_filters_match_brute_force(
-    shop: dict[str, Any], searcher: Searcher, filters: ProductFilter
+    shop: dict[str, Any], searcher: Searcher, filters: ProductFilter, ranking: str
 ) -> None:
     query = shop["queries"][1]
+    searcher = Searcher(searcher.catalog, searcher.embedder, None, ranking=ranking)
     result = searcher.search(query, 5, filters=filters)
-    want = reference(searcher, query, 5, accept=filters.accepts)
+    want = reference(searcher, query, 5, accept=filters.accepts, ranking=ranking)
     assert_matches(as_tuples(result), want)
     for hit in result.image_results:
         assert filters.category is None or hit.category == filters.category
