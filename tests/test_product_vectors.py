@@ -169,3 +169,21 @@ def test_refresh_without_saving_keeps_the_file(tmp_path: Path) -> None:
         assert cache.read_bytes() == saved
     finally:
         catalog.close()
+
+
+def test_refresh_sees_writes_no_index_knows_yet(tmp_path: Path) -> None:
+    """Another process's write reaches only the store: the refresh brings the catalog's
+    indexes (whose ids it reads) up first."""
+    from catalog_helpers import add_vectors
+
+    directory = tmp_path / "cat"
+    catalog = new_catalog(directory)
+    try:
+        fill_shop(catalog, 5, seed=2)
+        pv = ProductVectors(catalog)
+        add_vectors(catalog, unit(np.random.default_rng(7), 2), sku="elsewhere")
+        assert pv.refresh()
+        assert_matches_store(pv, directory)
+        assert product_ids(directory)["elsewhere"] in pv.vectors()[0].tolist()
+    finally:
+        catalog.close()

@@ -164,13 +164,15 @@ class ProductVectors:
         each query passes False, since rewriting the whole file per write would cost more
         than the few products a later open recomputes). Returns True if it reconciled."""
         with self._lock:
-            store = self.catalog.store
-            generation = store.generation  # read first: a later write forces another pass
-            if not force and generation == self._generation:
+            generation = self.catalog.store.generation  # read first: a later write forces
+            if not force and generation == self._generation:  # another pass
                 return False
+            # The catalog's indexes hold exactly the store's entries once refreshed (a no-op
+            # when current): their ids are read from memory, where the store would scan its
+            # tables (2.3 s per write at 300k images).
+            self.catalog.refresh()
             changed = False
-            names = [IMAGES] + [index_name(p) for p in store.crop_positions()]
-            for name in sorted(set(names) | set(self._groups)):
+            for name in sorted({IMAGES} | set(self.catalog.indexes) | set(self._groups)):
                 changed |= self._reconcile(name)
             self._generation = generation
             if changed:
@@ -182,9 +184,8 @@ class ProductVectors:
             return True
 
     def _current_entries(self, name: str) -> NDArray[np.int64]:
-        store = self.catalog.store
-        ids = store.image_ids() if name == IMAGES else store.crop_ids(name.removeprefix("crops-"))
-        return np.sort(ids)
+        index = self.catalog.indexes.get(name)
+        return np.sort(index.ids()) if index is not None else np.zeros(0, np.int64)
 
     def _owners(self, name: str, ids: NDArray[np.int64]) -> NDArray[np.int64]:
         """Products of entries (an entry's product never changes); -1 for one deleted since."""
