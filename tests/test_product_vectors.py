@@ -25,6 +25,8 @@ def assert_matches_store(pv: ProductVectors, directory: Path) -> None:
             assert np.allclose(vec, want[pid], atol=1e-5)
         index = pv.index(position)
         assert sorted(index.ids().tolist()) == sorted(want)
+        for pid, vec in zip(index.ids().tolist(), index.vectors(), strict=True):
+            assert np.allclose(vec, want[pid], atol=1e-5)  # an index updated in place too
 
 
 def test_mean_pool() -> None:
