@@ -6,8 +6,8 @@ product, ten categories) for each of ``--products``, then times ``Searcher.rank_
 centres: by product vector (``ranking="product"``) and by best image (``"image"``), without a
 filter and with a one-category filter (10 % of the products). Also prints what the product
 ranking costs around the searches: computing the product vectors at first open (no cache),
-and, after one image is written, the refresh and the first search (which rebuilds the
-product index): medians of 5 writes.
+and, after one image is written, the refresh (the product index updated in place) and the
+first search after it: medians of 5 writes.
 
     python benchmarks/ranking_speed.py --products 10000 100000
 """
@@ -114,7 +114,7 @@ def main() -> None:
                     searcher.refresh()
                     refresh_ms.append(1e3 * (time.perf_counter() - t))
                     t = time.perf_counter()
-                    searcher.rank_products(queries[n], args.k)  # rebuilds the product index
+                    searcher.rank_products(queries[n], args.k)
                     first_ms.append(1e3 * (time.perf_counter() - t))
                 around.append(
                     (
