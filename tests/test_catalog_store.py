@@ -658,3 +658,44 @@ def test_reads_reconnect_after_a_lost_connection(pg_database: str) -> None:
     with store.transaction() as db:
         assert db.execute("SELECT pg_backend_pid()").fetchone()[0] != backend
     store.close()
+
+
+WRITER_KILLED_MID_TRANSACTION = """
+import sys, time
+from snapshop.catalog.store import open_store
+import numpy as np
+store = open_store(sys.argv[1])
+with store.transaction() as db:
+    pid = store.upsert_product(db, "KILLED")
+    store.insert_image(db, pid, source="s", blob=None, sha256="a" * 64, width=1, height=1,
+                       vector=np.ones(8, np.float32))
+    print("written", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.server
+def test_a_writer_killed_mid_transaction_leaves_nothing(pg_database: str, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    open_store(pg_database, dim=DIM).close()
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER_KILLED_MID_TRANSACTION)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), pg_database], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    store = open_store(pg_database)
+    with store.transaction() as db:  # the dead writer's lock went with its connection
+        store.upsert_product(db, "NEXT")
+    assert store.find_product("KILLED") is None
+    assert store.counts() == {"products": 1, "images": 0, "crops": 0}
+    store.close()

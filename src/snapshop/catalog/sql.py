@@ -293,7 +293,8 @@ class PostgresDatabase(Database):
     def ensure_vector_type(self) -> None:
         """Register the vector adapters (after ``CREATE EXTENSION vector`` on this connection)."""
         if self._vector_oid is None:
-            self._register_vector(self._conn)
+            with self.translated():
+                self._register_vector(self._conn)
 
     @property
     def broken(self) -> bool:
