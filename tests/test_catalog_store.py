@@ -264,6 +264,24 @@ def test_generation_moves_once_per_committed_write(store: CatalogStore) -> None:
     assert store.generation == 2 and store.last_commit() == 1
 
 
+def test_nested_transactions_are_refused(store: CatalogStore) -> None:
+    with pytest.raises(CatalogError, match="already open"), store.transaction() as db:
+        store.upsert_product(db, "OUTER")
+        with store.transaction() as inner:
+            store.upsert_product(inner, "INNER")
+    assert store.counts()["products"] == 0 and store.generation == 0
+    with store.transaction() as db:  # the store is usable afterwards
+        store.upsert_product(db, "AFTER")
+    assert store.generation == 1
+
+
+def test_sqlite_schema_is_the_one_before_migrations() -> None:
+    from snapshop.catalog.sql import render_ddl
+
+    rendered = render_ddl(migrations.MIGRATIONS[0].ddl, "sqlite", None)
+    assert rendered == [s.strip() for s in SCHEMA_BEFORE_MIGRATIONS.split(";") if s.strip()]
+
+
 def test_writers_from_threads_all_land(store: CatalogStore) -> None:
     def write(n: int) -> None:
         for i in range(10):

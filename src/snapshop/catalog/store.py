@@ -147,6 +147,7 @@ class CatalogStore:
     ) -> None:
         self._lock = threading.RLock()
         self._local = threading.local()  # per thread: generation before its last commit
+        self._writing = False  # a transaction is open (only its thread can see True)
         server = is_server_target(target)
         self.path: Path | None = None if server else Path(target)
         if self.path is not None:
@@ -224,8 +225,11 @@ class CatalogStore:
         ``bump`` advances ``generation`` (every content change must, so caches notice). A
         connection lost inside rolls everything back and raises CatalogUnavailableError."""
         with self._lock:
+            if self._writing:  # PostgreSQL would commit the outer one at the inner COMMIT
+                raise CatalogError(f"{self.location}: a write transaction is already open")
             db = self._db
             db.begin_write()
+            self._writing = True
             try:
                 yield db
                 before = None
@@ -241,6 +245,8 @@ class CatalogStore:
             except BaseException:
                 db.rollback()
                 raise
+            finally:
+                self._writing = False
 
     def _query(self, sql: str, params: Sequence[Any] = (), binary: bool = False) -> list[Any]:
         with self._lock:
