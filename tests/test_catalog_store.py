@@ -587,6 +587,17 @@ def test_unreachable_server_is_one_clear_line() -> None:
     assert "unreachable" in message and "refused" in message
 
 
+def test_server_catalog_without_psycopg_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg -> ImportError
+    with pytest.raises(CatalogError, match=r"snapshop\[pgvector\]") as raised:
+        open_store("postgresql://shop:s3cret@db.example/catalog", dim=DIM)
+    assert "s3cret" not in str(raised.value)
+
+
 @pytest.mark.server
 def test_wrong_password_says_authentication_failed(pg_dsn: str) -> None:
     import psycopg

@@ -231,7 +231,13 @@ class PostgresDatabase(Database):
     vector_dtype = ">f4"  # pgvector's binary format is big-endian float32
 
     def __init__(self, dsn: str, readonly: bool = False) -> None:
-        import psycopg
+        try:
+            import psycopg
+        except ImportError:
+            raise CatalogError(
+                f"{mask_dsn(dsn)}: a PostgreSQL catalog needs psycopg"
+                " (pip install 'snapshop[pgvector]')"
+            ) from None
 
         self._psycopg = psycopg
         self.dsn = dsn
@@ -246,10 +252,12 @@ class PostgresDatabase(Database):
     def _connect(self) -> None:
         psycopg = self._psycopg
         try:
+            timeout = (
+                {} if "connect_timeout" in self.dsn else {"connect_timeout": CONNECT_TIMEOUT_S}
+            )
             conn = psycopg.connect(
-                self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                row_factory=_pg_row_factory,
-            )  # fmt: skip
+                self.dsn, autocommit=True, row_factory=_pg_row_factory, **timeout
+            )
         except psycopg.Error as exc:
             raise CatalogUnavailableError(
                 f"{self.location}: catalog database unreachable: {_connect_reason(exc)}"
@@ -267,8 +275,8 @@ class PostgresDatabase(Database):
         from psycopg.adapt import Dumper, Loader
         from psycopg.pq import Format
 
-        row = conn.execute("SELECT oid FROM pg_type WHERE typname = 'vector'").fetchone()
-        if row is None:
+        row = conn.execute("SELECT to_regtype('vector')::oid").fetchone()
+        if row is None or row[0] is None:
             return
         self._vector_oid = oid = int(row[0])
 
