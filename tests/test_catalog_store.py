@@ -528,6 +528,16 @@ def test_pg_schema_has_vector_columns_and_hnsw_indexes(pg_database: str) -> None
 
 
 @pytest.mark.server
+def test_pg_closed_store_stays_closed(pg_database: str) -> None:
+    store = open_store(pg_database, dim=DIM)
+    store.close()
+    with pytest.raises(CatalogError, match="closed"):
+        store.counts()  # not silently reconnected
+    with pytest.raises(CatalogError, match="closed"), store.transaction():
+        pass
+
+
+@pytest.mark.server
 def test_pg_dim_comes_from_the_database(pg_database: str) -> None:
     with pytest.raises(CatalogError, match="dim"):
         open_store(pg_database)  # a new server catalog cannot guess its vector columns

@@ -244,6 +244,7 @@ class PostgresDatabase(Database):
         self.location = mask_dsn(dsn)
         self.readonly = readonly
         self.in_transaction = False
+        self.closed = False  # by close(): never reconnected
         self._vector_oid: int | None = None
         self._conn: Any = None
         self._connect()
@@ -309,6 +310,8 @@ class PostgresDatabase(Database):
         return self._conn is None or self._conn.closed or self._conn.broken
 
     def _reconnect_if_broken(self) -> None:
+        if self.closed:
+            raise CatalogError(f"{self.location}: the catalog store is closed")
         if self.broken and not self.in_transaction:
             log.warning("%s: connection lost, reconnecting", self.location)
             old, self._conn = self._conn, None
@@ -371,6 +374,7 @@ class PostgresDatabase(Database):
             log.warning("%s: rollback failed (%s)", self.location, exc)
 
     def close(self) -> None:
+        self.closed = True
         if self._conn is not None:
             self._conn.close()
 
