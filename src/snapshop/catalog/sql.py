@@ -91,7 +91,7 @@ def render_ddl(template: str, engine: str, dim: int | None) -> list[str]:
 
 
 # --- rows --------------------------------------------------------------------------------
-class Row(tuple):  # type: ignore[type-arg]
+class Row(tuple[Any, ...]):
     """A result row read by position or by column name (like ``sqlite3.Row``)."""
 
     __slots__ = ()
