@@ -30,7 +30,13 @@ out = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
 
-CatalogOpt = Annotated[Path, typer.Option("--catalog", "-c", help="Catalog directory.")]
+CatalogOpt = Annotated[
+    str,
+    typer.Option(
+        "--catalog", "-c", envvar="SNAPSHOP_CATALOG",
+        help="Catalog directory, or a PostgreSQL URI (postgresql://…) for a server catalog.",
+    ),
+]  # fmt: skip
 ModelOpt = Annotated[
     str | None,
     typer.Option(
