@@ -535,3 +535,8 @@ class CatalogStore:
             " (SELECT COUNT(*) FROM images) AS images, (SELECT COUNT(*) FROM crops) AS crops"
         )[0]
         return {"products": row["products"], "images": row["images"], "crops": row["crops"]}
+
+
+def open_store(target: Any, *, dim: int | None = None, readonly: bool = False) -> CatalogStore:
+    """Placeholder until the PostgreSQL store lands (merge takes the pgstore branch's)."""
+    return CatalogStore(Path(target), readonly=readonly)

@@ -121,7 +121,8 @@ def _server_pixels(catalog: Catalog, image: ImageRow) -> tuple[Image.Image, floa
     try:
         pixels = load_image(data, DecodeLimits(max_pixels=4_000_000, max_bytes=1 << 24))
     except ImageDecodeError as exc:  # our own row: the catalog's fault, not the caller's
-        raise StoredFileError(f"{catalog.location} thumbnail of image {image.id}", exc.reason)
+        where = f"{catalog.location} thumbnail of image {image.id}"
+        raise StoredFileError(where, exc.reason) from None
     return pixels, pixels.width / max(1, image.width)
 
 
