@@ -161,9 +161,9 @@ class Catalog:
         if self.detector is not None and spec.lower() != "none":
             log.warning("catalog %s: crops so far came from detector %r, new ones from %r",
                         self.location, self.detector, spec)  # fmt: skip
-        self._rewrite_card(detector=spec)
+        self.rewrite_card(detector=spec)
 
-    def _rewrite_card(self, **changes: Any) -> None:
+    def rewrite_card(self, **changes: Any) -> None:
         """Change keys of the stored card (re-read first: another process may have changed
         it since open, e.g. ``set_index_kind``), and of ``self.card``."""
         path = self.directory / CARD_FILE
@@ -387,7 +387,7 @@ class Catalog:
                 for ids, vecs in self._vectors_of(name):
                     index.add(ids, vecs)
                 rebuilt[name] = index
-            self._rewrite_card(index_kind=AUTO, index_params={"budget": budget.to_dict()})
+            self.rewrite_card(index_kind=AUTO, index_params={"budget": budget.to_dict()})
             self.indexes = rebuilt
             self.index_kind, self.index_params = choice.kind, dict(choice.params)
             self.measured = {}

@@ -68,7 +68,7 @@ class ServerCatalog(Catalog):
         return SERVER_INDEX_KIND, dict(self.card.index_params)
 
     # --- the card lives in the database -------------------------------------------------
-    def _rewrite_card(self, **changes: Any) -> None:
+    def rewrite_card(self, **changes: Any) -> None:
         with self.write_lock(), self.store.transaction(bump=False) as db:
             stored = _read_card(self.store, db)
             card = stored.replace(**changes)
