@@ -260,10 +260,28 @@ def collect_garbage(
         return catalog.collect_garbage(dry_run=dry_run, min_age_seconds=grace_seconds)
 
 
+def migrate(
+    source: PathLike,
+    target: PathLike,
+    *,
+    progress_total: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> MigrateReport:
+    """Copy catalog ``source`` to ``target`` (directory <-> ``postgresql://…``) without
+    re-embedding; see ``snapshop.catalog.migrate``."""
+    from snapshop.catalog.migrate import migrate_catalog
+
+    if progress_total:
+        with open_catalog(source) as catalog:
+            progress_total(catalog.counts()["products"])
+    return migrate_catalog(source, target, progress=progress)
+
+
 # --- shop features (issue #18): more like this, similar-product export, duplicates -----------
 from typing import TYPE_CHECKING  # noqa: E402
 
 if TYPE_CHECKING:  # imported where used: they load faiss, which the CLI's start-up avoids
+    from snapshop.catalog.migrate import MigrateReport
     from snapshop.duplicates import DuplicateReport
     from snapshop.recommend import ExportReport
 
