@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,23 +25,10 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "directory":
         yield str(tmp_path / "catalog")
         return
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from pg_helpers import fresh_database
 
-    server: str = request.getfixturevalue("pg_dsn")
-    name = f"snapshop_suite_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(server)
-    params["dbname"] = name
-    user, host, port = params.get("user", ""), params.get("host", ""), params.get("port", "")
-    yield (
-        f"postgresql://{user}@{host}:{port}/{name}"
-        if not params.get("password")
-        else (make_conninfo("", **params))
-    )
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(request.getfixturevalue("pg_dsn"), "snapshop_suite") as uri:
+        yield uri
 
 
 def new(target: str) -> Catalog:

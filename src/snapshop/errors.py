@@ -23,12 +23,6 @@ class CatalogError(SnapshopError):
     """The catalog is missing, inconsistent or was asked for something it does not hold."""
 
 
-class CatalogUnavailableError(CatalogError):
-    """The catalog database cannot be reached (server down, connection lost, refused
-    credentials): nothing was written, and the same call may succeed later (the service
-    answers 503)."""
-
-
 class NotFoundError(CatalogError):
     """The catalog holds no such thing (a product or image id, a sku): the caller named
     something absent, which the service answers with 404."""

@@ -129,7 +129,7 @@ class Catalog:
     def store_target(self) -> str:
         """What ``catalog.store.open_store`` opens to read this catalog's rows from another
         process (decode workers): the SQLite file, or the server's connection string."""
-        return str(self.store.path) if self._directory is not None else self.store.dsn
+        return self.store.target
 
     @property
     def model_id(self) -> str:

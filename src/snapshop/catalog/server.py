@@ -26,22 +26,17 @@ from PIL import Image
 from snapshop.catalog.blobs import DEFAULT_GRACE_SECONDS, GcReport
 from snapshop.catalog.card import CatalogCard
 from snapshop.catalog.catalog import IMAGES, Catalog
+from snapshop.catalog.sql import is_server_target as is_server_target  # re-exported
 from snapshop.catalog.store import CatalogStore, ImageRow, open_store
 from snapshop.errors import CatalogError, NotFoundError
 from snapshop.index import VectorIndex
 
 log = logging.getLogger(__name__)
 
-SERVER_SCHEMES = ("postgresql://", "postgres://")
 CARD_KEY = "card"
 SERVER_INDEX_KIND = "pgvector"
 THUMBNAIL_SIDE = 320
 THUMBNAIL_MEDIA_TYPE = "image/jpeg"
-
-
-def is_server_target(target: object) -> bool:
-    """Whether a ``--catalog`` value names a database server rather than a directory."""
-    return isinstance(target, str) and target.lower().startswith(SERVER_SCHEMES)
 
 
 def thumbnail_jpeg(image: Image.Image, side: int = THUMBNAIL_SIDE) -> tuple[bytes, int, int]:

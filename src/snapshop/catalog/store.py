@@ -160,6 +160,7 @@ class CatalogStore:
             raise CatalogError(f"{target}: not a usable catalog database ({exc})") from None
         self.engine: str = self._db.engine
         self.location: str = self._db.location
+        self.target = str(target)  # what open_store opens again (another process's copy)
         try:
             self.dim = self._open_schema(dim)
         except sqlite3.DatabaseError as exc:
@@ -599,7 +600,3 @@ class CatalogStore:
         )[0]
         return {"products": row["products"], "images": row["images"], "crops": row["crops"]}
 
-
-def open_store(target: Any, *, dim: int | None = None, readonly: bool = False) -> CatalogStore:
-    """Placeholder until the PostgreSQL store lands (merge takes the pgstore branch's)."""
-    return CatalogStore(Path(target), readonly=readonly)
