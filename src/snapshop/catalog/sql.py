@@ -22,7 +22,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from numpy.typing import NDArray
@@ -45,15 +44,11 @@ def is_server_target(target: str | os.PathLike[str]) -> bool:
 
 def mask_dsn(dsn: str) -> str:
     """``dsn`` for display: the password replaced by ``***`` (in the URL and in a query)."""
-    parts = urlsplit(dsn)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, host = netloc.rsplit("@", 1)
-        if ":" in user:
-            user = user.split(":", 1)[0] + ":***"
-        netloc = f"{user}@{host}"
-    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    userinfo = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^@/?#]*)@", dsn)
+    if userinfo is not None and ":" in userinfo.group(2):
+        user = userinfo.group(2).split(":", 1)[0]
+        dsn = f"{userinfo.group(1)}{user}:***@{dsn[userinfo.end() :]}"
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", dsn)
 
 
 # --- DDL ---------------------------------------------------------------------------------
@@ -405,11 +400,13 @@ def _connect_reason(exc: Exception) -> str:
     if "does not exist" in text and "database" in text:
         match = re.search(r'database "[^"]*" does not exist', text)
         return match.group(0) if match else "database does not exist"
-    # libpq: 'connection failed: connection to server at "h" (ip), port p failed: reason'
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = lines[-1] if lines else type(exc).__name__
-    reason = re.sub(r"^(connection failed: )?connection to server .*? failed: ", "", reason)
-    return reason.removeprefix("FATAL:").strip()
+    # libpq: 'connection failed: connection to server at "h" (ip), port p failed: <reason>'
+    # then hint lines ("Is the server running on that host...?"): keep the reason
+    for line in text.splitlines():
+        found = re.search(r".*failed: (.+)$", line.strip())  # after the last "failed: "
+        if found:
+            return found.group(1).removeprefix("FATAL:").strip()
+    return _first_line(exc).removeprefix("FATAL:").strip()
 
 
 def translate_pg_error(exc: Exception, location: str, lost: bool = False) -> CatalogError:
