@@ -25,10 +25,7 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "directory":
         yield str(tmp_path / "catalog")
         return
-    from pg_helpers import fresh_database
-
-    with fresh_database(request.getfixturevalue("pg_dsn"), "snapshop_suite") as uri:
-        yield uri
+    yield request.getfixturevalue("pg_database")
 
 
 def new(target: str) -> Catalog:

@@ -29,7 +29,7 @@ def indexed(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
 
     root = tmp_path_factory.mktemp("server-shop")
     manifest, queries = generate_demo_catalog(root / "source", n_products=6, images_per_product=1)
-    with fresh_database(pg_dsn, "snapshop_served") as uri:
+    with fresh_database(pg_dsn) as uri:
         report = api.index_source(
             manifest, uri, model="efficientnet_lite0", detector="none", workers=0
         )
