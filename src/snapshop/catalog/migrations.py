@@ -31,7 +31,11 @@ class Migration:
     postgresql: str = ""  # extra statements for PostgreSQL only (vector indexes)
 
 
-HNSW = "USING hnsw (vector vector_ip_ops) WITH (m = 16, ef_construction = 64)"
+HNSW_M, HNSW_EF_CONSTRUCTION = 16, 64  # pgvector's defaults
+HNSW = (
+    "USING hnsw (vector vector_ip_ops)"
+    f" WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION})"
+)
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(

@@ -208,6 +208,15 @@ class CatalogStore:
         with self._lock:
             self._db.close()
 
+    def open_reader(self) -> Database:
+        """A second, read-only connection to the same database, for a reader that must not
+        queue behind this store's lock (a write transaction holds it to its end): the pgvector
+        search of a server catalog. The caller closes it and serialises its own calls."""
+        if self.path is not None:
+            return connect(self.path, readonly=True)
+        assert isinstance(self._db, PostgresDatabase)
+        return PostgresDatabase(self._db.dsn, readonly=True)
+
     @contextmanager
     def transaction(self, bump: bool = True) -> Iterator[Database]:
         """One write transaction. Writers queue rather than fail: SQLite ``BEGIN IMMEDIATE``;
