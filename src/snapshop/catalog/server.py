@@ -28,7 +28,7 @@ from snapshop.catalog.card import CatalogCard
 from snapshop.catalog.catalog import IMAGES, Catalog
 from snapshop.catalog.sql import is_server_target as is_server_target  # re-exported
 from snapshop.catalog.store import CatalogStore, ImageRow, open_store
-from snapshop.errors import CatalogError, NotFoundError
+from snapshop.errors import CatalogError, CatalogUnavailableError, NotFoundError
 from snapshop.index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,10 @@ class ServerCatalog(Catalog):
     def _load_or_create(self, name: str) -> VectorIndex:
         from snapshop.index.pgtable import CatalogTableIndex
 
-        position = None if name == IMAGES else name.removeprefix("crops-")
-        return CatalogTableIndex(self.store, self.dim, position=position, **self.index_params)
+        if name == IMAGES:
+            return CatalogTableIndex(self.store, **self.index_params)
+        position = name.removeprefix("crops-")
+        return CatalogTableIndex(self.store, "crops", position, **self.index_params)
 
     def _ensure_index(self, name: str) -> VectorIndex:
         if name not in self.indexes:
@@ -152,9 +154,13 @@ def _meta_in(store: CatalogStore, db: Any, key: str) -> str | None:
 
 def server_catalog_exists(target: str) -> bool:
     """Whether the database holds a catalog card (CatalogUnavailableError if unreachable)."""
-    store = open_store(target)
+    store = open_store(target, readonly=True)  # an empty database is left as it is
     try:
         return store.get_meta(CARD_KEY) is not None
+    except CatalogUnavailableError:
+        raise
+    except CatalogError:  # no catalog tables at all
+        return False
     finally:
         store.close()
 
