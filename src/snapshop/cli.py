@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -30,7 +31,13 @@ out = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
 
-CatalogOpt = Annotated[Path, typer.Option("--catalog", "-c", help="Catalog directory.")]
+CatalogOpt = Annotated[
+    str,
+    typer.Option(
+        "--catalog", "-c", envvar="SNAPSHOP_CATALOG",
+        help="Catalog directory, or a PostgreSQL URI (postgresql://…) for a server catalog.",
+    ),
+]  # fmt: skip
 ModelOpt = Annotated[
     str | None,
     typer.Option(
@@ -298,6 +305,28 @@ def catalog_reindex(
                       str(m.get("p50_ms", "-")), str(m.get("p99_ms", "-")),
                       json.dumps(m.get("search_params", {})))  # fmt: skip
     out.print(table)
+
+
+@catalog_app.command("migrate")
+def catalog_migrate(
+    source: Annotated[str, typer.Argument(help="Catalog to copy: a directory or a URI.")],
+    target: Annotated[str, typer.Argument(help="Where to: a directory or postgresql://…")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy a catalog (directory <-> PostgreSQL) without re-embedding; rerun to resume."""
+    with progress_bar("migrating products") as (set_total, advance):
+        report = run(lambda: api.migrate(source, target, progress_total=set_total,
+                                         progress=advance))  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(dataclasses.asdict(report)))
+        return
+    out.print(
+        f"{report.products} products checked in {terminal_text(report.target)}:"
+        f" {report.images_copied} images copied ({report.images_present} already there),"
+        f" {report.crops_copied} crops, {report.vectors_checked} vectors compared,"
+        f" {report.seconds:.1f} s",
+        highlight=False,
+    )
 
 
 @catalog_app.command("gc")

@@ -33,7 +33,8 @@ from PIL import Image
 
 from snapshop.catalog.blobs import write_blob
 from snapshop.catalog.catalog import DB_FILE, LOCK_FILE, Catalog
-from snapshop.catalog.store import CatalogStore, NewCrop, Product
+from snapshop.catalog.server import thumbnail_jpeg
+from snapshop.catalog.store import CatalogStore, NewCrop, Product, open_store
 from snapshop.data.sources import CatalogRecord
 from snapshop.detect.base import (
     PRODUCT,
@@ -90,14 +91,17 @@ class IngestReport:
 @dataclass
 class Decoded:
     """A fresh image ready to embed: ``pixels`` are the embedder's input, ``blob`` is already
-    written, and ``image`` is kept only when a detector needs it."""
+    written (a catalog directory) or ``thumbnail`` made (JPEG bytes, width, height: a server
+    catalog stores it in the image's transaction), and ``image`` is kept only when a detector
+    needs it."""
 
     record: CatalogRecord
     sha256: str
     size: tuple[int, int]
     pixels: NDArray[np.float32]
-    blob: str
+    blob: str | None
     image: Image.Image | None = None
+    thumbnail: tuple[bytes, int, int] | None = None
 
 
 def _detect_crops(
@@ -225,9 +229,11 @@ class Ingestor:
                     report.products.add(d.record.sku)
                     offset += len(crops)
                     continue
-                if not self._blob_in_place(d, blob, report):
+                if blob is not None and not self._blob_in_place(d, blob, report):
                     offset += len(crops)
                     continue
+                if d.thumbnail is not None:
+                    write.put_thumbnail(d.sha256, *d.thumbnail)
                 new = [NewCrop(pos, label, score, box, crop_vecs[offset + j])
                        for j, (pos, label, score, box, _) in enumerate(crops)]  # fmt: skip
                 _, crop_ids = write.insert_image(
@@ -238,6 +244,10 @@ class Ingestor:
                 report.added += 1
                 report.crops += len(crop_ids)
                 report.products.add(d.record.sku)
+
+    def _blob_dir(self) -> Path | None:
+        """Where image files go: the catalog's blob folder; None for a server catalog."""
+        return None if self.catalog.is_server else self.catalog.blob_dir
 
     def _blob_in_place(self, d: Decoded, blob: str, report: IngestReport) -> bool:
         """Under the write lock, before the row naming ``blob`` commits: make sure the file is
@@ -305,7 +315,7 @@ class Ingestor:
         )  # fmt: skip
         small = isinstance(records, Sequence) and len(records) <= 2 * self.batch_size
         if self.workers == 0 or small:
-            outcomes: Iterator[_Outcome] = (prepare(job, r, self.catalog, self.catalog.blob_dir)
+            outcomes: Iterator[_Outcome] = (prepare(job, r, self.catalog, self._blob_dir())
                                             for r in records)  # fmt: skip
         else:
             outcomes = self._prepared_by_workers(records, job, report)
@@ -346,7 +356,7 @@ class Ingestor:
         with pool:
             pending: deque[tuple[Future[_Outcome], CatalogRecord]] = deque()
             source = iter(records)
-            db_path, blob_dir = str(self.catalog.db_path), str(self.catalog.blob_dir)
+            db_path, blob_dir = self.catalog.store_target, self._blob_dir()
             while True:
                 try:
                     while len(pending) < window and (record := next(source, None)) is not None:
@@ -436,9 +446,12 @@ class KnownImages(Protocol):
     def has_image(self, product_id: int, sha256: str) -> bool: ...
 
 
-def prepare(job: PrepareJob, record: CatalogRecord, known: KnownImages, blob_dir: Path) -> _Outcome:
+def prepare(
+    job: PrepareJob, record: CatalogRecord, known: KnownImages, blob_dir: Path | None
+) -> _Outcome:
     """Read, sha256, skip if the catalog already holds it (returns the record), decode,
-    preprocess for the embedder and store the blob. Failures come back as (source, reason)."""
+    preprocess for the embedder and store the blob in ``blob_dir`` (None: a server catalog,
+    which gets a thumbnail instead). Failures come back as (source, reason)."""
     try:
         data = record.read(job.limits)
     except ImageDecodeError as exc:
@@ -451,10 +464,12 @@ def prepare(job: PrepareJob, record: CatalogRecord, known: KnownImages, blob_dir
         image = load_image(data, job.limits)
     except ImageDecodeError as exc:
         return (str(record.path), exc.reason)
-    blob = write_blob(blob_dir, sha, data)
+    blob = write_blob(blob_dir, sha, data) if blob_dir is not None else None
+    thumbnail = thumbnail_jpeg(image) if blob_dir is None else None
     pixels = preprocess(image, job.input_size, job.normalisation)
     size = original_size(image)  # a large image is decoded reduced
-    return Decoded(record, sha, size, pixels, blob, image if job.keep_image else None)
+    kept = image if job.keep_image else None
+    return Decoded(record, sha, size, pixels, blob, kept, thumbnail)
 
 
 # --- decode workers (issue #6) ------------------------------------------------------------------
@@ -464,12 +479,12 @@ _PARENT_POLL_SECONDS = 0.5
 
 
 def _prepare_in_worker(
-    job: PrepareJob, db_path: str, blob_dir: str, record: CatalogRecord
+    job: PrepareJob, store_target: str, blob_dir: Path | None, record: CatalogRecord
 ) -> _Outcome:
-    store = _worker_stores.get(db_path)
+    store = _worker_stores.get(store_target)
     if store is None:
-        store = _worker_stores[db_path] = CatalogStore(Path(db_path), readonly=True)
-    return prepare(job, record, store, Path(blob_dir))
+        store = _worker_stores[store_target] = open_store(store_target, readonly=True)
+    return prepare(job, record, store, blob_dir)
 
 
 def _worker_init(parent_pid: int) -> None:

@@ -161,6 +161,7 @@ class CatalogStore:
             raise CatalogError(f"{target}: not a usable catalog database ({exc})") from None
         self.engine: str = self._db.engine
         self.location: str = self._db.location
+        self.target = str(target)  # what open_store opens again (another process's copy)
         try:
             self.dim = self._open_schema(dim)
         except sqlite3.DatabaseError as exc:
@@ -613,3 +614,4 @@ class CatalogStore:
             " (SELECT COUNT(*) FROM images) AS images, (SELECT COUNT(*) FROM crops) AS crops"
         )[0]
         return {"products": row["products"], "images": row["images"], "crops": row["crops"]}
+

@@ -62,6 +62,11 @@ class CatalogWrite:
             self.added.setdefault(crop.position, []).append((crop_id, crop.vector))
         return image_id, crop_ids
 
+    def put_thumbnail(self, sha256: str, data: bytes, width: int, height: int) -> None:
+        """Store the JPEG thumbnail of the image with content ``sha256`` (a server catalog's
+        stand-in for the image file: see ``catalog.server``); kept once per content."""
+        self._store.put_blob(self._db, sha256, data, "image/jpeg", width, height)
+
     def delete_product(self, product_id: int) -> list[int]:
         """Delete a product with its images and crops (NotFoundError if there is none);
         returns the image ids removed."""
