@@ -81,10 +81,10 @@ def test_actor_options_carry_cpus_gpus_and_pool_size() -> None:
     gpu = actor_options(
         RayConfig("auto", cpus_per_actor=2, gpus_per_actor=0.5), {"CPU": 16.0, "GPU": 2.0}
     )
-    assert gpu == {"concurrency": 4, "num_cpus": 2, "num_gpus": 0.5}  # 2 GPUs / 0.5 each
+    assert gpu == {"actors": 4, "num_cpus": 2, "num_gpus": 0.5}  # 2 GPUs / 0.5 each
     cpu = actor_options(RayConfig("auto"), {"CPU": 6.0})
-    assert cpu == {"concurrency": 6, "num_cpus": 1}
-    assert actor_options(RayConfig("auto", actors=3), {"CPU": 6.0})["concurrency"] == 3
+    assert cpu == {"actors": 6, "num_cpus": 1}
+    assert actor_options(RayConfig("auto", actors=3), {"CPU": 6.0})["actors"] == 3
     with pytest.raises(ConfigError):
         RayConfig("auto", cpus_per_actor=0)
 
@@ -122,7 +122,7 @@ def test_missing_ray_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
 def test_ray_vectors_and_crops_match_in_process(
     tmp_path: Path, lite0_model_dir: Path, ray_local: Any
 ) -> None:
-    images = make_images(tmp_path / "shop", n_products=4, per_product=3, size=72)
+    images = make_images(tmp_path / "shop", n_products=3, per_product=3, size=64)
     manifest = shop_csv(tmp_path / "shop.csv", images)  # categories: garments get crops
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
@@ -137,7 +137,7 @@ def test_ray_vectors_and_crops_match_in_process(
         )  # fmt: skip
     local, on_ray = reports["local"], reports["ray"]
     assert (on_ray.added, on_ray.skipped, on_ray.crops) == (local.added, local.skipped, local.crops)
-    assert on_ray.added == 12 and on_ray.skipped == 1 and on_ray.crops > 0
+    assert on_ray.added == 9 and on_ray.skipped == 1 and on_ray.crops > 0
     assert on_ray.failed == local.failed == [(str(broken), local.failed[0][1])]
     assert_same_catalogs(tmp_path / "local", tmp_path / "ray")
     for (blob,) in db_rows(tmp_path / "ray", "SELECT blob FROM images"):
@@ -208,8 +208,8 @@ KILLABLE = textwrap.dedent(
 def test_kill_9_of_the_driver_ends_local_ray_and_the_rerun_completes(
     tmp_path: Path, lite0_model_dir: Path, ray_local: Any
 ) -> None:
-    make_images(tmp_path / "shop", n_products=8, per_product=5, size=48)
-    total, cat = 40, tmp_path / "cat"
+    make_images(tmp_path / "shop", n_products=6, per_product=4, size=48)
+    total, cat = 24, tmp_path / "cat"
     script = tmp_path / "ingest_job.py"
     script.write_text(KILLABLE)
     proc = subprocess.Popen(
@@ -251,4 +251,4 @@ def test_kill_9_of_the_driver_ends_local_ray_and_the_rerun_completes(
     assert report.added == total - done and report.skipped == done
     api.index_source(tmp_path / "shop", tmp_path / "clean", model=str(lite0_model_dir), workers=0)
     assert_same_catalogs(cat, tmp_path / "clean")
-    assert check_catalog_dir(cat) == {"products": 8, "images": total, "crops": 0}
+    assert check_catalog_dir(cat) == {"products": 6, "images": total, "crops": 0}

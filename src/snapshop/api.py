@@ -18,7 +18,7 @@ from snapshop.images import ImageSource
 from snapshop.index.choose import AUTO
 from snapshop.index.factory import INDEX_KINDS
 from snapshop.ingest import Ingestor, IngestReport, discard_empty_catalog
-from snapshop.ingest_ray import RayConfig
+from snapshop.ingest_ray import RayConfig, import_ray
 from snapshop.models.embedder import Embedder, load_embedder
 from snapshop.search import ProductFilter, Searcher, SearchResult
 
@@ -88,6 +88,8 @@ def index_source(
     this call created is removed again if nothing was indexed into it. Files a folder holds
     that are not supported images come back in the report's ``ignored``.
     """
+    if ray is not None:
+        import_ray()  # a missing extra stops here, before any catalog is touched
     ignored: list[tuple[str, str]] = []
     records = source if isinstance(source, list) else read_source(Path(source), ignored)
     if not records:

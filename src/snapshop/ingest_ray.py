@@ -80,21 +80,26 @@ class RayConfig:
 def import_ray() -> Any:
     try:
         import ray
+        import ray.data
     except ImportError:
         raise ConfigError(f"indexing on Ray needs the ray package: {INSTALL_HINT}") from None
+    # Ray Data logs a few INFO lines per dataset, and a warning that we turned its progress
+    # bars off (the ingest reports its own progress): neither is news to the user.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     return ray
 
 
 def actor_options(config: RayConfig, cluster: dict[str, float]) -> dict[str, Any]:
-    """``map_batches`` arguments of the actor pool on a cluster with ``cluster`` resources
-    (``ray.cluster_resources()``)."""
+    """The actor pool on a cluster with ``cluster`` resources (``ray.cluster_resources()``):
+    its size (``actors``) and each actor's ``num_cpus`` / ``num_gpus`` (``map_batches``)."""
     actors = config.actors
     if actors is None:
         actors = int(cluster.get("CPU", 1) // config.cpus_per_actor)
         if config.gpus_per_actor:
             actors = min(actors, int(cluster.get("GPU", 0) // config.gpus_per_actor))
         actors = max(1, actors)
-    options: dict[str, Any] = {"concurrency": actors, "num_cpus": config.cpus_per_actor}
+    options: dict[str, Any] = {"actors": actors, "num_cpus": config.cpus_per_actor}
     if config.gpus_per_actor:
         options["num_gpus"] = config.gpus_per_actor
     return options
@@ -250,14 +255,22 @@ def ingest_on_ray(
         if not rows:
             return  # nothing to send: no Ray started
         watchdog = connection.enter_context(ray_connection(config))
-        batch_size = ingestor.batch_size
-        dataset = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / batch_size))
-        mapped = dataset.map_batches(
+        options = actor_options(config, ray.cluster_resources())
+        actors = options.pop("actors")
+        # Batches no larger than every actor's share, so a small source still uses them all.
+        batch_size = max(1, min(ingestor.batch_size, math.ceil(len(rows) / actors)))
+        blocks = math.ceil(len(rows) / batch_size)
+        mapped = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
             IndexActor, fn_constructor_kwargs=actor_args, batch_size=batch_size,
-            batch_format="numpy", **actor_options(config, ray.cluster_resources()),
+            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), **options,
         )  # fmt: skip
+        # In source order, as in-process: of two rows with the same bytes the first one wins
+        # (its category decides the crops), whatever actor finishes first.
+        mapped.context.execution_options.preserve_order = True
+        mapped.context.enable_progress_bars = False
         try:
-            for batch in mapped.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            writes = mapped.iter_batches(batch_size=ingestor.batch_size, batch_format="numpy")
+            for batch in writes:
                 if watchdog is not None:
                     watchdog.watch_descendants()  # the actors, started by now
                 yield _received(ingestor, source, batch, report), len(batch["id"])
@@ -314,7 +327,6 @@ def ray_connection(config: RayConfig) -> Iterator[_Watchdog | None]:
             ray.init(address=address or AUTO, **quiet)
         except ConnectionError as exc:
             raise ConfigError(f"cannot connect to Ray at {address or AUTO}: {exc}") from None
-    ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         if watchdog is not None:
             watchdog.watch_descendants()
