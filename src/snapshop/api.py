@@ -25,6 +25,7 @@ from snapshop.images import ImageSource
 from snapshop.index.choose import AUTO
 from snapshop.index.factory import INDEX_KINDS
 from snapshop.ingest import Ingestor, IngestReport, discard_empty_catalog
+from snapshop.ingest_ray import RayConfig, import_ray
 from snapshop.models.embedder import Embedder, load_embedder
 from snapshop.search import ProductFilter, Searcher, SearchResult
 
@@ -80,17 +81,22 @@ def index_source(
     progress_total: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
+    ray: RayConfig | None = None,
 ) -> IngestReport:
     """Ingest a folder or CSV manifest into ``catalog_dir`` (created on first use).
 
     ``index_kind``: ``auto`` (the default for new catalogs: exact search while it meets the
     latency budget, HNSW above), ``flat``, ``hnsw``, ``pgvector``, ``milvus``; given for an
     existing catalog it replaces the card's choice (indexes are rebuilt from the store).
-    ``workers``: decode processes (None: one per core; 0: in-process).
+    ``workers``: decode processes (None: one per core; 0: in-process). ``ray``: decode,
+    detect and embed on Ray Data instead (:mod:`snapshop.ingest_ray`; ``workers`` unused),
+    written here through the same batches.
     A source with no image raises ManifestError before anything is written, and a catalog
     this call created is removed again if nothing was indexed into it. Files a folder holds
     that are not supported images come back in the report's ``ignored``.
     """
+    if ray is not None:
+        import_ray()  # a missing extra stops here, before any catalog is touched
     ignored: list[tuple[str, str]] = []
     records = source if isinstance(source, list) else read_source(Path(source), ignored)
     if not records:
@@ -109,7 +115,15 @@ def index_source(
             if progress_total:
                 progress_total(len(records))
             ingestor = Ingestor(catalog, embedder, det, batch_size=batch_size, workers=workers)
-            report = ingestor.ingest(records, progress=progress, sync=sync)
+            if ray is None:
+                report = ingestor.ingest(records, progress=progress, sync=sync)
+            else:
+                from snapshop.ingest_ray import ingest_on_ray
+
+                spec = catalog.detector if detector is None else detector
+                report = ingest_on_ray(
+                    ingestor, records, ray, detector=spec, progress=progress, sync=sync
+                )
     except BaseException:
         if created and directory is not None:
             discard_empty_catalog(directory, remove_directory=not existed)

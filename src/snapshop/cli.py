@@ -21,6 +21,7 @@ from rich.table import Table
 from snapshop import api
 from snapshop.catalog.blobs import DEFAULT_GRACE_SECONDS
 from snapshop.errors import ConfigError, ManifestError, SnapshopError
+from snapshop.ingest_ray import RayConfig
 
 app = typer.Typer(help="snapshop: visual search for e-commerce.", no_args_is_help=True,
                   pretty_exceptions_enable=False)  # fmt: skip
@@ -136,6 +137,21 @@ def index(
     workers: Annotated[
         int | None, typer.Option(min=0, help="Decode processes (default: one per core).")
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Decode, detect and embed on Ray: local (start one here), auto ($RAY_ADDRESS"
+            " or this machine's cluster) or ray://HEAD:10001. Needs snapshop[ray].",
+        ),
+    ] = None,
+    ray_actors: Annotated[
+        int | None, typer.Option(min=1, help="Ray actors (default: one per cluster CPU).")
+    ] = None,
+    ray_gpus: Annotated[
+        float, typer.Option(min=0, help="GPUs per Ray actor (embedding on CUDA).")
+    ] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Add a folder or CSV manifest to a catalog (created on first use); re-runs are idempotent.
@@ -147,6 +163,7 @@ def index(
         report = run(lambda: api.index_source(
             source, catalog, model=model, detector=detector, batch_size=batch_size, sync=sync,
             progress_total=set_total, progress=advance, index_kind=index_kind, workers=workers,
+            ray=None if ray is None else RayConfig(ray, actors=ray_actors, gpus_per_actor=ray_gpus),
         ))  # fmt: skip
     if as_json:
         out.print_json(json.dumps(report.to_dict()))

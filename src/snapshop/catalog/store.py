@@ -614,4 +614,3 @@ class CatalogStore:
             " (SELECT COUNT(*) FROM images) AS images, (SELECT COUNT(*) FROM crops) AS crops"
         )[0]
         return {"products": row["products"], "images": row["images"], "crops": row["crops"]}
-
