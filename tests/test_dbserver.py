@@ -172,3 +172,23 @@ def test_foreign_files_in_the_data_folder_are_not_touched(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="no PostgreSQL data directory"):
         start_database(tmp_path)
     assert (tmp_path / "data" / "notes.txt").read_text() == "mine"
+
+
+def test_restart_after_the_server_was_killed(db_dir: Path) -> None:
+    """kill -9 of the postmaster (a crash, an OOM kill): status says stopped, the next start
+    recovers from the WAL and the committed rows are there."""
+    psutil = pytest.importorskip("psutil")
+    dsn = start_database(db_dir)
+    with connect(dsn) as conn:
+        conn.execute("CREATE TABLE kept (n int)")
+        conn.execute("INSERT INTO kept VALUES (7)")
+        conn.commit()
+    postmaster = psutil.Process(database_status(db_dir).pid)
+    family = [postmaster, *postmaster.children()]
+    postmaster.kill()
+    _, alive = psutil.wait_procs(family, timeout=30)  # its children notice and exit
+    assert not alive
+    assert not database_status(db_dir).running
+    dsn = start_database(db_dir)
+    with connect(dsn) as conn:
+        assert conn.execute("SELECT n FROM kept").fetchall() == [(7,)]
