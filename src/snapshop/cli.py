@@ -27,6 +27,11 @@ app = typer.Typer(help="snapshop: visual search for e-commerce.", no_args_is_hel
                   pretty_exceptions_enable=False)  # fmt: skip
 catalog_app = typer.Typer(help="Inspect and edit a catalog.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
+db_app = typer.Typer(
+    help="A local PostgreSQL + pgvector server for trying a server catalog on one machine.",
+    no_args_is_help=True,
+)
+app.add_typer(db_app, name="db")
 
 out = Console()
 err = Console(stderr=True)
@@ -914,3 +919,49 @@ def catalog_duplicates(
     out.print(f"{len(report.pairs)} near-duplicate pairs among {report.images} images"
               f" (vector similarity >= {report.threshold:g}, pixels {checked}) -> {output}"
               + (f", {html}" if html else ""))  # fmt: skip
+
+
+# --- snapshop db: a local PostgreSQL + pgvector ---------------------------------------------
+DbDirOpt = Annotated[Path, typer.Option("--dir", help="Folder of the database (created).")]
+
+
+@db_app.command("start")
+def db_start(
+    directory: DbDirOpt,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="TCP port on 127.0.0.1 (default: the last one if free, else a free one; "
+            "0: a free one).",
+        ),
+    ] = None,
+) -> None:
+    """Start the server (initialising DIR on first use) and print its DSN.
+
+    The server keeps running after this command returns, until `snapshop db stop --dir DIR`:
+    `DSN=$(snapshop db start --dir pg)`.
+    """
+    from snapshop.dbserver import start_database
+
+    out.print(run(lambda: start_database(directory, port)), highlight=False, soft_wrap=True)
+
+
+@db_app.command("stop")
+def db_stop(directory: DbDirOpt) -> None:
+    """Stop the server of DIR (fast shutdown); harmless when it is not running."""
+    from snapshop.dbserver import stop_database
+
+    stopped = run(lambda: stop_database(directory))
+    out.print("stopped" if stopped else "not running", highlight=False)
+
+
+@db_app.command("status")
+def db_status(directory: DbDirOpt) -> None:
+    """Print `running DSN` or `stopped`."""
+    from snapshop.dbserver import database_status
+
+    status = run(lambda: database_status(directory))
+    out.print(f"running {status.dsn}" if status.running else "stopped", highlight=False,
+              soft_wrap=True)  # fmt: skip
