@@ -27,7 +27,7 @@ from snapshop.index.factory import INDEX_KINDS
 from snapshop.ingest import Ingestor, IngestReport, discard_empty_catalog
 from snapshop.ingest_ray import RayConfig, import_ray
 from snapshop.models.embedder import Embedder, load_embedder
-from snapshop.search import ProductFilter, Searcher, SearchResult
+from snapshop.search import DEFAULT_RANKING, ProductFilter, Searcher, SearchResult, check_ranking
 
 PathLike = str | os.PathLike[str]
 
@@ -203,14 +203,18 @@ def open_searcher(
     model: str | None = None,
     detector: str | Detector | None = None,
     embed_threads: int | None = None,
+    ranking: str = DEFAULT_RANKING,
 ) -> Searcher:
     """A searcher over ``catalog_dir`` that owns the catalog it opened (close it with
     ``searcher.catalog.close()``); ``detector`` None means the catalog's own (``"none"``: no
-    item-based results); ``embed_threads``: ONNX Runtime threads (None: its default)."""
+    item-based results); ``embed_threads``: ONNX Runtime threads (None: its default);
+    ``ranking``: image-based results by "product" vector (default) or best "image"."""
+    check_ranking(ranking)
     catalog = open_catalog(catalog_dir)
     try:
         embedder = catalog_embedder(catalog, model, threads=embed_threads)
-        return Searcher(catalog, embedder, catalog_detector(catalog, detector))
+        detector = catalog_detector(catalog, detector)
+        return Searcher(catalog, embedder, detector, ranking=ranking)
     except BaseException:
         catalog.close()
         raise
@@ -224,8 +228,9 @@ def search_image(
     model: str | None = None,
     detector: str | None = None,
     filters: ProductFilter | None = None,
+    ranking: str = DEFAULT_RANKING,
 ) -> SearchResult:
-    searcher = open_searcher(catalog_dir, model=model, detector=detector)
+    searcher = open_searcher(catalog_dir, model=model, detector=detector, ranking=ranking)
     with searcher.catalog:
         return searcher.search(image, k, filters=filters)
 

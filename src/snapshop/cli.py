@@ -237,6 +237,10 @@ def search(
     save_boxes: Annotated[
         Path | None, typer.Option(help="Save the query with its boxes as PNG.")
     ] = None,
+    ranking: Annotated[
+        str,
+        typer.Option(help="Rank image-based results by 'product' vector or by best 'image'."),
+    ] = "product",
     as_json: JsonOpt = False,
 ) -> None:
     """Find the catalog products that look like IMAGE (image-based and item-based results)."""
@@ -244,7 +248,7 @@ def search(
 
     result = run(lambda: api.search_image(
         image, catalog, k=k, model=model, detector=detector,
-        filters=ProductFilter(category, min_price, max_price),
+        filters=ProductFilter(category, min_price, max_price), ranking=ranking,
     ))  # fmt: skip
     if save_boxes is not None:
         from snapshop.visualize import draw_detections

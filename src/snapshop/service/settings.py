@@ -8,8 +8,10 @@ from pathlib import Path
 
 from snapshop.errors import ConfigError
 from snapshop.images import pil_pixel_ceiling
+from snapshop.search import DEFAULT_RANKING, check_ranking
 
 DEFAULT_API_KEY_ENV = "SNAPSHOP_API_KEY"
+RANKING_ENV = "SNAPSHOP_RANKING"
 THUMB_SIZES: tuple[int, ...] = (64, 128, 256, 512)
 FORM_ROOM = 1024 * 1024  # a multipart body's form fields and part headers, beyond its images
 
@@ -38,6 +40,8 @@ class ServiceSettings:
     queue_timeout_s: float = 10.0
     search_threads: int | None = 1  # faiss OpenMP threads per search; None: faiss default
     embed_threads: int | None = None  # ONNX Runtime intra-op threads; None: its default
+    # image-based results by "product" vector or best "image" (search.RANKINGS)
+    ranking: str = field(default_factory=lambda: ranking_from_env())
 
     def __post_init__(self) -> None:
         from snapshop.catalog.server import is_server_target
@@ -70,6 +74,7 @@ class ServiceSettings:
         if not self.thumb_sizes or any(s < 16 or s > 2048 for s in self.thumb_sizes):
             raise ConfigError("thumb_sizes must be between 16 and 2048 pixels")
         object.__setattr__(self, "thumb_sizes", tuple(sorted(set(self.thumb_sizes))))
+        check_ranking(self.ranking)
 
     @property
     def writes_enabled(self) -> bool:
@@ -84,6 +89,11 @@ class ServiceSettings:
     def max_search_request_bytes(self) -> int:
         """Whole body of a search: one image plus room for the form fields."""
         return self.max_upload_bytes + FORM_ROOM
+
+
+def ranking_from_env(name: str = RANKING_ENV) -> str:
+    """The ranking named by environment variable ``name`` ("product" when unset or empty)."""
+    return os.environ.get(name, "").strip().lower() or DEFAULT_RANKING
 
 
 def api_key_from_env(name: str = DEFAULT_API_KEY_ENV) -> str | None:
