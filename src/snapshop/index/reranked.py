@@ -5,7 +5,8 @@ Two kinds, both trained on the vectors they hold:
 * ``hnsw_sq``: an HNSW graph over 8-bit scalar-quantised vectors (faiss ``IndexHNSWSQ``): a
   quarter of the memory of ``hnsw``, nearly its recall.
 * ``ivfpq``: an inverted file over product-quantised codes (faiss ``IVF{nlist},PQ{m}x{nbits}``,
-  4-bit codes use the fast-scan kernels; ``opq`` adds a learnt rotation): a few bytes a vector.
+  4-bit codes use the fast-scan kernels; ``opq`` adds a learnt rotation; ``pca`` a projection
+  to fewer dimensions, fitted on the vectors): a few bytes a vector.
 
 PQ distances alone rank poorly (recall@10 ~.4 on product-like vectors), so every search fetches
 ``rerank`` candidates from the codes and orders them by their exact inner product with the
@@ -242,7 +243,8 @@ class RerankedIndex:
     def _check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _new_index(self, n_train: int) -> Any:
+    def _new_index(self, train: NDArray[np.float32]) -> Any:
+        """An untrained faiss index for these (N, dim) training vectors."""
         raise NotImplementedError
 
     def _search_params(self, fetch: int, widen: float, sel: Any, exhaustive: bool = False) -> Any:
@@ -328,8 +330,9 @@ class RerankedIndex:
         live = np.flatnonzero(self._alive)
         rng = np.random.default_rng(0)
         sample = np.sort(rng.choice(live, size=min(len(live), self._train_size()), replace=False))
-        index = self._new_index(len(sample))
-        index.train(self._floats.take(sample))
+        train = self._floats.take(sample)
+        index = self._new_index(train)
+        index.train(train)
         for _, rows in self._floats.chunks():
             index.add(rows)
         self._index = index
@@ -600,7 +603,7 @@ class HNSWSQIndex(RerankedIndex):
     def ef_search(self, value: int) -> None:
         self.params["ef_search"] = int(value)
 
-    def _new_index(self, n_train: int) -> Any:
+    def _new_index(self, train: NDArray[np.float32]) -> Any:
         index = faiss.IndexHNSWSQ(
             self.dim, faiss.ScalarQuantizer.QT_8bit, self.params["m"], faiss.METRIC_INNER_PRODUCT
         )
@@ -631,7 +634,14 @@ class IVFPQIndex(RerankedIndex):
     kind = "ivfpq"
 
     def _check_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"nlist": 1024, "pq_m": 32, "nbits": 4, "nprobe": 32, "opq": False}
+        out: dict[str, Any] = {
+            "nlist": 1024,
+            "pq_m": 32,
+            "nbits": 4,
+            "nprobe": 32,
+            "opq": False,
+            "pca": 0,
+        }
         unknown = set(params) - set(out)
         if unknown:
             raise ValueError(f"unknown ivfpq parameters {sorted(unknown)}")
@@ -639,8 +649,11 @@ class IVFPQIndex(RerankedIndex):
             out[key] = bool(value) if key == "opq" else int(value)
         if out["nbits"] not in (4, 8):
             raise ValueError("nbits must be 4 (fast scan) or 8")
-        if out["pq_m"] < 1 or self.dim % out["pq_m"]:
-            raise ValueError(f"pq_m must divide the dimension {self.dim}")
+        if not 0 <= out["pca"] < self.dim:
+            raise ValueError(f"pca must be 0 (none) or a dimension under {self.dim}")
+        reduced = out["pca"] or self.dim
+        if out["pq_m"] < 1 or reduced % out["pq_m"]:
+            raise ValueError(f"pq_m must divide the dimension {reduced}")
         if out["nlist"] < 1 or out["nprobe"] < 1:
             raise ValueError("nlist and nprobe must be >= 1")
         return out
@@ -660,16 +673,20 @@ class IVFPQIndex(RerankedIndex):
         # k-means wants ~39 training points per list; a small catalog gets fewer lists.
         return max(1, min(self.params["nlist"], n_train // 39))
 
-    def _new_index(self, n_train: int) -> Any:
+    def _new_index(self, train: NDArray[np.float32]) -> Any:
         p = self.params
-        self._nlist = self._nlist_for(n_train)
+        self._nlist = self._nlist_for(len(train))
+        reduced = p["pca"] or self.dim
         codes = f"PQ{p['pq_m']}x4fs" if p["nbits"] == 4 else f"PQ{p['pq_m']}x8"
         # many lists: find the nearest ones through an HNSW graph rather than a scan of all
         coarse = (
             f"IVF{self._nlist}_HNSW32" if self._nlist >= HNSW_COARSE_MIN else f"IVF{self._nlist}"
         )
         key = (f"OPQ{p['pq_m']}," if p["opq"] else "") + f"{coarse},{codes}"
-        return faiss.index_factory(self.dim, key, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(reduced, key, faiss.METRIC_INNER_PRODUCT)
+        if p["pca"]:
+            index = faiss.IndexPreTransform(pca_projection(train, p["pca"]), index)
+        return index
 
     def _search_params(self, fetch: int, widen: float, sel: Any, exhaustive: bool = False) -> Any:
         ivf = faiss.extract_index_ivf(self._index)
@@ -680,7 +697,7 @@ class IVFPQIndex(RerankedIndex):
         params.nprobe = ivf.nlist if exhaustive else int(min(ivf.nlist, np.ceil(nprobe)))
         if sel is not None:
             params.sel = sel
-        if self.params["opq"]:
+        if self.params["opq"] or self.params["pca"]:
             outer = faiss.SearchParametersPreTransform()
             outer.index_params = params
             outer._inner = params  # keep the inner object alive as long as the outer one
@@ -688,11 +705,33 @@ class IVFPQIndex(RerankedIndex):
         return params
 
     def fixed_bytes(self) -> int:
-        return 4 * self.dim * (self.params["nlist"] + (self.dim if self.params["opq"] else 0))
+        p = self.params
+        reduced = p["pca"] or self.dim
+        return 4 * (
+            reduced * p["nlist"]
+            + (reduced * reduced if p["opq"] else 0)
+            + (self.dim * reduced if p["pca"] else 0)
+        )
 
     def code_bytes_per_vector(self) -> float:
         # codes plus the 8-byte id each inverted list stores
         return self.params["pq_m"] * self.params["nbits"] / 8 + 8
+
+
+def pca_projection(train: NDArray[np.float32], dims: int) -> Any:
+    """A faiss transform onto the ``dims`` principal axes of ``train`` (N, d), not centred:
+    inner products are what is searched, and centring would add a term that depends on the
+    stored vector (<q - mu, x - mu> ranks x by <q + mu, x> - ...), so the axes are those of the
+    second moment X^T X, which keep <q, x> best in ``dims`` dimensions."""
+    x = np.asarray(train, dtype=np.float64)
+    values, vectors = np.linalg.eigh(x.T @ x / max(len(x), 1))
+    top = vectors[:, ::-1][:, :dims].T  # (dims, d), the largest eigenvalues first
+    kept = float(values[::-1][:dims].sum() / max(values.sum(), 1e-30))
+    log.info("pca %d -> %d keeps %.3f of the second moment", x.shape[1], dims, kept)
+    transform = faiss.LinearTransform(x.shape[1], dims, False)
+    faiss.copy_array_to_vector(np.ascontiguousarray(top, dtype=np.float32).ravel(), transform.A)
+    transform.is_trained = True
+    return transform
 
 
 RERANKED_KINDS: dict[str, type[RerankedIndex]] = {"hnsw_sq": HNSWSQIndex, "ivfpq": IVFPQIndex}
