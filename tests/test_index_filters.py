@@ -13,7 +13,6 @@ import pytest
 from snapshop.index import IdFilter, create_index, filtering, load_index, save_index
 from snapshop.index.choose import index_memory_bytes
 from snapshop.index.filtering import exact_top_k_at, inner_products_at
-from snapshop.index.reranked import IdNodeMap
 
 SELECTIVITIES = [0.5, 0.1, 0.01, 0.001]
 N, DIM = 20_000, 32
