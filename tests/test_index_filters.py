@@ -197,3 +197,58 @@ def test_filtered_search_at_every_selectivity_matches_brute_force(
     lookup = dict(zip(ids.tolist(), vecs, strict=True))
     for q, row_ids, row_scores in zip(queries, hits.ids, hits.scores, strict=True):
         np.testing.assert_allclose(row_scores, [lookup[i] @ q for i in row_ids], atol=1e-5)
+
+
+# --- Milvus: filter expressions ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    pytest.importorskip("pymilvus", reason="needs pymilvus (pip install 'snapshop[milvus]')")
+    pytest.importorskip("milvus_lite", reason="needs milvus-lite for the embedded server")
+    return str(tmp_path_factory.mktemp("milvus") / "milvus.db")
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(
+    ("fraction", "max_topk", "path"),
+    [
+        (0.01, 16384, "one expression"),
+        (0.6, 16384, "deep search kept to the allowed"),
+        (0.15, 40, "expression chunks"),  # the deep search (40) holds too few allowed
+    ],
+)
+def test_milvus_filters_by_expression_at_any_size(
+    milvus_uri: str, fraction: float, max_topk: int, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Milvus Lite searches exactly, so the filtered top-k equals brute force whichever way
+    the allowed set reaches it (expressions here hold at most 50 ids)."""
+    from snapshop.index import milvus
+
+    monkeypatch.setattr(milvus, "MAX_EXPR_IDS", 50)
+    monkeypatch.setattr(milvus, "MAX_TOPK", max_topk)
+    calls: list[str] = []
+    real = milvus.MilvusIndex._search
+
+    def spy(self: Any, queries: np.ndarray, limit: int, expression: str = "") -> Any:
+        calls.append(expression)
+        return real(self, queries, limit, expression)
+
+    monkeypatch.setattr(milvus.MilvusIndex, "_search", spy)
+    vecs = product_like(30, 2000, 16, clusters=30)
+    ids = np.arange(100, 2100, dtype=np.int64)
+    index = create_index("milvus", 16, uri=milvus_uri)
+    try:
+        index.add(ids, vecs)
+        allowed = np.random.default_rng(31).choice(ids, int(fraction * 2000), replace=False)
+        queries = product_like(32, 4, 16, clusters=30)
+        hits = index.search(queries, 10, allowed=IdFilter.of(allowed))
+        np.testing.assert_array_equal(hits.ids, brute_force(ids, vecs, queries, allowed, 10))
+        expressions = [c for c in calls if c]
+        if path == "one expression":
+            assert len(calls) == 1 and len(expressions) == 1
+        elif path == "deep search kept to the allowed":
+            assert calls == [""]
+        else:
+            assert len(expressions) == int(np.ceil(len(allowed) / 50))
+        assert (index.search(queries, 5, allowed=IdFilter.of([])).ids == -1).all()
+    finally:
+        index.drop()
