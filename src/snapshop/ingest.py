@@ -279,7 +279,7 @@ class Ingestor:
         there. Another process deleting the last row that shared these bytes (or collecting
         garbage) may have removed it between our write and now; deletes and collections
         remove files under this same lock, so once checked here the file stays."""
-        if (self.catalog.directory / d.blob).is_file():
+        if d.blob and (self.catalog.directory / d.blob).is_file():
             return True
         reason = "the source changed since it was read"
         try:  # without a copy of the bytes at hand (the prepare step keeps none): read again

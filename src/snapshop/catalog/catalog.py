@@ -451,7 +451,9 @@ class Catalog:
 
     @property
     def db_path(self) -> Path:
-        """The SQLite file (decode workers open it read-only)."""
+        """The SQLite file of a catalog directory."""
+        if self.store.path is None:
+            raise CatalogError(f"{self.location}: a server catalog has no database file here")
         return self.store.path
 
     def counts(self) -> dict[str, int]:
