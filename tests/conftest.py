@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from pg_helpers import fresh_database
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -60,26 +59,11 @@ def pg_dsn() -> Iterator[str]:
     server.cleanup()
 
 
-def dsn_with_database(dsn: str, database: str) -> str:
-    """``dsn`` pointing at another database of the same server."""
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
-
-
-_pg_database_numbers = itertools.count()
-
-
 @pytest.fixture
 def pg_database(pg_dsn: str) -> Iterator[str]:
     """A fresh, empty database on the session server (its DSN), dropped after the test."""
-    import psycopg
-
-    name = f"snapshop_test_{os.getpid()}_{next(_pg_database_numbers)}"
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield dsn_with_database(pg_dsn, name)
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # FORCE: a test left a connection
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(pg_dsn) as dsn:
+        yield dsn
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.server)])

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import dsn_with_database
+from pg_helpers import dsn_with_database
 
 from snapshop.catalog import migrations
 from snapshop.catalog.sql import mask_dsn

@@ -161,6 +161,7 @@ class CatalogStore:
             raise CatalogError(f"{target}: not a usable catalog database ({exc})") from None
         self.engine: str = self._db.engine
         self.location: str = self._db.location
+        self.target = str(target)  # what open_store opens again (another process's copy)
         try:
             self.dim = self._open_schema(dim)
         except sqlite3.DatabaseError as exc:
