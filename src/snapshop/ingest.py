@@ -33,7 +33,8 @@ from PIL import Image
 
 from snapshop.catalog.blobs import write_blob
 from snapshop.catalog.catalog import DB_FILE, LOCK_FILE, Catalog
-from snapshop.catalog.store import CatalogStore, NewCrop, Product
+from snapshop.catalog.server import thumbnail_jpeg
+from snapshop.catalog.store import CatalogStore, NewCrop, Product, open_store
 from snapshop.data.sources import CatalogRecord
 from snapshop.detect.base import (
     PRODUCT,
@@ -90,30 +91,35 @@ class IngestReport:
 @dataclass
 class Decoded:
     """A fresh image ready to embed: ``pixels`` are the embedder's input, ``blob`` is already
-    written (or, empty, the writer stores ``data``), and ``image`` is kept only when a detector
+    written (a catalog directory; empty: the writer stores ``data``) or ``thumbnail`` made
+    (JPEG bytes, width, height: a server catalog stores it in the image's transaction), and
+    ``image`` is kept only when a detector
     needs it."""
 
     record: CatalogRecord
     sha256: str
     size: tuple[int, int]
     pixels: NDArray[np.float32]
-    blob: str
+    blob: str | None
     image: Image.Image | None = None
     data: bytes | None = None
+    thumbnail: tuple[bytes, int, int] | None = None
 
 
 @dataclass
 class Embedded:
     """A fresh image with its vectors, ready to commit: ``vector`` (D,) float32, L2-normalised,
-    and its garment crops. ``blob`` is empty while the bytes (``data``) are not stored yet."""
+    and its garment crops. ``blob`` is empty while the bytes (``data``) are not stored yet;
+    a server catalog stores ``thumbnail`` instead."""
 
     record: CatalogRecord
     sha256: str
     size: tuple[int, int]
-    blob: str
+    blob: str | None
     vector: NDArray[np.float32]
     crops: list[NewCrop]
     data: bytes | None = None
+    thumbnail: tuple[bytes, int, int] | None = None
 
 
 def embed_batch(
@@ -143,7 +149,7 @@ def embed_batch(
         new = [NewCrop(pos, label, score, box, crop_vecs[offset + j])
                for j, (pos, label, score, box, _) in enumerate(crops)]  # fmt: skip
         offset += len(crops)
-        out.append(Embedded(d.record, d.sha256, d.size, d.blob, vec, new, d.data))
+        out.append(Embedded(d.record, d.sha256, d.size, d.blob, vec, new, d.data, d.thumbnail))
     return out
 
 
@@ -252,7 +258,9 @@ class Ingestor:
                     report.skipped += 1  # another writer added it since we looked
                     report.products.add(e.record.sku)
                     continue
-                if not self._blob_in_place(e, report):
+                if e.thumbnail is not None:
+                    write.put_thumbnail(e.sha256, *e.thumbnail)
+                elif not self._blob_in_place(e, report):
                     continue
                 _, crop_ids = write.insert_image(
                     product_id, source=str(e.record.path), blob=e.blob, sha256=e.sha256,
@@ -262,12 +270,16 @@ class Ingestor:
                 report.crops += len(crop_ids)
                 report.products.add(e.record.sku)
 
+    def _blob_dir(self) -> Path | None:
+        """Where image files go: the catalog's blob folder; None for a server catalog."""
+        return None if self.catalog.is_server else self.catalog.blob_dir
+
     def _blob_in_place(self, d: Embedded, report: IngestReport) -> bool:
         """Under the write lock, before the row naming ``blob`` commits: make sure the file is
         there. Another process deleting the last row that shared these bytes (or collecting
         garbage) may have removed it between our write and now; deletes and collections
         remove files under this same lock, so once checked here the file stays."""
-        if (self.catalog.directory / d.blob).is_file():
+        if d.blob and (self.catalog.directory / d.blob).is_file():
             return True
         reason = "the source changed since it was read"
         try:  # without a copy of the bytes at hand (the prepare step keeps none): read again
@@ -340,6 +352,7 @@ class Ingestor:
         return PrepareJob(
             limits=self.limits, input_size=self.embedder.input_size,
             keep_image=self.detector is not None, normalisation=self.embedder.card.normalisation,
+            thumbnails=self.catalog.is_server,
         )  # fmt: skip
 
     # --- batch pipeline (issue #6): parallel decode workers, bounded prefetch -----------------
@@ -353,7 +366,7 @@ class Ingestor:
         job = self.prepare_job()
         small = isinstance(records, Sequence) and len(records) <= 2 * self.batch_size
         if self.workers == 0 or small:
-            outcomes: Iterator[_Outcome] = (prepare(job, r, self.catalog, self.catalog.blob_dir)
+            outcomes: Iterator[_Outcome] = (prepare(job, r, self.catalog, self._blob_dir())
                                             for r in records)  # fmt: skip
         else:
             outcomes = self._prepared_by_workers(records, job, report)
@@ -394,7 +407,7 @@ class Ingestor:
         with pool:
             pending: deque[tuple[Future[_Outcome], CatalogRecord]] = deque()
             source = iter(records)
-            db_path, blob_dir = str(self.catalog.db_path), str(self.catalog.blob_dir)
+            db_path, blob_dir = self.catalog.store_target, self._blob_dir()
             while True:
                 try:
                     while len(pending) < window and (record := next(source, None)) is not None:
@@ -469,6 +482,7 @@ class PrepareJob:
     limits: DecodeLimits
     input_size: int
     keep_image: bool  # a detector will look at the image
+    thumbnails: bool = False  # a server catalog stores a thumbnail instead of the file
     normalisation: Mapping[str, float] = field(default_factory=lambda: dict(NORMALISATION))
 
 
@@ -484,9 +498,12 @@ class KnownImages(Protocol):
     def has_image(self, product_id: int, sha256: str) -> bool: ...
 
 
-def prepare(job: PrepareJob, record: CatalogRecord, known: KnownImages, blob_dir: Path) -> _Outcome:
+def prepare(
+    job: PrepareJob, record: CatalogRecord, known: KnownImages, blob_dir: Path | None
+) -> _Outcome:
     """Read, sha256, skip if the catalog already holds it (returns the record), decode,
-    preprocess for the embedder and store the blob. Failures come back as (source, reason)."""
+    preprocess for the embedder and store the blob in ``blob_dir`` (None: a server catalog,
+    whose thumbnail ``decode`` made). Failures come back as (source, reason)."""
     data = read_record(job, record)
     if isinstance(data, tuple):
         return data
@@ -496,7 +513,8 @@ def prepare(job: PrepareJob, record: CatalogRecord, known: KnownImages, blob_dir
         return record
     decoded = decode(job, record, data, sha)
     if isinstance(decoded, Decoded):
-        decoded.blob, decoded.data = write_blob(blob_dir, sha, data), None
+        blob = write_blob(blob_dir, sha, data) if blob_dir is not None else None
+        decoded.blob, decoded.data = blob, None
     return decoded
 
 
@@ -519,7 +537,9 @@ def decode(
         return (str(record.path), exc.reason)
     pixels = preprocess(image, job.input_size, job.normalisation)
     size = original_size(image)  # a large image is decoded reduced
-    return Decoded(record, sha, size, pixels, "", image if job.keep_image else None, data)
+    thumbnail = thumbnail_jpeg(image) if job.thumbnails else None
+    kept = image if job.keep_image else None
+    return Decoded(record, sha, size, pixels, "", kept, data, thumbnail)
 
 
 # --- decode workers (issue #6) ------------------------------------------------------------------
@@ -529,12 +549,12 @@ _PARENT_POLL_SECONDS = 0.5
 
 
 def _prepare_in_worker(
-    job: PrepareJob, db_path: str, blob_dir: str, record: CatalogRecord
+    job: PrepareJob, store_target: str, blob_dir: Path | None, record: CatalogRecord
 ) -> _Outcome:
-    store = _worker_stores.get(db_path)
+    store = _worker_stores.get(store_target)
     if store is None:
-        store = _worker_stores[db_path] = CatalogStore(Path(db_path), readonly=True)
-    return prepare(job, record, store, Path(blob_dir))
+        store = _worker_stores[store_target] = open_store(store_target, readonly=True)
+    return prepare(job, record, store, blob_dir)
 
 
 def _worker_init(parent_pid: int) -> None:

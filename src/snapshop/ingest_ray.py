@@ -292,15 +292,17 @@ def _received(
     ingestor: Ingestor, source: Sequence[CatalogRecord], batch: dict[str, np.ndarray],
     report: IngestReport,
 ) -> list[Embedded]:  # fmt: skip
-    """The actors' outcomes of one batch, ready to commit: blobs stored, records the driver's
-    own (with all their metadata)."""
+    """The actors' outcomes of one batch, ready to commit: blobs stored (a directory) or
+    thumbnails carried (a server), records the driver's own (with all their metadata)."""
     fresh = []
     for i, payload in zip(batch["id"], batch["outcome"], strict=True):
         outcome = pickle.loads(payload)
         record = source[int(i)]
         if isinstance(outcome, Embedded):
             assert outcome.data is not None  # actors send the bytes of every fresh image
-            blob = write_blob(ingestor.catalog.blob_dir, outcome.sha256, outcome.data)
+            blob = None  # a server catalog stores the thumbnail the actor made
+            if not ingestor.catalog.is_server:
+                blob = write_blob(ingestor.catalog.blob_dir, outcome.sha256, outcome.data)
             fresh.append(replace(outcome, record=record, blob=blob))
         else:
             report.failed.append(outcome)

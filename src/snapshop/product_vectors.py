@@ -8,6 +8,9 @@ computed from, each entry's product, and the product vectors, tagged with the st
 generation they reflect. On open a stale cache is reconciled by id difference: only the
 products that gained or lost an entry are recomputed, from the vectors in the store. The
 file is replaced atomically, so a crash costs recomputation, never data.
+
+Photo search ranks image-based results by these vectors by default (``search.Searcher``,
+``ranking="product"``); :meth:`ProductVectors.best_entries` finds the image each result shows.
 """
 
 from __future__ import annotations
@@ -73,11 +76,13 @@ class ProductVectors:
     def __init__(self, catalog: Catalog, *, save: bool = True) -> None:
         self.catalog = catalog
         self.dim = catalog.dim
-        self.path = catalog.directory / "index" / CACHE_FILE
-        self._save_enabled = save
+        # a server catalog has no disk of its own here: its vectors are computed on open
+        self.path = None if catalog.is_server else catalog.directory / "index" / CACHE_FILE
+        self._save_enabled = save and self.path is not None
         self._lock = threading.RLock()
         self._groups: dict[str, _Group] = {}
         self._indexes: dict[str, FlatIndex] = {}
+        self._by_owner: dict[str, tuple[NDArray[np.int64], NDArray[np.int64]]] = {}
         self._generation = -1
         self._load()
         self.refresh()
@@ -112,10 +117,53 @@ class ProductVectors:
                 self._indexes[name] = index
             return self._indexes[name]
 
+    def entries(
+        self, products: list[int], position: str | None = None
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """(entry ids, their products): the entries (image ids, or crop ids at ``position``)
+        the vectors of ``products`` were computed from, grouped by product in their order."""
+        with self._lock:
+            name = index_name(position)
+            if name not in self._by_owner:
+                group = self._groups.get(name) or _Group.empty(self.dim)
+                order = np.argsort(group.entry_owner, kind="stable")
+                self._by_owner[name] = (group.entry_owner[order], group.entry_ids[order])
+            owners, entries = self._by_owner[name]
+        wanted = np.asarray(products, dtype=np.int64)
+        starts = np.searchsorted(owners, wanted, side="left")
+        ends = np.searchsorted(owners, wanted, side="right")
+        ranges = [np.arange(a, b) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+        rows = np.concatenate(ranges) if ranges else np.zeros(0, np.int64)
+        return entries[rows], owners[rows]
+
+    def best_entries(
+        self, query: NDArray[np.float32], products: list[int], position: str | None = None
+    ) -> dict[int, tuple[int, float]]:
+        """{product: (entry id, score)}: for each of ``products``, its entry (image, or crop
+        at ``position``) whose stored vector has the highest inner product with ``query``
+        (D,); ties go to the lower entry id. Reads only those products' vectors from the
+        store; a product with no entry left there is left out."""
+        entries, owners = self.entries(products, position)
+        best: dict[int, tuple[int, float]] = {}
+        if len(entries) == 0:
+            return best
+        owner = dict(zip(entries.tolist(), owners.tolist(), strict=True))
+        table = "images" if position is None else "crops"
+        query = np.asarray(query, np.float32)
+        for ids, vecs in self.catalog.store.iter_vectors(table, self.dim, ids=entries.tolist()):
+            for entry, score in zip(ids.tolist(), (vecs @ query).tolist(), strict=True):
+                product = owner[entry]
+                found = best.get(product)
+                if found is None or score > found[1] or (score == found[1] and entry < found[0]):
+                    best[product] = (entry, float(score))
+        return best
+
     # --- reconciliation -----------------------------------------------------------------
-    def refresh(self, force: bool = False) -> bool:
+    def refresh(self, force: bool = False, save: bool | None = None) -> bool:
         """Bring the vectors up to the store when its generation moved (or ``force``), and
-        save the cache. Returns True if it reconciled."""
+        save the cache (``save`` None: as the constructor said; a searcher refreshing before
+        each query passes False, since rewriting the whole file per write would cost more
+        than the few products a later open recomputes). Returns True if it reconciled."""
         with self._lock:
             store = self.catalog.store
             generation = store.generation  # read first: a later write forces another pass
@@ -128,7 +176,9 @@ class ProductVectors:
             self._generation = generation
             if changed:
                 self._indexes.clear()
-            if self._save_enabled and (changed or not self.path.exists()):
+                self._by_owner.clear()
+            save = self._save_enabled if save is None else save and self._save_enabled
+            if save and self.path is not None and (changed or not self.path.exists()):
                 self._save()
             return True
 
@@ -183,7 +233,7 @@ class ProductVectors:
 
     # --- the cache file -----------------------------------------------------------------
     def _load(self) -> None:
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return
         try:
             with np.load(self.path, allow_pickle=False) as data:
@@ -205,6 +255,8 @@ class ProductVectors:
         self._groups, self._generation = groups, generation
 
     def _save(self) -> None:
+        if self.path is None:
+            return
         arrays: dict[str, NDArray] = {
             "format": np.array(FORMAT), "dim": np.array(self.dim),
             "model_id": np.array(self.catalog.model_id),

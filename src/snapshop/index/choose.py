@@ -46,9 +46,11 @@ SQ_SLOWDOWN = 1.5  # 8-bit codes are decoded on the fly
 RERANK_MS_PER_KB = 0.002
 # 4-bit fast-scan PQ reads codes at ~1 GB/s on one busy core.
 PQ_SCAN_BYTES_PER_MS = 1e6
-# Per-vector bookkeeping: label, alive flag and id lookup; the compressed kinds keep the lookup
-# in sorted arrays (reranked.ID_BYTES), hnsw in a Python dict (~100 bytes an entry).
-ID_BYTES = 25
+# Per-vector bookkeeping: label, alive flag and id lookup. The compressed kinds look ids up in
+# their label array while ids arrive in increasing order, as catalog ids do (reranked.IdNodeMap:
+# entries re-added since the last compaction cost 16 B more each); hnsw keeps a Python dict
+# (~100 bytes an entry).
+ID_BYTES = 9
 HNSW_ID_BYTES = 109
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}  # fmt: skip
