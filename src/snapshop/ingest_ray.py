@@ -151,7 +151,8 @@ class IndexActor:
         batch = [d for _, d in decoded]
         embedded = embed_batch(self.embedder, self.detector, self.crop_mode, batch)
         for (i, _), e in zip(decoded, embedded, strict=True):
-            outcomes[i] = e
+            # the writer stores the bytes (a directory catalog) or only the thumbnail (a server)
+            outcomes[i] = replace(e, data=None) if self.job.thumbnails else e
         return {
             "id": np.asarray(ids, np.int64),
             "outcome": np.asarray([pickle.dumps(outcomes[i]) for i in ids], dtype=object),
@@ -299,9 +300,9 @@ def _received(
         outcome = pickle.loads(payload)
         record = source[int(i)]
         if isinstance(outcome, Embedded):
-            assert outcome.data is not None  # actors send the bytes of every fresh image
             blob = None  # a server catalog stores the thumbnail the actor made
             if not ingestor.catalog.is_server:
+                assert outcome.data is not None  # actors send the bytes for the blob
                 blob = write_blob(ingestor.catalog.blob_dir, outcome.sha256, outcome.data)
             fresh.append(replace(outcome, record=record, blob=blob))
         else:
