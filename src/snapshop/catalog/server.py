@@ -32,6 +32,7 @@ from snapshop.catalog.sql import is_server_target as is_server_target  # re-expo
 from snapshop.catalog.store import CatalogStore, ImageRow, open_store
 from snapshop.errors import CatalogError, CatalogUnavailableError, NotFoundError
 from snapshop.index import VectorIndex
+from snapshop.index.choose import IndexBudget
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class ServerCatalog(Catalog):
         with self._lock:
             self.refresh()
 
-    def reindex(self, budget: Any) -> dict[str, Any]:
+    def reindex(self, budget: IndexBudget) -> dict[str, Any]:
         raise CatalogError(
             f"{self.location}: a server catalog's vectors are indexed by PostgreSQL (pgvector"
             " HNSW, kept current on every write); there is nothing to rebuild"
@@ -144,10 +145,6 @@ class ServerCatalog(Catalog):
         if found is None:
             raise NotFoundError(f"no stored thumbnail for image {image.id}")
         return found
-
-    def ping(self) -> None:
-        """Raise CatalogUnavailableError when the database cannot be reached."""
-        self.store.get_meta(CARD_KEY)
 
 
 def _read_card(store: CatalogStore, db: Any = None) -> CatalogCard:
