@@ -9,8 +9,10 @@ are fresh draws from the same clusters; recall@10 is against exact (filtered) se
 
 Every index is saved to a temporary directory and reloaded before it is timed, so the
 compressed kinds search with their float vectors memory-mapped (as a catalog does). "RAM B/v"
-is the index's own estimate of resident bytes per vector (codes, graph, ids); "disk B/v"
-counts every file it saved (for compressed kinds, mostly the float vectors they re-rank from).
+is the index's own estimate of resident bytes per vector (codes, graph, ids); "faiss B/v" is
+measured for the compressed kinds: the serialised faiss index (codes, list ids and their
+padding, quantisers) plus the label, alive and id-map arrays as loaded; "disk B/v" counts every
+file it saved (for compressed kinds, mostly the float vectors they re-rank from).
 
 Filtered rows: each entry is its own product and a random subset of the ids passes the
 filter (uncorrelated with the vectors: the hard case for a graph). "inside" passes the
@@ -42,10 +44,16 @@ faiss.cvar.distance_compute_blas_threshold = 1
 
 
 def params_for(
-    kind: str, n: int, dim: int, pq_m: int | None = None, rerank: int | None = None
+    kind: str,
+    n: int,
+    dim: int,
+    pq_m: int | None = None,
+    rerank: int | None = None,
+    pca: int = 0,
 ) -> dict[str, Any]:
     if kind == "ivfpq":
-        params = ivf_params(n, dim, pq_m or dim // 4)  # 4-bit codes: pq_m / 2 bytes a vector
+        # 4-bit codes: pq_m / 2 bytes a vector
+        params = ivf_params(n, dim, pq_m or (pca or dim) // 4) | {"pca": pca}
         return params | ({"rerank": rerank} if rerank else {})
     if kind == "hnsw_sq":
         return {"m": 32, "ef_search": 128, "rerank": 100}
@@ -132,6 +140,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--pq-m", type=int, default=None, help="ivfpq sub-quantisers (default d/4)")
     ap.add_argument("--rerank", type=int, default=None, help="ivfpq re-rank depth (default 100)")
+    ap.add_argument("--pca", type=int, default=0, help="ivfpq: project to this many dimensions")
     ap.add_argument("--selectivity", type=float, nargs="*", default=[0.5, 0.1, 0.01, 0.001])
     ap.add_argument("--filter-kinds", nargs="*", default=["flat", "hnsw", "hnsw_sq", "ivfpq"])
     ap.add_argument(
@@ -151,7 +160,9 @@ def main() -> None:
         truth = exact_topk(base, queries, 10)
         ids = np.arange(args.n, dtype=np.int64)
         for kind in args.kinds:
-            index = create_index(kind, dim, **params_for(kind, args.n, dim, args.pq_m, args.rerank))
+            index = create_index(
+                kind, dim, **params_for(kind, args.n, dim, args.pq_m, args.rerank, args.pca)
+            )
             t0 = time.perf_counter()
             for s in range(0, args.n, 100_000):
                 index.add(ids[s : s + 100_000], base[s : s + 100_000])
@@ -164,11 +175,14 @@ def main() -> None:
                 disk = sum(f.stat().st_size for f in Path(tmp).iterdir())
                 index, card = load_index(path)
                 ram = index.memory_bytes()
+                measured = measured_bytes(index, path)
                 lat, hits = timed(lambda q, ix=index: ix.search(q[None], 10).ids[0], queries)
                 r = recall(np.array(hits), truth)
                 p50, p99 = np.percentile(lat, 50), np.percentile(lat, 99)
                 row = (
-                    f"| {kind} | {args.n:,} | {dim} | {ram / args.n:.0f} | {disk / args.n:.0f} |"
+                    f"| {kind} | {args.n:,} | {dim} | {ram / args.n:.0f} |"
+                    f" {'–' if measured is None else f'{measured / args.n:.1f}'} |"
+                    f" {disk / args.n:.0f} |"
                     f" {build:.1f} | {p50:.2f} | {p99:.2f} | {r:.3f} | {card_params(card)} |"
                 )
                 print(row, flush=True)
@@ -180,9 +194,10 @@ def main() -> None:
                 del index
                 gc.collect()
     print(
-        "\n| kind | N | d | RAM B/v | disk B/v | build s | p50 ms | p99 ms | recall@10 | params |"
+        "\n| kind | N | d | RAM B/v | faiss B/v | disk B/v | build s | p50 ms | p99 ms"
+        " | recall@10 | params |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(kind_rows))
     if filter_rows:
         print(
@@ -194,9 +209,34 @@ def main() -> None:
     sys.stdout.flush()
 
 
+def measured_bytes(index: Any, path: Path) -> int | None:
+    """Resident bytes of a compressed index as saved: the serialised faiss index plus the
+    label, alive-flag and id-map arrays (None for the other kinds)."""
+    if not hasattr(index, "_where"):
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        graph = int(saved["graph"].nbytes)
+    n = max(len(index._labels), 1)
+    parts = {"faiss index": graph / n, "labels": index._labels.nbytes / n}
+    parts |= {"alive": index._alive.nbytes / n, "id map": index._where.memory_bytes() / n}
+    if getattr(index, "kind", "") == "ivfpq" and index.trained:
+        ivf = faiss.extract_index_ivf(index._index)
+        lists = faiss.downcast_InvertedLists(ivf.invlists)
+        sizes = np.array([lists.list_size(i) for i in range(ivf.nlist)])
+        if hasattr(lists, "n_per_block"):  # fast scan: codes in blocks of n_per_block
+            codes = int((-(-sizes // lists.n_per_block)).sum()) * lists.block_size
+        else:
+            codes = int(sizes.sum()) * lists.code_size
+        parts["  of which codes (padded)"] = codes / n
+        parts["  of which list ids"] = 8 * ivf.ntotal / n
+        parts["  of which quantiser"] = len(faiss.serialize_index(ivf.quantizer)) / n
+    print("bytes/vector: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()), flush=True)
+    return graph + index._labels.nbytes + index._alive.nbytes + index._where.memory_bytes()
+
+
 def card_params(card: dict[str, Any]) -> str:
-    keys = ("m", "ef_search", "nlist", "pq_m", "nbits", "nprobe", "rerank")
-    return " ".join(f"{k}={card[k]}" for k in keys if k in card)
+    keys = ("m", "ef_search", "nlist", "pq_m", "nbits", "nprobe", "rerank", "pca")
+    return " ".join(f"{k}={card[k]}" for k in keys if card.get(k))
 
 
 if __name__ == "__main__":

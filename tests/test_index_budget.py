@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from snapshop.catalog.catalog import create_catalog, open_catalog, reindex_catalog
 from snapshop.cli import app
 from snapshop.config import read_json, write_json
-from snapshop.errors import CatalogError
+from snapshop.errors import CatalogError, VectorIndexError
 from snapshop.index import IdFilter, create_index, filtering, load_index, save_index
 from snapshop.index.choose import (
     IndexBudget,
@@ -423,3 +423,34 @@ def test_filter_resolver_follows_product_edits(tmp_path: Path) -> None:
         assert set(hits.ids[0].tolist()) <= set(moved.ids.tolist())
     finally:
         cat.close()
+
+
+# --- PCA before the codes ------------------------------------------------------------------
+def test_ivfpq_with_pca_reranks_from_the_full_vectors_and_reloads(tmp_path: Path) -> None:
+    """Codes over 16 principal dimensions of 32-d vectors find the candidates; the scores are
+    still exact 32-d inner products (re-ranked from the float vectors), recall stays high, and
+    the projection travels with the saved index."""
+    rng = np.random.default_rng(21)
+    vecs = product_like(rng, 6000, 32, clusters=80)
+    ids = np.arange(6000, dtype=np.int64)
+    index = create_index("ivfpq", 32, nlist=64, pq_m=8, nprobe=16, pca=16)
+    index.add(ids, vecs)
+    q = product_like(np.random.default_rng(22), 40, 32, clusters=80)
+    hits = index.search(q, 10)
+    truth = np.argsort(-(q @ vecs.T), axis=1, kind="stable")[:, :10]
+    assert recall(hits.ids, truth) >= 0.9
+    np.testing.assert_allclose(
+        hits.scores, np.take_along_axis(q @ vecs.T, hits.ids, axis=1), atol=1e-5
+    )
+    # the 16-d codes alone rank worse than after the exact re-rank: the re-rank is doing work
+    coarse = index._index.search(q, 10)[1]
+    assert recall(coarse, truth) < recall(hits.ids, truth)
+    save_index(index, tmp_path / "p.faiss")
+    loaded, card = load_index(tmp_path / "p.faiss")
+    assert card["pca"] == 16
+    np.testing.assert_array_equal(loaded.search(q, 10).ids, hits.ids)
+    assert loaded.fixed_bytes() < create_index("ivfpq", 32, nlist=64, pq_m=8).fixed_bytes() * 2
+    with pytest.raises(VectorIndexError, match="pca"):
+        create_index("ivfpq", 32, pca=32)
+    with pytest.raises(VectorIndexError, match="pq_m must divide the dimension 12"):
+        create_index("ivfpq", 32, pca=12, pq_m=8)

@@ -77,8 +77,9 @@ class ProductVectors:
     def __init__(self, catalog: Catalog, *, save: bool = True) -> None:
         self.catalog = catalog
         self.dim = catalog.dim
-        self.path = catalog.directory / "index" / CACHE_FILE
-        self._save_enabled = save
+        # a server catalog has no disk of its own here: its vectors are computed on open
+        self.path = None if catalog.is_server else catalog.directory / "index" / CACHE_FILE
+        self._save_enabled = save and self.path is not None
         self._lock = threading.RLock()
         self._groups: dict[str, _Group] = {}
         self._indexes: dict[str, FlatIndex] = {}
@@ -181,7 +182,7 @@ class ProductVectors:
             if changed:
                 self._by_owner.clear()
             save = self._save_enabled if save is None else save and self._save_enabled
-            if save and (changed or not self.path.exists()):
+            if save and self.path is not None and (changed or not self.path.exists()):
                 self._save()
             return True
 
@@ -259,7 +260,7 @@ class ProductVectors:
 
     # --- the cache file -----------------------------------------------------------------
     def _load(self) -> None:
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return
         try:
             with np.load(self.path, allow_pickle=False) as data:
@@ -281,6 +282,8 @@ class ProductVectors:
         self._groups, self._generation = groups, generation
 
     def _save(self) -> None:
+        if self.path is None:
+            return
         arrays: dict[str, NDArray] = {
             "format": np.array(FORMAT), "dim": np.array(self.dim),
             "model_id": np.array(self.catalog.model_id),

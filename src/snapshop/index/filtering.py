@@ -10,7 +10,8 @@ backend does that below ``exact_max`` vectors: correct at any selectivity.
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +19,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 # Exact scan of the allowed vectors while it reads at most this many bytes: 31k vectors of
-# 256-d, 6k of 1280-d. At 1M x 512, 1 % allowed (20 MB), the scan took 8.5 ms p50 with recall
-# 1.000, where IVF-PQ with a selector took 9.0 ms for recall .769 (docs/benchmarks/index.md).
+# 256-d, 6k of 1280-d. At 1M x 512, 1 % allowed (20 MB), the scan read in place takes ~1 ms
+# with recall 1.000, where IVF-PQ with a selector took 9.0 ms for recall .769
+# (docs/benchmarks/index.md).
 EXACT_FILTER_BYTES = 32_000_000
 EXACT_FILTER_MIN = 1024  # however wide the vectors, this many are always scanned exactly
 
@@ -38,6 +40,28 @@ class IdFilter:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+# A query or a few run on one OpenMP thread. Requests already arrive on parallel threads, and a
+# team of 2 per search makes OpenMP spin on a busy 2-core machine: at load average 3.6, one
+# query over 641 x 512 took 24 ms with 2 threads and 0.3 ms with 1; over 100k x 256, 40 vs 18 ms.
+SINGLE_THREAD_MAX_QUERIES = 16
+
+
+@contextmanager
+def omp_threads(n: int) -> Iterator[None]:
+    """Run faiss with ``n`` OpenMP threads on the calling thread (the setting is per thread)."""
+    import faiss
+
+    previous = faiss.omp_get_max_threads()
+    if previous == n:
+        yield
+        return
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def exact_filter_max(dim: int) -> int:
@@ -102,7 +126,7 @@ def inner_products(vectors: NDArray[np.float32], queries: NDArray[np.float32]) -
     """(Q, M) inner products. A few queries go through faiss' single-threaded SIMD kernel:
     numpy's OpenBLAS threads a (1, d) x (d, M) product, which on the busy 2-core machine took
     2.5-16 ms instead of 0.05 ms for M = 2000, d = 256."""
-    if len(queries) > 16:
+    if len(queries) > SINGLE_THREAD_MAX_QUERIES:
         return queries @ vectors.T
     import faiss
 
@@ -115,25 +139,83 @@ def inner_products(vectors: NDArray[np.float32], queries: NDArray[np.float32]) -
     return out
 
 
-def exact_top_k(
-    vectors: NDArray[np.float32], labels: NDArray[np.int64], queries: NDArray[np.float32], k: int
+def inner_products_at(
+    store: NDArray[np.float32], rows: NDArray[np.int64], queries: NDArray[np.float32]
+) -> NDArray[np.float32]:
+    """(Q, len(rows)) inner products of ``queries`` with ``store[rows]``, reading the rows in
+    place (``store``: a C-contiguous (N, d) float32 array, memory-mapped or not).
+
+    Gathering the rows first copied them: at 1M x 512, 10,000 scattered rows out of the
+    memory-mapped float file took 2-5 ms to gather, then 0.8 ms to score; scored in place
+    (faiss ``fvec_inner_products_by_idx`` on one thread) they take ~1 ms in all. Many queries
+    gather once and go through BLAS."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(store)):
+        raise IndexError("row outside the store")  # the kernel does not check
+    if len(queries) > SINGLE_THREAD_MAX_QUERIES or not (
+        store.flags.c_contiguous and store.dtype == np.float32
+    ):
+        return inner_products(np.asarray(store[rows], dtype=np.float32), queries)
+    import faiss
+
+    out = np.empty((len(queries), len(rows)), np.float32)
+    dim = store.shape[1]
+    # one thread: the kernel parallelises over queries (one here) and a team of 2 spun on the
+    # shared machine (p50 8.8 ms against 1.1 ms with one thread)
+    with omp_threads(1):
+        for row, query in enumerate(queries):
+            faiss.fvec_inner_products_by_idx(
+                faiss.swig_ptr(out[row]),
+                faiss.swig_ptr(query),
+                faiss.swig_ptr(store),
+                faiss.swig_ptr(rows),
+                dim,
+                1,
+                len(rows),
+            )
+    return out
+
+
+def top_k_of_scores(
+    scores: NDArray[np.float32], labels: NDArray[np.int64], k: int
 ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-    """Top-``k`` of ``queries`` (Q, d) over ``vectors`` (M, d) labelled ``labels`` (M,), padded
-    with (-inf, -1); ties keep the lower position (a stable order)."""
-    q = len(queries)
+    """Top-``k`` of ``scores`` (Q, M) as (scores, labels), padded with (-inf, -1); ties keep
+    the lower position (a stable order)."""
+    q, m = scores.shape
     scores_out = np.full((q, k), -np.inf, np.float32)
     ids_out = np.full((q, k), -1, np.int64)
-    if len(vectors) == 0 or q == 0:
+    if m == 0 or q == 0:
         return scores_out, ids_out
-    scores = inner_products(vectors, queries)
-    kk = min(k, len(vectors))
-    if kk < len(vectors):
+    kk = min(k, m)
+    if kk < m:
         part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
     else:
-        part = np.broadcast_to(np.arange(len(vectors)), (q, len(vectors)))
+        part = np.broadcast_to(np.arange(m), (q, m))
     top = np.take_along_axis(scores, part, axis=1)
     order = np.lexsort((part, -top), axis=1)
     best = np.take_along_axis(part, order, axis=1)
     scores_out[:, :kk] = np.take_along_axis(scores, best, axis=1)
     ids_out[:, :kk] = labels[best]
     return scores_out, ids_out
+
+
+def exact_top_k(
+    vectors: NDArray[np.float32], labels: NDArray[np.int64], queries: NDArray[np.float32], k: int
+) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """Top-``k`` of ``queries`` (Q, d) over ``vectors`` (M, d) labelled ``labels`` (M,), padded
+    with (-inf, -1); ties keep the lower position (a stable order)."""
+    if len(vectors) == 0 or len(queries) == 0:
+        return top_k_of_scores(np.zeros((len(queries), 0), np.float32), labels, k)
+    return top_k_of_scores(inner_products(vectors, queries), labels, k)
+
+
+def exact_top_k_at(
+    store: NDArray[np.float32],
+    rows: NDArray[np.int64],
+    labels: NDArray[np.int64],
+    queries: NDArray[np.float32],
+    k: int,
+) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """:func:`exact_top_k` over ``store[rows]`` (labelled ``labels``), read in place."""
+    return top_k_of_scores(inner_products_at(store, rows, queries), labels, k)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,36 +13,21 @@ from numpy.typing import NDArray
 
 from snapshop.index.base import SearchHits, check_ids, check_vectors
 from snapshop.index.filtering import (
+    SINGLE_THREAD_MAX_QUERIES,
     IdFilter,
     NodeSelection,
     SelectionCache,
     exact_filter_max,
-    exact_top_k,
+    exact_top_k_at,
+    omp_threads,
     select_nodes,
 )
+
+__all__ = ["SINGLE_THREAD_MAX_QUERIES", "FlatIndex", "omp_threads", "write_faiss_atomic"]
 
 # faiss only uses BLAS for batches over this many queries; the default (20) routes small
 # batches through a slow scalar path on these CPUs (see shared/NOTES.md).
 faiss.cvar.distance_compute_blas_threshold = 1
-
-# A query or a few run on one OpenMP thread. Requests already arrive on parallel threads, and a
-# team of 2 per search makes OpenMP spin on a busy 2-core machine: at load average 3.6, one
-# query over 641 x 512 took 24 ms with 2 threads and 0.3 ms with 1; over 100k x 256, 40 vs 18 ms.
-SINGLE_THREAD_MAX_QUERIES = 16
-
-
-@contextmanager
-def omp_threads(n: int) -> Iterator[None]:
-    """Run faiss with ``n`` OpenMP threads on the calling thread (the setting is per thread)."""
-    previous = faiss.omp_get_max_threads()
-    if previous == n:
-        yield
-        return
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
 
 
 def write_faiss_atomic(index: faiss.Index, path: Path) -> None:
@@ -107,9 +90,10 @@ class FlatIndex:
             return SearchHits(np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64))
         selection = self._select(allowed) if allowed is not None else None
         if selection is not None and len(selection.nodes) <= exact_filter_max(self.dim):
-            rows = self._stored()[selection.nodes]
             labels = faiss.rev_swig_ptr(self._index.id_map.data(), len(self))
-            scores, ids = exact_top_k(rows, np.asarray(labels)[selection.nodes], queries, k)
+            scores, ids = exact_top_k_at(
+                self._stored(), selection.nodes, np.asarray(labels)[selection.nodes], queries, k
+            )
             return SearchHits(scores, ids)
         params = None
         if selection is not None:

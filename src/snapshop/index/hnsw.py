@@ -27,7 +27,7 @@ from snapshop.index.filtering import (
     IdFilter,
     SelectionCache,
     exact_filter_max,
-    exact_top_k,
+    exact_top_k_at,
     select_nodes,
 )
 
@@ -190,8 +190,9 @@ class HNSWIndex:
         if allowed is not None:
             selection = self._selection(allowed)
             if len(selection.nodes) <= exact_filter_max(self.dim):
-                rows = self._storage()[selection.nodes]
-                scores, ids = exact_top_k(rows, self._labels[selection.nodes], queries, k)
+                scores, ids = exact_top_k_at(
+                    self._storage(), selection.nodes, self._labels[selection.nodes], queries, k
+                )
                 return SearchHits(scores, ids)
             kk = min(kk, len(selection.nodes))
         scores, nodes = self._index.search(queries, kk, params=self._params(kk, allowed))
@@ -201,8 +202,9 @@ class HNSWIndex:
         short = valid.sum(axis=1) < kk
         if allowed is not None and short.any():
             # A selective filter can strand the beam among non-matching nodes: scan exactly.
-            rows = self._storage()[selection.nodes]
-            s, i = exact_top_k(rows, self._labels[selection.nodes], queries[short], k)
+            s, i = exact_top_k_at(
+                self._storage(), selection.nodes, self._labels[selection.nodes], queries[short], k
+            )
             scores_out[short], ids_out[short] = s, i
         return SearchHits(scores_out, ids_out)
 

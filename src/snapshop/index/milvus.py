@@ -8,6 +8,12 @@ written to disk. ``save(path)`` writes a JSON pointer (uri, collection, paramete
 
 On a server, ``index_type="HNSW"`` (with ``m``/``ef_construction``) builds an HNSW index;
 ``efSearch`` is raised to at least ``k`` so large fetches keep their recall.
+
+Filters run inside Milvus as a boolean expression over the primary key (``id in [...]``),
+which Milvus applies during the vector search. An expression holds at most ``MAX_EXPR_IDS``
+ids; a larger allowed set is first answered by one deeper unfiltered search kept to the
+allowed ids (the first k allowed of the unfiltered ranking are the filtered top-k), and the
+queries that finds too few for are searched chunk by chunk of the allowed ids and merged.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from numpy.typing import NDArray
 
 from snapshop.config import read_json, write_json
 from snapshop.index.base import SearchHits, check_ids, check_vectors
+from snapshop.index.filtering import IdFilter
 
 FORMAT = "snapshop-milvus/1"
 TOKEN_ENV = "SNAPSHOP_MILVUS_TOKEN"
@@ -30,6 +37,7 @@ URI_ENV = "SNAPSHOP_MILVUS_URI"
 MAX_TOPK = 16384  # Milvus' limit on one search
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _CHUNK = 1000
+MAX_EXPR_IDS = 5000  # ids in one filter expression (~40 kB of text)
 
 
 def _is_local(uri: str) -> bool:
@@ -40,6 +48,7 @@ class MilvusIndex:
     """Vectors in a Milvus collection ``(id INT64 primary key, vector FLOAT_VECTOR(dim))``."""
 
     kind = "milvus"
+    filters_inside = True
 
     def __init__(
         self,
@@ -117,15 +126,56 @@ class MilvusIndex:
             self._client.delete(self.collection, ids=present[s : s + _CHUNK])
         return len(present)
 
-    def search(self, queries: NDArray[np.float32], k: int) -> SearchHits:
+    def search(
+        self, queries: NDArray[np.float32], k: int, allowed: IdFilter | None = None
+    ) -> SearchHits:
+        """Top-``k``; ``allowed`` limits the result to those ids, as a Milvus expression."""
         queries = check_vectors(queries, self.dim)
         if k < 1:
             raise ValueError("k must be >= 1")
-        scores = np.full((len(queries), k), -np.inf, np.float32)
-        ids = np.full((len(queries), k), -1, np.int64)
-        if len(queries) == 0:
-            return SearchHits(scores, ids)
         limit = min(k, MAX_TOPK)
+        if len(queries) == 0 or (allowed is not None and len(allowed) == 0):
+            return SearchHits(*_empty(len(queries), k))
+        if allowed is None:
+            return SearchHits(*_pad(*self._search(queries, limit), k))
+        if len(allowed) <= MAX_EXPR_IDS:
+            return SearchHits(*_pad(*self._search(queries, limit, _id_in(allowed.ids)), k))
+        scores, ids = _empty(len(queries), limit)
+        fraction = len(allowed) / max(len(self), 1)
+        deep = int(min(MAX_TOPK, max(4 * limit, np.ceil(2 * limit / fraction))))
+        wide_scores, wide_ids = self._search(queries, deep)
+        keep = np.isin(wide_ids, allowed.ids) & (wide_ids >= 0)
+        short = np.zeros(len(queries), bool)
+        for row in range(len(queries)):
+            got = np.flatnonzero(keep[row])[:limit]
+            scores[row, : len(got)], ids[row, : len(got)] = (
+                wide_scores[row, got],
+                wide_ids[row, got],
+            )
+            # fewer than k allowed among the deep results, and the index held more than those
+            short[row] = len(got) < limit and (wide_ids[row] >= 0).all()
+        if short.any():
+            scores[short], ids[short] = self._search_chunks(queries[short], limit, allowed)
+        return SearchHits(*_pad(scores, ids, k))
+
+    def _search_chunks(
+        self, queries: NDArray[np.float32], limit: int, allowed: IdFilter
+    ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        """Top-``limit`` over the allowed ids, one expression of MAX_EXPR_IDS ids at a time."""
+        parts = [
+            self._search(queries, limit, _id_in(allowed.ids[s : s + MAX_EXPR_IDS]))
+            for s in range(0, len(allowed), MAX_EXPR_IDS)
+        ]
+        scores = np.concatenate([p[0] for p in parts], axis=1)
+        ids = np.concatenate([p[1] for p in parts], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :limit]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+    def _search(
+        self, queries: NDArray[np.float32], limit: int, expression: str = ""
+    ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        """(Q, limit) scores and ids, padded with (-inf, -1)."""
+        scores, ids = _empty(len(queries), limit)
         params: dict[str, Any] = {"metric_type": "IP"}
         if self.index_type == "HNSW":
             params["params"] = {"ef": max(self.ef_search, limit)}
@@ -133,6 +183,7 @@ class MilvusIndex:
             self.collection,
             data=queries.tolist(),
             limit=limit,
+            filter=expression,
             output_fields=["id"],
             search_params=params,
         )
@@ -141,7 +192,7 @@ class MilvusIndex:
             if n:
                 ids[qi, :n] = [int(h["id"]) for h in hits]
                 scores[qi, :n] = [float(h["distance"]) for h in hits]
-        return SearchHits(scores, ids)
+        return scores, ids
 
     def ids(self) -> NDArray[np.int64]:
         out: list[int] = []
@@ -203,3 +254,22 @@ class MilvusIndex:
             "collection": self.collection,
             "index_type": self.index_type,
         }
+
+
+def _id_in(ids: NDArray[np.int64]) -> str:
+    return f"id in {ids.tolist()}"
+
+
+def _empty(q: int, k: int) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    return np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64)
+
+
+def _pad(
+    scores: NDArray[np.float32], ids: NDArray[np.int64], k: int
+) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """Widen (Q, limit) results to (Q, k) (k above Milvus' top-k limit gets padding)."""
+    if scores.shape[1] == k:
+        return scores, ids
+    out_scores, out_ids = _empty(len(scores), k)
+    out_scores[:, : scores.shape[1]], out_ids[:, : ids.shape[1]] = scores, ids
+    return out_scores, out_ids

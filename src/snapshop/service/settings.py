@@ -23,7 +23,7 @@ class ServiceSettings:
     ``api_key`` None disables the write endpoints (they answer 403).
     """
 
-    catalog_dir: Path
+    catalog_dir: Path | str  # a directory, or a server catalog's PostgreSQL URI
     model: str | None = None
     detector: str | None = None
     api_key: str | None = field(default=None, repr=False)
@@ -44,7 +44,10 @@ class ServiceSettings:
     ranking: str = field(default_factory=lambda: ranking_from_env())
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "catalog_dir", Path(self.catalog_dir))
+        from snapshop.catalog.server import is_server_target
+
+        if not is_server_target(self.catalog_dir):
+            object.__setattr__(self, "catalog_dir", Path(self.catalog_dir))
         if self.api_key is not None and len(self.api_key) < 8:
             raise ConfigError("the API key must be at least 8 characters long")
         positive = (
