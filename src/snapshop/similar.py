@@ -2,9 +2,9 @@
 
 Nothing is re-embedded. A product's image vectors query the image index and its garment crop
 vectors query the crop index of their position; a candidate product scores the best
-similarity between any of the product's vectors and any of the candidate's (the same
-best-image-per-product ranking a photo search uses, with several query vectors instead of
-one). The product itself is never a result.
+similarity between any of the product's vectors and any of the candidate's (a photo search's
+``ranking="image"``, with several query vectors instead of one). The product itself is never
+a result.
 """
 
 from __future__ import annotations
