@@ -528,6 +528,16 @@ def test_pg_schema_has_vector_columns_and_hnsw_indexes(pg_database: str) -> None
 
 
 @pytest.mark.server
+def test_pg_closed_store_stays_closed(pg_database: str) -> None:
+    store = open_store(pg_database, dim=DIM)
+    store.close()
+    with pytest.raises(CatalogError, match="closed"):
+        store.counts()  # not silently reconnected
+    with pytest.raises(CatalogError, match="closed"), store.transaction():
+        pass
+
+
+@pytest.mark.server
 def test_pg_dim_comes_from_the_database(pg_database: str) -> None:
     with pytest.raises(CatalogError, match="dim"):
         open_store(pg_database)  # a new server catalog cannot guess its vector columns
@@ -585,6 +595,17 @@ def test_unreachable_server_is_one_clear_line() -> None:
     assert "\n" not in message and "s3cret" not in message
     assert message.startswith("postgresql://shop:***@127.0.0.1:1/catalog")
     assert "unreachable" in message and "refused" in message
+
+
+def test_server_catalog_without_psycopg_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg -> ImportError
+    with pytest.raises(CatalogError, match=r"snapshop\[pgvector\]") as raised:
+        open_store("postgresql://shop:s3cret@db.example/catalog", dim=DIM)
+    assert "s3cret" not in str(raised.value)
 
 
 @pytest.mark.server

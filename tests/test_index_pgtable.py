@@ -66,7 +66,7 @@ class Filled:
 @pytest.fixture(scope="module")
 def filled(pg_dsn: str) -> Iterator[Filled]:
     import psycopg
-    from conftest import dsn_with_database
+    from pg_helpers import dsn_with_database
 
     with psycopg.connect(pg_dsn, autocommit=True) as admin:
         admin.execute("CREATE DATABASE snapshop_pgtable")

@@ -91,7 +91,7 @@ def render_ddl(template: str, engine: str, dim: int | None) -> list[str]:
 
 
 # --- rows --------------------------------------------------------------------------------
-class Row(tuple):  # type: ignore[type-arg]
+class Row(tuple[Any, ...]):
     """A result row read by position or by column name (like ``sqlite3.Row``)."""
 
     __slots__ = ()
@@ -231,13 +231,20 @@ class PostgresDatabase(Database):
     vector_dtype = ">f4"  # pgvector's binary format is big-endian float32
 
     def __init__(self, dsn: str, readonly: bool = False) -> None:
-        import psycopg
+        try:
+            import psycopg
+        except ImportError:
+            raise CatalogError(
+                f"{mask_dsn(dsn)}: a PostgreSQL catalog needs psycopg"
+                " (pip install 'snapshop[pgvector]')"
+            ) from None
 
         self._psycopg = psycopg
         self.dsn = dsn
         self.location = mask_dsn(dsn)
         self.readonly = readonly
         self.in_transaction = False
+        self.closed = False  # by close(): never reconnected
         self._vector_oid: int | None = None
         self._conn: Any = None
         self._connect()
@@ -246,10 +253,12 @@ class PostgresDatabase(Database):
     def _connect(self) -> None:
         psycopg = self._psycopg
         try:
+            timeout = (
+                {} if "connect_timeout" in self.dsn else {"connect_timeout": CONNECT_TIMEOUT_S}
+            )
             conn = psycopg.connect(
-                self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                row_factory=_pg_row_factory,
-            )  # fmt: skip
+                self.dsn, autocommit=True, row_factory=_pg_row_factory, **timeout
+            )
         except psycopg.Error as exc:
             raise CatalogUnavailableError(
                 f"{self.location}: catalog database unreachable: {_connect_reason(exc)}"
@@ -267,8 +276,8 @@ class PostgresDatabase(Database):
         from psycopg.adapt import Dumper, Loader
         from psycopg.pq import Format
 
-        row = conn.execute("SELECT oid FROM pg_type WHERE typname = 'vector'").fetchone()
-        if row is None:
+        row = conn.execute("SELECT to_regtype('vector')::oid").fetchone()
+        if row is None or row[0] is None:
             return
         self._vector_oid = oid = int(row[0])
 
@@ -301,6 +310,8 @@ class PostgresDatabase(Database):
         return self._conn is None or self._conn.closed or self._conn.broken
 
     def _reconnect_if_broken(self) -> None:
+        if self.closed:
+            raise CatalogError(f"{self.location}: the catalog store is closed")
         if self.broken and not self.in_transaction:
             log.warning("%s: connection lost, reconnecting", self.location)
             old, self._conn = self._conn, None
@@ -363,6 +374,7 @@ class PostgresDatabase(Database):
             log.warning("%s: rollback failed (%s)", self.location, exc)
 
     def close(self) -> None:
+        self.closed = True
         if self._conn is not None:
             self._conn.close()
 

@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.catalog.migrations import HNSW_EF_CONSTRUCTION, HNSW_M
+from snapshop.catalog.sql import PostgresDatabase
 from snapshop.errors import CatalogUnavailableError, VectorIndexError
 from snapshop.index.base import SearchHits, check_ids, check_vectors
 from snapshop.index.filtering import IdFilter
@@ -70,7 +71,9 @@ class CatalogTableIndex:
         self.table, self.position, self.ef_search = table, position, ef_search
         self.location = store.location
         self._lock = threading.Lock()
-        self._db = store.open_reader()
+        reader = store.open_reader()
+        assert isinstance(reader, PostgresDatabase)
+        self._db = reader
         where = "WHERE position = %(position)s" if position is not None else "WHERE true"
         self._where = where
         self._table = sql.Identifier(table)
