@@ -3,6 +3,7 @@ after the driver is killed, and a local Ray that ends with its driver."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -19,13 +20,18 @@ from typing import Any
 import numpy as np
 import pytest
 from catalog_helpers import check_catalog_dir, db_rows, make_images, shop_csv, write_csv
+from PIL import Image
 from test_ingest_lifetime import session_members
 from typer.testing import CliRunner
 
 from snapshop import api
+from snapshop.catalog.catalog import open_catalog
 from snapshop.cli import app
-from snapshop.errors import ConfigError
-from snapshop.ingest_ray import RayConfig, actor_options, import_ray
+from snapshop.data.sources import read_source
+from snapshop.errors import ConfigError, IngestError
+from snapshop.ingest import Ingestor
+from snapshop.ingest_ray import RayConfig, actor_options, import_ray, ingest_on_ray
+from snapshop.models.embedder import Embedder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -303,12 +309,6 @@ def test_a_killed_actor_is_replaced_and_nothing_is_lost(
 def test_ray_into_a_server_catalog_stores_thumbnails_and_the_same_vectors(
     tmp_path: Path, lite0_model_dir: Path, ray_local: Any, pg_database: str
 ) -> None:
-    import io
-
-    from PIL import Image
-
-    from snapshop.catalog.catalog import open_catalog
-
     make_images(tmp_path / "shop", n_products=2, per_product=3, size=400)
     ray_report = api.index_source(
         tmp_path / "shop", pg_database, model=str(lite0_model_dir), ray=RayConfig()
@@ -328,3 +328,18 @@ def test_ray_into_a_server_catalog_stores_thumbnails_and_the_same_vectors(
                 assert image.blob is None
                 want = expected[(product.sku, image.sha256)][0]
                 assert np.max(np.abs(stored[image.id] - want)) <= 1e-5
+
+
+@pytest.mark.ray
+def test_an_actor_that_cannot_start_is_one_clear_error(
+    tmp_path: Path, lite0_model_dir: Path, ray_local: Any
+) -> None:
+    make_images(tmp_path / "shop", n_products=1, per_product=2, size=32)
+    embedder = Embedder(lite0_model_dir)
+    catalog = api.open_or_create_catalog(tmp_path / "cat", embedder, str(lite0_model_dir))
+    records = read_source(tmp_path / "shop")
+    with catalog, pytest.raises(IngestError, match=r"ModelError: .*nowhere: no model\.json"):
+        ingest_on_ray(
+            Ingestor(catalog, embedder), records, RayConfig(), model_dir=str(tmp_path / "nowhere")
+        )
+    assert check_catalog_dir(tmp_path / "cat")["images"] == 0

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -279,14 +280,24 @@ def ingest_on_ray(
                     watchdog.watch_descendants()  # the actors, started by now
                 yield _received(ingestor, source, batch, report), len(batch["id"])
         except ray.exceptions.RayError as exc:
-            lines = str(exc).strip().splitlines() or [type(exc).__name__]
             raise IngestError(
-                f"the Ray job failed ({lines[0]}); the {report.added} images added so far are"
-                " kept: run the ingest again to continue"
+                f"the Ray job failed ({_root_cause(exc)}); the {report.added} images added so"
+                " far are kept: run the ingest again to continue"
             ) from exc
 
     with ExitStack() as connection:  # Ray ends with the ingest, however it ends
         return ingestor.ingest_batches(records, runner, progress, sync)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The last ``SomeError: message`` line of a Ray error's text (the worker's traceback
+    comes inside it, coloured), else its first line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
+    if errors:
+        return re.sub(r"^(\w+\.)+", "", errors[-1])  # snapshop.errors.ModelError -> ModelError
+    return lines[0] if lines else type(exc).__name__
 
 
 def _received(
