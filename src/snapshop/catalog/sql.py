@@ -144,8 +144,9 @@ class Cursor(Protocol):
 class Database:
     """One connection to a catalog database. Not thread-safe: the store serialises calls.
 
-    ``execute`` runs one statement (``?`` placeholders) and returns a cursor whose rows read
-    by position and by name. Driver errors come out as :mod:`snapshop.errors` types.
+    ``execute`` runs one statement (``?`` placeholders, so no literal ``?`` in the SQL text:
+    pass such values as parameters) and returns a cursor whose rows read by position and by
+    name. Driver errors come out as :mod:`snapshop.errors` types.
     """
 
     engine: str
