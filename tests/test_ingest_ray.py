@@ -252,3 +252,79 @@ def test_kill_9_of_the_driver_ends_local_ray_and_the_rerun_completes(
     api.index_source(tmp_path / "shop", tmp_path / "clean", model=str(lite0_model_dir), workers=0)
     assert_same_catalogs(cat, tmp_path / "clean")
     assert check_catalog_dir(cat) == {"products": 6, "images": total, "crops": 0}
+
+
+class SlowDetector:
+    """Finds nothing, slowly: keeps the actors busy while a test kills one of them."""
+
+    name = "slow"
+
+    def detect(self, image: Any) -> list[Any]:
+        time.sleep(0.15)
+        return []
+
+
+def actor_pids() -> set[int]:
+    """Live pool actors of this session's Ray (their process title names the mapper)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"IndexActor" in (entry / "cmdline").read_bytes():
+                pids.add(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.ray
+def test_a_killed_actor_is_replaced_and_nothing_is_lost(
+    tmp_path: Path, lite0_model_dir: Path, ray_local: Any
+) -> None:
+    ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # SlowDetector
+    make_images(tmp_path / "shop", n_products=4, per_product=6, size=48)
+    killed: list[int] = []
+
+    def kill_one_actor(n: int) -> None:
+        if not killed and (pids := actor_pids()):
+            killed.append(min(pids))
+            os.kill(killed[0], signal.SIGKILL)
+
+    report = api.index_source(
+        tmp_path / "shop", tmp_path / "cat", model=str(lite0_model_dir), detector=SlowDetector(),
+        batch_size=4, ray=RayConfig(), progress=kill_one_actor,
+    )  # fmt: skip
+    assert killed and killed[0] not in actor_pids()
+    assert report.added == 24 and not report.failed
+    assert check_catalog_dir(tmp_path / "cat") == {"products": 4, "images": 24, "crops": 0}
+
+
+@pytest.mark.ray
+@pytest.mark.server
+def test_ray_into_a_server_catalog_stores_thumbnails_and_the_same_vectors(
+    tmp_path: Path, lite0_model_dir: Path, ray_local: Any, pg_database: str
+) -> None:
+    import io
+
+    from PIL import Image
+
+    from snapshop.catalog.catalog import open_catalog
+
+    make_images(tmp_path / "shop", n_products=2, per_product=3, size=400)
+    ray_report = api.index_source(
+        tmp_path / "shop", pg_database, model=str(lite0_model_dir), ray=RayConfig()
+    )
+    local = api.index_source(tmp_path / "shop", tmp_path / "cat", model=str(lite0_model_dir))
+    assert ray_report.added == local.added == 6
+    expected = image_vectors(tmp_path / "cat")
+    with open_catalog(pg_database) as catalog:
+        assert catalog.is_server and catalog.counts()["images"] == 6
+        stored = {}
+        for ids, vecs in catalog.store.iter_vectors("images", catalog.dim):
+            stored.update(zip(ids.tolist(), vecs, strict=True))
+        for product in catalog.list_products():
+            for image in catalog.images_of(product.id):
+                data, media = catalog.stored_thumbnail(image)
+                assert media == "image/jpeg" and max(Image.open(io.BytesIO(data)).size) <= 320
+                assert image.blob is None
+                want = expected[(product.sku, image.sha256)][0]
+                assert np.max(np.abs(stored[image.id] - want)) <= 1e-5

@@ -25,6 +25,8 @@ def assert_matches_store(pv: ProductVectors, directory: Path) -> None:
             assert np.allclose(vec, want[pid], atol=1e-5)
         index = pv.index(position)
         assert sorted(index.ids().tolist()) == sorted(want)
+        for pid, vec in zip(index.ids().tolist(), index.vectors(), strict=True):
+            assert np.allclose(vec, want[pid], atol=1e-5)  # an index updated in place too
 
 
 def test_mean_pool() -> None:
@@ -167,5 +169,23 @@ def test_refresh_without_saving_keeps_the_file(tmp_path: Path) -> None:
         assert_matches_store(pv, directory)
         assert_matches_store(ProductVectors(catalog, save=False), directory)
         assert cache.read_bytes() == saved
+    finally:
+        catalog.close()
+
+
+def test_refresh_sees_writes_no_index_knows_yet(tmp_path: Path) -> None:
+    """Another process's write reaches only the store: the refresh brings the catalog's
+    indexes (whose ids it reads) up first."""
+    from catalog_helpers import add_vectors
+
+    directory = tmp_path / "cat"
+    catalog = new_catalog(directory)
+    try:
+        fill_shop(catalog, 5, seed=2)
+        pv = ProductVectors(catalog)
+        add_vectors(catalog, unit(np.random.default_rng(7), 2), sku="elsewhere")
+        assert pv.refresh()
+        assert_matches_store(pv, directory)
+        assert product_ids(directory)["elsewhere"] in pv.vectors()[0].tolist()
     finally:
         catalog.close()

@@ -566,6 +566,10 @@ def test_product_ranking_follows_writes_without_reopening(tmp_path: Path) -> Non
 
         catalog.remove_product(before[1][0])
         assert len(check(k=50)) == 4
+
+        add_vectors(catalog, np.stack([q, q]), sku="other-writer")  # the store only, as
+        top = check(k=50)[0]  # another process writes: no index knows it yet
+        assert top[0] == catalog.find_product("other-writer").id and top[1] > 0.9999
     finally:
         catalog.close()
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 from PIL import Image
 from service_fixtures import API_KEY, free_port, live_serve
@@ -131,3 +132,96 @@ def test_unreachable_database_is_one_clear_line_and_exit_1(tmp_path: Path) -> No
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "127.0.0.1" in lines[0] and "Traceback" not in done.stderr
     assert "s3cret-pw" not in done.stderr + done.stdout
+
+
+def _index_command(manifest: Path, uri: str) -> list[str]:
+    return [sys.executable, "-c", "from snapshop.cli import app; app()", "index", str(manifest),
+            "--catalog", uri, "--model", "efficientnet_lite0", "--detector", "none",
+            "--workers", "0", "--batch-size", "4"]  # fmt: skip
+
+
+def test_the_same_source_indexed_twice_at_once_makes_no_duplicates(
+    pg_database: str, tmp_path: Path
+) -> None:
+    """Two processes index one source into one new server catalog at the same time: the
+    catalog is created once, and every image is in it exactly once."""
+    from snapshop.catalog.catalog import open_catalog
+    from snapshop.demo import generate_demo_catalog
+
+    manifest, _ = generate_demo_catalog(tmp_path / "src", n_products=5, images_per_product=2)
+    procs = [subprocess.Popen(_index_command(manifest, pg_database), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    with open_catalog(pg_database) as catalog:
+        assert catalog.counts()["products"] == 5 and catalog.counts()["images"] == 10
+        shas = [i.sha256 for p in catalog.list_products() for i in catalog.images_of(p.id)]
+        assert len(shas) == len(set(shas)) == 10
+
+
+def _cut_connections(pg_dsn: str, database: str) -> None:
+    import psycopg
+
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                      " WHERE datname = %s", (database,))  # fmt: skip
+
+
+INGEST = {"model": "efficientnet_lite0", "detector": "none", "workers": 0, "batch_size": 4}
+
+
+def test_connections_dropped_between_batches_are_reopened(
+    pg_database: str, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from snapshop import api
+    from snapshop.demo import generate_demo_catalog
+    from snapshop.ingest import Ingestor
+
+    manifest, _ = generate_demo_catalog(tmp_path / "src", n_products=6, images_per_product=2)
+    real_commit, commits = Ingestor.commit, {"n": 0}
+
+    def commit(self, batch, report):  # type: ignore[no-untyped-def]
+        commits["n"] += 1
+        if commits["n"] == 2:
+            _cut_connections(pg_dsn, urlsplit(pg_database).path.lstrip("/"))
+        return real_commit(self, batch, report)
+
+    monkeypatch.setattr(Ingestor, "commit", commit)
+    report = api.index_source(manifest, pg_database, **INGEST)
+    assert commits["n"] == 3 and report.added == 12 and not report.failed
+
+
+def test_a_connection_lost_inside_a_write_rolls_the_batch_back_and_the_rerun_completes(
+    pg_database: str, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database drops every connection while a batch's transaction is open: the ingest
+    stops with CatalogUnavailableError, the batches before it are intact, nothing of the cut
+    batch is there, and a rerun ends with each image exactly once."""
+    from snapshop import api
+    from snapshop.catalog.catalog import open_catalog
+    from snapshop.catalog.write import CatalogWrite
+    from snapshop.demo import generate_demo_catalog
+    from snapshop.errors import CatalogUnavailableError
+
+    manifest, _ = generate_demo_catalog(tmp_path / "src", n_products=6, images_per_product=2)
+    real_insert, inserts = CatalogWrite.insert_image, {"n": 0}
+
+    def insert(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        inserts["n"] += 1
+        if inserts["n"] == 6:  # the second image of the second batch of 4
+            _cut_connections(pg_dsn, urlsplit(pg_database).path.lstrip("/"))
+        return real_insert(self, *args, **kwargs)
+
+    monkeypatch.setattr(CatalogWrite, "insert_image", insert)
+    with pytest.raises(CatalogUnavailableError):
+        api.index_source(manifest, pg_database, **INGEST)
+    with open_catalog(pg_database) as catalog:
+        assert catalog.counts()["images"] == 4  # the first batch, whole; the second rolled back
+        ids = [i.id for p in catalog.list_products() for i in catalog.images_of(p.id)]
+        stored = np.concatenate([v for _, v in catalog.store.iter_vectors("images", catalog.dim)])
+        assert len(stored) == len(ids) == 4
+    monkeypatch.setattr(CatalogWrite, "insert_image", real_insert)
+    report = api.index_source(manifest, pg_database, **INGEST)
+    assert report.added == 8 and report.skipped == 4
+    with open_catalog(pg_database) as catalog:
+        assert catalog.counts() == {"products": 6, "images": 12, "crops": 0}

@@ -120,14 +120,15 @@ class IndexActor:
         cpus: int,
         gpus: float,
     ) -> None:
-        self.embedder = Embedder(model_dir, threads=1, parallel=0 if gpus else cpus)
+        on_gpu = bool(gpus) and _cuda_available()
+        self.embedder = Embedder(model_dir, threads=1, parallel=0 if on_gpu else cpus)
         if self.embedder.model_id != model_id:
             raise ModelError(
                 f"{model_dir} on this Ray worker holds model {self.embedder.model_id}, the"
                 f" catalog's is {model_id}: every node needs the same model directory"
             )
-        if gpus:
-            _embed_on_gpu(self.embedder)
+        if on_gpu:  # batched calls (parallel=0) on ONNX Runtime's CUDA provider
+            self.embedder.session = _cuda_session(self.embedder)
         self.detector = create_detector(detector) if isinstance(detector, str) else detector
         self.crop_mode = crop_mode
         self.job = job
@@ -150,7 +151,8 @@ class IndexActor:
         batch = [d for _, d in decoded]
         embedded = embed_batch(self.embedder, self.detector, self.crop_mode, batch)
         for (i, _), e in zip(decoded, embedded, strict=True):
-            outcomes[i] = e
+            # the writer stores the bytes (a directory catalog) or only the thumbnail (a server)
+            outcomes[i] = replace(e, data=None) if self.job.thumbnails else e
         return {
             "id": np.asarray(ids, np.int64),
             "outcome": np.asarray([pickle.dumps(outcomes[i]) for i in ids], dtype=object),
@@ -173,20 +175,22 @@ def _record_of(rows: dict[str, np.ndarray], n: int) -> CatalogRecord:
     )  # fmt: skip
 
 
-def _embed_on_gpu(embedder: Embedder) -> None:
-    """Swap the embedder's CPU session for a CUDA one (batched calls); on a worker whose
-    onnxruntime has no CUDA provider, say so and stay on its CPU."""
+def _cuda_available() -> bool:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return True
+    log.warning("this Ray worker's onnxruntime has no CUDA provider: embedding on its CPU")
+    return False
+
+
+def _cuda_session(embedder: Embedder) -> Any:
     import onnxruntime as ort
 
     from snapshop.models.card import MODEL_FILE
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        log.warning("this Ray worker's onnxruntime has no CUDA provider: embedding on its CPU")
-        return
-    embedder.session = ort.InferenceSession(
-        str(embedder.model_dir / MODEL_FILE),
-        providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-    )
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ort.InferenceSession(str(embedder.model_dir / MODEL_FILE), providers=providers)
 
 
 def ray_rows(
@@ -296,9 +300,9 @@ def _received(
         outcome = pickle.loads(payload)
         record = source[int(i)]
         if isinstance(outcome, Embedded):
-            assert outcome.data is not None  # actors send the bytes of every fresh image
             blob = None  # a server catalog stores the thumbnail the actor made
             if not ingestor.catalog.is_server:
+                assert outcome.data is not None  # actors send the bytes for the blob
                 blob = write_blob(ingestor.catalog.blob_dir, outcome.sha256, outcome.data)
             fresh.append(replace(outcome, record=record, blob=blob))
         else:

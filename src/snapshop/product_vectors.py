@@ -70,7 +70,8 @@ class _Group:
 class ProductVectors:
     """The product vectors of an open catalog, current as of the last :meth:`refresh`.
 
-    Thread-safe. Searches go through :meth:`index` (an exact index keyed by product id).
+    Its methods are thread-safe; searches go through :meth:`index` (an exact index keyed by
+    product id, updated in place by :meth:`refresh`).
     """
 
     def __init__(self, catalog: Catalog, *, save: bool = True) -> None:
@@ -107,7 +108,9 @@ class ProductVectors:
             return group.product_ids, group.vectors
 
     def index(self, position: str | None = None) -> FlatIndex:
-        """An exact index over :meth:`vectors` keyed by product id (built on first use)."""
+        """An exact index over :meth:`vectors` keyed by product id (built on first use, then
+        updated in place by :meth:`refresh`: like the catalog's indexes, not to be searched
+        while a refresh runs on another thread)."""
         with self._lock:
             name = index_name(position)
             if name not in self._indexes:
@@ -165,17 +168,18 @@ class ProductVectors:
         each query passes False, since rewriting the whole file per write would cost more
         than the few products a later open recomputes). Returns True if it reconciled."""
         with self._lock:
-            store = self.catalog.store
-            generation = store.generation  # read first: a later write forces another pass
-            if not force and generation == self._generation:
+            generation = self.catalog.store.generation  # read first: a later write forces
+            if not force and generation == self._generation:  # another pass
                 return False
+            # The catalog's indexes hold exactly the store's entries once refreshed (a no-op
+            # when current): their ids are read from memory, where the store would scan its
+            # tables (2.3 s per write at 300k images).
+            self.catalog.refresh()
             changed = False
-            names = [IMAGES] + [index_name(p) for p in store.crop_positions()]
-            for name in sorted(set(names) | set(self._groups)):
+            for name in sorted({IMAGES} | set(self.catalog.indexes) | set(self._groups)):
                 changed |= self._reconcile(name)
             self._generation = generation
             if changed:
-                self._indexes.clear()
                 self._by_owner.clear()
             save = self._save_enabled if save is None else save and self._save_enabled
             if save and self.path is not None and (changed or not self.path.exists()):
@@ -183,9 +187,8 @@ class ProductVectors:
             return True
 
     def _current_entries(self, name: str) -> NDArray[np.int64]:
-        store = self.catalog.store
-        ids = store.image_ids() if name == IMAGES else store.crop_ids(name.removeprefix("crops-"))
-        return np.sort(ids)
+        index = self.catalog.indexes.get(name)
+        return np.sort(index.ids()) if index is not None else np.zeros(0, np.int64)
 
     def _owners(self, name: str, ids: NDArray[np.int64]) -> NDArray[np.int64]:
         """Products of entries (an entry's product never changes); -1 for one deleted since."""
@@ -205,12 +208,19 @@ class ProductVectors:
             self._groups[name] = group
             return False
         added_owner = self._owners(name, added)
-        keep = ~removed_mask
-        entry_ids = np.concatenate([group.entry_ids[keep], added[added_owner >= 0]])
-        entry_owner = np.concatenate([group.entry_owner[keep], added_owner[added_owner >= 0]])
-        order = np.argsort(entry_ids)
-        entry_ids, entry_owner = entry_ids[order], entry_owner[order]
-        dirty = np.union1d(group.entry_owner[removed_mask], added_owner[added_owner >= 0])
+        alive = added_owner >= 0
+        added, added_owner = added[alive], added_owner[alive]
+        if removed_mask.any():
+            keep = ~removed_mask
+            entry_ids = np.concatenate([group.entry_ids[keep], added])
+            entry_owner = np.concatenate([group.entry_owner[keep], added_owner])
+        else:  # the usual ingest: new ids after the old ones, no sorting needed
+            entry_ids = np.concatenate([group.entry_ids, added])
+            entry_owner = np.concatenate([group.entry_owner, added_owner])
+        if len(entry_ids) > 1 and not (entry_ids[1:] > entry_ids[:-1]).all():
+            order = np.argsort(entry_ids)
+            entry_ids, entry_owner = entry_ids[order], entry_owner[order]
+        dirty = np.union1d(group.entry_owner[removed_mask], added_owner)
 
         table = "images" if name == IMAGES else "crops"
         wanted = entry_ids[np.isin(entry_owner, dirty)]
@@ -223,11 +233,28 @@ class ProductVectors:
         owners = entry_owner[np.searchsorted(entry_ids, ids)]
         fresh_ids, fresh_vecs = mean_pool(owners, vecs)
 
-        clean = ~np.isin(group.product_ids, dirty)
-        product_ids = np.concatenate([group.product_ids[clean], fresh_ids])
-        vectors = np.concatenate([group.vectors[clean], fresh_vecs])
-        order = np.argsort(product_ids)
-        self._groups[name] = _Group(entry_ids, entry_owner, product_ids[order], vectors[order])
+        gone = np.setdiff1d(dirty, fresh_ids, assume_unique=True)  # no entry left
+        old = group.product_ids
+        at = np.searchsorted(old, fresh_ids)
+        known = at < len(old)
+        known[known] = old[at[known]] == fresh_ids[known]
+        new_ids = fresh_ids[~known]
+        if len(gone) == 0 and (len(new_ids) == 0 or len(old) == 0 or new_ids[0] > old[-1]):
+            # updated products in place, new ones (higher ids) appended: one copy at most
+            product_ids = np.concatenate([old, new_ids]) if len(new_ids) else old
+            vectors = np.concatenate([group.vectors, fresh_vecs[~known]])
+            vectors[at[known]] = fresh_vecs[known]
+        else:
+            clean = ~np.isin(old, dirty)
+            product_ids = np.concatenate([old[clean], fresh_ids])
+            vectors = np.concatenate([group.vectors[clean], fresh_vecs])
+            order = np.argsort(product_ids)
+            product_ids, vectors = product_ids[order], vectors[order]
+        self._groups[name] = _Group(entry_ids, entry_owner, product_ids, vectors)
+        index = self._indexes.get(name)
+        if index is not None:  # kept current in place: rebuilding it would copy every vector
+            index.remove(gone)
+            index.add(fresh_ids, fresh_vecs)
         log.info("product vectors %s reconciled: %d products recomputed", name, len(dirty))
         return True
 

@@ -592,14 +592,21 @@ def create_catalog(
     index_kind: str = "flat",
     index_params: dict[str, Any] | None = None,
 ) -> Catalog:
-    """Create a catalog: a directory, or in a PostgreSQL database (``postgresql://…``: its
-    vectors are always searched there, so ``index_kind`` only applies to directories)."""
-    from snapshop.catalog.server import create_server_catalog, is_server_target
+    """Create a catalog: a directory, or in a PostgreSQL database (``postgresql://…``; its
+    vectors are searched there, or in Milvus with ``index_kind="milvus"``: any other kind
+    only applies to directories)."""
+    from snapshop.catalog.server import (
+        SERVER_INDEX_KIND,
+        SERVER_INDEX_KINDS,
+        create_server_catalog,
+        is_server_target,
+    )
 
     if is_server_target(target):
+        kind = index_kind if index_kind in SERVER_INDEX_KINDS else SERVER_INDEX_KIND
         return create_server_catalog(
             str(target), model_id=model_id, model_ref=model_ref, dim=dim,
-            crop_mode=DEFAULT_CROP_MODE,
+            crop_mode=DEFAULT_CROP_MODE, index_kind=kind, index_params=index_params,
         )  # fmt: skip
     directory = Path(target)
     if (directory / CARD_FILE).exists():

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,11 +32,13 @@ from snapshop.catalog.sql import is_server_target as is_server_target  # re-expo
 from snapshop.catalog.store import CatalogStore, ImageRow, open_store
 from snapshop.errors import CatalogError, CatalogUnavailableError, NotFoundError
 from snapshop.index import VectorIndex
+from snapshop.index.choose import IndexBudget
 
 log = logging.getLogger(__name__)
 
 CARD_KEY = "card"
-SERVER_INDEX_KIND = "pgvector"
+SERVER_INDEX_KIND = "pgvector"  # the default: the catalog's own rows, searched in PostgreSQL
+SERVER_INDEX_KINDS = (SERVER_INDEX_KIND, "milvus")
 THUMBNAIL_SIDE = 320
 THUMBNAIL_MEDIA_TYPE = "image/jpeg"
 
@@ -55,12 +59,17 @@ class ServerCatalog(Catalog):
         super().__init__(None, card, store)
 
     def _resolve_index_kind(self) -> tuple[str, dict[str, Any]]:
-        if self.card.index_kind != SERVER_INDEX_KIND:
+        if self.card.index_kind not in SERVER_INDEX_KINDS:
             raise CatalogError(
                 f"{self.location}: a server catalog searches its vectors in PostgreSQL"
-                f" (pgvector), not {self.card.index_kind!r}"
+                f" (pgvector) or Milvus, not {self.card.index_kind!r}"
             )
-        return SERVER_INDEX_KIND, dict(self.card.index_params)
+        return self.card.index_kind, dict(self.card.index_params)
+
+    @property
+    def _in_table(self) -> bool:
+        """The vectors are searched in the catalog's own rows (pgvector), not copied out."""
+        return self.index_kind == SERVER_INDEX_KIND
 
     # --- the card lives in the database -------------------------------------------------
     def rewrite_card(self, **changes: Any) -> None:
@@ -76,8 +85,15 @@ class ServerCatalog(Catalog):
         with self._lock:
             yield
 
-    # --- indexes: the catalog's own tables ------------------------------------------------
+    # --- indexes: the catalog's own tables, or Milvus collections ----------------------------
     def _load_or_create(self, name: str) -> VectorIndex:
+        if not self._in_table:
+            from snapshop.index.milvus import MilvusIndex
+
+            # one collection per index, named from the card, so every replica finds it
+            params = dict(self.index_params)
+            collection = f"{params.pop('collection_prefix')}_{name.replace('-', '_')}"
+            return MilvusIndex(self.dim, collection=collection, **params)
         from snapshop.index.pgtable import CatalogTableIndex
 
         if name == IMAGES:
@@ -91,14 +107,18 @@ class ServerCatalog(Catalog):
         return self.indexes[name]
 
     def _reconcile(self, name: str) -> None:
-        """Nothing to reconcile: the rows committed are the index."""
+        """In the table, nothing to reconcile: the rows committed are the index. Milvus holds
+        copies, reconciled with the rows by id difference as a directory's indexes are."""
+        if not self._in_table:
+            super()._reconcile(name)
 
     def save_indexes(self, measure: bool = True) -> None:
-        """Nothing to save: PostgreSQL keeps the HNSW indexes current in every transaction."""
+        """Nothing to save: PostgreSQL keeps the HNSW indexes current in every transaction,
+        and Milvus collections are named by the card."""
         with self._lock:
             self.refresh()
 
-    def reindex(self, budget: Any) -> dict[str, Any]:
+    def reindex(self, budget: IndexBudget) -> dict[str, Any]:
         raise CatalogError(
             f"{self.location}: a server catalog's vectors are indexed by PostgreSQL (pgvector"
             " HNSW, kept current on every write); there is nothing to rebuild"
@@ -125,10 +145,6 @@ class ServerCatalog(Catalog):
         if found is None:
             raise NotFoundError(f"no stored thumbnail for image {image.id}")
         return found
-
-    def ping(self) -> None:
-        """Raise CatalogUnavailableError when the database cannot be reached."""
-        self.store.get_meta(CARD_KEY)
 
 
 def _read_card(store: CatalogStore, db: Any = None) -> CatalogCard:
@@ -188,12 +204,30 @@ def create_server_catalog(
     model_ref: str,
     dim: int,
     crop_mode: str,
+    index_kind: str = SERVER_INDEX_KIND,
     index_params: dict[str, Any] | None = None,
 ) -> ServerCatalog:
-    """Create the catalog in an empty database (CatalogError if it holds one already)."""
+    """Create the catalog in an empty database (CatalogError if it holds one already).
+
+    ``index_kind``: ``pgvector`` (the default) searches the catalog's own rows; ``milvus``
+    keeps copies in Milvus collections (``index_params["uri"]`` or ``$SNAPSHOP_MILVUS_URI``;
+    the token only ever from ``$SNAPSHOP_MILVUS_TOKEN``)."""
+    if index_kind not in SERVER_INDEX_KINDS:
+        raise CatalogError(
+            f"a server catalog searches its vectors in PostgreSQL (pgvector) or Milvus,"
+            f" not {index_kind!r}"
+        )
+    params = dict(index_params or {})
+    if index_kind == "milvus":
+        from snapshop.index.milvus import URI_ENV
+
+        params.setdefault("uri", os.environ.get(URI_ENV, ""))
+        if not params["uri"]:
+            raise CatalogError(f"a Milvus-backed catalog needs a Milvus URI (${URI_ENV})")
+        params["collection_prefix"] = f"snapshop_{uuid.uuid4().hex[:12]}"
     card = CatalogCard.new(
-        model_id=model_id, model_ref=model_ref, dim=dim, index_kind=SERVER_INDEX_KIND,
-        index_params=index_params, crop_mode=crop_mode,
+        model_id=model_id, model_ref=model_ref, dim=dim, index_kind=index_kind,
+        index_params=params, crop_mode=crop_mode,
     )  # fmt: skip
     store = open_store(target, dim=dim)
     try:

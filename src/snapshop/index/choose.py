@@ -51,6 +51,8 @@ PQ_SCAN_BYTES_PER_MS = 1e6
 # entries re-added since the last compaction cost 16 B more each); hnsw keeps a Python dict
 # (~100 bytes an entry).
 ID_BYTES = 9
+HNSW_COARSE_MIN = 4096  # IVF lists from which the coarse quantiser is an HNSW graph
+FAST_SCAN_BLOCK = 32  # 4-bit fast-scan lists store codes in blocks of 32 vectors
 HNSW_ID_BYTES = 109
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}  # fmt: skip
@@ -158,8 +160,26 @@ def index_memory_bytes(kind: str, n: int, dim: int, params: dict[str, Any] | Non
         return n * (dim + 8 * m + ID_BYTES)
     if kind == "ivfpq":
         per = int(p["pq_m"]) * int(p.get("nbits", 4)) / 8 + 8 + ID_BYTES
-        return int(n * per + 4 * dim * int(p["nlist"]))
+        fixed = ivf_fixed_bytes(
+            dim, int(p["nlist"]), int(p["pq_m"]), int(p.get("nbits", 4)), int(p.get("pca", 0)),
+            bool(p.get("opq", False)),
+        )  # fmt: skip
+        return int(n * per + fixed)
     raise VectorIndexError(f"no memory model for index kind {kind!r}")
+
+
+def ivf_fixed_bytes(
+    dim: int, nlist: int, pq_m: int, nbits: int = 4, pca: int = 0, opq: bool = False
+) -> int:
+    """IVF-PQ bytes that do not grow with N: centroids (and their HNSW links from
+    HNSW_COARSE_MIN lists), the half-empty last code block of each fast-scan list, the PCA
+    or OPQ matrices (measured against faiss' own sizes by benchmarks/index_budget.py)."""
+    reduced = pca or dim
+    centroids = 4 * reduced * nlist
+    links = 4 * 2 * 32 * nlist * 1.1 if nlist >= HNSW_COARSE_MIN else 0  # HNSW32, level 0 + up
+    padding = nlist * FAST_SCAN_BLOCK / 2 * pq_m / 2 if nbits == 4 else 0
+    matrices = 4 * (dim * reduced if pca else 0) + 4 * (reduced * reduced if opq else 0)
+    return int(centroids + links + padding + matrices)
 
 
 def predicted_ms(

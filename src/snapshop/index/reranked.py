@@ -34,6 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.index.base import SearchHits, check_ids, check_vectors
+from snapshop.index.choose import HNSW_COARSE_MIN, ivf_fixed_bytes
 from snapshop.index.filtering import (
     SINGLE_THREAD_MAX_QUERIES,
     IdFilter,
@@ -48,7 +49,6 @@ from snapshop.index.filtering import (
 log = logging.getLogger(__name__)
 
 LABEL_BYTES = 9  # a node's label (8) and alive flag (1); the id map adds 0 or 16 (IdNodeMap)
-HNSW_COARSE_MIN = 4096  # IVF lists from which the coarse quantiser is an HNSW graph
 
 FORMAT = "snapshop-reranked/1"
 TRAIN_SAMPLE = 100_000  # vectors used to train quantisers (faiss samples larger sets anyway)
@@ -728,12 +728,7 @@ class IVFPQIndex(RerankedIndex):
 
     def fixed_bytes(self) -> int:
         p = self.params
-        reduced = p["pca"] or self.dim
-        return 4 * (
-            reduced * p["nlist"]
-            + (reduced * reduced if p["opq"] else 0)
-            + (self.dim * reduced if p["pca"] else 0)
-        )
+        return ivf_fixed_bytes(self.dim, p["nlist"], p["pq_m"], p["nbits"], p["pca"], p["opq"])
 
     def code_bytes_per_vector(self) -> float:
         # codes plus the 8-byte id each inverted list stores
