@@ -34,7 +34,16 @@ SERVER_SCHEMES = ("postgresql://", "postgres://")
 # pg_advisory_xact_lock key every catalog writer takes ("snapcat" in ASCII): advisory locks
 # are per database, so catalogs in different databases of one server do not contend.
 WRITER_LOCK_KEY = 0x736E6170636174
-CONNECT_TIMEOUT_S = 10  # an unreachable host fails in seconds rather than hanging
+# libpq settings unless the DSN sets them: an unreachable host fails in seconds rather than
+# hanging, and TCP keepalives notice a peer gone silent (a dropped network path, a failed-over
+# host) within about a minute instead of the kernel's two hours. Unix sockets ignore them.
+CONNECT_DEFAULTS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 
 
 def is_server_target(target: str | os.PathLike[str]) -> bool:
@@ -135,8 +144,9 @@ class Cursor(Protocol):
 class Database:
     """One connection to a catalog database. Not thread-safe: the store serialises calls.
 
-    ``execute`` runs one statement (``?`` placeholders) and returns a cursor whose rows read
-    by position and by name. Driver errors come out as :mod:`snapshop.errors` types.
+    ``execute`` runs one statement (``?`` placeholders, so no literal ``?`` in the SQL text:
+    pass such values as parameters) and returns a cursor whose rows read by position and by
+    name. Driver errors come out as :mod:`snapshop.errors` types.
     """
 
     engine: str
@@ -253,11 +263,9 @@ class PostgresDatabase(Database):
     def _connect(self) -> None:
         psycopg = self._psycopg
         try:
-            timeout = (
-                {} if "connect_timeout" in self.dsn else {"connect_timeout": CONNECT_TIMEOUT_S}
-            )
+            defaults = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in self.dsn}
             conn = psycopg.connect(
-                self.dsn, autocommit=True, row_factory=_pg_row_factory, **timeout
+                self.dsn, autocommit=True, row_factory=_pg_row_factory, **defaults
             )
         except psycopg.Error as exc:
             raise CatalogUnavailableError(
