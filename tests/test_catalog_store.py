@@ -194,6 +194,45 @@ def test_images_and_crops(store: CatalogStore) -> None:
         store.get_image(10**9)
 
 
+def test_filters_select_entries_in_the_database(store: CatalogStore) -> None:
+    """``entry_ids_where`` / ``product_ids_where`` against a Python reference of the filter
+    semantics (equal category; a price bound excludes unpriced products)."""
+    rng = np.random.default_rng(5)
+    products: dict[int, tuple[str | None, float | None]] = {}
+    entries: dict[str | None, list[tuple[int, int]]] = {None: [], "upper": [], "lower": []}
+    with store.transaction() as db:
+        for n in range(40):
+            category = [None, "shoes", "shirts"][n % 3]
+            price = None if n % 7 == 0 else float(rng.integers(1, 100))
+            pid = store.upsert_product(db, f"p{n}", category=category, price=price)
+            products[pid] = (category, price)
+            for j in range(n % 3):
+                positions = ("upper",) if j == 0 else ("upper", "lower")
+                crops = tuple(crop(p, n + j) for p in positions)
+                image_id, crop_ids = add_image(store, db, pid, 100 * n + j, crops)
+                entries[None].append((image_id, pid))
+                entries["upper"].append((crop_ids[0], pid))
+                if len(crop_ids) > 1:
+                    entries["lower"].append((crop_ids[1], pid))
+
+    def passes(pid: int, category: str | None, lo: float | None, hi: float | None) -> bool:
+        cat, price = products[pid]
+        if category is not None and cat != category:
+            return False
+        if lo is not None and (price is None or price < lo):
+            return False
+        return hi is None or (price is not None and price <= hi)
+
+    cases = [(None, None, None), ("shoes", None, None), (None, 20.0, None), (None, None, 50.0),
+             ("shirts", 10.0, 60.0), ("none-such", None, None)]  # fmt: skip
+    for args in cases:
+        want = [pid for pid in sorted(products) if passes(pid, *args)]
+        assert store.product_ids_where(*args).tolist() == want, args
+        for position, pairs in entries.items():
+            want_entries = sorted(e for e, pid in pairs if passes(pid, *args))
+            assert store.entry_ids_where(position, *args).tolist() == want_entries, args
+
+
 def test_same_image_twice_is_a_catalog_error_and_rolls_back(store: CatalogStore) -> None:
     with store.transaction() as db:
         pid = store.upsert_product(db, "P")

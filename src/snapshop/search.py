@@ -175,17 +175,15 @@ def top_products(
 
 
 class FilterResolver:
-    """A product filter as the entry ids (image or crop ids) each index may return.
-
-    Built from the index's ids, their owners (the catalog's cache) and the owning products'
-    attributes; cached per (index, filter) until the store's generation moves (a product edit
-    bumps it too)."""
+    """A product filter as the entry ids (image or crop ids, or product ids) an index may
+    return: selected in the catalog's database by one join (``CatalogStore.entry_ids_where``),
+    cached per (index, filter) until the store's generation moves (a product edit bumps it
+    too)."""
 
     def __init__(self, catalog: Catalog, max_filters: int = 32) -> None:
         self.catalog = catalog
         self.max_filters = max_filters
         self._generation = -1
-        self._owners: dict[str, tuple[NDArray[np.int64], NDArray[np.int64]]] = {}
         self._filters: dict[tuple[str, ProductFilter], IdFilter] = {}
         self._lock = threading.Lock()
 
@@ -197,61 +195,38 @@ class FilterResolver:
         index = self.catalog.indexes.get(name)
         if index is None or not getattr(index, "filters_inside", False):
             return None
-        with self._lock:
-            return self._allowed(name, position, index, filters)
-
-    def _allowed(
-        self, name: str, position: str | None, index: VectorIndex, filters: ProductFilter
-    ) -> IdFilter:
-        generation = self.catalog.store.generation
-        if generation != self._generation:
-            self._owners.clear()
-            self._filters.clear()
-            self._generation = generation
-        key = (name, filters)
-        if key not in self._filters:
-            entries, owners = self._entry_owners(name, position, index)
-            products = np.unique(owners)
-            found = self.catalog.store.products_by_ids(products.tolist())
-            passes = [pid in found and filters.accepts(found[pid]) for pid in products.tolist()]
-            keep = np.isin(owners, products[np.array(passes, dtype=bool)])
-            if len(self._filters) >= self.max_filters:
-                self._filters.pop(next(iter(self._filters)))
-            self._filters[key] = IdFilter.of(entries[keep], key=(name, filters, generation))
-        return self._filters[key]
+        store = self.catalog.store
+        return self._cached(name, filters, lambda: store.entry_ids_where(position, *_sql(filters)))
 
     def allowed_products(
         self, product_ids: NDArray[np.int64], filters: ProductFilter, version: int
     ) -> IdFilter:
         """The ``product_ids`` (the keys of a product index as of its ``version``) whose
         product passes ``filters``."""
+        store = self.catalog.store
+        return self._cached(
+            f"products@{version}", filters,
+            lambda: np.intersect1d(product_ids, store.product_ids_where(*_sql(filters))),
+        )  # fmt: skip
+
+    def _cached(
+        self, name: str, filters: ProductFilter, select: Callable[[], NDArray[np.int64]]
+    ) -> IdFilter:
         with self._lock:
             generation = self.catalog.store.generation
             if generation != self._generation:
-                self._owners.clear()
                 self._filters.clear()
                 self._generation = generation
-            key = (f"products@{version}", filters)
+            key = (name, filters)
             if key not in self._filters:
-                found = self.catalog.store.products_by_ids(product_ids.tolist())
-                keep = [pid for pid in product_ids.tolist()
-                        if pid in found and filters.accepts(found[pid])]  # fmt: skip
                 if len(self._filters) >= self.max_filters:
                     self._filters.pop(next(iter(self._filters)))
-                self._filters[key] = IdFilter.of(keep, key=(*key, generation))
+                self._filters[key] = IdFilter.of(select(), key=(name, filters, generation))
             return self._filters[key]
 
-    def _entry_owners(
-        self, name: str, position: str | None, index: VectorIndex
-    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-        if name not in self._owners:
-            entries = np.sort(index.ids())
-            owner = self.catalog.owners(position, entries.tolist())
-            kept = np.array([e in owner for e in entries.tolist()], dtype=bool)
-            entries = entries[kept]
-            owners = np.array([owner[e] for e in entries.tolist()], dtype=np.int64)
-            self._owners[name] = (entries, owners)
-        return self._owners[name]
+
+def _sql(filters: ProductFilter) -> tuple[str | None, float | None, float | None]:
+    return filters.category, filters.min_price, filters.max_price
 
 
 class Searcher:

@@ -125,6 +125,19 @@ def _image(row: Any) -> ImageRow:
     )  # fmt: skip
 
 
+def _product_conditions(
+    category: str | None, min_price: float | None, max_price: float | None
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (over ``products p``) and parameters of a product filter."""
+    conditions, params = [], []
+    for condition, value in (("p.category = ?", category), ("p.price >= ?", min_price),
+                             ("p.price <= ?", max_price)):  # fmt: skip
+        if value is not None:
+            conditions.append(condition)
+            params.append(value)
+    return ("WHERE " + " AND ".join(conditions) if conditions else ""), params
+
+
 def open_store(
     target: str | os.PathLike[str], *, dim: int | None = None, readonly: bool = False
 ) -> CatalogStore:
@@ -549,6 +562,40 @@ class CatalogStore:
         rows = self._query("SELECT * FROM crops WHERE image_id = ? ORDER BY id", (image_id,))
         return [CropRow(r["id"], r["image_id"], r["position"], r["label"], r["score"],
                         (r["x1"], r["y1"], r["x2"], r["y2"])) for r in rows]  # fmt: skip
+
+    # --- product filters, in SQL --------------------------------------------------------
+    def product_ids_where(
+        self,
+        category: str | None = None,
+        min_price: float | None = None,
+        max_price: float | None = None,
+    ) -> NDArray[np.int64]:
+        """Ids of the products in ``category`` priced within [``min_price``, ``max_price``]
+        (a price bound excludes products without a price), ascending."""
+        where, params = _product_conditions(category, min_price, max_price)
+        rows = self._query(f"SELECT p.id FROM products p {where} ORDER BY p.id", params)
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def entry_ids_where(
+        self,
+        position: str | None,
+        category: str | None = None,
+        min_price: float | None = None,
+        max_price: float | None = None,
+    ) -> NDArray[np.int64]:
+        """Image ids (``position`` None), or the crop ids of ``position``, whose product
+        passes the conditions of :meth:`product_ids_where`, ascending: one join in the
+        database instead of every entry's product read into Python."""
+        where, params = _product_conditions(category, min_price, max_price)
+        if position is None:
+            sql = f"SELECT i.id FROM images i JOIN products p ON p.id = i.product_id {where}"
+            sql += " ORDER BY i.id"
+        else:
+            where = f"{where} AND c.position = ?" if where else "WHERE c.position = ?"
+            params.append(position)
+            sql = ("SELECT c.id FROM crops c JOIN images i ON i.id = c.image_id"
+                   f" JOIN products p ON p.id = i.product_id {where} ORDER BY c.id")  # fmt: skip
+        return np.array([r[0] for r in self._query(sql, params)], dtype=np.int64)
 
     # --- vectors, for index rebuilds --------------------------------------------------
     def image_ids(self) -> NDArray[np.int64]:
