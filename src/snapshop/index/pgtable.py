@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.catalog.migrations import HNSW_EF_CONSTRUCTION, HNSW_M
-from snapshop.catalog.sql import PostgresDatabase
+from snapshop.catalog.sql import PgVector, PostgresDatabase
 from snapshop.errors import CatalogUnavailableError, VectorIndexError
 from snapshop.index.base import SearchHits, check_ids, check_vectors
 from snapshop.index.filtering import IdFilter
@@ -135,7 +135,9 @@ class CatalogTableIndex:
         query = self._search_sql[allowed is not None]
         filtered = allowed is not None or self.position is not None
         return self._run(
-            lambda conn: nearest(conn, query, queries, k, self.ef_search, filtered, params)
+            lambda conn: nearest(
+                conn, query, queries, k, self.ef_search, filtered, params, encode=PgVector
+            )
         )
 
     def ids(self) -> NDArray[np.int64]:

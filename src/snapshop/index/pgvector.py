@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 import uuid
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,24 @@ def filters_inside_search(conn: Any) -> bool:
     return version >= (0, 8)
 
 
+# The search settings each connection was last given (a connection replaced after a drop is a
+# new key, and gets them again).
+_session_settings: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def _set_session(conn: Any, settings: dict[str, str]) -> None:
+    """``SET`` what differs from the connection's current search settings. Session settings,
+    not ``SET LOCAL`` in a transaction per search: that cost four round trips per query where
+    one does (measured on a server catalog: p50 14.7 ms vs 8.0 ms for the bare query)."""
+    from psycopg import sql as psql
+
+    current = _session_settings.setdefault(conn, {})
+    for name, value in settings.items():
+        if current.get(name) != value:
+            conn.execute(psql.SQL("SET {} = {}").format(psql.SQL(name), psql.Literal(value)))
+            current[name] = value
+
+
 def nearest(
     conn: Any,
     query: Any,
@@ -52,28 +72,27 @@ def nearest(
     ef_search: int,
     filtered: bool,
     params: dict[str, Any],
+    encode: Callable[[NDArray[np.float32]], Any] = vector_text,
 ) -> SearchHits:
     """Run ``query`` (``SELECT id, score ... ORDER BY <vector> <#> %(q)s::vector LIMIT %(k)s``)
-    once per row of ``queries`` in one transaction with the HNSW settings for ``k``.
+    once per row of ``queries`` (each bound as ``encode(row)``) on the autocommit connection
+    ``conn``, with the HNSW settings for ``k``.
 
     ``filtered`` (the query has a WHERE clause) turns on pgvector's iterative index scan, in
     relaxed order (nearly sorted: re-sorted here), so a filter is applied inside the search at
     any selectivity (the planner scans a small allowed set exactly). ``k`` beyond pgvector's
     ``ef_search`` limit scans exactly."""
-    from psycopg import sql as psql
-
+    exact = k > MAX_EF_SEARCH  # HNSW cannot return more than ef_search rows: scan exactly
+    _set_session(conn, {
+        "enable_indexscan": "off" if exact else "on",
+        "hnsw.ef_search": str(min(MAX_EF_SEARCH, max(ef_search, k))),
+        "hnsw.iterative_scan": "relaxed_order" if filtered else "off",
+    })  # fmt: skip
     scores = np.full((len(queries), k), -np.inf, np.float32)
     ids = np.full((len(queries), k), -1, np.int64)
-    with conn.transaction(), conn.cursor() as cur:
-        if k > MAX_EF_SEARCH:  # HNSW cannot return more than ef_search rows: scan exactly
-            cur.execute("SET LOCAL enable_indexscan = off")
-        else:
-            ef = max(ef_search, k)
-            cur.execute(psql.SQL("SET LOCAL hnsw.ef_search = {}").format(psql.Literal(ef)))
-        if filtered:
-            cur.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+    with conn.cursor() as cur:
         for qi, q in enumerate(queries):
-            rows = cur.execute(query, {**params, "q": vector_text(q), "k": k}).fetchall()
+            rows = cur.execute(query, {**params, "q": encode(q), "k": k}).fetchall()
             if filtered:  # relaxed order: nearly sorted, sort it
                 rows.sort(key=lambda r: -r[1])
             if rows:
