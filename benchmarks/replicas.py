@@ -39,6 +39,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -165,7 +166,10 @@ def service(args: argparse.Namespace) -> None:
                 cpu1 = [cpu_seconds(p.pid) for p in procs], postgres_cpu(args.pgdata)
                 served = max(r["ok"] + r["errors"], 1)
                 r.update(
-                    replicas=n_replicas, clients=clients, load_before=before, load_after=load(),
+                    replicas=n_replicas,
+                    clients=clients,
+                    load_before=before,
+                    load_after=load(),
                     replica_cpu_ms=1e3 * (sum(cpu1[0]) - sum(cpu0[0])) / served,
                     db_cpu_ms=1e3 * (cpu1[1] - cpu0[1]) / served,
                 )
@@ -217,10 +221,12 @@ def card_model() -> tuple[str, str]:
     return load_embedder(ref).model_id, ref
 
 
-def load_server(dsn: str, n: int, dim: int, ipp: int, dbname: str) -> dict[str, float]:
-    """A fresh database ``dbname`` on the server of ``dsn`` holding a catalog of ``n`` images."""
+def load_server(
+    dsn: str, n: int, dim: int, ipp: int, dbname: str, model: tuple[str, str] | None = None
+) -> dict[str, float]:
+    """A fresh database ``dbname`` on the server of ``dsn`` holding a catalog of ``n`` images
+    (``model``: the card's model id and reference; None: the default model's)."""
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     from snapshop.catalog.catalog import create_catalog
     from snapshop.catalog.migrations import HNSW
@@ -228,12 +234,10 @@ def load_server(dsn: str, n: int, dim: int, ipp: int, dbname: str) -> dict[str, 
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {dbname}")
         admin.execute(f"CREATE DATABASE {dbname}")
-    params = conninfo_to_dict(dsn)
-    params["dbname"] = dbname
-    target = "postgresql://{user}:{password}@{host}:{port}/{dbname}".format(**params)
-    with psycopg.connect(make_conninfo(**params), autocommit=True) as conn:
+    target = urlsplit(dsn)._replace(path=f"/{dbname}").geturl()
+    with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-    model_id, ref = card_model()
+    model_id, ref = model or card_model()
     create_catalog(target, model_id=model_id, model_ref=ref, dim=dim).close()
     owners, vectors = synthetic(n, dim, ipp)
     n_products = int(owners[-1]) + 1
@@ -291,7 +295,9 @@ def copy_images(cur: Any, product_ids: np.ndarray, vectors: np.ndarray, now: str
         copy.write((-1).to_bytes(2, "big", signed=True))
 
 
-def load_embedded(directory: Path, n: int, dim: int, ipp: int) -> dict[str, float]:
+def load_embedded(
+    directory: Path, n: int, dim: int, ipp: int, model: tuple[str, str] | None = None
+) -> dict[str, float]:
     """An embedded catalog (faiss ``hnsw``) of the same vectors; its index built and saved."""
     import shutil
     import sqlite3
@@ -300,7 +306,7 @@ def load_embedded(directory: Path, n: int, dim: int, ipp: int) -> dict[str, floa
     from snapshop.product_vectors import ProductVectors
 
     shutil.rmtree(directory, ignore_errors=True)
-    model_id, ref = card_model()
+    model_id, ref = model or card_model()
     create_catalog(directory, model_id=model_id, model_ref=ref, dim=dim, index_kind="hnsw").close()
     owners, vectors = synthetic(n, dim, ipp)
     now = "2026-12-03T00:00:00+00:00"
