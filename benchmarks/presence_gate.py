@@ -64,7 +64,9 @@ def gate_probabilities(
     return prob, threshold
 
 
-def presence_row(name: str, found: dict[str, NDArray[np.bool_]], truth: dict[str, NDArray[np.bool_]]) -> str:
+def presence_row(
+    name: str, found: dict[str, NDArray[np.bool_]], truth: dict[str, NDArray[np.bool_]]
+) -> str:
     cells = []
     for pos in POSITIONS:
         tp = int((found[pos] & truth[pos]).sum())
@@ -109,10 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     fold_of = np.full(len(features), -1)
     fold_of[tags_idx] = np.random.default_rng(0).permutation(len(tags_idx)) % args.folds
     print(f"## Presence on ccp-tags ({len(tags_idx)} photos, {args.folds}-fold)\n")
-    print("| segmenter | upper recall / precision | lower recall / precision | lower tp / fp / fn |")
+    print(
+        "| segmenter | upper recall / precision | lower recall / precision | lower tp / fp / fn |"
+    )
     print("|---|---|---|---|")
     t_truth = {pos: truth[pos][is_tags] for pos in POSITIONS}
-    print(presence_row("ungated (shipped before)", {p: found[p][is_tags] for p in POSITIONS}, t_truth))
+    print(
+        presence_row("ungated (shipped before)", {p: found[p][is_tags] for p in POSITIONS}, t_truth)
+    )
     for name, fit, with_tags, fixed in variants:
         kept = found[LOWER].copy()
         thresholds = []
@@ -132,8 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     # 2. boxes on ccp-dev, two folds by image-id parity
     truth_boxes = load_ground_truth(args.ccp_dev / "boxes.csv")
     keys = list(data["paths"])
-    parity = np.array([int(Path(k).stem) % 2 if d else -1 for k, d in zip(keys, is_dev)])
-    print(f"\n## Boxes on ccp-dev ({int(is_dev.sum())} photos, two folds by parity; 95 % intervals)\n")
+    parity = np.array(
+        [int(Path(k).stem) % 2 if d else -1 for k, d in zip(keys, is_dev, strict=True)]
+    )
+    print(
+        f"\n## Boxes on ccp-dev ({int(is_dev.sum())} photos, two folds by parity; 95 % intervals)\n"
+    )
     print("| segmenter | upper R / P | lower R / P |\n|---|---|---|")
 
     def score(keep_lower: Callable[[int], bool]) -> dict[str, PositionScore]:
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             outside = np.flatnonzero(~train)
             sel = test[outside]
             keep[outside[sel]] = prob[sel] >= threshold
-        gated = score(lambda i: bool(keep[i]))
+        gated = score(lambda i, keep=keep: bool(keep[i]))
         print(f"| {name} | {box_cell(gated[UPPER])} | {box_cell(gated[LOWER])} |")
     return 0
 

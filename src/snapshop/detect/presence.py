@@ -34,6 +34,7 @@ POSITION_GROUPS: dict[str, tuple[str, ...]] = {
     UPPER: ("top", "outwear", "dress"),
     LOWER: ("trousers", "shorts", "skirt"),
 }
+FEATURE_DIM = 112 + 320 + 4  # pooled stride-16 and stride-32 maps, mean class probabilities
 GATE_FILE = "garment_presence.npz"
 GATE_CARD_FILE = "garment_presence.json"
 
@@ -88,8 +89,12 @@ class PresenceGate:
         """(N, D) or (D,) features -> {position: (N,) probability}."""
         x = np.atleast_2d(np.asarray(features, np.float32))
         if x.shape[1] != self.feature_dim:
-            raise ModelError(f"presence gate: features have {x.shape[1]} dims, not {self.feature_dim}")
-        return position_probabilities(group_probabilities((x - self.mean) / self.scale, list(self.layers)))
+            raise ModelError(
+                f"presence gate: features have {x.shape[1]} dims, not {self.feature_dim}"
+            )
+        return position_probabilities(
+            group_probabilities((x - self.mean) / self.scale, list(self.layers))
+        )
 
     def absent(self, features: NDArray[np.float32]) -> set[str]:
         """The positions one photo's ``(D,)`` features put under their threshold."""
@@ -133,14 +138,18 @@ def read_gate(data: bytes, card: dict[str, Any]) -> PresenceGate:
         or mean.ndim != 1
         or scale.shape != mean.shape
         or not np.all(scale > 0)
-        or any(w.ndim != 2 or w.shape[0] != d or b.shape != (w.shape[1],) for (w, b), d in zip(layers, dims))
+        or any(
+            w.ndim != 2 or w.shape[0] != d or b.shape != (w.shape[1],)
+            for (w, b), d in zip(layers, dims[:-1], strict=True)
+        )
         or dims[-1] != len(GROUPS)
     ):
         shapes = {name: a.shape for name, a in arrays.items()}
         raise ModelError(f"presence gate: inconsistent shapes {shapes}")
     if card.get("feature_dim") != mean.shape[0]:
         raise ModelError(
-            f"presence gate: the card says {card.get('feature_dim')} features, the npz {mean.shape[0]}"
+            f"presence gate: the card says {card.get('feature_dim')} features,"
+            f" the npz {mean.shape[0]}"
         )
     thresholds = card.get("thresholds", {})
     if not isinstance(thresholds, dict) or not all(
@@ -165,4 +174,10 @@ def load_gate(npz_source: Any, card_source: Any, head_model: bytes) -> PresenceG
         raise ModelError(
             f"presence gate {card_source}: fitted on another segmenter head (sha256 differs)"
         )
-    return read_gate(data, card)
+    gate = read_gate(data, card)
+    if gate.feature_dim != FEATURE_DIM:
+        raise ModelError(
+            f"presence gate {card_source}: {gate.feature_dim} features,"
+            f" the segmenter gives {FEATURE_DIM}"
+        )
+    return gate

@@ -500,7 +500,9 @@ class SegmenterDetector:
         probs, scale, _ = self.look(rgb)
         return probs, scale
 
-    def look(self, rgb: NDArray[np.uint8]) -> tuple[NDArray[np.float32], float, NDArray[np.float32]]:
+    def look(
+        self, rgb: NDArray[np.uint8]
+    ) -> tuple[NDArray[np.float32], float, NDArray[np.float32]]:
         """(H, W, 3) uint8 -> (probabilities as :meth:`probabilities`, scale, the presence
         gate's (D,) features of the photo: :func:`~snapshop.detect.presence.presence_features`)."""
         from snapshop.detect.presence import presence_features
@@ -524,12 +526,9 @@ class SegmenterDetector:
         absent = self.gate.absent(features)
         return [d for d in found if d.position not in absent]
 
-    def detect_ungated(
-        self, rgb: NDArray[np.uint8]
-    ) -> tuple[list[Detection], NDArray[np.float32]]:
+    def detect_ungated(self, rgb: NDArray[np.uint8]) -> tuple[list[Detection], NDArray[np.float32]]:
         """The boxes before the presence gate (both looks) and the gate's features."""
-        probs, scale, features = self.look(rgb)
-        found = boxes_from_probabilities(probs, scale, (rgb.shape[1], rgb.shape[0]), self.config)
+        found, features = self._look_boxes(rgb)
         return found + self._second_look(rgb, found), features
 
     def _second_look(self, rgb: NDArray[np.uint8], found: list[Detection]) -> list[Detection]:
@@ -545,15 +544,16 @@ class SegmenterDetector:
         added = [
             Detection(Box(d.box.x1 + x1, d.box.y1 + y1, d.box.x2 + x1, d.box.y2 + y1),
                       d.label, d.position, d.score)
-            for d in self._detect_rgb(rgb[y1:y2, x1:x2])
+            for d in self._look_boxes(rgb[y1:y2, x1:x2])[0]
             if d.position not in have and not (d.position == LOWER and dress)
         ]  # fmt: skip
         return added
 
-    def _detect_rgb(self, rgb: NDArray[np.uint8]) -> list[Detection]:
-        probs, scale = self.probabilities(rgb)
+    def _look_boxes(self, rgb: NDArray[np.uint8]) -> tuple[list[Detection], NDArray[np.float32]]:
+        """One look: its boxes and its presence features."""
+        probs, scale, features = self.look(rgb)
         h, w = rgb.shape[:2]
-        return boxes_from_probabilities(probs, scale, (w, h), self.config)
+        return boxes_from_probabilities(probs, scale, (w, h), self.config), features
 
 
 def zoom_region(

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from snapshop.detect.base import LOWER, POSITIONS, UPPER, keep_best_per_position
+from snapshop.detect.base import LOWER, POSITIONS, keep_best_per_position
 from snapshop.detect.presence import (
     GATE_CARD_FILE,
     GATE_FILE,
@@ -123,7 +123,9 @@ def fit_gate(
         for j, g in enumerate(grads):
             m[j] = 0.9 * m[j] + 0.1 * g
             v[j] = 0.999 * v[j] + 0.001 * g * g
-            params[j] -= fit.lr * (m[j] / (1 - 0.9**step)) / (np.sqrt(v[j] / (1 - 0.999**step)) + 1e-8)
+            params[j] -= (
+                fit.lr * (m[j] / (1 - 0.9**step)) / (np.sqrt(v[j] / (1 - 0.999**step)) + 1e-8)
+            )
     layers = tuple((params[i], params[i + 1]) for i in range(0, len(params), 2))
     return PresenceGate(mean.astype(np.float32), scale.astype(np.float32), layers, thresholds or {})
 
@@ -197,9 +199,9 @@ def cache_photos(
     return data
 
 
-def training_photos(tags_csv: Path | None, ccp_dev: Path | None) -> tuple[
-    list[tuple[str, Path]], NDArray[np.float32], NDArray[np.str_]
-]:
+def training_photos(
+    tags_csv: Path | None, ccp_dev: Path | None
+) -> tuple[list[tuple[str, Path]], NDArray[np.float32], NDArray[np.str_]]:
     """(key, image path) of every photo, its (N, len(GROUPS)) labels and source name."""
     photos, groups, source = [], [], []
     if tags_csv is not None:
@@ -261,7 +263,9 @@ def train_presence_gate(
     out.mkdir(parents=True, exist_ok=True)
     (out / GATE_FILE).write_bytes(data_bytes)
     (out / GATE_CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-    log.info("presence gate: lower threshold %.3f, out-of-fold F1 %.3f -> %.3f", threshold, before, after)
+    log.info(
+        "presence gate: lower threshold %.3f, out-of-fold F1 %.3f -> %.3f", threshold, before, after
+    )
     return card
 
 
@@ -277,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     card = train_presence_gate(
-        args.tags, args.ccp_dev, args.out, GateFit(hidden=args.hidden, l2=args.l2), args.cache,
+        args.tags,
+        args.ccp_dev,
+        args.out,
+        GateFit(hidden=args.hidden, l2=args.l2),
+        args.cache,
         args.model,
     )
     log.info(json.dumps({k: card[k] for k in ("thresholds", "out_of_fold_lower_presence_f1")}))
