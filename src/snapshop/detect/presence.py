@@ -1,9 +1,9 @@
 """Garment presence gate of the ``segmenter`` detector: which garment groups a photo shows.
 
 A small multi-label head (logistic regression, or an MLP: ReLU between layers) reads one
-vector per photo that the segmenter computes anyway: the global average of its stride-16 and
-stride-32 trunk maps and the mean probability of each segmenter class
-(:func:`presence_features`). It gives one probability per garment group
+vector per photo built from what the segmenter computes anyway: the averages of its stride-16
+and stride-32 trunk maps over the photo and over its upper, lower and dress regions, and the
+mean probability of each segmenter class (:func:`presence_features`). It gives one probability per garment group
 (:data:`GROUPS`, as CCP's tags name them); a position is present with probability
 ``1 - prod(1 - p)`` over its groups. It was fitted on image-level tags (ccp-tags) plus the
 groups of ccp-dev's boxes (:mod:`snapshop.train.segmenter.presence`), three times the photos
@@ -34,7 +34,8 @@ POSITION_GROUPS: dict[str, tuple[str, ...]] = {
     UPPER: ("top", "outwear", "dress"),
     LOWER: ("trousers", "shorts", "skirt"),
 }
-FEATURE_DIM = 112 + 320 + 4  # pooled stride-16 and stride-32 maps, mean class probabilities
+# pooled stride-16 and stride-32 maps (whole input, upper, lower, dress), mean class probabilities
+FEATURE_DIM = 4 * (112 + 320) + 4
 GATE_FILE = "garment_presence.npz"
 GATE_CARD_FILE = "garment_presence.json"
 
@@ -42,11 +43,26 @@ GATE_CARD_FILE = "garment_presence.json"
 def presence_features(
     s16: NDArray[np.float32], s32: NDArray[np.float32], probs: NDArray[np.float32]
 ) -> NDArray[np.float32]:
-    """One photo's gate input: (1, 112, h, w) and (1, 320, h, w) trunk maps and the (H, W, 4)
-    class probabilities -> (112 + 320 + 4,) float32 (channel means, class means)."""
-    return np.concatenate(
-        [s16[0].mean(axis=(1, 2)), s32[0].mean(axis=(1, 2)), probs.mean(axis=(0, 1))]
-    ).astype(np.float32)
+    """One photo's gate input from its (1, 112, h16, w16) and (1, 320, h32, w32) trunk maps and
+    its (H, W, 4) class probabilities (the valid part of the padded input, top left) ->
+    (:data:`FEATURE_DIM`,) float32: the maps' channel means over the whole input, then over
+    the upper, lower and dress regions (cells weighted by that class's probability: what the
+    segmenter's lower region looks like, not only the photo), then the mean class probabilities.
+    """
+    import cv2
+
+    parts = [s16[0].mean(axis=(1, 2)), s32[0].mean(axis=(1, 2))]
+    for classes in ((1,), (2,), (3,)):  # upper, lower, dress
+        for fmap in (s16[0], s32[0]):
+            c, gh, gw = fmap.shape
+            stride = 16 if c == 112 else 32
+            padded = np.zeros((gh * stride, gw * stride), np.float32)
+            h, w = min(probs.shape[0], gh * stride), min(probs.shape[1], gw * stride)
+            padded[:h, :w] = probs[:h, :w, list(classes)].sum(axis=2)
+            weight = cv2.resize(padded, (gw, gh), interpolation=cv2.INTER_AREA)
+            parts.append((fmap * weight).sum(axis=(1, 2)) / (weight.sum() + 1e-3))
+    parts.append(probs.mean(axis=(0, 1)))
+    return np.concatenate(parts).astype(np.float32)
 
 
 def group_probabilities(

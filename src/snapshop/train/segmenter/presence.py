@@ -18,7 +18,7 @@ import csv
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from snapshop.detect.presence import (
 from snapshop.errors import ConfigError, ManifestError
 
 log = logging.getLogger(__name__)
+L2_GRID = (1e-3, 1e-2, 1e-1, 1.0)  # weight decay of the head, chosen out-of-fold
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,22 @@ def out_of_fold(
     return out
 
 
+def choose_l2(
+    features: NDArray[np.float32],
+    labels: NDArray[np.float32],
+    fit: GateFit = GateFit(),
+    grid: tuple[float, ...] = L2_GRID,
+) -> GateFit:
+    """``fit`` with the ``l2`` of ``grid`` whose out-of-fold lower-presence log-loss on these
+    photos is lowest."""
+    truth = has_position(labels, LOWER)
+    losses = []
+    for l2 in grid:
+        p = np.clip(out_of_fold(features, labels, replace(fit, l2=l2))[LOWER], 1e-6, 1 - 1e-6)
+        losses.append(-float(np.mean(np.where(truth, np.log(p), np.log(1 - p)))))
+    return replace(fit, l2=grid[int(np.argmin(losses))])
+
+
 def presence_f1(found: NDArray[np.bool_], truth: NDArray[np.bool_]) -> float:
     tp = float((found & truth).sum())
     return 2 * tp / max(float(found.sum() + truth.sum()), 1.0)
@@ -223,12 +240,13 @@ def train_presence_gate(
     tags_csv: Path | None,
     ccp_dev: Path | None,
     out: Path,
-    fit: GateFit = GateFit(),
+    fit: GateFit | None = None,
     cache: Path | None = None,
     model: str | None = None,
 ) -> dict[str, Any]:
     """Fit the gate on every photo given and write ``garment_presence.npz`` + its card into
-    ``out`` (beside the segmenter model ``model``; None: the shipped one). Returns the card."""
+    ``out`` (beside the segmenter model ``model``; None: the shipped one). ``fit`` None: a
+    logistic regression, its ``l2`` chosen out-of-fold (:func:`choose_l2`). Returns the card."""
     from snapshop.detect.segmenter import SegmenterDetector
 
     detector = SegmenterDetector(model, gate=False)
@@ -237,6 +255,8 @@ def train_presence_gate(
     features = data["features"]
     found_lower = ~np.isnan(data["boxes"][:, POSITIONS.index(LOWER), 0])
     truth_lower = has_position(labels, LOWER)
+    if fit is None:
+        fit = choose_l2(features, labels)
     oof = out_of_fold(features, labels, fit)
     threshold = choose_threshold(oof[LOWER], found_lower, truth_lower)
     gate = fit_gate(features, labels, fit, {LOWER: threshold})
@@ -254,6 +274,7 @@ def train_presence_gate(
         "segmenter_head_sha256": hashlib.sha256(detector.head_model).hexdigest(),
         "training_data": {s: int((source == s).sum()) for s in np.unique(source)},
         "fit": {"hidden": fit.hidden, "l2": fit.l2, "steps": fit.steps, "lr": fit.lr},
+        "l2_rule": f"lowest out-of-fold lower log-loss of {list(L2_GRID)} (unless given)",
         "threshold_rule": "max F1 of gated lower presence, out-of-fold (5) on the training photos",
         "out_of_fold_lower_presence_f1": {"ungated": round(before, 4), "gated": round(after, 4)},
         "training_command": "python -m snapshop.train.segmenter.presence "
@@ -277,14 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="segmenter model (default: the shipped one)")
     parser.add_argument("--cache", type=Path, help="feature cache (.npz, outside the repo)")
     parser.add_argument("--hidden", type=int, default=0)
-    parser.add_argument("--l2", type=float, default=GateFit.l2)
+    parser.add_argument("--l2", type=float, help="weight decay (default: chosen out-of-fold)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     card = train_presence_gate(
         args.tags,
         args.ccp_dev,
         args.out,
-        GateFit(hidden=args.hidden, l2=args.l2),
+        None if args.l2 is None else GateFit(hidden=args.hidden, l2=args.l2),
         args.cache,
         args.model,
     )
