@@ -3,12 +3,14 @@
 A small multi-label head (logistic regression, or an MLP: ReLU between layers) reads one
 vector per photo built from what the segmenter computes anyway: the averages of its stride-16
 and stride-32 trunk maps over the photo and over its upper, lower and dress regions, and the
-mean probability of each segmenter class (:func:`presence_features`). It gives one probability per garment group
-(:data:`GROUPS`, as CCP's tags name them); a position is present with probability
-``1 - prod(1 - p)`` over its groups. It was fitted on image-level tags (ccp-tags) plus the
-groups of ccp-dev's boxes (:mod:`snapshop.train.segmenter.presence`), three times the photos
-the pixel labels cover, and the segmenter drops a lower box on photos where the head puts
-the lower garment under the card's threshold (mostly dresses; issue #21).
+mean probability of each segmenter class (:func:`presence_features`). It gives one
+probability per garment group (:data:`GROUPS`, as CCP's tags name them); a position is
+present with probability ``1 - prod(1 - p)`` over its groups. It is fitted on image-level
+tags (ccp-tags) plus the groups of ccp-dev's boxes (:mod:`snapshop.train.segmenter.presence`),
+three times the photos the pixel labels cover, and a segmenter whose model folder holds one
+drops a box whose position the head puts under the card's threshold (issue #21). No gate
+ships: cross-validated on ccp-tags it did not beat the ungated detector
+(docs/benchmarks/detection.md, "A presence gate trained on image-level tags").
 
 Files: ``garment_presence.npz`` (arrays ``mean``, ``scale``, ``w0``, ``b0``, [``w1``,
 ``b1``...]) and ``garment_presence.json`` (its card: groups, thresholds, the sha256 of the
@@ -125,7 +127,7 @@ class PresenceGate:
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        np.savez(buffer, **self.arrays())
+        np.savez(buffer, **self.arrays())  # type: ignore[arg-type]
         return buffer.getvalue()
 
 
@@ -142,7 +144,7 @@ def read_gate(data: bytes, card: dict[str, Any]) -> PresenceGate:
         raise ModelError(f"presence gate: unreadable ({exc})") from None
     try:
         mean, scale = arrays["mean"], arrays["scale"]
-        layers = []
+        layers: list[tuple[NDArray[np.float32], NDArray[np.float32]]] = []
         while f"w{len(layers)}" in arrays:
             i = len(layers)
             layers.append((arrays[f"w{i}"], arrays[f"b{i}"]))

@@ -81,7 +81,7 @@ def label_matrix(groups: list[set[str]]) -> NDArray[np.float32]:
 
 def has_position(labels: NDArray[np.float32], position: str) -> NDArray[np.bool_]:
     cols = [GROUPS.index(g) for g in POSITION_GROUPS[position]]
-    return labels[:, cols].any(axis=1)
+    return np.asarray(labels[:, cols].any(axis=1), bool)
 
 
 def fit_gate(
