@@ -30,8 +30,11 @@ The card's ``config.long_side`` is the resolution the model runs at: the trainin
 less when its recall holds there (the shipped model: trained at 320, runs at 256, issue #16).
 
 A model folder holds ``garment_seg.onnx``, ``garment_seg.json`` and, when fine-tuned,
-``garment_seg_trunk.npz``; ``segmenter:DIR/PREFIXgarment_seg.json`` loads files that share a
-name prefix (``PREFIXgarment_seg.onnx`` ...), so several models can sit in one flat folder.
+``garment_seg_trunk.npz``; with ``garment_presence.npz`` + ``.json`` beside them, a presence
+gate (:mod:`snapshop.detect.presence`) drops the boxes of positions a photo-level head says are
+absent (``gate=0`` turns it off; the shipped model has none: it did not help, issue #21).
+``segmenter:DIR/PREFIXgarment_seg.json`` loads files that share a name prefix
+(``PREFIXgarment_seg.onnx`` ...), so several models can sit in one flat folder.
 """
 
 from __future__ import annotations
