@@ -629,7 +629,7 @@ def test_zoom_region_frames_small_garments_like_a_training_photo() -> None:
 def test_detector_looks_again_at_small_people_and_maps_boxes_back() -> None:
     from snapshop.detect.base import Box, Detection
 
-    det = SegmenterDetector(trunk=FakeTrunk())  # type: ignore[arg-type]
+    det = SegmenterDetector(trunk=FakeTrunk(), gate=False)  # type: ignore[arg-type]
     seen: list[tuple[int, int]] = []
 
     def fake_detect(rgb: np.ndarray) -> list[Detection]:
@@ -641,7 +641,7 @@ def test_detector_looks_again_at_small_people_and_maps_boxes_back() -> None:
             Detection(Box(12, 60, 48, 110), "lower", LOWER, 0.8),
         ]
 
-    det._detect_rgb = fake_detect  # type: ignore[method-assign]
+    det._look_boxes = lambda rgb: (fake_detect(rgb), None)  # type: ignore[method-assign]
     found = det.detect(Image.new("RGB", (600, 900)))
     from snapshop.detect.segmenter import zoom_region
 
@@ -660,7 +660,7 @@ def test_detector_looks_again_at_small_people_and_maps_boxes_back() -> None:
         looks.append(1)
         return [dress] if len(looks) == 1 else [Detection(Box(12, 60, 48, 110), "lower", LOWER, 1)]
 
-    det._detect_rgb = dress_then_lower  # type: ignore[method-assign]
+    det._look_boxes = lambda rgb: (dress_then_lower(rgb), None)  # type: ignore[method-assign]
     assert det.detect(Image.new("RGB", (600, 900))) == [dress]  # a dress: no lower added
     assert len(looks) == 2
 

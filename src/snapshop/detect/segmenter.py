@@ -30,8 +30,11 @@ The card's ``config.long_side`` is the resolution the model runs at: the trainin
 less when its recall holds there (the shipped model: trained at 320, runs at 256, issue #16).
 
 A model folder holds ``garment_seg.onnx``, ``garment_seg.json`` and, when fine-tuned,
-``garment_seg_trunk.npz``; ``segmenter:DIR/PREFIXgarment_seg.json`` loads files that share a
-name prefix (``PREFIXgarment_seg.onnx`` ...), so several models can sit in one flat folder.
+``garment_seg_trunk.npz``; with ``garment_presence.npz`` + ``.json`` beside them, a presence
+gate (:mod:`snapshop.detect.presence`) drops the boxes of positions a photo-level head says are
+absent (``gate=0`` turns it off; the shipped model has none: it did not help, issue #21).
+``segmenter:DIR/PREFIXgarment_seg.json`` loads files that share a name prefix
+(``PREFIXgarment_seg.onnx`` ...), so several models can sit in one flat folder.
 """
 
 from __future__ import annotations
@@ -422,7 +425,9 @@ class SegmenterDetector:
 
     Options after the model (or alone): ``precision=fp32`` runs the trunk in float when the
     card ships int8 ranges (which it then runs on by default, issue #16); ``long_side=N``
-    overrides the card's input size (a multiple of 32)."""
+    overrides the card's input size (a multiple of 32); ``gate=0`` turns the presence gate
+    off (``garment_presence.npz`` beside the card: boxes of garments the photo-level head
+    says are absent are dropped; issue #21)."""
 
     name = "segmenter"
     thread_safe = True  # ONNX Runtime sessions may run concurrently
@@ -433,7 +438,10 @@ class SegmenterDetector:
         config: SegmenterConfig | None = None,
         trunk: Trunk | None = None,
         precision: str | None = None,
+        gate: bool = True,
     ) -> None:
+        """``gate``: drop boxes the model's presence gate (:mod:`snapshop.detect.presence`,
+        ``garment_presence.npz`` beside the card, when there is one) says are absent."""
         head_src, card_src, overlay_src = model_files(model_dir)
         try:
             self.card: dict[str, Any] = json.loads(card_src.read_text())
@@ -454,6 +462,7 @@ class SegmenterDetector:
             except (TypeError, ConfigError) as exc:
                 raise ModelError(f"garment segmenter {card_src}: bad config ({exc})") from None
         self.config = config
+        self.gate = _read_gate(model_dir, card_src, self.head_model) if gate else None
         self._trunk = trunk
         self._lock = threading.Lock()
 
@@ -461,10 +470,17 @@ class SegmenterDetector:
     def from_spec(cls, args: str) -> SegmenterDetector:
         from snapshop.detect.spec import parse_spec_args
 
-        positional, options = parse_spec_args(args, {"precision", "long_side"})
+        positional, options = parse_spec_args(args, {"precision", "long_side", "gate"})
         if len(positional) > 1:
             raise ConfigError(f"segmenter takes one model argument, got {positional}")
-        detector = cls(positional[0] if positional else None, precision=options.get("precision"))
+        gate = options.get("gate", "1")
+        if gate not in ("0", "1"):
+            raise ConfigError(f"segmenter gate must be 0 or 1, not {gate!r}")
+        detector = cls(
+            positional[0] if positional else None,
+            precision=options.get("precision"),
+            gate=gate == "1",
+        )
         if "long_side" in options:
             try:
                 long_side = int(options["long_side"])
@@ -484,6 +500,16 @@ class SegmenterDetector:
 
     def probabilities(self, rgb: NDArray[np.uint8]) -> tuple[NDArray[np.float32], float]:
         """(H, W, 3) uint8 -> ((h, w, 4) probabilities at the resized scale, scale)."""
+        probs, scale, _ = self.look(rgb)
+        return probs, scale
+
+    def look(
+        self, rgb: NDArray[np.uint8]
+    ) -> tuple[NDArray[np.float32], float, NDArray[np.float32]]:
+        """(H, W, 3) uint8 -> (probabilities as :meth:`probabilities`, scale, the presence
+        gate's (D,) features of the photo: :func:`~snapshop.detect.presence.presence_features`)."""
+        from snapshop.detect.presence import presence_features
+
         x, scale = preprocess(rgb, self.config.long_side)
         s8, s16, s32 = self.trunk(x)
         logits = self.head.run(None, {"s8": s8, "s16": s16, "s32": s32})[0][0]
@@ -491,14 +517,27 @@ class SegmenterDetector:
         probs = softmax_upsampled(logits, (pw, ph))
         h, w = rgb.shape[:2]
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        return probs[:nh, :nw], scale
+        probs = probs[:nh, :nw]
+        return probs, scale, presence_features(s16, s32, probs)
 
     def detect(self, image: Image.Image) -> list[Detection]:
-        rgb = np.asarray(image.convert("RGB"))
-        found = self._detect_rgb(rgb)
+        found, features = self.detect_ungated(np.asarray(image.convert("RGB")))
+        if self.gate is None:
+            return found
+        # the gate decides on the whole photo; it runs after the second look so that the
+        # upper garment is framed exactly as without it
+        absent = self.gate.absent(features)
+        return [d for d in found if d.position not in absent]
+
+    def detect_ungated(self, rgb: NDArray[np.uint8]) -> tuple[list[Detection], NDArray[np.float32]]:
+        """The boxes before the presence gate (both looks) and the gate's features."""
+        found, features = self._look_boxes(rgb)
+        return found + self._second_look(rgb, found), features
+
+    def _second_look(self, rgb: NDArray[np.uint8], found: list[Detection]) -> list[Detection]:
         region = zoom_region(found, rgb.shape[1], rgb.shape[0], self.config)
         if region is None:
-            return found
+            return []
         # The second look only adds positions the first one missed: boxes found with the whole
         # photo in view are kept (re-framing a big person with a short outfit cut garments
         # off), and a dress found first means no lower garment (see boxes_from_probabilities).
@@ -508,15 +547,16 @@ class SegmenterDetector:
         added = [
             Detection(Box(d.box.x1 + x1, d.box.y1 + y1, d.box.x2 + x1, d.box.y2 + y1),
                       d.label, d.position, d.score)
-            for d in self._detect_rgb(rgb[y1:y2, x1:x2])
+            for d in self._look_boxes(rgb[y1:y2, x1:x2])[0]
             if d.position not in have and not (d.position == LOWER and dress)
         ]  # fmt: skip
-        return found + added
+        return added
 
-    def _detect_rgb(self, rgb: NDArray[np.uint8]) -> list[Detection]:
-        probs, scale = self.probabilities(rgb)
+    def _look_boxes(self, rgb: NDArray[np.uint8]) -> tuple[list[Detection], NDArray[np.float32]]:
+        """One look: its boxes and its presence features."""
+        probs, scale, features = self.look(rgb)
         h, w = rgb.shape[:2]
-        return boxes_from_probabilities(probs, scale, (w, h), self.config)
+        return boxes_from_probabilities(probs, scale, (w, h), self.config), features
 
 
 def zoom_region(
@@ -556,6 +596,20 @@ def _read_overlay(card: dict[str, Any], source: Any) -> bytes | None:
     if hashlib.sha256(data).hexdigest() != expected:
         raise ModelError(f"garment segmenter {source}: sha256 differs from the card's")
     return data
+
+
+def _read_gate(model_dir: Any, card_src: Any, head_model: bytes) -> Any:
+    """The presence gate beside the card (same prefix), or None when the model has none."""
+    from snapshop.detect.presence import GATE_CARD_FILE, GATE_FILE, load_gate
+
+    if model_dir is None:
+        npz, card = _resource(GATE_FILE), _resource(GATE_CARD_FILE)
+    else:
+        prefix = Path(card_src).name[: -len(CARD_FILE)]
+        npz, card = (Path(card_src).parent / f"{prefix}{n}" for n in (GATE_FILE, GATE_CARD_FILE))
+    if not card.is_file():
+        return None
+    return load_gate(npz, card, head_model)
 
 
 def _read_ranges(card: dict[str, Any], model_dir: Any, card_src: Any) -> bytes:
