@@ -270,7 +270,7 @@ class ProductVectors:
         wanted = np.isin(entry_owner, dirty)
         store = self.catalog.store
         if wanted.all():
-            batches = store.iter_vectors(table, self.dim, position=position, batch=65_536)
+            batches = store.iter_vectors(table, self.dim, position=position, batch=8192)
         else:
             batches = store.iter_vectors(table, self.dim, ids=entry_ids[wanted].tolist())
         sums = np.zeros((len(dirty), self.dim), np.float64)
