@@ -737,9 +737,9 @@ class IVFPQIndex(RerankedIndex):
 
 def pca_projection(train: NDArray[np.float32], dims: int) -> Any:
     """A faiss transform onto the ``dims`` principal axes of ``train`` (N, d), not centred:
-    inner products are what is searched, and centring would add a term that depends on the
-    stored vector (<q - mu, x - mu> ranks x by <q + mu, x> - ...), so the axes are those of the
-    second moment X^T X, which keep <q, x> best in ``dims`` dimensions."""
+    inner products are what is searched, and a centred projection ranks the stored vectors x
+    by <q - mu, x - mu>, i.e. by <q - mu, x>, not <q, x>. The axes are those of the second
+    moment X^T X, which keep <q, x> best in ``dims`` dimensions."""
     x = np.asarray(train, dtype=np.float64)
     values, vectors = np.linalg.eigh(x.T @ x / max(len(x), 1))
     top = vectors[:, ::-1][:, :dims].T  # (dims, d), the largest eigenvalues first
