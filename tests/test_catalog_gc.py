@@ -542,7 +542,7 @@ def test_service_thumbnails_live_where_gc_looks(cat: Path) -> None:
             for pid in pids
             if pid != victim.id
         )
-        paths = [thumbnail(cat, image, 64) for image in (doomed, kept)]
+        paths = [thumbnail(catalog, image, 64) for image in (doomed, kept)]
         assert paths == [blobs.THUMBNAILS.file(cat, 64, im.sha256) for im in (doomed, kept)]
         catalog.remove_product(victim.id)
         report = catalog.collect_garbage()

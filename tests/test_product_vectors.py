@@ -25,6 +25,8 @@ def assert_matches_store(pv: ProductVectors, directory: Path) -> None:
             assert np.allclose(vec, want[pid], atol=1e-5)
         index = pv.index(position)
         assert sorted(index.ids().tolist()) == sorted(want)
+        for pid, vec in zip(index.ids().tolist(), index.vectors(), strict=True):
+            assert np.allclose(vec, want[pid], atol=1e-5)  # an index updated in place too
 
 
 def test_mean_pool() -> None:
@@ -116,3 +118,74 @@ def test_cache_is_only_a_cache(tmp_path: Path, damage: str) -> None:
         assert_matches_store(ProductVectors(reopened), directory)
     finally:
         reopened.close()
+
+
+def test_best_entries_match_brute_force(tmp_path: Path) -> None:
+    """The entry each product shows: its best image (or crop) by raw inner product, read only
+    for the products asked about; an unknown product is left out."""
+    directory = tmp_path / "cat"
+    catalog = new_catalog(directory)
+    try:
+        fill_shop(catalog, 15, seed=6)
+        pv = ProductVectors(catalog)
+        rng = np.random.default_rng(3)
+        for position, entries in ((None, stored(directory, "images")),
+                                  ("upper", stored(directory, "crops", "upper"))):  # fmt: skip
+            products = sorted({p for p, _ in entries.values()})
+            asked = products[::2] + [10**9]
+            got_ids, got_owners = pv.entries(asked, position)
+            want_ids = [e for e, (p, _) in entries.items() if p in asked]
+            assert sorted(got_ids.tolist()) == sorted(want_ids)
+            assert all(entries[e][0] == p for e, p in zip(got_ids, got_owners, strict=True))
+            for q in unit(rng, 3):
+                want: dict[int, tuple[int, float]] = {}
+                for entry, (product, vec) in sorted(entries.items()):
+                    score = float(vec @ q)
+                    if product in asked and (product not in want or score > want[product][1]):
+                        want[product] = (entry, score)
+                got = pv.best_entries(q, asked, position)
+                assert set(got) == set(want)
+                for product, (entry, score) in got.items():
+                    assert entry == want[product][0]
+                    assert score == pytest.approx(want[product][1], abs=1e-5)
+        assert pv.best_entries(unit(rng)[0], []) == {}
+    finally:
+        catalog.close()
+
+
+def test_refresh_without_saving_keeps_the_file(tmp_path: Path) -> None:
+    """A searcher's per-query refresh reconciles in memory only; the next open reconciles
+    the older file with the store."""
+    directory = tmp_path / "cat"
+    catalog = new_catalog(directory)
+    try:
+        fill_shop(catalog, 6, seed=8)
+        pv = ProductVectors(catalog)
+        cache = directory / "index" / CACHE_FILE
+        saved = cache.read_bytes()
+        add_image(catalog, "p02", unit(np.random.default_rng(4))[0])
+        assert pv.refresh(save=False)
+        assert cache.read_bytes() == saved
+        assert_matches_store(pv, directory)
+        assert_matches_store(ProductVectors(catalog, save=False), directory)
+        assert cache.read_bytes() == saved
+    finally:
+        catalog.close()
+
+
+def test_refresh_sees_writes_no_index_knows_yet(tmp_path: Path) -> None:
+    """Another process's write reaches only the store: the refresh brings the catalog's
+    indexes (whose ids it reads) up first."""
+    from catalog_helpers import add_vectors
+
+    directory = tmp_path / "cat"
+    catalog = new_catalog(directory)
+    try:
+        fill_shop(catalog, 5, seed=2)
+        pv = ProductVectors(catalog)
+        add_vectors(catalog, unit(np.random.default_rng(7), 2), sku="elsewhere")
+        assert pv.refresh()
+        assert_matches_store(pv, directory)
+        assert product_ids(directory)["elsewhere"] in pv.vectors()[0].tolist()
+    finally:
+        catalog.close()

@@ -48,35 +48,61 @@ def shop(tmp_path_factory: pytest.TempPathFactory, lite0_model_dir: Path) -> dic
 
 @pytest.fixture(scope="module")
 def searcher(shop: dict[str, Any], lite0_embedder: Embedder):
+    """The default searcher: image-based results ranked by product vector."""
     catalog = open_catalog(shop["catalog"])
     yield Searcher(catalog, lite0_embedder, None)
     catalog.close()
 
 
-def reference(
-    searcher: Searcher, query: Path, k: int, accept: Any = None
+@pytest.fixture(scope="module")
+def image_searcher(searcher: Searcher) -> Searcher:
+    """Image-based results ranked by each product's best image (``ranking="image"``)."""
+    return Searcher(searcher.catalog, searcher.embedder, None, ranking="image")
+
+
+def ranked_reference(
+    searcher: Searcher, q: np.ndarray, k: int, accept: Any, ranking: str
 ) -> list[tuple[int, float, int]]:
-    """Brute force: cosine against every stored image vector, best image per product."""
+    """Brute force over the stored image vectors: [(product, score, best image)], best first.
+
+    ``ranking="image"``: a product scores its best image. ``"product"``: it scores the inner
+    product with the mean of its L2-normalised image vectors, renormalised; the image shown
+    is still its best one."""
     store = searcher.catalog.store
     ids, vecs = [], []
     for batch_ids, batch_vecs in store.iter_vectors("images", searcher.catalog.dim):
         ids += batch_ids.tolist()
         vecs.append(batch_vecs)
+    if not ids:
+        return []
     matrix = np.concatenate(vecs)
-    from snapshop.images import load_image
-
-    q = searcher.embedder.embed_images([load_image(query)])[0]
     scores = matrix @ q
     owner = store.image_product_map(ids)
     best: dict[int, tuple[float, int]] = {}
-    for image_id, score in zip(ids, scores, strict=True):
+    rows: dict[int, list[np.ndarray]] = {}
+    for image_id, score, vec in zip(ids, scores, matrix, strict=True):
         product = owner[image_id]
         if accept is not None and not accept(store.get_product(product)):
             continue
+        rows.setdefault(product, []).append(vec / np.linalg.norm(vec))
         if product not in best or score > best[product][0]:
             best[product] = (float(score), image_id)
+    if ranking == "product":
+        for product, unit_rows in rows.items():
+            mean = np.mean(unit_rows, axis=0)
+            best[product] = (float(mean @ q / np.linalg.norm(mean)), best[product][1])
     ranked = sorted(best.items(), key=lambda kv: -kv[1][0])[:k]
     return [(p, s, i) for p, (s, i) in ranked]
+
+
+def reference(
+    searcher: Searcher, query: Path, k: int, accept: Any = None, ranking: str = "image"
+) -> list[tuple[int, float, int]]:
+    """Brute force for the photo ``query`` (see :func:`ranked_reference`)."""
+    from snapshop.images import load_image
+
+    q = searcher.embedder.embed_images([load_image(query)])[0]
+    return ranked_reference(searcher, q, k, accept, ranking)
 
 
 def as_tuples(result) -> list[tuple[int, float, int]]:
@@ -90,17 +116,40 @@ def assert_matches(got: list[tuple[int, float, int]], want: list[tuple[int, floa
     assert all(a[1] >= b[1] for a, b in zip(got, got[1:], strict=False))  # ordered
 
 
+@pytest.mark.parametrize("ranking", ["product", "image"])
 @pytest.mark.parametrize("k", [1, 3, 8, 50])
-def test_matches_brute_force(shop: dict[str, Any], searcher: Searcher, k: int) -> None:
+def test_matches_brute_force(
+    shop: dict[str, Any], searcher: Searcher, image_searcher: Searcher, k: int, ranking: str
+) -> None:
+    chosen = searcher if ranking == "product" else image_searcher
+    assert chosen.ranking == ranking
     for query in shop["queries"]:
-        result = searcher.search(query, k)
-        want = reference(searcher, query, k)
+        result = chosen.search(query, k)
+        want = reference(chosen, query, k, ranking=ranking)
         assert_matches(as_tuples(result), want)
         assert len(result.image_results) == min(k, 8)
         assert len({h.product_id for h in result.image_results}) == len(result.image_results)
 
 
-def test_crowded_product_does_not_hide_others(shop: dict[str, Any], searcher: Searcher) -> None:
+def test_product_ranking_differs_from_best_image(
+    shop: dict[str, Any], searcher: Searcher, image_searcher: Searcher
+) -> None:
+    """The two rankings are not the same thing: their scores differ on this shop (so the
+    brute-force tests above tell them apart)."""
+    for query in shop["queries"]:
+        by_product = as_tuples(searcher.search(query, 8))
+        by_image = as_tuples(image_searcher.search(query, 8))
+        assert {p for p, _, _ in by_product} == {p for p, _, _ in by_image}  # all 8 products
+        best_image = {p: i for p, _, i in by_image}
+        assert all(best_image[p] == i for p, _, i in by_product)  # the same image shown
+        score_of = {p: s for p, s, _ in by_image}
+        assert any(abs(s - score_of[p]) > 1e-3 for p, s, _ in by_product)
+
+
+def test_crowded_product_does_not_hide_others(
+    shop: dict[str, Any], image_searcher: Searcher
+) -> None:
+    searcher = image_searcher
     query = shop["queries"][0]
     index = searcher.catalog.index(None)
     hits = index.search(searcher.embedder.embed_images([searcher_image(query)]), 16)
@@ -147,12 +196,14 @@ def test_top_products_fetches_deeper_until_k_products() -> None:
         ProductFilter(category="no-such-category"),
     ],
 )
+@pytest.mark.parametrize("ranking", ["product", "image"])
 def test_filters_match_brute_force(
-    shop: dict[str, Any], searcher: Searcher, filters: ProductFilter
+    shop: dict[str, Any], searcher: Searcher, filters: ProductFilter, ranking: str
 ) -> None:
     query = shop["queries"][1]
+    searcher = Searcher(searcher.catalog, searcher.embedder, None, ranking=ranking)
     result = searcher.search(query, 5, filters=filters)
-    want = reference(searcher, query, 5, accept=filters.accepts)
+    want = reference(searcher, query, 5, accept=filters.accepts, ranking=ranking)
     assert_matches(as_tuples(result), want)
     for hit in result.image_results:
         assert filters.category is None or hit.category == filters.category
@@ -360,3 +411,224 @@ def test_catalog_and_query_crops_are_framed_alike(tmp_path: Path, lite0_model_di
             _ = broken.crop_mode
     finally:
         broken.close()
+
+
+# --- ranking on generated catalogs of bare vectors, against numpy -----------------------------
+class VectorQuery:
+    """Stands in for the embedder of a toy catalog: every photo embeds to ``self.vector``."""
+
+    def __init__(self, model_id: str, vector: np.ndarray) -> None:
+        self.model_id = model_id
+        self.vector = np.asarray(vector, np.float32)
+
+    def submit(self, image: Any) -> Any:
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        done.set_result(self.vector[None, :])
+        return done
+
+    def embed_images(self, images: list[Any]) -> np.ndarray:
+        return np.tile(self.vector, (len(images), 1))
+
+
+def photo() -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), (120, 80, 40))
+
+
+def toy_searcher(catalog: Any, ranking: str = "product") -> Searcher:
+    query = VectorQuery(catalog.model_id, np.zeros(catalog.dim, np.float32))
+    return Searcher(catalog, query, None, ranking=ranking)  # type: ignore[arg-type]
+
+
+def search_vector(searcher: Searcher, q: np.ndarray, k: int, **kw: Any) -> list[tuple]:
+    searcher.embedder.vector = q.astype(np.float32)  # type: ignore[attr-defined]
+    return as_tuples(searcher.search(photo(), k, **kw))
+
+
+@pytest.fixture(scope="module")
+def toy_shop(tmp_path_factory: pytest.TempPathFactory):
+    """30 products of 1-4 images, with categories and prices (shop_helpers.fill_shop)."""
+    from shop_helpers import fill_shop, new_catalog
+
+    catalog = new_catalog(tmp_path_factory.mktemp("toy") / "cat")
+    fill_shop(catalog, 30, seed=3)
+    yield catalog
+    catalog.close()
+
+
+GENERATED_FILTERS = [
+    None,
+    ProductFilter(category="tops"),
+    ProductFilter(min_price=15, max_price=30),
+    ProductFilter(category="skirts", max_price=25),
+    ProductFilter(category="no-such-category"),
+]
+
+
+@pytest.mark.parametrize("exact_scan", [True, False])
+@pytest.mark.parametrize("filters", GENERATED_FILTERS)
+@pytest.mark.parametrize("ranking", ["product", "image"])
+def test_generated_catalog_matches_numpy(
+    toy_shop: Any, ranking: str, filters: ProductFilter | None, exact_scan: bool, monkeypatch
+) -> None:
+    """Top-k product ids, scores and shown images equal the numpy reference, with the filter
+    scanned exactly over the allowed vectors or applied by faiss' selector during the scan."""
+    from shop_helpers import unit
+
+    if not exact_scan:
+        monkeypatch.setattr("snapshop.index.flat.exact_filter_max", lambda dim: 0)
+    searcher = toy_searcher(toy_shop, ranking)
+    accept = filters.accepts if filters is not None else None
+    rng = np.random.default_rng(11)
+    for q in unit(rng, 6, toy_shop.dim):
+        for k in (1, 7, 100):  # 100: more than the 30 products
+            want = ranked_reference(searcher, q, k, accept, ranking)
+            got = search_vector(searcher, q, k, filters=filters)
+            assert_matches(got, want)
+            assert len(got) == min(k, len(ranked_reference(searcher, q, 1000, accept, ranking)))
+    if filters is not None and filters.category == "no-such-category":
+        assert got == []
+
+
+def test_generated_rankings_differ(toy_shop: Any) -> None:
+    """On this catalog the two rankings order products differently (so the test above can
+    tell a product ranking that fell back to best image)."""
+    from shop_helpers import unit
+
+    rng = np.random.default_rng(12)
+    by_product, by_image = toy_searcher(toy_shop, "product"), toy_searcher(toy_shop, "image")
+    orders = [(
+        [p for p, _, _ in search_vector(by_product, q, 10)],
+        [p for p, _, _ in search_vector(by_image, q, 10)],
+    ) for q in unit(rng, 10, toy_shop.dim)]  # fmt: skip
+    assert any(a != b for a, b in orders)
+
+
+@pytest.mark.parametrize("ranking", ["product", "image"])
+def test_catalog_without_products(tmp_path: Path, ranking: str) -> None:
+    from shop_helpers import new_catalog, unit
+
+    catalog = new_catalog(tmp_path / "cat")
+    try:
+        searcher = toy_searcher(catalog, ranking)
+        q = unit(np.random.default_rng(0), 1, catalog.dim)[0]
+        assert search_vector(searcher, q, 5) == []
+        assert search_vector(searcher, q, 5, filters=ProductFilter(category="tops")) == []
+    finally:
+        catalog.close()
+
+
+def test_product_ranking_follows_writes_without_reopening(tmp_path: Path) -> None:
+    """An image added through ``catalog.writing()``, a product edit, the removal of every
+    image of a product and of a product: the next search reflects each, against numpy."""
+    from catalog_helpers import add_vectors
+    from shop_helpers import new_catalog, unit
+
+    catalog = new_catalog(tmp_path / "cat")
+    try:
+        rng = np.random.default_rng(21)
+        for n in range(6):
+            add_vectors(catalog, unit(rng, 3, catalog.dim), sku=f"s{n}", category="tops",
+                        price=10.0 + n)  # fmt: skip
+        searcher = toy_searcher(catalog)
+        q = unit(rng, 1, catalog.dim)[0]
+
+        def check(k: int = 10, filters: ProductFilter | None = None) -> list[tuple]:
+            got = search_vector(searcher, q, k, filters=filters)
+            want = ranked_reference(searcher, q, k, filters.accepts if filters else None,
+                                    "product")  # fmt: skip
+            assert_matches(got, want)
+            return got
+
+        before = check()
+        assert len(before) == 6
+        last = before[-1][0]
+        with catalog.writing() as write:  # the query's own vector, as an image of the last
+            image_id, _ = write.insert_image(last, source="new.jpg", blob=None, sha256="ab" * 32,
+                                             width=4, height=4, vector=q)  # fmt: skip
+        after = check()
+        moved = {p: (s, i) for p, s, i in after}[last]
+        assert moved[1] == image_id  # the new image is the one shown
+        assert moved[0] > before[-1][1] + 0.1  # and the product vector moved toward the query
+
+        catalog.update_product(last, category="skirts")
+        assert [p for p, _, _ in check(filters=ProductFilter(category="skirts"))] == [last]
+        assert last not in [p for p, _, _ in check(filters=ProductFilter(category="tops"))]
+
+        emptied = before[0][0]
+        catalog.remove_images([i.id for i in catalog.store.images_of(emptied)])
+        assert catalog.store.products_by_ids([emptied])  # the product is still listed
+        remaining = check(k=50)  # k larger than the number of products
+        assert emptied not in [p for p, _, _ in remaining] and len(remaining) == 5
+
+        catalog.remove_product(before[1][0])
+        assert len(check(k=50)) == 4
+
+        add_vectors(catalog, np.stack([q, q]), sku="other-writer")  # the store only, as
+        top = check(k=50)[0]  # another process writes: no index knows it yet
+        assert top[0] == catalog.find_product("other-writer").id and top[1] > 0.9999
+    finally:
+        catalog.close()
+
+
+def test_ranking_switch_is_checked_everywhere(
+    shop: dict[str, Any], searcher: Searcher, monkeypatch
+) -> None:
+    from snapshop.service.settings import RANKING_ENV, ServiceSettings
+
+    with pytest.raises(ConfigError, match="ranking"):
+        Searcher(searcher.catalog, searcher.embedder, ranking="best")
+    with pytest.raises(ConfigError, match="ranking"):
+        searcher.rank_products(np.zeros(searcher.catalog.dim, np.float32), 3, ranking="mean")
+    with pytest.raises(ConfigError, match="ranking"):
+        api.open_searcher(shop["catalog"], ranking="best")
+    assert ServiceSettings(shop["catalog"]).ranking == "product"
+    monkeypatch.setenv(RANKING_ENV, "image")
+    assert ServiceSettings(shop["catalog"]).ranking == "image"
+    monkeypatch.setenv(RANKING_ENV, "nearest")
+    with pytest.raises(ConfigError, match="ranking"):
+        ServiceSettings(shop["catalog"])
+
+
+def test_service_ranks_as_its_setting_says(shop: dict[str, Any], searcher: Searcher) -> None:
+    from fastapi.testclient import TestClient
+
+    from snapshop.service.app import create_app
+    from snapshop.service.settings import ServiceSettings
+
+    query = shop["queries"][1]
+    for ranking in ("product", "image"):
+        served = Searcher(searcher.catalog, searcher.embedder, None)
+        app = create_app(ServiceSettings(shop["catalog"], ranking=ranking), searcher=served)
+        with TestClient(app) as client:
+            response = client.post("/v1/search", files={"image": ("q.jpg", query.read_bytes())},
+                                   data={"k": "5"})  # fmt: skip
+        assert response.status_code == 200, response.text
+        hits = response.json()["image_results"]
+        want = reference(searcher, query, 5, ranking=ranking)
+        assert [h["product_id"] for h in hits] == [w[0] for w in want]
+        assert [h["image_id"] for h in hits] == [w[2] for w in want]
+        assert np.allclose([h["score"] for h in hits], [w[1] for w in want], atol=1e-4)
+
+
+def test_cli_ranking_option(shop: dict[str, Any], searcher: Searcher) -> None:
+    from typer.testing import CliRunner
+
+    from snapshop.cli import app
+
+    query = shop["queries"][2]
+    for ranking in ("product", "image"):
+        args = ["search", str(query), "--catalog", str(shop["catalog"]), "-k", "4", "--json",
+                "--ranking", ranking]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        hits = json.loads(result.stdout)["image_results"]
+        want = reference(searcher, query, 4, ranking=ranking)
+        assert [h["product_id"] for h in hits] == [w[0] for w in want]
+        assert np.allclose([h["score"] for h in hits], [w[1] for w in want], atol=1e-4)
+    bad = CliRunner().invoke(app, ["search", str(query), "--catalog", str(shop["catalog"]),
+                                   "--ranking", "best"])  # fmt: skip
+    assert bad.exit_code == 2 and "ranking must be one of" in bad.output  # a usage error

@@ -9,7 +9,14 @@ from typing import Any
 
 from snapshop.catalog.blobs import DEFAULT_GRACE_SECONDS, GcReport
 from snapshop.catalog.card import read_card, write_card
-from snapshop.catalog.catalog import CARD_FILE, Catalog, create_catalog, open_catalog
+from snapshop.catalog.catalog import (
+    CARD_FILE,
+    Catalog,
+    catalog_exists,
+    create_catalog,
+    open_catalog,
+)
+from snapshop.catalog.server import SERVER_INDEX_KIND, is_server_target
 from snapshop.data.sources import CatalogRecord, read_source
 from snapshop.detect.base import Detector
 from snapshop.detect.factory import create_detector
@@ -18,8 +25,9 @@ from snapshop.images import ImageSource
 from snapshop.index.choose import AUTO
 from snapshop.index.factory import INDEX_KINDS
 from snapshop.ingest import Ingestor, IngestReport, discard_empty_catalog
+from snapshop.ingest_ray import RayConfig, import_ray
 from snapshop.models.embedder import Embedder, load_embedder
-from snapshop.search import ProductFilter, Searcher, SearchResult
+from snapshop.search import DEFAULT_RANKING, ProductFilter, Searcher, SearchResult, check_ranking
 
 PathLike = str | os.PathLike[str]
 
@@ -27,11 +35,11 @@ PathLike = str | os.PathLike[str]
 def open_or_create_catalog(
     catalog_dir: PathLike, embedder: Embedder, model_ref: str, index_kind: str = "flat"
 ) -> Catalog:
-    directory = Path(catalog_dir)
-    if (directory / CARD_FILE).exists():
-        return open_catalog(directory)
+    """``catalog_dir``: a directory, or a PostgreSQL URI (``postgresql://…``)."""
+    if catalog_exists(catalog_dir):
+        return open_catalog(catalog_dir)
     return create_catalog(
-        directory, model_id=embedder.model_id, model_ref=model_ref, dim=embedder.dim,
+        catalog_dir, model_id=embedder.model_id, model_ref=model_ref, dim=embedder.dim,
         index_kind=index_kind,
     )  # fmt: skip
 
@@ -73,26 +81,32 @@ def index_source(
     progress_total: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
+    ray: RayConfig | None = None,
 ) -> IngestReport:
     """Ingest a folder or CSV manifest into ``catalog_dir`` (created on first use).
 
     ``index_kind``: ``auto`` (the default for new catalogs: exact search while it meets the
     latency budget, HNSW above), ``flat``, ``hnsw``, ``pgvector``, ``milvus``; given for an
     existing catalog it replaces the card's choice (indexes are rebuilt from the store).
-    ``workers``: decode processes (None: one per core; 0: in-process).
+    ``workers``: decode processes (None: one per core; 0: in-process). ``ray``: decode,
+    detect and embed on Ray Data instead (:mod:`snapshop.ingest_ray`; ``workers`` unused),
+    written here through the same batches.
     A source with no image raises ManifestError before anything is written, and a catalog
     this call created is removed again if nothing was indexed into it. Files a folder holds
     that are not supported images come back in the report's ``ignored``.
     """
+    if ray is not None:
+        import_ray()  # a missing extra stops here, before any catalog is touched
     ignored: list[tuple[str, str]] = []
     records = source if isinstance(source, list) else read_source(Path(source), ignored)
     if not records:
         shown = "".join(f"; {path}: {reason}" for path, reason in ignored[:5])
         where = "the records given" if isinstance(source, list) else str(source)
         raise ManifestError(f"{where}: no image to index{shown}")
-    directory = Path(catalog_dir)
-    existed = directory.exists()
-    catalog, embedder, created = _open_for_ingest(directory, model, index_kind)
+    server = is_server_target(catalog_dir)
+    directory = Path(catalog_dir) if not server else None
+    existed = directory is None or directory.exists()
+    catalog, embedder, created = _open_for_ingest(catalog_dir, model, index_kind)
     try:
         with catalog:
             det = catalog_detector(catalog, detector)
@@ -101,39 +115,47 @@ def index_source(
             if progress_total:
                 progress_total(len(records))
             ingestor = Ingestor(catalog, embedder, det, batch_size=batch_size, workers=workers)
-            report = ingestor.ingest(records, progress=progress, sync=sync)
+            if ray is None:
+                report = ingestor.ingest(records, progress=progress, sync=sync)
+            else:
+                from snapshop.ingest_ray import ingest_on_ray
+
+                spec = catalog.detector if detector is None else detector
+                report = ingest_on_ray(
+                    ingestor, records, ray, detector=spec, progress=progress, sync=sync
+                )
     except BaseException:
-        if created:
+        if created and directory is not None:
             discard_empty_catalog(directory, remove_directory=not existed)
         raise
-    if created and report.added == 0:  # nothing indexed: a new catalog is not left behind
-        discard_empty_catalog(directory, remove_directory=not existed)
+    if created and report.added == 0 and directory is not None:  # nothing indexed: a new
+        discard_empty_catalog(directory, remove_directory=not existed)  # catalog is not kept
     report.ignored = ignored
     return report
 
 
 def _open_for_ingest(
-    directory: Path, model: str | None, index_kind: str | None
+    target: PathLike, model: str | None, index_kind: str | None
 ) -> tuple[Catalog, Embedder, bool]:
-    """The catalog in ``directory`` (created when there is none: the bool says so) and the
+    """The catalog at ``target`` (created when there is none: the bool says so) and the
     embedder that fits it."""
-    if (directory / CARD_FILE).exists():
+    if catalog_exists(target):
         if index_kind is not None:
-            set_index_kind(directory, index_kind)
-        catalog = open_catalog(directory)
+            set_index_kind(target, index_kind)
+        catalog = open_catalog(target)
         embedder: Embedder | None = None
     else:
         embedder = load_embedder(model)
         try:
             catalog = create_catalog(
-                directory, model_id=embedder.model_id, model_ref=_model_ref(model),
+                target, model_id=embedder.model_id, model_ref=_model_ref(model),
                 dim=embedder.dim, index_kind=index_kind or AUTO,
             )  # fmt: skip
             return catalog, embedder, True
         except CatalogError:
-            if not (directory / CARD_FILE).exists():
+            if not catalog_exists(target):
                 raise
-            catalog = open_catalog(directory)  # another process created it a moment ago
+            catalog = open_catalog(target)  # another process created it a moment ago
     try:
         if embedder is None:
             embedder = catalog_embedder(catalog, model)
@@ -151,6 +173,13 @@ def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | No
     reachable, parameters it refuses) raises CatalogError and leaves the card as it was."""
     if kind != AUTO and kind not in INDEX_KINDS:
         raise CatalogError(f"unknown index kind {kind!r}; choose from auto, {sorted(INDEX_KINDS)}")
+    if is_server_target(catalog_dir):
+        if kind != SERVER_INDEX_KIND:
+            raise CatalogError(
+                f"a server catalog searches its vectors in PostgreSQL ({SERVER_INDEX_KIND}),"
+                f" not {kind!r}"
+            )
+        return
     path = Path(catalog_dir) / CARD_FILE
     previous = read_card(path)
     if previous.index_kind == kind and (params is None or previous.index_params == params):
@@ -174,14 +203,18 @@ def open_searcher(
     model: str | None = None,
     detector: str | Detector | None = None,
     embed_threads: int | None = None,
+    ranking: str = DEFAULT_RANKING,
 ) -> Searcher:
     """A searcher over ``catalog_dir`` that owns the catalog it opened (close it with
     ``searcher.catalog.close()``); ``detector`` None means the catalog's own (``"none"``: no
-    item-based results); ``embed_threads``: ONNX Runtime threads (None: its default)."""
+    item-based results); ``embed_threads``: ONNX Runtime threads (None: its default);
+    ``ranking``: image-based results by "product" vector (default) or best "image"."""
+    check_ranking(ranking)
     catalog = open_catalog(catalog_dir)
     try:
         embedder = catalog_embedder(catalog, model, threads=embed_threads)
-        return Searcher(catalog, embedder, catalog_detector(catalog, detector))
+        detector = catalog_detector(catalog, detector)
+        return Searcher(catalog, embedder, detector, ranking=ranking)
     except BaseException:
         catalog.close()
         raise
@@ -195,8 +228,9 @@ def search_image(
     model: str | None = None,
     detector: str | None = None,
     filters: ProductFilter | None = None,
+    ranking: str = DEFAULT_RANKING,
 ) -> SearchResult:
-    searcher = open_searcher(catalog_dir, model=model, detector=detector)
+    searcher = open_searcher(catalog_dir, model=model, detector=detector, ranking=ranking)
     with searcher.catalog:
         return searcher.search(image, k, filters=filters)
 
@@ -245,10 +279,28 @@ def collect_garbage(
         return catalog.collect_garbage(dry_run=dry_run, min_age_seconds=grace_seconds)
 
 
+def migrate(
+    source: PathLike,
+    target: PathLike,
+    *,
+    progress_total: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> MigrateReport:
+    """Copy catalog ``source`` to ``target`` (directory <-> ``postgresql://…``) without
+    re-embedding; see ``snapshop.catalog.migrate``."""
+    from snapshop.catalog.migrate import migrate_catalog
+
+    if progress_total:
+        with open_catalog(source) as catalog:
+            progress_total(catalog.counts()["products"])
+    return migrate_catalog(source, target, progress=progress)
+
+
 # --- shop features (issue #18): more like this, similar-product export, duplicates -----------
 from typing import TYPE_CHECKING  # noqa: E402
 
 if TYPE_CHECKING:  # imported where used: they load faiss, which the CLI's start-up avoids
+    from snapshop.catalog.migrate import MigrateReport
     from snapshop.duplicates import DuplicateReport
     from snapshop.recommend import ExportReport
 

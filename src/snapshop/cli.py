@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -20,17 +21,29 @@ from rich.table import Table
 from snapshop import api
 from snapshop.catalog.blobs import DEFAULT_GRACE_SECONDS
 from snapshop.errors import ConfigError, ManifestError, SnapshopError
+from snapshop.ingest_ray import RayConfig
 
 app = typer.Typer(help="snapshop: visual search for e-commerce.", no_args_is_help=True,
                   pretty_exceptions_enable=False)  # fmt: skip
 catalog_app = typer.Typer(help="Inspect and edit a catalog.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
+db_app = typer.Typer(
+    help="A local PostgreSQL + pgvector server for trying a server catalog on one machine.",
+    no_args_is_help=True,
+)
+app.add_typer(db_app, name="db")
 
 out = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
 
-CatalogOpt = Annotated[Path, typer.Option("--catalog", "-c", help="Catalog directory.")]
+CatalogOpt = Annotated[
+    str,
+    typer.Option(
+        "--catalog", "-c", envvar="SNAPSHOP_CATALOG",
+        help="Catalog directory, or a PostgreSQL URI (postgresql://…) for a server catalog.",
+    ),
+]  # fmt: skip
 ModelOpt = Annotated[
     str | None,
     typer.Option(
@@ -129,6 +142,21 @@ def index(
     workers: Annotated[
         int | None, typer.Option(min=0, help="Decode processes (default: one per core).")
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Decode, detect and embed on Ray: local (start one here), auto ($RAY_ADDRESS"
+            " or this machine's cluster) or ray://HEAD:10001. Needs snapshop[ray].",
+        ),
+    ] = None,
+    ray_actors: Annotated[
+        int | None, typer.Option(min=1, help="Ray actors (default: one per cluster CPU).")
+    ] = None,
+    ray_gpus: Annotated[
+        float, typer.Option(min=0, help="GPUs per Ray actor (embedding on CUDA).")
+    ] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Add a folder or CSV manifest to a catalog (created on first use); re-runs are idempotent.
@@ -140,6 +168,7 @@ def index(
         report = run(lambda: api.index_source(
             source, catalog, model=model, detector=detector, batch_size=batch_size, sync=sync,
             progress_total=set_total, progress=advance, index_kind=index_kind, workers=workers,
+            ray=None if ray is None else RayConfig(ray, actors=ray_actors, gpus_per_actor=ray_gpus),
         ))  # fmt: skip
     if as_json:
         out.print_json(json.dumps(report.to_dict()))
@@ -208,6 +237,10 @@ def search(
     save_boxes: Annotated[
         Path | None, typer.Option(help="Save the query with its boxes as PNG.")
     ] = None,
+    ranking: Annotated[
+        str,
+        typer.Option(help="Rank image-based results by 'product' vector or by best 'image'."),
+    ] = "product",
     as_json: JsonOpt = False,
 ) -> None:
     """Find the catalog products that look like IMAGE (image-based and item-based results)."""
@@ -215,7 +248,7 @@ def search(
 
     result = run(lambda: api.search_image(
         image, catalog, k=k, model=model, detector=detector,
-        filters=ProductFilter(category, min_price, max_price),
+        filters=ProductFilter(category, min_price, max_price), ranking=ranking,
     ))  # fmt: skip
     if save_boxes is not None:
         from snapshop.visualize import draw_detections
@@ -298,6 +331,28 @@ def catalog_reindex(
                       str(m.get("p50_ms", "-")), str(m.get("p99_ms", "-")),
                       json.dumps(m.get("search_params", {})))  # fmt: skip
     out.print(table)
+
+
+@catalog_app.command("migrate")
+def catalog_migrate(
+    source: Annotated[str, typer.Argument(help="Catalog to copy: a directory or a URI.")],
+    target: Annotated[str, typer.Argument(help="Where to: a directory or postgresql://…")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy a catalog (directory <-> PostgreSQL) without re-embedding; rerun to resume."""
+    with progress_bar("migrating products") as (set_total, advance):
+        report = run(lambda: api.migrate(source, target, progress_total=set_total,
+                                         progress=advance))  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(dataclasses.asdict(report)))
+        return
+    out.print(
+        f"{report.products} products checked in {terminal_text(report.target)}:"
+        f" {report.images_copied} images copied ({report.images_present} already there),"
+        f" {report.crops_copied} crops, {report.vectors_checked} vectors compared,"
+        f" {report.seconds:.1f} s",
+        highlight=False,
+    )
 
 
 @catalog_app.command("gc")
@@ -868,3 +923,49 @@ def catalog_duplicates(
     out.print(f"{len(report.pairs)} near-duplicate pairs among {report.images} images"
               f" (vector similarity >= {report.threshold:g}, pixels {checked}) -> {output}"
               + (f", {html}" if html else ""))  # fmt: skip
+
+
+# --- snapshop db: a local PostgreSQL + pgvector ---------------------------------------------
+DbDirOpt = Annotated[Path, typer.Option("--dir", help="Folder of the database (created).")]
+
+
+@db_app.command("start")
+def db_start(
+    directory: DbDirOpt,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="TCP port on 127.0.0.1 (default: the last one if free, else a free one; "
+            "0: a free one).",
+        ),
+    ] = None,
+) -> None:
+    """Start the server (initialising DIR on first use) and print its DSN.
+
+    The server keeps running after this command returns, until `snapshop db stop --dir DIR`:
+    `DSN=$(snapshop db start --dir pg)`.
+    """
+    from snapshop.dbserver import start_database
+
+    out.print(run(lambda: start_database(directory, port)), highlight=False, soft_wrap=True)
+
+
+@db_app.command("stop")
+def db_stop(directory: DbDirOpt) -> None:
+    """Stop the server of DIR (fast shutdown); harmless when it is not running."""
+    from snapshop.dbserver import stop_database
+
+    stopped = run(lambda: stop_database(directory))
+    out.print("stopped" if stopped else "not running", highlight=False)
+
+
+@db_app.command("status")
+def db_status(directory: DbDirOpt) -> None:
+    """Print `running DSN` or `stopped`."""
+    from snapshop.dbserver import database_status
+
+    status = run(lambda: database_status(directory))
+    out.print(f"running {status.dsn}" if status.running else "stopped", highlight=False,
+              soft_wrap=True)  # fmt: skip

@@ -59,3 +59,9 @@ class ModelError(SnapshopError):
 
 class ConfigError(SnapshopError):
     """A parameter or configuration value is out of range."""
+
+
+class CatalogUnavailableError(CatalogError):
+    """The catalog database cannot be reached (server down, network, wrong password, a
+    connection lost mid-transaction, which rolled it back): a server-side fault the service
+    answers with 503; retrying later may succeed."""

@@ -33,7 +33,8 @@ from PIL import Image
 
 from snapshop.catalog.blobs import write_blob
 from snapshop.catalog.catalog import DB_FILE, LOCK_FILE, Catalog
-from snapshop.catalog.store import CatalogStore, NewCrop, Product
+from snapshop.catalog.server import thumbnail_jpeg
+from snapshop.catalog.store import CatalogStore, NewCrop, Product, open_store
 from snapshop.data.sources import CatalogRecord
 from snapshop.detect.base import (
     PRODUCT,
@@ -90,14 +91,66 @@ class IngestReport:
 @dataclass
 class Decoded:
     """A fresh image ready to embed: ``pixels`` are the embedder's input, ``blob`` is already
-    written, and ``image`` is kept only when a detector needs it."""
+    written (a catalog directory; empty: the writer stores ``data``) or ``thumbnail`` made
+    (JPEG bytes, width, height: a server catalog stores it in the image's transaction), and
+    ``image`` is kept only when a detector
+    needs it."""
 
     record: CatalogRecord
     sha256: str
     size: tuple[int, int]
     pixels: NDArray[np.float32]
-    blob: str
+    blob: str | None
     image: Image.Image | None = None
+    data: bytes | None = None
+    thumbnail: tuple[bytes, int, int] | None = None
+
+
+@dataclass
+class Embedded:
+    """A fresh image with its vectors, ready to commit: ``vector`` (D,) float32, L2-normalised,
+    and its garment crops. ``blob`` is empty while the bytes (``data``) are not stored yet;
+    a server catalog stores ``thumbnail`` instead."""
+
+    record: CatalogRecord
+    sha256: str
+    size: tuple[int, int]
+    blob: str | None
+    vector: NDArray[np.float32]
+    crops: list[NewCrop]
+    data: bytes | None = None
+    thumbnail: tuple[bytes, int, int] | None = None
+
+
+def embed_batch(
+    embedder: Embedder, detector: Detector | None, crop_mode: str, batch: Sequence[Decoded]
+) -> list[Embedded]:
+    """Detect and embed decoded images: the one mapper both runners call (this process, or a
+    Ray actor in :mod:`snapshop.ingest_ray`)."""
+    if not batch:
+        return []
+    # The photos need no boxes: they are embedded on a thread beside detection (issue #16);
+    # only the crops wait for the detector.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshop-embed") as beside:
+        photos = beside.submit(embedder.embed_arrays, np.stack([d.pixels for d in batch]))
+        crops_per_image = [
+            _detect_crops(
+                detector, d.image, crop_mode, d.record.metadata.get("category"), d.record.packshot
+            )
+            if d.image is not None
+            else []
+            for d in batch
+        ]
+        crop_vecs = embedder.embed_images([c[4] for cs in crops_per_image for c in cs])
+        image_vecs = photos.result()
+    out = []
+    offset = 0
+    for d, vec, crops in zip(batch, image_vecs, crops_per_image, strict=True):
+        new = [NewCrop(pos, label, score, box, crop_vecs[offset + j])
+               for j, (pos, label, score, box, _) in enumerate(crops)]  # fmt: skip
+        offset += len(crops)
+        out.append(Embedded(d.record, d.sha256, d.size, d.blob, vec, new, d.data, d.thumbnail))
+    return out
 
 
 def _detect_crops(
@@ -178,7 +231,7 @@ class Ingestor:
         self.workers = min(4, os.cpu_count() or 1) if workers is None else max(0, workers)
         self.prefetch_batches = max(1, prefetch_batches)
 
-    def _update_known(self, records: Sequence[CatalogRecord], report: IngestReport) -> None:
+    def update_known(self, records: Sequence[CatalogRecord], report: IngestReport) -> None:
         """Count images the catalog already holds; a known image whose record carries changed
         product metadata still updates the product (re-ingesting an edited CSV updates titles,
         prices... without re-embedding)."""
@@ -194,71 +247,52 @@ class Ingestor:
                 for record in updates:
                     write.upsert_product(record.sku, **record.metadata)
 
-    def _write_batch(self, batch: list[Decoded], report: IngestReport) -> None:
-        # The photos need no boxes: they are embedded on a thread beside detection (issue #16);
-        # only the crops wait for the detector.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshop-embed") as beside:
-            photos = beside.submit(self.embedder.embed_arrays, np.stack([d.pixels for d in batch]))
-            crops_per_image = [
-                _detect_crops(
-                    self.detector,
-                    d.image,
-                    self.catalog.crop_mode,
-                    d.record.metadata.get("category"),
-                    d.record.packshot,
-                )  # fmt: skip
-                if d.image is not None
-                else []
-                for d in batch
-            ]
-            crop_vecs = self.embedder.embed_images([c[4] for cs in crops_per_image for c in cs])
-            image_vecs = photos.result()
-        blobs = [d.blob for d in batch]
-
+    def commit(self, batch: Sequence[Embedded], report: IngestReport) -> None:
+        """Write embedded images in one transaction: the one writer of every runner. An image
+        the catalog holds by now (another writer, or the same file twice) is skipped."""
         # Vectors reach the indexes only after their rows committed (``Catalog.writing``).
         with self.catalog.writing() as write:
-            offset = 0
-            for d, blob, vec, crops in zip(batch, blobs, image_vecs, crops_per_image, strict=True):
-                product_id = write.upsert_product(d.record.sku, **d.record.metadata)
-                if write.find_image(product_id, d.sha256) is not None:
+            for e in batch:
+                product_id = write.upsert_product(e.record.sku, **e.record.metadata)
+                if write.find_image(product_id, e.sha256) is not None:
                     report.skipped += 1  # another writer added it since we looked
-                    report.products.add(d.record.sku)
-                    offset += len(crops)
+                    report.products.add(e.record.sku)
                     continue
-                if not self._blob_in_place(d, blob, report):
-                    offset += len(crops)
+                if e.thumbnail is not None:
+                    write.put_thumbnail(e.sha256, *e.thumbnail)
+                elif not self._blob_in_place(e, report):
                     continue
-                new = [NewCrop(pos, label, score, box, crop_vecs[offset + j])
-                       for j, (pos, label, score, box, _) in enumerate(crops)]  # fmt: skip
                 _, crop_ids = write.insert_image(
-                    product_id, source=str(d.record.path), blob=blob, sha256=d.sha256,
-                    width=d.size[0], height=d.size[1], vector=vec, crops=new,
+                    product_id, source=str(e.record.path), blob=e.blob, sha256=e.sha256,
+                    width=e.size[0], height=e.size[1], vector=e.vector, crops=e.crops,
                 )  # fmt: skip
-                offset += len(crops)
                 report.added += 1
                 report.crops += len(crop_ids)
-                report.products.add(d.record.sku)
+                report.products.add(e.record.sku)
 
-    def _blob_in_place(self, d: Decoded, blob: str, report: IngestReport) -> bool:
+    def _blob_dir(self) -> Path | None:
+        """Where image files go: the catalog's blob folder; None for a server catalog."""
+        return None if self.catalog.is_server else self.catalog.blob_dir
+
+    def _blob_in_place(self, d: Embedded, report: IngestReport) -> bool:
         """Under the write lock, before the row naming ``blob`` commits: make sure the file is
         there. Another process deleting the last row that shared these bytes (or collecting
         garbage) may have removed it between our write and now; deletes and collections
         remove files under this same lock, so once checked here the file stays."""
-        if (self.catalog.directory / blob).is_file():
+        if d.blob and (self.catalog.directory / d.blob).is_file():
             return True
-        try:  # the prepare step kept no copy of the bytes: read the source again
-            data = d.record.read(self.limits)
+        reason = "the source changed since it was read"
+        try:  # without a copy of the bytes at hand (the prepare step keeps none): read again
+            data = d.data if d.data is not None else d.record.read(self.limits)
         except ImageDecodeError as exc:
             data = b""
             reason = exc.reason
-        else:
-            reason = "the source changed since it was read"
         if hashlib.sha256(data).hexdigest() != d.sha256:
             why = f"stored copy removed by a concurrent delete and {reason}"
             report.failed.append((str(d.record.path), why))
             return False
         write_blob(self.catalog.blob_dir, d.sha256, data)
-        log.info("stored %s again: removed by a concurrent writer", blob)
+        log.info("stored %s again: removed by a concurrent writer", d.blob)
         return True
 
     def ingest(
@@ -269,14 +303,36 @@ class Ingestor:
     ) -> IngestReport:
         """Ingest ``records``. With ``sync``, images of the source's products that the source
         no longer lists are removed (a product update)."""
+
+        def embedded(
+            records: Iterable[CatalogRecord], report: IngestReport
+        ) -> Iterator[tuple[list[Embedded], int]]:
+            crop_mode = self.catalog.crop_mode
+            for decoded, consumed in self._batches(records, report):
+                yield embed_batch(self.embedder, self.detector, crop_mode, decoded), consumed
+
+        return self.ingest_batches(records, embedded, progress, sync)
+
+    def ingest_batches(
+        self,
+        records: Iterable[CatalogRecord],
+        runner: Callable[
+            [Iterable[CatalogRecord], IngestReport], Iterator[tuple[list[Embedded], int]]
+        ],
+        progress: Callable[[int], None] | None = None,
+        sync: bool = False,
+    ) -> IngestReport:
+        """Commit what ``runner(records, report)`` yields, (embedded images, records consumed)
+        per batch, saving indexes every ``save_every`` batches: the part every runner shares.
+        The runner counts known and failed records into ``report`` itself."""
         start = time.perf_counter()
         report = IngestReport()
         if sync:
             records = list(records)
         batches_since_save = 0
-        for decoded, consumed in self._batches(records, report):
-            if decoded:
-                self._write_batch(decoded, report)
+        for batch, consumed in runner(records, report):
+            if batch:
+                self.commit(batch, report)
                 batches_since_save += 1
             if batches_since_save >= self.save_every:
                 self.catalog.save_indexes()
@@ -291,6 +347,14 @@ class Ingestor:
         report.seconds = time.perf_counter() - start
         return report
 
+    def prepare_job(self) -> PrepareJob:
+        """What :func:`prepare` / :func:`decode` need to know, wherever they run."""
+        return PrepareJob(
+            limits=self.limits, input_size=self.embedder.input_size,
+            keep_image=self.detector is not None, normalisation=self.embedder.card.normalisation,
+            thumbnails=self.catalog.is_server,
+        )  # fmt: skip
+
     # --- batch pipeline (issue #6): parallel decode workers, bounded prefetch -----------------
     def _batches(
         self, records: Iterable[CatalogRecord], report: IngestReport
@@ -299,13 +363,10 @@ class Ingestor:
 
         Every record goes through :func:`prepare`, in this process or in decode workers; only
         the runner differs. Known images are counted (and their metadata updated) here."""
-        job = PrepareJob(
-            limits=self.limits, input_size=self.embedder.input_size,
-            keep_image=self.detector is not None, normalisation=self.embedder.card.normalisation,
-        )  # fmt: skip
+        job = self.prepare_job()
         small = isinstance(records, Sequence) and len(records) <= 2 * self.batch_size
         if self.workers == 0 or small:
-            outcomes: Iterator[_Outcome] = (prepare(job, r, self.catalog, self.catalog.blob_dir)
+            outcomes: Iterator[_Outcome] = (prepare(job, r, self.catalog, self._blob_dir())
                                             for r in records)  # fmt: skip
         else:
             outcomes = self._prepared_by_workers(records, job, report)
@@ -326,11 +387,11 @@ class Ingestor:
             else:
                 report.failed.append(outcome)
             if consumed == self.batch_size:
-                self._update_known(known, report)
+                self.update_known(known, report)
                 yield batch, consumed
                 batch, known, seen, consumed = [], [], set(), 0
         if consumed:
-            self._update_known(known, report)
+            self.update_known(known, report)
             yield batch, consumed
 
     def _prepared_by_workers(
@@ -346,7 +407,7 @@ class Ingestor:
         with pool:
             pending: deque[tuple[Future[_Outcome], CatalogRecord]] = deque()
             source = iter(records)
-            db_path, blob_dir = str(self.catalog.db_path), str(self.catalog.blob_dir)
+            db_path, blob_dir = self.catalog.store_target, self._blob_dir()
             while True:
                 try:
                     while len(pending) < window and (record := next(source, None)) is not None:
@@ -421,6 +482,7 @@ class PrepareJob:
     limits: DecodeLimits
     input_size: int
     keep_image: bool  # a detector will look at the image
+    thumbnails: bool = False  # a server catalog stores a thumbnail instead of the file
     normalisation: Mapping[str, float] = field(default_factory=lambda: dict(NORMALISATION))
 
 
@@ -436,25 +498,48 @@ class KnownImages(Protocol):
     def has_image(self, product_id: int, sha256: str) -> bool: ...
 
 
-def prepare(job: PrepareJob, record: CatalogRecord, known: KnownImages, blob_dir: Path) -> _Outcome:
+def prepare(
+    job: PrepareJob, record: CatalogRecord, known: KnownImages, blob_dir: Path | None
+) -> _Outcome:
     """Read, sha256, skip if the catalog already holds it (returns the record), decode,
-    preprocess for the embedder and store the blob. Failures come back as (source, reason)."""
-    try:
-        data = record.read(job.limits)
-    except ImageDecodeError as exc:
-        return (str(record.path), exc.reason)
+    preprocess for the embedder and store the blob in ``blob_dir`` (None: a server catalog,
+    whose thumbnail ``decode`` made). Failures come back as (source, reason)."""
+    data = read_record(job, record)
+    if isinstance(data, tuple):
+        return data
     sha = hashlib.sha256(data).hexdigest()
     product = known.find_product(record.sku)
     if product is not None and known.has_image(product.id, sha):
         return record
+    decoded = decode(job, record, data, sha)
+    if isinstance(decoded, Decoded):
+        blob = write_blob(blob_dir, sha, data) if blob_dir is not None else None
+        decoded.blob, decoded.data = blob, None
+    return decoded
+
+
+def read_record(job: PrepareJob, record: CatalogRecord) -> bytes | tuple[str, str]:
+    """The bytes of ``record``'s image, or (source, reason) when it cannot be read."""
+    try:
+        return record.read(job.limits)
+    except ImageDecodeError as exc:
+        return (str(record.path), exc.reason)
+
+
+def decode(
+    job: PrepareJob, record: CatalogRecord, data: bytes, sha: str
+) -> Decoded | tuple[str, str]:
+    """Decode and preprocess for the embedder; the bytes ride along in ``data`` (no blob is
+    written here). Failures come back as (source, reason)."""
     try:
         image = load_image(data, job.limits)
     except ImageDecodeError as exc:
         return (str(record.path), exc.reason)
-    blob = write_blob(blob_dir, sha, data)
     pixels = preprocess(image, job.input_size, job.normalisation)
     size = original_size(image)  # a large image is decoded reduced
-    return Decoded(record, sha, size, pixels, blob, image if job.keep_image else None)
+    thumbnail = thumbnail_jpeg(image) if job.thumbnails else None
+    kept = image if job.keep_image else None
+    return Decoded(record, sha, size, pixels, "", kept, data, thumbnail)
 
 
 # --- decode workers (issue #6) ------------------------------------------------------------------
@@ -464,12 +549,12 @@ _PARENT_POLL_SECONDS = 0.5
 
 
 def _prepare_in_worker(
-    job: PrepareJob, db_path: str, blob_dir: str, record: CatalogRecord
+    job: PrepareJob, store_target: str, blob_dir: Path | None, record: CatalogRecord
 ) -> _Outcome:
-    store = _worker_stores.get(db_path)
+    store = _worker_stores.get(store_target)
     if store is None:
-        store = _worker_stores[db_path] = CatalogStore(Path(db_path), readonly=True)
-    return prepare(job, record, store, Path(blob_dir))
+        store = _worker_stores[store_target] = open_store(store_target, readonly=True)
+    return prepare(job, record, store, blob_dir)
 
 
 def _worker_init(parent_pid: int) -> None:

@@ -8,6 +8,9 @@ computed from, each entry's product, and the product vectors, tagged with the st
 generation they reflect. On open a stale cache is reconciled by id difference: only the
 products that gained or lost an entry are recomputed, from the vectors in the store. The
 file is replaced atomically, so a crash costs recomputation, never data.
+
+Photo search ranks image-based results by these vectors by default (``search.Searcher``,
+``ranking="product"``); :meth:`ProductVectors.best_entries` finds the image each result shows.
 """
 
 from __future__ import annotations
@@ -67,17 +70,20 @@ class _Group:
 class ProductVectors:
     """The product vectors of an open catalog, current as of the last :meth:`refresh`.
 
-    Thread-safe. Searches go through :meth:`index` (an exact index keyed by product id).
+    Its methods are thread-safe; searches go through :meth:`index` (an exact index keyed by
+    product id, updated in place by :meth:`refresh`).
     """
 
     def __init__(self, catalog: Catalog, *, save: bool = True) -> None:
         self.catalog = catalog
         self.dim = catalog.dim
-        self.path = catalog.directory / "index" / CACHE_FILE
-        self._save_enabled = save
+        # a server catalog has no disk of its own here: its vectors are computed on open
+        self.path = None if catalog.is_server else catalog.directory / "index" / CACHE_FILE
+        self._save_enabled = save and self.path is not None
         self._lock = threading.RLock()
         self._groups: dict[str, _Group] = {}
         self._indexes: dict[str, FlatIndex] = {}
+        self._by_owner: dict[str, tuple[NDArray[np.int64], NDArray[np.int64]]] = {}
         self._generation = -1
         self._load()
         self.refresh()
@@ -102,7 +108,9 @@ class ProductVectors:
             return group.product_ids, group.vectors
 
     def index(self, position: str | None = None) -> FlatIndex:
-        """An exact index over :meth:`vectors` keyed by product id (built on first use)."""
+        """An exact index over :meth:`vectors` keyed by product id (built on first use, then
+        updated in place by :meth:`refresh`: like the catalog's indexes, not to be searched
+        while a refresh runs on another thread)."""
         with self._lock:
             name = index_name(position)
             if name not in self._indexes:
@@ -112,30 +120,75 @@ class ProductVectors:
                 self._indexes[name] = index
             return self._indexes[name]
 
-    # --- reconciliation -----------------------------------------------------------------
-    def refresh(self, force: bool = False) -> bool:
-        """Bring the vectors up to the store when its generation moved (or ``force``), and
-        save the cache. Returns True if it reconciled."""
+    def entries(
+        self, products: list[int], position: str | None = None
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """(entry ids, their products): the entries (image ids, or crop ids at ``position``)
+        the vectors of ``products`` were computed from, grouped by product in their order."""
         with self._lock:
-            store = self.catalog.store
-            generation = store.generation  # read first: a later write forces another pass
-            if not force and generation == self._generation:
+            name = index_name(position)
+            if name not in self._by_owner:
+                group = self._groups.get(name) or _Group.empty(self.dim)
+                order = np.argsort(group.entry_owner, kind="stable")
+                self._by_owner[name] = (group.entry_owner[order], group.entry_ids[order])
+            owners, entries = self._by_owner[name]
+        wanted = np.asarray(products, dtype=np.int64)
+        starts = np.searchsorted(owners, wanted, side="left")
+        ends = np.searchsorted(owners, wanted, side="right")
+        ranges = [np.arange(a, b) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+        rows = np.concatenate(ranges) if ranges else np.zeros(0, np.int64)
+        return entries[rows], owners[rows]
+
+    def best_entries(
+        self, query: NDArray[np.float32], products: list[int], position: str | None = None
+    ) -> dict[int, tuple[int, float]]:
+        """{product: (entry id, score)}: for each of ``products``, its entry (image, or crop
+        at ``position``) whose stored vector has the highest inner product with ``query``
+        (D,); ties go to the lower entry id. Reads only those products' vectors from the
+        store; a product with no entry left there is left out."""
+        entries, owners = self.entries(products, position)
+        best: dict[int, tuple[int, float]] = {}
+        if len(entries) == 0:
+            return best
+        owner = dict(zip(entries.tolist(), owners.tolist(), strict=True))
+        table = "images" if position is None else "crops"
+        query = np.asarray(query, np.float32)
+        for ids, vecs in self.catalog.store.iter_vectors(table, self.dim, ids=entries.tolist()):
+            for entry, score in zip(ids.tolist(), (vecs @ query).tolist(), strict=True):
+                product = owner[entry]
+                found = best.get(product)
+                if found is None or score > found[1] or (score == found[1] and entry < found[0]):
+                    best[product] = (entry, float(score))
+        return best
+
+    # --- reconciliation -----------------------------------------------------------------
+    def refresh(self, force: bool = False, save: bool | None = None) -> bool:
+        """Bring the vectors up to the store when its generation moved (or ``force``), and
+        save the cache (``save`` None: as the constructor said; a searcher refreshing before
+        each query passes False, since rewriting the whole file per write would cost more
+        than the few products a later open recomputes). Returns True if it reconciled."""
+        with self._lock:
+            generation = self.catalog.store.generation  # read first: a later write forces
+            if not force and generation == self._generation:  # another pass
                 return False
+            # The catalog's indexes hold exactly the store's entries once refreshed (a no-op
+            # when current): their ids are read from memory, where the store would scan its
+            # tables (2.3 s per write at 300k images).
+            self.catalog.refresh()
             changed = False
-            names = [IMAGES] + [index_name(p) for p in store.crop_positions()]
-            for name in sorted(set(names) | set(self._groups)):
+            for name in sorted({IMAGES} | set(self.catalog.indexes) | set(self._groups)):
                 changed |= self._reconcile(name)
             self._generation = generation
             if changed:
-                self._indexes.clear()
-            if self._save_enabled and (changed or not self.path.exists()):
+                self._by_owner.clear()
+            save = self._save_enabled if save is None else save and self._save_enabled
+            if save and self.path is not None and (changed or not self.path.exists()):
                 self._save()
             return True
 
     def _current_entries(self, name: str) -> NDArray[np.int64]:
-        store = self.catalog.store
-        ids = store.image_ids() if name == IMAGES else store.crop_ids(name.removeprefix("crops-"))
-        return np.sort(ids)
+        index = self.catalog.indexes.get(name)
+        return np.sort(index.ids()) if index is not None else np.zeros(0, np.int64)
 
     def _owners(self, name: str, ids: NDArray[np.int64]) -> NDArray[np.int64]:
         """Products of entries (an entry's product never changes); -1 for one deleted since."""
@@ -155,12 +208,19 @@ class ProductVectors:
             self._groups[name] = group
             return False
         added_owner = self._owners(name, added)
-        keep = ~removed_mask
-        entry_ids = np.concatenate([group.entry_ids[keep], added[added_owner >= 0]])
-        entry_owner = np.concatenate([group.entry_owner[keep], added_owner[added_owner >= 0]])
-        order = np.argsort(entry_ids)
-        entry_ids, entry_owner = entry_ids[order], entry_owner[order]
-        dirty = np.union1d(group.entry_owner[removed_mask], added_owner[added_owner >= 0])
+        alive = added_owner >= 0
+        added, added_owner = added[alive], added_owner[alive]
+        if removed_mask.any():
+            keep = ~removed_mask
+            entry_ids = np.concatenate([group.entry_ids[keep], added])
+            entry_owner = np.concatenate([group.entry_owner[keep], added_owner])
+        else:  # the usual ingest: new ids after the old ones, no sorting needed
+            entry_ids = np.concatenate([group.entry_ids, added])
+            entry_owner = np.concatenate([group.entry_owner, added_owner])
+        if len(entry_ids) > 1 and not (entry_ids[1:] > entry_ids[:-1]).all():
+            order = np.argsort(entry_ids)
+            entry_ids, entry_owner = entry_ids[order], entry_owner[order]
+        dirty = np.union1d(group.entry_owner[removed_mask], added_owner)
 
         table = "images" if name == IMAGES else "crops"
         wanted = entry_ids[np.isin(entry_owner, dirty)]
@@ -173,17 +233,34 @@ class ProductVectors:
         owners = entry_owner[np.searchsorted(entry_ids, ids)]
         fresh_ids, fresh_vecs = mean_pool(owners, vecs)
 
-        clean = ~np.isin(group.product_ids, dirty)
-        product_ids = np.concatenate([group.product_ids[clean], fresh_ids])
-        vectors = np.concatenate([group.vectors[clean], fresh_vecs])
-        order = np.argsort(product_ids)
-        self._groups[name] = _Group(entry_ids, entry_owner, product_ids[order], vectors[order])
+        gone = np.setdiff1d(dirty, fresh_ids, assume_unique=True)  # no entry left
+        old = group.product_ids
+        at = np.searchsorted(old, fresh_ids)
+        known = at < len(old)
+        known[known] = old[at[known]] == fresh_ids[known]
+        new_ids = fresh_ids[~known]
+        if len(gone) == 0 and (len(new_ids) == 0 or len(old) == 0 or new_ids[0] > old[-1]):
+            # updated products in place, new ones (higher ids) appended: one copy at most
+            product_ids = np.concatenate([old, new_ids]) if len(new_ids) else old
+            vectors = np.concatenate([group.vectors, fresh_vecs[~known]])
+            vectors[at[known]] = fresh_vecs[known]
+        else:
+            clean = ~np.isin(old, dirty)
+            product_ids = np.concatenate([old[clean], fresh_ids])
+            vectors = np.concatenate([group.vectors[clean], fresh_vecs])
+            order = np.argsort(product_ids)
+            product_ids, vectors = product_ids[order], vectors[order]
+        self._groups[name] = _Group(entry_ids, entry_owner, product_ids, vectors)
+        index = self._indexes.get(name)
+        if index is not None:  # kept current in place: rebuilding it would copy every vector
+            index.remove(gone)
+            index.add(fresh_ids, fresh_vecs)
         log.info("product vectors %s reconciled: %d products recomputed", name, len(dirty))
         return True
 
     # --- the cache file -----------------------------------------------------------------
     def _load(self) -> None:
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return
         try:
             with np.load(self.path, allow_pickle=False) as data:
@@ -205,6 +282,8 @@ class ProductVectors:
         self._groups, self._generation = groups, generation
 
     def _save(self) -> None:
+        if self.path is None:
+            return
         arrays: dict[str, NDArray] = {
             "format": np.array(FORMAT), "dim": np.array(self.dim),
             "model_id": np.array(self.catalog.model_id),

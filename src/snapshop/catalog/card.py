@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -103,6 +104,10 @@ class CatalogCard:
         if self.created_at is not None:
             out["created_at"] = self.created_at
         return {**self.extra, **out}
+
+    def to_json_text(self) -> str:
+        """:meth:`to_json` as one JSON text (a server catalog keeps its card in a row)."""
+        return json.dumps(self.to_json(), sort_keys=True)
 
     def replace(self, **changes: Any) -> CatalogCard:
         return dataclasses.replace(self, **changes)

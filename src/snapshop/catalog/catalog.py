@@ -75,24 +75,13 @@ def index_name(position: str | None) -> str:
 class Catalog:
     """Open catalog directory. Thread-safe; writers across processes serialise on a file lock."""
 
-    def __init__(self, directory: Path, card: CatalogCard, store: CatalogStore) -> None:
-        self.directory = Path(directory)
+    def __init__(self, directory: Path | None, card: CatalogCard, store: CatalogStore) -> None:
+        self._directory = None if directory is None else Path(directory)
+        self.location = str(directory) if directory is not None else store.location
         self.card = card
         self.store = store
         self.dim: int = card.dim
-        # "auto" (issues #6, #15): the most accurate kind that fits the card's memory and
-        # latency budget (the default budget when the card names none).
-        counts = store.counts()
-        kind, params = card.index_kind, dict(card.index_params)
-        try:
-            self.index_kind, self.index_params = resolve_index_kind(
-                kind, params, counts["images"], self.dim,
-                n_total=counts["images"] + counts["crops"],
-            )  # fmt: skip
-        except CatalogError as exc:  # nothing fits: open with the smallest rather than fail
-            log.warning("catalog %s: %s; using the smallest index", directory, exc)
-            fallback = smallest_choice(counts["images"], self.dim)
-            self.index_kind, self.index_params = fallback.kind, fallback.params
+        self.index_kind, self.index_params = self._resolve_index_kind()
         self.measured: dict[str, dict[str, Any]] = {}  # index name -> its measured card entry
         self._lock = threading.RLock()
         self._flock_depth = 0  # write_lock nesting in the thread that holds self._lock
@@ -101,7 +90,47 @@ class Catalog:
         self._generation = -1
         self.refresh(force=True)
 
+    def _resolve_index_kind(self) -> tuple[str, dict[str, Any]]:
+        """ "auto" (issues #6, #15): the most accurate kind that fits the card's memory and
+        latency budget (the default budget when the card names none)."""
+        counts = self.store.counts()
+        kind, params = self.card.index_kind, dict(self.card.index_params)
+        try:
+            return resolve_index_kind(
+                kind, params, counts["images"], self.dim,
+                n_total=counts["images"] + counts["crops"],
+            )  # fmt: skip
+        except CatalogError as exc:  # nothing fits: open with the smallest rather than fail
+            log.warning("catalog %s: %s; using the smallest index", self.location, exc)
+            fallback = smallest_choice(counts["images"], self.dim)
+            return fallback.kind, dict(fallback.params)
+
     # --- identity ---------------------------------------------------------------------
+    @property
+    def directory(self) -> Path:
+        """The catalog directory; a server catalog (:attr:`is_server`) has none."""
+        if self._directory is None:
+            raise CatalogError(f"{self.location}: a server catalog keeps no files on this host")
+        return self._directory
+
+    def stored_thumbnail(self, image: ImageRow) -> tuple[bytes, str]:
+        """A server catalog's stored thumbnail of ``image`` (a directory keeps the image
+        files themselves: see ``service.thumbs``)."""
+        raise CatalogError(
+            f"{self.location}: a catalog directory stores image files, not thumbnails"
+        )
+
+    @property
+    def is_server(self) -> bool:
+        """True for a catalog held by a database server (nothing of it on this host's disk)."""
+        return self._directory is None
+
+    @property
+    def store_target(self) -> str:
+        """What ``catalog.store.open_store`` opens to read this catalog's rows from another
+        process (decode workers): the SQLite file, or the server's connection string."""
+        return self.store.target
+
     @property
     def model_id(self) -> str:
         return self.card.model_id
@@ -122,7 +151,7 @@ class Catalog:
         without the key predates it, and its crops were embedded as they are ("center")."""
         value = self.card.crop_mode
         if value not in CROP_MODES:
-            raise CatalogError(f"{self.directory / CARD_FILE}: unknown crop_mode {value!r}")
+            raise CatalogError(f"{self.location}: unknown crop_mode {value!r} in the catalog card")
         return value
 
     def record_detector(self, spec: str) -> None:
@@ -131,16 +160,20 @@ class Catalog:
             return
         if self.detector is not None and spec.lower() != "none":
             log.warning("catalog %s: crops so far came from detector %r, new ones from %r",
-                        self.directory, self.detector, spec)  # fmt: skip
+                        self.location, self.detector, spec)  # fmt: skip
+        self.rewrite_card(detector=spec)
+
+    def rewrite_card(self, **changes: Any) -> None:
+        """Change keys of the stored card (re-read first: another process may have changed
+        it since open, e.g. ``set_index_kind``), and of ``self.card``."""
         path = self.directory / CARD_FILE
-        on_disk = read_card(path)  # the file may have changed since open (set_index_kind)
-        write_card(path, on_disk.replace(detector=spec))
-        self.card = self.card.replace(detector=spec)
+        write_card(path, read_card(path).replace(**changes))
+        self.card = self.card.replace(**changes)
 
     def check_model(self, model_id: str) -> None:
         if model_id != self.model_id:
             raise ModelError(
-                f"catalog {self.directory} was built with model {self.model_id}, not {model_id};"
+                f"catalog {self.location} was built with model {self.model_id}, not {model_id};"
                 " search it with its own model, or index into a new catalog with that model"
             )
 
@@ -354,12 +387,7 @@ class Catalog:
                 for ids, vecs in self._vectors_of(name):
                     index.add(ids, vecs)
                 rebuilt[name] = index
-            path = self.directory / CARD_FILE
-            card = read_card(path).replace(
-                index_kind=AUTO, index_params={"budget": budget.to_dict()}
-            )
-            write_card(path, card)
-            self.card = card
+            self.rewrite_card(index_kind=AUTO, index_params={"budget": budget.to_dict()})
             self.indexes = rebuilt
             self.index_kind, self.index_params = choice.kind, dict(choice.params)
             self.measured = {}
@@ -423,7 +451,9 @@ class Catalog:
 
     @property
     def db_path(self) -> Path:
-        """The SQLite file (decode workers open it read-only)."""
+        """The SQLite file of a catalog directory."""
+        if self.store.path is None:
+            raise CatalogError(f"{self.location}: a server catalog has no database file here")
         return self.store.path
 
     def counts(self) -> dict[str, int]:
@@ -478,7 +508,7 @@ class Catalog:
                 files = self.store.blob_refs_of_product(product_id)  # the lock keeps them current
                 image_ids = write.delete_product(product_id)
             self.save_indexes()
-            free_unreferenced_blobs(self.directory, self.store, files)
+            self._free_blobs(files)
         return len(image_ids)
 
     def remove_images(self, image_ids: list[int]) -> None:
@@ -490,7 +520,11 @@ class Catalog:
                 files = self.store.blob_refs_of_images(image_ids)
                 write.delete_images(image_ids)
             self.save_indexes()
-            free_unreferenced_blobs(self.directory, self.store, files)
+            self._free_blobs(files)
+
+    def _free_blobs(self, files: list[tuple[str, str | None]]) -> None:
+        """After a delete committed: blob files no remaining image references."""
+        free_unreferenced_blobs(self.directory, self.store, files)
 
     def collect_garbage(
         self, dry_run: bool = False, min_age_seconds: float = DEFAULT_GRACE_SECONDS
@@ -505,7 +539,8 @@ class Catalog:
 
     def info(self) -> dict[str, Any]:
         return {
-            "directory": str(self.directory),
+            "directory": str(self._directory) if self._directory is not None else None,
+            "location": self.location,
             **self.store.counts(),
             "model_id": self.model_id,
             "model_ref": self.model_ref,
@@ -536,7 +571,7 @@ class Catalog:
                     close()
                 except Exception as exc:  # closing must not hide the caller's own error
                     log.warning(
-                        "index %s of %s did not close cleanly (%s)", name, self.directory, exc
+                        "index %s of %s did not close cleanly (%s)", name, self.location, exc
                     )
             self._owner_cache.clear()
             self.store.close()
@@ -549,7 +584,7 @@ class Catalog:
 
 
 def create_catalog(
-    directory: Path,
+    target: str | os.PathLike[str],
     *,
     model_id: str,
     model_ref: str,
@@ -557,7 +592,23 @@ def create_catalog(
     index_kind: str = "flat",
     index_params: dict[str, Any] | None = None,
 ) -> Catalog:
-    directory = Path(directory)
+    """Create a catalog: a directory, or in a PostgreSQL database (``postgresql://…``; its
+    vectors are searched there, or in Milvus with ``index_kind="milvus"``: any other kind
+    only applies to directories)."""
+    from snapshop.catalog.server import (
+        SERVER_INDEX_KIND,
+        SERVER_INDEX_KINDS,
+        create_server_catalog,
+        is_server_target,
+    )
+
+    if is_server_target(target):
+        kind = index_kind if index_kind in SERVER_INDEX_KINDS else SERVER_INDEX_KIND
+        return create_server_catalog(
+            str(target), model_id=model_id, model_ref=model_ref, dim=dim,
+            crop_mode=DEFAULT_CROP_MODE, index_kind=kind, index_params=index_params,
+        )  # fmt: skip
+    directory = Path(target)
     if (directory / CARD_FILE).exists():
         raise CatalogError(f"{directory}: a catalog already exists here")
     if directory.exists() and not directory.is_dir():
@@ -605,9 +656,23 @@ def reindex_catalog(directory: str | os.PathLike[str], budget: IndexBudget) -> d
         return catalog.reindex(budget)
 
 
-def open_catalog(directory: str | os.PathLike[str]) -> Catalog:
-    """Open an existing catalog directory (reconciling its indexes with the store)."""
-    directory = Path(directory)
+def catalog_exists(target: str | os.PathLike[str]) -> bool:
+    """Whether ``target`` (a directory, or a PostgreSQL URI) holds a catalog."""
+    from snapshop.catalog.server import is_server_target, server_catalog_exists
+
+    if is_server_target(target):
+        return server_catalog_exists(str(target))
+    return (Path(target) / CARD_FILE).exists()
+
+
+def open_catalog(target: str | os.PathLike[str]) -> Catalog:
+    """Open an existing catalog: a directory (reconciling its indexes with the store), or a
+    PostgreSQL database by connection string (``postgresql://…``, see ``catalog.server``)."""
+    from snapshop.catalog.server import is_server_target, open_server_catalog
+
+    if is_server_target(target):
+        return open_server_catalog(str(target))
+    directory = Path(target)
     if not (directory / CARD_FILE).exists():
         raise CatalogError(
             f"{directory}: no catalog here (create one with `snapshop index SOURCE --catalog DIR`)"

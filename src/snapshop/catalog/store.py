@@ -1,16 +1,20 @@
-"""SQLite catalog: products, images, garment crops and the durable copy of their vectors.
+"""The catalog store: products, images, garment crops and the durable copy of their vectors.
 
-SQLite (WAL) is the source of truth. Every image row is committed in the same transaction
+One implementation over two SQL engines (:mod:`snapshop.catalog.sql`): a SQLite file (WAL; the
+embedded default) or a PostgreSQL database with pgvector (a server catalog, ``postgresql://``
+DSN), the source of truth either way. Every image row is committed in the same transaction
 as its embedding, so a crash can never leave a row without a vector or the reverse; the
 vector indexes are caches rebuilt or reconciled from here (see ``catalog.catalog``).
 
-Ids are ``AUTOINCREMENT``: a deleted id is never handed out again, so an index reconciled by
-id difference can never keep a deleted image's vector under a new image's id.
+Ids are never handed out again after a delete (SQLite ``AUTOINCREMENT``, PostgreSQL identity
+sequences), so an index reconciled by id difference can never keep a deleted image's vector
+under a new image's id. The schema is versioned (:mod:`snapshop.catalog.migrations`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -22,6 +26,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from snapshop.catalog import migrations
 from snapshop.catalog.fields import (
     attributes_json,
     check_product_fields,
@@ -31,43 +36,16 @@ from snapshop.catalog.fields import (
 )
 from snapshop.catalog.fields import check_product_url as check_product_url  # re-exported
 from snapshop.catalog.fields import has_control_characters as has_control_characters
-from snapshop.errors import CatalogError, NotFoundError
+from snapshop.catalog.sql import (
+    Database,
+    PostgresDatabase,
+    connect,
+    is_server_target,
+    pgvector_missing,
+)
+from snapshop.errors import CatalogError, CatalogUnavailableError, NotFoundError
 
-SCHEMA_VERSION = 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS products (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    sku TEXT NOT NULL UNIQUE,
-    title TEXT, url TEXT, price REAL, currency TEXT, category TEXT,
-    attributes TEXT NOT NULL DEFAULT '{}',
-    created_at TEXT NOT NULL, updated_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS products_category ON products(category);
-CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    product_id INTEGER NOT NULL REFERENCES products(id) ON DELETE CASCADE,
-    source TEXT NOT NULL,
-    blob TEXT,
-    sha256 TEXT NOT NULL,
-    width INTEGER NOT NULL, height INTEGER NOT NULL,
-    created_at TEXT NOT NULL,
-    vector BLOB NOT NULL,
-    UNIQUE (product_id, sha256)
-);
-CREATE INDEX IF NOT EXISTS images_product ON images(product_id);
-CREATE INDEX IF NOT EXISTS images_sha ON images(sha256);
-CREATE TABLE IF NOT EXISTS crops (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-    position TEXT NOT NULL, label TEXT NOT NULL, score REAL NOT NULL,
-    x1 REAL NOT NULL, y1 REAL NOT NULL, x2 REAL NOT NULL, y2 REAL NOT NULL,
-    vector BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS crops_image ON crops(image_id);
-CREATE INDEX IF NOT EXISTS crops_position ON crops(position);
-"""
+SCHEMA_VERSION = migrations.LATEST
 
 PRODUCT_FIELDS = ("title", "url", "price", "currency", "category")
 MAX_ROW_ID = 2**63 - 1  # SQLite integers are signed 64-bit
@@ -130,11 +108,7 @@ class NewCrop:
     vector: NDArray[np.float32]
 
 
-def _vec_blob(vector: NDArray[np.float32]) -> bytes:
-    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
-
-
-def _product(row: sqlite3.Row) -> Product:
+def _product(row: Any) -> Product:
     return Product(
         id=row["id"], sku=row["sku"], title=row["title"], url=row["url"], price=row["price"],
         currency=row["currency"], category=row["category"],
@@ -143,7 +117,7 @@ def _product(row: sqlite3.Row) -> Product:
     )  # fmt: skip
 
 
-def _image(row: sqlite3.Row) -> ImageRow:
+def _image(row: Any) -> ImageRow:
     return ImageRow(
         id=row["id"], product_id=row["product_id"], source=row["source"], blob=row["blob"],
         sha256=row["sha256"], width=row["width"], height=row["height"],
@@ -151,81 +125,146 @@ def _image(row: sqlite3.Row) -> ImageRow:
     )  # fmt: skip
 
 
+def open_store(
+    target: str | os.PathLike[str], *, dim: int | None = None, readonly: bool = False
+) -> CatalogStore:
+    """The catalog store at ``target``: a SQLite file path, or a ``postgresql://`` /
+    ``postgres://`` DSN. A new PostgreSQL catalog needs ``dim`` (its vector columns are
+    ``vector(dim)``); an existing one reads it from its meta table."""
+    return CatalogStore(target, readonly, dim=dim)
+
+
 class CatalogStore:
-    """Thread-safe access to one SQLite catalog file.
+    """Thread-safe access to one catalog database (SQLite file or PostgreSQL).
 
     Every write bumps ``generation`` in the same transaction, which lets index caches tell
-    whether they are current.
+    whether they are current. One connection behind a lock, as the service's thread pool
+    needs; a write transaction holds the lock to its end.
     """
 
-    def __init__(self, path: Path, readonly: bool = False) -> None:
-        self.path = Path(path)
+    def __init__(
+        self, target: str | os.PathLike[str], readonly: bool = False, *, dim: int | None = None
+    ) -> None:
         self._lock = threading.RLock()
         self._local = threading.local()  # per thread: generation before its last commit
-        if readonly and not self.path.exists():
-            raise CatalogError(f"{self.path}: catalog database not found")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writing = False  # a transaction is open (only its thread can see True)
+        server = is_server_target(target)
+        self.path: Path | None = None if server else Path(target)
+        if self.path is not None:
+            if readonly and not self.path.exists():
+                raise CatalogError(f"{self.path}: catalog database not found")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
         try:
-            self._db = sqlite3.connect(
-                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
-            )
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA busy_timeout=30000")
-            if not readonly:
-                self._db.executescript(SCHEMA)
-                self._init_meta()
+            self._db: Database = connect(target, readonly=readonly)
         except sqlite3.DatabaseError as exc:
-            raise CatalogError(f"{self.path}: not a usable catalog database ({exc})") from None
+            raise CatalogError(f"{target}: not a usable catalog database ({exc})") from None
+        self.engine: str = self._db.engine
+        self.location: str = self._db.location
+        self.target = str(target)  # what open_store opens again (another process's copy)
+        try:
+            self.dim = self._open_schema(dim)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise CatalogError(f"{self.location}: not a usable catalog database ({exc})") from None
+        except BaseException:
+            self._db.close()
+            raise
 
-    def _init_meta(self) -> None:
-        with self.transaction(bump=False) as db:  # opening a catalog is not a write
-            db.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
+    def _open_schema(self, dim: int | None) -> int | None:
+        """Check (read-only) or migrate the schema; returns the vector dimension."""
+        if self.readonly:
+            migrations.check_version(self._db)
+        else:
+            with self.transaction(bump=False) as db:  # opening a catalog is not a write
+                if isinstance(db, PostgresDatabase):
+                    self._create_vector_extension(db)
+                migrations.migrate(db, dim)
+                if dim is not None:
+                    db.execute(
+                        "INSERT INTO meta(key, value) VALUES ('vector_dim', ?)"
+                        " ON CONFLICT DO NOTHING",
+                        (str(int(dim)),),
+                    )
+        stored = self.get_meta("vector_dim") if self._db.table_exists("meta") else None
+        if stored is not None and dim is not None and int(stored) != int(dim):
+            raise CatalogError(
+                f"{self.location}: the catalog holds vectors of dimension {stored}, not {dim}"
             )
-            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0')")
-        version = int(self.get_meta("schema_version") or 0)
-        if version != SCHEMA_VERSION:
-            raise CatalogError(f"{self.path}: schema version {version}, expected {SCHEMA_VERSION}")
+        return int(stored) if stored is not None else dim
+
+    @staticmethod
+    def _create_vector_extension(db: PostgresDatabase) -> None:
+        exists = db.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone()
+        if exists is None:
+            try:
+                db.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            except CatalogUnavailableError:
+                raise
+            except CatalogError as exc:
+                raise pgvector_missing(db.location, exc) from None
+        db.ensure_vector_type()
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    @contextmanager
-    def transaction(self, bump: bool = True) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: writers queue instead of failing).
+    def open_reader(self) -> Database:
+        """A second, read-only connection to the same database, for a reader that must not
+        queue behind this store's lock (a write transaction holds it to its end): the pgvector
+        search of a server catalog. The caller closes it and serialises its own calls."""
+        if self.path is not None:
+            return connect(self.path, readonly=True)
+        assert isinstance(self._db, PostgresDatabase)
+        return PostgresDatabase(self._db.dsn, readonly=True)
 
-        ``bump`` advances ``generation`` (every content change must, so caches notice)."""
+    @contextmanager
+    def transaction(self, bump: bool = True) -> Iterator[Database]:
+        """One write transaction. Writers queue rather than fail: SQLite ``BEGIN IMMEDIATE``;
+        PostgreSQL ``BEGIN`` + ``pg_advisory_xact_lock`` (across processes and hosts).
+
+        ``bump`` advances ``generation`` (every content change must, so caches notice). A
+        connection lost inside rolls everything back and raises CatalogUnavailableError."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if self._writing:  # PostgreSQL would commit the outer one at the inner COMMIT
+                raise CatalogError(f"{self.location}: a write transaction is already open")
+            db = self._db
+            db.begin_write()
+            self._writing = True
             try:
-                yield self._db
+                yield db
                 before = None
                 if bump:
-                    row = self._db.execute("SELECT value FROM meta WHERE key = 'generation'")
+                    row = db.execute("SELECT value FROM meta WHERE key = 'generation'")
                     before = int(row.fetchone()[0])
-                    self._db.execute(
+                    db.execute(
                         "UPDATE meta SET value = ? WHERE key = 'generation'", (str(before + 1),)
                     )
-                self._db.execute("COMMIT")
+                db.commit()
                 if before is not None:
                     self._local.last_commit = before
             except BaseException:
-                self._db.execute("ROLLBACK")
+                db.rollback()
                 raise
+            finally:
+                self._writing = False
 
-    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def _query(self, sql: str, params: Sequence[Any] = (), binary: bool = False) -> list[Any]:
         with self._lock:
-            return self._db.execute(sql, params).fetchall()
+            return self._db.execute(sql, params, binary=binary).fetchall()
 
     # --- meta -------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0]["value"] if rows else None
+
+    def set_meta(self, db: Database, key: str, value: str) -> None:
+        """Set a meta value inside an open transaction (a server catalog keeps its card here)."""
+        db.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, str(value)),
+        )
 
     @property
     def generation(self) -> int:
@@ -237,7 +276,7 @@ class CatalogStore:
         return getattr(self._local, "last_commit", None)
 
     # --- products ---------------------------------------------------------------------
-    def upsert_product(self, db: sqlite3.Connection, sku: str, **fields: Any) -> int:
+    def upsert_product(self, db: Database, sku: str, **fields: Any) -> int:
         """Insert or update a product by ``sku`` inside an open transaction; returns its id.
 
         Only fields given (not None) overwrite stored values; ``attributes`` are merged.
@@ -255,7 +294,7 @@ class CatalogStore:
             values.setdefault("title", sku)  # a product always has something to show
             cur = db.execute(
                 "INSERT INTO products(sku, title, url, price, currency, category, attributes,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     sku,
                     *(values.get(k) for k in PRODUCT_FIELDS),
@@ -264,7 +303,7 @@ class CatalogStore:
                     stamp,
                 ),
             )
-            return int(cur.lastrowid or 0)
+            return int(cur.fetchone()[0])
         product_id = int(row["id"])
         if attrs:  # merged into the stored ones (a stored value no reader can use is replaced)
             values["attributes"] = attributes_json(
@@ -321,9 +360,7 @@ class CatalogStore:
         with self.transaction() as db:
             return self.delete_product_rows(db, product_id)
 
-    def delete_product_rows(
-        self, db: sqlite3.Connection, product_id: int
-    ) -> tuple[list[int], list[int]]:
+    def delete_product_rows(self, db: Database, product_id: int) -> tuple[list[int], list[int]]:
         """:meth:`delete_product` inside an open transaction."""
         product_id = _row_id(product_id, "product")
         if db.execute("SELECT 1 FROM products WHERE id = ?", (product_id,)).fetchone() is None:
@@ -333,11 +370,14 @@ class CatalogStore:
         crop_ids = [r[0] for r in db.execute(
             "SELECT c.id FROM crops c JOIN images i ON c.image_id = i.id"
             " WHERE i.product_id = ?", (product_id,))]  # fmt: skip
+        shas = [r[0] for r in db.execute(
+            "SELECT DISTINCT sha256 FROM images WHERE product_id = ?", (product_id,))]  # fmt: skip
         db.execute("DELETE FROM products WHERE id = ?", (product_id,))
+        self._delete_unreferenced_blobs(db, shas)
         return image_ids, crop_ids
 
     # --- images -----------------------------------------------------------------------
-    def find_image(self, db: sqlite3.Connection, product_id: int, sha256: str) -> int | None:
+    def find_image(self, db: Database, product_id: int, sha256: str) -> int | None:
         row = db.execute(
             "SELECT id FROM images WHERE product_id = ? AND sha256 = ?", (product_id, sha256)
         ).fetchone()
@@ -351,7 +391,7 @@ class CatalogStore:
 
     def insert_image(
         self,
-        db: sqlite3.Connection,
+        db: Database,
         product_id: int,
         *,
         source: str,
@@ -365,19 +405,19 @@ class CatalogStore:
         """Insert an image, its vector and its crops in the open transaction."""
         cur = db.execute(
             "INSERT INTO images(product_id, source, blob, sha256, width, height, created_at,"
-            " vector) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (product_id, source, blob, sha256, width, height, now(), _vec_blob(vector)),
+            " vector) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (product_id, source, blob, sha256, width, height, now(), db.vector_param(vector)),
         )
-        image_id = int(cur.lastrowid or 0)
+        image_id = int(cur.fetchone()[0])
         crop_ids = []
         for c in crops:
             cur = db.execute(
                 "INSERT INTO crops(image_id, position, label, score, x1, y1, x2, y2, vector)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (image_id, c.position, c.label, float(c.score), *map(float, c.box),
-                 _vec_blob(c.vector)),
+                 db.vector_param(c.vector)),
             )  # fmt: skip
-            crop_ids.append(int(cur.lastrowid or 0))
+            crop_ids.append(int(cur.fetchone()[0]))
         return image_id, crop_ids
 
     def get_image(self, image_id: int) -> ImageRow:
@@ -398,7 +438,7 @@ class CatalogStore:
         with self.transaction() as db:
             return self.delete_image_rows(db, image_ids)
 
-    def delete_image_rows(self, db: sqlite3.Connection, image_ids: Sequence[int]) -> list[int]:
+    def delete_image_rows(self, db: Database, image_ids: Sequence[int]) -> list[int]:
         """:meth:`delete_images` inside an open transaction."""
         ids = [int(i) for i in image_ids]
         crop_ids: list[int] = []
@@ -407,8 +447,45 @@ class CatalogStore:
             marks = ",".join("?" * len(chunk))
             crop_ids += [r[0] for r in db.execute(
                 f"SELECT id FROM crops WHERE image_id IN ({marks})", chunk)]  # fmt: skip
+            shas = [r[0] for r in db.execute(
+                f"SELECT DISTINCT sha256 FROM images WHERE id IN ({marks})", chunk)]  # fmt: skip
             db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
+            self._delete_unreferenced_blobs(db, shas)
         return crop_ids
+
+    # --- blobs kept in the database (a server catalog's thumbnails) ---------------------
+    def put_blob(
+        self,
+        db: Database,
+        sha256: str,
+        data: bytes,
+        media_type: str,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> None:
+        """Keep ``data`` under ``sha256`` inside an open transaction (a blob already there is
+        kept: the key names the image's bytes). Deleted with the last image of that sha256."""
+        db.execute(
+            "INSERT INTO blobs(sha256, media_type, data, width, height) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (sha256, media_type, bytes(data), width, height),
+        )
+
+    def get_blob(self, sha256: str) -> tuple[bytes, str] | None:
+        """(data, media type) of the blob kept under ``sha256``, or None."""
+        rows = self._query("SELECT data, media_type FROM blobs WHERE sha256 = ?", (sha256,))
+        return (bytes(rows[0][0]), rows[0][1]) if rows else None
+
+    @staticmethod
+    def _delete_unreferenced_blobs(db: Database, shas: Sequence[str]) -> None:
+        for start in range(0, len(shas), 500):
+            chunk = list(shas[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            db.execute(
+                f"DELETE FROM blobs WHERE sha256 IN ({marks}) AND NOT EXISTS"
+                " (SELECT 1 FROM images i WHERE i.sha256 = blobs.sha256)",
+                chunk,
+            )
 
     # --- blob references (see ``catalog.blobs``) ---------------------------------------
     def references_sha256(self, sha256: str) -> bool:
@@ -500,7 +577,9 @@ class CatalogStore:
             for start in range(0, len(id_list), 500):
                 chunk = id_list[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                rows = self._query(f"SELECT id, vector FROM {table} WHERE id IN ({marks})", chunk)
+                rows = self._query(
+                    f"SELECT id, vector FROM {table} WHERE id IN ({marks})", chunk, binary=True
+                )
                 if rows:
                     yield self._unpack(rows, dim)
             return
@@ -511,22 +590,22 @@ class CatalogStore:
             rows = self._query(
                 f"SELECT id, vector FROM {table} {where} {sep} id > ? ORDER BY id LIMIT ?",
                 [*params, last, batch],
+                binary=True,
             )
             if not rows:
                 return
             last = rows[-1][0]
             yield self._unpack(rows, dim)
 
-    @staticmethod
-    def _unpack(rows: list[sqlite3.Row], dim: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    def _unpack(self, rows: list[Any], dim: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         data = b"".join(r[1] for r in rows)
         if len(data) != 4 * dim * len(rows):
             raise CatalogError(
                 f"stored vectors do not have the catalog's dimension {dim} (catalog card edited?)"
             )
-        vecs = np.frombuffer(data, dtype=np.float32).reshape(len(rows), dim)
-        return ids, vecs
+        vecs = np.frombuffer(data, dtype=self._db.vector_dtype).reshape(len(rows), dim)
+        return ids, vecs.astype(np.float32, copy=False)
 
     # --- stats ------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:

@@ -3,13 +3,13 @@ imply, staged until the transaction commits (see ``Catalog.writing``)."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from snapshop.catalog.sql import Database
 from snapshop.catalog.store import CatalogStore, NewCrop
 
 
@@ -18,7 +18,7 @@ class CatalogWrite:
     committed (:meth:`Catalog.writing` applies :attr:`added` and :attr:`removed_images` /
     :attr:`removed_crops` then). Reads through it see the transaction's own rows."""
 
-    def __init__(self, store: CatalogStore, db: sqlite3.Connection) -> None:
+    def __init__(self, store: CatalogStore, db: Database) -> None:
         self._store = store
         self._db = db
         self.added: dict[str | None, list[tuple[int, NDArray[np.float32]]]] = {}
@@ -61,6 +61,11 @@ class CatalogWrite:
         for crop_id, crop in zip(crop_ids, crops, strict=True):
             self.added.setdefault(crop.position, []).append((crop_id, crop.vector))
         return image_id, crop_ids
+
+    def put_thumbnail(self, sha256: str, data: bytes, width: int, height: int) -> None:
+        """Store the JPEG thumbnail of the image with content ``sha256`` (a server catalog's
+        stand-in for the image file: see ``catalog.server``); kept once per content."""
+        self._store.put_blob(self._db, sha256, data, "image/jpeg", width, height)
 
     def delete_product(self, product_id: int) -> list[int]:
         """Delete a product with its images and crops (NotFoundError if there is none);

@@ -30,8 +30,56 @@ MAX_EF_SEARCH = 1000  # pgvector's limit; larger k falls back to an exact scan
 _TABLE = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
 
 
-def _vec_text(row: NDArray[np.float32]) -> str:
+def vector_text(row: NDArray[np.float32]) -> str:
+    """One vector in pgvector's text form (``'[0.1,0.2]'``), exact for float32."""
     return "[" + ",".join(repr(float(v)) for v in row) + "]"
+
+
+def filters_inside_search(conn: Any) -> bool:
+    """Whether the server's pgvector (0.8 and later) scans an HNSW index further until enough
+    rows pass a WHERE clause (iterative scan); older servers would return too few rows under
+    a selective filter."""
+    row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+    version = tuple(int(p) for p in re.findall(r"\d+", str(row[0] if row else "0"))[:2])
+    return version >= (0, 8)
+
+
+def nearest(
+    conn: Any,
+    query: Any,
+    queries: NDArray[np.float32],
+    k: int,
+    ef_search: int,
+    filtered: bool,
+    params: dict[str, Any],
+) -> SearchHits:
+    """Run ``query`` (``SELECT id, score ... ORDER BY <vector> <#> %(q)s::vector LIMIT %(k)s``)
+    once per row of ``queries`` in one transaction with the HNSW settings for ``k``.
+
+    ``filtered`` (the query has a WHERE clause) turns on pgvector's iterative index scan, in
+    relaxed order (nearly sorted: re-sorted here), so a filter is applied inside the search at
+    any selectivity (the planner scans a small allowed set exactly). ``k`` beyond pgvector's
+    ``ef_search`` limit scans exactly."""
+    from psycopg import sql as psql
+
+    scores = np.full((len(queries), k), -np.inf, np.float32)
+    ids = np.full((len(queries), k), -1, np.int64)
+    with conn.transaction(), conn.cursor() as cur:
+        if k > MAX_EF_SEARCH:  # HNSW cannot return more than ef_search rows: scan exactly
+            cur.execute("SET LOCAL enable_indexscan = off")
+        else:
+            ef = max(ef_search, k)
+            cur.execute(psql.SQL("SET LOCAL hnsw.ef_search = {}").format(psql.Literal(ef)))
+        if filtered:
+            cur.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        for qi, q in enumerate(queries):
+            rows = cur.execute(query, {**params, "q": vector_text(q), "k": k}).fetchall()
+            if filtered:  # relaxed order: nearly sorted, sort it
+                rows.sort(key=lambda r: -r[1])
+            if rows:
+                ids[qi, : len(rows)] = [r[0] for r in rows]
+                scores[qi, : len(rows)] = [r[1] for r in rows]
+    return SearchHits(scores, ids)
 
 
 class PgVectorIndex:
@@ -87,13 +135,7 @@ class PgVectorIndex:
         ).fetchone()
         if found is None or int(found[0]) != dim:
             raise ValueError(f"table {self.table} holds vectors of dim {found}, not {dim}")
-        row = self._conn.execute(
-            "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
-        ).fetchone()
-        version = tuple(int(p) for p in re.findall(r"\d+", str(row[0] if row else "0"))[:2])
-        # pgvector 0.8 scans an HNSW index further until enough rows pass a WHERE clause
-        # (iterative scan); older servers would return too few rows under a selective filter.
-        self.filters_inside = version >= (0, 8)
+        self.filters_inside = filters_inside_search(self._conn)
 
     def __len__(self) -> int:
         row = self._conn.execute(self._sql.SQL("SELECT count(*) FROM {}").format(self._t))
@@ -112,7 +154,7 @@ class PgVectorIndex:
             )
             with cur.copy("COPY snapshop_stage (id, embedding) FROM STDIN") as copy:
                 for i, row in zip(ids.tolist(), vectors, strict=True):
-                    copy.write_row((i, _vec_text(row)))
+                    copy.write_row((i, vector_text(row)))
             cur.execute(
                 sql.SQL(
                     "INSERT INTO {} (id, embedding)"
@@ -141,34 +183,13 @@ class PgVectorIndex:
             raise ValueError("k must be >= 1")
         if allowed is not None and not self.filters_inside:
             raise ValueError("filtered search needs pgvector >= 0.8 (iterative index scans)")
-        scores = np.full((len(queries), k), -np.inf, np.float32)
-        ids = np.full((len(queries), k), -1, np.int64)
-        where = self._sql.SQL("WHERE id = ANY(%s)" if allowed is not None else "")
+        where = self._sql.SQL("WHERE id = ANY(%(allowed)s)" if allowed is not None else "")
         query = self._sql.SQL(
-            "SELECT id, -(embedding <#> %s::vector) FROM {} {} ORDER BY embedding <#> %s::vector"
-            " LIMIT %s"
+            "SELECT id, -(embedding <#> %(q)s::vector) FROM {} {}"
+            " ORDER BY embedding <#> %(q)s::vector LIMIT %(k)s"
         ).format(self._t, where)
-        with self._conn.transaction(), self._conn.cursor() as cur:
-            if k > MAX_EF_SEARCH:  # HNSW cannot return more than ef_search rows: scan exactly
-                cur.execute("SET LOCAL enable_indexscan = off")
-            else:
-                ef = max(self.ef_search, k)
-                cur.execute(
-                    self._sql.SQL("SET LOCAL hnsw.ef_search = {}").format(self._sql.Literal(ef))
-                )
-            if allowed is not None:
-                cur.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-            allowed_list = allowed.ids.tolist() if allowed is not None else None
-            for qi, q in enumerate(queries):
-                text = _vec_text(q)
-                args = (text, allowed_list, text, k) if allowed is not None else (text, text, k)
-                rows = cur.execute(query, args).fetchall()
-                if allowed is not None:  # relaxed order: nearly sorted, sort it
-                    rows.sort(key=lambda r: -r[1])
-                if rows:
-                    ids[qi, : len(rows)] = [r[0] for r in rows]
-                    scores[qi, : len(rows)] = [r[1] for r in rows]
-        return SearchHits(scores, ids)
+        params = {"allowed": allowed.ids.tolist()} if allowed is not None else {}
+        return nearest(self._conn, query, queries, k, self.ef_search, allowed is not None, params)
 
     def ids(self) -> NDArray[np.int64]:
         rows = self._conn.execute(self._sql.SQL("SELECT id FROM {}").format(self._t)).fetchall()

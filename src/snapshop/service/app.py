@@ -53,6 +53,7 @@ def create_app(
             model=settings.model,
             detector=detector if detector is not None else settings.detector,
             embed_threads=settings.embed_threads,
+            ranking=settings.ranking,
         )
     state = ServiceState(settings, searcher)
 

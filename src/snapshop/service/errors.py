@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Match
 
 from snapshop.errors import (
     CatalogError,
+    CatalogUnavailableError,
     ConfigError,
     ImageDecodeError,
     ManifestError,
@@ -43,7 +44,8 @@ ERROR_MEANINGS = {
     422: "A parameter or body field failed validation (code invalid_request)",
     429: "Too many searches in flight; retry after the Retry-After header's seconds",
     500: "A stored catalog file is damaged (code stored_image_corrupt) or an unexpected fault",
-    503: "The model is unavailable",
+    503: "The model is unavailable, or the catalog's database cannot be reached (code "
+         "catalog_unavailable; retry after the Retry-After header's seconds)",
 }  # fmt: skip
 # Every operation can meet these: the request guard and the HTTP parser answer them.
 COMMON_ERRORS = (400, 413)
@@ -131,6 +133,15 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
             log.error("damaged catalog file %s (%s); re-ingest its product", exc.path, exc.reason)
         return error_response(500, "a stored catalog image is damaged (logged on the server)",
                               "stored_image_corrupt")  # fmt: skip
+
+    unreachable_logged = _LoggedOnce()
+
+    @app.exception_handler(CatalogUnavailableError)
+    async def _unavailable(request: Request, exc: CatalogUnavailableError) -> JSONResponse:
+        if unreachable_logged.first(str(exc)):
+            log.error("catalog unavailable: %s", exc)
+        return error_response(503, "the catalog database cannot be reached; retry shortly",
+                              "catalog_unavailable", headers={"Retry-After": "1"})  # fmt: skip
 
     @app.exception_handler(CatalogError)
     async def _catalog(request: Request, exc: CatalogError) -> JSONResponse:

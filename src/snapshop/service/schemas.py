@@ -37,8 +37,12 @@ class HitOut(BaseModel):
     currency: str | None
     category: str | None
     url: str | None
-    score: float = Field(description="cosine similarity of the best matching image or crop")
-    image_id: int = Field(description="catalog image that matched")
+    score: float = Field(
+        description="the similarity the product was ranked by: image-based results, cosine with"
+        " the product vector (mean of its images; with the service's ranking 'image', with its"
+        " best image); item-based results and 'more like this', with the best image or crop"
+    )
+    image_id: int = Field(description="catalog image that matched best")
     crop_id: int | None = None
     crop_box: list[float] | None = Field(None, description="matched garment box in that image")
     image_url: str

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from snapshop.errors import ConfigError
 from snapshop.images import pil_pixel_ceiling
+from snapshop.search import DEFAULT_RANKING, check_ranking
 
 DEFAULT_API_KEY_ENV = "SNAPSHOP_API_KEY"
+RANKING_ENV = "SNAPSHOP_RANKING"
 THUMB_SIZES: tuple[int, ...] = (64, 128, 256, 512)
 FORM_ROOM = 1024 * 1024  # a multipart body's form fields and part headers, beyond its images
 
@@ -21,7 +23,7 @@ class ServiceSettings:
     ``api_key`` None disables the write endpoints (they answer 403).
     """
 
-    catalog_dir: Path
+    catalog_dir: Path | str  # a directory, or a server catalog's PostgreSQL URI
     model: str | None = None
     detector: str | None = None
     api_key: str | None = field(default=None, repr=False)
@@ -38,9 +40,14 @@ class ServiceSettings:
     queue_timeout_s: float = 10.0
     search_threads: int | None = 1  # faiss OpenMP threads per search; None: faiss default
     embed_threads: int | None = None  # ONNX Runtime intra-op threads; None: its default
+    # image-based results by "product" vector or best "image" (search.RANKINGS)
+    ranking: str = field(default_factory=lambda: ranking_from_env())
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "catalog_dir", Path(self.catalog_dir))
+        from snapshop.catalog.server import is_server_target
+
+        if not is_server_target(self.catalog_dir):
+            object.__setattr__(self, "catalog_dir", Path(self.catalog_dir))
         if self.api_key is not None and len(self.api_key) < 8:
             raise ConfigError("the API key must be at least 8 characters long")
         positive = (
@@ -67,6 +74,7 @@ class ServiceSettings:
         if not self.thumb_sizes or any(s < 16 or s > 2048 for s in self.thumb_sizes):
             raise ConfigError("thumb_sizes must be between 16 and 2048 pixels")
         object.__setattr__(self, "thumb_sizes", tuple(sorted(set(self.thumb_sizes))))
+        check_ranking(self.ranking)
 
     @property
     def writes_enabled(self) -> bool:
@@ -81,6 +89,11 @@ class ServiceSettings:
     def max_search_request_bytes(self) -> int:
         """Whole body of a search: one image plus room for the form fields."""
         return self.max_upload_bytes + FORM_ROOM
+
+
+def ranking_from_env(name: str = RANKING_ENV) -> str:
+    """The ranking named by environment variable ``name`` ("product" when unset or empty)."""
+    return os.environ.get(name, "").strip().lower() or DEFAULT_RANKING
 
 
 def api_key_from_env(name: str = DEFAULT_API_KEY_ENV) -> str | None:

@@ -102,6 +102,7 @@ class ServiceState:
         if detector is not None and not getattr(detector, "thread_safe", False):
             searcher.detector = SerialDetector(detector)
         searcher.auto_refresh = False  # ensure_fresh refreshes under the write lock instead
+        searcher.ranking = settings.ranking
         self.searcher = searcher
         self.catalog = searcher.catalog
         self.lock = ReadWriteLock()
@@ -131,7 +132,7 @@ class ServiceState:
         generation = self.catalog.generation
         if generation != self._seen_generation:
             with self.lock.write():
-                self.catalog.refresh()
+                self.searcher.refresh()
                 self._seen_generation = generation
 
     @contextmanager

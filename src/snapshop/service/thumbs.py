@@ -1,16 +1,24 @@
-"""Catalog image files and their cached thumbnails (whole images and garment crops),
-addressed by catalog id only."""
+"""Catalog image files and their thumbnails (whole images and garment crops), addressed by
+catalog id only.
+
+A catalog directory keeps each image's file, and thumbnails rendered from it are cached
+beside (``blobs.THUMBNAILS``): the functions return a path. A server catalog keeps one JPEG
+thumbnail per image in the database (``catalog.server``): they render from it in memory and
+return the JPEG bytes, since a replica has no disk of the catalog's to cache on."""
 
 from __future__ import annotations
 
 import bisect
+import io
 import logging
 import math
 from pathlib import Path
 
+from fastapi.responses import FileResponse, Response
 from PIL import Image
 
 from snapshop.catalog.blobs import CROP_THUMBNAILS, THUMBNAILS, atomic_file
+from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import CropRow, ImageRow
 from snapshop.errors import ImageDecodeError, NotFoundError, StoredFileError
 from snapshop.images import DecodeLimits, load_image, pil_pixel_ceiling
@@ -38,14 +46,29 @@ def blob_path(catalog_dir: Path, image: ImageRow) -> Path:
     return path
 
 
-def thumbnail(catalog_dir: Path, image: ImageRow, size: int) -> Path:
-    """JPEG thumbnail (longest side ``size``) cached in the catalog (``blobs.THUMBNAILS``)."""
-    target = THUMBNAILS.file(catalog_dir, size, image.sha256)
+Rendered = Path | bytes  # a cached file, or JPEG bytes rendered for this request
+
+
+def thumbnail(catalog: Catalog, image: ImageRow, size: int) -> Rendered:
+    """JPEG thumbnail (longest side ``size``), cached in a catalog directory."""
+    if catalog.is_server:
+        pixels, _ = _server_pixels(catalog, image)
+        pixels.thumbnail((size, size), Image.Resampling.LANCZOS)
+        return _jpeg_bytes(pixels)
+    target = THUMBNAILS.file(catalog.directory, size, image.sha256)
     if target.is_file():
         return target
-    pixels = _stored_pixels(catalog_dir, image)
+    pixels = _stored_pixels(catalog.directory, image)
     pixels.thumbnail((size, size))
     return _save_jpeg(pixels, target)
+
+
+def original(catalog: Catalog, image: ImageRow) -> tuple[Rendered, str | None]:
+    """The stored image (a server catalog stores its thumbnail only) and its media type
+    (None: tell it by the file name)."""
+    if catalog.is_server:
+        return catalog.stored_thumbnail(image)
+    return blob_path(catalog.directory, image), None
 
 
 Pixels = tuple[int, int, int, int]
@@ -67,10 +90,17 @@ def crop_pixels(crop: CropRow, image: ImageRow) -> Pixels:
     return left, top, right, bottom
 
 
-def crop_thumbnail(catalog_dir: Path, image: ImageRow, box: Pixels, size: int) -> Path:
+def crop_thumbnail(catalog: Catalog, image: ImageRow, box: Pixels, size: int) -> Rendered:
     """JPEG of ``box`` (from :func:`crop_pixels`) of ``image``, longest side at most ``size``,
-    cached in the catalog (``blobs.CROP_THUMBNAILS``). Named by the image's content and the
-    box, so a cached file can never show another crop than the one asked for."""
+    cached in a catalog directory (``blobs.CROP_THUMBNAILS``). Named by the image's content
+    and the box, so a cached file can never show another crop than the one asked for."""
+    if catalog.is_server:
+        pixels, scale = _server_pixels(catalog, image)
+        left, top, right, bottom = (round(v * scale) for v in box)
+        part = pixels.crop((left, top, max(right, left + 1), max(bottom, top + 1)))
+        part.thumbnail((size, size), Image.Resampling.LANCZOS)
+        return _jpeg_bytes(part)
+    catalog_dir = catalog.directory
     target = CROP_THUMBNAILS.file(catalog_dir, size, image.sha256, tag="_".join(map(str, box)))
     if target.is_file():
         return target
@@ -84,6 +114,18 @@ def crop_thumbnail(catalog_dir: Path, image: ImageRow, box: Pixels, size: int) -
     return _save_jpeg(part, target)
 
 
+def _server_pixels(catalog: Catalog, image: ImageRow) -> tuple[Image.Image, float]:
+    """The server catalog's stored thumbnail of ``image``, decoded, and its scale to the
+    image's own pixels (boxes are stored in those)."""
+    data, _ = catalog.stored_thumbnail(image)
+    try:
+        pixels = load_image(data, DecodeLimits(max_pixels=4_000_000, max_bytes=1 << 24))
+    except ImageDecodeError as exc:  # our own row: the catalog's fault, not the caller's
+        where = f"{catalog.location} thumbnail of image {image.id}"
+        raise StoredFileError(where, exc.reason) from None
+    return pixels, pixels.width / max(1, image.width)
+
+
 def _stored_pixels(catalog_dir: Path, image: ImageRow) -> Image.Image:
     source = blob_path(catalog_dir, image)
     # the file passed ingest's limits already; only PIL's own ceiling applies here
@@ -92,6 +134,19 @@ def _stored_pixels(catalog_dir: Path, image: ImageRow) -> Image.Image:
         return load_image(source, DecodeLimits(max_pixels=largest, max_bytes=1 << 30))
     except ImageDecodeError as exc:  # our own file: the catalog's fault, not the caller's
         raise StoredFileError(str(source), exc.reason) from None
+
+
+def image_response(body: Rendered, media_type: str, headers: dict[str, str]) -> Response:
+    """The HTTP response for a rendered image: the cached file, or the bytes."""
+    if isinstance(body, Path):
+        return FileResponse(body, media_type=media_type, headers=headers)
+    return Response(body, media_type=media_type, headers=headers)
+
+
+def _jpeg_bytes(pixels: Image.Image) -> bytes:
+    out = io.BytesIO()
+    pixels.save(out, format="JPEG", quality=82, optimize=True)
+    return out.getvalue()
 
 
 def _save_jpeg(pixels: Image.Image, target: Path) -> Path:

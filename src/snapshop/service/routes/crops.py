@@ -7,12 +7,12 @@ at most one file per stored crop and size, whatever clients ask for.
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from snapshop.service.dependencies import State
 from snapshop.service.errors import error_responses
 from snapshop.service.settings import ServiceSettings
-from snapshop.service.thumbs import crop_pixels, crop_thumbnail, snap_size
+from snapshop.service.thumbs import crop_pixels, crop_thumbnail, image_response, snap_size
 
 
 def router(settings: ServiceSettings) -> APIRouter:
@@ -30,14 +30,14 @@ def router(settings: ServiceSettings) -> APIRouter:
         state: State,
         crop_id: int,
         size: Annotated[int | None, Query(ge=1, le=100_000, description="longest side")] = None,
-    ) -> FileResponse:
+    ) -> Response:
         crop = state.catalog.get_crop(crop_id)
         image = state.catalog.get_image(crop.image_id)
         box = crop_pixels(crop, image)
         side = snap_size(size, state.settings.thumb_sizes)
-        path = crop_thumbnail(state.catalog.directory, image, box, side)
+        body = crop_thumbnail(state.catalog, image, box, side)
         tag = f'"{image.sha256}-{"_".join(map(str, box))}"'
         headers = {"ETag": tag, "Cache-Control": "public, max-age=86400"}
-        return FileResponse(path, media_type="image/jpeg", headers=headers)
+        return image_response(body, "image/jpeg", headers)
 
     return routes

@@ -3,6 +3,7 @@
 from fastapi import APIRouter
 
 from snapshop.service.dependencies import State
+from snapshop.service.errors import error_responses
 from snapshop.service.schemas import Health, StatsOut
 
 
@@ -25,8 +26,10 @@ def router() -> APIRouter:
                     "writes_enabled": settings.writes_enabled},
         )  # fmt: skip
 
-    @routes.get("/healthz", response_model=Health)
+    @routes.get("/healthz", response_model=Health, responses=error_responses(503))
     def healthz(state: State) -> Health:
+        """Up, and the catalog reachable (a server catalog's database answering): 200;
+        the database unreachable: 503 ``catalog_unavailable``."""
         counts = state.catalog.counts()
         return Health(status="ok", products=counts["products"], images=counts["images"])
 

