@@ -141,6 +141,12 @@ def main() -> None:
     ap.add_argument("--pq-m", type=int, default=None, help="ivfpq sub-quantisers (default d/4)")
     ap.add_argument("--rerank", type=int, default=None, help="ivfpq re-rank depth (default 100)")
     ap.add_argument("--pca", type=int, default=0, help="ivfpq: project to this many dimensions")
+    ap.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="save each built index under this folder and reuse it next time (skips the build)",
+    )
     ap.add_argument("--selectivity", type=float, nargs="*", default=[0.5, 0.1, 0.01, 0.001])
     ap.add_argument("--filter-kinds", nargs="*", default=["flat", "hnsw", "hnsw_sq", "ivfpq"])
     ap.add_argument(
@@ -160,19 +166,22 @@ def main() -> None:
         truth = exact_topk(base, queries, 10)
         ids = np.arange(args.n, dtype=np.int64)
         for kind in args.kinds:
-            index = create_index(
-                kind, dim, **params_for(kind, args.n, dim, args.pq_m, args.rerank, args.pca)
-            )
-            t0 = time.perf_counter()
-            for s in range(0, args.n, 100_000):
-                index.add(ids[s : s + 100_000], base[s : s + 100_000])
-            build = time.perf_counter() - t0
+            params = params_for(kind, args.n, dim, args.pq_m, args.rerank, args.pca)
+            name = f"{kind}-{args.n}x{dim}-" + "-".join(f"{k}{v}" for k, v in params.items())
             with tempfile.TemporaryDirectory(prefix="snapshop-bench-") as tmp:
-                path = Path(tmp) / "images.faiss"
-                save_index(index, path)
-                del index
-                gc.collect()
-                disk = sum(f.stat().st_size for f in Path(tmp).iterdir())
+                folder = args.keep / name if args.keep else Path(tmp)
+                path = folder / "images.faiss"
+                build = float("nan")  # "–": reused from --keep
+                if not path.exists():
+                    index = create_index(kind, dim, **params)
+                    t0 = time.perf_counter()
+                    for s in range(0, args.n, 100_000):
+                        index.add(ids[s : s + 100_000], base[s : s + 100_000])
+                    build = time.perf_counter() - t0
+                    save_index(index, path)
+                    del index
+                    gc.collect()
+                disk = sum(f.stat().st_size for f in folder.iterdir())
                 index, card = load_index(path)
                 ram = index.memory_bytes()
                 measured = measured_bytes(index, path)
