@@ -14,6 +14,8 @@ from snapshop.models.tta import (
     CatalogAugmentConfig,
     catalog_view,
     catalog_views,
+    embed_averaged,
+    flip_views,
     foreground_mask,
     main_object_crop,
     mirror,
@@ -105,3 +107,23 @@ def test_main_object_crop_keeps_a_minimum_size_and_flat_images_whole() -> None:
     assert crop.width >= 199 and crop.height >= 149
     flat = Image.new("RGB", (64, 48), (10, 20, 30))
     assert main_object_crop(flat).size == (64, 48)
+
+
+def test_embed_averaged_is_the_normalised_mean_of_the_views(lite0_embedder) -> None:
+    images = [packshot(), packshot(box=(10, 10, 60, 110))]
+    averaged = embed_averaged(lite0_embedder, images, flip_views)
+    assert averaged.shape == (2, lite0_embedder.dim)
+    for image, vector in zip(images, averaged, strict=True):
+        both = lite0_embedder.embed_images([image, mirror(image)])
+        expected = both.mean(axis=0) / np.linalg.norm(both.mean(axis=0))
+        np.testing.assert_allclose(vector, expected, atol=1e-5)
+        plain = lite0_embedder.embed_images([image])[0]
+        assert not np.allclose(vector, plain, atol=1e-4)  # the flip did change it
+    views = embed_averaged(
+        lite0_embedder, images[:1], lambda im: catalog_views(im, 3, random.Random(0))
+    )
+    again = embed_averaged(
+        lite0_embedder, images[:1], lambda im: catalog_views(im, 3, random.Random(0))
+    )
+    np.testing.assert_allclose(views, again)
+    assert np.linalg.norm(views[0]) == pytest.approx(1.0, abs=1e-5)

@@ -11,7 +11,9 @@ region. Pure PIL + numpy: nothing here embeds.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -166,3 +168,25 @@ def main_object_crop(
     y0, y1 = span(weight.sum(axis=1), sh, min_side)
     w, h = rgb.size
     return rgb.crop((round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)))
+
+
+def flip_views(image: Image.Image) -> list[Image.Image]:
+    """The extra view of flip averaging: the mirrored image."""
+    return [mirror(image)]
+
+
+def embed_averaged(
+    embedder: Any,
+    images: Sequence[Image.Image],
+    extra_views: Callable[[Image.Image], list[Image.Image]],
+) -> NDArray[np.float32]:
+    """(N, D) float32, L2-normalised: each image's embedding averaged with its
+    ``extra_views``' (e.g. :func:`flip_views`, or ``lambda im: catalog_views(im, 24, rng)``).
+    ``embedder`` is an :class:`~snapshop.models.embedder.Embedder` (anything with
+    ``embed_images`` and ``dim``). Costs 1 + len(views) embeddings per image."""
+    out = np.zeros((len(images), embedder.dim), np.float32)
+    for i, image in enumerate(images):
+        vecs = embedder.embed_images([image, *extra_views(image)])
+        out[i] = vecs.mean(axis=0)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.maximum(norms, 1e-12)
