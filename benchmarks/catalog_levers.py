@@ -93,21 +93,16 @@ class Ranked:
 
     def add(
         self,
-        queries: Vectors,
+        sims: Vectors,
         q_products: Sequence[str],
-        gallery: Vectors,
         g_products: Sequence[str],
         label_of: dict[str, int],
     ) -> None:
-        """``gallery`` may be (G, D) or (G, V, D): V vectors per image, scored by the best."""
+        """(Q, G) similarities of the queries to this gallery's images."""
         names = sorted(set(g_products))
         local = {p: i for i, p in enumerate(names)}
         q_lab = np.array([local[p] for p in q_products], np.int64)
         g_lab = np.array([local[p] for p in g_products], np.int64)
-        if gallery.ndim == 3:
-            sims = np.einsum("qd,gvd->qgv", queries, gallery).max(axis=2)
-        else:
-            sims = queries @ gallery.T
         self.product.append(product_ranks(product_scores(sims, g_lab, len(names)), q_lab))
         self.image.append(image_ranks(sims, q_lab, g_lab))
         self.labels.append(np.array([label_of[p] for p in q_products], np.int64))
@@ -233,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             f"catalog: image + flip + {args.catalog_views} aug views, best view": (
                 avg(q),
                 cat_aug,
-                avg(p)[:, None, :],
+                avg(p),
             ),
             "query: main-object crop only": (avg(g["q", "frame"]), avg(cat), avg(p)),
             "query: mean of photo + main-object crop": (avg(q, g["q", "frame"]), avg(cat), avg(p)),
@@ -257,16 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         ci = [i for i, s in enumerate(c_sku) if s in products]
         pi = [i for i, s in enumerate(p_sku) if s in products]
         out = table.setdefault(lever, {}).setdefault(column, {})
-        for protocol, gallery, g_sku in (
-            ("catalog", cat[ci], [c_sku[i] for i in ci]),
-            (
-                "all",
-                _stack_gallery(cat[ci], p[pi]),
-                [c_sku[i] for i in ci] + [p_sku[i] for i in pi],
-            ),
-        ):
-            ranked = out.setdefault(protocol, Ranked([], [], []))
-            ranked.add(q[qi], [q_sku[i] for i in qi], gallery, g_sku, labels)
+        asked = [q_sku[i] for i in qi]
+        to_catalog = similarities(q[qi], cat[ci])
+        to_photos = similarities(q[qi], p[pi])
+        ranked = out.setdefault("catalog", Ranked([], [], []))
+        ranked.add(to_catalog, asked, [c_sku[i] for i in ci], labels)
+        ranked = out.setdefault("all", Ranked([], [], []))
+        g_sku = [c_sku[i] for i in ci] + [p_sku[i] for i in pi]
+        ranked.add(np.concatenate([to_catalog, to_photos], axis=1), asked, g_sku, labels)
 
     identity: Callable[[Vectors], Vectors] = lambda x: x  # noqa: E731
     for lever, vecs in levers(identity).items():
@@ -296,11 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _stack_gallery(cat: Vectors, photos: Vectors) -> Vectors:
-    """Catalog vectors (C, D) or (C, V, D) with photo vectors: photos repeated over V."""
-    if cat.ndim == 3:
-        photos = np.repeat(photos.reshape(len(photos), -1, photos.shape[-1]), cat.shape[1], 1)
-    return np.concatenate([cat, photos], axis=0)
+def similarities(queries: Vectors, gallery: Vectors) -> Vectors:
+    """(Q, G) cosine similarities; a (G, V, D) gallery (V vectors per image) scores each image
+    by its best vector."""
+    flat = gallery.reshape(-1, gallery.shape[-1])
+    sims = queries @ flat.T
+    return sims.reshape(len(queries), len(gallery), -1).max(axis=2)
 
 
 def training_set(
