@@ -230,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
                 cat_aug,
                 avg(p),
             ),
+            # chosen after seeing the rows above: the two levers that helped, together
+            f"combined: query flip + catalog mean of {args.catalog_views + 2} views": (
+                avg(q, g["q", "f260"]),
+                avg(cat_aug),
+                avg(p),
+            ),
             "query: main-object crop only": (avg(g["q", "frame"]), avg(cat), avg(p)),
             "query: mean of photo + main-object crop": (avg(q, g["q", "frame"]), avg(cat), avg(p)),
         }
