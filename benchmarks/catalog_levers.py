@@ -5,14 +5,14 @@ Every lever is measured on grocery-dev's query photos against (a) the catalog im
 and image-level R@1/R@5 (a hit when one of the top K *images* is of the product), with a 95 %
 bootstrap interval of R@1 over products.
 
-Two columns of models:
+Models:
 - ImageNet Lite2 (no training): scored on the whole 41-product gallery, and on the three
   cross-validation folds (each fold's held-out products only, ranks pooled);
-- a NormSoftmax head (LayerNorm -> Linear 512, T 0.05, recipe A's settings) trained per fold on
-  cached pooled Lite2 features of the fold's training products only (the cached-feature CPU path
-  at the pooled boundary, seconds per fold), scored like Lite2 on the folds: never on a product
-  it trained on. With ``--catalog-aug-train`` the training products' augmented catalog views are
-  extra training rows (catalog-domain augmentation).
+- a NormSoftmax head (LayerNorm -> Linear 512, T 0.05, recipe A's settings) trained per fold
+  on cached pooled Lite2 features of the fold's training products only (the cached-feature CPU
+  path at the pooled boundary, under a minute per fold), scored like Lite2 on the folds: never
+  on a product it trained on; and the same head trained with the training products' augmented
+  catalog views as extra training rows (catalog-domain augmentation).
 
 Views are embedded once per (model, view) and cached under ``--cache`` (never in the repo);
 a lever averages views' embeddings (then L2-normalises) in numpy.

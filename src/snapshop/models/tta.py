@@ -65,14 +65,14 @@ def clutter(size: tuple[int, int], rng: random.Random) -> Image.Image:
     """A synthetic cluttered background: random coloured shapes, softly blurred."""
     w, h = size
     base = tuple(rng.randint(60, 200) for _ in range(3))
-    canvas = Image.new("RGB", size, base)  # type: ignore[arg-type]
+    canvas = Image.new("RGB", size, base)
     draw = ImageDraw.Draw(canvas)
     for _ in range(24):
         x0, y0 = rng.randint(-w // 4, w), rng.randint(-h // 4, h)
         x1, y1 = x0 + rng.randint(w // 8, w // 2), y0 + rng.randint(h // 8, h // 2)
         colour = tuple(rng.randint(0, 255) for _ in range(3))
         shape = draw.rectangle if rng.random() < 0.5 else draw.ellipse
-        shape((x0, y0, x1, y1), fill=colour)  # type: ignore[arg-type]
+        shape((x0, y0, x1, y1), fill=colour)
     return canvas.filter(ImageFilter.GaussianBlur(max(1.0, min(w, h) / 100)))
 
 
