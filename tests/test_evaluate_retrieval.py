@@ -9,6 +9,7 @@ from script_helpers import load_script
 from snapshop.errors import ConfigError
 from snapshop.evaluate.retrieval import (
     evaluate_embeddings,
+    image_ranks,
     map_at_r,
     product_scores,
     recall_at_k,
@@ -118,6 +119,51 @@ def test_evaluate_embeddings_end_to_end() -> None:
     data = report.to_dict()
     assert data["recall"]["R@1"] == round(2 / 3, 4)
     assert data["queries"] == 3
+    # image level: b's own image comes after c, a, a (rank 3), so it misses at K = 3
+    assert report.image_recall == {1: pytest.approx(2 / 3), 2: pytest.approx(2 / 3), 3: 2 / 3}
+    assert data["image_recall"]["R@3"] == round(2 / 3, 4)
+
+
+def brute_force_image_recall(
+    queries: np.ndarray, q_labels: np.ndarray, gallery: np.ndarray, g_labels: np.ndarray, k: int
+) -> float:
+    """Literal definition: sort the gallery images by similarity, look at the top K labels."""
+    hits = 0
+    for q, label in zip(queries, q_labels, strict=True):
+        order = sorted(range(len(gallery)), key=lambda g: -float(gallery[g] @ q))
+        hits += any(g_labels[g] == label for g in order[:k])
+    return hits / len(queries)
+
+
+def test_image_level_recall_matches_brute_force_on_generated_vectors() -> None:
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(6, 16))
+    g_labels = rng.integers(0, 6, 40)
+    q_labels = rng.integers(0, 7, 25)  # label 6 never in the gallery: never a hit
+    gallery = centres[g_labels] + rng.normal(scale=1.5, size=(40, 16))
+    queries = np.where(q_labels[:, None] < 6, centres[np.minimum(q_labels, 5)], 0)
+    queries = queries + rng.normal(scale=1.5, size=(25, 16))
+    sims = (queries @ gallery.T).astype(np.float32)
+    ranks = image_ranks(sims, q_labels, g_labels)
+    assert (ranks[q_labels == 6] == 40).all()
+    for k in (1, 2, 3, 5, 10, 40):
+        expected = brute_force_image_recall(queries, q_labels, gallery, g_labels, k)
+        assert float((ranks < k).mean()) == pytest.approx(expected)
+    assert 0 < float((ranks < 3).mean()) < 1  # the data is neither trivial nor hopeless
+
+
+def test_image_level_recall_is_below_product_level_with_duplicate_images() -> None:
+    """Two images of one wrong product fill the top 2 images but only one product slot."""
+    sims = np.array([[0.9, 0.8, 0.7]], dtype=np.float32)
+    g_labels, q_labels = np.array([1, 1, 0]), np.array([0])
+    assert image_ranks(sims, q_labels, g_labels).tolist() == [2]
+    assert recall_at_k(product_scores(sims, g_labels, 2), q_labels, [2]) == {2: 1.0}
+
+
+def test_image_ranks_ties_count_against_the_query() -> None:
+    sims = np.array([[0.5, 0.5, 0.5, 0.1]], dtype=np.float32)
+    # the query's best image ties with two others: both counted ahead of it
+    assert image_ranks(sims, np.array([0]), np.array([1, 0, 2, 0])).tolist() == [2]
 
 
 def test_evaluate_embeddings_needs_overlap() -> None:

@@ -480,6 +480,8 @@ def evaluate(
         table.add_column(r.name)
     for k in cutoffs:
         table.add_row(f"R@{k}", *(f"{r.recall[k]:.4f}" for r in reports))
+    for k in cutoffs:  # a hit when one of the top K images is of the product (the literature's)
+        table.add_row(f"image R@{k}", *(f"{r.image_recall[k]:.4f}" for r in reports))
     # Over products: with few of them, a difference inside these intervals is noise.
     table.add_row("R@1 95% CI", *(
         "{:.3f}–{:.3f}".format(*r.recall_ci[1]) if 1 in r.recall_ci else "" for r in reports

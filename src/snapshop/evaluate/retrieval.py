@@ -1,7 +1,10 @@
-"""Product-level retrieval metrics: Recall@K and mAP@R, computed exactly from embeddings.
+"""Retrieval metrics: Recall@K and mAP@R, computed exactly from embeddings.
 
-A query hits at K when a gallery image of its product is among the top K *products*
-(products ranked by their best-scoring gallery image), as in In-shop / Street2Shop protocols.
+Product-level R@K: a query hits at K when its product is among the top K *products* (products
+ranked by their best-scoring gallery image). Image-level R@K: a hit when one of the top K
+gallery *images* is of its product, as in the In-shop / Street2Shop tables of the literature.
+The two agree at K = 1 and when every product has one gallery image; with several images per
+product, image-level R@K (K > 1) is the lower of the two.
 """
 
 from __future__ import annotations
@@ -55,6 +58,19 @@ def product_ranks(
     return (product_sims >= true[:, None]).sum(axis=1) - 1
 
 
+def image_ranks(
+    sims: NDArray[np.float32], query_labels: NDArray[np.int64], gallery_labels: NDArray[np.int64]
+) -> NDArray[np.int64]:
+    """0-based rank of each query's first gallery image of its product among all gallery
+    images: the number of other products' images scoring at least as high as its best one
+    (pessimistic on ties, as :func:`product_ranks`). A query whose product has no gallery image
+    gets rank G (never a hit)."""
+    relevant = gallery_labels[None, :] == query_labels[:, None]
+    best = np.where(relevant, sims, -np.inf).max(axis=1)
+    ranks = ((sims >= best[:, None]) & ~relevant).sum(axis=1)
+    return np.where(np.isfinite(best), ranks, sims.shape[1]).astype(np.int64)
+
+
 def recall_interval(
     ranks: NDArray[np.int64],
     query_labels: NDArray[np.int64],
@@ -97,7 +113,7 @@ def map_at_r(
 @dataclass
 class RetrievalReport:
     name: str
-    recall: dict[int, float]
+    recall: dict[int, float]  # product-level
     map_at_r: float
     n_queries: int
     n_gallery: int
@@ -109,6 +125,8 @@ class RetrievalReport:
     recall_ci: dict[int, tuple[float, float]] = field(default_factory=dict)
     # query/gallery vectors, paths and products (evaluate_manifest fills it; for plots)
     vectors: dict[str, Any] | None = field(default=None, repr=False)
+    # image-level Recall@K (see image_ranks)
+    image_recall: dict[int, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +135,7 @@ class RetrievalReport:
             "recall_ci95": {
                 f"R@{k}": [round(lo, 4), round(hi, 4)] for k, (lo, hi) in self.recall_ci.items()
             },
+            "image_recall": {f"R@{k}": round(v, 4) for k, v in self.image_recall.items()},
             "mAP@R": round(self.map_at_r, 4),
             "queries": self.n_queries,
             "gallery": self.n_gallery,
@@ -181,6 +200,7 @@ def evaluate_embeddings(
     ranks = product_ranks(product_scores(sims, g_labels, len(products)), q_labels)
     recall = {k: float((ranks < k).mean()) for k in ks}
     recall_ci = {k: recall_interval(ranks, q_labels, k) for k in ks}
+    by_image = image_ranks(sims, q_labels, g_labels)
 
     from snapshop.index.flat import FlatIndex
 
@@ -201,6 +221,7 @@ def evaluate_embeddings(
         embed_ms_per_image=embed_ms,
         search_ms_per_query=search_ms,
         recall_ci=recall_ci,
+        image_recall={k: float((by_image < k).mean()) for k in ks},
     )
 
 
