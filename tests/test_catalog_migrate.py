@@ -140,3 +140,25 @@ def test_target_of_another_model_is_refused(tmp_path: Path) -> None:
         migrate_catalog(tmp_path / "src", tmp_path / "dst")
     with open_catalog(tmp_path / "dst") as dst:
         assert dst.counts()["products"] == 0
+
+
+@pytest.mark.server
+def test_directory_to_server_and_back(tmp_path: Path, pg_database: str) -> None:
+    """To PostgreSQL: rows, vectors and crops as they were, thumbnails made from the files;
+    back to a directory: the same again, with no files (a server keeps thumbnails only)."""
+    with build_source(tmp_path / "src") as src:
+        expected = _snapshot(src)
+    there = migrate_catalog(tmp_path / "src", pg_database)
+    assert (there.images_copied, there.thumbnails, there.images_without_file) == (10, 10, 0)
+    with open_catalog(pg_database) as server:
+        assert server.is_server and _snapshot(server) == expected
+        image = server.images_of(server.list_products()[0].id)[0]
+        data, media = server.stored_thumbnail(image)
+        assert media == "image/jpeg" and Image.open(io.BytesIO(data)).size == (64, 48)
+        assert server.card.detector == "segmenter"
+    back = migrate_catalog(pg_database, tmp_path / "back")
+    assert (back.images_copied, back.images_without_file) == (10, 10)
+    with open_catalog(tmp_path / "back") as copy:
+        assert _snapshot(copy) == expected
+    again = migrate_catalog(tmp_path / "src", pg_database)
+    assert (again.images_copied, again.images_present) == (0, 10)

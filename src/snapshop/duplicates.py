@@ -33,7 +33,7 @@ from snapshop.catalog.blobs import blob_file
 from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import ImageRow
 from snapshop.errors import CatalogError, ConfigError, ImageDecodeError
-from snapshop.images import DecodeLimits, load_image, pil_pixel_ceiling
+from snapshop.images import load_image, stored_file_limits
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +175,8 @@ def stored_image(catalog: Catalog, image: ImageRow) -> Image.Image | None:
     path = blob_file(catalog.directory, image.blob, image.sha256) if image.blob else None
     if path is None or not path.is_file():
         return None
-    try:  # the file passed ingest's limits already; only PIL's own ceiling applies here
-        limits = DecodeLimits(max_pixels=pil_pixel_ceiling() or 200_000_000, max_bytes=1 << 30)
-        return load_image(path, limits)
+    try:
+        return load_image(path, stored_file_limits())
     except ImageDecodeError as exc:
         log.warning("image %d: stored file unreadable (%s)", image.id, exc.reason)
         return None

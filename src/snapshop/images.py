@@ -86,6 +86,12 @@ class DecodeLimits:
             )
 
 
+def stored_file_limits() -> DecodeLimits:
+    """Limits for reading back a file the catalog stored: it passed ingest's limits already,
+    so only PIL's own ceiling applies."""
+    return DecodeLimits(max_pixels=pil_pixel_ceiling() or 200_000_000, max_bytes=1 << 30)
+
+
 def _default_decode_slots() -> int:
     raw = os.environ.get(DECODE_SLOTS_ENV, "").strip()
     if raw:

@@ -26,7 +26,7 @@ from snapshop.catalog.server import thumbnail_jpeg
 from snapshop.catalog.store import ImageRow, NewCrop, Product
 from snapshop.catalog.write import CatalogWrite
 from snapshop.errors import CatalogError, ImageDecodeError
-from snapshop.images import DecodeLimits, load_image
+from snapshop.images import load_image, stored_file_limits
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _copy_file(
 
         return write_blob(dst.blob_dir, image.sha256, path.read_bytes())
     try:
-        pixels = load_image(path, DecodeLimits(max_pixels=200_000_000, max_bytes=1 << 30))
+        pixels = load_image(path, stored_file_limits())
     except ImageDecodeError as exc:
         log.warning("image %s: stored file unreadable (%s); copied without it", image.id, exc)
         counts["no_file"] += 1

@@ -21,7 +21,7 @@ from snapshop.catalog.blobs import CROP_THUMBNAILS, THUMBNAILS, atomic_file
 from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import CropRow, ImageRow
 from snapshop.errors import ImageDecodeError, NotFoundError, StoredFileError
-from snapshop.images import DecodeLimits, load_image, pil_pixel_ceiling
+from snapshop.images import DecodeLimits, load_image, stored_file_limits
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,8 @@ def _server_pixels(catalog: Catalog, image: ImageRow) -> tuple[Image.Image, floa
 
 def _stored_pixels(catalog_dir: Path, image: ImageRow) -> Image.Image:
     source = blob_path(catalog_dir, image)
-    # the file passed ingest's limits already; only PIL's own ceiling applies here
-    largest = pil_pixel_ceiling() or 200_000_000
     try:
-        return load_image(source, DecodeLimits(max_pixels=largest, max_bytes=1 << 30))
+        return load_image(source, stored_file_limits())
     except ImageDecodeError as exc:  # our own file: the catalog's fault, not the caller's
         raise StoredFileError(str(source), exc.reason) from None
 
