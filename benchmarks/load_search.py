@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -109,12 +110,22 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 
 
 
 def run_load(
-    url: str, files: list[Path], clients: int, requests: int, duration: float, k: int, warmup: int
-) -> dict[str, object]:
+    url: str | list[str],
+    files: list[Path],
+    clients: int,
+    requests: int,
+    duration: float,
+    k: int,
+    warmup: int,
+) -> dict[str, Any]:
+    """``clients`` threads posting searches until ``requests`` are done or ``duration``
+    seconds pass; with several ``url`` (replicas), client i posts to ``url[i % len(url)]``."""
+    urls = [url] if isinstance(url, str) else list(url)
     payloads = [(p.name, p.read_bytes()) for p in files]
     with httpx.Client(timeout=60) as c:  # warm-up: first requests load caches and pools
-        for name, data in payloads[:warmup]:
-            c.post(f"{url}/v1/search", files={"image": (name, data)}, data={"k": str(k)})
+        for target in urls:
+            for name, data in payloads[:warmup]:
+                c.post(f"{target}/v1/search", files={"image": (name, data)}, data={"k": str(k)})
     counter = itertools.count()
     lock = threading.Lock()
     latencies: list[float] = []
@@ -122,7 +133,8 @@ def run_load(
     statuses: dict[int, int] = {}
     stop_at = time.monotonic() + duration
 
-    def client() -> None:
+    def client(i: int) -> None:
+        url = urls[i % len(urls)]
         with httpx.Client(timeout=60) as c:
             while time.monotonic() < stop_at:
                 n = next(counter)
@@ -144,7 +156,7 @@ def run_load(
                         latencies.append(dt)
                         server_ms.append(r.json()["timings_ms"])
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
     for t in threads:
         t.start()

@@ -35,7 +35,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from index_latency import spectral  # noqa: E402
-from load_search import free_port, load, query_files, start_server, wait_ready  # noqa: E402
+from load_search import free_port, load, query_files, run_load, start_server, wait_ready  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -80,64 +79,6 @@ def postgres_cpu(pgdata: Path | None) -> float:
     return cpu_seconds(postmaster) + sum(cpu_seconds(p) for p in children(postmaster))
 
 
-def run_clients(
-    urls: list[str], files: list[Path], clients: int, requests: int, duration: float, k: int
-) -> dict[str, Any]:
-    """``clients`` threads, client i posting to ``urls[i % len(urls)]``, until ``requests`` are
-    done or ``duration`` seconds pass."""
-    payloads = [(p.name, p.read_bytes()) for p in files]
-    lock = threading.Lock()
-    sent = [0]
-    latencies: list[float] = []
-    server: list[dict[str, float]] = []
-    errors = [0]
-    stop_at = time.monotonic() + duration
-
-    def client(i: int) -> None:
-        import httpx
-
-        url = urls[i % len(urls)]
-        with httpx.Client(timeout=120) as c:
-            while time.monotonic() < stop_at:
-                with lock:
-                    n = sent[0]
-                    if n >= requests:
-                        return
-                    sent[0] += 1
-                name, data = payloads[n % len(payloads)]
-                t0 = time.perf_counter()
-                try:
-                    r = c.post(
-                        f"{url}/v1/search", files={"image": (name, data)}, data={"k": str(k)}
-                    )
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                dt = (time.perf_counter() - t0) * 1e3
-                with lock:
-                    if ok:
-                        latencies.append(dt)
-                        server.append(r.json()["timings_ms"])
-                    else:
-                        errors[0] += 1
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    lat = np.array(latencies) if latencies else np.array([np.nan])
-    mean = {
-        key: float(np.mean([s.get(key, 0.0) for s in server])) if server else float("nan")
-        for key in ("decode", "detect", "embed", "search", "total")
-    }
-    return {"ok": len(latencies), "errors": errors[0], "wall_s": wall,
-            "req_s": len(latencies) / wall, "p50": float(np.percentile(lat, 50)),
-            "p95": float(np.percentile(lat, 95)), "server": mean}  # fmt: skip
-
-
 def service(args: argparse.Namespace) -> None:
     files = query_files(args.queries, args.max_queries)
     extra = [*(["--detector", args.detector] if args.detector else []), *args.serve_arg]
@@ -153,18 +94,14 @@ def service(args: argparse.Namespace) -> None:
                 procs.append(start_server(args.catalog, port, extra))  # type: ignore[arg-type]
             for url, proc in zip(urls, procs, strict=True):
                 wait_ready(url, proc)
-            import httpx
-
-            for url in urls:  # warm-up: pools, caches, the first query's allocations
-                for p in files[: args.warmup]:
-                    httpx.post(f"{url}/v1/search", files={"image": (p.name, p.read_bytes())},
-                               data={"k": str(args.k)}, timeout=120)  # fmt: skip
-            for clients in args.clients:
+            for i, clients in enumerate(args.clients):
                 before = load()
                 cpu0 = [cpu_seconds(p.pid) for p in procs], postgres_cpu(args.pgdata)
-                r = run_clients(urls, files, clients, args.requests, args.duration, args.k)
+                warmup = args.warmup if i == 0 else 0  # pools, caches, first allocations
+                r = run_load(urls, files, clients, args.requests, args.duration, args.k, warmup)
                 cpu1 = [cpu_seconds(p.pid) for p in procs], postgres_cpu(args.pgdata)
                 served = max(r["ok"] + r["errors"], 1)
+                r["req_s"] = r["throughput"]
                 r.update(
                     replicas=n_replicas,
                     clients=clients,
