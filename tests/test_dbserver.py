@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from typer.testing import CliRunner
@@ -81,6 +82,26 @@ def test_start_connect_restart_stop(db_dir: Path) -> None:
     assert start_database(db_dir) == dsn
     with connect(dsn) as conn:
         assert conn.execute("SELECT v::text FROM kept").fetchall() == [("[1,2,3]",)]
+
+
+def test_a_restart_keeps_its_port_after_the_server_closed_connections(db_dir: Path) -> None:
+    """A connection the server closed first leaves a TIME_WAIT entry on the server's own port
+    (here: a startup packet it refuses): the restart still gets that port, and so its DSN."""
+    dsn = start_database(db_dir)
+    port = urlsplit(dsn).port
+    assert port is not None
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(b"\x00\x00\x00\x08\x00\x00\x00\x00")  # protocol 0.0: refused, closed
+        while raw.recv(4096):
+            pass
+    assert stop_database(db_dir) is True
+    plain = socket.socket()
+    try:  # the condition this test is about: a bind without SO_REUSEADDR is refused
+        with pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+    finally:
+        plain.close()
+    assert start_database(db_dir) == dsn
 
 
 def test_wrong_password_is_refused(db_dir: Path) -> None:

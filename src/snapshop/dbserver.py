@@ -302,7 +302,12 @@ def _running_port(data: Path) -> int | None:
 
 
 def _port_free(port: int) -> bool:
+    """Whether PostgreSQL could listen on ``port``. The probe sets SO_REUSEADDR as the
+    postmaster does: connections of a server stopped a moment ago linger in TIME_WAIT on its
+    port, which refuses a plain bind but not the server's (a restart kept failing to reuse
+    its port, and so its DSN, without it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((HOST, port))
         except OSError as exc:
