@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from snapshop import api
 from snapshop.catalog.catalog import Catalog, catalog_exists, create_catalog, open_catalog
 from snapshop.catalog.store import NewCrop
 from snapshop.errors import CatalogError, NotFoundError
@@ -91,6 +92,10 @@ def test_created_catalog_opens_with_its_card(place: Place) -> None:
         assert catalog.index_kind == place.kind
     with pytest.raises(CatalogError, match="already exists"):
         place.create()
+    if place.kind != "flat":  # a server catalog keeps the vectors' home it was created with
+        api.set_index_kind(place.target, place.kind)
+        with pytest.raises(CatalogError, match="keeps that kind"):
+            api.set_index_kind(place.target, "hnsw")
 
 
 def test_rows_vectors_and_search(place: Place) -> None:

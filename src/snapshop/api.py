@@ -16,7 +16,7 @@ from snapshop.catalog.catalog import (
     create_catalog,
     open_catalog,
 )
-from snapshop.catalog.server import SERVER_INDEX_KIND, is_server_target
+from snapshop.catalog.server import is_server_target
 from snapshop.data.sources import CatalogRecord, read_source
 from snapshop.detect.base import Detector
 from snapshop.detect.factory import create_detector
@@ -173,12 +173,14 @@ def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | No
     reachable, parameters it refuses) raises CatalogError and leaves the card as it was."""
     if kind != AUTO and kind not in INDEX_KINDS:
         raise CatalogError(f"unknown index kind {kind!r}; choose from auto, {sorted(INDEX_KINDS)}")
-    if is_server_target(catalog_dir):
-        if kind != SERVER_INDEX_KIND:
-            raise CatalogError(
-                f"a server catalog searches its vectors in PostgreSQL ({SERVER_INDEX_KIND}),"
-                f" not {kind!r}"
-            )
+    if is_server_target(catalog_dir):  # its vectors' home is chosen when it is created
+        with open_catalog(catalog_dir) as catalog:
+            if kind not in (AUTO, catalog.index_kind):
+                raise CatalogError(
+                    f"{catalog.location} searches its vectors with {catalog.index_kind!r};"
+                    f" a server catalog keeps that kind: migrate to a new catalog created"
+                    f" with --index-kind {kind} to change it"
+                )
         return
     path = Path(catalog_dir) / CARD_FILE
     previous = read_card(path)
