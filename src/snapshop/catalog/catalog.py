@@ -91,8 +91,8 @@ class Catalog:
         self.refresh(force=True)
 
     def _resolve_index_kind(self) -> tuple[str, dict[str, Any]]:
-        """ "auto" (issues #6, #15): the most accurate kind that fits the card's memory and
-        latency budget (the default budget when the card names none)."""
+        """The card's index kind; for ``auto`` (issues #6, #15) the most accurate kind that
+        fits the card's memory and latency budget (the default budget when it names none)."""
         counts = self.store.counts()
         kind, params = self.card.index_kind, dict(self.card.index_params)
         try:
