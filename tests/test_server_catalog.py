@@ -41,6 +41,7 @@ def indexed(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
 
 def test_index_stores_thumbnails_and_vectors_in_the_database(indexed) -> None:
     from snapshop.catalog.catalog import open_catalog
+    from snapshop.errors import CatalogError
 
     uri, _ = indexed
     with open_catalog(uri) as catalog:
@@ -51,7 +52,7 @@ def test_index_stores_thumbnails_and_vectors_in_the_database(indexed) -> None:
                 thumb = Image.open(io.BytesIO(data))
                 assert media == "image/jpeg" and thumb.format == "JPEG"
                 assert max(thumb.size) <= 320 and image.blob is None
-        with pytest.raises(Exception, match="keeps no files"):
+        with pytest.raises(CatalogError, match="keeps no files"):
             _ = catalog.directory
 
 

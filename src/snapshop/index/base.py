@@ -62,6 +62,13 @@ def check_vectors(vectors: NDArray[Any], dim: int) -> NDArray[np.float32]:
     return arr
 
 
+def check_query(queries: NDArray[Any], k: int, dim: int) -> NDArray[np.float32]:
+    """The (Q, dim) ``queries`` of a top-``k`` search as float32 (ValueError when ``k`` < 1)."""
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    return check_vectors(queries, dim)
+
+
 def check_ids(ids: NDArray[Any], n: int) -> NDArray[np.int64]:
     arr = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
     if len(arr) != n:

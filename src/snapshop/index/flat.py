@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 from numpy.typing import NDArray
 
-from snapshop.index.base import SearchHits, check_ids, check_vectors
+from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors
 from snapshop.index.filtering import (
     SINGLE_THREAD_MAX_QUERIES,
     IdFilter,
@@ -82,9 +82,7 @@ class FlatIndex:
     ) -> SearchHits:
         """Exact top-``k``; ``allowed`` limits the result to those ids (scanned during the
         search: a small allowed set is gathered and scanned alone)."""
-        queries = check_vectors(queries, self.dim)
-        if k < 1:
-            raise ValueError("k must be >= 1")
+        queries = check_query(queries, k, self.dim)
         if len(self) == 0 or len(queries) == 0:
             q = len(queries)
             return SearchHits(np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64))

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 from numpy.typing import NDArray
 
-from snapshop.index.base import SearchHits, check_ids, check_vectors
+from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors
 from snapshop.index.filtering import (
     IdFilter,
     SelectionCache,
@@ -178,9 +178,7 @@ class HNSWIndex:
     ) -> SearchHits:
         """Top-``k``; ``allowed`` limits the result to those ids, checked during the graph walk
         (a small allowed set is scanned exactly instead)."""
-        queries = check_vectors(queries, self.dim)
-        if k < 1:
-            raise ValueError("k must be >= 1")
+        queries = check_query(queries, k, self.dim)
         q = len(queries)
         scores_out = np.full((q, k), -np.inf, np.float32)
         ids_out = np.full((q, k), -1, np.int64)

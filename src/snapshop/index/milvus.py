@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.config import read_json, write_json
-from snapshop.index.base import SearchHits, check_ids, check_vectors
+from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors
 from snapshop.index.filtering import IdFilter
 
 FORMAT = "snapshop-milvus/1"
@@ -130,9 +130,7 @@ class MilvusIndex:
         self, queries: NDArray[np.float32], k: int, allowed: IdFilter | None = None
     ) -> SearchHits:
         """Top-``k``; ``allowed`` limits the result to those ids, as a Milvus expression."""
-        queries = check_vectors(queries, self.dim)
-        if k < 1:
-            raise ValueError("k must be >= 1")
+        queries = check_query(queries, k, self.dim)
         limit = min(k, MAX_TOPK)
         if len(queries) == 0 or (allowed is not None and len(allowed) == 0):
             return SearchHits(*_empty(len(queries), k))

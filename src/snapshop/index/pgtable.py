@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 from snapshop.catalog.migrations import HNSW_EF_CONSTRUCTION, HNSW_M
 from snapshop.catalog.sql import PgVector, PostgresDatabase
 from snapshop.errors import CatalogUnavailableError, VectorIndexError
-from snapshop.index.base import SearchHits, check_ids, check_vectors
+from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors
 from snapshop.index.filtering import IdFilter
 from snapshop.index.pgvector import filters_inside_search, nearest
 
@@ -121,9 +121,7 @@ class CatalogTableIndex:
         self, queries: NDArray[np.float32], k: int, allowed: IdFilter | None = None
     ) -> SearchHits:
         """Top-``k`` rows per query by inner product; only ``allowed`` ids when given."""
-        queries = check_vectors(queries, self.dim)
-        if k < 1:
-            raise ValueError("k must be >= 1")
+        queries = check_query(queries, k, self.dim)
         if not self.filters_inside:
             raise VectorIndexError(
                 f"{self.location}: searching a catalog table needs pgvector >= 0.8"

@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.config import read_json, write_json
-from snapshop.index.base import SearchHits, check_ids, check_vectors
+from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors
 from snapshop.index.filtering import IdFilter
 
 FORMAT = "snapshop-pgvector/1"
@@ -197,9 +197,7 @@ class PgVectorIndex:
         """Top-``k`` per query; ``allowed`` becomes ``WHERE id = ANY(...)`` with pgvector's
         iterative index scan (relaxed order, re-sorted here), so a filter is applied inside
         the search at any selectivity (the planner scans a small allowed set exactly)."""
-        queries = check_vectors(queries, self.dim)
-        if k < 1:
-            raise ValueError("k must be >= 1")
+        queries = check_query(queries, k, self.dim)
         if allowed is not None and not self.filters_inside:
             raise ValueError("filtered search needs pgvector >= 0.8 (iterative index scans)")
         where = self._sql.SQL("WHERE id = ANY(%(allowed)s)" if allowed is not None else "")

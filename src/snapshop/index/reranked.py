@@ -33,7 +33,7 @@ import faiss
 import numpy as np
 from numpy.typing import NDArray
 
-from snapshop.index.base import SearchHits, check_ids, check_vectors
+from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors
 from snapshop.index.choose import HNSW_COARSE_MIN, ivf_fixed_bytes
 from snapshop.index.filtering import (
     SINGLE_THREAD_MAX_QUERIES,
@@ -395,9 +395,7 @@ class RerankedIndex:
     def search(
         self, queries: NDArray[np.float32], k: int, allowed: IdFilter | None = None
     ) -> SearchHits:
-        queries = check_vectors(queries, self.dim)
-        if k < 1:
-            raise ValueError("k must be >= 1")
+        queries = check_query(queries, k, self.dim)
         q = len(queries)
         if len(self) == 0 or q == 0:
             return SearchHits(np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64))
