@@ -23,6 +23,15 @@ else
   "${PIP[@]}" -e .
 fi
 
+# A venv made before issue #16 holds the plain `onnxruntime` beside `onnxruntime-openvino`:
+# both write the package `onnxruntime/`, so drop the plain one and restore the other's files.
+if .venv/bin/python -m pip show -q onnxruntime-openvino 2>/dev/null \
+    && .venv/bin/python -m pip show -q onnxruntime 2>/dev/null; then
+  OV_VERSION=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("onnxruntime-openvino"))')
+  .venv/bin/python -m pip uninstall -y -q onnxruntime
+  "${PIP[@]}" --force-reinstall --no-deps "onnxruntime-openvino==$OV_VERSION"
+fi
+
 if [ "$DEV" = 1 ] && [ -f scripts/setup-test-extras.sh ]; then
   bash scripts/setup-test-extras.sh
 fi

@@ -29,13 +29,13 @@ def sample_images() -> list[Image.Image]:
     return images
 
 
-def test_onnx_matches_torch(lite0_model_dir: Path, lite0_embedder: Embedder) -> None:
+def test_onnx_matches_torch(lite0_model_dir: Path) -> None:
     images = sample_images()
     batch = np.stack([preprocess(im, 224) for im in images])
     net = create_embedding_net("efficientnet_lite0", dim=None, pretrained=True).eval()
     with torch.no_grad():
         reference = net(torch.from_numpy(batch)).numpy()
-    onnx_out = lite0_embedder.embed_images(images)
+    onnx_out = Embedder(lite0_model_dir, precision="fp32").embed_images(images)
     assert onnx_out.dtype == np.float32 and onnx_out.shape == (len(images), 1280)
     assert np.abs(onnx_out - reference).max() < 1e-4
     # the embeddings are informative: different images are not all the same vector

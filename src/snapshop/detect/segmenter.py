@@ -57,7 +57,7 @@ from PIL import Image
 from snapshop.detect.base import LOWER, UPPER, Box, Detection
 from snapshop.errors import ConfigError, ModelError
 from snapshop.models.card import normalise_pixels
-from snapshop.models.runtime import cpu_session
+from snapshop.models.runtime import cpu_session, default_precision
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ TRUNK_OVERLAY_KEY = "trunk_overlay"  # card entry: {"sha256": ..., "finetune_blo
 # card entry {"ranges": FILE, "sha256": ..., ...}: the trunk's calibrated int8 activation ranges;
 # a card with one runs the trunk in static int8 (QDQ) unless fp32 is asked for
 TRUNK_INT8_KEY = "trunk_int8"
-PRECISIONS = ("int8", "fp32")
+PRECISIONS = ("int8", "bf16", "fp32")
 ONNX_OPSET = 17
 
 
@@ -245,13 +245,19 @@ class Trunk:
     ``overlay``: ``garment_seg_trunk.npz`` bytes laid over the ImageNet weights (fine-tuned)."""
 
     def __init__(
-        self, path: Path | None = None, overlay: bytes | None = None, int8: bytes | None = None
+        self,
+        path: Path | None = None,
+        overlay: bytes | None = None,
+        int8: bytes | None = None,
+        precision: str | None = None,
     ) -> None:
-        """``int8``: the card's activation ranges (JSON bytes): run the trunk in int8."""
+        """``int8``: the card's activation ranges (JSON bytes): run the trunk in int8 (on
+        ONNX Runtime's CPU provider). ``precision``: ``bf16`` / ``fp32`` for a float trunk
+        (:func:`snapshop.models.runtime.cpu_session`)."""
         try:
             if path is None:
                 path = trunk_onnx_path(overlay) if int8 is None else trunk_int8_path(overlay, int8)
-            self.session = cpu_session(path)
+            self.session = cpu_session(path, precision="fp32" if int8 else precision)
         except (ImportError, ModelError):  # missing backbone package / bad overlay: say so
             raise
         except Exception as exc:  # onnxruntime / export raise untyped errors
@@ -442,17 +448,22 @@ class SegmenterDetector:
     ) -> None:
         """``gate``: drop boxes the model's presence gate (:mod:`snapshop.detect.presence`,
         ``garment_presence.npz`` beside the card, when there is one) says are absent."""
+        if precision is not None and precision not in PRECISIONS:
+            raise ConfigError(f"segmenter precision must be one of {PRECISIONS}, not {precision!r}")
         head_src, card_src, overlay_src = model_files(model_dir)
         try:
             self.card: dict[str, Any] = json.loads(card_src.read_text())
+        except Exception as exc:  # OSError, bad JSON
+            raise ModelError(f"garment segmenter {card_src}: unreadable ({exc})") from None
+        self.precision = precision or (
+            "int8" if TRUNK_INT8_KEY in self.card else default_precision()
+        )
+        try:
             self.head_model: bytes = head_src.read_bytes()  # ONNX bytes (FLOP counts)
-            self.head = cpu_session(self.head_model, threads=1)
-        except Exception as exc:  # OSError, bad JSON, and onnxruntime's untyped errors
+            self.head = cpu_session(self.head_model, threads=1, precision=self._float_precision)
+        except Exception as exc:  # OSError and onnxruntime's untyped errors
             raise ModelError(f"garment segmenter {head_src}: unreadable ({exc})") from None
         self.trunk_overlay = _read_overlay(self.card, overlay_src)
-        self.precision = precision or ("int8" if TRUNK_INT8_KEY in self.card else "fp32")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"segmenter precision must be one of {PRECISIONS}, not {precision!r}")
         self.trunk_ranges: bytes | None = None
         if self.precision == "int8":
             self.trunk_ranges = _read_ranges(self.card, model_dir, card_src)
@@ -495,8 +506,17 @@ class SegmenterDetector:
     def trunk(self) -> Trunk:
         with self._lock:  # the first call may export the trunk: once, not per thread
             if self._trunk is None:
-                self._trunk = Trunk(overlay=self.trunk_overlay, int8=self.trunk_ranges)
+                self._trunk = Trunk(
+                    overlay=self.trunk_overlay,
+                    int8=self.trunk_ranges,
+                    precision=self._float_precision,
+                )
         return self._trunk
+
+    @property
+    def _float_precision(self) -> str:
+        """The runtime precision of what runs in float (an int8 trunk's head runs in fp32)."""
+        return "fp32" if self.precision == "int8" else self.precision
 
     def probabilities(self, rgb: NDArray[np.uint8]) -> tuple[NDArray[np.float32], float]:
         """(H, W, 3) uint8 -> ((h, w, 4) probabilities at the resized scale, scale)."""

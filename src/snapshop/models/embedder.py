@@ -22,7 +22,7 @@ from snapshop.models.card import (
     read_card,
     sha256_file,
 )
-from snapshop.models.runtime import cpu_session
+from snapshop.models.runtime import check_precision, cpu_session, session_precision
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ class Embedder:
     of one image stay in cache. None: ``$SNAPSHOP_EMBED_PARALLEL`` when set, else one call
     per core (``cores // threads``); 0: each ``batch_size`` chunk in one call on ``threads``
     threads (ONNX Runtime's default when None), the behaviour before issue #16.
+
+    ``precision``: ``bf16`` or ``fp32`` (:mod:`snapshop.models.runtime`; None:
+    ``$SNAPSHOP_PRECISION``, else ``bf16``). A statically quantised model runs in its int8
+    on ONNX Runtime's CPU provider whatever is asked. ``.precision`` says what runs.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class Embedder:
         threads: int | None = None,
         verify: bool = False,
         parallel: int | None = None,
+        precision: str | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.card: ModelCard = read_card(self.model_dir)
@@ -98,10 +103,17 @@ class Embedder:
         if parallel < 0:
             raise ConfigError(f"parallel must be >= 0, got {parallel}")
         self.parallel = parallel
+        if precision is not None:
+            check_precision(precision)
+        if "int8" in self.card.kind:
+            precision = "fp32"  # a quantised graph runs on ONNX Runtime's own int8 kernels
         try:
-            self.session = cpu_session(onnx_path, (threads or 1) if parallel else threads)
+            self.session = cpu_session(
+                onnx_path, (threads or 1) if parallel else threads, precision
+            )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"{onnx_path}: cannot load ONNX model ({exc})") from None
+        self.precision = session_precision(self.session)
         self.input_name = self.session.get_inputs()[0].name
         self.batch_size = batch_size
         self._pool: ThreadPoolExecutor | None = None

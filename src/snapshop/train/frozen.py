@@ -29,7 +29,7 @@ from snapshop.errors import ConfigError, ImageDecodeError
 from snapshop.images import load_image
 from snapshop.models.export import export_module_onnx
 from snapshop.models.heads import EmbeddingNet
-from snapshop.models.runtime import cpu_session
+from snapshop.models.runtime import TRAINING_PRECISION, cpu_session
 from snapshop.train.augment import AugmentConfig, augment, views
 
 if TYPE_CHECKING:
@@ -249,7 +249,7 @@ def _frozen_runner(
             output_names=["features"],
             dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
         )
-    session = cpu_session(onnx_path, config.threads)
+    session = cpu_session(onnx_path, config.threads, TRAINING_PRECISION)
 
     def run_onnx(batch: np.ndarray) -> torch.Tensor:
         out = session.run(None, {"images": batch.astype(np.float32, copy=False)})[0]

@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from snapshop.detect.segmenter import BACKBONE, FEATURE_BLOCKS, Trunk, preprocess
+from snapshop.models.runtime import TRAINING_PRECISION
 from snapshop.train.segmenter.config import IGNORE
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def load_or_build_samples(
         else:
             log.info("%s holds other features; computing again", cache)
     if samples is None:
-        trunk = Trunk()
+        trunk = Trunk(precision=TRAINING_PRECISION)
         samples = build_samples(pairs, table, long_side, trunk)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -126,5 +127,6 @@ def load_or_build_samples(
                 stored = [(smp.feats, smp.target) for smp in samples]
                 pickle.dump((key, stored), fh, protocol=pickle.HIGHEST_PROTOCOL)
     if negatives:
-        samples = samples + synthetic_negatives(negatives, long_side, trunk or Trunk(), seed)
+        trunk = trunk or Trunk(precision=TRAINING_PRECISION)
+        samples = samples + synthetic_negatives(negatives, long_side, trunk, seed)
     return samples
