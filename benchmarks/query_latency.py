@@ -1,7 +1,7 @@
 """Warm query latency per stage with garment detection, and each stage against its compute floor.
 
     python benchmarks/query_latency.py --dataset ../shared/datasets/ccp-dev --queries 60 \
-        --variant fp32=efficientnet_lite2,segmenter:precision=fp32 \
+        --variant fp32=efficientnet_lite2,segmenter:precision=fp32 --fp32 fp32 \
         --variant default=efficientnet_lite2,segmenter [--levers]
 
 A variant is ``NAME=MODEL,DETECTOR``: MODEL is a backbone name or model directory (an int8
@@ -337,6 +337,11 @@ def main() -> None:
         "--photo-after-detect", action="append", default=[], metavar="NAME",
         help="this variant embeds the photo after detection, not beside it (issue #16)",
     )  # fmt: skip
+    ap.add_argument(
+        "--fp32", action="append", default=[], metavar="NAME",
+        help="this variant's embedder runs in fp32 on ONNX Runtime's CPU provider (the default"
+        " before issue #16's bf16; give the detector `:precision=fp32` for its side)",
+    )  # fmt: skip
     ap.add_argument("--levers", action="store_true", help="also time the levers (last variant)")
     ap.add_argument("--lever-repeats", type=int, default=24)
     ap.add_argument("--workdir", type=Path, default=None)
@@ -351,6 +356,8 @@ def main() -> None:
         parse_variant("fp32=efficientnet_lite2,segmenter:precision=fp32"),
         parse_variant("default=efficientnet_lite2,segmenter"),
     ]
+    if args.variant is None:
+        args.fp32.append("fp32")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="query-latency-"))
     manifest = work / "shop" / "catalog.csv"
     if not manifest.exists():
@@ -368,8 +375,12 @@ def main() -> None:
                   f" {time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
         variant.searcher = api.open_searcher(catalog, model=variant.model,
                                              detector=variant.detector)  # fmt: skip
-        if variant.name in args.one_call:
-            variant.searcher.embedder = Embedder(variant.searcher.embedder.model_dir, parallel=0)
+        if variant.name in args.one_call or variant.name in args.fp32:
+            variant.searcher.embedder = Embedder(
+                variant.searcher.embedder.model_dir,
+                parallel=0 if variant.name in args.one_call else None,
+                precision="fp32" if variant.name in args.fp32 else None,
+            )
         if variant.name in args.photo_after_detect:
             variant.searcher.embedder.submit = serial_submit(  # type: ignore[method-assign]
                 variant.searcher.embedder
@@ -388,8 +399,8 @@ def main() -> None:
     for variant in variants:
         assert variant.searcher is not None
         calls = variant.searcher.embedder.parallel or "one batched call"
-        print(f"- {variant.name}: model {variant.model}, detector {variant.detector},"
-              f" embedding calls side by side: {calls}")  # fmt: skip
+        print(f"- {variant.name}: model {variant.model} ({variant.searcher.embedder.precision}),"
+              f" detector {variant.detector}, embedding calls side by side: {calls}")  # fmt: skip
     print()
     print_table(variants, machine_gflops)
     if args.levers:

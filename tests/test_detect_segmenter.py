@@ -434,7 +434,7 @@ def test_finetune_reduces_the_loss_and_changes_only_the_tuned_blocks(tmp_path: P
     # The shipped form (head ONNX + overlay on the ImageNet trunk ONNX) computes what was trained.
     entry = write_finetuned(net, tmp_path)
     (tmp_path / CARD_FILE).write_text(json.dumps({"trunk_overlay": entry, "config": {}}))
-    det = SegmenterDetector(tmp_path)
+    det = SegmenterDetector(tmp_path, precision="fp32")
     x, _ = preprocess(np.asarray(person_photo(dress=True)), 128)
     s8, s16, s32 = det.trunk(x)
     shipped = det.head.run(None, {"s8": s8, "s16": s16, "s32": s32})[0]
@@ -448,7 +448,7 @@ def test_finetune_reduces_the_loss_and_changes_only_the_tuned_blocks(tmp_path: P
     assert entry16["dtype"] == "float16" and entry16["parameters"] == entry["parameters"]
     assert entry16["bytes"] < 0.6 * entry["bytes"]
     (half / CARD_FILE).write_text(json.dumps({"trunk_overlay": entry16, "config": {}}))
-    det16 = SegmenterDetector(half)
+    det16 = SegmenterDetector(half, precision="fp32")
     s8, s16, s32 = det16.trunk(x)
     rounded = det16.head.run(None, {"s8": s8, "s16": s16, "s32": s32})[0]
     assert not np.array_equal(rounded, shipped)  # the rounding reached the trunk

@@ -52,7 +52,7 @@ def test_shipped_card_names_valid_int8_ranges() -> None:
     card = json.loads((WEIGHTS / CARD_FILE).read_text())
     det = SegmenterDetector()
     if TRUNK_INT8_KEY not in card:
-        assert det.precision == "fp32"
+        assert det.precision == "bf16"  # the runtime's default for float models (issue #16)
         return
     entry = card[TRUNK_INT8_KEY]
     data = (WEIGHTS / entry["ranges"]).read_bytes()
@@ -74,12 +74,12 @@ def test_int8_trunk_from_ranges_in_a_model_folder(tmp_path: Path) -> None:
     shutil.copy(WEIGHTS / HEAD_FILE, folder / HEAD_FILE)
     shutil.copy(WEIGHTS / TRUNK_FILE, folder / TRUNK_FILE)
     (folder / CARD_FILE).write_text(json.dumps(card))
-    fp32 = SegmenterDetector(folder)
-    assert fp32.precision == "fp32"  # no ranges in the card: float, as before
+    floating = SegmenterDetector(folder)
+    assert floating.precision == "bf16"  # no ranges in the card: float, the runtime's default
     # Calibrate the trunk on a few pictures, keep the ranges, name them in the card.
     batches = [preprocess(photo(seed), 64)[0] for seed in range(4)]
     ranges = folder / "garment_seg_trunk_int8.json"
-    source = trunk_onnx_path(fp32.trunk_overlay)
+    source = trunk_onnx_path(floating.trunk_overlay)
     quantize_onnx(source, tmp_path / "calibrated.onnx", batches, ranges=ranges)
     sha = hashlib.sha256(ranges.read_bytes()).hexdigest()
     card[TRUNK_INT8_KEY] = {"ranges": ranges.name, "sha256": sha}
@@ -90,7 +90,7 @@ def test_int8_trunk_from_ranges_in_a_model_folder(tmp_path: Path) -> None:
     x = preprocess(photo(9), 64)[0]
     quantised = int8.trunk(x)
     assert "_int8_" in int8.trunk.session._model_path  # built beside the fp32 export
-    reference = fp32.trunk(x)
+    reference = floating.trunk(x)
     for q, f in zip(quantised, reference, strict=True):
         assert q.shape == f.shape and not np.array_equal(q, f)
         assert np.corrcoef(q.ravel(), f.ravel())[0, 1] > 0.9

@@ -22,7 +22,12 @@ from snapshop.models.card import (
     read_card,
     sha256_file,
 )
-from snapshop.models.runtime import check_precision, cpu_session, session_precision
+from snapshop.models.runtime import (
+    check_precision,
+    cpu_session,
+    default_precision,
+    session_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +108,7 @@ class Embedder:
         if parallel < 0:
             raise ConfigError(f"parallel must be >= 0, got {parallel}")
         self.parallel = parallel
-        if precision is not None:
-            check_precision(precision)
+        precision = check_precision(precision) if precision else default_precision()
         if "int8" in self.card.kind:
             precision = "fp32"  # a quantised graph runs on ONNX Runtime's own int8 kernels
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import random
@@ -30,6 +31,9 @@ from snapshop.models.card import MODEL_FILE, ModelCard, read_card, sha256_file, 
 from snapshop.models.embedder import preprocess
 
 log = logging.getLogger(__name__)
+
+QUANTISED_OPS = ("Conv", "MatMul", "Gemm")
+RANGES_FORMAT = "snapshop-activation-ranges-1"
 
 
 @dataclass(frozen=True)
@@ -129,42 +133,96 @@ def quantize_onnx(
         raise ConfigError("quantize_onnx needs calibration batches or a ranges file")
     if batches is not None and ranges is not None:
         Path(ranges).unlink(missing_ok=True)  # a stale file would be read, not rewritten
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    method = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }[config.method]
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
-        import onnx
-
         graph = onnx.load(str(prepared), load_external_data=False).graph
         input_name = graph.input[0].name
+        if batches is not None:
+            found = _calibrate(prepared, Path(tmp), input_name, batches, config.method)
+            if ranges is not None:
+                Path(ranges).write_text(json.dumps(_ranges_json(found)))
+        else:
+            found = _read_ranges(Path(ranges))  # type: ignore[arg-type]
         convs = [n.name for n in graph.node if n.op_type == "Conv"]
         exclude = [convs[0], convs[-1]] if config.keep_ends_float and convs else []
         written = Path(tmp) / target.name
+        # The ranges enter as per-tensor overrides, so one probe batch stands in for the
+        # calibration quantize_static insists on running (its own ranges are all replaced).
+        overrides = {name: [{"rmin": lo, "rmax": hi}] for name, (lo, hi) in found.items()}
+        probe = _Reader(input_name, [_probe_batch(graph.input[0])])
         quantize_static(
-            str(prepared), str(written),
-            None if batches is None else _Reader(input_name, list(batches)),
+            str(prepared), str(written), probe,
             quant_format=QuantFormat.QDQ, nodes_to_exclude=exclude,
             activation_type=QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8, per_channel=config.per_channel,
-            op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=method,
-            calibration_cache_path=None if ranges is None else str(ranges),
+            op_types_to_quantize=list(QUANTISED_OPS), calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"TensorQuantOverrides": overrides},
         )  # fmt: skip
         os.chmod(written, 0o644)
         written.replace(target)
+
+
+def _calibrate(
+    model: Path,
+    tmp: Path,
+    input_name: str,
+    batches: Sequence[NDArray[np.float32]],
+    method: str,
+) -> dict[str, tuple[np.float32, np.float32]]:
+    """Activation ranges of ``model``'s tensors feeding the quantised ops, on ``batches``."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    calibrator = create_calibrator(
+        model, list(QUANTISED_OPS), augmented_model_path=str(tmp / "augmented.onnx"),
+        calibrate_method={
+            "minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[method],
+        providers=["CPUExecutionProvider"],
+    )  # fmt: skip
+    calibrator.collect_data(_Reader(input_name, list(batches)))
+    data = calibrator.compute_data()
+    return {name: _scalar_range(data[name].range_value) for name in data}
+
+
+def _scalar_range(pair: Any) -> tuple[np.float32, np.float32]:
+    lo, hi = (np.float32(np.asarray(v).reshape(-1)[0]) for v in pair)
+    return lo, hi
+
+
+def _ranges_json(
+    found: dict[str, tuple[np.float32, np.float32]],
+) -> dict[str, Any]:
+    return {
+        "format": RANGES_FORMAT,
+        "ranges": {name: [float(lo), float(hi)] for name, (lo, hi) in sorted(found.items())},
+    }
+
+
+def _read_ranges(path: Path) -> dict[str, tuple[np.float32, np.float32]]:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != RANGES_FORMAT:
+            raise ValueError(f"not a {RANGES_FORMAT} file")
+        return {str(name): _scalar_range(pair) for name, pair in data["ranges"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"{path}: unreadable activation ranges ({exc})") from None
+
+
+def _probe_batch(graph_input: Any) -> NDArray[np.float32]:
+    """A zero batch the graph accepts: fixed dims kept, a free batch dim 1, free sides 64 px
+    (a multiple of every stride here)."""
+    dims = graph_input.type.tensor_type.shape.dim
+    shape = [d.dim_value if d.dim_value > 0 else (1 if i == 0 else 64) for i, d in enumerate(dims)]
+    return np.zeros(shape, np.float32)
 
 
 def quantize_model(
@@ -199,7 +257,7 @@ def quantize_model(
                 "activations": config.activations, "float_ends": config.keep_ends_float,
                 "weights": "int8", "per_channel": config.per_channel, "method": config.method,
                 "calibration": str(calibration), "calibration_images": n_images,
-                "ops": ["Conv", "MatMul", "Gemm"],
+                "ops": list(QUANTISED_OPS),
             },
         },
     )  # fmt: skip
