@@ -522,6 +522,29 @@ def test_two_openers_at_once_migrate_once(store_target: str) -> None:
         s.close()
 
 
+def test_opening_a_new_catalog_waits_for_another_opener_writing_it(tmp_path: Path) -> None:
+    # Another connection holds the write lock of a catalog not yet in WAL mode, as a racing
+    # opener does while it converts the file and creates the schema. Switching to WAL takes
+    # that lock from under a read lock, which SQLite refuses at once whatever the busy
+    # timeout; the opener must wait for it like any writer rather than fail.
+    path = tmp_path / "store" / "catalog.sqlite"
+    path.parent.mkdir()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.5, other.execute, ("ROLLBACK",))
+    release.start()
+    try:
+        store = open_store(path, dim=DIM)
+    finally:
+        release.join()
+        other.close()
+    with store.transaction(bump=False) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        rows = db.execute("SELECT version FROM schema_migrations").fetchall()
+    assert sorted(r[0] for r in rows) == [m.version for m in migrations.MIGRATIONS]
+    store.close()
+
+
 def test_a_newer_schema_is_refused(store_target: str) -> None:
     store = open_store(store_target, dim=DIM)
     with store.transaction(bump=False) as db:

@@ -18,6 +18,7 @@ import os
 import re
 import sqlite3
 import struct
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,8 @@ from snapshop.errors import CatalogError, CatalogUnavailableError
 log = logging.getLogger(__name__)
 
 SERVER_SCHEMES = ("postgresql://", "postgres://")
+# How long a SQLite connection waits for another's lock before "database is locked".
+SQLITE_BUSY_TIMEOUT_S = 30.0
 # pg_advisory_xact_lock key every catalog writer takes ("snapcat" in ASCII): advisory locks
 # are per database, so catalogs in different databases of one server do not contend.
 WRITER_LOCK_KEY = 0x736E6170636174
@@ -187,13 +190,37 @@ class SqliteDatabase(Database):
         self.path = Path(path)
         self.location = str(self.path)
         self._db = sqlite3.connect(
-            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            self.path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._enter_wal_mode()
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+
+    def _enter_wal_mode(self) -> None:
+        """``PRAGMA journal_mode=WAL``, waiting up to the busy timeout for other connections.
+
+        On a database not yet in WAL mode (a new catalog) the pragma reads the header under a
+        shared lock, then upgrades to a write to change it. SQLite answers that upgrade with
+        SQLITE_BUSY at once, without its busy handler, while another connection holds the
+        write lock (deadlock avoidance: https://sqlite.org/c3ref/busy_handler.html), so
+        openers of a new catalog racing each other failed. The failed pragma released its
+        lock, and once the other has converted the file the retry finds WAL and writes nothing.
+        An existing WAL catalog succeeds at the first try, as before.
+        """
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+        delay = 0.001
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+                if not busy or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
 
     def execute(self, sql: str, params: Sequence[Any] = (), *, binary: bool = False) -> Cursor:
         try:
