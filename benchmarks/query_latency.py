@@ -133,14 +133,14 @@ def instrument(variant: Variant) -> None:
     if detector is None:
         return
     detector.detect = meter.wrap("detect", detector.detect)  # type: ignore[method-assign]
-    probabilities = getattr(detector, "probabilities", None)
-    if probabilities is not None:  # the segmenter: record what its trunk is fed
+    look = getattr(detector, "look", None)
+    if look is not None:  # the segmenter: record what its trunk is fed (each look)
 
         def recorded(rgb: Any) -> Any:
             variant.trunk_inputs.append(rgb.shape[:2])
-            return probabilities(rgb)
+            return look(rgb)
 
-        detector.probabilities = recorded  # type: ignore[attr-defined]
+        detector.look = recorded  # type: ignore[attr-defined]
 
 
 class FlopCounter:

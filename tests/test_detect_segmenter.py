@@ -641,7 +641,7 @@ def test_detector_looks_again_at_small_people_and_maps_boxes_back() -> None:
             Detection(Box(12, 60, 48, 110), "lower", LOWER, 0.8),
         ]
 
-    det._look_boxes = lambda rgb: (fake_detect(rgb), None)  # type: ignore[method-assign]
+    det._look_boxes = lambda rgb, features=True: (fake_detect(rgb), None)  # type: ignore[method-assign]
     found = det.detect(Image.new("RGB", (600, 900)))
     from snapshop.detect.segmenter import zoom_region
 
@@ -660,7 +660,7 @@ def test_detector_looks_again_at_small_people_and_maps_boxes_back() -> None:
         looks.append(1)
         return [dress] if len(looks) == 1 else [Detection(Box(12, 60, 48, 110), "lower", LOWER, 1)]
 
-    det._look_boxes = lambda rgb: (dress_then_lower(rgb), None)  # type: ignore[method-assign]
+    det._look_boxes = lambda rgb, features=True: (dress_then_lower(rgb), None)  # type: ignore[method-assign]
     assert det.detect(Image.new("RGB", (600, 900))) == [dress]  # a dress: no lower added
     assert len(looks) == 2
 
