@@ -136,9 +136,9 @@ def instrument(variant: Variant) -> None:
     look = getattr(detector, "look", None)
     if look is not None:  # the segmenter: record what its trunk is fed (each look)
 
-        def recorded(rgb: Any) -> Any:
+        def recorded(rgb: Any, *args: Any, **kwargs: Any) -> Any:
             variant.trunk_inputs.append(rgb.shape[:2])
-            return look(rgb)
+            return look(rgb, *args, **kwargs)
 
         detector.look = recorded  # type: ignore[attr-defined]
 
