@@ -25,9 +25,9 @@ def near(rng: np.random.Generator, centre: np.ndarray, spread: float) -> np.ndar
     return (v / np.linalg.norm(v)).astype(np.float32)
 
 
-def new_catalog(directory: Path, dim: int = DIM) -> Catalog:
+def new_catalog(directory: Path, dim: int = DIM, index_kind: str = "flat") -> Catalog:
     return create_catalog(
-        directory, model_id="toy@000000000000", model_ref="toy", dim=dim, index_kind="flat"
+        directory, model_id="toy@000000000000", model_ref="toy", dim=dim, index_kind=index_kind
     )
 
 

@@ -120,14 +120,24 @@ def test_cache_is_only_a_cache(tmp_path: Path, damage: str) -> None:
         reopened.close()
 
 
-def test_best_entries_match_brute_force(tmp_path: Path) -> None:
+@pytest.mark.parametrize("index_kind", ["flat", "hnsw"])
+def test_best_entries_match_brute_force(
+    tmp_path: Path, index_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The entry each product shows: its best image (or crop) by raw inner product, read only
-    for the products asked about; an unknown product is left out."""
+    for the products asked about; an unknown product is left out. An exact in-memory index
+    scores them itself, without reading the store's vectors (issue #16)."""
     directory = tmp_path / "cat"
-    catalog = new_catalog(directory)
+    catalog = new_catalog(directory, index_kind=index_kind)
     try:
         fill_shop(catalog, 15, seed=6)
         pv = ProductVectors(catalog)
+        if index_kind == "flat":
+
+            def refuse(*args: object, **kwargs: object) -> None:
+                raise AssertionError("read the store's vectors")
+
+            monkeypatch.setattr(catalog.store, "iter_vectors", refuse)
         rng = np.random.default_rng(3)
         for position, entries in ((None, stored(directory, "images")),
                                   ("upper", stored(directory, "crops", "upper"))):  # fmt: skip

@@ -85,7 +85,9 @@ def ranked_reference(
         if accept is not None and not accept(store.get_product(product)):
             continue
         rows.setdefault(product, []).append(vec / np.linalg.norm(vec))
-        if product not in best or score > best[product][0]:
+        # ids arrive in order and ties go to the lower id; scores of equal vectors may differ
+        # in the last bit by where the matrix product put them, so a tie is within 1e-6
+        if product not in best or score > best[product][0] + 1e-6:
             best[product] = (float(score), image_id)
     if ranking == "product":
         for product, unit_rows in rows.items():
