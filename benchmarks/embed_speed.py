@@ -1,9 +1,11 @@
-"""Embedding ms/image: ONNX Runtime fp32 / static int8 (QDQ) vs torch eager, batch 1 and 32.
+"""Embedding ms/image: ONNX Runtime bf16 / fp32 / static int8 (QDQ) vs torch eager, by batch.
 
     python benchmarks/embed_speed.py --model efficientnet_lite2 /tmp/lite2-int8 \
-        --torch efficientnet_lite2 --batch 1 3 32 [--threads 1]
+        --precision bf16 fp32 --torch efficientnet_lite2 --batch 1 3 32 [--threads 1]
 
-``--model`` takes model directories or backbone names (ONNX Runtime); ``--torch`` backbone
+``--model`` takes model directories or backbone names (ONNX Runtime, in each ``--precision``:
+bf16 on the OpenVINO execution provider, fp32 on ONNX Runtime's CPU provider; an int8 model
+runs on the latter whatever is asked); ``--torch`` backbone
 names run as torch eager fp32 (``channels_last``, no grad). Inputs are preprocessed tensors
 (decode excluded); the median of ``--repeats`` timed runs after one warm-up, wall clock and
 the CPU time of the process (all threads: the work done, which other processes on a shared
@@ -25,6 +27,7 @@ import numpy as np
 
 from snapshop.models.embedder import load_embedder
 from snapshop.models.flops import graph_flops, sgemm_gflops
+from snapshop.models.runtime import PRECISIONS
 
 
 def time_ms_per_image(fn: Callable[[], object], batch: int, repeats: int) -> tuple[float, float]:
@@ -54,6 +57,7 @@ def main() -> None:
         help="Embedder(parallel=N): -1 its default (one image per call, a call per core),"
         " 0 the whole batch in one call",
     )
+    ap.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rng = np.random.default_rng(0)
@@ -66,12 +70,14 @@ def main() -> None:
         "| engine | model | parallel | batch | ms/image | CPU ms/image | GFLOP/image | ms / floor |"
     )
     print("|---|---|---|---|---|---|---|---|", flush=True)
-    for model, parallel in [(m, p) for m in args.model for p in args.parallel]:
+    runs = [(m, p, q) for m in args.model for p in args.parallel for q in args.precision]
+    for model, parallel, precision in runs:
         embedder = load_embedder(
             model,
             batch_size=max(args.batch),
             threads=args.threads or None,
             parallel=None if parallel < 0 else parallel,
+            precision=precision,
         )
         size = embedder.input_size
         flop = graph_flops(embedder.model_dir / "model.onnx", {"images": (1, 3, size, size)})
@@ -80,8 +86,9 @@ def main() -> None:
             x = rng.uniform(-1, 1, (batch, 3, size, size)).astype(np.float32)
             reps = args.repeats if batch == 1 else max(3, args.repeats // 3)
             ms, cpu = time_ms_per_image(lambda x=x, e=embedder: e.embed_arrays(x), batch, reps)
+            engine = f"onnxruntime {embedder.precision} ({embedder.card.kind})"
             print(
-                f"| onnxruntime ({embedder.card.kind}) | {embedder.card.name} |"
+                f"| {engine} | {embedder.card.name} |"
                 f" {embedder.parallel} | {batch} |"
                 f" {ms:.1f} | {cpu:.1f} | {flop.gflop:.2f} | {ms / floor_ms:.1f}× |",
                 flush=True,
