@@ -11,7 +11,8 @@ that difference's paired 95 % bootstrap interval over products (the same product
 for both). A last table gives the cosine between each image's fp32 and bf16 vectors.
 
 Vectors are cached under ``--cache`` (never in the repository), keyed by model, precision and
-image list, so a rerun only scores.
+image list, so a rerun only scores. Results and commands:
+docs/benchmarks/scale.md, "bf16: the accuracy cost (issue #16)".
 
     python benchmarks/precision_accuracy.py ../shared/datasets/grocery-dev/manifest.csv \
         --cache /tmp/snapshop-precision
