@@ -228,18 +228,19 @@ def test_parallel_single_image_calls_match_one_batched_call(
     lite0_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue #16: by default images run one per call on a small pool of one-thread calls; the
-    vectors are those of one batched call (parallel=0, the previous behaviour)."""
+    vectors are those of one batched call (parallel=0, the previous behaviour). In fp32, where
+    the pool threads share one session (bf16 threads have their own: test_runtime.py)."""
     import threading
 
     images = sample_images()
-    batched = Embedder(lite0_model_dir, parallel=0)
+    batched = Embedder(lite0_model_dir, parallel=0, precision="fp32")
     assert batched.session.get_session_options().intra_op_num_threads == 0  # ORT's choice
     default = Embedder(lite0_model_dir)
     assert default.parallel >= 1
     assert default.session.get_session_options().intra_op_num_threads == 1
     reference = batched.embed_images(images)
 
-    pool = Embedder(lite0_model_dir, parallel=3)
+    pool = Embedder(lite0_model_dir, parallel=3, precision="fp32")
     shapes: list[tuple[int, ...]] = []
     names: set[str] = set()
     run = pool.session.run

@@ -81,3 +81,23 @@ def test_segmenter_precision_reaches_its_sessions() -> None:
     assert exact.trunk.session.get_providers() == ["CPUExecutionProvider"]
     with pytest.raises(ConfigError, match="precision"):
         SegmenterDetector.from_spec("precision=fp16")
+
+
+@needs_openvino
+def test_bf16_pool_threads_each_run_their_own_session(lite0_model_dir: Path) -> None:
+    """The OpenVINO provider runs one call of a session at a time: under bf16 every embedding
+    thread gets a session of its own, so side-by-side calls use both cores; the vectors are
+    those of one session."""
+    images = [render(p, seed=i, size=200) for i, p in enumerate(demo_products(6))]
+    pooled = Embedder(lite0_model_dir, parallel=2)
+    created: list[object] = []
+    make = pooled._new_session
+    pooled._new_session = lambda: created.append(1) or make()  # type: ignore[method-assign]
+    side_by_side = pooled.embed_images(images)
+    assert len(created) == 2  # one per pool thread; the caller's session is the first one
+    serial = Embedder(lite0_model_dir, parallel=1).embed_images(images)
+    np.testing.assert_allclose(side_by_side, serial, atol=1e-6)
+    exact = Embedder(lite0_model_dir, parallel=2, precision="fp32")
+    exact._new_session = lambda: created.append(1) or make()  # type: ignore[method-assign]
+    exact.embed_images(images)
+    assert len(created) == 2  # ONNX Runtime's CPU provider runs calls of one session at once

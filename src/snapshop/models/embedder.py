@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -111,10 +112,11 @@ class Embedder:
         precision = check_precision(precision) if precision else default_precision()
         if "int8" in self.card.kind:
             precision = "fp32"  # a quantised graph runs on ONNX Runtime's own int8 kernels
+        self._new_session = functools.partial(
+            cpu_session, onnx_path, (threads or 1) if parallel else threads, precision
+        )
         try:
-            self.session = cpu_session(
-                onnx_path, (threads or 1) if parallel else threads, precision
-            )
+            self.session = self._new_session()
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"{onnx_path}: cannot load ONNX model ({exc})") from None
         self.precision = session_precision(self.session)
@@ -122,6 +124,7 @@ class Embedder:
         self.batch_size = batch_size
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._thread = threading.local()  # .session: a pool thread's own (bf16)
 
     @property
     def dim(self) -> int:
@@ -153,8 +156,16 @@ class Embedder:
         return _normalised(outs)
 
     def _run(self, chunk: NDArray[np.float32]) -> NDArray[np.float32]:
-        out: NDArray[np.float32] = self.session.run(None, {self.input_name: chunk})[0]
+        session = getattr(self._thread, "session", self.session)
+        out: NDArray[np.float32] = session.run(None, {self.input_name: chunk})[0]
         return out
+
+    def _start_worker(self) -> None:
+        """A pool thread's set-up: under bf16 its own session. ONNX Runtime's OpenVINO
+        provider runs one call of a session at a time, so calls sharing one session queue
+        (two threads used one core); ONNX Runtime's CPU provider runs them side by side."""
+        if self.precision == "bf16":
+            self._thread.session = self._new_session()
 
     def _workers(self) -> ThreadPoolExecutor:
         """The threads that run calls side by side (made on first use; ONNX Runtime sessions
@@ -162,7 +173,11 @@ class Embedder:
         instead of oversubscribing the cores."""
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="snapshop-embed")
+                self._pool = ThreadPoolExecutor(
+                    self.parallel,
+                    thread_name_prefix="snapshop-embed",
+                    initializer=self._start_worker,
+                )
             return self._pool
 
     def embed_images(self, images: Sequence[Image.Image]) -> NDArray[np.float32]:

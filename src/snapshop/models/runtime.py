@@ -86,7 +86,14 @@ def cpu_session(
     source = model if isinstance(model, bytes) else str(model)
     providers: list[Any] = ["CPUExecutionProvider"]
     if precision == "bf16" and openvino_available():
-        cpu: dict[str, str] = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
+        cpu: dict[str, str] = {
+            "INFERENCE_PRECISION_HINT": "bf16",
+            "PERFORMANCE_HINT": "LATENCY",
+            # OpenVINO pins a session's threads to cores, and every session of a process to
+            # the same one: two threads with a session each used 1.00 core, 1.93 unpinned
+            # (docs/benchmarks/scale.md, "Indexing with the segmenter").
+            "ENABLE_CPU_PINNING": "NO",
+        }
         if threads:
             cpu["INFERENCE_NUM_THREADS"] = str(threads)
         openvino = {"device_type": "CPU", "load_config": json.dumps({"CPU": cpu})}
