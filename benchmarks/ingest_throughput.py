@@ -1,13 +1,21 @@
 """Indexing throughput (images/s) of the batch pipeline on a generated folder of product photos.
 
     python benchmarks/ingest_throughput.py --folder /tmp/snapshop-bench/shop --images 2000 \
-        --model efficientnet_lite0 --workers 0 2 [--detector segmenter] [--embed-parallel 0 ""]
+        --model efficientnet_lite0 --workers 0 2 [--detector segmenter] [--embed-parallel 0 ""] \
+        [--precision bf16 fp32] [--mappers 0 ""] [--rounds 2]
 
 The folder (``<sku>/<n>.jpg``, drawn garments from ``snapshop.demo.render`` at ``--size`` px)
-is generated once if missing. Each configuration indexes it into a fresh catalog.
+is generated once if missing; ``--images`` also caps how many of its photos are indexed.
+Each configuration indexes them into a fresh catalog; with ``--rounds N`` the whole list of
+configurations runs N times, alternated, so that a busy machine hits every one alike.
+``--precision`` sets ``SNAPSHOP_PRECISION`` per run (bf16: the OpenVINO provider, the
+default; fp32: ONNX Runtime's CPU provider). ``--mappers 0 ""`` compares each batch detected
+and embedded at once before it is written (``Ingestor(mappers=0)``, before the per-photo
+pipeline) with the default (one mapper thread per core, overlapping the writer).
 ``--embed-parallel 0 ""`` compares one batched embedding call per batch (before issue #16)
-with the default one-image calls side by side; "CPU s (main)" is the indexing process's CPU
-time (decode workers not counted).
+with the default one-image calls side by side.
+"CPU s" is the CPU time of the indexing process and of its decode workers together, "CPU
+ms/photo" that divided by the photos added; "load" is the 1-minute load average at the end.
 """
 
 from __future__ import annotations
@@ -20,11 +28,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from snapshop import api
 from snapshop.data.sources import read_source
 from snapshop.demo import demo_products, render
+from snapshop.ingest import Ingestor
 from snapshop.models.embedder import PARALLEL_ENV
+from snapshop.models.runtime import PRECISION_ENV
 
 
 def generate_folder(folder: Path, n_images: int, size: int) -> None:
@@ -41,6 +52,25 @@ def generate_folder(folder: Path, n_images: int, size: int) -> None:
             n += 1
 
 
+def with_mappers(mappers: str) -> type[Ingestor]:
+    """``Ingestor`` as ``api.index_source`` makes it, with ``mappers`` ("": the default)."""
+
+    class Mapped(Ingestor):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs, mappers=int(mappers) if mappers else None)
+
+    return Mapped
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its children that have ended."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folder", type=Path, default=Path("/tmp/snapshop-bench/shop"))
@@ -50,6 +80,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[2])
     ap.add_argument("--detector", default="none")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--precision", nargs="+", default=[""], metavar="P",
+                    help="SNAPSHOP_PRECISION per run (bf16, fp32); empty: the default")  # fmt: skip
+    ap.add_argument("--mappers", nargs="+", default=[""], metavar="N",
+                    help="Ingestor(mappers=N) per run: 0 = each batch at once (before);"
+                    " empty: the default (one per core)")  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the runs, alternated")
     ap.add_argument(
         "--embed-parallel",
         nargs="+",
@@ -64,40 +100,55 @@ def main() -> None:
         t = time.perf_counter()
         generate_folder(args.folder, args.images, args.size)
         print(f"generated {args.images} images in {time.perf_counter() - t:.0f} s", flush=True)
-    n = len(read_source(args.folder))
-    print(f"{n} images in {args.folder}, {args.size}px JPEG, detector {args.detector}")
+    records = read_source(args.folder)[: args.images]
+    print(f"{len(records)} images of {args.folder}, {args.size}px JPEG, detector {args.detector},"
+          f" load average at the start {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(
-        "| model | workers | batch | embed calls | images | crops | seconds | images/s |"
-        " CPU s (main) | load | peak RSS main MB |"
+        "| model | precision | mappers | workers | batch | embed calls | images | crops | seconds |"
+        " images/s | CPU s | CPU ms/photo | load | peak RSS main MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    runs = [(m, w, p) for m in args.model for w in args.workers for p in args.embed_parallel]
-    for model, workers, parallel in runs:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    runs = [
+        (m, w, p, prec, mappers)
+        for m in args.model
+        for w in args.workers
+        for p in args.embed_parallel
+        for prec in args.precision
+        for mappers in args.mappers
+    ]
+    for model in args.model:
         api.load_embedder(model)  # export once, outside the timing
-        os.environ[PARALLEL_ENV] = parallel
-        cpu = time.process_time()
-        out = Path(tempfile.mkdtemp(prefix="snapshop-ingest-"))
-        try:
-            report = api.index_source(
-                args.folder,
-                out / "catalog",
-                model=model,
-                detector=args.detector,
-                batch_size=args.batch_size,
-                workers=workers,
+    for _ in range(args.rounds):
+        for model, workers, parallel, precision, mappers in runs:
+            os.environ[PARALLEL_ENV] = parallel
+            os.environ[PRECISION_ENV] = precision
+            api.Ingestor = with_mappers(mappers)  # type: ignore[misc]
+            cpu = cpu_seconds()
+            out = Path(tempfile.mkdtemp(prefix="snapshop-ingest-"))
+            try:
+                report = api.index_source(
+                    records,
+                    out / "catalog",
+                    model=model,
+                    detector=args.detector,
+                    batch_size=args.batch_size,
+                    workers=workers,
+                )
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+            cpu = cpu_seconds() - cpu
+            main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+            name = Path(model).name if Path(model).exists() else model
+            calls = {"": "default", "0": "one batched"}.get(parallel, parallel)
+            per_photo = 1e3 * cpu / max(1, report.added)
+            print(
+                f"| {name} | {precision or 'default'} | {mappers or 'default'} | {workers} |"
+                f" {args.batch_size} | {calls} |"
+                f" {report.added} | {report.crops} | {report.seconds:.1f} |"
+                f" {report.images_per_second:.1f} | {cpu:.0f} | {per_photo:.0f} |"
+                f" {os.getloadavg()[0]:.1f} | {main_mb:.0f} |",
+                flush=True,
             )
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
-        cpu = time.process_time() - cpu
-        main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
-        name = Path(model).name if Path(model).exists() else model
-        calls = {"": "default", "0": "one batched"}.get(parallel, parallel)
-        print(
-            f"| {name} | {workers} | {args.batch_size} | {calls} | {report.added} |"
-            f" {report.crops} | {report.seconds:.1f} | {report.images_per_second:.1f} |"
-            f" {cpu:.0f} | {os.getloadavg()[0]:.1f} | {main_mb:.0f} |",
-            flush=True,
-        )
 
 
 if __name__ == "__main__":

@@ -290,8 +290,9 @@ class WaitingDetector:
 
 
 def test_photos_are_embedded_beside_detection(tmp_path: Path, lite0_model_dir: Path) -> None:
-    """Issue #16: a batch's photos need no boxes, so they embed while the detector runs; the
-    vectors are the ones the serial path gives."""
+    """Issue #16: a batch's photos need no boxes, so in a batch at once (``embed_batch``: the
+    Ray actors' mapper, and ``mappers=0``) they embed while the detector runs; the vectors are
+    the ones the serial path gives."""
     make_images(tmp_path / "shop", n_products=3, per_product=2)
     vectors = {}
     for name in ("beside", "serial"):
@@ -304,7 +305,7 @@ def test_photos_are_embedded_beside_detection(tmp_path: Path, lite0_model_dir: P
             tmp_path / name, model_id=embedder.model_id, model_ref=str(lite0_model_dir),
             dim=embedder.dim,
         ) as catalog:  # fmt: skip
-            report = Ingestor(catalog, embedder, detector, workers=0).ingest(
+            report = Ingestor(catalog, embedder, detector, workers=0, mappers=0).ingest(
                 read_source(tmp_path / "shop", [])
             )
         assert report.added == 6 and report.crops == 6

@@ -53,7 +53,7 @@ from snapshop.images import (
     scale_to_original,
 )
 from snapshop.models.card import NORMALISATION
-from snapshop.models.embedder import Embedder, preprocess
+from snapshop.models.embedder import Embedder, preprocess, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,40 @@ def embed_batch(
     return out
 
 
+def embed_one(
+    embedder: Embedder, detector: Detector | None, crop_mode: str, decoded: Decoded
+) -> Embedded:
+    """Detect and embed one decoded image on the calling thread, the photo and each crop in
+    its own one-image call: the per-photo mapper of the in-process pipeline, which runs one
+    per core side by side (issue #16). Same vectors as :func:`embed_batch`."""
+    d = decoded
+    crops = (
+        _detect_crops(
+            detector, d.image, crop_mode, d.record.metadata.get("category"), d.record.packshot
+        )
+        if d.image is not None
+        else []
+    )
+    size, normalisation = embedder.input_size, embedder.card.normalisation
+    pixels = [d.pixels] + [preprocess(c[4], size, normalisation) for c in crops]
+    vecs = [embedder.embed_arrays(x[None])[0] for x in pixels]
+    new = [NewCrop(pos, label, score, box, vec)
+           for (pos, label, score, box, _), vec in zip(crops, vecs[1:], strict=True)]  # fmt: skip
+    return Embedded(d.record, d.sha256, d.size, d.blob, vecs[0], new, d.data, d.thumbnail)
+
+
+class _OneAtATime:
+    """A detector that does not declare ``thread_safe = True`` sees one image at a time."""
+
+    def __init__(self, inner: Detector) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+
+    def detect(self, image: Image.Image) -> list[Detection]:
+        with self._lock:
+            return self.inner.detect(image)
+
+
 def _detect_crops(
     detector: Detector | None,
     image: Image.Image,
@@ -217,10 +251,17 @@ class Ingestor:
         limits: DecodeLimits = DecodeLimits(),
         workers: int | None = None,
         prefetch_batches: int = 2,
+        mappers: int | None = None,
     ) -> None:
         """``workers`` decode processes (None: one per core, at most 4; 0: decode in-process);
-        they read, hash, dedup-check, decode and preprocess up to ``prefetch_batches`` batches
-        ahead of the embedder, so memory stays flat however long the source is."""
+        they read, hash, dedup-check, decode and preprocess ahead of the writer, at most
+        ``prefetch_batches`` batches in all (one of them in the mappers when there are), so
+        memory stays flat however long the source is.
+
+        ``mappers`` threads detect and embed, one photo each at a time, while the writer
+        commits the batch before (issue #16; :func:`embed_one`). None: one per core when the
+        embedder runs one-image calls, else 0; 0: each batch detected and embedded at once
+        (:func:`embed_batch`) before it is written, as before."""
         catalog.check_model(embedder.model_id)
         self.catalog = catalog
         self.embedder = embedder
@@ -230,6 +271,9 @@ class Ingestor:
         self.limits = limits
         self.workers = min(4, os.cpu_count() or 1) if workers is None else max(0, workers)
         self.prefetch_batches = max(1, prefetch_batches)
+        if mappers is None:
+            mappers = usable_cores() if embedder.parallel else 0
+        self.mappers = max(0, mappers)
 
     def update_known(self, records: Sequence[CatalogRecord], report: IngestReport) -> None:
         """Count images the catalog already holds; a known image whose record carries changed
@@ -308,10 +352,46 @@ class Ingestor:
             records: Iterable[CatalogRecord], report: IngestReport
         ) -> Iterator[tuple[list[Embedded], int]]:
             crop_mode = self.catalog.crop_mode
-            for decoded, consumed in self._batches(records, report):
+            batches = self._batches(records, report)
+            if self.mappers:
+                yield from self._mapped(batches, crop_mode, report)
+                return
+            for decoded, known, consumed in batches:
+                self.update_known(known, report)
                 yield embed_batch(self.embedder, self.detector, crop_mode, decoded), consumed
 
         return self.ingest_batches(records, embedded, progress, sync)
+
+    def _mapped(
+        self, batches: Iterable[_Batch], crop_mode: str, report: IngestReport
+    ) -> Iterator[tuple[list[Embedded], int]]:
+        """Each batch's photos detected and embedded by ``mappers`` threads, one photo per
+        thread at a time (:func:`embed_one`), while the batch before is written: both cores
+        stay busy through detection, embedding and commits (issue #16). Batches come out in
+        source order; a batch's known images are counted just before it is handed on, so
+        metadata updates and commits keep the source's order."""
+        detector = self.detector
+        if detector is not None and not getattr(detector, "thread_safe", False):
+            detector = _OneAtATime(detector)
+        pool = ThreadPoolExecutor(self.mappers, thread_name_prefix="snapshop-map")
+        pending: deque[tuple[list[Future[Embedded]], list[CatalogRecord], int]] = deque()
+
+        def handed_on() -> tuple[list[Embedded], int]:
+            futures, known, consumed = pending.popleft()
+            self.update_known(known, report)
+            return [f.result() for f in futures], consumed
+
+        try:
+            for decoded, known, consumed in batches:
+                futures = [pool.submit(embed_one, self.embedder, detector, crop_mode, d)
+                           for d in decoded]  # fmt: skip
+                pending.append((futures, known, consumed))
+                if len(pending) > 1:
+                    yield handed_on()
+            while pending:
+                yield handed_on()
+        finally:  # an error (here or in the writer): photos not started are not mapped
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def ingest_batches(
         self,
@@ -330,15 +410,19 @@ class Ingestor:
         if sync:
             records = list(records)
         batches_since_save = 0
-        for batch, consumed in runner(records, report):
-            if batch:
-                self.commit(batch, report)
-                batches_since_save += 1
-            if batches_since_save >= self.save_every:
-                self.catalog.save_indexes()
-                batches_since_save = 0
-            if progress:
-                progress(consumed)
+        batches = runner(records, report)
+        try:
+            for batch, consumed in batches:
+                if batch:
+                    self.commit(batch, report)
+                    batches_since_save += 1
+                if batches_since_save >= self.save_every:
+                    self.catalog.save_indexes()
+                    batches_since_save = 0
+                if progress:
+                    progress(consumed)
+        finally:  # a runner's threads and workers end with the ingest, however it ends
+            batches.close()  # type: ignore[attr-defined]
         if sync:
             report.removed = self._sync(records)  # type: ignore[arg-type]
         self.catalog.save_indexes()
@@ -356,13 +440,12 @@ class Ingestor:
         )  # fmt: skip
 
     # --- batch pipeline (issue #6): parallel decode workers, bounded prefetch -----------------
-    def _batches(
-        self, records: Iterable[CatalogRecord], report: IngestReport
-    ) -> Iterator[tuple[list[Decoded], int]]:
-        """(fresh decoded images, records consumed) per batch of ``batch_size`` records.
+    def _batches(self, records: Iterable[CatalogRecord], report: IngestReport) -> Iterator[_Batch]:
+        """(fresh decoded images, records of known images, records consumed) per batch of
+        ``batch_size`` records; the caller counts the known ones (:meth:`update_known`).
 
         Every record goes through :func:`prepare`, in this process or in decode workers; only
-        the runner differs. Known images are counted (and their metadata updated) here."""
+        the runner differs."""
         job = self.prepare_job()
         small = isinstance(records, Sequence) and len(records) <= 2 * self.batch_size
         if self.workers == 0 or small:
@@ -387,19 +470,17 @@ class Ingestor:
             else:
                 report.failed.append(outcome)
             if consumed == self.batch_size:
-                self.update_known(known, report)
-                yield batch, consumed
+                yield batch, known, consumed
                 batch, known, seen, consumed = [], [], set(), 0
         if consumed:
-            self.update_known(known, report)
-            yield batch, consumed
+            yield batch, known, consumed
 
     def _prepared_by_workers(
         self, records: Iterable[CatalogRecord], job: PrepareJob, report: IngestReport
     ) -> Iterator[_Outcome]:
         """:func:`prepare`'s outcomes, in source order, from ``workers`` decode processes
-        that run up to ``prefetch_batches`` batches ahead."""
-        window = self.batch_size * (self.prefetch_batches + 1)
+        that run up to ``prefetch_batches`` batches ahead (one of them in the mappers)."""
+        window = self.batch_size * (self.prefetch_batches + (0 if self.mappers else 1))
         ctx = mp.get_context("spawn")  # fork would copy ONNX Runtime / faiss thread state
         pool = ProcessPoolExecutor(
             self.workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
@@ -487,6 +568,7 @@ class PrepareJob:
 
 
 _Outcome = Decoded | CatalogRecord | tuple[str, str]
+_Batch = tuple[list[Decoded], list[CatalogRecord], int]
 
 
 class KnownImages(Protocol):
