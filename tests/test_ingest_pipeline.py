@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import shutil
@@ -21,12 +22,12 @@ from catalog_helpers import check_catalog_dir, db_rows, make_images
 from PIL import Image
 
 from snapshop import api
-from snapshop.catalog.catalog import create_catalog, open_catalog
+from snapshop.catalog.catalog import open_catalog
 from snapshop.data.sources import CatalogRecord, read_source
 from snapshop.detect.base import UPPER, Box, Detection
 from snapshop.errors import IngestError
 from snapshop.images import DecodeLimits
-from snapshop.ingest import Ingestor
+from snapshop.ingest import Decoded, Ingestor, PrepareJob, decode, embed_batch
 from snapshop.models.embedder import Embedder
 
 
@@ -117,7 +118,7 @@ RESUMABLE = textwrap.dedent(
     import sys, time
     from snapshop import api
     from snapshop.data.sources import read_source
-    from snapshop.ingest import Ingestor
+    from snapshop.ingest import Decoded, Ingestor, PrepareJob, decode, embed_batch
     from snapshop.models.embedder import Embedder
 
     if __name__ == "__main__":  # decode workers re-import this file
@@ -290,9 +291,9 @@ class WaitingDetector:
 
 
 def test_photos_are_embedded_beside_detection(tmp_path: Path, lite0_model_dir: Path) -> None:
-    """Issue #16: a batch's photos need no boxes, so in a batch at once (``embed_batch``: the
-    Ray actors' mapper, and ``mappers=0``) they embed while the detector runs; the vectors are
-    the ones the serial path gives."""
+    """Issue #16: a batch's photos need no boxes, so in a batch at once (``embed_batch``, the
+    Ray actors' mapper) they embed while the detector runs; the vectors are the ones the
+    serial path gives."""
     make_images(tmp_path / "shop", n_products=3, per_product=2)
     vectors = {}
     for name in ("beside", "serial"):
@@ -301,16 +302,18 @@ def test_photos_are_embedded_beside_detection(tmp_path: Path, lite0_model_dir: P
         if name == "serial":
             started.set()  # the reference: detection does not wait
         detector = WaitingDetector(started)
-        with create_catalog(
-            tmp_path / name, model_id=embedder.model_id, model_ref=str(lite0_model_dir),
-            dim=embedder.dim,
-        ) as catalog:  # fmt: skip
-            report = Ingestor(catalog, embedder, detector, workers=0, mappers=0).ingest(
-                read_source(tmp_path / "shop", [])
-            )
-        assert report.added == 6 and report.crops == 6
+        job = PrepareJob(DecodeLimits(), embedder.input_size, keep_image=True)
+        batch = []
+        for record in read_source(tmp_path / "shop", []):
+            data = record.read()
+            decoded = decode(job, record, data, hashlib.sha256(data).hexdigest())
+            assert isinstance(decoded, Decoded)
+            batch.append(decoded)
+        embedded = embed_batch(embedder, detector, "pad", batch)
+        assert [len(e.crops) for e in embedded] == [1] * 6
         assert detector.saw_embedding == [True] * 6
-        vectors[name] = vectors_by_file(tmp_path / name)
+        vectors[name] = {e.sha256: (e.vector, e.crops[0].vector) for e in embedded}
     assert vectors["beside"].keys() == vectors["serial"].keys()
-    for key, (vector, *_size) in vectors["beside"].items():
-        np.testing.assert_allclose(vector, vectors["serial"][key][0], atol=1e-5)
+    for key, (photo, crop) in vectors["beside"].items():
+        np.testing.assert_allclose(photo, vectors["serial"][key][0], atol=1e-5)
+        np.testing.assert_allclose(crop, vectors["serial"][key][1], atol=1e-5)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -107,6 +108,17 @@ class Decoded:
 
 
 @dataclass
+class Fresh:
+    """An image the catalog does not hold yet, read and hashed but not decoded: the mapper
+    that detects and embeds it decodes it (:func:`finish`), so the decoded pixels never
+    cross a process boundary (issue #16)."""
+
+    record: CatalogRecord
+    sha256: str
+    data: bytes
+
+
+@dataclass
 class Embedded:
     """A fresh image with its vectors, ready to commit: ``vector`` (D,) float32, L2-normalised,
     and its garment crops. ``blob`` is empty while the bytes (``data``) are not stored yet;
@@ -173,6 +185,22 @@ def embed_one(
     new = [NewCrop(pos, label, score, box, vec)
            for (pos, label, score, box, _), vec in zip(crops, vecs[1:], strict=True)]  # fmt: skip
     return Embedded(d.record, d.sha256, d.size, d.blob, vecs[0], new, d.data, d.thumbnail)
+
+
+def _map_one(
+    job: PrepareJob,
+    blob_dir: Path | None,
+    embedder: Embedder,
+    detector: Detector | None,
+    crop_mode: str,
+    item: Fresh | Decoded,
+) -> Embedded | tuple[str, str]:
+    """Decode (unless a decode worker did), detect and embed one fresh image; a failure
+    comes back as (source, reason)."""
+    decoded = finish(job, item, blob_dir) if isinstance(item, Fresh) else item
+    if not isinstance(decoded, Decoded):
+        return decoded
+    return embed_one(embedder, detector, crop_mode, decoded)
 
 
 class _OneAtATime:
@@ -258,10 +286,10 @@ class Ingestor:
         ``prefetch_batches`` batches in all (one of them in the mappers when there are), so
         memory stays flat however long the source is.
 
-        ``mappers`` threads detect and embed, one photo each at a time, while the writer
-        commits the batch before (issue #16; :func:`embed_one`). None: one per core when the
-        embedder runs one-image calls, else 0; 0: each batch detected and embedded at once
-        (:func:`embed_batch`) before it is written, as before."""
+        ``mappers`` threads decode, detect and embed, one photo each at a time, while the
+        writer commits the batch before (issue #16; :func:`embed_one`): the decode workers
+        then only read, hash and skip known images. None: one per core; 0: the photos are
+        decoded by the workers and detected and embedded in this thread, one batch at a time."""
         catalog.check_model(embedder.model_id)
         self.catalog = catalog
         self.embedder = embedder
@@ -271,9 +299,7 @@ class Ingestor:
         self.limits = limits
         self.workers = min(4, os.cpu_count() or 1) if workers is None else max(0, workers)
         self.prefetch_batches = max(1, prefetch_batches)
-        if mappers is None:
-            mappers = usable_cores() if embedder.parallel else 0
-        self.mappers = max(0, mappers)
+        self.mappers = usable_cores() if mappers is None else max(0, mappers)
 
     def update_known(self, records: Sequence[CatalogRecord], report: IngestReport) -> None:
         """Count images the catalog already holds; a known image whose record carries changed
@@ -347,51 +373,66 @@ class Ingestor:
     ) -> IngestReport:
         """Ingest ``records``. With ``sync``, images of the source's products that the source
         no longer lists are removed (a product update)."""
-
-        def embedded(
-            records: Iterable[CatalogRecord], report: IngestReport
-        ) -> Iterator[tuple[list[Embedded], int]]:
-            crop_mode = self.catalog.crop_mode
-            batches = self._batches(records, report)
-            if self.mappers:
-                yield from self._mapped(batches, crop_mode, report)
-                return
-            for decoded, known, consumed in batches:
-                self.update_known(known, report)
-                yield embed_batch(self.embedder, self.detector, crop_mode, decoded), consumed
-
-        return self.ingest_batches(records, embedded, progress, sync)
+        return self.ingest_batches(records, self._mapped, progress, sync)
 
     def _mapped(
-        self, batches: Iterable[_Batch], crop_mode: str, report: IngestReport
+        self, records: Iterable[CatalogRecord], report: IngestReport
     ) -> Iterator[tuple[list[Embedded], int]]:
-        """Each batch's photos detected and embedded by ``mappers`` threads, one photo per
-        thread at a time (:func:`embed_one`), while the batch before is written: both cores
-        stay busy through detection, embedding and commits (issue #16). Batches come out in
-        source order; a batch's known images are counted just before it is handed on, so
-        metadata updates and commits keep the source's order."""
+        """The in-process runner: each batch's fresh photos decoded, detected and embedded by
+        ``mappers`` threads, one photo per thread at a time (:meth:`_map_one`), while the
+        batch before is written, so both cores stay busy through every stage and the commits
+        (issue #16). Batches come out in source order, and what a batch reports (known,
+        failed, skipped) is counted as it is handed on, in source order too."""
+        job, blob_dir = self.prepare_job(), self._blob_dir()
         detector = self.detector
-        if detector is not None and not getattr(detector, "thread_safe", False):
+        if self.mappers and detector is not None and not getattr(detector, "thread_safe", False):
             detector = _OneAtATime(detector)
-        pool = ThreadPoolExecutor(self.mappers, thread_name_prefix="snapshop-map")
-        pending: deque[tuple[list[Future[Embedded]], list[CatalogRecord], int]] = deque()
-
-        def handed_on() -> tuple[list[Embedded], int]:
-            futures, known, consumed = pending.popleft()
-            self.update_known(known, report)
-            return [f.result() for f in futures], consumed
-
+        map_one = partial(_map_one, job, blob_dir, self.embedder, detector, self.catalog.crop_mode)
+        pool = ThreadPoolExecutor(self.mappers, "snapshop-map") if self.mappers else None
+        pending: deque[list[Any]] = deque()
         try:
-            for decoded, known, consumed in batches:
-                futures = [pool.submit(embed_one, self.embedder, detector, crop_mode, d)
-                           for d in decoded]  # fmt: skip
-                pending.append((futures, known, consumed))
-                if len(pending) > 1:
-                    yield handed_on()
+            for outcomes in self._batches(records, job, report):
+                slots: list[Any] = []
+                seen: set[tuple[str, str]] = set()
+                for outcome in outcomes:
+                    if isinstance(outcome, Fresh | Decoded):
+                        key = (outcome.record.sku, outcome.sha256)
+                        if key in seen:  # the same file twice in one batch
+                            slots.append(_DUPLICATE)
+                            continue
+                        seen.add(key)
+                        outcome = pool.submit(map_one, outcome) if pool else map_one(outcome)
+                    slots.append(outcome)
+                pending.append(slots)
+                if len(pending) > self._mapped_ahead:
+                    yield self._handed_on(pending.popleft(), report)
             while pending:
-                yield handed_on()
+                yield self._handed_on(pending.popleft(), report)
         finally:  # an error (here or in the writer): photos not started are not mapped
-            pool.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def _mapped_ahead(self) -> int:
+        """Batches in the mappers while the writer commits: one when there are mappers."""
+        return 1 if self.mappers else 0
+
+    def _handed_on(self, slots: list[Any], report: IngestReport) -> tuple[list[Embedded], int]:
+        """A batch's embedded images, in source order, its other outcomes counted."""
+        embedded: list[Embedded] = []
+        known: list[CatalogRecord] = []
+        for slot in slots:
+            outcome = slot.result() if isinstance(slot, Future) else slot
+            if isinstance(outcome, Embedded):
+                embedded.append(outcome)
+            elif isinstance(outcome, CatalogRecord):
+                known.append(outcome)
+            elif outcome is _DUPLICATE:
+                report.skipped += 1
+            else:
+                report.failed.append(outcome)
+        self.update_known(known, report)
+        return embedded, len(slots)
 
     def ingest_batches(
         self,
@@ -436,51 +477,38 @@ class Ingestor:
         return PrepareJob(
             limits=self.limits, input_size=self.embedder.input_size,
             keep_image=self.detector is not None, normalisation=self.embedder.card.normalisation,
-            thumbnails=self.catalog.is_server,
+            thumbnails=self.catalog.is_server, decode=not self.mappers,
         )  # fmt: skip
 
     # --- batch pipeline (issue #6): parallel decode workers, bounded prefetch -----------------
-    def _batches(self, records: Iterable[CatalogRecord], report: IngestReport) -> Iterator[_Batch]:
-        """(fresh decoded images, records of known images, records consumed) per batch of
-        ``batch_size`` records; the caller counts the known ones (:meth:`update_known`).
+    def _batches(
+        self, records: Iterable[CatalogRecord], job: PrepareJob, report: IngestReport
+    ) -> Iterator[list[_Outcome]]:
+        """:func:`prepare`'s outcomes, ``batch_size`` records at a time, in source order.
 
         Every record goes through :func:`prepare`, in this process or in decode workers; only
         the runner differs."""
-        job = self.prepare_job()
         small = isinstance(records, Sequence) and len(records) <= 2 * self.batch_size
         if self.workers == 0 or small:
             outcomes: Iterator[_Outcome] = (prepare(job, r, self.catalog, self._blob_dir())
                                             for r in records)  # fmt: skip
         else:
             outcomes = self._prepared_by_workers(records, job, report)
-        batch: list[Decoded] = []
-        known: list[CatalogRecord] = []
-        seen: set[tuple[str, str]] = set()
-        consumed = 0
+        batch: list[_Outcome] = []
         for outcome in outcomes:
-            consumed += 1
-            if isinstance(outcome, Decoded):
-                if (outcome.record.sku, outcome.sha256) in seen:
-                    report.skipped += 1  # the same file twice in one batch
-                else:
-                    seen.add((outcome.record.sku, outcome.sha256))
-                    batch.append(outcome)
-            elif isinstance(outcome, CatalogRecord):
-                known.append(outcome)
-            else:
-                report.failed.append(outcome)
-            if consumed == self.batch_size:
-                yield batch, known, consumed
-                batch, known, seen, consumed = [], [], set(), 0
-        if consumed:
-            yield batch, known, consumed
+            batch.append(outcome)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     def _prepared_by_workers(
         self, records: Iterable[CatalogRecord], job: PrepareJob, report: IngestReport
     ) -> Iterator[_Outcome]:
         """:func:`prepare`'s outcomes, in source order, from ``workers`` decode processes
         that run up to ``prefetch_batches`` batches ahead (one of them in the mappers)."""
-        window = self.batch_size * (self.prefetch_batches + (0 if self.mappers else 1))
+        window = self.batch_size * (self.prefetch_batches + 1 - self._mapped_ahead)
         ctx = mp.get_context("spawn")  # fork would copy ONNX Runtime / faiss thread state
         pool = ProcessPoolExecutor(
             self.workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
@@ -565,10 +593,11 @@ class PrepareJob:
     keep_image: bool  # a detector will look at the image
     thumbnails: bool = False  # a server catalog stores a thumbnail instead of the file
     normalisation: Mapping[str, float] = field(default_factory=lambda: dict(NORMALISATION))
+    decode: bool = True  # False: prepare leaves a fresh image to its mapper (:func:`finish`)
 
 
-_Outcome = Decoded | CatalogRecord | tuple[str, str]
-_Batch = tuple[list[Decoded], list[CatalogRecord], int]
+_Outcome = Decoded | Fresh | CatalogRecord | tuple[str, str]
+_DUPLICATE = "the same file twice in one batch"  # a batch slot: counted as skipped
 
 
 class KnownImages(Protocol):
@@ -583,9 +612,9 @@ class KnownImages(Protocol):
 def prepare(
     job: PrepareJob, record: CatalogRecord, known: KnownImages, blob_dir: Path | None
 ) -> _Outcome:
-    """Read, sha256, skip if the catalog already holds it (returns the record), decode,
-    preprocess for the embedder and store the blob in ``blob_dir`` (None: a server catalog,
-    whose thumbnail ``decode`` made). Failures come back as (source, reason)."""
+    """Read, sha256, skip if the catalog already holds it (returns the record), then
+    :func:`finish` it (unless ``job.decode`` is off: the :class:`Fresh` image comes back).
+    Failures come back as (source, reason)."""
     data = read_record(job, record)
     if isinstance(data, tuple):
         return data
@@ -593,9 +622,16 @@ def prepare(
     product = known.find_product(record.sku)
     if product is not None and known.has_image(product.id, sha):
         return record
-    decoded = decode(job, record, data, sha)
+    fresh = Fresh(record, sha, data)
+    return finish(job, fresh, blob_dir) if job.decode else fresh
+
+
+def finish(job: PrepareJob, fresh: Fresh, blob_dir: Path | None) -> Decoded | tuple[str, str]:
+    """Decode and preprocess a fresh image for the embedder and store the blob in
+    ``blob_dir`` (None: a server catalog, whose thumbnail :func:`decode` made)."""
+    decoded = decode(job, fresh.record, fresh.data, fresh.sha256)
     if isinstance(decoded, Decoded):
-        blob = write_blob(blob_dir, sha, data) if blob_dir is not None else None
+        blob = write_blob(blob_dir, fresh.sha256, fresh.data) if blob_dir is not None else None
         decoded.blob, decoded.data = blob, None
     return decoded
 
