@@ -55,9 +55,12 @@ def generate_folder(folder: Path, n_images: int, size: int) -> None:
 def with_mappers(mappers: str) -> type[Ingestor]:
     """``Ingestor`` as ``api.index_source`` makes it, with ``mappers`` ("": the default)."""
 
+    if not mappers:
+        return Ingestor  # also what code older than ``mappers`` runs
+
     class Mapped(Ingestor):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs, mappers=int(mappers) if mappers else None)
+            super().__init__(*args, **kwargs, mappers=int(mappers))
 
     return Mapped
 
