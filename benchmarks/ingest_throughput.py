@@ -2,25 +2,32 @@
 
     python benchmarks/ingest_throughput.py --folder /tmp/snapshop-bench/shop --images 2000 \
         --model efficientnet_lite0 --workers 0 2 [--detector segmenter] [--embed-parallel 0 ""] \
-        [--precision bf16 fp32] [--mappers 0 ""] [--rounds 2]
+        [--precision bf16 fp32] [--mappers 0 ""] [--pinning "" off] [--rounds 2]
 
 The folder (``<sku>/<n>.jpg``, drawn garments from ``snapshop.demo.render`` at ``--size`` px)
 is generated once if missing; ``--images`` also caps how many of its photos are indexed.
 Each configuration indexes them into a fresh catalog; with ``--rounds N`` the whole list of
 configurations runs N times, alternated, so that a busy machine hits every one alike.
 ``--precision`` sets ``SNAPSHOP_PRECISION`` per run (bf16: the OpenVINO provider, the
-default; fp32: ONNX Runtime's CPU provider). ``--mappers 0 ""`` compares each batch detected
-and embedded at once before it is written (``Ingestor(mappers=0)``, before the per-photo
-pipeline) with the default (one mapper thread per core, overlapping the writer).
-``--embed-parallel 0 ""`` compares one batched embedding call per batch (before issue #16)
-with the default one-image calls side by side.
+default; fp32: ONNX Runtime's CPU provider). ``--mappers 0 ""`` compares no mapper threads
+(``Ingestor(mappers=0)``: decode workers decode, the writer's thread detects and embeds) with
+the default (one mapper thread per core, overlapping the writer). Run against the code before
+this pipeline (``PYTHONPATH`` to an older ``src``) with the default ``--mappers``.
+``--pinning "" off`` runs with OpenVINO's CPU pinning as the runtime sets it and with
+``ENABLE_CPU_PINNING=NO`` added to every OpenVINO session (a lever of
+``snapshop.models.runtime``, measured here from outside: with pinning on, every OpenVINO call
+of a process ran on one core). ``--embed-parallel 0 ""`` compares one batched embedding
+call per batch (before issue #16) with the default one-image calls side by side.
 "CPU s" is the CPU time of the indexing process and of its decode workers together, "CPU
-ms/photo" that divided by the photos added; "load" is the 1-minute load average at the end.
+ms/photo" that divided by the photos added; "idle" is the share of the machine's CPU time no
+process used during the run (Linux: /proc/stat; what the pipeline left unused, whatever else
+ran); "load" is the 1-minute load average at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import resource
@@ -29,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import onnxruntime as ort
 
 from snapshop import api
 from snapshop.data.sources import read_source
@@ -65,6 +74,29 @@ def with_mappers(mappers: str) -> type[Ingestor]:
     return Mapped
 
 
+_SESSION_INIT = ort.InferenceSession.__init__
+
+
+def openvino_pinning(pinning: str) -> None:
+    """``off``: every OpenVINO session made from now on gets ``ENABLE_CPU_PINNING=NO`` in its
+    CPU load_config; empty: sessions are made as the runtime makes them."""
+
+    def without_pinning(self: Any, model: Any, options: Any = None, providers: Any = None,
+                        *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        fixed = []
+        for provider in providers or []:
+            if isinstance(provider, tuple) and provider[0] == "OpenVINOExecutionProvider":
+                settings = dict(provider[1])
+                config = json.loads(settings.get("load_config", "{}"))
+                config.setdefault("CPU", {})["ENABLE_CPU_PINNING"] = "NO"
+                settings["load_config"] = json.dumps(config)
+                provider = (provider[0], settings)
+            fixed.append(provider)
+        _SESSION_INIT(self, model, options, fixed or providers, *args, **kwargs)
+
+    ort.InferenceSession.__init__ = without_pinning if pinning == "off" else _SESSION_INIT
+
+
 def cpu_seconds() -> float:
     """CPU time (user + system) of this process and of its children that have ended."""
     total = 0.0
@@ -72,6 +104,15 @@ def cpu_seconds() -> float:
         usage = resource.getrusage(who)
         total += usage.ru_utime + usage.ru_stime
     return total
+
+
+def idle_jiffies() -> tuple[int, int]:
+    """(idle, total) CPU jiffies of the whole machine so far; (0, 0) where /proc/stat is not."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return fields[3] + fields[4], sum(fields)  # idle + iowait
 
 
 def main() -> None:
@@ -86,8 +127,10 @@ def main() -> None:
     ap.add_argument("--precision", nargs="+", default=[""], metavar="P",
                     help="SNAPSHOP_PRECISION per run (bf16, fp32); empty: the default")  # fmt: skip
     ap.add_argument("--mappers", nargs="+", default=[""], metavar="N",
-                    help="Ingestor(mappers=N) per run: 0 = each batch at once (before);"
-                    " empty: the default (one per core)")  # fmt: skip
+                    help="Ingestor(mappers=N) per run: 0 = no mapper threads; empty: the"
+                    " default (one per core)")  # fmt: skip
+    ap.add_argument("--pinning", nargs="+", default=[""], metavar="P",
+                    help="OpenVINO CPU pinning per run: empty = the runtime's; off")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=1, help="repeat the runs, alternated")
     ap.add_argument(
         "--embed-parallel",
@@ -107,26 +150,28 @@ def main() -> None:
     print(f"{len(records)} images of {args.folder}, {args.size}px JPEG, detector {args.detector},"
           f" load average at the start {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(
-        "| model | precision | mappers | workers | batch | embed calls | images | crops | seconds |"
-        " images/s | CPU s | CPU ms/photo | load | peak RSS main MB |"
+        "| model | precision | pinning | mappers | workers | batch | embed calls | images | crops |"
+        " seconds | images/s | CPU s | CPU ms/photo | idle | load | peak RSS main MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     runs = [
-        (m, w, p, prec, mappers)
+        (m, w, p, prec, mappers, pinning)
         for m in args.model
         for w in args.workers
         for p in args.embed_parallel
         for prec in args.precision
         for mappers in args.mappers
+        for pinning in args.pinning
     ]
     for model in args.model:
         api.load_embedder(model)  # export once, outside the timing
     for _ in range(args.rounds):
-        for model, workers, parallel, precision, mappers in runs:
+        for model, workers, parallel, precision, mappers, pinning in runs:
+            openvino_pinning(pinning)
             os.environ[PARALLEL_ENV] = parallel
             os.environ[PRECISION_ENV] = precision
             api.Ingestor = with_mappers(mappers)  # type: ignore[misc]
-            cpu = cpu_seconds()
+            cpu, idle = cpu_seconds(), idle_jiffies()
             out = Path(tempfile.mkdtemp(prefix="snapshop-ingest-"))
             try:
                 report = api.index_source(
@@ -140,15 +185,19 @@ def main() -> None:
             finally:
                 shutil.rmtree(out, ignore_errors=True)
             cpu = cpu_seconds() - cpu
+            idle_now = idle_jiffies()
+            total = idle_now[1] - idle[1]
+            idle_share = f"{(idle_now[0] - idle[0]) / total:.0%}" if total > 0 else "–"
             main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
             name = Path(model).name if Path(model).exists() else model
             calls = {"": "default", "0": "one batched"}.get(parallel, parallel)
             per_photo = 1e3 * cpu / max(1, report.added)
             print(
-                f"| {name} | {precision or 'default'} | {mappers or 'default'} | {workers} |"
+                f"| {name} | {precision or 'default'} | {pinning or 'default'} |"
+                f" {mappers or 'default'} | {workers} |"
                 f" {args.batch_size} | {calls} |"
                 f" {report.added} | {report.crops} | {report.seconds:.1f} |"
-                f" {report.images_per_second:.1f} | {cpu:.0f} | {per_photo:.0f} |"
+                f" {report.images_per_second:.1f} | {cpu:.0f} | {per_photo:.0f} | {idle_share} |"
                 f" {os.getloadavg()[0]:.1f} | {main_mb:.0f} |",
                 flush=True,
             )
