@@ -379,7 +379,7 @@ class Ingestor:
         self, records: Iterable[CatalogRecord], report: IngestReport
     ) -> Iterator[tuple[list[Embedded], int]]:
         """The in-process runner: each batch's fresh photos decoded, detected and embedded by
-        ``mappers`` threads, one photo per thread at a time (:meth:`_map_one`), while the
+        ``mappers`` threads, one photo per thread at a time (:func:`_map_one`), while the
         batch before is written, so both cores stay busy through every stage and the commits
         (issue #16). Batches come out in source order, and what a batch reports (known,
         failed, skipped) is counted as it is handed on, in source order too."""
