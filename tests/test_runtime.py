@@ -84,20 +84,47 @@ def test_segmenter_precision_reaches_its_sessions() -> None:
 
 
 @needs_openvino
-def test_bf16_pool_threads_each_run_their_own_session(lite0_model_dir: Path) -> None:
-    """The OpenVINO provider runs one call of a session at a time: under bf16 every embedding
-    thread gets a session of its own, so side-by-side calls use both cores; the vectors are
-    those of one session."""
+def test_bf16_calls_at_once_each_borrow_a_session(lite0_model_dir: Path) -> None:
+    """The OpenVINO provider runs one call of a session at a time: under bf16 each call running
+    at once (pool threads, an ingest mapper, a request thread) borrows a session of its own,
+    made on demand up to ``parallel``; further callers wait. The vectors are one session's."""
+    import threading
+
     images = [render(p, seed=i, size=200) for i, p in enumerate(demo_products(6))]
-    pooled = Embedder(lite0_model_dir, parallel=2)
-    created: list[object] = []
-    make = pooled._new_session
-    pooled._new_session = lambda: created.append(1) or make()  # type: ignore[method-assign]
-    side_by_side = pooled.embed_images(images)
-    assert len(created) == 2  # one per pool thread; the caller's session is the first one
     serial = Embedder(lite0_model_dir, parallel=1).embed_images(images)
-    np.testing.assert_allclose(side_by_side, serial, atol=1e-6)
+    pooled = Embedder(lite0_model_dir, parallel=2)
+    running, peak, made = [0], [0], [0]
+    lock = threading.Lock()
+
+    def counting_session() -> object:
+        made[0] += 1
+        session = runtime.cpu_session(lite0_model_dir / "model.onnx", 1, "bf16")
+        run = session.run
+
+        def counted(*args: object) -> object:
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            try:
+                return run(*args)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        session.run = counted
+        return session
+
+    pooled._new_session = counting_session  # type: ignore[method-assign]
+    pooled._idle_sessions = []  # every session counted from here
+    pooled._sessions_made = 0
+    callers = [threading.Thread(target=pooled.embed_images, args=(images,)) for _ in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert made[0] == 2 and peak[0] == 2  # as many sessions as calls at once, no more
+    np.testing.assert_allclose(pooled.embed_images(images), serial, atol=1e-6)
     exact = Embedder(lite0_model_dir, parallel=2, precision="fp32")
-    exact._new_session = lambda: created.append(1) or make()  # type: ignore[method-assign]
+    exact._new_session = counting_session  # type: ignore[method-assign]
     exact.embed_images(images)
-    assert len(created) == 2  # ONNX Runtime's CPU provider runs calls of one session at once
+    assert made[0] == 2  # ONNX Runtime's CPU provider runs calls of one session at once

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -124,7 +125,10 @@ class Embedder:
         self.batch_size = batch_size
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self._thread = threading.local()  # .session: a pool thread's own (bf16)
+        # Under bf16 up to max(parallel, 1) sessions, lent one call at a time (see _borrow)
+        self._idle_sessions = [self.session]
+        self._sessions_made = 1
+        self._sessions_free = threading.Condition()
 
     @property
     def dim(self) -> int:
@@ -156,16 +160,38 @@ class Embedder:
         return _normalised(outs)
 
     def _run(self, chunk: NDArray[np.float32]) -> NDArray[np.float32]:
-        session = getattr(self._thread, "session", self.session)
-        out: NDArray[np.float32] = session.run(None, {self.input_name: chunk})[0]
+        if self.precision != "bf16":  # ONNX Runtime's CPU provider runs calls side by side
+            out: NDArray[np.float32] = self.session.run(None, {self.input_name: chunk})[0]
+            return out
+        session = self._borrow()
+        try:
+            out = session.run(None, {self.input_name: chunk})[0]
+        finally:
+            with self._sessions_free:
+                self._idle_sessions.append(session)
+                self._sessions_free.notify()
         return out
 
-    def _start_worker(self) -> None:
-        """A pool thread's set-up: under bf16 its own session. ONNX Runtime's OpenVINO
-        provider runs one call of a session at a time, so calls sharing one session queue
-        (two threads used one core); ONNX Runtime's CPU provider runs them side by side."""
-        if self.precision == "bf16":
-            self._thread.session = self._new_session()
+    def _borrow(self) -> Any:
+        """A session no other call is running. ONNX Runtime's OpenVINO provider runs one call
+        of a session at a time (two threads sharing one used one core), so every thread that
+        embeds at once (the pool's, an ingest mapper's, a request's) needs its own. Sessions
+        are made on demand up to ``max(parallel, 1)``; beyond, callers wait for one: more
+        calls at once than cores would only share them."""
+        with self._sessions_free:
+            limit = max(self.parallel, 1)
+            while not self._idle_sessions and self._sessions_made >= limit:
+                self._sessions_free.wait()
+            if self._idle_sessions:
+                return self._idle_sessions.pop()
+            self._sessions_made += 1
+        try:
+            return self._new_session()
+        except BaseException:
+            with self._sessions_free:
+                self._sessions_made -= 1
+                self._sessions_free.notify()
+            raise
 
     def _workers(self) -> ThreadPoolExecutor:
         """The threads that run calls side by side (made on first use; ONNX Runtime sessions
@@ -173,11 +199,7 @@ class Embedder:
         instead of oversubscribing the cores."""
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    self.parallel,
-                    thread_name_prefix="snapshop-embed",
-                    initializer=self._start_worker,
-                )
+                self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="snapshop-embed")
             return self._pool
 
     def embed_images(self, images: Sequence[Image.Image]) -> NDArray[np.float32]:
