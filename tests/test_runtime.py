@@ -128,3 +128,20 @@ def test_bf16_calls_at_once_each_borrow_a_session(lite0_model_dir: Path) -> None
     exact._new_session = counting_session  # type: ignore[method-assign]
     exact.embed_images(images)
     assert made[0] == 2  # ONNX Runtime's CPU provider runs calls of one session at once
+
+
+@needs_openvino
+def test_open_sessions_makes_every_session_up_front(lite0_model_dir: Path) -> None:
+    embedder = Embedder(lite0_model_dir, parallel=3)
+    made: list[int] = []
+    make = embedder._new_session
+    embedder._new_session = lambda: made.append(1) or make()  # type: ignore[method-assign]
+    embedder.open_sessions()
+    assert len(made) == 2 and len(embedder._idle_sessions) == 3
+    embedder.open_sessions()  # idempotent
+    images = [render(p, seed=i, size=200) for i, p in enumerate(demo_products(6))]
+    embedder.embed_images(images)
+    assert len(made) == 2  # calls at once borrow the sessions made up front
+    exact = Embedder(lite0_model_dir, parallel=3, precision="fp32")
+    exact.open_sessions()
+    assert exact._idle_sessions == [exact.session]  # one session serves fp32 calls at once

@@ -172,6 +172,18 @@ class Embedder:
                 self._sessions_free.notify()
         return out
 
+    def open_sessions(self) -> None:
+        """Make now every session calls at once may borrow (bf16), instead of on first use:
+        a service calls this at start so that no request waits for one to compile (the
+        first two requests at once measured p99 ≈ 300 ms against p95 70 without it)."""
+        with self._sessions_free:
+            missing = max(self.parallel, 1) - self._sessions_made if self.precision == "bf16" else 0
+            self._sessions_made += max(missing, 0)
+        made = [self._new_session() for _ in range(max(missing, 0))]
+        with self._sessions_free:
+            self._idle_sessions.extend(made)
+            self._sessions_free.notify_all()
+
     def _borrow(self) -> Any:
         """A session no other call is running. ONNX Runtime's OpenVINO provider runs one call
         of a session at a time (two threads sharing one used one core), so every thread that
