@@ -649,7 +649,7 @@ def test_serve_cli_errors_are_one_line(tmp_path):
 
 
 def test_detectors_see_one_image_at_a_time(catalog):
-    from snapshop.service.state import SerialDetector
+    from snapshop.detect.base import SerialDetector
 
     class Recording:
         name = "recording"

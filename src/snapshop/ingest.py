@@ -45,6 +45,7 @@ from snapshop.detect.base import (
     keep_best_per_position,
     position_of_category,
     product_box,
+    serial_if_needed,
 )
 from snapshop.errors import ImageDecodeError, IngestError
 from snapshop.images import (
@@ -201,18 +202,6 @@ def _map_one(
     if not isinstance(decoded, Decoded):
         return decoded
     return embed_one(embedder, detector, crop_mode, decoded)
-
-
-class _OneAtATime:
-    """A detector that does not declare ``thread_safe = True`` sees one image at a time."""
-
-    def __init__(self, inner: Detector) -> None:
-        self.inner = inner
-        self._lock = threading.Lock()
-
-    def detect(self, image: Image.Image) -> list[Detection]:
-        with self._lock:
-            return self.inner.detect(image)
 
 
 def _detect_crops(
@@ -384,9 +373,7 @@ class Ingestor:
         (issue #16). Batches come out in source order, and what a batch reports (known,
         failed, skipped) is counted as it is handed on, in source order too."""
         job, blob_dir = self.prepare_job(), self._blob_dir()
-        detector = self.detector
-        if self.mappers and detector is not None and not getattr(detector, "thread_safe", False):
-            detector = _OneAtATime(detector)
+        detector = serial_if_needed(self.detector) if self.mappers else self.detector
         map_one = partial(_map_one, job, blob_dir, self.embedder, detector, self.catalog.crop_mode)
         pool = ThreadPoolExecutor(self.mappers, "snapshop-map") if self.mappers else None
         pending: deque[list[Any]] = deque()
@@ -401,7 +388,8 @@ class Ingestor:
                             slots.append(_DUPLICATE)
                             continue
                         seen.add(key)
-                        outcome = pool.submit(map_one, outcome) if pool else map_one(outcome)
+                        slots.append(pool.submit(map_one, outcome) if pool else map_one(outcome))
+                        continue
                     slots.append(outcome)
                 pending.append(slots)
                 if len(pending) > self._mapped_ahead:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -189,6 +190,31 @@ class Detector(Protocol):
     name: str
 
     def detect(self, image: Image.Image) -> list[Detection]: ...
+
+
+class SerialDetector:
+    """Runs a detector on one image at a time: one that does not declare
+    ``thread_safe = True`` (e.g. an OpenCV DNN net with its ``setInput``/``forward`` state)
+    must not see two images at once, and service requests and ingest mappers run on many
+    threads. :func:`serial_if_needed` wraps only such detectors."""
+
+    thread_safe = True
+
+    def __init__(self, inner: Detector) -> None:
+        self.inner = inner
+        self.name = str(getattr(inner, "name", type(inner).__name__))
+        self._lock = threading.Lock()
+
+    def detect(self, image: Image.Image) -> list[Detection]:
+        with self._lock:
+            return self.inner.detect(image)
+
+
+def serial_if_needed(detector: Detector | None) -> Detector | None:
+    """``detector`` itself when it is thread-safe (or None), else a :class:`SerialDetector`."""
+    if detector is None or getattr(detector, "thread_safe", False):
+        return detector
+    return SerialDetector(detector)
 
 
 def keep_best_per_position(detections: Iterable[Detection]) -> dict[str, Detection]:

@@ -7,10 +7,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from PIL import Image
-
 from snapshop.data.sources import CatalogRecord
-from snapshop.detect.base import Detection, Detector
+from snapshop.detect.base import serial_if_needed
 from snapshop.ingest import Ingestor, IngestReport
 from snapshop.search import Searcher
 from snapshop.service.errors import ApiError
@@ -76,31 +74,13 @@ def limit_search_threads(threads: int | None) -> None:
             faiss.omp_set_num_threads(threads)
 
 
-class SerialDetector:
-    """Runs a detector on one image at a time. Requests arrive on many threads, and a
-    detector that does not declare ``thread_safe = True`` (e.g. an OpenCV DNN net with its
-    ``setInput``/``forward`` state) must not see two images at once."""
-
-    thread_safe = True
-
-    def __init__(self, inner: Detector) -> None:
-        self.inner = inner
-        self.name = str(getattr(inner, "name", type(inner).__name__))
-        self._lock = threading.Lock()
-
-    def detect(self, image: Image.Image) -> list[Detection]:
-        with self._lock:
-            return self.inner.detect(image)
-
-
 class ServiceState:
-    """Holds the searcher (whose detector it wraps in :class:`SerialDetector` when needed)."""
+    """Holds the searcher (whose detector it wraps in a
+    :class:`~snapshop.detect.base.SerialDetector` when needed)."""
 
     def __init__(self, settings: ServiceSettings, searcher: Searcher) -> None:
         self.settings = settings
-        detector = searcher.detector
-        if detector is not None and not getattr(detector, "thread_safe", False):
-            searcher.detector = SerialDetector(detector)
+        searcher.detector = serial_if_needed(searcher.detector)
         searcher.auto_refresh = False  # ensure_fresh refreshes under the write lock instead
         searcher.ranking = settings.ranking
         self.searcher = searcher
