@@ -83,65 +83,86 @@ def test_segmenter_precision_reaches_its_sessions() -> None:
         SegmenterDetector.from_spec("precision=fp16")
 
 
-@needs_openvino
-def test_bf16_calls_at_once_each_borrow_a_session(lite0_model_dir: Path) -> None:
-    """The OpenVINO provider runs one call of a session at a time: under bf16 each call running
-    at once (pool threads, an ingest mapper, a request thread) borrows a session of its own,
-    made on demand up to ``parallel``; further callers wait. The vectors are one session's."""
-    import threading
+class CountingSessions:
+    """``make`` for a :class:`runtime.SessionPool`: real sessions of a model that count how
+    many were made and how many of their calls ran at once."""
 
-    images = [render(p, seed=i, size=200) for i, p in enumerate(demo_products(6))]
-    serial = Embedder(lite0_model_dir, parallel=1).embed_images(images)
-    pooled = Embedder(lite0_model_dir, parallel=2)
-    running, peak, made = [0], [0], [0]
-    lock = threading.Lock()
+    def __init__(self, model: Path, precision: str) -> None:
+        import threading
 
-    def counting_session() -> object:
-        made[0] += 1
-        session = runtime.cpu_session(lite0_model_dir / "model.onnx", 1, "bf16")
+        self.model, self.precision = model, precision
+        self.made = self.running = self.peak = 0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> object:
+        self.made += 1
+        session = runtime.cpu_session(self.model, 1, self.precision)
         run = session.run
 
         def counted(*args: object) -> object:
-            with lock:
-                running[0] += 1
-                peak[0] = max(peak[0], running[0])
+            with self.lock:
+                self.running += 1
+                self.peak = max(self.peak, self.running)
             try:
                 return run(*args)
             finally:
-                with lock:
-                    running[0] -= 1
+                with self.lock:
+                    self.running -= 1
 
         session.run = counted
         return session
 
-    pooled._new_session = counting_session  # type: ignore[method-assign]
-    pooled._idle_sessions = []  # every session counted from here
-    pooled._sessions_made = 0
-    callers = [threading.Thread(target=pooled.embed_images, args=(images,)) for _ in range(4)]
-    for t in callers:
-        t.start()
-    for t in callers:
-        t.join()
-    assert made[0] == 2 and peak[0] == 2  # as many sessions as calls at once, no more
-    np.testing.assert_allclose(pooled.embed_images(images), serial, atol=1e-6)
-    exact = Embedder(lite0_model_dir, parallel=2, precision="fp32")
-    exact._new_session = counting_session  # type: ignore[method-assign]
-    exact.embed_images(images)
-    assert made[0] == 2  # ONNX Runtime's CPU provider runs calls of one session at once
+
+@needs_openvino
+def test_bf16_calls_at_once_each_borrow_a_session(lite0_model_dir: Path) -> None:
+    """The OpenVINO provider runs one call of a session at a time: under bf16 each call running
+    at once borrows a session of its own, made on demand up to ``size``; further callers wait.
+    ONNX Runtime's CPU provider runs one session's calls side by side: one session serves."""
+    import threading
+
+    feeds = {"images": np.zeros((1, 3, 224, 224), np.float32)}
+    for precision, sessions in (("bf16", 2), ("fp32", 1)):
+        make = CountingSessions(lite0_model_dir / "model.onnx", precision)
+        pool = runtime.SessionPool(make, size=2)
+
+        def call(pool: runtime.SessionPool = pool) -> None:
+            for _ in range(6):
+                pool.run(feeds)
+
+        callers = [threading.Thread(target=call) for _ in range(4)]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join()
+        assert make.made == sessions  # as many as calls at once under bf16, no more
+        # bf16: two calls at once, one per session; fp32: the four callers on one session
+        assert make.peak == 2 if precision == "bf16" else make.peak > 1
+        pool.open_all()
+        assert make.made == sessions  # nothing more to make
 
 
 @needs_openvino
-def test_open_sessions_makes_every_session_up_front(lite0_model_dir: Path) -> None:
-    embedder = Embedder(lite0_model_dir, parallel=3)
-    made: list[int] = []
-    make = embedder._new_session
-    embedder._new_session = lambda: made.append(1) or make()  # type: ignore[method-assign]
-    embedder.open_sessions()
-    assert len(made) == 2 and len(embedder._idle_sessions) == 3
-    embedder.open_sessions()  # idempotent
+def test_open_all_makes_every_session_up_front(lite0_model_dir: Path) -> None:
+    make = CountingSessions(lite0_model_dir / "model.onnx", "bf16")
+    pool = runtime.SessionPool(make, size=3)
+    pool.open_all()
+    assert make.made == 3
+    pool.run({"images": np.zeros((1, 3, 224, 224), np.float32)})
+    assert make.made == 3
+
+
+@needs_openvino
+def test_the_embedder_and_the_segmenter_lend_sessions(lite0_model_dir: Path) -> None:
+    """The embedder's pool holds up to one session per parallel call; pooled vectors are those
+    of one session; the service opens them at start (``open_sessions``)."""
+    from snapshop.detect.segmenter import SegmenterDetector
+
     images = [render(p, seed=i, size=200) for i, p in enumerate(demo_products(6))]
-    embedder.embed_images(images)
-    assert len(made) == 2  # calls at once borrow the sessions made up front
-    exact = Embedder(lite0_model_dir, parallel=3, precision="fp32")
-    exact.open_sessions()
-    assert exact._idle_sessions == [exact.session]  # one session serves fp32 calls at once
+    serial = Embedder(lite0_model_dir, parallel=1).embed_images(images)
+    pooled = Embedder(lite0_model_dir, parallel=2)
+    assert pooled.sessions.size == 2 and pooled.session is pooled.sessions.first
+    np.testing.assert_allclose(pooled.embed_images(images), serial, atol=1e-6)
+    assert Embedder(lite0_model_dir, parallel=2, precision="fp32").sessions.size == 1
+    trunk = SegmenterDetector().trunk
+    assert trunk.sessions.size == runtime.usable_cores()
+    assert SegmenterDetector(precision="fp32").trunk.sessions.size == 1

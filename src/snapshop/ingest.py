@@ -55,7 +55,8 @@ from snapshop.images import (
     scale_to_original,
 )
 from snapshop.models.card import NORMALISATION
-from snapshop.models.embedder import Embedder, preprocess, usable_cores
+from snapshop.models.embedder import Embedder, preprocess
+from snapshop.models.runtime import usable_cores
 
 log = logging.getLogger(__name__)
 

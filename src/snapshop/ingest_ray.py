@@ -45,7 +45,8 @@ from snapshop.ingest import (
     embed_batch,
     read_record,
 )
-from snapshop.models.embedder import Embedder, usable_cores
+from snapshop.models.embedder import Embedder
+from snapshop.models.runtime import usable_cores
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,8 @@ import functools
 import json
 import logging
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,13 @@ def openvino_available() -> bool:
     import onnxruntime as ort
 
     return OPENVINO in ort.get_available_providers()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def cpu_session(
@@ -105,3 +114,65 @@ def session_precision(session: Any) -> str:
     """What a session from :func:`cpu_session` runs in: ``bf16`` on the OpenVINO provider,
     else ``fp32`` (ONNX Runtime's CPU provider)."""
     return "bf16" if session.get_providers()[0] == OPENVINO else "fp32"
+
+
+class SessionPool:
+    """The sessions of one model, lent one call at a time where the provider needs it.
+
+    ONNX Runtime's OpenVINO provider runs one call of a session at a time (two threads
+    sharing one used one core), so under bf16 every call running at once (an embedding
+    pool's thread, an ingest mapper, a request) borrows a session of its own, made on demand
+    up to ``size``; beyond, callers wait: more calls at once than cores would only share
+    them. ONNX Runtime's CPU provider runs calls of one session side by side: there, one
+    session serves every call. ``make``: a function returning a new session of the model.
+    """
+
+    def __init__(self, make: Callable[[], Any], size: int) -> None:
+        self._make = make
+        self.first = make()  # raises what ONNX Runtime raises for a bad model
+        self.precision = session_precision(self.first)
+        self.size = max(size, 1) if self.precision == "bf16" else 1
+        self._idle = [self.first]
+        self._made = 1
+        self._free = threading.Condition()
+
+    def run(self, feeds: dict[str, Any]) -> list[Any]:
+        """``session.run(None, feeds)`` on a session no other call is running."""
+        if self.precision != "bf16":
+            out: list[Any] = self.first.run(None, feeds)
+            return out
+        session = self._borrow()
+        try:
+            out = session.run(None, feeds)
+        finally:
+            with self._free:
+                self._idle.append(session)
+                self._free.notify()
+        return out
+
+    def open_all(self) -> None:
+        """Make now every session the pool may lend, instead of on first use: a service
+        calls this at start so that no request waits for one to compile (the first two
+        requests at once measured p99 ≈ 300 ms against p95 70 without it)."""
+        with self._free:
+            missing = self.size - self._made
+            self._made = self.size
+        made = [self._make() for _ in range(missing)]
+        with self._free:
+            self._idle.extend(made)
+            self._free.notify_all()
+
+    def _borrow(self) -> Any:
+        with self._free:
+            while not self._idle and self._made >= self.size:
+                self._free.wait()
+            if self._idle:
+                return self._idle.pop()
+            self._made += 1
+        try:
+            return self._make()
+        except BaseException:
+            with self._free:
+                self._made -= 1
+                self._free.notify()
+            raise
