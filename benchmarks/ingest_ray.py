@@ -21,10 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ingest_throughput import generate_folder
+from ingest_throughput import shop_records
 
 from snapshop import api
-from snapshop.data.sources import read_source
 from snapshop.ingest_ray import RayConfig, import_ray
 
 
@@ -43,11 +42,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if not args.folder.exists():
-        t = time.perf_counter()
-        generate_folder(args.folder, args.images, args.size)
-        print(f"generated {args.images} images in {time.perf_counter() - t:.0f} s", flush=True)
-    records = read_source(args.folder)[: args.images]
+    records = shop_records(args.folder, args.images, args.size)
     api.load_embedder(args.model)  # export once, outside the timing
 
     ray = import_ray()

@@ -40,7 +40,7 @@ from typing import Any
 import onnxruntime as ort
 
 from snapshop import api
-from snapshop.data.sources import read_source
+from snapshop.data.sources import CatalogRecord, read_source
 from snapshop.demo import demo_products, render
 from snapshop.ingest import Ingestor
 from snapshop.models.embedder import PARALLEL_ENV
@@ -59,6 +59,15 @@ def generate_folder(folder: Path, n_images: int, size: int) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             render(product, p_index * 1000 + j, size=size).save(path, quality=90)
             n += 1
+
+
+def shop_records(folder: Path, n_images: int, size: int) -> list[CatalogRecord]:
+    """The first ``n_images`` records of ``folder``, generated first when it is missing."""
+    if not folder.exists():
+        t = time.perf_counter()
+        generate_folder(folder, n_images, size)
+        print(f"generated {n_images} images in {time.perf_counter() - t:.0f} s", flush=True)
+    return read_source(folder)[:n_images]
 
 
 def with_mappers(mappers: str) -> type[Ingestor]:
@@ -142,11 +151,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if not args.folder.exists():
-        t = time.perf_counter()
-        generate_folder(args.folder, args.images, args.size)
-        print(f"generated {args.images} images in {time.perf_counter() - t:.0f} s", flush=True)
-    records = read_source(args.folder)[: args.images]
+    records = shop_records(args.folder, args.images, args.size)
     print(f"{len(records)} images of {args.folder}, {args.size}px JPEG, detector {args.detector},"
           f" load average at the start {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(

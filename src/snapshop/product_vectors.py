@@ -172,9 +172,9 @@ class ProductVectors:
         self, query: NDArray[np.float32], entries: NDArray[np.int64], position: str | None
     ) -> Iterator[tuple[NDArray[np.int64], NDArray[np.float32]]]:
         """(entry ids, inner products with ``query``) in batches. An exact in-memory index
-        holds the stored vectors: it scores them where they are (issue #16: reading 700
-        vectors back from SQLite for each query cost 16-30 ms on grocery-dev's 71 images per
-        product); any other index scores the store's vectors."""
+        holds the stored vectors: it scores them where they are (issue #16: reading them back
+        from SQLite was most of a query's search time on grocery-dev, 71 images a product);
+        any other index scores the store's vectors."""
         index = self.catalog.index(position)
         if index is not None and isinstance(index, FlatIndex):
             hits = index.search(query.reshape(1, -1), len(entries), allowed=IdFilter.of(entries))

@@ -259,7 +259,7 @@ class Trunk:
             if path is None:
                 path = trunk_onnx_path(overlay) if int8 is None else trunk_int8_path(overlay, int8)
             # One thread a call: a query detects beside the photo's embedding on the other
-            # core, and a second thread cost more CPU than it saved (20.3 vs 16.8 ms a photo).
+            # core, where a second thread would only take CPU from it.
             # Calls at once (ingest mappers, requests) each borrow a session under bf16.
             make = partial(cpu_session, path, 1, "fp32" if int8 else precision)
             self.sessions = SessionPool(make, size=usable_cores())
@@ -345,7 +345,7 @@ def softmax_upsampled(logits: NDArray[np.float32], size: tuple[int, int]) -> NDA
         np.ascontiguousarray(logits.transpose(1, 2, 0)), size, interpolation=cv2.INTER_LINEAR
     ).reshape(size[1], size[0], k)
     # One contiguous plane per class: numpy's reductions over a last axis of 4 run element
-    # by element, plane arithmetic runs vectorised (3.4 -> ~1 ms a look, issue #16).
+    # by element, plane arithmetic runs vectorised (issue #16).
     planes: NDArray[np.float32] = np.ascontiguousarray(up.transpose(2, 0, 1), np.float32)
     peak = planes.max(axis=0)
     planes -= peak

@@ -4,7 +4,7 @@ Two precisions (issue #16):
 
 - ``bf16`` (the default): ONNX Runtime's OpenVINO execution provider with bfloat16 inference.
   On CPUs with AMX or AVX512-BF16 the convolutions run in bf16 (Lite2, one image, one thread:
-  25.8 -> 7.9 ms; docs/benchmarks/service.md, "Speed per core"); on other CPUs OpenVINO
+  26.8 -> 8.7 ms; docs/benchmarks/service.md, "Speed per core"); on other CPUs OpenVINO
   keeps f32 and is still faster than the default provider. The vectors differ from fp32's in
   the third decimal, so catalogs built either way are searched with the other.
 - ``fp32``: ONNX Runtime's own CPU provider, exactly as before; also what ``bf16`` falls back
@@ -99,8 +99,8 @@ def cpu_session(
             "INFERENCE_PRECISION_HINT": "bf16",
             "PERFORMANCE_HINT": "LATENCY",
             # OpenVINO pins a session's threads to cores, and every session of a process to
-            # the same one: two threads with a session each used 1.00 core, 1.93 unpinned
-            # (docs/benchmarks/scale.md, "Indexing with the segmenter").
+            # the same one: indexing with two threads left 40 % of the machine idle pinned,
+            # 10 % unpinned (docs/benchmarks/scale.md, "Indexing with the segmenter").
             "ENABLE_CPU_PINNING": "NO",
         }
         if threads:
@@ -119,12 +119,13 @@ def session_precision(session: Any) -> str:
 class SessionPool:
     """The sessions of one model, lent one call at a time where the provider needs it.
 
-    ONNX Runtime's OpenVINO provider runs one call of a session at a time (two threads
-    sharing one used one core), so under bf16 every call running at once (an embedding
-    pool's thread, an ingest mapper, a request) borrows a session of its own, made on demand
-    up to ``size``; beyond, callers wait: more calls at once than cores would only share
-    them. ONNX Runtime's CPU provider runs calls of one session side by side: there, one
-    session serves every call. ``make``: a function returning a new session of the model.
+    ONNX Runtime's OpenVINO provider runs one call of a session at a time (lending each
+    ingest mapper its own took indexing from 34.1 to 40.5 photos/s), so under bf16 every
+    call running at once (an embedding pool's thread, an ingest mapper, a request) borrows
+    a session of its own, made on demand up to ``size``; beyond, callers wait: more calls
+    at once than cores would only share them. ONNX Runtime's CPU provider runs calls of
+    one session side by side: there, one session serves every call. ``make``: a function
+    returning a new session of the model.
     """
 
     def __init__(self, make: Callable[[], Any], size: int) -> None:
