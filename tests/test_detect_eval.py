@@ -385,3 +385,65 @@ def test_catalog_crops_follow_product_categories(tmp_path: Path, lite0_model_dir
         by_sku[sku] = sorted(c.position for c in rows_)
     catalog.close()
     assert by_sku == {"p0": ["upper"], "p1": ["lower"], "p2": ["lower", "upper"]}
+
+
+def test_paired_ratio_difference_matches_a_draw_by_draw_reference() -> None:
+    import numpy as np
+
+    from snapshop.evaluate.stats import paired_ratio_difference
+
+    rng = np.random.default_rng(3)
+    den_a = rng.integers(0, 2, 60)
+    num_a = den_a * rng.integers(0, 2, 60)
+    den_b = rng.integers(0, 2, 60)
+    num_b = den_b * rng.integers(0, 2, 60)
+    delta, lo, hi = paired_ratio_difference((num_a, den_a), (num_b, den_b), resamples=300, seed=5)
+    assert delta == pytest.approx(num_b.sum() / den_b.sum() - num_a.sum() / den_a.sum())
+    draws = np.random.default_rng(5).integers(0, 60, (300, 60))  # the same draws, one by one
+    reference = [
+        num_b[d].sum() / den_b[d].sum() - num_a[d].sum() / den_a[d].sum()
+        for d in draws
+        if den_a[d].sum() and den_b[d].sum()
+    ]
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(reference, [0.025, 0.975])))
+    # Identical detectors: no difference at all; one more success: exactly that, every draw.
+    assert paired_ratio_difference((num_a, den_a), (num_a, den_a)) == (0.0, 0.0, 0.0)
+    better = num_a.copy()
+    better[np.argmax(den_a > num_a)] += 1
+    d, lo, hi = paired_ratio_difference((num_a, den_a), (better, den_a))
+    assert d > 0 and lo >= 0.0 and hi > 0
+    with pytest.raises(ConfigError):
+        paired_ratio_difference((num_a, den_a), (num_b[:5], den_b[:5]))
+
+
+class LowerOnlyDetector(HalfDetector):
+    """:class:`HalfDetector` without its upper box."""
+
+    name = "lower-only"
+
+    def detect(self, image: Image.Image) -> list[Detection]:
+        return [d for d in super().detect(image) if d.position != "upper"]
+
+
+register_detector("lower-only", lambda args: LowerOnlyDetector())
+
+
+def test_detector_compare_prints_both_detectors_and_their_paired_difference(
+    tmp_path: Path,
+) -> None:
+    boxes = _dataset(tmp_path)
+    script = load_script("benchmarks/detector_compare.py")
+    out = tmp_path / "compare.json"
+    argv = ["--base", f"halves={boxes}", "--variant", f"lower-only={boxes}"]
+    assert script.main([*argv, "--images-root", str(tmp_path), "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    whole = evaluate_detector(boxes, HalfDetector()).to_dict()["positions"]
+    assert report["upper"]["recall"]["base"] == whole["upper"]["recall"]
+    assert report["upper"]["recall"]["variant"] == 0.0
+    assert report["upper"]["recall"]["delta"] == -whole["upper"]["recall"]
+    assert report["lower"]["precision"]["delta"] == 0.0  # the same lower boxes
+    other = tmp_path / "other.csv"
+    other.write_text(boxes.read_text())
+    with pytest.raises(SystemExit):  # folds must pair up
+        script.main(["--base", f"halves={boxes}", "--variant", f"halves={other}",
+                     "--images-root", str(tmp_path)])  # fmt: skip

@@ -728,6 +728,8 @@ def test_training_command_on_the_card_repeats_the_run(
             ),
             prefix="ft_",
         ),
+        DetectorTraining(tmp_path, tags=tmp_path / "tags.csv", teacher=tmp_path / "t.json"),
+        DetectorTraining(tmp_path, pseudo_labels=tmp_path / "pseudo labels"),
     ]
     for job in runs:
         words = shlex.split(job.command_line())

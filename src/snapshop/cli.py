@@ -752,6 +752,19 @@ def train_detector(
     seed: int | None = None,
     cache: Annotated[Path | None, typer.Option(help="Trunk feature cache (.pkl).")] = None,
     prefix: Annotated[str, typer.Option(help="File name prefix of the written files.")] = "",
+    tags: Annotated[
+        Path | None,
+        typer.Option(
+            help="ccp-tags tags.csv: self-train on these photos, pseudo-labelled"
+            " under their tags by --teacher or by a model first trained here."
+        ),
+    ] = None,  # fmt: skip
+    teacher: Annotated[
+        Path | None, typer.Option(help="Segmenter card (garment_seg.json) that labels --tags.")
+    ] = None,
+    pseudo_labels: Annotated[
+        Path | None, typer.Option(help="Pseudo-label folder written by an earlier --tags run.")
+    ] = None,
     finetune_blocks: Annotated[
         int, typer.Option(help="Train the stem + blocks 0..N-1 with the head (0: frozen trunk).")
     ] = 0,
@@ -805,7 +818,8 @@ def train_detector(
     )  # fmt: skip
     job = run(lambda: detector_training(
         dataset, finetune_blocks=finetune_blocks, settings=settings, out=out_dir, parity=parity,
-        limit=limit, prefix=prefix, cache=cache,
+        limit=limit, prefix=prefix, cache=cache, pseudo_labels=pseudo_labels, tags=tags,
+        teacher=teacher,
     ))  # fmt: skip
     card = run(lambda: train_segmenter(job))
     out.print(f"wrote {job.out / (job.prefix + CARD_FILE)} (final loss"

@@ -29,6 +29,8 @@ OpenCV and the Lite0 weights package are needed (for a GPU machine)::
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from snapshop.data.ccp import list_images
@@ -62,6 +64,12 @@ from snapshop.train.segmenter.photos import (
     recolour_garments,
     render_sample,
 )
+from snapshop.train.segmenter.pseudo import (
+    PseudoLabelConfig,
+    constrained_labels,
+    pseudo_label_pairs,
+    write_pseudo_labels,
+)
 from snapshop.train.segmenter.samples import (
     Sample,
     build_samples,
@@ -73,10 +81,34 @@ from snapshop.train.segmenter.samples import (
 
 def train_detector(run: DetectorTraining) -> dict[str, Any]:
     """Train the segmenter as ``run`` says (head only or fine-tuned) and write the model files
-    into ``run.out``; returns the model card."""
+    into ``run.out``; returns the model card.
+
+    With ``run.tags`` it self-trains (issue #21): the teacher (``run.teacher``, or a model
+    first trained here on the labelled photos alone, written with the prefix
+    ``PREFIX + "teacher_"``) labels the tagged photos under their tags into the folder
+    ``PREFIX + "pseudo_labels"``, then the model trains on both."""
+    if run.tags is not None:
+        run = replace(run, tags=None, teacher=None, pseudo_labels=label_tagged_photos(run))
     if isinstance(run.model, FinetuneConfig):
         return fit_finetune(run)
     return fit_head(run)
+
+
+def label_tagged_photos(run: DetectorTraining) -> Path:
+    """Write the pseudo-label folder of ``run.tags`` (see :func:`train_detector`); its path."""
+    from snapshop.detect.segmenter import CARD_FILE, SegmenterDetector
+    from snapshop.models.runtime import TRAINING_PRECISION
+
+    assert run.tags is not None
+    teacher = run.teacher
+    if teacher is None:
+        prefix = f"{run.prefix}teacher_"
+        train_detector(replace(run, tags=None, teacher=None, prefix=prefix))
+        teacher = run.out / f"{prefix}{CARD_FILE}"
+    detector = SegmenterDetector(teacher, gate=False, precision=TRAINING_PRECISION)
+    folder = run.out / f"{run.prefix}pseudo_labels"
+    write_pseudo_labels(detector, run.tags, folder, teacher=str(teacher))
+    return folder
 
 
 __all__ = [
@@ -88,11 +120,13 @@ __all__ = [
     "DetectorTraining",
     "FinetuneConfig",
     "HeadConfig",
+    "PseudoLabelConfig",
     "Sample",
     "TrainImage",
     "build_finetune_net",
     "build_samples",
     "canvas_size",
+    "constrained_labels",
     "detector_training",
     "fit_finetune",
     "fit_head",
@@ -101,6 +135,7 @@ __all__ = [
     "load_or_build_samples",
     "load_training_images",
     "negative_training_images",
+    "pseudo_label_pairs",
     "num_train_classes",
     "recolour_garments",
     "render_sample",
@@ -112,4 +147,5 @@ __all__ = [
     "train_head",
     "trunk_overlay",
     "write_finetuned",
+    "write_pseudo_labels",
 ]

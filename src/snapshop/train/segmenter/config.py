@@ -137,8 +137,19 @@ class DetectorTraining:
     limit: int | None = None
     prefix: str = ""
     cache: Path | None = None  # frozen-trunk feature cache (.pkl); head training only
+    # Issue #21: extra photos labelled by a teacher under their image-level tags
+    # (:mod:`snapshop.train.segmenter.pseudo`): a folder made before, or ``tags`` (a ccp-tags
+    # tags.csv) labelled by ``teacher`` (a model card) or, without one, by a model this run
+    # first trains on the labelled photos alone.
+    pseudo_labels: Path | None = None
+    tags: Path | None = None
+    teacher: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.pseudo_labels is not None and self.tags is not None:
+            raise ConfigError("give --pseudo-labels (a folder made before) or --tags, not both")
+        if self.teacher is not None and self.tags is None:
+            raise ConfigError("--teacher labels the photos of --tags: give --tags too")
         if self.parity not in PARITIES:
             raise ConfigError(f"parity must be one of {', '.join(PARITIES)}, got {self.parity!r}")
         if "/" in self.prefix or "\\" in self.prefix:
@@ -151,7 +162,14 @@ class DetectorTraining:
     def command_line(self) -> str:
         """The ``snapshop train-detector`` command that repeats this run (for the model card)."""
         args = [str(self.dataset), "--parity", self.parity, "--out", str(self.out)]
-        for name, value in (("limit", self.limit), ("cache", self.cache)):
+        given = (
+            ("limit", self.limit),
+            ("cache", self.cache),
+            ("pseudo-labels", self.pseudo_labels),
+            ("tags", self.tags),
+            ("teacher", self.teacher),
+        )
+        for name, value in given:
             if value is not None:
                 args += [f"--{name}", str(value)]
         if self.prefix:
@@ -190,6 +208,9 @@ def detector_training(
     limit: int | None = None,
     prefix: str = "",
     cache: Path | None = None,
+    pseudo_labels: Path | None = None,
+    tags: Path | None = None,
+    teacher: Path | None = None,
 ) -> DetectorTraining:
     """The run a command line asks for: ``finetune_blocks`` 0 trains the head on the frozen
     trunk (:class:`HeadConfig`), N >= 1 fine-tunes (:class:`FinetuneConfig`). ``settings``:
@@ -205,4 +226,6 @@ def detector_training(
         if only:
             raise ConfigError(f"--{only[0].replace('_', '-')} needs --finetune-blocks N")
         model = HeadConfig(**given)
-    return DetectorTraining(dataset, model, out, parity, limit, prefix, cache)
+    return DetectorTraining(
+        dataset, model, out, parity, limit, prefix, cache, pseudo_labels, tags, teacher
+    )

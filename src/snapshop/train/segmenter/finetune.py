@@ -55,6 +55,7 @@ from snapshop.train.segmenter.photos import (
     negative_training_images,
     seed_worker,
 )
+from snapshop.train.segmenter.pseudo import IDENTITY_TABLE, pseudo_label_note, pseudo_label_pairs
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +307,15 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
     table = segmenter_label_table(run.dataset / "mask_labels.csv", config.aux_labels)
     images = load_training_images(pairs, table)
     images += negative_training_images(config.negatives, config.long_side, config.seed)
+    pseudo_pairs, pseudo_card = (
+        pseudo_label_pairs(run.pseudo_labels) if run.pseudo_labels else ([], {})
+    )
+    images += load_training_images(pseudo_pairs, IDENTITY_TABLE)
     t_load = time.perf_counter() - t0
-    log.info("%d photos + %d negatives in memory (%.1f s)", len(pairs), config.negatives, t_load)
+    log.info(
+        "%d photos + %d negatives + %d pseudo-labelled photos in memory (%.1f s)",
+        len(pairs), config.negatives, len(pseudo_pairs), t_load,
+    )  # fmt: skip
     net, losses, info = train_finetune(images, config)
     overlay = write_finetuned(net, out, prefix, config.overlay_dtype)
     n = config.finetune_blocks
@@ -322,7 +330,8 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
         "output": OUTPUT,
         "training_data": f"{CCP_SOURCE}, {parity} image ids ({len(pairs)}"
         " photos, augmented: scale, crop, flip, colour), CCP pixel labels"
-        + (f"; {config.negatives} synthetic person-free images" if config.negatives else ""),
+        + (f"; {config.negatives} synthetic person-free images" if config.negatives else "")
+        + pseudo_label_note(len(pseudo_pairs), pseudo_card),
         **(
             {
                 "auxiliary_classes": {name: list(labels) for name, labels in CCP_AUX.items()},

@@ -34,6 +34,7 @@ from snapshop.train.segmenter.config import (
     HeadConfig,
     segmenter_label_table,
 )
+from snapshop.train.segmenter.pseudo import IDENTITY_TABLE, pseudo_label_note, pseudo_label_pairs
 from snapshop.train.segmenter.samples import Sample, load_or_build_samples
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,11 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
     samples = load_or_build_samples(
         pairs, table, config.long_side, run.cache, config.negatives, config.seed
     )
+    pseudo_pairs, pseudo_card = (
+        pseudo_label_pairs(run.pseudo_labels) if run.pseudo_labels else ([], {})
+    )
+    if pseudo_pairs:
+        samples += load_or_build_samples(pseudo_pairs, IDENTITY_TABLE, config.long_side)
     t_feats = time.perf_counter() - t0
     head, losses = train_head(samples, config)
     t_train = time.perf_counter() - t0 - t_feats
@@ -135,7 +141,8 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
         "output": OUTPUT,
         "training_data": f"{CCP_SOURCE}, {run.parity} image ids ({len(pairs)}"
         " photos + mirrored copies), CCP pixel labels"
-        + (f"; {config.negatives} synthetic person-free images" if config.negatives else ""),
+        + (f"; {config.negatives} synthetic person-free images" if config.negatives else "")
+        + pseudo_label_note(len(pseudo_pairs), pseudo_card),
         "training_command": run.command_line(),
         "training": {
             "epochs": config.epochs,
