@@ -196,7 +196,7 @@ def is_packshot(
     0.85-1.0 and 600 shop photos' at most 0.18 (docs/benchmarks/retrieval.md)."""
     small = image.convert("RGB")
     small.thumbnail((thumb, thumb), Image.Resampling.BILINEAR)
-    white: NDArray[np.bool_] = (np.asarray(small) >= white_threshold).all(axis=2)
+    white = np.all(np.asarray(small) >= white_threshold, axis=2)
     if white.shape[0] <= 4 or white.shape[1] <= 4:
         return False
     ring = np.ones_like(white)
