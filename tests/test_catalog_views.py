@@ -242,3 +242,39 @@ def test_flip_query_settings_refuse_what_is_not_a_flag(
     monkeypatch.setenv(FLIP_QUERY_ENV, "maybe")
     with pytest.raises(ConfigError, match=FLIP_QUERY_ENV):
         ServiceSettings(flip_catalog)
+
+
+def test_cli_records_views_refuses_a_change_and_searches_flipped(
+    tmp_path: Path, shop: dict[str, Path], lite0_model_dir: Path, lite0_embedder
+) -> None:
+    from typer.testing import CliRunner
+
+    from snapshop.cli import app
+
+    def invoke(*args: object):  # type: ignore[no-untyped-def]
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    catalog_dir, source = tmp_path / "cat", tmp_path / "shop"
+    bad = invoke("index", source, "--catalog", catalog_dir, "--model", lite0_model_dir,
+                 "--catalog-views", MAX_CATALOG_VIEWS + 1)  # fmt: skip
+    assert bad.exit_code == 2 and not catalog_dir.exists()
+    done = invoke("index", source, "--catalog", catalog_dir, "--model", lite0_model_dir,
+                  "--catalog-views", VIEWS)  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert json.loads((catalog_dir / "catalog.json").read_text())["catalog_views"] == VIEWS
+    changed = invoke("index", source, "--catalog", catalog_dir, "--catalog-views", 0)
+    assert changed.exit_code == 2, changed.output
+    assert "catalog views" in changed.stderr and "Traceback" not in changed.output
+
+    query = tmp_path / "query.png"
+    cluttered_photo(5).save(query)
+    found = invoke("search", query, "--catalog", catalog_dir, "--flip-query", "--json",
+                   "--ranking", "image", "-k", 2)  # fmt: skip
+    assert found.exit_code == 0, found.output
+    hits = json.loads(found.stdout)["image_results"]
+    image = Image.open(query).convert("RGB")
+    expected = brute_mean(lite0_embedder, [image, mirror(image)])
+    vectors = {int(i): np.frombuffer(v, np.float32)
+               for i, v in db_rows(catalog_dir, "SELECT id, vector FROM images")}  # fmt: skip
+    for hit in hits:
+        assert hit["score"] == pytest.approx(float(vectors[hit["image_id"]] @ expected), abs=2e-3)
