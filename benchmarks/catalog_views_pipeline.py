@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "python benchmarks/catalog_views_pipeline.py "
         + " ".join(sys.argv[1:] if argv is None else argv)
     )
-    print(f"\n{len(folds)} folds, {len(label_of)} products, {len(pooled)} queries; "
+    print(f"\nImageNet Lite2 ({embedder.precision}); "
+          f"{len(folds)} folds, {len(label_of)} products, {len(pooled)} queries; "
           f"{packshots} of {catalog_images} catalog images taken for packshots")  # fmt: skip
     print("| setting | catalog R@1 [95 % CI] | Δ catalog R@1 [95 % CI] | all R@1 [95 % CI]"
           " | Δ all R@1 [95 % CI] |")  # fmt: skip
