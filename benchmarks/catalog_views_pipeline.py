@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from catalog_levers import Ranked, paired_delta  # this folder's script: one paired bootstrap
 from numpy.typing import NDArray
 
 from snapshop.catalog.catalog import create_catalog
@@ -36,7 +37,6 @@ from snapshop.data.sources import CatalogRecord
 from snapshop.errors import SnapshopError
 from snapshop.evaluate.crossval import held_out_folds
 from snapshop.evaluate.retrieval import recall_interval
-from snapshop.evaluate.stats import ratio_interval
 from snapshop.ingest import Ingestor
 from snapshop.models.embedder import Embedder, load_embedder
 from snapshop.models.tta import is_packshot
@@ -52,7 +52,7 @@ def index(
     """A new catalog in ``directory`` holding ``rows`` with ``views`` catalog views: the
     ingest's seconds and the images added."""
     with create_catalog(
-        directory, model_id=embedder.model_id, model_ref="efficientnet_lite2",
+        directory, model_id=embedder.model_id, model_ref=str(embedder.model_dir),
         dim=embedder.dim, index_kind="flat",
     ) as catalog:  # fmt: skip
         catalog.record_catalog_views(views)
@@ -92,19 +92,6 @@ def ranks(
         return out, (time.perf_counter() - start) / max(1, len(queries)) * 1e3
 
 
-def paired_delta(
-    lever: NDArray[np.int64], base: NDArray[np.int64], labels: NDArray[np.int64]
-) -> tuple[float, float, float]:
-    """R@1 difference and its paired 95 % bootstrap interval over products (the same products
-    resampled for both settings)."""
-    products, inverse = np.unique(labels, return_inverse=True)
-    hits = (lever < 1).astype(np.float64) - (base < 1).astype(np.float64)
-    diff = np.bincount(inverse, weights=hits, minlength=len(products))
-    counts = np.bincount(inverse, minlength=len(products)).astype(np.float64)
-    lo, hi = ratio_interval(diff, counts)
-    return float(diff.sum() / counts.sum()), lo, hi
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", help="grocery-dev's manifest.csv")
@@ -112,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/snapshop-views"))
     parser.add_argument("--max-queries", type=int, default=0, help="per fold (0: all)")
+    parser.add_argument("--model", default="efficientnet_lite2", help="backbone or model dir")
     args = parser.parse_args(argv)
     if args.views < 1:
         parser.error("--views must be at least 1 (the lever measured against none)")
@@ -120,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_dataset(args.dataset)
     folds = held_out_folds(rows, args.folds, seed=0, max_images=0, keep_roles=True)
     label_of = {p: i for i, p in enumerate(sorted({r.sku for f in folds for r in f}))}
-    embedder = load_embedder("efficientnet_lite2")
+    embedder = load_embedder(args.model)
     if args.work.exists():
         shutil.rmtree(args.work)
     settings = {"baseline": (0, False), "query flip": (0, True),
@@ -161,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "python benchmarks/catalog_views_pipeline.py "
         + " ".join(sys.argv[1:] if argv is None else argv)
     )
-    print(f"\nImageNet Lite2 ({embedder.precision}); "
+    print(f"\n{embedder.model_id} ({embedder.precision}); "
           f"{len(folds)} folds, {len(label_of)} products, {len(pooled)} queries; "
           f"{packshots} of {catalog_images} catalog images taken for packshots")  # fmt: skip
     print("| setting | catalog R@1 [95 % CI] | Δ catalog R@1 [95 % CI] | all R@1 [95 % CI]"
@@ -173,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             r = np.concatenate(found[name, protocol])
             base = np.concatenate(found["baseline", protocol])
             lo, hi = recall_interval(r, pooled, 1)
-            d, dlo, dhi = paired_delta(r, base, pooled)
-            cells += [f"{(r < 1).mean():.3f} [{lo:.3f}, {hi:.3f}]",
-                      f"{d:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"]  # fmt: skip
+            delta = paired_delta(Ranked([r], [r], [pooled]), Ranked([base], [base], [pooled]))
+            cells += [f"{(r < 1).mean():.3f} [{lo:.3f}, {hi:.3f}]", delta]
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\nindexing the catalog images alone (ingest wall time per image, this machine):")
     for views, seconds in index_s.items():
