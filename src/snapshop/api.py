@@ -230,7 +230,8 @@ def open_searcher(
     item-based results); ``embed_threads``: ONNX Runtime threads (None: its default);
     ``ranking``: image-based results by "product" vector (default) or best "image";
     ``flip_query``: image-based results from the photo's and its mirror's mean embedding
-    (issue #20: photo -> catalog R@1 +0.01 to +0.02, a second embedding per query)."""
+    (issue #20: photo -> catalog R@1 +0.004 in bf16, +0.012 in fp32; a second embedding
+    per query, docs/benchmarks/retrieval.md)."""
     check_ranking(ranking)
     check_flag("flip_query", flip_query)
     catalog = open_catalog(catalog_dir)

@@ -8,9 +8,9 @@ way a result shows its product's best-matching image; the score is the one it wa
 Item-based results rank products by their best garment crop.
 
 ``flip_query`` (off by default; issue #20) searches image-based results with the mean of the
-photo's and its mirror's normalised embeddings: photo -> catalog R@1 +0.012 to +0.016 on
-grocery-dev (docs/benchmarks/retrieval.md), for a second embedding per query that runs
-beside the first.
+photo's and its mirror's normalised embeddings: photo -> catalog R@1 +0.012 on grocery-dev's
+folds in fp32, +0.004 (within noise) in bf16, for a second embedding per query that runs
+beside the first (+16 ms p50 with detection; docs/benchmarks/retrieval.md).
 """
 
 from __future__ import annotations
