@@ -192,8 +192,8 @@ def is_packshot(
     """Whether ``image`` looks like a catalog packshot, the product alone on white: on a
     ``thumb``-px copy, at least ``min_white_border`` of the 2-px border ring is near-white
     (every channel >= ``white_threshold``) and something inside is not (a blank white image
-    is no product). About 0.3 ms at 350 px. On grocery-dev the 41 catalog images' border shares are
-    0.85-1.0 and 600 shop photos' at most 0.18 (docs/benchmarks/retrieval.md)."""
+    is no product). About 0.3 ms at 350 px. On grocery-dev the 41 catalog images' border
+    shares are 0.85-1.0 and 600 shop photos' at most 0.18 (docs/benchmarks/retrieval.md)."""
     small = image.convert("RGB")
     small.thumbnail((thumb, thumb), Image.Resampling.BILINEAR)
     white = np.all(np.asarray(small) >= white_threshold, axis=2)
