@@ -342,6 +342,11 @@ def main() -> None:
         help="this variant's embedder runs in fp32 on ONNX Runtime's CPU provider (the default"
         " before issue #16's bf16; give the detector `:precision=fp32` for its side)",
     )  # fmt: skip
+    ap.add_argument(
+        "--flip-query", action="append", default=[], metavar="NAME",
+        help="this variant's image-based results use the photo's and its mirror's mean"
+        " embedding (Searcher flip_query, issue #20): a second embedding per query",
+    )  # fmt: skip
     ap.add_argument("--levers", action="store_true", help="also time the levers (last variant)")
     ap.add_argument("--lever-repeats", type=int, default=24)
     ap.add_argument("--workdir", type=Path, default=None)
@@ -381,6 +386,7 @@ def main() -> None:
                 parallel=0 if variant.name in args.one_call else None,
                 precision="fp32" if variant.name in args.fp32 else None,
             )
+        variant.searcher.flip_query = variant.name in args.flip_query
         if variant.name in args.photo_after_detect:
             variant.searcher.embedder.submit = serial_submit(  # type: ignore[method-assign]
                 variant.searcher.embedder

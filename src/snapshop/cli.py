@@ -157,6 +157,18 @@ def index(
     ray_gpus: Annotated[
         float, typer.Option(min=0, help="GPUs per Ray actor (embedding on CUDA).")
     ] = 0.0,
+    catalog_views: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=64,
+            help="Average a packshot's vector (product alone on white, told by its white"
+            " border) over the image, its mirror and N augmented views: photo -> catalog"
+            " R@1 +0.03-0.04 with ImageNet Lite2, N+2 embeddings per packshot (24 measured;"
+            " 0: off)."
+            " Recorded in the catalog card (default: the card's, off for a new catalog).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add a folder or CSV manifest to a catalog (created on first use); re-runs are idempotent.
@@ -169,6 +181,7 @@ def index(
             source, catalog, model=model, detector=detector, batch_size=batch_size, sync=sync,
             progress_total=set_total, progress=advance, index_kind=index_kind, workers=workers,
             ray=None if ray is None else RayConfig(ray, actors=ray_actors, gpus_per_actor=ray_gpus),
+            catalog_views=catalog_views,
         ))  # fmt: skip
     if as_json:
         out.print_json(json.dumps(report.to_dict()))
@@ -241,6 +254,13 @@ def search(
         str,
         typer.Option(help="Rank image-based results by 'product' vector or by best 'image'."),
     ] = "product",
+    flip_query: Annotated[
+        bool,
+        typer.Option(
+            help="Image-based results from the mean of the photo's and its mirror's"
+            " embeddings (photo -> catalog R@1 +0.004 bf16 / +0.012 fp32; a second embedding)."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the catalog products that look like IMAGE (image-based and item-based results)."""
@@ -249,6 +269,7 @@ def search(
     result = run(lambda: api.search_image(
         image, catalog, k=k, model=model, detector=detector,
         filters=ProductFilter(category, min_price, max_price), ranking=ranking,
+        flip_query=flip_query,
     ))  # fmt: skip
     if save_boxes is not None:
         from snapshop.visualize import draw_detections
@@ -515,14 +536,24 @@ def serve(
     embed_threads: Annotated[
         int, typer.Option(min=0, max=256, help="ONNX Runtime threads per request (0: default).")
     ] = 0,
+    flip_query: Annotated[
+        bool | None,
+        typer.Option(
+            "--flip-query/--no-flip-query",
+            help="Image-based results from the photo's and its mirror's mean embedding"
+            " (default: $SNAPSHOP_FLIP_QUERY, else off).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the REST API (/v1, docs at /docs) and the web page (/) over a catalog."""
     from snapshop.service import ServiceSettings, api_key_from_env, serve
+    from snapshop.service.settings import flip_query_from_env
 
     settings = run(lambda: ServiceSettings(
         catalog, model=model, detector=detector, api_key=api_key_from_env(api_key_env),
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         search_threads=search_threads or None, embed_threads=embed_threads or None,
+        flip_query=flip_query_from_env() if flip_query is None else flip_query,
     ))  # fmt: skip
     if not settings.writes_enabled:
         err.print(f"[dim]${api_key_env} is not set: product writes are disabled[/dim]")

@@ -57,6 +57,7 @@ from snapshop.images import (
 from snapshop.models.card import NORMALISATION
 from snapshop.models.embedder import Embedder, preprocess
 from snapshop.models.runtime import usable_cores
+from snapshop.models.tta import is_packshot, mean_view, packshot_views
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,8 @@ class Decoded:
     """A fresh image ready to embed: ``pixels`` are the embedder's input, ``blob`` is already
     written (a catalog directory; empty: the writer stores ``data``) or ``thumbnail`` made
     (JPEG bytes, width, height: a server catalog stores it in the image's transaction), and
-    ``image`` is kept only when a detector
-    needs it."""
+    ``image`` is kept only when a detector or the catalog views need it. ``views``: a
+    packshot's augmented views to average into its vector (0: the image alone; issue #20)."""
 
     record: CatalogRecord
     sha256: str
@@ -107,6 +108,7 @@ class Decoded:
     image: Image.Image | None = None
     data: bytes | None = None
     thumbnail: tuple[bytes, int, int] | None = None
+    views: int = 0
 
 
 @dataclass
@@ -157,6 +159,9 @@ def embed_batch(
         ]
         crop_vecs = embedder.embed_images([c[4] for cs in crops_per_image for c in cs])
         image_vecs = photos.result()
+    for i, d in enumerate(batch):
+        if d.views and d.image is not None:
+            image_vecs[i] = packshot_vector(embedder, d.image, d.views)
     out = []
     offset = 0
     for d, vec, crops in zip(batch, image_vecs, crops_per_image, strict=True):
@@ -182,11 +187,23 @@ def embed_one(
         else []
     )
     size, normalisation = embedder.input_size, embedder.card.normalisation
-    pixels = [d.pixels] + [preprocess(c[4], size, normalisation) for c in crops]
+    if d.views and d.image is not None:
+        vector = packshot_vector(embedder, d.image, d.views)
+    else:
+        vector = embedder.embed_arrays(d.pixels[None])[0]
+    pixels = [preprocess(c[4], size, normalisation) for c in crops]
     vecs = [embedder.embed_arrays(x[None])[0] for x in pixels]
     new = [NewCrop(pos, label, score, box, vec)
-           for (pos, label, score, box, _), vec in zip(crops, vecs[1:], strict=True)]  # fmt: skip
-    return Embedded(d.record, d.sha256, d.size, d.blob, vecs[0], new, d.data, d.thumbnail)
+           for (pos, label, score, box, _), vec in zip(crops, vecs, strict=True)]  # fmt: skip
+    return Embedded(d.record, d.sha256, d.size, d.blob, vector, new, d.data, d.thumbnail)
+
+
+def packshot_vector(embedder: Embedder, image: Image.Image, views: int) -> NDArray[np.float32]:
+    """(D,) float32, L2-normalised: the mean of the normalised embeddings of ``image``, its
+    mirror and ``views`` augmented views (:func:`snapshop.models.tta.packshot_views`),
+    embedded as one batch (issue #20: photo -> catalog R@1 +0.034 bf16 / +0.040 fp32 for
+    ImageNet Lite2 on grocery-dev's folds)."""
+    return mean_view(embedder.embed_images([image, *packshot_views(image, views)]))
 
 
 def _map_one(
@@ -467,6 +484,7 @@ class Ingestor:
             limits=self.limits, input_size=self.embedder.input_size,
             keep_image=self.detector is not None, normalisation=self.embedder.card.normalisation,
             thumbnails=self.catalog.is_server, decode=not self.mappers,
+            catalog_views=self.catalog.catalog_views,
         )  # fmt: skip
 
     # --- batch pipeline (issue #6): parallel decode workers, bounded prefetch -----------------
@@ -583,6 +601,7 @@ class PrepareJob:
     thumbnails: bool = False  # a server catalog stores a thumbnail instead of the file
     normalisation: Mapping[str, float] = field(default_factory=lambda: dict(NORMALISATION))
     decode: bool = True  # False: prepare leaves a fresh image to its mapper (:func:`finish`)
+    catalog_views: int = 0  # a packshot's vector averages this many views (the catalog card's)
 
 
 _Outcome = Decoded | Fresh | CatalogRecord | tuple[str, str]
@@ -645,8 +664,10 @@ def decode(
     pixels = preprocess(image, job.input_size, job.normalisation)
     size = original_size(image)  # a large image is decoded reduced
     thumbnail = thumbnail_jpeg(image) if job.thumbnails else None
-    kept = image if job.keep_image else None
-    return Decoded(record, sha, size, pixels, "", kept, data, thumbnail)
+    # only a packshot gets the views: they imitate shop photos of a product alone on white
+    views = job.catalog_views if job.catalog_views and is_packshot(image) else 0
+    kept = image if job.keep_image or views else None
+    return Decoded(record, sha, size, pixels, "", kept, data, thumbnail, views)
 
 
 # --- decode workers (issue #6) ------------------------------------------------------------------

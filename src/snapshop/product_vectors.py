@@ -23,7 +23,6 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -31,6 +30,7 @@ from numpy.typing import NDArray
 from snapshop.catalog.catalog import IMAGES, Catalog, index_name
 from snapshop.index.filtering import IdFilter
 from snapshop.index.flat import FlatIndex
+from snapshop.models.embedder import unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,6 @@ def mean_pool(
     sums = np.zeros((len(products), dim), np.float64)
     np.add.at(sums, inverse, unit_rows(vectors))
     return products.astype(np.int64), unit_rows(sums).astype(np.float32)
-
-
-def unit_rows(x: NDArray[Any]) -> NDArray[Any]:
-    """Rows of ``x`` scaled to length 1; a zero row (opposite images of one product can cancel
-    out: such a mean has no direction to keep) stays zero."""
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 @dataclass

@@ -24,7 +24,7 @@ CARD_FORMAT = "snapshop-catalog"
 CARD_VERSION = 1
 _FORMAT = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)/(?P<version>[0-9]{1,6})")
 _KNOWN = frozenset({"format", "model_id", "model_ref", "dim", "index_kind", "index_params",
-                    "crop_mode", "detector", "created_at"})  # fmt: skip
+                    "crop_mode", "detector", "created_at", "catalog_views"})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,10 @@ class CatalogCard:
     """``dim``: vector size; ``index_kind``: ``auto`` / ``flat`` / ``hnsw`` / ``pgvector`` /
     ``milvus``; ``crop_mode``: how crops are framed for the embedder (a card without it
     predates crop framing: ``center``); ``detector``: the spec the crops came from (None or
-    ``"none"``: no detector). ``extra`` keeps keys this version does not know, so rewriting a
-    card (recording a detector, say) never drops them."""
+    ``"none"``: no detector); ``catalog_views``: how many augmented views are averaged into
+    a packshot's vector at indexing time (0, and a card without the key: none; issue #20,
+    ``Catalog.record_catalog_views``). ``extra`` keeps keys this version does not know, so
+    rewriting a card (recording a detector, say) never drops them."""
 
     model_id: str
     model_ref: str
@@ -43,6 +45,7 @@ class CatalogCard:
     crop_mode: str = "center"
     detector: str | None = None
     created_at: str | None = None
+    catalog_views: int = 0
     version: int = CARD_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -79,13 +82,17 @@ class CatalogCard:
         if not isinstance(params, dict):
             raise CatalogError(f"{where}: index_params must be a JSON object")
         detector = data.get("detector")
+        views = data.get("catalog_views", 0)
+        if not isinstance(views, int) or isinstance(views, bool) or views < 0:
+            raise CatalogError(f"{where}: catalog_views must be a non-negative integer")
         return cls(
             model_id=str(data["model_id"]), model_ref=str(data["model_ref"]), dim=dim,
             index_kind=str(data.get("index_kind", "flat")), index_params=params,
             crop_mode=str(data.get("crop_mode", "center")),
             detector=None if detector is None else str(detector),
             created_at=None if data.get("created_at") is None else str(data["created_at"]),
-            version=version, extra={k: v for k, v in data.items() if k not in _KNOWN},
+            catalog_views=views, version=version,
+            extra={k: v for k, v in data.items() if k not in _KNOWN},
         )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
@@ -103,6 +110,8 @@ class CatalogCard:
             out["detector"] = self.detector
         if self.created_at is not None:
             out["created_at"] = self.created_at
+        if self.catalog_views:  # absent when off: a card older snapshops read the same way
+            out["catalog_views"] = self.catalog_views
         return {**self.extra, **out}
 
     def to_json_text(self) -> str:

@@ -41,7 +41,7 @@ from snapshop.catalog.store import MAX_ROW_ID, CatalogStore, CropRow, ImageRow, 
 from snapshop.catalog.write import CatalogWrite
 from snapshop.config import write_json
 from snapshop.detect.base import CROP_MODES, DEFAULT_CROP_MODE
-from snapshop.errors import CatalogError, ModelError, NotFoundError
+from snapshop.errors import CatalogError, ConfigError, ModelError, NotFoundError
 from snapshop.index import VectorIndex, create_index, load_index, save_index
 from snapshop.index.choose import (
     AUTO,
@@ -162,6 +162,34 @@ class Catalog:
             log.warning("catalog %s: crops so far came from detector %r, new ones from %r",
                         self.location, self.detector, spec)  # fmt: skip
         self.rewrite_card(detector=spec)
+
+    @property
+    def catalog_views(self) -> int:
+        """How many augmented views indexing averages into a packshot's vector (0: none; the
+        card's ``catalog_views``, issue #20): every later ingest into this catalog does the
+        same, so its packshots' vectors stay of one kind."""
+        return self.card.catalog_views
+
+    def record_catalog_views(self, views: int) -> None:
+        """Set the card's ``catalog_views`` to ``views``: while the catalog holds no image it
+        takes any setting; once it holds images, a different one raises ConfigError and
+        nothing changes (vectors made both ways would be mixed; index into a new catalog, or
+        leave the option out to keep the card's)."""
+        from snapshop.models.tta import check_view_count
+
+        views = check_view_count(views)
+        with self.write_lock():
+            if self.card.catalog_views == views:
+                return
+            images = self.store.counts()["images"]
+            if images:
+                raise ConfigError(
+                    f"catalog {self.location} was indexed with {self.card.catalog_views}"
+                    f" catalog views per packshot, not {views}; its {images} images keep their"
+                    " vectors: leave the option out to index with the catalog's setting, or"
+                    " index into a new catalog"
+                )
+            self.rewrite_card(catalog_views=views)
 
     def rewrite_card(self, **changes: Any) -> None:
         """Change keys of the stored card (re-read first: another process may have changed
@@ -546,6 +574,7 @@ class Catalog:
             "model_ref": self.model_ref,
             "detector": self.detector,
             "crop_mode": self.crop_mode,
+            "catalog_views": self.catalog_views,
             "dim": self.dim,
             "index_kind": self.index_kind,
             # server kinds' parameters may hold a connection string: only local ones are shown

@@ -99,7 +99,9 @@ def _open_target(src: Catalog, target: Target) -> Catalog:
         target, model_id=src.model_id, model_ref=src.model_ref, dim=src.dim, index_kind=kind,
         index_params=dict(src.card.index_params) if not src.is_server else None,
     )  # fmt: skip
-    dst.rewrite_card(crop_mode=src.crop_mode, detector=src.card.detector)
+    dst.rewrite_card(
+        crop_mode=src.crop_mode, detector=src.card.detector, catalog_views=src.catalog_views
+    )
     return dst
 
 

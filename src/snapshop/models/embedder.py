@@ -9,6 +9,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -200,8 +201,14 @@ def _normalised(outs: list[NDArray[np.float32]]) -> NDArray[np.float32]:
     """Concatenated session outputs, L2-normalised row by row."""
     emb = np.concatenate(outs).astype(np.float32, copy=False)
     # The graph normalises already; renormalising guards against fp drift in quantised models.
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb / np.maximum(norms, 1e-12)
+    return unit_rows(emb)
+
+
+def unit_rows(x: NDArray[Any]) -> NDArray[Any]:
+    """Rows of ``x`` scaled to length 1; a zero row (opposite images of one product can cancel
+    out: such a mean has no direction to keep) stays zero. The one L2 normalisation of
+    vectors: the embedder's outputs, product vectors, averaged views."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def load_embedder(model: str | os.PathLike[str] | None = None, **kwargs: object) -> Embedder:

@@ -54,6 +54,7 @@ def create_app(
             detector=detector if detector is not None else settings.detector,
             embed_threads=settings.embed_threads,
             ranking=settings.ranking,
+            flip_query=settings.flip_query,
         )
         searcher.embedder.open_sessions()
     state = ServiceState(settings, searcher)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from snapshop.errors import ConfigError
 from snapshop.images import pil_pixel_ceiling
-from snapshop.search import DEFAULT_RANKING, check_ranking
+from snapshop.search import DEFAULT_RANKING, check_flag, check_ranking
 
 DEFAULT_API_KEY_ENV = "SNAPSHOP_API_KEY"
 RANKING_ENV = "SNAPSHOP_RANKING"
+FLIP_QUERY_ENV = "SNAPSHOP_FLIP_QUERY"
 THUMB_SIZES: tuple[int, ...] = (64, 128, 256, 512)
 FORM_ROOM = 1024 * 1024  # a multipart body's form fields and part headers, beyond its images
 
@@ -42,6 +43,8 @@ class ServiceSettings:
     embed_threads: int | None = None  # ONNX Runtime intra-op threads; None: its default
     # image-based results by "product" vector or best "image" (search.RANKINGS)
     ranking: str = field(default_factory=lambda: ranking_from_env())
+    # image-based results from the photo's and its mirror's mean embedding (issue #20)
+    flip_query: bool = field(default_factory=lambda: flip_query_from_env())
 
     def __post_init__(self) -> None:
         from snapshop.catalog.server import is_server_target
@@ -75,6 +78,7 @@ class ServiceSettings:
             raise ConfigError("thumb_sizes must be between 16 and 2048 pixels")
         object.__setattr__(self, "thumb_sizes", tuple(sorted(set(self.thumb_sizes))))
         check_ranking(self.ranking)
+        check_flag("flip_query", self.flip_query)
 
     @property
     def writes_enabled(self) -> bool:
@@ -94,6 +98,17 @@ class ServiceSettings:
 def ranking_from_env(name: str = RANKING_ENV) -> str:
     """The ranking named by environment variable ``name`` ("product" when unset or empty)."""
     return os.environ.get(name, "").strip().lower() or DEFAULT_RANKING
+
+
+def flip_query_from_env(name: str = FLIP_QUERY_ENV) -> bool:
+    """Whether environment variable ``name`` turns query flip averaging on (1 / true / yes;
+    0 / false / no / unset: off, as a manifest's flags); any other value is a ConfigError."""
+    from snapshop.data.sources import FALSE_WORDS, TRUE_WORDS
+
+    word = os.environ.get(name, "").strip().lower()
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise ConfigError(f"${name} must be one of 1, true, yes, 0, false, no; got {word!r}")
 
 
 def api_key_from_env(name: str = DEFAULT_API_KEY_ENV) -> str | None:

@@ -83,6 +83,7 @@ class ServiceState:
         searcher.detector = serial_if_needed(searcher.detector)
         searcher.auto_refresh = False  # ensure_fresh refreshes under the write lock instead
         searcher.ranking = settings.ranking
+        searcher.flip_query = settings.flip_query
         self.searcher = searcher
         self.catalog = searcher.catalog
         self.lock = ReadWriteLock()
