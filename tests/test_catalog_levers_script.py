@@ -41,3 +41,16 @@ def test_paired_delta_is_the_difference_with_an_interval_around_it() -> None:
     lo, hi = (float(x) for x in interval.strip("[]").split(", "))
     assert 0 < lo < 0.5 < hi <= 1
     assert levers.paired_delta(base, base) == "+0.000 [+0.000, +0.000]"
+
+
+def test_domain_centring_subtracts_each_domains_mean_then_renormalises() -> None:
+    rng = np.random.default_rng(0)
+    q, cat, p = (rng.normal(size=(n, 3)).astype(np.float32) for n in (4, 2, 5))
+    train_q = np.array([True, False, True, False])
+    train_p = np.array([False, True, True, False, False])
+    cq, ccat, cp = levers.centre_domains(q, cat, p, train_q, train_p)
+    photo_mean = np.mean([q[0], q[2], p[1], p[2]], axis=0)  # the training products' photos only
+    for got, rows, mean in ((cq, q, photo_mean), (ccat, cat, cat.mean(0)), (cp, p, photo_mean)):
+        for g, row in zip(got, rows, strict=True):
+            want = (row - mean) / np.linalg.norm(row - mean)
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)

@@ -180,3 +180,28 @@ def test_tags_self_train_a_teacher_then_the_model_on_both(tmp_path: Path) -> Non
         json.loads((out / f"re_{CARD_FILE}").read_text())["training_data"]
         == student["training_data"]
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("path,image_id\nimages/1.jpg,1\n", "expected a ccp-tags CSV"),
+        ("path,image_id,groups\nimages/1.jpg,1,top;hat\n", "line 2: unknown garment groups"),
+        ("path,image_id,groups\nimages/1.jpg,../1,top\n", "line 2: bad image_id"),
+        ("", "expected a ccp-tags CSV"),
+    ],
+)
+def test_a_bad_tags_file_fails_before_any_training(
+    tmp_path: Path, text: str, match: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import snapshop.train.segmenter as segmenter_training
+
+    tags = tmp_path / "tags.csv"
+    tags.write_text(text)
+    trained: list[object] = []
+    monkeypatch.setattr(segmenter_training, "fit_head", lambda run: trained.append(run))
+    with pytest.raises(ManifestError, match=match):
+        segmenter_training.train_detector(DetectorTraining(tmp_path, tags=tags))
+    assert trained == []  # no teacher was trained
+    result = train_detector_command([str(tmp_path), "--tags", str(tags)], exit_code=2)
+    assert "ccp-tags" in result.output or "line 2" in result.output

@@ -68,6 +68,7 @@ from snapshop.train.segmenter.pseudo import (
     PseudoLabelConfig,
     constrained_labels,
     pseudo_label_pairs,
+    read_tags,
     write_pseudo_labels,
 )
 from snapshop.train.segmenter.samples import (
@@ -100,6 +101,7 @@ def label_tagged_photos(run: DetectorTraining) -> Path:
     from snapshop.models.runtime import TRAINING_PRECISION
 
     assert run.tags is not None
+    read_tags(run.tags)  # a bad tags file fails now, not after the teacher's training
     teacher = run.teacher
     if teacher is None:
         prefix = f"{run.prefix}teacher_"

@@ -143,11 +143,16 @@ def read_tags(tags_csv: Path) -> list[tuple[Path, str, set[str]]]:
     if not rows or not needed <= set(rows[0]):
         raise ManifestError(f"{tags_csv}: expected a ccp-tags CSV with columns {sorted(needed)}")
     out = []
-    for r in rows:
-        image_id = r["image_id"].strip()
+    for line, r in enumerate(rows, start=2):
+        image_id = (r["image_id"] or "").strip()
         if not image_id or "/" in image_id or "\\" in image_id:
-            raise ManifestError(f"{tags_csv}: bad image_id {image_id!r}")
+            raise ManifestError(f"{tags_csv}, line {line}: bad image_id {image_id!r}")
         groups = {g for g in (r["groups"] or "").split(";") if g}
+        if groups - set(GROUPS):
+            raise ManifestError(
+                f"{tags_csv}, line {line}: unknown garment groups {sorted(groups - set(GROUPS))}"
+                f" (known: {', '.join(GROUPS)})"
+            )
         out.append((tags_csv.parent / r["path"], image_id, groups))
     return out
 
