@@ -6,7 +6,10 @@
 # Later runs: MODELS="odd320:odd:320 all320:all:320" (the other fold of a two-fold
 # cross-validation: fit odd, score even; and all ids), then the shipped recipe,
 # MODELS="wide_even:even:320 wide_odd:odd:320 wide_all:all:320" EXTRA="--min-scale 0.5
-# --max-scale 1.5" (both folds + the shipped model, wide_all).
+# --max-scale 1.5" (both folds + the shipped model, wide_all). Issue #21's pseudo-labels: pack
+# ccp-tags too (python scripts/pack_ccp_for_device.py ../shared/datasets/ccp-tags
+# .carry/ccp-tags --long-side 400 --quality 80 --max-mb 30: 24.3 MB) and add
+# EXTRA="... --tags .carry/ccp-tags/tags.csv" with TAR=1 (not run yet: no GPU was lent).
 #
 # Here:    python scripts/pack_ccp_for_device.py ../shared/datasets/ccp-dev .carry/ccp \
 #            [--parity all --max-mb 30]                       # even ids 11.9 MB, all 24.8 MB
@@ -65,11 +68,20 @@ done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 echo "all done in $((SECONDS - t0)) s (status $status)"
+# EXTRA="--tags DIR/tags.csv" (issue #21) also writes each model's teacher (NAME_teacher_*) and
+# a pseudo-label folder of ~1,000 files: the folders stay behind (the device returns few
+# files; relabel here with --teacher), the teacher goes into the model's tar.
+rm -rf "$OUT"/*_pseudo_labels
 if [ "${TAR:-0}" = 1 ]; then
   for spec in "${MODEL_SPECS[@]}"; do
     name=${spec%%:*}
-    files=("${name}_garment_seg.onnx" "${name}_garment_seg.json" "${name}_garment_seg_trunk.npz"
-           "${name}_train.log")
+    files=()
+    for model in "${name}_" "${name}_teacher_"; do
+      for suffix in garment_seg.onnx garment_seg.json garment_seg_trunk.npz; do
+        [ -e "$OUT/$model$suffix" ] && files+=("$model$suffix")
+      done
+    done
+    files+=("${name}_train.log")
     tar cf "$OUT/$name.tar" -C "$OUT" "${files[@]}" && (cd "$OUT" && rm -f "${files[@]}")
   done
 fi

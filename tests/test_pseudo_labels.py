@@ -205,3 +205,24 @@ def test_a_bad_tags_file_fails_before_any_training(
     assert trained == []  # no teacher was trained
     result = train_detector_command([str(tmp_path), "--tags", str(tags)], exit_code=2)
     assert "ccp-tags" in result.output or "line 2" in result.output
+
+
+def test_pack_script_packs_a_tags_folder_the_labeller_reads(tmp_path: Path) -> None:
+    from script_helpers import load_script
+
+    from snapshop.train.segmenter.pseudo import read_tags
+
+    write_tags(tmp_path / "tags", [("7", "top;trousers"), ("8", "dress")])
+    for image_id in ("7", "8"):
+        person_photo(dress=False).save(tmp_path / "tags" / "images" / f"{image_id}.jpg")
+    module = load_script("scripts/pack_ccp_for_device.py")
+    dest = tmp_path / "packed"
+    assert module.main([str(tmp_path / "tags"), str(dest), "--long-side", "165"]) == 0
+    rows = read_tags(dest / "tags.csv")
+    assert [(p.name, i, g) for p, i, g in rows] == [
+        ("7.jpg", "7", {"top", "trousers"}),
+        ("8.jpg", "8", {"dress"}),
+    ]
+    assert all(Image.open(p).size == (110, 165) for p, _, _ in rows)  # 220 x 330 halved
+    with open(dest / "tags.csv", newline="") as fh:
+        assert [(r["width"], r["height"]) for r in csv.DictReader(fh)] == [("110", "165")] * 2
