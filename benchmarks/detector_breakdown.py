@@ -29,6 +29,17 @@ from snapshop.errors import SnapshopError
 from snapshop.evaluate.breakdown import OUTCOMES, breakdown, score_folds
 
 
+def parse_folds(parser: argparse.ArgumentParser, pairs: list[str]) -> list[tuple[str, Path]]:
+    """``DETECTOR=BOXES_CSV`` arguments -> (detector spec, boxes CSV) folds."""
+    folds = []
+    for pair in pairs:
+        spec, sep, boxes = pair.rpartition("=")
+        if not sep or not spec:
+            parser.error(f"{pair!r}: expected DETECTOR=BOXES_CSV")
+        folds.append((spec, Path(boxes)))
+    return folds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fold", action="append", required=True, metavar="DETECTOR=BOXES_CSV")
@@ -37,13 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
 
-    folds = []
-    for pair in args.fold:
-        spec, sep, boxes = pair.rpartition("=")
-        if not sep or not spec:
-            parser.error(f"--fold {pair!r}: expected DETECTOR=BOXES_CSV")
-        folds.append((spec, Path(boxes)))
-    outcomes, pooled = score_folds(folds, args.images_root)
+    outcomes, pooled = score_folds(parse_folds(parser, args.fold), args.images_root)
 
     print(f"pooled over {len(outcomes)} photos: recall / precision (95 % interval over photos)")
     print("| position | ground truth | predicted | recall | precision |\n|---|---|---|---|---|")

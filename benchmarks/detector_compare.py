@@ -20,21 +20,15 @@ import json
 import sys
 from pathlib import Path
 
-from snapshop.detect.base import POSITIONS
-from snapshop.errors import SnapshopError
-from snapshop.evaluate.breakdown import score_folds
-from snapshop.evaluate.detection import PositionScore
-from snapshop.evaluate.stats import paired_ratio_difference
+sys.path.insert(0, str(Path(__file__).parent))
 
+from detector_breakdown import parse_folds  # noqa: E402
 
-def parse_folds(parser: argparse.ArgumentParser, pairs: list[str]) -> list[tuple[str, Path]]:
-    folds = []
-    for pair in pairs:
-        spec, sep, boxes = pair.rpartition("=")
-        if not sep or not spec:
-            parser.error(f"{pair!r}: expected DETECTOR=BOXES_CSV")
-        folds.append((spec, Path(boxes)))
-    return folds
+from snapshop.detect.base import POSITIONS  # noqa: E402
+from snapshop.errors import SnapshopError  # noqa: E402
+from snapshop.evaluate.breakdown import score_folds  # noqa: E402
+from snapshop.evaluate.detection import PositionScore  # noqa: E402
+from snapshop.evaluate.stats import paired_ratio_difference  # noqa: E402
 
 
 def columns(score: PositionScore, metric: str) -> tuple[list[int], list[int]]:
