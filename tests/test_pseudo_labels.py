@@ -226,3 +226,20 @@ def test_pack_script_packs_a_tags_folder_the_labeller_reads(tmp_path: Path) -> N
     assert all(Image.open(p).size == (110, 165) for p, _, _ in rows)  # 220 x 330 halved
     with open(dest / "tags.csv", newline="") as fh:
         assert [(r["width"], r["height"]) for r in csv.DictReader(fh)] == [("110", "165")] * 2
+
+
+def test_a_very_large_photo_is_labelled_reduced_and_trains_at_its_own_size(
+    tmp_path: Path,
+) -> None:
+    from snapshop.train.segmenter import load_training_images
+    from snapshop.train.segmenter.pseudo import IDENTITY_TABLE
+
+    tags = write_tags(tmp_path / "tags", [("1", "top;trousers")])
+    person_photo(dress=False).resize((2200, 3300)).save(tmp_path / "tags" / "images" / "1.jpg")
+    out = tmp_path / "pseudo"
+    assert write_pseudo_labels(FakeTeacher(), tags, out)["kept"] == 1
+    pairs, _ = pseudo_label_pairs(out)
+    assert Image.open(pairs[0][1]).size == (1365, 2048)  # decoded at most 2,048 px long
+    (image,) = load_training_images(pairs, IDENTITY_TABLE)
+    assert image.labels.shape == image.rgb.shape[:2] == (3300, 2200)
+    assert set(np.unique(image.labels)) <= {OTHER, UPPER_CLS, LOWER_CLS, IGNORE}

@@ -16,6 +16,7 @@ The result is a folder the trainer reads as extra labelled photos (``--tags`` of
     pseudo_labels.json   card: teacher, settings, counts (checked on open)
     manifest.csv         path (the photo, absolute), image_id, groups
     labels/ID.png        class per pixel (CLASSES order; 255 = ignored), the photo's size
+                         (its reduced decoded size past 2,048 px)
 """
 
 from __future__ import annotations
@@ -179,7 +180,9 @@ def write_pseudo_labels(
     t0 = time.perf_counter()
     for n, (photo, image_id, groups) in enumerate(rows, start=1):
         try:
-            rgb = np.asarray(load_image(photo, DecodeLimits(max_side=None)).convert("RGB"))
+            # default limits: a very large photo is labelled at a reduced size (bounded
+            # memory); training resizes a label map to its photo (nearest) when they differ
+            rgb = np.asarray(load_image(photo, DecodeLimits()).convert("RGB"))
         except ImageDecodeError as exc:
             dropped["unreadable photo"] = dropped.get("unreadable photo", 0) + 1
             log.warning("%s: skipped (%s)", photo, exc)
