@@ -144,10 +144,14 @@ def read_tags(tags_csv: Path) -> list[tuple[Path, str, set[str]]]:
     if not rows or not needed <= set(rows[0]):
         raise ManifestError(f"{tags_csv}: expected a ccp-tags CSV with columns {sorted(needed)}")
     out = []
+    seen: set[str] = set()
     for line, r in enumerate(rows, start=2):
         image_id = (r["image_id"] or "").strip()
         if not image_id or "/" in image_id or "\\" in image_id:
             raise ManifestError(f"{tags_csv}, line {line}: bad image_id {image_id!r}")
+        if image_id in seen:  # one label map per id: a second row would overwrite the first
+            raise ManifestError(f"{tags_csv}, line {line}: image_id {image_id!r} repeated")
+        seen.add(image_id)
         groups = {g for g in (r["groups"] or "").split(";") if g}
         if groups - set(GROUPS):
             raise ManifestError(
