@@ -278,3 +278,34 @@ def test_cli_records_views_refuses_a_change_and_searches_flipped(
                for i, v in db_rows(catalog_dir, "SELECT id, vector FROM images")}  # fmt: skip
     for hit in hits:
         assert hit["score"] == pytest.approx(float(vectors[hit["image_id"]] @ expected), abs=2e-3)
+
+
+@pytest.mark.server
+def test_a_server_catalog_keeps_the_setting_in_its_card_row_too(
+    tmp_path: Path, shop: dict[str, Path], lite0_model_dir: Path, lite0_embedder, pg_database: str
+) -> None:
+    api.index_source(tmp_path / "shop", pg_database, model=str(lite0_model_dir), workers=0,
+                     catalog_views=VIEWS)  # fmt: skip
+    with open_catalog(pg_database) as catalog:
+        assert catalog.is_server and catalog.catalog_views == VIEWS
+        assert catalog.counts()["images"] == 4
+        sources = {
+            row.id: row.source
+            for product in catalog.list_products()
+            for row in catalog.images_of(product.id)
+        }
+        vectors = {
+            sources[int(i)]: v
+            for ids, vecs in catalog.store.iter_vectors("images", catalog.dim)
+            for i, v in zip(ids, vecs, strict=True)
+        }
+    image = Image.open(shop["sku0/packshot"]).convert("RGB")
+    expected = brute_mean(lite0_embedder, [image, *packshot_views(image, VIEWS)])
+    np.testing.assert_allclose(vectors[str(shop["sku0/packshot"])], expected, atol=2e-3)
+    photo = Image.open(shop["sku0/photo"]).convert("RGB")  # not a packshot: embedded alone
+    np.testing.assert_allclose(
+        vectors[str(shop["sku0/photo"])], brute_mean(lite0_embedder, [photo]), atol=2e-3
+    )
+    with pytest.raises(ConfigError, match=f"indexed with {VIEWS} catalog views"):
+        api.index_source(tmp_path / "shop", pg_database, model=str(lite0_model_dir),
+                         workers=0, catalog_views=0)  # fmt: skip
