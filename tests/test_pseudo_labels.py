@@ -135,6 +135,10 @@ def test_folder_round_trip_skips_bad_photos_and_checks_its_card(tmp_path: Path) 
     # photo tagged dress alone
     assert DRESS_CLS not in separates and LOWER_CLS in separates and UPPER_CLS in separates
     assert set(np.unique(one_piece)) <= {OTHER, DRESS_CLS, IGNORE} and DRESS_CLS in one_piece
+    moved = pairs[0][0].rename(pairs[0][0].with_suffix(".bak"))
+    with pytest.raises(ConfigError, match="photo .*1.jpg is missing"):
+        pseudo_label_pairs(out)
+    moved.rename(pairs[0][0])
     with open(out / "manifest.csv", "a") as fh:
         fh.write("/elsewhere.jpg,9,top\n")
     with pytest.raises(ConfigError, match="does not match its card"):
@@ -245,3 +249,18 @@ def test_a_very_large_photo_is_labelled_reduced_and_trains_at_its_own_size(
     (image,) = load_training_images(pairs, IDENTITY_TABLE)
     assert image.labels.shape == image.rgb.shape[:2] == (3300, 2200)
     assert set(np.unique(image.labels)) <= {OTHER, UPPER_CLS, LOWER_CLS, IGNORE}
+
+
+def test_a_bad_pseudo_label_folder_fails_before_any_feature_is_computed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import snapshop.train.segmenter.head as head
+
+    root = tmp_path / "ccp"
+    write_tiny_ccp(root)
+    monkeypatch.setattr(head, "load_or_build_samples", lambda *a, **k: pytest.fail("too late"))
+    result = train_detector_command(
+        [str(root), "--pseudo-labels", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")],
+        exit_code=2,
+    )
+    assert "not a pseudo-label folder" in result.output

@@ -301,15 +301,16 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
     config, out, prefix, parity = run.model, run.out, run.prefix, run.parity
     assert isinstance(config, FinetuneConfig)
     pairs = list_images(run.dataset, parity, run.limit)
+    # read (and checked) before any slow step: a bad folder fails at once
+    pseudo_pairs, pseudo_card = (
+        pseudo_label_pairs(run.pseudo_labels) if run.pseudo_labels else ([], {})
+    )
     if not pairs:
         raise ConfigError(f"{run.dataset}: no photos with masks for parity {parity!r}")
     t0 = time.perf_counter()
     table = segmenter_label_table(run.dataset / "mask_labels.csv", config.aux_labels)
     images = load_training_images(pairs, table)
     images += negative_training_images(config.negatives, config.long_side, config.seed)
-    pseudo_pairs, pseudo_card = (
-        pseudo_label_pairs(run.pseudo_labels) if run.pseudo_labels else ([], {})
-    )
     images += load_training_images(pseudo_pairs, IDENTITY_TABLE)
     t_load = time.perf_counter() - t0
     log.info(

@@ -115,15 +115,16 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
     config = run.model
     assert isinstance(config, HeadConfig)
     pairs = list_images(run.dataset, run.parity, run.limit)
+    # read (and checked) before any slow step: a bad folder fails at once
+    pseudo_pairs, pseudo_card = (
+        pseudo_label_pairs(run.pseudo_labels) if run.pseudo_labels else ([], {})
+    )
     if not pairs:
         raise ConfigError(f"{run.dataset}: no photos with masks for parity {run.parity!r}")
     table = segmenter_label_table(run.dataset / "mask_labels.csv")
     t0 = time.perf_counter()
     samples = load_or_build_samples(
         pairs, table, config.long_side, run.cache, config.negatives, config.seed
-    )
-    pseudo_pairs, pseudo_card = (
-        pseudo_label_pairs(run.pseudo_labels) if run.pseudo_labels else ([], {})
     )
     if pseudo_pairs:
         samples += load_or_build_samples(pseudo_pairs, IDENTITY_TABLE, config.long_side)

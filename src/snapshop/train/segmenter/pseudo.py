@@ -168,7 +168,6 @@ def write_pseudo_labels(
     out: Path,
     config: PseudoLabelConfig = PseudoLabelConfig(),
     teacher: str = "",
-    limit: int | None = None,
 ) -> dict[str, Any]:
     """Label every photo of ``tags_csv`` with ``detector`` (a :class:`SegmenterDetector`,
     ungated) under its tags; write the folder described in the module docstring into ``out``
@@ -176,7 +175,7 @@ def write_pseudo_labels(
     from snapshop.errors import ImageDecodeError
     from snapshop.images import DecodeLimits, load_image
 
-    rows = read_tags(tags_csv)[:limit] if limit else read_tags(tags_csv)
+    rows = read_tags(tags_csv)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     dropped: dict[str, int] = {}
     kept: list[tuple[Path, str, set[str]]] = []
@@ -247,7 +246,10 @@ def pseudo_label_pairs(folder: Path) -> tuple[list[tuple[Path, Path]], dict[str,
         labels = folder / "labels" / f"{row['image_id']}.png"
         if not labels.is_file():
             raise ConfigError(f"{folder}: {labels.name} is missing")
-        pairs.append((Path(row["path"]), labels))
+        photo = Path(row["path"])
+        if not photo.is_file():  # moved or deleted since labelling
+            raise ConfigError(f"{folder}: photo {photo} is missing (label again with --tags)")
+        pairs.append((photo, labels))
     return pairs, card
 
 
