@@ -14,6 +14,10 @@ ingest report's seconds), per image, with and without views.
 
     python benchmarks/catalog_views_pipeline.py ../shared/datasets/grocery-dev/manifest.csv \
         --views 24 --work /tmp/snapshop-views
+
+With ``--fold-models DIR0 DIR1 DIR2`` each fold is indexed and searched with its own trained
+model (``snapshop train`` on ``snapshop prepare --folds 3 --fold N``'s training rows), so
+every score is a model's on products it never saw.
 """
 
 from __future__ import annotations
@@ -100,15 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/snapshop-views"))
     parser.add_argument("--max-queries", type=int, default=0, help="per fold (0: all)")
     parser.add_argument("--model", default="efficientnet_lite2", help="backbone or model dir")
+    parser.add_argument("--fold-models", nargs="+", help="one model dir per fold, in fold order")
     args = parser.parse_args(argv)
     if args.views < 1:
         parser.error("--views must be at least 1 (the lever measured against none)")
+    if args.fold_models and len(args.fold_models) != args.folds:
+        parser.error(f"--fold-models needs {args.folds} directories, one per fold")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
 
     rows = read_dataset(args.dataset)
     folds = held_out_folds(rows, args.folds, seed=0, max_images=0, keep_roles=True)
     label_of = {p: i for i, p in enumerate(sorted({r.sku for f in folds for r in f}))}
-    embedder = load_embedder(args.model)
+    embedders = [load_embedder(m) for m in args.fold_models or [args.model] * args.folds]
     if args.work.exists():
         shutil.rmtree(args.work)
     settings = {"baseline": (0, False), "query flip": (0, True),
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     index_s: dict[int, float] = {0: 0.0, args.views: 0.0}
     query_ms: dict[bool, list[float]] = {False: [], True: []}
     packshots = catalog_images = 0
-    for n, held in enumerate(folds):
+    for n, (held, embedder) in enumerate(zip(folds, embedders, strict=True)):
         queries = [r for r in held if r.role == "query"]
         if args.max_queries:
             queries = queries[: args.max_queries]
@@ -149,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         "python benchmarks/catalog_views_pipeline.py "
         + " ".join(sys.argv[1:] if argv is None else argv)
     )
-    print(f"\n{embedder.model_id} ({embedder.precision}); "
+    model_ids = ", ".join(dict.fromkeys(e.model_id for e in embedders))
+    print(f"\n{model_ids} ({embedders[0].precision}); "
           f"{len(folds)} folds, {len(label_of)} products, {len(pooled)} queries; "
           f"{packshots} of {catalog_images} catalog images taken for packshots")  # fmt: skip
     print("| setting | catalog R@1 [95 % CI] | Δ catalog R@1 [95 % CI] | all R@1 [95 % CI]"

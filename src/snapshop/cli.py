@@ -654,8 +654,16 @@ def train(
     repeat: Annotated[
         int, typer.Option(min=1, help="How many times --repeat-where rows are listed.")
     ] = 1,
+    catalog_domain: Annotated[
+        bool,
+        typer.Option(
+            help="Packshots' training views are photo-like catalog views first (cut out onto"
+            " clutter, zoomed out, white balance, blur, rotation)."
+        ),
+    ] = False,
 ) -> None:
     """Train a NormSoftmax embedder and export it (model.onnx + model.json) to OUT."""
+    from snapshop.train.augment import AugmentConfig
     from snapshop.train.trainer import RowSelection, TrainConfig, train_from_manifest
 
     config = run(lambda: TrainConfig(
@@ -663,6 +671,7 @@ def train(
         lr_step=lr_step, backbone_lr_scale=backbone_lr_scale, classes_per_batch=classes_per_batch,
         samples_per_class=samples_per_class, train_blocks=train_blocks, cache=cache,
         views=views, device=device, threads=threads, workers=workers, seed=seed,
+        augment=AugmentConfig(catalog_domain=catalog_domain),
     ))  # fmt: skip
     selection = RowSelection(
         tuple(train_where or ()), tuple(eval_where or ()), tuple(eval_gallery_where or ()),
@@ -830,6 +839,13 @@ def train_detector(
             help="Also train skin, hair, legwear, footwear, bag, belt (folded into other).",
         ),
     ] = None,
+    copy_paste: Annotated[
+        float | None,
+        typer.Option(
+            help="Copy-paste: another labelled person pasted in; composites per photo"
+            " (head), chance per sample (with --finetune-blocks)."
+        ),
+    ] = None,
 ) -> None:
     """Train the `segmenter` garment detector on CCP pixel labels (head on the frozen trunk, or
     end to end with --finetune-blocks N); load the result with --detector segmenter:OUT.
@@ -845,7 +861,7 @@ def train_detector(
         optimizer=optimizer, schedule=schedule, min_scale=min_scale, max_scale=max_scale,
         jitter=jitter, augment=augment, bf16=bf16, max_train_seconds=max_train_seconds,
         warmup_fraction=warmup_fraction, overlay_dtype=overlay_dtype, recolour=recolour,
-        aux_labels=aux_labels,
+        aux_labels=aux_labels, copy_paste=copy_paste,
     )  # fmt: skip
     job = run(lambda: detector_training(
         dataset, finetune_blocks=finetune_blocks, settings=settings, out=out_dir, parity=parity,

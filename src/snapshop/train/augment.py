@@ -1,4 +1,10 @@
-"""Train-time augmentation with PIL and numpy: random resized crop, flip, colour jitter."""
+"""Train-time augmentation with PIL and numpy: random resized crop, flip, colour jitter.
+
+With ``catalog_domain`` a packshot (:func:`snapshop.models.tta.is_packshot`: the product alone
+on white) first becomes one of :func:`snapshop.models.tta.catalog_view`'s photo-like variants
+(cut out onto clutter or grey, zoomed out, white balance, blur, rotation, crop), so that the
+catalog image's training views look more like the shop photos it must match (issue #20).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageEnhance
 
 from snapshop.models.embedder import preprocess
+from snapshop.models.tta import VIEW_KINDS, CatalogAugmentConfig, catalog_view, is_packshot
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,7 @@ class AugmentConfig:
     brightness: float = 0.3
     contrast: float = 0.3
     saturation: float = 0.3
+    catalog_domain: bool = False  # packshots: a random tta.catalog_view before the above
 
 
 def random_resized_crop(
@@ -60,6 +68,8 @@ def augment(
     image: Image.Image, size: int, rng: random.Random, config: AugmentConfig = AugmentConfig()
 ) -> NDArray[np.float32]:
     """RGB image -> (3, size, size) float32 normalised like :func:`preprocess`, augmented."""
+    if config.catalog_domain and is_packshot(image):
+        image = catalog_view(image, rng.choice(VIEW_KINDS), rng, CatalogAugmentConfig())
     out = random_resized_crop(image, size, rng, config)
     if rng.random() < config.flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -61,6 +61,7 @@ from snapshop.train.segmenter.photos import (
     canvas_size,
     load_training_images,
     negative_training_images,
+    paste_person,
     recolour_garments,
     render_sample,
 )
@@ -137,6 +138,7 @@ __all__ = [
     "load_or_build_samples",
     "load_training_images",
     "negative_training_images",
+    "paste_person",
     "pseudo_label_pairs",
     "num_train_classes",
     "recolour_garments",

@@ -60,11 +60,20 @@ class HeadConfig:
     long_side: int = 320
     negatives: int = 60  # synthetic person-free images
     seed: int = 0
+    # copy-paste composites per labelled photo (another labelled person pasted in), made once
+    copy_paste: int = 0
 
     def __post_init__(self) -> None:
         SegmenterConfig(long_side=self.long_side)  # raises ConfigError for a bad long side
         if self.epochs < 1 or self.batch_size < 1 or self.negatives < 0 or self.width < 1:
             raise ConfigError("epochs, batch_size and width must be >= 1, negatives >= 0")
+        copies = self.copy_paste
+        if isinstance(copies, bool) or not float(copies).is_integer() or copies < 0:
+            raise ConfigError(
+                f"copy_paste is a number of composites per photo without --finetune-blocks:"
+                f" a whole number >= 0, got {copies}"
+            )
+        object.__setattr__(self, "copy_paste", int(copies))
         if self.lr <= 0 or not 0 <= self.dropout < 1:
             raise ConfigError("lr must be > 0 and dropout in [0, 1)")
 
@@ -100,6 +109,7 @@ class FinetuneConfig:
     overlay_dtype: str = "float32"  # float16 halves garment_seg_trunk.npz (read back as float32)
     aux_labels: bool = False  # train AUX_CLASSES too (folded into "other" at export)
     recolour: float = 0.0  # chance per sample that each garment class gets its own hue / tone
+    copy_paste: float = 0.0  # chance per sample that another labelled person is pasted in
 
     def __post_init__(self) -> None:
         SegmenterConfig(long_side=self.long_side)  # raises ConfigError for a bad long side
@@ -117,8 +127,8 @@ class FinetuneConfig:
             raise ConfigError("device must be auto, cuda or cpu")
         if not 0 < self.min_scale <= self.max_scale or not 0 <= self.jitter < 1:
             raise ConfigError("need 0 < min_scale <= max_scale and 0 <= jitter < 1")
-        if not 0 <= self.recolour <= 1:
-            raise ConfigError("recolour is a probability: 0..1")
+        if not 0 <= self.recolour <= 1 or not 0 <= self.copy_paste <= 1:
+            raise ConfigError("recolour and copy_paste are probabilities: 0..1")
         if not 0 <= self.warmup_fraction < 1 or not 0 <= self.dropout < 1:
             raise ConfigError("warmup_fraction and dropout must be in [0, 1)")
         if self.max_train_seconds is not None and self.max_train_seconds <= 0:

@@ -309,7 +309,7 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
         raise ConfigError(f"{run.dataset}: no photos with masks for parity {parity!r}")
     t0 = time.perf_counter()
     table = segmenter_label_table(run.dataset / "mask_labels.csv", config.aux_labels)
-    images = load_training_images(pairs, table)
+    images = load_training_images(pairs, table, silhouettes=config.copy_paste > 0)
     images += negative_training_images(config.negatives, config.long_side, config.seed)
     images += load_training_images(pseudo_pairs, IDENTITY_TABLE)
     t_load = time.perf_counter() - t0
@@ -330,7 +330,9 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
         "input": INPUT,
         "output": OUTPUT,
         "training_data": f"{CCP_SOURCE}, {parity} image ids ({len(pairs)}"
-        " photos, augmented: scale, crop, flip, colour), CCP pixel labels"
+        " photos, augmented: scale, crop, flip, colour"
+        + (f", another person pasted in ({config.copy_paste:g})" if config.copy_paste else "")
+        + "), CCP pixel labels"
         + (f"; {config.negatives} synthetic person-free images" if config.negatives else "")
         + pseudo_label_note(len(pseudo_pairs), pseudo_card),
         **(

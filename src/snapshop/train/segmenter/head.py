@@ -34,8 +34,9 @@ from snapshop.train.segmenter.config import (
     HeadConfig,
     segmenter_label_table,
 )
+from snapshop.train.segmenter.photos import TrainImage, load_training_images, paste_person
 from snapshop.train.segmenter.pseudo import IDENTITY_TABLE, pseudo_label_note, pseudo_label_pairs
-from snapshop.train.segmenter.samples import Sample, load_or_build_samples
+from snapshop.train.segmenter.samples import Sample, load_or_build_samples, trunk_sample
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,26 @@ def train_head(samples: list[Sample], config: HeadConfig) -> tuple[Any, list[flo
     return trainer.head.eval(), [record["loss"] for record in history]
 
 
+def pasted_samples(images: list[TrainImage], config: HeadConfig) -> list[Sample]:
+    """``config.copy_paste`` composites per image (:func:`paste_person`: another of the images'
+    people pasted in, drawn with ``config.seed``), as trunk features and targets."""
+    from snapshop.detect.segmenter import Trunk
+    from snapshop.models.runtime import TRAINING_PRECISION
+
+    if len(images) < 2:
+        return []
+    rng = np.random.default_rng(config.seed)
+    trunk = Trunk(precision=TRAINING_PRECISION)
+    samples = []
+    for i, image in enumerate(images):
+        for _ in range(config.copy_paste):
+            source = images[(i + 1 + int(rng.integers(len(images) - 1))) % len(images)]
+            pasted = paste_person(image, source, rng)
+            samples.append(trunk_sample(pasted.rgb, pasted.labels, config.long_side, trunk))
+    log.info("%d copy-paste composites", len(samples))
+    return samples
+
+
 def fit_head(run: DetectorTraining) -> dict[str, Any]:
     """Train the head on ``run.dataset`` (CCP layout) and write ``garment_seg.onnx`` +
     ``garment_seg.json`` (``run.prefix`` before both names) into ``run.out``; returns the card."""
@@ -126,6 +147,8 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
     samples = load_or_build_samples(
         pairs, table, config.long_side, run.cache, config.negatives, config.seed
     )
+    if config.copy_paste:
+        samples += pasted_samples(load_training_images(pairs, table, silhouettes=True), config)
     if pseudo_pairs:
         samples += load_or_build_samples(pseudo_pairs, IDENTITY_TABLE, config.long_side)
     t_feats = time.perf_counter() - t0
@@ -143,6 +166,7 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
         "training_data": f"{CCP_SOURCE}, {run.parity} image ids ({len(pairs)}"
         " photos + mirrored copies), CCP pixel labels"
         + (f"; {config.negatives} synthetic person-free images" if config.negatives else "")
+        + (f"; {config.copy_paste} copy-paste composites per photo" if config.copy_paste else "")
         + pseudo_label_note(len(pseudo_pairs), pseudo_card),
         "training_command": run.command_line(),
         "training": {
@@ -155,6 +179,7 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
             "long_side": config.long_side,
             "synthetic_negatives": config.negatives,
             "seed": config.seed,
+            "copy_paste": config.copy_paste,
             "final_loss": round(losses[-1], 4) if losses else None,
             "feature_seconds": round(t_feats, 1),
             "train_seconds": round(t_train, 1),

@@ -1,8 +1,9 @@
 """Fine-tuning data: photos and class maps in memory, augmented on the fly.
 
 Each sample is a random scale and crop that keeps the person, a horizontal flip and colour
-jitter (optionally a new colour per garment); the labels follow with nearest resizing. Inputs
-have one fixed portrait size (:func:`canvas_size`), so batches need no padding logic.
+jitter (optionally a new colour per garment, or another labelled person pasted in:
+:func:`paste_person`); the labels follow with nearest resizing. Inputs have one fixed
+portrait size (:func:`canvas_size`), so batches need no padding logic.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from snapshop.detect.segmenter import DRESS_CLS, LOWER_CLS, STRIDE, UPPER_CLS
+from snapshop.errors import ConfigError
 from snapshop.models.card import normalise_pixels
 from snapshop.train.segmenter.config import IGNORE, FinetuneConfig
 from snapshop.train.segmenter.samples import synthetic_negative_images
@@ -27,12 +29,16 @@ class TrainImage:
     rgb: NDArray[np.uint8]  # (H, W, 3)
     labels: NDArray[np.uint8]  # (H, W) class per pixel
     person: tuple[int, int, int, int]  # x1, y1, x2, y2 (exclusive) of the labelled person
+    # the person's own pixels (CCP's non-null labels: skin and hair too); None: pixel classes
+    # without a person outline (pseudo-labels, negatives), not pasted into other photos
+    silhouette: NDArray[np.bool_] | None = None
 
 
 def load_training_images(
-    pairs: list[tuple[Path, Path]], table: NDArray[np.uint8]
+    pairs: list[tuple[Path, Path]], table: NDArray[np.uint8], silhouettes: bool = False
 ) -> list[TrainImage]:
-    """Photos and class maps in memory; ``person`` is the extent of CCP's non-null labels."""
+    """Photos and class maps in memory; ``person`` is the extent of CCP's non-null labels,
+    ``silhouette`` (when asked for) those labels' pixels."""
     import cv2
 
     images = []
@@ -48,8 +54,53 @@ def load_training_images(
             if len(xs)
             else (0, 0, w, h)
         )
-        images.append(TrainImage(rgb, table[raw], person))
+        images.append(TrainImage(rgb, table[raw], person, raw != 0 if silhouettes else None))
     return images
+
+
+def paste_person(
+    image: TrainImage,
+    source: TrainImage,
+    rng: Any,
+    height: tuple[float, float] = (0.4, 0.9),
+) -> TrainImage:
+    """Copy-paste augmentation (Ghiasi et al., CVPR 2021): ``source``'s labelled person (its
+    silhouette), resized to a random share ``height`` of ``image``'s height, mirrored half the
+    time, pasted at a random place in ``image``. Pasted pixels take ``source``'s classes, the
+    others keep ``image``'s (a garment the paste covers loses those pixels), so garments meet
+    other bodies, backgrounds and sizes."""
+    import cv2
+
+    if source.silhouette is None:
+        raise ConfigError("copy-paste needs a source image with a person silhouette")
+    x1, y1, x2, y2 = source.person
+    h, w = image.labels.shape
+    scale = min(float(rng.uniform(*height)) * h / (y2 - y1), w / (x2 - x1))
+    nh, nw = max(1, round((y2 - y1) * scale)), max(1, round((x2 - x1) * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+
+    def resized(a: NDArray[Any], how: int = cv2.INTER_NEAREST_EXACT) -> NDArray[Any]:
+        return np.asarray(
+            cv2.resize(np.ascontiguousarray(a[y1:y2, x1:x2]), (nw, nh), interpolation=how)
+        )
+
+    rgb = resized(source.rgb, interpolation)
+    labels = resized(source.labels)
+    silhouette = resized(source.silhouette.astype(np.uint8))
+    if rng.random() < 0.5:
+        rgb, labels, silhouette = rgb[:, ::-1], labels[:, ::-1], silhouette[:, ::-1]
+    top, left = int(rng.integers(0, h - nh + 1)), int(rng.integers(0, w - nw + 1))
+    where = silhouette.astype(bool)
+    out_rgb, out_labels = image.rgb.copy(), image.labels.copy()
+    out_rgb[top : top + nh, left : left + nw][where] = rgb[where]
+    out_labels[top : top + nh, left : left + nw][where] = labels[where]
+    out_silhouette = None
+    if image.silhouette is not None:
+        out_silhouette = image.silhouette.copy()
+        out_silhouette[top : top + nh, left : left + nw] |= where
+    px1, py1, px2, py2 = image.person
+    person = (min(px1, left), min(py1, top), max(px2, left + nw), max(py2, top + nh))
+    return TrainImage(out_rgb, out_labels, person, out_silhouette)
 
 
 def negative_training_images(n: int, long_side: int, seed: int = 0) -> list[TrainImage]:
@@ -160,13 +211,21 @@ class AugmentedImages:
         self.images = images
         self.config = config
         self.rng = np.random.default_rng(config.seed)  # replaced per DataLoader worker
+        self.sources = [i for i, image in enumerate(images) if image.silhouette is not None]
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
         rng = self.rng if self.config.augment else None
-        x, target = render_sample(self.images[i], self.config.long_side, self.config, rng)
+        image = self.images[i]
+        others = len(self.sources) - (image.silhouette is not None)
+        if rng is not None and others and rng.random() < self.config.copy_paste:
+            source = i
+            while source == i:
+                source = self.sources[int(rng.integers(len(self.sources)))]
+            image = paste_person(image, self.images[source], rng)
+        x, target = render_sample(image, self.config.long_side, self.config, rng)
         return x, target.astype(np.int64)
 
 

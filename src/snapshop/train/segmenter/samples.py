@@ -45,16 +45,25 @@ def build_samples(
         for flip in (False, True):
             img = np.ascontiguousarray(rgb[:, ::-1]) if flip else rgb
             lab = np.ascontiguousarray(labels[:, ::-1]) if flip else labels
-            x, scale = preprocess(img, long_side)
-            h, w = img.shape[:2]
-            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-            target = np.full(x.shape[2:], IGNORE, np.uint8)
-            target[:nh, :nw] = cv2.resize(lab, (nw, nh), interpolation=cv2.INTER_NEAREST)
-            feats = [f[0].astype(np.float16) for f in trunk(x)]
-            samples.append(Sample(feats, target))
+            samples.append(trunk_sample(img, lab, long_side, trunk))
         if n % 50 == 0:
             log.info("features: %d / %d photos (%.1f s)", n, len(pairs), time.perf_counter() - t0)
     return samples
+
+
+def trunk_sample(
+    rgb: NDArray[np.uint8], labels: NDArray[np.uint8], long_side: int, trunk: Trunk
+) -> Sample:
+    """One photo at the inference scale: its trunk features and its class map on the padded
+    input (IGNORE in the padding)."""
+    import cv2
+
+    x, scale = preprocess(rgb, long_side)
+    h, w = rgb.shape[:2]
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    target = np.full(x.shape[2:], IGNORE, np.uint8)
+    target[:nh, :nw] = cv2.resize(labels, (nw, nh), interpolation=cv2.INTER_NEAREST)
+    return Sample([f[0].astype(np.float16) for f in trunk(x)], target)
 
 
 def synthetic_negative_images(n: int, long_side: int, seed: int = 0) -> list[NDArray[np.uint8]]:
