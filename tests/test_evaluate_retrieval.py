@@ -222,6 +222,33 @@ def test_cross_validated_ranks_match_brute_force_and_pool_over_folds() -> None:
         cv.fold_ranks(q[:1], ["p9"], g, gallery_products, {"p9": 9})
 
 
+def test_paired_difference_between_columns_matches_brute_force() -> None:
+    from snapshop.evaluate import crossval as cv
+
+    labels = np.repeat(np.arange(8), 5)  # 8 products, 5 queries each, in one fold
+    rng = np.random.default_rng(3)
+    base_ranks = rng.integers(0, 3, len(labels))
+    better_ranks = np.where(labels < 4, 0, base_ranks)  # products 0-3 always found first
+    results = {}
+    for name, ranks in (("base", base_ranks), ("better", better_ranks)):
+        pooled = cv.PooledRanks()
+        pooled.add(ranks[:20], labels[:20])  # two folds
+        pooled.add(ranks[20:], labels[20:])
+        results[name] = {"photo -> all": pooled, "photo -> catalog": cv.PooledRanks()}
+    result = cv.CrossValidation(2, ["base", "better"], results, reference="base")
+    delta, lo, hi = result.paired_difference("base", "better", "photo -> all")
+    assert delta == pytest.approx((better_ranks < 1).mean() - (base_ranks < 1).mean())
+    assert 0 <= lo <= delta <= hi  # never worse on any product: no draw below zero
+    assert result.paired_difference("base", "base", "photo -> all") == (0.0, 0.0, 0.0)
+    row = next(line for line in result.markdown() if line.startswith("| R@1 - base, paired"))
+    assert row.split(" | ")[1:] == ["-", f"{delta:+.4f} [{lo:+.3f}, {hi:+.3f}] |"]
+    shorter = cv.PooledRanks()
+    shorter.add(better_ranks[:-1], labels[:-1])  # one query fewer: not the same queries
+    results["shorter"] = {"photo -> all": shorter}
+    with pytest.raises(ConfigError, match="not scored on the same queries"):
+        result.paired_difference("base", "shorter", "photo -> all")
+
+
 def test_cross_validation_script_scores_every_product_once(tmp_path, lite0_model_dir) -> None:
     import csv
     import json
@@ -281,6 +308,22 @@ def test_cross_validation_script_scores_every_product_once(tmp_path, lite0_model
         == 0
     )
     assert json.loads(out.read_text()) == json.loads(json.dumps(result.to_dict()))
+
+    # Two recipes: a column each, named by their directories, and the paired difference to the
+    # first (the same model under another name: zero, with a zero-width interval).
+    (tmp_path / "again").symlink_to(model)
+    again = str(tmp_path / "again")
+    argv = [str(tmp_path / "m.csv"), "--fold-models", model, model, model]
+    assert cv.main([*argv, "--fold-models", again, again, again, "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    first = "/".join([lite0_model_dir.name] * 3)
+    assert set(report) == {first, "again/again/again"}
+    assert report["again/again/again"]["photo -> all"][f"R@1 - {first}"] == {
+        "value": 0.0,
+        "ci95": [0.0, 0.0],
+    }
+    with pytest.raises(SystemExit):  # two sets the table could not tell apart
+        cv.main([*argv, "--fold-models", model, model, model])
 
 
 def test_ratio_interval_units_and_edges() -> None:

@@ -4,14 +4,16 @@ products, the ranks pooled over the folds, so every product of the dataset count
 The folds are the protocol's (``snapshop prepare --folds K --fold N``, same seed and options
 as the training side). Two protocols: photo -> the fold's whole held-out gallery, and photo ->
 the fold's catalog images only (``catalog_where``). Columns: each baseline model (the same for
-every fold, embedded once) and the fold models (one per fold, in fold order). R@K with a 95 %
-bootstrap interval over products (all photos of a product resampled together).
+every fold, embedded once) and each set of fold models (one per fold, in fold order). R@K with
+a 95 % bootstrap interval over products (all photos of a product resampled together), and each
+column's R@1 minus the first trained column's, paired: the same products drawn for both, so
+two recipes scored on the same held-out photos compare without their shared hard cases.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ from snapshop.data.manifest import ManifestRow, matches, parse_where
 from snapshop.data.protocol import ProtocolConfig, split_products
 from snapshop.errors import ConfigError
 from snapshop.evaluate.retrieval import embed_paths, product_ranks, product_scores, recall_interval
+from snapshop.evaluate.stats import paired_ratio_difference
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,14 @@ class PooledRanks:
     def recall(self, k: int) -> tuple[float, tuple[float, float]]:
         ranks, labels = np.concatenate(self.ranks), np.concatenate(self.labels)
         return float((ranks < k).mean()), recall_interval(ranks, labels, k)
+
+    def product_hits(
+        self, k: int
+    ) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.int64]]:
+        """Per product (sorted global labels): its label, its queries' hits at K, its queries."""
+        products, inverse = np.unique(np.concatenate(self.labels), return_inverse=True)
+        hits = np.bincount(inverse, weights=(np.concatenate(self.ranks) < k).astype(np.float64))
+        return products, hits.astype(np.float64), np.bincount(inverse).astype(np.int64)
 
     @property
     def queries(self) -> int:
@@ -104,6 +115,7 @@ class CrossValidation:
     folds: int
     columns: list[str]
     results: dict[str, dict[str, PooledRanks]]
+    reference: str = ""  # the first trained column: the others' paired differences are to it
 
     def protocols(self) -> list[str]:
         """The protocols some query was scored in (a dataset without catalog images has one)."""
@@ -121,6 +133,12 @@ class CrossValidation:
                     interval = [round(lo, 4), round(hi, 4)]
                     entry[f"R@{k}"] = {"value": round(value, 4), "ci95": interval}
                 entry["per_fold_R@1"] = pooled.per_fold_r1
+                if name != self.reference:
+                    delta, lo, hi = self.paired_difference(self.reference, name, protocol)
+                    entry[f"R@1 - {self.reference}"] = {
+                        "value": round(delta, 4),
+                        "ci95": [round(lo, 4), round(hi, 4)],
+                    }
                 report.setdefault(name, {})[protocol] = entry
         return report
 
@@ -152,7 +170,27 @@ class CrossValidation:
                 for name in self.columns
             ]
             lines.append("| R@1 per fold | " + " | ".join(cells) + " |")
+            if len(self.columns) > 1:
+                cells = []
+                for name in self.columns:
+                    if name == self.reference:
+                        cells.append("-")
+                        continue
+                    delta, lo, hi = self.paired_difference(self.reference, name, protocol)
+                    cells.append(f"{delta:+.4f} [{lo:+.3f}, {hi:+.3f}]")
+                lines.append(f"| R@1 - {self.reference}, paired | " + " | ".join(cells) + " |")
         return lines
+
+    def paired_difference(
+        self, base: str, variant: str, protocol: str, k: int = 1
+    ) -> tuple[float, float, float]:
+        """``variant``'s R@K minus ``base``'s, with a 95 % bootstrap interval that draws the same
+        products for both columns (they were scored on the same held-out queries)."""
+        base_products, base_hits, base_queries = self.results[base][protocol].product_hits(k)
+        products, hits, queries = self.results[variant][protocol].product_hits(k)
+        if not np.array_equal(base_products, products) or not np.array_equal(base_queries, queries):
+            raise ConfigError(f"{base} and {variant} were not scored on the same queries")
+        return paired_ratio_difference((base_hits, base_queries), (hits, queries))
 
 
 def _score_column(
@@ -211,7 +249,7 @@ def _score_column(
 
 def cross_validate(
     rows: list[ManifestRow],
-    fold_models: Sequence[str],
+    fold_models: Sequence[str] | Mapping[str, Sequence[str]],
     baselines: Sequence[str] = (),
     *,
     seed: int = 0,
@@ -219,17 +257,21 @@ def cross_validate(
     keep_roles: bool = True,
     catalog_where: str = "domain=iconic",
 ) -> CrossValidation:
-    """Score ``fold_models`` (one per fold, in fold order) and ``baselines`` (every fold) on
-    the held-out products of each fold of ``rows``; ranks pooled over the folds."""
-    folds = len(fold_models)
-    if folds < 2:
-        raise ConfigError("cross-validation needs one model per fold (at least 2)")
+    """Score ``fold_models`` (one per fold, in fold order; or several such sets by column name)
+    and ``baselines`` (every fold) on the held-out products of each fold of ``rows``; ranks
+    pooled over the folds."""
+    trained = dict(fold_models) if isinstance(fold_models, Mapping) else {FOLD_MODELS: fold_models}
+    folds = len(next(iter(trained.values()), []))
+    if folds < 2 or any(len(models) != folds for models in trained.values()):
+        raise ConfigError("cross-validation needs one model per fold (at least 2) in every set")
     catalog = parse_where([catalog_where])
     fold_rows = held_out_folds(rows, folds, seed=seed, max_images=max_images, keep_roles=keep_roles)
     products = sorted({r.sku for held_out in fold_rows for r in held_out})
     label_of = {p: i for i, p in enumerate(products)}
-    columns = [(name, [name] * folds) for name in baselines] + [(FOLD_MODELS, list(fold_models))]
+    columns = [(name, [name] * folds) for name in baselines] + [
+        (name, list(models)) for name, models in trained.items()
+    ]
     results = {
         name: _score_column(models, fold_rows, catalog, label_of) for name, models in columns
     }
-    return CrossValidation(folds, [name for name, _ in columns], results)
+    return CrossValidation(folds, [name for name, _ in columns], results, next(iter(trained)))
