@@ -115,7 +115,7 @@ class CrossValidation:
     folds: int
     columns: list[str]
     results: dict[str, dict[str, PooledRanks]]
-    reference: str = ""  # the first trained column: the others' paired differences are to it
+    reference: str = ""  # the others' paired differences are to this column (none when empty)
 
     def protocols(self) -> list[str]:
         """The protocols some query was scored in (a dataset without catalog images has one)."""
@@ -133,7 +133,7 @@ class CrossValidation:
                     interval = [round(lo, 4), round(hi, 4)]
                     entry[f"R@{k}"] = {"value": round(value, 4), "ci95": interval}
                 entry["per_fold_R@1"] = pooled.per_fold_r1
-                if name != self.reference:
+                if self.reference and name != self.reference:
                     delta, lo, hi = self.paired_difference(self.reference, name, protocol)
                     entry[f"R@1 - {self.reference}"] = {
                         "value": round(delta, 4),
@@ -170,7 +170,7 @@ class CrossValidation:
                 for name in self.columns
             ]
             lines.append("| R@1 per fold | " + " | ".join(cells) + " |")
-            if len(self.columns) > 1:
+            if self.reference and len(self.columns) > 1:
                 cells = []
                 for name in self.columns:
                     if name == self.reference:
