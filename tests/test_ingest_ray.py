@@ -40,10 +40,17 @@ REPO = Path(__file__).resolve().parents[1]
 def ray_local(snapshop_home: Path) -> Iterator[Any]:
     """One local Ray for the session (2 CPUs): ``index_source(ray=...)`` uses it as it is."""
     ray = pytest.importorskip("ray")
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 << 20,
-        logging_level=logging.WARNING, log_to_driver=False,
-    )  # fmt: skip
+    for attempt in range(2):
+        try:
+            ray.init(
+                address="local", num_cpus=2, include_dashboard=False,
+                object_store_memory=100 << 20, logging_level=logging.WARNING, log_to_driver=False,
+            )  # fmt: skip
+            break
+        except Exception:  # once in CI: the raylet did not register within Ray's fixed 30 s
+            ray.shutdown()
+            if attempt:
+                raise
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
