@@ -298,6 +298,10 @@ def test_cross_validation_script_scores_every_product_once(tmp_path, lite0_model
     assert any("skipped" in line for line in no_catalog.markdown())
     with pytest.raises(ConfigError, match="at least 2"):
         cross_validate(rows, [model])
+    with pytest.raises(ConfigError, match="in every set"):  # sets of different fold counts
+        cross_validate(rows, {"a": [model] * 3, "b": [model] * 2})
+    with pytest.raises(ConfigError, match="share a name"):  # a baseline named as a set
+        cross_validate(rows, {model: [model] * 3}, [model])
 
     # The script is a shell over the library: the same numbers, as JSON.
     out = tmp_path / "cv.json"

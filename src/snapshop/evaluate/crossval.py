@@ -271,7 +271,10 @@ def cross_validate(
     columns = [(name, [name] * folds) for name in baselines] + [
         (name, list(models)) for name, models in trained.items()
     ]
+    names = [name for name, _ in columns]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"two columns share a name: {names}")
     results = {
         name: _score_column(models, fold_rows, catalog, label_of) for name, models in columns
     }
-    return CrossValidation(folds, [name for name, _ in columns], results, next(iter(trained)))
+    return CrossValidation(folds, names, results, next(iter(trained)))
