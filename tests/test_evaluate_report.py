@@ -167,16 +167,9 @@ def test_prepare_cli_and_user_errors(tmp_path: Path) -> None:
         ],
     )
     assert bad.exit_code == 2 and "fold must be in 0..1" in bad.output
-    bad = runner.invoke(
-        app,
-        [
-            "train",
-            "--manifest",
-            str(tmp_path / "split.csv"),
-            "--out",
-            str(tmp_path / "m"),
-            "--train-where",
-            "split=nothing",
-        ],
-    )
+    train_args = ["train", "--manifest", str(tmp_path / "split.csv"), "--out", str(tmp_path / "m")]
+    bad = runner.invoke(app, [*train_args, "--train-where", "split=nothing"])
     assert bad.exit_code == 2 and "no manifest row" in bad.output
+    bad = runner.invoke(app, [*train_args, "--pooling", "max"])
+    assert bad.exit_code == 2 and "pooling must be one of" in bad.output
+    assert not (tmp_path / "m").exists()  # refused before anything was written

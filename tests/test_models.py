@@ -294,3 +294,41 @@ def test_the_model_cards_normalisation_is_what_the_embedder_applies(
         np.testing.assert_allclose(got, np.vstack([expected, expected]), atol=1e-5)
     default = Embedder(lite0_model_dir, parallel=0).embed_images([image])
     assert float(default[0] @ expected[0]) < 0.999  # the default scale gives another vector
+
+
+def test_gem_pooling_against_numpy_and_its_bounds() -> None:
+    from snapshop.models.heads import GEM_P, global_pool
+
+    rng = np.random.default_rng(3)
+    maps = rng.uniform(0, 6, (3, 7, 5, 4)).astype(np.float32)  # ReLU6-like activations
+    maps[0, 0] = 0.0  # a dead channel: pooled to ~0, not NaN
+    gem = global_pool(torch.from_numpy(maps), "gem").numpy()
+    reference = np.mean(maps.astype(np.float64) ** GEM_P, axis=(2, 3)) ** (1 / GEM_P)
+    assert np.allclose(gem, reference, atol=1e-5)
+    avg = global_pool(torch.from_numpy(maps), "avg").numpy()
+    assert np.allclose(avg, maps.mean(axis=(2, 3)), atol=1e-6)
+    # a power mean lies between the mean and the maximum
+    assert np.all(gem >= avg - 1e-5) and np.all(gem <= maps.max(axis=(2, 3)) + 1e-5)
+    assert abs(gem[0, 0]) < 1e-5
+    with pytest.raises(ConfigError, match="pooling"):
+        global_pool(torch.from_numpy(maps), "max")
+    with pytest.raises(ConfigError, match="pooling"):
+        create_embedding_net("efficientnet_lite0", dim=8, pretrained=False, pooling="max")
+
+
+def test_gem_embedding_net_exports_to_the_same_vectors(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    net = create_embedding_net("efficientnet_lite0", dim=16, pretrained=True, pooling="gem").eval()
+    export.export_onnx(net, tmp_path / "gem.onnx", 128)
+    batch = np.stack([preprocess(im, 128) for im in sample_images()])
+    with torch.no_grad():
+        reference = net(torch.from_numpy(batch)).numpy()
+        averaged = create_embedding_net("efficientnet_lite0", dim=16, pretrained=True).eval()
+        averaged.head.load_state_dict(net.head.state_dict())  # type: ignore[union-attr]
+        avg_out = averaged(torch.from_numpy(batch)).numpy()
+    session = ort.InferenceSession(str(tmp_path / "gem.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    assert np.abs(onnx_out - reference).max() < 1e-4
+    assert np.abs(avg_out - reference).max() > 1e-2  # the pooling is really in the graph

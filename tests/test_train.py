@@ -348,3 +348,32 @@ def test_catalog_domain_augmentation_turns_only_packshots_into_photo_like_views(
     # Cut out onto clutter or grey, re-balanced: a packshot's white background is gone in
     # part of its views, and the product stays in them
     assert white_share(domain) < white_share(plain) - 0.08
+
+
+def test_gem_pooling_is_a_checked_setting_and_keys_only_pooled_caches(demo_rows) -> None:
+    from snapshop.train.frozen import _rows_key
+
+    rows = demo_rows[:4]
+    with pytest.raises(ConfigError, match="pooling"):
+        _config(pooling="max")
+    frozen_trunk = [_rows_key(rows, _config(pooling=p), 2, "train") for p in ("avg", "gem")]
+    last_blocks = [
+        _rows_key(rows, _config(pooling=p, train_blocks=2), 2, "train") for p in ("avg", "gem")
+    ]
+    assert frozen_trunk[0] != frozen_trunk[1]  # a frozen trunk caches pooled features
+    assert last_blocks[0] == last_blocks[1]  # with trainable blocks the pool is not cached
+
+
+@pytest.mark.slow
+def test_training_with_gem_pooling_exports_it(tmp_path: Path, demo_rows) -> None:
+    from snapshop.models.embedder import Embedder
+    from snapshop.train.trainer import train
+
+    train_rows = [r for r in demo_rows if r.extra["split"] == "train"]
+    out = tmp_path / "gem"
+    result = train(train_rows, out, _config(epochs=2, train_blocks=1, pooling="gem"))
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    embedder = Embedder(out, precision="fp32")
+    assert embedder.card.training["config"]["pooling"] == "gem"
+    with pytest.raises(ConfigError, match="not resuming"):
+        train(train_rows, out, _config(epochs=3, train_blocks=1), resume=True, export=False)

@@ -661,6 +661,9 @@ def train(
             " clutter, zoomed out, white balance, blur, rotation)."
         ),
     ] = False,
+    pooling: Annotated[
+        str, typer.Option(help="Global pool of the last feature map: avg, or gem (p = 3).")
+    ] = "avg",
 ) -> None:
     """Train a NormSoftmax embedder and export it (model.onnx + model.json) to OUT."""
     from snapshop.train.augment import AugmentConfig
@@ -671,7 +674,7 @@ def train(
         lr_step=lr_step, backbone_lr_scale=backbone_lr_scale, classes_per_batch=classes_per_batch,
         samples_per_class=samples_per_class, train_blocks=train_blocks, cache=cache,
         views=views, device=device, threads=threads, workers=workers, seed=seed,
-        augment=AugmentConfig(catalog_domain=catalog_domain),
+        augment=AugmentConfig(catalog_domain=catalog_domain), pooling=pooling,
     ))  # fmt: skip
     selection = RowSelection(
         tuple(train_where or ()), tuple(eval_where or ()), tuple(eval_gallery_where or ()),

@@ -51,7 +51,7 @@ class TrainableTop(nn.Module):
         """Images -> the frozen part's output (pooled features when the trunk is frozen)."""
         backbone = self.net.backbone
         if self.train_blocks == 0:
-            return backbone.forward_features(x).mean(dim=(2, 3))
+            return self.net.pool(backbone.forward_features(x))
         if self.train_blocks == -1:
             return x
         return backbone.forward_stem(x, self.boundary)
@@ -62,7 +62,7 @@ class TrainableTop(nn.Module):
         if self.train_blocks == -1:
             return self.net(frozen_out)
         feats = self.net.backbone.forward_features(frozen_out, from_block=self.boundary)
-        return self.net.embed_pooled(feats.mean(dim=(2, 3)))
+        return self.net.embed_pooled(self.net.pool(feats))
 
 
 def new_and_trunk_params(
@@ -125,6 +125,12 @@ def readable_rows(rows: Sequence[ManifestRow]) -> list[ManifestRow]:
     return kept
 
 
+def _pooled_with(config: TrainConfig) -> tuple[str, ...]:
+    """The pooling, where it is part of the frozen output (a frozen trunk) and not the average:
+    what tells those cached outputs apart while older caches keep their names."""
+    return (config.pooling,) if config.train_blocks == 0 and config.pooling != "avg" else ()
+
+
 def _rows_key(rows: Sequence[ManifestRow], config: TrainConfig, n_views: int, tag: str) -> str:
     digest = hashlib.sha256()
     for r in rows:
@@ -138,6 +144,7 @@ def _rows_key(rows: Sequence[ManifestRow], config: TrainConfig, n_views: int, ta
         config.pretrained,
         json.dumps(dataclasses.asdict(config.augment)),
         tag,
+        *_pooled_with(config),
     )
     digest.update(repr(settings).encode())
     return digest.hexdigest()[:16]
@@ -239,7 +246,8 @@ def _frozen_runner(
         return run_torch
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = cache_dir / f"frozen-{config.backbone}-{top.boundary}-{top.train_blocks}.onnx"
+    name = "-".join(["frozen", config.backbone, str(top.boundary), str(top.train_blocks)])
+    onnx_path = cache_dir / f"{'-'.join([name, *_pooled_with(config)])}.onnx"
     if not onnx_path.exists():
         export_module_onnx(
             _Frozen(top),

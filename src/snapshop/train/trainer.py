@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 
 from snapshop.data.manifest import ManifestRow
 from snapshop.errors import ConfigError
-from snapshop.models.heads import create_embedding_net
+from snapshop.models.heads import POOLINGS, create_embedding_net
 from snapshop.train.augment import AugmentConfig
 from snapshop.train.frozen import (
     AugmentedRows,
@@ -83,6 +83,7 @@ class TrainConfig:
     pretrained: bool = True
     input_size: int | None = None  # default: the backbone's
     onnx_frozen: bool = True  # on the CPU, run the frozen part with ONNX Runtime
+    pooling: str = "avg"  # global pool of the last feature map: avg or gem (models.heads)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -97,6 +98,7 @@ class TrainConfig:
             (self.classes_per_batch >= 2 and self.samples_per_class >= 1, "need P >= 2, K >= 1"),
             (self.train_blocks >= -1, f"train_blocks must be >= -1, got {self.train_blocks}"),
             (self.views >= 1, f"views must be >= 1, got {self.views}"),
+            (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (
                 self.backbone_lr_scale is None or self.backbone_lr_scale > 0,
@@ -228,7 +230,7 @@ class NormSoftmaxTrainer(EpochLoop):
         """The embedding net split into its frozen part and :class:`TrainableTop`, the loss."""
         config = self.config
         self.net = create_embedding_net(
-            config.backbone, dim=config.dim, pretrained=config.pretrained
+            config.backbone, dim=config.dim, pretrained=config.pretrained, pooling=config.pooling
         )
         n_blocks = len(self.net.backbone.blocks)
         if config.train_blocks > n_blocks:
@@ -290,7 +292,9 @@ class NormSoftmaxTrainer(EpochLoop):
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        saved = {k: v for k, v in state["config"].items() if k != "epochs"}
+        # a setting missing from an older checkpoint had its default then
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        saved = {k: v for k, v in {**defaults, **state["config"]}.items() if k != "epochs"}
         wanted = {k: v for k, v in self.config.to_dict().items() if k != "epochs"}
         if state["classes"] != self.classes or saved != wanted:
             raise ConfigError(
