@@ -7,7 +7,8 @@ photo -> the fold's whole held-out gallery, and photo -> the fold's catalog imag
 (``--catalog-where``). Columns: each ``--baseline`` model (the same for every fold, embedded
 once) and the fold models (``--fold-models``, one directory per fold, in fold order; repeat the
 option to compare recipes, each column named by its directories). R@K with a 95 % bootstrap
-interval over products (all photos of a product resampled together), and each column's R@1
+interval over products (all photos of a product resampled together), image-level R@5 / R@10
+(one of the top K *images* is of the product; every K in the JSON), and each column's R@1
 minus the first ``--fold-models`` column's, paired over products.
 The scoring is :func:`snapshop.evaluate.crossval.cross_validate`; this script prints its tables.
 

@@ -198,25 +198,39 @@ def test_cross_validated_ranks_match_brute_force_and_pool_over_folds() -> None:
     rng = np.random.default_rng(0)
     label_of = {f"p{i}": i for i in range(6)}
     pooled = cv.PooledRanks()
-    expected_hits, total = 0, 0
+    expected_hits, expected_image_hits_at_2, total = 0, 0, 0
     for fold_products in (["p0", "p2", "p4"], ["p1", "p3", "p5"]):
         gallery_products = [p for p in fold_products for _ in range(3)]
         query_products = [p for p in fold_products for _ in range(4)]
         g = rng.normal(size=(len(gallery_products), 8)).astype(np.float32)
         q = rng.normal(size=(len(query_products), 8)).astype(np.float32)
-        ranks, labels = cv.fold_ranks(q, query_products, g, gallery_products, label_of)
+        ranks, labels, by_image = cv.fold_ranks(q, query_products, g, gallery_products, label_of)
         for i, product in enumerate(query_products):  # brute force: best image per product
+            scores = [float(q[i] @ g[j]) for j in range(len(gallery_products))]
             best = {
-                p: max(float(q[i] @ g[j]) for j, gp in enumerate(gallery_products) if gp == p)
+                p: max(s for s, gp in zip(scores, gallery_products, strict=True) if gp == p)
                 for p in fold_products
             }
             assert ranks[i] == sum(v >= best[product] for v in best.values()) - 1
             assert labels[i] == label_of[product]
+            # image level: other products' images scoring at least the product's best image
+            others = [s for s, gp in zip(scores, gallery_products, strict=True) if gp != product]
+            assert by_image[i] == sum(s >= best[product] for s in others)
+            assert by_image[i] >= ranks[i]  # never a better rank than the product's
             expected_hits += ranks[i] == 0
+            expected_image_hits_at_2 += by_image[i] < 2
             total += 1
-        pooled.add(ranks, labels)
+        pooled.add(ranks, labels, by_image)
     value, (lo, hi) = pooled.recall(1)
     assert value == pytest.approx(expected_hits / total) and lo <= value <= hi
+    assert pooled.image_recall(1)[0] == value  # at K = 1 both levels agree
+    assert pooled.image_recall(2)[0] == pytest.approx(expected_image_hits_at_2 / total)
+    assert pooled.image_recall(2)[0] <= pooled.recall(2)[0]
+    without = cv.PooledRanks()
+    without.add(ranks, labels)
+    assert not without.has_image_ranks
+    with pytest.raises(ConfigError, match="image-level"):
+        without.image_recall(5)
     assert pooled.queries == total and len(pooled.per_fold_r1) == 2
     with pytest.raises(ValueError, match="without a gallery image"):
         cv.fold_ranks(q[:1], ["p9"], g, gallery_products, {"p9": 9})
@@ -291,6 +305,11 @@ def test_cross_validation_script_scores_every_product_once(tmp_path, lite0_model
     for protocol in report.values():
         assert len(protocol["per_fold_R@1"]) == 3
         assert 0.0 <= protocol["R@1"]["value"] <= protocol["R@5"]["value"] == 1.0  # <= 2 products
+        # image level: 2 products x 2 gallery images (1 catalog image) per fold, so the top 2
+        # images may miss the product where the top 2 products cannot
+        assert protocol["image R@2"]["value"] <= protocol["R@2"]["value"]
+        assert protocol["image R@5"]["value"] == 1.0
+    assert any(line.startswith("| image R@5 |") for line in result.markdown())
     pooled = result.results["trained (fold models)"]["photo -> all"]
     assert pooled.queries == 12 and pooled.products == 6  # 2 query photos of each product
     no_catalog = cross_validate(rows, [model] * 3, catalog_where="domain=none")

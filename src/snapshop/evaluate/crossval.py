@@ -8,6 +8,8 @@ every fold, embedded once) and each set of fold models (one per fold, in fold or
 a 95 % bootstrap interval over products (all photos of a product resampled together), and each
 column's R@1 minus the first trained column's, paired: the same products drawn for both, so
 two recipes scored on the same held-out photos compare without their shared hard cases.
+Image-level R@K (a hit when one of the top K gallery *images* is of the product, as the
+literature's tables count) is reported beside the product-level R@K.
 """
 
 from __future__ import annotations
@@ -23,12 +25,19 @@ from numpy.typing import NDArray
 from snapshop.data.manifest import ManifestRow, matches, parse_where
 from snapshop.data.protocol import ProtocolConfig, split_products
 from snapshop.errors import ConfigError
-from snapshop.evaluate.retrieval import embed_paths, product_ranks, product_scores, recall_interval
+from snapshop.evaluate.retrieval import (
+    embed_paths,
+    image_ranks,
+    product_ranks,
+    product_scores,
+    recall_interval,
+)
 from snapshop.evaluate.stats import paired_ratio_difference
 
 log = logging.getLogger(__name__)
 
 KS = (1, 2, 4, 5, 8, 10, 100)
+IMAGE_KS = (5, 10)  # image-level rows of the tables (at K = 1 both levels agree)
 PROTOCOLS = ("photo -> all", "photo -> catalog")
 FOLD_MODELS = "trained (fold models)"
 
@@ -40,14 +49,34 @@ class PooledRanks:
     ranks: list[NDArray[np.int64]] = field(default_factory=list)
     labels: list[NDArray[np.int64]] = field(default_factory=list)
     per_fold_r1: list[float] = field(default_factory=list)
+    image_ranks: list[NDArray[np.int64]] = field(default_factory=list)
 
-    def add(self, ranks: NDArray[np.int64], labels: NDArray[np.int64]) -> None:
+    def add(
+        self,
+        ranks: NDArray[np.int64],
+        labels: NDArray[np.int64],
+        image_ranks: NDArray[np.int64] | None = None,
+    ) -> None:
         self.ranks.append(ranks)
         self.labels.append(labels)
         self.per_fold_r1.append(float((ranks < 1).mean()))
+        if image_ranks is not None:
+            self.image_ranks.append(image_ranks)
 
     def recall(self, k: int) -> tuple[float, tuple[float, float]]:
         ranks, labels = np.concatenate(self.ranks), np.concatenate(self.labels)
+        return float((ranks < k).mean()), recall_interval(ranks, labels, k)
+
+    @property
+    def has_image_ranks(self) -> bool:
+        """Every fold added its queries' image-level ranks."""
+        return bool(self.ranks) and len(self.image_ranks) == len(self.ranks)
+
+    def image_recall(self, k: int) -> tuple[float, tuple[float, float]]:
+        """Image-level R@K and its interval over products (see :attr:`has_image_ranks`)."""
+        if not self.has_image_ranks:
+            raise ConfigError("image-level ranks were not added for every fold")
+        ranks, labels = np.concatenate(self.image_ranks), np.concatenate(self.labels)
         return float((ranks < k).mean()), recall_interval(ranks, labels, k)
 
     def product_hits(
@@ -73,8 +102,9 @@ def fold_ranks(
     gallery_vecs: NDArray[np.float32],
     gallery_products: Sequence[str],
     label_of: dict[str, int],
-) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """0-based product rank of each query within this gallery, and the queries' global labels.
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """0-based product rank of each query within this gallery, the queries' global labels, and
+    each query's image-level rank (:func:`~snapshop.evaluate.retrieval.image_ranks`).
 
     Every query's product must be in the gallery (a fold holds out whole products)."""
     products = sorted(set(gallery_products))
@@ -86,7 +116,8 @@ def fold_ranks(
     g_local = np.array([local[p] for p in gallery_products], dtype=np.int64)
     sims = query_vecs @ gallery_vecs.T
     ranks = product_ranks(product_scores(sims, g_local, len(products)), q_local)
-    return ranks, np.array([label_of[p] for p in query_products], dtype=np.int64)
+    labels = np.array([label_of[p] for p in query_products], dtype=np.int64)
+    return ranks, labels, image_ranks(sims, q_local, g_local)
 
 
 def held_out_folds(
@@ -132,6 +163,11 @@ class CrossValidation:
                     value, (lo, hi) = pooled.recall(k)
                     interval = [round(lo, 4), round(hi, 4)]
                     entry[f"R@{k}"] = {"value": round(value, 4), "ci95": interval}
+                if pooled.has_image_ranks:
+                    for k in KS[1:]:
+                        value, (lo, hi) = pooled.image_recall(k)
+                        interval = [round(lo, 4), round(hi, 4)]
+                        entry[f"image R@{k}"] = {"value": round(value, 4), "ci95": interval}
                 entry["per_fold_R@1"] = pooled.per_fold_r1
                 if self.reference and name != self.reference:
                     delta, lo, hi = self.paired_difference(self.reference, name, protocol)
@@ -165,6 +201,13 @@ class CrossValidation:
                         f"{value:.4f} [{lo:.3f}, {hi:.3f}]" if k in (1, 5, 10) else f"{value:.4f}"
                     )
                 lines.append(f"| R@{k} | " + " | ".join(cells) + " |")
+            if all(self.results[name][protocol].has_image_ranks for name in self.columns):
+                for k in IMAGE_KS:
+                    cells = []
+                    for name in self.columns:
+                        value, (lo, hi) = self.results[name][protocol].image_recall(k)
+                        cells.append(f"{value:.4f} [{lo:.3f}, {hi:.3f}]")
+                    lines.append(f"| image R@{k} | " + " | ".join(cells) + " |")
             cells = [
                 " / ".join(f"{r:.3f}" for r in self.results[name][protocol].per_fold_r1)
                 for name in self.columns
@@ -236,14 +279,14 @@ def _score_column(
             asked = [r for r in queries if r.sku in in_gallery]
             if not asked:  # e.g. no catalog images in this dataset
                 continue
-            ranks, labels = fold_ranks(
+            ranks, labels, by_image = fold_ranks(
                 vectors(asked),
                 [r.sku for r in asked],
                 vectors(shown),
                 [r.sku for r in shown],
                 label_of,
             )
-            pooled[protocol].add(ranks, labels)
+            pooled[protocol].add(ranks, labels, by_image)
     return pooled
 
 
