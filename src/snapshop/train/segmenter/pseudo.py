@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,14 +122,12 @@ def constrained_labels(
 def photo_probabilities(detector: Any, rgb: NDArray[np.uint8], mirror: bool) -> NDArray[np.float32]:
     """(H, W, K) class probabilities of ``rgb`` at its own size (the mean with the mirror
     image's, flipped back, when ``mirror``)."""
-    import copy
-
     import cv2
 
-    if detector.config.mirror != mirror:  # a view of the same sessions with the asked-for look
-        detector = copy.copy(detector)
-        detector.config = replace(detector.config, mirror=mirror)
     probs, _ = detector.probabilities(rgb)
+    if mirror:
+        flipped, _ = detector.probabilities(np.ascontiguousarray(rgb[:, ::-1]))
+        probs = (probs + flipped[:, ::-1]) / 2
     h, w = rgb.shape[:2]
     up = cv2.resize(np.ascontiguousarray(probs), (w, h), interpolation=cv2.INTER_LINEAR)
     return np.asarray(up, np.float32).reshape(h, w, len(CLASSES))
