@@ -856,6 +856,18 @@ def test_spec_options_set_the_mirror_and_gate_or_fail_clearly() -> None:
     for bad in ("mirror=2", "gate=yes"):
         with pytest.raises(ConfigError, match="must be 0 or 1"):
             SegmenterDetector.from_spec(bad)
+    with pytest.raises(ConfigError, match="mirror must be true or false"):
+        SegmenterConfig(mirror="yes")  # type: ignore[arg-type]
+
+
+def test_a_card_with_a_bad_mirror_setting_is_a_model_error(tmp_path: Path) -> None:
+    shipped = Path(__file__).resolve().parents[1] / "src/snapshop/detect/weights"
+    (tmp_path / HEAD_FILE).write_bytes((shipped / HEAD_FILE).read_bytes())
+    (tmp_path / CARD_FILE).write_text(json.dumps({"config": {"mirror": "yes"}}))
+    with pytest.raises(ModelError, match="bad config"):
+        SegmenterDetector(tmp_path)
+    (tmp_path / CARD_FILE).write_text(json.dumps({"config": {"mirror": True}}))
+    assert SegmenterDetector(tmp_path).config.mirror
 
 
 @pytest.mark.slow

@@ -377,3 +377,21 @@ def test_training_with_gem_pooling_exports_it(tmp_path: Path, demo_rows) -> None
     assert embedder.card.training["config"]["pooling"] == "gem"
     with pytest.raises(ConfigError, match="not resuming"):
         train(train_rows, out, _config(epochs=3, train_blocks=1), resume=True, export=False)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(
+    tmp_path: Path, demo_rows
+) -> None:
+    from snapshop.train.trainer import train
+
+    train_rows = [r for r in demo_rows if r.extra["split"] == "train"]
+    out = tmp_path / "old"
+    train(train_rows, out, _config(epochs=1), export=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    del state["config"]["pooling"]  # as written before pooling was a setting
+    torch.save(state, out / "checkpoint.pt")
+    resumed = train(train_rows, out, _config(epochs=2), resume=True, export=False)
+    assert [h["epoch"] for h in resumed.history] == [0, 1]  # epoch 0 came from the checkpoint
+    with pytest.raises(ConfigError, match="not resuming"):  # not the default: refused
+        train(train_rows, out, _config(epochs=3, pooling="gem"), resume=True, export=False)

@@ -110,6 +110,8 @@ class SegmenterConfig:
             raise ConfigError("open_px must be >= 0")
         if not 0.0 <= self.zoom_below < self.zoom_fill <= 1.0:
             raise ConfigError("need 0 <= zoom_below < zoom_fill <= 1 (zoom_below 0: no zoom)")
+        if not isinstance(self.mirror, bool):  # a card's "yes" would otherwise read as true
+            raise ConfigError(f"mirror must be true or false, not {self.mirror!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,18 +500,14 @@ class SegmenterDetector:
         positional, options = parse_spec_args(args, {"precision", "long_side", "gate", "mirror"})
         if len(positional) > 1:
             raise ConfigError(f"segmenter takes one model argument, got {positional}")
-        flags = {}
-        for name in ("gate", "mirror"):
-            if options.get(name, "0") not in ("0", "1"):
-                raise ConfigError(f"segmenter {name} must be 0 or 1, not {options[name]!r}")
-            flags[name] = options[name] == "1" if name in options else None
+        gate, mirror = (_flag(options, name) for name in ("gate", "mirror"))
         detector = cls(
             positional[0] if positional else None,
             precision=options.get("precision"),
-            gate=flags["gate"] is not False,
+            gate=gate is not False,
         )
-        if flags["mirror"] is not None:
-            detector.config = replace(detector.config, mirror=flags["mirror"])
+        if mirror is not None:
+            detector.config = replace(detector.config, mirror=mirror)
         if "long_side" in options:
             try:
                 long_side = int(options["long_side"])
@@ -615,6 +613,14 @@ class SegmenterDetector:
         probs, scale, gate_features = self.look(rgb, features)
         h, w = rgb.shape[:2]
         return boxes_from_probabilities(probs, scale, (w, h), self.config), gate_features
+
+
+def _flag(options: dict[str, str], name: str) -> bool | None:
+    """A 0 / 1 spec option: its value, or None when it is not given."""
+    value = options.get(name)
+    if value not in (None, "0", "1"):
+        raise ConfigError(f"segmenter {name} must be 0 or 1, not {value!r}")
+    return None if value is None else value == "1"
 
 
 def zoom_region(
