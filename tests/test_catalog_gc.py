@@ -471,7 +471,7 @@ def test_ingest_restores_a_blob_removed_by_a_concurrent_delete(
 def test_thumbnails_of_deleted_images_are_collected(tmp_path: Path) -> None:
     """Cached thumbnails are keyed by sha256: those of images no row has any more go (without
     a grace period: they are rendered again on demand); the others and odd files stay."""
-    from snapshop.catalog.blobs import THUMB_DIR, collect_garbage
+    from snapshop.catalog.blobs import LOCAL_FEATURES, THUMB_DIR, collect_garbage
 
     class Store:  # the two queries garbage collection asks; no blobs at all here
         def references_sha256(self, sha256: str) -> bool:
@@ -485,16 +485,20 @@ def test_thumbnails_of_deleted_images_are_collected(tmp_path: Path) -> None:
         kept: tmp_path / THUMB_DIR / "256" / "aa" / f"{kept}.jpg",
         stale: tmp_path / THUMB_DIR / "256" / "bb" / f"{stale}.jpg",
     }
+    # spatial verification's cached local features are swept the same way
+    kept_features = LOCAL_FEATURES.file(tmp_path, 400, kept, "500")
+    stale_features = LOCAL_FEATURES.file(tmp_path, 400, stale, "500")
     odd = tmp_path / THUMB_DIR / "256" / "bb" / "notes.txt"
-    for path in [*files.values(), odd]:
+    for path in [*files.values(), odd, kept_features, stale_features]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
     lock = contextlib.nullcontext
     dry = collect_garbage(tmp_path, Store(), lock, dry_run=True)  # type: ignore[arg-type]
-    assert (dry.stale_thumbnails, dry.thumbnails_removed) == (1, 0) and files[stale].exists()
+    assert (dry.stale_thumbnails, dry.thumbnails_removed) == (2, 0) and files[stale].exists()
     report = collect_garbage(tmp_path, Store(), lock)  # type: ignore[arg-type]
-    assert (report.stale_thumbnails, report.thumbnails_removed) == (1, 1)
+    assert (report.stale_thumbnails, report.thumbnails_removed) == (2, 2)
     assert files[kept].exists() and not files[stale].exists() and odd.exists()
+    assert kept_features.exists() and not stale_features.exists()
 
 
 def test_temp_names_are_made_and_recognised_in_one_place(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from snapshop.errors import ConfigError
 from snapshop.models.tta import (
     VIEW_KINDS,
     CatalogAugmentConfig,
+    PileConfig,
     catalog_view,
     catalog_views,
     embed_averaged,
@@ -19,6 +20,7 @@ from snapshop.models.tta import (
     foreground_mask,
     main_object_crop,
     mirror,
+    pile_view,
 )
 
 
@@ -127,3 +129,22 @@ def test_embed_averaged_is_the_normalised_mean_of_the_views(lite0_embedder) -> N
     )
     np.testing.assert_allclose(views, again)
     assert np.linalg.norm(views[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_pile_view_heaps_copies_of_the_product_over_a_new_background() -> None:
+    """A red disc on white becomes many red discs filling the frame, no white left; the same
+    generator state gives the same pile; a blank image is returned as it is."""
+    image = Image.new("RGB", (120, 120), (255, 255, 255))
+    ImageDraw.Draw(image).ellipse((40, 40, 80, 80), fill=(220, 20, 20))
+    pile = pile_view(image, random.Random(3))
+    assert pile.size == image.size
+    px = np.asarray(pile).astype(int)
+    red = (px[..., 0] > 180) & (px[..., 1] < 80) & (px[..., 2] < 80)
+    white = (px >= 235).all(axis=2)
+    assert red.mean() > 0.3  # one disc covered 0.09 of the catalog image
+    assert white.mean() < 0.01
+    assert np.array_equal(np.asarray(pile_view(image, random.Random(3))), np.asarray(pile))
+    blank = Image.new("RGB", (50, 50), (255, 255, 255))
+    assert np.array_equal(np.asarray(pile_view(blank, random.Random(0))), np.asarray(blank))
+    with pytest.raises(ConfigError, match="grid"):
+        PileConfig(grid=(4, 2))

@@ -226,3 +226,38 @@ def test_a_connection_lost_inside_a_write_rolls_the_batch_back_and_the_rerun_com
     assert report.added == 8 and report.skipped == 4
     with open_catalog(pg_database) as catalog:
         assert catalog.counts() == {"products": 6, "images": 12, "crops": 0}
+
+
+def test_a_server_catalog_verifies_against_its_stored_thumbnails(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A server catalog keeps no image files: spatial verification extracts each candidate's
+    features from its stored 320 px thumbnail, and still puts the photographed carton first."""
+    from catalog_helpers import write_csv
+    from pg_helpers import fresh_database
+    from verify_helpers import package, photographed
+
+    from snapshop import api
+    from snapshop.search import Searcher
+    from snapshop.verify import VerifyConfig
+
+    rows: list[list[object]] = []
+    for seed in (21, 22, 23, 24):
+        path = tmp_path / f"p{seed}.jpg"
+        package(seed, size=(450, 600)).save(path, quality=92)  # stored as a 240 x 320 thumbnail
+        rows.append([f"p{seed}", path, f"carton {seed}", "", 1.0, "dairy"])
+    query = tmp_path / "photo.jpg"
+    photographed(package(23, size=(450, 600))).save(query, quality=92)
+    with fresh_database(pg_dsn) as uri:
+        api.index_source(
+            write_csv(tmp_path / "shop.csv", rows), uri, model="efficientnet_lite0",
+            detector="none", workers=0,
+        )  # fmt: skip
+        searcher = api.open_searcher(uri)
+        with searcher.catalog:
+            config = VerifyConfig(top_k=4, min_inliers=20, weight=1.0)
+            checked = Searcher(searcher.catalog, searcher.embedder, verify=config)
+            result = checked.search(query, k=4, detect=False)
+            plain = {h.sku: h.score for h in searcher.search(query, k=4).image_results}
+        assert result.image_results[0].sku == "p23"
+        assert result.image_results[0].score == pytest.approx(plain["p23"] + 1.0, abs=1e-5)

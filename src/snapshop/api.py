@@ -36,6 +36,7 @@ from snapshop.search import (
     check_flag,
     check_ranking,
 )
+from snapshop.verify import VerifyConfig
 
 PathLike = str | os.PathLike[str]
 
@@ -224,6 +225,7 @@ def open_searcher(
     embed_threads: int | None = None,
     ranking: str = DEFAULT_RANKING,
     flip_query: bool = False,
+    verify: bool = False,
 ) -> Searcher:
     """A searcher over ``catalog_dir`` that owns the catalog it opened (close it with
     ``searcher.catalog.close()``); ``detector`` None means the catalog's own (``"none"``: no
@@ -231,14 +233,20 @@ def open_searcher(
     ``ranking``: image-based results by "product" vector (default) or best "image";
     ``flip_query``: image-based results from the photo's and its mirror's mean embedding
     (issue #20: photo -> catalog R@1 +0.004 in bf16, +0.012 in fp32; a second embedding
-    per query, docs/benchmarks/retrieval.md)."""
+    per query, docs/benchmarks/retrieval.md); ``verify``: re-rank the image-based results' top
+    candidates by spatial verification of local features (``snapshop.verify``, its default
+    settings)."""
     check_ranking(ranking)
     check_flag("flip_query", flip_query)
+    check_flag("verify", verify)
     catalog = open_catalog(catalog_dir)
     try:
         embedder = catalog_embedder(catalog, model, threads=embed_threads)
         detector = catalog_detector(catalog, detector)
-        return Searcher(catalog, embedder, detector, ranking=ranking, flip_query=flip_query)
+        return Searcher(
+            catalog, embedder, detector, ranking=ranking, flip_query=flip_query,
+            verify=VerifyConfig() if verify else None,
+        )  # fmt: skip
     except BaseException:
         catalog.close()
         raise
@@ -254,10 +262,12 @@ def search_image(
     filters: ProductFilter | None = None,
     ranking: str = DEFAULT_RANKING,
     flip_query: bool = False,
+    verify: bool = False,
 ) -> SearchResult:
     searcher = open_searcher(
-        catalog_dir, model=model, detector=detector, ranking=ranking, flip_query=flip_query
-    )
+        catalog_dir, model=model, detector=detector, ranking=ranking, flip_query=flip_query,
+        verify=verify,
+    )  # fmt: skip
     with searcher.catalog:
         return searcher.search(image, k, filters=filters)
 

@@ -261,6 +261,13 @@ def search(
             " embeddings (photo -> catalog R@1 +0.004 bf16 / +0.012 fp32; a second embedding)."
         ),
     ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Re-rank the image-based results' top 10 by local-feature matches (spatial"
+            " verification; printed packaging: docs/benchmarks/retrieval.md)."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the catalog products that look like IMAGE (image-based and item-based results)."""
@@ -269,7 +276,7 @@ def search(
     result = run(lambda: api.search_image(
         image, catalog, k=k, model=model, detector=detector,
         filters=ProductFilter(category, min_price, max_price), ranking=ranking,
-        flip_query=flip_query,
+        flip_query=flip_query, verify=verify,
     ))  # fmt: skip
     if save_boxes is not None:
         from snapshop.visualize import draw_detections
@@ -544,16 +551,25 @@ def serve(
             " (default: $SNAPSHOP_FLIP_QUERY, else off).",
         ),
     ] = None,
+    verify: Annotated[
+        bool | None,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Re-rank image-based results by local-feature matches (spatial verification;"
+            " default: $SNAPSHOP_VERIFY, else off).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the REST API (/v1, docs at /docs) and the web page (/) over a catalog."""
     from snapshop.service import ServiceSettings, api_key_from_env, serve
-    from snapshop.service.settings import flip_query_from_env
+    from snapshop.service.settings import VERIFY_ENV, flag_from_env, flip_query_from_env
 
     settings = run(lambda: ServiceSettings(
         catalog, model=model, detector=detector, api_key=api_key_from_env(api_key_env),
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         search_threads=search_threads or None, embed_threads=embed_threads or None,
         flip_query=flip_query_from_env() if flip_query is None else flip_query,
+        verify=flag_from_env(VERIFY_ENV) if verify is None else verify,
     ))  # fmt: skip
     if not settings.writes_enabled:
         err.print(f"[dim]${api_key_env} is not set: product writes are disabled[/dim]")

@@ -10,7 +10,9 @@ Item-based results rank products by their best garment crop.
 ``flip_query`` (off by default; issue #20) searches image-based results with the mean of the
 photo's and its mirror's normalised embeddings: photo -> catalog R@1 +0.012 on grocery-dev's
 folds in fp32, +0.004 (within noise) in bf16, for a second embedding per query that runs
-beside the first (+16 ms p50 with detection; docs/benchmarks/retrieval.md).
+beside the first (+16 ms p50 with detection; docs/benchmarks/retrieval.md). ``verify`` (off
+by default) re-ranks the image-based top 10 by spatial verification of local features
+(``snapshop.verify``): printed packaging, ≈ 60 ms a query.
 """
 
 from __future__ import annotations
@@ -29,13 +31,21 @@ from PIL import Image
 from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import Product
 from snapshop.detect.base import Box, Detection, Detector, frame_crop, keep_best_per_position
-from snapshop.errors import ConfigError
+from snapshop.errors import ConfigError, NotFoundError
 from snapshop.images import DecodeLimits, ImageSource, load_image, original_size, scale_to_original
 from snapshop.index.base import VectorIndex
 from snapshop.index.filtering import IdFilter
 from snapshop.models.embedder import Embedder
 from snapshop.models.tta import mean_view, mirror
 from snapshop.product_vectors import ProductVectors
+from snapshop.verify import (
+    CatalogFeatures,
+    LocalFeatures,
+    VerifyConfig,
+    count_inliers,
+    extract,
+    verification_bonus,
+)
 
 MAX_K = 1000
 RANKINGS = ("product", "image")
@@ -248,6 +258,8 @@ class Searcher:
     ``ranking``: how image-based results rank products, "product" (by product vector, the
     default) or "image" (by each product's best image); see the module docstring.
     ``flip_query``: image-based results from the photo's and its mirror's mean embedding.
+    ``verify``: re-rank the image-based results' top candidates by spatial verification of
+    local features (``snapshop.verify``; None: off).
     """
 
     def __init__(
@@ -258,6 +270,7 @@ class Searcher:
         limits: DecodeLimits = DecodeLimits(),
         ranking: str = DEFAULT_RANKING,
         flip_query: bool = False,
+        verify: VerifyConfig | None = None,
     ) -> None:
         catalog.check_model(embedder.model_id)
         self.catalog = catalog
@@ -273,6 +286,41 @@ class Searcher:
         self._pv_lock = threading.Lock()
         self.ranking = ranking
         self.flip_query = flip_query
+        self._catalog_features: CatalogFeatures | None = None
+        self.verify = verify
+
+    @property
+    def verify(self) -> VerifyConfig | None:
+        return self._verify
+
+    @verify.setter
+    def verify(self, config: VerifyConfig | None) -> None:
+        if config is not None and not isinstance(config, VerifyConfig):
+            raise ConfigError(f"verify must be a VerifyConfig or None, not {config!r}")
+        self._verify = config
+        if config is None:
+            self._catalog_features = None
+        elif self._catalog_features is None or self._catalog_features.config != config:
+            self._catalog_features = CatalogFeatures(self.catalog, config)
+
+    def verified(self, hits: list[ProductHit], query: LocalFeatures, k: int) -> list[ProductHit]:
+        """The first ``verify.top_k`` of ``hits`` re-ranked by their score plus the bonus of
+        their shown image's inliers with ``query``, then the rest; the first ``k``."""
+        config, features = self._verify, self._catalog_features
+        if config is None or features is None:
+            return hits[:k]
+        head, tail = hits[: config.top_k], hits[config.top_k :]
+        inliers = np.zeros(len(head), np.int64)
+        for i, hit in enumerate(head):
+            try:
+                shown = self.catalog.store.get_image(hit.image_id)
+            except NotFoundError:  # deleted since the search: it keeps its score
+                continue
+            inliers[i] = count_inliers(query, features.of(shown), config)
+        bonus = verification_bonus(inliers, config)
+        fused = [replace(h, score=h.score + float(b)) for h, b in zip(head, bonus, strict=True)]
+        fused.sort(key=lambda h: -h.score)  # stable: ties keep the embedding's order
+        return (fused + tail)[:k]
 
     @property
     def flip_query(self) -> bool:
@@ -416,6 +464,11 @@ class Searcher:
         photo_vector = self.embedder.submit(image)  # needs no boxes: runs beside detection
         # a user's box searches its region only: no image-based results for a mirror to help
         mirrored = self.embedder.submit(mirror(image)) if flip and box is None else None
+        # local features while the embedder works (verification re-ranks image-based results)
+        verify = self._verify if box is None else None
+        t_verify = time.perf_counter()
+        query_features = extract(image, verify) if verify is not None else None
+        verify_ms = (time.perf_counter() - t_verify) * 1e3
         detections: list[Detection] = []
         regions: list[tuple[str, str, float, Box]] = []
         if box is not None:
@@ -447,7 +500,12 @@ class Searcher:
         store = self.catalog.store
         image_results: list[ProductHit] = []
         if box is None:
-            image_results = self.rank_products(vectors[0], k, filters)
+            wanted = k if verify is None else max(k, verify.top_k)
+            image_results = self.rank_products(vectors[0], wanted, filters)
+            if query_features is not None:
+                t_verify = time.perf_counter()
+                image_results = self.verified(image_results, query_features, k)
+                verify_ms += (time.perf_counter() - t_verify) * 1e3
 
         item_results: list[ItemResult] = []
         for (pos, label, score, region_box), vec in zip(regions, vectors[1:], strict=True):
@@ -466,6 +524,8 @@ class Searcher:
             hits = self._hits(list(best_of_product.values())[:k], crops=True)
             item_results.append(ItemResult(pos, label, score, region_box.as_tuple(), hits))
         timings["search"] = (time.perf_counter() - t3) * 1e3
+        if verify is not None:  # inside detect (the query's features) and search (matching)
+            timings["verify"] = verify_ms
         timings["total"] = (time.perf_counter() - t0) * 1e3
         size = original_size(image)
         return SearchResult(size, detections, image_results, item_results, timings)

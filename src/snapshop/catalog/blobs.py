@@ -56,7 +56,7 @@ TEMP_NAME = re.compile(rf"{TEMP_PREFIX}[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
 
 @dataclass(frozen=True)
 class DerivedCache:
-    """Files rendered from blobs on demand (thumbnails), kept under
+    """Files rendered from blobs on demand (thumbnails, local features), kept under
     ``DIR/<folder>/<variant>/<sha256[:2]>/<sha256>[-<tag>]<suffix>``; ``variant`` is a number
     (a size), ``tag`` digits and underscores (a crop box). Garbage collection removes the
     files of bytes no image row holds any more, with no grace period: a file taken too early
@@ -82,7 +82,9 @@ class DerivedCache:
 # so the catalog knows its layout without knowing who renders it (service.thumbs does).
 THUMBNAILS = DerivedCache("thumbs", ".jpg")  # one variant per thumbnail size
 CROP_THUMBNAILS = DerivedCache("thumbs/crops", ".jpg")  # tagged with the crop's pixel box
-DERIVED_CACHES: tuple[DerivedCache, ...] = (THUMBNAILS, CROP_THUMBNAILS)
+# spatial verification's local features (snapshop.verify): variant the long side, tag the count
+LOCAL_FEATURES = DerivedCache("verify", ".npz")
+DERIVED_CACHES: tuple[DerivedCache, ...] = (THUMBNAILS, CROP_THUMBNAILS, LOCAL_FEATURES)
 THUMB_DIR = THUMBNAILS.folder
 
 

@@ -107,6 +107,16 @@ def fold_ranks(
     each query's image-level rank (:func:`~snapshop.evaluate.retrieval.image_ranks`).
 
     Every query's product must be in the gallery (a fold holds out whole products)."""
+    return similarity_ranks(query_vecs @ gallery_vecs.T, query_products, gallery_products, label_of)
+
+
+def similarity_ranks(
+    sims: NDArray[np.float32],
+    query_products: Sequence[str],
+    gallery_products: Sequence[str],
+    label_of: dict[str, int],
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """:func:`fold_ranks` from a (queries, gallery images) score matrix (e.g. re-ranked)."""
     products = sorted(set(gallery_products))
     local = {p: i for i, p in enumerate(products)}
     missing = sorted(set(query_products) - set(local))
@@ -114,7 +124,6 @@ def fold_ranks(
         raise ValueError(f"queries of products without a gallery image: {missing[:5]}")
     q_local = np.array([local[p] for p in query_products], dtype=np.int64)
     g_local = np.array([local[p] for p in gallery_products], dtype=np.int64)
-    sims = query_vecs @ gallery_vecs.T
     ranks = product_ranks(product_scores(sims, g_local, len(products)), q_local)
     labels = np.array([label_of[p] for p in query_products], dtype=np.int64)
     return ranks, labels, image_ranks(sims, q_local, g_local)

@@ -130,6 +130,72 @@ def catalog_view(
     return mirror(out) if rng.random() < config.flip else out
 
 
+@dataclass(frozen=True)
+class PileConfig:
+    """How :func:`pile_view` heaps copies of a product: ``grid`` x ``grid`` cells (one copy
+    each, drawn from the range), a copy's long side ``overlap`` times its cell, rotated within
+    +-``rotate`` degrees, its centre jittered by up to ``jitter`` of a cell."""
+
+    grid: tuple[int, int] = (3, 5)
+    overlap: tuple[float, float] = (1.1, 1.5)
+    rotate: float = 30.0
+    jitter: float = 0.3
+    white_threshold: int = 235
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.grid[0] <= self.grid[1] <= 16:
+            raise ConfigError(f"grid must satisfy 1 <= low <= high <= 16, got {self.grid}")
+        if not 0 < self.overlap[0] <= self.overlap[1] <= 4:
+            raise ConfigError(f"overlap must satisfy 0 < low <= high <= 4, got {self.overlap}")
+
+
+def pile_view(
+    image: Image.Image, rng: random.Random, config: PileConfig = PileConfig()
+) -> Image.Image:
+    """A catalog image of one item (an apple alone on white) turned into a heap of it, as
+    shops show fruit, vegetables and packages: copies of the cut-out product on a jittered
+    grid over grey or clutter, each rotated, mirrored at random and lit a little differently.
+    The image itself when no product stands out from a white background."""
+    rgb = image.convert("RGB")
+    mask = foreground_mask(rgb, config.white_threshold)
+    if not mask.any():
+        return rgb
+    ys, xs = np.nonzero(mask)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    item = rgb.crop(box)
+    alpha = Image.fromarray((mask * 255).astype(np.uint8)).crop(box)
+    alpha = alpha.filter(ImageFilter.GaussianBlur(1))
+    w, h = rgb.size
+    if rng.random() < 0.5:
+        grey = rng.randint(40, 140)
+        canvas = Image.new("RGB", (w, h), (grey,) * 3)
+    else:
+        canvas = clutter((w, h), rng)
+    cells = rng.randint(*config.grid)
+    cell_w, cell_h = w / cells, h / cells
+    spots = [(i, j) for i in range(cells) for j in range(cells)]
+    rng.shuffle(spots)
+    for i, j in spots:
+        side = max(cell_w, cell_h) * rng.uniform(*config.overlap)
+        scale = side / max(item.size)
+        size = (max(1, round(item.width * scale)), max(1, round(item.height * scale)))
+        copy = item.resize(size, Image.Resampling.BILINEAR)
+        copy_alpha = alpha.resize(size, Image.Resampling.BILINEAR)
+        if rng.random() < 0.5:
+            copy, copy_alpha = mirror(copy), mirror(copy_alpha)
+        angle = rng.uniform(-config.rotate, config.rotate)
+        copy = copy.rotate(angle, Image.Resampling.BILINEAR, expand=True)
+        copy_alpha = copy_alpha.rotate(angle, Image.Resampling.BILINEAR, expand=True)
+        light = rng.uniform(0.8, 1.1)
+        copy = Image.fromarray(
+            np.clip(np.asarray(copy, np.float32) * light, 0, 255).astype(np.uint8)
+        )
+        cx = (i + 0.5 + rng.uniform(-config.jitter, config.jitter)) * cell_w
+        cy = (j + 0.5 + rng.uniform(-config.jitter, config.jitter)) * cell_h
+        canvas.paste(copy, (round(cx - copy.width / 2), round(cy - copy.height / 2)), copy_alpha)
+    return canvas
+
+
 def catalog_views(
     image: Image.Image,
     n: int,

@@ -55,6 +55,7 @@ def create_app(
             embed_threads=settings.embed_threads,
             ranking=settings.ranking,
             flip_query=settings.flip_query,
+            verify=settings.verify,
         )
         searcher.embedder.open_sessions()
     state = ServiceState(settings, searcher)

@@ -13,6 +13,7 @@ from snapshop.search import DEFAULT_RANKING, check_flag, check_ranking
 DEFAULT_API_KEY_ENV = "SNAPSHOP_API_KEY"
 RANKING_ENV = "SNAPSHOP_RANKING"
 FLIP_QUERY_ENV = "SNAPSHOP_FLIP_QUERY"
+VERIFY_ENV = "SNAPSHOP_VERIFY"
 THUMB_SIZES: tuple[int, ...] = (64, 128, 256, 512)
 FORM_ROOM = 1024 * 1024  # a multipart body's form fields and part headers, beyond its images
 
@@ -45,6 +46,8 @@ class ServiceSettings:
     ranking: str = field(default_factory=lambda: ranking_from_env())
     # image-based results from the photo's and its mirror's mean embedding (issue #20)
     flip_query: bool = field(default_factory=lambda: flip_query_from_env())
+    # image-based results' top candidates re-ranked by spatial verification (snapshop.verify)
+    verify: bool = field(default_factory=lambda: flag_from_env(VERIFY_ENV))
 
     def __post_init__(self) -> None:
         from snapshop.catalog.server import is_server_target
@@ -79,6 +82,7 @@ class ServiceSettings:
         object.__setattr__(self, "thumb_sizes", tuple(sorted(set(self.thumb_sizes))))
         check_ranking(self.ranking)
         check_flag("flip_query", self.flip_query)
+        check_flag("verify", self.verify)
 
     @property
     def writes_enabled(self) -> bool:
@@ -101,8 +105,13 @@ def ranking_from_env(name: str = RANKING_ENV) -> str:
 
 
 def flip_query_from_env(name: str = FLIP_QUERY_ENV) -> bool:
-    """Whether environment variable ``name`` turns query flip averaging on (1 / true / yes;
-    0 / false / no / unset: off, as a manifest's flags); any other value is a ConfigError."""
+    """Whether environment variable ``name`` turns query flip averaging on."""
+    return flag_from_env(name)
+
+
+def flag_from_env(name: str) -> bool:
+    """Whether environment variable ``name`` turns an option on (1 / true / yes; 0 / false /
+    no / unset: off, as a manifest's flags); any other value is a ConfigError."""
     from snapshop.data.sources import FALSE_WORDS, TRUE_WORDS
 
     word = os.environ.get(name, "").strip().lower()

@@ -13,6 +13,7 @@ from snapshop.ingest import Ingestor, IngestReport
 from snapshop.search import Searcher
 from snapshop.service.errors import ApiError
 from snapshop.service.settings import ServiceSettings
+from snapshop.verify import VerifyConfig
 
 
 class ReadWriteLock:
@@ -84,6 +85,10 @@ class ServiceState:
         searcher.auto_refresh = False  # ensure_fresh refreshes under the write lock instead
         searcher.ranking = settings.ranking
         searcher.flip_query = settings.flip_query
+        if settings.verify and searcher.verify is None:
+            searcher.verify = VerifyConfig()
+        elif not settings.verify:
+            searcher.verify = None
         self.searcher = searcher
         self.catalog = searcher.catalog
         self.lock = ReadWriteLock()
