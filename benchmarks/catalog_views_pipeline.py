@@ -17,7 +17,8 @@ ingest report's seconds), per image, with and without views.
 
 With ``--fold-models DIR0 DIR1 DIR2`` each fold is indexed and searched with its own trained
 model (``snapshop train`` on ``snapshop prepare --folds 3 --fold N``'s training rows), so
-every score is a model's on products it never saw.
+every score is a model's on products it never saw. ``--verify`` adds a setting: searches with
+spatial verification at its defaults (``Searcher(verify=VerifyConfig())``, no views).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from snapshop.ingest import Ingestor
 from snapshop.models.embedder import Embedder, load_embedder
 from snapshop.models.tta import is_packshot
 from snapshop.search import Searcher
+from snapshop.verify import VerifyConfig
 
 log = logging.getLogger("catalog_views_pipeline")
 PROTOCOLS = ("photo -> catalog", "photo -> all")
@@ -78,14 +80,19 @@ def add(embedder: Embedder, directory: Path, rows: Sequence[ManifestRow]) -> Non
 
 
 def ranks(
-    embedder: Embedder, directory: Path, queries: Sequence[ManifestRow], flip: bool
+    embedder: Embedder,
+    directory: Path,
+    queries: Sequence[ManifestRow],
+    flip: bool,
+    verify: bool = False,
 ) -> tuple[NDArray[np.int64], float]:
     """0-based rank of each query's product among the catalog's products, and the mean
-    search wall time per query in ms."""
+    search wall time per query in ms (``verify``: with spatial verification's defaults)."""
     from snapshop.catalog.catalog import open_catalog
 
     with open_catalog(directory) as catalog:
-        searcher = Searcher(catalog, embedder, flip_query=flip)
+        config = VerifyConfig() if verify else None
+        searcher = Searcher(catalog, embedder, flip_query=flip, verify=config)
         n_products = catalog.store.counts()["products"]
         out = np.empty(len(queries), np.int64)
         start = time.perf_counter()
@@ -105,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queries", type=int, default=0, help="per fold (0: all)")
     parser.add_argument("--model", default="efficientnet_lite2", help="backbone or model dir")
     parser.add_argument("--fold-models", nargs="+", help="one model dir per fold, in fold order")
+    parser.add_argument(
+        "--verify", action="store_true", help="add a setting: search --verify (no views)"
+    )
     args = parser.parse_args(argv)
     if args.views < 1:
         parser.error("--views must be at least 1 (the lever measured against none)")
@@ -118,13 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     embedders = [load_embedder(m) for m in args.fold_models or [args.model] * args.folds]
     if args.work.exists():
         shutil.rmtree(args.work)
-    settings = {"baseline": (0, False), "query flip": (0, True),
-                f"catalog views {args.views}": (args.views, False),
-                f"catalog views {args.views} + query flip": (args.views, True)}  # fmt: skip
+    settings = {"baseline": (0, False, False), "query flip": (0, True, False),
+                f"catalog views {args.views}": (args.views, False, False),
+                f"catalog views {args.views} + query flip": (args.views, True, False)}  # fmt: skip
+    if args.verify:
+        settings["verify"] = (0, False, True)
     found: dict[tuple[str, str], list[NDArray[np.int64]]] = {}
     labels: list[NDArray[np.int64]] = []
     index_s: dict[int, float] = {0: 0.0, args.views: 0.0}
-    query_ms: dict[bool, list[float]] = {False: [], True: []}
+    query_ms: dict[str, list[float]] = {}
     packshots = catalog_images = 0
     for n, (held, embedder) in enumerate(zip(folds, embedders, strict=True)):
         queries = [r for r in held if r.role == "query"]
@@ -142,13 +154,13 @@ def main(argv: list[str] | None = None) -> int:
             everything = args.work / f"fold{n}-views{views}-all"
             shutil.copytree(only, everything)
             add(embedder, everything, photos)
-            for name, (setting_views, flip) in settings.items():
+            for name, (setting_views, flip, verify) in settings.items():
                 if setting_views != views:
                     continue
                 for protocol, directory in zip(PROTOCOLS, (only, everything), strict=True):
-                    r, ms = ranks(embedder, directory, queries, flip)
+                    r, ms = ranks(embedder, directory, queries, flip, verify)
                     found.setdefault((name, protocol), []).append(r)
-                    query_ms[flip].append(ms)
+                    query_ms.setdefault(name, []).append(ms)
             log.warning("fold %d, %d views: done", n, views)
     pooled = np.concatenate(labels)
 
@@ -175,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nindexing the catalog images alone (ingest wall time per image, this machine):")
     for views, seconds in index_s.items():
         print(f"  {views} catalog views: {seconds / catalog_images * 1e3:.1f} ms per catalog image")
-    for flip, times in query_ms.items():
-        print(f"  query flip {'on ' if flip else 'off'}: {np.mean(times):.1f} ms per search (mean)")
+    for name, times in query_ms.items():
+        print(f"  {name}: {np.mean(times):.1f} ms per search (mean)")
     return 0
 
 

@@ -32,17 +32,18 @@ def test_pipeline_benchmark_prints_every_setting_and_the_costs(
         writer.writerow(["path", "product_id", "role", "domain"])
         writer.writerows((str(p), sku, role, domain) for p, sku, role, domain in rows)
     assert pipeline.main([str(manifest), "--views", "2", "--model", str(lite0_model_dir),
-                          "--work", str(tmp_path / "work")]) == 0  # fmt: skip
+                          "--work", str(tmp_path / "work"), "--verify"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "3 folds, 6 products, 12 queries; 6 of 6 catalog images taken for packshots" in out
-    for setting in ("baseline", "query flip", "catalog views 2", "catalog views 2 + query flip"):
+    settings = ("baseline", "query flip", "catalog views 2", "catalog views 2 + query flip")
+    for setting in (*settings, "verify"):
         assert f"| {setting} | " in out
     assert "| baseline | " in out and "+0.000 [+0.000, +0.000]" in out
-    assert "2 catalog views:" in out and "query flip on :" in out
+    assert "2 catalog views:" in out and "  query flip: " in out and "  verify: " in out
     table = [line for line in out.splitlines() if line.startswith("| ")]
     # one model per fold (here the same one three times): the same table
     folds = [str(lite0_model_dir)] * 3
-    argv = [str(manifest), "--views", "2", "--work", str(tmp_path / "work")]
+    argv = [str(manifest), "--views", "2", "--work", str(tmp_path / "work"), "--verify"]
     assert pipeline.main([*argv, "--fold-models", *folds]) == 0
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")] == table
     with pytest.raises(SystemExit):  # one directory per fold
