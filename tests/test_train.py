@@ -350,6 +350,50 @@ def test_catalog_domain_augmentation_turns_only_packshots_into_photo_like_views(
     assert white_share(domain) < white_share(plain) - 0.08
 
 
+def test_min_crop_reaches_the_crops_and_the_cache_key(demo_rows) -> None:
+    """``train --min-crop``: a smaller crop area is drawn, a bad range is refused, and the
+    cached views of two crop ranges never mix."""
+    import random
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from snapshop.cli import app
+    from snapshop.train.augment import AugmentConfig, random_resized_crop
+    from snapshop.train.frozen import _rows_key
+
+    side = 250  # red encodes x, green y: a crop's colour ranges give its size
+    ramp = np.arange(side, dtype=np.uint8)
+    pixels = np.stack(
+        [np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side)), np.zeros((side, side))],
+        axis=2,
+    ).astype(np.uint8)
+    image = Image.fromarray(pixels)
+
+    def smallest_area(config: AugmentConfig) -> float:
+        areas = []
+        for seed in range(200):
+            crop = np.asarray(random_resized_crop(image, 64, random.Random(seed), config), int)
+            width = np.ptp(crop[..., 0]) + 1
+            height = np.ptp(crop[..., 1]) + 1
+            areas.append(width * height / side**2)
+        return min(areas)
+
+    assert (
+        smallest_area(AugmentConfig(scale=(0.15, 1.0))) < 0.2 < 0.3 < smallest_area(AugmentConfig())
+    )
+    for bad in ((0.0, 1.0), (0.5, 0.4), (0.2, 1.5)):
+        with pytest.raises(ConfigError, match="crop area"):
+            AugmentConfig(scale=bad)
+    keys = {
+        _rows_key(demo_rows[:4], _config(augment=AugmentConfig(scale=(low, 1.0))), 2, "train")
+        for low in (0.15, 0.35)
+    }
+    assert len(keys) == 2
+    out = CliRunner().invoke(app, ["train", "--manifest", "x.csv", "--out", "o", "--min-crop", "0"])
+    assert out.exit_code == 2 and "min-crop" in out.output
+
+
 def test_gem_pooling_is_a_checked_setting_and_keys_only_pooled_caches(demo_rows) -> None:
     from snapshop.train.frozen import _rows_key
 

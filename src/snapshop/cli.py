@@ -680,6 +680,12 @@ def train(
     pooling: Annotated[
         str, typer.Option(help="Global pool of the last feature map: avg, or gem (p = 3).")
     ] = "avg",
+    min_crop: Annotated[
+        float,
+        typer.Option(
+            min=0.01, max=1.0, help="Smallest random crop of a training view, as an area fraction."
+        ),
+    ] = 0.35,
 ) -> None:
     """Train a NormSoftmax embedder and export it (model.onnx + model.json) to OUT."""
     from snapshop.train.augment import AugmentConfig
@@ -690,7 +696,8 @@ def train(
         lr_step=lr_step, backbone_lr_scale=backbone_lr_scale, classes_per_batch=classes_per_batch,
         samples_per_class=samples_per_class, train_blocks=train_blocks, cache=cache,
         views=views, device=device, threads=threads, workers=workers, seed=seed,
-        augment=AugmentConfig(catalog_domain=catalog_domain), pooling=pooling,
+        augment=AugmentConfig(scale=(min_crop, 1.0), catalog_domain=catalog_domain),
+        pooling=pooling,
     ))  # fmt: skip
     selection = RowSelection(
         tuple(train_where or ()), tuple(eval_where or ()), tuple(eval_gallery_where or ()),

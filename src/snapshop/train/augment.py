@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageEnhance
 
+from snapshop.errors import ConfigError
 from snapshop.models.embedder import preprocess
 from snapshop.models.tta import VIEW_KINDS, CatalogAugmentConfig, catalog_view, is_packshot
 
@@ -29,6 +30,13 @@ class AugmentConfig:
     contrast: float = 0.3
     saturation: float = 0.3
     catalog_domain: bool = False  # packshots: a random tta.catalog_view before the above
+
+    def __post_init__(self) -> None:
+        low, high = self.scale
+        if not 0 < low <= high <= 1:
+            raise ConfigError(
+                f"crop area scale must satisfy 0 < low <= high <= 1, got {self.scale}"
+            )
 
 
 def random_resized_crop(
