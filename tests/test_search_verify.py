@@ -200,3 +200,28 @@ def test_the_service_setting_and_its_environment_variable_reach_the_searcher(
     monkeypatch.setenv(VERIFY_ENV, "maybe")
     with pytest.raises(ConfigError, match=VERIFY_ENV):
         ServiceSettings(packages["catalog"])
+
+
+def test_a_catalog_disk_that_refuses_the_features_file_still_verifies(
+    packages: dict[str, Any],
+    lite0_embedder: Embedder,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A read-only or full disk: the features stay in memory, the search answers as usual."""
+
+    def refuse(target: Path) -> Any:
+        raise OSError(30, "Read-only file system", str(target))
+
+    monkeypatch.setattr(verify, "atomic_file", refuse)
+    config = VerifyConfig(top_k=len(SEEDS), max_features=150, min_inliers=20, weight=1.0)
+    with (
+        open_catalog(packages["catalog"]) as catalog,
+        caplog.at_level(logging.WARNING, logger="snapshop.verify"),
+    ):
+        result = Searcher(catalog, lite0_embedder, verify=config).search(
+            packages["queries"][4], k=3, detect=False
+        )
+    assert result.image_results[0].sku == f"p{SEEDS[4]}"
+    assert "local features not saved" in caplog.text
+    assert not list((packages["catalog"] / LOCAL_FEATURES.folder).rglob("*-150.npz"))

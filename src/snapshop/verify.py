@@ -231,8 +231,11 @@ class CatalogFeatures:
             return EMPTY
         features = extract(pixels, self.config)
         if target is not None:
-            with atomic_file(target) as fh:  # concurrent searches may both write, never tear
-                features.save(fh)
+            try:
+                with atomic_file(target) as fh:  # concurrent searches may both write, never tear
+                    features.save(fh)
+            except OSError as exc:  # a read-only or full catalog disk: kept in memory only
+                log.warning("%s: local features not saved (%s)", target, exc)
         return features
 
     def _stored_pixels(self, image: ImageRow) -> Image.Image | None:
