@@ -20,26 +20,24 @@ re-ranking, and R@1 by category (packaged goods vs fruit and vegetables).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import pickle
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from grocery_folds import PROTOCOLS, best_setting, fold_parser, hits_on, load_folds  # benchmarks/
 from numpy.typing import NDArray
 
 from snapshop.data.manifest import ManifestRow, matches, parse_where
-from snapshop.data.readers import read_dataset
 from snapshop.errors import SnapshopError
 from snapshop.evaluate.crossval import (
     CrossValidation,
     PooledRanks,
-    held_out_folds,
     similarity_ranks,
 )
 from snapshop.evaluate.retrieval import embed_paths
@@ -50,7 +48,6 @@ from snapshop.verify import LocalFeatures, VerifyConfig, count_inliers, extract,
 log = logging.getLogger("local_rerank")
 WEIGHTS = (0.05, 0.1, 0.2, 0.5, 1.0)
 FLOORS = (10, 15, 20, 30, 40)
-PROTOCOLS = ("photo -> catalog", "photo -> all")
 
 
 class FeatureCache:
@@ -167,50 +164,16 @@ def score_folds(
     return out
 
 
-def choose(folds: list[FoldScores], label_of: dict[str, int], base: VerifyConfig) -> VerifyConfig:
+def choose(
+    folds: Sequence[FoldScores], label_of: dict[str, int], base: VerifyConfig
+) -> VerifyConfig:
     """The grid's setting with the most R@1 hits on ``folds`` (ties: smaller weight, larger
     floor)."""
-    best: tuple[int, float, int] | None = None
-    for weight, floor in itertools.product(WEIGHTS, sorted(FLOORS, reverse=True)):
-        config = replace(base, weight=weight, min_inliers=floor)
-        hits = sum(int((f.ranks(config, label_of)[0] < 1).sum()) for f in folds)
-        if best is None or hits > best[0]:
-            best = (hits, weight, floor)
-    assert best is not None
-    return replace(base, weight=best[1], min_inliers=best[2])
-
-
-@dataclass
-class Folds:
-    """Each fold's model and held-out rows, and every held-out product's global label."""
-
-    models: list[str]
-    rows: list[ManifestRow]
-    held_out: list[list[ManifestRow]]
-    label_of: dict[str, int]
-
-
-def fold_parser(doc: str) -> argparse.ArgumentParser:
-    """The arguments of the scripts that score fold models on grocery_cv.py's folds."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("dataset")
-    parser.add_argument("--fold-models", nargs="+", help="one model dir per fold")
-    parser.add_argument("--baseline", help="one model for every fold (instead of --fold-models)")
-    parser.add_argument("--folds", type=int, default=3, help="with --baseline")
-    parser.add_argument("--catalog-where", default="domain=iconic")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser
-
-
-def load_folds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Folds:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if bool(args.fold_models) == bool(args.baseline):
-        parser.error("give --fold-models or --baseline")
-    models = args.fold_models or [args.baseline] * args.folds
-    rows = read_dataset(args.dataset)
-    held_out = held_out_folds(rows, len(models), seed=args.seed)
-    label_of = {p: i for i, p in enumerate(sorted({r.sku for f in held_out for r in f}))}
-    return Folds(models, rows, held_out, label_of)
+    grid = [
+        replace(base, weight=weight, min_inliers=floor)
+        for weight, floor in itertools.product(WEIGHTS, sorted(FLOORS, reverse=True))
+    ]
+    return best_setting(grid, hits_on(folds, label_of))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,17 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     models, fold_rows, label_of = folds.models, folds.held_out, folds.label_of
     base = VerifyConfig(top_k=args.top_k, transform=args.transform)
     cache = FeatureCache(args.cache / "verify.pkl" if args.cache else None, base)
-    packaged = {r.sku for r in folds.rows if r.extra.get("is_packaged_sku") == "1"}
+    packaged = folds.packaged
     scores = score_folds(models, fold_rows, parse_where([args.catalog_where]), cache, args.top_k)
 
     columns = ["cosine", "verified (cross-fitted)"]
     results: dict[str, dict[str, PooledRanks]] = {c: {} for c in columns}
     print(f"top {args.top_k} verified by {args.transform}; grid weight {WEIGHTS} x floor {FLOORS}")
-    for protocol, folds in scores.items():
+    for protocol, fold_scores in scores.items():
         plain, fitted = PooledRanks(), PooledRanks()
         by_category: dict[str, list[int]] = {"packaged": [0, 0, 0], "produce": [0, 0, 0]}
-        for i, fold in enumerate(folds):
-            chosen = choose([f for j, f in enumerate(folds) if j != i], label_of, base)
+        for i, fold in enumerate(fold_scores):
+            chosen = choose([f for j, f in enumerate(fold_scores) if j != i], label_of, base)
             print(f"{protocol}, fold {i}: weight {chosen.weight}, floor {chosen.min_inliers}")
             plain.add(*fold.ranks(None, label_of))
             fitted.add(*fold.ranks(chosen, label_of))
@@ -244,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 tally[0] += 1
                 tally[1] += int(b < 1)
                 tally[2] += int(a < 1)
-        pooled = choose(folds, label_of, base)
+        pooled = choose(fold_scores, label_of, base)
         print(f"{protocol}, all folds: weight {pooled.weight}, floor {pooled.min_inliers}")
         results["cosine"][protocol] = plain
         results["verified (cross-fitted)"][protocol] = fitted

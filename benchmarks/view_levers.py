@@ -27,9 +27,10 @@ import sys
 from collections.abc import Callable
 
 import numpy as np
-from local_rerank import fold_parser, load_folds  # this folder's script: the same folds
+from grocery_folds import PROTOCOLS, fold_parser, load_folds  # benchmarks/
 from numpy.typing import NDArray
 from PIL import Image
+from query_crops import corners, crop  # benchmarks/
 
 from snapshop.data.manifest import matches, parse_where
 from snapshop.errors import SnapshopError
@@ -46,7 +47,6 @@ from snapshop.models.tta import VIEW_SEED, mean_view, pile_view
 log = logging.getLogger("view_levers")
 COLUMNS = ("image", "image + views", "views only")
 LEVERS = ("piles", "crops")
-PROTOCOLS = ("photo -> catalog", "photo -> all")
 
 
 def piles_of(image: Image.Image, n: int) -> list[Image.Image]:
@@ -57,10 +57,7 @@ def piles_of(image: Image.Image, n: int) -> list[Image.Image]:
 
 def crops_of(image: Image.Image) -> list[Image.Image]:
     """The centre crop and the four corner crops, each half the image's side."""
-    w, h = image.size
-    cw, ch = w // 2, h // 2
-    corners = [(w // 4, h // 4), (0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch)]
-    return [image.crop((x, y, x + cw, y + ch)) for x, y in corners]
+    return [crop(image, box) for box in corners(1 / 2)]
 
 
 def with_views(

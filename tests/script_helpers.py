@@ -12,8 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load_script(relative: str) -> ModuleType:
     """``benchmarks/grocery_cv.py`` -> the module, registered under its file name (dataclasses
-    look their module up in ``sys.modules``)."""
+    look their module up in ``sys.modules``). Its folder goes on ``sys.path``, as when Python
+    runs the script, so that it imports its neighbours the same way."""
     path = ROOT / relative
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)

@@ -1,5 +1,7 @@
-"""benchmarks/local_rerank.py and benchmarks/view_levers.py run end to end on a tiny generated
-dataset: cartons (catalog image + photos of it) and plain products."""
+"""The benchmarks that score fold models on grocery-dev's folds (local_rerank.py, view_levers.py,
+hubness.py, query_crops.py, ensemble_cv.py) run end to end on a tiny generated dataset: cartons
+(catalog image + photos of it) and plain products. Their geometry, neighbourhoods and
+ensembles against brute force."""
 
 from __future__ import annotations
 
@@ -7,13 +9,18 @@ import csv
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from script_helpers import load_script
 from test_catalog_views import cluttered_photo, packshot_image
 from verify_helpers import package, photographed
 
-rerank = load_script("benchmarks/local_rerank.py")  # view_levers imports it as its neighbour
+rerank = load_script("benchmarks/local_rerank.py")
 levers = load_script("benchmarks/view_levers.py")
+hubness = load_script("benchmarks/hubness.py")
+query_crops = load_script("benchmarks/query_crops.py")
+ensemble_cv = load_script("benchmarks/ensemble_cv.py")
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +93,6 @@ def test_view_lever_benchmark_prints_three_vectors(
 
 
 def test_view_crops_are_the_centre_and_the_corners() -> None:
-    from PIL import Image
-
     image = Image.new("RGB", (100, 60))
     crops = levers.crops_of(image)
     assert [c.size for c in crops] == [(50, 30)] * 5
@@ -97,3 +102,111 @@ def test_view_crops_are_the_centre_and_the_corners() -> None:
             pixels.putpixel((x, y), (x, y, 0))
     corners = [c.getpixel((0, 0)) for c in levers.crops_of(pixels)]
     assert corners == [(1, 1, 0), (0, 0, 0), (2, 0, 0), (0, 2, 0), (2, 2, 0)]
+
+
+def test_hubness_benchmark_cross_fits_both_banks(
+    manifest: Path, lite0_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert hubness.main([str(manifest), "--baseline", str(lite0_model_dir)]) == 0
+    out = capsys.readouterr().out
+    for protocol in ("photo -> catalog", "photo -> all"):
+        for bank in ("train", "held-out"):
+            for fold in range(3):
+                assert re.search(
+                    rf"{protocol}, CSLS, {bank} bank \(cross-fitted\), fold {fold}: "
+                    r"k \d+, beta [0-9.]+",
+                    out,
+                )
+        assert f"{protocol}, cosine: R@1 by category packaged" in out
+    header = (
+        "| metric | cosine | CSLS, train bank (cross-fitted) | CSLS, held-out bank (cross-fitted) |"
+    )
+    assert out.count(header) == 2
+    assert out.count("| R@1 - cosine, paired | - |") == 2
+
+
+def test_a_gallery_images_neighbourhood_is_its_k_nearest_bank_photos_never_itself() -> None:
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(30, 8)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    gallery = np.concatenate([bank[[4, 17]], rng.normal(size=(3, 8)).astype(np.float32)])
+    gallery[2:] /= np.linalg.norm(gallery[2:], axis=1, keepdims=True)
+    self_index = np.array([4, 17, -1, -1, -1])
+    got = hubness.neighbourhood(gallery, bank, 5, self_index)
+    for i, g in enumerate(gallery):
+        others = [float(g @ b) for j, b in enumerate(bank) if j != self_index[i]]
+        assert got[i] == pytest.approx(np.mean(sorted(others)[-5:]), abs=1e-6)
+    # k larger than the bank: every other photo
+    everyone = hubness.neighbourhood(gallery[:1], bank, 100, self_index[:1])
+    assert everyone[0] == pytest.approx(np.delete(bank @ gallery[0], 4).mean(), abs=1e-6)
+
+
+def test_query_crops_benchmark_chooses_a_variant_per_fold(
+    manifest: Path, lite0_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert query_crops.main([str(manifest), "--baseline", str(lite0_model_dir)]) == 0
+    out = capsys.readouterr().out
+    names = "|".join(["photo"] + [f"photo \\+ {s}, (mean|max)" for s in query_crops.CROP_SETS])
+    for protocol in ("photo -> catalog", "photo -> all"):
+        for fold in range(3):
+            assert re.search(
+                rf"{protocol}, crops \(cross-fitted\), fold {fold}: ({names})$", out, re.M
+            )
+        hindsight = re.findall(rf"^{protocol}, every fold, .*\(in hindsight\)$", out, re.M)
+        assert len(hindsight) == len(query_crops.variants()) == 7
+    assert out.count("| metric | photo | crops (cross-fitted) |") == 2
+    # an ensemble of the model with itself ranks as the model alone
+    fold = [str(lite0_model_dir)] * 3
+    argv = [str(manifest), "--baseline", str(lite0_model_dir), "--ensemble-with", *fold]
+    assert query_crops.main(argv) == 0
+    assert capsys.readouterr().out == out
+    with pytest.raises(SystemExit):
+        query_crops.main([*argv[:-1]])
+    assert "one model directory per fold" in capsys.readouterr().err
+
+
+def test_query_crop_sets_cut_the_intended_pixels() -> None:
+    pixels = Image.new("RGB", (24, 24))
+    for x in range(24):
+        for y in range(24):
+            pixels.putpixel((x, y), (x, y, 0))
+    two_thirds = [query_crops.crop(pixels, box) for box in query_crops.corners(2 / 3)]
+    assert [c.size for c in two_thirds] == [(16, 16)] * 5
+    assert [c.getpixel((0, 0)) for c in two_thirds] == [
+        (4, 4, 0), (0, 0, 0), (8, 0, 0), (0, 8, 0), (8, 8, 0)
+    ]  # fmt: skip
+    zoom = [query_crops.crop(pixels, box) for box in query_crops.CROP_SETS["zoom3"]]
+    assert [c.size for c in zoom] == [(18, 18), (12, 12), (8, 8)]
+    assert [c.getpixel((0, 0)) for c in zoom] == [(3, 3, 0), (6, 6, 0), (8, 8, 0)]
+
+
+def test_an_ensembles_cosine_is_the_mean_of_its_members_cosines() -> None:
+    rng = np.random.default_rng(1)
+    members = []
+    for dim in (8, 5):
+        v = rng.normal(size=(6, dim)).astype(np.float32)
+        members.append(v / np.linalg.norm(v, axis=1, keepdims=True))
+    joint = ensemble_cv.ensemble(members)
+    assert joint.shape == (6, 13)
+    assert np.allclose(np.linalg.norm(joint, axis=1), 1, atol=1e-6)
+    mean_cosine = (members[0] @ members[0].T + members[1] @ members[1].T) / 2
+    assert np.allclose(joint @ joint.T, mean_cosine, atol=1e-6)
+
+
+def test_ensemble_benchmark_prints_members_and_their_ensemble(
+    manifest: Path, lite0_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fold = [str(lite0_model_dir)] * 3
+    argv = [str(manifest), "--fold-models", *fold, "--fold-models", *fold]
+    assert ensemble_cv.main(argv) == 0
+    out = capsys.readouterr().out
+    name = "/".join([lite0_model_dir.name] * 3)
+    assert out.count(f"| metric | {name} | {name} (2) | ensemble |") == 2
+    # a model in an ensemble with itself ranks as it does alone
+    for line in out.splitlines():
+        if line.startswith("| R@1 |"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert cells[1] == cells[2] == cells[3]
+    with pytest.raises(SystemExit):
+        ensemble_cv.main([str(manifest), "--fold-models", *fold])
+    assert "two or more --fold-models sets" in capsys.readouterr().err
