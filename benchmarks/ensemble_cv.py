@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
-from grocery_folds import PROTOCOLS  # benchmarks/
+from grocery_folds import PROTOCOLS, run  # benchmarks/
 from numpy.typing import NDArray
 
 from snapshop.data.manifest import ManifestRow, matches, parse_where
@@ -92,8 +91,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SnapshopError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

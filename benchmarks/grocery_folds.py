@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NoReturn, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.data.manifest import ManifestRow
 from snapshop.data.readers import read_dataset
+from snapshop.errors import SnapshopError
 from snapshop.evaluate.crossval import PooledRanks, held_out_folds
 
 PROTOCOLS = ("photo -> catalog", "photo -> all")
@@ -119,3 +121,12 @@ def cross_fitted(
             cells = ", ".join(f"{name} {h / n:.3f} ({n})" for name, (n, h) in tally.items() if n)
             print(f"{protocol}, {column.name}: R@1 by category {cells}")
     return results
+
+
+def run(main: Callable[[], int]) -> NoReturn:
+    """A script's entry point: a bad CSV, model or image ends it with one line and status 2."""
+    try:
+        sys.exit(main())
+    except SnapshopError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

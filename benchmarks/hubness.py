@@ -26,7 +26,6 @@ to plain cosine, and R@1 by category.
 from __future__ import annotations
 
 import itertools
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ from grocery_folds import (  # benchmarks/
     fold_parser,
     hits_on,
     load_folds,
+    run,
 )
 from numpy.typing import NDArray
 
@@ -170,8 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SnapshopError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

@@ -23,14 +23,13 @@ from __future__ import annotations
 import itertools
 import logging
 import pickle
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from grocery_folds import PROTOCOLS, best_setting, fold_parser, hits_on, load_folds  # benchmarks/
+from grocery_folds import PROTOCOLS, best_setting, fold_parser, hits_on, load_folds, run
 from numpy.typing import NDArray
 
 from snapshop.data.manifest import ManifestRow, matches, parse_where
@@ -246,8 +245,4 @@ def print_latency(folds: list[FoldScores], cache: FeatureCache, queries: int) ->
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SnapshopError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

@@ -27,7 +27,6 @@ fold's model and these, their vectors concatenated as ensemble_cv.py does.
 from __future__ import annotations
 
 import itertools
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +41,7 @@ from grocery_folds import (  # benchmarks/
     fold_parser,
     hits_on,
     load_folds,
+    run,
 )
 from numpy.typing import NDArray
 from PIL import Image
@@ -203,8 +203,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SnapshopError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

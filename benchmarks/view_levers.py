@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 from collections.abc import Callable
 
 import numpy as np
-from grocery_folds import PROTOCOLS, fold_parser, load_folds  # benchmarks/
+from grocery_folds import PROTOCOLS, fold_parser, load_folds, run  # benchmarks/
 from numpy.typing import NDArray
 from PIL import Image
 from query_crops import corners, crop  # benchmarks/
@@ -124,8 +123,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SnapshopError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run(main)
