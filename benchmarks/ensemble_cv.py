@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from grocery_folds import PROTOCOLS, run  # benchmarks/
+from grocery_folds import PROTOCOLS, checked_folds, run  # benchmarks/
 from numpy.typing import NDArray
 
 from snapshop.data.manifest import ManifestRow, matches, parse_where
@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         for i, models in enumerate(members)
     ]  # numbered after the first: the same set may be given twice
     columns = [*names, "ensemble"]
-    folds = held_out_folds(read_dataset(args.dataset), len(members[0]), seed=args.seed)
+    folds = checked_folds(
+        held_out_folds(read_dataset(args.dataset), len(members[0]), seed=args.seed),
+        args.catalog_where,
+    )
     label_of = {p: i for i, p in enumerate(sorted({r.sku for f in folds for r in f}))}
     catalog = parse_where([args.catalog_where])
     results = {c: {p: PooledRanks() for p in PROTOCOLS} for c in columns}

@@ -15,9 +15,9 @@ from typing import Any, Generic, NoReturn, Protocol, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from snapshop.data.manifest import ManifestRow
+from snapshop.data.manifest import ManifestRow, matches, parse_where
 from snapshop.data.readers import read_dataset
-from snapshop.errors import SnapshopError
+from snapshop.errors import ConfigError, SnapshopError
 from snapshop.evaluate.crossval import PooledRanks, held_out_folds
 
 PROTOCOLS = ("photo -> catalog", "photo -> all")
@@ -59,9 +59,29 @@ def load_folds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Fol
         parser.error("give --fold-models or --baseline")
     models = args.fold_models or [args.baseline] * args.folds
     rows = read_dataset(args.dataset)
-    held_out = held_out_folds(rows, len(models), seed=args.seed)
+    held_out = checked_folds(held_out_folds(rows, len(models), seed=args.seed), args.catalog_where)
     label_of = {p: i for i, p in enumerate(sorted({r.sku for f in held_out for r in f}))}
     return Folds(models, rows, held_out, label_of)
+
+
+def checked_folds(held_out: list[list[ManifestRow]], catalog_where: str) -> list[list[ManifestRow]]:
+    """``held_out``, once every fold holds queries, catalog images and other gallery photos
+    (what the scripts rank and compare); otherwise a ConfigError naming what is missing."""
+    catalog = parse_where([catalog_where])
+    for i, fold in enumerate(held_out):
+        gallery = [r for r in fold if r.role == "gallery"]
+        missing = [
+            name
+            for name, count in (
+                ("query photos", sum(r.role == "query" for r in fold)),
+                (f"catalog images ({catalog_where})", sum(matches(r, catalog) for r in gallery)),
+                ("gallery photos", sum(not matches(r, catalog) for r in gallery)),
+            )
+            if not count
+        ]
+        if missing:
+            raise ConfigError(f"fold {i} holds no {' and no '.join(missing)}")
+    return held_out
 
 
 def best_setting(settings: Sequence[S], hits: Callable[[S], int]) -> S:

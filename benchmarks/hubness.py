@@ -26,6 +26,7 @@ to plain cosine, and R@1 by category.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -133,6 +134,21 @@ def score_folds(
     return out
 
 
+def confusions(folds: Sequence[FoldScores], top: int = 8) -> list[str]:
+    """The most frequent (product, product taken for it) pairs at rank 1 by plain cosine, as
+    ``"name -> name: wrong of photos"``, most frequent first."""
+    wrong: Counter[tuple[str, str]] = Counter()
+    photos: Counter[str] = Counter()
+    for fold in folds:
+        for row, best in zip(fold.queries, fold.sims.argmax(axis=1), strict=True):
+            taken = fold.shown[int(best)]
+            photos[row.sku] += 1
+            if taken.sku != row.sku:
+                wrong[row.sku, taken.sku] += 1
+    names = {r.sku: r.extra.get("product_name") or r.sku for f in folds for r in f.shown}
+    return [f"{names[a]} -> {names[b]}: {n} of {photos[a]}" for (a, b), n in wrong.most_common(top)]
+
+
 def choose(folds: Sequence[FoldScores], label_of: dict[str, int], bank: str) -> Setting:
     """The grid's (bank, k, beta) with the most R@1 hits on ``folds`` (ties: smaller beta, then
     smaller k)."""
@@ -162,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             for bank in BANKS
         ),
     ]
+    print(
+        "photo -> catalog, cosine, most frequent errors: "
+        + "; ".join(confusions(scores["photo -> catalog"]))
+    )
     print(f"grid: k {NEIGHBOURS} x beta {BETAS}")
     results = cross_fitted(scores, columns, folds)
     names = [c.name for c in columns]

@@ -210,3 +210,46 @@ def test_ensemble_benchmark_prints_members_and_their_ensemble(
     with pytest.raises(SystemExit):
         ensemble_cv.main([str(manifest), "--fold-models", *fold])
     assert "two or more --fold-models sets" in capsys.readouterr().err
+
+
+def test_folds_without_queries_or_catalog_images_are_refused_in_one_line(
+    manifest: Path, lite0_model_dir: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from snapshop.errors import ConfigError
+
+    no_queries = tmp_path / "no_queries.csv"
+    no_queries.write_text(manifest.read_text().replace(",query,", ",gallery,"))
+    model = str(lite0_model_dir)
+    for script, extra in (
+        (hubness, ["--baseline", model]),
+        (query_crops, ["--baseline", model]),
+        (ensemble_cv, ["--fold-models", *[model] * 3, "--fold-models", *[model] * 3]),
+    ):
+        with pytest.raises(ConfigError, match="holds no query photos"):
+            script.main([str(no_queries), *extra])
+    with pytest.raises(ConfigError, match=r"no catalog images \(domain=packshot\)"):
+        hubness.main([str(manifest), "--baseline", model, "--catalog-where", "domain=packshot"])
+    done = subprocess.run(
+        [sys.executable, "benchmarks/hubness.py", str(no_queries), "--baseline", model],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: fold 0 holds no query photos")
+
+
+def test_confusions_count_each_product_taken_for_another_at_rank_one() -> None:
+    from snapshop.data.manifest import ManifestRow
+
+    def row(sku: str, role: str) -> ManifestRow:
+        return ManifestRow(Path(f"{sku}-{role}.jpg"), sku, role, {"product_name": sku.upper()})
+
+    shown = [row("a", "gallery"), row("b", "gallery"), row("c", "gallery")]
+    queries = [row("a", "query"), row("a", "query"), row("a", "query"), row("b", "query")]
+    sims = np.array([[0.1, 0.9, 0.0], [0.2, 0.8, 0.1], [0.9, 0.1, 0.0], [0.0, 0.2, 0.7]])
+    fold = hubness.FoldScores(sims.astype(np.float32), {}, queries, shown)
+    assert hubness.confusions([fold]) == ["A -> B: 2 of 3", "B -> C: 1 of 1"]
