@@ -1,7 +1,7 @@
 """The benchmarks that score fold models on grocery-dev's folds (local_rerank.py, view_levers.py,
-hubness.py, query_crops.py, ensemble_cv.py) run end to end on a tiny generated dataset: cartons
-(catalog image + photos of it) and plain products. Their geometry, neighbourhoods and
-ensembles against brute force."""
+hubness.py, query_crops.py, ensemble_cv.py, query_cutout.py) run end to end on a tiny generated
+dataset: cartons (catalog image + photos of it) and plain products. Their geometry,
+neighbourhoods, ensembles and saliency cut-outs against brute force."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 from script_helpers import load_script
@@ -21,6 +22,8 @@ levers = load_script("benchmarks/view_levers.py")
 hubness = load_script("benchmarks/hubness.py")
 query_crops = load_script("benchmarks/query_crops.py")
 ensemble_cv = load_script("benchmarks/ensemble_cv.py")
+isnet_model = load_script("benchmarks/isnet_model.py")
+query_cutout = load_script("benchmarks/query_cutout.py")
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +256,107 @@ def test_confusions_count_each_product_taken_for_another_at_rank_one() -> None:
     sims = np.array([[0.1, 0.9, 0.0], [0.2, 0.8, 0.1], [0.9, 0.1, 0.0], [0.0, 0.2, 0.7]])
     fold = hubness.FoldScores(sims.astype(np.float32), {}, queries, shown)
     assert hubness.confusions([fold]) == ["A -> B: 2 of 3", "B -> C: 1 of 1"]
+
+
+def fixed_size_saliency(side: int) -> onnx.ModelProto:
+    """A stand-in for ISNet exported at ``side`` px: near-white pixels are background, the rest
+    salient, computed at half resolution and resized back by a constant output size (as the
+    real export's Resize nodes are)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name: str, values: list[float] | list[int], dtype: type) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(values, dtype=dtype), name)
+
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["grey"], axes=[1], keepdims=1),
+        helper.make_node("AveragePool", ["grey"], ["half"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Sub", ["white", "half"], ["dark"]),
+        helper.make_node("Mul", ["dark", "gain"], ["logit"]),
+        helper.make_node("Resize", ["logit", "", "", "sizes"], ["full"], mode="nearest"),
+        helper.make_node("Sigmoid", ["full"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "saliency",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, side, side])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, side, side])],
+        [
+            const("white", [0.45], np.float32),
+            const("gain", [40.0], np.float32),
+            const("sizes", [1, 1, side, side], np.int64),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_isnet_resize_sizes_become_scales_the_same_at_the_export_size() -> None:
+    import onnxruntime as ort
+
+    fixed = fixed_size_saliency(64)
+    free = isnet_model.any_size(fixed)
+    run_fixed = ort.InferenceSession(fixed.SerializeToString(), providers=["CPUExecutionProvider"])
+    run_free = ort.InferenceSession(free.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, (1, 3, 64, 64)).astype(np.float32)
+    assert np.array_equal(run_free.run(None, {"input": x})[0], run_fixed.run(None, {"input": x})[0])
+    with pytest.raises(Exception, match="dimensions"):
+        run_fixed.run(None, {"input": np.zeros((1, 3, 128, 128), np.float32)})
+    big = run_free.run(None, {"input": np.repeat(np.repeat(x, 2, axis=2), 2, axis=3)})[0]
+    assert big.shape == (1, 1, 128, 128)
+
+
+def test_the_salient_box_and_the_cutout_keep_the_object_and_whiten_the_rest() -> None:
+    image = Image.new("RGB", (100, 80), (30, 90, 200))
+    mask = np.zeros((80, 100), np.uint8)
+    mask[20:40, 30:80] = 255  # 50 x 20 px of object
+    box, cutout = query_cutout.framed(image, mask)
+    assert box.size == cutout.size == (60, 24)  # widened by 5 and 2 px a side
+    assert cutout.getpixel((30, 12)) == (30, 90, 200)  # inside the object
+    assert cutout.getpixel((1, 1)) == (255, 255, 255)  # margin, not salient
+    assert box.getpixel((1, 1)) == (30, 90, 200)
+    # the mask may come at another resolution than the photo
+    assert query_cutout.framed(image, mask[::2, ::2])[0].size == (60, 24)
+    tiny = np.zeros((80, 100), np.uint8)
+    tiny[:5, :10] = 255  # 0.6 % of the photo
+    assert query_cutout.framed(image, tiny) is None
+
+
+def test_a_saliency_model_returning_nan_finds_no_object() -> None:
+    class NaNModel:
+        def get_inputs(self) -> list[object]:
+            return [type("Input", (), {"name": "input"})()]
+
+        def run(self, _: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            return [np.full((1, 1, *feeds["input"].shape[2:]), np.nan, np.float32)]
+
+    mask = query_cutout.saliency(NaNModel(), Image.new("RGB", (50, 40)), 64)
+    assert mask.shape == (64, 64) and not mask.any()
+
+
+def test_query_cutout_benchmark_chooses_a_variant_per_fold_and_caches_masks(
+    manifest: Path, lite0_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "saliency.onnx"
+    onnx.save(isnet_model.any_size(fixed_size_saliency(64)), model)
+    argv = [str(manifest), "--baseline", str(lite0_model_dir), "--isnet", str(model)]
+    argv += ["--side", "128", "--cache", str(tmp_path / "masks")]
+    assert query_cutout.main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^no salient object in \d+ of 12 query photos", out, re.M)
+    assert re.search(r"^ISNet at 128 px: \d+ ms a photo$", out, re.M)
+    variants = "|".join(re.escape(v) for v in query_cutout.VARIANTS)
+    for protocol in ("photo -> catalog", "photo -> all"):
+        for fold in range(3):
+            pick = rf"^{protocol}, cut-out \(cross-fitted\), fold {fold}: ({variants})$"
+            assert re.search(pick, out, re.M)
+        hindsight = re.findall(rf"^{protocol}, every fold, .*\(in hindsight\)$", out, re.M)
+        assert len(hindsight) == 5
+    assert out.count("| metric | photo | cut-out (cross-fitted) |") == 2
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 12
+    # the second run reads every mask back and ranks the same
+    assert query_cutout.main(argv) == 0
+    again = capsys.readouterr().out
+    assert "ms a photo" not in again
+    assert again.splitlines()[1:] == out.splitlines()[2:]
+    with pytest.raises(SystemExit):
+        query_cutout.main([*argv, "--side", "100"])
+    assert "multiple of 64" in capsys.readouterr().err

@@ -348,6 +348,48 @@ def test_catalog_domain_augmentation_turns_only_packshots_into_photo_like_views(
     # Cut out onto clutter or grey, re-balanced: a packshot's white background is gone in
     # part of its views, and the product stays in them
     assert white_share(domain) < white_share(plain) - 0.08
+    # piles: every packshot view a heap of the product over grey or clutter (no white left),
+    # and more of the product's colour than one item on white shows; photos as before
+    piles = AugmentConfig(**still, catalog_domain=True, catalog_piles=1.0)
+    assert white_share(piles) < 0.01 < white_share(plain)
+
+    def product_share(config: AugmentConfig) -> float:  # blue well above red: the product
+        views = [augment(packshot, 64, random.Random(seed), config) for seed in range(20)]
+        return float(np.mean([v[2] - v[0] > 1.0 for v in views]))
+
+    assert product_share(piles) > product_share(plain)
+    for seed in range(5):
+        np.testing.assert_array_equal(
+            augment(photo, 64, random.Random(seed), plain),
+            augment(photo, 64, random.Random(seed), piles),
+        )
+
+
+def test_catalog_piles_are_checked_and_leave_older_cache_names_alone() -> None:
+    from snapshop.train.augment import AugmentConfig
+
+    with pytest.raises(ConfigError, match="needs catalog_domain"):
+        AugmentConfig(catalog_piles=0.25)
+    with pytest.raises(ConfigError, match="in 0..1"):
+        AugmentConfig(catalog_domain=True, catalog_piles=1.5)
+    # a cache written before the setting existed keys on exactly these settings
+    before = {
+        "scale": (0.35, 1.0), "ratio": (3 / 4, 4 / 3), "flip": 0.5, "brightness": 0.3,
+        "contrast": 0.3, "saturation": 0.3, "catalog_domain": True,
+    }  # fmt: skip
+    assert AugmentConfig(catalog_domain=True).key_settings() == before
+    assert AugmentConfig(catalog_domain=True, catalog_piles=0.25).key_settings() == {
+        **before,
+        "catalog_piles": 0.25,
+    }
+    from typer.testing import CliRunner
+
+    from snapshop.cli import app
+
+    argv = ["train", "--manifest", "x.csv", "--out", "o", "--catalog-piles", "0.5"]
+    out = CliRunner().invoke(app, argv)
+    assert out.exit_code != 0 and "needs catalog_domain" in out.output
+    assert CliRunner().invoke(app, [*argv[:-1], "1.5", "--catalog-domain"]).exit_code == 2
 
 
 def test_min_crop_reaches_the_crops_and_the_cache_key(demo_rows) -> None:

@@ -677,6 +677,15 @@ def train(
             " clutter, zoomed out, white balance, blur, rotation)."
         ),
     ] = False,
+    catalog_piles: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="With --catalog-domain: the share of packshot views that are piles of the"
+            " product (over grey or clutter), as shops show fruit and cartons.",
+        ),
+    ] = 0.0,
     pooling: Annotated[
         str, typer.Option(help="Global pool of the last feature map: avg, or gem (p = 3).")
     ] = "avg",
@@ -696,7 +705,9 @@ def train(
         lr_step=lr_step, backbone_lr_scale=backbone_lr_scale, classes_per_batch=classes_per_batch,
         samples_per_class=samples_per_class, train_blocks=train_blocks, cache=cache,
         views=views, device=device, threads=threads, workers=workers, seed=seed,
-        augment=AugmentConfig(scale=(min_crop, 1.0), catalog_domain=catalog_domain),
+        augment=AugmentConfig(
+            scale=(min_crop, 1.0), catalog_domain=catalog_domain, catalog_piles=catalog_piles
+        ),
         pooling=pooling,
     ))  # fmt: skip
     selection = RowSelection(

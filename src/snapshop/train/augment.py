@@ -3,11 +3,14 @@
 With ``catalog_domain`` a packshot (:func:`snapshop.models.tta.is_packshot`: the product alone
 on white) first becomes one of :func:`snapshop.models.tta.catalog_view`'s photo-like variants
 (cut out onto clutter or grey, zoomed out, white balance, blur, rotation, crop), so that the
-catalog image's training views look more like the shop photos it must match (issue #20).
+catalog image's training views look more like the shop photos it must match (issue #20). With
+``catalog_piles`` that share of a packshot's views is a heap of the product instead
+(:func:`snapshop.models.tta.pile_view`), as shops show fruit in a bin and cartons on a shelf.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -18,7 +21,17 @@ from PIL import Image, ImageEnhance
 
 from snapshop.errors import ConfigError
 from snapshop.models.embedder import preprocess
-from snapshop.models.tta import VIEW_KINDS, CatalogAugmentConfig, catalog_view, is_packshot
+from snapshop.models.tta import (
+    VIEW_KINDS,
+    CatalogAugmentConfig,
+    catalog_view,
+    is_packshot,
+    pile_view,
+)
+
+# Settings added after frozen-feature caches were written, at the value that changes nothing:
+# left out of the cache key (:meth:`AugmentConfig.key_settings`) so those caches keep their names.
+_LATER_DEFAULTS = {"catalog_piles": 0.0}
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,7 @@ class AugmentConfig:
     contrast: float = 0.3
     saturation: float = 0.3
     catalog_domain: bool = False  # packshots: a random tta.catalog_view before the above
+    catalog_piles: float = 0.0  # with catalog_domain: the share of packshot views that are piles
 
     def __post_init__(self) -> None:
         low, high = self.scale
@@ -37,6 +51,15 @@ class AugmentConfig:
             raise ConfigError(
                 f"crop area scale must satisfy 0 < low <= high <= 1, got {self.scale}"
             )
+        if not 0 <= self.catalog_piles <= 1:
+            raise ConfigError(f"catalog_piles must be in 0..1, got {self.catalog_piles}")
+        if self.catalog_piles and not self.catalog_domain:
+            raise ConfigError("catalog_piles needs catalog_domain (piles are catalog views)")
+
+    def key_settings(self) -> dict[str, object]:
+        """The settings that name a frozen-feature cache."""
+        settings = dataclasses.asdict(self)
+        return {k: v for k, v in settings.items() if _LATER_DEFAULTS.get(k, object()) != v}
 
 
 def random_resized_crop(
@@ -77,7 +100,10 @@ def augment(
 ) -> NDArray[np.float32]:
     """RGB image -> (3, size, size) float32 normalised like :func:`preprocess`, augmented."""
     if config.catalog_domain and is_packshot(image):
-        image = catalog_view(image, rng.choice(VIEW_KINDS), rng, CatalogAugmentConfig())
+        if config.catalog_piles and rng.random() < config.catalog_piles:
+            image = pile_view(image, rng)
+        else:
+            image = catalog_view(image, rng.choice(VIEW_KINDS), rng, CatalogAugmentConfig())
     out = random_resized_crop(image, size, rng, config)
     if rng.random() < config.flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

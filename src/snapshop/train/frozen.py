@@ -9,7 +9,6 @@ differ only in head settings.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -142,7 +141,7 @@ def _rows_key(rows: Sequence[ManifestRow], config: TrainConfig, n_views: int, ta
         config.seed,
         config.input_size,
         config.pretrained,
-        json.dumps(dataclasses.asdict(config.augment)),
+        json.dumps(config.augment.key_settings()),
         tag,
         *_pooled_with(config),
     )
