@@ -1,7 +1,7 @@
 """The benchmarks that score fold models on grocery-dev's folds (local_rerank.py, view_levers.py,
-hubness.py, query_crops.py, ensemble_cv.py, query_cutout.py) run end to end on a tiny generated
-dataset: cartons (catalog image + photos of it) and plain products. Their geometry,
-neighbourhoods, ensembles and saliency cut-outs against brute force."""
+hubness.py, query_crops.py, ensemble_cv.py, query_cutout.py, photo_resolution.py) run end to end
+on a tiny generated dataset: cartons (catalog image + photos of it) and plain products. Their
+geometry, neighbourhoods, ensembles and saliency cut-outs against brute force."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ query_crops = load_script("benchmarks/query_crops.py")
 ensemble_cv = load_script("benchmarks/ensemble_cv.py")
 isnet_model = load_script("benchmarks/isnet_model.py")
 query_cutout = load_script("benchmarks/query_cutout.py")
+photo_resolution = load_script("benchmarks/photo_resolution.py")
 
 
 @pytest.fixture(scope="module")
@@ -360,3 +361,64 @@ def test_query_cutout_benchmark_chooses_a_variant_per_fold_and_caches_masks(
     with pytest.raises(SystemExit):
         query_cutout.main([*argv, "--side", "100"])
     assert "multiple of 64" in capsys.readouterr().err
+
+
+def test_photo_resolution_benchmark_chooses_a_size_per_fold(
+    manifest: Path, lite0_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from snapshop.models.card import read_card
+
+    own = read_card(lite0_model_dir).input_size
+    argv = [str(manifest), "--baseline", str(lite0_model_dir), "--work", str(tmp_path)]
+    sizes = ["--sizes", str(own), str(own + 32)]
+    both_sizes = ["--every-image-at", str(own + 32), "--multiscale", str(own), str(own + 32)]
+    assert photo_resolution.main([*argv, *sizes, *both_sizes]) == 0
+    out = capsys.readouterr().out
+    for protocol in ("photo -> catalog", "photo -> all"):
+        for fold in range(3):
+            assert re.search(
+                rf"^{protocol}, photo size \(cross-fitted\), fold {fold}: "
+                rf"photos at ({own}|{own + 32}) px$",
+                out,
+                re.M,
+            )
+        hindsight = re.findall(rf"^{protocol}, every fold, .*\(in hindsight\)$", out, re.M)
+        assert len(hindsight) == 3  # the two photo sizes, and every image at the larger
+    fixed = f"every image at {own + 32} px"
+    both = f"every image at {own}+{own + 32} px"
+    header = f"| metric | photos at {own} px | photo size (cross-fitted) | {fixed} | {both} |"
+    assert out.count(header) == 2
+    assert out.count(f"| metric | {fixed} | {both} |") == 2  # the multi-scale vs the fixed size
+    # the fixed column ranks as the hindsight line of the same setting
+    line = re.search(rf"^photo -> catalog, every fold, {fixed}: R@1 (\S+)", out, re.M)
+    catalog_table = out.split("photo -> catalog: 3 folds")[1]
+    r1_row = re.search(r"^\| R@1 \| .*$", catalog_table, re.M)
+    assert line and r1_row
+    in_table = float(r1_row.group(0).split("|")[4].split()[0])
+    assert in_table == pytest.approx(float(line.group(1)), abs=5e-4)
+    for wrong in (
+        [str(own + 32), str(own)],
+        [str(own), str(own)],
+        [*sizes[1:], "--every-image-at", str(own)],
+        [*sizes[1:], "--multiscale", str(own)],
+        [*sizes[1:], "--multiscale", str(own), str(own + 64)],
+    ):
+        with pytest.raises(SystemExit):
+            photo_resolution.main([*argv, "--sizes", *wrong])
+    err = capsys.readouterr().err
+    assert "the models' own input size" in err and "distinct" in err
+    assert "--every-image-at must be one of --sizes other than the first" in err
+    assert err.count("--multiscale takes two or more distinct sizes of --sizes") == 2
+
+
+def test_a_multiscale_vector_is_the_normalised_mean_of_its_scales() -> None:
+    rng = np.random.default_rng(3)
+    vecs = {}
+    for size in (100, 200):
+        v = rng.normal(size=(4, 6)).astype(np.float32)
+        vecs[size] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    assert photo_resolution.mean_vector(vecs, (200,)) is vecs[200]
+    both = photo_resolution.mean_vector(vecs, (100, 200))
+    for i in range(4):
+        mean = vecs[100][i] + vecs[200][i]
+        assert np.allclose(both[i], mean / np.linalg.norm(mean), atol=1e-6)

@@ -332,3 +332,43 @@ def test_gem_embedding_net_exports_to_the_same_vectors(tmp_path: Path) -> None:
     onnx_out = session.run(None, {session.get_inputs()[0].name: batch})[0]
     assert np.abs(onnx_out - reference).max() < 1e-4
     assert np.abs(avg_out - reference).max() > 1e-2  # the pooling is really in the graph
+
+
+def test_a_resized_model_embeds_as_torch_does_at_its_new_size(
+    lite0_model_dir: Path, tmp_path: Path
+) -> None:
+    """Lite0's stride-2 layers see even sizes at 224 and at 288, so the SAME padding traced at
+    224 is the one torch computes at 288: the resized graph must equal torch there."""
+    images = sample_images()
+    card = export.resize_model(lite0_model_dir, 288, tmp_path / "at288")
+    assert card.input_size == 288 and card.training["traced_at_size"] == 224
+    assert read_card(tmp_path / "at288") == card
+    assert card.onnx_sha256 == sha256_file(tmp_path / "at288" / MODEL_FILE)
+    resized = Embedder(tmp_path / "at288", precision="fp32", verify=True)
+    net = create_embedding_net("efficientnet_lite0", dim=None, pretrained=True).eval()
+    with torch.no_grad():
+        reference = net(torch.from_numpy(np.stack([preprocess(im, 288) for im in images])))
+    assert np.abs(resized.embed_images(images) - reference.numpy()).max() < 1e-4
+    original = Embedder(lite0_model_dir, precision="fp32").embed_images(images)
+    assert np.abs(resized.embed_images(images) - original).max() > 1e-3
+    # back to 224 in place: the original's vectors, and the size it was trained at kept
+    back = export.resize_model(tmp_path / "at288", 224, tmp_path / "at288")
+    assert back.input_size == 224 and back.training["traced_at_size"] == 224
+    again = Embedder(tmp_path / "at288", precision="fp32", verify=True).embed_images(images)
+    assert np.abs(again - original).max() < 1e-5
+
+
+def test_resizing_refuses_odd_sizes_and_broken_models(
+    lite0_model_dir: Path, tmp_path: Path
+) -> None:
+    for size in (0, 16, 5000):
+        with pytest.raises(ModelError, match="size must be in"):
+            export.resize_model(lite0_model_dir, size, tmp_path / "out")
+    broken = tmp_path / "broken"
+    shutil.copytree(lite0_model_dir, broken)
+    (broken / MODEL_FILE).write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="cannot read the ONNX model"):
+        export.resize_model(broken, 288, tmp_path / "out")
+    assert not (tmp_path / "out" / MODEL_FILE).exists()
+    with pytest.raises(ModelError, match="not a model directory"):
+        export.resize_model(tmp_path / "nothing", 288, tmp_path / "out")

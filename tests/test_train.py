@@ -481,3 +481,64 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(
     assert [h["epoch"] for h in resumed.history] == [0, 1]  # epoch 0 came from the checkpoint
     with pytest.raises(ConfigError, match="not resuming"):  # not the default: refused
         train(train_rows, out, _config(epochs=3, pooling="gem"), resume=True, export=False)
+
+
+def test_a_model_trained_with_an_embed_size_embeds_at_it(tmp_path: Path, demo_rows) -> None:
+    from typer.testing import CliRunner
+
+    from snapshop.cli import app
+    from snapshop.models.embedder import Embedder
+    from snapshop.train.trainer import train
+
+    train_rows = [r for r in demo_rows if r.extra["split"] == "train"]
+    out = tmp_path / "model"
+    train(train_rows, out, _config(epochs=1), export=False)
+    # the size only changes the export: the checkpoint resumes under another one
+    train(train_rows, out, _config(epochs=2, embed_size=160), resume=True)
+    embedder = Embedder(out, precision="fp32", verify=True)
+    # trained, and so traced, at the config's input_size (96); embeds at 160
+    assert embedder.input_size == 160 and embedder.card.training["traced_at_size"] == 96
+    assert embedder.card.training["config"]["embed_size"] == 160
+    from PIL import Image
+
+    vecs = embedder.embed_images([Image.open(r.path).convert("RGB") for r in train_rows[:2]])
+    assert vecs.shape == (2, 32) and np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+    with pytest.raises(ConfigError, match="embed_size must be in 32..1024"):
+        _config(embed_size=8)
+    argv = ["train", "--manifest", "x.csv", "--out", "o", "--embed-size", "5000"]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code != 0 and "embed_size must be in" in result.output
+    # resize-model: the same copy from the command line, and a clear error for a bad size
+    resized = tmp_path / "at192"
+    result = CliRunner().invoke(
+        app, ["resize-model", "-m", str(out), "--size", "192", "--out", str(resized)]
+    )
+    assert result.exit_code == 0, result.output
+    assert Embedder(resized, verify=True).input_size == 192
+    result = CliRunner().invoke(
+        app, ["resize-model", "-m", str(out), "--size", "9", "--out", str(resized)]
+    )
+    assert result.exit_code != 0 and "size must be in 32..1024" in result.output
+    assert Embedder(resized, verify=True).input_size == 192  # the refused size wrote nothing
+
+
+def test_a_model_embeds_at_the_size_it_trained_at(tmp_path: Path, demo_rows) -> None:
+    """Training views of input_size px: the exported model embeds at that size, not the
+    backbone's (Lite0: 224)."""
+    import onnx
+    from PIL import Image
+
+    from snapshop.models.embedder import Embedder
+    from snapshop.train.trainer import train
+
+    train_rows = [r for r in demo_rows if r.extra["split"] == "train"]
+    out = tmp_path / "model"
+    train(train_rows, out, _config(epochs=1, input_size=128))
+    embedder = Embedder(out, precision="fp32", verify=True)
+    assert embedder.input_size == 128 and embedder.card.training["config"]["input_size"] == 128
+    dims = onnx.load(out / "model.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, 128, 128]
+    vecs = embedder.embed_images([Image.open(r.path).convert("RGB") for r in train_rows[:2]])
+    assert vecs.shape == (2, 32)
+    with pytest.raises(ConfigError, match="input_size must be in 32..1024"):
+        _config(input_size=16)

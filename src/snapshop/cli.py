@@ -695,6 +695,17 @@ def train(
             min=0.01, max=1.0, help="Smallest random crop of a training view, as an area fraction."
         ),
     ] = 0.35,
+    input_size: Annotated[
+        int | None,
+        typer.Option(help="Training views are this many px square (default: the backbone's)."),
+    ] = None,
+    embed_size: Annotated[
+        int | None,
+        typer.Option(
+            help="The exported model embeds at this many px (default: the training size);"
+            " see `snapshop resize-model`."
+        ),
+    ] = None,
 ) -> None:
     """Train a NormSoftmax embedder and export it (model.onnx + model.json) to OUT."""
     from snapshop.train.augment import AugmentConfig
@@ -708,7 +719,7 @@ def train(
         augment=AugmentConfig(
             scale=(min_crop, 1.0), catalog_domain=catalog_domain, catalog_piles=catalog_piles
         ),
-        pooling=pooling,
+        pooling=pooling, input_size=input_size, embed_size=embed_size,
     ))  # fmt: skip
     selection = RowSelection(
         tuple(train_where or ()), tuple(eval_where or ()), tuple(eval_gallery_where or ()),
@@ -752,6 +763,23 @@ def quantize(
                                       method=method))  # fmt: skip
     calib = card.training.get("quantization", {}).get("calibration_images")
     out.print(f"wrote {out_dir} ({card.model_id}, {calib} calibration images)")
+
+
+@app.command("resize-model")
+def resize_model(
+    size: Annotated[int, typer.Option(help="Input size in px the copy embeds every image at.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Model directory to write (MODEL too).")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model directory or backbone name.")
+    ] = "efficientnet_lite2",
+) -> None:
+    """Copy of a model that embeds at another input size with the same weights: a trained
+    model often retrieves better at a higher one than it trained at (the CPU recipe: 384 px;
+    docs/benchmarks/retrieval.md). Its vectors are a new embedding space: index again."""
+    from snapshop.models.export import resize_model as resize
+
+    card = run(lambda: resize(model, size, out_dir))
+    out.print(f"wrote {out_dir} ({card.model_id}, {card.input_size} px)")
 
 
 # --- detection: detector evaluation (issue #4) -----------------------------------------------

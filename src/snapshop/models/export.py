@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "efficientnet_lite2"
 ONNX_OPSET = 17
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 1024  # the sizes resize_model accepts
 
 
 def snapshop_home() -> Path:
@@ -92,15 +94,18 @@ def save_model(
     kind: str,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    input_size: int | None = None,
 ) -> ModelCard:
-    """Export ``net`` into ``model_dir`` (model.onnx + model.json) and return the card."""
+    """Export ``net`` into ``model_dir`` (model.onnx + model.json) and return the card; the
+    model embeds at ``input_size`` px (default: the backbone's)."""
     model_dir = Path(model_dir)
     spec = net.backbone.spec
-    export_onnx(net, model_dir / MODEL_FILE, spec.input_size)
+    size = input_size or spec.input_size
+    export_onnx(net, model_dir / MODEL_FILE, size)
     card = ModelCard(
         name=name,
         backbone=spec.name,
-        input_size=spec.input_size,
+        input_size=size,
         output_dim=net.dim,
         source_weights_sha256=source_weights_sha256,
         onnx_sha256=sha256_file(model_dir / MODEL_FILE),
@@ -111,6 +116,65 @@ def save_model(
     )
     write_card(model_dir, card)
     return card
+
+
+def resize_model(
+    model: str | os.PathLike[str], size: int, out_dir: str | os.PathLike[str]
+) -> ModelCard:
+    """A copy of ``model`` in ``out_dir`` (the same directory: in place) that embeds every image
+    at ``size`` px with the same weights: the graph's input becomes (batch, 3, size, size) and
+    the card says ``size``. A model trained on random crops sees items larger than a
+    centre-cropped photo shows them; embedding at a higher resolution than it was trained at
+    undoes that (FixRes, Touvron et al. 2019; docs/benchmarks/retrieval.md, "Embedding at a
+    higher resolution"). The global pool takes any size; the SAME padding stays as traced."""
+    import onnx
+    import onnxruntime as ort
+
+    if not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:
+        raise ModelError(f"size must be in {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} px, got {size}")
+    source = resolve_model_dir(model)
+    card = read_card(source)
+    try:
+        graph = onnx.load(str(source / MODEL_FILE))
+    except Exception as exc:  # onnx raises DecodeError and OSError subclasses of its own
+        raise ModelError(f"{source / MODEL_FILE}: cannot read the ONNX model ({exc})") from None
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or dims[1].dim_value != 3:
+        raise ModelError(f"{source}: the model's input is not (batch, 3, height, width)")
+    dims[2].Clear()
+    dims[3].Clear()
+    dims[2].dim_value = dims[3].dim_value = size
+    del graph.graph.value_info[:]  # the shapes inferred at the old size would contradict it
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        onnx.save(graph, tmp_name)
+        try:
+            check = ort.InferenceSession(tmp_name, providers=["CPUExecutionProvider"])
+            check.run(None, {check.get_inputs()[0].name: _zeros_image(size)})
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelError(f"{source}: the model does not run at {size} px ({exc})") from None
+        os.chmod(tmp_name, 0o644)
+        Path(tmp_name).replace(out / MODEL_FILE)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    traced = card.training.get("traced_at_size", card.input_size)
+    resized = dataclasses.replace(
+        card,
+        input_size=size,
+        onnx_sha256=sha256_file(out / MODEL_FILE),
+        training={**card.training, "traced_at_size": traced},
+    )
+    write_card(out, resized)
+    return resized
+
+
+def _zeros_image(size: int) -> Any:
+    import numpy as np
+
+    return np.zeros((1, 3, size, size), np.float32)
 
 
 def export_pretrained(backbone: str, model_dir: Path) -> ModelCard:

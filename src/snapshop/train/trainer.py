@@ -35,6 +35,7 @@ from numpy.typing import NDArray
 
 from snapshop.data.manifest import ManifestRow
 from snapshop.errors import ConfigError
+from snapshop.models.export import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from snapshop.models.heads import POOLINGS, create_embedding_net
 from snapshop.train.augment import AugmentConfig
 from snapshop.train.frozen import (
@@ -82,6 +83,8 @@ class TrainConfig:
     seed: int = 0
     pretrained: bool = True
     input_size: int | None = None  # default: the backbone's
+    # the size the exported model embeds at (models.export.resize_model); None: as trained
+    embed_size: int | None = None
     onnx_frozen: bool = True  # on the CPU, run the frozen part with ONNX Runtime
     pooling: str = "avg"  # global pool of the last feature map: avg or gem (models.heads)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -100,6 +103,13 @@ class TrainConfig:
             (self.views >= 1, f"views must be >= 1, got {self.views}"),
             (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+            *(
+                (
+                    size is None or MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE,
+                    f"{what} must be in {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE}, got {size}",
+                )
+                for what, size in (("input_size", self.input_size), ("embed_size", self.embed_size))
+            ),
             (
                 self.backbone_lr_scale is None or self.backbone_lr_scale > 0,
                 f"backbone_lr_scale must be > 0, got {self.backbone_lr_scale}",
@@ -294,8 +304,9 @@ class NormSoftmaxTrainer(EpochLoop):
     def restore(self, state: dict[str, Any]) -> None:
         # a setting missing from an older checkpoint had its default then
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-        saved = {k: v for k, v in {**defaults, **state["config"]}.items() if k != "epochs"}
-        wanted = {k: v for k, v in self.config.to_dict().items() if k != "epochs"}
+        later = ("epochs", "embed_size")  # settings of what comes after the checkpoint
+        saved = {k: v for k, v in {**defaults, **state["config"]}.items() if k not in later}
+        wanted = {k: v for k, v in self.config.to_dict().items() if k not in later}
         if state["classes"] != self.classes or saved != wanted:
             raise ConfigError(
                 f"{self.checkpoint_path}: saved with other classes or settings; not resuming"
@@ -423,7 +434,7 @@ class NormSoftmaxTrainer(EpochLoop):
         """model.onnx + model.json (card with the training settings and held-out scores)."""
         from snapshop.models.card import sha256_file
         from snapshop.models.efficientnet_lite import weights_path
-        from snapshop.models.export import save_model
+        from snapshop.models.export import resize_model, save_model
 
         config, history = self.config, self.history
         # torch's stubs omit Module.to(memory_format=...), which exists at runtime
@@ -450,7 +461,10 @@ class NormSoftmaxTrainer(EpochLoop):
                 "seconds": round(seconds, 1),
             },
             metrics={"held_out": self.held_out_metrics(), "eval_products": eval_products},
+            input_size=self.size,
         )
+        if config.embed_size is not None:  # the held-out metrics above are at the training size
+            resize_model(self.out_dir, config.embed_size, self.out_dir)
 
 
 def train(
