@@ -257,6 +257,19 @@ def test_box_search_without_crop_indexes(shop: dict[str, Any], searcher: Searche
     assert len(result.item_results) == 1 and result.item_results[0].results == []
 
 
+def test_catalog_refuses_its_model_resized(
+    shop: dict[str, Any], lite0_model_dir: Path, tmp_path: Path
+) -> None:
+    """The same weights at another input size are another embedding space (the README's
+    `resize-model`: index again): searching with the copy is refused in one line."""
+    from snapshop.models.export import resize_model
+
+    resized = tmp_path / "lite0-288"
+    resize_model(lite0_model_dir, 288, resized)
+    with pytest.raises(ModelError, match="built with model"):
+        api.open_searcher(shop["catalog"], model=str(resized))
+
+
 def test_catalog_refuses_other_model(
     shop: dict[str, Any], lite0_model_dir: Path, tmp_path: Path
 ) -> None:
