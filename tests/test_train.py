@@ -484,6 +484,7 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(
 
 
 def test_a_model_trained_with_an_embed_size_embeds_at_it(tmp_path: Path, demo_rows) -> None:
+    from PIL import Image
     from typer.testing import CliRunner
 
     from snapshop.cli import app
@@ -499,8 +500,6 @@ def test_a_model_trained_with_an_embed_size_embeds_at_it(tmp_path: Path, demo_ro
     # trained, and so traced, at the config's input_size (96); embeds at 160
     assert embedder.input_size == 160 and embedder.card.training["traced_at_size"] == 96
     assert embedder.card.training["config"]["embed_size"] == 160
-    from PIL import Image
-
     vecs = embedder.embed_images([Image.open(r.path).convert("RGB") for r in train_rows[:2]])
     assert vecs.shape == (2, 32) and np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
     with pytest.raises(ConfigError, match="embed_size must be in 32..1024"):
@@ -527,7 +526,9 @@ def test_a_model_embeds_at_the_size_it_trained_at(tmp_path: Path, demo_rows) -> 
     backbone's (Lite0: 224)."""
     import onnx
     from PIL import Image
+    from typer.testing import CliRunner
 
+    from snapshop.cli import app
     from snapshop.models.embedder import Embedder
     from snapshop.train.trainer import train
 
@@ -542,3 +543,8 @@ def test_a_model_embeds_at_the_size_it_trained_at(tmp_path: Path, demo_rows) -> 
     assert vecs.shape == (2, 32)
     with pytest.raises(ConfigError, match="input_size must be in 32..1024"):
         _config(input_size=16)
+    result = CliRunner().invoke(
+        app, ["train", "--manifest", "x.csv", "--out", str(out), "--input-size", "16"]
+    )
+    assert result.exit_code != 0 and "input_size must be in 32..1024" in result.output
+    assert Embedder(out, verify=True).input_size == 128  # the refused run wrote nothing
