@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,8 +56,11 @@ def pg_dsn() -> Iterator[str]:
     root = Path(tempfile.mkdtemp(prefix="snapshop-pg-"))
     root.chmod(0o755)
     server = ep.get_server(root / "pgdata", cleanup_mode="delete")
-    yield server.get_uri()
-    server.cleanup()
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -372,3 +372,93 @@ def test_resizing_refuses_odd_sizes_and_broken_models(
     assert not (tmp_path / "out" / MODEL_FILE).exists()
     with pytest.raises(ModelError, match="not a model directory"):
         export.resize_model(tmp_path / "nothing", 288, tmp_path / "out")
+
+
+# --- several embedders as one model (models.ensemble) ---------------------------------------
+@pytest.fixture(scope="module")
+def two_heads(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two Lite0 embedders at 128 px that share the ImageNet trunk and differ in their heads,
+    as two trainings of the last blocks do."""
+    root = tmp_path_factory.mktemp("members")
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = create_embedding_net("efficientnet_lite0", dim=16, pretrained=True).eval()
+        dirs.append(root / f"m{seed}")
+        export.save_model(net, dirs[-1], name=f"member{seed}", source_weights_sha256="0" * 64,
+                          kind="normsoftmax", input_size=128)  # fmt: skip
+    return dirs
+
+
+def test_a_merged_model_returns_the_members_ensemble(two_heads: list[Path], tmp_path: Path) -> None:
+    from snapshop.models.ensemble import ENSEMBLE_KIND, merge_models
+
+    card = merge_models(two_heads, tmp_path / "ens")
+    assert read_card(tmp_path / "ens") == card
+    assert (card.kind, card.output_dim, card.input_size) == (ENSEMBLE_KIND, 32, 128)
+    assert [m["name"] for m in card.training["members"]] == ["member0", "member1"]
+    images = sample_images()
+    merged = Embedder(tmp_path / "ens", precision="fp32", verify=True).embed_images(images)
+    members = [Embedder(d, precision="fp32").embed_images(images) for d in two_heads]
+    assert np.abs(merged - np.concatenate(members, axis=1) / np.sqrt(2)).max() < 1e-5
+    assert np.allclose(np.linalg.norm(merged, axis=1), 1.0, atol=1e-5)
+    # the ensemble's cosine is the mean of the members' cosines, and differs from each
+    mean_cosine = (members[0] @ members[0].T + members[1] @ members[1].T) / 2
+    assert np.abs(merged @ merged.T - mean_cosine).max() < 1e-5
+    assert np.abs(members[0] @ members[0].T - mean_cosine).max() > 1e-3
+    # the shared trunk is stored once: far less than the two members' files together
+    sizes = [(d / MODEL_FILE).stat().st_size for d in two_heads]
+    assert (tmp_path / "ens" / MODEL_FILE).stat().st_size < 0.6 * sum(sizes)
+
+
+def test_merging_refuses_what_cannot_share_an_input(two_heads: list[Path], tmp_path: Path) -> None:
+    from snapshop.models.ensemble import merge_models
+
+    out = tmp_path / "out"
+    with pytest.raises(ModelError, match="at least two"):
+        merge_models(two_heads[:1], out)
+    export.resize_model(two_heads[1], 160, tmp_path / "at160")
+    with pytest.raises(ModelError, match="disagree on input_size.*resize-model"):
+        merge_models([two_heads[0], tmp_path / "at160"], out)
+    for field, value in (("l2_normalised", False), ("kind", "normsoftmax+int8-static-qdq")):
+        odd = tmp_path / f"odd-{field}"
+        shutil.copytree(two_heads[1], odd)
+        data = json.loads((odd / CARD_FILE).read_text())
+        (odd / CARD_FILE).write_text(json.dumps({**data, field: value}))
+        with pytest.raises(ModelError, match="L2-normalised|int8"):
+            merge_models([two_heads[0], odd], out)
+    import onnx
+
+    newer = tmp_path / "newer-opset"
+    shutil.copytree(two_heads[1], newer)
+    graph = onnx.load(str(newer / MODEL_FILE))
+    graph.opset_import[0].version += 1
+    onnx.save(graph, str(newer / MODEL_FILE))
+    data = json.loads((newer / CARD_FILE).read_text())
+    data["onnx_sha256"] = sha256_file(newer / MODEL_FILE)
+    (newer / CARD_FILE).write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="different ONNX opsets"):
+        merge_models([two_heads[0], newer], out)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(two_heads[1], damaged)
+    with open(damaged / MODEL_FILE, "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ModelError, match="checksum|cannot read"):
+        merge_models([two_heads[0], damaged], out)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_merge_models_from_the_command_line(two_heads: list[Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from snapshop.cli import app
+
+    runner = CliRunner()
+    argv = ["merge-models", *map(str, two_heads), "--out", str(tmp_path / "e")]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert "32-d, 128 px" in result.output
+    assert Embedder(tmp_path / "e", verify=True).dim == 32
+    result = runner.invoke(app, ["merge-models", str(two_heads[0]), "--out", str(tmp_path / "f")])
+    assert result.exit_code != 0 and "at least two" in result.output
+    assert not (tmp_path / "f").exists()

@@ -270,6 +270,26 @@ def test_catalog_refuses_its_model_resized(
         api.open_searcher(shop["catalog"], model=str(resized))
 
 
+def test_a_model_merged_with_itself_searches_as_the_model(
+    shop: dict[str, Any], lite0_model_dir: Path, tmp_path: Path
+) -> None:
+    """`merge-models A A`: each vector is A's twice over sqrt 2, so every score and rank is A's;
+    the catalog indexed with it holds vectors twice as wide and refuses A itself."""
+    from snapshop.models.ensemble import merge_models
+
+    merged = tmp_path / "a+a"
+    merge_models([lite0_model_dir, lite0_model_dir], merged)
+    cat = tmp_path / "cat"
+    api.index_source(shop["root"] / "shop.csv", cat, model=str(merged))
+    for query in shop["queries"]:
+        want = api.search_image(query, shop["catalog"], k=5).image_results
+        got = api.search_image(query, cat, k=5).image_results
+        assert [h.sku for h in got] == [h.sku for h in want]
+        assert np.allclose([h.score for h in got], [h.score for h in want], atol=1e-3)
+    with pytest.raises(ModelError, match="built with model"):
+        api.open_searcher(cat, model=str(lite0_model_dir))
+
+
 def test_catalog_refuses_other_model(
     shop: dict[str, Any], lite0_model_dir: Path, tmp_path: Path
 ) -> None:

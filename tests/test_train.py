@@ -548,3 +548,68 @@ def test_a_model_embeds_at_the_size_it_trained_at(tmp_path: Path, demo_rows) -> 
     )
     assert result.exit_code != 0 and "input_size must be in 32..1024" in result.output
     assert Embedder(out, verify=True).input_size == 128  # the refused run wrote nothing
+
+
+def test_an_ensemble_trains_its_members_and_merges_them(tmp_path: Path, demo_rows) -> None:
+    """`train --backbone A --backbone B --embed-size S`: each member trains as alone would, into
+    OUT/members/, the merged model in OUT embeds with both, and the held-out score printed is
+    the merged model's (checked against the members' vectors by hand)."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from snapshop.cli import app
+    from snapshop.data.manifest import write_manifest
+    from snapshop.models.embedder import Embedder
+    from snapshop.train.trainer import score_retrieval
+
+    manifest = tmp_path / "split.csv"
+    write_manifest(manifest, demo_rows)
+    out = tmp_path / "ens"
+    argv = [
+        "train", "--manifest", str(manifest), "--out", str(out), "--backbone",
+        "efficientnet_lite0", "--backbone", "efficientnet_lite0", "--dim", "16", "--epochs", "1",
+        "-p", "4", "-k", "2", "--views", "2", "--input-size", "96", "--embed-size", "128",
+        "--threads", "1",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert "trained 2 members on 6 products" in result.output
+    merged = Embedder(out, precision="fp32", verify=True)
+    assert (merged.dim, merged.input_size, merged.card.kind) == (32, 128, "ensemble")
+    members = sorted((out / "members").iterdir())
+    assert [d.name for d in members] == ["1-efficientnet_lite0", "2-efficientnet_lite0"]
+    first, second = (Embedder(d, precision="fp32", verify=True) for d in members)
+    # a backbone named twice trains with the next seed: two different members
+    assert first.card.training["config"]["seed"] == 0
+    assert second.card.training["config"]["seed"] == 1
+    held_out = [r for r in demo_rows if r.extra["split"] == "test"]
+    images = [Image.open(r.path).convert("RGB") for r in held_out]
+    a, b = first.embed_images(images), second.embed_images(images)
+    assert np.abs(a - b).max() > 1e-3
+    assert np.abs(merged.embed_images(images) - np.hstack([a, b]) / np.sqrt(2)).max() < 1e-5
+    q = [i for i, r in enumerate(held_out) if r.role == "query"]
+    g = [i for i, r in enumerate(held_out) if r.role == "gallery"]
+    vecs = np.hstack([a, b]) / np.sqrt(2)
+    recall, _ = score_retrieval(
+        vecs[q], [held_out[i].sku for i in q], vecs[g], [held_out[i].sku for i in g]
+    )
+    scores = merged.card.metrics["held_out"]["photo_to_all"]
+    assert scores["R@1"] == pytest.approx(recall[1], abs=1e-3)  # bf16 in the run, fp32 here
+
+
+def test_an_ensemble_refuses_members_it_could_not_merge(tmp_path: Path, demo_rows) -> None:
+    """Checked before anything trains: one member, or members that would embed at different
+    sizes (Lite0 at 224, Lite1 at 240 without --embed-size), or an unknown backbone."""
+    from snapshop.train.ensemble import member_configs, train_ensemble_from_manifest
+
+    manifest = tmp_path / "never-read.csv"
+    out = tmp_path / "ens"
+    base = _config(input_size=None)
+    with pytest.raises(ConfigError, match="at least two"):
+        train_ensemble_from_manifest(manifest, out, [base])
+    configs = member_configs(base, ["efficientnet_lite0", "efficientnet_lite1"])
+    with pytest.raises(ConfigError, match=r"embed at \[224, 240\] px.*embed_size"):
+        train_ensemble_from_manifest(manifest, out, configs)
+    with pytest.raises(ConfigError, match="unknown backbone"):
+        train_ensemble_from_manifest(manifest, out, member_configs(base, ["lite0", "lite1"]))
+    assert not out.exists()

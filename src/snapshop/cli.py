@@ -633,7 +633,13 @@ def train(
     eval_gallery_where: Annotated[
         list[str] | None, typer.Option(help="Also score a gallery subset, e.g. domain=iconic.")
     ] = None,
-    backbone: Annotated[str, typer.Option()] = "efficientnet_lite2",
+    backbone: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Backbone (default efficientnet_lite2). Given twice or more: one member each,"
+            " merged into one model (needs --embed-size; see `snapshop merge-models`)."
+        ),
+    ] = None,
     dim: Annotated[int, typer.Option(min=2, max=4096)] = 512,
     temperature: Annotated[float, typer.Option(min=1e-4)] = 0.05,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs, the warm-up epoch included.")] = 8,
@@ -709,10 +715,12 @@ def train(
 ) -> None:
     """Train a NormSoftmax embedder and export it (model.onnx + model.json) to OUT."""
     from snapshop.train.augment import AugmentConfig
+    from snapshop.train.ensemble import member_configs, train_ensemble_from_manifest
     from snapshop.train.trainer import RowSelection, TrainConfig, train_from_manifest
 
+    backbones = backbone or ["efficientnet_lite2"]
     config = run(lambda: TrainConfig(
-        backbone=backbone, dim=dim, temperature=temperature, epochs=epochs, lr=lr,
+        backbone=backbones[0], dim=dim, temperature=temperature, epochs=epochs, lr=lr,
         lr_step=lr_step, backbone_lr_scale=backbone_lr_scale, classes_per_batch=classes_per_batch,
         samples_per_class=samples_per_class, train_blocks=train_blocks, cache=cache,
         views=views, device=device, threads=threads, workers=workers, seed=seed,
@@ -732,6 +740,22 @@ def train(
         err.print(f"epoch {record['epoch']} lr {record['lr']:g} loss {record['loss']:.4f}"
                   f" ({record['seconds']:.0f} s)  {scores}", highlight=False)  # fmt: skip
 
+    if len(backbones) > 1:
+        configs = run(lambda: member_configs(config, backbones))
+
+        def announce(n: int, member: TrainConfig) -> None:
+            err.print(f"member {n}/{len(configs)}: {member.backbone}, seed {member.seed}",
+                      highlight=False)  # fmt: skip
+
+        merged = run(lambda: train_ensemble_from_manifest(
+            manifest, out_dir, configs, selection, resume=resume, progress=show,
+            cache_dir=cache_dir, on_member=announce,
+        ))  # fmt: skip
+        out.print(f"trained {len(merged.members)} members on {len(merged.members[0].classes)}"
+                  f" products in {merged.seconds:.0f} s; model: {merged.model_dir}")  # fmt: skip
+        if merged.metrics:
+            out.print_json(json.dumps(merged.metrics))
+        return
     result = run(lambda: train_from_manifest(
         manifest, out_dir, config, selection, resume=resume, progress=show, cache_dir=cache_dir,
     ))  # fmt: skip
@@ -780,6 +804,23 @@ def resize_model(
 
     card = run(lambda: resize(model, size, out_dir))
     out.print(f"wrote {out_dir} ({card.model_id}, {card.input_size} px)")
+
+
+@app.command("merge-models")
+def merge_models(
+    models: Annotated[
+        list[str],
+        typer.Argument(help="Two or more model directories (or backbone names), one input size."),
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Model directory to write.")],
+) -> None:
+    """One model that embeds with every MODEL and returns their ensemble vector (the mean of
+    their cosines): more accurate than each member, one embedding per member per image
+    (docs/benchmarks/retrieval.md, "Two backbones as one model"). Index again with it."""
+    from snapshop.models.ensemble import merge_models as merge
+
+    card = run(lambda: merge(models, out_dir))
+    out.print(f"wrote {out_dir} ({card.model_id}, {card.output_dim}-d, {card.input_size} px)")
 
 
 # --- detection: detector evaluation (issue #4) -----------------------------------------------

@@ -8,6 +8,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,21 +146,16 @@ def resize_model(
     dims[3].Clear()
     dims[2].dim_value = dims[3].dim_value = size
     del graph.graph.value_info[:]  # the shapes inferred at the old size would contradict it
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        onnx.save(graph, tmp_name)
+
+    def check(path: str) -> None:
         try:
-            check = ort.InferenceSession(tmp_name, providers=["CPUExecutionProvider"])
-            check.run(None, {check.get_inputs()[0].name: _zeros_image(size)})
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            session.run(None, {session.get_inputs()[0].name: _zeros_image(size)})
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"{source}: the model does not run at {size} px ({exc})") from None
-        os.chmod(tmp_name, 0o644)
-        Path(tmp_name).replace(out / MODEL_FILE)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
+
+    out = Path(out_dir)
+    save_onnx_checked(graph, out, check)
     traced = card.training.get("traced_at_size", card.input_size)
     resized = dataclasses.replace(
         card,
@@ -169,6 +165,23 @@ def resize_model(
     )
     write_card(out, resized)
     return resized
+
+
+def save_onnx_checked(graph: Any, out_dir: Path, check: Callable[[str], None]) -> None:
+    """Write the ONNX ``graph`` as ``out_dir``/model.onnx once ``check(path)`` passed on a temp
+    copy: a model that does not run replaces nothing (world-readable, atomic rename)."""
+    import onnx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out_dir, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        onnx.save(graph, tmp_name)
+        check(tmp_name)
+        os.chmod(tmp_name, 0o644)
+        Path(tmp_name).replace(out_dir / MODEL_FILE)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
 
 
 def _zeros_image(size: int) -> Any:

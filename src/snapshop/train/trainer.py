@@ -163,6 +163,37 @@ def score_retrieval(
     return recall, map_at_r(sims, q_labels, g_labels)
 
 
+def held_out_scores(
+    vecs: NDArray[np.float32],
+    rows: Sequence[ManifestRow],
+    gallery_where: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The held-out score of training: ``photo_to_all`` (and ``photo_to_COLUMN=VALUE`` for
+    ``gallery_where``), Recall@1/5/10 and mAP@R of the query rows against the gallery rows;
+    ``vecs[i]`` embeds ``rows[i]``."""
+    from snapshop.data.manifest import matches
+
+    metrics: dict[str, Any] = {}
+    where = gallery_where
+    protocols: dict[str, dict[str, str]] = {"all": {}} | ({"where": where} if where else {})
+    for name, gallery_filter in protocols.items():
+        q = [i for i, r in enumerate(rows) if r.role == "query"]
+        g = [i for i, r in enumerate(rows) if r.role == "gallery" and matches(r, gallery_filter)]
+        if not q or not g:
+            continue
+        recall, map_r = score_retrieval(
+            vecs[q], [rows[i].sku for i in q], vecs[g], [rows[i].sku for i in g], ks=(1, 5, 10)
+        )
+        key = (
+            "photo_to_all"
+            if name == "all"
+            else "photo_to_" + ",".join(f"{k}={v}" for k, v in gallery_filter.items())
+        )
+        metrics[key] = {f"R@{k}": round(v, 4) for k, v in recall.items()}
+        metrics[key]["mAP@R"] = round(map_r, 4)
+    return metrics
+
+
 def _lr_at(config: TrainConfig, epoch: int) -> float:
     if epoch < config.warmup_epochs:
         return config.lr
@@ -382,37 +413,10 @@ class NormSoftmaxTrainer(EpochLoop):
     def evaluate(self, epoch: int) -> dict[str, Any]:
         """``photo_to_all`` (and ``photo_to_COLUMN=VALUE`` for ``gallery_where``): Recall@1/5/10
         and mAP@R of the held-out rows."""
-        from snapshop.data.manifest import matches
-
         if self.eval_feats is None:
             return {}
         vecs = _embed_eval(self.top, self.eval_feats, self.device)
-        rows = self.eval_kept
-        metrics: dict[str, Any] = {}
-        where = self.gallery_where
-        protocols: dict[str, dict[str, str]] = {"all": {}} | ({"where": where} if where else {})
-        for name, gallery_filter in protocols.items():
-            q = [i for i, r in enumerate(rows) if r.role == "query"]
-            g = [
-                i for i, r in enumerate(rows) if r.role == "gallery" and matches(r, gallery_filter)
-            ]
-            if not q or not g:
-                continue
-            recall, map_r = score_retrieval(
-                vecs[q],
-                [rows[i].sku for i in q],
-                vecs[g],
-                [rows[i].sku for i in g],
-                ks=(1, 5, 10),
-            )
-            key = (
-                "photo_to_all"
-                if name == "all"
-                else "photo_to_" + ",".join(f"{k}={v}" for k, v in gallery_filter.items())
-            )
-            metrics[key] = {f"R@{k}": round(v, 4) for k, v in recall.items()}
-            metrics[key]["mAP@R"] = round(map_r, 4)
-        return metrics
+        return held_out_scores(vecs, self.eval_kept, self.gallery_where)
 
     def describe(self, record: dict[str, Any]) -> str:
         return json.dumps(record)

@@ -1,0 +1,178 @@
+"""Several embedders as one model: one ONNX graph, one card, one embedding space.
+
+The merged graph feeds the same image to every member and returns the members' L2-normalised
+vectors concatenated and scaled by 1/sqrt(n): the result is L2-normalised again, and the cosine
+of two such vectors is the mean of the members' cosines (the ensemble of ``benchmarks/
+ensemble_cv.py``). Everything downstream (catalogs, indexes, services) treats it as one model.
+
+Members that share a frozen trunk (two trainings of one backbone that fine-tuned only its last
+blocks) hold byte-identical weights there: the merge stores each distinct weight once, so the
+file does not double. Each member still runs in full: a query costs the members' embeddings
+together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from snapshop.errors import ModelError
+from snapshop.models.card import MODEL_FILE, ModelCard, read_card, sha256_file, write_card
+from snapshop.models.export import resolve_model_dir, save_onnx_checked
+
+ENSEMBLE_KIND = "ensemble"
+INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
+# card fields every member must agree on: the merged model preprocesses an image once
+_SHARED_FIELDS = ("input_size", "normalisation", "resize")
+
+
+def merge_models(
+    models: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]
+) -> ModelCard:
+    """Write to ``out_dir`` one model that embeds with every model of ``models`` (two or more
+    model directories or backbone names) and returns their ensemble vector; see the module doc.
+    The members must embed at the same input size with the same preprocessing (bring them to
+    one size with :func:`snapshop.models.export.resize_model` first)."""
+    import onnx
+
+    if len(models) < 2:
+        raise ModelError(f"an ensemble needs at least two models, got {len(models)}")
+    dirs = [resolve_model_dir(m) for m in models]
+    cards = [read_card(d) for d in dirs]
+    _check_compatible(dirs, cards)
+    graphs = [_load_checked(d, c) for d, c in zip(dirs, cards, strict=True)]
+
+    nodes: list[Any] = []
+    initializers: dict[str, Any] = {}
+    canonical: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+    outputs: list[str] = []
+    for i, graph in enumerate(graphs):
+        prefixed = onnx.compose.add_prefix(graph, f"m{i}/")
+        renames = {prefixed.graph.input[0].name: INPUT_NAME}
+        for init in prefixed.graph.initializer:
+            key = (init.data_type, tuple(init.dims), _tensor_bytes(init))
+            if key in canonical:
+                renames[init.name] = canonical[key]
+            else:
+                canonical[key] = init.name
+                initializers[init.name] = init
+        for node in prefixed.graph.node:
+            for j, name in enumerate(node.input):
+                node.input[j] = renames.get(name, name)
+            nodes.append(node)
+        outputs.append(prefixed.graph.output[0].name)
+
+    scale = onnx.helper.make_tensor("ensemble/scale", onnx.TensorProto.FLOAT, [], [
+        1.0 / math.sqrt(len(graphs))
+    ])  # fmt: skip
+    nodes.append(onnx.helper.make_node("Concat", outputs, ["ensemble/concat"], axis=1))
+    nodes.append(onnx.helper.make_node("Mul", ["ensemble/concat", "ensemble/scale"], [OUTPUT_NAME]))
+    size, dim = cards[0].input_size, sum(c.output_dim for c in cards)
+    graph = onnx.helper.make_graph(
+        nodes,
+        "ensemble",
+        [onnx.helper.make_tensor_value_info(
+            INPUT_NAME, onnx.TensorProto.FLOAT, ["batch", 3, size, size])],
+        [onnx.helper.make_tensor_value_info(OUTPUT_NAME, onnx.TensorProto.FLOAT, ["batch", dim])],
+        [*initializers.values(), scale],
+    )  # fmt: skip
+    merged = onnx.helper.make_model(graph, opset_imports=_opsets(graphs), producer_name="snapshop")
+    merged.ir_version = max(g.ir_version for g in graphs)
+
+    out = Path(out_dir)
+    save_onnx_checked(merged, out, lambda path: _check_runs(path, size, dim))
+    card = ModelCard(
+        name="ensemble(" + "+".join(c.name for c in cards) + ")",
+        backbone="+".join(c.backbone for c in cards),
+        input_size=size,
+        output_dim=dim,
+        source_weights_sha256=hashlib.sha256(
+            "".join(c.onnx_sha256 for c in cards).encode()
+        ).hexdigest(),
+        onnx_sha256=sha256_file(out / MODEL_FILE),
+        normalisation=dict(cards[0].normalisation),
+        resize=cards[0].resize,
+        kind=ENSEMBLE_KIND,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        training={"members": [_member_summary(d, c) for d, c in zip(dirs, cards, strict=True)]},
+    )
+    write_card(out, card)
+    return card
+
+
+def _check_compatible(dirs: list[Path], cards: list[ModelCard]) -> None:
+    first = cards[0]
+    for path, card in zip(dirs, cards, strict=True):
+        if not card.l2_normalised:
+            raise ModelError(f"{path}: its vectors are not L2-normalised; cannot be a member")
+        if "int8" in card.kind:
+            raise ModelError(f"{path}: an int8 model; merge the float models, then quantize")
+        for field in _SHARED_FIELDS:
+            if getattr(card, field) != getattr(first, field):
+                raise ModelError(
+                    f"the members disagree on {field}: {getattr(first, field)!r} ({dirs[0]})"
+                    f" vs {getattr(card, field)!r} ({path});"
+                    " `snapshop resize-model` brings a model to another input size"
+                )
+
+
+def _load_checked(model_dir: Path, card: ModelCard) -> Any:
+    import onnx
+
+    path = model_dir / MODEL_FILE
+    try:
+        graph = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError and OSError subclasses of its own
+        raise ModelError(f"{path}: cannot read the ONNX model ({exc})") from None
+    if sha256_file(path) != card.onnx_sha256:
+        raise ModelError(f"{path}: does not match its card's checksum (modified or damaged)")
+    if len(graph.graph.input) != 1 or len(graph.graph.output) != 1:
+        raise ModelError(f"{path}: an embedder has one input and one output")
+    return graph
+
+
+def _tensor_bytes(tensor: Any) -> bytes:
+    from onnx import numpy_helper
+
+    return bytes(numpy_helper.to_array(tensor).tobytes())
+
+
+def _opsets(graphs: list[Any]) -> list[Any]:
+    import onnx
+
+    versions: dict[str, int] = {}
+    for graph in graphs:
+        for opset in graph.opset_import:
+            # an operator's meaning can change between opsets (ReduceMean's axes at 18)
+            if versions.setdefault(opset.domain, opset.version) != opset.version:
+                raise ModelError(
+                    f"the members were exported at different ONNX opsets of"
+                    f" {opset.domain or 'ai.onnx'} ({versions[opset.domain]}, {opset.version})"
+                )
+    return [onnx.helper.make_opsetid(domain, v) for domain, v in sorted(versions.items())]
+
+
+def _check_runs(path: str, size: int, dim: int) -> None:
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        (vectors,) = session.run(None, {INPUT_NAME: np.zeros((2, 3, size, size), np.float32)})
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelError(f"the merged model does not run ({exc})") from None
+    if vectors.shape != (2, dim):
+        raise ModelError(f"the merged model returns {vectors.shape}, expected (2, {dim})")
+
+
+def _member_summary(model_dir: Path, card: ModelCard) -> dict[str, Any]:
+    keep = ("name", "backbone", "output_dim", "kind", "onnx_sha256")
+    summary = {k: v for k, v in dataclasses.asdict(card).items() if k in keep}
+    return {"model_id": card.model_id, "path": str(model_dir), **summary}
