@@ -417,6 +417,10 @@ def test_merging_refuses_what_cannot_share_an_input(two_heads: list[Path], tmp_p
     out = tmp_path / "out"
     with pytest.raises(ModelError, match="at least two"):
         merge_models(two_heads[:1], out)
+    member_file = (two_heads[0] / MODEL_FILE).read_bytes()
+    with pytest.raises(ModelError, match="one of the members"):
+        merge_models(two_heads, two_heads[0])
+    assert (two_heads[0] / MODEL_FILE).read_bytes() == member_file  # the member is untouched
     export.resize_model(two_heads[1], 160, tmp_path / "at160")
     with pytest.raises(ModelError, match="disagree on input_size.*resize-model"):
         merge_models([two_heads[0], tmp_path / "at160"], out)

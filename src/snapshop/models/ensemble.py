@@ -46,6 +46,8 @@ def merge_models(
     if len(models) < 2:
         raise ModelError(f"an ensemble needs at least two models, got {len(models)}")
     dirs = [resolve_model_dir(m) for m in models]
+    if any(Path(out_dir).resolve() == d.resolve() for d in dirs):
+        raise ModelError(f"{out_dir} is one of the members: write the merged model elsewhere")
     cards = [read_card(d) for d in dirs]
     _check_compatible(dirs, cards)
     graphs = [_load_checked(d, c) for d, c in zip(dirs, cards, strict=True)]
