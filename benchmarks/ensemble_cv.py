@@ -5,7 +5,8 @@ the mean of the members' cosines.
 Each ``--fold-models`` set is one member (one model directory per fold, in fold order, as
 grocery_cv.py takes them: the folds of ``snapshop prepare --folds 3`` seed 0). Columns: each
 member alone, then the ensemble of all of them. R@K pooled over the folds with 95 % bootstrap
-intervals over products, and each column's R@1 paired with the first member's.
+intervals over products, and each column's R@1 paired with the first member's. With
+``--subsets``, every ensemble of two or more members is a column too (each fold embedded once).
 
     python benchmarks/ensemble_cv.py ../shared/datasets/grocery-dev/manifest.csv \
         --fold-models runs/grocery-cv/Dcd0 runs/grocery-cv/Dcd1 runs/grocery-cv/Dcd2 \
@@ -15,6 +16,7 @@ intervals over products, and each column's R@1 paired with the first member's.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 from pathlib import Path
 
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--catalog-where", default="domain=iconic")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--subsets", action="store_true", help="also every ensemble of 2 or more members"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     members: list[list[str]] = args.fold_models
@@ -64,7 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{'/'.join(Path(m).name for m in models)}" + (f" ({i + 1})" if i else "")
         for i, models in enumerate(members)
     ]  # numbered after the first: the same set may be given twice
-    columns = [*names, "ensemble"]
+    subsets = [
+        combo
+        for k in range(2, len(members) + 1)
+        for combo in itertools.combinations(range(len(members)), k)
+        if args.subsets or k == len(members)
+    ]
+    columns = [
+        *names,
+        *(
+            "ensemble" if len(c) == len(members) else "ensemble " + "+".join(str(i + 1) for i in c)
+            for c in subsets
+        ),
+    ]
     folds = checked_folds(
         held_out_folds(read_dataset(args.dataset), len(members[0]), seed=args.seed),
         args.catalog_where,
@@ -73,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     catalog = parse_where([args.catalog_where])
     results = {c: {p: PooledRanks() for p in PROTOCOLS} for c in columns}
     for i, rows in enumerate(folds):
-        vectors = [embed_fold(models[i], rows) for models in members]
-        vectors.append(ensemble(vectors))
+        singles = [embed_fold(models[i], rows) for models in members]
+        vectors = [*singles, *(ensemble([singles[j] for j in c]) for c in subsets)]
         queries = [j for j, r in enumerate(rows) if r.role == "query"]
         gallery = [j for j, r in enumerate(rows) if r.role == "gallery"]
         shown = {

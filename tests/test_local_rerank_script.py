@@ -214,6 +214,10 @@ def test_ensemble_benchmark_prints_members_and_their_ensemble(
     with pytest.raises(SystemExit):
         ensemble_cv.main([str(manifest), "--fold-models", *fold])
     assert "two or more --fold-models sets" in capsys.readouterr().err
+    # --subsets: three members give every pair and the triple as columns too
+    assert ensemble_cv.main([*argv, "--fold-models", *fold, "--subsets"]) == 0
+    header = f"| metric | {name} | {name} (2) | {name} (3) | ensemble 1+2 | ensemble 1+3 "
+    assert capsys.readouterr().out.count(header + "| ensemble 2+3 | ensemble |") == 2
 
 
 def test_folds_without_queries_or_catalog_images_are_refused_in_one_line(
