@@ -31,6 +31,8 @@ from snapshop.evaluate.crossval import CrossValidation, PooledRanks, fold_ranks,
 from snapshop.evaluate.retrieval import embed_paths
 from snapshop.models.embedder import load_embedder
 
+MAX_SUBSET_MEMBERS = 6  # 57 ensembles: a table still readable
+
 
 def ensemble(members: list[NDArray[np.float32]]) -> NDArray[np.float32]:
     """(N, D_i) L2-normalised vectors per member -> (N, sum D_i), L2-normalised: the cosine of
@@ -65,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     members: list[list[str]] = args.fold_models
     if len(members) < 2 or len({len(m) for m in members}) != 1 or len(members[0]) < 2:
         parser.error("give two or more --fold-models sets, each one directory per fold")
+    if args.subsets and len(members) > MAX_SUBSET_MEMBERS:
+        parser.error(
+            f"--subsets takes at most {MAX_SUBSET_MEMBERS} --fold-models sets"
+            f" ({2 ** len(members) - len(members) - 1} ensembles for {len(members)})"
+        )
     names = [
         f"{'/'.join(Path(m).name for m in models)}" + (f" ({i + 1})" if i else "")
         for i, models in enumerate(members)

@@ -217,7 +217,16 @@ def test_ensemble_benchmark_prints_members_and_their_ensemble(
     # --subsets: three members give every pair and the triple as columns too
     assert ensemble_cv.main([*argv, "--fold-models", *fold, "--subsets"]) == 0
     header = f"| metric | {name} | {name} (2) | {name} (3) | ensemble 1+2 | ensemble 1+3 "
-    assert capsys.readouterr().out.count(header + "| ensemble 2+3 | ensemble |") == 2
+    out = capsys.readouterr().out
+    assert out.count(header + "| ensemble 2+3 | ensemble |") == 2
+    r1_rows = [line for line in out.splitlines() if line.startswith("| R@1 |")]
+    assert len(r1_rows) == 2
+    for line in r1_rows:  # every subset of one model with itself ranks as the model alone
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == 8 and len(set(cells[1:])) == 1
+    with pytest.raises(SystemExit):
+        ensemble_cv.main([str(manifest), *["--fold-models", *fold] * 7, "--subsets"])
+    assert "--subsets takes at most 6" in capsys.readouterr().err
 
 
 def test_folds_without_queries_or_catalog_images_are_refused_in_one_line(
