@@ -165,14 +165,18 @@ class FlopCounter:
             x, _ = seg_preprocess(np.zeros((h, w, 3), np.uint8), det.config.long_side)
             key = x.shape[2:]
             if key not in self._trunk:
+                from snapshop.detect.pose import BODY_CHANNELS
                 from snapshop.detect.segmenter import trunk_onnx_path
 
                 # the int8 trunk runs the same convolutions: count its float original
-                trunk = graph_flops(trunk_onnx_path(det.trunk_overlay), {"images": x.shape})
-                maps = [o.shape for o in det.trunk(x)]
-                head = graph_flops(
-                    det.head_model, dict(zip(("s8", "s16", "s32"), maps, strict=True))
+                trunk = graph_flops(
+                    trunk_onnx_path(det.trunk_overlay, det.trunk_spec), {"images": x.shape}
                 )
+                maps = [o.shape for o in det.trunk(x)]
+                inputs = dict(zip(("s8", "s16", "s32"), maps, strict=True))
+                if det.body_pose is not None:  # the pose prior's channels (issue #21)
+                    inputs["body"] = (maps[0][0], len(BODY_CHANNELS), *maps[0][2:])
+                head = graph_flops(det.head_model, inputs)
                 self._trunk[key] = trunk.total + head.total
             total += self._trunk[key]
         return total

@@ -914,6 +914,17 @@ def train_detector(
     finetune_blocks: Annotated[
         int, typer.Option(help="Train the stem + blocks 0..N-1 with the head (0: frozen trunk).")
     ] = 0,
+    body_channels: Annotated[
+        bool | None,
+        typer.Option(
+            "--body-channels/--no-body-channels",
+            help="Pose prior: BlazePose body channels as head inputs (frozen trunk only).",
+        ),
+    ] = None,
+    trunk: Annotated[
+        str | None,
+        typer.Option(help="Frozen backbone the head reads: efficientnet_lite0 or _lite2."),
+    ] = None,
     # The options below apply with --finetune-blocks N only (None: FinetuneConfig's default).
     device: Annotated[str | None, typer.Option(help="auto, cuda or cpu.")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
@@ -967,7 +978,8 @@ def train_detector(
         optimizer=optimizer, schedule=schedule, min_scale=min_scale, max_scale=max_scale,
         jitter=jitter, augment=augment, bf16=bf16, max_train_seconds=max_train_seconds,
         warmup_fraction=warmup_fraction, overlay_dtype=overlay_dtype, recolour=recolour,
-        aux_labels=aux_labels, copy_paste=copy_paste,
+        aux_labels=aux_labels, copy_paste=copy_paste, body_channels=body_channels,
+        trunk=trunk,
     )  # fmt: skip
     job = run(lambda: detector_training(
         dataset, finetune_blocks=finetune_blocks, settings=settings, out=out_dir, parity=parity,

@@ -230,6 +230,61 @@ def pixel_features(
     return PixelGrid(feats, person, float((scale_x + scale_y) / 2))
 
 
+# Issue #21, "pose as a prior": the body as extra input channels of the `segmenter` head, on
+# its stride-8 grid. Heights and offsets in torso lengths / shoulder widths, clipped: far from
+# the body they carry no more information, and unbounded values would dominate the head.
+BODY_CHANNELS: tuple[str, ...] = ("person", "found", "v_hip", "v_knee", "v_ankle", "u_axis")
+BODY_CLIP = 4.0
+
+
+def body_channels(
+    obs: PoseObservation,
+    image_hw: tuple[int, int],
+    grid_hw: tuple[int, int],
+    cell: float,
+    min_visibility: float = PoseConfig.min_visibility,
+) -> NDArray[np.float32]:
+    """(len(BODY_CHANNELS), gh, gw) channels of a grid laid over the image from its top-left
+    corner, each cell ``cell`` image pixels wide (cells past the image, the padding, are 0).
+
+    ``person``: the pose model's person probability at the cell centre (0 without one);
+    ``found``: 1 inside the image when :func:`body_frame` found a body, else 0 — the body
+    coordinates are then 0 too: ``v_hip`` / ``v_knee`` / ``v_ankle``, the height below the
+    hips / knees / ankles in torso lengths, and ``u_axis``, the offset from the body axis in
+    shoulder widths (see :func:`pixel_features`)."""
+    h, w = image_hw
+    gh, gw = grid_hw
+    out = np.zeros((len(BODY_CHANNELS), gh, gw), np.float32)
+    ys = (np.arange(gh, dtype=np.float32) + 0.5) * cell
+    xs = (np.arange(gw, dtype=np.float32) + 0.5) * cell
+    rows, cols = ys < h, xs < w
+    nr, nc = int(rows.sum()), int(cols.sum())
+    if nr == 0 or nc == 0:
+        return out
+    ys, xs = ys[:nr], xs[:nc]
+    if obs.mask is not None:
+        my = np.minimum((ys * obs.mask.shape[0] / h).astype(int), obs.mask.shape[0] - 1)
+        mx = np.minimum((xs * obs.mask.shape[1] / w).astype(int), obs.mask.shape[1] - 1)
+        out[0, :nr, :nc] = obs.mask[np.ix_(my, mx)]
+    frame = None if obs.keypoints is None else body_frame(obs.keypoints, min_visibility)
+    if frame is None:
+        return out
+    centre = np.interp(
+        ys,
+        [frame.shoulder[1], frame.hip[1], frame.knee[1], frame.ankle[1]],
+        [frame.shoulder[0], frame.hip[0], frame.knee[0], frame.ankle[0]],
+    )
+    v = (ys - frame.hip[1]) / frame.torso
+    knee_v = float((frame.knee[1] - frame.hip[1]) / frame.torso)
+    ankle_v = float((frame.ankle[1] - frame.hip[1]) / frame.torso)
+    out[1, :nr, :nc] = 1.0
+    for k, offset in ((2, 0.0), (3, knee_v), (4, ankle_v)):
+        out[k, :nr, :nc] = (v - offset)[:, None]
+    out[5, :nr, :nc] = (xs[None, :] - centre[:, None]) / frame.width
+    np.clip(out[2:], -BODY_CLIP, BODY_CLIP, out=out[2:])
+    return out
+
+
 N_INPUTS = 12  # the per-cell features the segmenter reads (the rest are image constants)
 
 
@@ -316,25 +371,20 @@ def boxes_from_probabilities(
     return out
 
 
-class PoseDetector:
-    """``pose``: mediapipe BlazePose + segmentation, then :func:`boxes_from_observation`."""
+class BlazePose:
+    """mediapipe 0.10.21 BlazePose (bundled full model, static images, with the person mask):
+    :meth:`observe` turns an RGB image into a :class:`PoseObservation`. Thread safe: one graph,
+    serialised by a lock."""
 
-    name = "pose"
-    thread_safe = True  # one mediapipe graph, serialised by a lock
-
-    def __init__(
-        self, config: PoseConfig = PoseConfig(), model: GarmentSegmenter | None = None
-    ) -> None:
+    def __init__(self) -> None:
         try:
             import mediapipe as mp  # noqa: F401
             from mediapipe.python.solutions import pose as mp_pose
         except ImportError as exc:
             raise ModelError(
-                f"the pose detector needs mediapipe 0.10.21 ({exc}); install it with"
+                f"BlazePose needs mediapipe 0.10.21 ({exc}); install it with"
                 " `pip install 'snapshop[detect]' && pip install --no-deps mediapipe==0.10.21`"
             ) from None
-        self.config = config
-        self.model = model or GarmentSegmenter()
         self._pose = mp_pose.Pose(
             static_image_mode=True,
             model_complexity=1,
@@ -342,12 +392,6 @@ class PoseDetector:
             min_detection_confidence=0.5,
         )
         self._lock = threading.Lock()  # a mediapipe graph runs one image at a time
-
-    @classmethod
-    def from_spec(cls, args: str) -> PoseDetector:
-        if args.strip():
-            raise ConfigError(f"the pose detector takes no arguments, got {args!r}")
-        return cls()
 
     def observe(self, rgb: NDArray[np.uint8]) -> PoseObservation:
         h, w = rgb.shape[:2]
@@ -360,6 +404,29 @@ class PoseDetector:
             np.float32,
         )
         return PoseObservation(kp, np.asarray(result.segmentation_mask, np.float32))
+
+
+class PoseDetector:
+    """``pose``: mediapipe BlazePose + segmentation, then :func:`boxes_from_observation`."""
+
+    name = "pose"
+    thread_safe = True  # BlazePose serialises its graph
+
+    def __init__(
+        self, config: PoseConfig = PoseConfig(), model: GarmentSegmenter | None = None
+    ) -> None:
+        self.config = config
+        self.pose = BlazePose()
+        self.model = model or GarmentSegmenter()
+
+    @classmethod
+    def from_spec(cls, args: str) -> PoseDetector:
+        if args.strip():
+            raise ConfigError(f"the pose detector takes no arguments, got {args!r}")
+        return cls()
+
+    def observe(self, rgb: NDArray[np.uint8]) -> PoseObservation:
+        return self.pose.observe(rgb)
 
     def detect(self, image: Image.Image) -> list[Detection]:
         rgb = np.asarray(image.convert("RGB"))

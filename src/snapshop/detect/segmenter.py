@@ -35,6 +35,13 @@ gate (:mod:`snapshop.detect.presence`) drops the boxes of positions a photo-leve
 absent (``gate=0`` turns it off; the shipped model has none: it did not help, issue #21).
 ``segmenter:DIR/PREFIXgarment_seg.json`` loads files that share a name prefix
 (``PREFIXgarment_seg.onnx`` ...), so several models can sit in one flat folder.
+
+Two design options of issue #21 change what the head reads; the card names each, and a head
+that does not fit its card is refused on open. ``trunk``: the maps of another backbone
+(:data:`TRUNKS`: Lite2, the embedder's, instead of Lite0). ``body_channels``: the pose prior,
+BlazePose's person mask and body coordinates at stride 8
+(:func:`snapshop.detect.pose.body_channels`), for which the detector runs BlazePose on each
+look. Both are trained on the frozen trunk only.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from snapshop.detect.base import LOWER, UPPER, Box, Detection
+from snapshop.detect.pose import BODY_CHANNELS, BlazePose, body_channels
 from snapshop.errors import ConfigError, ModelError
 from snapshop.models.card import normalise_pixels
 from snapshop.models.runtime import SessionPool, cpu_session, default_precision, usable_cores
@@ -64,9 +72,32 @@ log = logging.getLogger(__name__)
 
 CLASSES: tuple[str, ...] = ("other", "upper", "lower", "dress")
 OTHER, UPPER_CLS, LOWER_CLS, DRESS_CLS = range(4)
-BACKBONE = "efficientnet_lite0"
-FEATURE_BLOCKS: tuple[int, int, int] = (4, 10, 15)  # last block of the stride 8 / 16 / 32 maps
-FEATURE_CHANNELS: tuple[int, int, int] = (40, 112, 320)
+
+
+@dataclass(frozen=True)
+class TrunkSpec:
+    """A backbone the head reads: the last block of its stride 8 / 16 / 32 maps and their
+    channels."""
+
+    backbone: str
+    blocks: tuple[int, int, int]
+    channels: tuple[int, int, int]
+
+
+# Issue #21's "larger trunk": Lite2 (the embedder's backbone) beside the default Lite0. A card
+# names its trunk under TRUNK_KEY; a card without one is Lite0 (every model before the option).
+TRUNKS: dict[str, TrunkSpec] = {
+    spec.backbone: spec
+    for spec in (
+        TrunkSpec("efficientnet_lite0", (4, 10, 15), (40, 112, 320)),
+        TrunkSpec("efficientnet_lite2", (6, 14, 20), (48, 120, 352)),
+    )
+}
+TRUNK_KEY = "trunk"
+DEFAULT_TRUNK = TRUNKS["efficientnet_lite0"]
+BACKBONE = DEFAULT_TRUNK.backbone
+FEATURE_BLOCKS = DEFAULT_TRUNK.blocks
+FEATURE_CHANNELS = DEFAULT_TRUNK.channels
 STRIDE = 32  # inputs are padded to a multiple of this (SAME padding is then size-independent)
 HEAD_FILE = "garment_seg.onnx"
 CARD_FILE = "garment_seg.json"
@@ -75,6 +106,9 @@ TRUNK_OVERLAY_KEY = "trunk_overlay"  # card entry: {"sha256": ..., "finetune_blo
 # card entry {"ranges": FILE, "sha256": ..., ...}: the trunk's calibrated int8 activation ranges;
 # a card with one runs the trunk in static int8 (QDQ) unless fp32 is asked for
 TRUNK_INT8_KEY = "trunk_int8"
+# card entry: the names of the head's extra stride-8 input channels, the pose prior of issue
+# #21 (:data:`snapshop.detect.pose.BODY_CHANNELS`); a model with it runs BlazePose on each look
+BODY_KEY = "body_channels"
 PRECISIONS = ("int8", "bf16", "fp32")
 ONNX_OPSET = 17
 
@@ -163,8 +197,18 @@ def apply_trunk_overlay(net: Any, overlay: dict[str, NDArray[np.float32]]) -> No
     net.load_state_dict(state, strict=True)
 
 
-def _trunk_module(overlay: bytes | None = None) -> Any:
-    """The Lite0 trunk (ImageNet weights, ``overlay`` laid over them) returning the three maps."""
+def trunk_spec(backbone: str) -> TrunkSpec:
+    """The :class:`TrunkSpec` of ``backbone`` (a :data:`TRUNKS` name)."""
+    try:
+        return TRUNKS[backbone]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"segmenter trunk must be one of {sorted(TRUNKS)}, not {backbone!r}"
+        ) from None
+
+
+def _trunk_module(overlay: bytes | None = None, spec: TrunkSpec = DEFAULT_TRUNK) -> Any:
+    """The trunk (ImageNet weights, ``overlay`` laid over them) returning the three maps."""
     import torch
 
     from snapshop.models.efficientnet_lite import create_backbone
@@ -172,22 +216,22 @@ def _trunk_module(overlay: bytes | None = None) -> Any:
     class Trunk(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.net = create_backbone(BACKBONE, pretrained=True)
+            self.net = create_backbone(spec.backbone, pretrained=True)
             if overlay is not None:
                 apply_trunk_overlay(self.net, read_trunk_overlay(overlay))
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return feature_maps(self.net, x)
+            return feature_maps(self.net, x, spec.blocks)
 
     return Trunk().eval()
 
 
-def feature_maps(net: Any, x: Any) -> tuple[Any, ...]:
-    """The stride 8 / 16 / 32 maps (blocks :data:`FEATURE_BLOCKS`) of the Lite0 module ``net``."""
-    return tuple(net.block_outputs(x, FEATURE_BLOCKS))
+def feature_maps(net: Any, x: Any, blocks: tuple[int, ...] = FEATURE_BLOCKS) -> tuple[Any, ...]:
+    """The stride 8 / 16 / 32 maps (the outputs of ``blocks``) of the backbone module ``net``."""
+    return tuple(net.block_outputs(x, blocks))
 
 
-def trunk_onnx_path(overlay: bytes | None = None) -> Path:
+def trunk_onnx_path(overlay: bytes | None = None, spec: TrunkSpec = DEFAULT_TRUNK) -> Path:
     """The trunk's ONNX export under ``$SNAPSHOP_HOME/detect``, exported on first use.
 
     The file name carries the hashes of the ImageNet weights and of the ``overlay`` (the
@@ -197,19 +241,19 @@ def trunk_onnx_path(overlay: bytes | None = None) -> Path:
     from snapshop.models.efficientnet_lite import weights_path
     from snapshop.models.export import export_module_onnx, snapshop_home
 
-    digest = sha256_file(weights_path(BACKBONE))[:16]
+    digest = sha256_file(weights_path(spec.backbone))[:16]
     if overlay is not None:
         digest += "_ft" + hashlib.sha256(overlay).hexdigest()[:16]
-    path = snapshop_home() / "detect" / f"{BACKBONE}_s8s16s32_{digest}.onnx"
+    path = snapshop_home() / "detect" / f"{spec.backbone}_s8s16s32_{digest}.onnx"
     if path.exists():
         return path
     import torch
 
-    log.info("exporting the %s feature trunk to %s", BACKBONE, path)
+    log.info("exporting the %s feature trunk to %s", spec.backbone, path)
     # SAME padding is traced as constants; they hold for every input size that is a
     # multiple of 32 (what preprocess feeds), so H and W can stay dynamic.
     export_module_onnx(
-        _trunk_module(overlay),
+        _trunk_module(overlay, spec),
         (torch.zeros(1, 3, 320, 224),),
         path,
         input_names=["images"],
@@ -222,7 +266,7 @@ def trunk_onnx_path(overlay: bytes | None = None) -> Path:
     return path
 
 
-def trunk_int8_path(overlay: bytes | None, ranges: bytes) -> Path:
+def trunk_int8_path(overlay: bytes | None, ranges: bytes, spec: TrunkSpec = DEFAULT_TRUNK) -> Path:
     """The trunk in static int8 (QDQ), built once from its fp32 export (:func:`trunk_onnx_path`)
     and the calibrated activation ``ranges`` (JSON bytes) the model ships: first and last
     convolution in float, per-channel int8 weights, uint8 activations (as ``snapshop quantize``)."""
@@ -230,7 +274,7 @@ def trunk_int8_path(overlay: bytes | None, ranges: bytes) -> Path:
 
     from snapshop.models.quantize import QuantizeConfig, quantize_onnx
 
-    fp32 = trunk_onnx_path(overlay)
+    fp32 = trunk_onnx_path(overlay, spec)
     path = fp32.with_name(f"{fp32.stem}_int8_{hashlib.sha256(ranges).hexdigest()[:16]}.onnx")
     if path.exists():
         return path
@@ -256,13 +300,18 @@ class Trunk:
         overlay: bytes | None = None,
         int8: bytes | None = None,
         precision: str | None = None,
+        spec: TrunkSpec = DEFAULT_TRUNK,
     ) -> None:
         """``int8``: the card's activation ranges (JSON bytes): run the trunk in int8 (on
         ONNX Runtime's CPU provider). ``precision``: ``bf16`` / ``fp32`` for a float trunk
-        (:func:`snapshop.models.runtime.cpu_session`)."""
+        (:func:`snapshop.models.runtime.cpu_session`). ``spec``: which backbone."""
         try:
             if path is None:
-                path = trunk_onnx_path(overlay) if int8 is None else trunk_int8_path(overlay, int8)
+                path = (
+                    trunk_onnx_path(overlay, spec)
+                    if int8 is None
+                    else trunk_int8_path(overlay, int8, spec)
+                )
             # One thread a call: a query detects beside the photo's embedding on the other
             # core, where a second thread would only take CPU from it.
             # Calls at once (ingest mappers, requests) each borrow a session under bf16.
@@ -282,10 +331,19 @@ class Trunk:
 # The trainable head (torch for fitting, ONNX for inference)
 
 
-def build_head(width: int = 64, num_classes: int = len(CLASSES), dropout: float = 0.0) -> Any:
-    """:class:`SegHead`: (s8, s16, s32) -> (N, num_classes, H/8, W/8) logits.
+def build_head(
+    width: int = 64,
+    num_classes: int = len(CLASSES),
+    dropout: float = 0.0,
+    body: int = 0,
+    channels: tuple[int, int, int] = FEATURE_CHANNELS,
+) -> Any:
+    """:class:`SegHead`: (s8, s16, s32[, body]) -> (N, num_classes, H/8, W/8) logits.
 
-    ``dropout`` (channel dropout on the fused features) acts in training only."""
+    ``dropout`` (channel dropout on the fused features) acts in training only. ``body`` > 0
+    adds that many input channels at stride 8 (the pose prior,
+    :func:`snapshop.detect.pose.body_channels`), joined to the fused features. ``channels``:
+    the trunk's (:attr:`TrunkSpec.channels`)."""
     import torch
     from torch import nn
 
@@ -293,45 +351,57 @@ def build_head(width: int = 64, num_classes: int = len(CLASSES), dropout: float 
         def __init__(self) -> None:
             super().__init__()
             lat = width // 2
-            self.lateral = nn.ModuleList(nn.Conv2d(c, lat, 1) for c in FEATURE_CHANNELS)
+            self.lateral = nn.ModuleList(nn.Conv2d(c, lat, 1) for c in channels)
             self.drop = nn.Dropout2d(dropout)
             self.fuse = nn.Sequential(
-                nn.Conv2d(3 * lat, width, 3, padding=1),
+                nn.Conv2d(3 * lat + body, width, 3, padding=1),
                 nn.ReLU(inplace=True),
                 nn.Conv2d(width, width, 3, padding=2, dilation=2),
                 nn.ReLU(inplace=True),
                 nn.Conv2d(width, num_classes, 1),
             )
 
-        def forward(self, s8: torch.Tensor, s16: torch.Tensor, s32: torch.Tensor) -> torch.Tensor:
+        def forward(
+            self, s8: torch.Tensor, s16: torch.Tensor, s32: torch.Tensor, *body_map: torch.Tensor
+        ) -> torch.Tensor:
             f = torch.nn.functional
             a = f.relu(self.lateral[0](s8))
             b = f.interpolate(f.relu(self.lateral[1](s16)), scale_factor=2.0, mode="bilinear")
             c = f.interpolate(f.relu(self.lateral[2](s32)), scale_factor=4.0, mode="bilinear")
-            return self.fuse(self.drop(torch.cat([a, b, c], dim=1)))
+            fused = self.drop(torch.cat([a, b, c], dim=1))
+            if body_map:
+                fused = torch.cat([fused, *body_map], dim=1)
+            return self.fuse(fused)
 
     return SegHead()
 
 
-def export_head(head: Any, path: Path) -> None:
-    """Write the head as ONNX (dynamic batch / size), atomically."""
+def export_head(
+    head: Any, path: Path, body: int = 0, channels: tuple[int, int, int] = FEATURE_CHANNELS
+) -> None:
+    """Write the head as ONNX (dynamic batch / size), atomically; ``body`` and ``channels``: as
+    :func:`build_head` (``body``: an input named ``body`` at stride 8)."""
     import torch
 
     from snapshop.models.export import export_module_onnx
 
-    dummy = (
-        torch.zeros(1, FEATURE_CHANNELS[0], 40, 28),
-        torch.zeros(1, FEATURE_CHANNELS[1], 20, 14),
-        torch.zeros(1, FEATURE_CHANNELS[2], 10, 7),
-    )
+    dummy = [
+        torch.zeros(1, channels[0], 40, 28),
+        torch.zeros(1, channels[1], 20, 14),
+        torch.zeros(1, channels[2], 10, 7),
+    ]
+    names = ["s8", "s16", "s32"]
+    if body:
+        dummy.append(torch.zeros(1, body, 40, 28))
+        names.append("body")
     export_module_onnx(
         head,
-        dummy,
+        tuple(dummy),
         path,
-        input_names=["s8", "s16", "s32"],
+        input_names=names,
         output_names=["logits"],
         dynamic_axes={
-            **{k: {0: "batch", 2: f"h_{k}", 3: f"w_{k}"} for k in ("s8", "s16", "s32")},
+            **{k: {0: "batch", 2: f"h_{k}", 3: f"w_{k}"} for k in names},
             "logits": {0: "batch", 2: "h", 3: "w"},
         },
     )
@@ -416,6 +486,15 @@ def boxes_from_probabilities(
     return out
 
 
+def body_input(
+    pose: BlazePose, rgb: NDArray[np.uint8], scale: float, grid_hw: tuple[int, int]
+) -> NDArray[np.float32]:
+    """The head's ``body`` input for one photo: (1, C, gh, gw) :func:`body_channels` of what
+    ``pose`` sees in ``rgb``, on the stride-8 grid of the photo resized by ``scale``."""
+    obs = pose.observe(rgb)
+    return body_channels(obs, rgb.shape[:2], grid_hw, 8.0 / scale)[None]
+
+
 # ---------------------------------------------------------------------------------------------
 # The detector
 
@@ -480,6 +559,17 @@ class SegmenterDetector:
         except Exception as exc:  # OSError and onnxruntime's untyped errors
             raise ModelError(f"garment segmenter {head_src}: unreadable ({exc})") from None
         self.trunk_overlay = _read_overlay(self.card, overlay_src)
+        try:
+            self.trunk_spec = trunk_spec(self.card.get(TRUNK_KEY, DEFAULT_TRUNK.backbone))
+        except ConfigError as exc:
+            raise ModelError(f"garment segmenter {card_src}: {exc}") from None
+        shapes = {i.name: i.shape for i in self.head.get_inputs()}
+        read = tuple(shapes.get(name, [None, None])[1] for name in ("s8", "s16", "s32"))
+        if read != self.trunk_spec.channels:
+            raise ModelError(
+                f"garment segmenter {card_src}: the head reads {read} channels, the card's trunk"
+                f" {self.trunk_spec.backbone} gives {self.trunk_spec.channels}"
+            )
         self.trunk_ranges: bytes | None = None
         if self.precision == "int8":
             self.trunk_ranges = _read_ranges(self.card, model_dir, card_src)
@@ -489,6 +579,7 @@ class SegmenterDetector:
             except (TypeError, ConfigError) as exc:
                 raise ModelError(f"garment segmenter {card_src}: bad config ({exc})") from None
         self.config = config
+        self.body_pose = _read_body(self.card, card_src, self.head)
         self.gate = _read_gate(model_dir, card_src, self.head_model) if gate else None
         self._trunk = trunk
         self._lock = threading.Lock()
@@ -526,6 +617,7 @@ class SegmenterDetector:
                     overlay=self.trunk_overlay,
                     int8=self.trunk_ranges,
                     precision=self._float_precision,
+                    spec=self.trunk_spec,
                 )
         return self._trunk
 
@@ -563,7 +655,10 @@ class SegmenterDetector:
         """One trunk + head run: probabilities cropped to the photo, scale, (s16, s32) maps."""
         x, scale = preprocess(rgb, self.config.long_side)
         s8, s16, s32 = self.trunk(x)
-        logits = self.head.run(None, {"s8": s8, "s16": s16, "s32": s32})[0][0]
+        feeds = {"s8": s8, "s16": s16, "s32": s32}
+        if self.body_pose is not None:
+            feeds["body"] = body_input(self.body_pose, rgb, scale, s8.shape[2:])
+        logits = self.head.run(None, feeds)[0][0]
         ph, pw = x.shape[2:]
         probs = softmax_upsampled(logits, (pw, ph))
         h, w = rgb.shape[:2]
@@ -660,6 +755,26 @@ def _read_overlay(card: dict[str, Any], source: Any) -> bytes | None:
     if hashlib.sha256(data).hexdigest() != expected:
         raise ModelError(f"garment segmenter {source}: sha256 differs from the card's")
     return data
+
+
+def _read_body(card: dict[str, Any], card_src: Any, head: Any) -> BlazePose | None:
+    """BlazePose when the card names body channels (checked against what this code computes
+    and against the head's inputs), else None."""
+    names = card.get(BODY_KEY)
+    inputs = {i.name for i in head.get_inputs()}
+    if names is None:
+        if "body" in inputs:
+            raise ModelError(
+                f"garment segmenter {card_src}: the head reads body channels"
+                f" and the card names none ({BODY_KEY!r})"
+            )
+        return None
+    if list(names) != list(BODY_CHANNELS) or "body" not in inputs:
+        raise ModelError(
+            f"garment segmenter {card_src}: {BODY_KEY} {names!r} does not match this version's"
+            f" {list(BODY_CHANNELS)} or the head's inputs {sorted(inputs)}"
+        )
+    return BlazePose()
 
 
 def _read_gate(model_dir: Any, card_src: Any, head_model: bytes) -> Any:

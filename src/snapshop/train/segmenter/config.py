@@ -14,11 +14,13 @@ from numpy.typing import NDArray
 from snapshop.data.ccp import CCP_AUX, CCP_LOWER, CCP_ONE_PIECE, CCP_UPPER, PARITIES, label_table
 from snapshop.detect.segmenter import (
     CLASSES,
+    DEFAULT_TRUNK,
     DRESS_CLS,
     FEATURE_BLOCKS,
     LOWER_CLS,
     UPPER_CLS,
     SegmenterConfig,
+    trunk_spec,
 )
 from snapshop.errors import ConfigError
 
@@ -62,6 +64,11 @@ class HeadConfig:
     seed: int = 0
     # copy-paste composites per labelled photo (another labelled person pasted in), made once
     copy_paste: int = 0
+    # issue #21, pose as a prior: BlazePose's body channels as extra inputs of the head
+    # (:func:`snapshop.detect.pose.body_channels`); the model then runs BlazePose on each look
+    body_channels: bool = False
+    # issue #21, a larger trunk: the frozen backbone the head reads (a TRUNKS name)
+    trunk: str = DEFAULT_TRUNK.backbone
 
     def __post_init__(self) -> None:
         SegmenterConfig(long_side=self.long_side)  # raises ConfigError for a bad long side
@@ -76,6 +83,9 @@ class HeadConfig:
         object.__setattr__(self, "copy_paste", int(copies))
         if self.lr <= 0 or not 0 <= self.dropout < 1:
             raise ConfigError("lr must be > 0 and dropout in [0, 1)")
+        if not isinstance(self.body_channels, bool):
+            raise ConfigError(f"body_channels must be true or false, not {self.body_channels!r}")
+        trunk_spec(self.trunk)  # raises ConfigError for an unknown backbone
 
 
 @dataclass(frozen=True)
@@ -190,7 +200,7 @@ class DetectorTraining:
         for field in fields(self.model):
             value = getattr(self.model, field.name)
             flag = "--" + field.name.replace("_", "-")
-            default = getattr(head, field.name, getattr(finetune, field.name))
+            default = getattr(head if hasattr(head, field.name) else finetune, field.name)
             if field.name == "finetune_blocks":
                 args += [flag, str(value)]
             elif value == default or value is None:
@@ -206,6 +216,10 @@ class DetectorTraining:
 FINETUNE_ONLY = frozenset(
     f.name for f in fields(FinetuneConfig) if f.name not in {g.name for g in fields(HeadConfig)}
 ) - {"finetune_blocks"}
+# Options that only head training takes (rejected with --finetune-blocks).
+HEAD_ONLY = frozenset(
+    f.name for f in fields(HeadConfig) if f.name not in {g.name for g in fields(FinetuneConfig)}
+)
 
 
 def detector_training(
@@ -228,6 +242,13 @@ def detector_training(
     # Any: the fields' types vary; the config's __post_init__ checks the values.
     given: dict[str, Any] = {k: v for k, v in (settings or {}).items() if v is not None}
     if finetune_blocks:
+        head_only = sorted(k for k in HEAD_ONLY & set(given) if given[k] != getattr(HeadConfig, k))
+        if head_only:
+            raise ConfigError(
+                f"--{head_only[0].replace('_', '-')} trains the head on the frozen trunk only:"
+                " not with --finetune-blocks"
+            )
+        given = {k: v for k, v in given.items() if k not in HEAD_ONLY}
         model: HeadConfig | FinetuneConfig = FinetuneConfig(
             finetune_blocks=finetune_blocks, **given
         )

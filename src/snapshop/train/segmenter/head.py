@@ -15,19 +15,28 @@ from typing import Any
 import numpy as np
 
 from snapshop.data.ccp import list_images
+from snapshop.detect.pose import BODY_CHANNELS, BlazePose
 from snapshop.detect.segmenter import (
-    BACKBONE,
+    BODY_KEY,
     CARD_FILE,
     CLASSES,
+    DEFAULT_TRUNK,
     DRESS_CLS,
-    FEATURE_BLOCKS,
     HEAD_FILE,
+    TRUNK_KEY,
     build_head,
     export_head,
+    trunk_spec,
 )
 from snapshop.errors import ConfigError
 from snapshop.train.loop import EpochLoop, make_optimizer, seed_everything
-from snapshop.train.segmenter.card import BACKBONE_SOURCE, CCP_SOURCE, INPUT, OUTPUT, card_tail
+from snapshop.train.segmenter.card import (
+    CCP_SOURCE,
+    OUTPUT,
+    backbone_source,
+    card_tail,
+    head_input,
+)
 from snapshop.train.segmenter.config import (
     IGNORE,
     DetectorTraining,
@@ -54,7 +63,12 @@ class HeadTrainer(EpochLoop):
         config = self.config
         seed_everything(config.seed)
         self.rng = np.random.default_rng(config.seed)
-        self.head = build_head(config.width, dropout=config.dropout)
+        self.head = build_head(
+            config.width,
+            dropout=config.dropout,
+            body=body_size(config),
+            channels=trunk_spec(config.trunk).channels,
+        )
         self.weight = torch.ones(len(CLASSES))
         self.weight[DRESS_CLS] = config.dress_weight
         params = [{"params": list(self.head.parameters()), "lr": config.lr}]
@@ -87,6 +101,9 @@ class HeadTrainer(EpochLoop):
                 torch.from_numpy(np.stack([samples[i].feats[k] for i in batch]).astype(np.float32))
                 for k in range(3)
             ]
+            if self.config.body_channels:
+                body = [samples[i].body for i in batch]
+                feats.append(torch.from_numpy(np.stack(body).astype(np.float32)))
             # Loss at stride 4: logits upsampled x2, targets sampled at the 4x4 cell centres.
             target = np.stack([samples[i].target[2::4, 2::4] for i in batch]).astype(np.int64)
             logits = F.interpolate(self.head(*feats), scale_factor=2.0, mode="bilinear")
@@ -100,6 +117,11 @@ class HeadTrainer(EpochLoop):
             total += float(loss.detach()) * len(batch)
             count += len(batch)
         return {"loss": total / max(count, 1)}
+
+
+def body_size(config: HeadConfig) -> int:
+    """The number of body channels the head reads (0 without the pose prior)."""
+    return len(BODY_CHANNELS) if config.body_channels else 0
 
 
 def train_head(samples: list[Sample], config: HeadConfig) -> tuple[Any, list[float]]:
@@ -119,13 +141,14 @@ def pasted_samples(images: list[TrainImage], config: HeadConfig) -> list[Sample]
     if len(images) < 2:
         return []
     rng = np.random.default_rng(config.seed)
-    trunk = Trunk(precision=TRAINING_PRECISION)
+    trunk = Trunk(precision=TRAINING_PRECISION, spec=trunk_spec(config.trunk))
+    pose = BlazePose() if config.body_channels else None
     samples = []
     for i, image in enumerate(images):
         for _ in range(config.copy_paste):
             source = images[(i + 1 + int(rng.integers(len(images) - 1))) % len(images)]
             pasted = paste_person(image, source, rng)
-            samples.append(trunk_sample(pasted.rgb, pasted.labels, config.long_side, trunk))
+            samples.append(trunk_sample(pasted.rgb, pasted.labels, config.long_side, trunk, pose))
     log.info("%d copy-paste composites", len(samples))
     return samples
 
@@ -144,24 +167,29 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
         raise ConfigError(f"{run.dataset}: no photos with masks for parity {run.parity!r}")
     table = segmenter_label_table(run.dataset / "mask_labels.csv")
     t0 = time.perf_counter()
+    body, spec = config.body_channels, trunk_spec(config.trunk)
     samples = load_or_build_samples(
-        pairs, table, config.long_side, run.cache, config.negatives, config.seed
+        pairs, table, config.long_side, run.cache, config.negatives, config.seed, body, spec
     )
     if config.copy_paste:
         samples += pasted_samples(load_training_images(pairs, table, silhouettes=True), config)
     if pseudo_pairs:
-        samples += load_or_build_samples(pseudo_pairs, IDENTITY_TABLE, config.long_side)
+        samples += load_or_build_samples(
+            pseudo_pairs, IDENTITY_TABLE, config.long_side, body=body, spec=spec
+        )
     t_feats = time.perf_counter() - t0
     head, losses = train_head(samples, config)
     t_train = time.perf_counter() - t0 - t_feats
     run.out.mkdir(parents=True, exist_ok=True)
     head_path = run.out / f"{run.prefix}{HEAD_FILE}"
-    export_head(head, head_path)
+    export_head(head, head_path, body=body_size(config), channels=spec.channels)
     card = {
         "model": f"{HEAD_FILE}: head of the `segmenter` detector (1x1 laterals + 2 3x3 convs,"
-        f" width {config.width}) on frozen ImageNet {BACKBONE} blocks {list(FEATURE_BLOCKS)}",
-        "backbone": f"{BACKBONE_SOURCE}, built at load time and exported to $SNAPSHOP_HOME/detect",
-        "input": INPUT,
+        f" width {config.width}) on frozen ImageNet {spec.backbone} blocks {list(spec.blocks)}"
+        + (" and BlazePose body channels (pose prior, issue #21)" if body else ""),
+        "backbone": f"{backbone_source(spec.backbone)}, built at load time and exported to"
+        " $SNAPSHOP_HOME/detect",
+        "input": head_input(spec.channels),
         "output": OUTPUT,
         "training_data": f"{CCP_SOURCE}, {run.parity} image ids ({len(pairs)}"
         " photos + mirrored copies), CCP pixel labels"
@@ -180,11 +208,15 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
             "synthetic_negatives": config.negatives,
             "seed": config.seed,
             "copy_paste": config.copy_paste,
+            "body_channels": config.body_channels,
+            "trunk": config.trunk,
             "final_loss": round(losses[-1], 4) if losses else None,
             "feature_seconds": round(t_feats, 1),
             "train_seconds": round(t_train, 1),
         },
         **card_tail(config.long_side),
+        **({BODY_KEY: list(BODY_CHANNELS)} if body else {}),
+        **({TRUNK_KEY: spec.backbone} if spec != DEFAULT_TRUNK else {}),
     }
     (run.out / f"{run.prefix}{CARD_FILE}").write_text(json.dumps(card, indent=2) + "\n")
     log.info("wrote %s (%.1f s features, %.1f s training)", head_path, t_feats, t_train)

@@ -16,7 +16,14 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from snapshop.detect.segmenter import BACKBONE, FEATURE_BLOCKS, Trunk, preprocess
+from snapshop.detect.pose import BODY_CHANNELS, BlazePose
+from snapshop.detect.segmenter import (
+    DEFAULT_TRUNK,
+    Trunk,
+    TrunkSpec,
+    body_input,
+    preprocess,
+)
 from snapshop.models.runtime import TRAINING_PRECISION
 from snapshop.train.segmenter.config import IGNORE
 
@@ -27,12 +34,18 @@ log = logging.getLogger(__name__)
 class Sample:
     feats: list[NDArray[np.float16]]  # (C, h, w) maps at stride 8 / 16 / 32
     target: NDArray[np.uint8]  # (H, W) class per pixel of the padded input, IGNORE in padding
+    body: NDArray[np.float16] | None = None  # (C, h, w) body channels at stride 8 (pose prior)
 
 
 def build_samples(
-    pairs: list[tuple[Path, Path]], table: NDArray[np.uint8], long_side: int, trunk: Trunk
+    pairs: list[tuple[Path, Path]],
+    table: NDArray[np.uint8],
+    long_side: int,
+    trunk: Trunk,
+    pose: BlazePose | None = None,
 ) -> list[Sample]:
-    """Trunk features and targets of every photo and its mirror image."""
+    """Trunk features and targets of every photo and its mirror image (and what ``pose`` sees
+    in each, when given)."""
     import cv2
 
     samples = []
@@ -45,17 +58,22 @@ def build_samples(
         for flip in (False, True):
             img = np.ascontiguousarray(rgb[:, ::-1]) if flip else rgb
             lab = np.ascontiguousarray(labels[:, ::-1]) if flip else labels
-            samples.append(trunk_sample(img, lab, long_side, trunk))
+            samples.append(trunk_sample(img, lab, long_side, trunk, pose))
         if n % 50 == 0:
             log.info("features: %d / %d photos (%.1f s)", n, len(pairs), time.perf_counter() - t0)
     return samples
 
 
 def trunk_sample(
-    rgb: NDArray[np.uint8], labels: NDArray[np.uint8], long_side: int, trunk: Trunk
+    rgb: NDArray[np.uint8],
+    labels: NDArray[np.uint8],
+    long_side: int,
+    trunk: Trunk,
+    pose: BlazePose | None = None,
 ) -> Sample:
     """One photo at the inference scale: its trunk features and its class map on the padded
-    input (IGNORE in the padding)."""
+    input (IGNORE in the padding); with ``pose``, its body channels as the detector computes
+    them (:func:`~snapshop.detect.segmenter.body_input`)."""
     import cv2
 
     x, scale = preprocess(rgb, long_side)
@@ -63,7 +81,22 @@ def trunk_sample(
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     target = np.full(x.shape[2:], IGNORE, np.uint8)
     target[:nh, :nw] = cv2.resize(labels, (nw, nh), interpolation=cv2.INTER_NEAREST)
-    return Sample([f[0].astype(np.float16) for f in trunk(x)], target)
+    return _sample(rgb, x, scale, target, trunk, pose)
+
+
+def _sample(
+    rgb: NDArray[np.uint8],
+    x: NDArray[np.float32],
+    scale: float,
+    target: NDArray[np.uint8],
+    trunk: Trunk,
+    pose: BlazePose | None,
+) -> Sample:
+    feats = [f[0].astype(np.float16) for f in trunk(x)]
+    body = None
+    if pose is not None:
+        body = body_input(pose, rgb, scale, feats[0].shape[1:])[0].astype(np.float16)
+    return Sample(feats, target, body)
 
 
 def synthetic_negative_images(n: int, long_side: int, seed: int = 0) -> list[NDArray[np.uint8]]:
@@ -86,16 +119,18 @@ def synthetic_negative_images(n: int, long_side: int, seed: int = 0) -> list[NDA
     return images
 
 
-def synthetic_negatives(n: int, long_side: int, trunk: Trunk, seed: int = 0) -> list[Sample]:
+def synthetic_negatives(
+    n: int, long_side: int, trunk: Trunk, seed: int = 0, pose: BlazePose | None = None
+) -> list[Sample]:
     """``n`` person-free images (plain, gradient, blobs, noise) labelled *other* everywhere,
     so that empty scenes and backgrounds yield no garment."""
     samples = []
     for img in synthetic_negative_images(n, long_side, seed):
         h, w = img.shape[:2]
-        x, _ = preprocess(img, long_side)
+        x, scale = preprocess(img, long_side)
         target = np.full(x.shape[2:], IGNORE, np.uint8)
         target[: min(h, x.shape[2]), : min(w, x.shape[3])] = 0
-        samples.append(Sample([f[0].astype(np.float16) for f in trunk(x)], target))
+        samples.append(_sample(img, x, scale, target, trunk, pose))
     return samples
 
 
@@ -106,13 +141,24 @@ def load_or_build_samples(
     cache: Path | None = None,
     negatives: int = 0,
     seed: int = 0,
+    body: bool = False,
+    spec: TrunkSpec = DEFAULT_TRUNK,
 ) -> list[Sample]:
     """:func:`build_samples` (kept in, or read back from, a ``.pkl`` cache when given) plus
-    ``negatives`` synthetic person-free samples (drawn with ``seed``)."""
+    ``negatives`` synthetic person-free samples (drawn with ``seed``); ``body``: with body
+    channels (BlazePose on every image); ``spec``: the trunk whose features they hold."""
     import pickle
 
-    key = ("v2", tuple(str(p) for p, _ in pairs), long_side, BACKBONE, FEATURE_BLOCKS)
+    key = (
+        "v3",
+        tuple(str(p) for p, _ in pairs),
+        long_side,
+        spec.backbone,
+        spec.blocks,
+        BODY_CHANNELS if body else (),
+    )
     trunk: Trunk | None = None
+    pose = BlazePose() if body else None
     samples: list[Sample] | None = None
     if cache is not None and cache.exists():
         try:
@@ -123,19 +169,19 @@ def load_or_build_samples(
             log.info("%s: unreadable (%s)", cache, exc)
         if stored_key == key:
             log.info("features read from %s", cache)
-            samples = [Sample(feats, target) for feats, target in stored]
+            samples = [Sample(feats, target, body_map) for feats, target, body_map in stored]
         else:
             log.info("%s holds other features; computing again", cache)
     if samples is None:
-        trunk = Trunk(precision=TRAINING_PRECISION)
-        samples = build_samples(pairs, table, long_side, trunk)
+        trunk = Trunk(precision=TRAINING_PRECISION, spec=spec)
+        samples = build_samples(pairs, table, long_side, trunk, pose)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             with open(cache, "wb") as fh:
                 # Plain tuples: the cache must not depend on how this module was imported.
-                stored = [(smp.feats, smp.target) for smp in samples]
+                stored = [(smp.feats, smp.target, smp.body) for smp in samples]
                 pickle.dump((key, stored), fh, protocol=pickle.HIGHEST_PROTOCOL)
     if negatives:
-        trunk = trunk or Trunk(precision=TRAINING_PRECISION)
-        samples = samples + synthetic_negatives(negatives, long_side, trunk, seed)
+        trunk = trunk or Trunk(precision=TRAINING_PRECISION, spec=spec)
+        samples = samples + synthetic_negatives(negatives, long_side, trunk, seed, pose)
     return samples
