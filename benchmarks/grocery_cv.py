@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, default=0)
     parser.add_argument("--keep-roles", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--catalog-where", default="domain=iconic", help="catalog images")
+    parser.add_argument(
+        "--catalog-known",
+        action="store_true",
+        help="the protocol where fold models trained on the held-out products' catalog images"
+        " too (a shop's whole catalog), checked against each model's training manifest",
+    )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         max_images=args.max_images,
         keep_roles=args.keep_roles,
         catalog_where=args.catalog_where,
+        catalog_known=args.catalog_known,
     )
     print("\n".join(result.markdown()))
     if args.json_out:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from script_helpers import load_script
@@ -377,3 +379,48 @@ def test_ratio_interval_in_chunks_is_the_same_draw(monkeypatch: pytest.MonkeyPat
     whole = stats.ratio_interval(hits, np.ones(300))
     monkeypatch.setattr(stats, "MAX_DRAWN", 1000)  # 3 resamples per chunk
     assert stats.ratio_interval(hits, np.ones(300)) == whole
+
+
+def test_catalog_known_allows_held_out_catalog_images_in_training_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    import csv
+
+    from snapshop.data.manifest import read_manifest
+    from snapshop.evaluate.crossval import check_catalog_known
+
+    def write(name: str, extra: list[dict[str, str]]) -> Path:
+        rows = [
+            {"path": f"p{p}_{i}.jpg", "product_id": f"p{p}", "role": role, "domain": domain}
+            | {"split": split}
+            for p, split in ((0, "train"), (1, "train"), (2, "test"), (3, "test"))
+            for i, (role, domain) in enumerate(
+                (("query", "natural"), ("gallery", "natural"), ("gallery", "iconic"))
+            )
+        ]
+        path = tmp_path / name
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows + extra)
+        return path
+
+    held_out = [r for r in read_manifest(write("base.csv", [])) if r.extra["split"] == "test"]
+    catalog = {"domain": "iconic"}
+    known = [
+        {"path": f"p{p}_2.jpg", "product_id": f"p{p}", "role": "gallery", "domain": "iconic"}
+        | {"split": "train"}
+        for p in (2, 3)
+    ]
+    check_catalog_known("m", {"data": str(write("known.csv", known))}, held_out, catalog)
+    photo = {"path": "p2_0.jpg", "product_id": "p2", "role": "query", "domain": "natural"}
+    photo["split"] = "train"
+    leaked = write("leaked.csv", [*known, photo])
+    with pytest.raises(ConfigError, match="1 images of held-out products that are not catalog"):
+        check_catalog_known("m", {"data": str(leaked)}, held_out, catalog)
+    with pytest.raises(ConfigError, match="no held-out catalog image"):
+        check_catalog_known("m", {"data": str(tmp_path / "base.csv")}, held_out, catalog)
+    with pytest.raises(ConfigError, match="is not here to check"):
+        check_catalog_known("m", {"data": str(tmp_path / "gone.csv")}, held_out, catalog)
+    with pytest.raises(ConfigError, match="is not here to check"):
+        check_catalog_known("m", {}, held_out, catalog)

@@ -288,7 +288,8 @@ def test_loop_helpers_reject_what_they_cannot_do() -> None:
 
 
 def test_row_selection_defaults_to_the_protocol_split() -> None:
-    from snapshop.train.trainer import RowSelection, TrainConfig, select_rows
+    from snapshop.data.manifest import RowSelection, select_rows
+    from snapshop.train.trainer import TrainConfig
 
     rows = [
         ManifestRow(

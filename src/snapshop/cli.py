@@ -714,9 +714,10 @@ def train(
     ] = None,
 ) -> None:
     """Train a NormSoftmax embedder and export it (model.onnx + model.json) to OUT."""
+    from snapshop.data.manifest import RowSelection
     from snapshop.train.augment import AugmentConfig
     from snapshop.train.ensemble import member_configs, train_ensemble_from_manifest
-    from snapshop.train.trainer import RowSelection, TrainConfig, train_from_manifest
+    from snapshop.train.trainer import TrainConfig, train_from_manifest
 
     backbones = backbone or ["efficientnet_lite2"]
     config = run(lambda: TrainConfig(

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapshop.errors import ManifestError
+from snapshop.errors import ConfigError, ManifestError
 
 ROLES = ("query", "gallery")
 
@@ -147,3 +147,48 @@ def write_manifest(path: Path, rows: list[ManifestRow], root: Path | None = None
                 except ValueError:
                     p = r.path.resolve()
             writer.writerow([str(p), r.sku, r.role, *(r.extra.get(c, "") for c in extra_cols)])
+
+
+# --- which rows train and which are scored (snapshop train, the cross-validation's checks)
+
+
+def split_rows(
+    rows: Sequence[ManifestRow], train_where: dict[str, str], eval_where: dict[str, str] | None
+) -> tuple[list[ManifestRow], list[ManifestRow]]:
+    """Select training rows and (optionally) evaluation rows from one manifest."""
+    train_rows = [r for r in rows if matches(r, train_where)]
+    eval_rows = [r for r in rows if eval_where is not None and matches(r, eval_where)]
+    if not train_rows:
+        raise ConfigError(f"no manifest row matches {train_where}")
+    return train_rows, eval_rows
+
+
+@dataclass(frozen=True)
+class RowSelection:
+    """Which manifest rows train and which are scored, as ``COLUMN=VALUE`` filters (all must
+    hold). Empty filters: ``split=train`` / ``split=test`` when the manifest has a split column
+    (``snapshop prepare`` writes one), else every row trains and none is scored."""
+
+    train_where: tuple[str, ...] = ()
+    eval_where: tuple[str, ...] = ()
+    eval_gallery_where: tuple[str, ...] = ()  # a second, smaller gallery (e.g. domain=iconic)
+    repeat_where: tuple[str, ...] = ()  # training rows listed ``repeat`` times
+    repeat: int = 1
+
+
+def select_rows(
+    rows: Sequence[ManifestRow], selection: RowSelection
+) -> tuple[list[ManifestRow], list[ManifestRow], dict[str, str] | None]:
+    """(training rows, evaluation rows, gallery filter of the second protocol or None)."""
+    has_split = any("split" in r.extra for r in rows)
+    train_where = parse_where(list(selection.train_where)) or (
+        {"split": "train"} if has_split else {}
+    )
+    eval_where = parse_where(list(selection.eval_where)) or (
+        {"split": "test"} if has_split else None
+    )
+    gallery_where = parse_where(list(selection.eval_gallery_where)) or None
+    train_rows, eval_rows = split_rows(rows, train_where, eval_where)
+    repeat_where = parse_where(list(selection.repeat_where))
+    train_rows = repeat_matching(train_rows, repeat_where, selection.repeat)
+    return train_rows, eval_rows, gallery_where

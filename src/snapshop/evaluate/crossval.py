@@ -17,12 +17,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from snapshop.data.manifest import ManifestRow, matches, parse_where
+from snapshop.data.manifest import (
+    ManifestRow,
+    RowSelection,
+    matches,
+    parse_where,
+    read_manifest,
+    select_rows,
+)
 from snapshop.data.protocol import ProtocolConfig, split_products
 from snapshop.errors import ConfigError
 from snapshop.evaluate.retrieval import (
@@ -245,14 +253,39 @@ class CrossValidation:
         return paired_ratio_difference((base_hits, base_queries), (hits, queries))
 
 
+def check_catalog_known(
+    model: str, training: dict[str, Any], held_out: list[ManifestRow], catalog: dict[str, str]
+) -> None:
+    """The "catalog known" protocol (issue #20): a model may have trained on the held-out
+    products' catalog images (``catalog``), which a shop has before any shopper photo, but on
+    no other image of them. Checked against the training manifest its card names; raises
+    :class:`ConfigError` otherwise."""
+    data = Path(str(training.get("data", "")))
+    if not data.is_file():
+        raise ConfigError(f"{model}: its training manifest {str(data)!r} is not here to check")
+    train_rows, _, _ = select_rows(read_manifest(data), RowSelection())
+    held = {r.sku for r in held_out}
+    seen = [r for r in train_rows if r.sku in held and not matches(r, catalog)]
+    if seen:
+        raise ConfigError(
+            f"{model} trained on {len(seen)} images of held-out products that are not catalog"
+            f" images (e.g. {seen[0].path}): not the catalog-known protocol"
+        )
+    catalog_paths = {Path(r.path).resolve() for r in held_out if matches(r, catalog)}
+    if not catalog_paths & {Path(r.path).resolve() for r in train_rows}:
+        raise ConfigError(f"{model}: no held-out catalog image in its training rows")
+
+
 def _score_column(
     models: Sequence[str],
     fold_rows: list[list[ManifestRow]],
     catalog: dict[str, str],
     label_of: dict[str, int],
+    catalog_known: bool = False,
 ) -> dict[str, PooledRanks]:
     """One column: model ``models[i]`` embeds fold ``i``'s held-out rows (each image once per
-    model), ranked in both protocols."""
+    model), ranked in both protocols. ``catalog_known``: the model may have trained on the
+    held-out products' catalog images (:func:`check_catalog_known`)."""
     from snapshop.models.embedder import load_embedder
 
     pooled = {protocol: PooledRanks() for protocol in PROTOCOLS}
@@ -261,10 +294,13 @@ def _score_column(
         embedder = load_embedder(model)
         trained_on = set(embedder.card.training.get("classes", []))
         if trained_on & {r.sku for r in held_out}:
-            raise ConfigError(
-                f"{model} was trained on products this fold holds out: "
-                "not the same folds (seed, --max-images, --keep-roles?)"
-            )
+            if catalog_known:
+                check_catalog_known(model, embedder.card.training, held_out, catalog)
+            else:
+                raise ConfigError(
+                    f"{model} was trained on products this fold holds out: "
+                    "not the same folds (seed, --max-images, --keep-roles?)"
+                )
         paths = [str(r.path) for r in held_out]
         todo = [p for p in paths if (model, p) not in cache]
         vecs, kept, skipped, _ = embed_paths(embedder, todo)
@@ -308,10 +344,12 @@ def cross_validate(
     max_images: int = 0,
     keep_roles: bool = True,
     catalog_where: str = "domain=iconic",
+    catalog_known: bool = False,
 ) -> CrossValidation:
     """Score ``fold_models`` (one per fold, in fold order; or several such sets by column name)
     and ``baselines`` (every fold) on the held-out products of each fold of ``rows``; ranks
-    pooled over the folds."""
+    pooled over the folds. ``catalog_known``: fold models may have trained on the held-out
+    products' catalog images, and on nothing else of them (:func:`check_catalog_known`)."""
     trained = dict(fold_models) if isinstance(fold_models, Mapping) else {FOLD_MODELS: fold_models}
     folds = len(next(iter(trained.values()), []))
     if folds < 2 or any(len(models) != folds for models in trained.values()):
@@ -327,6 +365,7 @@ def cross_validate(
     if len(set(names)) < len(names):
         raise ConfigError(f"two columns share a name: {names}")
     results = {
-        name: _score_column(models, fold_rows, catalog, label_of) for name, models in columns
+        name: _score_column(models, fold_rows, catalog, label_of, catalog_known)
+        for name, models in columns
     }
     return CrossValidation(folds, names, results, next(iter(trained)))

@@ -18,17 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snapshop.data.manifest import RowSelection, select_rows
 from snapshop.errors import ConfigError
 from snapshop.models.card import ModelCard, write_card
 from snapshop.models.efficientnet_lite import BACKBONES
-from snapshop.train.trainer import (
-    RowSelection,
-    TrainConfig,
-    TrainResult,
-    held_out_scores,
-    select_rows,
-    train,
-)
+from snapshop.train.trainer import TrainConfig, TrainResult, held_out_scores, train
 
 log = logging.getLogger(__name__)
 

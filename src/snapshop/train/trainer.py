@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from snapshop.data.manifest import ManifestRow
+from snapshop.data.manifest import ManifestRow, RowSelection, select_rows
 from snapshop.errors import ConfigError
 from snapshop.models.export import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from snapshop.models.heads import POOLINGS, create_embedding_net
@@ -503,52 +503,6 @@ def train(
         trainer.held_out_metrics(),
         time.perf_counter() - t_start,
     )
-
-
-def split_rows(
-    rows: Sequence[ManifestRow], train_where: dict[str, str], eval_where: dict[str, str] | None
-) -> tuple[list[ManifestRow], list[ManifestRow]]:
-    """Select training rows and (optionally) evaluation rows from one manifest."""
-    from snapshop.data.manifest import matches
-
-    train_rows = [r for r in rows if matches(r, train_where)]
-    eval_rows = [r for r in rows if eval_where is not None and matches(r, eval_where)]
-    if not train_rows:
-        raise ConfigError(f"no manifest row matches {train_where}")
-    return train_rows, eval_rows
-
-
-@dataclass(frozen=True)
-class RowSelection:
-    """Which manifest rows train and which are scored, as ``COLUMN=VALUE`` filters (all must
-    hold). Empty filters: ``split=train`` / ``split=test`` when the manifest has a split column
-    (``snapshop prepare`` writes one), else every row trains and none is scored."""
-
-    train_where: tuple[str, ...] = ()
-    eval_where: tuple[str, ...] = ()
-    eval_gallery_where: tuple[str, ...] = ()  # a second, smaller gallery (e.g. domain=iconic)
-    repeat_where: tuple[str, ...] = ()  # training rows listed ``repeat`` times
-    repeat: int = 1
-
-
-def select_rows(
-    rows: Sequence[ManifestRow], selection: RowSelection
-) -> tuple[list[ManifestRow], list[ManifestRow], dict[str, str] | None]:
-    """(training rows, evaluation rows, gallery filter of the second protocol or None)."""
-    from snapshop.data.manifest import parse_where, repeat_matching
-
-    has_split = any("split" in r.extra for r in rows)
-    train_where = parse_where(list(selection.train_where)) or (
-        {"split": "train"} if has_split else {}
-    )
-    eval_where = parse_where(list(selection.eval_where)) or (
-        {"split": "test"} if has_split else None
-    )
-    gallery_where = parse_where(list(selection.eval_gallery_where)) or None
-    train_rows, eval_rows = split_rows(rows, train_where, eval_where)
-    repeat_where = parse_where(list(selection.repeat_where))
-    train_rows = repeat_matching(train_rows, repeat_where, selection.repeat)
-    return train_rows, eval_rows, gallery_where
 
 
 def train_from_manifest(
