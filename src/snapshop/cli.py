@@ -924,7 +924,7 @@ def train_detector(
     ] = None,
     trunk: Annotated[
         str | None,
-        typer.Option(help="Frozen backbone the head reads: efficientnet_lite0 or _lite2."),
+        typer.Option(help="Backbone the head reads: efficientnet_lite0 (default) or _lite2."),
     ] = None,
     # The options below apply with --finetune-blocks N only (None: FinetuneConfig's default).
     device: Annotated[str | None, typer.Option(help="auto, cuda or cpu.")] = None,

@@ -41,7 +41,7 @@ that does not fit its card is refused on open. ``trunk``: the maps of another ba
 (:data:`TRUNKS`: Lite2, the embedder's, instead of Lite0). ``body_channels``: the pose prior,
 BlazePose's person mask and body coordinates at stride 8
 (:func:`snapshop.detect.pose.body_channels`), for which the detector runs BlazePose on each
-look. Both are trained on the frozen trunk only.
+look (trained on the frozen trunk only).
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ Two modes, one per config:
   stem and blocks ``0..N-1`` train with the head on augmented photos, on a GPU when there is
   one; it also writes ``garment_seg_trunk.npz``, the fine-tuned trunk tensors.
 
-``--trunk efficientnet_lite2`` (a larger frozen trunk) and ``--body-channels`` (BlazePose's
-body channels as extra head inputs, the pose prior) are issue #21's design options, head-only.
+``--trunk efficientnet_lite2`` (a larger trunk, in both modes) and ``--body-channels``
+(BlazePose's body channels as extra head inputs, the pose prior; head-only) are issue #21's
+design options.
 
 ``--prefix P`` names the files ``P`` + the usual names, so several models fit one flat folder
 (load one with ``--detector segmenter:DIR/Pgarment_seg.json``). Only torch, numpy, Pillow,
@@ -41,7 +42,6 @@ from snapshop.train.segmenter.config import (
     AUX_CLASSES,
     FINETUNE_ONLY,
     IGNORE,
-    MAX_FINETUNE_BLOCKS,
     DetectorTraining,
     FinetuneConfig,
     HeadConfig,
@@ -121,7 +121,6 @@ __all__ = [
     "AUX_CLASSES",
     "FINETUNE_ONLY",
     "IGNORE",
-    "MAX_FINETUNE_BLOCKS",
     "AugmentedImages",
     "DetectorTraining",
     "FinetuneConfig",

@@ -6,7 +6,6 @@ import datetime as dt
 from typing import Any
 
 from snapshop.detect.segmenter import (
-    BACKBONE,
     CLASSES,
     FEATURE_CHANNELS,
     SegmenterConfig,
@@ -26,8 +25,6 @@ def head_input(channels: tuple[int, int, int] = FEATURE_CHANNELS) -> str:
     return f"s8 [N, {c8}, H/8, W/8], s16 [N, {c16}, H/16, W/16], s32 [N, {c32}, H/32, W/32]"
 
 
-BACKBONE_SOURCE = backbone_source(BACKBONE)
-INPUT = head_input()
 OUTPUT = f"logits [N, {len(CLASSES)}, H/8, W/8]: {', '.join(CLASSES)}"
 CCP_SOURCE = (
     "Clothing Co-Parsing (Yang, Luo, Lin, CVPR 2014; repository Apache-2.0, photos third-party,"

@@ -16,7 +16,6 @@ from snapshop.detect.segmenter import (
     CLASSES,
     DEFAULT_TRUNK,
     DRESS_CLS,
-    FEATURE_BLOCKS,
     LOWER_CLS,
     UPPER_CLS,
     SegmenterConfig,
@@ -31,7 +30,6 @@ IGNORE = 255  # target value of padding pixels: no loss
 # folds them back into *other* (:func:`~snapshop.train.segmenter.finetune.fold_aux_head`): the
 # detector sees four classes.
 AUX_CLASSES: tuple[str, ...] = tuple(CCP_AUX)
-MAX_FINETUNE_BLOCKS = FEATURE_BLOCKS[-1] + 1
 
 
 def num_train_classes(aux_labels: bool) -> int:
@@ -120,11 +118,13 @@ class FinetuneConfig:
     aux_labels: bool = False  # train AUX_CLASSES too (folded into "other" at export)
     recolour: float = 0.0  # chance per sample that each garment class gets its own hue / tone
     copy_paste: float = 0.0  # chance per sample that another labelled person is pasted in
+    trunk: str = DEFAULT_TRUNK.backbone  # the backbone (a TRUNKS name), issue #21
 
     def __post_init__(self) -> None:
         SegmenterConfig(long_side=self.long_side)  # raises ConfigError for a bad long side
-        if not 1 <= self.finetune_blocks <= MAX_FINETUNE_BLOCKS:
-            raise ConfigError(f"finetune_blocks must be in 1..{MAX_FINETUNE_BLOCKS}")
+        most = trunk_spec(self.trunk).blocks[-1] + 1  # blocks past the last map never run
+        if not 1 <= self.finetune_blocks <= most:
+            raise ConfigError(f"finetune_blocks must be in 1..{most} for {self.trunk}")
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 0 or self.negatives < 0:
             raise ConfigError("epochs and batch_size must be >= 1, workers and negatives >= 0")
         if self.lr <= 0 or self.trunk_lr < 0 or self.weight_decay < 0:

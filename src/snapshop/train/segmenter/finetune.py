@@ -26,21 +26,29 @@ from numpy.typing import NDArray
 
 from snapshop.data.ccp import CCP_AUX, list_images
 from snapshop.detect.segmenter import (
-    BACKBONE,
     CARD_FILE,
     CLASSES,
+    DEFAULT_TRUNK,
     DRESS_CLS,
-    FEATURE_BLOCKS,
     HEAD_FILE,
     TRUNK_FILE,
+    TRUNK_KEY,
     TRUNK_OVERLAY_KEY,
+    TrunkSpec,
     build_head,
     export_head,
     feature_maps,
+    trunk_spec,
 )
 from snapshop.errors import ConfigError
 from snapshop.train.loop import EpochLoop, make_optimizer, resolve_device, seed_everything
-from snapshop.train.segmenter.card import BACKBONE_SOURCE, CCP_SOURCE, INPUT, OUTPUT, card_tail
+from snapshop.train.segmenter.card import (
+    CCP_SOURCE,
+    OUTPUT,
+    backbone_source,
+    card_tail,
+    head_input,
+)
 from snapshop.train.segmenter.config import (
     IGNORE,
     DetectorTraining,
@@ -61,8 +69,9 @@ log = logging.getLogger(__name__)
 
 
 def build_finetune_net(config: FinetuneConfig) -> Any:
-    """Lite0 (ImageNet) + :func:`build_head`; only the stem, blocks ``0..N-1`` and the head
-    train, and the trunk stays in eval mode (ImageNet BatchNorm statistics)."""
+    """The trunk (``config.trunk``, ImageNet) + :func:`build_head`; only the stem, blocks
+    ``0..N-1`` and the head train, and the trunk stays in eval mode (ImageNet BatchNorm
+    statistics)."""
     import torch
     from torch import nn
 
@@ -71,11 +80,12 @@ def build_finetune_net(config: FinetuneConfig) -> Any:
     class FinetuneNet(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.trunk = create_backbone(BACKBONE, pretrained=True)
+            self.trunk = create_backbone(spec.backbone, pretrained=True)
             self.head = build_head(
                 config.width,
                 num_classes=num_train_classes(config.aux_labels),
                 dropout=config.dropout,
+                channels=spec.channels,
             )
             tuned = [self.trunk._conv_stem, self.trunk._bn0]
             tuned += list(self.trunk.blocks[: config.finetune_blocks])
@@ -89,8 +99,9 @@ def build_finetune_net(config: FinetuneConfig) -> Any:
             return self
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(*feature_maps(self.trunk, x))
+            return self.head(*feature_maps(self.trunk, x, spec.blocks))
 
+    spec = trunk_spec(config.trunk)
     return FinetuneNet()
 
 
@@ -269,14 +280,18 @@ def fold_aux_head(head: Any) -> Any:
 
 
 def write_finetuned(
-    net: Any, out: Path, prefix: str = "", dtype: str = "float32"
+    net: Any,
+    out: Path,
+    prefix: str = "",
+    dtype: str = "float32",
+    spec: TrunkSpec = DEFAULT_TRUNK,
 ) -> dict[str, Any]:
     """Write the head (ONNX; auxiliary classes folded into *other*) and the trunk overlay
     (npz, ``dtype``); returns the card's overlay entry."""
     out.mkdir(parents=True, exist_ok=True)
     n_out = net.head.fuse[-1].out_channels
     head = net.head if n_out == len(CLASSES) else fold_aux_head(net.head)
-    export_head(head, out / f"{prefix}{HEAD_FILE}")
+    export_head(head, out / f"{prefix}{HEAD_FILE}", channels=spec.channels)
     tensors = {name: t.astype(dtype) for name, t in trunk_overlay(net).items()}
     path = out / f"{prefix}{TRUNK_FILE}"
     with open(path, "wb") as fh:
@@ -318,16 +333,17 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
         len(pairs), config.negatives, len(pseudo_pairs), t_load,
     )  # fmt: skip
     net, losses, info = train_finetune(images, config)
-    overlay = write_finetuned(net, out, prefix, config.overlay_dtype)
+    spec = trunk_spec(config.trunk)
+    overlay = write_finetuned(net, out, prefix, config.overlay_dtype, spec)
     n = config.finetune_blocks
     card = {
         "model": f"{HEAD_FILE}: head of the `segmenter` detector (1x1 laterals + 2 3x3 convs,"
-        f" width {config.width}) on {BACKBONE} blocks {list(FEATURE_BLOCKS)}; stem and blocks"
+        f" width {config.width}) on {spec.backbone} blocks {list(spec.blocks)}; stem and blocks"
         f" 0..{n - 1} fine-tuned with it ({TRUNK_FILE}), blocks {n}.. ImageNet",
-        "backbone": f"{BACKBONE_SOURCE} with {TRUNK_FILE} laid over it, built at load time and"
-        " exported to $SNAPSHOP_HOME/detect",
+        "backbone": f"{backbone_source(spec.backbone)} with {TRUNK_FILE} laid over it, built at"
+        " load time and exported to $SNAPSHOP_HOME/detect",
         TRUNK_OVERLAY_KEY: overlay,
-        "input": INPUT,
+        "input": head_input(spec.channels),
         "output": OUTPUT,
         "training_data": f"{CCP_SOURCE}, {parity} image ids ({len(pairs)}"
         " photos, augmented: scale, crop, flip, colour"
@@ -355,6 +371,7 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
             "train_seconds": round(info["train_seconds"], 1),
         },
         **card_tail(config.long_side),
+        **({TRUNK_KEY: spec.backbone} if spec != DEFAULT_TRUNK else {}),
     }
     (out / f"{prefix}{CARD_FILE}").write_text(json.dumps(card, indent=2) + "\n")
     log.info(
