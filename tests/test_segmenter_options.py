@@ -145,11 +145,11 @@ def test_the_head_reads_body_channels_only_when_built_with_them(tmp_path: Path) 
         assert not torch.allclose(head(*maps, body), head(*maps, torch.zeros_like(body)))
 
 
-def write_body_model(folder: Path, card: dict) -> None:
+def write_body_model(folder: Path, card: dict, body: int = len(BODY_CHANNELS)) -> None:
     pytest.importorskip("torch")
     folder.mkdir(parents=True, exist_ok=True)
-    head = build_head(16, body=len(BODY_CHANNELS)).eval()
-    export_head(head, folder / HEAD_FILE, body=len(BODY_CHANNELS))
+    head = build_head(16, body=body).eval()
+    export_head(head, folder / HEAD_FILE, body=body)
     (folder / CARD_FILE).write_text(json.dumps(card))
 
 
@@ -192,6 +192,13 @@ def test_card_and_head_must_agree_on_body_channels(
     write_body_model(tmp_path / "other", {BODY_KEY: ["person", "found"]})
     with pytest.raises(ModelError, match="does not match"):
         SegmenterDetector(tmp_path / "other", trunk=FakeTrunk())  # type: ignore[arg-type]
+    for bad in (5, "person,found", list(BODY_CHANNELS)[:-1]):  # not a list, the wrong names
+        write_body_model(tmp_path / "bad", {BODY_KEY: bad})
+        with pytest.raises(ModelError, match="does not match"):
+            SegmenterDetector(tmp_path / "bad", trunk=FakeTrunk())  # type: ignore[arg-type]
+    write_body_model(tmp_path / "narrow", {BODY_KEY: list(BODY_CHANNELS)}, body=4)
+    with pytest.raises(ModelError, match="'body': 4"):  # the card's six names, a 4-channel head
+        SegmenterDetector(tmp_path / "narrow", trunk=FakeTrunk())  # type: ignore[arg-type]
     shipped = Path(segmenter.__file__).parent / "weights"  # a head without the body input
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / HEAD_FILE).write_bytes((shipped / HEAD_FILE).read_bytes())

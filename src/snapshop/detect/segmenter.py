@@ -761,7 +761,7 @@ def _read_body(card: dict[str, Any], card_src: Any, head: Any) -> BlazePose | No
     """BlazePose when the card names body channels (checked against what this code computes
     and against the head's inputs), else None."""
     names = card.get(BODY_KEY)
-    inputs = {i.name for i in head.get_inputs()}
+    inputs = {i.name: i.shape for i in head.get_inputs()}
     if names is None:
         if "body" in inputs:
             raise ModelError(
@@ -769,10 +769,11 @@ def _read_body(card: dict[str, Any], card_src: Any, head: Any) -> BlazePose | No
                 f" and the card names none ({BODY_KEY!r})"
             )
         return None
-    if list(names) != list(BODY_CHANNELS) or "body" not in inputs:
+    if names != list(BODY_CHANNELS) or inputs.get("body", [None, None])[1] != len(names):
+        shown = {name: shape[1] for name, shape in inputs.items()}
         raise ModelError(
             f"garment segmenter {card_src}: {BODY_KEY} {names!r} does not match this version's"
-            f" {list(BODY_CHANNELS)} or the head's inputs {sorted(inputs)}"
+            f" {list(BODY_CHANNELS)} or the head's input channels {shown}"
         )
     return BlazePose()
 

@@ -258,8 +258,9 @@ def check_catalog_known(
 ) -> None:
     """The "catalog known" protocol (issue #20): a model may have trained on the held-out
     products' catalog images (``catalog``), which a shop has before any shopper photo, but on
-    no other image of them. Checked against the training manifest its card names; raises
-    :class:`ConfigError` otherwise."""
+    no other image of them. Checked against the training manifest its card names, read with
+    ``snapshop train``'s default row selection (``split=train``); raises :class:`ConfigError`
+    otherwise."""
     data = Path(str(training.get("data", "")))
     if not data.is_file():
         raise ConfigError(f"{model}: its training manifest {str(data)!r} is not here to check")
