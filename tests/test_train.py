@@ -614,3 +614,94 @@ def test_an_ensemble_refuses_members_it_could_not_merge(tmp_path: Path, demo_row
     with pytest.raises(ConfigError, match="unknown backbone"):
         train_ensemble_from_manifest(manifest, out, member_configs(base, ["lite0", "lite1"]))
     assert not out.exists()
+
+
+# --- the anchor term: each photo against every product's catalog image -----------------------
+def _with_anchors(rows: list[ManifestRow]) -> list[ManifestRow]:
+    """The demo rows with each product's second image marked as its catalog image."""
+    marked = []
+    for r in rows:
+        is_catalog = r.path.stem.endswith("-1")
+        marked.append(
+            ManifestRow(
+                r.path, r.sku, r.role, {**r.extra, "domain": "iconic" if is_catalog else "natural"}
+            )
+        )
+    return marked
+
+
+def test_anchor_settings_go_together() -> None:
+    from snapshop.errors import ManifestError
+
+    with pytest.raises(ConfigError, match="go together"):
+        _config(anchor_weight=1.0)
+    with pytest.raises(ConfigError, match="go together"):
+        _config(anchor_where=("domain=iconic",))
+    with pytest.raises(ConfigError, match="anchor_weight"):
+        _config(anchor_where=("domain=iconic",), anchor_weight=-1.0)
+    with pytest.raises(ManifestError, match="COLUMN=VALUE"):
+        _config(anchor_where=("domain",), anchor_weight=1.0)
+
+
+def test_anchor_loss_matches_a_brute_force_cross_entropy(tmp_path: Path, demo_rows) -> None:
+    from snapshop.train.trainer import NormSoftmaxTrainer
+
+    rows = _with_anchors([r for r in demo_rows if r.extra["split"] == "train"])
+    # one product loses its catalog image: its photos have no anchor to find
+    unanchored = rows[0].sku
+    rows = [r for r in rows if not (r.sku == unanchored and r.extra["domain"] == "iconic")]
+    config = _config(epochs=1, anchor_where=("domain=iconic",), anchor_weight=1.0)
+    trainer = NormSoftmaxTrainer(rows, tmp_path / "m", config)
+    trainer.setup()
+    assert len(trainer.anchors) == N_PRODUCTS - 1
+    anchored = [c for c in trainer.classes if c != unanchored]
+    for positions, sku in zip(trainer.anchors, anchored, strict=True):
+        assert {trainer.rows_kept[p].sku for p in positions} == {sku}
+        assert all(trainer.rows_kept[p].extra["domain"] == "iconic" for p in positions)
+
+    gen = torch.Generator().manual_seed(0)
+    idx = np.arange(len(trainer.rows_kept))
+    emb = torch.randn(len(idx), 32, generator=gen)
+    anchor_emb = torch.randn(len(trainer.anchors), 32, generator=gen)
+    t = config.temperature
+    expected, n = 0.0, 0
+    for i in idx:
+        row = trainer.rows_kept[i]
+        if row.sku == unanchored or row.extra["domain"] == "iconic":
+            continue
+        cos = torch.nn.functional.cosine_similarity(emb[i][None], anchor_emb) / t
+        expected += float(torch.logsumexp(cos, 0) - cos[anchored.index(row.sku)])
+        n += 1
+    got = trainer.anchor_loss(emb, anchor_emb, idx)
+    assert got.item() == pytest.approx(expected / n, rel=1e-5)
+    only_anchors = idx[[r.extra["domain"] == "iconic" for r in trainer.rows_kept]]
+    assert trainer.anchor_loss(emb, anchor_emb, only_anchors).item() == 0.0
+
+
+def test_anchor_term_needs_two_anchored_products(tmp_path: Path, demo_rows) -> None:
+    from snapshop.train.trainer import NormSoftmaxTrainer
+
+    rows = _with_anchors([r for r in demo_rows if r.extra["split"] == "train"])
+    keep = rows[0].sku
+    rows = [r for r in rows if r.sku == keep or r.extra["domain"] != "iconic"]
+    config = _config(epochs=1, anchor_where=("domain=iconic",), anchor_weight=1.0)
+    with pytest.raises(ConfigError, match="1 training product"):
+        NormSoftmaxTrainer(rows, tmp_path / "m", config).setup()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", [True, False])
+def test_training_with_the_anchor_term(tmp_path: Path, demo_rows, cache: bool) -> None:
+    from snapshop.train.trainer import train
+
+    rows = _with_anchors([r for r in demo_rows if r.extra["split"] == "train"])
+    anchors = dict(anchor_where=("domain=iconic",), anchor_weight=1.0)
+    blocks = dict(train_blocks=1, cache=False) if not cache else {}
+    result = train(
+        rows, tmp_path / "a", _config(epochs=6, lr=0.01, **anchors, **blocks), export=False
+    )
+    terms = [h["anchor_loss"] for h in result.history]
+    assert terms[-1] < 0.7 * terms[0], terms
+    plain = train(rows, tmp_path / "p", _config(epochs=6, lr=0.01, **blocks), export=False)
+    assert all("anchor_loss" not in h for h in plain.history)
+    assert [h["loss"] for h in plain.history] != [h["loss"] for h in result.history]

@@ -712,6 +712,16 @@ def train(
             " see `snapshop resize-model`."
         ),
     ] = None,
+    anchor_where: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Anchor rows, COLUMN=VALUE (e.g. domain=iconic): with --anchor-weight, every"
+            " other row also learns to find its product's anchor among all products' anchors."
+        ),
+    ] = None,
+    anchor_weight: Annotated[
+        float, typer.Option(min=0.0, help="Weight of the anchor term (0: off).")
+    ] = 0.0,
 ) -> None:
     """Train a NormSoftmax embedder and export it (model.onnx + model.json) to OUT."""
     from snapshop.data.manifest import RowSelection
@@ -729,6 +739,7 @@ def train(
             scale=(min_crop, 1.0), catalog_domain=catalog_domain, catalog_piles=catalog_piles
         ),
         pooling=pooling, input_size=input_size, embed_size=embed_size,
+        anchor_where=tuple(anchor_where or ()), anchor_weight=anchor_weight,
     ))  # fmt: skip
     selection = RowSelection(
         tuple(train_where or ()), tuple(eval_where or ()), tuple(eval_gallery_where or ()),

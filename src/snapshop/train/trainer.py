@@ -15,6 +15,11 @@ eval-time centre crop plus augmented ones) and its outputs are kept (fp16, also 
 BatchNorm statistics stay frozen (eval mode) throughout; affine parameters train.
 Schedule: epoch 0 warms up the new parameters (head + proxies) only, then SGD (momentum 0.9)
 on everything trainable, lr x ``lr_decay`` every ``lr_step`` epochs.
+
+With ``anchor_weight > 0`` a second term trains the search the shop runs: each step embeds one
+view of every training product's *anchor* rows (``anchor_where``, e.g. its catalog image), and
+each other row of the batch must find its own product's anchor among all of them (the same
+cosine / temperature cross-entropy, the anchors' embeddings standing in for the proxies).
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from snapshop.data.manifest import ManifestRow, RowSelection, select_rows
+from snapshop.data.manifest import ManifestRow, RowSelection, matches, parse_where, select_rows
 from snapshop.errors import ConfigError
 from snapshop.models.export import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from snapshop.models.heads import POOLINGS, create_embedding_net
@@ -47,7 +53,7 @@ from snapshop.train.frozen import (
     readable_rows,
 )
 from snapshop.train.loop import EpochLoop, make_optimizer, resolve_device, seed_everything
-from snapshop.train.losses import DEFAULT_TEMPERATURE, NormSoftmaxLoss
+from snapshop.train.losses import DEFAULT_TEMPERATURE, NormSoftmaxLoss, normsoftmax_logits
 from snapshop.train.samplers import PKSampler
 
 log = logging.getLogger(__name__)
@@ -88,6 +94,9 @@ class TrainConfig:
     onnx_frozen: bool = True  # on the CPU, run the frozen part with ONNX Runtime
     pooling: str = "avg"  # global pool of the last feature map: avg or gem (models.heads)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # rows matching all these COLUMN=VALUE filters are their product's anchor (catalog image)
+    anchor_where: tuple[str, ...] = ()
+    anchor_weight: float = 0.0  # weight of the photo -> anchor term; 0: NormSoftmax alone
 
     def __post_init__(self) -> None:
         if self.cache is None:  # nothing is frozen when every block trains
@@ -118,10 +127,16 @@ class TrainConfig:
                 not (self.cache and self.train_blocks == -1),
                 "cannot cache features when the whole backbone trains (train_blocks=-1)",
             ),
+            (self.anchor_weight >= 0, f"anchor_weight must be >= 0, got {self.anchor_weight}"),
+            (
+                bool(self.anchor_where) == (self.anchor_weight > 0),
+                "anchor_where and anchor_weight > 0 go together (which rows, and how much)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        parse_where(list(self.anchor_where))  # a malformed filter fails here, not mid-setup
 
     @property
     def backbone_lr(self) -> float:
@@ -171,8 +186,6 @@ def held_out_scores(
     """The held-out score of training: ``photo_to_all`` (and ``photo_to_COLUMN=VALUE`` for
     ``gallery_where``), Recall@1/5/10 and mAP@R of the query rows against the gallery rows;
     ``vecs[i]`` embeds ``rows[i]``."""
-    from snapshop.data.manifest import matches
-
     metrics: dict[str, Any] = {}
     where = gallery_where
     protocols: dict[str, dict[str, str]] = {"all": {}} | ({"where": where} if where else {})
@@ -321,6 +334,30 @@ class NormSoftmaxTrainer(EpochLoop):
         self.batch = config.classes_per_batch * config.samples_per_class
         self.steps = max(1, math.ceil(len(self.rows_kept) / self.batch))
         self.augmented = AugmentedRows(self.rows_kept, self.size, config.augment)
+        self.anchors = self.find_anchors()
+
+    def find_anchors(self) -> list[NDArray[np.int64]]:
+        """Per product with anchor rows (in label order), the positions of those rows; empty
+        without ``anchor_weight``."""
+        if not self.config.anchor_weight:
+            return []
+        where = parse_where(list(self.config.anchor_where))
+        is_anchor = np.array([matches(r, where) for r in self.rows_kept], dtype=bool)
+        anchors = [
+            np.flatnonzero(is_anchor & (self.labels == label)) for label in range(len(self.classes))
+        ]
+        anchors = [a for a in anchors if len(a)]
+        if len(anchors) < 2:
+            raise ConfigError(
+                f"--anchor-where {' '.join(self.config.anchor_where)}: {len(anchors)} training"
+                " product(s) have an anchor row; the anchor term needs at least 2"
+            )
+        self.is_anchor = is_anchor
+        self.anchor_label = np.full(len(self.classes), -1, dtype=np.int64)
+        for n, positions in enumerate(anchors):
+            self.anchor_label[self.labels[positions[0]]] = n
+        log.info("anchor term: %d products, %d anchor rows", len(anchors), int(is_anchor.sum()))
+        return anchors
 
     # -- resume ----------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
@@ -373,6 +410,30 @@ class NormSoftmaxTrainer(EpochLoop):
             with torch.no_grad():
                 yield self.top.frozen(images.to(self.device, non_blocking=True)), idx
 
+    def anchor_inputs(self, rng: np.random.Generator, epoch: int, step: int) -> torch.Tensor:
+        """One frozen-part output per anchored product (a random anchor row, a random view)."""
+        picks = np.array([rng.choice(positions) for positions in self.anchors])
+        if self.train_feats is not None:
+            views = rng.integers(0, self.n_views, size=len(picks))
+            return self.train_feats[torch.from_numpy(picks), torch.from_numpy(views)]
+        base = ((self.config.seed * 1000 + epoch) * 10_000_019 + step) * 7 + 3
+        images = np.stack([self.augmented[(int(i), base + j)] for j, i in enumerate(picks)])
+        with torch.no_grad():
+            return self.top.frozen(torch.from_numpy(images).to(self.device))
+
+    def anchor_loss(
+        self, embeddings: torch.Tensor, anchor_embeddings: torch.Tensor, idx: NDArray[np.int64]
+    ) -> torch.Tensor:
+        """Cross-entropy of each non-anchor row against every anchor, its own product's the
+        target (zero when the batch has no such row)."""
+        targets = self.anchor_label[self.labels[idx]]
+        keep = torch.from_numpy((targets >= 0) & ~self.is_anchor[idx]).to(self.device)
+        if not bool(keep.any()):
+            return embeddings.sum() * 0
+        y = torch.from_numpy(targets).to(self.device)[keep]
+        logits = normsoftmax_logits(embeddings[keep], anchor_embeddings, self.config.temperature)
+        return F.cross_entropy(logits, y)
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         config = self.config
         warm = epoch < config.warmup_epochs
@@ -389,25 +450,33 @@ class NormSoftmaxTrainer(EpochLoop):
             self.steps,
             seed=config.seed * 1000 + epoch,
         )
+        # the anchors draw from their own generator: without them a run repeats exactly
+        anchor_rng = np.random.default_rng(config.seed * 1000 + epoch + 13)
         t_epoch = time.perf_counter()
-        losses = []
-        for x, idx in self.batches(sampler, epoch):
+        losses, anchor_losses = [], []
+        for step, (x, idx) in enumerate(self.batches(sampler, epoch)):
+            n_batch = len(idx)
+            if self.anchors:
+                x = torch.cat([x, self.anchor_inputs(anchor_rng, epoch, step).to(x.device)])
             x = x.to(self.device, torch.float32)
             if x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(self.labels[idx]).to(self.device)
             with torch.set_grad_enabled(True):
-                loss = self.loss_fn(self.top(x), y)
+                embeddings = self.top(x)
+                loss = self.loss_fn(embeddings[:n_batch], y)
+                if self.anchors:
+                    term = self.anchor_loss(embeddings[:n_batch], embeddings[n_batch:], idx)
+                    anchor_losses.append(float(term.detach()))
+                    loss = loss + config.anchor_weight * term
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             losses.append(float(loss.detach()))
-        return {
-            "warmup": warm,
-            "lr": lr,
-            "loss": float(np.mean(losses)),
-            "seconds": round(time.perf_counter() - t_epoch, 1),
-        }
+        record: dict[str, Any] = {"warmup": warm, "lr": lr, "loss": float(np.mean(losses))}
+        if anchor_losses:
+            record["anchor_loss"] = float(np.mean(anchor_losses))
+        return {**record, "seconds": round(time.perf_counter() - t_epoch, 1)}
 
     # -- evaluate --------------------------------------------------------------------------
     def evaluate(self, epoch: int) -> dict[str, Any]:
