@@ -158,7 +158,7 @@ def load_or_build_samples(
         BODY_CHANNELS if body else (),
     )
     trunk: Trunk | None = None
-    pose = BlazePose() if body else None
+    pose: BlazePose | None = None  # made only when features are computed here
     samples: list[Sample] | None = None
     if cache is not None and cache.exists():
         try:
@@ -174,6 +174,7 @@ def load_or_build_samples(
             log.info("%s holds other features; computing again", cache)
     if samples is None:
         trunk = Trunk(precision=TRAINING_PRECISION, spec=spec)
+        pose = BlazePose() if body else None
         samples = build_samples(pairs, table, long_side, trunk, pose)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -183,5 +184,6 @@ def load_or_build_samples(
                 pickle.dump((key, stored), fh, protocol=pickle.HIGHEST_PROTOCOL)
     if negatives:
         trunk = trunk or Trunk(precision=TRAINING_PRECISION, spec=spec)
+        pose = pose or (BlazePose() if body else None)
         samples = samples + synthetic_negatives(negatives, long_side, trunk, seed, pose)
     return samples
