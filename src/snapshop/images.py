@@ -13,13 +13,11 @@ one full-size bitmap) whatever the number of concurrent requests.
 
 from __future__ import annotations
 
-import ctypes
 import io
 import logging
 import math
 import numbers
 import os
-import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from snapshop.allocator import return_large_blocks
 from snapshop.errors import ImageDecodeError
 
 log = logging.getLogger(__name__)
@@ -105,28 +104,13 @@ def _default_decode_slots() -> int:
     return min(4, os.cpu_count() or 1)  # decoding is CPU-bound: more slots buy memory, not speed
 
 
-def _return_freed_bitmaps_to_the_system() -> None:
-    """Keep large buffers in memory maps that go back to the system when freed.
-
-    glibc raises its mmap threshold (up to 32 MiB) once a large block is freed, so the next
-    bitmaps (PIL allocates them in blocks of up to 16 MiB) come from per-thread heaps that
-    keep the memory after the image is gone: eight threads decoding in turn, two at a time,
-    ended up holding eight bitmaps (docs/benchmarks/reliability.md). A fixed threshold turns
-    that off; buffers under it are unaffected.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
-        log.debug("mallopt(M_MMAP_THRESHOLD) refused: freed bitmaps may stay resident")
-
-
-_M_MMAP_THRESHOLD = -3  # from <malloc.h>
+# glibc raises its mmap threshold (up to 32 MiB) once a large block is freed, so the next
+# bitmaps (PIL allocates them in blocks of up to 16 MiB) would come from per-thread heaps that
+# keep the memory after the image is gone: eight threads decoding in turn, two at a time, ended
+# up holding eight bitmaps (docs/benchmarks/reliability.md). A fixed threshold turns that off;
+# buffers under it are unaffected. Training turns memory maps off again (snapshop.allocator).
 MMAP_THRESHOLD = 1 << 20
-_return_freed_bitmaps_to_the_system()
+return_large_blocks(MMAP_THRESHOLD)
 _decode_slots = _default_decode_slots()
 _decode_gate = threading.BoundedSemaphore(_decode_slots)
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
+from snapshop.allocator import keep_freed_memory
 from snapshop.data.manifest import ManifestRow, RowSelection, matches, parse_where, select_rows
 from snapshop.errors import ConfigError
 from snapshop.models.export import MAX_INPUT_SIZE, MIN_INPUT_SIZE
@@ -557,7 +558,10 @@ def train(
     the training ones) are scored after every epoch; ``gallery_where`` adds a second protocol.
     Frozen features are cached in ``cache_dir`` (default ``out_dir/cache``), keyed by the
     images and the settings that change them, so runs that differ in head settings share them.
+    From here on, the process keeps the memory it frees
+    (:func:`snapshop.allocator.keep_freed_memory`).
     """
+    keep_freed_memory()
     t_start = time.perf_counter()
     trainer = NormSoftmaxTrainer(
         train_rows, out_dir, config, eval_rows, gallery_where, progress, cache_dir

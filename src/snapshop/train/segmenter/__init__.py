@@ -37,6 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from snapshop.allocator import keep_freed_memory
 from snapshop.data.ccp import list_images
 from snapshop.train.segmenter.config import (
     AUX_CLASSES,
@@ -92,6 +93,7 @@ def train_detector(run: DetectorTraining) -> dict[str, Any]:
     first trained here on the labelled photos alone, written with the prefix
     ``PREFIX + "teacher_"``) labels the tagged photos under their tags into the folder
     ``PREFIX + "pseudo_labels"``, then the model trains on both."""
+    keep_freed_memory()
     if run.tags is not None:
         run = replace(run, tags=None, teacher=None, pseudo_labels=label_tagged_photos(run))
     if isinstance(run.model, FinetuneConfig):
