@@ -8,7 +8,7 @@ docs/benchmarks/reliability.md).
 Training is the opposite case: the same large tensors are allocated and freed at every step.
 With a memory map per tensor, the kernel hands out and zeroes fresh pages for each one: 230,000
 page faults a second and a third of the CPU time of a 2-core machine, which made an epoch take
-2.9 times as long (docs/benchmarks/retrieval.md, "Training without page faults").
+1.9 times as long (docs/benchmarks/retrieval.md, "Training without page faults").
 :func:`keep_freed_memory` turns memory maps off for the rest of the process, so freed blocks
 are reused. The process then holds its peak memory, which a training run reaches in its
 first steps anyway. ``SNAPSHOP_KEEP_FREED_MEMORY=0`` keeps the serving policy in training too.
