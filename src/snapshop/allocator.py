@@ -11,7 +11,8 @@ page faults a second and a third of the CPU time of a 2-core machine, which made
 1.9 times as long (docs/benchmarks/retrieval.md, "Training without page faults").
 :func:`keep_freed_memory` turns memory maps off for the rest of the process, so freed blocks
 are reused. The process then holds its peak memory, which a training run reaches in its
-first steps anyway. ``SNAPSHOP_KEEP_FREED_MEMORY=0`` keeps the serving policy in training too.
+first steps anyway. ``SNAPSHOP_KEEP_FREED_MEMORY=0`` (or false, no) keeps the serving policy in
+training too.
 
 Both are no-ops where the C library is not glibc (or another allocator is preloaded: it
 ignores glibc's settings).
@@ -60,8 +61,17 @@ def return_large_blocks(threshold: int) -> bool:
 def keep_freed_memory() -> bool:
     """Serve every block from the heap and never give the heap back, so that freed blocks are
     reused instead of mapped and zeroed again (for training), unless
-    ``SNAPSHOP_KEEP_FREED_MEMORY=0``. Returns whether it was set."""
-    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1").strip() == "0":
+    ``SNAPSHOP_KEEP_FREED_MEMORY`` is 0 / false / no (1 / true / yes / unset: on; any other
+    value is a ConfigError). Returns whether it was set."""
+    from snapshop.data.sources import FALSE_WORDS, TRUE_WORDS
+    from snapshop.errors import ConfigError
+
+    word = os.environ.get(KEEP_FREED_MEMORY_ENV, "").strip().lower()
+    if word and word not in TRUE_WORDS and word not in FALSE_WORDS:
+        raise ConfigError(
+            f"${KEEP_FREED_MEMORY_ENV} must be one of 1, true, yes, 0, false, no; got {word!r}"
+        )
+    if word and word in FALSE_WORDS:  # unset or empty: on
         return False
     mallopt = _mallopt()
     if mallopt is None:
