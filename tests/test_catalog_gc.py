@@ -27,7 +27,7 @@ from catalog_helpers import (
 )
 from typer.testing import CliRunner
 
-from snapshop import api
+from snapshop import api, config
 from snapshop.catalog import blobs
 from snapshop.catalog.blobs import write_blob
 from snapshop.catalog.catalog import Catalog, open_catalog
@@ -95,7 +95,7 @@ def write_stale_temp(catalog_dir: Path, shard: str = "00") -> Path:
     """A temp file of a blob write interrupted before its rename (same naming as ingest)."""
     folder = catalog_dir / "blobs" / shard
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = blobs.make_temp(folder)
+    fd, tmp = config.make_temp(folder)
     with os.fdopen(fd, "wb") as fh:
         fh.write(b"\xff\xd8 half a jpeg")
     return tmp
@@ -502,22 +502,22 @@ def test_thumbnails_of_deleted_images_are_collected(tmp_path: Path) -> None:
 
 
 def test_temp_names_are_made_and_recognised_in_one_place(tmp_path: Path) -> None:
-    """GC recognises the temp files blobs.make_temp names (and those older versions left,
+    """GC recognises the temp files config.make_temp names (and those older versions left,
     which tempfile named the same way), and nothing else."""
-    fd, made = blobs.make_temp(tmp_path)
+    fd, made = config.make_temp(tmp_path)
     os.close(fd)
-    assert made.parent == tmp_path and blobs.is_temp_name(made.name)
-    assert blobs.is_temp_name("tmpab_c1234.tmp")  # as ingest's mkstemp named them before
+    assert made.parent == tmp_path and config.is_temp_name(made.name)
+    assert config.is_temp_name("tmpab_c1234.tmp")  # as ingest's mkstemp named them before
     for other in ("tmpab_c1234.tmp.jpg", "notes.tmp", "tmpABCDEFGH.tmp", "x" + made.name):
-        assert not blobs.is_temp_name(other), other
+        assert not config.is_temp_name(other), other
 
 
 def test_atomic_file_leaves_no_temp_behind(tmp_path: Path) -> None:
     target = tmp_path / "shard" / "file.bin"
-    with blobs.atomic_file(target) as fh:
+    with config.atomic_file(target) as fh:
         fh.write(b"whole")
     assert target.read_bytes() == b"whole"
-    with pytest.raises(RuntimeError), blobs.atomic_file(target) as fh:
+    with pytest.raises(RuntimeError), config.atomic_file(target) as fh:
         fh.write(b"torn")
         raise RuntimeError("interrupted")
     assert target.read_bytes() == b"whole"  # the old file, never a torn one

@@ -337,7 +337,6 @@ def test_folder_names_are_skus_and_checked(tmp_path: Path) -> None:
     assert [r.sku for r in read_folder_tree(tmp_path / "shop")] == ["Caf\u00e9"]
     (tmp_path / "shop" / "T1\u200b").mkdir()
     (tmp_path / "shop" / "T1\u200b" / "a.jpg").write_bytes(b"x")
-    with pytest.raises(CatalogError, match="U\\+200B"):
-        read_source(tmp_path / "shop")
-    with pytest.raises(ManifestError, match="U\\+200B"):
-        read_folder_tree(tmp_path / "shop")
+    for read in (read_source, read_folder_tree):  # a bad input, as a bad CSV row is
+        with pytest.raises(ManifestError, match="U\\+200B"):
+            read(tmp_path / "shop")

@@ -199,9 +199,48 @@ def test_verify_detects_modified_onnx(lite0_model_dir: Path, tmp_path: Path) -> 
     data = json.loads((model_dir / CARD_FILE).read_text())
     data["onnx_sha256"] = "0" * 64
     (model_dir / CARD_FILE).write_text(json.dumps(data))
-    Embedder(model_dir)  # loads without verification
-    with pytest.raises(ModelError, match="sha256"):
-        Embedder(model_dir, verify=True)
+    Embedder(model_dir, verify=False)  # loads when asked not to verify
+    with pytest.raises(ModelError, match="sha256 differs"):
+        Embedder(model_dir)  # verified by default: two embedding spaces under one model_id
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("input_size", "abc", "input_size"), ("input_size", 0, "input_size"),
+        ("input_size", 5000, "input_size"), ("input_size", True, "input_size"),
+        ("output_dim", "x", "output_dim"), ("output_dim", 0, "output_dim"),
+        ("normalisation", {}, "normalisation"),
+        ("normalisation", {"mean": 127.0, "std": 0}, "normalisation"),
+        ("normalisation", {"mean": float("nan"), "std": 1.0}, "normalisation"),
+        ("onnx_sha256", 5, "onnx_sha256"),
+    ],
+)  # fmt: skip
+def test_a_card_no_model_can_have_is_refused_on_read(
+    lite0_model_dir: Path, tmp_path: Path, field: str, value: object, message: str
+) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(lite0_model_dir, model_dir)
+    data = json.loads((model_dir / CARD_FILE).read_text())
+    data[field] = value
+    (model_dir / CARD_FILE).write_text(json.dumps(data))
+    with pytest.raises(ModelError, match=message) as info:
+        Embedder(model_dir, verify=False)
+    assert str(model_dir) in str(info.value)
+
+
+@pytest.mark.parametrize(("field", "value"), [("output_dim", 16), ("input_size", 256)])
+def test_a_card_that_disagrees_with_its_graph_is_refused(
+    lite0_model_dir: Path, tmp_path: Path, field: str, value: int
+) -> None:
+    """A card naming another dim would put vectors of the wrong length into a catalog."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(lite0_model_dir, model_dir)
+    data = json.loads((model_dir / CARD_FILE).read_text())
+    data[field] = value
+    (model_dir / CARD_FILE).write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="does not match the model card"):
+        Embedder(model_dir)
 
 
 def test_sessions_do_not_spin_unless_asked(

@@ -6,7 +6,9 @@ tests that write use their own skus, so they do not depend on each other's order
 
 from __future__ import annotations
 
+import hashlib
 import io
+import shutil
 import struct
 import threading
 import zlib
@@ -699,3 +701,60 @@ def test_packshot_upload_stores_the_whole_product_as_its_crop(client):
     best = r.json()["item_results"][0]["results"][0]
     assert best["sku"] == "pack-001" and best["score"] == pytest.approx(1.0, abs=1e-3)
     assert best["crop_box"] == pytest.approx([x1, y1, x2, y2])
+
+
+def test_concurrent_adds_of_one_new_sku_create_it_once(client):
+    """Whether a POST created its product is decided inside the write: of 6 racing uploads
+    of a new sku exactly one answers 201 / created, the rest 200."""
+    data = noise_jpeg((64, 80), seed=777)
+    answers: list[tuple[int, bool]] = []
+
+    def post() -> None:
+        files = [("images", ("r.jpg", data, "image/jpeg"))]
+        r = client.post("/v1/products", data={"sku": "race-1"}, files=files, headers=AUTH)
+        answers.append((r.status_code, r.json()["created"]))
+
+    threads = [threading.Thread(target=post) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(answers) == [(200, False)] * 5 + [(201, True)]
+    product = next(p for p in all_products(client, limit=50) if p["sku"] == "race-1")
+    assert len(product["images"]) == 1
+    assert client.delete(f"/v1/products/{product['id']}", headers=AUTH).status_code == 200
+
+
+def test_uploads_are_ingested_under_the_service_limits(catalog, tmp_path):
+    """The service may allow more pixels than ingest's defaults (50 Mpx): a photo it accepts
+    is stored, not refused by a second, stricter check."""
+    shutil.copytree(catalog[0], tmp_path / "cat")
+    settings = ServiceSettings(tmp_path / "cat", api_key=API_KEY, max_pixels=60_000_000)
+    buf = io.BytesIO()
+    Image.new("L", (7_800, 7_000), 128).save(buf, format="PNG")  # 54.6 Mpx, a small file
+    with TestClient(create_app(settings, detector=FixedGarmentDetector())) as c:
+        files = [("images", ("big.png", buf.getvalue(), "image/png"))]
+        r = c.post("/v1/products", data={"sku": "big-1"}, files=files, headers=AUTH)
+        assert r.status_code == 201, r.text
+        assert r.json()["added"] == 1 and r.json()["failed"] == []
+        assert r.json()["product"]["images"][0]["width"] == 7_800
+
+
+def test_uploading_a_stored_image_again_repairs_its_lost_or_damaged_copy(client, catalog):
+    data = noise_jpeg((64, 80), seed=4242)
+    files = [("images", ("x.jpg", data, "image/jpeg"))]
+    first = client.post("/v1/products", data={"sku": "repair-1"}, files=files, headers=AUTH)
+    image_id = first.json()["product"]["images"][0]["id"]
+    blob = next(catalog[0].glob(f"blobs/*/{hashlib.sha256(data).hexdigest()}.*"))
+    blob.write_bytes(data[:100])  # truncated: its thumbnail cannot be made
+    assert client.get(f"/v1/images/{image_id}/thumb").status_code == 500
+    again = client.post("/v1/products", data={"sku": "repair-1"}, files=files, headers=AUTH)
+    assert again.json()["skipped"] == 1 and again.json()["added"] == 0
+    assert blob.read_bytes() == data
+    assert client.get(f"/v1/images/{image_id}/thumb").status_code == 200
+    blob.unlink()  # lost
+    assert client.get(f"/v1/images/{image_id}").status_code == 404
+    client.post("/v1/products", data={"sku": "repair-1"}, files=files, headers=AUTH)
+    assert client.get(f"/v1/images/{image_id}").content == data
+    pid = first.json()["product"]["id"]
+    assert client.delete(f"/v1/products/{pid}", headers=AUTH).status_code == 200

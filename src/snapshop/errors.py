@@ -35,6 +35,11 @@ class VectorIndexError(CatalogError):
     code, the service's 400) handles these the same way; catch this to single them out."""
 
 
+class FieldError(CatalogError):
+    """A product field or attribute over a limit or of the wrong type: refused before anything
+    is written."""
+
+
 class StoredFileError(CatalogError):
     """A file the catalog stored itself (an image blob) is damaged: a server-side fault,
     never the caller's. ``path`` is the file, ``reason`` says what is wrong with it."""

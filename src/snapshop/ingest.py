@@ -8,15 +8,12 @@ at most the batch in flight; indexes are saved every few batches and reconciled 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import hashlib
 import logging
 import multiprocessing as mp
 import os
 import shutil
-import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -36,6 +33,7 @@ from snapshop.catalog.blobs import write_blob
 from snapshop.catalog.catalog import DB_FILE, LOCK_FILE, Catalog
 from snapshop.catalog.server import thumbnail_jpeg
 from snapshop.catalog.store import CatalogStore, NewCrop, Product, open_store
+from snapshop.catalog.write import CatalogWrite
 from snapshop.data.sources import CatalogRecord
 from snapshop.detect.base import (
     PRODUCT,
@@ -47,13 +45,14 @@ from snapshop.detect.base import (
     product_box,
     serial_if_needed,
 )
-from snapshop.errors import ImageDecodeError, IngestError
+from snapshop.errors import FieldError, ImageDecodeError, IngestError
 from snapshop.images import (
     DecodeLimits,
     load_image,
     original_size,
     scale_to_original,
 )
+from snapshop.lifetime import arm_parent_death_signal
 from snapshop.models.card import NORMALISATION
 from snapshop.models.embedder import Embedder, preprocess
 from snapshop.models.runtime import usable_cores
@@ -74,6 +73,7 @@ class IngestReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)
     products: set[str] = field(default_factory=set)
+    created: set[int] = field(default_factory=set)  # ids of the products this ingest inserted
     removed: int = 0
     seconds: float = 0.0
 
@@ -261,6 +261,17 @@ def _detect_crops(
     return out
 
 
+def _upsert_or_fail(write: CatalogWrite, record: CatalogRecord, report: IngestReport) -> int | None:
+    """The record's product, inserted or updated; None, and the record counted as failed,
+    when its fields with the stored ones break a limit (attributes merged over 20,000
+    characters, say): refused before any SQL runs, so the batch's other rows still commit."""
+    try:
+        return write.upsert_product(record.sku, **record.metadata)
+    except FieldError as exc:
+        report.failed.append((str(record.path), f"product {record.sku!r}: {exc}"))
+        return None
+
+
 def _metadata_changes(product: Product, metadata: dict[str, Any]) -> bool:
     """Whether upserting ``metadata`` would change ``product``."""
     for key, value in metadata.items():
@@ -322,7 +333,7 @@ class Ingestor:
         if updates:
             with self.catalog.writing() as write:  # metadata only: indexes unchanged
                 for record in updates:
-                    write.upsert_product(record.sku, **record.metadata)
+                    _upsert_or_fail(write, record, report)
 
     def commit(self, batch: Sequence[Embedded], report: IngestReport) -> None:
         """Write embedded images in one transaction: the one writer of every runner. An image
@@ -330,7 +341,9 @@ class Ingestor:
         # Vectors reach the indexes only after their rows committed (``Catalog.writing``).
         with self.catalog.writing() as write:
             for e in batch:
-                product_id = write.upsert_product(e.record.sku, **e.record.metadata)
+                product_id = _upsert_or_fail(write, e.record, report)
+                if product_id is None:
+                    continue
                 if write.find_image(product_id, e.sha256) is not None:
                     report.skipped += 1  # another writer added it since we looked
                     report.products.add(e.record.sku)
@@ -346,6 +359,7 @@ class Ingestor:
                 report.added += 1
                 report.crops += len(crop_ids)
                 report.products.add(e.record.sku)
+        report.created |= write.created_products  # committed
 
     def _blob_dir(self) -> Path | None:
         """Where image files go: the catalog's blob folder; None for a server catalog."""
@@ -549,7 +563,7 @@ class Ingestor:
             try:
                 data = record.read(self.limits)
             except ImageDecodeError:
-                unreadable.setdefault(record.sku, set()).add(str(record.path))
+                unreadable.setdefault(record.sku, set()).add(os.path.abspath(record.path))
                 continue
             wanted.setdefault(record.sku, set()).add(hashlib.sha256(data).hexdigest())
         stale: list[int] = []
@@ -561,11 +575,20 @@ class Ingestor:
             stale += [
                 im.id
                 for im in self.catalog.images_of(product.id)
-                if im.sha256 not in shas and im.source not in keep
+                if im.sha256 not in shas and not _may_be_listed(im.source, keep)
             ]
         if stale:
             self.catalog.remove_images(stale)
         return len(stale)
+
+
+def _may_be_listed(source: str, unreadable: set[str]) -> bool:
+    """Whether a stored image may be one of the listed files that cannot be read now: its
+    source is one of them, or a relative path (stored by an older version, relative to a
+    working directory unknown now) while any of them is unreadable."""
+    if not unreadable:
+        return False
+    return not os.path.isabs(source) or os.path.abspath(source) in unreadable
 
 
 def discard_empty_catalog(directory: Path, remove_directory: bool) -> bool:
@@ -629,6 +652,8 @@ def prepare(
     sha = hashlib.sha256(data).hexdigest()
     product = known.find_product(record.sku)
     if product is not None and known.has_image(product.id, sha):
+        if blob_dir is not None:  # a stored copy lost or damaged since is stored again
+            write_blob(blob_dir, sha, data)
         return record
     fresh = Fresh(record, sha, data)
     return finish(job, fresh, blob_dir) if job.decode else fresh
@@ -672,7 +697,6 @@ def decode(
 
 # --- decode workers (issue #6) ------------------------------------------------------------------
 _worker_stores: dict[str, CatalogStore] = {}
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _PARENT_POLL_SECONDS = 0.5
 
 
@@ -695,13 +719,7 @@ def _worker_init(parent_pid: int) -> None:
     pool starts workers from the thread that runs the ingest, which outlives the pool);
     elsewhere, and as a second line, a thread polls the parent's pid.
     """
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-                log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-        except (OSError, AttributeError) as exc:
-            log.debug("no parent-death signal (%s): the watchdog alone applies", exc)
+    arm_parent_death_signal()
     if os.getppid() != parent_pid:  # the parent died before the signal was armed
         os._exit(1)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True,

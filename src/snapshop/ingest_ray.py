@@ -22,8 +22,9 @@ import pickle
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -335,10 +336,12 @@ def ray_connection(config: RayConfig) -> Iterator[_Watchdog | None]:
     watchdog = None
     if config.address == LOCAL:
         watchdog = _Watchdog.start()
-        ray.init(
-            address="local", num_cpus=config.cpus or usable_cores(), include_dashboard=False,
-            object_store_memory=config.object_store_mb << 20, **quiet,
-        )  # fmt: skip
+        with watchdog.watching() if watchdog is not None else nullcontext():
+            ray.init(
+                address="local", num_cpus=config.cpus or usable_cores(),
+                include_dashboard=False, object_store_memory=config.object_store_mb << 20,
+                **quiet,
+            )  # fmt: skip
     else:
         address = os.environ.get("RAY_ADDRESS") if config.address == AUTO else config.address
         try:
@@ -378,9 +381,13 @@ for pid, start in targets:
 
 
 class _Watchdog:
+    # While ray.init runs: how often the processes it has started so far are told about.
+    POLL_SECONDS = 0.1
+
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.proc = proc
         self.told: set[int] = set()
+        self._lock = threading.Lock()
 
     @classmethod
     def start(cls) -> _Watchdog | None:
@@ -396,11 +403,36 @@ class _Watchdog:
     def watch_descendants(self) -> None:
         """Tell the watchdog about every process below this one it has not heard of."""
         assert self.proc.stdin is not None
-        for pid, start in _descendants(os.getpid()):
-            if pid not in self.told and pid != self.proc.pid:
-                self.proc.stdin.write(f"{pid} {start}\n")
-                self.told.add(pid)
-        self.proc.stdin.flush()
+        with self._lock:
+            for pid, start in _descendants(os.getpid()):
+                if pid not in self.told and pid != self.proc.pid:
+                    self.proc.stdin.write(f"{pid} {start}\n")
+                    self.told.add(pid)
+            self.proc.stdin.flush()
+
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        """Tell the watchdog about new processes every :attr:`POLL_SECONDS` in the block.
+
+        ray.init takes seconds to start the raylet and its agents; told about them only once
+        it returned, the watchdog missed every one when this process died during it (the
+        agents stayed a minute, until they noticed the raylet gone)."""
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(self.POLL_SECONDS):
+                try:
+                    self.watch_descendants()
+                except (OSError, ValueError):  # the watchdog is gone: nothing more to tell
+                    return
+
+        thread = threading.Thread(target=poll, daemon=True, name="snapshop-ray-watch")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def disarm(self) -> None:
         assert self.proc.stdin is not None

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.catalog.catalog import IMAGES, Catalog, index_name
+from snapshop.config import make_temp
 from snapshop.index.filtering import IdFilter
 from snapshop.index.flat import FlatIndex
 from snapshop.models.embedder import unit_rows
@@ -314,13 +313,30 @@ class ProductVectors:
                     groups[name] = _Group(*(data[f"{name}.{field}"] for field in
                                             ("entry_ids", "entry_owner", "product_ids",
                                              "vectors")))  # fmt: skip
-                    if groups[name].vectors.shape != (len(groups[name].product_ids), self.dim):
-                        raise ValueError(f"{name}: vectors do not match their products")
+                    self._check_group(name, groups[name])
                 generation = int(data["generation"])
         except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
             log.warning("%s: unusable product-vector cache (%s), recomputing", self.path, exc)
             return
         self._groups, self._generation = groups, generation
+
+    def _check_group(self, name: str, group: _Group) -> None:
+        """Raise ValueError unless ``group`` is what :meth:`_save` writes: reconciliation and
+        search trust it (sorted unique ids, one finite vector per product)."""
+        ids, owners, products, vectors = (group.entry_ids, group.entry_owner,
+                                          group.product_ids, group.vectors)  # fmt: skip
+        if not (ids.dtype == owners.dtype == products.dtype == np.int64) or (
+            vectors.dtype != np.float32
+        ):
+            raise ValueError(f"{name}: unexpected array types")
+        if ids.ndim != 1 or owners.shape != ids.shape or products.ndim != 1:
+            raise ValueError(f"{name}: entries do not match their products")
+        if vectors.shape != (len(products), self.dim):
+            raise ValueError(f"{name}: vectors do not match their products")
+        if (ids[1:] <= ids[:-1]).any() or (products[1:] <= products[:-1]).any():
+            raise ValueError(f"{name}: ids not sorted and unique")
+        if not np.isfinite(vectors).all():
+            raise ValueError(f"{name}: vectors contain NaN or infinity")
 
     def _save(self) -> None:
         if self.path is None:
@@ -337,15 +353,15 @@ class ProductVectors:
             arrays[f"{name}.product_ids"] = group.product_ids
             arrays[f"{name}.vectors"] = group.vectors
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".npz.tmp")
+        fd, tmp = make_temp(self.path.parent, ".npz")
         try:
             with os.fdopen(fd, "wb") as fh:
                 # numpy's stub reads **arrays as possibly holding allow_pickle: bool
                 np.savez(fh, **arrays)  # type: ignore[arg-type]
                 fh.flush()
                 os.fsync(fh.fileno())
-            Path(tmp).replace(self.path)
+            tmp.replace(self.path)
         except OSError as exc:  # a read-only catalog still gets its vectors, only not cached
             log.warning("%s: cannot save the product-vector cache (%s)", self.path, exc)
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)

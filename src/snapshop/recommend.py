@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.catalog.catalog import Catalog
+from snapshop.config import atomic_file
 from snapshop.errors import ConfigError
 from snapshop.product_vectors import ProductVectors
 from snapshop.search import MAX_K
@@ -124,15 +124,8 @@ class _Progress:
         return data
 
     def write(self, data: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            Path(tmp).replace(self.path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_file(self.path, sync=True) as fh:
+            fh.write(json.dumps(data).encode())
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

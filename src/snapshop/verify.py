@@ -28,9 +28,10 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from snapshop.catalog.blobs import LOCAL_FEATURES, atomic_file, blob_file
+from snapshop.catalog.blobs import LOCAL_FEATURES, blob_file
 from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import ImageRow
+from snapshop.config import atomic_file
 from snapshop.errors import ConfigError, NotFoundError, SnapshopError
 from snapshop.images import load_image, stored_file_limits
 

@@ -1,7 +1,10 @@
 """Blob files: the content-addressed image copies under ``DIR/blobs``, the caches derived from
 them (thumbnails), and their garbage collection. The one module that names these files: blob
-paths (:func:`write_blob`, :func:`blob_file`), temp files (:func:`make_temp`,
-:func:`is_temp_name`, :func:`atomic_file`) and derived caches (:data:`DERIVED_CACHES`).
+paths (:func:`write_blob`, :func:`blob_file`) and derived caches (:data:`DERIVED_CACHES`);
+temp files are ``snapshop.config``'s (``make_temp``, ``atomic_file``), where the index
+backends below the catalog make theirs too.
+Garbage collection also takes the temp files interrupted writes left beside the catalog's
+card, its index files (``DIR/index``) and its derived caches.
 
 Ingest writes ``blobs/ab/<sha256><suffix>`` (:func:`write_blob`: temp file + rename)
 *before* the transaction that commits the rows naming it, outside the catalog write lock. So
@@ -27,31 +30,27 @@ import logging
 import os
 import re
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from snapshop.catalog.store import CatalogStore
+from snapshop.config import atomic_file, is_temp_name
 from snapshop.errors import ConfigError
 from snapshop.images import sniff_format
 
 log = logging.getLogger(__name__)
 
 BLOB_DIR = "blobs"
+INDEX_DIR = "index"  # the index files and their cards, product vectors
 DEFAULT_GRACE_SECONDS = 3600.0
 SHARD_NAME = re.compile(r"[0-9a-f]{2}")
 BLOB_NAME = re.compile(r"(?P<sha256>[0-9a-f]{64})\.[a-z0-9]{1,8}")
 FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif",
                  "BMP": ".bmp", "TIFF": ".tif"}  # fmt: skip
-# Temp files of interrupted writes are recognised by name: ``make_temp`` names them
-# TEMP_PREFIX + tempfile's 8 random characters ([a-z0-9_]) + TEMP_SUFFIX, as every earlier
-# version did, so leftovers of older writes are still collected.
-TEMP_PREFIX, TEMP_SUFFIX = "tmp", ".tmp"
-TEMP_NAME = re.compile(rf"{TEMP_PREFIX}[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
 
 
 @dataclass(frozen=True)
@@ -90,14 +89,15 @@ THUMB_DIR = THUMBNAILS.folder
 
 @dataclass(frozen=True)
 class GcReport:
-    """What one garbage collection over a catalog's blob directory found and did."""
+    """What one garbage collection over a catalog's blob directory (and the temp files beside
+    its card, index files and derived caches) found and did."""
 
     dry_run: bool
     grace_seconds: float
     files_scanned: int  # blob and temp files looked at (other files are never touched)
     orphans_found: int  # unreferenced blobs older than the grace period
     orphans_removed: int
-    temp_files_found: int  # leftovers of interrupted blob writes, older than the grace period
+    temp_files_found: int  # of interrupted writes (blobs, indexes, cards), past the grace period
     temp_files_removed: int
     young_files_kept: int  # unreferenced or temp, but within the grace period: maybe in flight
     reclaimable_bytes: int  # size of what was found (orphans + temp files)
@@ -126,32 +126,6 @@ def _now() -> float:
     return time.time()
 
 
-def make_temp(folder: Path) -> tuple[int, Path]:
-    """A new temp file in ``folder`` (open descriptor, path), named so that garbage
-    collection recognises it (:func:`is_temp_name`) if the write is interrupted."""
-    fd, name = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
-    return fd, Path(name)
-
-
-def is_temp_name(name: str) -> bool:
-    """Whether ``name`` is one :func:`make_temp` makes."""
-    return TEMP_NAME.fullmatch(name) is not None
-
-
-@contextmanager
-def atomic_file(target: Path) -> Iterator[IO[bytes]]:
-    """Write ``target`` through a temp file beside it, renamed into place when the block
-    ends: readers see the old file or the whole new one, never a torn one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = make_temp(target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def blob_relative(sha256: str, suffix: str) -> str:
     """A blob's path relative to the catalog directory (what image rows store)."""
     return str(Path(BLOB_DIR) / sha256[:2] / f"{sha256}{suffix}")
@@ -159,14 +133,17 @@ def blob_relative(sha256: str, suffix: str) -> str:
 
 def write_blob(blob_dir: Path, sha256: str, data: bytes) -> str:
     """Store ``data`` content-addressed under ``blob_dir`` (the catalog's ``blobs``); returns
-    the path relative to the catalog."""
+    the path relative to the catalog. A stored file of another size (truncated, say) is
+    written again: its name says what it must hold."""
     relative = blob_relative(sha256, FORMAT_SUFFIX.get(sniff_format(data) or "", ".bin"))
     target = blob_dir.parent / relative
     try:
-        # Reusing a stored file: make it young again, so garbage collection (which spares files
-        # younger than its grace period) cannot take it before this ingest commits its row.
-        os.utime(target)
-        return relative
+        if target.stat().st_size == len(data):
+            # Reusing a stored file: make it young again, so garbage collection (which spares
+            # files younger than its grace period) cannot take it before this ingest commits.
+            os.utime(target)
+            return relative
+        log.warning("stored %s holds the wrong number of bytes: writing it again", relative)
     except FileNotFoundError:
         pass  # not stored yet (or collected a moment ago): write it
     except OSError as exc:  # stored, but not ours to touch (e.g. another user's file): use it
@@ -239,9 +216,10 @@ def collect_garbage(
     dry_run: bool = False,
     min_age_seconds: float = DEFAULT_GRACE_SECONDS,
 ) -> GcReport:
-    """Remove blob files no image row references, and temp files of interrupted blob writes,
-    that are older than ``min_age_seconds``. See the module docstring for why it is safe
-    against concurrent ingests. Files that do not look like blobs, and symlinks, are ignored."""
+    """Remove blob files no image row references, and temp files of interrupted writes (of
+    blobs, index files, cards, derived caches), that are older than ``min_age_seconds``. See
+    the module docstring for why it is safe against concurrent ingests. Files that do not
+    look like blobs or temp files, and symlinks, are ignored."""
     if not min_age_seconds >= 0:  # also rejects NaN
         raise ConfigError(f"grace period must be >= 0 seconds, got {min_age_seconds}")
     cutoff = _now() - min_age_seconds
@@ -252,6 +230,8 @@ def collect_garbage(
     )  # fmt: skip
     for prefix in (f"{i:02x}" for i in range(256)):  # every shard, so missing ones count too
         _collect_shard(catalog_dir, prefix, store, write_lock, cutoff, dry_run, counts)
+    for folder in _temp_folders(catalog_dir):
+        _collect_temp_files(folder, write_lock, cutoff, dry_run, counts)
     counts.update(_collect_thumbnails(catalog_dir, store, dry_run))
     report = GcReport(dry_run=dry_run, grace_seconds=float(min_age_seconds), **counts)
     if report.missing_blobs:
@@ -284,6 +264,66 @@ def _collect_thumbnails(catalog_dir: Path, store: CatalogStore, dry_run: bool) -
                         entry.unlink(missing_ok=True)
                         removed += 1
     return {"stale_thumbnails": found, "thumbnails_removed": removed}
+
+
+def _temp_folders(catalog_dir: Path) -> Iterator[Path]:
+    """The folders besides blob shards where atomic writes make their temp files: the
+    catalog's own (its card), its index files', and each derived cache's shards. Symlinked
+    folders are never followed."""
+
+    def real_dir(path: Path) -> bool:
+        return path.is_dir() and not path.is_symlink()
+
+    yield catalog_dir
+    if real_dir(catalog_dir / INDEX_DIR):
+        yield catalog_dir / INDEX_DIR
+    for cache in DERIVED_CACHES:
+        root = catalog_dir / cache.folder
+        if not real_dir(root):
+            continue
+        for variant in sorted(root.iterdir()):
+            if variant.name.isdigit() and real_dir(variant):
+                yield from (shard for shard in sorted(variant.iterdir()) if real_dir(shard))
+
+
+def _collect_temp_files(
+    folder: Path,
+    write_lock: Callable[[], AbstractContextManager[None]],
+    cutoff: float,
+    dry_run: bool,
+    counts: dict[str, int],
+) -> None:
+    """Remove the temp files in ``folder`` older than ``cutoff``; younger ones may be writes
+    in flight (an index save of a large catalog takes minutes)."""
+    old: list[_Candidate] = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not is_temp_name(entry.name) or not entry.is_file(follow_symlinks=False):
+                continue
+            counts["files_scanned"] += 1
+            st = entry.stat(follow_symlinks=False)
+            if file_age_stamp(st) > cutoff:
+                counts["young_files_kept"] += 1
+                continue
+            old.append(_Candidate(Path(entry.path), None, st.st_size))
+            counts["temp_files_found"] += 1
+            counts["reclaimable_bytes"] += st.st_size
+    if dry_run or not old:
+        return
+    with write_lock():  # index files are saved under it: none is half-written while we look
+        for c in old:
+            current = _regular_file(c.path)
+            if current is None or file_age_stamp(current) > cutoff:
+                continue  # gone, or written to since the scan
+            try:
+                c.path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("could not remove %s (%s)", c.path, exc)
+                continue
+            counts["temp_files_removed"] += 1
+            counts["bytes_freed"] += current.st_size
 
 
 def _collect_shard(

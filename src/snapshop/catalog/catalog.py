@@ -32,6 +32,7 @@ from numpy.typing import NDArray
 from snapshop.catalog.blobs import (
     BLOB_DIR,
     DEFAULT_GRACE_SECONDS,
+    INDEX_DIR,
     GcReport,
     collect_garbage,
     free_unreferenced_blobs,
@@ -39,7 +40,7 @@ from snapshop.catalog.blobs import (
 from snapshop.catalog.card import CatalogCard, read_card, write_card
 from snapshop.catalog.store import MAX_ROW_ID, CatalogStore, CropRow, ImageRow, Product
 from snapshop.catalog.write import CatalogWrite
-from snapshop.config import write_json
+from snapshop.config import is_temp_name, write_json
 from snapshop.detect.base import CROP_MODES, DEFAULT_CROP_MODE
 from snapshop.errors import CatalogError, ConfigError, ModelError, NotFoundError
 from snapshop.index import VectorIndex, create_index, load_index, save_index
@@ -58,7 +59,8 @@ log = logging.getLogger(__name__)
 CARD_FILE = "catalog.json"
 DB_FILE = "catalog.sqlite"
 LOCK_FILE = "write.lock"
-# What a process creating a catalog writes before it lets go of the lock.
+# What a process creating a catalog writes before it lets go of the lock (and the card's
+# temp file, by ``is_temp_name``; earlier versions named it catalog.json.tmp).
 _CREATING = frozenset({DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal",
                        CARD_FILE, f"{CARD_FILE}.tmp"})  # fmt: skip
 IMAGES = "images"
@@ -210,7 +212,7 @@ class Catalog:
         return self.directory / BLOB_DIR
 
     def index_path(self, name: str) -> Path:
-        return self.directory / "index" / f"{name}.faiss"
+        return self.directory / INDEX_DIR / f"{name}.faiss"
 
     # --- locking ----------------------------------------------------------------------
     @contextmanager
@@ -248,7 +250,7 @@ class Catalog:
         indexes are not saved here: call :meth:`save_indexes` when it is time."""
         with self.write_lock():
             with self.store.transaction() as db:
-                write = CatalogWrite(self.store, db)
+                write = CatalogWrite(self.store, db, dim=self.dim)
                 yield write
             before = self.store.last_commit()
             self.remove_vectors(write.removed_images, write.removed_crops)
@@ -333,9 +335,12 @@ class Catalog:
         (recall@10, latency, memory) into its card (``measure``: False skips that).
 
         Takes the write lock (re-entrant), so no other writer commits between the two steps.
+        The card is re-read under it first: indexes of a kind another process has replaced
+        since (``catalog reindex``, ``index --index-kind``) are never written back, nor those
+        of a kind ``auto`` no longer resolves to (see :meth:`_adopt_index_kind`).
         """
         with self.write_lock():
-            self.refresh()
+            self.refresh(force=self._adopt_index_kind())
             generation = self._generation
             for name, index in self.indexes.items():
                 path = self.index_path(name)
@@ -346,6 +351,38 @@ class Catalog:
                     write_json(card_path(path), {**index.info(),
                                                  **self._card_extra(name, generation)})  # fmt: skip
             self._generation = generation
+
+    def _adopt_index_kind(self) -> bool:
+        """Before a save, under the write lock: take the stored card's index kind and
+        parameters if another process changed them since this one read the card (with the
+        indexes that process saved), and for ``auto`` the kind the catalog's size now calls
+        for, so that the files saved are the kind the next open resolves (a reader never
+        saves: it would rebuild them in memory on every open). Returns True if the indexes
+        were replaced (they then need a forced refresh)."""
+        stored = read_card(self.directory / CARD_FILE)
+        card_changed = (stored.index_kind, stored.index_params) != (
+            self.card.index_kind,
+            self.card.index_params,
+        )
+        if card_changed:
+            self.card = self.card.replace(index_kind=stored.index_kind,
+                                          index_params=stored.index_params)  # fmt: skip
+        elif self.card.index_kind != AUTO:
+            return False
+        kind, params = self._resolve_index_kind()
+        # Grown with the same kind, ``auto``'s parameters may differ; an open keeps the saved
+        # index of that kind too, so only a new kind or changed card parameters rebuild.
+        if kind == self.index_kind and (not card_changed or params == self.index_params):
+            return False
+        log.info("catalog %s: index kind %s -> %s (%s)", self.location, self.index_kind, kind,
+                 "changed by another process" if card_changed else "the catalog grew")  # fmt: skip
+        self.index_kind, self.index_params = kind, params
+        self.measured = {}
+        old, self.indexes = self.indexes, {}
+        for name in old:
+            self.indexes[name] = self._load_or_create(name)
+        _close_indexes(self.location, old)
+        return True
 
     def _card_extra(self, name: str, generation: int) -> dict[str, Any]:
         extra: dict[str, Any] = {"generation": generation, "name": name, "model_id": self.model_id}
@@ -592,16 +629,7 @@ class Catalog:
         Idempotent; one client failing to close does not keep the others open."""
         with self._lock:
             indexes, self.indexes = self.indexes, {}
-            for name, index in indexes.items():
-                close = getattr(index, "close", None)
-                if close is None:
-                    continue
-                try:
-                    close()
-                except Exception as exc:  # closing must not hide the caller's own error
-                    log.warning(
-                        "index %s of %s did not close cleanly (%s)", name, self.location, exc
-                    )
+            _close_indexes(self.location, indexes)
             self._owner_cache.clear()
             self.store.close()
 
@@ -610,6 +638,19 @@ class Catalog:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _close_indexes(location: str, indexes: dict[str, VectorIndex]) -> None:
+    """Close the index clients among ``indexes`` (a pgvector connection, a Milvus client);
+    one failing to close does not keep the others open."""
+    for name, index in indexes.items():
+        close = getattr(index, "close", None)
+        if close is None:
+            continue
+        try:
+            close()
+        except Exception as exc:  # closing must not hide the caller's own error
+            log.warning("index %s of %s did not close cleanly (%s)", name, location, exc)
 
 
 def create_catalog(
@@ -645,7 +686,7 @@ def create_catalog(
     directory.mkdir(parents=True, exist_ok=True)
     # Checked before the lock file is made too, so a folder of other files is left as it was
     # (a catalog another process is creating here now passes, and is waited for below).
-    _check_empty(directory, also_allowed=_CREATING)
+    _check_empty(directory, creating=True)
     # Creation holds the write lock, so of two processes creating one catalog at once the
     # second sees the first one's card ("already exists") rather than a half-made directory.
     with open(directory / LOCK_FILE, "a+") as fh:
@@ -656,9 +697,14 @@ def create_catalog(
         return _create(directory, model_id, model_ref, dim, index_kind, index_params)
 
 
-def _check_empty(directory: Path, also_allowed: frozenset[str] = frozenset()) -> None:
-    allowed = {".DS_Store", LOCK_FILE, *also_allowed}
-    if any(p.name not in allowed for p in directory.iterdir()):
+def _check_empty(directory: Path, creating: bool = False) -> None:
+    """CatalogError unless ``directory`` is empty (``creating``: but for what a process
+    creating a catalog there writes)."""
+    allowed = {".DS_Store", LOCK_FILE, *(_CREATING if creating else ())}
+    if any(
+        p.name not in allowed and not (creating and is_temp_name(p.name))
+        for p in directory.iterdir()
+    ):
         raise CatalogError(f"{directory}: directory is not empty and holds no catalog")
 
 

@@ -2,7 +2,8 @@
 
 The CSV and folder readers, the HTTP API (form fields and JSON bodies), the Python API and the
 store itself all call these functions, so a value refused by one is refused by all, with the
-same message. Every refusal is a :class:`CatalogError` (an HTTP 400, a CLI error line).
+same message. Every refusal is a :class:`FieldError`, a CatalogError (an HTTP 400, a CLI
+error line).
 
 - **skus** are normalised to NFC and stripped; control, format, private-use, unassigned,
   surrogate and separator characters other than the plain space are refused, so ``T1`` and
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from snapshop.errors import CatalogError
+from snapshop.errors import FieldError
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +89,19 @@ def lookup_sku(sku: object) -> str:
 
 
 def normalise_sku(sku: object) -> str:
-    """``sku`` as stored (NFC, stripped), or CatalogError if no product may have it."""
+    """``sku`` as stored (NFC, stripped), or FieldError if no product may have it."""
     if not isinstance(sku, str):
-        raise CatalogError(f"product id (sku) must be text, got {type(sku).__name__}")
+        raise FieldError(f"product id (sku) must be text, got {type(sku).__name__}")
     sku = lookup_sku(sku)
     if not sku:
-        raise CatalogError("product id (sku) must not be empty")
+        raise FieldError("product id (sku) must not be empty")
     if len(sku) > LIMITS.sku:
-        raise CatalogError(
+        raise FieldError(
             f"product id (sku) {_preview(sku)}... is {len(sku)} characters, limit {LIMITS.sku}"
         )
     for ch in sku:
         if unicodedata.category(ch) in _SKU_REFUSED_CATEGORIES and ch != " ":
-            raise CatalogError(
+            raise FieldError(
                 f"product id (sku) {_preview(sku)} contains {_describe(ch)}: control characters,"
                 " invisible (format) characters and separators other than a plain space are"
                 " not allowed in skus"
@@ -109,15 +110,15 @@ def normalise_sku(sku: object) -> str:
 
 
 def check_text(name: str, value: object) -> str:
-    """``value`` of text field ``name`` (title, url, currency, category), or CatalogError."""
+    """``value`` of text field ``name`` (title, url, currency, category), or FieldError."""
     if not isinstance(value, str):
-        raise CatalogError(f"product {name} must be text, got {type(value).__name__}")
+        raise FieldError(f"product {name} must be text, got {type(value).__name__}")
     limit = getattr(LIMITS, name)
     if len(value) > limit:
-        raise CatalogError(f"product {name} is {len(value)} characters, limit {limit}")
+        raise FieldError(f"product {name} is {len(value)} characters, limit {limit}")
     bad = _first_refused_text_char(value)
     if bad is not None:
-        raise CatalogError(
+        raise FieldError(
             f"product {name} {_preview(value)} contains {_describe(bad)}: control characters"
             " (tabs and line breaks included) and bidi overrides are not allowed"
         )
@@ -131,20 +132,20 @@ def check_product_url(url: str) -> str:
     if url == "":
         return url
     if any(ch.isspace() for ch in url):
-        raise CatalogError(f"product url {_preview(url)} contains spaces or control characters")
+        raise FieldError(f"product url {_preview(url)} contains spaces or control characters")
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        raise CatalogError(f"product url {_preview(url)} must be an http:// or https:// address")
+        raise FieldError(f"product url {_preview(url)} must be an http:// or https:// address")
     return url
 
 
 def check_price(value: object) -> float:
     """A price: a finite number >= 0 (a bool is not a number here)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise CatalogError(f"product price must be a number, got {type(value).__name__}")
+        raise FieldError(f"product price must be a number, got {type(value).__name__}")
     price = float(value)
     if not math.isfinite(price) or price < 0:
-        raise CatalogError(f"product price {value!r} must be a finite number >= 0")
+        raise FieldError(f"product price {value!r} must be a finite number >= 0")
     return price
 
 
@@ -189,15 +190,15 @@ def _compact_json(value: Any) -> str:
 
 
 def check_attributes(value: object) -> dict[str, Any]:
-    """``value`` if it may be stored as a product's attributes, or CatalogError."""
+    """``value`` if it may be stored as a product's attributes, or FieldError."""
     if not isinstance(value, dict):
-        raise CatalogError(f"product attributes must be a JSON object, got {type(value).__name__}")
+        raise FieldError(f"product attributes must be a JSON object, got {type(value).__name__}")
     problem = _attribute_problem(value, 1, LIMITS.attributes_depth)
     if problem:
-        raise CatalogError(f"product attributes must be plain JSON values: {problem}")
+        raise FieldError(f"product attributes must be plain JSON values: {problem}")
     size = len(_compact_json(value))
     if size > LIMITS.attributes_chars:
-        raise CatalogError(
+        raise FieldError(
             f"product attributes are {size} characters as JSON, limit {LIMITS.attributes_chars}"
         )
     return value
@@ -226,22 +227,20 @@ def parse_attributes(text: str) -> dict[str, Any]:
     """Attributes sent as JSON text (a form field, a CSV cell): checked before and after
     parsing, so no text makes the parser recurse too deep or convert a huge integer."""
     if len(text) > LIMITS.attributes_chars:
-        raise CatalogError(
-            f"attributes are {len(text)} characters, limit {LIMITS.attributes_chars}"
-        )
+        raise FieldError(f"attributes are {len(text)} characters, limit {LIMITS.attributes_chars}")
     if json_nesting(text) > LIMITS.attributes_depth:
-        raise CatalogError(
+        raise FieldError(
             f"product attributes must be plain JSON values: nested deeper than"
             f" {LIMITS.attributes_depth} levels"
         )
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CatalogError(f"attributes is not valid JSON ({exc.msg})") from None
+        raise FieldError(f"attributes is not valid JSON ({exc.msg})") from None
     except (ValueError, RecursionError) as exc:  # e.g. an integer beyond Python's digit limit
-        raise CatalogError(f"attributes is not valid JSON ({exc})") from None
+        raise FieldError(f"attributes is not valid JSON ({exc})") from None
     if not isinstance(value, dict):
-        raise CatalogError("attributes must be a JSON object")
+        raise FieldError("attributes must be a JSON object")
     return check_attributes(value)
 
 
@@ -302,5 +301,5 @@ def check_product_fields(fields: dict[str, Any]) -> dict[str, Any]:
         elif name == "attributes":
             out[name] = check_attributes(value)
         else:
-            raise CatalogError(f"unknown product field {name!r}")
+            raise FieldError(f"unknown product field {name!r}")
     return out

@@ -22,7 +22,7 @@ import numpy as np
 
 from snapshop.catalog.blobs import blob_file
 from snapshop.catalog.catalog import Catalog, catalog_exists, create_catalog, open_catalog
-from snapshop.catalog.server import thumbnail_jpeg
+from snapshop.catalog.server import SERVER_INDEX_KINDS, is_server_target, thumbnail_jpeg
 from snapshop.catalog.store import ImageRow, NewCrop, Product
 from snapshop.catalog.write import CatalogWrite
 from snapshop.errors import CatalogError, ImageDecodeError
@@ -93,11 +93,26 @@ def _open_target(src: Catalog, target: Target) -> Catalog:
                 f"{dst.location} holds vectors of model {dst.model_id} (dim {dst.dim}), the"
                 f" source {src.model_id} (dim {src.dim}): they cannot share a catalog"
             )
+        # Crops and views made another way would mix in one index with the source's.
+        mine = (src.crop_mode, src.card.detector, src.catalog_views)
+        theirs = (dst.crop_mode, dst.card.detector, dst.catalog_views)
+        differ = [f"{name} {a!r} here, {b!r} in the source"
+                  for name, b, a in zip(("crop_mode", "detector", "catalog_views"), mine, theirs,
+                                        strict=True)
+                  if a != b and a is not None and b is not None]  # fmt: skip
+        if differ and dst.counts()["images"] == 0:  # nothing made the other way yet
+            dst.rewrite_card(crop_mode=mine[0], detector=mine[1], catalog_views=mine[2])
+        elif differ:
+            dst.close()
+            raise CatalogError(f"{dst.location} was built differently: {'; '.join(differ)}")
         return dst
     kind = src.card.index_kind if not src.is_server else "auto"
+    params = dict(src.card.index_params) if not src.is_server else None
+    if is_server_target(target) and kind not in SERVER_INDEX_KINDS:
+        params = None  # a directory's index parameters (a budget, faiss settings): not pgvector's
     dst = create_catalog(
         target, model_id=src.model_id, model_ref=src.model_ref, dim=src.dim, index_kind=kind,
-        index_params=dict(src.card.index_params) if not src.is_server else None,
+        index_params=params,
     )  # fmt: skip
     dst.rewrite_card(
         crop_mode=src.crop_mode, detector=src.card.detector, catalog_views=src.catalog_views

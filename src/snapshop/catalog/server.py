@@ -29,6 +29,7 @@ from snapshop.catalog.blobs import DEFAULT_GRACE_SECONDS, GcReport
 from snapshop.catalog.card import CatalogCard
 from snapshop.catalog.catalog import IMAGES, Catalog
 from snapshop.catalog.sql import is_server_target as is_server_target  # re-exported
+from snapshop.catalog.sql import mask_dsn
 from snapshop.catalog.store import CatalogStore, ImageRow, open_store
 from snapshop.errors import CatalogError, CatalogUnavailableError, NotFoundError
 from snapshop.index import VectorIndex
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 CARD_KEY = "card"
 SERVER_INDEX_KIND = "pgvector"  # the default: the catalog's own rows, searched in PostgreSQL
 SERVER_INDEX_KINDS = (SERVER_INDEX_KIND, "milvus")
+PGVECTOR_PARAMS = ("ef_search",)  # what CatalogTableIndex takes besides the store
 THUMBNAIL_SIDE = 320
 THUMBNAIL_MEDIA_TYPE = "image/jpeg"
 
@@ -64,7 +66,17 @@ class ServerCatalog(Catalog):
                 f"{self.location}: a server catalog searches its vectors in PostgreSQL"
                 f" (pgvector) or Milvus, not {self.card.index_kind!r}"
             )
-        return self.card.index_kind, dict(self.card.index_params)
+        params = dict(self.card.index_params)
+        if self.card.index_kind == SERVER_INDEX_KIND:
+            # A card written with an embedded index's parameters (a migrated catalog, before
+            # migrate dropped them) opens: those parameters mean nothing to pgvector.
+            foreign = sorted(set(params) - set(PGVECTOR_PARAMS))
+            if foreign:
+                log.warning("%s: ignoring index parameters %s of the catalog card (pgvector"
+                            " takes %s)", self.location, foreign, PGVECTOR_PARAMS)  # fmt: skip
+            params = {k: v for k, v in params.items() if k in PGVECTOR_PARAMS}
+            _check_pgvector_params(params, self.location)
+        return self.card.index_kind, params
 
     @property
     def _in_table(self) -> bool:
@@ -147,15 +159,32 @@ class ServerCatalog(Catalog):
         return found
 
 
+def _check_pgvector_params(params: dict[str, Any], location: str) -> None:
+    """CatalogError unless ``params`` are parameters a pgvector index takes."""
+    unknown = sorted(set(params) - set(PGVECTOR_PARAMS))
+    if unknown:
+        raise CatalogError(
+            f"{location}: a pgvector catalog takes the index parameters {PGVECTOR_PARAMS},"
+            f" not {unknown}"
+        )
+    ef_search = params.get("ef_search", 100)
+    if isinstance(ef_search, bool) or not isinstance(ef_search, int) or ef_search < 1:
+        raise CatalogError(f"{location}: ef_search must be a positive integer, not {ef_search!r}")
+
+
+def _no_catalog(location: str) -> CatalogError:
+    return CatalogError(
+        f"{location}: no catalog in this database (create one with"
+        " `snapshop index SOURCE --catalog URI`)"
+    )
+
+
 def _read_card(store: CatalogStore, db: Any = None) -> CatalogCard:
     import json
 
     text = store.get_meta(CARD_KEY) if db is None else _meta_in(store, db, CARD_KEY)
     if text is None:
-        raise CatalogError(
-            f"{store.location}: no catalog in this database (create one with"
-            " `snapshop index SOURCE --catalog URI`)"
-        )
+        raise _no_catalog(store.location)
     try:
         data = json.loads(text)
     except ValueError:
@@ -184,6 +213,10 @@ def server_catalog_exists(target: str) -> bool:
 def open_server_catalog(target: str) -> ServerCatalog:
     """Open the catalog a PostgreSQL database holds (CatalogUnavailableError when the server
     cannot be reached, CatalogError when the database holds no catalog)."""
+    # Read-only first: opened for writing, an empty database would get the schema, which
+    # needs a dim only a new catalog's creator knows.
+    if not server_catalog_exists(target):
+        raise _no_catalog(mask_dsn(target))
     store = open_store(target)
     try:
         card = _read_card(store)
@@ -218,6 +251,8 @@ def create_server_catalog(
             f" not {index_kind!r}"
         )
     params = dict(index_params or {})
+    if index_kind == SERVER_INDEX_KIND:
+        _check_pgvector_params(params, mask_dsn(target))
     if index_kind == "milvus":
         from snapshop.index.milvus import URI_ENV
 

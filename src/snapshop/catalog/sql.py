@@ -16,13 +16,16 @@ import functools
 import logging
 import os
 import re
+import socket
 import sqlite3
 import struct
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
+from urllib.parse import unquote
 
 import numpy as np
 from numpy.typing import NDArray
@@ -40,13 +43,24 @@ WRITER_LOCK_KEY = 0x736E6170636174
 # libpq settings unless the DSN sets them: an unreachable host fails in seconds rather than
 # hanging, and TCP keepalives notice a peer gone silent (a dropped network path, a failed-over
 # host) within about a minute instead of the kernel's two hours. Unix sockets ignore them.
+# tcp_user_timeout (ms) covers what keepalives do not: a request sent into a dropped path
+# stays unacknowledged, and the kernel retransmits it for about 15 minutes before giving up.
 CONNECT_DEFAULTS = {
     "connect_timeout": 10,
     "keepalives": 1,
     "keepalives_idle": 30,
     "keepalives_interval": 10,
     "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
 }
+# statement_timeout of a statement outside a write transaction (a query), unless the DSN or
+# PGOPTIONS sets one: a stalled database then costs a request this long, not forever. Write
+# transactions lift it (SET LOCAL), since bulk writes, schema migrations and their HNSW
+# builds, and the wait for other writers' lock may rightly take longer.
+QUERY_TIMEOUT_S = 30.0
+# A backend that cannot even enforce its statement_timeout (stopped, or its host frozen)
+# answers nothing while TCP stays healthy; the client gives up this much later.
+CLIENT_GRACE_S = 10.0
 
 
 def is_server_target(target: str | os.PathLike[str]) -> bool:
@@ -54,13 +68,40 @@ def is_server_target(target: str | os.PathLike[str]) -> bool:
     return isinstance(target, str) and target.lower().startswith(SERVER_SCHEMES)
 
 
+# The userinfo runs to the *last* '@' before the host: a password may hold '@', '/', '?' or
+# ':' unencoded (libpq then misparses it, and the message quotes the pieces). An '@' in the
+# query makes this mask more than the password, never less.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)(.*)@(?=[^@/?#]*(?:[/?#]|$))", re.DOTALL)
+_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)([^&#]*)")
+
+
 def mask_dsn(dsn: str) -> str:
     """``dsn`` for display: the password replaced by ``***`` (in the URL and in a query)."""
-    userinfo = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^@/?#]*)@", dsn)
+    userinfo = _USERINFO.match(dsn)
     if userinfo is not None and ":" in userinfo.group(2):
         user = userinfo.group(2).split(":", 1)[0]
         dsn = f"{userinfo.group(1)}{user}:***@{dsn[userinfo.end() :]}"
-    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", dsn)
+    return _QUERY_PASSWORD.sub(r"\1***", dsn)
+
+
+def scrub_password(text: str, dsn: str) -> str:
+    """``text`` (a driver's message about ``dsn``) without the DSN's password: as written,
+    percent-decoded, and the pieces libpq makes of one it misparses (it splits at '@', '/',
+    ':', '?'; pieces under 4 characters are left, they would garble the rest of the text)."""
+    found = []
+    userinfo = _USERINFO.match(dsn)
+    if userinfo is not None and ":" in userinfo.group(2):
+        found.append(userinfo.group(2).split(":", 1)[1])
+    found += [m.group(2) for m in _QUERY_PASSWORD.finditer(dsn)]
+    secrets: set[str] = set()
+    for password in found:
+        for form in (password, unquote(password)):
+            secrets.add(form)
+            secrets.update(p for p in re.split(r"[@/:?#]", form) if len(p) >= 4)
+    for secret in sorted(secrets, key=len, reverse=True):  # whole before pieces
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 # --- DDL ---------------------------------------------------------------------------------
@@ -284,19 +325,20 @@ class PostgresDatabase(Database):
         self.closed = False  # by close(): never reconnected
         self._vector_oid: int | None = None
         self._conn: Any = None
+        self._own_timeout = False  # whether the statement_timeout is ours (QUERY_TIMEOUT_S)
+        self._deadline = _Deadline(self.location)
         self._connect()
 
     # connection management
     def _connect(self) -> None:
         psycopg = self._psycopg
         try:
-            defaults = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in self.dsn}
-            conn = psycopg.connect(
-                self.dsn, autocommit=True, row_factory=_pg_row_factory, **defaults
-            )
+            params = self._connect_params()
+            conn = psycopg.connect(autocommit=True, row_factory=_pg_row_factory, **params)
         except psycopg.Error as exc:
+            reason = scrub_password(_connect_reason(exc), self.dsn)
             raise CatalogUnavailableError(
-                f"{self.location}: catalog database unreachable: {_connect_reason(exc)}"
+                f"{self.location}: catalog database unreachable: {reason}"
             ) from None
         self._conn = conn
         try:
@@ -305,6 +347,21 @@ class PostgresDatabase(Database):
             self._register_vector(conn)
         except psycopg.Error as exc:
             raise self._translate(exc) from None
+
+    def _connect_params(self) -> dict[str, Any]:
+        """The DSN's parameters with :data:`CONNECT_DEFAULTS` and the query timeout added
+        where it sets none (its ``options`` and ``$PGOPTIONS`` are kept)."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        params: dict[str, Any] = conninfo_to_dict(self.dsn)
+        for key, value in CONNECT_DEFAULTS.items():
+            params.setdefault(key, value)
+        options = str(params.get("options", os.environ.get("PGOPTIONS", "")))
+        self._own_timeout = "statement_timeout" not in options
+        if self._own_timeout:
+            timeout = f"-c statement_timeout={int(QUERY_TIMEOUT_S * 1000)}"
+            params["options"] = f"{options} {timeout}".strip()
+        return params
 
     def _register_vector(self, conn: Any) -> None:
         """Binary dumper and loader for pgvector's type, once the extension exists."""
@@ -355,7 +412,13 @@ class PostgresDatabase(Database):
             self._connect()
 
     def _translate(self, exc: Exception) -> CatalogError:
-        return translate_pg_error(exc, self.location, lost=self.broken)
+        if self._deadline.fired:
+            return CatalogUnavailableError(
+                f"{self.location}: catalog database did not answer within"
+                f" {QUERY_TIMEOUT_S + CLIENT_GRACE_S:.0f} s"
+            )
+        error = translate_pg_error(exc, self.location, lost=self.broken)
+        return type(error)(scrub_password(str(error), self.dsn))
 
     def execute(self, sql: str, params: Sequence[Any] = (), *, binary: bool = False) -> Cursor:
         psycopg = self._psycopg
@@ -367,15 +430,33 @@ class PostgresDatabase(Database):
         query = _pg_placeholders(sql)
         retry = not self.in_transaction
         try:
-            return self._conn.execute(query, params, binary=binary)
+            return self._run(query, params, binary)
         except psycopg.Error as exc:
-            if not (retry and self.broken):
+            if not (retry and self.broken) or self._deadline.fired:
                 raise self._translate(exc) from None
         self._reconnect_if_broken()  # a read outside a transaction: once more, reconnected
         try:
-            return self._conn.execute(query, params, binary=binary)
+            return self._run(query, params, binary)
         except psycopg.Error as exc:
             raise self._translate(exc) from None
+
+    def _run(self, query: str, params: Sequence[Any], binary: bool) -> Cursor:
+        """One statement; a query (outside a write transaction, under our statement_timeout)
+        the server leaves unanswered past the timeout has its connection cut."""
+        with self._bounded():
+            return self._conn.execute(query, params, binary=binary)
+
+    @contextmanager
+    def _bounded(self) -> Iterator[None]:
+        self._deadline.fired = False
+        if self.in_transaction or not self._own_timeout:
+            yield
+            return
+        self._deadline.arm(self._conn, QUERY_TIMEOUT_S + CLIENT_GRACE_S)
+        try:
+            yield
+        finally:
+            self._deadline.disarm()
 
     def vector_param(self, vector: NDArray[np.float32]) -> PgVector:
         return PgVector(np.ascontiguousarray(vector, dtype=np.float32).reshape(-1))
@@ -388,6 +469,8 @@ class PostgresDatabase(Database):
         self.execute("BEGIN")
         self.in_transaction = True
         try:
+            if self._own_timeout:
+                self.execute("SET LOCAL statement_timeout = 0")
             self.execute("SELECT pg_advisory_xact_lock(?)", (WRITER_LOCK_KEY,))
         except BaseException:
             self.rollback()
@@ -410,6 +493,7 @@ class PostgresDatabase(Database):
 
     def close(self) -> None:
         self.closed = True
+        self._deadline.stop()
         if self._conn is not None:
             self._conn.close()
 
@@ -420,11 +504,79 @@ class PostgresDatabase(Database):
 
     @contextmanager
     def translated(self) -> Iterator[None]:
-        """psycopg errors raised in the block come out as snapshop errors."""
+        """psycopg errors raised in the block come out as snapshop errors; outside a write
+        transaction the block is a query, bounded as :meth:`execute`'s are."""
         try:
-            yield
+            with self._bounded():
+                yield
         except self._psycopg.Error as exc:
             raise self._translate(exc) from None
+
+
+class _Deadline:
+    """Cuts the connection of a statement the server has not answered by a deadline.
+
+    A server-side statement_timeout needs a backend able to enforce it; a stopped one (or a
+    frozen host, with TCP still acknowledging) left every request waiting for minutes. Then
+    only the client can end the wait: shutting the socket down makes psycopg's blocked read
+    fail at once, the connection counts as broken, and the next call reconnects. One thread
+    per connection, started at the first statement, waits between deadlines.
+    """
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        self.fired = False  # the last armed statement was cut
+        self._cond = threading.Condition()
+        self._armed: tuple[float, Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def arm(self, conn: Any, seconds: float) -> None:
+        with self._cond:
+            self._armed = (time.monotonic() + seconds, conn)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._watch, daemon=True, name="snapshop-pg-deadline"
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._armed = None
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._armed = None
+            self._cond.notify()
+
+    def _watch(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                if self._armed is None:
+                    self._cond.wait()
+                    continue
+                deadline, conn = self._armed
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self._armed = None
+                self.fired = True
+                log.warning("%s: no answer in %.0f s; closing the connection", self.location,
+                            QUERY_TIMEOUT_S + CLIENT_GRACE_S)  # fmt: skip
+                _shut_down(conn)
+
+
+def _shut_down(conn: Any) -> None:
+    """Shut the connection's socket down under the thread blocked reading it."""
+    try:
+        fd = conn.pgconn.socket
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except Exception as exc:  # noqa: BLE001 (a connection already gone: nothing to cut)
+        log.debug("shutting the catalog connection down failed: %s", exc)
 
 
 def connect(target: str | os.PathLike[str], readonly: bool = False) -> Database:
@@ -464,6 +616,10 @@ def translate_pg_error(exc: Exception, location: str, lost: bool = False) -> Cat
     import psycopg
     from psycopg import errors as pg
 
+    if isinstance(exc, pg.QueryCanceled):  # statement_timeout: the database is overloaded
+        return CatalogUnavailableError(
+            f"{location}: catalog database did not answer in time ({_first_line(exc)})"
+        )
     if lost or isinstance(exc, (pg.AdminShutdown, pg.CannotConnectNow, pg.ConnectionException)):
         return CatalogUnavailableError(
             f"{location}: catalog database connection lost ({_first_line(exc)})"

@@ -390,6 +390,11 @@ class CatalogStore:
         return image_ids, crop_ids
 
     # --- images -----------------------------------------------------------------------
+    def product_id_in(self, db: Database, sku: str) -> int | None:
+        """The id of the product ``sku`` as the open transaction ``db`` sees it."""
+        row = db.execute("SELECT id FROM products WHERE sku = ?", (lookup_sku(sku),)).fetchone()
+        return int(row[0]) if row else None
+
     def find_image(self, db: Database, product_id: int, sha256: str) -> int | None:
         row = db.execute(
             "SELECT id FROM images WHERE product_id = ? AND sha256 = ?", (product_id, sha256)

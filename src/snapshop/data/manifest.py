@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from snapshop.errors import ConfigError, ManifestError
 
@@ -40,6 +41,16 @@ def parse_where(clauses: list[str] | None) -> dict[str, str]:
 
 def matches(row: ManifestRow, where: dict[str, str]) -> bool:
     return all(row.extra.get(k) == v for k, v in where.items())
+
+
+def check_matches(
+    rows: Sequence[ManifestRow], where: dict[str, str], option: str, rows_are: str
+) -> None:
+    """The filter ``option`` must select some of ``rows`` (described as ``rows_are``): one that
+    selects none is a typo (a column or value misspelt) far more often than a wish, and would
+    quietly do nothing."""
+    if where and not any(matches(r, where) for r in rows):
+        raise ConfigError(f"{option} {where} matches none of the {len(rows)} {rows_are}")
 
 
 def repeat_matching(
@@ -78,11 +89,19 @@ def nonblank_rows(
             return
         except csv.Error as exc:
             raise ManifestError(f"{path}:{start}: malformed CSV ({exc})") from None
+        start = reader.line_num - _line_count(row) + 1  # a quoted value may span lines
         if None in row:
-            raise ManifestError(f"{path}:{reader.line_num}: more fields than the header has")
+            raise ManifestError(f"{path}:{start}: more fields than the header has")
         values = {k: (v or "").strip() for k, v in row.items()}
         if any(values.values()):
-            yield reader.line_num, values
+            yield start, values
+
+
+def _line_count(row: dict[str | None, Any]) -> int:
+    """How many lines of the file a parsed row spans: one, plus its values' line breaks."""
+    values = [v for v in row.values() if isinstance(v, str)]
+    values += [x for v in row.values() if isinstance(v, list) for x in v]
+    return 1 + sum(v.count("\n") for v in values)
 
 
 def read_manifest(
@@ -190,5 +209,10 @@ def select_rows(
     gallery_where = parse_where(list(selection.eval_gallery_where)) or None
     train_rows, eval_rows = split_rows(rows, train_where, eval_where)
     repeat_where = parse_where(list(selection.repeat_where))
+    check_matches(train_rows, repeat_where, "repeat_where", "training rows")
+    eval_gallery = [r for r in eval_rows if r.role == "gallery"]
+    check_matches(
+        eval_gallery, gallery_where or {}, "eval_gallery_where", "evaluation gallery rows"
+    )
     train_rows = repeat_matching(train_rows, repeat_where, selection.repeat)
     return train_rows, eval_rows, gallery_where

@@ -30,6 +30,8 @@ PRODUCT_COLUMNS = ("title", "url", "price", "currency", "category")
 IMAGE_COLUMNS = ("packshot",)
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "y"), ("0", "false", "no", "n", "")
 MAX_CSV_FIELD = 1 << 20
+UNNAMED = "\0unnamed column "  # a header name no CSV column can have
+CATALOG_CARD = "catalog.json"  # catalog.catalog.CARD_FILE (not imported: data sits upstream)
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def read_folder(
     a product folder) and folders that cannot be read are appended to ``skipped`` as
     (path, reason). Hidden files that are not images (``.DS_Store``) are ignored.
     """
-    root = Path(root)
+    root = Path(os.path.abspath(root))  # sources stored absolute: `index --sync` compares them
     if not root.is_dir():
         raise ManifestError(f"{root}: not a directory")
     report = skipped if skipped is not None else []
@@ -74,6 +76,15 @@ def read_folder(
         if not path.is_dir() and _reportable(path):
             report.append((str(path), "not in a product folder (expected ROOT/<product_id>/)"))
     for product_dir in product_dirs:
+        if (product_dir / CATALOG_CARD).is_file():  # a catalog kept beside its photos
+            report.append((str(product_dir), "a snapshop catalog, not a product folder"))
+            continue
+        try:
+            normalise_sku(product_dir.name)
+        except CatalogError as exc:  # before anything is written, as a bad CSV row
+            raise ManifestError(
+                f"{str(product_dir)!r}: the folder name is not a product id: {exc}"
+            ) from None
         for path in _walk_files(product_dir, report):
             reason = _why_not_an_image(path)
             if reason is None:
@@ -149,24 +160,34 @@ def _check_header(header: list[str], path: Path) -> None:
 
 
 def _check_same_product(
-    known: dict[str, dict[str, tuple[Any, int]]],
+    known: dict[str, dict[tuple[str, str], tuple[Any, int]]],
     sku: str,
     meta: dict[str, Any],
     line: int,
     path: Path,
 ) -> None:
-    """Rows of one product may leave its fields empty but not disagree on them: neither row
-    could be said to win, and a silent choice would lose the other's value."""
+    """Rows of one product may leave its fields and attributes empty but not disagree on
+    them: neither row could be said to win, and a silent choice would lose the other's
+    value. Their attributes together must fit the limits one row's must."""
     fields = known.setdefault(sku, {})
-    for col in PRODUCT_COLUMNS:
-        if col not in meta:
-            continue
-        value, first_line = fields.setdefault(col, (meta[col], line))
-        if value != meta[col]:
+    given = {("field", col): meta[col] for col in PRODUCT_COLUMNS if col in meta}
+    given |= {("attribute", k): v for k, v in meta.get("attributes", {}).items()}
+    for (kind, name), new_value in given.items():
+        value, first_line = fields.setdefault((kind, name), (new_value, line))
+        if value != new_value:
+            what = name if kind == "field" else f"attribute {name!r}"
             raise ManifestError(
-                f"{path}:{line}: product {sku!r} has {col} {meta[col]!r}, but line {first_line}"
-                f" gives {value!r}"
+                f"{path}:{line}: product {sku!r} has {what} {new_value!r}, but line"
+                f" {first_line} gives {value!r}"
             )
+    merged = {name: v for (kind, name), (v, _) in fields.items() if kind == "attribute"}
+    if len(merged) > len(meta.get("attributes", {})):  # more than this row's alone
+        try:
+            check_product_fields({"attributes": merged})
+        except CatalogError as exc:
+            raise ManifestError(
+                f"{path}:{line}: product {sku!r}, its rows' attributes together: {exc}"
+            ) from None
 
 
 def read_csv_manifest(path: Path) -> list[CatalogRecord]:
@@ -176,15 +197,23 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
         raise ManifestError(f"{path}: file not found")
     csv.field_size_limit(MAX_CSV_FIELD)
     records: list[CatalogRecord] = []
-    products: dict[str, dict[str, tuple[Any, int]]] = {}
+    products: dict[str, dict[tuple[str, str], tuple[Any, int]]] = {}
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             # strict: a quote left open would otherwise swallow every following row silently
             reader = csv.DictReader(fh, strict=True)
             header = [h.strip() for h in (reader.fieldnames or [])]
             _check_header(header, path)
-            reader.fieldnames = header
+            # columns with no name (a trailing comma) are kept apart, and must stay empty
+            unnamed = {f"{UNNAMED}{i + 1}": i + 1 for i, h in enumerate(header) if not h}
+            reader.fieldnames = [h or f"{UNNAMED}{i + 1}" for i, h in enumerate(header)]
             for line, values in nonblank_rows(reader, path):
+                for key, column in unnamed.items():
+                    if values.get(key):
+                        raise ManifestError(
+                            f"{path}:{line}: {values[key]!r} in column {column}, which has no"
+                            " name in the header"
+                        )
                 sku, image = values["product_id"], values["image_path"]
                 if not sku:
                     raise ManifestError(f"{path}:{line}: empty product_id")
@@ -196,9 +225,8 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
                     raise ManifestError(f"{path}:{line}: empty image_path")
                 if "\0" in image:
                     raise ManifestError(f"{path}:{line}: image_path contains a NUL byte")
-                image_path = Path(image)
-                if not image_path.is_absolute():
-                    image_path = path.parent / image_path
+                # relative to the CSV's folder; stored absolute (`index --sync` compares them)
+                image_path = Path(os.path.abspath(path.parent / image))
                 meta: dict[str, Any] = {}
                 for col in PRODUCT_COLUMNS:
                     if values.get(col):
@@ -208,7 +236,9 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
                 extra = {
                     k: v
                     for k, v in values.items()
-                    if k not in REQUIRED_COLUMNS + PRODUCT_COLUMNS + IMAGE_COLUMNS and v
+                    if k not in REQUIRED_COLUMNS + PRODUCT_COLUMNS + IMAGE_COLUMNS
+                    and k not in unnamed
+                    and v
                 }
                 if extra:
                     meta["attributes"] = extra

@@ -24,10 +24,24 @@ def _pyplot():  # noqa: ANN202 - matplotlib's module
     return plt
 
 
+def check_png_path(path: Path, what: str = "plot") -> Path:
+    """``path`` as given, if a PNG can be written there; checked before the work that draws it
+    (matplotlib would pick another format from the suffix, or add ``.png`` to none)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the {what}'s file name (ending in .png)")
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"{path}: the {what} is a PNG; give a file name ending in .png")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"{path}: {parent} is not a folder")
+    return path
+
+
 def _save(fig: object, path: Path, colours: int = 0) -> Path:
     """Save a figure as PNG; with ``colours``, palette-quantised to keep photo grids small."""
     plt = _pyplot()
-    path = Path(path)
+    path = check_png_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)  # type: ignore[attr-defined]
     plt.close(fig)

@@ -10,6 +10,7 @@ product, image-level R@K (K > 1) is the lower of the two.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from numpy.typing import NDArray
 from snapshop.errors import ConfigError, ImageDecodeError
 from snapshop.evaluate.stats import ratio_interval
 from snapshop.images import load_image
+
+log = logging.getLogger(__name__)
 
 DEFAULT_KS = (1, 5, 10, 100)
 
@@ -127,6 +130,8 @@ class RetrievalReport:
     vectors: dict[str, Any] | None = field(default=None, repr=False)
     # image-level Recall@K (see image_ranks)
     image_recall: dict[int, float] = field(default_factory=dict)
+    # queries left out of every metric: their product has no gallery image to find
+    queries_without_gallery: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,6 +143,7 @@ class RetrievalReport:
             "image_recall": {f"R@{k}": round(v, 4) for k, v in self.image_recall.items()},
             "mAP@R": round(self.map_at_r, 4),
             "queries": self.n_queries,
+            "queries_without_gallery": self.queries_without_gallery,
             "gallery": self.n_gallery,
             "products": self.n_products,
             "embed_ms_per_image": round(self.embed_ms_per_image, 2),
@@ -184,7 +190,12 @@ def evaluate_embeddings(
     ks: Sequence[int] = DEFAULT_KS,
     embed_ms: float = 0.0,
 ) -> RetrievalReport:
-    """Recall@K and mAP@R from embeddings; search time measured on an exact index, per query."""
+    """Recall@K and mAP@R from embeddings; search time measured on an exact index, per query.
+
+    A query whose product has no gallery image cannot be found: it is left out of every
+    metric, as :func:`map_at_r` and cross-validation's photo -> catalog protocol leave it out,
+    and counted in ``queries_without_gallery`` (with a warning) so that a gallery filter
+    that removes most products does not pass for a perfect score."""
     _check_cutoffs(ks)
     if len(query_vecs) == 0 or len(gallery_vecs) == 0:
         raise ConfigError("evaluation needs at least one query and one gallery image")
@@ -193,6 +204,14 @@ def evaluate_embeddings(
     keep = [i for i, p in enumerate(query_products) if p in pid]
     if not keep:
         raise ConfigError("no query's product has a gallery image")
+    left_out = len(query_products) - len(keep)
+    if left_out:
+        log.warning(
+            "%s: %d of %d queries have no gallery image of their product; left out of the metrics",
+            name,
+            left_out,
+            len(query_products),
+        )
     q_vecs = query_vecs[keep]
     q_labels = np.array([pid[query_products[i]] for i in keep], dtype=np.int64)
     g_labels = np.array([pid[p] for p in gallery_products], dtype=np.int64)
@@ -222,6 +241,7 @@ def evaluate_embeddings(
         search_ms_per_query=search_ms,
         recall_ci=recall_ci,
         image_recall={k: float((by_image < k).mean()) for k in ks},
+        queries_without_gallery=left_out,
     )
 
 
@@ -259,7 +279,13 @@ def evaluate_manifest(
         ks,
         embed_ms,
     )
-    report.skipped = q_skip + g_skip
+    in_gallery = {gallery[i].sku for i in g_kept}
+    unanswerable = [
+        (str(queries[i].path), f"query left out: no gallery image of product {queries[i].sku}")
+        for i in q_kept
+        if queries[i].sku not in in_gallery
+    ]
+    report.skipped = q_skip + g_skip + unanswerable
     report.vectors = {
         "query_vecs": q_vecs,
         "query_paths": [str(queries[i].path) for i in q_kept],
@@ -296,7 +322,14 @@ def compare_models(
     (``COLUMN=VALUE`` filters); with ``plot`` a PNG of recall vs K, one line per model (K up to
     the product count), with ``grid`` a PNG of queries and their top-5 results."""
     from snapshop.data.manifest import parse_where
+    from snapshop.evaluate.plots import check_png_path
 
+    if plot:
+        check_png_path(plot, "recall plot")
+    if grid:
+        check_png_path(grid, "result grid")
+        if plot and Path(plot).resolve() == Path(grid).resolve():
+            raise ConfigError(f"{plot}: the recall plot and the result grid need two files")
     cutoffs = tuple(sorted(set(ks))) if ks else DEFAULT_KS
     asked = tuple(sorted(set(cutoffs) | set(PLOT_KS if plot else ())))
     queries, gallery = parse_where(list(query_where)), parse_where(list(gallery_where))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import faiss
 import numpy as np
 from numpy.typing import NDArray
 
+from snapshop.config import make_temp
 from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors
 from snapshop.index.filtering import (
     SINGLE_THREAD_MAX_QUERIES,
@@ -33,15 +33,15 @@ faiss.cvar.distance_compute_blas_threshold = 1
 def write_faiss_atomic(index: faiss.Index, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".faiss.tmp")
+    fd, tmp = make_temp(path.parent, ".faiss")
     os.close(fd)
     try:
-        faiss.write_index(index, tmp)
+        faiss.write_index(index, str(tmp))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        Path(tmp).replace(path)
+        tmp.replace(path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 class FlatIndex:

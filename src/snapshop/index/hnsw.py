@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import faiss
 import numpy as np
 from numpy.typing import NDArray
 
+from snapshop.config import make_temp
 from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors
 from snapshop.index.filtering import (
     IdFilter,
@@ -225,7 +225,7 @@ class HNSWIndex:
     def save(self, path: Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".hnsw.tmp")
+        fd, tmp = make_temp(path.parent, ".hnsw")
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(
@@ -239,9 +239,9 @@ class HNSWIndex:
                 )
                 fh.flush()
                 os.fsync(fh.fileno())
-            Path(tmp).replace(path)
+            tmp.replace(path)
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: Path) -> HNSWIndex:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -33,6 +32,7 @@ import faiss
 import numpy as np
 from numpy.typing import NDArray
 
+from snapshop.config import make_temp
 from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors
 from snapshop.index.choose import HNSW_COARSE_MIN, ivf_fixed_bytes
 from snapshop.index.filtering import (
@@ -482,9 +482,9 @@ class RerankedIndex:
         path.parent.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex
         vec_path = self.vectors_path(path)
-        fd, tmp_vec = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+        fd, tmp_vec = make_temp(path.parent, ".npy")
         os.close(fd)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".reranked.tmp")
+        fd, tmp = make_temp(path.parent, ".reranked")
         try:
             out = np.lib.format.open_memmap(
                 tmp_vec, mode="w+", dtype=np.float32, shape=(len(self._floats), self.dim)
@@ -514,11 +514,11 @@ class RerankedIndex:
                 os.fsync(vf.fileno())
             # The vectors first: a crash in between leaves a main file whose token does not
             # match, which load refuses (the catalog then rebuilds from its store).
-            Path(tmp_vec).replace(vec_path)
-            Path(tmp).replace(path)
+            tmp_vec.replace(vec_path)
+            tmp.replace(path)
         finally:
-            Path(tmp_vec).unlink(missing_ok=True)
-            Path(tmp).unlink(missing_ok=True)
+            tmp_vec.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
         self._floats = FloatRows(self.dim, np.load(vec_path, mmap_mode="r"))
         self._token = token
 

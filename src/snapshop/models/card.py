@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from numpy.typing import NDArray
@@ -17,6 +17,7 @@ from snapshop.errors import ConfigError, ModelError
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
 NORMALISATION = {"mean": 127.0, "std": 128.0}  # what the EfficientNet-Lite weights expect
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 1024  # the input sizes a model may have (resize_model)
 
 
 def normalise_pixels(
@@ -44,6 +45,31 @@ class ModelCard:
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """A card whose values no model can have is refused here, not met later as an odd
+        failure in the middle of an ingest (or as vectors that are all alike: std 0)."""
+        for name in ("name", "backbone", "onnx_sha256", "resize", "kind"):
+            if not isinstance(getattr(self, name), str):
+                raise ModelError(f"model card: {name} must be a string")
+        if not _is_int(self.input_size) or not (
+            MIN_INPUT_SIZE <= self.input_size <= MAX_INPUT_SIZE
+        ):
+            raise ModelError(
+                f"model card: input_size must be an integer in {MIN_INPUT_SIZE}.."
+                f"{MAX_INPUT_SIZE}, got {self.input_size!r}"
+            )
+        if not _is_int(self.output_dim) or self.output_dim < 1:
+            raise ModelError(
+                f"model card: output_dim must be a positive integer, got {self.output_dim!r}"
+            )
+        norm = self.normalisation
+        mean, std = (norm.get("mean"), norm.get("std")) if isinstance(norm, dict) else (None, None)
+        if not (_is_finite_number(mean) and _is_finite_number(std) and std > 0):
+            raise ModelError(
+                "model card: normalisation must hold a finite mean and a positive std,"
+                f" got {norm!r}"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -51,6 +77,14 @@ class ModelCard:
     def model_id(self) -> str:
         """Identifies the embedding space: vectors from different ids are not comparable."""
         return f"{self.name}@{self.onnx_sha256[:12]}"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -80,3 +114,5 @@ def read_card(model_dir: Path) -> ModelCard:
         return ModelCard(**{k: v for k, v in data.items() if k in names})
     except TypeError as exc:
         raise ModelError(f"{path}: incomplete model card ({exc})") from None
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from None

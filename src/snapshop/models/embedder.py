@@ -40,6 +40,23 @@ MAX_RESIZED_SQUARES = 16
 PARALLEL_ENV = "SNAPSHOP_EMBED_PARALLEL"  # Embedder(parallel=None) reads it when set
 
 
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, this process
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _file_sha256(path: Path) -> str:
+    """``sha256_file``, once per process for a file that has not changed since."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _VERIFIED_LOCK:
+        known = _VERIFIED.get(key)
+    if known is None:
+        known = sha256_file(path)
+        with _VERIFIED_LOCK:
+            _VERIFIED[key] = known
+    return known
+
+
 def preprocess(
     image: Image.Image, size: int, normalisation: Mapping[str, float] = NORMALISATION
 ) -> NDArray[np.float32]:
@@ -83,7 +100,7 @@ class Embedder:
         model_dir: str | os.PathLike[str],
         batch_size: int = 32,
         threads: int | None = None,
-        verify: bool = False,
+        verify: bool = True,
         parallel: int | None = None,
         precision: str | None = None,
     ) -> None:
@@ -92,8 +109,11 @@ class Embedder:
         onnx_path = self.model_dir / MODEL_FILE
         if not onnx_path.exists():
             raise ModelError(f"{self.model_dir}: {MODEL_FILE} is missing")
-        if verify and sha256_file(onnx_path) != self.card.onnx_sha256:
-            raise ModelError(f"{onnx_path}: sha256 differs from the model card")
+        if verify and _file_sha256(onnx_path) != self.card.onnx_sha256:
+            raise ModelError(
+                f"{onnx_path}: sha256 differs from the model card (the file was replaced or"
+                " damaged: export the model again, or restore the file the card describes)"
+            )
         if parallel is None and os.environ.get(PARALLEL_ENV, "").strip():
             try:
                 parallel = int(os.environ[PARALLEL_ENV])
@@ -117,9 +137,25 @@ class Embedder:
         self.session = self.sessions.first
         self.precision = self.sessions.precision
         self.input_name = self.session.get_inputs()[0].name
+        self._check_shapes(onnx_path)
         self.batch_size = batch_size
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+
+    def _check_shapes(self, onnx_path: Path) -> None:
+        """The graph's fixed input and output sizes must be the card's: a card that says
+        another dim would put vectors of the wrong length into a catalog."""
+        size, dim = self.card.input_size, self.card.output_dim
+        wanted_in, wanted_out = [None, 3, size, size], [None, dim]
+        got_in = list(self.session.get_inputs()[0].shape)
+        got_out = list(self.session.get_outputs()[0].shape)
+        for got, wanted, what in ((got_in, wanted_in, "input"), (got_out, wanted_out, "output")):
+            fixed = [(g, w) for g, w in zip(got, wanted, strict=False) if isinstance(g, int)]
+            if len(got) != len(wanted) or any(w is not None and g != w for g, w in fixed):
+                raise ModelError(
+                    f"{onnx_path}: the graph's {what} shape {got} does not match the model"
+                    f" card (input_size {size}, output_dim {dim})"
+                )
 
     @property
     def dim(self) -> int:

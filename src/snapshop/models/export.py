@@ -6,7 +6,6 @@ import dataclasses
 import datetime as dt
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -14,9 +13,12 @@ from typing import Any
 
 import torch
 
+from snapshop.config import make_temp
 from snapshop.errors import ModelError
 from snapshop.models.card import (
     CARD_FILE,
+    MAX_INPUT_SIZE,
+    MIN_INPUT_SIZE,
     MODEL_FILE,
     ModelCard,
     read_card,
@@ -30,7 +32,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "efficientnet_lite2"
 ONNX_OPSET = 17
-MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 1024  # the sizes resize_model accepts
 
 
 def snapshop_home() -> Path:
@@ -47,12 +48,13 @@ def export_module_onnx(
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
 ) -> None:
-    """Trace ``module`` to ONNX at ``path``, atomically (temp file + rename, world-readable)."""
+    """Trace ``module`` to ONNX at ``path``, atomically (temp file + rename)."""
     module = module.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    fd, tmp = make_temp(path.parent, ".onnx")
     os.close(fd)
+    tmp_name = str(tmp)
     try:
         # The tracer's warnings (constant SAME padding, Slice folding) are expected: SAME
         # padding is traced for the sizes the callers feed.
@@ -68,7 +70,6 @@ def export_module_onnx(
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )
-        os.chmod(tmp_name, 0o644)
         Path(tmp_name).replace(path)
     finally:
         Path(tmp_name).unlink(missing_ok=True)
@@ -169,16 +170,16 @@ def resize_model(
 
 def save_onnx_checked(graph: Any, out_dir: Path, check: Callable[[str], None]) -> None:
     """Write the ONNX ``graph`` as ``out_dir``/model.onnx once ``check(path)`` passed on a temp
-    copy: a model that does not run replaces nothing (world-readable, atomic rename)."""
+    copy: a model that does not run replaces nothing (atomic rename)."""
     import onnx
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out_dir, suffix=".onnx.tmp")
+    fd, tmp = make_temp(out_dir, ".onnx")
     os.close(fd)
+    tmp_name = str(tmp)
     try:
         onnx.save(graph, tmp_name)
         check(tmp_name)
-        os.chmod(tmp_name, 0o644)
         Path(tmp_name).replace(out_dir / MODEL_FILE)
     finally:
         Path(tmp_name).unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from snapshop.errors import ConfigError, ImageDecodeError
+from snapshop.errors import ConfigError, ImageDecodeError, ModelError
 from snapshop.images import IMAGE_SUFFIXES, load_image
 from snapshop.models.card import MODEL_FILE, ModelCard, read_card, sha256_file, write_card
 from snapshop.models.embedder import preprocess
@@ -61,28 +61,16 @@ class QuantizeConfig:
 def calibration_paths(source: Path) -> list[Path]:
     """Images for calibration: a folder (searched recursively), a catalog CSV
     (``image_path``) or an evaluation manifest (``path``; only ``role=gallery`` rows, the
-    catalog side, when there is a role column)."""
+    catalog side, when there are any)."""
+    from snapshop.data.manifest import read_manifest
+
     source = Path(source)
     if source.is_dir():
         return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if source.suffix.lower() != ".csv" or not source.is_file():
         raise ConfigError(f"{source}: expected a folder of images or a CSV manifest")
-    import csv
-
-    with open(source, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        raise ConfigError(f"{source}: no rows")
-    column = "image_path" if "image_path" in rows[0] else "path"
-    if column not in rows[0]:
-        raise ConfigError(f"{source}: needs an image_path or path column")
-    if "role" in rows[0]:
-        rows = [r for r in rows if r.get("role") == "gallery"] or rows
-    out = []
-    for r in rows:
-        p = Path(r[column])
-        out.append(p if p.is_absolute() else source.parent / p)
-    return out
+    rows = read_manifest(source, default_role="gallery")
+    return [r.path for r in [r for r in rows if r.role == "gallery"] or rows]
 
 
 class _Reader:
@@ -165,8 +153,22 @@ def quantize_onnx(
             op_types_to_quantize=list(QUANTISED_OPS), calibrate_method=CalibrationMethod.MinMax,
             extra_options={"TensorQuantOverrides": overrides},
         )  # fmt: skip
+        _check_runs(written, graph.input[0])
         os.chmod(written, 0o644)
         written.replace(target)
+
+
+def _check_runs(path: Path, graph_input: Any) -> None:
+    """ONNX Runtime loads the quantised graph at ``path`` and runs it on a probe batch: what
+    quantize_static writes is not always loadable (a graph quantised twice repeats node
+    names), and a broken file must replace nothing."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session.run(None, {graph_input.name: _probe_batch(graph_input)})
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelError(f"the quantised model does not run ({exc})") from None
 
 
 def _calibrate(
@@ -234,6 +236,10 @@ def quantize_model(
     """Write a static-int8 (QDQ) copy of ``model_dir`` to ``out_dir`` and return its card."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     card = read_card(model_dir)
+    if "int8" in card.kind:
+        raise ModelError(
+            f"{model_dir}: already an int8 model ({card.kind}); quantize its float model"
+        )
     paths = calibration_paths(calibration)
     if not paths:
         raise ConfigError(f"{calibration}: no calibration images")

@@ -27,7 +27,13 @@ from snapshop.service.errors import (
     error_responses,
     install_error_handlers,
 )
-from snapshop.service.guard import BodyLimits, RequestGuard, matches_any, routes_depending_on
+from snapshop.service.guard import (
+    BodyLimits,
+    BodyTimeouts,
+    RequestGuard,
+    matches_any,
+    routes_depending_on,
+)
 from snapshop.service.routes import crops, images, pages, products, search, service, similar
 from snapshop.service.settings import ServiceSettings
 from snapshop.service.state import ServiceState
@@ -103,7 +109,8 @@ def create_app(
             "/v1/products": settings.max_request_bytes,
         },
     )
-    app.add_middleware(RequestGuard, limits=limits, refuse=refuse)
+    timeouts = BodyTimeouts(idle_s=settings.body_idle_timeout_s, total_s=settings.body_timeout_s)
+    app.add_middleware(RequestGuard, limits=limits, refuse=refuse, timeouts=timeouts)
     return app
 
 
@@ -140,11 +147,16 @@ def serve(settings: ServiceSettings, host: str = "127.0.0.1", port: int = 8000,
     """Run the service with uvicorn until interrupted."""
     import uvicorn
 
-    from snapshop.service.protocol import JsonErrorH11Protocol
+    from snapshop.service.protocol import raise_open_files_limit, timed_protocol
 
     app = create_app(settings, detector=detector)
+    raise_open_files_limit()
     log.info("serving %s on http://%s:%d", settings.catalog_dir, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info", http=JsonErrorH11Protocol)
+    uvicorn.run(
+        app, host=host, port=port, log_level="info",
+        http=timed_protocol(settings.header_timeout_s),
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
+    )  # fmt: skip
 
 
 __all__ = ["create_app", "decode_cursor", "encode_cursor", "serve"]

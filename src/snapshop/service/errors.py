@@ -29,7 +29,8 @@ from snapshop.service.schemas import ErrorBody
 log = logging.getLogger(__name__)
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+                 405: "method_not_allowed", 408: "request_timeout", 409: "conflict",
+                 413: "payload_too_large",
                  415: "unsupported_media_type", 422: "invalid_request",
                  429: "too_many_requests", 503: "unavailable"}  # fmt: skip
 # What each error status means in this API (the OpenAPI document's response descriptions).
@@ -39,6 +40,7 @@ ERROR_MEANINGS = {
     401: "Missing X-API-Key header",
     403: "Wrong API key, or writes are disabled (code writes_disabled)",
     404: "No such product, image or path",
+    408: "The client sent its headers or body too slowly (the connection is closed)",
     413: "Request body, upload (bytes) or image (pixels, code too_many_pixels) over the limits",
     415: "Not a supported image type (judged from the bytes, not the name or content-type)",
     422: "A parameter or body field failed validation (code invalid_request)",
@@ -48,7 +50,7 @@ ERROR_MEANINGS = {
          "catalog_unavailable; retry after the Retry-After header's seconds)",
 }  # fmt: skip
 # Every operation can meet these: the request guard and the HTTP parser answer them.
-COMMON_ERRORS = (400, 413)
+COMMON_ERRORS = (400, 408, 413)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

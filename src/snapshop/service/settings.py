@@ -40,6 +40,14 @@ class ServiceSettings:
     thumb_sizes: tuple[int, ...] = THUMB_SIZES
     max_concurrent_searches: int = 16
     queue_timeout_s: float = 10.0
+    # A client that takes longer to send its request line and headers, goes this long without
+    # sending a byte of a body it owes, or takes longer over its whole body gets a 408 and is
+    # disconnected: a stalled client must not hold a connection (a file descriptor, a spooled
+    # upload) for ever. Shutdown waits at most ``shutdown_timeout_s`` for requests in flight.
+    header_timeout_s: float = 20.0
+    body_idle_timeout_s: float = 20.0
+    body_timeout_s: float = 300.0
+    shutdown_timeout_s: float = 30.0
     search_threads: int | None = 1  # faiss OpenMP threads per search; None: faiss default
     embed_threads: int | None = None  # ONNX Runtime intra-op threads; None: its default
     # image-based results by "product" vector or best "image" (search.RANKINGS)
@@ -70,6 +78,11 @@ class ServiceSettings:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer")
+        for name in ("header_timeout_s", "body_idle_timeout_s", "body_timeout_s",
+                     "shutdown_timeout_s"):  # fmt: skip
+            value = float(getattr(self, name))
+            if not 0 < value <= 86_400:  # also refuses NaN
+                raise ConfigError(f"{name} must be a number of seconds in (0, 86400]")
         ceiling = pil_pixel_ceiling()
         if ceiling is not None and self.max_pixels > ceiling:
             raise ConfigError(f"max_pixels must be at most {ceiling} (PIL's own limit)")

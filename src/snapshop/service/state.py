@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from snapshop.data.sources import CatalogRecord
 from snapshop.detect.base import serial_if_needed
+from snapshop.images import DecodeLimits
 from snapshop.ingest import Ingestor, IngestReport
 from snapshop.search import Searcher
 from snapshop.service.errors import ApiError
@@ -130,7 +131,10 @@ class ServiceState:
 
     def ingest(self, records: list[CatalogRecord]) -> IngestReport:
         with self.lock.write():
-            ingestor = Ingestor(self.catalog, self.searcher.embedder, self.searcher.detector)
+            limits = DecodeLimits(max_pixels=self.settings.max_pixels,
+                                  max_bytes=self.settings.max_upload_bytes)  # fmt: skip
+            ingestor = Ingestor(self.catalog, self.searcher.embedder, self.searcher.detector,
+                                limits=limits)  # fmt: skip
             return ingestor.ingest(records)
 
     def remove_product(self, product_id: int) -> int:

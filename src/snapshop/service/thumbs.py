@@ -17,9 +17,10 @@ from pathlib import Path
 from fastapi.responses import FileResponse, Response
 from PIL import Image
 
-from snapshop.catalog.blobs import CROP_THUMBNAILS, THUMBNAILS, atomic_file
+from snapshop.catalog.blobs import CROP_THUMBNAILS, THUMBNAILS
 from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import CropRow, ImageRow
+from snapshop.config import atomic_file
 from snapshop.errors import ImageDecodeError, NotFoundError, StoredFileError
 from snapshop.images import DecodeLimits, load_image, stored_file_limits
 

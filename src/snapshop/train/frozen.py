@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from snapshop.models.export import export_module_onnx
 from snapshop.models.heads import EmbeddingNet
 from snapshop.models.runtime import TRAINING_PRECISION, cpu_session
 from snapshop.train.augment import AugmentConfig, augment, views
+from snapshop.train.loop import save_durably
 
 if TYPE_CHECKING:
     from snapshop.train.trainer import TrainConfig
@@ -133,7 +135,14 @@ def _pooled_with(config: TrainConfig) -> tuple[str, ...]:
 def _rows_key(rows: Sequence[ManifestRow], config: TrainConfig, n_views: int, tag: str) -> str:
     digest = hashlib.sha256()
     for r in rows:
-        digest.update(f"{r.path}|{r.sku}\n".encode())
+        # size and mtime, not the content: an image rewritten in place changes the key, at the
+        # cost of a stat per image instead of a read
+        try:
+            st = os.stat(r.path)
+            stamp = f"{st.st_size}|{st.st_mtime_ns}"
+        except OSError:
+            stamp = "-"  # unreadable: skipped by compute_frozen
+        digest.update(f"{r.path}|{r.sku}|{stamp}\n".encode())
     settings = (
         config.backbone,
         config.train_blocks,
@@ -162,14 +171,16 @@ def compute_frozen(
     """Run the frozen part over ``n_views`` views of each readable image.
 
     Returns ((M, V, ...) float16 outputs, kept row positions). Unreadable images are skipped.
-    Results are stored in ``cache_dir`` keyed by the rows and settings, and reused.
+    Results are stored in ``cache_dir`` keyed by the rows (path, sku, file size and mtime) and
+    the settings, and reused; a cache file that cannot be read is computed again.
     """
     key = _rows_key(rows, config, n_views, tag)
     cache_file = cache_dir / f"{tag}-{key}.pt" if cache_dir else None
     if cache_file is not None and cache_file.exists():
-        data = torch.load(cache_file, weights_only=True)
-        log.info("frozen features from %s", cache_file)
-        return data["features"], list(data["kept"])
+        cached = _read_cache(cache_file, n_views)
+        if cached is not None:
+            log.info("frozen features from %s", cache_file)
+            return cached
     rng = random.Random(seed)
     run_frozen = _frozen_runner(top, config, size, cache_dir)
     outs: list[torch.Tensor] = []
@@ -207,14 +218,27 @@ def compute_frozen(
     feats = torch.cat(outs)
     feats = feats.reshape(len(kept), n_views, *feats.shape[1:])
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"features": feats, "kept": kept}, cache_file)
+        save_durably({"features": feats, "kept": kept}, cache_file)
     log.info(
         "frozen features for %d images x %d views in %.0f s",
         len(kept),
         n_views,
         time.perf_counter() - t0,
     )
+    return feats, kept
+
+
+def _read_cache(path: Path, n_views: int) -> tuple[torch.Tensor, list[int]] | None:
+    """The cached (features, kept rows), or None (logged) when the file cannot be used: it is
+    only a cache, so it is computed again and written over."""
+    try:
+        data = torch.load(path, weights_only=True)
+        feats, kept = data["features"], [int(i) for i in data["kept"]]
+        if not isinstance(feats, torch.Tensor) or feats.shape[:2] != (len(kept), n_views):
+            raise ValueError("features of another shape")
+    except Exception as exc:  # a torn or foreign file can fail in many ways; all mean "redo"
+        log.warning("ignoring the unreadable frozen-feature cache %s (%s)", path, exc)
+        return None
     return feats, kept
 
 
@@ -245,7 +269,11 @@ def _frozen_runner(
         return run_torch
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    name = "-".join(["frozen", config.backbone, str(top.boundary), str(top.train_blocks)])
+    # everything the exported graph bakes in: its input size and its weights
+    weights = "pretrained" if config.pretrained else f"random{config.seed}"
+    name = "-".join(
+        ["frozen", config.backbone, str(top.boundary), str(top.train_blocks), str(size), weights]
+    )
     onnx_path = cache_dir / f"{'-'.join([name, *_pooled_with(config)])}.onnx"
     if not onnx_path.exists():
         export_module_onnx(

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from snapshop.config import atomic_file
 from snapshop.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,32 @@ def seed_everything(seed: int) -> None:
     """Seed torch's generators (weight initialisation, dropout, ``randperm``). Loops draw their
     data order from their own seeded generators, so this is all a run needs to repeat."""
     torch.manual_seed(seed)
+
+
+def save_durably(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` through a synced temp file renamed over ``path``: a crash mid-write
+    leaves the previous file (or none), never a torn one."""
+    with atomic_file(path, sync=True) as fh:
+        torch.save(state, fh)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint :meth:`EpochLoop.end_epoch` wrote; anything else (torn by a crash, another
+    file) is a :class:`ConfigError` that names it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # unpickling a damaged file can raise almost any type
+        raise _not_resumable(path, f"unreadable, {type(exc).__name__}") from exc
+    if not isinstance(state, dict) or not {"epoch", "history"} <= state.keys():
+        raise _not_resumable(path, "no epoch and history in it")
+    return state
+
+
+def _not_resumable(path: Path, reason: str) -> ConfigError:
+    return ConfigError(
+        f"{path}: cannot resume from this checkpoint ({reason}); "
+        "delete it, or train without --resume"
+    )
 
 
 def make_optimizer(
@@ -123,17 +150,21 @@ class EpochLoop(ABC):
         path = self.checkpoint_path
         if not wanted or path is None or not path.exists():
             return 0
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.restore(state)
-        self.history = list(state["history"])
-        log.info("resumed from %s at epoch %d", path, int(state["epoch"]) + 1)
-        return int(state["epoch"]) + 1
+        state = load_checkpoint(path)
+        try:
+            self.restore(state)
+            history, epoch = list(state["history"]), int(state["epoch"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a foreign dict
+            raise _not_resumable(path, f"{type(exc).__name__}: {exc}") from exc
+        self.history = history
+        log.info("resumed from %s at epoch %d", path, epoch + 1)
+        return epoch + 1
 
     def end_epoch(self, record: dict[str, Any]) -> None:
         log.info("epoch %d/%d: %s", record["epoch"] + 1, self.epochs, self.describe(record))
         if self.checkpoint_path is not None:
             state = {"epoch": record["epoch"], "history": self.history}
-            torch.save({**self.checkpoint_state(), **state}, self.checkpoint_path)
+            save_durably({**self.checkpoint_state(), **state}, self.checkpoint_path)
         self.on_epoch(record)
 
     def run(self, resume: bool = False) -> list[dict[str, Any]]:

@@ -40,7 +40,14 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from snapshop.allocator import keep_freed_memory
-from snapshop.data.manifest import ManifestRow, RowSelection, matches, parse_where, select_rows
+from snapshop.data.manifest import (
+    ManifestRow,
+    RowSelection,
+    check_matches,
+    matches,
+    parse_where,
+    select_rows,
+)
 from snapshop.errors import ConfigError
 from snapshop.models.export import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from snapshop.models.heads import POOLINGS, create_embedding_net
@@ -253,6 +260,10 @@ class NormSoftmaxTrainer(EpochLoop):
     def check_data(self) -> None:
         if len(self.classes) < 2:
             raise ConfigError(f"training needs at least 2 products, got {len(self.classes)}")
+        eval_gallery = [r for r in self.eval_rows or () if r.role == "gallery"]
+        check_matches(
+            eval_gallery, self.gallery_where or {}, "gallery_where", "evaluation gallery rows"
+        )
         if self.eval_rows:
             overlap = set(self.classes) & {r.sku for r in self.eval_rows}
             if overlap:

@@ -54,13 +54,14 @@ def add_product(
         records.append(CatalogRecord(sku, Path("upload") / (upload.filename or f"{n}"),
                                      meta, data=data, packshot=packshot))  # fmt: skip
     catalog = state.catalog
-    created = catalog.find_product(sku) is None
     report = state.ingest(records)
     product = catalog.find_product(sku)
     if product is None:  # every image failed after validation (should not happen)
-        raise ApiError(400, "no image could be ingested")
+        reasons = "; ".join(f"{source}: {reason}" for source, reason in report.failed)
+        raise ApiError(400, f"no image could be ingested ({reasons or 'no reason given'})")
     return IngestOut(
-        product=product_out(product, catalog.images_of(product.id)), created=created,
+        product=product_out(product, catalog.images_of(product.id)),
+        created=product.id in report.created,
         added=report.added, skipped=report.skipped, crops=report.crops,
         failed=[IngestFailure(source=s, reason=r) for s, r in report.failed],
     )  # fmt: skip

@@ -3,7 +3,7 @@
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from snapshop.detect.base import Box
 from snapshop.images import DecodeLimits
@@ -45,13 +45,22 @@ def run_search(
     return search_response(result, (time.perf_counter() - start) * 1e3, decode_ms)
 
 
+async def one_image(request: Request) -> None:
+    """FastAPI would take the last of several ``image`` parts and drop the others unseen."""
+    form = await request.form()  # parsed once: FastAPI reads the same cached form
+    if len(form.getlist("image")) > 1:
+        raise ApiError(400, "send one image part, not several")
+
+
 def router(settings: ServiceSettings) -> APIRouter:
     Image = Annotated[UploadFile, File(description=f"query photo: {image_limits(settings)}")]
     K = Annotated[int | None, Form(ge=1, le=settings.max_k, description="results per list")]
     routes = APIRouter(prefix="/v1", tags=["search"], responses=SEARCH_ERRORS)
     body_limit = settings.max_search_request_bytes
 
-    @routes.post("/search", response_model=SearchResponse, description=(
+    single = [Depends(one_image)]
+
+    @routes.post("/search", response_model=SearchResponse, dependencies=single, description=(
         "Whole-image results plus item results for each detected garment position "
         f"(min_price <= max_price, else 400). The request body is at most {body_limit} bytes."
     ))  # fmt: skip
@@ -68,7 +77,7 @@ def router(settings: ServiceSettings) -> APIRouter:
         return run_search(state, image, k, ProductFilter(category or None, min_price, max_price),
                           detect=detect, position=check_position(position))  # fmt: skip
 
-    @routes.post("/search/crop", response_model=SearchResponse, description=(
+    @routes.post("/search/crop", response_model=SearchResponse, dependencies=single, description=(
         "Item results for one box: x1 < x2, y1 < y2 in query-image pixels, at least 8x8 "
         "pixels inside the image (else 400); min_price <= max_price. The request body is at "
         f"most {body_limit} bytes."
