@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 _numbers = itertools.count()
@@ -31,3 +35,23 @@ def fresh_database(server_dsn: str) -> Iterator[str]:
     finally:
         with psycopg.connect(server_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def database_folder(prefix: str) -> Iterator[Path]:
+    """A folder for one ``snapshop db`` server; whatever runs there is stopped afterwards.
+
+    Made with mkdtemp and world-traversable: as root the server runs as another account, and
+    pytest's own tmp tree is private to root."""
+    from snapshop.dbserver import stop_database
+    from snapshop.errors import CatalogError, ConfigError
+
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    try:
+        yield root / "pg"
+    finally:
+        if (root / "pg" / "data" / "PG_VERSION").exists():
+            with contextlib.suppress(CatalogError, ConfigError):
+                stop_database(root / "pg")
+        shutil.rmtree(root, ignore_errors=True)

@@ -4,17 +4,15 @@ Every test stops what it started (fixture finalizer), so no server outlives the 
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from pg_helpers import database_folder
 from typer.testing import CliRunner
 
 from snapshop.cli import app
@@ -36,19 +34,8 @@ CLI = [sys.executable, "-c", "from snapshop.cli import app; app()"]
 
 @pytest.fixture
 def db_dir() -> Iterator[Path]:
-    """A folder for one database; whatever runs there is stopped afterwards.
-
-    Made with mkdtemp and world-traversable: as root the server runs as another account, and
-    pytest's own tmp tree is private to root."""
-    root = Path(tempfile.mkdtemp(prefix="snapshop-db-test-"))
-    root.chmod(0o755)
-    try:
-        yield root / "pg"
-    finally:
-        if (root / "pg" / "data" / "PG_VERSION").exists():
-            with contextlib.suppress(CatalogError, ConfigError):
-                stop_database(root / "pg")
-        shutil.rmtree(root, ignore_errors=True)
+    with database_folder("snapshop-db-test-") as folder:
+        yield folder
 
 
 def connect(dsn: str) -> psycopg.Connection:

@@ -204,6 +204,15 @@ def test_verify_detects_modified_onnx(lite0_model_dir: Path, tmp_path: Path) -> 
         Embedder(model_dir)  # verified by default: two embedding spaces under one model_id
 
 
+def with_card_field(model_dir: Path, copy: Path, field: str, value: object) -> Path:
+    """A copy of ``model_dir`` whose card says ``value`` for ``field``."""
+    shutil.copytree(model_dir, copy)
+    data = json.loads((copy / CARD_FILE).read_text())
+    data[field] = value
+    (copy / CARD_FILE).write_text(json.dumps(data))
+    return copy
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
@@ -219,11 +228,7 @@ def test_verify_detects_modified_onnx(lite0_model_dir: Path, tmp_path: Path) -> 
 def test_a_card_no_model_can_have_is_refused_on_read(
     lite0_model_dir: Path, tmp_path: Path, field: str, value: object, message: str
 ) -> None:
-    model_dir = tmp_path / "model"
-    shutil.copytree(lite0_model_dir, model_dir)
-    data = json.loads((model_dir / CARD_FILE).read_text())
-    data[field] = value
-    (model_dir / CARD_FILE).write_text(json.dumps(data))
+    model_dir = with_card_field(lite0_model_dir, tmp_path / "model", field, value)
     with pytest.raises(ModelError, match=message) as info:
         Embedder(model_dir, verify=False)
     assert str(model_dir) in str(info.value)
@@ -234,11 +239,7 @@ def test_a_card_that_disagrees_with_its_graph_is_refused(
     lite0_model_dir: Path, tmp_path: Path, field: str, value: int
 ) -> None:
     """A card naming another dim would put vectors of the wrong length into a catalog."""
-    model_dir = tmp_path / "model"
-    shutil.copytree(lite0_model_dir, model_dir)
-    data = json.loads((model_dir / CARD_FILE).read_text())
-    data[field] = value
-    (model_dir / CARD_FILE).write_text(json.dumps(data))
+    model_dir = with_card_field(lite0_model_dir, tmp_path / "model", field, value)
     with pytest.raises(ModelError, match="does not match the model card"):
         Embedder(model_dir)
 

@@ -5,15 +5,12 @@ Every test stops what it started, so no server outlives the suite."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from pg_helpers import database_folder
 from test_catalog_migrate import build_source
 
 from snapshop.catalog import sql
@@ -34,7 +32,7 @@ from snapshop.catalog.server import (
 )
 from snapshop.catalog.sql import mask_dsn, scrub_password
 from snapshop.catalog.store import open_store
-from snapshop.errors import CatalogError, CatalogUnavailableError, ConfigError
+from snapshop.errors import CatalogError, CatalogUnavailableError
 from snapshop.service.routes.service import HealthProbe
 
 pytestmark = pytest.mark.server
@@ -78,17 +76,8 @@ from snapshop import dbserver  # noqa: E402  (after the skip: it needs the packa
 
 @pytest.fixture
 def db_dir() -> Iterator[Path]:
-    """A folder for one database (world-traversable: as root the server runs as another
-    account); whatever runs there is stopped afterwards."""
-    root = Path(tempfile.mkdtemp(prefix="snapshop-defects-"))
-    root.chmod(0o755)
-    try:
-        yield root / "pg"
-    finally:
-        if (root / "pg" / "data" / "PG_VERSION").exists():
-            with contextlib.suppress(CatalogError, ConfigError):
-                dbserver.stop_database(root / "pg")
-        shutil.rmtree(root, ignore_errors=True)
+    with database_folder("snapshop-defects-") as folder:
+        yield folder
 
 
 def _hba_methods(data: Path) -> set[str]:

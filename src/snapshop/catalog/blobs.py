@@ -312,18 +312,25 @@ def _collect_temp_files(
         return
     with write_lock():  # index files are saved under it: none is half-written while we look
         for c in old:
-            current = _regular_file(c.path)
-            if current is None or file_age_stamp(current) > cutoff:
-                continue  # gone, or written to since the scan
-            try:
-                c.path.unlink()
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                log.warning("could not remove %s (%s)", c.path, exc)
-                continue
-            counts["temp_files_removed"] += 1
-            counts["bytes_freed"] += current.st_size
+            freed = _unlink_unchanged(c, cutoff)
+            if freed is not None:
+                counts["temp_files_removed"] += 1
+                counts["bytes_freed"] += freed
+
+
+def _unlink_unchanged(c: _Candidate, cutoff: float) -> int | None:
+    """Remove ``c`` if it is still the old regular file the scan saw; its bytes, or None."""
+    current = _regular_file(c.path)
+    if current is None or file_age_stamp(current) > cutoff:
+        return None  # gone, replaced by something else, or rewritten since the scan
+    try:
+        c.path.unlink()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("could not remove %s (%s)", c.path, exc)
+        return None
+    return current.st_size
 
 
 def _collect_shard(
@@ -376,15 +383,7 @@ def _collect_shard(
         for c in garbage:
             if c.sha256 is not None and store.references_sha256(c.sha256):
                 continue  # committed since the scan
-            current = _regular_file(c.path)
-            if current is None or file_age_stamp(current) > cutoff:
-                continue  # gone, replaced by something else, or rewritten since the scan
-            try:
-                c.path.unlink()
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                log.warning("could not remove %s (%s)", c.path, exc)
-                continue
-            counts["temp_files_removed" if c.sha256 is None else "orphans_removed"] += 1
-            counts["bytes_freed"] += current.st_size
+            freed = _unlink_unchanged(c, cutoff)
+            if freed is not None:
+                counts["temp_files_removed" if c.sha256 is None else "orphans_removed"] += 1
+                counts["bytes_freed"] += freed
