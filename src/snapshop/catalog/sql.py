@@ -268,6 +268,13 @@ class SqliteDatabase(Database):
             return self._db.execute(sql, params)
         except sqlite3.IntegrityError as exc:
             raise CatalogError(f"{self.location}: {exc}") from None
+        except sqlite3.OperationalError as exc:
+            reason = sqlite_storage_failure(exc)
+            if reason is None:
+                raise
+            raise CatalogError(
+                f"{self.location}: {reason}; nothing of this write was stored"
+            ) from None
 
     def vector_param(self, vector: NDArray[np.float32]) -> bytes:
         return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
@@ -280,10 +287,24 @@ class SqliteDatabase(Database):
         self._db.execute("BEGIN IMMEDIATE")
 
     def rollback(self) -> None:
-        self._db.execute("ROLLBACK")
+        # A COMMIT that failed for a full disk (or an I/O error) was rolled back by SQLite
+        # already; a second ROLLBACK would raise and hide why.
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def close(self) -> None:
         self._db.close()
+
+
+def sqlite_storage_failure(exc: sqlite3.Error) -> str | None:
+    """What a SQLite error says about the storage (the disk full, an I/O error), or None
+    for any other error."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return "the disk is full"
+    if code == sqlite3.SQLITE_IOERR:
+        return f"disk I/O error, is the disk full or failing? ({exc})"
+    return None
 
 
 class PgVector:

@@ -42,6 +42,7 @@ from snapshop.catalog.sql import (
     connect,
     is_server_target,
     pgvector_missing,
+    sqlite_storage_failure,
 )
 from snapshop.errors import CatalogError, CatalogUnavailableError, NotFoundError
 
@@ -171,6 +172,11 @@ class CatalogStore:
         try:
             self._db: Database = connect(target, readonly=readonly)
         except sqlite3.DatabaseError as exc:
+            storage = sqlite_storage_failure(exc)
+            if storage is not None:  # not the database's fault: say so, not "unusable"
+                raise CatalogError(
+                    f"{target}: cannot open the catalog database: {storage}"
+                ) from None
             raise CatalogError(f"{target}: not a usable catalog database ({exc})") from None
         self.engine: str = self._db.engine
         self.location: str = self._db.location
@@ -179,6 +185,11 @@ class CatalogStore:
             self.dim = self._open_schema(dim)
         except sqlite3.DatabaseError as exc:
             self._db.close()
+            storage = sqlite_storage_failure(exc)
+            if storage is not None:
+                raise CatalogError(
+                    f"{self.location}: cannot open the catalog database: {storage}"
+                ) from None
             raise CatalogError(f"{self.location}: not a usable catalog database ({exc})") from None
         except BaseException:
             self._db.close()

@@ -36,7 +36,10 @@ def write_faiss_atomic(index: faiss.Index, path: Path) -> None:
     fd, tmp = make_temp(path.parent, ".faiss")
     os.close(fd)
     try:
-        faiss.write_index(index, str(tmp))
+        try:
+            faiss.write_index(index, str(tmp))
+        except RuntimeError as exc:  # faiss reports a failed write (a full disk) this way
+            raise OSError(f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from None
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         tmp.replace(path)

@@ -148,8 +148,15 @@ def _jpeg_bytes(pixels: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def _save_jpeg(pixels: Image.Image, target: Path) -> Path:
-    with atomic_file(target) as fh:  # concurrent requests may both render, never tear
-        pixels.save(fh, format="JPEG", quality=82, optimize=True)
+def _save_jpeg(pixels: Image.Image, target: Path) -> Rendered:
+    """The thumbnail cached in ``target``; its bytes alone when the cache cannot be written
+    (a full disk, a read-only catalog): a cache must not turn a read into a failure."""
+    data = _jpeg_bytes(pixels)
+    try:
+        with atomic_file(target) as fh:  # concurrent requests may both render, never tear
+            fh.write(data)
+    except OSError as exc:
+        log.warning("thumbnail %s not cached (%s)", target, exc)
+        return data
     log.debug("thumbnail %s written", target)
     return target
