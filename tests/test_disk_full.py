@@ -80,3 +80,26 @@ def test_a_thumbnail_that_cannot_be_cached_is_still_served(tmp_path: Path) -> No
         assert response.status_code == 200, response.text
         assert response.headers["content-type"] == "image/jpeg"
         assert response.content[:2] == b"\xff\xd8"
+
+
+@pytest.mark.parametrize("kind", ["hnsw_sq", "ivfpq"])
+def test_a_save_interrupted_between_its_two_renames_is_refused_on_load(tmp_path, kind):
+    """The vectors file is renamed first: a crash before the main file follows leaves a
+    main file of the previous save beside vectors of the next, of the same shape."""
+    from snapshop.index.factory import create_index
+    from snapshop.index.reranked import RerankedIndex
+
+    rng = np.random.default_rng(0)
+    params = {"nlist": 4, "pq_m": 4} if kind == "ivfpq" else {}
+    saves = []
+    for n in range(2):
+        index = create_index(kind, 16, **params)
+        vectors = rng.standard_normal((300, 16)).astype(np.float32)
+        index.add(
+            np.arange(300, dtype=np.int64), vectors / np.linalg.norm(vectors, axis=1)[:, None]
+        )
+        index.save(tmp_path / f"{n}.idx")
+        saves.append(tmp_path / f"{n}.idx")
+    RerankedIndex.vectors_path(saves[1]).replace(RerankedIndex.vectors_path(saves[0]))
+    with pytest.raises(RuntimeError, match="do not match"):
+        RerankedIndex.load(saves[0])

@@ -492,6 +492,7 @@ class RerankedIndex:
             for start, rows in self._floats.chunks():
                 out[start : start + len(rows)] = rows
             out.flush()
+            fingerprint = vectors_fingerprint(out)
             del out
             with os.fdopen(fd, "wb") as fh:
                 np.savez(
@@ -505,6 +506,7 @@ class RerankedIndex:
                     alive=self._alive,
                     config=np.array(repr(self._config())),
                     token=np.array(token),
+                    vectors=np.array(fingerprint),
                     trained_on=np.array(self._trained_on),
                     format=np.array(FORMAT),
                 )
@@ -512,8 +514,9 @@ class RerankedIndex:
                 os.fsync(fh.fileno())
             with open(tmp_vec, "rb") as vf:
                 os.fsync(vf.fileno())
-            # The vectors first: a crash in between leaves a main file whose token does not
-            # match, which load refuses (the catalog then rebuilds from its store).
+            # The vectors first: a crash in between leaves a main file whose fingerprint of
+            # the vectors does not match, which load refuses (the catalog then rebuilds from
+            # its store).
             tmp_vec.replace(vec_path)
             tmp.replace(path)
         finally:
@@ -547,6 +550,7 @@ class RerankedIndex:
                 alive = data["alive"].astype(bool)
                 token = str(data["token"])
                 trained_on = int(data["trained_on"])
+                fingerprint = str(data["vectors"]) if "vectors" in data else None
             floats = np.load(cls.vectors_path(path), mmap_mode="r")
         except (OSError, ValueError, KeyError, SyntaxError) as exc:
             raise RuntimeError(f"cannot read {cls.kind} index ({exc})") from None
@@ -560,7 +564,11 @@ class RerankedIndex:
             train_min=int(config["train_min"]),
             **config["params"],
         )
-        if floats.shape != (len(labels), self.dim) or len(alive) != len(labels):
+        if (
+            floats.shape != (len(labels), self.dim)
+            or len(alive) != len(labels)
+            or (fingerprint is not None and fingerprint != vectors_fingerprint(floats))
+        ):
             raise RuntimeError("index and its vectors file do not match (interrupted save?)")
         if len(graph):
             self._index = faiss.deserialize_index(graph)
@@ -587,6 +595,18 @@ class RerankedIndex:
             "memory_bytes": self.memory_bytes(),
             "float_vectors": "memory-mapped .vectors.npy beside the index",
         }
+
+
+def vectors_fingerprint(vectors: NDArray[np.float32], samples: int = 256) -> str:
+    """A digest of a vectors file's shape and of rows spread over it: which save wrote the
+    file, told apart cheaply (a whole-file hash would read gigabytes on every open)."""
+    import hashlib
+
+    n = len(vectors)
+    rows = np.unique(np.linspace(0, max(n - 1, 0), min(n, samples)).astype(np.int64))
+    digest = hashlib.sha256(repr(vectors.shape).encode())
+    digest.update(np.ascontiguousarray(vectors[rows], dtype=np.float32).tobytes())
+    return digest.hexdigest()
 
 
 class HNSWSQIndex(RerankedIndex):
