@@ -129,8 +129,6 @@ class _RecordingClient:
 
 
 def test_close_closes_index_clients_and_the_store(tmp_path: Path) -> None:
-    import sqlite3
-
     catalog = create_catalog(tmp_path / "c", model_id="m", model_ref="m", dim=8)
     failing, healthy = _RecordingClient(fail=True), _RecordingClient()
     catalog.indexes["crops-upper"] = failing  # type: ignore[assignment]
@@ -138,20 +136,18 @@ def test_close_closes_index_clients_and_the_store(tmp_path: Path) -> None:
     with catalog as entered:
         assert entered is catalog
     assert failing.closed == 1 and healthy.closed == 1  # one failing does not keep others open
-    with pytest.raises(sqlite3.ProgrammingError):
-        catalog.store.counts()
+    with pytest.raises(CatalogError, match="is closed"):
+        catalog.counts()
     catalog.close()  # idempotent: clients are not closed twice
     assert healthy.closed == 1
 
 
 def test_with_block_closes_on_error(tmp_path: Path) -> None:
-    import sqlite3
-
     create_catalog(tmp_path / "c", model_id="m", model_ref="m", dim=8).close()
     client = _RecordingClient()
     with pytest.raises(KeyError), open_catalog(tmp_path / "c") as catalog:
         catalog.indexes["crops-upper"] = client  # type: ignore[assignment]
         raise KeyError("boom")
     assert client.closed == 1
-    with pytest.raises(sqlite3.ProgrammingError):
-        catalog.store.counts()
+    with pytest.raises(CatalogError, match="is closed"):
+        catalog.counts()

@@ -353,7 +353,7 @@ def test_index_kind_that_cannot_be_made_leaves_the_catalog_usable(
     add_vectors(cat, vecs)
     cat.close()
     card = read_json(tmp_path / "c" / "catalog.json")
-    with pytest.raises(CatalogError, match="cannot make a milvus index: .*SNAPSHOP_MILVUS_URI"):
+    with pytest.raises(CatalogError, match="milvus index.*SNAPSHOP_MILVUS_URI"):
         api.set_index_kind(tmp_path / "c", "milvus")
     with pytest.raises(CatalogError, match="cannot make a hnsw index"):
         api.set_index_kind(tmp_path / "c", "hnsw", {"m": "many"})

@@ -758,3 +758,15 @@ def test_uploading_a_stored_image_again_repairs_its_lost_or_damaged_copy(client,
     assert client.get(f"/v1/images/{image_id}").content == data
     pid = first.json()["product"]["id"]
     assert client.delete(f"/v1/products/{pid}", headers=AUTH).status_code == 200
+
+
+def test_a_crop_box_too_small_after_reduction_is_a_400(client):
+    """A 4,000-px photo is searched reduced to 2,048 px: a 12-px box is 6 px there, and says
+    so, instead of an answer with no results."""
+    buf = io.BytesIO()
+    Image.radial_gradient("L").resize((4000, 900)).save(buf, format="PNG")
+    box = {"x1": "100", "y1": "100", "x2": "112", "y2": "112"}
+    r = client.post("/v1/search/crop", files=upload(buf.getvalue(), "big.png", "image/png"),
+                    data=box)  # fmt: skip
+    assert r.status_code == 400, r.text
+    assert "too small once the photo is reduced" in r.json()["detail"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from snapshop.catalog.catalog import (
     CARD_FILE,
     Catalog,
     catalog_exists,
+    check_index_kind,
     create_catalog,
     open_catalog,
 )
@@ -20,7 +21,7 @@ from snapshop.catalog.server import is_server_target
 from snapshop.data.sources import CatalogRecord, read_source
 from snapshop.detect.base import Detector
 from snapshop.detect.factory import create_detector
-from snapshop.errors import CatalogError, ManifestError, NotFoundError
+from snapshop.errors import CatalogError, ConfigError, ManifestError, NotFoundError
 from snapshop.images import ImageSource
 from snapshop.index.choose import AUTO
 from snapshop.index.factory import INDEX_KINDS
@@ -34,6 +35,8 @@ from snapshop.search import (
     Searcher,
     SearchResult,
     check_flag,
+    check_int,
+    check_number,
     check_ranking,
 )
 from snapshop.verify import VerifyConfig
@@ -125,14 +128,15 @@ def index_source(
     catalog, embedder, created = _open_for_ingest(catalog_dir, model, index_kind)
     try:
         with catalog:
+            det = catalog_detector(catalog, detector)
+            # checks its settings: a refused one leaves the card as it was
+            ingestor = Ingestor(catalog, embedder, det, batch_size=batch_size, workers=workers)
             if catalog_views is not None:
                 catalog.record_catalog_views(catalog_views)
-            det = catalog_detector(catalog, detector)
             if detector is not None:
                 catalog.record_detector(detector if isinstance(detector, str) else detector.name)
             if progress_total:
                 progress_total(len(records))
-            ingestor = Ingestor(catalog, embedder, det, batch_size=batch_size, workers=workers)
             if ray is None:
                 report = ingestor.ingest(records, progress=progress, sync=sync)
             else:
@@ -207,6 +211,7 @@ def set_index_kind(catalog_dir: PathLike, kind: str, params: dict[str, Any] | No
     card = previous.replace(index_kind=kind)
     if params is not None or previous.index_kind != kind:  # old params fit the old kind
         card = card.replace(index_params=params or {})
+    check_index_kind(card.index_kind, dict(card.index_params), previous.dim)  # before the card
     write_card(path, card)
     try:
         catalog = open_catalog(catalog_dir)
@@ -278,11 +283,27 @@ def catalog_info(catalog_dir: PathLike) -> dict[str, Any]:
 
 
 def remove_products(
-    catalog_dir: PathLike, skus: Sequence[str] = (), *, ids: Sequence[int] = ()
+    catalog_dir: PathLike,
+    skus: Sequence[str] = (),
+    *,
+    ids: Sequence[int] = (),
+    missing_ok: bool = False,
 ) -> dict[str, int]:
     """Remove the products with these ``skus`` and these catalog ``ids`` (never guessed from
     one another: the sku "12" is not product 12); returns {sku: images removed}. Every key is
-    resolved first: an unknown one removes nothing."""
+    resolved first: an unknown one removes nothing (a typo must not go unnoticed), unless
+    ``missing_ok`` (a run cut short, run again: what it removed already is skipped); a key
+    of the wrong type removes nothing either (ConfigError: a sku is text, an id an integer;
+    ``skus`` is a list, never one string)."""
+    if isinstance(skus, str | bytes) or not isinstance(skus, Iterable):
+        raise ConfigError(f"skus must be a list of skus, not {skus!r} (one sku: [sku])")
+    if isinstance(ids, str | bytes) or not isinstance(ids, Iterable):
+        raise ConfigError(f"ids must be a list of product ids, not {ids!r}")
+    skus = list(skus)
+    for sku in skus:
+        if not isinstance(sku, str):
+            raise ConfigError(f"a sku is text, not {sku!r} (product ids go in ids)")
+    ids = [check_int("a product id", product_id, 1) for product_id in ids]
     if not skus and not ids:
         raise CatalogError("name at least one product to remove (a sku, or an id)")
     removed: dict[str, int] = {}
@@ -291,15 +312,22 @@ def remove_products(
         for sku in skus:
             found = catalog.find_product(sku)
             if found is None:
+                if missing_ok:
+                    continue
                 hint = (
                     f" (product id {sku}? ids are given as ids: --id {sku})"
                     if sku.isdigit()
-                    else ""
+                    else " (removed by an earlier run? --missing-ok skips what is gone)"
                 )
                 raise NotFoundError(f"no product with sku {sku!r}{hint}")
             targets[found.id] = found.sku
         for product_id in ids:
-            product = catalog.get_product(product_id)
+            try:
+                product = catalog.get_product(product_id)
+            except NotFoundError:
+                if missing_ok:
+                    continue
+                raise
             targets[product.id] = product.sku
         for product_id, sku in targets.items():
             removed[sku] = catalog.remove_product(product_id)
@@ -312,6 +340,8 @@ def collect_garbage(
     """Remove the catalog's blob files no image references (left by deletes before blobs were
     freed with their images, or by an ingest that died before committing) and temp files of
     interrupted blob writes, when older than ``grace_seconds``."""
+    check_flag("dry_run", dry_run)
+    grace_seconds = check_number("grace_seconds", grace_seconds, 0.0)
     with open_catalog(catalog_dir) as catalog:
         return catalog.collect_garbage(dry_run=dry_run, min_age_seconds=grace_seconds)
 
@@ -334,6 +364,27 @@ def migrate(
 
 
 # --- shop features (issue #18): more like this, similar-product export, duplicates -----------
+def check_output(path: PathLike, catalog_dir: PathLike, what: str) -> Path:
+    """``path`` as a Path if the ``what`` file can be written there: outside the catalog's
+    directory (a file there could replace the catalog's own), not a folder, and below a
+    folder or where one can be made; checked before the work, which may take long."""
+    path = Path(path)
+    target = path.resolve()
+    if not is_server_target(catalog_dir):
+        catalog = Path(catalog_dir).resolve()
+        if target == catalog or catalog in target.parents:
+            raise ConfigError(
+                f"{path}: the {what} would be written inside the catalog {catalog_dir};"
+                " write it outside the catalog's directory"
+            )
+    if target.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the {what}'s file name")
+    parent = next(p for p in target.parents if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"{path}: {parent} is not a folder")
+    return path
+
+
 from typing import TYPE_CHECKING  # noqa: E402
 
 if TYPE_CHECKING:  # imported where used: they load faiss, which the CLI's start-up avoids
@@ -374,6 +425,7 @@ def recommend(
     unless ``restart`` (see ``snapshop.recommend``)."""
     from snapshop.recommend import export_similar
 
+    out = check_output(out, catalog_dir, "export")
     with open_catalog(catalog_dir) as catalog:
         return export_similar(
             catalog, out, k, position=position, batch_size=batch_size, restart=restart,
@@ -398,6 +450,9 @@ def duplicates(
     to ``out`` and as a page of side-by-side thumbnails to ``html`` when given."""
     from snapshop import duplicates as dup
 
+    check_flag("pixel_check", pixel_check)
+    out = None if out is None else check_output(out, catalog_dir, "CSV")
+    html = None if html is None else check_output(html, catalog_dir, "page")
     with open_catalog(catalog_dir) as catalog:
         if progress_total:
             progress_total(catalog.counts()["images"])
@@ -407,7 +462,7 @@ def duplicates(
             pixel_threshold=pixel if pixel_check else None, progress=progress,
         )  # fmt: skip
         if out is not None:
-            dup.write_csv(report.pairs, Path(out))
+            dup.write_csv(report.pairs, out)
         if html is not None:
-            dup.write_html(catalog, report, Path(html))
+            dup.write_html(catalog, report, html)
         return report

@@ -319,9 +319,17 @@ def catalog_remove(
             "--id", help="Catalog id of a product to remove (repeatable).", show_default=False
         ),
     ] = None,
+    missing_ok: Annotated[
+        bool,
+        typer.Option(
+            "--missing-ok",
+            help="Skip products that are not there (already removed), instead of removing nothing.",
+        ),
+    ] = False,
 ) -> None:
     """Remove products (their images, crops and vectors) from a catalog, by sku or --id."""
-    removed = run(lambda: api.remove_products(catalog, skus or [], ids=ids or []))
+    removed = run(lambda: api.remove_products(catalog, skus or [], ids=ids or [],
+                                              missing_ok=missing_ok))  # fmt: skip
     for sku, n in removed.items():
         out.print(f"removed product {terminal_text(sku)} ({n} images)", highlight=False)
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import numbers
+import operator
 import os
 import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, SupportsIndex, TypeVar
+
+import numpy as np
 
 from snapshop.errors import ConfigError
 
@@ -99,3 +105,29 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: file not found") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON ({exc})") from None
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """``value`` as an int if it is a whole number (a numpy integer too; not a bool, a float
+    or a string) from ``low`` to ``high`` (None: no upper bound), else a ConfigError naming
+    the option ``name``."""
+    number = None
+    if isinstance(value, SupportsIndex) and not isinstance(value, bool | np.bool_):
+        number = operator.index(value)
+    if number is None or number < low or (high is not None and number > high):
+        bounds = f">= {low}" if high is None else f"from {low} to {high}"
+        raise ConfigError(f"{name} must be a whole number {bounds}, not {value!r}")
+    return number
+
+
+def check_number(name: str, value: object, low: float, high: float = math.inf) -> float:
+    """``value`` as a float if it is a finite real number (a numpy one too; not a bool or a
+    string) from ``low`` to ``high``, else a ConfigError naming the option ``name``."""
+    number = math.nan
+    if not isinstance(value, bool) and isinstance(value, numbers.Real):
+        with contextlib.suppress(OverflowError):  # an int beyond any float
+            number = float(value)
+    if not (math.isfinite(number) and low <= number <= high):
+        bounds = f">= {low:g}" if high == math.inf else f"from {low:g} to {high:g}"
+        raise ConfigError(f"{name} must be a finite number {bounds}, not {value!r}")
+    return number

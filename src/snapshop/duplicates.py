@@ -32,7 +32,8 @@ from PIL import Image
 from snapshop.catalog.blobs import blob_file
 from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import ImageRow
-from snapshop.errors import CatalogError, ConfigError, ImageDecodeError
+from snapshop.config import check_int, check_number
+from snapshop.errors import CatalogError, ImageDecodeError
 from snapshop.images import load_image, stored_file_limits
 
 log = logging.getLogger(__name__)
@@ -126,11 +127,11 @@ def find_duplicates(
 ) -> DuplicateReport:
     """Near-duplicate image pairs across different products, best vector score first.
     ``pixel_threshold`` None: no pixel check (vector similarity alone)."""
-    for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
-        if value is not None and not -1.0 <= value <= 1.0:
-            raise ConfigError(f"{name} must be a similarity in [-1, 1], got {value}")
-    if neighbours < 1 or batch_size < 1:
-        raise ConfigError("neighbours and batch_size must be >= 1")
+    threshold = check_number("threshold", threshold, -1.0, 1.0)
+    if pixel_threshold is not None:
+        pixel_threshold = check_number("pixel_threshold", pixel_threshold, -1.0, 1.0)
+    neighbours = check_int("neighbours", neighbours, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     t0 = time.perf_counter()
     catalog.refresh()
     found = candidate_pairs(catalog, threshold, neighbours=neighbours, batch_size=batch_size,

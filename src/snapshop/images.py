@@ -13,6 +13,7 @@ one full-size bitmap) whatever the number of concurrent requests.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -20,6 +21,7 @@ import numbers
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from snapshop.allocator import return_large_blocks
-from snapshop.errors import ImageDecodeError
+from snapshop.errors import ConfigError, ImageDecodeError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 ImageSource = str | os.PathLike[str] | bytes
 _BOMB = "too many pixels, possible decompression bomb"
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 def pil_pixel_ceiling() -> int | None:
@@ -227,19 +230,68 @@ def _upright(image: Image.Image, name: str) -> Image.Image:
 
 
 def load_image(
-    source: ImageSource,
+    source: ImageSource | bytearray | memoryview | Image.Image,
     limits: DecodeLimits = DecodeLimits(),
 ) -> Image.Image:
-    """Decode ``source`` (a path or the file's bytes) into an RGB ``PIL.Image``.
+    """Decode ``source`` (a path or the file's bytes) into an RGB ``PIL.Image``; an image
+    already opened with PIL follows the same rules (limits, EXIF orientation, RGB), on a copy.
 
     Raises :class:`ImageDecodeError` naming the file and the reason for: missing, empty,
     oversized or truncated files, non-images, unsupported formats and images over
-    ``limits.max_pixels`` (checked from the header, before decoding).
+    ``limits.max_pixels`` (checked from the header, before decoding); a ConfigError for a
+    ``source`` of another type.
     """
+    if isinstance(source, Image.Image):
+        with _decode_gate:
+            return _normalise(source, "<PIL image>", limits)
+    if isinstance(source, bytearray | memoryview):
+        source = bytes(source)
+    if not isinstance(source, str | bytes | os.PathLike):
+        raise ConfigError(
+            "an image is given as a path, the file's bytes or a PIL image, not"
+            f" {type(source).__name__}"
+        )
     name = _source_name(source)
     data = read_bytes(source, limits)
     with _decode_gate:
         return _decode(data, name, limits)
+
+
+def _check_size(width: int, height: int, name: str, limits: DecodeLimits) -> None:
+    if width < limits.min_side or height < limits.min_side:
+        raise ImageDecodeError(name, f"image has no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise ImageDecodeError(
+            name,
+            f"image is {width}x{height} = {width * height} pixels, limit is {limits.max_pixels}"
+            " (possible decompression bomb)",
+        )
+
+
+@contextlib.contextmanager
+def _decode_errors(name: str) -> Iterator[None]:
+    """Every failure while pixels are decoded or converted, as an ImageDecodeError."""
+    try:
+        yield
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(name, f"{_BOMB} ({exc})") from None
+    except MemoryError:
+        raise ImageDecodeError(name, "out of memory while decoding") from None
+    except Exception as exc:  # malformed data surfaces as many exception types
+        raise ImageDecodeError(name, f"corrupt or truncated image data ({exc})") from None
+
+
+def _normalise(image: Image.Image, name: str, limits: DecodeLimits) -> Image.Image:
+    """A caller's PIL image as :func:`_decode` leaves a file's: the caller's object is not
+    changed (orientation and reduction work in place, so on a copy, made only when needed:
+    the service passes images it decoded already)."""
+    _check_size(*image.size, name, limits)
+    with _decode_errors(name):
+        image.load()
+        small = limits.max_side is None or max(image.size) <= limits.max_side
+        if image.mode == "RGB" and small and image.getexif().get(_ORIENTATION, 1) == 1:
+            return image
+        return _upright_rgb(image.copy(), name, limits, image.size)
 
 
 def _decode(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
@@ -263,35 +315,31 @@ def _decode(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
     if image.format not in SUPPORTED_FORMATS:
         raise ImageDecodeError(name, f"unsupported format {image.format}")
     width, height = image.size
-    if width < limits.min_side or height < limits.min_side:
-        raise ImageDecodeError(name, f"image has no pixels ({width}x{height})")
-    if width * height > limits.max_pixels:
-        raise ImageDecodeError(
-            name,
-            f"image is {width}x{height} = {width * height} pixels, limit is {limits.max_pixels}"
-            " (possible decompression bomb)",
-        )
-    try:
+    _check_size(width, height, name, limits)
+    with _decode_errors(name):
         if limits.max_side is not None and max(width, height) > limits.max_side:
             # JPEG decodes at 1/2, 1/4 or 1/8 scale directly: the full-size bitmap never exists.
             scale = limits.max_side / max(width, height)
             image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
         # Multi-frame files (GIF, APNG, MPO, TIFF) open on their first frame: that one is used.
         image.load()
-        stored_size = image.size
-        upright = _upright(image, name)
-        if upright.size != stored_size:  # a quarter turn: the axes swap
-            width, height = height, width
-        if upright.mode in _RESIZABLE_MODES:  # reduce before the RGB copy is made
-            upright = _reduce(upright, limits.max_side)
-        rgb = _reduce(_to_rgb(upright), limits.max_side)
-        rgb.load()
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(name, f"{_BOMB} ({exc})") from None
-    except MemoryError:
-        raise ImageDecodeError(name, "out of memory while decoding") from None
-    except Exception as exc:  # malformed data surfaces as many exception types
-        raise ImageDecodeError(name, f"corrupt or truncated image data ({exc})") from None
+        return _upright_rgb(image, name, limits, (width, height))
+
+
+def _upright_rgb(
+    image: Image.Image, name: str, limits: DecodeLimits, size: tuple[int, int]
+) -> Image.Image:
+    """Loaded ``image`` (of a file ``size`` (width, height) big) turned upright, in RGB and
+    reduced to ``limits.max_side``; it remembers ``size`` when reduced."""
+    width, height = size
+    stored_size = image.size
+    upright = _upright(image, name)
+    if upright.size != stored_size:  # a quarter turn: the axes swap
+        width, height = height, width
+    if upright.mode in _RESIZABLE_MODES:  # reduce before the RGB copy is made
+        upright = _reduce(upright, limits.max_side)
+    rgb = _reduce(_to_rgb(upright), limits.max_side)
+    rgb.load()
     if rgb.size != (width, height):
         rgb.info[ORIGINAL_SIZE] = (width, height)
     return rgb

@@ -34,6 +34,7 @@ from snapshop.catalog.catalog import DB_FILE, LOCK_FILE, Catalog
 from snapshop.catalog.server import thumbnail_jpeg
 from snapshop.catalog.store import CatalogStore, NewCrop, Product, open_store
 from snapshop.catalog.write import CatalogWrite
+from snapshop.config import check_int
 from snapshop.data.sources import CatalogRecord
 from snapshop.detect.base import (
     PRODUCT,
@@ -59,6 +60,8 @@ from snapshop.models.runtime import usable_cores
 from snapshop.models.tta import is_packshot, mean_view, packshot_views
 
 log = logging.getLogger(__name__)
+
+MAX_BATCH_SIZE = 512  # images a batch holds decoded at once
 
 
 @dataclass
@@ -307,17 +310,21 @@ class Ingestor:
         ``mappers`` threads decode, detect and embed, one photo each at a time, while the
         writer commits the batch before (issue #16; :func:`embed_one`): the decode workers
         then only read, hash and skip known images. None: one per core; 0: the photos are
-        decoded by the workers and detected and embedded in this thread, one batch at a time."""
+        decoded by the workers and detected and embedded in this thread, one batch at a time.
+
+        ``batch_size`` is 1 to :data:`MAX_BATCH_SIZE` images (the CLI's range): the others are
+        a ConfigError, before anything is read."""
+        self.batch_size = check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+        self.save_every = check_int("save_every", save_every, 1)
+        self.prefetch_batches = check_int("prefetch_batches", prefetch_batches, 1)
+        cores = min(4, os.cpu_count() or 1)
+        self.workers = cores if workers is None else check_int("workers", workers, 0)
+        self.mappers = usable_cores() if mappers is None else check_int("mappers", mappers, 0)
         catalog.check_model(embedder.model_id)
         self.catalog = catalog
         self.embedder = embedder
         self.detector = detector
-        self.batch_size = batch_size
-        self.save_every = save_every
         self.limits = limits
-        self.workers = min(4, os.cpu_count() or 1) if workers is None else max(0, workers)
-        self.prefetch_batches = max(1, prefetch_batches)
-        self.mappers = usable_cores() if mappers is None else max(0, mappers)
 
     def update_known(self, records: Sequence[CatalogRecord], report: IngestReport) -> None:
         """Count images the catalog already holds; a known image whose record carries changed
@@ -538,6 +545,7 @@ class Ingestor:
             pending: deque[tuple[Future[_Outcome], CatalogRecord]] = deque()
             source = iter(records)
             db_path, blob_dir = self.catalog.store_target, self._blob_dir()
+            handled = False
             while True:
                 try:
                     while len(pending) < window and (record := next(source, None)) is not None:
@@ -547,6 +555,8 @@ class Ingestor:
                         return
                     outcome = pending[0][0].result()
                 except BrokenProcessPool:
+                    if not handled:
+                        raise IngestError(_WORKERS_DIED_STARTING) from None
                     at = f" at or after {pending[0][1].path}" if pending else ""
                     raise IngestError(
                         f"a decode worker process died (killed, or out of memory){at};"
@@ -554,6 +564,7 @@ class Ingestor:
                         " to continue (with 0 workers, images are decoded in this process)"
                     ) from None
                 pending.popleft()
+                handled = True
                 yield outcome
 
     def _sync(self, records: Sequence[CatalogRecord]) -> int:
@@ -696,6 +707,15 @@ def decode(
 
 
 # --- decode workers (issue #6) ------------------------------------------------------------------
+# Workers are spawned: each re-imports the main script, so a script that ingests at its top level
+# starts an ingest inside every worker, which multiprocessing refuses: the worker exits at once.
+_WORKERS_DIED_STARTING = (
+    "the decode worker processes died before handling any image. Most likely the ingest was"
+    ' started at the top level of a script without `if __name__ == "__main__":`: decode'
+    " workers are started with the spawn method, which runs the script's top level again in"
+    " each worker. Put the calls under that guard, or pass workers=0 to decode in this process"
+    " (a worker killed, or out of memory, is the other cause)"
+)
 _worker_stores: dict[str, CatalogStore] = {}
 _PARENT_POLL_SECONDS = 0.5
 

@@ -28,10 +28,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.catalog.catalog import Catalog
-from snapshop.config import atomic_file
+from snapshop.config import atomic_file, check_int
 from snapshop.errors import ConfigError
 from snapshop.product_vectors import ProductVectors
-from snapshop.search import MAX_K
+from snapshop.search import check_k
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +152,7 @@ def export_similar(
     or of the crops at ``position``) to ``out`` (.csv, or .parquet when pyarrow is there):
     one row per (product, rank) with the columns of ``COLUMNS``, ranks from 1, products in id
     order. Continues an interrupted export of the same ``out`` unless ``restart``."""
-    if not 1 <= k <= MAX_K:
-        raise ConfigError(f"k must be between 1 and {MAX_K}, got {k}")
-    if batch_size < 1:
-        raise ConfigError("batch_size must be >= 1")
+    k, batch_size = check_k(k), check_int("batch_size", batch_size, 1)
     out = Path(out)
     fmt = output_format(out)
     out.parent.mkdir(parents=True, exist_ok=True)

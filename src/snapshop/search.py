@@ -30,6 +30,7 @@ from PIL import Image
 
 from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import Product
+from snapshop.config import check_int, check_number
 from snapshop.detect.base import Box, Detection, Detector, frame_crop, keep_best_per_position
 from snapshop.errors import ConfigError, NotFoundError
 from snapshop.images import DecodeLimits, ImageSource, load_image, original_size, scale_to_original
@@ -59,6 +60,11 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
+def check_k(k: object) -> int:
+    """``k`` (results per list) as an int from 1 to :data:`MAX_K`, else a ConfigError."""
+    return check_int("k", k, 1, MAX_K)
+
+
 def check_ranking(ranking: str) -> str:
     """``ranking`` if it is one of :data:`RANKINGS`, else a ConfigError."""
     if ranking not in RANKINGS:
@@ -75,10 +81,12 @@ class ProductFilter:
     max_price: float | None = None
 
     def __post_init__(self) -> None:
+        if self.category is not None and not isinstance(self.category, str):
+            raise ConfigError(f"category must be text, not {self.category!r}")
         for name in ("min_price", "max_price"):
             value = getattr(self, name)
-            if value is not None and (not np.isfinite(value) or value < 0):
-                raise ConfigError(f"{name} must be a non-negative number")
+            if value is not None:  # a float: what the catalog's databases compare prices as
+                object.__setattr__(self, name, check_number(name, value, 0.0))
         if (
             self.min_price is not None
             and self.max_price is not None
@@ -277,9 +285,9 @@ class Searcher:
         self.embedder = embedder
         self.detector = detector
         self.limits = limits
-        # Each search first picks up other writers' changes. A host that refreshes under its
-        # own exclusive lock (the service) turns this off: a refresh mutates the indexes and
-        # must never run beside another thread's search.
+        # Each search first picks up other writers' changes (``refresh``: it waits for the
+        # searches in flight). A host that refreshes at its own moments (the service) turns
+        # this off.
         self.auto_refresh = True
         self.filter_resolver = FilterResolver(catalog)
         self._product_vectors: ProductVectors | None = None
@@ -350,10 +358,19 @@ class Searcher:
 
     def refresh(self) -> None:
         """Pick up writes since the last refresh: the catalog's indexes, and the product
-        vectors once they are in use (not saved here: the next open reconciles its cache)."""
-        self.catalog.refresh()
-        if self._product_vectors is not None:
-            self._product_vectors.refresh(save=False)
+        vectors once they are in use (not saved here: the next open reconciles its cache).
+        Both change in place, so this holds the catalog's index lock exclusively, once the
+        searches in flight are done (and takes it only when the store moved)."""
+        pv = self._product_vectors
+        generation = self.catalog.generation
+        if self.catalog.refreshed_generation == generation and (
+            pv is None or pv.generation == generation
+        ):
+            return
+        with self.catalog.index_lock.write():
+            self.catalog.refresh()
+            if pv is not None:
+                pv.refresh(save=False)
 
     def _hits(self, found: list[tuple[int, float, int]], crops: bool = False) -> list[ProductHit]:
         """Hits for ``found`` [(product, score, entry)]; entries are crop ids when ``crops``."""
@@ -406,25 +423,28 @@ class Searcher:
         among the returned products' own images only.
         """
         if check_ranking(ranking or self.ranking) == "image":
-            index = self.catalog.index(None)
-            if index is None:
+            with self.catalog.reading():  # no refresh or write changes the index meanwhile
+                index = self.catalog.index(None)
+                if index is None:
+                    return []
+                owners = functools.partial(self.catalog.owners, None)
+                accept, allowed = self._accept(filters), self._allowed(None, filters)
+                found = top_products(index, query, k, owners, accept, allowed)
+            return self._hits(found)
+        pv = self.product_vectors  # first: making them refreshes, which takes the write side
+        with self.catalog.reading():  # ``refresh`` changes the product index under the other
+            product_index = pv.index(None)
+            allowed = None
+            if filters is not None and filters.active:
+                ids, _ = pv.vectors(None)
+                allowed = self.filter_resolver.allowed_products(ids, filters, pv.generation)
+            total = len(product_index) if allowed is None else len(allowed)
+            if total == 0:
                 return []
-            owners = functools.partial(self.catalog.owners, None)
-            accept, allowed = self._accept(filters), self._allowed(None, filters)
-            return self._hits(top_products(index, query, k, owners, accept, allowed))
-        pv = self.product_vectors
-        product_index = pv.index(None)
-        allowed = None
-        if filters is not None and filters.active:
-            ids, _ = pv.vectors(None)
-            allowed = self.filter_resolver.allowed_products(ids, filters, pv.generation)
-        total = len(product_index) if allowed is None else len(allowed)
-        if total == 0:
-            return []
-        hits = product_index.search(query.reshape(1, -1), min(k, total), allowed=allowed)
-        ranked = [(int(p), float(s)) for p, s in zip(hits.ids[0], hits.scores[0], strict=True)
-                  if p >= 0]  # fmt: skip
-        shown = pv.best_entries(query, [p for p, _ in ranked])
+            hits = product_index.search(query.reshape(1, -1), min(k, total), allowed=allowed)
+            ranked = [(int(p), float(s)) for p, s in zip(hits.ids[0], hits.scores[0], strict=True)
+                      if p >= 0]  # fmt: skip
+            shown = pv.best_entries(query, [p for p, _ in ranked])
         return self._hits([(p, s, shown[p][0]) for p, s in ranked if p in shown])
 
     def search(
@@ -447,12 +467,11 @@ class Searcher:
         Kept as one function, the query path read top to bottom with its per-stage timings
         (decode, detect, embed, search).
         """
-        if not 1 <= k <= MAX_K:
-            raise ConfigError(f"k must be between 1 and {MAX_K}, got {k}")
+        k = check_k(k)
         flip = self.flip_query if flip_query is None else check_flag("flip_query", flip_query)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        image = source if isinstance(source, Image.Image) else load_image(source, self.limits)
+        image = load_image(source, self.limits)  # a PIL image too: it gets the files' rules
         t1 = time.perf_counter()
         timings["decode"] = (t1 - t0) * 1e3
         if self.auto_refresh:
@@ -488,6 +507,11 @@ class Searcher:
         mode = self.catalog.crop_mode
         cropped = [(r, frame_crop(image, r[3].scaled(1 / sx, 1 / sy), mode)) for r in regions]
         regions = [r for r, pixels in cropped if pixels is not None]
+        if box is not None and not regions:  # 8x8 in the file, less in the reduced decode
+            raise ConfigError(
+                f"the box is too small once the photo is reduced to {image.width}x"
+                f"{image.height} pixels for searching: draw a larger one"
+            )
         crop_vectors = self.embedder.embed_images([p for _, p in cropped if p is not None])
         photo = photo_vector.result()
         if mirrored is not None:
@@ -511,13 +535,14 @@ class Searcher:
         for (pos, label, score, region_box), vec in zip(regions, vectors[1:], strict=True):
             targets = [pos] if pos != "box" else store.crop_positions()
             merged: list[tuple[int, float, int]] = []
-            for target in targets:
-                index = self.catalog.index(target)
-                if index is None:
-                    continue
-                owners = functools.partial(self.catalog.owners, target)
-                allowed = self._allowed(target, filters)
-                merged += top_products(index, vec, k, owners, accept, allowed)
+            with self.catalog.reading():  # no refresh or write changes the indexes meanwhile
+                for target in targets:
+                    index = self.catalog.index(target)
+                    if index is None:
+                        continue
+                    owners = functools.partial(self.catalog.owners, target)
+                    allowed = self._allowed(target, filters)
+                    merged += top_products(index, vec, k, owners, accept, allowed)
             best_of_product: dict[int, tuple[int, float, int]] = {}
             for item in sorted(merged, key=lambda t: -t[1]):
                 best_of_product.setdefault(item[0], item)

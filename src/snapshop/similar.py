@@ -10,8 +10,10 @@ a result.
 from __future__ import annotations
 
 import functools
+import operator
 import time
 from collections.abc import Callable, Sequence
+from typing import SupportsIndex
 
 import numpy as np
 from numpy.typing import NDArray
@@ -20,11 +22,11 @@ from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import CatalogStore, CropRow, Product
 from snapshop.errors import CatalogError, ConfigError
 from snapshop.search import (
-    MAX_K,
     ItemResult,
     ProductFilter,
     ProductHit,
     SearchResult,
+    check_k,
     top_products,
 )
 
@@ -32,7 +34,12 @@ Found = tuple[int, float, int]  # (product id, score, entry id: image id or crop
 
 
 def find_product(store: CatalogStore, key: str | int) -> Product:
-    """The product whose sku is ``key`` or, failing that, whose integer id it is."""
+    """The product whose sku is ``key`` or, failing that, whose integer id it is (an int, or
+    a string of digits that is no sku)."""
+    if isinstance(key, bool | np.bool_) or not isinstance(key, str | SupportsIndex):
+        raise ConfigError(
+            f"a product is named by its sku (text) or its id (an integer), not {key!r}"
+        )
     if isinstance(key, str):
         found = store.find_product(key)
         if found is not None:
@@ -40,7 +47,7 @@ def find_product(store: CatalogStore, key: str | int) -> Product:
         if not key.strip().isdigit():
             raise CatalogError(f"no product with sku {key!r}")
     try:
-        return store.get_product(int(key))
+        return store.get_product(int(key) if isinstance(key, str) else operator.index(key))
     except CatalogError:
         raise CatalogError(f"no product with id or sku {key!r}") from None
 
@@ -140,8 +147,7 @@ def similar_products(
     ``refresh``: first pick up other writers' changes (a host that refreshes the catalog
     under its own lock, as the service does for searches, passes False).
     """
-    if not 1 <= k <= MAX_K:
-        raise ConfigError(f"k must be between 1 and {MAX_K}, got {k}")
+    k = check_k(k)
     t0 = time.perf_counter()
     if refresh:
         catalog.refresh()

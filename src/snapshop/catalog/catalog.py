@@ -20,6 +20,7 @@ import datetime as dt
 import fcntl
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,23 +75,172 @@ def index_name(position: str | None) -> str:
     return IMAGES if position is None else f"crops-{position}"
 
 
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation).
+
+    The vector indexes are not safe to search while they are being modified, so searches
+    hold the read side and anything that changes an index holds the write side.
+
+    Re-entrant: the writer may take either side again, and a reader may read again even
+    while a writer waits (it would wait on itself). A reader that asks for the write side
+    gives its reads up while it waits and gets them back when it lets go, rather than
+    deadlock with another reader doing the same: what it had read may have changed then.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers: dict[int, int] = {}  # thread -> how many reads it holds
+        self._writer: int | None = None
+        self._write_depth = 0
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer != me and me not in self._readers:
+                while self._writer is not None or self._writers_waiting:
+                    self._cond.wait()
+            self._readers[me] = self._readers.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers[me] -= 1
+                if not self._readers[me]:
+                    del self._readers[me]
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            reads = 0
+            if self._writer == me:
+                self._write_depth += 1
+            else:
+                reads = self._readers.pop(me, 0)
+                if reads:
+                    self._cond.notify_all()
+                self._writers_waiting += 1
+                try:
+                    while self._writer is not None or self._readers:
+                        self._cond.wait()
+                except BaseException:
+                    if reads:
+                        self._readers[me] = reads
+                    raise
+                finally:
+                    self._writers_waiting -= 1
+                self._writer, self._write_depth = me, 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._write_depth -= 1
+                if not self._write_depth:
+                    self._writer = None
+                    if reads:  # no other writer can be in between: a downgrade
+                        self._readers[me] = reads
+                    self._cond.notify_all()
+
+
+def check_index_kind(kind: str, params: dict[str, Any] | None, dim: int) -> None:
+    """CatalogError unless ``kind`` with ``params`` makes an index of ``dim`` (for ``auto``:
+    its budget, and the parameters it keys by kind), checked before a card names them: an
+    index the catalog cannot make leaves it unopenable. A local kind is made and dropped; a
+    server kind (pgvector, milvus) would make its table or collection, so only its name and
+    address are checked here and the rest when the catalog first makes it."""
+    params = dict(params or {})
+    if kind == AUTO:
+        try:
+            IndexBudget.from_dict(params.get("budget"))
+        except (TypeError, ValueError) as exc:
+            raise CatalogError(
+                f"index_kind auto: bad budget {params.get('budget')!r} ({exc})"
+            ) from None
+        for name, override in params.items():
+            if name != "budget":
+                check_index_kind(name, override if isinstance(override, dict) else {}, dim)
+        return
+    if kind in _SERVER_KINDS:
+        from snapshop.index.milvus import URI_ENV
+
+        if kind == "milvus" and not (params.get("uri") or os.environ.get(URI_ENV)):
+            raise CatalogError(f"a milvus index needs a Milvus URI (uri, or ${URI_ENV})")
+        return
+    _make_local_index(kind, dim, params)
+
+
+_SERVER_KINDS = frozenset({"pgvector", "milvus"})
+
+
+def _make_local_index(kind: str, dim: int, params: dict[str, Any]) -> VectorIndex:
+    """A new, empty index of a local ``kind``; CatalogError (VectorIndexError) if ``params``
+    are refused, or if even empty it would take more memory than this host has (an ``nlist``
+    of a billion is accepted by the backend, and would never be trained)."""
+    index = create_index(kind, dim, **params)
+    memory = getattr(index, "memory_bytes", None)
+    host = _host_memory()
+    if memory is not None and host and int(memory()) > host:
+        raise CatalogError(
+            f"a {kind} index with {params} needs {int(memory()):,} bytes before it holds a"
+            f" vector, more than this host's {host:,}"
+        )
+    return index
+
+
+def _host_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not every platform tells
+        return 0
+
+
 class Catalog:
-    """Open catalog directory. Thread-safe; writers across processes serialise on a file lock."""
+    """Open catalog directory. Thread-safe; writers across processes serialise on a file lock.
+
+    Locks, taken in this order and never the other way round: the write lock (``_lock``, a
+    thread lock, then the ``flock``), then :attr:`index_lock`. Searches hold its read side
+    (:meth:`reading`) while they use the indexes; a refresh and a write's index changes
+    hold its write side, so they wait for the searches in flight and new searches wait for
+    them. A search never needs the write lock, so a write in another process cannot stall
+    it, and a writer waiting for the searches holds nothing they need.
+    """
 
     def __init__(self, directory: Path | None, card: CatalogCard, store: CatalogStore) -> None:
+        self._closed = False
         self._directory = None if directory is None else Path(directory)
         self.location = str(directory) if directory is not None else store.location
         self.card = card
-        self.store = store
+        self._store = store
         self.dim: int = card.dim
         self.index_kind, self.index_params = self._resolve_index_kind()
+        if self.index_kind in MEASURED_KINDS:  # a server kind is checked by making it, below
+            _make_local_index(self.index_kind, self.dim, self.index_params)
         self.measured: dict[str, dict[str, Any]] = {}  # index name -> its measured card entry
         self._lock = threading.RLock()
         self._flock_depth = 0  # write_lock nesting in the thread that holds self._lock
+        self.index_lock = ReadWriteLock()
         self.indexes: dict[str, VectorIndex] = {}
         self._owner_cache: dict[str, dict[int, int]] = {}
+        self._owner_lock = threading.Lock()  # a leaf: searches take it under the read side
         self._generation = -1
         self.refresh(force=True)
+
+    @property
+    def store(self) -> CatalogStore:
+        """The catalog's rows (CatalogError once the catalog is closed)."""
+        self._check_open()
+        return self._store
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CatalogError(f"catalog {self.location} is closed")
 
     def _resolve_index_kind(self) -> tuple[str, dict[str, Any]]:
         """The card's index kind; for ``auto`` (issues #6, #15) the most accurate kind that
@@ -253,14 +403,26 @@ class Catalog:
                 write = CatalogWrite(self.store, db, dim=self.dim)
                 yield write
             before = self.store.last_commit()
-            self.remove_vectors(write.removed_images, write.removed_crops)
-            for position, pairs in write.added.items():
-                ids = np.array([entry for entry, _ in pairs], dtype=np.int64)
-                self.add_vectors(position, ids, np.stack([vector for _, vector in pairs]))
-            self.applied(before)  # only once every change is in: else a refresh reconciles
+            with self.index_lock.write():  # waits for the searches in flight
+                self.remove_vectors(write.removed_images, write.removed_crops)
+                for position, pairs in write.added.items():
+                    ids = np.array([entry for entry, _ in pairs], dtype=np.int64)
+                    self.add_vectors(position, ids, np.stack([vector for _, vector in pairs]))
+                self.applied(before)  # only once every change is in: else a refresh reconciles
 
     # --- index maintenance ------------------------------------------------------------
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold while searching the indexes (:meth:`index`, :attr:`indexes`): no refresh or
+        write changes them meanwhile. Re-entrant; a refresh inside waits for the others."""
+        self._check_open()
+        with self.index_lock.read():
+            yield
+
     def index(self, position: str | None = None) -> VectorIndex | None:
+        """The index of ``position`` (None: whole images), None if there is none; search it
+        under :meth:`reading`."""
+        self._check_open()
         return self.indexes.get(index_name(position))
 
     def _ensure_index(self, name: str) -> VectorIndex:
@@ -273,8 +435,11 @@ class Catalog:
 
         Every loaded index is reconciled with the store by id difference; indexes of crop
         positions the store no longer holds end up empty. Returns True if it reconciled.
+        Holds the write side of :attr:`index_lock`, only when there is something to do.
         """
-        with self._lock:
+        if not force and self.store.generation == self._generation:
+            return False  # current: the searches in flight are not stopped for nothing
+        with self.index_lock.write():
             generation = self.store.generation  # read first: a later write forces another pass
             if not force and generation == self._generation:
                 return False
@@ -291,14 +456,31 @@ class Catalog:
         if path.exists():
             try:
                 index, card = load_index(path)
-                if index.dim == self.dim and card.get("kind") == self.index_kind:
+                if self._fits(index, card):
                     if isinstance(card.get("measured"), dict):
                         self.measured[name] = card["measured"]
                     return index
-                log.warning("%s: index kind/dim changed, rebuilding", path)
+                log.warning("%s: index kind, dim or parameters changed, rebuilding", path)
+                _close_indexes(self.location, {name: index})
             except (CatalogError, Exception) as exc:  # a corrupt cache is rebuilt, never fatal
                 log.warning("%s: unreadable index (%s), rebuilding from the store", path, exc)
         return create_index(self.index_kind, self.dim, **self.index_params)
+
+    def _fits(self, index: VectorIndex, card: dict[str, Any]) -> bool:
+        """Whether a saved index (and its card) is of this catalog's kind, dim and parameters.
+
+        ``auto``'s parameters follow the catalog's size, and a saved index of the kind it
+        resolves to is kept (see :meth:`_adopt_index_kind`); a card's own parameters must
+        match those the index was saved with (a card saved before they were recorded: those
+        of them its ``info`` shows)."""
+        if index.dim != self.dim or card.get("kind") != self.index_kind:
+            return False
+        if self.card.index_kind == AUTO or self.index_kind not in MEASURED_KINDS:
+            return True
+        saved = card.get("params")
+        if isinstance(saved, dict):
+            return bool(saved == self.index_params)
+        return all(card.get(key, value) == value for key, value in self.index_params.items())
 
     def _reconcile(self, name: str) -> None:
         index = self.indexes[name]
@@ -312,9 +494,10 @@ class Catalog:
         missing = np.setdiff1d(want, have, assume_unique=True)
         if len(extra):
             index.remove(extra)
-            cache = self._owner_cache.get(name, {})
-            for entry in extra.tolist():
-                cache.pop(entry, None)
+            with self._owner_lock:
+                cache = self._owner_cache.get(name, {})
+                for entry in extra.tolist():
+                    cache.pop(entry, None)
         for ids, vecs in self.store.iter_vectors(table, self.dim, ids=missing.tolist()):
             index.add(ids, vecs)
         if len(extra) or len(missing):
@@ -324,7 +507,7 @@ class Catalog:
         """This thread committed ``before -> before + 1`` and has applied that change to the
         in-memory indexes: if they were current at ``before`` they are current now, and the
         next refresh need not rescan the store. Otherwise the next refresh reconciles."""
-        with self._lock:
+        with self.index_lock.write():
             if before is not None and self._generation == before:
                 self._generation = before + 1
 
@@ -340,17 +523,18 @@ class Catalog:
         of a kind ``auto`` no longer resolves to (see :meth:`_adopt_index_kind`).
         """
         with self.write_lock():
-            self.refresh(force=self._adopt_index_kind())
-            generation = self._generation
-            for name, index in self.indexes.items():
-                path = self.index_path(name)
-                save_index(index, path, self._card_extra(name, generation))
-                if measure and self._measurement_stale(name):
-                    # measured once saved: saved float vectors are memory-mapped, not resident
-                    self.measured[name] = self.measure_index(name)
-                    write_json(card_path(path), {**index.info(),
-                                                 **self._card_extra(name, generation)})  # fmt: skip
-            self._generation = generation
+            with self.index_lock.write():
+                self.refresh(force=self._adopt_index_kind())
+            with self.reading():  # searches go on; a refresh waits until all is written
+                generation = self._generation
+                for name, index in self.indexes.items():
+                    path = self.index_path(name)
+                    save_index(index, path, self._card_extra(name, generation))
+                    if measure and self._measurement_stale(name):
+                        # measured once saved: saved float vectors are memory-mapped
+                        self.measured[name] = self.measure_index(name)
+                        card = {**index.info(), **self._card_extra(name, generation)}
+                        write_json(card_path(path), card)
 
     def _adopt_index_kind(self) -> bool:
         """Before a save, under the write lock: take the stored card's index kind and
@@ -386,6 +570,8 @@ class Catalog:
 
     def _card_extra(self, name: str, generation: int) -> dict[str, Any]:
         extra: dict[str, Any] = {"generation": generation, "name": name, "model_id": self.model_id}
+        if self.index_kind in MEASURED_KINDS:  # a server kind's may name its address
+            extra["params"] = dict(self.index_params)
         if name in self.measured:
             extra["measured"] = self.measured[name]
         return extra
@@ -453,13 +639,15 @@ class Catalog:
                     index.add(ids, vecs)
                 rebuilt[name] = index
             self.rewrite_card(index_kind=AUTO, index_params={"budget": budget.to_dict()})
-            self.indexes = rebuilt
-            self.index_kind, self.index_params = choice.kind, dict(choice.params)
-            self.measured = {}
+            with self.index_lock.write():
+                self.indexes = rebuilt
+                self.index_kind, self.index_params = choice.kind, dict(choice.params)
+                self.measured = {}
             self.save_indexes(measure=False)  # first, so float vectors are memory-mapped
-            for name in rebuilt:
-                if len(rebuilt[name]):
-                    self.measured[name] = self.measure_index(name, budget)
+            with self.reading():  # tuning changes search parameters only
+                for name in rebuilt:
+                    if len(rebuilt[name]):
+                        self.measured[name] = self.measure_index(name, budget)
             self.save_indexes(measure=False)  # the tuned search parameters and measurements
         return {
             "kind": choice.kind,
@@ -477,29 +665,35 @@ class Catalog:
         Search ranks by product, so it asks this for every neighbour it fetches; an image's
         product never changes, so answers are cached in memory and only misses hit SQLite.
         """
-        with self._lock:
+        store = self.store
+        with self._owner_lock:  # not held over the query: a writer holds the store meanwhile
             cache = self._owner_cache.setdefault(index_name(position), {})
-            missing = [i for i in ids if i not in cache]
-            if missing:
-                if position is None:
-                    cache.update(self.store.image_product_map(missing))
-                else:
-                    cache.update(
-                        {cid: pid for cid, (_, pid) in self.store.crop_rows(missing).items()}
-                    )
-            return {i: cache[i] for i in ids if i in cache}
+            found = {i: cache[i] for i in ids if i in cache}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            if position is None:
+                fetched = store.image_product_map(missing)
+            else:
+                fetched = {cid: pid for cid, (_, pid) in store.crop_rows(missing).items()}
+            with self._owner_lock:  # ids are never reused: an answer cannot go stale
+                cache.update(fetched)
+            found.update(fetched)
+        return {i: found[i] for i in ids if i in found}
 
     def add_vectors(
         self, position: str | None, ids: NDArray[np.int64], vectors: NDArray[np.float32]
     ) -> None:
-        with self._lock:
+        self._check_open()
+        with self.index_lock.write():
             self._ensure_index(index_name(position)).add(ids, vectors)
 
     def remove_vectors(self, image_ids: list[int], crop_ids: list[int]) -> None:
-        with self._lock:
-            for name, cache in self._owner_cache.items():
-                for entry in image_ids if name == IMAGES else crop_ids:
-                    cache.pop(entry, None)
+        self._check_open()
+        with self.index_lock.write():
+            with self._owner_lock:
+                for name, cache in self._owner_cache.items():
+                    for entry in image_ids if name == IMAGES else crop_ids:
+                        cache.pop(entry, None)
             if image_ids and IMAGES in self.indexes:
                 self.indexes[IMAGES].remove(np.array(image_ids, dtype=np.int64))
             if crop_ids:
@@ -513,6 +707,11 @@ class Catalog:
     def generation(self) -> int:
         """The store's write counter: every committed write moves it."""
         return self.store.generation
+
+    @property
+    def refreshed_generation(self) -> int:
+        """The store generation the in-memory indexes are current at (-1: not yet)."""
+        return self._generation
 
     @property
     def db_path(self) -> Path:
@@ -619,19 +818,26 @@ class Catalog:
             "index_budget": IndexBudget.from_dict(self.card.index_params.get("budget")).to_dict()
             if self.card.index_kind == AUTO
             else None,
-            "indexes": {name: len(idx) for name, idx in sorted(self.indexes.items())},
+            "indexes": self._index_sizes(),
             "measured": {name: self.measured[name] for name in sorted(self.measured)},
             "generation": self.store.generation,
         }
 
+    def _index_sizes(self) -> dict[str, int]:
+        with self.reading():
+            return {name: len(idx) for name, idx in sorted(self.indexes.items())}
+
     def close(self) -> None:
-        """Close the index clients (a pgvector connection, a Milvus client) and the store.
-        Idempotent; one client failing to close does not keep the others open."""
-        with self._lock:
+        """Close the index clients (a pgvector connection, a Milvus client) and the store,
+        once the searches in flight are done; any later use raises CatalogError. Idempotent;
+        one client failing to close does not keep the others open."""
+        self._closed = True
+        with self._lock, self.index_lock.write():
             indexes, self.indexes = self.indexes, {}
             _close_indexes(self.location, indexes)
-            self._owner_cache.clear()
-            self.store.close()
+            with self._owner_lock:
+                self._owner_cache.clear()
+            self._store.close()
 
     def __enter__(self) -> Catalog:
         return self
@@ -681,6 +887,7 @@ def create_catalog(
     directory = Path(target)
     if (directory / CARD_FILE).exists():
         raise CatalogError(f"{directory}: a catalog already exists here")
+    check_index_kind(index_kind, index_params, dim)  # before anything is written
     if directory.exists() and not directory.is_dir():
         raise CatalogError(f"{directory}: not a directory")
     directory.mkdir(parents=True, exist_ok=True)
@@ -716,13 +923,35 @@ def _create(
     index_kind: str,
     index_params: dict[str, Any] | None,
 ) -> Catalog:
+    """The catalog's store, card and indexes; what it wrote is removed if any step fails, so
+    a failed creation never leaves a catalog every later command fails to open."""
+    check_index_kind(index_kind, index_params, dim)
     card = CatalogCard.new(
         model_id=model_id, model_ref=model_ref, dim=dim, index_kind=index_kind,
         index_params=index_params, crop_mode=DEFAULT_CROP_MODE,
     )  # fmt: skip
-    store = CatalogStore(directory / DB_FILE)
-    write_card(directory / CARD_FILE, card)
-    return Catalog(directory, card, store)
+    store: CatalogStore | None = None
+    try:
+        store = CatalogStore(directory / DB_FILE)
+        write_card(directory / CARD_FILE, card)
+        return Catalog(directory, card, store)
+    except BaseException:
+        if store is not None:
+            store.close()
+        _remove_created(directory)
+        raise
+
+
+def _remove_created(directory: Path) -> None:
+    """Remove what creating a catalog in ``directory`` wrote (the lock file stays: it is held)."""
+    for path in directory.iterdir():
+        try:
+            if path.name in _CREATING or is_temp_name(path.name):
+                path.unlink(missing_ok=True)
+            elif path.name in (INDEX_DIR, BLOB_DIR) and path.is_dir():
+                shutil.rmtree(path)
+        except OSError as exc:  # the caller's error matters more than this one
+            log.warning("%s: could not remove %s (%s)", directory, path, exc)
 
 
 def reindex_catalog(directory: str | os.PathLike[str], budget: IndexBudget) -> dict[str, Any]:

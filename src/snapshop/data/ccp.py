@@ -10,12 +10,15 @@ the upper garment (``{UPPER: CCP_UPPER + CCP_ONE_PIECE}``), as the groups of box
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image
 
+from snapshop.data.manifest import nonblank_rows
 from snapshop.errors import ManifestError
 
 # Tops and outerwear: garments of the upper body only.
@@ -53,12 +56,63 @@ def label_table(mask_labels_csv: Path, groups: Mapping[int, Sequence[str]]) -> N
             if class_of.setdefault(name, cls) != cls:
                 raise ValueError(f"CCP label {name!r} is in two groups")
     table = np.zeros(256, np.uint8)
-    with open(mask_labels_csv, newline="") as fh:
-        for row in csv.DictReader(fh):
-            found = class_of.get(row["label"].strip().lower())
-            if found is not None:
-                table[int(row["index"])] = found
+    for index, label in mask_labels(mask_labels_csv).items():
+        found = class_of.get(label.lower())
+        if found is not None:
+            table[index] = found
     return table
+
+
+def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, stripped values) of the rows of the CSV ``path``, which must have
+    ``columns``; an unreadable or malformed file is a :class:`ManifestError` naming it."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh, strict=True)
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ManifestError(f"{path}: missing column(s) {missing}; need {list(columns)}")
+            yield from nonblank_rows(reader, path)
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except csv.Error as exc:
+        raise ManifestError(f"{path}: malformed CSV ({exc})") from None
+
+
+def mask_labels(mask_labels_csv: Path) -> dict[int, str]:
+    """``mask_labels.csv``: mask value (0..255) -> CCP label name."""
+    labels: dict[int, str] = {}
+    for line, row in _csv_rows(mask_labels_csv, ("index", "label")):
+        index = row["index"]
+        if not re.fullmatch(r"[0-9]{1,3}", index) or int(index) > 255:
+            raise ManifestError(
+                f"{mask_labels_csv}:{line}: index {index!r} is not a mask value (0..255)"
+            )
+        labels[int(index)] = row["label"]
+    return labels
+
+
+def label_count(mask_labels_csv: Path) -> int:
+    """One more than the largest mask value ``mask_labels.csv`` names: masks hold less."""
+    return max(mask_labels(mask_labels_csv), default=-1) + 1
+
+
+def read_mask(path: Path, labels: int = 256) -> NDArray[np.uint8]:
+    """(H, W) label indices of a mask PNG: 8-bit (mode L or P), every value below ``labels``."""
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            mask = np.asarray(image) if mode in ("L", "P") else None
+    except Exception as exc:  # PIL raises several types for a missing or damaged file
+        raise ManifestError(f"{path}: unreadable mask ({exc})") from None
+    if mask is None:
+        raise ManifestError(f"{path}: mask of mode {mode}; need 8-bit L or P (a label per pixel)")
+    top = int(mask.max()) if mask.size else 0
+    if top >= labels:
+        raise ManifestError(f"{path}: mask value {top}, but the mask labels stop at {labels - 1}")
+    return mask
 
 
 def has_parity(image_id: str, parity: str) -> bool:
@@ -70,11 +124,16 @@ def has_parity(image_id: str, parity: str) -> bool:
 
 
 def manifest_rows(root: Path, parity: str = "all") -> Iterator[dict[str, str]]:
-    """Rows of ``root/manifest.csv`` whose image id has ``parity``."""
-    with open(root / "manifest.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            if has_parity(row["image_id"].strip(), parity):
-                yield row
+    """Rows of ``root/manifest.csv`` (values stripped) whose image id has ``parity``."""
+    path = root / "manifest.csv"
+    for line, row in _csv_rows(path, ("path", "image_id")):
+        if not row["path"] or not re.fullmatch(r"[0-9]{1,18}", row["image_id"]):
+            raise ManifestError(
+                f"{path}:{line}: need a path and an integer image_id, got"
+                f" {row['path']!r}, {row['image_id']!r}"
+            )
+        if has_parity(row["image_id"], parity):
+            yield row
 
 
 def list_images(root: Path, parity: str, limit: int | None = None) -> list[tuple[Path, Path]]:
@@ -82,7 +141,7 @@ def list_images(root: Path, parity: str, limit: int | None = None) -> list[tuple
     without a mask are left out)."""
     pairs = []
     for row in manifest_rows(root, parity):
-        mask = root / "masks" / f"{row['image_id'].strip()}.png"
+        mask = root / "masks" / f"{row['image_id']}.png"
         if mask.exists():
             pairs.append((root / row["path"], mask))
     return pairs[:limit] if limit else pairs

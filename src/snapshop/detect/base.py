@@ -105,6 +105,20 @@ def position_of_category(category: str | None) -> str | None:
     return None
 
 
+# Every detector's network input side (YOLO's size, the segmenter's long side, a model file's
+# static input): past 4096 one query's tensors take gigabytes, under 32 no stride-32 map is left.
+INPUT_SIDES = (32, 4096)
+
+
+def check_input_side(side: object, what: str) -> int:
+    """``side`` as a detector input side in :data:`INPUT_SIDES`, else a :class:`ConfigError`
+    naming ``what``."""
+    low, high = INPUT_SIDES
+    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or not low <= side <= high:
+        raise ConfigError(f"{what} must be a whole number of pixels in {low}..{high}, not {side!r}")
+    return int(side)
+
+
 @dataclass(frozen=True)
 class Box:
     """Pixel box, ``x1 < x2`` and ``y1 < y2``, in the coordinates of the decoded image."""

@@ -135,8 +135,9 @@ def read_gate(data: bytes, card: dict[str, Any]) -> PresenceGate:
     """``garment_presence.npz`` bytes + its card -> a checked :class:`PresenceGate`."""
     if hashlib.sha256(data).hexdigest() != card.get("sha256"):
         raise ModelError("presence gate: the npz's sha256 differs from its card's")
-    if tuple(card.get("groups", ())) != GROUPS:
-        raise ModelError(f"presence gate: the card's groups are not {GROUPS}")
+    groups = card.get("groups")
+    if not isinstance(groups, list) or tuple(groups) != GROUPS:
+        raise ModelError(f"presence gate: the card's groups are {groups!r}, not {list(GROUPS)}")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {name: np.asarray(npz[name], np.float32) for name in npz.files}
@@ -150,28 +151,40 @@ def read_gate(data: bytes, card: dict[str, Any]) -> PresenceGate:
             layers.append((arrays[f"w{i}"], arrays[f"b{i}"]))
     except KeyError as exc:
         raise ModelError(f"presence gate: missing array {exc}") from None
+    shapes = {name: a.shape for name, a in arrays.items()}
+    # the ranks first: the chain of layer sizes below reads the second axis of each matrix
+    if not layers or mean.ndim != 1 or any(w.ndim != 2 for w, _ in layers):
+        raise ModelError(f"presence gate: inconsistent shapes {shapes}")
     dims = [mean.shape[0]] + [w.shape[1] for w, _ in layers]
     if (
-        not layers
-        or mean.ndim != 1
-        or scale.shape != mean.shape
-        or not np.all(scale > 0)
+        scale.shape != mean.shape
         or any(
-            w.ndim != 2 or w.shape[0] != d or b.shape != (w.shape[1],)
+            w.shape[0] != d or b.shape != (w.shape[1],)
             for (w, b), d in zip(layers, dims[:-1], strict=True)
         )
         or dims[-1] != len(GROUPS)
     ):
-        shapes = {name: a.shape for name, a in arrays.items()}
         raise ModelError(f"presence gate: inconsistent shapes {shapes}")
-    if card.get("feature_dim") != mean.shape[0]:
+    broken = sorted(name for name, a in arrays.items() if not np.all(np.isfinite(a)))
+    if broken or not np.all(scale > 0):
         raise ModelError(
-            f"presence gate: the card says {card.get('feature_dim')} features,"
-            f" the npz {mean.shape[0]}"
+            f"presence gate: arrays {broken} hold NaN or infinite values"
+            if broken
+            else "presence gate: the scale must be > 0 everywhere"
+        )
+    dim = card.get("feature_dim")
+    whole = isinstance(dim, int) and not isinstance(dim, bool)
+    if not whole or dim != mean.shape[0]:
+        raise ModelError(
+            f"presence gate: the card says {dim!r} features, the npz {mean.shape[0]}"
+            + ("" if whole else " (feature_dim must be a whole number)")
         )
     thresholds = card.get("thresholds", {})
     if not isinstance(thresholds, dict) or not all(
-        pos in POSITION_GROUPS and isinstance(t, (int, float)) and 0.0 <= t <= 1.0
+        pos in POSITION_GROUPS
+        and isinstance(t, (int, float))
+        and not isinstance(t, bool)
+        and 0.0 <= t <= 1.0
         for pos, t in thresholds.items()
     ):
         raise ModelError(f"presence gate: bad thresholds {thresholds!r}")

@@ -62,7 +62,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from snapshop.detect.base import LOWER, UPPER, Box, Detection
+from snapshop.detect.base import LOWER, UPPER, Box, Detection, check_input_side
 from snapshop.detect.pose import BODY_CHANNELS, BlazePose, body_channels
 from snapshop.errors import ConfigError, ModelError
 from snapshop.models.card import normalise_pixels
@@ -134,8 +134,8 @@ class SegmenterConfig:
     mirror: bool = False
 
     def __post_init__(self) -> None:
-        if self.long_side < STRIDE or self.long_side % STRIDE:
-            raise ConfigError(f"long_side must be a positive multiple of {STRIDE}")
+        if check_input_side(self.long_side, "long_side") % STRIDE:
+            raise ConfigError(f"long_side must be a multiple of {STRIDE}, not {self.long_side}")
         if not 0.0 <= self.min_area < 1.0 or not 0.0 <= self.keep_fraction <= 1.0:
             raise ConfigError("min_area must be in [0, 1) and keep_fraction in [0, 1]")
         if not 0.0 < self.dress_share <= 1.0:
@@ -550,6 +550,8 @@ class SegmenterDetector:
             self.card: dict[str, Any] = json.loads(card_src.read_text())
         except Exception as exc:  # OSError, bad JSON
             raise ModelError(f"garment segmenter {card_src}: unreadable ({exc})") from None
+        if not isinstance(self.card, dict):
+            raise ModelError(f"garment segmenter {card_src}: the card is not a JSON object")
         self.precision = precision or (
             "int8" if TRUNK_INT8_KEY in self.card else default_precision()
         )
@@ -569,6 +571,14 @@ class SegmenterDetector:
             raise ModelError(
                 f"garment segmenter {card_src}: the head reads {read} channels, the card's trunk"
                 f" {self.trunk_spec.backbone} gives {self.trunk_spec.channels}"
+            )
+        outputs = self.head.get_outputs()
+        # a symbolic class axis is refused too: box extraction indexes the four classes
+        given = outputs[0].shape[1] if outputs and len(outputs[0].shape) == 4 else None
+        if given != len(CLASSES):
+            raise ModelError(
+                f"garment segmenter {head_src}: the head gives {given} classes per pixel,"
+                f" the detector reads {len(CLASSES)} ({', '.join(CLASSES)})"
             )
         self.trunk_ranges: bytes | None = None
         if self.precision == "int8":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from snapshop.detect.base import DF2_CLASSES, Box, Detection, position_of
+from snapshop.detect.base import DF2_CLASSES, Box, Detection, check_input_side, position_of
 from snapshop.detect.spec import parse_spec_args
 from snapshop.errors import ConfigError, ModelError
 
@@ -184,9 +185,11 @@ def load_names(path: str | Path | None) -> tuple[str, ...]:
         return DF2_CLASSES
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read class names ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: class names are not UTF-8 text ({exc.reason})") from None
     if text.lstrip().startswith("["):
         try:
             names = [str(n) for n in json.loads(text)]
@@ -226,18 +229,28 @@ def to_detections(
 
 def _float_arg(kwargs: dict[str, str], key: str, default: float) -> float:
     if key not in kwargs:
-        return default
+        return float(default)
     try:
-        return float(kwargs[key])
+        value = float(kwargs[key])
     except ValueError:
-        raise ConfigError(f"detector option {key}={kwargs[key]!r} is not a number") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConfigError(f"detector option {key}={kwargs[key]!r} is not a finite number")
+    return value
+
+
+def _int_arg(kwargs: dict[str, str], key: str, default: int) -> int:
+    value = _float_arg(kwargs, key, default)
+    if not value.is_integer():
+        raise ConfigError(f"detector option {key}={kwargs[key]!r} is not a whole number")
+    return int(value)
 
 
 def _config_from(kwargs: dict[str, str]) -> YoloConfig:
     return YoloConfig(
         _float_arg(kwargs, "conf", 0.25),
         _float_arg(kwargs, "iou", 0.45),
-        int(_float_arg(kwargs, "max_det", 100)),
+        _int_arg(kwargs, "max_det", 100),
     )
 
 
@@ -271,8 +284,22 @@ class YoloOnnxDetector:
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"{self.model_path}: not a loadable ONNX model ({exc})") from None
         inputs = self.session.get_inputs()
-        if len(inputs) != 1 or len(inputs[0].shape) != 4:
-            raise ModelError(f"{self.model_path}: expected one [1, 3, H, W] input")
+        if len(inputs) != 1:
+            raise ModelError(
+                f"{self.model_path}: expected one [1, 3, H, W] input, not {len(inputs)}"
+            )
+        channels = inputs[0].shape[1] if len(inputs[0].shape) == 4 else None
+        # a symbolic channel axis (a name or None) is taken on trust; a fixed one must be RGB
+        if (
+            len(inputs[0].shape) != 4
+            or isinstance(channels, int)
+            and channels != 3
+            or inputs[0].type != "tensor(float)"
+        ):
+            raise ModelError(
+                f"{self.model_path}: expected one float [1, 3, H, W] input, not"
+                f" {inputs[0].type} {inputs[0].shape}"
+            )
         self.input_name = inputs[0].name
         shape = inputs[0].shape
         static = [d if isinstance(d, int) and d > 0 else None for d in shape[2:]]
@@ -282,6 +309,11 @@ class YoloOnnxDetector:
             self.input_size = (int(static[0]), int(static[1]))
         else:
             self.input_size = (640, 640)
+        try:
+            for side in self.input_size:
+                check_input_side(side, "the input side")
+        except ConfigError as exc:
+            raise ModelError(f"{self.model_path}: {exc}") from None
 
     @classmethod
     def from_spec(cls, args: str) -> YoloOnnxDetector:
@@ -290,10 +322,8 @@ class YoloOnnxDetector:
             raise ConfigError("usage: yolo:MODEL.onnx[,names=FILE][,conf=C][,iou=T][,size=S]")
         size = None
         if "size" in kwargs:
-            s = int(_float_arg(kwargs, "size", 640))
-            if s < 32:
-                raise ConfigError(f"size must be at least 32, got {s}")
-            size = (s, s)
+            side = check_input_side(_int_arg(kwargs, "size", 640), "size")
+            size = (side, side)
         return cls(
             _existing(positional[0], "YOLO model"),
             load_names(kwargs.get("names")),
@@ -304,7 +334,10 @@ class YoloOnnxDetector:
     def detect(self, image: Image.Image) -> list[Detection]:
         pixels, lb = letterbox(image, self.input_size)
         blob = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
-        output = self.session.run(None, {self.input_name: blob})[0]
+        try:
+            output = self.session.run(None, {self.input_name: blob})[0]
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelError(f"{self.model_path}: the model failed to run ({exc})") from None
         boxes, scores, class_ids = decode_predictions(output, len(self.names))
         xyxy = lb.to_original(cxcywh_to_xyxy(boxes), *image.size)
         return to_detections(xyxy, scores, class_ids, self.names, self.config)
@@ -394,7 +427,8 @@ def _darknet_input_size(cfg: Path) -> tuple[int, int]:
         key, _, value = line.partition("=")
         if in_net and key.strip() in size:
             try:
-                size[key.strip()] = int(value.strip())
+                side = int(value.strip())
             except ValueError:
                 raise ConfigError(f"{cfg}: {key.strip()} is not an integer") from None
+            size[key.strip()] = check_input_side(side, f"{cfg}: {key.strip()}")
     return size["height"], size["width"]

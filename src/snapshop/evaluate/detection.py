@@ -10,6 +10,9 @@ would point at, and the detector keeps one box per position, so the union is wha
 find. Dresses count as *upper* (so a dress image has no lower box, and a detector that adds
 one loses precision). Every image listed in the CSV is scored, also those without garments.
 
+Truth boxes are clipped to their image, as the detectors' boxes are; a position whose truth
+box has no area inside its image is not scored there, and the report lists it (``skipped``).
+
 A detector's prediction for a position is its best-scoring detection there
 (:func:`keep_best_per_position`): a true positive when its IoU with the ground truth is >= 0.5.
 recall = TP / ground-truth boxes, precision = TP / predicted boxes, per position, each with a
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -81,6 +85,8 @@ def _read_boxes(reader: csv.DictReader[str], path: Path, out: dict[str, dict[str
             x1, y1, x2, y2 = (float(row[k]) for k in ("x1", "y1", "x2", "y2"))
         except (TypeError, ValueError):
             raise ManifestError(f"{path}:{line}: box coordinates must be numbers") from None
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            raise ManifestError(f"{path}:{line}: box coordinates must be finite numbers")
         if not (x2 > x1 and y2 > y1):
             raise ManifestError(f"{path}:{line}: empty box ({x1}, {y1}, {x2}, {y2})")
         old = boxes.get(pos)
@@ -146,6 +152,8 @@ class DetectionReport:
     positions: dict[str, PositionScore]
     latency_ms: list[float] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    # (path, position) of truth boxes with no area inside their image: not scored
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def latency_p50_ms(self) -> float:
@@ -166,6 +174,7 @@ class DetectionReport:
                 "mean": round(self.latency_mean_ms, 2),
             },
             "failed": [{"path": p, "reason": r} for p, r in self.failed],
+            "skipped": [{"path": p, "position": pos} for p, pos in self.skipped],
         }
 
 
@@ -174,16 +183,28 @@ def score_image(
     detections: Iterable[Detection],
     positions: dict[str, PositionScore],
     iou_threshold: float = 0.5,
-) -> None:
-    """Add one image's outcome to ``positions`` (best detection per position vs the truth)."""
+    image_size: tuple[int, int] | None = None,
+) -> list[str]:
+    """Add one image's outcome to ``positions`` (best detection per position vs the truth).
+
+    With ``image_size`` (W, H) the truth boxes are clipped to the image, as detections are; a
+    position whose truth box has no area inside it is left unscored. Returns those positions.
+    """
     best = keep_best_per_position(detections)
+    skipped = []
     for pos in POSITIONS:
         score = positions.setdefault(pos, PositionScore())
         gt, det = truth.get(pos), best.get(pos)
+        if gt is not None and image_size is not None:
+            gt = gt.clip(*image_size)
+            if gt.area <= 0:
+                skipped.append(pos)
+                continue
         iou = gt.iou(det.box) if gt is not None and det is not None else None
         if iou is not None:
             score.ious.append(iou)
         score.add(gt is not None, det is not None, iou is not None and iou >= iou_threshold)
+    return skipped
 
 
 def detector_to_evaluate(spec: str) -> Detector:
@@ -237,7 +258,10 @@ def evaluate_detector(
         t0 = time.perf_counter()
         detections = detector.detect(image)
         report.latency_ms.append((time.perf_counter() - t0) * 1e3)
-        score_image(truth[path], detections, report.positions, iou_threshold)
+        outside = score_image(truth[path], detections, report.positions, iou_threshold, image.size)
+        for pos in outside:
+            log.warning("%s: the %s truth box lies outside the image: not scored", path, pos)
+            report.skipped.append((path, pos))
         report.images += 1
         if progress:
             progress(1)

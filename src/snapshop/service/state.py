@@ -1,5 +1,7 @@
 """What the app holds between requests: one searcher over one open catalog, and the locks
-that let many searches run at once while a write (ingest, delete) runs alone."""
+that let many searches run at once while a write (ingest, delete) changes the indexes alone:
+the catalog's own :attr:`~snapshop.catalog.catalog.Catalog.index_lock`, which the catalog's
+writes and refreshes take too."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from snapshop.catalog.catalog import ReadWriteLock as ReadWriteLock  # the catalog's, re-exported
 from snapshop.data.sources import CatalogRecord
 from snapshop.detect.base import serial_if_needed
 from snapshop.images import DecodeLimits
@@ -15,51 +18,6 @@ from snapshop.search import Searcher
 from snapshop.service.errors import ApiError
 from snapshop.service.settings import ServiceSettings
 from snapshop.verify import VerifyConfig
-
-
-class ReadWriteLock:
-    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation).
-
-    The vector indexes are not safe to search while they are being modified, so searches
-    hold the read side and anything that changes an index holds the write side.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            try:
-                while self._writer or self._readers:
-                    self._cond.wait()
-            finally:
-                self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
 
 
 def limit_search_threads(threads: int | None) -> None:
@@ -92,7 +50,9 @@ class ServiceState:
             searcher.verify = None
         self.searcher = searcher
         self.catalog = searcher.catalog
-        self.lock = ReadWriteLock()
+        # One lock for the indexes, the catalog's: its writes and refreshes take the write
+        # side themselves, so a write by any path waits for the searches in flight.
+        self.lock = self.catalog.index_lock
         self._slots = threading.BoundedSemaphore(settings.max_concurrent_searches)
         self._seen_generation = -1
 
@@ -129,14 +89,15 @@ class ServiceState:
         with self.lock.read():
             yield
 
+    # Writes take the catalog's write lock and then, for their index changes, the write side
+    # of ``lock`` (searches wait for that, not for a whole ingest); holding ``lock`` around
+    # them here would take the two the other way round.
     def ingest(self, records: list[CatalogRecord]) -> IngestReport:
-        with self.lock.write():
-            limits = DecodeLimits(max_pixels=self.settings.max_pixels,
-                                  max_bytes=self.settings.max_upload_bytes)  # fmt: skip
-            ingestor = Ingestor(self.catalog, self.searcher.embedder, self.searcher.detector,
-                                limits=limits)  # fmt: skip
-            return ingestor.ingest(records)
+        limits = DecodeLimits(max_pixels=self.settings.max_pixels,
+                              max_bytes=self.settings.max_upload_bytes)  # fmt: skip
+        ingestor = Ingestor(self.catalog, self.searcher.embedder, self.searcher.detector,
+                            limits=limits)  # fmt: skip
+        return ingestor.ingest(records)
 
     def remove_product(self, product_id: int) -> int:
-        with self.lock.write():
-            return self.catalog.remove_product(product_id)
+        return self.catalog.remove_product(product_id)

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+from pathlib import Path
 from typing import Any
 
+from snapshop.config import atomic_file
 from snapshop.detect.segmenter import (
     CLASSES,
     DEFAULT_TRUNK,
+    HEAD_FILE,
     TRUNK_KEY,
     SegmenterConfig,
     TrunkSpec,
     config_dict,
 )
+from snapshop.errors import ModelError
+from snapshop.train.segmenter.config import DetectorTraining
 
 
 def trunk_entries(spec: TrunkSpec, overlay: str = "") -> dict[str, str]:
@@ -45,3 +51,24 @@ def card_tail(long_side: int) -> dict[str, Any]:
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "held_out_scores": "see docs/benchmarks.md, 'Learned segmenter (held-out odd ids)'",
     }
+
+
+def check_trained(net: Any, run: DetectorTraining) -> None:
+    """A :class:`ModelError` naming ``run`` when a weight of the trained module ``net`` is NaN
+    or infinite (a learning rate that blew the training up): checked before anything is
+    written, so the model already in ``run.out`` stays as it was."""
+    import torch
+
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in net.state_dict().values())
+    if bad:
+        total = sum(t.numel() for t in net.state_dict().values())
+        raise ModelError(
+            f"{run.out / (run.prefix + HEAD_FILE)}: the training diverged ({bad} of {total}"
+            " weights are NaN or infinite); nothing was written: try a lower --lr"
+        )
+
+
+def write_card(path: Path, card: dict[str, Any]) -> None:
+    """The model card, written atomically (a crash leaves the previous card whole)."""
+    with atomic_file(path) as fh:
+        fh.write((json.dumps(card, indent=2) + "\n").encode())

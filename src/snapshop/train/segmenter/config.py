@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -30,6 +31,14 @@ IGNORE = 255  # target value of padding pixels: no loss
 # folds them back into *other* (:func:`~snapshop.train.segmenter.finetune.fold_aux_head`): the
 # detector sees four classes.
 AUX_CLASSES: tuple[str, ...] = tuple(CCP_AUX)
+
+
+def check_rate(value: float, name: str, zero: bool = False) -> None:
+    """A ConfigError unless ``value`` is a finite number > 0 (>= 0 with ``zero``): a rate or
+    weight of NaN or infinity trains a model of NaNs."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ConfigError(f"{name} must be a finite number {'>=' if zero else '>'} 0, not {value}")
 
 
 def num_train_classes(aux_labels: bool) -> int:
@@ -79,8 +88,10 @@ class HeadConfig:
                 f" a whole number >= 0, got {copies}"
             )
         object.__setattr__(self, "copy_paste", int(copies))
-        if self.lr <= 0 or not 0 <= self.dropout < 1:
-            raise ConfigError("lr must be > 0 and dropout in [0, 1)")
+        check_rate(self.lr, "lr")
+        check_rate(self.dress_weight, "dress_weight")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("dropout must be in [0, 1)")
         if not isinstance(self.body_channels, bool):
             raise ConfigError(f"body_channels must be true or false, not {self.body_channels!r}")
         trunk_spec(self.trunk)  # raises ConfigError for an unknown backbone
@@ -127,8 +138,10 @@ class FinetuneConfig:
             raise ConfigError(f"finetune_blocks must be in 1..{most} for {self.trunk}")
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 0 or self.negatives < 0:
             raise ConfigError("epochs and batch_size must be >= 1, workers and negatives >= 0")
-        if self.lr <= 0 or self.trunk_lr < 0 or self.weight_decay < 0:
-            raise ConfigError("lr must be > 0, trunk_lr and weight_decay >= 0")
+        check_rate(self.lr, "lr")
+        check_rate(self.trunk_lr, "trunk_lr", zero=True)
+        check_rate(self.weight_decay, "weight_decay", zero=True)
+        check_rate(self.dress_weight, "dress_weight")
         if self.overlay_dtype not in ("float32", "float16"):
             raise ConfigError(f"overlay_dtype must be float32 or float16, got {self.overlay_dtype}")
         if self.optimizer not in ("adamw", "sgd") or self.schedule not in ("cosine", "step"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import time
@@ -24,7 +23,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from snapshop.data.ccp import CCP_AUX, list_images
+from snapshop.config import atomic_file
+from snapshop.data.ccp import CCP_AUX, label_count, list_images
 from snapshop.detect.segmenter import (
     CARD_FILE,
     CLASSES,
@@ -41,7 +41,14 @@ from snapshop.detect.segmenter import (
 )
 from snapshop.errors import ConfigError
 from snapshop.train.loop import EpochLoop, make_optimizer, resolve_device, seed_everything
-from snapshop.train.segmenter.card import CCP_SOURCE, OUTPUT, card_tail, trunk_entries
+from snapshop.train.segmenter.card import (
+    CCP_SOURCE,
+    OUTPUT,
+    card_tail,
+    check_trained,
+    trunk_entries,
+    write_card,
+)
 from snapshop.train.segmenter.config import (
     IGNORE,
     DetectorTraining,
@@ -287,7 +294,7 @@ def write_finetuned(
     export_head(head, out / f"{prefix}{HEAD_FILE}", channels=spec.channels)
     tensors = {name: t.astype(dtype) for name, t in trunk_overlay(net).items()}
     path = out / f"{prefix}{TRUNK_FILE}"
-    with open(path, "wb") as fh:
+    with atomic_file(path) as fh:
         # numpy's stub reads **tensors as possibly holding allow_pickle: bool
         np.savez(fh, **tensors)  # type: ignore[arg-type]
     blocks = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("_blocks.")})
@@ -317,7 +324,8 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
         raise ConfigError(f"{run.dataset}: no photos with masks for parity {parity!r}")
     t0 = time.perf_counter()
     table = segmenter_label_table(run.dataset / "mask_labels.csv", config.aux_labels)
-    images = load_training_images(pairs, table, silhouettes=config.copy_paste > 0)
+    labels = label_count(run.dataset / "mask_labels.csv")
+    images = load_training_images(pairs, table, config.copy_paste > 0, labels)
     images += negative_training_images(config.negatives, config.long_side, config.seed)
     images += load_training_images(pseudo_pairs, IDENTITY_TABLE)
     t_load = time.perf_counter() - t0
@@ -326,6 +334,7 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
         len(pairs), config.negatives, len(pseudo_pairs), t_load,
     )  # fmt: skip
     net, losses, info = train_finetune(images, config)
+    check_trained(net, run)
     spec = trunk_spec(config.trunk)
     overlay = write_finetuned(net, out, prefix, config.overlay_dtype, spec)
     n = config.finetune_blocks
@@ -363,7 +372,7 @@ def fit_finetune(run: DetectorTraining) -> dict[str, Any]:
         },
         **card_tail(config.long_side),
     }
-    (out / f"{prefix}{CARD_FILE}").write_text(json.dumps(card, indent=2) + "\n")
+    write_card(out / f"{prefix}{CARD_FILE}", card)
     log.info(
         "wrote %s, %s (%d bytes), %s",
         out / f"{prefix}{HEAD_FILE}",

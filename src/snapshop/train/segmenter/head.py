@@ -7,14 +7,13 @@ AdamW with a one-cycle schedule; batches hold samples of one shape.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
 
 import numpy as np
 
-from snapshop.data.ccp import list_images
+from snapshop.data.ccp import label_count, list_images
 from snapshop.detect.pose import BODY_CHANNELS, BlazePose
 from snapshop.detect.segmenter import (
     BODY_KEY,
@@ -28,7 +27,14 @@ from snapshop.detect.segmenter import (
 )
 from snapshop.errors import ConfigError
 from snapshop.train.loop import EpochLoop, make_optimizer, seed_everything
-from snapshop.train.segmenter.card import CCP_SOURCE, OUTPUT, card_tail, trunk_entries
+from snapshop.train.segmenter.card import (
+    CCP_SOURCE,
+    OUTPUT,
+    card_tail,
+    check_trained,
+    trunk_entries,
+    write_card,
+)
 from snapshop.train.segmenter.config import (
     IGNORE,
     DetectorTraining,
@@ -69,11 +75,13 @@ class HeadTrainer(EpochLoop):
         for i, s in enumerate(self.samples):
             self.by_shape.setdefault(s.target.shape, []).append(i)
         steps_per_epoch = sum(-(-len(v) // config.batch_size) for v in self.by_shape.values())
+        total = max(1, config.epochs * steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer,
             max_lr=config.lr,
-            total_steps=max(1, config.epochs * steps_per_epoch),
-            pct_start=0.1,
+            total_steps=total,
+            # a warm-up of exactly one step (0.1 x 10) makes OneCycleLR divide by zero
+            pct_start=0.1 if total != 10 else 0.2,
         )
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -158,13 +166,15 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
     if not pairs:
         raise ConfigError(f"{run.dataset}: no photos with masks for parity {run.parity!r}")
     table = segmenter_label_table(run.dataset / "mask_labels.csv")
+    labels = label_count(run.dataset / "mask_labels.csv")
     t0 = time.perf_counter()
     body, spec = config.body_channels, trunk_spec(config.trunk)
     samples = load_or_build_samples(
-        pairs, table, config.long_side, run.cache, config.negatives, config.seed, body, spec
+        pairs, table, config.long_side, run.cache, config.negatives, config.seed, body, spec, labels
     )
     if config.copy_paste:
-        samples += pasted_samples(load_training_images(pairs, table, silhouettes=True), config)
+        images = load_training_images(pairs, table, silhouettes=True, labels=labels)
+        samples += pasted_samples(images, config)
     if pseudo_pairs:
         samples += load_or_build_samples(
             pseudo_pairs, IDENTITY_TABLE, config.long_side, body=body, spec=spec
@@ -172,6 +182,7 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
     t_feats = time.perf_counter() - t0
     head, losses = train_head(samples, config)
     t_train = time.perf_counter() - t0 - t_feats
+    check_trained(head, run)
     run.out.mkdir(parents=True, exist_ok=True)
     head_path = run.out / f"{run.prefix}{HEAD_FILE}"
     export_head(head, head_path, body=body_size(config), channels=spec.channels)
@@ -207,6 +218,6 @@ def fit_head(run: DetectorTraining) -> dict[str, Any]:
         **card_tail(config.long_side),
         **({BODY_KEY: list(BODY_CHANNELS)} if body else {}),
     }
-    (run.out / f"{run.prefix}{CARD_FILE}").write_text(json.dumps(card, indent=2) + "\n")
+    write_card(run.out / f"{run.prefix}{CARD_FILE}", card)
     log.info("wrote %s (%.1f s features, %.1f s training)", head_path, t_feats, t_train)
     return card

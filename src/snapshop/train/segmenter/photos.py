@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from snapshop.data.ccp import read_mask
 from snapshop.detect.segmenter import DRESS_CLS, LOWER_CLS, STRIDE, UPPER_CLS
 from snapshop.errors import ConfigError
 from snapshop.models.card import normalise_pixels
@@ -35,18 +36,23 @@ class TrainImage:
 
 
 def load_training_images(
-    pairs: list[tuple[Path, Path]], table: NDArray[np.uint8], silhouettes: bool = False
+    pairs: list[tuple[Path, Path]],
+    table: NDArray[np.uint8],
+    silhouettes: bool = False,
+    labels: int = 256,
 ) -> list[TrainImage]:
     """Photos and class maps in memory; ``person`` is the extent of CCP's non-null labels,
-    ``silhouette`` (when asked for) those labels' pixels."""
+    ``silhouette`` (when asked for) those labels' pixels; ``labels``: how many mask values
+    ``table`` maps (:func:`read_mask`)."""
     import cv2
 
     images = []
     for photo, mask_path in pairs:
         rgb = np.asarray(Image.open(photo).convert("RGB"))
-        raw = np.asarray(Image.open(mask_path))
+        raw = read_mask(mask_path, labels)
         if raw.shape != rgb.shape[:2]:
-            raw = cv2.resize(raw, rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST_EXACT)
+            size = rgb.shape[1::-1]
+            raw = np.asarray(cv2.resize(raw, size, interpolation=cv2.INTER_NEAREST_EXACT), np.uint8)
         ys, xs = np.nonzero(raw)
         h, w = raw.shape
         person = (

@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from snapshop.data.ccp import read_mask
 from snapshop.detect.pose import BODY_CHANNELS, BlazePose
 from snapshop.detect.segmenter import (
     DEFAULT_TRUNK,
@@ -43,21 +44,25 @@ def build_samples(
     long_side: int,
     trunk: Trunk,
     pose: BlazePose | None = None,
+    labels: int = 256,
 ) -> list[Sample]:
     """Trunk features and targets of every photo and its mirror image (and what ``pose`` sees
-    in each, when given)."""
+    in each, when given); ``labels``: how many mask values ``table`` maps (:func:`read_mask`)."""
     import cv2
 
     samples = []
     t0 = time.perf_counter()
     for n, (photo, mask_path) in enumerate(pairs, start=1):
         rgb = np.asarray(Image.open(photo).convert("RGB"))
-        labels = table[np.asarray(Image.open(mask_path))]
-        if labels.shape != rgb.shape[:2]:
-            labels = cv2.resize(labels, rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+        classes = table[read_mask(mask_path, labels)]
+        if classes.shape != rgb.shape[:2]:
+            size = rgb.shape[1::-1]
+            classes = np.asarray(
+                cv2.resize(classes, size, interpolation=cv2.INTER_NEAREST), np.uint8
+            )
         for flip in (False, True):
             img = np.ascontiguousarray(rgb[:, ::-1]) if flip else rgb
-            lab = np.ascontiguousarray(labels[:, ::-1]) if flip else labels
+            lab = np.ascontiguousarray(classes[:, ::-1]) if flip else classes
             samples.append(trunk_sample(img, lab, long_side, trunk, pose))
         if n % 50 == 0:
             log.info("features: %d / %d photos (%.1f s)", n, len(pairs), time.perf_counter() - t0)
@@ -143,10 +148,12 @@ def load_or_build_samples(
     seed: int = 0,
     body: bool = False,
     spec: TrunkSpec = DEFAULT_TRUNK,
+    labels: int = 256,
 ) -> list[Sample]:
     """:func:`build_samples` (kept in, or read back from, a ``.pkl`` cache when given) plus
     ``negatives`` synthetic person-free samples (drawn with ``seed``); ``body``: with body
-    channels (BlazePose on every image); ``spec``: the trunk whose features they hold."""
+    channels (BlazePose on every image); ``spec``: the trunk whose features they hold;
+    ``labels``: as :func:`build_samples`."""
     import pickle
 
     key = (
@@ -175,7 +182,7 @@ def load_or_build_samples(
     if samples is None:
         trunk = Trunk(precision=TRAINING_PRECISION, spec=spec)
         pose = BlazePose() if body else None
-        samples = build_samples(pairs, table, long_side, trunk, pose)
+        samples = build_samples(pairs, table, long_side, trunk, pose, labels)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             with open(cache, "wb") as fh:
