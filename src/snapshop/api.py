@@ -304,6 +304,7 @@ def remove_products(
         if not isinstance(sku, str):
             raise ConfigError(f"a sku is text, not {sku!r} (product ids go in ids)")
     ids = [check_int("a product id", product_id, 1) for product_id in ids]
+    missing_ok = check_flag("missing_ok", missing_ok)
     if not skus and not ids:
         raise CatalogError("name at least one product to remove (a sku, or an id)")
     removed: dict[str, int] = {}

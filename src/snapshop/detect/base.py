@@ -12,6 +12,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageStat
 
+from snapshop.config import check_int
 from snapshop.errors import ConfigError
 
 UPPER = "upper"
@@ -113,10 +114,7 @@ INPUT_SIDES = (32, 4096)
 def check_input_side(side: object, what: str) -> int:
     """``side`` as a detector input side in :data:`INPUT_SIDES`, else a :class:`ConfigError`
     naming ``what``."""
-    low, high = INPUT_SIDES
-    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or not low <= side <= high:
-        raise ConfigError(f"{what} must be a whole number of pixels in {low}..{high}, not {side!r}")
-    return int(side)
+    return check_int(f"{what} (pixels)", side, *INPUT_SIDES)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from snapshop.config import check_number
 from snapshop.data.ccp import CCP_AUX, CCP_LOWER, CCP_ONE_PIECE, CCP_UPPER, PARITIES, label_table
 from snapshop.detect.segmenter import (
     CLASSES,
@@ -36,9 +36,8 @@ AUX_CLASSES: tuple[str, ...] = tuple(CCP_AUX)
 def check_rate(value: float, name: str, zero: bool = False) -> None:
     """A ConfigError unless ``value`` is a finite number > 0 (>= 0 with ``zero``): a rate or
     weight of NaN or infinity trains a model of NaNs."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        raise ConfigError(f"{name} must be a finite number {'>=' if zero else '>'} 0, not {value}")
+    if check_number(name, value, 0.0) == 0 and not zero:
+        raise ConfigError(f"{name} must be a finite number > 0, not {value}")
 
 
 def num_train_classes(aux_labels: bool) -> int:
