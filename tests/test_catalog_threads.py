@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -303,6 +304,39 @@ def test_creation_failing_after_the_card_removes_it(
     with pytest.raises(CatalogError, match="no index today"):
         new_catalog(target)
     assert sorted(p.name for p in target.iterdir()) == ["write.lock"]
+
+
+def test_a_creation_killed_before_its_card_does_not_block_the_folder(tmp_path: Path) -> None:
+    """``kill -9`` between writing the store and the card left a folder every later run
+    refused as "not empty"; the empty store it left is now cleared under the lock."""
+    import signal
+    import subprocess
+
+    target = tmp_path / "new"
+    script = (
+        "import os, signal, sys\n"
+        "import snapshop.catalog.catalog as c\n"
+        "c.write_card = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"c.create_catalog(sys.argv[1], model_id={MODEL!r}, model_ref='toy', dim={DIM})\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(target)], timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    assert (target / "catalog.sqlite").exists() and not (target / CARD_FILE).exists()
+    with new_catalog(target) as catalog:
+        add_products(catalog, np.random.default_rng(0), ["a"])
+        assert catalog.counts()["products"] == 1
+
+
+def test_a_store_with_products_but_no_card_is_kept(tmp_path: Path) -> None:
+    target = tmp_path / "c"
+    with new_catalog(target) as catalog:
+        add_products(catalog, np.random.default_rng(0), ["a", "b"])
+    (target / CARD_FILE).unlink()  # a card lost by hand: the products are not creation debris
+    with pytest.raises(CatalogError, match="holding products, but no catalog.json"):
+        new_catalog(target)
+    db = sqlite3.connect(target / "catalog.sqlite")
+    assert db.execute("SELECT count(*) FROM products").fetchone()[0] == 2
+    db.close()
 
 
 # --- 4. a closed catalog ----------------------------------------------------------------------

@@ -88,4 +88,4 @@ def test_catalog_remove_takes_skus_and_ids_never_one_for_the_other(toy: Path) ->
     result = invoke("catalog", "remove", "2", "--catalog", toy)  # the sku "2" (id 1)
     assert result.exit_code == 0 and "removed product 2 (1 images)" in result.stdout
     assert skus(toy) == []
-    assert_user_error(invoke("catalog", "remove", "--catalog", toy), 1, "name at least one")
+    assert_user_error(invoke("catalog", "remove", "--catalog", toy), 2, "name at least one")

@@ -4,6 +4,8 @@ write, and a thumbnail that cannot be cached is still served."""
 
 from __future__ import annotations
 
+import errno
+import io
 import subprocess
 import sys
 import textwrap
@@ -12,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from service_fixtures import small_catalog
+from PIL import Image
+from service_fixtures import API_KEY, small_catalog
 
 from snapshop.catalog.catalog import create_catalog, open_catalog
 from snapshop.errors import CatalogError
@@ -103,3 +106,97 @@ def test_a_save_interrupted_between_its_two_renames_is_refused_on_load(tmp_path,
     RerankedIndex.vectors_path(saves[1]).replace(RerankedIndex.vectors_path(saves[0]))
     with pytest.raises(RuntimeError, match="do not match"):
         RerankedIndex.load(saves[0])
+
+
+def _refuse_index_saves(monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("snapshop.catalog.catalog.save_index", full)
+
+
+def test_a_committed_write_whose_index_save_is_refused_succeeds_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows committed, so the upload and the delete succeeded: a 200 / 201 that says the
+    index files were not saved, not a 500 inviting a retry; the next open is up to date."""
+    catalog = small_catalog(tmp_path, n_products=3)
+    auth = {"X-API-Key": API_KEY}
+    buf = io.BytesIO()
+    Image.effect_noise((90, 120), 60).convert("RGB").save(buf, "JPEG")
+    with TestClient(create_app(ServiceSettings(catalog, api_key=API_KEY))) as client:
+        _refuse_index_saves(monkeypatch)
+        photo = [("images", ("a.jpg", buf.getvalue(), "image/jpeg"))]
+        added = client.post("/v1/products", data={"sku": "late"}, headers=auth, files=photo)
+        assert added.status_code == 201, added.text
+        assert added.json()["added"] == 1
+        assert "No space left on device" in added.json()["warnings"][0]
+        found = client.post("/v1/search", data={"k": "1"},
+                            files={"image": ("q.jpg", buf.getvalue(), "image/jpeg")})  # fmt: skip
+        assert found.json()["image_results"][0]["sku"] == "late"  # the memory index has it
+        first = client.get("/v1/products", params={"limit": 1}).json()["items"][0]
+        deleted = client.delete(f"/v1/products/{first['id']}", headers=auth)
+        assert deleted.status_code == 200, deleted.text
+        assert deleted.json()["images_removed"] == 1 and deleted.json()["warnings"]
+        monkeypatch.undo()
+    with open_catalog(catalog) as reopened:  # the files were stale; the open reconciled them
+        skus = {p.sku for p in reopened.list_products(limit=10)}
+        assert "late" in skus and first["sku"] not in skus
+        assert len(reopened.index()) == len(skus)
+        reopened.save_indexes()
+        assert reopened.unsaved_indexes is None
+
+
+def test_an_ingest_reports_index_files_it_could_not_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from snapshop import api
+    from snapshop.demo import generate_demo_catalog
+
+    manifest, _ = generate_demo_catalog(tmp_path / "source", n_products=2, images_per_product=1)
+    _refuse_index_saves(monkeypatch)
+    report = api.index_source(manifest, tmp_path / "c", model="efficientnet_lite0",
+                              detector="none", workers=0)  # fmt: skip
+    assert report.added == 2 and len(report.warnings) == 1
+    assert "No space left on device" in report.to_dict()["warnings"][0]
+    monkeypatch.undo()
+    with open_catalog(tmp_path / "c") as reopened:
+        assert len(reopened.index()) == 2
+        with reopened.writing() as write:
+            write.delete_product(reopened.list_products(limit=1)[0].id)
+        assert reopened.save_after_commit() is None
+
+
+def test_gc_frees_space_on_a_disk_too_full_to_open_the_catalog(tmp_path: Path) -> None:
+    """A database opened the shared way needs a 32 KiB ``-shm`` file, which a full disk (here
+    a file-size limit) refuses; gc, the command that frees space, opens it alone instead."""
+    root = tmp_path / "c"
+    catalog = create_catalog(root, model_id="m@1", model_ref="m", dim=DIM)
+    with catalog.writing() as write:
+        pid = write.upsert_product("kept")
+        write.insert_image(pid, source="a.jpg", blob=None, sha256="a" * 64, width=4, height=4,
+                           vector=_unit(0))  # fmt: skip
+    catalog.close()
+    orphan = root / "blobs" / "ab" / ("ab" + "0" * 62 + ".jpg")
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"x" * 1000)
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from snapshop import api
+        from snapshop.catalog.catalog import open_catalog
+        from snapshop.errors import CatalogStorageError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))
+        try:
+            open_catalog({str(root)!r})
+        except CatalogStorageError as exc:
+            print("refused:", exc)
+        print("freed:", api.collect_garbage({str(root)!r}, grace_seconds=0).bytes_freed)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "refused:" in out.stdout and "disk" in out.stdout
+    assert "freed: 1000" in out.stdout and not orphan.exists()
+    with open_catalog(root) as reopened:  # nothing else changed
+        assert [p.sku for p in reopened.list_products(limit=10)] == ["kept"]

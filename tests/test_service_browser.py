@@ -76,7 +76,9 @@ def test_upload_boxes_click_and_results(server, browser, tmp_path):
     page.on("pageerror", lambda exc: page_errors.append(str(exc)))
     page.goto(url)
     assert page.title().startswith("snapshop")
-    page.wait_for_function("document.getElementById('stats').textContent.includes('6 products')")
+    page.wait_for_function(
+        "() => document.getElementById('stats').textContent.includes('6 products')"
+    )
 
     page.set_input_files("[data-testid=file-input]", str(query))
     boxes = page.locator("[data-testid=box]")
@@ -106,7 +108,7 @@ def test_upload_boxes_click_and_results(server, browser, tmp_path):
     # click the upper box: one "selected" row of items for that garment
     page.locator("[data-testid=box][data-position=upper]").click()
     page.wait_for_function(
-        "document.querySelector('[data-testid=status]').textContent.includes('items like')"
+        "() => document.querySelector('[data-testid=status]').textContent.includes('items like')"
     )
     assert rows.count() == 1 and rows.first.get_attribute("data-position") == "upper"
     assert "(selected)" in rows.first.locator(".row-head").inner_text()
@@ -129,7 +131,7 @@ def test_upload_boxes_click_and_results(server, browser, tmp_path):
     assert page.evaluate("document.activeElement.dataset.position") == "lower"
     page.keyboard.press("Enter")
     page.wait_for_function(
-        "document.querySelector('[data-testid=item-row]')?.dataset.position === 'lower'"
+        "() => document.querySelector('[data-testid=item-row]')?.dataset.position === 'lower'"
     )
 
     # draw a box with the mouse
@@ -141,7 +143,7 @@ def test_upload_boxes_click_and_results(server, browser, tmp_path):
     page.mouse.move(x + 0.6 * w, y + 0.5 * h, steps=5)
     page.mouse.up()
     page.wait_for_function(
-        "document.querySelector('[data-testid=item-row]')?.dataset.position === 'box'"
+        "() => document.querySelector('[data-testid=item-row]')?.dataset.position === 'box'"
     )
     assert page.locator("[data-testid=box][data-position=box]").count() == 1
     assert page.locator("[data-testid=item-row] [data-testid=card]").count() > 0
@@ -160,7 +162,7 @@ def test_error_state_and_phone_layout(server, browser, tmp_path):
     page.set_input_files("[data-testid=file-input]", str(not_image))
     status = page.locator("[data-testid=status]")
     page.wait_for_function(
-        "document.querySelector('[data-testid=status]').dataset.state === 'error'"
+        "() => document.querySelector('[data-testid=status]').dataset.state === 'error'"
     )
     assert "not a supported image" in status.inner_text()
     assert page.locator("[data-testid=image-results]").is_hidden()
@@ -181,7 +183,8 @@ def test_error_state_and_phone_layout(server, browser, tmp_path):
 
 def _wait_for_product(page, title: str | None = None) -> None:
     page.wait_for_function(
-        "document.querySelector('[data-testid=status]').textContent.includes('look like this')"
+        "() => document.querySelector('[data-testid=status]')"
+        ".textContent.includes('look like this')"
     )
     if title is not None:
         assert page.get_by_test_id("product-title").inner_text() == title
@@ -218,7 +221,7 @@ def test_more_like_this_and_the_product_page(server, browser, tmp_path):
     gallery = page.get_by_test_id("product-image")
     assert gallery.count() == 2  # the fixture's products have two photos each
     gallery.first.wait_for()
-    page.wait_for_function("[...document.querySelectorAll('[data-testid=product-image]')]"
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=product-image]')]"
                            ".every(img => img.complete && img.naturalWidth > 0)")  # fmt: skip
     similar = page.locator("[data-testid=image-results] [data-testid=card]")
     assert similar.count() == 5  # every other product
@@ -232,7 +235,7 @@ def test_more_like_this_and_the_product_page(server, browser, tmp_path):
     assert crop_imgs.count() >= 1
     for i in range(crop_imgs.count()):
         assert re.fullmatch(r"/v1/crops/\d+/thumb\?size=256", crop_imgs.nth(i).get_attribute("src"))
-    page.wait_for_function("[...document.querySelectorAll('[data-testid=item-row] img')]"
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=item-row] img')]"
                            ".every(img => img.complete && img.naturalWidth > 0)")  # fmt: skip
     page.screenshot(path=str(tmp_path / "product.png"), full_page=True)
     if os.environ.get("SNAPSHOP_PRODUCT_SCREENSHOT"):
@@ -240,7 +243,7 @@ def test_more_like_this_and_the_product_page(server, browser, tmp_path):
 
     # back to the search: the photo's results are still there
     page.go_back()
-    page.wait_for_function("!document.getElementById('upload').hidden")
+    page.wait_for_function("() => !document.getElementById('upload').hidden")
     assert page.url == f"{url}/"
     assert page.locator("[data-testid=image-results] [data-testid=card]").count() == 6
     assert page.get_by_test_id("product").is_hidden()
@@ -276,7 +279,7 @@ def test_product_page_opened_directly_shows_text_as_text(server, browser):
     # an unknown product: a clear message, no results
     page.goto(f"{url}/p/987654321")
     page.wait_for_function(
-        "document.querySelector('[data-testid=status]').dataset.state === 'error'"
+        "() => document.querySelector('[data-testid=status]').dataset.state === 'error'"
     )
     assert "no product with id 987654321" in page.get_by_test_id("status").inner_text()
     assert page.get_by_test_id("product-title").inner_text() == "Product not found"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -21,7 +22,13 @@ from snapshop.catalog.server import is_server_target
 from snapshop.data.sources import CatalogRecord, read_source
 from snapshop.detect.base import Detector
 from snapshop.detect.factory import create_detector
-from snapshop.errors import CatalogError, ConfigError, ManifestError, NotFoundError
+from snapshop.errors import (
+    CatalogError,
+    CatalogStorageError,
+    ConfigError,
+    ManifestError,
+    NotFoundError,
+)
 from snapshop.images import ImageSource
 from snapshop.index.choose import AUTO
 from snapshop.index.factory import INDEX_KINDS
@@ -42,6 +49,8 @@ from snapshop.search import (
 from snapshop.verify import VerifyConfig
 
 PathLike = str | os.PathLike[str]
+
+log = logging.getLogger(__name__)
 
 
 def open_or_create_catalog(
@@ -306,7 +315,7 @@ def remove_products(
     ids = [check_int("a product id", product_id, 1) for product_id in ids]
     missing_ok = check_flag("missing_ok", missing_ok)
     if not skus and not ids:
-        raise CatalogError("name at least one product to remove (a sku, or an id)")
+        raise ConfigError("name at least one product to remove (a sku, or an id)")
     removed: dict[str, int] = {}
     with open_catalog(catalog_dir) as catalog:
         targets: dict[int, str] = {}  # a product named twice (sku and id, say) is removed once
@@ -343,7 +352,12 @@ def collect_garbage(
     interrupted blob writes, when older than ``grace_seconds``."""
     check_flag("dry_run", dry_run)
     grace_seconds = check_number("grace_seconds", grace_seconds, 0.0)
-    with open_catalog(catalog_dir) as catalog:
+    try:
+        catalog = open_catalog(catalog_dir)
+    except CatalogStorageError as exc:  # a full disk is when space is needed most
+        log.warning("%s; opening it alone instead (other processes wait until gc ends)", exc)
+        catalog = open_catalog(catalog_dir, alone=True)
+    with catalog:
         return catalog.collect_garbage(dry_run=dry_run, min_age_seconds=grace_seconds)
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,17 +17,51 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from snapshop import api
 from snapshop.catalog.blobs import DEFAULT_GRACE_SECONDS
 from snapshop.errors import ConfigError, ManifestError, SnapshopError
 from snapshop.ingest_ray import RayConfig
 
-app = typer.Typer(help="snapshop: visual search for e-commerce.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)  # fmt: skip
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a container stopping): unwound as Ctrl-C is, so an ingest ends its
+    decode workers and says so, instead of dying mid-line."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+class _App(typer.Typer):
+    """The console script's app: a stdout that cannot take the output (a full disk, an I/O
+    error) ends it with a one-line error and exit 1 rather than a traceback; SIGTERM ends it
+    as Ctrl-C does, with exit 143 (a server installs its own handler when it starts)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # decode workers are spawned, not forked, so they do not inherit this handler
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        columns = os.environ.get("COLUMNS", "1").strip()
+        if not columns.isdigit() or int(columns) < 1:
+            os.environ.pop("COLUMNS")  # Typer's help and usage errors: blank at width 0
+        try:
+            return super().__call__(*args, **kwargs)
+        except OSError as exc:
+            try:
+                _print_error(_describe_os_error(exc))
+                # Python flushes stdout once more on exit: that would fail (and say so) again.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, AttributeError, ValueError):  # stderr unwritable too; no stdout
+                pass
+            sys.exit(1)
+
+
+app = _App(help="snapshop: visual search for e-commerce.", no_args_is_help=True,
+           pretty_exceptions_enable=False)  # fmt: skip
 catalog_app = typer.Typer(help="Inspect and edit a catalog.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 db_app = typer.Typer(
@@ -33,8 +70,19 @@ db_app = typer.Typer(
 )
 app.add_typer(db_app, name="db")
 
-out = Console()
-err = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    """Text is printed as text: catalog values and paths hold "[...]" and ":name:" (rich
+    markup, emoji codes). Lines are not wrapped at the width (80 columns in a pipe) so that a
+    script reads each whole; tables still fit it."""
+    console = Console(stderr=stderr, markup=False, emoji=False, soft_wrap=True)
+    if console.width < 1:  # COLUMNS=0 (Emacs shells, some containers): rich prints nothing
+        console.width = 80
+    return console
+
+
+out = _console()
+err = _console(stderr=True)
 T = TypeVar("T")
 
 CatalogOpt = Annotated[
@@ -58,9 +106,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tab
 
 
 def _print_error(exc: BaseException | str) -> None:
-    """One line on stderr: never wrapped, and ``[...]`` in the message is text, not markup."""
-    message = escape(str(exc).replace("\n", " "))
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    """One line on stderr."""
+    message = str(exc).replace("\n", " ")
+    err.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
+
+
+def _print_json(data: Any) -> None:
+    """``--json`` output: never coloured, even where FORCE_COLOR or a terminal asks for it."""
+    out.print_json(data=data, highlight=False)
 
 
 def _describe_os_error(exc: OSError) -> str:
@@ -86,6 +139,9 @@ def run(fn: Callable[[], T]) -> T:
         logging.getLogger(__name__).debug("file system error", exc_info=True)
         _print_error(_describe_os_error(exc))
         raise typer.Exit(1) from None
+    except Terminated:
+        err.print("terminated")
+        raise typer.Exit(143) from None
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
@@ -184,7 +240,7 @@ def index(
             catalog_views=catalog_views,
         ))  # fmt: skip
     if as_json:
-        out.print_json(json.dumps(report.to_dict()))
+        _print_json(report.to_dict())
     else:
         out.print(
             f"added {report.added} images ({report.crops} garment crops), skipped {report.skipped}"
@@ -202,37 +258,40 @@ def index(
 
 def _print_not_indexed(what: str, entries: list[tuple[str, str]], shown: int = 20) -> None:
     for source_path, reason in entries[:shown]:
-        err.print(f"  [yellow]{what}[/yellow] {escape(f'{source_path}: {reason}')}",
-                  highlight=False, soft_wrap=True)  # fmt: skip
+        err.print(Text.assemble("  ", (what, "yellow"), f" {source_path}: {reason}"),
+                  highlight=False)  # fmt: skip
     if len(entries) > shown:
         err.print(f"  ... and {len(entries) - shown} more {what} (all of them: --json)")
 
 
 def terminal_text(value: object) -> str:
-    """``value`` as a table cell shows it: rich markup escaped, and every control, format or
-    separator character (ESC, NUL, bidi overrides...) written as a visible ``\\x1b``-style
-    escape, so catalog text (rows written before it was checked, too) cannot drive the
-    terminal or disguise itself."""
-    text = "".join(
+    """``value`` as a table cell shows it: every control, format or separator character (ESC,
+    NUL, bidi overrides...) written as a visible ``\\x1b``-style escape, so catalog text (rows
+    written before it was checked, too) cannot drive the terminal or disguise itself."""
+    return "".join(
         ch.encode("unicode_escape").decode("ascii")
         if unicodedata.category(ch) in _HIDDEN_CATEGORIES
         else ch
         for ch in str(value)
     )
-    return escape(text)
 
 
 _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
+def _catalog_text(value: object) -> Text:
+    """``terminal_text`` as rich ``Text``: inert on any console, markup and emoji codes too."""
+    return Text(terminal_text(value))
+
+
 def _hits_table(title: str, hits: list[Any]) -> Table:
-    table = Table(title=terminal_text(title), title_justify="left")
+    table = Table(title=_catalog_text(title), title_justify="left")
     for col in ("#", "product id", "sku", "title", "price", "score", "image id"):
         table.add_column(col)
     for rank, h in enumerate(hits, 1):
         price = "" if h.price is None else f"{h.price:.2f} {h.currency or ''}".strip()
-        table.add_row(str(rank), str(h.product_id), terminal_text(h.sku),
-                      terminal_text(h.title or ""), terminal_text(price), f"{h.score:.4f}",
+        table.add_row(str(rank), str(h.product_id), _catalog_text(h.sku),
+                      _catalog_text(h.title or ""), _catalog_text(price), f"{h.score:.4f}",
                       str(h.image_id))  # fmt: skip
     return table
 
@@ -283,7 +342,7 @@ def search(
 
         run(lambda: draw_detections(image, result.detections, save_boxes))
     if as_json:
-        out.print_json(json.dumps(result.to_dict()))
+        _print_json(result.to_dict())
         return
     out.print(_hits_table("Similar images (image-based)", result.image_results))
     for item in result.item_results:
@@ -291,7 +350,7 @@ def search(
         out.print(_hits_table(f"Similar items: {item.position} ({item.label} {item.score:.2f},"
                               f" box {box})", item.results))  # fmt: skip
     timings = "  ".join(f"{k} {v:.1f} ms" for k, v in result.timings_ms.items())
-    out.print(f"[dim]{timings}[/dim]")
+    out.print(timings, style="dim")
 
 
 @catalog_app.command("info")
@@ -299,7 +358,7 @@ def catalog_info(catalog: CatalogOpt, as_json: JsonOpt = False) -> None:
     """Counts, model and index of a catalog."""
     info = run(lambda: api.catalog_info(catalog))
     if as_json:
-        out.print_json(json.dumps(info))
+        _print_json(info)
         return
     table = Table(show_header=False)
     for key, value in info.items():
@@ -355,7 +414,7 @@ def catalog_reindex(
     report = run(lambda: reindex_catalog(catalog, IndexBudget(
         parse_bytes(memory), max_ms, target_recall=recall)))  # fmt: skip
     if as_json:
-        out.print_json(json.dumps(report))
+        _print_json(report)
         return
     out.print(f"chose {report['kind']} {json.dumps(report['params'])}")
     out.print(f"  {report['reason']}")
@@ -380,7 +439,7 @@ def catalog_migrate(
         report = run(lambda: api.migrate(source, target, progress_total=set_total,
                                          progress=advance))  # fmt: skip
     if as_json:
-        out.print_json(json.dumps(dataclasses.asdict(report)))
+        _print_json(dataclasses.asdict(report))
         return
     out.print(
         f"{report.products} products checked in {terminal_text(report.target)}:"
@@ -408,7 +467,7 @@ def catalog_gc(
     """Remove blob files no image references, and leftovers of interrupted blob writes."""
     report = run(lambda: api.collect_garbage(catalog, dry_run=dry_run, grace_seconds=grace))
     if as_json:
-        out.print_json(json.dumps(report.to_dict()))
+        _print_json(report.to_dict())
         return
     mib = 1024 * 1024
     if report.dry_run:
@@ -428,10 +487,8 @@ def catalog_gc(
         f" {report.stale_thumbnails} found, {report.thumbnails_removed} removed"
     )
     if report.missing_blobs:
-        err.print(
-            f"[yellow]warning:[/yellow] {report.missing_blobs} blob files that images name are"
-            " missing", highlight=False,
-        )  # fmt: skip
+        err.print(Text.assemble(("warning:", "yellow"), f" {report.missing_blobs} blob files"
+                                " that images name are missing"), highlight=False)  # fmt: skip
 
 
 @app.command()
@@ -461,7 +518,7 @@ def demo(
     (query, sku), result = queries[0], results[0]
     out.print(f"query: {query} (a new photo of {sku})")
     out.print(_hits_table("Similar images", result.image_results))
-    out.print(f"[dim]search {result.timings_ms['total']:.1f} ms[/dim]")
+    out.print(f"search {result.timings_ms['total']:.1f} ms", style="dim")
     out.print(f"recall@1 over {len(queries)} held-out demo photos: {recall_at_1:.2f}")
 
 
@@ -506,7 +563,7 @@ def evaluate(
     if json_out:
         run(lambda: _write_json(json_out, data))
     if as_json:
-        out.print_json(json.dumps(data))
+        _print_json(data)
         return
     first = reports[0]
     table = Table(title=f"{manifest}: {first.n_queries} queries, {first.n_gallery} gallery,"
@@ -528,8 +585,8 @@ def evaluate(
     out.print(table)
     for r in reports:
         for path, reason in r.skipped[:10]:
-            err.print(f"[yellow]skipped[/yellow] {escape(f'{path}: {reason}')}", highlight=False,
-                      soft_wrap=True)  # fmt: skip
+            err.print(Text.assemble(("skipped", "yellow"), f" {path}: {reason}"),
+                      highlight=False)  # fmt: skip
 
 
 # --- service (issue #5) ---------------------------------------------------------------------
@@ -595,7 +652,7 @@ def serve(
         verify=flag_from_env(VERIFY_ENV) if verify is None else verify,
     ))  # fmt: skip
     if not settings.writes_enabled:
-        err.print(f"[dim]${api_key_env} is not set: product writes are disabled[/dim]")
+        err.print(f"${api_key_env} is not set: product writes are disabled", style="dim")
     run(lambda: serve(settings, host=host, port=port))
 
 
@@ -789,7 +846,7 @@ def train(
         out.print(f"trained {len(merged.members)} members on {len(merged.members[0].classes)}"
                   f" products in {merged.seconds:.0f} s; model: {merged.model_dir}")  # fmt: skip
         if merged.metrics:
-            out.print_json(json.dumps(merged.metrics))
+            _print_json(merged.metrics)
         return
     result = run(lambda: train_from_manifest(
         manifest, out_dir, config, selection, resume=resume, progress=show, cache_dir=cache_dir,
@@ -797,7 +854,7 @@ def train(
     out.print(f"trained on {len(result.classes)} products in {result.seconds:.0f} s;"
               f" model: {result.model_dir}")  # fmt: skip
     if result.metrics:
-        out.print_json(json.dumps(result.metrics))
+        _print_json(result.metrics)
 
 
 # --- scale: int8 quantisation (issue #6) -----------------------------------------------------
@@ -893,7 +950,7 @@ def evaluate_detector(
     if json_out:
         run(lambda: _write_json(json_out, data))
     if as_json:
-        out.print_json(json.dumps(data))
+        _print_json(data)
         return
     table = Table(title=f"{boxes}: {report.images} images, detector {detector}, IoU >= {iou}")
     for col in ("position", "ground truth", "predicted", "TP", "recall", "precision"):
@@ -908,7 +965,7 @@ def evaluate_detector(
     p50, mean = report.latency_p50_ms, report.latency_mean_ms
     out.print(f"detect ms/image: p50 {p50:.1f}, mean {mean:.1f}")
     for path, reason in report.failed[:10]:
-        err.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
+        err.print(Text.assemble(("skipped", "yellow"), f" {path}: {reason}"), highlight=False)
 
 
 # --- detection: garment-segmenter training (issue #4) ---------------------------------------
@@ -1052,7 +1109,7 @@ def similar(
         filters=ProductFilter(category, min_price, max_price),
     ))  # fmt: skip
     if as_json:
-        out.print_json(json.dumps(result.to_dict()))
+        _print_json(result.to_dict())
         return
     if position is None:
         out.print(_hits_table(f"More like {product} (image-based)", result.image_results))
@@ -1084,7 +1141,7 @@ def recommend(
             progress_total=set_total, progress=advance,
         ))  # fmt: skip
     if as_json:
-        out.print_json(json.dumps(report.to_dict()))
+        _print_json(report.to_dict())
         return
     after = report.resumed_after
     resumed = "" if after is None else f" (resumed after product {after})"
@@ -1132,7 +1189,7 @@ def catalog_duplicates(
             progress=advance,
         ))  # fmt: skip
     if as_json:
-        out.print_json(json.dumps(report.to_dict()))
+        _print_json(report.to_dict())
         return
     pixel = report.pixel_threshold
     checked = "not checked" if pixel is None else f">= {pixel:g}"

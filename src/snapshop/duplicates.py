@@ -89,25 +89,33 @@ def candidate_pairs(
     """{(image id, other image id): score} for images of different products scoring at least
     ``threshold``. Each image fetches ``neighbours`` (widened while the last one still
     scores above the threshold, so an image copied many times loses no pair)."""
-    index = catalog.index(None)
-    if index is None or len(index) < 2:
-        return {}
+    with catalog.reading():
+        index = catalog.index(None)
+        if index is None or len(index) < 2:
+            return {}
     found: dict[tuple[int, int], float] = {}
-    fetch = min(len(index), neighbours + 1)
     for ids, vectors in catalog.store.iter_vectors("images", catalog.dim, batch=batch_size):
-        hits = index.search(vectors, fetch)
-        rows = [(hits.ids[r], hits.scores[r]) for r in range(len(ids))]
-        for r, (image_id, vector) in enumerate(zip(ids.tolist(), vectors, strict=True)):
-            other_ids, scores = rows[r]
-            wider = fetch
-            while scores[-1] >= threshold and wider < len(index):
-                wider = min(len(index), wider * 4)
-                more = index.search(vector[None, :], wider)
-                other_ids, scores = more.ids[0], more.scores[0]
-            keep = (scores >= threshold) & (other_ids >= 0) & (other_ids != image_id)
-            for other, score in zip(other_ids[keep].tolist(), scores[keep].tolist(), strict=True):
-                key = (min(image_id, other), max(image_id, other))
-                found[key] = max(found.get(key, -1.0), float(score))
+        # Held per batch, not over the whole scan: writes and refreshes go on between batches,
+        # and the index is looked up again each time (a refresh or reindex may replace it).
+        with catalog.reading():
+            index = catalog.index(None)
+            if index is None or len(index) < 2:
+                break
+            fetch = min(len(index), neighbours + 1)
+            hits = index.search(vectors, fetch)
+            rows = [(hits.ids[r], hits.scores[r]) for r in range(len(ids))]
+            for r, (image_id, vector) in enumerate(zip(ids.tolist(), vectors, strict=True)):
+                other_ids, scores = rows[r]
+                wider = fetch
+                while scores[-1] >= threshold and wider < len(index):
+                    wider = min(len(index), wider * 4)
+                    more = index.search(vector[None, :], wider)
+                    other_ids, scores = more.ids[0], more.scores[0]
+                keep = (scores >= threshold) & (other_ids >= 0) & (other_ids != image_id)
+                pairs = zip(other_ids[keep].tolist(), scores[keep].tolist(), strict=True)
+                for other, score in pairs:
+                    key = (min(image_id, other), max(image_id, other))
+                    found[key] = max(found.get(key, -1.0), float(score))
         if progress:
             progress(len(ids))
     owners = catalog.owners(None, sorted({i for pair in found for i in pair}))

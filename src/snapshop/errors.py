@@ -70,3 +70,8 @@ class CatalogUnavailableError(CatalogError):
     """The catalog database cannot be reached (server down, network, wrong password, a
     connection lost mid-transaction, which rolled it back): a server-side fault the service
     answers with 503; retrying later may succeed."""
+
+
+class CatalogStorageError(CatalogError):
+    """The disk under an embedded catalog refused SQLite (full, or an I/O error) while the
+    catalog database was opened: not the database's fault."""

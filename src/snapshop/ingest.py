@@ -79,6 +79,7 @@ class IngestReport:
     created: set[int] = field(default_factory=set)  # ids of the products this ingest inserted
     removed: int = 0
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # e.g. index files a full disk refused
 
     @property
     def images_per_second(self) -> float:
@@ -90,7 +91,7 @@ class IngestReport:
             "failed": [{"source": s, "reason": r} for s, r in self.failed],
             "ignored": [{"source": s, "reason": r} for s, r in self.ignored],
             "products": len(self.products), "removed": self.removed,
-            "seconds": round(self.seconds, 3),
+            "warnings": list(self.warnings), "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
         }  # fmt: skip
 
@@ -485,7 +486,7 @@ class Ingestor:
                     self.commit(batch, report)
                     batches_since_save += 1
                 if batches_since_save >= self.save_every:
-                    self.catalog.save_indexes()
+                    self._save(report)
                     batches_since_save = 0
                 if progress:
                     progress(consumed)
@@ -493,11 +494,16 @@ class Ingestor:
             batches.close()  # type: ignore[attr-defined]
         if sync:
             report.removed = self._sync(records)  # type: ignore[arg-type]
-        self.catalog.save_indexes()
+        self._save(report)
         for source, reason in report.failed:  # the report carries them; callers show them
             log.info("not indexed %s: %s", source, reason)
         report.seconds = time.perf_counter() - start
         return report
+
+    def _save(self, report: IngestReport) -> None:
+        warning = self.catalog.save_after_commit()
+        if warning is not None and warning not in report.warnings:
+            report.warnings.append(warning)
 
     def prepare_job(self) -> PrepareJob:
         """What :func:`prepare` / :func:`decode` need to know, wherever they run."""

@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from snapshop.catalog.blobs import write_blob
+from snapshop.config import check_int, check_number
 from snapshop.data.sources import CatalogRecord
 from snapshop.detect.base import Detector
 from snapshop.detect.factory import create_detector
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 LOCAL = "local"  # start a Ray instance in this process, shut down when the ingest ends
 AUTO = "auto"  # $RAY_ADDRESS, or the cluster this machine is part of
 INSTALL_HINT = "pip install 'snapshop[ray]'"
+TASK_RETRIES = 3  # tries again of a batch whose actor died, before the ingest fails
+CONNECT_SECONDS = 10.0  # a Ray head's HOST:PORT that does not answer in this time is an error
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,15 @@ class RayConfig:
     gpus_per_actor: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.cpus_per_actor < 1 or self.gpus_per_actor < 0 or (self.actors or 1) < 1:
-            raise ConfigError("Ray actors need at least 1 CPU, >= 0 GPUs, and at least 1 actor")
+        # frozen: the checked values replace the given ones (a numpy int becomes an int)
+        object.__setattr__(
+            self, "cpus_per_actor", check_int("cpus_per_actor", self.cpus_per_actor, 1)
+        )
+        object.__setattr__(
+            self, "gpus_per_actor", check_number("gpus_per_actor", self.gpus_per_actor, 0.0)
+        )
+        if self.actors is not None:
+            object.__setattr__(self, "actors", check_int("actors", self.actors, 1))
 
 
 def import_ray() -> Any:
@@ -95,7 +106,18 @@ def import_ray() -> Any:
 
 def actor_options(config: RayConfig, cluster: dict[str, float]) -> dict[str, Any]:
     """The actor pool on a cluster with ``cluster`` resources (``ray.cluster_resources()``):
-    its size (``actors``) and each actor's ``num_cpus`` / ``num_gpus`` (``map_batches``)."""
+    its size (``actors``) and each actor's ``num_cpus`` / ``num_gpus`` (``map_batches``).
+
+    Raises ConfigError when one actor asks for more than the whole cluster has: Ray Data
+    would wait for ever for a node that fits (GPUs asked of a machine without any)."""
+    asked = {"CPU": float(config.cpus_per_actor), "GPU": config.gpus_per_actor}
+    short = [f"{n:g} {name}" for name, n in asked.items() if n > cluster.get(name, 0.0)]
+    if short:
+        has = ", ".join(f"{cluster.get(name, 0.0):g} {name}" for name in asked)
+        raise ConfigError(
+            f"each Ray actor asks for {' and '.join(short)}, more than the Ray cluster has"
+            f" ({has}); ask for less (--ray-gpus 0 embeds on CPUs)"
+        )
     actors = config.actors
     if actors is None:
         actors = int(cluster.get("CPU", 1) // config.cpus_per_actor)
@@ -270,6 +292,10 @@ def ingest_on_ray(
         mapped = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
             IndexActor, fn_constructor_kwargs=actor_args, batch_size=batch_size,
             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), **options,
+            # Ray Data retries a batch whose actor died for ever: one image that kills its
+            # worker (a native crash, the OOM killer) would hang the ingest. A dead actor is
+            # still replaced (max_restarts stays unlimited).
+            max_task_retries=TASK_RETRIES,
         )  # fmt: skip
         # In source order, as in-process: of two rows with the same bytes the first one wins
         # (its category decides the crops), whatever actor finishes first.
@@ -282,8 +308,14 @@ def ingest_on_ray(
                     watchdog.watch_descendants()  # the actors, started by now
                 yield _received(ingestor, source, batch, report), len(batch["id"])
         except ray.exceptions.RayError as exc:
+            cause = _root_cause(exc)
+            if isinstance(exc, ray.exceptions.RayActorError) and not exc.actor_init_failed:
+                cause = (
+                    f"the actors died {TASK_RETRIES + 1} times on one batch of images: one of"
+                    f" them may crash a worker or exhaust its memory; last: {cause}"
+                )
             raise IngestError(
-                f"the Ray job failed ({_root_cause(exc)}); the {report.added} images added so"
+                f"the Ray job failed ({cause}); the {report.added} images added so"
                 " far are kept: run the ingest again to continue"
             ) from exc
 
@@ -344,6 +376,8 @@ def ray_connection(config: RayConfig) -> Iterator[_Watchdog | None]:
             )  # fmt: skip
     else:
         address = os.environ.get("RAY_ADDRESS") if config.address == AUTO else config.address
+        if address:
+            _check_reachable(address)
         try:
             ray.init(address=address or AUTO, **quiet)
         except ConnectionError as exc:
@@ -356,6 +390,19 @@ def ray_connection(config: RayConfig) -> Iterator[_Watchdog | None]:
         ray.shutdown()
         if watchdog is not None:
             watchdog.disarm()
+
+
+def _check_reachable(address: str) -> None:
+    """Raises ConfigError when ``address`` is a head's ``HOST:PORT`` that does not accept a
+    TCP connection: ray.init retries such an address for ≈ 14 minutes (20 tries of ≈ 40 s).
+    Other forms (``ray://``: Ray gives up after 30 s) are left to Ray."""
+    match = re.fullmatch(r"\[?([^/\[\]]+?)\]?:(\d+)", address)
+    if match is None:
+        return
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=CONNECT_SECONDS).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot connect to Ray at {address}: {exc}") from None
 
 
 # A separate process that outlives this one: on EOF of its stdin without "done" (this

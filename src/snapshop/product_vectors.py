@@ -70,7 +70,12 @@ class ProductVectors:
     """The product vectors of an open catalog, current as of the last :meth:`refresh`.
 
     Its methods are thread-safe; searches go through :meth:`index` (an exact index keyed by
-    product id, updated in place by :meth:`refresh`).
+    product id, updated in place by :meth:`refresh`), under the catalog's
+    :meth:`~snapshop.catalog.catalog.Catalog.reading` like its own indexes.
+
+    Locks: the catalog's index lock, then this object's (a search holds the read side while
+    it asks for :meth:`vectors` or :meth:`entries`), so :meth:`refresh` takes the catalog's
+    write side first and never the other way round.
     """
 
     def __init__(self, catalog: Catalog, *, save: bool = True) -> None:
@@ -80,6 +85,7 @@ class ProductVectors:
         self.path = None if catalog.is_server else catalog.directory / "index" / CACHE_FILE
         self._save_enabled = save and self.path is not None
         self._lock = threading.RLock()
+        self._save_lock = threading.Lock()  # one save at a time: the newest is written last
         self._groups: dict[str, _Group] = {}
         self._indexes: dict[str, FlatIndex] = {}
         self._by_owner: dict[str, tuple[NDArray[np.int64], NDArray[np.int64]]] = {}
@@ -108,8 +114,8 @@ class ProductVectors:
 
     def index(self, position: str | None = None) -> FlatIndex:
         """An exact index over :meth:`vectors` keyed by product id (built on first use, then
-        updated in place by :meth:`refresh`: like the catalog's indexes, not to be searched
-        while a refresh runs on another thread)."""
+        updated in place by :meth:`refresh`): like the catalog's indexes, search it under
+        the catalog's :meth:`~snapshop.catalog.catalog.Catalog.reading`."""
         with self._lock:
             name = index_name(position)
             if name not in self._indexes:
@@ -168,9 +174,13 @@ class ProductVectors:
         holds the stored vectors: it scores them where they are (issue #16: reading them back
         from SQLite was most of a query's search time on grocery-dev, 71 images a product);
         any other index scores the store's vectors."""
-        index = self.catalog.index(position)
-        if index is not None and isinstance(index, FlatIndex):
-            hits = index.search(query.reshape(1, -1), len(entries), allowed=IdFilter.of(entries))
+        hits = None
+        with self.catalog.reading():  # not held over the yield
+            index = self.catalog.index(position)
+            if isinstance(index, FlatIndex):
+                allowed = IdFilter.of(entries)
+                hits = index.search(query.reshape(1, -1), len(entries), allowed=allowed)
+        if hits is not None:
             keep = hits.ids[0] >= 0
             yield hits.ids[0][keep], hits.scores[0][keep]
             return
@@ -183,8 +193,16 @@ class ProductVectors:
         """Bring the vectors up to the store when its generation moved (or ``force``), and
         save the cache (``save`` None: as the constructor said; a searcher refreshing before
         each query passes False, since rewriting the whole file per write would cost more
-        than the few products a later open recomputes). Returns True if it reconciled."""
-        with self._lock:
+        than the few products a later open recomputes). Returns True if it reconciled.
+
+        Reconciles under the write side of the catalog's index lock (the product indexes
+        change in place), taken only when the store moved, and saves once it is let go.
+        Never call it holding this object's lock: a search holding the read side may be
+        waiting for that lock.
+        """
+        if not force and self.catalog.store.generation == self._generation:
+            return False  # current: the searches in flight are not stopped for nothing
+        with self.catalog.index_lock.write(), self._lock:
             generation = self.catalog.store.generation  # read first: a later write forces
             if not force and generation == self._generation:  # another pass
                 return False
@@ -198,10 +216,10 @@ class ProductVectors:
             self._generation = generation
             if changed:
                 self._by_owner.clear()
-            save = self._save_enabled if save is None else save and self._save_enabled
-            if save and self.path is not None and (changed or not self.path.exists()):
-                self._save()
-            return True
+        save = self._save_enabled if save is None else save and self._save_enabled
+        if save and self.path is not None and (changed or not self.path.exists()):
+            self._save()
+        return True
 
     def _current_entries(self, name: str) -> NDArray[np.int64]:
         index = self.catalog.indexes.get(name)
@@ -341,27 +359,30 @@ class ProductVectors:
     def _save(self) -> None:
         if self.path is None:
             return
-        arrays: dict[str, NDArray] = {
-            "format": np.array(FORMAT), "dim": np.array(self.dim),
-            "model_id": np.array(self.catalog.model_id),
-            "generation": np.array(self._generation),
-            "names": np.array(sorted(self._groups), dtype=str),
-        }  # fmt: skip
-        for name, group in self._groups.items():
-            arrays[f"{name}.entry_ids"] = group.entry_ids
-            arrays[f"{name}.entry_owner"] = group.entry_owner
-            arrays[f"{name}.product_ids"] = group.product_ids
-            arrays[f"{name}.vectors"] = group.vectors
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = make_temp(self.path.parent, ".npz")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                # numpy's stub reads **arrays as possibly holding allow_pickle: bool
-                np.savez(fh, **arrays)  # type: ignore[arg-type]
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.replace(self.path)
-        except OSError as exc:  # a read-only catalog still gets its vectors, only not cached
-            log.warning("%s: cannot save the product-vector cache (%s)", self.path, exc)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self._save_lock:
+            # written without the lock: a reconcile replaces groups, never changes their arrays
+            with self._lock:
+                arrays: dict[str, NDArray] = {
+                    "format": np.array(FORMAT), "dim": np.array(self.dim),
+                    "model_id": np.array(self.catalog.model_id),
+                    "generation": np.array(self._generation),
+                    "names": np.array(sorted(self._groups), dtype=str),
+                }  # fmt: skip
+                for name, group in self._groups.items():
+                    arrays[f"{name}.entry_ids"] = group.entry_ids
+                    arrays[f"{name}.entry_owner"] = group.entry_owner
+                    arrays[f"{name}.product_ids"] = group.product_ids
+                    arrays[f"{name}.vectors"] = group.vectors
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = make_temp(self.path.parent, ".npz")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    # numpy's stub reads **arrays as possibly holding allow_pickle: bool
+                    np.savez(fh, **arrays)  # type: ignore[arg-type]
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                tmp.replace(self.path)
+            except OSError as exc:  # a read-only catalog still gets its vectors, only not cached
+                log.warning("%s: cannot save the product-vector cache (%s)", self.path, exc)
+            finally:
+                tmp.unlink(missing_ok=True)

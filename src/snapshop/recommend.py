@@ -88,12 +88,14 @@ def neighbours(
     the products with id > ``after`` in id order; a product is never its own neighbour, and
     missing neighbours (fewer than k + 1 products) are -1 with score -inf."""
     ids, vectors = pv.vectors(position)
-    index = pv.index(position)
     start = int(np.searchsorted(ids, after, side="right"))
     fetch = min(k + 1, max(len(ids), 1))
     for lo in range(start, len(ids), batch_size):
         batch = ids[lo : lo + batch_size]
-        hits = index.search(vectors[lo : lo + batch_size], fetch)
+        # a refresh changes the product index in place; not held over the yield, while the
+        # caller writes a batch out
+        with pv.catalog.reading():
+            hits = pv.index(position).search(vectors[lo : lo + batch_size], fetch)
         out_ids = np.full((len(batch), k), -1, np.int64)
         out_scores = np.full((len(batch), k), -np.inf, np.float32)
         for row, product in enumerate(batch):

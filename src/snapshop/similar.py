@@ -109,15 +109,16 @@ def best_products(
     Exact with an exact index: a product in the overall top k is in the top k of the query
     vector it scores best against, so merging each query's top k loses nothing.
     """
-    index = catalog.index(position)
-    if index is None or len(index) == 0 or len(queries) == 0:
-        return []
     owners = functools.partial(catalog.owners, position)
     best: dict[int, Found] = {}
-    for vector in queries:
-        for product, score, entry in top_products(index, vector, k, owners, accept):
-            if product not in best or score > best[product][1]:
-                best[product] = (product, score, entry)
+    with catalog.reading():  # no refresh or write changes the index meanwhile
+        index = catalog.index(position)
+        if index is None or len(index) == 0 or len(queries) == 0:
+            return []
+        for vector in queries:
+            for product, score, entry in top_products(index, vector, k, owners, accept):
+                if product not in best or score > best[product][1]:
+                    best[product] = (product, score, entry)
     # ties by product id, so the order does not depend on the order of the queries
     return sorted(best.values(), key=lambda t: (-t[1], t[0]))[:k]
 

@@ -21,6 +21,7 @@ import fcntl
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -226,6 +227,9 @@ class Catalog:
         self._owner_cache: dict[str, dict[int, int]] = {}
         self._owner_lock = threading.Lock()  # a leaf: searches take it under the read side
         self._generation = -1
+        # Why the index files are behind the store: a save after a committed write failed
+        # (see :meth:`save_after_commit`); None once a save succeeds.
+        self.unsaved_indexes: str | None = None
         self.refresh(force=True)
 
     @property
@@ -535,6 +539,23 @@ class Catalog:
                         self.measured[name] = self.measure_index(name)
                         card = {**index.info(), **self._card_extra(name, generation)}
                         write_json(card_path(path), card)
+            self.unsaved_indexes = None
+
+    def save_after_commit(self) -> str | None:
+        """:meth:`save_indexes` after a write committed: a save the system refuses (a full
+        disk) is a warning, returned and logged, not the write's failure. The rows are
+        stored and the in-memory indexes hold them; every save is atomic, so the files keep
+        their last saved state, which the next save or open reconciles with the store."""
+        try:
+            self.save_indexes()
+        except OSError as exc:
+            self.unsaved_indexes = (
+                f"the write is stored, but its index files were not saved ({exc}); the next"
+                f" save or open brings them up to date"
+            )
+            log.warning("%s: %s", self.location, self.unsaved_indexes)
+            return self.unsaved_indexes
+        return None
 
     def _adopt_index_kind(self) -> bool:
         """Before a save, under the write lock: take the stored card's index kind and
@@ -771,7 +792,7 @@ class Catalog:
             with self.writing() as write:
                 files = self.store.blob_refs_of_product(product_id)  # the lock keeps them current
                 image_ids = write.delete_product(product_id)
-            self.save_indexes()
+            self.save_after_commit()
             self._free_blobs(files)
         return len(image_ids)
 
@@ -783,7 +804,7 @@ class Catalog:
             with self.writing() as write:
                 files = self.store.blob_refs_of_images(image_ids)
                 write.delete_images(image_ids)
-            self.save_indexes()
+            self.save_after_commit()
             self._free_blobs(files)
 
     def _free_blobs(self, files: list[tuple[str, str | None]]) -> None:
@@ -900,8 +921,47 @@ def create_catalog(
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         if (directory / CARD_FILE).exists():
             raise CatalogError(f"{directory}: a catalog already exists here")
+        _clear_interrupted_creation(directory)
         _check_empty(directory)
         return _create(directory, model_id, model_ref, dim, index_kind, index_params)
+
+
+def _clear_interrupted_creation(directory: Path) -> None:
+    """Under the creation lock, with no card: remove what a creation killed before it wrote
+    the card left (its store, between the two steps), so the folder can be used again. Only a
+    store without a product or an image goes; one holding any is refused, never removed."""
+    left = [p.name for p in directory.iterdir() if p.name in _CREATING or is_temp_name(p.name)]
+    if not left:
+        return
+    db_path = directory / DB_FILE
+    if db_path.exists() and _stored_rows(db_path):
+        raise CatalogError(
+            f"{db_path}: a catalog database holding products, but no {CARD_FILE} beside it:"
+            f" restore the card, or move the database away to create a new catalog here"
+        )
+    log.warning("%s: removing what an interrupted creation left (%s)", directory,
+                ", ".join(sorted(left)))  # fmt: skip
+    _remove_created(directory)
+
+
+def _stored_rows(db_path: Path) -> int:
+    """Products and images in a catalog database (0 for one whose schema was never
+    written); a file SQLite cannot read counts as holding rows, so it is kept."""
+    try:
+        db = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return 1
+    try:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        return sum(
+            int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+            for table in ("products", "images")
+            if table in tables
+        )
+    except sqlite3.Error:
+        return 1
+    finally:
+        db.close()
 
 
 def _check_empty(directory: Path, creating: bool = False) -> None:
@@ -969,9 +1029,12 @@ def catalog_exists(target: str | os.PathLike[str]) -> bool:
     return (Path(target) / CARD_FILE).exists()
 
 
-def open_catalog(target: str | os.PathLike[str]) -> Catalog:
+def open_catalog(target: str | os.PathLike[str], *, alone: bool = False) -> Catalog:
     """Open an existing catalog: a directory (reconciling its indexes with the store), or a
-    PostgreSQL database by connection string (``postgresql://…``, see ``catalog.server``)."""
+    PostgreSQL database by connection string (``postgresql://…``, see ``catalog.server``).
+
+    ``alone`` (directories): its database opened so that other processes wait until this
+    one closes it; it opens on a full disk, where the shared way cannot (``catalog gc``)."""
     from snapshop.catalog.server import is_server_target, open_server_catalog
 
     if is_server_target(target):
@@ -990,7 +1053,7 @@ def open_catalog(target: str | os.PathLike[str]) -> Catalog:
         raise CatalogError(f"{db_path}: catalog database is missing")
     if db_path.stat().st_size == 0:
         raise CatalogError(f"{db_path}: catalog database is empty (0 bytes)")
-    store = CatalogStore(db_path)
+    store = CatalogStore(db_path, alone=alone)
     try:
         return Catalog(directory, card, store)
     except BaseException:

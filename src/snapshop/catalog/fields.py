@@ -11,6 +11,9 @@ error line).
 - **text fields** (title, url, currency, category) refuse control characters (NUL, ESC, C1,
   line/paragraph separators, surrogates) and the bidi overrides that reorder what is around
   them on screen.
+- **blank** values (:func:`is_blank`: only whitespace, invisible characters such as U+200B
+  or U+FEFF, or combining marks with no letter to sit on) count as empty: a blank sku is
+  refused, a blank text field reads as ``""``, as if it had been sent empty.
 - **attributes** are a JSON object, nested at most ``attributes_depth`` deep (the object
   itself is depth 1) and at most ``attributes_chars`` characters as compact JSON; integers fit
   in 64 bits and floats are finite, so every JSON reader (and the service's own serialiser,
@@ -57,6 +60,12 @@ MAX_ATTRIBUTE_INT = 2**63 - 1  # what SQLite, JavaScript's BigInt and most JSON 
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 _TEXT_REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 _SKU_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
+# What shows nothing on its own (besides whitespace): format characters (U+200B, U+2060,
+# U+FEFF, the joiners) and combining marks (U+0301, variation selectors), which need a letter.
+_BLANK_CATEGORIES = frozenset({"Cf", "Mn", "Me"})
+# Letters and symbols whose glyph is empty (Hangul fillers, the blank braille cell): the
+# usual way to fake an empty name where only "real" characters are accepted.
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 # A JSON string (escapes included) or one bracket: enough to measure nesting without parsing.
 _JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 
@@ -82,6 +91,16 @@ def _first_refused_text_char(text: str) -> str | None:
     return None
 
 
+def is_blank(text: str) -> bool:
+    """True if ``text`` shows nothing: it holds no character but whitespace, invisible ones
+    and combining marks. Text with one visible character is not blank, so emoji sequences
+    (U+200D joins 👩‍💻) and joiners or direction marks inside words are ordinary text."""
+    return all(
+        ch.isspace() or unicodedata.category(ch) in _BLANK_CATEGORIES or ch in _BLANK_GLYPHS
+        for ch in text
+    )
+
+
 def lookup_sku(sku: object) -> str:
     """The form of ``sku`` the store keys products by (NFC, stripped), for lookups: a sku that
     could never be stored simply finds nothing."""
@@ -93,8 +112,8 @@ def normalise_sku(sku: object) -> str:
     if not isinstance(sku, str):
         raise FieldError(f"product id (sku) must be text, got {type(sku).__name__}")
     sku = lookup_sku(sku)
-    if not sku:
-        raise FieldError("product id (sku) must not be empty")
+    if is_blank(sku):
+        raise FieldError("product id (sku) must not be empty or blank")
     if len(sku) > LIMITS.sku:
         raise FieldError(
             f"product id (sku) {_preview(sku)}... is {len(sku)} characters, limit {LIMITS.sku}"
@@ -110,7 +129,8 @@ def normalise_sku(sku: object) -> str:
 
 
 def check_text(name: str, value: object) -> str:
-    """``value`` of text field ``name`` (title, url, currency, category), or FieldError."""
+    """``value`` of text field ``name`` (title, url, currency, category), or FieldError; a
+    blank value (:func:`is_blank`) is ``""``."""
     if not isinstance(value, str):
         raise FieldError(f"product {name} must be text, got {type(value).__name__}")
     limit = getattr(LIMITS, name)
@@ -122,7 +142,7 @@ def check_text(name: str, value: object) -> str:
             f"product {name} {_preview(value)} contains {_describe(bad)}: control characters"
             " (tabs and line breaks included) and bidi overrides are not allowed"
         )
-    return value
+    return "" if is_blank(value) else value
 
 
 def check_product_url(url: str) -> str:

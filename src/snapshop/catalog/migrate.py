@@ -25,7 +25,7 @@ from snapshop.catalog.catalog import Catalog, catalog_exists, create_catalog, op
 from snapshop.catalog.server import SERVER_INDEX_KINDS, is_server_target, thumbnail_jpeg
 from snapshop.catalog.store import ImageRow, NewCrop, Product
 from snapshop.catalog.write import CatalogWrite
-from snapshop.errors import CatalogError, ImageDecodeError
+from snapshop.errors import CatalogError, FieldError, ImageDecodeError
 from snapshop.images import load_image, stored_file_limits
 
 log = logging.getLogger(__name__)
@@ -93,18 +93,11 @@ def _open_target(src: Catalog, target: Target) -> Catalog:
                 f"{dst.location} holds vectors of model {dst.model_id} (dim {dst.dim}), the"
                 f" source {src.model_id} (dim {src.dim}): they cannot share a catalog"
             )
-        # Crops and views made another way would mix in one index with the source's.
-        mine = (src.crop_mode, src.card.detector, src.catalog_views)
-        theirs = (dst.crop_mode, dst.card.detector, dst.catalog_views)
-        differ = [f"{name} {a!r} here, {b!r} in the source"
-                  for name, b, a in zip(("crop_mode", "detector", "catalog_views"), mine, theirs,
-                                        strict=True)
-                  if a != b and a is not None and b is not None]  # fmt: skip
-        if differ and dst.counts()["images"] == 0:  # nothing made the other way yet
-            dst.rewrite_card(crop_mode=mine[0], detector=mine[1], catalog_views=mine[2])
-        elif differ:
+        try:
+            _check_existing_target(src, dst)
+        except BaseException:
             dst.close()
-            raise CatalogError(f"{dst.location} was built differently: {'; '.join(differ)}")
+            raise
         return dst
     kind = src.card.index_kind if not src.is_server else "auto"
     params = dict(src.card.index_params) if not src.is_server else None
@@ -120,13 +113,54 @@ def _open_target(src: Catalog, target: Target) -> Catalog:
     return dst
 
 
+def _check_existing_target(src: Catalog, dst: Catalog) -> None:
+    """``dst`` may be an empty catalog or an earlier (interrupted) copy of ``src``, never
+    another catalog: its products would be mixed with the source's, a shared sku overwritten."""
+    foreign: list[str] = []
+    after = 0
+    while page := dst.list_products(after_id=after, limit=PAGE):
+        after = page[-1].id
+        foreign += [p.sku for p in page if src.find_product(p.sku) is None]
+    if foreign:
+        named = ", ".join(repr(sku) for sku in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise CatalogError(
+            f"{dst.location} holds {len(foreign)} products that {src.location} does not"
+            f" ({named}):"
+            " it is another catalog, not a copy of this one; migrate into a new or empty one"
+            " (or remove those products from the target first)"
+        )
+    # Crops and views made another way would mix in one index with the source's.
+    mine = (src.crop_mode, src.card.detector, src.catalog_views)
+    theirs = (dst.crop_mode, dst.card.detector, dst.catalog_views)
+    if dst.counts()["images"] == 0:
+        # Nothing made another way yet: the card becomes the source's, a detector included
+        # (a card without one, as a copy killed right after creating it left, would make
+        # later searches and ingests skip garment detection).
+        if mine != theirs:
+            dst.rewrite_card(crop_mode=mine[0], detector=mine[1], catalog_views=mine[2])
+        return
+    differ = [f"{name} {a!r} here, {b!r} in the source"
+              for name, b, a in zip(("crop_mode", "detector", "catalog_views"), mine, theirs,
+                                    strict=True)
+              if a != b and a is not None and b is not None]  # fmt: skip
+    if differ:
+        raise CatalogError(f"{dst.location} was built differently: {'; '.join(differ)}")
+
+
 def _copy_product(
     src: Catalog, dst: Catalog, write: CatalogWrite, product: Product, counts: dict[str, int]
 ) -> None:
     fields = {"title": product.title, "url": product.url, "price": product.price,
               "currency": product.currency, "category": product.category,
               "attributes": product.attributes}  # fmt: skip
-    product_id = write.upsert_product(product.sku, **fields)
+    try:
+        product_id = write.upsert_product(product.sku, **fields)
+    except FieldError as exc:
+        raise CatalogError(
+            f"product {product.sku!r} (id {product.id}) of {src.location} cannot be copied:"
+            f" {exc}; correct it in the source (or remove it: snapshop catalog remove --catalog"
+            f" SOURCE --id {product.id}), then run the migrate again to continue"
+        ) from exc
     images = src.images_of(product.id)
     if not images:
         return

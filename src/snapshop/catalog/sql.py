@@ -227,17 +227,26 @@ class SqliteDatabase(Database):
     engine = "sqlite"
     vector_dtype = "<f4"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, alone: bool = False) -> None:
+        """``alone``: the exclusive locking mode, taken before the first read, so the WAL
+        index lives in this process's memory and no ``-shm`` file must be made or grown,
+        which a full disk refuses; every other connection waits until this one closes."""
         self.path = Path(path)
         self.location = str(self.path)
         self._db = sqlite3.connect(
             self.path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
         self._db.row_factory = sqlite3.Row
-        self._enter_wal_mode()
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        try:
+            if alone:
+                self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._enter_wal_mode()
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        except BaseException:
+            self._db.close()  # its locks would stop the next connection of this process
+            raise
 
     def _enter_wal_mode(self) -> None:
         """``PRAGMA journal_mode=WAL``, waiting up to the busy timeout for other connections.
@@ -600,11 +609,14 @@ def _shut_down(conn: Any) -> None:
         log.debug("shutting the catalog connection down failed: %s", exc)
 
 
-def connect(target: str | os.PathLike[str], readonly: bool = False) -> Database:
-    """A :class:`Database` for a SQLite file path or a ``postgresql://`` DSN."""
+def connect(
+    target: str | os.PathLike[str], readonly: bool = False, alone: bool = False
+) -> Database:
+    """A :class:`Database` for a SQLite file path or a ``postgresql://`` DSN (``alone``: see
+    :class:`SqliteDatabase`)."""
     if is_server_target(target):
         return PostgresDatabase(str(target), readonly=readonly)
-    return SqliteDatabase(Path(target))
+    return SqliteDatabase(Path(target), alone=alone)
 
 
 # --- errors ------------------------------------------------------------------------------

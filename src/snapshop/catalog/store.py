@@ -44,7 +44,12 @@ from snapshop.catalog.sql import (
     pgvector_missing,
     sqlite_storage_failure,
 )
-from snapshop.errors import CatalogError, CatalogUnavailableError, NotFoundError
+from snapshop.errors import (
+    CatalogError,
+    CatalogStorageError,
+    CatalogUnavailableError,
+    NotFoundError,
+)
 
 SCHEMA_VERSION = migrations.LATEST
 
@@ -157,8 +162,15 @@ class CatalogStore:
     """
 
     def __init__(
-        self, target: str | os.PathLike[str], readonly: bool = False, *, dim: int | None = None
+        self,
+        target: str | os.PathLike[str],
+        readonly: bool = False,
+        *,
+        dim: int | None = None,
+        alone: bool = False,
     ) -> None:
+        """``alone``: a SQLite file opened so that other connections wait until this one
+        closes, which opens on a full disk (see :class:`SqliteDatabase`)."""
         self._lock = threading.RLock()
         self._local = threading.local()  # per thread: generation before its last commit
         self._writing = False  # a transaction is open (only its thread can see True)
@@ -170,11 +182,11 @@ class CatalogStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.readonly = readonly
         try:
-            self._db: Database = connect(target, readonly=readonly)
+            self._db: Database = connect(target, readonly=readonly, alone=alone)
         except sqlite3.DatabaseError as exc:
             storage = sqlite_storage_failure(exc)
             if storage is not None:  # not the database's fault: say so, not "unusable"
-                raise CatalogError(
+                raise CatalogStorageError(
                     f"{target}: cannot open the catalog database: {storage}"
                 ) from None
             raise CatalogError(f"{target}: not a usable catalog database ({exc})") from None
@@ -187,7 +199,7 @@ class CatalogStore:
             self._db.close()
             storage = sqlite_storage_failure(exc)
             if storage is not None:
-                raise CatalogError(
+                raise CatalogStorageError(
                     f"{self.location}: cannot open the catalog database: {storage}"
                 ) from None
             raise CatalogError(f"{self.location}: not a usable catalog database ({exc})") from None

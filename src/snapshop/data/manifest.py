@@ -68,6 +68,18 @@ def repeat_matching(
     return [copy for row in rows for copy in [row] * (times if matches(row, where) else 1)]
 
 
+def check_no_self_matches(rows: Sequence[ManifestRow], what: str) -> None:
+    """A query that is also a gallery image finds itself at the top: its hit measures nothing,
+    and a manifest listing every image in both roles would score any model near 1."""
+    gallery = {os.path.abspath(r.path) for r in rows if r.role == "gallery"}
+    both = [r.path for r in rows if r.role == "query" and os.path.abspath(r.path) in gallery]
+    if both:
+        raise ManifestError(
+            f"{what}: {len(both)} queries are also gallery images (e.g. {both[0]}); a query must"
+            " not be in the gallery it is searched in"
+        )
+
+
 def check_unique_columns(header: list[str], path: str | os.PathLike[str]) -> None:
     """A column named twice would have its first values silently replaced by the second's."""
     repeated = sorted({c for c in header if c and header.count(c) > 1})

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapshop.catalog.fields import check_product_fields, normalise_sku
+from snapshop.catalog.fields import check_product_fields, is_blank, normalise_sku
 from snapshop.data.manifest import check_unique_columns, nonblank_rows
 from snapshop.errors import CatalogError, ManifestError
 from snapshop.images import IMAGE_SUFFIXES, DecodeLimits, read_bytes
@@ -228,8 +228,8 @@ def read_csv_manifest(path: Path) -> list[CatalogRecord]:
                 # relative to the CSV's folder; stored absolute (`index --sync` compares them)
                 image_path = Path(os.path.abspath(path.parent / image))
                 meta: dict[str, Any] = {}
-                for col in PRODUCT_COLUMNS:
-                    if values.get(col):
+                for col in PRODUCT_COLUMNS:  # a blank cell, as an empty one, changes nothing
+                    if values.get(col) and not is_blank(values[col]):
                         meta[col] = values[col]
                 if "price" in meta:
                     meta["price"] = _parse_price(meta["price"], line, path)

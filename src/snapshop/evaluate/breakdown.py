@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from snapshop.data.manifest import nonblank_rows
 from snapshop.detect.base import POSITIONS, Box, Detection, keep_best_per_position
 from snapshop.evaluate.detection import (
     PositionScore,
@@ -54,11 +55,12 @@ def position_outcomes(
 
 
 def photo_labels(boxes_csv: Path) -> dict[str, frozenset[str]]:
-    """path -> the labels of its rows (``ccp_label`` when the CSV has it, else ``group``)."""
+    """path -> the labels of its rows (``ccp_label`` when the CSV has it, else ``group``), read
+    as :func:`~snapshop.evaluate.detection.load_ground_truth` reads the file (which checks it)."""
     labels: dict[str, set[str]] = defaultdict(set)
-    with open(boxes_csv, newline="") as fh:
-        for row in csv.DictReader(fh):
-            labels[row["path"].strip()].add(row.get("ccp_label") or row["group"])
+    with open(boxes_csv, newline="", encoding="utf-8-sig") as fh:
+        for _, row in nonblank_rows(csv.DictReader(fh, strict=True), boxes_csv):
+            labels[row["path"]].add(row.get("ccp_label") or row["group"])
     return {path: frozenset(found) for path, found in labels.items()}
 
 

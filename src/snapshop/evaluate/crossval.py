@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 from snapshop.data.manifest import (
     ManifestRow,
     RowSelection,
+    check_no_self_matches,
     matches,
     parse_where,
     read_manifest,
@@ -153,6 +154,7 @@ def held_out_folds(
         )
         split, _ = split_products(rows, config)
         held_out.append([r for r in split if r.extra["split"] == "test"])
+        check_no_self_matches(held_out[-1], f"fold {fold}'s held-out rows")
     return held_out
 
 

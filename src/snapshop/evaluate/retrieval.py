@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from snapshop.errors import ConfigError, ImageDecodeError
+from snapshop.errors import ConfigError, ImageDecodeError, ModelError
 from snapshop.evaluate.stats import ratio_interval
 from snapshop.images import load_image
 
@@ -55,10 +55,13 @@ def recall_at_k(
 def product_ranks(
     product_sims: NDArray[np.float32], query_labels: NDArray[np.int64]
 ) -> NDArray[np.int64]:
-    """0-based rank of each query's product among all products, pessimistic on ties."""
+    """0-based rank of each query's product among all products, pessimistic on ties and on NaN
+    scores (a NaN competitor ranks ahead; a NaN score of the query's own product ranks it
+    last, past every K: a broken model must not score as a perfect one)."""
     rows = np.arange(len(query_labels))
     true = product_sims[rows, query_labels]
-    return (product_sims >= true[:, None]).sum(axis=1) - 1
+    ahead = (product_sims >= true[:, None]) | np.isnan(product_sims)
+    return np.where(np.isnan(true), product_sims.shape[1], ahead.sum(axis=1) - 1)
 
 
 def image_ranks(
@@ -67,10 +70,11 @@ def image_ranks(
     """0-based rank of each query's first gallery image of its product among all gallery
     images: the number of other products' images scoring at least as high as its best one
     (pessimistic on ties, as :func:`product_ranks`). A query whose product has no gallery image
-    gets rank G (never a hit)."""
+    gets rank G (never a hit), as does one whose best score is NaN; a NaN image of another
+    product ranks ahead."""
     relevant = gallery_labels[None, :] == query_labels[:, None]
     best = np.where(relevant, sims, -np.inf).max(axis=1)
-    ranks = ((sims >= best[:, None]) & ~relevant).sum(axis=1)
+    ranks = (((sims >= best[:, None]) | np.isnan(sims)) & ~relevant).sum(axis=1)
     return np.where(np.isfinite(best), ranks, sims.shape[1]).astype(np.int64)
 
 
@@ -98,7 +102,8 @@ def map_at_r(
     """Image-level mAP@R (Musgrave et al. 2020); R = the query product's gallery image count.
 
     Queries with no gallery image of their product are left out. Ties are broken against the
-    query (tied irrelevant images rank first), as in :func:`recall_at_k`.
+    query (tied irrelevant images rank first), as in :func:`recall_at_k`, and so are NaN scores
+    (a NaN irrelevant image ranks first, a NaN relevant one last).
     """
     values = []
     for q in range(len(query_labels)):
@@ -106,7 +111,8 @@ def map_at_r(
         r = int(relevant.sum())
         if r == 0:
             continue
-        order = np.lexsort((relevant, -sims[q]))  # by score, then irrelevant before relevant
+        score = np.where(np.isnan(sims[q]), np.where(relevant, -np.inf, np.inf), sims[q])
+        order = np.lexsort((relevant, -score))  # by score, then irrelevant before relevant
         hits = relevant[order[:r]]
         precision = np.cumsum(hits) / np.arange(1, r + 1)
         values.append(float((precision * hits).sum() / r))
@@ -173,6 +179,12 @@ def embed_paths(
             kept += idx
     dim = embedder.dim
     vecs = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+    broken = np.flatnonzero(~np.isfinite(vecs).all(axis=1))
+    if len(broken):
+        raise ModelError(
+            f"{paths[kept[broken[0]]]}: the model embeds it as NaN or infinity"
+            f" ({len(broken)} of {len(kept)} images): a diverged training?"
+        )
     return vecs, kept, skipped, 1e3 * elapsed / max(len(kept), 1)
 
 
@@ -199,6 +211,8 @@ def evaluate_embeddings(
     _check_cutoffs(ks)
     if len(query_vecs) == 0 or len(gallery_vecs) == 0:
         raise ConfigError("evaluation needs at least one query and one gallery image")
+    if not (np.isfinite(query_vecs).all() and np.isfinite(gallery_vecs).all()):
+        raise ConfigError("the query or gallery vectors hold NaN or infinity")
     products = sorted(set(gallery_products))
     pid = {p: i for i, p in enumerate(products)}
     keep = [i for i, p in enumerate(query_products) if p in pid]
@@ -254,7 +268,7 @@ def evaluate_manifest(
     name: str | None = None,
 ) -> RetrievalReport:
     """Embed a manifest's query and gallery images with ``model`` and score retrieval."""
-    from snapshop.data.manifest import ManifestRow, matches, read_manifest
+    from snapshop.data.manifest import ManifestRow, check_no_self_matches, matches, read_manifest
     from snapshop.models.embedder import load_embedder
 
     _check_cutoffs(ks)
@@ -265,6 +279,7 @@ def evaluate_manifest(
         raise ConfigError(
             f"manifest selection has {len(queries)} queries and {len(gallery)} gallery images"
         )
+    check_no_self_matches(queries + gallery, "the evaluation rows")
     embedder = load_embedder(model)
     q_vecs, q_kept, q_skip, q_ms = embed_paths(embedder, [str(r.path) for r in queries])
     g_vecs, g_kept, g_skip, g_ms = embed_paths(embedder, [str(r.path) for r in gallery])

@@ -10,11 +10,15 @@ from snapshop.errors import ConfigError
 MAX_DRAWN = 4_000_000  # unit indices drawn at once (32 MB)
 
 
-def _unit_columns(level: float, resamples: int, *columns: ArrayLike) -> list[NDArray[np.float64]]:
+def _unit_columns(
+    level: float, resamples: int, seed: int, *columns: ArrayLike
+) -> list[NDArray[np.float64]]:
     """The columns as float arrays, one value per resampling unit; a ConfigError for a bad
-    level, resample count or shape."""
+    level, resample count, seed or shape."""
     if not 0 < level < 1 or resamples < 1:
         raise ConfigError(f"need 0 < level < 1 and resamples >= 1, got {level}, {resamples}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ConfigError(f"the bootstrap seed must be an integer >= 0, got {seed!r}")
     arrays = [np.asarray(c, np.float64) for c in columns]
     if arrays[0].ndim != 1 or any(a.shape != arrays[0].shape for a in arrays):
         raise ConfigError("numerators and denominators must be 1-d and of one length")
@@ -57,7 +61,7 @@ def ratio_interval(
     units are drawn with replacement, so what succeeds or fails together stays together.
     Draws whose denominators sum to zero are left out; (nan, nan) when every draw is.
     """
-    num, den = _unit_columns(level, resamples, numerators, denominators)
+    num, den = _unit_columns(level, resamples, seed, numerators, denominators)
     if len(num) == 0:
         return float("nan"), float("nan")
     num_sums, den_sums = _bootstrap_sums([num, den], resamples, seed)
@@ -77,7 +81,7 @@ def paired_ratio_difference(
     units once for both, so what the two share (the hard photos) cancels out. Unlike the
     difference of per-unit hits, the two ratios may have different denominators (a
     detector's precision counts its own predictions)."""
-    columns = _unit_columns(level, resamples, *base, *variant)
+    columns = _unit_columns(level, resamples, seed, *base, *variant)
     num_a, den_a, num_b, den_b = columns
     if len(num_a) == 0 or den_a.sum() == 0 or den_b.sum() == 0:
         return float("nan"), float("nan"), float("nan")

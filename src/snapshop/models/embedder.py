@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from snapshop.config import check_int
 from snapshop.errors import ConfigError, ModelError
 from snapshop.models.card import (
     MODEL_FILE,
@@ -104,6 +105,11 @@ class Embedder:
         parallel: int | None = None,
         precision: str | None = None,
     ) -> None:
+        # an odd option must be named as such, not met as ONNX Runtime's failure to load the
+        # model (threads=-1) or as an error in the middle of embedding (batch_size=0)
+        batch_size = check_int("batch_size", batch_size, 1)
+        threads = None if threads is None else check_int("threads", threads, 0)
+        parallel = None if parallel is None else check_int("parallel", parallel, 0)
         self.model_dir = Path(model_dir)
         self.card: ModelCard = read_card(self.model_dir)
         onnx_path = self.model_dir / MODEL_FILE
@@ -119,10 +125,10 @@ class Embedder:
                 parallel = int(os.environ[PARALLEL_ENV])
             except ValueError:
                 raise ConfigError(f"{PARALLEL_ENV} must be an integer") from None
+            if parallel < 0:
+                raise ConfigError(f"{PARALLEL_ENV} must be >= 0, got {parallel}")
         if parallel is None:
             parallel = max(1, usable_cores() // (threads or 1))
-        if parallel < 0:
-            raise ConfigError(f"parallel must be >= 0, got {parallel}")
         self.parallel = parallel
         precision = check_precision(precision) if precision else default_precision()
         if "int8" in self.card.kind:

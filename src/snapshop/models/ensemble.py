@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import itertools
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -32,6 +34,8 @@ ENSEMBLE_KIND = "ensemble"
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 # card fields every member must agree on: the merged model preprocesses an image once
 _SHARED_FIELDS = ("input_size", "normalisation", "resize")
+
+log = logging.getLogger(__name__)
 
 
 def merge_models(
@@ -50,6 +54,7 @@ def merge_models(
         raise ModelError(f"{out_dir} is one of the members: write the merged model elsewhere")
     cards = [read_card(d) for d in dirs]
     _check_compatible(dirs, cards)
+    _warn_repeated(dirs, cards)
     graphs = [_load_checked(d, c) for d, c in zip(dirs, cards, strict=True)]
 
     nodes: list[Any] = []
@@ -90,7 +95,8 @@ def merge_models(
     merged.ir_version = max(g.ir_version for g in graphs)
 
     out = Path(out_dir)
-    save_onnx_checked(merged, out, lambda path: _check_runs(path, size, dim))
+    widths = [c.output_dim for c in cards]
+    save_onnx_checked(merged, out, lambda path: _check_runs(path, size, widths))
     card = ModelCard(
         name="ensemble(" + "+".join(c.name for c in cards) + ")",
         backbone="+".join(c.backbone for c in cards),
@@ -126,6 +132,16 @@ def _check_compatible(dirs: list[Path], cards: list[ModelCard]) -> None:
                 )
 
 
+def _warn_repeated(dirs: list[Path], cards: list[ModelCard]) -> None:
+    """One graph twice ranks exactly as it alone (a check the tests use) at twice the cost."""
+    seen: dict[str, Path] = {}
+    for path, card in zip(dirs, cards, strict=True):
+        if card.onnx_sha256 in seen:
+            log.warning("%s and %s are the same model: the merge ranks as it alone, at twice"
+                        " the cost a query", path, seen[card.onnx_sha256])  # fmt: skip
+        seen[card.onnx_sha256] = path
+
+
 def _load_checked(model_dir: Path, card: ModelCard) -> Any:
     import onnx
 
@@ -138,6 +154,18 @@ def _load_checked(model_dir: Path, card: ModelCard) -> Any:
         raise ModelError(f"{path}: does not match its card's checksum (modified or damaged)")
     if len(graph.graph.input) != 1 or len(graph.graph.output) != 1:
         raise ModelError(f"{path}: an embedder has one input and one output")
+    # the shapes the Embedder checks: a member it would refuse must not enter unnoticed,
+    # embedding at its card's size inside the ensemble instead of the size it was made for
+    wanted = {"input": [0, 3, card.input_size, card.input_size], "output": [0, card.output_dim]}
+    for what, value in (("input", graph.graph.input[0]), ("output", graph.graph.output[0])):
+        got = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        if len(got) != len(wanted[what]) or any(
+            g and w and g != w for g, w in zip(got, wanted[what], strict=True)
+        ):
+            raise ModelError(
+                f"{path}: the graph's {what} shape {got} does not match its card"
+                f" (input_size {card.input_size}, output_dim {card.output_dim})"
+            )
     return graph
 
 
@@ -162,16 +190,28 @@ def _opsets(graphs: list[Any]) -> list[Any]:
     return [onnx.helper.make_opsetid(domain, v) for domain, v in sorted(versions.items())]
 
 
-def _check_runs(path: str, size: int, dim: int) -> None:
+def _check_runs(path: str, size: int, widths: list[int]) -> None:
+    """The merged graph runs, and each member's part of its vector has length 1/sqrt(n): a
+    member whose card says L2-normalised but whose graph is not would outweigh the others."""
     import onnxruntime as ort
 
+    dim = sum(widths)
+    probe = np.random.default_rng(0).uniform(-1, 1, (2, 3, size, size)).astype(np.float32)
     try:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        (vectors,) = session.run(None, {INPUT_NAME: np.zeros((2, 3, size, size), np.float32)})
+        (vectors,) = session.run(None, {INPUT_NAME: probe})
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelError(f"the merged model does not run ({exc})") from None
     if vectors.shape != (2, dim):
         raise ModelError(f"the merged model returns {vectors.shape}, expected (2, {dim})")
+    ends = np.cumsum([0, *widths])
+    for i, (start, stop) in enumerate(itertools.pairwise(ends)):
+        norms = np.linalg.norm(vectors[:, start:stop], axis=1) * math.sqrt(len(widths))
+        if not np.allclose(norms, 1.0, atol=1e-3):
+            raise ModelError(
+                f"member {i + 1} returns vectors of length {norms.round(4).tolist()}, not 1:"
+                " its card says L2-normalised, its graph is not"
+            )
 
 
 def _member_summary(model_dir: Path, card: ModelCard) -> dict[str, Any]:

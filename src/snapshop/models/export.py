@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import operator
 import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsIndex
 
+import numpy as np
 import torch
 
 from snapshop.config import make_temp
@@ -132,8 +134,15 @@ def resize_model(
     import onnx
     import onnxruntime as ort
 
-    if not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:
-        raise ModelError(f"size must be in {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} px, got {size}")
+    # checked before anything is written: a size the card then refused (a numpy integer, a
+    # float) would leave an in-place resize with a new graph under the old card
+    if not (
+        isinstance(size, SupportsIndex)
+        and not isinstance(size, bool | np.bool_)
+        and MIN_INPUT_SIZE <= operator.index(size) <= MAX_INPUT_SIZE
+    ):
+        raise ModelError(f"size must be in {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} px, got {size!r}")
+    size = operator.index(size)
     source = resolve_model_dir(model)
     card = read_card(source)
     try:

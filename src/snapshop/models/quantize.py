@@ -17,7 +17,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,14 @@ from numpy.typing import NDArray
 
 from snapshop.errors import ConfigError, ImageDecodeError, ModelError
 from snapshop.images import IMAGE_SUFFIXES, load_image
-from snapshop.models.card import MODEL_FILE, ModelCard, read_card, sha256_file, write_card
+from snapshop.models.card import (
+    MODEL_FILE,
+    NORMALISATION,
+    ModelCard,
+    read_card,
+    sha256_file,
+    write_card,
+)
 from snapshop.models.embedder import preprocess
 
 log = logging.getLogger(__name__)
@@ -89,12 +96,15 @@ class _Reader:
 
 
 def _load_batches(
-    paths: Sequence[Path], size: int, config: QuantizeConfig
+    paths: Sequence[Path],
+    size: int,
+    config: QuantizeConfig,
+    normalisation: Mapping[str, float] = NORMALISATION,
 ) -> list[NDArray[np.float32]]:
     arrays = []
     for path in paths:
         try:
-            arrays.append(preprocess(load_image(path), size))
+            arrays.append(preprocess(load_image(path), size, normalisation))
         except ImageDecodeError as exc:
             log.warning("calibration: skipped %s (%s)", path, exc.reason)
     if not arrays:
@@ -138,8 +148,7 @@ def quantize_onnx(
                 Path(ranges).write_text(json.dumps(_ranges_json(found)))
         else:
             found = _read_ranges(Path(ranges))  # type: ignore[arg-type]
-        convs = [n.name for n in graph.node if n.op_type == "Conv"]
-        exclude = [convs[0], convs[-1]] if config.keep_ends_float and convs else []
+        exclude = _end_convs(graph) if config.keep_ends_float else []
         written = Path(tmp) / target.name
         # The ranges enter as per-tensor overrides, so one probe batch stands in for the
         # calibration quantize_static insists on running (its own ranges are all replaced).
@@ -156,6 +165,43 @@ def quantize_onnx(
         _check_runs(written, graph.input[0])
         os.chmod(written, 0o644)
         written.replace(target)
+
+
+def _end_convs(graph: Any) -> list[str]:
+    """The convolutions nearest the graph's input and nearest its outputs: the first and the
+    last of a model, of each member in a merged one (whose nodes follow one another, so the
+    first and the last in node order would be one member's stem and another's head)."""
+    consumers: dict[str, list[Any]] = {}
+    producers: dict[str, Any] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        for name in node.output:
+            producers[name] = node
+    found: dict[str, None] = {}  # ordered, without repeats
+    seen: set[int] = set()
+    todo = [node for value in graph.input for node in consumers.get(value.name, [])]
+    while todo:  # forward from the input to the first convolution of every path
+        node = todo.pop()
+        if id(node) in seen or node.op_type == "Shape":  # a shape carries no activations
+            continue
+        seen.add(id(node))
+        if node.op_type == "Conv":
+            found[node.name] = None
+            continue
+        todo.extend(c for name in node.output for c in consumers.get(name, []))
+    seen.clear()
+    todo = [producers[value.name] for value in graph.output if value.name in producers]
+    while todo:  # back from the outputs to the last convolution of every path
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "Conv":
+            found[node.name] = None
+            continue
+        todo.extend(producers[name] for name in node.input if name in producers)
+    return list(found)
 
 
 def _check_runs(path: Path, graph_input: Any) -> None:
@@ -246,7 +292,7 @@ def quantize_model(
     random.Random(config.seed).shuffle(paths)
     paths = paths[: config.max_images]
     started = time.perf_counter()
-    batches = _load_batches(paths, card.input_size, config)
+    batches = _load_batches(paths, card.input_size, config, card.normalisation)
     out_dir.mkdir(parents=True, exist_ok=True)
     quantize_onnx(model_dir / MODEL_FILE, out_dir / MODEL_FILE, batches, config)
     n_images = sum(len(b) for b in batches)

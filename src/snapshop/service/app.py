@@ -13,8 +13,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.datastructures import MutableHeaders
 from starlette.routing import Route
-from starlette.types import Scope
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from snapshop import api
 from snapshop.detect.base import Detector
@@ -111,7 +112,28 @@ def create_app(
     )
     timeouts = BodyTimeouts(idle_s=settings.body_idle_timeout_s, total_s=settings.body_timeout_s)
     app.add_middleware(RequestGuard, limits=limits, refuse=refuse, timeouts=timeouts)
+    app.add_middleware(NoSniff)  # outermost: the guard's own refusals carry it too
     return app
+
+
+class NoSniff:
+    """``X-Content-Type-Options: nosniff`` on every answer: a browser takes a JSON error that
+    quotes the request, or an image, for what its content type says, never for a page."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).setdefault("X-Content-Type-Options", "nosniff")
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

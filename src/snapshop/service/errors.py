@@ -161,7 +161,9 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error (logged on the server)", "internal")
+        # Starlette answers this one outside every middleware, NoSniff included: add it here.
+        return error_response(500, "internal server error (logged on the server)", "internal",
+                              headers={"X-Content-Type-Options": "nosniff"})  # fmt: skip
 
 
 def allowed_methods(routes: Sequence[BaseRoute], request: Request) -> list[str]:

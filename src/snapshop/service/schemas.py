@@ -128,12 +128,18 @@ class IngestOut(BaseModel):
     skipped: int
     crops: int
     failed: list[IngestFailure]
+    warnings: list[str] = Field(
+        default_factory=list, description="stored, but e.g. index files the disk refused"
+    )
 
 
 class DeleteOut(BaseModel):
     id: int
     sku: str
     images_removed: int
+    warnings: list[str] = Field(
+        default_factory=list, description="removed, but e.g. index files the disk refused"
+    )
 
 
 class StatsOut(BaseModel):

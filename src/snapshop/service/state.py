@@ -99,5 +99,10 @@ class ServiceState:
                             limits=limits)  # fmt: skip
         return ingestor.ingest(records)
 
-    def remove_product(self, product_id: int) -> int:
-        return self.catalog.remove_product(product_id)
+    def remove_product(self, product_id: int) -> tuple[int, list[str]]:
+        """Images removed, and warnings (a committed removal whose index files the disk
+        refused is a success)."""
+        with self.catalog.write_lock():  # no other write's save changes the warning meanwhile
+            removed = self.catalog.remove_product(product_id)
+            warning = self.catalog.unsaved_indexes
+        return removed, [] if warning is None else [warning]

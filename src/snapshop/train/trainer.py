@@ -44,11 +44,12 @@ from snapshop.data.manifest import (
     ManifestRow,
     RowSelection,
     check_matches,
+    check_no_self_matches,
     matches,
     parse_where,
     select_rows,
 )
-from snapshop.errors import ConfigError
+from snapshop.errors import ConfigError, ModelError
 from snapshop.models.export import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from snapshop.models.heads import POOLINGS, create_embedding_net
 from snapshop.train.augment import AugmentConfig
@@ -114,12 +115,16 @@ class TrainConfig:
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must be in 0..epochs"),
-            (self.lr > 0 and self.lr_step >= 1, "lr must be > 0 and lr_step >= 1"),
+            (
+                0 < self.lr < math.inf and self.lr_step >= 1,
+                "lr must be finite and > 0, lr_step >= 1",
+            ),
             (self.classes_per_batch >= 2 and self.samples_per_class >= 1, "need P >= 2, K >= 1"),
             (self.train_blocks >= -1, f"train_blocks must be >= -1, got {self.train_blocks}"),
             (self.views >= 1, f"views must be >= 1, got {self.views}"),
             (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+            (0 <= self.seed < 2**32, f"seed must be in 0..2**32-1, got {self.seed}"),
             *(
                 (
                     size is None or MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE,
@@ -198,9 +203,10 @@ def held_out_scores(
     where = gallery_where
     protocols: dict[str, dict[str, str]] = {"all": {}} | ({"where": where} if where else {})
     for name, gallery_filter in protocols.items():
-        q = [i for i, r in enumerate(rows) if r.role == "query"]
         g = [i for i, r in enumerate(rows) if r.role == "gallery" and matches(r, gallery_filter)]
-        if not q or not g:
+        shown = {rows[i].sku for i in g}
+        q = [i for i, r in enumerate(rows) if r.role == "query" and r.sku in shown]
+        if not q:  # no query's product is in this gallery: nothing to score
             continue
         recall, map_r = score_retrieval(
             vecs[q], [rows[i].sku for i in q], vecs[g], [rows[i].sku for i in g], ks=(1, 5, 10)
@@ -265,6 +271,7 @@ class NormSoftmaxTrainer(EpochLoop):
             eval_gallery, self.gallery_where or {}, "gallery_where", "evaluation gallery rows"
         )
         if self.eval_rows:
+            check_no_self_matches(self.eval_rows, "the evaluation rows")
             overlap = set(self.classes) & {r.sku for r in self.eval_rows}
             if overlap:
                 raise ConfigError(
@@ -336,6 +343,9 @@ class NormSoftmaxTrainer(EpochLoop):
             self.rows_kept = readable_rows(self.train_rows)
         label_of = {c: i for i, c in enumerate(self.classes)}
         self.labels = np.array([label_of[r.sku] for r in self.rows_kept], dtype=np.int64)
+        readable = len(np.unique(self.labels))
+        if readable < 2:
+            raise ConfigError(f"{readable} training product(s) have a readable image; need 2")
         self.eval_feats: torch.Tensor | None = None
         self.eval_kept: list[ManifestRow] = []
         if self.eval_rows:
@@ -481,10 +491,16 @@ class NormSoftmaxTrainer(EpochLoop):
                     term = self.anchor_loss(embeddings[:n_batch], embeddings[n_batch:], idx)
                     anchor_losses.append(float(term.detach()))
                     loss = loss + config.anchor_weight * term
+            value = float(loss.detach())
+            if not math.isfinite(value):  # stop before a NaN step spoils the weights
+                raise ModelError(
+                    f"the training diverged at epoch {epoch} step {step} (loss {value}); nothing"
+                    " was exported: try a lower --lr"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(value)
         record: dict[str, Any] = {"warmup": warm, "lr": lr, "loss": float(np.mean(losses))}
         if anchor_losses:
             record["anchor_loss"] = float(np.mean(anchor_losses))

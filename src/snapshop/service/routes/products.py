@@ -5,13 +5,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 
-from snapshop.catalog.fields import LIMITS, parse_attributes
+from snapshop.catalog.fields import LIMITS, check_product_fields, is_blank, parse_attributes
 from snapshop.data.sources import CatalogRecord
 from snapshop.images import DecodeLimits
 from snapshop.service.convert import decode_cursor, encode_cursor, product_out
 from snapshop.service.dependencies import State, require_key
 from snapshop.service.errors import ApiError, error_responses
-from snapshop.service.routes.forms import Category, Price, image_limits
+from snapshop.service.routes.forms import Category, Price, Utf8FormRoute, image_limits
 from snapshop.service.schemas import (
     DeleteOut,
     IngestFailure,
@@ -41,7 +41,7 @@ def add_product(
     """Validate every upload, then ingest them all (nothing is written when one is bad)."""
     settings = state.settings
     sku = sku.strip()
-    if not sku:
+    if is_blank(sku):
         raise ApiError(400, "sku must not be blank")
     if len(uploads) > settings.max_images_per_product:
         raise ApiError(413, f"at most {settings.max_images_per_product} images per request")
@@ -64,6 +64,7 @@ def add_product(
         created=product.id in report.created,
         added=report.added, skipped=report.skipped, crops=report.crops,
         failed=[IngestFailure(source=s, reason=r) for s, r in report.failed],
+        warnings=report.warnings,
     )  # fmt: skip
 
 
@@ -71,7 +72,7 @@ def router(settings: ServiceSettings) -> APIRouter:
     """The product routes. They are defined inside this function because their parameter
     limits (page size) come from ``settings`` and FastAPI reads limits from the annotations
     when a route is declared; each route body is a call or two into the library."""
-    routes = APIRouter(prefix="/v1/products", tags=["products"])
+    routes = APIRouter(prefix="/v1/products", tags=["products"], route_class=Utf8FormRoute)
     Limit = Annotated[int | None, Query(ge=1, le=settings.max_page_limit)]
     writes: dict[str, Any] = {"dependencies": [Depends(require_key)]}
 
@@ -127,8 +128,9 @@ def router(settings: ServiceSettings) -> APIRouter:
             bool, Form(description="the photos show the product alone, no model wearing it")
         ] = False,
     ) -> IngestOut:  # fmt: skip
-        given = {"title": title, "url": url, "price": price, "currency": currency,
-                 "category": category}  # fmt: skip
+        given = check_product_fields({"title": title, "url": url, "price": price,
+                                      "currency": currency, "category": category})  # fmt: skip
+        # a form field left blank is one not sent: it keeps the stored value
         meta: dict[str, Any] = {k: v for k, v in given.items() if v is not None and v != ""}
         if attributes:  # bounded before parsing: no text makes json recurse or overflow
             meta["attributes"] = parse_attributes(attributes)
@@ -153,7 +155,7 @@ def router(settings: ServiceSettings) -> APIRouter:
                    responses={**WRITE_ERRORS, **error_responses(404)}, **writes)  # fmt: skip
     def delete_product(state: State, product_id: int) -> DeleteOut:
         product = state.catalog.get_product(product_id)
-        removed = state.remove_product(product_id)
-        return DeleteOut(id=product.id, sku=product.sku, images_removed=removed)
+        removed, warnings = state.remove_product(product_id)
+        return DeleteOut(id=product.id, sku=product.sku, images_removed=removed, warnings=warnings)
 
     return routes

@@ -30,19 +30,45 @@
     el.dataset.state = kind || "idle";
   }
 
+  // An error whose message is written for people; any other error is a fault of the page or
+  // an answer it cannot read, and shows as UNREADABLE rather than as a JavaScript message.
+  class ApiProblem extends Error {
+    constructor(message, status) { super(message); this.status = status; }
+  }
+  const UNREADABLE = "The server sent an answer this page cannot read. Please try again.";
+  // A proxy in front of the service answers with its own HTML page, and over HTTP/2 with no
+  // status text at all: say what the status means rather than show nothing.
+  const STATUS_MESSAGES = {
+    408: "The upload took too long. Check your connection and try again.",
+    413: "That photo is too large for the server. Try a smaller one.",
+    429: "The server is busy, please retry in a moment.",
+    502: "The server is unavailable right now. Please try again shortly.",
+    503: "The server is unavailable right now. Please try again shortly.",
+    504: "The server took too long to answer. Please try again.",
+  };
+
+  function problemText(err) {
+    if (err instanceof ApiProblem) return err.message;
+    console.error(err);
+    return UNREADABLE;
+  }
+
   async function api(path, form) {
     let res;
     try {
       res = await fetch(path, form ? { method: "POST", body: form } : {});
     } catch (err) {
-      throw new Error("Cannot reach the server. Check your connection and try again.");
+      throw new ApiProblem("Cannot reach the server. Check your connection and try again.", 0);
     }
     let body = null;
     try { body = await res.json(); } catch (_) { /* not JSON */ }
     if (!res.ok) {
-      const detail = body && body.detail ? body.detail : res.statusText;
-      throw new Error(res.status === 429 ? "The server is busy, please retry in a moment." : detail);
+      const detail = body && typeof body.detail === "string" && body.detail.trim() ? body.detail : null;
+      const text = (res.status !== 429 && detail) || STATUS_MESSAGES[res.status]
+        || `The server answered ${res.status} ${res.statusText}`.trim() + ".";
+      throw new ApiProblem(text, res.status);
     }
+    if (body === null || typeof body !== "object") throw new ApiProblem(UNREADABLE, res.status);
     return body;
   }
 
@@ -133,7 +159,7 @@
         ` (${Math.round(res.timings_ms.request)} ms).`);
     } catch (err) {
       if (token !== state.busy) return;
-      setStatus(err.message, "error");
+      setStatus(problemText(err), "error");
       $("image-results").hidden = true;
       $("item-results").hidden = true;
     } finally {
@@ -164,7 +190,7 @@
       $("item-results").scrollIntoView({ behavior: "smooth", block: "nearest" });
     } catch (err) {
       if (token !== state.busy) return;
-      setStatus(err.message, "error");
+      setStatus(problemText(err), "error");
     }
   }
 
@@ -484,13 +510,13 @@
       }
     } catch (err) {
       if (token !== state.busy) return;
-      $("product-title").textContent = "Product not found";
+      $("product-title").textContent = err.status === 404 ? "Product not found" : "Product unavailable";
       $("product-gallery").replaceChildren();
       for (const id of ["product-category", "product-price", "product-sku"]) $(id).textContent = "";
       $("product-link").hidden = true;
       $("image-results").hidden = true;
       $("item-results").hidden = true;
-      setStatus(err.message, "error");
+      setStatus(problemText(err), "error");
     } finally {
       if (token === state.busy) document.body.removeAttribute("aria-busy");
     }
@@ -498,7 +524,7 @@
 
   function route() {
     const m = PRODUCT_PATH.exec(location.pathname);
-    if (m) showProduct(Number(m[1]), false);
+    if (m) showProduct(m[1], false);  // the digits as typed: Number() rounds a long id to another
     else if (state.product !== null) showSearchView();
   }
 
