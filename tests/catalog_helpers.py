@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import sqlite3
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +134,21 @@ def add_vectors(
             )[0]
             for i, v in enumerate(vectors)
         ]  # fmt: skip
+
+
+def race(threads: list[threading.Thread], stop: threading.Event, seconds: float) -> None:
+    """Start ``threads`` and let them run for ``seconds``, the interpreter switching between
+    them often (races show within seconds), then set ``stop`` and join them; fails when one
+    is still running (a deadlock)."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for t in threads:
+            t.start()
+        stop.wait(seconds)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck: deadlock"

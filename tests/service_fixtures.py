@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -127,3 +128,56 @@ def live_serve(catalog: Path, log_path: Path, *args: str) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+LAUNCH_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--disable-gpu"]  # fmt: skip
+BROWSER_TIMEOUT_MS = 60_000
+
+
+def require_browser() -> None:
+    """Skip the calling test unless Debian Chromium and Playwright are installed."""
+    import pytest
+
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed (scripts/setup-test-extras.sh installs it)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+
+@contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """``app`` served by uvicorn on a free loopback port in a thread; yields its base URL."""
+    import threading
+
+    import pytest
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@contextmanager
+def launch_browser() -> Iterator[Any]:
+    """Headless Debian Chromium through Playwright."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=LAUNCH_ARGS)  # fmt: skip
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from catalog_helpers import race
 
 from snapshop import api
 from snapshop.catalog.catalog import (
@@ -128,18 +129,7 @@ def test_searches_survive_refreshes_and_writes(tmp_path: Path, kind: str) -> Non
 
     work = [writer, refresher] + [lambda s=s: reader(s) for s in range(4)]
     threads = [threading.Thread(target=guarded(w)) for w in work]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # threads switch often: the races show within seconds
-    try:
-        for t in threads:
-            t.start()
-        stop.wait(5.0)
-        stop.set()
-        for t in threads:
-            t.join(30)
-    finally:
-        sys.setswitchinterval(interval)
-    assert not any(t.is_alive() for t in threads), "a thread is stuck: deadlock"
+    race(threads, stop, 5.0)
     writer_catalog.close()
     assert not errors, f"{len(errors)} errors, first: {errors[0]!r}"
     searcher.refresh()

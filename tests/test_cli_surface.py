@@ -193,3 +193,22 @@ def _stored_images(catalog: Path) -> int:
         return 0
     finally:
         db.close()
+
+
+def test_a_stdout_that_is_not_utf8_gets_escapes_not_a_traceback(
+    shop: dict[str, Any], tmp_path: Path
+) -> None:
+    import shutil
+
+    catalog = tmp_path / "café ☕"
+    shutil.copytree(shop["catalog"], catalog)
+    ascii_out = {"PYTHONIOENCODING": "ascii"}
+    proc = snapshop("catalog", "info", "--catalog", catalog, "--json", capture_output=True,
+                    env=ascii_out)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["directory"] == str(catalog)  # \u escapes: still JSON
+    proc = snapshop("catalog", "info", "--catalog", catalog, capture_output=True, env=ascii_out)
+    assert proc.returncode == 0, proc.stderr  # was a UnicodeEncodeError traceback
+    proc = snapshop("catalog", "info", "--catalog", catalog / "none", capture_output=True,
+                    env=ascii_out)  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ")

@@ -10,20 +10,23 @@ an empty status text or JSON of another shape; the page must say something a per
 from __future__ import annotations
 
 import re
-import threading
-import time
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from service_fixtures import API_KEY, FixedGarmentDetector, build_catalog, free_port, jpeg_bytes
+from service_fixtures import (
+    API_KEY,
+    BROWSER_TIMEOUT_MS,
+    FixedGarmentDetector,
+    build_catalog,
+    jpeg_bytes,
+    launch_browser,
+    require_browser,
+    serve_in_thread,
+)
 
 from snapshop.service import ServiceSettings, create_app
 
-CHROMIUM = Path("/usr/bin/chromium")
-LAUNCH_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--disable-gpu"]  # fmt: skip
-TIMEOUT_MS = 60_000
+TIMEOUT_MS = BROWSER_TIMEOUT_MS
 AUTH = {"X-API-Key": API_KEY}
 MARKUP = '<script>window.__pwned=1</script>"><img src=x onerror="window.__pwned=2">'
 PHONE = {"width": 390, "height": 844}
@@ -93,35 +96,15 @@ def test_the_page_carries_a_content_security_policy(client):
 
 @pytest.fixture(scope="module")
 def server(service):
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed (scripts/setup-test-extras.sh installs it)")
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    import uvicorn
-
-    port = free_port()
-    srv = uvicorn.Server(
-        uvicorn.Config(service[0], host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    require_browser()
+    with serve_in_thread(service[0]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
+    with launch_browser() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture

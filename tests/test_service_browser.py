@@ -10,61 +10,37 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import threading
-import time
-from pathlib import Path
 
 import pytest
-from service_fixtures import FixedGarmentDetector, build_catalog
+from service_fixtures import (
+    BROWSER_TIMEOUT_MS,
+    FixedGarmentDetector,
+    build_catalog,
+    launch_browser,
+    require_browser,
+    serve_in_thread,
+)
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-LAUNCH_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--disable-gpu"]  # fmt: skip
-TIMEOUT_MS = 60_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+TIMEOUT_MS = BROWSER_TIMEOUT_MS
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed (scripts/setup-test-extras.sh installs it)")
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    import uvicorn
-
+    require_browser()
     from snapshop.service import ServiceSettings, create_app
 
     catalog, queries = build_catalog(tmp_path_factory.mktemp("service-browser"), n_products=6)
     app = create_app(ServiceSettings(catalog), detector=FixedGarmentDetector())
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", queries
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as url:
+        yield url, queries
 
 
 @pytest.fixture(scope="module")
 def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
+    with launch_browser() as b:
         yield b
-        b.close()
 
 
 def test_upload_boxes_click_and_results(server, browser, tmp_path):

@@ -5,7 +5,6 @@ write or refresh changes an index under it."""
 from __future__ import annotations
 
 import hashlib
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from catalog_helpers import race
 from shop_helpers import DIM, fill_shop, new_catalog, product_ids, stored, unit
 
 from snapshop.catalog.catalog import Catalog, open_catalog
@@ -254,18 +254,7 @@ def test_shop_features_survive_writes_and_refreshes(tmp_path: Path) -> None:
     work = [writer(catalog, "w", 1), writer(other, "o", 2), similar, duplicates, batches,
             shown, ranked, refresher]  # fmt: skip
     threads = [threading.Thread(target=looped(w), daemon=True) for w in work]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # threads switch often: the races show within seconds
-    try:
-        for t in threads:
-            t.start()
-        stop.wait(4.0)
-        stop.set()
-        for t in threads:
-            t.join(30)
-    finally:
-        sys.setswitchinterval(interval)
-    assert not any(t.is_alive() for t in threads), "a thread is stuck: deadlock"
+    race(threads, stop, 4.0)
     other.close()
     assert not errors, f"{len(errors)} errors, first: {errors[0]!r}"
 

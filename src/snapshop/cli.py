@@ -45,6 +45,10 @@ class _App(typer.Typer):
         # decode workers are spawned, not forked, so they do not inherit this handler
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_terminated)
+        for stream in (sys.stdout, sys.stderr):  # a stdout that is not UTF-8 (PYTHONIOENCODING
+            reconfigure = getattr(stream, "reconfigure", None)  # =ascii): escapes, no traceback
+            if reconfigure is not None:
+                reconfigure(errors="backslashreplace")
         columns = os.environ.get("COLUMNS", "1").strip()
         if not columns.isdigit() or int(columns) < 1:
             os.environ.pop("COLUMNS")  # Typer's help and usage errors: blank at width 0
@@ -112,8 +116,10 @@ def _print_error(exc: BaseException | str) -> None:
 
 
 def _print_json(data: Any) -> None:
-    """``--json`` output: never coloured, even where FORCE_COLOR or a terminal asks for it."""
-    out.print_json(data=data, highlight=False)
+    """``--json`` output: never coloured, even where FORCE_COLOR or a terminal asks for it;
+    ASCII with ``\\u`` escapes on a stdout that cannot take every character."""
+    encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "")
+    out.print_json(data=data, highlight=False, ensure_ascii=not encoding.startswith("utf"))
 
 
 def _describe_os_error(exc: OSError) -> str:
