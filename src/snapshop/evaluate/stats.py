@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from snapshop.config import check_int
 from snapshop.errors import ConfigError
 
 MAX_DRAWN = 4_000_000  # unit indices drawn at once (32 MB)
@@ -17,8 +18,7 @@ def _unit_columns(
     level, resample count, seed or shape."""
     if not 0 < level < 1 or resamples < 1:
         raise ConfigError(f"need 0 < level < 1 and resamples >= 1, got {level}, {resamples}")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ConfigError(f"the bootstrap seed must be an integer >= 0, got {seed!r}")
+    check_int("the bootstrap seed", seed, 0)
     arrays = [np.asarray(c, np.float64) for c in columns]
     if arrays[0].ndim != 1 or any(a.shape != arrays[0].shape for a in arrays):
         raise ConfigError("numerators and denominators must be 1-d and of one length")

@@ -5,18 +5,16 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import operator
 import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, SupportsIndex
+from typing import Any
 
-import numpy as np
 import torch
 
-from snapshop.config import make_temp
-from snapshop.errors import ModelError
+from snapshop.config import check_int, make_temp
+from snapshop.errors import ConfigError, ModelError
 from snapshop.models.card import (
     CARD_FILE,
     MAX_INPUT_SIZE,
@@ -136,13 +134,12 @@ def resize_model(
 
     # checked before anything is written: a size the card then refused (a numpy integer, a
     # float) would leave an in-place resize with a new graph under the old card
-    if not (
-        isinstance(size, SupportsIndex)
-        and not isinstance(size, bool | np.bool_)
-        and MIN_INPUT_SIZE <= operator.index(size) <= MAX_INPUT_SIZE
-    ):
-        raise ModelError(f"size must be in {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} px, got {size!r}")
-    size = operator.index(size)
+    try:
+        size = check_int("size", size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
+    except ConfigError:
+        raise ModelError(
+            f"size must be in {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} px, got {size!r}"
+        ) from None
     source = resolve_model_dir(model)
     card = read_card(source)
     try:
