@@ -770,3 +770,19 @@ def test_a_crop_box_too_small_after_reduction_is_a_400(client):
                     data=box)  # fmt: skip
     assert r.status_code == 400, r.text
     assert "too small once the photo is reduced" in r.json()["detail"]
+
+
+def test_an_upload_whose_product_is_deleted_meanwhile_is_a_409(client, monkeypatch):
+    """Another request (another replica) deleting the product between the upload's commit and
+    its answer: the upload was stored, so not a 400 "no image could be ingested"."""
+    ingest = ServiceState.ingest
+
+    def ingest_then_lose_it(self, records):
+        report = ingest(self, records)
+        self.catalog.remove_product(self.catalog.find_product("gone-001").id)
+        return report
+
+    monkeypatch.setattr(ServiceState, "ingest", ingest_then_lose_it)
+    files = [("images", ("a.jpg", noise_jpeg((64, 64), seed=9), "image/jpeg"))]
+    r = client.post("/v1/products", data={"sku": "gone-001"}, files=files, headers=AUTH)
+    assert r.status_code == 409 and "deleted by another request" in r.json()["detail"]

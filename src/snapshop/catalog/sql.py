@@ -58,6 +58,12 @@ CONNECT_DEFAULTS = {
 # transactions lift it (SET LOCAL), since bulk writes, schema migrations and their HNSW
 # builds, and the wait for other writers' lock may rightly take longer.
 QUERY_TIMEOUT_S = 30.0
+# A write transaction whose client stops talking mid-write (its host frozen or cut off) holds
+# the writers' lock, and so stops every writer on every host, until the server's TCP keepalive
+# gives up (two hours by default): the server ends one idle this long, rolling it back, unless
+# the DSN or PGOPTIONS sets idle_in_transaction_session_timeout. Between its statements a write
+# does in-memory work only (images are embedded before the transaction begins).
+WRITE_IDLE_TIMEOUT_S = 60.0
 # A backend that cannot even enforce its statement_timeout (stopped, or its host frozen)
 # answers nothing while TCP stays healthy; the client gives up this much later.
 CLIENT_GRACE_S = 10.0
@@ -356,6 +362,7 @@ class PostgresDatabase(Database):
         self._vector_oid: int | None = None
         self._conn: Any = None
         self._own_timeout = False  # whether the statement_timeout is ours (QUERY_TIMEOUT_S)
+        self._own_idle_timeout = False  # and idle_in_transaction_session_timeout
         self._deadline = _Deadline(self.location)
         self._connect()
 
@@ -388,6 +395,7 @@ class PostgresDatabase(Database):
             params.setdefault(key, value)
         options = str(params.get("options", os.environ.get("PGOPTIONS", "")))
         self._own_timeout = "statement_timeout" not in options
+        self._own_idle_timeout = "idle_in_transaction_session_timeout" not in options
         if self._own_timeout:
             timeout = f"-c statement_timeout={int(QUERY_TIMEOUT_S * 1000)}"
             params["options"] = f"{options} {timeout}".strip()
@@ -501,6 +509,9 @@ class PostgresDatabase(Database):
         try:
             if self._own_timeout:
                 self.execute("SET LOCAL statement_timeout = 0")
+            if self._own_idle_timeout:
+                idle_ms = int(WRITE_IDLE_TIMEOUT_S * 1000)
+                self.execute(f"SET LOCAL idle_in_transaction_session_timeout = {idle_ms}")
             self.execute("SELECT pg_advisory_xact_lock(?)", (WRITER_LOCK_KEY,))
         except BaseException:
             self.rollback()

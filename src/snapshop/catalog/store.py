@@ -158,7 +158,10 @@ class CatalogStore:
 
     Every write bumps ``generation`` in the same transaction, which lets index caches tell
     whether they are current. One connection behind a lock, as the service's thread pool
-    needs; a write transaction holds the lock to its end.
+    needs; a write transaction holds the lock to its end. A PostgreSQL store writes on a
+    second connection with a lock of its own, so its reads never queue behind a write that
+    waits for another process's (or host's) writer; the writing thread's own reads go to the
+    write connection and see its transaction.
     """
 
     def __init__(
@@ -171,7 +174,10 @@ class CatalogStore:
     ) -> None:
         """``alone``: a SQLite file opened so that other connections wait until this one
         closes, which opens on a full disk (see :class:`SqliteDatabase`)."""
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the connection reads use (SQLite: writes too)
+        self._write_lock = self._lock
+        self._write_db: Database | None = None  # PostgreSQL's write connection, once opened
+        self._writer: int | None = None  # the thread whose transaction is open
         self._local = threading.local()  # per thread: generation before its last commit
         self._writing = False  # a transaction is open (only its thread can see True)
         server = is_server_target(target)
@@ -191,12 +197,14 @@ class CatalogStore:
                 ) from None
             raise CatalogError(f"{target}: not a usable catalog database ({exc})") from None
         self.engine: str = self._db.engine
+        if isinstance(self._db, PostgresDatabase):
+            self._write_lock = threading.RLock()
         self.location: str = self._db.location
         self.target = str(target)  # what open_store opens again (another process's copy)
         try:
             self.dim = self._open_schema(dim)
         except sqlite3.DatabaseError as exc:
-            self._db.close()
+            self.close()
             storage = sqlite_storage_failure(exc)
             if storage is not None:
                 raise CatalogStorageError(
@@ -204,7 +212,7 @@ class CatalogStore:
                 ) from None
             raise CatalogError(f"{self.location}: not a usable catalog database ({exc})") from None
         except BaseException:
-            self._db.close()
+            self.close()
             raise
 
     def _open_schema(self, dim: int | None) -> int | None:
@@ -222,6 +230,8 @@ class CatalogStore:
                         " ON CONFLICT DO NOTHING",
                         (str(int(dim)),),
                     )
+            if isinstance(self._db, PostgresDatabase):  # the extension may be new
+                self._db.ensure_vector_type()
         stored = self.get_meta("vector_dim") if self._db.table_exists("meta") else None
         if stored is not None and dim is not None and int(stored) != int(dim):
             raise CatalogError(
@@ -242,8 +252,18 @@ class CatalogStore:
         db.ensure_vector_type()
 
     def close(self) -> None:
-        with self._lock:
+        with self._write_lock, self._lock:
             self._db.close()
+            if self._write_db is not None:
+                self._write_db.close()
+
+    def _writer_db(self) -> Database:
+        """The connection write transactions run on (call holding ``_write_lock``)."""
+        if not isinstance(self._db, PostgresDatabase):
+            return self._db
+        if self._write_db is None:
+            self._write_db = PostgresDatabase(self._db.dsn, readonly=self.readonly)
+        return self._write_db
 
     def open_reader(self) -> Database:
         """A second, read-only connection to the same database, for a reader that must not
@@ -261,12 +281,13 @@ class CatalogStore:
 
         ``bump`` advances ``generation`` (every content change must, so caches notice). A
         connection lost inside rolls everything back and raises CatalogUnavailableError."""
-        with self._lock:
+        with self._write_lock:
             if self._writing:  # PostgreSQL would commit the outer one at the inner COMMIT
                 raise CatalogError(f"{self.location}: a write transaction is already open")
-            db = self._db
+            db = self._writer_db()
             db.begin_write()
             self._writing = True
+            self._writer = threading.get_ident()
             try:
                 yield db
                 before = None
@@ -284,8 +305,11 @@ class CatalogStore:
                 raise
             finally:
                 self._writing = False
+                self._writer = None
 
     def _query(self, sql: str, params: Sequence[Any] = (), binary: bool = False) -> list[Any]:
+        if self._writer == threading.get_ident():  # inside its own transaction
+            return self._writer_db().execute(sql, params, binary=binary).fetchall()
         with self._lock:
             return self._db.execute(sql, params, binary=binary).fetchall()
 

@@ -41,6 +41,7 @@ ERROR_MEANINGS = {
     403: "Wrong API key, or writes are disabled (code writes_disabled)",
     404: "No such product, image or path",
     408: "The client sent its headers or body too slowly (the connection is closed)",
+    409: "Stored, then deleted by another request before the answer: send it again",
     413: "Request body, upload (bytes) or image (pixels, code too_many_pixels) over the limits",
     415: "Not a supported image type (judged from the bytes, not the name or content-type)",
     422: "A parameter or body field failed validation (code invalid_request)",

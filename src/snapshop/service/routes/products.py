@@ -56,6 +56,9 @@ def add_product(
     catalog = state.catalog
     report = state.ingest(records)
     product = catalog.find_product(sku)
+    if product is None and (report.added or report.skipped):  # a delete came in between
+        raise ApiError(409, f"product {sku!r} was stored, then deleted by another request"
+                       " before this answer: send the upload again to add it back")  # fmt: skip
     if product is None:  # every image failed after validation (should not happen)
         reasons = "; ".join(f"{source}: {reason}" for source, reason in report.failed)
         raise ApiError(400, f"no image could be ingested ({reasons or 'no reason given'})")
@@ -103,7 +106,7 @@ def router(settings: ServiceSettings) -> APIRouter:
 
     @routes.post("", response_model=IngestOut, status_code=201, responses={
         200: {"model": IngestOut, "description": "Images added to an existing product"},
-        **WRITE_ERRORS, **error_responses(415)}, description=(
+        **WRITE_ERRORS, **error_responses(409, 415)}, description=(
         "Add a product with its images, or add images to an existing sku (incremental). "
         f"Images: {image_limits(settings)}; at most {settings.max_images_per_product} per "
         f"request; the request body is at most {settings.max_request_bytes} bytes."
