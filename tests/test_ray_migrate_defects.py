@@ -148,6 +148,34 @@ def test_migrate_refuses_a_database_that_holds_another_catalog(
         assert theirs.counts()["products"] == 1
 
 
+def test_auto_with_a_stale_last_cluster_is_a_quick_clear_error(tmp_path: Path) -> None:
+    """``--ray auto`` without $RAY_ADDRESS goes to the last cluster started on this machine,
+    which Ray remembers in a file its shutdown may leave behind: a stale one hung ray.init
+    (killed after 120 s when tried). The lookup is Ray's own, here given a closed port."""
+    pytest.importorskip("ray")
+    script = textwrap.dedent(
+        f"""
+        import ray._private.services as services
+        from snapshop.errors import ConfigError
+        from snapshop.ingest_ray import RayConfig, ray_connection
+        services.get_ray_address_from_environment = lambda addr, tmp: "127.0.0.1:{_closed_port()}"
+        try:
+            with ray_connection(RayConfig("auto")):
+                print("connected")
+        except ConfigError as exc:
+            print("ConfigError:", exc)
+        """
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+            env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("a stale last-cluster address did not give up within 60 s")
+    assert "the last cluster Ray started here" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
 def test_an_interrupted_copy_and_an_empty_target_still_get_the_source_detector(
     tmp_path: Path,
 ) -> None:

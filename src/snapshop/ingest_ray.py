@@ -378,6 +378,12 @@ def ray_connection(config: RayConfig) -> Iterator[_Watchdog | None]:
         address = os.environ.get("RAY_ADDRESS") if config.address == AUTO else config.address
         if address:
             _check_reachable(address)
+        elif (found := _last_cluster_address()) is not None:
+            _check_reachable(
+                found,
+                f" (the last cluster Ray started here, found by {AUTO!r};"
+                " start Ray again, or name a cluster with --ray HOST:PORT)",
+            )
         try:
             ray.init(address=address or AUTO, **quiet)
         except ConnectionError as exc:
@@ -392,7 +398,7 @@ def ray_connection(config: RayConfig) -> Iterator[_Watchdog | None]:
             watchdog.disarm()
 
 
-def _check_reachable(address: str) -> None:
+def _check_reachable(address: str, what: str = "") -> None:
     """Raises ConfigError when ``address`` is a head's ``HOST:PORT`` that does not accept a
     TCP connection: ray.init retries such an address for ≈ 14 minutes (20 tries of ≈ 40 s).
     Other forms (``ray://``: Ray gives up after 30 s) are left to Ray."""
@@ -402,7 +408,20 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((match[1], int(match[2])), timeout=CONNECT_SECONDS).close()
     except OSError as exc:
-        raise ConfigError(f"cannot connect to Ray at {address}: {exc}") from None
+        raise ConfigError(f"cannot connect to Ray at {address}{what}: {exc}") from None
+
+
+def _last_cluster_address() -> str | None:
+    """The address ``auto`` resolves to without $RAY_ADDRESS: the last cluster started on this
+    machine, which Ray remembers in a file its shutdown may leave behind (a stale address then
+    hangs ``ray.init``). None when Ray finds none, or its (private) lookup has moved."""
+    try:
+        from ray._private.services import get_ray_address_from_environment
+
+        found = get_ray_address_from_environment(AUTO, None)
+    except Exception:  # a Ray version without this lookup: ray.init decides alone
+        return None
+    return found if isinstance(found, str) and found != AUTO else None
 
 
 # A separate process that outlives this one: on EOF of its stdin without "done" (this
