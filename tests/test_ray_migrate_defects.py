@@ -7,9 +7,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,30 +44,45 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_an_unreachable_ray_head_is_a_quick_clear_error(tmp_path: Path) -> None:
-    """A ``HOST:PORT`` nobody listens on: ray.init retried for ≈ 14 minutes."""
+def _connect(config: str, before: str = "") -> str:
+    """What ``ray_connection(RayConfig(<config>))`` prints in a fresh process (after running
+    ``before``); fails the test when it has not given up within 60 s."""
     pytest.importorskip("ray")
-    script = textwrap.dedent(
-        f"""
-        from snapshop.errors import ConfigError
-        from snapshop.ingest_ray import RayConfig, ray_connection
-        try:
-            with ray_connection(RayConfig("127.0.0.1:{_closed_port()}")):
-                print("connected")
-        except ConfigError as exc:
-            print("ConfigError:", exc)
-        """
-    )
-    started = time.monotonic()
+    script = "\n".join([
+        before,
+        "from snapshop.errors import ConfigError",
+        "from snapshop.ingest_ray import RayConfig, ray_connection",
+        "try:",
+        f"    with ray_connection(RayConfig({config})):",
+        "        print('connected')",
+        "except ConfigError as exc:",
+        "    print('ConfigError:', exc)",
+    ])  # fmt: skip
     try:
         done = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
             env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
         )  # fmt: skip
     except subprocess.TimeoutExpired:
-        pytest.fail("connecting to an unreachable Ray head did not give up within 60 s")
-    assert "ConfigError: cannot connect to Ray at 127.0.0.1:" in done.stdout, done.stderr[-2000:]
-    assert time.monotonic() - started < 60
+        pytest.fail(f"connecting with RayConfig({config}) did not give up within 60 s")
+    return done.stdout + done.stderr[-2000:]
+
+
+def test_an_unreachable_ray_head_is_a_quick_clear_error() -> None:
+    """A ``HOST:PORT`` nobody listens on: ray.init retried for ≈ 14 minutes."""
+    out = _connect(f"'127.0.0.1:{_closed_port()}'")
+    assert "ConfigError: cannot connect to Ray at 127.0.0.1:" in out
+
+
+def test_auto_with_a_stale_last_cluster_is_a_quick_clear_error() -> None:
+    """``--ray auto`` without $RAY_ADDRESS goes to the last cluster started on this machine,
+    which Ray remembers in a file its shutdown may leave behind: a stale one hung ray.init
+    (killed after 120 s when tried). The lookup is Ray's own, here given a closed port."""
+    stale = f"lambda address, temp_dir: '127.0.0.1:{_closed_port()}'"
+    out = _connect("'auto'", before="import ray._private.services as services\n"
+                   f"services.get_ray_address_from_environment = {stale}")  # fmt: skip
+    assert "ConfigError: cannot connect to Ray at 127.0.0.1:" in out
+    assert "the last cluster Ray started here" in out
 
 
 POISON = (255, 0, 255)
@@ -146,34 +159,6 @@ def test_migrate_refuses_a_database_that_holds_another_catalog(
         migrate_catalog(tmp_path / "src", pg_database)
     with open_catalog(pg_database) as theirs:
         assert theirs.counts()["products"] == 1
-
-
-def test_auto_with_a_stale_last_cluster_is_a_quick_clear_error(tmp_path: Path) -> None:
-    """``--ray auto`` without $RAY_ADDRESS goes to the last cluster started on this machine,
-    which Ray remembers in a file its shutdown may leave behind: a stale one hung ray.init
-    (killed after 120 s when tried). The lookup is Ray's own, here given a closed port."""
-    pytest.importorskip("ray")
-    script = textwrap.dedent(
-        f"""
-        import ray._private.services as services
-        from snapshop.errors import ConfigError
-        from snapshop.ingest_ray import RayConfig, ray_connection
-        services.get_ray_address_from_environment = lambda addr, tmp: "127.0.0.1:{_closed_port()}"
-        try:
-            with ray_connection(RayConfig("auto")):
-                print("connected")
-        except ConfigError as exc:
-            print("ConfigError:", exc)
-        """
-    )
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-            env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        pytest.fail("a stale last-cluster address did not give up within 60 s")
-    assert "the last cluster Ray started here" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
 def test_an_interrupted_copy_and_an_empty_target_still_get_the_source_detector(
