@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--baseline", action="append", default=[], help="model for every fold")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-images", type=int, default=2, help="as `snapshop prepare` had")
     parser.add_argument("--max-images", type=int, default=0)
     parser.add_argument("--keep-roles", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--catalog-where", default="domain=iconic", help="catalog images")
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         trained,
         args.baseline,
         seed=args.seed,
+        min_images=args.min_images,
         max_images=args.max_images,
         keep_roles=args.keep_roles,
         catalog_where=args.catalog_where,

@@ -81,7 +81,7 @@ def embed_sizes(
     out = {}
     for size in sizes:
         resized = work / f"{Path(model).name}-{size}"
-        resize_model(model, size, resized)
+        resize_model(model, size, resized, overwrite=True)  # this script's own work folder
         embedder = load_embedder(resized)
         out[size] = embedder.embed_images(images)
     return out

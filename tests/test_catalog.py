@@ -420,19 +420,19 @@ def test_opening_is_not_a_write(filled: Path) -> None:
 
 
 def test_own_writes_need_no_rescan(filled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Saving after this process's own writes does not rescan the store (costly at 1M ids);
-    a write by another connection in between does."""
+    """Saving after this process's own writes does not reconcile with the store (a rescan
+    costly at 1M ids); a write by another connection in between does."""
     catalog = open_catalog(filled)
     other = open_catalog(filled)
     calls: list[str] = []
-    original = Catalog._reconcile
+    original = Catalog._apply
 
-    def counting(self: Catalog, name: str) -> None:
+    def counting(self: Catalog, name: str, added: np.ndarray, removed: np.ndarray) -> None:
         calls.append(name)
-        original(self, name)
+        original(self, name, added, removed)
 
     try:
-        monkeypatch.setattr(Catalog, "_reconcile", counting)
+        monkeypatch.setattr(Catalog, "_apply", counting)
         rng = np.random.default_rng(6)
         add_image(catalog, "p7", rng, crops=("upper",))
         catalog.remove_product(catalog.store.find_product("p0").id)  # type: ignore[union-attr]

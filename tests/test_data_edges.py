@@ -134,6 +134,31 @@ def test_a_query_listed_in_the_gallery_too_is_refused_everywhere(
     assert refused
 
 
+def test_held_out_folds_take_the_image_limits_prepare_took(tmp_path: Path) -> None:
+    """`prepare --folds 3 --min-images 3` keeps other products than the default 2, so other
+    folds; held_out_folds could not rebuild them (it had no min_images) and every fold model
+    met products it trained on."""
+    from snapshop.data.protocol import ProtocolConfig, split_products
+
+    rows = [
+        ManifestRow(tmp_path / f"p{p}-{i}.jpg", f"p{p}", "query" if i == 0 else "gallery")
+        for p in range(12)
+        for i in range(2 + p % 3)  # 2, 3 or 4 images a product
+    ]
+    for min_images in (2, 3):
+        prepared = []
+        for fold in range(3):
+            config = ProtocolConfig(min_images=min_images, max_images=0, keep_roles=True,
+                                    folds=3, fold=fold)  # fmt: skip
+            split, _ = split_products(rows, config)
+            prepared.append({r.sku for r in split if r.extra["split"] == "test"})
+        rebuilt = held_out_folds(rows, 3, min_images=min_images)
+        assert [{r.sku for r in fold} for fold in rebuilt] == prepared
+    assert {r.sku for fold in held_out_folds(rows, 3, min_images=3) for r in fold} == {
+        f"p{p}" for p in range(12) if p % 3
+    }
+
+
 # --- training: divergence, unreadable products, settings -------------------------------------
 def test_train_config_refuses_an_infinite_lr_and_a_seed_numpy_cannot_take() -> None:
     from snapshop.train.trainer import TrainConfig

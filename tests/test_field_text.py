@@ -33,7 +33,9 @@ def client(tmp_path_factory: pytest.TempPathFactory):
         yield c
 
 
-def multipart(fields: list[tuple[str, bytes]], image: bytes) -> tuple[bytes, dict[str, str]]:
+def multipart(
+    fields: list[tuple[str, bytes]], image: bytes, image_field: str = "images"
+) -> tuple[bytes, dict[str, str]]:
     """A multipart body built by hand, so a field can hold bytes no client library would
     send; returns (body, headers)."""
     boundary = uuid.uuid4().hex
@@ -41,8 +43,9 @@ def multipart(fields: list[tuple[str, bytes]], image: bytes) -> tuple[bytes, dic
     for name, value in fields:
         body += (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
                  .encode() + value + b"\r\n")  # fmt: skip
-    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"'
-             "\r\nContent-Type: image/jpeg\r\n\r\n").encode() + image + b"\r\n"  # fmt: skip
+    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="{image_field}";'
+             ' filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n').encode()  # fmt: skip
+    body += image + b"\r\n"
     body += f"--{boundary}--\r\n".encode()
     return body, {**AUTH, "Content-Type": f"multipart/form-data; boundary={boundary}"}
 
@@ -68,6 +71,20 @@ def test_a_form_field_that_is_not_utf8_is_a_400_naming_it(client, fields, named)
     assert r.status_code == 400, r.text
     assert r.json() == {"code": "bad_request", "detail": f"{named} is not valid UTF-8"}
     assert skus(client) == before  # nothing written
+
+
+@pytest.mark.parametrize("path", ["/v1/search", "/v1/search/crop"])
+def test_a_search_filter_that_is_not_utf8_is_a_400(client, path):
+    """The category filter read b"Caf\xe9" as Latin-1 "Café", a filter matching nothing."""
+    box = [(name, b"8") for name in ("x1", "y1")] + [(name, b"40") for name in ("x2", "y2")]
+    fields = [("category", b"Caf\xe9"), *(box if path.endswith("crop") else [])]
+    body, headers = multipart(fields, jpeg_bytes(), image_field="image")
+    r = client.post(path, content=body, headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json() == {"code": "bad_request", "detail": "category is not valid UTF-8"}
+    fields[0] = ("category", "Café".encode())
+    body, headers = multipart(fields, jpeg_bytes(), image_field="image")
+    assert client.post(path, content=body, headers=headers).status_code == 200
 
 
 def test_a_hand_built_utf8_form_is_stored_as_sent(client):

@@ -376,9 +376,14 @@ def open_catalog_with_budget(directory: Path, opener: Callable[[Path], Any]) -> 
     real = choose.resolve_index_kind
 
     def resolve(
-        kind: str, params: dict[str, Any], n: int, dim: int, n_total: int | None = None
+        kind: str,
+        params: dict[str, Any],
+        n: int,
+        dim: int,
+        n_total: int | None = None,
+        indexes: int = 1,
     ) -> tuple[str, dict[str, Any]]:
-        return real(kind, params, n, dim, tiny, n_total)
+        return real(kind, params, n, dim, tiny, n_total, indexes)
 
     with mock.patch("snapshop.catalog.catalog.resolve_index_kind", resolve):
         return opener(directory)

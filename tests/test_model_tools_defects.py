@@ -200,3 +200,67 @@ def test_quantizing_calibrates_with_the_cards_normalisation(
     quantize.quantize_model(model, calibration, tmp_path / "int8")
     fed = np.concatenate(seen)
     assert fed.min() >= 0.0 and fed.max() <= 1.0 and fed.max() > 0.5
+
+
+def test_model_tools_never_replace_a_model_in_out_without_overwrite(
+    members: dict[str, Path], tmp_path: Path
+) -> None:
+    """merge-models, resize-model and quantize wrote over a model already in --out (a mistyped
+    --out replaced a trained model); now refused, the model untouched, unless --overwrite."""
+    from typer.testing import CliRunner
+
+    from snapshop.cli import app
+    from snapshop.models.quantize import QuantizeConfig, quantize_model
+
+    trained = tmp_path / "trained"
+    shutil.copytree(members["b"], trained)
+    before = sha256_file(trained / MODEL_FILE), read_card(trained)
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    _images(1)[0].save(calibration / "0.png")
+    attempts = {
+        "merge": lambda **kw: merge_models([members["a"], members["lite1"]], trained, **kw),
+        "resize": lambda **kw: export.resize_model(members["a"], 160, trained, **kw),
+        "quantize": lambda **kw: quantize_model(
+            members["a"], calibration, trained, QuantizeConfig(batch_size=1), **kw
+        ),
+    }
+    for write in attempts.values():
+        with pytest.raises(ModelError, match="already holds a model.*--overwrite"):
+            write()
+        assert (sha256_file(trained / MODEL_FILE), read_card(trained)) == before
+    argv = ["merge-models", str(members["a"]), str(members["lite1"]), "--out", str(trained)]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 1 and "already holds a model" in result.output
+    assert sha256_file(trained / MODEL_FILE) == before[0]
+    result = CliRunner().invoke(app, [*argv, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert read_card(trained).kind == "ensemble"
+    # rewriting the source itself stays what resize-model is for; quantize in place is not
+    card = export.resize_model(trained, 160, trained)
+    assert card.input_size == 160
+    with pytest.raises(ModelError, match="the model to quantize"):
+        quantize_model(trained, calibration, trained, overwrite=True)
+
+
+def test_a_merged_model_as_a_member_counts_as_its_members(
+    members: dict[str, Path], tmp_path: Path
+) -> None:
+    """merge(merge(a, lite1), b) gave b half the weight (the pair's vector counted as one
+    member); it now ranks as merge(a, lite1, b): the mean of the three cosines."""
+    pair = tmp_path / "pair"
+    merge_models([members["a"], members["lite1"]], pair)
+    nested = merge_models([pair, members["b"]], tmp_path / "nested")
+    flat = merge_models([members["a"], members["lite1"], members["b"]], tmp_path / "flat")
+    assert [m["name"] for m in nested.training["members"]] == ["a", "lite1", "b"]
+    assert nested.output_dim == flat.output_dim == 48
+    images = _images(3)
+    by_nested = Embedder(tmp_path / "nested", precision="fp32").embed_images(images)
+    by_flat = Embedder(tmp_path / "flat", precision="fp32").embed_images(images)
+    assert np.allclose(by_nested, by_flat, atol=1e-5)
+    assert np.allclose(np.linalg.norm(by_nested, axis=1), 1.0, atol=1e-5)
+    alone = [
+        Embedder(members[k], precision="fp32").embed_images(images) for k in ("a", "lite1", "b")
+    ]
+    mean_cosine = np.mean([v @ v[::-1].T for v in alone], axis=0)
+    assert np.allclose(by_nested @ by_nested[::-1].T, mean_cosine, atol=1e-4)

@@ -365,17 +365,19 @@ def migrate(
     source: PathLike,
     target: PathLike,
     *,
+    mirror: bool = False,
     progress_total: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> MigrateReport:
     """Copy catalog ``source`` to ``target`` (directory <-> ``postgresql://…``) without
-    re-embedding; see ``snapshop.catalog.migrate``."""
+    re-embedding; ``mirror``: remove from the target what the source lacks; see
+    ``snapshop.catalog.migrate``."""
     from snapshop.catalog.migrate import migrate_catalog
 
     if progress_total:
         with open_catalog(source) as catalog:
             progress_total(catalog.counts()["products"])
-    return migrate_catalog(source, target, progress=progress)
+    return migrate_catalog(source, target, mirror=mirror, progress=progress)
 
 
 # --- shop features (issue #18): more like this, similar-product export, duplicates -----------

@@ -438,22 +438,41 @@ def catalog_reindex(
 def catalog_migrate(
     source: Annotated[str, typer.Argument(help="Catalog to copy: a directory or a URI.")],
     target: Annotated[str, typer.Argument(help="Where to: a directory or postgresql://…")],
+    mirror: Annotated[
+        bool,
+        typer.Option(
+            "--mirror",
+            help="Also remove from the target (a copy of the source) the products and images"
+            " the source no longer has, so that it ends equal to the source.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Copy a catalog (directory <-> PostgreSQL) without re-embedding; rerun to resume."""
+    """Copy a catalog (directory <-> PostgreSQL) without re-embedding; rerun to resume or to
+    bring an older copy up to date."""
     with progress_bar("migrating products") as (set_total, advance):
-        report = run(lambda: api.migrate(source, target, progress_total=set_total,
-                                         progress=advance))  # fmt: skip
+        report = run(lambda: api.migrate(source, target, mirror=mirror,
+                                         progress_total=set_total, progress=advance))  # fmt: skip
     if as_json:
         _print_json(dataclasses.asdict(report))
         return
+    replaced = f", {report.images_replaced} replaced" if report.images_replaced else ""
     out.print(
         f"{report.products} products checked in {terminal_text(report.target)}:"
-        f" {report.images_copied} images copied ({report.images_present} already there),"
-        f" {report.crops_copied} crops, {report.vectors_checked} vectors compared,"
-        f" {report.seconds:.1f} s",
+        f" {report.images_copied} images copied ({report.images_present} already there"
+        f"{replaced}), {report.crops_copied} crops, {report.thumbnails} thumbnails,"
+        f" {report.vectors_checked} vectors compared, {report.seconds:.1f} s",
         highlight=False,
     )
+    extra = (f"{report.products_not_in_source} products and {report.images_not_in_source}"
+             " images the source does not have")  # fmt: skip
+    if report.mirror and (report.products_not_in_source or report.images_not_in_source):
+        out.print(f"removed {extra}", highlight=False)
+    elif report.products_not_in_source or report.images_not_in_source:
+        out.print(
+            f"[yellow]the target holds {extra}: kept; run again with --mirror to remove them[/]",
+            highlight=False,
+        )
 
 
 @catalog_app.command("gc")
@@ -864,6 +883,11 @@ def train(
 
 
 # --- scale: int8 quantisation (issue #6) -----------------------------------------------------
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace a model already in --out.")
+]
+
+
 @app.command()
 def quantize(
     calibration: Annotated[
@@ -876,13 +900,14 @@ def quantize(
     ] = "efficientnet_lite2",
     max_images: Annotated[int, typer.Option(min=1, help="Calibration images to sample.")] = 256,
     method: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Static int8 (QDQ) copy of a model, calibrated on catalog images; check its recall with
     `snapshop evaluate --model OUT`."""
     from snapshop.models.quantize import quantize as quantize_model
 
-    card = run(lambda: quantize_model(model, calibration, out_dir, max_images=max_images,
-                                      method=method))  # fmt: skip
+    card = run(lambda: quantize_model(model, calibration, out_dir, overwrite=overwrite,
+                                      max_images=max_images, method=method))  # fmt: skip
     calib = card.training.get("quantization", {}).get("calibration_images")
     out.print(f"wrote {out_dir} ({card.model_id}, {calib} calibration images)")
 
@@ -894,13 +919,14 @@ def resize_model(
     model: Annotated[
         str, typer.Option("--model", "-m", help="Model directory or backbone name.")
     ] = "efficientnet_lite2",
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Copy of a model that embeds at another input size with the same weights: a trained
     model often retrieves better at a higher one than it trained at (the CPU recipe: 384 px;
     docs/benchmarks/retrieval.md). Its vectors are a new embedding space: index again."""
     from snapshop.models.export import resize_model as resize
 
-    card = run(lambda: resize(model, size, out_dir))
+    card = run(lambda: resize(model, size, out_dir, overwrite=overwrite))
     out.print(f"wrote {out_dir} ({card.model_id}, {card.input_size} px)")
 
 
@@ -911,13 +937,14 @@ def merge_models(
         typer.Argument(help="Two or more model directories (or backbone names), one input size."),
     ],
     out_dir: Annotated[Path, typer.Option("--out", help="Model directory to write.")],
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """One model that embeds with every MODEL and returns their ensemble vector (the mean of
     their cosines): more accurate than each member, one embedding per member per image
     (docs/benchmarks/retrieval.md, "Two backbones as one model"). Index again with it."""
     from snapshop.models.ensemble import merge_models as merge
 
-    card = run(lambda: merge(models, out_dir))
+    card = run(lambda: merge(models, out_dir, overwrite=overwrite))
     out.print(f"wrote {out_dir} ({card.model_id}, {card.output_dim}-d, {card.input_size} px)")
 
 

@@ -162,7 +162,9 @@ def find_duplicates(
         if first.product_id not in products or second.product_id not in products:
             continue  # deleted meanwhile
         pixel_score = None
-        if pixel_threshold is not None:
+        if pixel_threshold is not None and first.sha256 == second.sha256:
+            pixel_score = 1.0  # the same file's bytes
+        elif pixel_threshold is not None:
             sig_a, sig_b = signature(first), signature(second)
             if sig_a is not None and sig_b is not None:
                 pixel_score = round(pixel_similarity(sig_a, sig_b), 6)
@@ -193,12 +195,20 @@ def stored_image(catalog: Catalog, image: ImageRow) -> Image.Image | None:
 
 SIGNATURE_SIDE = 32
 CENTRE_CROPS = (1.0, 0.9, 0.8)  # central fractions compared, so a cropped copy still matches
+# A shrunk crop whose values vary by less than this (grey levels, standard deviation) is one
+# flat colour (a placeholder tile, JPEG noise on one): centred, it has no pattern to correlate.
+FLAT_STD = 2.0
 
 
 def pixel_signatures(image: Image.Image) -> NDArray[np.float32]:
-    """(len(CENTRE_CROPS), 3·SIGNATURE_SIDE²): the image and its central crops, each shrunk
-    to SIGNATURE_SIDE² RGB pixels, centred and L2-normalised. Colour is kept: two products
-    that differ in colour only (a black and a navy shirt) look alike in grey."""
+    """(len(CENTRE_CROPS), 3·3·SIGNATURE_SIDE²): the image and its central crops, each shrunk
+    to SIGNATURE_SIDE² RGB pixels, centred and L2-normalised, then zeros. Colour is kept: two
+    products that differ in colour only (a black and a navy shirt) look alike in grey.
+
+    A flat grey crop (white, black: a placeholder), which centring left all zeros (the same
+    placeholder under two products scored 0), is zeros, then its pixels and their
+    complements (255 - v), L2-normalised: it matches flat crops of its shade (white against
+    black scores 0, against mid grey 0.71) and nothing with a pattern."""
     rgb = image.convert("RGB")
     w, h = rgb.size
     out = []
@@ -207,8 +217,12 @@ def pixel_signatures(image: Image.Image) -> NDArray[np.float32]:
         part = rgb.crop((round(dx), round(dy), round(w - dx), round(h - dy)))
         side = (SIGNATURE_SIDE, SIGNATURE_SIDE)
         pixels = np.asarray(part.resize(side, Image.Resampling.BOX), np.float32).ravel()
-        pixels -= pixels.mean()
-        out.append(pixels / max(float(np.linalg.norm(pixels)), 1e-6))
+        none = np.zeros_like(pixels)
+        if float(pixels.std()) >= FLAT_STD:
+            signature = np.concatenate([pixels - pixels.mean(), none, none])
+        else:
+            signature = np.concatenate([none, pixels, 255.0 - pixels])
+        out.append(signature / max(float(np.linalg.norm(signature)), 1e-6))
     return np.stack(out)
 
 

@@ -9,7 +9,9 @@ through :meth:`Ingestor.commit` in transactional batches, idempotent by (product
 
 Images of products the catalog already holds are hashed here and the known ones never sent
 out; so a rerun after the driver or a worker was killed sends only what no committed batch
-holds. Ray itself retries a task whose worker died. The one module that imports ``ray``.
+holds. An image that kills its worker (a crash in native code, the OOM killer) is found by
+bisecting its batch on replacement actors (:class:`KillerSearch`), named as failed and not
+retried. The one module that imports ``ray``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import socket
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,7 +59,7 @@ log = logging.getLogger(__name__)
 LOCAL = "local"  # start a Ray instance in this process, shut down when the ingest ends
 AUTO = "auto"  # $RAY_ADDRESS, or the cluster this machine is part of
 INSTALL_HINT = "pip install 'snapshop[ray]'"
-TASK_RETRIES = 3  # tries again of a batch whose actor died, before the ingest fails
+KILLED_WORKER = "killed the Ray worker that indexed it"  # the start of a killer's reason
 CONNECT_SECONDS = 10.0  # a Ray head's HOST:PORT that does not answer in this time is an error
 
 
@@ -70,6 +73,10 @@ class RayConfig:
     ``cpus_per_actor`` one-image ONNX Runtime calls side by side on one thread each (the
     cheapest per image on CPU, issue #16); with ``gpus_per_actor`` > 0 its embedder runs
     on ONNX Runtime's CUDA provider (onnxruntime-gpu on the workers) in batches.
+
+    ``max_worker_deaths``: how many batches may kill their worker while the ingest bisects
+    them to find the images that do (each costs an actor restart; one image in a batch of
+    32 costs 6); past it the ingest fails, keeping what it committed.
     """
 
     address: str = LOCAL
@@ -78,6 +85,7 @@ class RayConfig:
     actors: int | None = None
     cpus_per_actor: int = 1
     gpus_per_actor: float = 0.0
+    max_worker_deaths: int = 24
 
     def __post_init__(self) -> None:
         # frozen: the checked values replace the given ones (a numpy int becomes an int)
@@ -89,6 +97,9 @@ class RayConfig:
         )
         if self.actors is not None:
             object.__setattr__(self, "actors", check_int("actors", self.actors, 1))
+        object.__setattr__(
+            self, "max_worker_deaths", check_int("max_worker_deaths", self.max_worker_deaths, 0)
+        )
 
 
 def import_ray() -> Any:
@@ -130,10 +141,40 @@ def actor_options(config: RayConfig, cluster: dict[str, float]) -> dict[str, Any
     return options
 
 
+@dataclass(frozen=True)
+class KilledWorker:
+    """The outcome of each row of a batch whose earlier try killed its worker: the batch is
+    not tried again as it is (Ray Data would retry it on a replacement actor for ever)."""
+
+    batch: tuple[int, ...]  # the row ids of that batch
+
+
+class BatchLedger:
+    """One small actor per ingest: the batches an :class:`IndexActor` began and did not end.
+
+    Ray Data hands the batch of an actor that died to its replacement; that actor finds the
+    batch begun here and answers :class:`KilledWorker` for it instead of dying on it again."""
+
+    def __init__(self) -> None:
+        self.begun: set[tuple[int, tuple[int, ...]]] = set()
+
+    def begin(self, key: tuple[int, tuple[int, ...]]) -> bool:
+        """Whether this is the first try of batch ``key`` (False: a try began and died)."""
+        if key in self.begun:
+            return False
+        self.begun.add(key)
+        return True
+
+    def end(self, key: tuple[int, tuple[int, ...]]) -> None:
+        self.begun.discard(key)
+
+
 class IndexActor:
     """One actor of the pool: its embedder (and detector) load once, here; each call maps a
     batch of rows to (row id, pickled outcome): an :class:`Embedded` with the image bytes,
-    or (source, reason) for an image that cannot be indexed."""
+    (source, reason) for an image that cannot be indexed, or :class:`KilledWorker` when an
+    earlier try of the batch killed its actor. ``bisection``: the ingest's round of retries
+    (0: the first), which with the row ids names a batch in ``ledger``, a :class:`BatchLedger`."""
 
     def __init__(
         self,
@@ -144,7 +185,14 @@ class IndexActor:
         job: PrepareJob,
         cpus: int,
         gpus: float,
+        ledger: Any,
+        bisection: int,
     ) -> None:
+        import ray
+
+        self.ray = ray
+        self.ledger = ledger
+        self.bisection = bisection
         on_gpu = bool(gpus) and _cuda_available()
         self.embedder = Embedder(model_dir, threads=1, parallel=0 if on_gpu else cpus)
         if self.embedder.model_id != model_id:
@@ -160,6 +208,18 @@ class IndexActor:
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [int(i) for i in rows["id"]]
+        key = (self.bisection, tuple(ids))
+        if self.ray.get(self.ledger.begin.remote(key)):
+            outcomes = self._map(ids, rows)
+            self.ray.get(self.ledger.end.remote(key))
+        else:
+            outcomes = dict.fromkeys(ids, KilledWorker(tuple(ids)))
+        return {
+            "id": np.asarray(ids, np.int64),
+            "outcome": np.asarray([pickle.dumps(outcomes[i]) for i in ids], dtype=object),
+        }
+
+    def _map(self, ids: list[int], rows: dict[str, np.ndarray]) -> dict[int, Any]:
         outcomes: dict[int, Any] = {}
         decoded: list[tuple[int, Decoded]] = []
         for n, i in enumerate(ids):
@@ -178,10 +238,7 @@ class IndexActor:
         for (i, _), e in zip(decoded, embedded, strict=True):
             # the writer stores the bytes (a directory catalog) or only the thumbnail (a server)
             outcomes[i] = replace(e, data=None) if self.job.thumbnails else e
-        return {
-            "id": np.asarray(ids, np.int64),
-            "outcome": np.asarray([pickle.dumps(outcomes[i]) for i in ids], dtype=object),
-        }
+        return outcomes
 
 
 def _sha256(data: bytes) -> str:
@@ -288,36 +345,35 @@ def ingest_on_ray(
         actors = options.pop("actors")
         # Batches no larger than every actor's share, so a small source still uses them all.
         batch_size = max(1, min(ingestor.batch_size, math.ceil(len(rows) / actors)))
-        blocks = math.ceil(len(rows) / batch_size)
-        mapped = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-            IndexActor, fn_constructor_kwargs=actor_args, batch_size=batch_size,
-            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), **options,
-            # Ray Data retries a batch whose actor died for ever: one image that kills its
-            # worker (a native crash, the OOM killer) would hang the ingest. A dead actor is
-            # still replaced (max_restarts stays unlimited).
-            max_task_retries=TASK_RETRIES,
-        )  # fmt: skip
-        # In source order, as in-process: of two rows with the same bytes the first one wins
-        # (its category decides the crops), whatever actor finishes first.
-        mapped.context.execution_options.preserve_order = True
-        mapped.context.enable_progress_bars = False
+        ledger = ray.remote(BatchLedger).options(num_cpus=0).remote()
+        search = KillerSearch(config.max_worker_deaths)
         try:
-            writes = mapped.iter_batches(batch_size=ingestor.batch_size, batch_format="numpy")
-            for batch in writes:
-                if watchdog is not None:
-                    watchdog.watch_descendants()  # the actors, started by now
-                yield _received(ingestor, source, batch, report), len(batch["id"])
+            while rows:  # again, in batches half as large, the rows whose batch killed a worker
+                mapped = _mapped(
+                    ray, rows, batch_size, actors, options,
+                    {**actor_args, "ledger": ledger, "bisection": search.bisection},
+                )  # fmt: skip
+                writes = mapped.iter_batches(batch_size=ingestor.batch_size, batch_format="numpy")
+                for batch in writes:
+                    if watchdog is not None:
+                        watchdog.watch_descendants()  # the actors, started by now
+                    fresh, killed = _received(ingestor, source, batch, report)
+                    yield fresh, len(batch["id"]) - len(killed)
+                    named = search.died(killed, report.added)
+                    for i in named:
+                        report.failed.append((str(source[i].path), search.reason(i)))
+                    if named:
+                        yield [], len(named)
+                rows = [row for row in rows if row["id"] in search.retry]
+                batch_size = search.next_round(batch_size)
         except ray.exceptions.RayError as exc:
-            cause = _root_cause(exc)
-            if isinstance(exc, ray.exceptions.RayActorError) and not exc.actor_init_failed:
-                cause = (
-                    f"the actors died {TASK_RETRIES + 1} times on one batch of images: one of"
-                    f" them may crash a worker or exhaust its memory; last: {cause}"
-                )
             raise IngestError(
-                f"the Ray job failed ({cause}); the {report.added} images added so"
+                f"the Ray job failed ({_root_cause(exc)}); the {report.added} images added so"
                 " far are kept: run the ingest again to continue"
             ) from exc
+        finally:  # early, for a Ray that outlives the ingest; it would end with this driver
+            with suppress(Exception):  # a lost connection must not hide the ingest's error
+                ray.kill(ledger)
 
     with ExitStack() as connection:  # Ray ends with the ingest, however it ends
         return ingestor.ingest_batches(records, runner, progress, sync)
@@ -334,17 +390,95 @@ def _root_cause(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _mapped(
+    ray: Any, rows: list[dict[str, Any]], batch_size: int, actors: int,
+    options: dict[str, Any], actor_args: dict[str, Any],
+) -> Any:  # fmt: skip
+    """``rows`` mapped by a pool of :class:`IndexActor` (a lazy Ray dataset)."""
+    blocks = math.ceil(len(rows) / batch_size)
+    # Ray Data replaces an actor that died and hands its batch to the replacement, as often
+    # as it dies: the ledger, not a Ray retry limit, keeps that from repeating.
+    mapped = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+        IndexActor, fn_constructor_kwargs=actor_args, batch_size=batch_size,
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)),
+        **options,
+    )  # fmt: skip
+    # In source order, as in-process: of two rows with the same bytes the first one wins
+    # (its category decides the crops), whatever actor finishes first. (Rows retried after
+    # their batch killed a worker come after the others.)
+    mapped.context.execution_options.preserve_order = True
+    mapped.context.enable_progress_bars = False
+    return mapped
+
+
+class KillerSearch:
+    """Finds the images that kill their Ray worker by bisection: the rows of a batch that
+    killed its worker are mapped again, in batches half as large, on replacement actors, until
+    an image that kills its worker alone is named (after two deaths at least: one may be
+    chance, a node lost) and not tried again. At most ``max_deaths`` batches may die."""
+
+    def __init__(self, max_deaths: int) -> None:
+        self.max_deaths = max_deaths
+        self.bisection = 0  # the round of retries under way (0: the first mapping)
+        self.dead_batches: set[tuple[int, tuple[int, ...]]] = set()
+        self.deaths_of: Counter[int] = Counter()  # row id -> batches of it that died
+        self.retry: set[int] = set()  # rows to map again in the next round
+
+    def died(self, killed: list[tuple[int, KilledWorker]], added: int) -> list[int]:
+        """Count rows whose batch killed its worker; returns those named as killers now.
+
+        Raises IngestError past ``max_deaths`` (``added``: images committed so far)."""
+        named = []
+        for i, outcome in killed:
+            batch = (self.bisection, outcome.batch)
+            if batch not in self.dead_batches:
+                self.dead_batches.add(batch)
+                log.warning(
+                    "a Ray worker died on a batch of %d images: mapping them again, in batches"
+                    " of half its size, to find the one that kills it",
+                    len(outcome.batch),
+                )
+            self.deaths_of[i] += 1
+            if len(outcome.batch) == 1 and self.deaths_of[i] >= 2:
+                named.append(i)
+            else:
+                self.retry.add(i)
+        if len(self.dead_batches) > self.max_deaths:
+            raise IngestError(
+                f"the Ray workers died {len(self.dead_batches)} times, more than"
+                f" max_worker_deaths={self.max_deaths}: more images kill them than this ingest"
+                " bisects, or something else does (a node short of memory?); the"
+                f" {added} images added so far are kept: run the ingest again to continue"
+            )
+        return named
+
+    def reason(self, i: int) -> str:
+        return (
+            f"{KILLED_WORKER} ({self.deaths_of[i]} times: a crash in native code, or out of memory)"
+        )
+
+    def next_round(self, batch_size: int) -> int:
+        """Start the next round of retries; returns its batch size."""
+        self.bisection += 1
+        self.retry.clear()
+        return max(1, (batch_size + 1) // 2)
+
+
 def _received(
     ingestor: Ingestor, source: Sequence[CatalogRecord], batch: dict[str, np.ndarray],
     report: IngestReport,
-) -> list[Embedded]:  # fmt: skip
-    """The actors' outcomes of one batch, ready to commit: blobs stored (a directory) or
-    thumbnails carried (a server), records the driver's own (with all their metadata)."""
+) -> tuple[list[Embedded], list[tuple[int, KilledWorker]]]:  # fmt: skip
+    """The actors' outcomes of one batch: those ready to commit (blobs stored for a directory,
+    thumbnails carried for a server, records the driver's own, with all their metadata), and
+    the rows whose batch killed its worker."""
     fresh = []
+    killed = []
     for i, payload in zip(batch["id"], batch["outcome"], strict=True):
         outcome = pickle.loads(payload)
         record = source[int(i)]
-        if isinstance(outcome, Embedded):
+        if isinstance(outcome, KilledWorker):
+            killed.append((int(i), outcome))
+        elif isinstance(outcome, Embedded):
             blob = None  # a server catalog stores the thumbnail the actor made
             if not ingestor.catalog.is_server:
                 assert outcome.data is not None  # actors send the bytes for the blob
@@ -352,7 +486,7 @@ def _received(
             fresh.append(replace(outcome, record=record, blob=blob))
         else:
             report.failed.append(outcome)
-    return fresh
+    return fresh, killed
 
 
 # --- the Ray instance: connect, or start a local one that ends with this process -------------

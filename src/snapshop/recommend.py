@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("product_id", "sku", "rank", "similar_product_id", "similar_sku", "score")
 FORMATS = (".csv", ".parquet")
+# Rows (products x k) one batch may hold: a batch's rows are Python lists until written,
+# ~350 bytes a row (k = 1000 with batches of 8,192 products peaked at 2.9 GB; the CLI allows
+# 65,536). Batches are made smaller for a large k: ~90 MB here, the same output.
+MAX_BATCH_ROWS = 262_144
 
 
 @dataclass(frozen=True)
@@ -153,8 +157,10 @@ def export_similar(
     """Write every product's ``k`` most similar products (by product vector of the images,
     or of the crops at ``position``) to ``out`` (.csv, or .parquet when pyarrow is there):
     one row per (product, rank) with the columns of ``COLUMNS``, ranks from 1, products in id
-    order. Continues an interrupted export of the same ``out`` unless ``restart``."""
+    order. Continues an interrupted export of the same ``out`` unless ``restart``. Products
+    are searched ``batch_size`` at a time, fewer when ``k`` is large (``MAX_BATCH_ROWS``)."""
     k, batch_size = check_k(k), check_int("batch_size", batch_size, 1)
+    batch_size = min(batch_size, max(1, MAX_BATCH_ROWS // k))
     out = Path(out)
     fmt = output_format(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +200,7 @@ def export_similar(
             table = _rows(batch, found, scores, sku_of)
             done = sink.write(table)
             state.write({**header, "last_product_id": int(batch[-1]), "done": done})
-            exported += len(batch)
+            exported += sum(int(i) in sku_of for i in batch)
             rows += len(table["product_id"])
             if progress:
                 progress(len(batch))
@@ -298,11 +304,13 @@ def _rows(
 ) -> dict[str, list[Any]]:
     table: dict[str, list[Any]] = {c: [] for c in COLUMNS}
     for product, neighbours_, product_scores in zip(batch, found, scores, strict=True):
+        if int(product) not in sku_of:  # deleted since the export read the product vectors
+            continue
         for rank, (other, score) in enumerate(zip(neighbours_, product_scores, strict=True), 1):
             if other < 0 or int(other) not in sku_of:  # none left, or deleted meanwhile
                 continue
             table["product_id"].append(int(product))
-            table["sku"].append(sku_of.get(int(product), ""))
+            table["sku"].append(sku_of[int(product)])
             table["rank"].append(rank)
             table["similar_product_id"].append(int(other))
             table["similar_sku"].append(sku_of[int(other)])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,8 @@ from PIL import Image
 from snapshop.catalog.blobs import LOCAL_FEATURES, blob_file
 from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import ImageRow
-from snapshop.config import atomic_file
-from snapshop.errors import ConfigError, NotFoundError, SnapshopError
+from snapshop.config import atomic_file, check_int, check_number
+from snapshop.errors import ConfigError, NotFoundError, SnapshopError, StoredFileError
 from snapshop.images import load_image, stored_file_limits
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ class VerifyConfig:
     weight: float = 0.1
 
     def __post_init__(self) -> None:
+        # a whole number checked here, not by OpenCV or a slice at every search
+        for name in ("long_side", "max_features", "top_k", "min_inliers"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
+        for name in ("ratio", "ransac_px", "weight"):
+            object.__setattr__(self, name, check_number(name, getattr(self, name), 0.0))
         if not 64 <= self.long_side <= 4096:
             raise ConfigError(f"long_side must be in 64..4096, got {self.long_side}")
         if self.max_features < 4:
@@ -111,8 +117,20 @@ class LocalFeatures:
 
     @classmethod
     def load(cls, source: IO[bytes] | Path) -> LocalFeatures:
-        with np.load(source, allow_pickle=False) as saved:
-            return cls(saved["points"].astype(np.float32), saved["raw"])
+        """Features saved by :meth:`save`; content that is not (empty, torn, another array)
+        is a :class:`StoredFileError`."""
+        name = str(source) if isinstance(source, Path) else "local features"
+        try:
+            saved = np.load(source, allow_pickle=False)
+            if not isinstance(saved, np.lib.npyio.NpzFile):
+                raise ValueError("one array, not the archive of points and descriptors")
+            with saved:
+                return cls(saved["points"].astype(np.float32), saved["raw"])
+        except ConfigError as exc:
+            raise StoredFileError(name, str(exc)) from None
+        # numpy and zipfile raise each of these for some damaged file
+        except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            raise StoredFileError(name, f"not a local-features file ({exc})") from None
 
 
 EMPTY = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, DESCRIPTOR_DIM), np.uint8))
@@ -225,7 +243,7 @@ class CatalogFeatures:
         if target is not None and target.is_file():
             try:
                 return LocalFeatures.load(target)
-            except (OSError, ValueError, KeyError, ConfigError) as exc:  # rewritten below
+            except (OSError, StoredFileError) as exc:  # rewritten below
                 log.warning("%s: unreadable local features (%s), extracting again", target, exc)
         pixels = self._stored_pixels(image)
         if pixels is None:

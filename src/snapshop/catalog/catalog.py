@@ -9,9 +9,11 @@ Layout::
     DIR/index/images.faiss     whole-image index (ids = image ids) + images.json card
     DIR/index/crops-<pos>.faiss  one crop index per garment position (ids = crop ids)
 
-Indexes are caches. Each card records the store generation it reflects; on open (and on
-``refresh``) a stale index is reconciled with the store by id difference, so a crash between
-a committed ingest and an index save costs a little recomputation and loses nothing.
+Indexes are caches. Each card records the store generation it reflects; on open a stale index
+is reconciled with the store by id difference, so a crash between a committed ingest and an
+index save costs a little recomputation and loses nothing. ``refresh`` (another process wrote)
+applies the store's change log since the generation the indexes are at, when the log still
+holds it, and falls back to the id difference when not.
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ from snapshop.catalog.blobs import (
     free_unreferenced_blobs,
 )
 from snapshop.catalog.card import CatalogCard, read_card, write_card
-from snapshop.catalog.store import MAX_ROW_ID, CatalogStore, CropRow, ImageRow, Product
+from snapshop.catalog.store import (
+    MAX_ROW_ID,
+    CatalogStore,
+    CropRow,
+    EntryChanges,
+    ImageRow,
+    Product,
+)
 from snapshop.catalog.write import CatalogWrite
 from snapshop.config import is_temp_name, write_json
 from snapshop.detect.base import CROP_MODES, DEFAULT_CROP_MODE
@@ -251,14 +260,15 @@ class Catalog:
         fits the card's memory and latency budget (the default budget when it names none)."""
         counts = self.store.counts()
         kind, params = self.card.index_kind, dict(self.card.index_params)
+        indexes = 1 + len(self.store.crop_positions())  # each pays its own fixed parts
         try:
             return resolve_index_kind(
                 kind, params, counts["images"], self.dim,
-                n_total=counts["images"] + counts["crops"],
+                n_total=counts["images"] + counts["crops"], indexes=indexes,
             )  # fmt: skip
         except CatalogError as exc:  # nothing fits: open with the smallest rather than fail
             log.warning("catalog %s: %s; using the smallest index", self.location, exc)
-            fallback = smallest_choice(counts["images"], self.dim)
+            fallback = smallest_choice(counts["images"], self.dim, indexes)
             return fallback.kind, dict(fallback.params)
 
     # --- identity ---------------------------------------------------------------------
@@ -437,23 +447,62 @@ class Catalog:
     def refresh(self, force: bool = False) -> bool:
         """Bring in-memory indexes up to the store (when its generation moved, or ``force``).
 
-        Every loaded index is reconciled with the store by id difference; indexes of crop
+        Every loaded index ends up holding exactly the store's entries; indexes of crop
         positions the store no longer holds end up empty. Returns True if it reconciled.
         Holds the write side of :attr:`index_lock`, only when there is something to do.
+
+        The changes since the last refresh come from the store's change log, read before the
+        write side is taken (searches go on meanwhile), and only the vectors added are
+        fetched. Where the log does not hold them all (``force``, a catalog made before the
+        log, a log pruned past this generation), every index is compared with the store's
+        ids instead (a full id scan: 0.5 s per write at 300k images, 15 ms by the log).
         """
-        if not force and self.store.generation == self._generation:
+        generation = self.store.generation
+        if not force and generation == self._generation:
             return False  # current: the searches in flight are not stopped for nothing
+        changes = None if force else self.store.entry_changes(self._generation, generation)
         with self.index_lock.write():
             generation = self.store.generation  # read first: a later write forces another pass
             if not force and generation == self._generation:
                 return False
-            for name in [IMAGES] + [index_name(p) for p in self.store.crop_positions()]:
-                if name not in self.indexes:
-                    self.indexes[name] = self._load_or_create(name)
-            for name in self.indexes:
-                self._reconcile(name)
+            if changes is not None and (changes.since, changes.until) != (
+                self._generation,
+                generation,
+            ):  # another write came in between (or this process's own was applied)
+                changes = self.store.entry_changes(self._generation, generation)
+            if changes is not None:
+                self._apply_changes(changes)
+            else:
+                for name in [IMAGES] + [index_name(p) for p in self.store.crop_positions()]:
+                    if name not in self.indexes:
+                        self.indexes[name] = self._load_or_create(name)
+                for name in self.indexes:
+                    self._reconcile(name)
             self._generation = generation
             return True
+
+    @property
+    def _indexes_are_copies(self) -> bool:
+        """The indexes are this process's own copies (faiss, in memory), to which a refresh
+        applies the store's changes; a server's (pgvector rows, Milvus collections) are
+        shared by every replica and are compared with the store's ids, as before the log."""
+        return self.index_kind in MEASURED_KINDS
+
+    def _apply_changes(self, changes: EntryChanges) -> None:
+        """Bring the indexes from ``changes.since`` to ``changes.until`` (under the write side
+        of :attr:`index_lock`). An index this refresh opens (a position new to this process;
+        a file saved by another may hold anything) is reconciled with its position's rows."""
+        opened = set()
+        for name in sorted(index_name(p) for p in changes.added):
+            if name not in self.indexes:
+                self.indexes[name] = self._load_or_create(name)
+                opened.add(name)
+        for name in self.indexes:
+            if name in opened or not self._indexes_are_copies:
+                self._reconcile(name)
+                continue
+            at = None if name == IMAGES else name.removeprefix("crops-")
+            self._apply(name, changes.added_at(at), changes.removed_at(at))
 
     def _load_or_create(self, name: str) -> VectorIndex:
         path = self.index_path(name)
@@ -487,25 +536,33 @@ class Catalog:
         return all(card.get(key, value) == value for key, value in self.index_params.items())
 
     def _reconcile(self, name: str) -> None:
+        """Make index ``name`` hold exactly the store's entries, by id difference."""
         index = self.indexes[name]
         if name == IMAGES:
-            table, position, want = "images", None, self.store.image_ids()
+            want = self.store.image_ids()
         else:
-            position = name.removeprefix("crops-")
-            table, want = "crops", self.store.crop_ids(position)
+            want = self.store.crop_ids(name.removeprefix("crops-"))
         have = index.ids()
         extra = np.setdiff1d(have, want, assume_unique=True)
         missing = np.setdiff1d(want, have, assume_unique=True)
-        if len(extra):
-            index.remove(extra)
+        self._apply(name, missing, extra)
+
+    def _apply(self, name: str, added: NDArray[np.int64], removed: NDArray[np.int64]) -> None:
+        """Remove ``removed`` from index ``name`` and add ``added`` with the store's vectors
+        (an entry already gone from the store is skipped)."""
+        index = self.indexes[name]
+        gone = 0
+        if len(removed):
+            gone = index.remove(removed)
             with self._owner_lock:
                 cache = self._owner_cache.get(name, {})
-                for entry in extra.tolist():
+                for entry in removed.tolist():
                     cache.pop(entry, None)
-        for ids, vecs in self.store.iter_vectors(table, self.dim, ids=missing.tolist()):
+        table = "images" if name == IMAGES else "crops"
+        for ids, vecs in self.store.iter_vectors(table, self.dim, ids=added.tolist()):
             index.add(ids, vecs)
-        if len(extra) or len(missing):
-            log.info("index %s reconciled: +%d -%d", name, len(missing), len(extra))
+        if len(added) or gone:
+            log.info("index %s reconciled: +%d -%d", name, len(added), gone)
 
     def applied(self, before: int | None) -> None:
         """This thread committed ``before -> before + 1`` and has applied that change to the
@@ -651,8 +708,9 @@ class Catalog:
             self.refresh()
             counts = self.store.counts()
             choice: IndexChoice = choose_index(
-                counts["images"], self.dim, budget, counts["images"] + counts["crops"]
-            )
+                counts["images"], self.dim, budget, counts["images"] + counts["crops"],
+                indexes=max(1, len(self.indexes)),
+            )  # fmt: skip
             rebuilt: dict[str, VectorIndex] = {}
             for name in self.indexes:
                 index = create_index(choice.kind, self.dim, **choice.params)

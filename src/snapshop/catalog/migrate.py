@@ -2,12 +2,21 @@
 re-embedding: products, images, garment crops and their vectors, as they are.
 
 Rows are copied a page of products at a time, one write transaction per page, and an image a
-target product already holds (same content) is skipped, so an interrupted copy is resumed by
-running it again. The image files go as the target keeps them: a server catalog stores a JPEG
-thumbnail of each image (made from the directory's file), a directory stores files (a server
-catalog has only thumbnails, so images copied back keep their ``source`` and no file).
-Afterwards the counts of the source's products are compared, and a sample of vectors is
-compared bit for bit.
+target product already holds (same content, vectors and crops) is skipped, so an interrupted
+copy is resumed by running it again. The image files go as the target keeps them: a server
+catalog stores a JPEG thumbnail of each image (made from the directory's file, or copied from
+another server), a directory stores files (a server catalog has only thumbnails, so images
+copied back keep their ``source`` and no file).
+
+A target may be empty or a copy of the source (made by an earlier run, perhaps long ago), never
+another catalog. Copies are told apart by the card's ``catalog_id``: the source is given one
+at its first migrate, and every copy carries it. Run onto an older copy, the source wins for
+what both hold (fields overwritten; an image the source re-embedded or re-detected replaced)
+and what only the target holds is counted and kept; with ``mirror`` it is removed too, and the
+target ends equal to the source. Rows that did not change keep their ids either way.
+
+Afterwards the counts of the source's products are compared (with ``mirror``, all counts), and
+a sample of vectors is compared bit for bit.
 """
 
 from __future__ import annotations
@@ -15,15 +24,17 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from snapshop.catalog.blobs import blob_file
+from snapshop.catalog.blobs import blob_file, free_unreferenced_blobs
 from snapshop.catalog.catalog import Catalog, catalog_exists, create_catalog, open_catalog
+from snapshop.catalog.fields import attributes_json
 from snapshop.catalog.server import SERVER_INDEX_KINDS, is_server_target, thumbnail_jpeg
-from snapshop.catalog.store import ImageRow, NewCrop, Product
+from snapshop.catalog.store import PRODUCT_FIELDS, CropRow, ImageRow, NewCrop, Product, now
 from snapshop.catalog.write import CatalogWrite
 from snapshop.errors import CatalogError, FieldError, ImageDecodeError
 from snapshop.images import load_image, stored_file_limits
@@ -33,6 +44,9 @@ log = logging.getLogger(__name__)
 Target = str | os.PathLike[str]
 PAGE = 200  # products per transaction
 CHECK_SAMPLE = 200  # images whose vectors are compared after the copy
+CATALOG_ID = "catalog_id"  # card key: one catalog and every copy migrate made of it
+
+BlobRefs = list[tuple[str, str | None]]  # (sha256, blob) of deleted image rows
 
 
 @dataclass(frozen=True)
@@ -41,50 +55,83 @@ class MigrateReport:
     target: str
     products: int  # products of the source, all present in the target afterwards
     images_copied: int
-    images_present: int  # already in the target (an earlier, interrupted run)
+    images_present: int  # already in the target, as they are (an earlier run)
+    images_replaced: int  # in the target with other vectors, crops or fields: the source's now
     crops_copied: int
-    thumbnails: int  # thumbnails made for a server target
+    thumbnails: int  # thumbnails stored in a server target
     images_without_file: int  # the source had no readable file for them
     vectors_checked: int
     seconds: float
+    mirror: bool  # what the source lacks was removed from the target (else only counted)
+    products_not_in_source: int  # target products whose sku the source lacks
+    images_not_in_source: int  # target images the source lacks (those products' included)
+
+
+@dataclass
+class _Tally:
+    copied: int = 0
+    present: int = 0
+    replaced: int = 0
+    crops: int = 0
+    thumbnails: int = 0
+    no_file: int = 0
+    products_not_in_source: int = 0
+    images_not_in_source: int = 0
 
 
 def migrate_catalog(
     source: Target,
     target: Target,
     *,
+    mirror: bool = False,
     page: int = PAGE,
     progress: Callable[[int], None] | None = None,
 ) -> MigrateReport:
     """Copy catalog ``source`` into ``target`` (created like the source when absent; an
-    existing one must have the same model). Raises CatalogError when the copy does not check
-    out (counts or vectors differ)."""
+    existing one must have the same model and be empty or a copy of the source).
+
+    ``mirror``: also remove from the target the products and images the source does not have
+    (and set product fields exactly, cleared ones included), so that it ends equal to the
+    source; without it they are kept and counted in the report. Raises CatalogError when the
+    copy does not check out (counts or vectors differ)."""
     started = time.monotonic()
-    with open_catalog(source) as src, _open_target(src, target) as dst:
-        counts = {"copied": 0, "present": 0, "crops": 0, "thumbs": 0, "no_file": 0}
+    with open_catalog(source) as src, _open_target(src, target, mirror) as dst:
+        tally = _Tally()
         after = 0
         while products := src.list_products(after_id=after, limit=page):
             after = products[-1].id
-            with dst.writing() as write:
-                for product in products:
-                    _copy_product(src, dst, write, product, counts)
+            with dst.write_lock():
+                with dst.writing() as write:
+                    freed: BlobRefs = []
+                    for product in products:
+                        freed += _copy_product(src, dst, write, product, tally, mirror=mirror)
+                _free_files(dst, freed)
             dst.save_indexes(measure=False)
             if progress:
                 progress(len(products))
+        _products_not_in_source(src, dst, tally, mirror=mirror, page=page)
         dst.save_indexes()
-        checked = _check(src, dst)
+        checked = _check(src, dst, mirror=mirror)
     report = MigrateReport(
         source=src.location, target=dst.location, products=checked[0],
-        images_copied=counts["copied"], images_present=counts["present"],
-        crops_copied=counts["crops"], thumbnails=counts["thumbs"],
-        images_without_file=counts["no_file"], vectors_checked=checked[1],
-        seconds=round(time.monotonic() - started, 2),
+        images_copied=tally.copied, images_present=tally.present,
+        images_replaced=tally.replaced, crops_copied=tally.crops, thumbnails=tally.thumbnails,
+        images_without_file=tally.no_file, vectors_checked=checked[1],
+        seconds=round(time.monotonic() - started, 2), mirror=mirror,
+        products_not_in_source=tally.products_not_in_source,
+        images_not_in_source=tally.images_not_in_source,
     )  # fmt: skip
     log.info("migrated %s -> %s: %s", report.source, report.target, report)
+    if not mirror and (report.products_not_in_source or report.images_not_in_source):
+        log.warning(
+            "%s keeps %d products and %d images that %s does not have (mirror removes them)",
+            report.target, report.products_not_in_source, report.images_not_in_source,
+            report.source,
+        )  # fmt: skip
     return report
 
 
-def _open_target(src: Catalog, target: Target) -> Catalog:
+def _open_target(src: Catalog, target: Target, mirror: bool) -> Catalog:
     if catalog_exists(target):
         dst = open_catalog(target)
         if dst.model_id != src.model_id or dst.dim != src.dim:
@@ -94,7 +141,7 @@ def _open_target(src: Catalog, target: Target) -> Catalog:
                 f" source {src.model_id} (dim {src.dim}): they cannot share a catalog"
             )
         try:
-            _check_existing_target(src, dst)
+            _check_existing_target(src, dst, _catalog_id(src), mirror)
         except BaseException:
             dst.close()
             raise
@@ -108,17 +155,47 @@ def _open_target(src: Catalog, target: Target) -> Catalog:
         index_params=params,
     )  # fmt: skip
     dst.rewrite_card(
-        crop_mode=src.crop_mode, detector=src.card.detector, catalog_views=src.catalog_views
-    )
+        crop_mode=src.crop_mode, detector=src.card.detector, catalog_views=src.catalog_views,
+        **_stamp(dst, _catalog_id(src)),
+    )  # fmt: skip
     return dst
 
 
-def _check_existing_target(src: Catalog, dst: Catalog) -> None:
-    """``dst`` may be an empty catalog or an earlier (interrupted) copy of ``src``, never
-    another catalog: its products would be mixed with the source's, a shared sku overwritten."""
+def _catalog_id(src: Catalog) -> str | None:
+    """The source's ``catalog_id``, given to it now if it has none (its card is rewritten,
+    nothing else); None where its card cannot be written: its copies are then recognised by
+    their skus only."""
+    known = src.card.extra.get(CATALOG_ID)
+    if isinstance(known, str) and known:
+        return known
+    made = uuid.uuid4().hex
+    try:
+        src.rewrite_card(extra={**src.card.extra, CATALOG_ID: made})
+    except (OSError, CatalogError) as exc:
+        log.warning("%s: cannot record a catalog id in its card (%s)", src.location, exc)
+        return None
+    return made
+
+
+def _stamp(dst: Catalog, catalog_id: str | None) -> dict[str, object]:
+    """The card change that marks ``dst`` as a copy of the catalog ``catalog_id``."""
+    if catalog_id is None or dst.card.extra.get(CATALOG_ID) == catalog_id:
+        return {}
+    return {"extra": {**dst.card.extra, CATALOG_ID: catalog_id}}
+
+
+def _check_existing_target(
+    src: Catalog, dst: Catalog, catalog_id: str | None, mirror: bool
+) -> None:
+    """``dst`` may be an empty catalog or a copy of ``src`` (an interrupted or older one), never
+    another catalog: its products would be mixed with the source's, a shared sku overwritten,
+    and a mirror would delete them. A copy carries the source's ``catalog_id``; a target
+    without it (empty, or copied before ids existed) passes while it holds only the source's
+    skus, and is given the id."""
+    copy = catalog_id is not None and dst.card.extra.get(CATALOG_ID) == catalog_id
     foreign: list[str] = []
     after = 0
-    while page := dst.list_products(after_id=after, limit=PAGE):
+    while not copy and (page := dst.list_products(after_id=after, limit=PAGE)):
         after = page[-1].id
         foreign += [p.sku for p in page if src.find_product(p.sku) is None]
     if foreign:
@@ -132,24 +209,39 @@ def _check_existing_target(src: Catalog, dst: Catalog) -> None:
     # Crops and views made another way would mix in one index with the source's.
     mine = (src.crop_mode, src.card.detector, src.catalog_views)
     theirs = (dst.crop_mode, dst.card.detector, dst.catalog_views)
-    if dst.counts()["images"] == 0:
-        # Nothing made another way yet: the card becomes the source's, a detector included
-        # (a card without one, as a copy killed right after creating it left, would make
-        # later searches and ingests skip garment detection).
-        if mine != theirs:
-            dst.rewrite_card(crop_mode=mine[0], detector=mine[1], catalog_views=mine[2])
+    stamp = _stamp(dst, catalog_id)
+    # Holding no image, nothing was made another way yet: the card becomes the source's, a
+    # detector included (a card without one, as a copy killed right after creating it left,
+    # would make later searches and ingests skip garment detection). A copy mirrored takes
+    # the source's card too: every image whose crops differ is replaced.
+    if dst.counts()["images"] == 0 or (copy and mirror):
+        changes = dict(zip(("crop_mode", "detector", "catalog_views"), mine, strict=True))
+        if mine != theirs or stamp:
+            dst.rewrite_card(**changes, **stamp)
         return
     differ = [f"{name} {a!r} here, {b!r} in the source"
               for name, b, a in zip(("crop_mode", "detector", "catalog_views"), mine, theirs,
                                     strict=True)
               if a != b and a is not None and b is not None]  # fmt: skip
     if differ:
-        raise CatalogError(f"{dst.location} was built differently: {'; '.join(differ)}")
+        hint = " (a copy of it: --mirror makes it equal)" if copy else ""
+        raise CatalogError(f"{dst.location} was built differently{hint}: {'; '.join(differ)}")
+    if stamp:
+        dst.rewrite_card(**stamp)
 
 
 def _copy_product(
-    src: Catalog, dst: Catalog, write: CatalogWrite, product: Product, counts: dict[str, int]
-) -> None:
+    src: Catalog,
+    dst: Catalog,
+    write: CatalogWrite,
+    product: Product,
+    tally: _Tally,
+    *,
+    mirror: bool,
+) -> BlobRefs:
+    """Bring ``product`` and its images into ``dst`` inside the open ``write``; images the
+    target holds as they are stay (their ids too). Returns the blob references of the image
+    rows it deleted, whose files go once the write committed."""
     fields = {"title": product.title, "url": product.url, "price": product.price,
               "currency": product.currency, "category": product.category,
               "attributes": product.attributes}  # fmt: skip
@@ -161,47 +253,151 @@ def _copy_product(
             f" {exc}; correct it in the source (or remove it: snapshop catalog remove --catalog"
             f" SOURCE --id {product.id}), then run the migrate again to continue"
         ) from exc
+    if mirror:
+        _set_fields_exactly(dst, write, product_id, product)
     images = src.images_of(product.id)
-    if not images:
-        return
+    held = {image.sha256: image for image in dst.images_of(product_id)}
+    wanted = {image.sha256 for image in images}
+    dropped = [image for sha, image in held.items() if sha not in wanted]
+    tally.images_not_in_source += len(dropped)
+    freed: BlobRefs = []
+    if mirror and dropped:
+        freed += [(image.sha256, image.blob) for image in dropped]
+        write.delete_images([image.id for image in dropped])
     vectors = _vectors(src, "images", [i.id for i in images])
+    held_vectors = _vectors(dst, "images", [i.id for i in held.values()])
     for image in images:
-        if write.find_image(product_id, image.sha256) is not None:
-            counts["present"] += 1
-            continue
         crops = src.store.crops_of_image(image.id)
         crop_vectors = _vectors(src, "crops", [c.id for c in crops])
+        before = held.get(image.sha256)
+        thumbnail = None
+        if before is not None:
+            if _same_image(
+                (image, vectors[image.id], crops, crop_vectors),
+                (before, held_vectors[before.id], *_crops_with_vectors(dst, before.id)),
+            ):
+                tally.present += 1
+                continue
+            # Re-embedded or re-detected in the source since: its version replaces this one.
+            # The row's delete takes a server's thumbnail with it: kept in case the source
+            # has none to give.
+            thumbnail = dst.store.get_blob(before.sha256) if dst.is_server else None
+            freed.append((before.sha256, before.blob))
+            write.delete_images([before.id])
         new_crops = [
             NewCrop(c.position, c.label, c.score, c.box, crop_vectors[c.id]) for c in crops
         ]
-        blob = _copy_file(src, dst, write, image, counts)
+        without_file = tally.no_file
+        blob = _copy_file(src, dst, write, image, tally)
+        if before is not None and tally.no_file > without_file:  # the same bytes: keep theirs
+            blob = before.blob
+            if thumbnail is not None:
+                small = load_image(thumbnail[0])
+                write.put_thumbnail(image.sha256, thumbnail[0], small.width, small.height)
         write.insert_image(
             product_id, source=image.source, blob=blob, sha256=image.sha256, width=image.width,
             height=image.height, vector=vectors[image.id], crops=new_crops,
         )  # fmt: skip
-        counts["copied"] += 1
-        counts["crops"] += len(new_crops)
+        if before is None:
+            tally.copied += 1
+        else:
+            tally.replaced += 1
+        tally.crops += len(new_crops)
+    return freed
+
+
+def _set_fields_exactly(
+    dst: Catalog, write: CatalogWrite, product_id: int, product: Product
+) -> None:
+    """Make the target product's fields the source's. An upsert only sets the fields given and
+    merges attributes, so a field the source cleared, or an attribute it dropped, stays."""
+    held = dst.store.get_product(product_id)  # this thread's transaction: sees the upsert
+    names = (*PRODUCT_FIELDS, "attributes")
+    if all(getattr(held, name) == getattr(product, name) for name in names):
+        return
+    sets = ", ".join(f"{name} = ?" for name in names)
+    values = [getattr(product, name) for name in PRODUCT_FIELDS]
+    # CatalogWrite has no call that clears a field: the statement runs in its transaction.
+    write._db.execute(
+        f"UPDATE products SET {sets}, updated_at = ? WHERE id = ?",
+        (*values, attributes_json(product.attributes), now(), product_id),
+    )
+
+
+def _crops_with_vectors(
+    catalog: Catalog, image_id: int
+) -> tuple[list[CropRow], dict[int, np.ndarray]]:
+    crops = catalog.store.crops_of_image(image_id)
+    return crops, _vectors(catalog, "crops", [c.id for c in crops])
+
+
+ImageContent = tuple[ImageRow, np.ndarray, list[CropRow], dict[int, np.ndarray]]
+
+
+def _same_image(mine: ImageContent, theirs: ImageContent) -> bool:
+    """Whether two image rows (with their vector, crops and crop vectors) hold the same thing,
+    vectors bit for bit; ids, blob names and timestamps aside."""
+
+    def content(image: ImageContent) -> tuple[object, ...]:
+        row, vector, crops, crop_vectors = image
+        return (row.sha256, row.source, row.width, row.height, vector.tobytes(), sorted(
+            (c.position, c.label, c.score, c.box, crop_vectors[c.id].tobytes()) for c in crops
+        ))  # fmt: skip
+
+    return content(mine) == content(theirs)
+
+
+def _products_not_in_source(
+    src: Catalog, dst: Catalog, tally: _Tally, *, mirror: bool, page: int
+) -> None:
+    """Count the target's products whose sku the source lacks (with their images); with
+    ``mirror`` remove them, one write transaction per page."""
+    after = 0
+    while products := dst.list_products(after_id=after, limit=page):
+        after = products[-1].id
+        gone = [p for p in products if src.find_product(p.sku) is None]
+        if not gone:
+            continue
+        tally.products_not_in_source += len(gone)
+        if not mirror:
+            tally.images_not_in_source += sum(len(dst.images_of(p.id)) for p in gone)
+            continue
+        with dst.write_lock():
+            with dst.writing() as write:
+                freed: BlobRefs = []
+                for product in gone:
+                    freed += dst.store.blob_refs_of_product(product.id)
+                    tally.images_not_in_source += len(write.delete_product(product.id))
+            _free_files(dst, freed)
+
+
+def _free_files(dst: Catalog, freed: BlobRefs) -> None:
+    """After the deleting write committed: a directory's image files no row references now
+    (a server's thumbnails went with their last row, in the transaction)."""
+    if freed and not dst.is_server:
+        free_unreferenced_blobs(dst.directory, dst.store, freed)
 
 
 def _copy_file(
-    src: Catalog, dst: Catalog, write: CatalogWrite, image: ImageRow, counts: dict[str, int]
+    src: Catalog, dst: Catalog, write: CatalogWrite, image: ImageRow, tally: _Tally
 ) -> str | None:
     """What ``dst`` keeps of the image's file: a server's thumbnail, or a directory's blob
     (only a directory source has the file itself). Returns the row's ``blob`` value."""
     if src.is_server:
         if not dst.is_server:
-            counts["no_file"] += 1
+            tally.no_file += 1
             return None
         found = src.store.get_blob(image.sha256)
         if found is None:
-            counts["no_file"] += 1
+            tally.no_file += 1
         else:
             small = load_image(found[0])
             write.put_thumbnail(image.sha256, found[0], small.width, small.height)
+            tally.thumbnails += 1
         return None
     path = blob_file(src.directory, image.blob, image.sha256) if image.blob else None
     if path is None or not path.is_file():
-        counts["no_file"] += 1
+        tally.no_file += 1
         return None
     if not dst.is_server:
         from snapshop.catalog.blobs import write_blob
@@ -211,11 +407,11 @@ def _copy_file(
         pixels = load_image(path, stored_file_limits())
     except ImageDecodeError as exc:
         log.warning("image %s: stored file unreadable (%s); copied without it", image.id, exc)
-        counts["no_file"] += 1
+        tally.no_file += 1
         return None
     data, width, height = thumbnail_jpeg(pixels)
     write.put_thumbnail(image.sha256, data, width, height)
-    counts["thumbs"] += 1
+    tally.thumbnails += 1
     return None
 
 
@@ -228,9 +424,15 @@ def _vectors(catalog: Catalog, table: str, ids: list[int]) -> dict[int, np.ndarr
     return out
 
 
-def _check(src: Catalog, dst: Catalog) -> tuple[int, int]:
+def _check(src: Catalog, dst: Catalog, *, mirror: bool) -> tuple[int, int]:
     """Every source product is in ``dst`` with all its images; a sample of images has as
-    many crops and an identical vector. Returns (products checked, vectors compared)."""
+    many crops and an identical vector; mirrored, ``dst`` holds as many rows as ``src``.
+    Returns (products checked, vectors compared)."""
+    if mirror and (held := dst.counts()) != (expected := src.counts()):
+        raise CatalogError(
+            f"migrate check: {dst.location} holds {held}, {src.location} {expected} (was"
+            " either written to during the copy? run it again)"
+        )
     products = 0
     rng = np.random.default_rng(0)
     sample_rate = min(1.0, CHECK_SAMPLE / max(1, src.counts()["images"]))

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from snapshop.catalog.sql import Database, render_ddl
+from snapshop.catalog.sql import Database, change_log_triggers, render_ddl
 from snapshop.errors import CatalogError
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ class Migration:
     name: str
     ddl: str  # for both engines (see render_ddl)
     postgresql: str = ""  # extra statements for PostgreSQL only (vector indexes)
+    # engine -> statements run whole, after the DDL (trigger bodies hold ';')
+    statements: Callable[[str], list[str]] | None = None
 
 
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 64  # pgvector's defaults
@@ -90,6 +93,24 @@ CREATE TABLE IF NOT EXISTS blobs (
     width INTEGER, height INTEGER
 );
 """,
+    ),
+    Migration(
+        3,
+        "change_log: the image and crop ids each write added or removed (replica refresh)",
+        # change_log_after: the log holds every change of the generations after this one
+        """
+CREATE TABLE IF NOT EXISTS change_log (
+    seq {pk},
+    generation {ref} NOT NULL,
+    entry {ref} NOT NULL,
+    position TEXT,
+    added INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS change_log_generation ON change_log(generation);
+INSERT INTO meta(key, value) VALUES ('change_log_after',
+    COALESCE((SELECT value FROM meta WHERE key = 'generation'), '0')) ON CONFLICT DO NOTHING
+""",
+        statements=change_log_triggers,
     ),
 )
 LATEST = MIGRATIONS[-1].version
@@ -156,6 +177,8 @@ def migrate(db: Database, dim: int | None) -> list[int]:
         statements = render_ddl(m.ddl, db.engine, dim)
         if db.engine == "postgresql" and m.postgresql:
             statements += render_ddl(m.postgresql, db.engine, dim)
+        if m.statements is not None:
+            statements += m.statements(db.engine)
         for statement in statements:
             db.execute(statement)
         db.execute(

@@ -137,9 +137,9 @@ def render_ddl(template: str, engine: str, dim: int | None) -> list[str]:
     ``vector(dim)``) become that engine's types."""
     types = dict(_DDL_TYPES[engine])
     if engine == "postgresql":
-        if dim is None:
+        if dim is None and "{vector}" in template:  # a later migration may make no vectors
             raise CatalogError("creating a PostgreSQL catalog needs the vector dimension (dim)")
-        types["vector"] = f"vector({int(dim)})"
+        types["vector"] = f"vector({int(dim or 0)})"
     else:
         types["vector"] = "BLOB"
     text = template.replace("{", "\0").replace("}", "\1")
@@ -147,6 +147,53 @@ def render_ddl(template: str, engine: str, dim: int | None) -> list[str]:
         text = text.replace(f"\0{name}\1", value)
     text = text.replace("\0", "{").replace("\1", "}")
     return [s.strip() for s in text.split(";") if s.strip()]
+
+
+# --- the change log ----------------------------------------------------------------------
+# The generation a write produces: the store bumps ``meta.generation`` at the end of each write
+# transaction, so a row written inside it belongs to the generation after the stored one.
+_NEXT_GENERATION = {
+    "sqlite": "(SELECT CAST(value AS INTEGER) + 1 FROM meta WHERE key = 'generation')",
+    "postgresql": "(SELECT value::bigint + 1 FROM meta WHERE key = 'generation')",
+}
+# (table, the row's index position: NULL for an image, a crop's garment position)
+_LOGGED_TABLES = (("images", "NULL"), ("crops", "{row}.position"))
+
+
+def change_log_triggers(engine: str) -> list[str]:
+    """Statements (each run whole: trigger bodies hold ';') that make every insert into and
+    delete from ``images`` and ``crops`` record the row's id, its index position and
+    whether it came or went in ``change_log``, tagged with the generation the write produces.
+
+    Triggers rather than the store's write paths: deletes that cascade from a product or an
+    image, and any later statement that adds or removes rows, are recorded too. SQLite fires
+    them per row; PostgreSQL per statement, over the statement's transition table (one
+    insert however many rows a bulk load or a cascade touches)."""
+    generation = _NEXT_GENERATION[engine]
+    statements = []
+    for table, position in _LOGGED_TABLES:
+        for event, added, row in (("INSERT", 1, "new"), ("DELETE", 0, "old")):
+            name = f"change_log_{table}_{event.lower()}"
+            where = position.format(row=row)
+            if engine == "sqlite":
+                statements.append(
+                    f"CREATE TRIGGER IF NOT EXISTS {name} AFTER {event} ON {table} BEGIN"
+                    " INSERT INTO change_log(generation, entry, position, added)"
+                    f" VALUES ({generation}, {row}.id, {where}, {added}); END"
+                )
+                continue
+            rows = f"{row}_rows"  # the alias is not NEW/OLD: plpgsql's own variables
+            statements += [
+                f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$"
+                " BEGIN INSERT INTO change_log(generation, entry, position, added)"
+                f" SELECT {generation}, r.id, {position.format(row='r')}, {added} FROM {rows} r;"
+                " RETURN NULL; END $$",
+                f"DROP TRIGGER IF EXISTS {name} ON {table}",
+                f"CREATE TRIGGER {name} AFTER {event} ON {table}"
+                f" REFERENCING {row.upper()} TABLE AS {rows}"
+                f" FOR EACH STATEMENT EXECUTE FUNCTION {name}()",
+            ]
+    return statements
 
 
 # --- rows --------------------------------------------------------------------------------

@@ -9,6 +9,12 @@ vector indexes are caches rebuilt or reconciled from here (see ``catalog.catalog
 Ids are never handed out again after a delete (SQLite ``AUTOINCREMENT``, PostgreSQL identity
 sequences), so an index reconciled by id difference can never keep a deleted image's vector
 under a new image's id. The schema is versioned (:mod:`snapshop.catalog.migrations`).
+
+A change log (``change_log``, filled by triggers: :func:`snapshop.catalog.sql.change_log_triggers`)
+records which image and crop ids each write added or removed, so a replica catches up by
+reading the changes since its generation (:meth:`CatalogStore.entry_changes`) rather than
+every id. Each write prunes it to about :data:`CHANGE_LOG_ROWS` rows, whole generations at a
+time; ``meta.change_log_after`` says from which generation on it is complete.
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ SCHEMA_VERSION = migrations.LATEST
 
 PRODUCT_FIELDS = ("title", "url", "price", "currency", "category")
 MAX_ROW_ID = 2**63 - 1  # SQLite integers are signed 64-bit
+# Change-log rows kept (whole generations): about 3 MB. A replica further behind than this
+# compares ids in full, which costs about what reading that many changes would.
+CHANGE_LOG_ROWS = 100_000
+CHANGE_LOG_AFTER = "change_log_after"  # meta key: the log is complete after this generation
 
 
 def _row_id(value: int, what: str) -> int:
@@ -114,6 +124,50 @@ class NewCrop:
     vector: NDArray[np.float32]
 
 
+@dataclass(frozen=True)
+class EntryChanges:
+    """What the writes of generations (``since``, ``until``] did to the index entries, by
+    position (None: images; else a crop's garment position), ids ascending.
+
+    An entry's last change in the window decides: ``added`` holds those last inserted (so
+    there at ``until``), ``removed`` those last deleted (some perhaps inserted in between).
+    The entries at ``until`` are then ``(entries ∪ added) − removed`` from any state between
+    ``since`` and ``until`` (an index that already holds some of these changes included):
+    applying them twice changes nothing.
+    """
+
+    since: int
+    until: int
+    added: dict[str | None, NDArray[np.int64]]
+    removed: dict[str | None, NDArray[np.int64]]
+
+    def positions(self) -> set[str | None]:
+        """Positions with any change (None: images)."""
+        return set(self.added) | set(self.removed)
+
+    def added_at(self, position: str | None) -> NDArray[np.int64]:
+        return self.added.get(position, np.zeros(0, np.int64))
+
+    def removed_at(self, position: str | None) -> NDArray[np.int64]:
+        return self.removed.get(position, np.zeros(0, np.int64))
+
+
+def _entry_changes(since: int, until: int, rows: list[Any]) -> EntryChanges:
+    """:class:`EntryChanges` of change-log rows (entry, position, added) in log order."""
+    last: dict[tuple[str | None, int], bool] = {}
+    for entry, position, added in rows:
+        last[position, int(entry)] = bool(added)
+    came: dict[str | None, list[int]] = {}
+    went: dict[str | None, list[int]] = {}
+    for (position, entry), added in last.items():
+        (came if added else went).setdefault(position, []).append(entry)
+    return EntryChanges(
+        since, until,
+        {p: np.array(sorted(ids), np.int64) for p, ids in came.items()},
+        {p: np.array(sorted(ids), np.int64) for p, ids in went.items()},
+    )  # fmt: skip
+
+
 def _product(row: Any) -> Product:
     return Product(
         id=row["id"], sku=row["sku"], title=row["title"], url=row["url"], price=row["price"],
@@ -164,6 +218,8 @@ class CatalogStore:
     write connection and see its transaction.
     """
 
+    change_log_rows = CHANGE_LOG_ROWS  # what this store's writes prune the change log to
+
     def __init__(
         self,
         target: str | os.PathLike[str],
@@ -174,6 +230,9 @@ class CatalogStore:
     ) -> None:
         """``alone``: a SQLite file opened so that other connections wait until this one
         closes, which opens on a full disk (see :class:`SqliteDatabase`)."""
+        # Whether the database has a change log: a read-only store of a catalog made before
+        # it looks again on each use, since a writer may add it meanwhile.
+        self._has_change_log = False
         self._lock = threading.RLock()  # the connection reads use (SQLite: writes too)
         self._write_lock = self._lock
         self._write_db: Database | None = None  # PostgreSQL's write connection, once opened
@@ -232,6 +291,7 @@ class CatalogStore:
                     )
             if isinstance(self._db, PostgresDatabase):  # the extension may be new
                 self._db.ensure_vector_type()
+            self._has_change_log = True  # the migrations made it
         stored = self.get_meta("vector_dim") if self._db.table_exists("meta") else None
         if stored is not None and dim is not None and int(stored) != int(dim):
             raise CatalogError(
@@ -297,6 +357,8 @@ class CatalogStore:
                     db.execute(
                         "UPDATE meta SET value = ? WHERE key = 'generation'", (str(before + 1),)
                     )
+                    if self._has_change_log:
+                        self._prune_change_log(db)
                 db.commit()
                 if before is not None:
                     self._local.last_commit = before
@@ -306,6 +368,48 @@ class CatalogStore:
             finally:
                 self._writing = False
                 self._writer = None
+
+    def _prune_change_log(self, db: Database) -> None:
+        """Inside a write: drop the oldest generations' change-log rows until at most
+        :attr:`change_log_rows` are left (whole generations: a generation is in the log
+        completely or not at all), and move ``change_log_after`` past them."""
+        top = db.execute("SELECT MAX(seq) FROM change_log").fetchone()[0]
+        if top is None or top <= self.change_log_rows:
+            return
+        # seq grows with the generation, so the rows to drop are a prefix by seq
+        row = db.execute(
+            "SELECT MAX(generation) FROM change_log WHERE seq <= ?", (top - self.change_log_rows,)
+        ).fetchone()
+        if row[0] is None:  # dropped already
+            return
+        db.execute("DELETE FROM change_log WHERE generation <= ?", (int(row[0]),))
+        self.set_meta(db, CHANGE_LOG_AFTER, str(int(row[0])))
+
+    def _change_log_exists(self) -> bool:
+        if not self._has_change_log:
+            with self._lock:
+                self._has_change_log = self._db.table_exists("change_log")
+        return self._has_change_log
+
+    def entry_changes(self, since: int, until: int) -> EntryChanges | None:
+        """The image and crop ids the writes of generations (``since``, ``until``] added and
+        removed, read from the change log; None when the log does not hold all of them (a
+        catalog made before it, a log pruned past ``since``): then compare ids in full."""
+        if since < 0 or until < since or not self._change_log_exists():
+            return None
+        after = self.get_meta(CHANGE_LOG_AFTER)
+        if after is None or int(after) > since:  # pruned past it already: no rows to read
+            return None
+        rows = self._query(
+            "SELECT entry, position, added FROM change_log WHERE generation > ?"
+            " AND generation <= ? ORDER BY seq",
+            (since, until),
+        )
+        # Read after the rows: a prune that took some of them away had committed by then.
+        after = self.get_meta(CHANGE_LOG_AFTER)
+        if after is None or int(after) > since:
+            return None
+        return _entry_changes(since, until, rows)
 
     def _query(self, sql: str, params: Sequence[Any] = (), binary: bool = False) -> list[Any]:
         if self._writer == threading.get_ident():  # inside its own transaction

@@ -45,6 +45,7 @@ CCP_AUX: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 
 PARITIES = ("even", "odd", "all")
+EXIF_ORIENTATION = 0x0112
 
 
 def label_table(mask_labels_csv: Path, groups: Mapping[int, Sequence[str]]) -> NDArray[np.uint8]:
@@ -124,13 +125,20 @@ def has_parity(image_id: str, parity: str) -> bool:
 
 
 def manifest_rows(root: Path, parity: str = "all") -> Iterator[dict[str, str]]:
-    """Rows of ``root/manifest.csv`` (values stripped) whose image id has ``parity``."""
+    """Rows of ``root/manifest.csv`` (values stripped) whose image id has ``parity``; an id
+    listed twice is a :class:`ManifestError` (both rows would take the one ``masks/ID.png``)."""
     path = root / "manifest.csv"
+    first_line: dict[str, int] = {}
     for line, row in _csv_rows(path, ("path", "image_id")):
         if not row["path"] or not re.fullmatch(r"[0-9]{1,18}", row["image_id"]):
             raise ManifestError(
                 f"{path}:{line}: need a path and an integer image_id, got"
                 f" {row['path']!r}, {row['image_id']!r}"
+            )
+        seen = first_line.setdefault(row["image_id"], line)
+        if seen != line:
+            raise ManifestError(
+                f"{path}:{line}: image_id {row['image_id']} is on line {seen} too (one mask per id)"
             )
         if has_parity(row["image_id"], parity):
             yield row
@@ -138,10 +146,54 @@ def manifest_rows(root: Path, parity: str = "all") -> Iterator[dict[str, str]]:
 
 def list_images(root: Path, parity: str, limit: int | None = None) -> list[tuple[Path, Path]]:
     """(photo, mask) pairs of ``manifest.csv`` whose integer image id has ``parity`` (photos
-    without a mask are left out)."""
+    without a mask are left out). Each mask must fit its photo (:func:`check_mask_fits`), and
+    the photo must carry no EXIF rotation or mirroring: training reads its stored pixels, and a
+    mask drawn on the photo turned upright would label other pixels."""
     pairs = []
     for row in manifest_rows(root, parity):
         mask = root / "masks" / f"{row['image_id']}.png"
         if mask.exists():
             pairs.append((root / row["path"], mask))
-    return pairs[:limit] if limit else pairs
+    pairs = pairs[:limit] if limit else pairs
+    for photo, mask in pairs:
+        size, orientation = _stored_size(photo, "photo")
+        if orientation != 1:
+            raise ManifestError(
+                f"{photo}: EXIF orientation {orientation} (rotated or mirrored); training reads"
+                " the stored pixels, so its mask could label other pixels: save the photo"
+                " upright without the orientation tag"
+            )
+        check_mask_fits(_stored_size(mask, "mask")[0], size, mask, photo)
+    return pairs
+
+
+def _stored_size(path: Path, what: str) -> tuple[tuple[int, int], int]:
+    """(W, H) of an image file as stored, and its EXIF orientation (1 when none), from its
+    header alone."""
+    try:
+        with Image.open(path) as image:
+            try:
+                orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
+            except Exception:  # malformed EXIF: the pixels as stored, as images.load_image does
+                orientation = 1
+            return image.size, orientation
+    except Exception as exc:  # PIL raises several types for a missing or damaged file
+        raise ManifestError(f"{path}: unreadable {what} ({exc})") from None
+
+
+def check_mask_fits(
+    mask_size: tuple[int, int], photo_size: tuple[int, int], mask: Path, photo: Path
+) -> None:
+    """A label map (W, H) must be its photo's pixels at some scale (pseudo-label maps of very
+    large photos are reduced): the same aspect ratio within two pixels of rounding (a reduced
+    JPEG decode rounds twice). Training resizes one to the other, so another photo's mask, or
+    a transposed one, would otherwise be stretched over the photo without a word."""
+    (mw, mh), (pw, ph) = mask_size, photo_size
+    fits = min(mw, mh, pw, ph) >= 1 and (
+        abs(mh - ph * mw / pw) <= 2.0 or abs(mw - pw * mh / ph) <= 2.0
+    )
+    if not fits:
+        raise ManifestError(
+            f"{mask}: label map of {mw}x{mh} px does not fit its photo {photo} ({pw}x{ph} px):"
+            " not the photo's pixels at any scale"
+        )

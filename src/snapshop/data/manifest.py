@@ -167,7 +167,7 @@ def write_manifest(path: Path, rows: list[ManifestRow], root: Path | None = None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     extra_cols = sorted({k for r in rows for k in r.extra})
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:  # as read_manifest reads it
         writer = csv.writer(fh)
         writer.writerow(["path", "product_id", "role", *extra_cols])
         for r in rows:

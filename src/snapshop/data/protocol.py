@@ -11,6 +11,8 @@ roles the sources gave. Every row gets a ``split`` column
 
 from __future__ import annotations
 
+import numbers
+import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -32,6 +34,16 @@ class ProtocolConfig:
     fold: int = 0
 
     def __post_init__(self) -> None:
+        # checked here, not deep inside the split (slices and comparisons of the wrong type)
+        for name in ("min_images", "max_images", "seed", "folds", "fold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if isinstance(self.test_fraction, bool) or not isinstance(self.test_fraction, numbers.Real):
+            raise ConfigError(f"test_fraction must be a number, got {self.test_fraction!r}")
+        if not isinstance(self.keep_roles, bool):
+            raise ConfigError(f"keep_roles must be true or false, got {self.keep_roles!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.folds == 1 or self.folds < 0:
@@ -62,8 +74,10 @@ def split_products(
     by_product: dict[str, list[ManifestRow]] = defaultdict(list)
     seen: set[tuple[str, str]] = set()
     for r in rows:
-        image_key = (r.sku, str(r.path))
-        if image_key not in seen:  # the same image listed twice by merged sources counts once
+        # the same image listed twice (merged sources, a relative and an absolute spelling,
+        # a ".."): counted once, or it would pass min_images alone and be its own query
+        image_key = (r.sku, os.path.abspath(r.path))
+        if image_key not in seen:
             seen.add(image_key)
             by_product[r.sku].append(r)
     kept = sorted(

@@ -6,7 +6,8 @@ query/gallery role where it has one (``gallery`` otherwise), so protocols can re
 Supported layouts:
 
 - DeepFashion In-shop: ``list_eval_partition.txt`` (a count line, a header line
-  ``image_name item_id evaluation_status``, then one image per line), images under ``img/``.
+  ``image_name item_id evaluation_status``, then one image per line), images under ``img/``
+  (or ``Img/img/``, as the archive unpacks).
 - Street2Shop: ``meta/json/retrieval_<cat>.json`` (shop photos ``{"photo", "product"}``) and
   ``meta/json/{train,test}_pairs_<cat>.json`` (street photos ``{"photo", "product", "bbox"}``);
   photos are files ``<images>/<photo id>.<ext>``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -36,20 +38,29 @@ INSHOP_STATUS_ROLE = {"query": "query", "gallery": "gallery", "train": "gallery"
 
 
 def read_inshop(root: Path) -> list[ManifestRow]:
-    """DeepFashion In-shop: rows of ``list_eval_partition.txt`` (Eval/ or the root)."""
+    """DeepFashion In-shop: rows of ``list_eval_partition.txt`` (Eval/ or the root); image
+    names (``img/...``) are paths inside ``root``, or inside ``root/Img`` as the archive lays
+    them out. An absolute name, one with ``..``, or a name listed twice with another item or
+    status is a :class:`ManifestError` naming the line; listed files not found are counted in
+    a warning (an exact repeat of a row counts once)."""
     root = Path(root)
     listing = next(
         (p for p in (root / INSHOP_LIST, root / "Eval" / INSHOP_LIST) if p.is_file()), None
     )
     if listing is None:
         raise ManifestError(f"{root}: no {INSHOP_LIST} (DeepFashion In-shop layout)")
-    lines = listing.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(listing).splitlines()
     if len(lines) < 2 or lines[1].split()[:3] != ["image_name", "item_id", "evaluation_status"]:
         raise ManifestError(
             f"{listing}: expected a count line and the header "
             "'image_name item_id evaluation_status'"
         )
+    # the archive's own layout keeps the images in Img/img/; unpacked at the root, in img/
+    images = (
+        root / "Img" if not (root / "img").is_dir() and (root / "Img" / "img").is_dir() else root
+    )
     rows: list[ManifestRow] = []
+    listed: dict[str, tuple[str, str, int]] = {}  # name -> (item, status, line)
     for n, line in enumerate(lines[2:], start=3):
         parts = line.split()
         if not parts:
@@ -57,28 +68,57 @@ def read_inshop(root: Path) -> list[ManifestRow]:
         if len(parts) != 3 or parts[2] not in INSHOP_STATUS_ROLE:
             raise ManifestError(f"{listing}:{n}: expected 'image_name item_id train|query|gallery'")
         name, item, status = parts
+        if name.startswith("/") or ".." in Path(name).parts or "\0" in name:
+            raise ManifestError(
+                f"{listing}:{n}: image name {name!r} must be a path inside the dataset folder"
+                " (relative, no '..')"
+            )
+        first = listed.setdefault(name, (item, status, n))
+        if first[2] != n:
+            if first[:2] == (item, status):
+                continue  # the same row again: one image
+            # one image under two items could sit on both sides of a split, or be its own query
+            raise ManifestError(
+                f"{listing}:{n}: {name} is listed as {item} {status}, but line {first[2]} lists"
+                f" it as {first[0]} {first[1]}"
+            )
         rel = name if name.startswith("img/") else f"img/{name}"
         rows.append(
             ManifestRow(
-                root / rel,
+                images / rel,
                 item,
                 INSHOP_STATUS_ROLE[status],
                 {"source": "inshop", "eval_status": status},
             )
         )
     expected = lines[0].strip()
-    if expected.isdigit() and int(expected) != len(rows):
-        log.warning("%s: header says %s images, found %d", listing, expected, len(rows))
+    if expected.isdigit() and int(expected) != len(listed):
+        log.warning("%s: header says %s images, found %d", listing, expected, len(listed))
     if not rows:
         raise ManifestError(f"{listing}: no images listed")
+    missing = sum(not r.path.is_file() for r in rows)
+    if missing:
+        log.warning(
+            "%s: %d of %d listed images are not under %s", listing, missing, len(rows), images
+        )
     return rows
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of a dataset listing (a byte order mark dropped)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason})") from None
 
 
 def _load_json_list(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: invalid JSON ({exc})") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: invalid JSON (nested too deeply)") from None
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
         raise ManifestError(f"{path}: expected a JSON list of objects")
     return data
@@ -90,11 +130,33 @@ def _photo_index(images: Path) -> dict[str, Path]:
     return {p.stem: p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
 
 
+def _json_id(value: Any) -> str | None:
+    """A Street2Shop id (an integer, or text) as text; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _photo_and_product(entry: dict[str, Any], path: Path, n: int) -> tuple[str, str]:
+    """The entry's photo and product ids: a missing or empty one would file the photo under a
+    product named "None" (or "") that merges every such photo."""
+    photo, product = _json_id(entry.get("photo")), _json_id(entry.get("product"))
+    if photo is None or product is None:
+        raise ManifestError(
+            f"{path}: entry {n} needs 'photo' and 'product' ids (integers or text), got"
+            f" photo {entry.get('photo')!r}, product {entry.get('product')!r}"
+        )
+    return photo, product
+
+
 def read_street2shop(root: Path, images: Path | None = None) -> list[ManifestRow]:
     """Street2Shop: shop photos (gallery) and street photos with their bbox (query).
 
     Product ids are ``<category>/<product>``; street rows carry ``bbox`` as ``x1,y1,x2,y2``.
-    Photos missing from ``images`` (default ``ROOT/images``) are skipped with a warning.
+    Photos missing from ``images`` (default ``ROOT/images``) are skipped with a warning; an
+    entry without a photo or product id, or with a bbox of no area or non-finite numbers, is
+    a :class:`ManifestError` naming the file and the entry (1-based).
     """
     root = Path(root)
     meta = root / "meta" / "json"
@@ -107,7 +169,7 @@ def read_street2shop(root: Path, images: Path | None = None) -> list[ManifestRow
 
     def add(photo: Any, product: Any, role: str, extra: dict[str, str]) -> None:
         nonlocal missing
-        path = photos.get(str(photo))
+        path = photos.get(photo)
         if path is None:
             missing += 1
             return
@@ -115,12 +177,11 @@ def read_street2shop(root: Path, images: Path | None = None) -> list[ManifestRow
 
     for path in retrieval:
         category = path.stem.removeprefix("retrieval_")
-        for entry in _load_json_list(path):
-            if "photo" not in entry or "product" not in entry:
-                raise ManifestError(f"{path}: entries need 'photo' and 'product'")
+        for n, entry in enumerate(_load_json_list(path), start=1):
+            photo, product = _photo_and_product(entry, path, n)
             add(
-                entry["photo"],
-                entry["product"],
+                photo,
+                product,
                 "gallery",
                 {"source": "street2shop", "category": category, "domain": "shop"},
             )
@@ -129,16 +190,23 @@ def read_street2shop(root: Path, images: Path | None = None) -> list[ManifestRow
         if not match:
             continue
         pair_split, category = match.groups()
-        for entry in _load_json_list(path):
+        for n, entry in enumerate(_load_json_list(path), start=1):
+            photo, product = _photo_and_product(entry, path, n)
             box = entry.get("bbox") or {}
             try:
-                x1, y1 = float(box["left"]), float(box["top"])
-                x2, y2 = x1 + float(box["width"]), y1 + float(box["height"])
+                left, top = float(box["left"]), float(box["top"])
+                width, height = float(box["width"]), float(box["height"])
             except (KeyError, TypeError, ValueError):
-                raise ManifestError(f"{path}: entry {entry} has no valid bbox") from None
+                raise ManifestError(f"{path}: entry {n} ({entry}) has no valid bbox") from None
+            if not all(map(math.isfinite, (left, top, width, height))) or min(width, height) <= 0:
+                raise ManifestError(
+                    f"{path}: entry {n}: bbox {box} needs finite numbers and a width and height"
+                    " above 0"
+                )
+            x1, y1, x2, y2 = left, top, left + width, top + height
             add(
-                entry.get("photo"),
-                entry.get("product"),
+                photo,
+                product,
                 "query",
                 {
                     "source": "street2shop",

@@ -143,15 +143,18 @@ def held_out_folds(
     folds: int,
     *,
     seed: int = 0,
+    min_images: int = 2,
     max_images: int = 0,
     keep_roles: bool = True,
 ) -> list[list[ManifestRow]]:
-    """The test rows of each of ``folds`` protocol folds (as ``snapshop prepare --folds``)."""
+    """The test rows of each of ``folds`` protocol folds (as ``snapshop prepare --folds`` with
+    the same seed and image limits: other limits keep other products, so other folds)."""
     held_out = []
     for fold in range(folds):
         config = ProtocolConfig(
-            max_images=max_images, seed=seed, keep_roles=keep_roles, folds=folds, fold=fold
-        )
+            min_images=min_images, max_images=max_images, seed=seed, keep_roles=keep_roles,
+            folds=folds, fold=fold,
+        )  # fmt: skip
         split, _ = split_products(rows, config)
         held_out.append([r for r in split if r.extra["split"] == "test"])
         check_no_self_matches(held_out[-1], f"fold {fold}'s held-out rows")
@@ -344,6 +347,7 @@ def cross_validate(
     baselines: Sequence[str] = (),
     *,
     seed: int = 0,
+    min_images: int = 2,
     max_images: int = 0,
     keep_roles: bool = True,
     catalog_where: str = "domain=iconic",
@@ -358,7 +362,8 @@ def cross_validate(
     if folds < 2 or any(len(models) != folds for models in trained.values()):
         raise ConfigError("cross-validation needs one model per fold (at least 2) in every set")
     catalog = parse_where([catalog_where])
-    fold_rows = held_out_folds(rows, folds, seed=seed, max_images=max_images, keep_roles=keep_roles)
+    fold_rows = held_out_folds(rows, folds, seed=seed, min_images=min_images,
+                               max_images=max_images, keep_roles=keep_roles)  # fmt: skip
     products = sorted({r.sku for held_out in fold_rows for r in held_out})
     label_of = {p: i for i, p in enumerate(products)}
     columns = [(name, [name] * folds) for name in baselines] + [

@@ -63,14 +63,33 @@ def check_vectors(vectors: NDArray[Any], dim: int) -> NDArray[np.float32]:
 
 
 def check_query(queries: NDArray[Any], k: int, dim: int) -> NDArray[np.float32]:
-    """The (Q, dim) ``queries`` of a top-``k`` search as float32 (ValueError when ``k`` < 1)."""
-    if k < 1:
-        raise ValueError("k must be >= 1")
+    """The (Q, dim) ``queries`` of a top-``k`` search as float32 (ValueError unless ``k`` is
+    a whole number >= 1)."""
+    if isinstance(k, bool | np.bool_) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be a whole number >= 1, not {k!r}")
     return check_vectors(queries, dim)
 
 
+def id_array(ids: Any) -> NDArray[np.int64]:
+    """``ids`` as a flat int64 array; ValueError for what no catalog id can be (a fraction,
+    a bool, text, a number beyond int64), which a plain cast truncated (1.7 became id 1) or
+    failed on with a raw OverflowError."""
+    raw = np.asarray(ids)
+    if raw.size == 0:
+        return np.zeros(0, np.int64)
+    if raw.dtype.kind == "u" and raw.max() > np.iinfo(np.int64).max:
+        raise ValueError("ids must fit a signed 64-bit integer")
+    if raw.dtype.kind == "f" and not np.all(
+        np.isfinite(raw) & (raw == np.round(raw)) & (np.abs(raw) < 2.0**63)
+    ):
+        raise ValueError("ids must be whole numbers within a signed 64-bit integer")
+    if raw.dtype.kind not in "iuf":  # bools, text, Python ints beyond 64 bits (object)
+        raise ValueError(f"ids must be whole numbers within int64, not {raw.dtype} values")
+    return np.ascontiguousarray(raw, dtype=np.int64).reshape(-1)
+
+
 def check_ids(ids: NDArray[Any], n: int) -> NDArray[np.int64]:
-    arr = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    arr = id_array(ids)
     if len(arr) != n:
         raise ValueError(f"got {len(arr)} ids for {n} vectors")
     if len(np.unique(arr)) != len(arr):

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from snapshop.errors import VectorIndexError
 
@@ -86,6 +89,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.3g} TB"
 
 
+def _real(value: object) -> bool:
+    """A real number (a numpy one too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
 @dataclass(frozen=True)
 class IndexBudget:
     """What the catalog's indexes may cost: ``max_memory_bytes`` resident (None: unbounded)
@@ -97,18 +105,31 @@ class IndexBudget:
     exact_bytes_per_ms: float = EXACT_BYTES_PER_MS
 
     def __post_init__(self) -> None:
-        if self.max_memory_bytes is not None and self.max_memory_bytes <= 0:
-            raise VectorIndexError("max_memory_bytes must be positive")
-        if not self.max_query_ms > 0:
-            raise VectorIndexError("max_query_ms must be positive")
-        if not 0 < self.target_recall <= 1:
-            raise VectorIndexError("target_recall must be in (0, 1]")
+        # Checked for type and finiteness too: NaN compares false with everything, so a NaN
+        # memory budget let every index fit, and text or None were raw TypeErrors.
+        memory = self.max_memory_bytes
+        if memory is not None:
+            if not _real(memory) or not math.isfinite(memory) or memory < 1:
+                raise VectorIndexError(
+                    f"max_memory_bytes must be a number of bytes >= 1 or None, not {memory!r}"
+                )
+            object.__setattr__(self, "max_memory_bytes", int(memory))
+        if not _real(self.max_query_ms) or not 0 < self.max_query_ms < math.inf:
+            raise VectorIndexError(f"max_query_ms must be positive, not {self.max_query_ms!r}")
+        if not _real(self.target_recall) or not 0 < self.target_recall <= 1:
+            raise VectorIndexError(f"target_recall must be in (0, 1], not {self.target_recall!r}")
+        if not _real(self.exact_bytes_per_ms) or not 0 < self.exact_bytes_per_ms < math.inf:
+            raise VectorIndexError(
+                f"exact_bytes_per_ms must be positive, not {self.exact_bytes_per_ms!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "exact_bytes_per_ms"}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> IndexBudget:
+        if data is not None and not isinstance(data, dict):
+            raise VectorIndexError(f"an index budget is a mapping, not {data!r}")
         data = dict(data or {})
         allowed = {"max_memory_bytes", "max_query_ms", "target_recall"}
         if set(data) - allowed:
@@ -182,6 +203,20 @@ def ivf_fixed_bytes(
     return int(centroids + links + padding + matrices)
 
 
+def catalog_memory_bytes(
+    kind: str, n_total: int, dim: int, params: dict[str, Any], indexes: int = 1
+) -> int:
+    """Predicted resident bytes of a catalog's ``indexes`` indexes of ``kind`` holding
+    ``n_total`` vectors together: the per-vector bytes once, the bytes that do not grow with N
+    (IVF centroids, fast-scan padding, PCA/OPQ matrices) once per index. Counted once, a
+    catalog with three crop positions overshot a tight budget by ~70 % (4 x 70 kB of
+    centroids at 3,000 x 64)."""
+    if isinstance(indexes, bool) or not isinstance(indexes, int) or indexes < 1:
+        raise VectorIndexError(f"indexes must be a whole number >= 1, not {indexes!r}")
+    fixed = index_memory_bytes(kind, 0, dim, params)
+    return index_memory_bytes(kind, n_total, dim, params) + (indexes - 1) * fixed
+
+
 def predicted_ms(
     kind: str, n: int, dim: int, params: dict[str, Any], budget: IndexBudget = IndexBudget()
 ) -> float:
@@ -219,16 +254,29 @@ def candidates(n: int, dim: int) -> list[tuple[str, dict[str, Any]]]:
 
 
 def choose_index(
-    n: int, dim: int, budget: IndexBudget = IndexBudget(), n_total: int | None = None
+    n: int,
+    dim: int,
+    budget: IndexBudget = IndexBudget(),
+    n_total: int | None = None,
+    indexes: int = 1,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> IndexChoice:
     """The most accurate kind that fits the budget: latency judged on the largest index
-    (``n`` vectors), memory on every vector the catalog indexes (``n_total``, default ``n``)."""
+    (``n`` vectors), memory on every vector the catalog indexes (``n_total``, default ``n``)
+    in its ``indexes`` indexes (images, and one per crop position: see
+    :func:`catalog_memory_bytes`). ``overrides`` ({kind: params}) replace a candidate's
+    parameters before it is judged: judged with the defaults, an ``auto`` card's
+    ``{"hnsw": {"m": 256}}`` took 318 MB under a 150 MB budget."""
     total = max(n, n_total or n)
     limit_b = budget.max_memory_bytes
     fits_memory = []
-    for kind, params in candidates(n, dim):
-        memory = index_memory_bytes(kind, total, dim, params)
-        ms = predicted_ms(kind, n, dim, params, budget)
+    for kind, defaults in candidates(n, dim):
+        params = {**defaults, **(overrides or {}).get(kind, {})}
+        try:
+            memory = catalog_memory_bytes(kind, total, dim, params, indexes)
+            ms = predicted_ms(kind, n, dim, params, budget)
+        except (TypeError, ValueError) as exc:
+            raise VectorIndexError(f"{kind} parameters {params} cannot be sized ({exc})") from None
         if limit_b is not None and memory > limit_b:
             continue
         fits_memory.append((kind, params, memory, ms))
@@ -240,7 +288,9 @@ def choose_index(
             )
             return IndexChoice(kind, dict(params), reason, memory, ms)
     if not fits_memory:
-        smallest = min(index_memory_bytes(k, total, dim, p) for k, p in candidates(n, dim))
+        smallest = min(
+            catalog_memory_bytes(k, total, dim, p, indexes) for k, p in candidates(n, dim)
+        )
         raise VectorIndexError(
             f"no index of {total:,} x {dim} vectors fits {human_bytes(limit_b or 0)} (the"
             f" smallest needs ~{human_bytes(smallest)}): raise the memory budget, reduce the"
@@ -262,11 +312,13 @@ def choose_index(
     return IndexChoice(kind, dict(params), reason, memory, ms)
 
 
-def smallest_choice(n: int, dim: int) -> IndexChoice:
+def smallest_choice(n: int, dim: int, indexes: int = 1) -> IndexChoice:
     """The candidate with the least memory (when no budget can be met)."""
-    kind, params = min(candidates(n, dim), key=lambda c: index_memory_bytes(c[0], n, dim, c[1]))
+    kind, params = min(
+        candidates(n, dim), key=lambda c: catalog_memory_bytes(c[0], n, dim, c[1], indexes)
+    )
     return IndexChoice(
-        kind, dict(params), "smallest index", index_memory_bytes(kind, n, dim, params)
+        kind, dict(params), "smallest index", catalog_memory_bytes(kind, n, dim, params, indexes)
     )
 
 
@@ -277,13 +329,16 @@ def resolve_index_kind(
     dim: int,
     budget: IndexBudget | None = None,
     n_total: int | None = None,
+    indexes: int = 1,
 ) -> tuple[str, dict[str, Any]]:
     """The concrete (kind, params) for a catalog card entry; ``auto`` is chosen by size and
-    the budget (``params["budget"]``, else ``budget``, else the default budget)."""
+    the budget (``params["budget"]``, else ``budget``, else the default budget) for the
+    catalog's ``indexes`` indexes."""
     if kind != AUTO:
         return kind, params
     if budget is None:
         budget = IndexBudget.from_dict(params.get("budget"))
-    choice = choose_index(n, dim, budget, n_total)
-    override = params.get(choice.kind)  # auto cards key their params by kind: {"hnsw": {...}}
-    return choice.kind, {**choice.params, **(override if isinstance(override, dict) else {})}
+    # auto cards key their params by kind: {"hnsw": {...}}
+    overrides = {k: v for k, v in params.items() if k != "budget" and isinstance(v, dict)}
+    choice = choose_index(n, dim, budget, n_total, indexes, overrides)
+    return choice.kind, dict(choice.params)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshop.config import read_json, write_json
-from snapshop.errors import VectorIndexError
+from snapshop.errors import ConfigError, VectorIndexError
 from snapshop.index.base import VectorIndex
 
 
@@ -76,14 +76,31 @@ def save_index(index: VectorIndex, path: Path, extra: dict[str, Any] | None = No
 
 
 def load_index(path: Path) -> tuple[VectorIndex, dict[str, Any]]:
-    """Load the index at ``path`` and its card; raises VectorIndexError when either is unusable."""
-    card = read_json(card_path(path))
-    kind = card.get("kind", "flat")
+    """Load the index at ``path`` and its card; raises VectorIndexError when either is unusable,
+    or when the file holds an index of another kind or dimension than its card says."""
+    where = card_path(path)
     try:
-        cls = INDEX_KINDS[kind]
-        index = cls.load(Path(path))
-    except KeyError:
-        raise VectorIndexError(f"{path}: unknown index kind {kind!r}") from None
-    except RuntimeError as exc:  # faiss raises RuntimeError on corrupt files
-        raise VectorIndexError(f"{path}: cannot read index ({exc})") from None
+        card = read_json(where)
+    except (ConfigError, ValueError) as exc:  # missing, not JSON, not UTF-8
+        raise VectorIndexError(f"{path}: unreadable index card ({exc})") from None
+    if not isinstance(card, dict):
+        raise VectorIndexError(f"{where}: an index card is a JSON object, not {card!r:.40}")
+    kind = card.get("kind", "flat")
+    if not isinstance(kind, str) or kind not in INDEX_KINDS:
+        raise VectorIndexError(f"{path}: unknown index kind {kind!r}")
+    try:
+        index = INDEX_KINDS[kind].load(Path(path))
+    except VectorIndexError:
+        raise
+    except Exception as exc:  # faiss' RuntimeError, a torn zip, a server client's own types
+        raise VectorIndexError(f"{path}: cannot read index ({type(exc).__name__}: {exc})") from None
+    dim = card.get("dim", index.dim)
+    if index.kind != kind or index.dim != dim:
+        close = getattr(index, "close", None)
+        if close is not None:
+            close()
+        raise VectorIndexError(
+            f"{path}: holds a {index.kind} index of dim {index.dim}, but its card says"
+            f" {kind} of dim {dim}"
+        )
     return index, card

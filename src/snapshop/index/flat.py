@@ -11,7 +11,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.config import make_temp
-from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors
+from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors, id_array
 from snapshop.index.filtering import (
     SINGLE_THREAD_MAX_QUERIES,
     IdFilter,
@@ -71,7 +71,7 @@ class FlatIndex:
         self._selections.clear()
 
     def remove(self, ids: NDArray[np.int64]) -> int:
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        ids = id_array(ids)
         if len(ids) == 0 or len(self) == 0:
             return 0
         self._selections.clear()
@@ -128,9 +128,18 @@ class FlatIndex:
 
     @classmethod
     def load(cls, path: Path) -> FlatIndex:
+        """The index saved at ``path``; RuntimeError for any other faiss index (an L2 one
+        ranked by distance, as if it were a score; a bare one failed on the first search)."""
         index = faiss.read_index(str(path))
         if not isinstance(index, faiss.IndexIDMap2):
             index = faiss.downcast_index(index)
+        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
+        if not (
+            isinstance(inner, faiss.IndexFlat) and inner.metric_type == faiss.METRIC_INNER_PRODUCT
+        ):
+            raise RuntimeError(
+                f"not an exact inner-product index with ids ({type(inner or index).__name__})"
+            )
         return cls(index.d, index)
 
     def memory_bytes(self) -> int:

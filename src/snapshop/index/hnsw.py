@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.config import make_temp
-from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors
+from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors, id_array
 from snapshop.index.filtering import (
     IdFilter,
+    NodeSelection,
     SelectionCache,
     exact_filter_max,
     exact_top_k_at,
@@ -34,6 +36,26 @@ from snapshop.index.filtering import (
 log = logging.getLogger(__name__)
 
 FORMAT = "snapshop-hnsw/1"
+# Bounds on the graph parameters, checked when an index is made: faiss takes any int, then
+# allocates 2 m links per vector at level 0 and beams of ef entries (m or ef_search of 1e9:
+# std::bad_alloc on the first add or search, or the OOM killer, long after the card was
+# written). m 512 is 4 KB of links a vector; a beam of a million is ~8 MB a query.
+MAX_M = 512
+MAX_EF = 1_000_000
+
+
+def check_graph_params(m: object, ef_construction: object, ef_search: object) -> None:
+    """ValueError unless ``m`` (4..MAX_M), ``ef_construction`` and ``ef_search`` (1..MAX_EF)
+    are whole numbers in range."""
+    bounds = {"m": (m, 4, MAX_M), "ef_construction": (ef_construction, 1, MAX_EF),
+              "ef_search": (ef_search, 1, MAX_EF)}  # fmt: skip
+    for name, (value, low, high) in bounds.items():
+        if (
+            isinstance(value, bool | np.bool_)
+            or not isinstance(value, int | np.integer)
+            or not low <= int(value) <= high
+        ):
+            raise ValueError(f"{name} must be a whole number from {low} to {high}, not {value!r}")
 
 
 class HNSWIndex:
@@ -50,21 +72,21 @@ class HNSWIndex:
         ef_search: int = 128,
         compact_fraction: float = 0.2,
     ) -> None:
-        if m < 4 or ef_construction < 1 or ef_search < 1:
-            raise ValueError("m >= 4, ef_construction >= 1 and ef_search >= 1 are required")
+        check_graph_params(m, ef_construction, ef_search)
         if not 0.0 < compact_fraction <= 1.0:
             raise ValueError("compact_fraction must be in (0, 1]")
         self.dim = dim
-        self.m = m
-        self.ef_construction = ef_construction
-        self.ef_search = ef_search
+        self.m = int(m)
+        self.ef_construction = int(ef_construction)
+        self.ef_search = int(ef_search)
         self.compact_fraction = compact_fraction
         self._index = self._new_graph()
         self._labels = np.zeros(0, np.int64)  # graph node -> catalog id
         self._alive = np.zeros(0, bool)  # graph node -> still live
         self._where: dict[int, int] = {}  # live catalog id -> graph node
-        self._selector: Any = None  # cached IDSelectorBitmap (None: no tombstones)
-        self._bitmap: NDArray[np.uint8] | None = None
+        # The live nodes while there are tombstones, built on the first search after a write;
+        # one object holds the selector and the bitmap it points into (see ``_params``).
+        self._live_selection: NodeSelection | None = None
         self._selections = SelectionCache()
 
     def _new_graph(self) -> faiss.IndexHNSWFlat:
@@ -94,12 +116,12 @@ class HNSWIndex:
         self._alive = np.concatenate([self._alive, np.ones(len(ids), bool)])
         for node, i in enumerate(ids.tolist(), start):
             self._where[i] = node
-        self._selector = None
+        self._live_selection = None
         self._selections.clear()
         self._maybe_compact()
 
     def remove(self, ids: NDArray[np.int64]) -> int:
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        ids = id_array(ids)
         removed = self._kill(ids)
         if removed:
             self._maybe_compact()
@@ -113,7 +135,7 @@ class HNSWIndex:
                 self._alive[node] = False
                 removed += 1
         if removed:
-            self._selector = None
+            self._live_selection = None
             self._selections.clear()
         return removed
 
@@ -131,7 +153,7 @@ class HNSWIndex:
         self._labels = np.zeros(0, np.int64)
         self._alive = np.zeros(0, bool)
         self._where = {}
-        self._selector = None
+        self._live_selection = None
         self._selections.clear()
         if len(ids):
             self._index.add(vectors)
@@ -146,32 +168,41 @@ class HNSWIndex:
         )
 
     # --- reads --------------------------------------------------------------------------
-    def _params(self, k: int, allowed: IdFilter | None = None) -> Any:
+    def _params(self, k: int, selection: NodeSelection | None, filtered: bool) -> Any:
+        """Search parameters for ``k`` results among the nodes of ``selection`` (None: every
+        node). The faiss selector points into the selection's bitmap without owning it: the
+        caller keeps ``selection`` referenced until the search has returned. (Made here from
+        a filter without a cache key, or a bitmap replaced by another reader, the bitmap was
+        freed before the search read it: freed memory decided which nodes passed.)"""
         params = faiss.SearchParametersHNSW()
         tomb = self.tombstones
         over = 1.0 if tomb == 0 else min(4.0, int(self._index.ntotal) / max(len(self), 1))
         params.efSearch = max(self.ef_search, int(np.ceil(k * over)))
-        if allowed is not None:
-            selection = self._selection(allowed)
+        if selection is not None and filtered:
             # Under a filter keeping a fraction f, the beam is widened by sqrt(1/f) (at most
             # 16x): non-matching nodes are walked through but do not count towards the
             # results (1/f cost 4 ms at 10 % over 200k for no recall gain).
             widen = min(16.0, np.sqrt(1.0 / max(selection.fraction, 1e-9)))
             params.efSearch = int(max(self.ef_search, k) * widen)
+        if selection is not None:
             params.sel = selection.selector
-        elif tomb:
-            if self._selector is None:
-                self._bitmap = np.packbits(self._alive, bitorder="little")
-                self._selector = faiss.IDSelectorBitmap(
-                    len(self._alive), faiss.swig_ptr(self._bitmap)
-                )
-            params.sel = self._selector
         return params
 
-    def _selection(self, allowed: IdFilter) -> Any:
+    def _selection(self, allowed: IdFilter) -> NodeSelection:
         return self._selections.get(
             allowed, lambda: select_nodes(self._labels, self._alive, allowed)
         )
+
+    def _live_nodes(self) -> NodeSelection | None:
+        """The live nodes (None when there are no tombstones)."""
+        if self.tombstones == 0:
+            return None
+        selection = self._live_selection
+        if selection is None:  # readers racing here each keep the one they made
+            selection = NodeSelection(np.flatnonzero(self._alive).astype(np.int64),
+                                      len(self._alive))  # fmt: skip
+            self._live_selection = selection
+        return selection
 
     def search(
         self, queries: NDArray[np.float32], k: int, allowed: IdFilter | None = None
@@ -185,20 +216,22 @@ class HNSWIndex:
         if len(self) == 0 or q == 0:
             return SearchHits(scores_out, ids_out)
         kk = min(k, len(self))
-        if allowed is not None:
-            selection = self._selection(allowed)
+        # referenced until the search returns: the selector reads its bitmap (``_params``)
+        selection = self._selection(allowed) if allowed is not None else self._live_nodes()
+        if allowed is not None and selection is not None:
             if len(selection.nodes) <= exact_filter_max(self.dim):
                 scores, ids = exact_top_k_at(
                     self._storage(), selection.nodes, self._labels[selection.nodes], queries, k
                 )
                 return SearchHits(scores, ids)
             kk = min(kk, len(selection.nodes))
-        scores, nodes = self._index.search(queries, kk, params=self._params(kk, allowed))
+        params = self._params(kk, selection, filtered=allowed is not None)
+        scores, nodes = self._index.search(queries, kk, params=params)
         valid = nodes >= 0
         ids_out[:, :kk] = np.where(valid, self._labels[np.where(valid, nodes, 0)], -1)
         scores_out[:, :kk] = np.where(valid, scores, -np.inf)
         short = valid.sum(axis=1) < kk
-        if allowed is not None and short.any():
+        if allowed is not None and selection is not None and short.any():
             # A selective filter can strand the beam among non-matching nodes: scan exactly.
             s, i = exact_top_k_at(
                 self._storage(), selection.nodes, self._labels[selection.nodes], queries[short], k
@@ -254,9 +287,13 @@ class HNSWIndex:
                 self._index = faiss.deserialize_index(data["graph"])
                 self._labels = data["labels"].astype(np.int64)
                 self._alive = data["alive"].astype(bool)
-        except (OSError, ValueError, KeyError) as exc:  # not an npz / missing member
-            raise RuntimeError(f"cannot read HNSW index ({exc})") from None
-        if len(self._labels) != self._index.ntotal or len(self._alive) != len(self._labels):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise RuntimeError(f"cannot read HNSW index ({exc})") from None  # torn, not an npz
+        if (
+            len(self._labels) != self._index.ntotal
+            or len(self._alive) != len(self._labels)
+            or self._index.d != dim
+        ):
             raise RuntimeError("HNSW index file is inconsistent")
         self._index.hnsw.efSearch = self.ef_search
         live = np.flatnonzero(self._alive)

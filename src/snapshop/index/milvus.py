@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.config import read_json, write_json
-from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors
+from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors, id_array
 from snapshop.index.filtering import IdFilter
 
 FORMAT = "snapshop-milvus/1"
@@ -120,7 +120,7 @@ class MilvusIndex:
         return found
 
     def remove(self, ids: NDArray[np.int64]) -> int:
-        wanted = np.unique(np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)).tolist()
+        wanted = np.unique(id_array(ids)).tolist()
         present = self._existing(wanted) if wanted else []
         for s in range(0, len(present), _CHUNK):
             self._client.delete(self.collection, ids=present[s : s + _CHUNK])

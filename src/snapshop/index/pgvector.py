@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.config import read_json, write_json
-from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors
+from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors, id_array
 from snapshop.index.filtering import IdFilter
 
 FORMAT = "snapshop-pgvector/1"
@@ -183,7 +183,7 @@ class PgVectorIndex:
             )
 
     def remove(self, ids: NDArray[np.int64]) -> int:
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        ids = id_array(ids)
         if len(ids) == 0:
             return 0
         cur = self._conn.execute(

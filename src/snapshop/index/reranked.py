@@ -25,6 +25,7 @@ import logging
 import os
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.config import make_temp
-from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors
+from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors, id_array
 from snapshop.index.choose import HNSW_COARSE_MIN, ivf_fixed_bytes
 from snapshop.index.filtering import (
     SINGLE_THREAD_MAX_QUERIES,
@@ -45,6 +46,7 @@ from snapshop.index.filtering import (
     omp_threads,
     top_k_of_scores,
 )
+from snapshop.index.hnsw import check_graph_params
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +314,7 @@ class RerankedIndex:
         self._maybe_compact()
 
     def remove(self, ids: NDArray[np.int64]) -> int:
-        removed = self._kill(np.ascontiguousarray(ids, dtype=np.int64).reshape(-1))
+        removed = self._kill(id_array(ids))
         if removed:
             self._changed()
             self._maybe_compact()
@@ -441,7 +443,14 @@ class RerankedIndex:
             exhaustive = self._search_params(fetch, fraction, sel, exhaustive=True)
             with omp_threads(threads):
                 _, nodes[short] = self._index.search(queries[short], fetch, params=exhaustive)
-            short[:] = False
+            short &= (nodes >= 0).sum(axis=1) < min(fetch, available)
+            if short.any():
+                # The codes still rank too few: a zero query gave 4-bit fast scan nothing to
+                # rank (every score ties), and no result at all came back. Scan exactly.
+                live = selection.nodes if selection is not None else np.flatnonzero(self._alive)
+                products = self._floats.inner_products(live, queries[short])
+                s, i = top_k_of_scores(products, self._labels[live], k)
+                scores_out[short], ids_out[short] = s, i
         for row, (query, found) in enumerate(zip(queries, nodes, strict=True)):
             if short[row]:
                 continue
@@ -552,9 +561,11 @@ class RerankedIndex:
                 trained_on = int(data["trained_on"])
                 fingerprint = str(data["vectors"]) if "vectors" in data else None
             floats = np.load(cls.vectors_path(path), mmap_mode="r")
-        except (OSError, ValueError, KeyError, SyntaxError) as exc:
-            raise RuntimeError(f"cannot read {cls.kind} index ({exc})") from None
-        kind_cls = RERANKED_KINDS.get(config.get("kind"))
+        except (OSError, ValueError, KeyError, SyntaxError, EOFError, zipfile.BadZipFile) as exc:
+            raise RuntimeError(f"cannot read {cls.kind} index ({exc})") from None  # torn too
+        if not isinstance(config, dict) or not isinstance(config.get("params"), dict):
+            raise RuntimeError(f"cannot read {cls.kind} index (its configuration is damaged)")
+        kind_cls = RERANKED_KINDS.get(str(config.get("kind")))
         if kind_cls is None:
             raise RuntimeError(f"unknown reranked kind {config.get('kind')!r}")
         self = kind_cls(
@@ -572,7 +583,7 @@ class RerankedIndex:
             raise RuntimeError("index and its vectors file do not match (interrupted save?)")
         if len(graph):
             self._index = faiss.deserialize_index(graph)
-            if self._index.ntotal != len(labels):
+            if self._index.ntotal != len(labels) or self._index.d != self.dim:
                 raise RuntimeError("index file is inconsistent")
         self._floats = FloatRows(self.dim, floats)
         self._labels, self._alive, self._token = labels, alive, token
@@ -619,10 +630,9 @@ class HNSWSQIndex(RerankedIndex):
         unknown = set(params) - set(out)
         if unknown:
             raise ValueError(f"unknown hnsw_sq parameters {sorted(unknown)}")
-        out.update({k: int(v) for k, v in params.items()})
-        if out["m"] < 4 or out["ef_construction"] < 1 or out["ef_search"] < 1:
-            raise ValueError("m >= 4, ef_construction >= 1 and ef_search >= 1 are required")
-        return out
+        out.update(params)
+        check_graph_params(out["m"], out["ef_construction"], out["ef_search"])
+        return {k: int(v) for k, v in out.items()}
 
     @property
     def ef_search(self) -> int:

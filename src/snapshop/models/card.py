@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -97,6 +98,23 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def write_card(model_dir: Path, card: ModelCard) -> None:
     write_json(Path(model_dir) / CARD_FILE, card.to_dict())
+
+
+def check_out_dir(
+    out_dir: str | os.PathLike[str], overwrite: bool, *, source: Path | None = None
+) -> None:
+    """Refuse to write a model into ``out_dir`` where another model already is, unless
+    ``overwrite``: a mistyped ``--out`` must not replace a trained model. ``source``: the
+    model being rewritten, which may be ``out_dir`` itself on purpose (an in-place resize)."""
+    out = Path(out_dir)
+    if overwrite or not ((out / CARD_FILE).exists() or (out / MODEL_FILE).exists()):
+        return
+    if source is not None and out.resolve() == Path(source).resolve():
+        return
+    raise ModelError(
+        f"{out} already holds a model: write to another directory, or replace it with"
+        " --overwrite (overwrite=True)"
+    )
 
 
 def read_card(model_dir: Path) -> ModelCard:

@@ -9,6 +9,10 @@ Members that share a frozen trunk (two trainings of one backbone that fine-tuned
 blocks) hold byte-identical weights there: the merge stores each distinct weight once, so the
 file does not double. Each member still runs in full: a query costs the members' embeddings
 together.
+
+A member that is itself a merged model counts as its members: ``merge(merge(a, c), b)`` weighs
+``a``, ``b`` and ``c`` alike, as ``merge(a, b, c)`` does (each part is scaled by
+sqrt(its members / all members) instead of one 1/sqrt(n)), and the card lists the three.
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ from typing import Any
 import numpy as np
 
 from snapshop.errors import ModelError
-from snapshop.models.card import MODEL_FILE, ModelCard, read_card, sha256_file, write_card
+from snapshop.models.card import (
+    MODEL_FILE,
+    ModelCard,
+    check_out_dir,
+    read_card,
+    sha256_file,
+    write_card,
+)
 from snapshop.models.export import resolve_model_dir, save_onnx_checked
 
 ENSEMBLE_KIND = "ensemble"
@@ -39,7 +50,9 @@ log = logging.getLogger(__name__)
 
 
 def merge_models(
-    models: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]
+    models: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    overwrite: bool = False,
 ) -> ModelCard:
     """Write to ``out_dir`` one model that embeds with every model of ``models`` (two or more
     model directories or backbone names) and returns their ensemble vector; see the module doc.
@@ -55,6 +68,7 @@ def merge_models(
     cards = [read_card(d) for d in dirs]
     _check_compatible(dirs, cards)
     _warn_repeated(dirs, cards)
+    check_out_dir(out_dir, overwrite)
     graphs = [_load_checked(d, c) for d, c in zip(dirs, cards, strict=True)]
 
     nodes: list[Any] = []
@@ -77,9 +91,15 @@ def merge_models(
             nodes.append(node)
         outputs.append(prefixed.graph.output[0].name)
 
-    scale = onnx.helper.make_tensor("ensemble/scale", onnx.TensorProto.FLOAT, [], [
-        1.0 / math.sqrt(len(graphs))
-    ])  # fmt: skip
+    counts = [len(_leaves(d, c)) for d, c in zip(dirs, cards, strict=True)]
+    weights = [math.sqrt(n / sum(counts)) for n in counts]
+    if len(set(counts)) == 1:  # every member alike: one number, 1/sqrt(n)
+        scale = onnx.helper.make_tensor("ensemble/scale", onnx.TensorProto.FLOAT, [], [weights[0]])
+    else:
+        per_column = [w for w, c in zip(weights, cards, strict=True) for _ in range(c.output_dim)]
+        scale = onnx.helper.make_tensor(
+            "ensemble/scale", onnx.TensorProto.FLOAT, [len(per_column)], per_column
+        )
     nodes.append(onnx.helper.make_node("Concat", outputs, ["ensemble/concat"], axis=1))
     nodes.append(onnx.helper.make_node("Mul", ["ensemble/concat", "ensemble/scale"], [OUTPUT_NAME]))
     size, dim = cards[0].input_size, sum(c.output_dim for c in cards)
@@ -96,7 +116,7 @@ def merge_models(
 
     out = Path(out_dir)
     widths = [c.output_dim for c in cards]
-    save_onnx_checked(merged, out, lambda path: _check_runs(path, size, widths))
+    save_onnx_checked(merged, out, lambda path: _check_runs(path, size, widths, weights))
     card = ModelCard(
         name="ensemble(" + "+".join(c.name for c in cards) + ")",
         backbone="+".join(c.backbone for c in cards),
@@ -110,7 +130,7 @@ def merge_models(
         resize=cards[0].resize,
         kind=ENSEMBLE_KIND,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        training={"members": [_member_summary(d, c) for d, c in zip(dirs, cards, strict=True)]},
+        training={"members": [m for d, c in zip(dirs, cards, strict=True) for m in _leaves(d, c)]},
     )
     write_card(out, card)
     return card
@@ -190,9 +210,10 @@ def _opsets(graphs: list[Any]) -> list[Any]:
     return [onnx.helper.make_opsetid(domain, v) for domain, v in sorted(versions.items())]
 
 
-def _check_runs(path: str, size: int, widths: list[int]) -> None:
-    """The merged graph runs, and each member's part of its vector has length 1/sqrt(n): a
-    member whose card says L2-normalised but whose graph is not would outweigh the others."""
+def _check_runs(path: str, size: int, widths: list[int], weights: list[float]) -> None:
+    """The merged graph runs, and each member's part of its vector has the length it is
+    weighted by: a member whose card says L2-normalised but whose graph is not would outweigh
+    the others."""
     import onnxruntime as ort
 
     dim = sum(widths)
@@ -206,12 +227,20 @@ def _check_runs(path: str, size: int, widths: list[int]) -> None:
         raise ModelError(f"the merged model returns {vectors.shape}, expected (2, {dim})")
     ends = np.cumsum([0, *widths])
     for i, (start, stop) in enumerate(itertools.pairwise(ends)):
-        norms = np.linalg.norm(vectors[:, start:stop], axis=1) * math.sqrt(len(widths))
+        norms = np.linalg.norm(vectors[:, start:stop], axis=1) / weights[i]
         if not np.allclose(norms, 1.0, atol=1e-3):
             raise ModelError(
                 f"member {i + 1} returns vectors of length {norms.round(4).tolist()}, not 1:"
                 " its card says L2-normalised, its graph is not"
             )
+
+
+def _leaves(model_dir: Path, card: ModelCard) -> list[dict[str, Any]]:
+    """The single models inside a member: its card's members if it is a merged model."""
+    members = card.training.get("members") if card.kind == ENSEMBLE_KIND else None
+    if isinstance(members, list) and members and all(isinstance(m, dict) for m in members):
+        return members
+    return [_member_summary(model_dir, card)]
 
 
 def _member_summary(model_dir: Path, card: ModelCard) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from snapshop.models.card import (
     MIN_INPUT_SIZE,
     MODEL_FILE,
     ModelCard,
+    check_out_dir,
     read_card,
     sha256_file,
     write_card,
@@ -121,7 +122,10 @@ def save_model(
 
 
 def resize_model(
-    model: str | os.PathLike[str], size: int, out_dir: str | os.PathLike[str]
+    model: str | os.PathLike[str],
+    size: int,
+    out_dir: str | os.PathLike[str],
+    overwrite: bool = False,
 ) -> ModelCard:
     """A copy of ``model`` in ``out_dir`` (the same directory: in place) that embeds every image
     at ``size`` px with the same weights: the graph's input becomes (batch, 3, size, size) and
@@ -162,6 +166,7 @@ def resize_model(
             raise ModelError(f"{source}: the model does not run at {size} px ({exc})") from None
 
     out = Path(out_dir)
+    check_out_dir(out, overwrite, source=source)
     save_onnx_checked(graph, out, check)
     traced = card.training.get("traced_at_size", card.input_size)
     resized = dataclasses.replace(

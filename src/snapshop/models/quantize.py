@@ -31,6 +31,7 @@ from snapshop.models.card import (
     MODEL_FILE,
     NORMALISATION,
     ModelCard,
+    check_out_dir,
     read_card,
     sha256_file,
     write_card,
@@ -278,14 +279,19 @@ def quantize_model(
     calibration: Path,
     out_dir: Path,
     config: QuantizeConfig = QuantizeConfig(),
+    overwrite: bool = False,
 ) -> ModelCard:
-    """Write a static-int8 (QDQ) copy of ``model_dir`` to ``out_dir`` and return its card."""
+    """Write a static-int8 (QDQ) copy of ``model_dir`` to ``out_dir`` and return its card
+    (a model already in ``out_dir`` is refused unless ``overwrite``)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     card = read_card(model_dir)
     if "int8" in card.kind:
         raise ModelError(
             f"{model_dir}: already an int8 model ({card.kind}); quantize its float model"
         )
+    if Path(out_dir).resolve() == model_dir.resolve():
+        raise ModelError(f"{out_dir} is the model to quantize: write the int8 copy elsewhere")
+    check_out_dir(out_dir, overwrite)
     paths = calibration_paths(calibration)
     if not paths:
         raise ConfigError(f"{calibration}: no calibration images")
@@ -323,11 +329,16 @@ def quantize(
     model: str | os.PathLike[str] | None,
     calibration: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
+    overwrite: bool = False,
     **options: Any,
 ) -> ModelCard:
     """``model``: a model directory or backbone name (exported on first use)."""
     from snapshop.models.export import resolve_model_dir
 
     return quantize_model(
-        resolve_model_dir(model), Path(calibration), Path(out_dir), QuantizeConfig(**options)
+        resolve_model_dir(model),
+        Path(calibration),
+        Path(out_dir),
+        QuantizeConfig(**options),
+        overwrite=overwrite,
     )

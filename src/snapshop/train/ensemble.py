@@ -104,7 +104,8 @@ def train_ensemble_from_manifest(
             train_rows, member_dir, config, eval_rows or None, gallery_where, resume=resume,
             data_name=str(manifest), progress=progress, cache_dir=cache_dir,
         ))  # fmt: skip
-    card = merge_models([r.model_dir for r in results], out_dir)
+    # the training's own output folder: a resumed or repeated run writes its merge again
+    card = merge_models([r.model_dir for r in results], out_dir, overwrite=True)
     metrics: dict[str, Any] = {}
     if eval_rows:
         paths = [str(r.path) for r in eval_rows]

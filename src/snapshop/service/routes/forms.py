@@ -77,8 +77,9 @@ class Utf8FormRequest(Request):
 
 
 class Utf8FormRoute(APIRoute):
-    """Route class (``APIRouter(route_class=...)``) for routes whose form text is stored:
-    a field that is not valid UTF-8 is a 400 naming it, before the route runs."""
+    """Route class (``APIRouter(route_class=...)``) for routes whose form text is stored or
+    matched against stored text: a field that is not valid UTF-8 is a 400 naming it, before
+    the route runs."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

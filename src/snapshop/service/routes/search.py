@@ -16,6 +16,7 @@ from snapshop.service.routes.forms import (
     Coord,
     Position,
     Price,
+    Utf8FormRoute,
     check_position,
     image_limits,
 )
@@ -55,7 +56,10 @@ async def one_image(request: Request) -> None:
 def router(settings: ServiceSettings) -> APIRouter:
     Image = Annotated[UploadFile, File(description=f"query photo: {image_limits(settings)}")]
     K = Annotated[int | None, Form(ge=1, le=settings.max_k, description="results per list")]
-    routes = APIRouter(prefix="/v1", tags=["search"], responses=SEARCH_ERRORS)
+    # the filter's text is matched against stored text: read strictly as UTF-8, as it was stored
+    routes = APIRouter(
+        prefix="/v1", tags=["search"], responses=SEARCH_ERRORS, route_class=Utf8FormRoute
+    )
     body_limit = settings.max_search_request_bytes
 
     single = [Depends(one_image)]

@@ -49,6 +49,9 @@ def router() -> APIRouter:
     @routes.get("/v1/stats", response_model=StatsOut)
     def stats(state: State) -> StatsOut:
         settings = state.settings
+        # The indexes listed are this replica's: brought up to the store first (a few change-
+        # log rows), or a position another replica wrote first shows only after a search.
+        state.ensure_fresh()
         info = state.catalog.info()
         return StatsOut(
             products=info["products"], images=info["images"], crops=info["crops"],

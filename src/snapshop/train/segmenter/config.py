@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -22,7 +23,9 @@ from snapshop.detect.segmenter import (
     SegmenterConfig,
     trunk_spec,
 )
-from snapshop.errors import ConfigError
+from snapshop.errors import ConfigError, ManifestError
+
+log = logging.getLogger(__name__)
 
 IGNORE = 255  # target value of padding pixels: no loss
 
@@ -51,7 +54,22 @@ def segmenter_label_table(mask_labels_csv: Path, aux_labels: bool = False) -> ND
     groups = {UPPER_CLS: CCP_UPPER, LOWER_CLS: CCP_LOWER, DRESS_CLS: CCP_ONE_PIECE}
     if aux_labels:
         groups |= {len(CLASSES) + i: labels for i, labels in enumerate(CCP_AUX.values())}
-    return label_table(mask_labels_csv, groups)
+    table = label_table(mask_labels_csv, groups)
+    # A label file of another dataset (LIP's "upper-clothes") maps nothing to a garment: every
+    # pixel would be "other" and the model learn to find nothing, without a word.
+    unmapped = [CLASSES[c] for c in (UPPER_CLS, LOWER_CLS, DRESS_CLS) if not (table == c).any()]
+    if len(unmapped) == 3:
+        raise ManifestError(
+            f"{mask_labels_csv}: no label is a garment the segmenter learns; CCP's names are"
+            f" needed: upper {', '.join(CCP_UPPER)}; lower {', '.join(CCP_LOWER)};"
+            f" dress {', '.join(CCP_ONE_PIECE)}"
+        )
+    if unmapped:
+        log.warning(
+            "%s: no label maps to the class(es) %s: the model will not learn them",
+            mask_labels_csv, ", ".join(unmapped),
+        )  # fmt: skip
+    return table
 
 
 @dataclass(frozen=True)

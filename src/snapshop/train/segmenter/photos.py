@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from snapshop.data.ccp import read_mask
+from snapshop.data.ccp import check_mask_fits, read_mask
 from snapshop.detect.segmenter import DRESS_CLS, LOWER_CLS, STRIDE, UPPER_CLS
 from snapshop.errors import ConfigError
 from snapshop.models.card import normalise_pixels
@@ -51,6 +51,7 @@ def load_training_images(
         rgb = np.asarray(Image.open(photo).convert("RGB"))
         raw = read_mask(mask_path, labels)
         if raw.shape != rgb.shape[:2]:
+            check_mask_fits(raw.shape[::-1], rgb.shape[1::-1], mask_path, photo)
             size = rgb.shape[1::-1]
             raw = np.asarray(cv2.resize(raw, size, interpolation=cv2.INTER_NEAREST_EXACT), np.uint8)
         ys, xs = np.nonzero(raw)

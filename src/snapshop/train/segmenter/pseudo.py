@@ -16,7 +16,8 @@ The result is a folder the trainer reads as extra labelled photos (``--tags`` of
     pseudo_labels.json   card: teacher, settings, counts (checked on open)
     manifest.csv         path (the photo, absolute), image_id, groups
     labels/ID.png        class per pixel (CLASSES order; 255 = ignored), the photo's size
-                         (its reduced decoded size past 2,048 px)
+                         (its reduced decoded size past 2,048 px) and stored orientation
+                         (training reads the stored pixels, whatever the EXIF says)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from snapshop.data.ccp import EXIF_ORIENTATION, check_mask_fits
 from snapshop.detect.base import LOWER, UPPER
 from snapshop.detect.presence import GROUPS, POSITION_GROUPS
 from snapshop.detect.segmenter import CLASSES, DRESS_CLS, LOWER_CLS, OTHER, UPPER_CLS
@@ -136,9 +138,9 @@ def photo_probabilities(detector: Any, rgb: NDArray[np.uint8], mirror: bool) -> 
 def read_tags(tags_csv: Path) -> list[tuple[Path, str, set[str]]]:
     """ccp-tags ``tags.csv`` -> [(photo path, image id, garment groups)]."""
     try:
-        with tags_csv.open(newline="") as f:
+        with tags_csv.open(newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(f"{tags_csv}: unreadable ({exc})") from None
     needed = {"path", "image_id", "groups"}
     if not rows or not needed <= set(rows[0]):
@@ -147,6 +149,8 @@ def read_tags(tags_csv: Path) -> list[tuple[Path, str, set[str]]]:
     seen: set[str] = set()
     for line, r in enumerate(rows, start=2):
         image_id = (r["image_id"] or "").strip()
+        if not (r["path"] or "").strip():
+            raise ManifestError(f"{tags_csv}, line {line}: no photo path")
         if not image_id or "/" in image_id or "\\" in image_id:
             raise ManifestError(f"{tags_csv}, line {line}: bad image_id {image_id!r}")
         if image_id in seen:  # one label map per id: a second row would overwrite the first
@@ -195,7 +199,12 @@ def write_pseudo_labels(
         if labels is None:
             dropped[why] = dropped.get(why, 0) + 1
             continue
-        Image.fromarray(labels).save(out / "labels" / f"{image_id}.png")
+        # training reads the photo's stored pixels, the teacher saw it turned upright
+        stored = Image.fromarray(labels)
+        undo = _UNDO_ORIENTATION.get(_orientation(photo))
+        if undo is not None:
+            stored = stored.transpose(undo)
+        stored.save(out / "labels" / f"{image_id}.png")
         counts = np.bincount(labels.ravel(), minlength=256)
         pixels += np.append(counts[: len(CLASSES)], counts[IGNORE])
         kept.append((photo.resolve(), image_id, groups))
@@ -203,7 +212,7 @@ def write_pseudo_labels(
             log.info(
                 "pseudo-labels: %d / %d photos (%.0f s)", n, len(rows), time.perf_counter() - t0
             )
-    with (out / MANIFEST_FILE).open("w", newline="") as f:
+    with (out / MANIFEST_FILE).open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "image_id", "groups"])
         for photo, image_id, groups in kept:
@@ -224,16 +233,17 @@ def write_pseudo_labels(
         "manifest_sha256": hashlib.sha256((out / MANIFEST_FILE).read_bytes()).hexdigest(),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     log.info("pseudo-labels: kept %d of %d photos (%s)", len(kept), len(rows), dropped)
     return card
 
 
 def pseudo_label_pairs(folder: Path) -> tuple[list[tuple[Path, Path]], dict[str, Any]]:
     """(photo, label map) pairs of a folder written by :func:`write_pseudo_labels`, and its
-    card; a missing, foreign or changed folder is a :class:`ConfigError`."""
+    card; a missing, foreign or changed folder is a :class:`ConfigError`, a label map that
+    does not fit its photo a :class:`ManifestError`."""
     try:
-        card = json.loads((folder / CARD_FILE).read_text())
+        card = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
         manifest = (folder / MANIFEST_FILE).read_bytes()
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{folder}: not a pseudo-label folder ({exc})") from None
@@ -242,15 +252,47 @@ def pseudo_label_pairs(folder: Path) -> tuple[list[tuple[Path, Path]], dict[str,
     if hashlib.sha256(manifest).hexdigest() != card.get("manifest_sha256"):
         raise ConfigError(f"{folder}/{MANIFEST_FILE} does not match its card (changed by hand?)")
     pairs = []
-    for row in csv.DictReader(manifest.decode().splitlines()):
+    try:
+        text = manifest.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{folder}/{MANIFEST_FILE}: not UTF-8 text ({exc.reason})") from None
+    for row in csv.DictReader(text.splitlines()):
         labels = folder / "labels" / f"{row['image_id']}.png"
         if not labels.is_file():
             raise ConfigError(f"{folder}: {labels.name} is missing")
         photo = Path(row["path"])
         if not photo.is_file():  # moved or deleted since labelling
             raise ConfigError(f"{folder}: photo {photo} is missing (label again with --tags)")
+        try:
+            with Image.open(photo) as stored, Image.open(labels) as label_map:
+                sizes = label_map.size, stored.size
+        except Exception as exc:  # PIL raises several types for a damaged file
+            raise ConfigError(f"{folder}: cannot read {photo} or {labels.name} ({exc})") from None
+        check_mask_fits(*sizes, labels, photo)
         pairs.append((photo, labels))
     return pairs, card
+
+
+# The transposition that takes a photo turned upright by its EXIF orientation (as
+# images.load_image turns it; PIL's ImageOps.exif_transpose table) back to its stored pixels.
+_UNDO_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def _orientation(photo: Path) -> int:
+    """The photo's EXIF orientation (1 when it has none or it cannot be read)."""
+    try:
+        with Image.open(photo) as image:
+            return int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # malformed EXIF: load_image keeps the pixels as stored too
+        return 1
 
 
 def pseudo_label_note(photos: int, card: dict[str, Any]) -> str:
