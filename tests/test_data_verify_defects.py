@@ -288,6 +288,39 @@ def test_a_mask_that_is_not_its_photo_at_any_scale_is_refused(tmp_path: Path) ->
         load_training_images(pairs, table)
 
 
+def test_training_photos_are_read_by_the_decoders_rules_as_stored(tmp_path: Path) -> None:
+    """Both detector trainers read photos with `Image.open(...).convert("RGB")`: a 16-bit
+    photo clipped to white, transparent pixels black, no pixel limit; head training resized a
+    mask of any shape onto its photo. One reader now: the decoder's rules, stored orientation."""
+    from snapshop.data.ccp import read_training_pair
+    from snapshop.train.segmenter.samples import build_samples
+
+    mask = np.zeros((30, 20), np.uint8)
+    mask[10:20] = 1
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    deep = np.full((30, 20), 32768, np.uint16)  # mid grey at 16 bits
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    rgb, labels = read_training_pair(tmp_path / "deep.png", tmp_path / "mask.png")
+    assert rgb.shape == (30, 20, 3) and 120 <= int(rgb.mean()) <= 135  # not clipped to 255
+    assert (labels == mask).all()
+    clear = Image.new("RGBA", (20, 30), (0, 0, 0, 0))  # fully transparent: white, as a search
+    clear.save(tmp_path / "clear.png")
+    assert read_training_pair(tmp_path / "clear.png", tmp_path / "mask.png")[0].min() == 255
+    turned = Image.new("RGB", (20, 30), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: the mask labels the stored 20x30 pixels
+    turned.save(tmp_path / "turned.jpg", exif=exif)
+    stored = read_training_pair(tmp_path / "turned.jpg", tmp_path / "mask.png")[0]
+    assert stored.shape[:2] == (30, 20)
+    Image.fromarray(np.ascontiguousarray(mask.T)).save(tmp_path / "mask.png")  # another shape
+    identity = np.arange(256, dtype=np.uint8)
+    with pytest.raises(ManifestError, match="does not fit"):  # before any trunk runs
+        build_samples([(tmp_path / "deep.png", tmp_path / "mask.png")], identity, 64, None)  # type: ignore[arg-type]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ManifestError, match="broken.png"):
+        read_training_pair(tmp_path / "broken.png", tmp_path / "mask.png")
+
+
 def test_a_ccp_image_id_listed_twice_is_refused(tmp_path: Path) -> None:
     write_tiny_ccp(tmp_path, n=2)
     Image.new("RGB", (220, 330)).save(tmp_path / "images" / "other.jpg")

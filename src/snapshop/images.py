@@ -232,9 +232,12 @@ def _upright(image: Image.Image, name: str) -> Image.Image:
 def load_image(
     source: ImageSource | bytearray | memoryview | Image.Image,
     limits: DecodeLimits = DecodeLimits(),
+    *,
+    upright: bool = True,
 ) -> Image.Image:
     """Decode ``source`` (a path or the file's bytes) into an RGB ``PIL.Image``; an image
     already opened with PIL follows the same rules (limits, EXIF orientation, RGB), on a copy.
+    ``upright`` False keeps the pixels as stored, unturned: what a training mask labels.
 
     Raises :class:`ImageDecodeError` naming the file and the reason for: missing, empty,
     oversized or truncated files, non-images, unsupported formats and images over
@@ -243,7 +246,7 @@ def load_image(
     """
     if isinstance(source, Image.Image):
         with _decode_gate:
-            return _normalise(source, "<PIL image>", limits)
+            return _normalise(source, "<PIL image>", limits, upright)
     if isinstance(source, bytearray | memoryview):
         source = bytes(source)
     if not isinstance(source, str | bytes | os.PathLike):
@@ -254,7 +257,7 @@ def load_image(
     name = _source_name(source)
     data = read_bytes(source, limits)
     with _decode_gate:
-        return _decode(data, name, limits)
+        return _decode(data, name, limits, upright)
 
 
 def _check_size(width: int, height: int, name: str, limits: DecodeLimits) -> None:
@@ -281,7 +284,9 @@ def _decode_errors(name: str) -> Iterator[None]:
         raise ImageDecodeError(name, f"corrupt or truncated image data ({exc})") from None
 
 
-def _normalise(image: Image.Image, name: str, limits: DecodeLimits) -> Image.Image:
+def _normalise(
+    image: Image.Image, name: str, limits: DecodeLimits, upright: bool = True
+) -> Image.Image:
     """A caller's PIL image as :func:`_decode` leaves a file's: the caller's object is not
     changed (orientation and reduction work in place, so on a copy, made only when needed:
     the service passes images it decoded already)."""
@@ -289,12 +294,13 @@ def _normalise(image: Image.Image, name: str, limits: DecodeLimits) -> Image.Ima
     with _decode_errors(name):
         image.load()
         small = limits.max_side is None or max(image.size) <= limits.max_side
-        if image.mode == "RGB" and small and image.getexif().get(_ORIENTATION, 1) == 1:
+        turned = upright and image.getexif().get(_ORIENTATION, 1) != 1
+        if image.mode == "RGB" and small and not turned:
             return image
-        return _upright_rgb(image.copy(), name, limits, image.size)
+        return _upright_rgb(image.copy(), name, limits, image.size, upright)
 
 
-def _decode(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
+def _decode(data: bytes, name: str, limits: DecodeLimits, upright: bool = True) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Our own limit (below) applies; PIL's global warning threshold must not override it.
@@ -323,22 +329,27 @@ def _decode(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
             image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
         # Multi-frame files (GIF, APNG, MPO, TIFF) open on their first frame: that one is used.
         image.load()
-        return _upright_rgb(image, name, limits, (width, height))
+        return _upright_rgb(image, name, limits, (width, height), upright)
 
 
 def _upright_rgb(
-    image: Image.Image, name: str, limits: DecodeLimits, size: tuple[int, int]
+    image: Image.Image,
+    name: str,
+    limits: DecodeLimits,
+    size: tuple[int, int],
+    upright: bool = True,
 ) -> Image.Image:
-    """Loaded ``image`` (of a file ``size`` (width, height) big) turned upright, in RGB and
-    reduced to ``limits.max_side``; it remembers ``size`` when reduced."""
+    """Loaded ``image`` (of a file ``size`` (width, height) big) turned upright (unless not
+    ``upright``), in RGB and reduced to ``limits.max_side``; it remembers ``size`` when
+    reduced."""
     width, height = size
     stored_size = image.size
-    upright = _upright(image, name)
-    if upright.size != stored_size:  # a quarter turn: the axes swap
+    turned = _upright(image, name) if upright else image
+    if turned.size != stored_size:  # a quarter turn: the axes swap
         width, height = height, width
-    if upright.mode in _RESIZABLE_MODES:  # reduce before the RGB copy is made
-        upright = _reduce(upright, limits.max_side)
-    rgb = _reduce(_to_rgb(upright), limits.max_side)
+    if turned.mode in _RESIZABLE_MODES:  # reduce before the RGB copy is made
+        turned = _reduce(turned, limits.max_side)
+    rgb = _reduce(_to_rgb(turned), limits.max_side)
     rgb.load()
     if rgb.size != (width, height):
         rgb.info[ORIGINAL_SIZE] = (width, height)

@@ -19,7 +19,8 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from snapshop.data.manifest import nonblank_rows
-from snapshop.errors import ManifestError
+from snapshop.errors import ImageDecodeError, ManifestError
+from snapshop.images import DecodeLimits, load_image
 
 # Tops and outerwear: garments of the upper body only.
 CCP_UPPER = (
@@ -197,3 +198,26 @@ def check_mask_fits(
             f"{mask}: label map of {mw}x{mh} px does not fit its photo {photo} ({pw}x{ph} px):"
             " not the photo's pixels at any scale"
         )
+
+
+def read_training_pair(
+    photo: Path, mask: Path, labels: int = 256
+) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
+    """A training photo (H, W, 3) and its mask's label indices (H, W), at the photo's size.
+
+    The photo is read by the decoder's rules (size limit, 16-bit and alpha to RGB as a search
+    sees them) but as stored, not turned by its EXIF orientation: that is what the mask
+    labels. A mask of another size must fit the photo at some scale (:func:`check_mask_fits`)
+    and is resized to it, nearest label."""
+    import cv2
+
+    try:
+        rgb = np.asarray(load_image(photo, DecodeLimits(max_side=None), upright=False))
+    except ImageDecodeError as exc:
+        raise ManifestError(f"training photo {exc}") from None
+    raw = read_mask(mask, labels)
+    if raw.shape != rgb.shape[:2]:
+        check_mask_fits(raw.shape[::-1], rgb.shape[1::-1], mask, photo)
+        size = rgb.shape[1::-1]
+        raw = np.asarray(cv2.resize(raw, size, interpolation=cv2.INTER_NEAREST_EXACT), np.uint8)
+    return rgb, raw

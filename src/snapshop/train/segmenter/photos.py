@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image
 
-from snapshop.data.ccp import check_mask_fits, read_mask
+from snapshop.data.ccp import read_training_pair
 from snapshop.detect.segmenter import DRESS_CLS, LOWER_CLS, STRIDE, UPPER_CLS
 from snapshop.errors import ConfigError
 from snapshop.models.card import normalise_pixels
@@ -43,17 +42,10 @@ def load_training_images(
 ) -> list[TrainImage]:
     """Photos and class maps in memory; ``person`` is the extent of CCP's non-null labels,
     ``silhouette`` (when asked for) those labels' pixels; ``labels``: how many mask values
-    ``table`` maps (:func:`read_mask`)."""
-    import cv2
-
+    ``table`` maps (:func:`snapshop.data.ccp.read_mask`)."""
     images = []
     for photo, mask_path in pairs:
-        rgb = np.asarray(Image.open(photo).convert("RGB"))
-        raw = read_mask(mask_path, labels)
-        if raw.shape != rgb.shape[:2]:
-            check_mask_fits(raw.shape[::-1], rgb.shape[1::-1], mask_path, photo)
-            size = rgb.shape[1::-1]
-            raw = np.asarray(cv2.resize(raw, size, interpolation=cv2.INTER_NEAREST_EXACT), np.uint8)
+        rgb, raw = read_training_pair(photo, mask_path, labels)
         ys, xs = np.nonzero(raw)
         h, w = raw.shape
         person = (

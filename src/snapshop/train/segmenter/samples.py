@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image
 
-from snapshop.data.ccp import read_mask
+from snapshop.data.ccp import read_training_pair
 from snapshop.detect.pose import BODY_CHANNELS, BlazePose
 from snapshop.detect.segmenter import (
     DEFAULT_TRUNK,
@@ -47,19 +46,13 @@ def build_samples(
     labels: int = 256,
 ) -> list[Sample]:
     """Trunk features and targets of every photo and its mirror image (and what ``pose`` sees
-    in each, when given); ``labels``: how many mask values ``table`` maps (:func:`read_mask`)."""
-    import cv2
-
+    in each, when given); ``labels``: how many mask values ``table`` maps
+    (:func:`snapshop.data.ccp.read_mask`)."""
     samples = []
     t0 = time.perf_counter()
     for n, (photo, mask_path) in enumerate(pairs, start=1):
-        rgb = np.asarray(Image.open(photo).convert("RGB"))
-        classes = table[read_mask(mask_path, labels)]
-        if classes.shape != rgb.shape[:2]:
-            size = rgb.shape[1::-1]
-            classes = np.asarray(
-                cv2.resize(classes, size, interpolation=cv2.INTER_NEAREST), np.uint8
-            )
+        rgb, raw = read_training_pair(photo, mask_path, labels)
+        classes = table[raw]
         for flip in (False, True):
             img = np.ascontiguousarray(rgb[:, ::-1]) if flip else rgb
             lab = np.ascontiguousarray(classes[:, ::-1]) if flip else classes
