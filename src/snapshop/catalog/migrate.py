@@ -3,7 +3,8 @@ re-embedding: products, images, garment crops and their vectors, as they are.
 
 Rows are copied a page of products at a time, one write transaction per page, and an image a
 target product already holds (same content, vectors and crops) is skipped, so an interrupted
-copy is resumed by running it again. The image files go as the target keeps them: a server
+copy is resumed by running it again. Both sides of a page are read in a few queries (images,
+crops and their vectors), not a few per image. The image files go as the target keeps them: a server
 catalog stores a JPEG thumbnail of each image (made from the directory's file, or copied from
 another server), a directory stores files (a server catalog has only thumbnails, so images
 copied back keep their ``source`` and no file).
@@ -32,7 +33,7 @@ import numpy as np
 
 from snapshop.catalog.blobs import blob_file, free_unreferenced_blobs
 from snapshop.catalog.catalog import Catalog, catalog_exists, create_catalog, open_catalog
-from snapshop.catalog.fields import attributes_json
+from snapshop.catalog.fields import attributes_json, lookup_sku
 from snapshop.catalog.server import SERVER_INDEX_KINDS, is_server_target, thumbnail_jpeg
 from snapshop.catalog.store import PRODUCT_FIELDS, CropRow, ImageRow, NewCrop, Product, now
 from snapshop.catalog.write import CatalogWrite
@@ -100,11 +101,17 @@ def migrate_catalog(
         after = 0
         while products := src.list_products(after_id=after, limit=page):
             after = products[-1].id
+            mine = _page_content(src, [p.id for p in products])
             with dst.write_lock():
                 with dst.writing() as write:
+                    # Read inside the write, on its connection: what the transaction sees.
+                    copies = dst.store.products_by_skus([p.sku for p in products])
+                    theirs = _page_content(dst, [p.id for p in copies.values()])
                     freed: BlobRefs = []
                     for product in products:
-                        freed += _copy_product(src, dst, write, product, tally, mirror=mirror)
+                        freed += _copy_product(
+                            src, dst, write, product, tally, (mine, theirs), mirror=mirror
+                        )
                 _free_files(dst, freed)
             dst.save_indexes(measure=False)
             if progress:
@@ -230,18 +237,44 @@ def _check_existing_target(
         dst.rewrite_card(**stamp)
 
 
+@dataclass(frozen=True)
+class _PageContent:
+    """What one catalog holds of a page of products, read in a few queries: their images (by
+    id), those images' vectors, their crops (by id) and the crops' vectors."""
+
+    images: dict[int, list[ImageRow]]  # product id -> images; every product id asked
+    vectors: dict[int, np.ndarray]  # image id -> vector
+    crops: dict[int, list[CropRow]]  # image id -> crops
+    crop_vectors: dict[int, np.ndarray]  # crop id -> vector
+
+
+def _page_content(catalog: Catalog, product_ids: list[int]) -> _PageContent:
+    images = catalog.store.images_of_products(product_ids)
+    image_ids = [image.id for rows in images.values() for image in rows]
+    crops = catalog.store.crops_of_images(image_ids)
+    crop_ids = [crop.id for rows in crops.values() for crop in rows]
+    return _PageContent(
+        images, _vectors(catalog, "images", image_ids), crops, _vectors(catalog, "crops", crop_ids)
+    )
+
+
 def _copy_product(
     src: Catalog,
     dst: Catalog,
     write: CatalogWrite,
     product: Product,
     tally: _Tally,
+    page: tuple[_PageContent, _PageContent],
     *,
     mirror: bool,
 ) -> BlobRefs:
     """Bring ``product`` and its images into ``dst`` inside the open ``write``; images the
-    target holds as they are stay (their ids too). Returns the blob references of the image
-    rows it deleted, whose files go once the write committed."""
+    target holds as they are stay (their ids too). ``page``: what the source and the target
+    held of the product's page before this write; the target's entry for ``product`` is
+    taken (a product new to the target, or one written already in this page, is read now).
+    Returns the blob references of the image rows it deleted, whose files go once the write
+    committed."""
+    mine, theirs = page
     fields = {"title": product.title, "url": product.url, "price": product.price,
               "currency": product.currency, "category": product.category,
               "attributes": product.attributes}  # fmt: skip
@@ -255,8 +288,10 @@ def _copy_product(
         ) from exc
     if mirror:
         _set_fields_exactly(dst, write, product_id, product)
-    images = src.images_of(product.id)
-    held = {image.sha256: image for image in dst.images_of(product_id)}
+    if product_id not in theirs.images:
+        theirs = _page_content(dst, [product_id])
+    images = mine.images[product.id]
+    held = {image.sha256: image for image in theirs.images.pop(product_id)}
     wanted = {image.sha256 for image in images}
     dropped = [image for sha, image in held.items() if sha not in wanted]
     tally.images_not_in_source += len(dropped)
@@ -264,17 +299,15 @@ def _copy_product(
     if mirror and dropped:
         freed += [(image.sha256, image.blob) for image in dropped]
         write.delete_images([image.id for image in dropped])
-    vectors = _vectors(src, "images", [i.id for i in images])
-    held_vectors = _vectors(dst, "images", [i.id for i in held.values()])
+    vectors, crop_vectors = mine.vectors, mine.crop_vectors
     for image in images:
-        crops = src.store.crops_of_image(image.id)
-        crop_vectors = _vectors(src, "crops", [c.id for c in crops])
+        crops = mine.crops[image.id]
         before = held.get(image.sha256)
         thumbnail = None
         if before is not None:
             if _same_image(
                 (image, vectors[image.id], crops, crop_vectors),
-                (before, held_vectors[before.id], *_crops_with_vectors(dst, before.id)),
+                (before, theirs.vectors[before.id], theirs.crops[before.id], theirs.crop_vectors),
             ):
                 tally.present += 1
                 continue
@@ -324,13 +357,6 @@ def _set_fields_exactly(
     )
 
 
-def _crops_with_vectors(
-    catalog: Catalog, image_id: int
-) -> tuple[list[CropRow], dict[int, np.ndarray]]:
-    crops = catalog.store.crops_of_image(image_id)
-    return crops, _vectors(catalog, "crops", [c.id for c in crops])
-
-
 ImageContent = tuple[ImageRow, np.ndarray, list[CropRow], dict[int, np.ndarray]]
 
 
@@ -355,12 +381,14 @@ def _products_not_in_source(
     after = 0
     while products := dst.list_products(after_id=after, limit=page):
         after = products[-1].id
-        gone = [p for p in products if src.find_product(p.sku) is None]
+        known = src.store.products_by_skus([p.sku for p in products])
+        gone = [p for p in products if lookup_sku(p.sku) not in known]
         if not gone:
             continue
         tally.products_not_in_source += len(gone)
         if not mirror:
-            tally.images_not_in_source += sum(len(dst.images_of(p.id)) for p in gone)
+            images = dst.store.images_of_products([p.id for p in gone])
+            tally.images_not_in_source += sum(len(rows) for rows in images.values())
             continue
         with dst.write_lock():
             with dst.writing() as write:
@@ -440,25 +468,41 @@ def _check(src: Catalog, dst: Catalog, *, mirror: bool) -> tuple[int, int]:
     after = 0
     while page := src.list_products(after_id=after, limit=PAGE):
         after = page[-1].id
+        copies = dst.store.products_by_skus([p.sku for p in page])
+        mine = src.store.images_of_products([p.id for p in page])
+        theirs = dst.store.images_of_products([p.id for p in copies.values()])
+        # The page's sample is drawn first and read in a few queries; its failures are then
+        # raised in the order a product-by-product check meets them.
+        sampled: list[tuple[ImageRow, ImageRow]] = []
+        ends: list[int] = []  # per product checked: where its images in ``sampled`` end
+        incomplete = None
         for product in page:
-            copy = dst.find_product(product.sku)
-            mine, theirs = src.images_of(product.id), [] if copy is None else dst.images_of(copy.id)
-            by_sha = {image.sha256: image for image in theirs}
-            if copy is None or any(image.sha256 not in by_sha for image in mine):
-                raise CatalogError(f"migrate check: product {product.sku!r} incomplete in target")
-            for image in mine:
-                other = by_sha[image.sha256]
+            copy = copies.get(lookup_sku(product.sku))
+            by_sha = {i.sha256: i for i in ([] if copy is None else theirs[copy.id])}
+            if copy is None or any(image.sha256 not in by_sha for image in mine[product.id]):
+                incomplete = product
+                break
+            for image in mine[product.id]:
                 if rng.random() < sample_rate:
-                    n_src = len(src.store.crops_of_image(image.id))
-                    n_dst = len(dst.store.crops_of_image(other.id))
-                    if n_src != n_dst:
-                        raise CatalogError(
-                            f"migrate check: image {image.id}: {n_src} crops, copied {n_dst}"
-                        )
-                    a = _vectors(src, "images", [image.id])[image.id]
-                    b = _vectors(dst, "images", [other.id])[other.id]
-                    if not np.array_equal(a, b):
-                        raise CatalogError(f"migrate check: vector of image {image.id} differs")
-                    compared += 1
+                    sampled.append((image, by_sha[image.sha256]))
+            ends.append(len(sampled))
+        src_crops = src.store.crops_of_images([a.id for a, _ in sampled])
+        dst_crops = dst.store.crops_of_images([b.id for _, b in sampled])
+        src_vectors = _vectors(src, "images", [a.id for a, _ in sampled])
+        dst_vectors = _vectors(dst, "images", [b.id for _, b in sampled])
+        done = 0
+        for end in ends:
+            for image, other in sampled[done:end]:
+                n_src, n_dst = len(src_crops[image.id]), len(dst_crops[other.id])
+                if n_src != n_dst:
+                    raise CatalogError(
+                        f"migrate check: image {image.id}: {n_src} crops, copied {n_dst}"
+                    )
+                if not np.array_equal(src_vectors[image.id], dst_vectors[other.id]):
+                    raise CatalogError(f"migrate check: vector of image {image.id} differs")
+                compared += 1
+            done = end
             products += 1
+        if incomplete is not None:
+            raise CatalogError(f"migrate check: product {incomplete.sku!r} incomplete in target")
     return products, compared

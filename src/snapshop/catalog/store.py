@@ -507,6 +507,18 @@ class CatalogStore:
                 out[row["id"]] = _product(row)
         return out
 
+    def products_by_skus(self, skus: Sequence[str]) -> dict[str, Product]:
+        """The products holding these skus, by stored sku (a sku held by none is absent); the
+        skus are looked up as :meth:`find_product` does."""
+        out: dict[str, Product] = {}
+        keys = list(dict.fromkeys(lookup_sku(sku) for sku in skus))
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._query(f"SELECT * FROM products WHERE sku IN ({marks})", chunk):
+                out[row["sku"]] = _product(row)
+        return out
+
     def list_products(
         self, category: str | None = None, after_id: int = 0, limit: int = 50
     ) -> list[Product]:
@@ -599,6 +611,21 @@ class CatalogStore:
         product_id = _row_id(product_id, "product")
         rows = self._query("SELECT * FROM images WHERE product_id = ? ORDER BY id", (product_id,))
         return [_image(r) for r in rows]
+
+    def images_of_products(self, product_ids: Sequence[int]) -> dict[int, list[ImageRow]]:
+        """Each product's images as :meth:`images_of` gives them (by id), an entry for every id
+        asked (empty for a product without images, or none)."""
+        ids = [_row_id(i, "product") for i in product_ids]
+        out: dict[int, list[ImageRow]] = {i: [] for i in ids}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._query(
+                f"SELECT * FROM images WHERE product_id IN ({marks}) ORDER BY id", chunk
+            )
+            for row in rows:
+                out[row["product_id"]].append(_image(row))
+        return out
 
     def delete_images(self, image_ids: Sequence[int]) -> list[int]:
         """Delete images (and their crops); returns the crop ids removed."""
@@ -712,6 +739,22 @@ class CatalogStore:
                 crop = CropRow(r["id"], r["image_id"], r["position"], r["label"], r["score"],
                                (r["x1"], r["y1"], r["x2"], r["y2"]))  # fmt: skip
                 out[crop.id] = (crop, r["product_id"])
+        return out
+
+    def crops_of_images(self, image_ids: Sequence[int]) -> dict[int, list[CropRow]]:
+        """Each image's crops as :meth:`crops_of_image` gives them (by id), an entry for every
+        id asked."""
+        ids = [int(i) for i in image_ids]
+        out: dict[int, list[CropRow]] = {i: [] for i in ids}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in self._query(
+                f"SELECT * FROM crops WHERE image_id IN ({marks}) ORDER BY id", chunk
+            ):
+                box = (r["x1"], r["y1"], r["x2"], r["y2"])
+                crop = CropRow(r["id"], r["image_id"], r["position"], r["label"], r["score"], box)
+                out[crop.image_id].append(crop)
         return out
 
     def crops_of_image(self, image_id: int) -> list[CropRow]:
