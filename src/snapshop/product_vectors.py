@@ -21,7 +21,7 @@ import os
 import threading
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -62,19 +62,116 @@ def _found(haystack: NDArray[np.int64], needles: NDArray[np.int64]) -> NDArray[n
     return np.asarray(haystack[at] == needles)
 
 
-@dataclass
-class _Group:
-    """Entries (sorted ids and their products) and the product vectors computed from them."""
+class _Rows:
+    """The first ``n`` rows of ``buffer``, grown in place: appending writes past row ``n`` and
+    the buffer doubles when full, so appending k rows costs O(k) amortised where concatenating
+    copied every row. A view of the first rows taken earlier never sees an append (it ends
+    before the appended rows, or lies in the buffer an append outgrew)."""
 
-    entry_ids: NDArray[np.int64]
-    entry_owner: NDArray[np.int64]
-    product_ids: NDArray[np.int64]  # sorted
-    vectors: NDArray[np.float32]
+    def __init__(self, rows: NDArray[Any]) -> None:
+        self.buffer = rows
+        self.n = len(rows)
+
+    def view(self) -> NDArray[Any]:
+        return self.buffer[: self.n]
+
+    def copy(self) -> _Rows:
+        """The same rows in a buffer of their own, as roomy as this one."""
+        rows = _Rows(np.empty_like(self.buffer))
+        rows.buffer[: self.n] = self.view()
+        rows.n = self.n
+        return rows
+
+    def append(self, rows: NDArray[Any]) -> bool:
+        """Append ``rows``; True when that moved them to a new buffer."""
+        need = self.n + len(rows)
+        grown = need > len(self.buffer)
+        if grown:
+            # pages past the rows written are not touched, so the spare half costs address
+            # space, not memory, until appends reach it
+            bigger = np.empty((max(need, 2 * len(self.buffer), 16), *self.buffer.shape[1:]),
+                              self.buffer.dtype)  # fmt: skip
+            bigger[: self.n] = self.view()
+            self.buffer = bigger
+        self.buffer[self.n : need] = rows
+        self.n = need
+        return grown
+
+
+class _Group:
+    """Entries (sorted ids and their products) and the product vectors computed from them.
+
+    Rows below each array's length never change but for the vectors of products recomputed
+    in place (:meth:`replace_vectors`), and those are copied first when the vectors may be
+    read outside the lock (handed out by :meth:`ProductVectors.vectors`, or saved): an array
+    read from this group stays as it was read.
+    """
+
+    def __init__(
+        self,
+        entry_ids: NDArray[np.int64],
+        entry_owner: NDArray[np.int64],
+        product_ids: NDArray[np.int64],  # sorted
+        vectors: NDArray[np.float32],
+    ) -> None:
+        self._entry_ids, self._entry_owner = _Rows(entry_ids), _Rows(entry_owner)
+        self._product_ids, self._vectors = _Rows(product_ids), _Rows(vectors)
+        # a bound on the products that have entries: a higher product id has none
+        self.max_owner = int(entry_owner.max()) if len(entry_owner) else -1
+        # whether the vectors' buffer was handed out (or saved) since it last moved
+        self.vectors_handed_out = False
 
     @classmethod
     def empty(cls, dim: int) -> _Group:
         none = np.zeros(0, np.int64)
         return cls(none, none.copy(), none.copy(), np.zeros((0, dim), np.float32))
+
+    @property
+    def entry_ids(self) -> NDArray[np.int64]:
+        return self._entry_ids.view()
+
+    @property
+    def entry_owner(self) -> NDArray[np.int64]:
+        return self._entry_owner.view()
+
+    @property
+    def product_ids(self) -> NDArray[np.int64]:
+        return self._product_ids.view()
+
+    @property
+    def vectors(self) -> NDArray[np.float32]:
+        return self._vectors.view()
+
+    def append_entries(self, ids: NDArray[np.int64], owners: NDArray[np.int64]) -> None:
+        """Append entries whose ids are above every entry's."""
+        self._entry_ids.append(ids)
+        self._entry_owner.append(owners)
+        if len(owners):
+            self.max_owner = max(self.max_owner, int(owners.max()))
+
+    def set_entries(self, ids: NDArray[np.int64], owners: NDArray[np.int64]) -> None:
+        self._entry_ids, self._entry_owner = _Rows(ids), _Rows(owners)
+        self.max_owner = int(owners.max()) if len(owners) else -1
+
+    def replace_vectors(self, rows: NDArray[np.intp], vectors: NDArray[np.float32]) -> None:
+        """Overwrite the vectors at ``rows``: in place, unless they may be read outside the
+        lock; then into a copy (once: the copy is nobody's until handed out again)."""
+        if len(rows) == 0:
+            return
+        if self.vectors_handed_out:
+            self._vectors = self._vectors.copy()
+            self.vectors_handed_out = False
+        self._vectors.buffer[rows] = vectors
+
+    def append_products(self, ids: NDArray[np.int64], vectors: NDArray[np.float32]) -> None:
+        """Append products whose ids are above every product's."""
+        self._product_ids.append(ids)
+        if self._vectors.append(vectors):
+            self.vectors_handed_out = False
+
+    def set_products(self, ids: NDArray[np.int64], vectors: NDArray[np.float32]) -> None:
+        self._product_ids, self._vectors = _Rows(ids), _Rows(vectors)
+        self.vectors_handed_out = False
 
 
 class ProductVectors:
@@ -118,10 +215,20 @@ class ProductVectors:
 
     def vectors(self, position: str | None = None) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
         """(product ids (P,) ascending, (P, D) L2-normalised vectors) of the images, or of the
-        crops at ``position``."""
+        crops at ``position``: views, never changed by a later :meth:`refresh` (it appends
+        past their end, or copies before recomputing a product in place)."""
         with self._lock:
             group = self._groups.get(index_name(position)) or _Group.empty(self.dim)
+            group.vectors_handed_out = True
             return group.product_ids, group.vectors
+
+    def product_ids(self, position: str | None = None) -> NDArray[np.int64]:
+        """The product ids of :meth:`vectors` alone: a view a later :meth:`refresh` never
+        changes, and, unlike :meth:`vectors`, no reason for it to copy the vectors before it
+        recomputes a product in place."""
+        with self._lock:
+            group = self._groups.get(index_name(position)) or _Group.empty(self.dim)
+            return group.product_ids
 
     def index(self, position: str | None = None) -> FlatIndex:
         """An exact index over :meth:`vectors` keyed by product id (built on first use, then
@@ -130,9 +237,9 @@ class ProductVectors:
         with self._lock:
             name = index_name(position)
             if name not in self._indexes:
-                ids, vecs = self.vectors(position)
+                group = self._groups.get(name) or _Group.empty(self.dim)
                 index = FlatIndex(self.dim)
-                index.add(ids, vecs)
+                index.add(group.product_ids, group.vectors)  # copied: the group keeps its own
                 self._indexes[name] = index
             return self._indexes[name]
 
@@ -260,39 +367,40 @@ class ProductVectors:
 
     def _reconcile(self, name: str, changes: EntryChanges | None = None) -> bool:
         """Bring group ``name`` to the catalog's entries: by ``changes`` (the store's change
-        log since :attr:`generation`), else by id difference with the catalog's index."""
+        log since :attr:`generation`), else by id difference with the catalog's index.
+
+        The usual write (entries with ids above the group's, of new products with ids above
+        its products, or of a few products it has) costs what it changed: entries and new
+        products are appended, changed products' vectors replaced in place. A removal or an
+        id out of order rebuilds the arrays it touches."""
         group = self._groups.get(name) or _Group.empty(self.dim)
+        self._groups[name] = group
         if changes is None:
             want = self._current_entries(name)
             added = np.setdiff1d(want, group.entry_ids, assume_unique=True)
-            removed_mask = ~np.isin(group.entry_ids, want, assume_unique=True)
+            removed_at = np.flatnonzero(~np.isin(group.entry_ids, want, assume_unique=True))
         else:
             position = None if name == IMAGES else name.removeprefix("crops-")
             logged = changes.added_at(position)
             added = logged[~_found(group.entry_ids, logged)]  # a group may hold some already
             removed = changes.removed_at(position)
-            removed = removed[_found(group.entry_ids, removed)]
-            removed_mask = np.zeros(len(group.entry_ids), bool)
-            removed_mask[np.searchsorted(group.entry_ids, removed)] = True
-        if len(added) == 0 and not removed_mask.any():
-            self._groups[name] = group
+            removed_at = np.searchsorted(group.entry_ids, removed[_found(group.entry_ids, removed)])
+        if len(added) == 0 and len(removed_at) == 0:
             return False
         added_owner = self._owners(name, added)
         alive = added_owner >= 0
         added, added_owner = added[alive], added_owner[alive]
-        if removed_mask.any():
-            keep = ~removed_mask
-            entry_ids = np.concatenate([group.entry_ids[keep], added])
-            entry_owner = np.concatenate([group.entry_owner[keep], added_owner])
-        else:  # the usual ingest: new ids after the old ones, no sorting needed
-            entry_ids = np.concatenate([group.entry_ids, added])
-            entry_owner = np.concatenate([group.entry_owner, added_owner])
-        if len(entry_ids) > 1 and not (entry_ids[1:] > entry_ids[:-1]).all():
-            order = np.argsort(entry_ids)
-            entry_ids, entry_owner = entry_ids[order], entry_owner[order]
-        dirty = np.union1d(group.entry_owner[removed_mask], added_owner)
+        dirty = np.union1d(group.entry_owner[removed_at], added_owner)
+        max_owner = group.max_owner
+        had_entries = dirty[dirty <= max_owner]  # the others' entries are all in added
 
-        fresh_ids, fresh_vecs = self._pool(name, entry_ids, entry_owner, dirty)
+        self._update_entries(group, added, added_owner, removed_at)
+        if len(had_entries) == 0:
+            wanted = added
+        else:
+            mine = np.isin(group.entry_owner, had_entries)
+            wanted = np.union1d(added[added_owner > max_owner], group.entry_ids[mine])
+        fresh_ids, fresh_vecs = self._pool(name, group, dirty, wanted)
 
         gone = np.setdiff1d(dirty, fresh_ids, assume_unique=True)  # no entry left
         old = group.product_ids
@@ -301,17 +409,14 @@ class ProductVectors:
         known[known] = old[at[known]] == fresh_ids[known]
         new_ids = fresh_ids[~known]
         if len(gone) == 0 and (len(new_ids) == 0 or len(old) == 0 or new_ids[0] > old[-1]):
-            # updated products in place, new ones (higher ids) appended: one copy at most
-            product_ids = np.concatenate([old, new_ids]) if len(new_ids) else old
-            vectors = np.concatenate([group.vectors, fresh_vecs[~known]])
-            vectors[at[known]] = fresh_vecs[known]
+            group.replace_vectors(at[known], fresh_vecs[known])
+            group.append_products(new_ids, fresh_vecs[~known])
         else:
             clean = ~np.isin(old, dirty)
             product_ids = np.concatenate([old[clean], fresh_ids])
             vectors = np.concatenate([group.vectors[clean], fresh_vecs])
             order = np.argsort(product_ids)
-            product_ids, vectors = product_ids[order], vectors[order]
-        self._groups[name] = _Group(entry_ids, entry_owner, product_ids, vectors)
+            group.set_products(product_ids[order], vectors[order])
         index = self._indexes.get(name)
         if index is not None:  # kept current in place: rebuilding it would copy every vector
             index.remove(gone)
@@ -319,26 +424,44 @@ class ProductVectors:
         log.info("product vectors %s reconciled: %d products recomputed", name, len(dirty))
         return True
 
+    @staticmethod
+    def _update_entries(
+        group: _Group,
+        added: NDArray[np.int64],
+        added_owner: NDArray[np.int64],
+        removed_at: NDArray[np.intp],
+    ) -> None:
+        """Remove the entries at rows ``removed_at`` and add ``added`` (sorted), keeping ids
+        sorted: appended when they all come after the group's, else rebuilt."""
+        last = group.entry_ids[-1] if len(group.entry_ids) else None
+        if len(removed_at) == 0 and (last is None or len(added) == 0 or added[0] > last):
+            group.append_entries(added, added_owner)  # the usual ingest
+            return
+        keep = np.ones(len(group.entry_ids), bool)
+        keep[removed_at] = False
+        entry_ids = np.concatenate([group.entry_ids[keep], added])
+        entry_owner = np.concatenate([group.entry_owner[keep], added_owner])
+        if len(entry_ids) > 1 and not (entry_ids[1:] > entry_ids[:-1]).all():
+            order = np.argsort(entry_ids)
+            entry_ids, entry_owner = entry_ids[order], entry_owner[order]
+        group.set_entries(entry_ids, entry_owner)
+
     def _pool(
-        self,
-        name: str,
-        entry_ids: NDArray[np.int64],
-        entry_owner: NDArray[np.int64],
-        dirty: NDArray[np.int64],
+        self, name: str, group: _Group, dirty: NDArray[np.int64], wanted: NDArray[np.int64]
     ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-        """:func:`mean_pool` of the ``dirty`` products' entries (sorted ``entry_ids``, their
-        owners), summed batch by batch as the store streams them: memory stays at the sums,
+        """:func:`mean_pool` of the ``dirty`` products' entries (``wanted``, sorted, among the
+        group's), summed batch by batch as the store streams them: memory stays at the sums,
         never every vector at once (a first open at 100k images peaked at 2.6x its steady
         size when they were all gathered first). When every entry is wanted, the table is
         read straight through instead of asked for by id."""
         table = "images" if name == IMAGES else "crops"
         position = None if name == IMAGES else name.removeprefix("crops-")
-        wanted = np.isin(entry_owner, dirty)
+        entry_ids, entry_owner = group.entry_ids, group.entry_owner
         store = self.catalog.store
-        if wanted.all():
+        if len(wanted) == len(entry_ids):
             batches = store.iter_vectors(table, self.dim, position=position, batch=8192)
         else:
-            batches = store.iter_vectors(table, self.dim, ids=entry_ids[wanted].tolist())
+            batches = store.iter_vectors(table, self.dim, ids=wanted.tolist())
         sums = np.zeros((len(dirty), self.dim), np.float64)
         seen = np.zeros(len(dirty), bool)
         for ids, vecs in batches:
@@ -395,7 +518,8 @@ class ProductVectors:
         if self.path is None:
             return
         with self._save_lock:
-            # written without the lock: a reconcile replaces groups, never changes their arrays
+            # written without the lock: a reconcile appends past the arrays read here, and
+            # copies the vectors before changing rows of them
             with self._lock:
                 arrays: dict[str, NDArray] = {
                     "format": np.array(FORMAT), "dim": np.array(self.dim),
@@ -404,6 +528,7 @@ class ProductVectors:
                     "names": np.array(sorted(self._groups), dtype=str),
                 }  # fmt: skip
                 for name, group in self._groups.items():
+                    group.vectors_handed_out = True
                     arrays[f"{name}.entry_ids"] = group.entry_ids
                     arrays[f"{name}.entry_owner"] = group.entry_owner
                     arrays[f"{name}.product_ids"] = group.product_ids

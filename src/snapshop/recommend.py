@@ -166,7 +166,7 @@ def export_similar(
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pv = ProductVectors(catalog)
-    ids, _ = pv.vectors(position)
+    ids = pv.product_ids(position)
     if position is not None and position not in pv.positions():
         raise ConfigError(
             f"no product has garment crops at position {position!r}"

@@ -436,7 +436,7 @@ class Searcher:
             product_index = pv.index(None)
             allowed = None
             if filters is not None and filters.active:
-                ids, _ = pv.vectors(None)
+                ids = pv.product_ids(None)
                 allowed = self.filter_resolver.allowed_products(ids, filters, pv.generation)
             total = len(product_index) if allowed is None else len(allowed)
             if total == 0:
