@@ -207,6 +207,16 @@ def open_store(
     return CatalogStore(target, readonly, dim=dim)
 
 
+IN_LIST = 500  # values per IN (...) list: within both engines' limits on parameters
+
+
+def _in_lists(values: Sequence[Any]) -> Iterator[tuple[list[Any], str]]:
+    """``values`` in lists of at most :data:`IN_LIST`, each with its ``?,?,...`` marks."""
+    for start in range(0, len(values), IN_LIST):
+        chunk = list(values[start : start + IN_LIST])
+        yield chunk, ",".join("?" * len(chunk))
+
+
 class CatalogStore:
     """Thread-safe access to one catalog database (SQLite file or PostgreSQL).
 
@@ -500,9 +510,7 @@ class CatalogStore:
     def products_by_ids(self, ids: Sequence[int]) -> dict[int, Product]:
         out: dict[int, Product] = {}
         ids = [int(i) for i in ids]
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_lists(ids):
             for row in self._query(f"SELECT * FROM products WHERE id IN ({marks})", chunk):
                 out[row["id"]] = _product(row)
         return out
@@ -512,9 +520,7 @@ class CatalogStore:
         skus are looked up as :meth:`find_product` does."""
         out: dict[str, Product] = {}
         keys = list(dict.fromkeys(lookup_sku(sku) for sku in skus))
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_lists(keys):
             for row in self._query(f"SELECT * FROM products WHERE sku IN ({marks})", chunk):
                 out[row["sku"]] = _product(row)
         return out
@@ -617,9 +623,7 @@ class CatalogStore:
         asked (empty for a product without images, or none)."""
         ids = [_row_id(i, "product") for i in product_ids]
         out: dict[int, list[ImageRow]] = {i: [] for i in ids}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_lists(ids):
             rows = self._query(
                 f"SELECT * FROM images WHERE product_id IN ({marks}) ORDER BY id", chunk
             )
@@ -638,9 +642,7 @@ class CatalogStore:
         """:meth:`delete_images` inside an open transaction."""
         ids = [int(i) for i in image_ids]
         crop_ids: list[int] = []
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_lists(ids):
             crop_ids += [r[0] for r in db.execute(
                 f"SELECT id FROM crops WHERE image_id IN ({marks})", chunk)]  # fmt: skip
             shas = [r[0] for r in db.execute(
@@ -674,9 +676,7 @@ class CatalogStore:
 
     @staticmethod
     def _delete_unreferenced_blobs(db: Database, shas: Sequence[str]) -> None:
-        for start in range(0, len(shas), 500):
-            chunk = list(shas[start : start + 500])
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_lists(shas):
             db.execute(
                 f"DELETE FROM blobs WHERE sha256 IN ({marks}) AND NOT EXISTS"
                 " (SELECT 1 FROM images i WHERE i.sha256 = blobs.sha256)",
@@ -706,9 +706,7 @@ class CatalogStore:
         """(sha256, blob) of the given images (unknown ids are skipped)."""
         out: list[tuple[str, str | None]] = []
         ids = [int(i) for i in image_ids]
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_lists(ids):
             rows = self._query(f"SELECT sha256, blob FROM images WHERE id IN ({marks})", chunk)
             out += [(r[0], r[1]) for r in rows]
         return out
@@ -716,9 +714,7 @@ class CatalogStore:
     def image_product_map(self, image_ids: Sequence[int]) -> dict[int, int]:
         out: dict[int, int] = {}
         ids = [int(i) for i in image_ids]
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_lists(ids):
             for row in self._query(
                 f"SELECT id, product_id FROM images WHERE id IN ({marks})", chunk
             ):
@@ -729,9 +725,7 @@ class CatalogStore:
         """crop id -> (crop, product id)."""
         out: dict[int, tuple[CropRow, int]] = {}
         ids = [int(i) for i in crop_ids]
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_lists(ids):
             for r in self._query(
                 "SELECT c.*, i.product_id FROM crops c JOIN images i ON c.image_id = i.id"
                 f" WHERE c.id IN ({marks})", chunk,
@@ -746,9 +740,7 @@ class CatalogStore:
         id asked."""
         ids = [int(i) for i in image_ids]
         out: dict[int, list[CropRow]] = {i: [] for i in ids}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_lists(ids):
             for r in self._query(
                 f"SELECT * FROM crops WHERE image_id IN ({marks}) ORDER BY id", chunk
             ):
@@ -820,9 +812,7 @@ class CatalogStore:
             raise ValueError(table)
         if ids is not None:
             id_list = [int(i) for i in ids]
-            for start in range(0, len(id_list), 500):
-                chunk = id_list[start : start + 500]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _in_lists(id_list):
                 rows = self._query(
                     f"SELECT id, vector FROM {table} WHERE id IN ({marks})", chunk, binary=True
                 )
