@@ -452,3 +452,30 @@ def test_verify_settings_no_search_can_use_are_config_errors(field: str, value: 
     with pytest.raises(ConfigError, match=field):
         VerifyConfig(**{field: value})
     assert VerifyConfig(top_k=np.int64(3), long_side=np.int32(300)).top_k == 3
+
+
+def test_evaluate_detector_counts_one_image_spelt_two_ways_once(tmp_path: Path) -> None:
+    """`a.jpg` and `./a.jpg` in boxes.csv were two images: one scored with the upper box only,
+    the other with the lower box only."""
+    from snapshop.evaluate.detection import load_ground_truth
+
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(
+        "path,group,x1,y1,x2,y2\n"
+        "a.jpg,upper,0,0,10,10\n"
+        "./a.jpg,lower,0,10,10,20\n"
+        "sub/../b.jpg,upper,1,1,5,5\n",
+        encoding="utf-8",
+    )
+    truth = load_ground_truth(boxes)
+    assert sorted(truth) == ["a.jpg", "b.jpg"]
+    assert sorted(truth["a.jpg"]) == ["lower", "upper"]
+
+
+def test_street2shop_photos_with_one_id_and_two_suffixes_are_refused(tmp_path: Path) -> None:
+    """`1.jpg` and `1.png` in the photo folder: one of them was taken, whichever the folder
+    listed last."""
+    root = street2shop(tmp_path / "s2s", [{"photo": 1, "product": 7}])
+    Image.new("RGB", (8, 8)).save(root / "images" / "1.png")  # beside 1.jpg
+    with pytest.raises(ManifestError, match=r"two photos named '1' \(1.jpg, 1.png\)"):
+        read_street2shop(root)

@@ -127,7 +127,17 @@ def _load_json_list(path: Path) -> list[dict[str, Any]]:
 def _photo_index(images: Path) -> dict[str, Path]:
     if not images.is_dir():
         raise ManifestError(f"{images}: Street2Shop photo folder not found")
-    return {p.stem: p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    index: dict[str, Path] = {}
+    for photo in sorted(images.iterdir()):
+        if photo.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if photo.stem in index:  # the JSON names a photo by its stem: which file is it?
+            raise ManifestError(
+                f"{images}: two photos named {photo.stem!r} ({index[photo.stem].name},"
+                f" {photo.name}); Street2Shop names a photo by its id: keep one"
+            )
+        index[photo.stem] = photo
+    return index
 
 
 def _json_id(value: Any) -> str | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -74,9 +75,9 @@ def _read_boxes(reader: csv.DictReader[str], path: Path, out: dict[str, dict[str
     if missing:
         raise ManifestError(f"{path}: missing column(s) {missing}; need {list(REQUIRED)}")
     for line, row in nonblank_rows(reader, path):
-        image = row["path"]
-        if not image:
+        if not row["path"]:
             raise ManifestError(f"{path}:{line}: empty path")
+        image = os.path.normpath(row["path"])  # "a.jpg" and "./a.jpg" are one image
         boxes = out.setdefault(image, {})
         pos = position_of(row["group"] or "")
         if pos is None:
