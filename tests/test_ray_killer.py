@@ -38,15 +38,36 @@ class PoisonDetector:
         return []
 
 
+class DiesWhileLoading:
+    """Kills every worker that unpickles it: a worker that dies while it loads (a detector's
+    native library, a model too large for the worker's memory), each time Ray restarts it."""
+
+    name = "dies-while-loading"
+
+    def __init__(self) -> None:
+        self.loaded = False  # a state, so that unpickling calls __setstate__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import os
+
+        os._exit(1)
+
+    def detect(self, image: Any) -> list[Any]:
+        return []
+
+
 def poison_in(folder: Path) -> Path:
     path = folder / "poison.png"
     Image.new("RGB", (64, 64), POISON).save(path)
     return path
 
 
-def ingest_within(seconds: float, shop: Path, catalog: Path, model: Path, **kwargs: Any) -> Any:
-    """``index_source`` with the poison detector on the session's Ray: its report, or the
-    exception it raised; fails the test when it has not ended within ``seconds``."""
+def ingest_within(
+    seconds: float, shop: Path, catalog: Path, model: Path, detector: Any = None, **kwargs: Any
+) -> Any:
+    """``index_source`` with ``detector`` (default: the poison detector) on the session's Ray:
+    its report, or the exception it raised; fails the test when it has not ended within
+    ``seconds``."""
     import ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # PoisonDetector
@@ -55,7 +76,7 @@ def ingest_within(seconds: float, shop: Path, catalog: Path, model: Path, **kwar
     def ingest() -> None:
         try:
             outcome["done"] = api.index_source(
-                shop, catalog, model=str(model), detector=PoisonDetector(), **kwargs
+                shop, catalog, model=str(model), detector=detector or PoisonDetector(), **kwargs
             )
         except Exception as exc:  # noqa: BLE001 - handed to the test thread
             outcome["done"] = exc
@@ -134,3 +155,19 @@ def test_a_lone_image_is_named_after_its_second_death_and_deaths_are_capped() ->
         IngestError, match=r"died 4 times, more than max_worker_deaths=3.* 5 images"
     ):
         search.died([(7, KilledWorker((7,)))], added=5)
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_local")
+def test_workers_that_die_while_loading_end_the_ingest_with_a_reason(
+    tmp_path: Path, lite0_model_dir: Path
+) -> None:
+    """Ray restarts an actor that died in its constructor without end: the ingest waited for
+    ever (reproduced: still running after 150 s). Now the third death while loading ends it."""
+    make_images(tmp_path / "shop", n_products=2, per_product=2, size=48)
+    outcome = ingest_within(
+        120, tmp_path / "shop", tmp_path / "cat", lite0_model_dir, DiesWhileLoading(),
+        ray=RayConfig(),
+    )  # fmt: skip
+    assert isinstance(outcome, IngestError), outcome
+    assert "at least 3 Ray workers died while loading the model and detector" in str(outcome)

@@ -60,6 +60,7 @@ LOCAL = "local"  # start a Ray instance in this process, shut down when the inge
 AUTO = "auto"  # $RAY_ADDRESS, or the cluster this machine is part of
 INSTALL_HINT = "pip install 'snapshop[ray]'"
 KILLED_WORKER = "killed the Ray worker that indexed it"  # the start of a killer's reason
+LOAD_DEATHS = 3  # workers that died while loading the model and detector: the next one will too
 CONNECT_SECONDS = 10.0  # a Ray head's HOST:PORT that does not answer in this time is an error
 
 
@@ -157,6 +158,17 @@ class BatchLedger:
 
     def __init__(self) -> None:
         self.begun: set[tuple[int, tuple[int, ...]]] = set()
+        self.loads_begun = self.loads_ended = 0
+
+    def begin_load(self) -> int:
+        """Count an actor that starts loading; returns how many began before it and have not
+        ended (still loading, or died loading: Ray restarts such an actor without end)."""
+        unfinished = self.loads_begun - self.loads_ended
+        self.loads_begun += 1
+        return unfinished
+
+    def end_load(self) -> None:
+        self.loads_ended += 1
 
     def begin(self, key: tuple[int, tuple[int, ...]]) -> bool:
         """Whether this is the first try of batch ``key`` (False: a try began and died)."""
@@ -174,9 +186,31 @@ class IndexActor:
     batch of rows to (row id, pickled outcome): an :class:`Embedded` with the image bytes,
     (source, reason) for an image that cannot be indexed, or :class:`KilledWorker` when an
     earlier try of the batch killed its actor. ``bisection``: the ingest's round of retries
-    (0: the first), which with the row ids names a batch in ``ledger``, a :class:`BatchLedger`."""
+    (0: the first), which with the row ids names a batch in ``ledger``, a :class:`BatchLedger`.
 
-    def __init__(
+    ``packed``: the arguments of :meth:`_load` (model, detector, the job), pickled, so that
+    they are unpickled here, after the ledger counted the load: a worker that dies unpickling
+    a detector, or loading a model, is restarted by Ray for ever, and the ingest waited with
+    it. Past :data:`LOAD_DEATHS` such deaths (beyond the ``pool`` actors that may be loading
+    at once) the next actor refuses to start, which ends the ingest with that reason."""
+
+    def __init__(self, packed: bytes, ledger: Any, bisection: int, pool: int) -> None:
+        import ray
+
+        self.ray = ray
+        self.ledger = ledger
+        self.bisection = bisection
+        unfinished = ray.get(ledger.begin_load.remote())
+        if unfinished - (pool - 1) >= LOAD_DEATHS:
+            raise IngestError(
+                f"at least {LOAD_DEATHS} Ray workers died while loading the model and detector"
+                " (a crash in native code, or out of memory): check the model directory and"
+                " the workers' memory"
+            )
+        self._load(**ray.cloudpickle.loads(packed))
+        ray.get(ledger.end_load.remote())
+
+    def _load(
         self,
         model_dir: str,
         model_id: str,
@@ -185,14 +219,7 @@ class IndexActor:
         job: PrepareJob,
         cpus: int,
         gpus: float,
-        ledger: Any,
-        bisection: int,
     ) -> None:
-        import ray
-
-        self.ray = ray
-        self.ledger = ledger
-        self.bisection = bisection
         on_gpu = bool(gpus) and _cuda_available()
         self.embedder = Embedder(model_dir, threads=1, parallel=0 if on_gpu else cpus)
         if self.embedder.model_id != model_id:
@@ -346,12 +373,13 @@ def ingest_on_ray(
         # Batches no larger than every actor's share, so a small source still uses them all.
         batch_size = max(1, min(ingestor.batch_size, math.ceil(len(rows) / actors)))
         ledger = ray.remote(BatchLedger).options(num_cpus=0).remote()
+        packed = ray.cloudpickle.dumps(actor_args)
         search = KillerSearch(config.max_worker_deaths)
         try:
             while rows:  # again, in batches half as large, the rows whose batch killed a worker
                 mapped = _mapped(
                     ray, rows, batch_size, actors, options,
-                    {**actor_args, "ledger": ledger, "bisection": search.bisection},
+                    {"packed": packed, "ledger": ledger, "bisection": search.bisection},
                 )  # fmt: skip
                 writes = mapped.iter_batches(batch_size=ingestor.batch_size, batch_format="numpy")
                 for batch in writes:
@@ -396,11 +424,12 @@ def _mapped(
 ) -> Any:  # fmt: skip
     """``rows`` mapped by a pool of :class:`IndexActor` (a lazy Ray dataset)."""
     blocks = math.ceil(len(rows) / batch_size)
+    pool = min(actors, blocks)
     # Ray Data replaces an actor that died and hands its batch to the replacement, as often
     # as it dies: the ledger, not a Ray retry limit, keeps that from repeating.
     mapped = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        IndexActor, fn_constructor_kwargs=actor_args, batch_size=batch_size,
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)),
+        IndexActor, fn_constructor_kwargs={**actor_args, "pool": pool}, batch_size=batch_size,
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool),
         **options,
     )  # fmt: skip
     # In source order, as in-process: of two rows with the same bytes the first one wins
