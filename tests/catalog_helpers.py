@@ -8,8 +8,10 @@ import sqlite3
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image
 
 from snapshop.catalog.catalog import Catalog, open_catalog
 from snapshop.demo import DemoProduct, demo_products, render
@@ -152,3 +154,17 @@ def race(threads: list[threading.Thread], stop: threading.Event, seconds: float)
     finally:
         sys.setswitchinterval(interval)
     assert not any(t.is_alive() for t in threads), "a thread is stuck: deadlock"
+
+
+class MeanColourEmbedder:
+    """A stand-in embedder: an image's L2-normalised mean colour (generated products differ
+    by colour, so a product's images embed near each other), for evaluation tests."""
+
+    dim = 3
+    card = SimpleNamespace(name="mean-colour")
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        vecs = np.stack(
+            [np.asarray(i.convert("RGB"), np.float32).mean(axis=(0, 1)) for i in images]
+        )
+        return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from catalog_helpers import make_images
+from catalog_helpers import MeanColourEmbedder, make_images
 from PIL import Image
 
 from snapshop.data.manifest import ManifestRow, write_manifest
@@ -79,15 +79,6 @@ def test_a_model_that_embeds_nan_is_named_not_scored(
 
 
 # --- a query that is also a gallery image finds itself ----------------------------------------
-class _ColourEmbedder:
-    dim = 3
-    card = SimpleNamespace(name="colour")
-
-    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
-        vecs = np.stack(
-            [np.asarray(i.convert("RGB"), np.float32).mean(axis=(0, 1)) for i in images]
-        )
-        return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
 
 
 def test_a_query_listed_in_the_gallery_too_is_refused_everywhere(
@@ -103,7 +94,9 @@ def test_a_query_listed_in_the_gallery_too_is_refused_everywhere(
         for role in ("query", "gallery")
     ]
     write_manifest(tmp_path / "m.csv", both, tmp_path)
-    monkeypatch.setattr("snapshop.models.embedder.load_embedder", lambda model: _ColourEmbedder())
+    monkeypatch.setattr(
+        "snapshop.models.embedder.load_embedder", lambda model: MeanColourEmbedder()
+    )
     with pytest.raises(ManifestError, match="6 queries are also gallery images"):
         retrieval.evaluate_manifest(tmp_path / "m.csv", ks=(1,))
     # the same file under another spelling of its path is the same image

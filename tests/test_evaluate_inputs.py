@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
-from catalog_helpers import make_images
+from catalog_helpers import MeanColourEmbedder, make_images
 from PIL import Image
 
 from snapshop.data.manifest import ManifestRow, RowSelection, select_rows, write_manifest
@@ -19,22 +18,11 @@ from snapshop.evaluate import retrieval
 from snapshop.evaluate.retrieval import compare_models, evaluate_embeddings
 
 
-class _FakeEmbedder:
-    """A product's images embed near its own direction (the mean colour is enough here)."""
-
-    dim = 3
-    card = SimpleNamespace(name="fake")
-
-    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
-        vecs = np.stack(
-            [np.asarray(i.convert("RGB"), np.float32).mean(axis=(0, 1)) for i in images]
-        )
-        return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
-
-
 @pytest.fixture
 def fake_embedder(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("snapshop.models.embedder.load_embedder", lambda model: _FakeEmbedder())
+    monkeypatch.setattr(
+        "snapshop.models.embedder.load_embedder", lambda model: MeanColourEmbedder()
+    )
 
 
 def _manifest(tmp_path: Path, gallery_of: int | None = None) -> Path:
