@@ -1,5 +1,6 @@
 """The benchmarks that score fold models on grocery-dev's folds (local_rerank.py, view_levers.py,
-hubness.py, query_crops.py, ensemble_cv.py, query_cutout.py, photo_resolution.py) run end to end
+hubness.py, query_crops.py, ensemble_cv.py, query_cutout.py, photo_resolution.py,
+colour_rerank.py) run end to end
 on a tiny generated dataset: cartons (catalog image + photos of it) and plain products. Their
 geometry, neighbourhoods, ensembles and saliency cut-outs against brute force."""
 
@@ -25,6 +26,7 @@ ensemble_cv = load_script("benchmarks/ensemble_cv.py")
 isnet_model = load_script("benchmarks/isnet_model.py")
 query_cutout = load_script("benchmarks/query_cutout.py")
 photo_resolution = load_script("benchmarks/photo_resolution.py")
+colour_rerank = load_script("benchmarks/colour_rerank.py")
 
 
 @pytest.fixture(scope="module")
@@ -435,3 +437,59 @@ def test_a_multiscale_vector_is_the_normalised_mean_of_its_scales() -> None:
     for i in range(4):
         mean = vecs[100][i] + vecs[200][i]
         assert np.allclose(both[i], mean / np.linalg.norm(mean), atol=1e-6)
+
+
+def test_colour_benchmark_cross_fits_the_weight_per_fold(
+    manifest: Path, lite0_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(manifest), "--baseline", str(lite0_model_dir), "--cache", str(tmp_path)]
+    assert colour_rerank.main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"colour histogram of a query photo: p50 [0-9.]+ ms", out)
+    for protocol in ("photo -> catalog", "photo -> all"):
+        for fold in range(3):
+            assert re.search(
+                rf"{protocol}, cosine \+ w colour \(cross-fitted\), fold {fold}: w [0-9.]+", out
+            )
+    assert out.count("| R@1 - cosine, paired | - |") == 2
+    # the second run reads every vector and histogram from the cache and prints the same table
+    assert colour_rerank.main([*argv, "--weights", "0", "1"]) == 0
+    again = capsys.readouterr().out
+    assert "colour histogram of a query photo" not in again
+    assert again.count("| cosine | cosine + w colour (cross-fitted) |") == 2
+
+
+def test_colour_histogram_counts_the_products_pixels_in_their_hsv_bins() -> None:
+    red = Image.new("RGB", (300, 300), (255, 255, 255))
+    red.paste((220, 20, 20), (60, 60, 240, 240))  # a packshot: only the red square counts
+    hist = colour_rerank.colour_histogram(red)
+    assert hist.shape == (colour_rerank.BINS,) and hist.sum() == pytest.approx(1.0)
+    hue, sat, _ = Image.new("RGB", (1, 1), (220, 20, 20)).convert("HSV").getpixel((0, 0))
+    red_bin = (hue * colour_rerank.HUE_BINS // 256) * 2 + int(sat >= colour_rerank.SATURATION_SPLIT)
+    assert hist[red_bin] > 0.9  # the rest: the square's blended edge on the 128-px copy
+    # a photo (no white border): every pixel of its main-object crop, dark and grey included
+    photo = Image.new("RGB", (200, 100), (10, 10, 10))
+    photo.paste((128, 128, 128), (100, 0, 200, 100))
+    grey = colour_rerank.colour_histogram(photo)
+    assert grey[colour_rerank.HUE_BINS * 2] == pytest.approx(0.5, abs=0.05)  # dark
+    assert grey[colour_rerank.HUE_BINS * 2 + 1] == pytest.approx(0.5, abs=0.05)  # mid grey
+    coefficients = colour_rerank.bhattacharyya(np.stack([hist, grey]), np.stack([hist, grey]))
+    np.testing.assert_allclose(np.diag(coefficients), 1.0, atol=1e-5)
+    assert coefficients[0, 1] < 0.3
+
+
+def test_colour_weight_moves_the_ranking_as_cos_plus_w_bc() -> None:
+    rows = [
+        colour_rerank.ManifestRow(path=Path(f"{n}.png"), sku=f"p{n}", role=role)
+        for n, role in ((0, "query"), (0, "gallery"), (1, "gallery"))
+    ]
+    scores = colour_rerank.FoldScores(
+        sims=np.array([[0.5, 0.6]], np.float32),
+        colour=np.array([[0.9, 0.1]], np.float32),
+        queries=rows[:1],
+        shown=rows[1:],
+    )
+    label_of = {"p0": 0, "p1": 1}
+    assert scores.ranks(0.0, label_of)[0][0] == 1  # cosine alone prefers p1
+    assert scores.ranks(0.1, label_of)[0][0] == 1  # 0.59 < 0.61
+    assert scores.ranks(0.2, label_of)[0][0] == 0  # 0.68 > 0.62
