@@ -434,19 +434,21 @@ def recommend(
     position: str | None = None,
     batch_size: int = 1024,
     restart: bool = False,
+    spreadsheet_safe: bool = True,
     progress_total: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ExportReport:
     """Write every product's ``k`` most similar products (by product vector) to ``out`` (.csv,
-    or .parquet when pyarrow is installed), resuming an interrupted export of the same file
-    unless ``restart`` (see ``snapshop.recommend``)."""
+    .jsonl, or .parquet when pyarrow is installed), resuming an interrupted export of the same
+    file unless ``restart``; a CSV's skus that a spreadsheet would run as formulas are written
+    as text unless not ``spreadsheet_safe`` (see ``snapshop.recommend``)."""
     from snapshop.recommend import export_similar
 
     out = check_output(out, catalog_dir, "export")
     with open_catalog(catalog_dir) as catalog:
         return export_similar(
             catalog, out, k, position=position, batch_size=batch_size, restart=restart,
-            progress_total=progress_total, progress=progress,
+            spreadsheet_safe=spreadsheet_safe, progress_total=progress_total, progress=progress,
         )  # fmt: skip
 
 
@@ -458,16 +460,19 @@ def duplicates(
     pixel_check: bool = True,
     out: PathLike | None = None,
     html: PathLike | None = None,
+    spreadsheet_safe: bool = True,
     progress_total: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> DuplicateReport:
     """Near-identical image pairs across different products: vector similarity >=
     ``threshold``, confirmed on the stored files by pixel similarity >= ``pixel_threshold``
     unless not ``pixel_check`` (None: the defaults in ``snapshop.duplicates``). Written as CSV
-    to ``out`` and as a page of side-by-side thumbnails to ``html`` when given."""
+    to ``out`` (skus a spreadsheet would run as formulas as text, unless not
+    ``spreadsheet_safe``) and as a page of side-by-side thumbnails to ``html`` when given."""
     from snapshop import duplicates as dup
 
     check_flag("pixel_check", pixel_check)
+    check_flag("spreadsheet_safe", spreadsheet_safe)
     out = None if out is None else check_output(out, catalog_dir, "CSV")
     html = None if html is None else check_output(html, catalog_dir, "page")
     with open_catalog(catalog_dir) as catalog:
@@ -479,7 +484,7 @@ def duplicates(
             pixel_threshold=pixel if pixel_check else None, progress=progress,
         )  # fmt: skip
         if out is not None:
-            dup.write_csv(report.pairs, out)
+            dup.write_csv(report.pairs, out, spreadsheet_safe=spreadsheet_safe)
         if html is not None:
             dup.write_html(catalog, report, html)
         return report

@@ -107,6 +107,14 @@ DetectorOpt = Annotated[
     typer.Option("--detector", help="Garment detector: none, segmenter, pose, yolo:FILE.onnx, ..."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+RawCsvOpt = Annotated[
+    bool,
+    typer.Option(
+        "--raw-csv",
+        help="Write CSV cells exactly, for programs: by default a sku a spreadsheet would run"
+        " as a formula (=, +, -, @...) gets a quote in front.",
+    ),
+]
 
 
 def _print_error(exc: BaseException | str) -> None:
@@ -1155,7 +1163,10 @@ def similar(
 def recommend(
     catalog: CatalogOpt,
     output: Annotated[
-        Path, typer.Option("--out", "-o", help="similar.csv, or similar.parquet (needs pyarrow).")
+        Path,
+        typer.Option(
+            "--out", "-o", help="similar.csv, similar.jsonl, or similar.parquet (needs pyarrow)."
+        ),
     ],
     k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Similar products each.")] = 20,
     position: Annotated[
@@ -1165,13 +1176,14 @@ def recommend(
     restart: Annotated[
         bool, typer.Option("--restart", help="Start over instead of resuming an unfinished run.")
     ] = False,
+    raw_csv: RawCsvOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export every product's k most similar products (by product vector); resumable."""
     with _count_bar("products") as (set_total, advance):
         report = run(lambda: api.recommend(
             catalog, output, k=k, position=position, batch_size=batch_size, restart=restart,
-            progress_total=set_total, progress=advance,
+            spreadsheet_safe=not raw_csv, progress_total=set_total, progress=advance,
         ))  # fmt: skip
     if as_json:
         _print_json(report.to_dict())
@@ -1212,14 +1224,15 @@ def catalog_duplicates(
     html: Annotated[
         Path | None, typer.Option("--html", help="Also write a page of side-by-side thumbnails.")
     ] = None,
+    raw_csv: RawCsvOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Near-identical images listed under different products (reused photos, duplicates)."""
     with _count_bar("images") as (set_total, advance):
         report = run(lambda: api.duplicates(
             catalog, threshold=threshold, pixel_threshold=pixel_threshold,
-            pixel_check=pixel_check, out=output, html=html, progress_total=set_total,
-            progress=advance,
+            pixel_check=pixel_check, out=output, html=html, spreadsheet_safe=not raw_csv,
+            progress_total=set_total, progress=advance,
         ))  # fmt: skip
     if as_json:
         _print_json(report.to_dict())

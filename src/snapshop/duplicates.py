@@ -15,7 +15,6 @@ images and of real photos against distinct products.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import logging
@@ -33,6 +32,7 @@ from snapshop.catalog.blobs import blob_file
 from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import ImageRow
 from snapshop.config import check_int, check_number
+from snapshop.data.spreadsheet import csv_text
 from snapshop.errors import CatalogError, ImageDecodeError
 from snapshop.images import load_image, stored_file_limits
 
@@ -233,13 +233,14 @@ def pixel_similarity(first: NDArray[np.float32], second: NDArray[np.float32]) ->
     return float(scores.max())
 
 
-def write_csv(pairs: Sequence[DuplicatePair], path: Path) -> None:
+def write_csv(pairs: Sequence[DuplicatePair], path: Path, *, spreadsheet_safe: bool = True) -> None:
+    """The pairs as CSV (UTF-8), one a row; skus and sources a spreadsheet would run as
+    formulas are written as text (a quote in front) unless not ``spreadsheet_safe``."""
+    rows = [CSV_COLUMNS, *([getattr(p, c) for c in CSV_COLUMNS] for p in pairs)]
+    text = csv_text(rows, spreadsheet_safe=spreadsheet_safe)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(CSV_COLUMNS)
-        for p in pairs:
-            writer.writerow([getattr(p, c) for c in CSV_COLUMNS])
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 def _thumbnail_uri(catalog: Catalog, image: ImageRow, size: int) -> str | None:

@@ -5,15 +5,23 @@ batches; each batch is one search of the product index (``snapshop.product_vecto
 its rows go straight to the output file, so memory holds the product vectors and one batch.
 
 Resumable: after each batch is on disk, ``OUT.progress.json`` records the last product done
-and how much of the output is complete (bytes of a CSV; finished part files of a parquet
-export, which are written to ``OUT.parts/`` and joined into OUT at the end). A run that finds
-that file continues after the last complete product; a finished export removes it.
+and how much of the output is complete (bytes of a CSV or JSON Lines file; finished part
+files of a parquet export, which are written to ``OUT.parts/`` and joined into OUT at the
+end). A run that finds that file continues after the last complete product; a finished export
+removes it.
+
+A CSV is for people, who open it in a spreadsheet: a sku that starts a formula (``=``, ``+``,
+``-``, ``@``, ...) is written as text, a quote in front (``snapshop.data.spreadsheet``);
+``spreadsheet_safe=False`` writes skus exactly. JSON Lines (``.jsonl``, one object of
+``COLUMNS`` a row) and parquet are for programs: skus always exactly.
+
+A product whose vector is zero (its image vectors cancel, v and -v: the mean has no
+direction) is like nothing: it scores 0 against every product, so it would be listed above
+every product of negative similarity. It is nobody's neighbour and gets no neighbours.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -29,14 +37,16 @@ from numpy.typing import NDArray
 
 from snapshop.catalog.catalog import Catalog
 from snapshop.config import atomic_file, check_int
+from snapshop.data.spreadsheet import csv_text
 from snapshop.errors import ConfigError
 from snapshop.product_vectors import ProductVectors
-from snapshop.search import check_k
+from snapshop.search import check_flag, check_k
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("product_id", "sku", "rank", "similar_product_id", "similar_sku", "score")
-FORMATS = (".csv", ".parquet")
+FORMATS = (".csv", ".jsonl", ".parquet")
+TEXT_FORMATS = ("csv", "jsonl")  # appended in place, resumed at a byte offset
 # Rows (products x k) one batch may hold: a batch's rows are Python lists until written,
 # ~350 bytes a row (k = 1000 with batches of 8,192 products peaked at 2.9 GB; the CLI allows
 # 65,536). Batches are made smaller for a large k: ~90 MB here, the same output.
@@ -74,9 +84,11 @@ def parquet_available() -> bool:
 def output_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
-        raise ConfigError(f"{path}: the output must end in .csv or .parquet")
+        raise ConfigError(f"{path}: the output must end in .jsonl, .csv or .parquet")
     if suffix == ".parquet" and not parquet_available():
-        raise ConfigError("parquet output needs pyarrow, which is not installed; write a .csv")
+        raise ConfigError(
+            "parquet output needs pyarrow, which is not installed; write a .csv or .jsonl"
+        )
     return suffix.removeprefix(".")
 
 
@@ -90,10 +102,16 @@ def neighbours(
 ) -> Iterator[tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float32]]]:
     """Batches of (products (B,), their k most similar products (B, k), scores (B, k)), for
     the products with id > ``after`` in id order; a product is never its own neighbour, and
-    missing neighbours (fewer than k + 1 products) are -1 with score -inf."""
+    missing neighbours (fewer than k + 1 products) are -1 with score -inf. A product whose
+    vector is zero has none and is none."""
     ids, vectors = pv.vectors(position)
+    directionless = ids[~vectors.any(axis=1)]
+    if len(directionless):
+        log.warning("%d products have a zero product vector (their image vectors cancel, e.g."
+                    " product %d): they get no similar products and are none",
+                    len(directionless), int(directionless[0]))  # fmt: skip
     start = int(np.searchsorted(ids, after, side="right"))
-    fetch = min(k + 1, max(len(ids), 1))
+    fetch = min(k + 1 + len(directionless), max(len(ids), 1))
     for lo in range(start, len(ids), batch_size):
         batch = ids[lo : lo + batch_size]
         # a refresh changes the product index in place; not held over the yield, while the
@@ -102,8 +120,12 @@ def neighbours(
             hits = pv.index(position).search(vectors[lo : lo + batch_size], fetch)
         out_ids = np.full((len(batch), k), -1, np.int64)
         out_scores = np.full((len(batch), k), -np.inf, np.float32)
+        lonely = np.isin(batch, directionless)
+        like_nothing = np.isin(hits.ids, directionless)
         for row, product in enumerate(batch):
-            keep = (hits.ids[row] != product) & (hits.ids[row] >= 0)
+            if lonely[row]:
+                continue
+            keep = (hits.ids[row] != product) & (hits.ids[row] >= 0) & ~like_nothing[row]
             found, scores = hits.ids[row][keep][:k], hits.scores[row][keep][:k]
             out_ids[row, : len(found)] = found
             out_scores[row, : len(found)] = scores
@@ -151,15 +173,20 @@ def export_similar(
     position: str | None = None,
     batch_size: int = 1024,
     restart: bool = False,
+    spreadsheet_safe: bool = True,
     progress_total: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ExportReport:
     """Write every product's ``k`` most similar products (by product vector of the images,
-    or of the crops at ``position``) to ``out`` (.csv, or .parquet when pyarrow is there):
+    or of the crops at ``position``) to ``out`` (.csv, .jsonl, or .parquet when pyarrow is
+    there):
     one row per (product, rank) with the columns of ``COLUMNS``, ranks from 1, products in id
     order. Continues an interrupted export of the same ``out`` unless ``restart``. Products
-    are searched ``batch_size`` at a time, fewer when ``k`` is large (``MAX_BATCH_ROWS``)."""
+    are searched ``batch_size`` at a time, fewer when ``k`` is large (``MAX_BATCH_ROWS``).
+    A CSV's skus that a spreadsheet would run as formulas are written as text (a quote in
+    front) unless not ``spreadsheet_safe``."""
     k, batch_size = check_k(k), check_int("batch_size", batch_size, 1)
+    spreadsheet_safe = check_flag("spreadsheet_safe", spreadsheet_safe)
     batch_size = min(batch_size, max(1, MAX_BATCH_ROWS // k))
     out = Path(out)
     fmt = output_format(out)
@@ -174,7 +201,8 @@ def export_similar(
         )
     state = _Progress(out)
     parts = out.with_name(out.name + ".parts")
-    header = {"format": fmt, "k": k, "position": position, "generation": pv.generation}
+    header = {"format": fmt, "k": k, "position": position, "generation": pv.generation,
+              "spreadsheet_safe": spreadsheet_safe if fmt == "csv" else None}  # fmt: skip
     resume = None if restart else _resume_point(state, out, parts, header)
     if resume is None:  # a fresh start: nothing of an earlier run is kept
         after, done = 0, _start_output(out, parts, fmt)
@@ -188,7 +216,7 @@ def export_similar(
 
     sku_of: dict[int, str] = {}
     exported = rows = 0
-    with _RowSink(out, parts, fmt, done) as sink:
+    with _RowSink(out, parts, fmt, done, spreadsheet_safe) as sink:
         for batch, found, scores in neighbours(
             pv, k, position=position, after=after, batch_size=batch_size
         ):
@@ -222,7 +250,9 @@ def _resume_point(
     resume = state.read()
     if resume is None:
         return None
-    settings = {key: header[key] for key in ("format", "k", "position")}
+    if "spreadsheet_safe" not in resume:  # begun before cells were escaped: a raw CSV
+        resume["spreadsheet_safe"] = False if resume.get("format") == "csv" else None
+    settings = {key: header[key] for key in ("format", "k", "position", "spreadsheet_safe")}
     previous = {key: resume.get(key) for key in settings}
     if previous != settings:
         raise ConfigError(
@@ -239,37 +269,43 @@ def _resume_point(
 def _start_output(out: Path, parts: Path, fmt: str) -> int:
     """Start an empty output (a CSV holds its header); returns its resume offset."""
     shutil.rmtree(parts, ignore_errors=True)
-    if fmt != "csv":
+    if fmt not in TEXT_FORMATS:
         return 0
-    buffer = io.StringIO()
-    csv.writer(buffer).writerow(COLUMNS)
     with open(out, "wb") as fh:
-        _fsync_write(fh, buffer.getvalue().encode())
+        _fsync_write(fh, csv_text([COLUMNS]).encode() if fmt == "csv" else b"")
         return fh.tell()
 
 
 class _RowSink:
-    """Where the rows go: appended to the CSV in place (resume offset: its length in bytes),
-    or one parquet part file per batch (resume offset: the number of parts)."""
+    """Where the rows go: appended to the CSV or JSON Lines file in place (resume offset: its
+    length in bytes), or one parquet part file per batch (resume offset: the number of
+    parts)."""
 
-    def __init__(self, out: Path, parts: Path, fmt: str, done: int) -> None:
-        self.parts, self.done = parts, done
-        self.csv_file: Any = None
-        if fmt == "csv":
-            self.csv_file = open(out, "r+b")  # noqa: SIM115 (closed by __exit__)
-            self.csv_file.truncate(done)  # rows after the resume point may be partial: dropped
-            self.csv_file.seek(done)
+    def __init__(self, out: Path, parts: Path, fmt: str, done: int, spreadsheet_safe: bool) -> None:
+        self.parts, self.done, self.fmt = parts, done, fmt
+        self.spreadsheet_safe = spreadsheet_safe
+        self.text_file: Any = None
+        if fmt in TEXT_FORMATS:
+            self.text_file = open(out, "r+b")  # noqa: SIM115 (closed by __exit__)
+            self.text_file.truncate(done)  # rows after the resume point may be partial: dropped
+            self.text_file.seek(done)
         else:
             parts.mkdir(exist_ok=True)
             for stray in parts.glob("*.tmp"):
                 stray.unlink()
 
     def write(self, table: dict[str, Any]) -> int:
-        if self.csv_file is not None:
-            buffer = io.StringIO()
-            csv.writer(buffer).writerows(zip(*table.values(), strict=True))
-            _fsync_write(self.csv_file, buffer.getvalue().encode())
-            self.done = self.csv_file.tell()
+        if self.text_file is not None:
+            rows = zip(*table.values(), strict=True)
+            if self.fmt == "csv":
+                text = csv_text(rows, spreadsheet_safe=self.spreadsheet_safe)
+            else:
+                text = "".join(
+                    json.dumps(dict(zip(COLUMNS, row, strict=True)), ensure_ascii=False) + "\n"
+                    for row in rows
+                )
+            _fsync_write(self.text_file, text.encode())
+            self.done = self.text_file.tell()
         else:
             _write_part(self.parts / f"part-{self.done:06d}.parquet", table)
             self.done += 1
@@ -279,13 +315,13 @@ class _RowSink:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.csv_file is not None:
-            self.csv_file.close()
+        if self.text_file is not None:
+            self.text_file.close()
 
 
 def _check_resume_point(out: Path, parts: Path, fmt: str, done: int) -> None:
     """The output an unfinished export left must hold what its resume point says."""
-    if fmt == "csv":
+    if fmt in TEXT_FORMATS:
         complete = out.is_file() and out.stat().st_size >= done
     else:
         complete = all((parts / f"part-{n:06d}.parquet").is_file() for n in range(done))

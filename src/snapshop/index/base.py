@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
+
+# The card key of the CRC-32 of an index file whose format has no checksum of its own (faiss
+# files: a flipped vector byte loads and is searched). The zip-based kinds' files carry CRCs.
+FILE_CHECKSUM = "file_crc32"
+CHECKSUM_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -97,3 +103,12 @@ def check_ids(ids: NDArray[Any], n: int) -> NDArray[np.int64]:
     if (arr < 0).any():
         raise ValueError("ids must be non-negative")
     return arr
+
+
+def crc32_of_file(fh: Any, crc: int = 0) -> int:
+    """The CRC-32 of what is left to read of the binary file ``fh``, continuing ``crc``."""
+    buffer = bytearray(CHECKSUM_CHUNK)
+    view = memoryview(buffer)
+    while size := fh.readinto(buffer):
+        crc = zlib.crc32(view[:size], crc)
+    return crc

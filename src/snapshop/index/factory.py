@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from snapshop.config import read_json, write_json
 from snapshop.errors import ConfigError, VectorIndexError
-from snapshop.index.base import VectorIndex
+from snapshop.index.base import FILE_CHECKSUM, VectorIndex
+
+log = logging.getLogger(__name__)
+_UNCHECKED: set[Path] = set()  # files whose card predates checksums, logged once each
 
 
 class _Lazy:
@@ -96,11 +100,37 @@ def load_index(path: Path) -> tuple[VectorIndex, dict[str, Any]]:
         raise VectorIndexError(f"{path}: cannot read index ({type(exc).__name__}: {exc})") from None
     dim = card.get("dim", index.dim)
     if index.kind != kind or index.dim != dim:
-        close = getattr(index, "close", None)
-        if close is not None:
-            close()
+        _close(index)
         raise VectorIndexError(
             f"{path}: holds a {index.kind} index of dim {index.dim}, but its card says"
             f" {kind} of dim {dim}"
         )
+    _check_file_checksum(index, card, Path(path))
     return index, card
+
+
+def _check_file_checksum(index: VectorIndex, card: dict[str, Any], path: Path) -> None:
+    """A file whose format has no checksum of its own (``file_crc32`` on the index: a flat
+    index's faiss file) must have the one its card holds; a card written before cards held
+    one is believed, as before (the next save writes one)."""
+    actual = getattr(index, "file_crc32", None)
+    if actual is None:
+        return
+    expected = card.get(FILE_CHECKSUM)
+    if expected is None:
+        if path not in _UNCHECKED:
+            _UNCHECKED.add(path)
+            log.info("%s: its card holds no checksum (saved before they were written);"
+                     " loaded unchecked until the next save", path)  # fmt: skip
+        return
+    if expected != actual:
+        _close(index)
+        raise VectorIndexError(
+            f"{path}: damaged: the file's CRC-32 is {actual}, its card's checksum {expected!r}"
+        )
+
+
+def _close(index: VectorIndex) -> None:
+    close = getattr(index, "close", None)
+    if close is not None:
+        close()

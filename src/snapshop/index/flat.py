@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.config import make_temp
-from snapshop.index.base import SearchHits, check_ids, check_query, check_vectors, id_array
+from snapshop.index.base import (
+    CHECKSUM_CHUNK,
+    FILE_CHECKSUM,
+    SearchHits,
+    check_ids,
+    check_query,
+    check_vectors,
+    crc32_of_file,
+    id_array,
+)
 from snapshop.index.filtering import (
     SINGLE_THREAD_MAX_QUERIES,
     IdFilter,
@@ -30,7 +40,8 @@ __all__ = ["SINGLE_THREAD_MAX_QUERIES", "FlatIndex", "omp_threads", "write_faiss
 faiss.cvar.distance_compute_blas_threshold = 1
 
 
-def write_faiss_atomic(index: faiss.Index, path: Path) -> None:
+def write_faiss_atomic(index: faiss.Index, path: Path) -> int:
+    """Write ``index`` to ``path`` atomically; returns the file's CRC-32."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = make_temp(path.parent, ".faiss")
@@ -41,10 +52,29 @@ def write_faiss_atomic(index: faiss.Index, path: Path) -> None:
         except RuntimeError as exc:  # faiss reports a failed write (a full disk) this way
             raise OSError(f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from None
         with open(tmp, "rb") as fh:
+            crc = crc32_of_file(fh)
             os.fsync(fh.fileno())
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+    return crc
+
+
+def read_faiss_checked(path: Path) -> tuple[faiss.Index, int]:
+    """The index saved at ``path`` and the file's CRC-32, taken from the very bytes faiss
+    reads (one pass; a file replaced meanwhile cannot pair one file's index with another's
+    checksum)."""
+    crc = 0
+    with open(path, "rb") as fh:
+
+        def read(size: int) -> bytes:
+            nonlocal crc
+            chunk = fh.read(size)
+            crc = zlib.crc32(chunk, crc)
+            return chunk
+
+        index = faiss.read_index(faiss.PyCallbackIOReader(read, CHECKSUM_CHUNK))
+        return index, crc32_of_file(fh, crc)  # and any bytes past the index
 
 
 class FlatIndex:
@@ -57,6 +87,9 @@ class FlatIndex:
         self.dim = dim
         self._index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._selections = SelectionCache()
+        # the CRC-32 of the file this index was last saved to or loaded from, while it still
+        # holds what that file holds; it goes into the card, which load_index checks
+        self.file_crc32: int | None = None
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
@@ -69,13 +102,17 @@ class FlatIndex:
         self.remove(ids)
         self._index.add_with_ids(vectors, ids)
         self._selections.clear()
+        self.file_crc32 = None
 
     def remove(self, ids: NDArray[np.int64]) -> int:
         ids = id_array(ids)
         if len(ids) == 0 or len(self) == 0:
             return 0
         self._selections.clear()
-        return int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
+        removed = int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
+        if removed:
+            self.file_crc32 = None
+        return removed
 
     def _select(self, allowed: IdFilter) -> NodeSelection:
         return self._selections.get(allowed, lambda: select_nodes(self.ids(), None, allowed))
@@ -124,13 +161,14 @@ class FlatIndex:
         return self._index.index.reconstruct_n(0, len(self))
 
     def save(self, path: Path) -> None:
-        write_faiss_atomic(self._index, path)
+        self.file_crc32 = write_faiss_atomic(self._index, path)
 
     @classmethod
     def load(cls, path: Path) -> FlatIndex:
         """The index saved at ``path``; RuntimeError for any other faiss index (an L2 one
-        ranked by distance, as if it were a score; a bare one failed on the first search)."""
-        index = faiss.read_index(str(path))
+        ranked by distance, as if it were a score; a bare one failed on the first search).
+        Its :attr:`file_crc32` is the file's, for the caller to compare with the card's."""
+        index, crc = read_faiss_checked(Path(path))
         if not isinstance(index, faiss.IndexIDMap2):
             index = faiss.downcast_index(index)
         inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
@@ -140,7 +178,9 @@ class FlatIndex:
             raise RuntimeError(
                 f"not an exact inner-product index with ids ({type(inner or index).__name__})"
             )
-        return cls(index.d, index)
+        self = cls(index.d, index)
+        self.file_crc32 = crc
+        return self
 
     def memory_bytes(self) -> int:
         return int(len(self) * (4 * self.dim + 8))
@@ -152,4 +192,5 @@ class FlatIndex:
             "count": len(self),
             "metric": "inner_product",
             "memory_bytes": self.memory_bytes(),
+            **({FILE_CHECKSUM: self.file_crc32} if self.file_crc32 is not None else {}),
         }
