@@ -60,7 +60,7 @@ LOCAL = "local"  # start a Ray instance in this process, shut down when the inge
 AUTO = "auto"  # $RAY_ADDRESS, or the cluster this machine is part of
 INSTALL_HINT = "pip install 'snapshop[ray]'"
 KILLED_WORKER = "killed the Ray worker that indexed it"  # the start of a killer's reason
-LOAD_DEATHS = 3  # workers that died while loading the model and detector: the next one will too
+LOAD_DEATHS = 3  # workers that died loading model and detector, in a row: the next will too
 CONNECT_SECONDS = 10.0  # a Ray head's HOST:PORT that does not answer in this time is an error
 
 
@@ -159,16 +159,21 @@ class BatchLedger:
     def __init__(self) -> None:
         self.begun: set[tuple[int, tuple[int, ...]]] = set()
         self.loads_begun = self.loads_ended = 0
+        self.loads_forgiven = 0  # unfinished when a load last ended: not deaths in a row
 
     def begin_load(self) -> int:
-        """Count an actor that starts loading; returns how many began before it and have not
-        ended (still loading, or died loading: Ray restarts such an actor without end)."""
-        unfinished = self.loads_begun - self.loads_ended
+        """Count an actor that starts loading; returns how many began since a load last
+        ended and have not ended (still loading, or died loading: Ray restarts such an actor
+        without end)."""
+        unfinished = max(0, self.loads_begun - self.loads_ended - self.loads_forgiven)
         self.loads_begun += 1
         return unfinished
 
     def end_load(self) -> None:
+        """A load ended: loading works, so the deaths before it (a node short of memory for a
+        while) say nothing of the next load, and no longer count towards LOAD_DEATHS."""
         self.loads_ended += 1
+        self.loads_forgiven = self.loads_begun - self.loads_ended
 
     def begin(self, key: tuple[int, tuple[int, ...]]) -> bool:
         """Whether this is the first try of batch ``key`` (False: a try began and died)."""
@@ -191,8 +196,9 @@ class IndexActor:
     ``packed``: the arguments of :meth:`_load` (model, detector, the job), pickled, so that
     they are unpickled here, after the ledger counted the load: a worker that dies unpickling
     a detector, or loading a model, is restarted by Ray for ever, and the ingest waited with
-    it. Past :data:`LOAD_DEATHS` such deaths (beyond the ``pool`` actors that may be loading
-    at once) the next actor refuses to start, which ends the ingest with that reason."""
+    it. Past :data:`LOAD_DEATHS` such deaths since a load last succeeded (beyond the ``pool``
+    actors that may be loading at once) the next actor refuses to start, which ends the ingest
+    with that reason."""
 
     def __init__(self, packed: bytes, ledger: Any, bisection: int, pool: int) -> None:
         import ray

@@ -31,6 +31,7 @@ from PIL import Image
 
 from snapshop.catalog.blobs import LOCAL_FEATURES, blob_file
 from snapshop.catalog.catalog import Catalog
+from snapshop.catalog.fields import is_sha256
 from snapshop.catalog.store import ImageRow
 from snapshop.config import atomic_file, check_int, check_number
 from snapshop.errors import ConfigError, NotFoundError, SnapshopError, StoredFileError
@@ -233,7 +234,7 @@ class CatalogFeatures:
         return features
 
     def _file(self, image: ImageRow) -> Path | None:
-        if self.catalog.is_server:
+        if self.catalog.is_server or not is_sha256(image.sha256):
             return None
         tag = str(self.config.max_features)
         return LOCAL_FEATURES.file(self.catalog.directory, self.config.long_side, image.sha256, tag)

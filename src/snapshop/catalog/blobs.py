@@ -37,9 +37,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from snapshop.catalog.fields import is_sha256
 from snapshop.catalog.store import CatalogStore
 from snapshop.config import atomic_file, is_temp_name
-from snapshop.errors import ConfigError
+from snapshop.errors import ConfigError, NotFoundError
 from snapshop.images import sniff_format
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ INDEX_DIR = "index"  # the index files and their cards, product vectors
 DEFAULT_GRACE_SECONDS = 3600.0
 SHARD_NAME = re.compile(r"[0-9a-f]{2}")
 BLOB_NAME = re.compile(r"(?P<sha256>[0-9a-f]{64})\.[a-z0-9]{1,8}")
+
 FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif",
                  "BMP": ".bmp", "TIFF": ".tif"}  # fmt: skip
 
@@ -67,6 +69,8 @@ class DerivedCache:
     def file(self, catalog_dir: Path, variant: int, sha256: str, tag: str | None = None) -> Path:
         if tag is not None and not re.fullmatch(r"[0-9_]{1,64}", tag):
             raise ValueError(f"cache tag {tag!r}: digits and underscores only")
+        if not is_sha256(sha256):  # a row written by other code: "../../x" left the catalog
+            raise NotFoundError(f"no cached file for {sha256!r:.80}: not a sha256")
         name = f"{sha256}-{tag}{self.suffix}" if tag is not None else f"{sha256}{self.suffix}"
         return catalog_dir / self.folder / str(int(variant)) / sha256[:2] / name
 

@@ -42,6 +42,7 @@ from snapshop.catalog.blobs import (
     free_unreferenced_blobs,
 )
 from snapshop.catalog.card import CatalogCard, read_card, write_card
+from snapshop.catalog.fields import crop_position_problem
 from snapshop.catalog.store import (
     MAX_ROW_ID,
     CatalogStore,
@@ -364,6 +365,19 @@ class Catalog:
         write_card(path, read_card(path).replace(**changes))
         self.card = self.card.replace(**changes)
 
+    def claim_card_extra(self, key: str, value: Any) -> Any:
+        """The stored card's extra ``key``, set to ``value`` first where the card has no such
+        key: read and written under the write lock, so that processes claiming it at once
+        all end up with the one stored first (an unlocked rewrite kept the last)."""
+        with self.write_lock():
+            path = self.directory / CARD_FILE
+            stored = read_card(path)
+            if key not in stored.extra:
+                stored = stored.replace(extra={**stored.extra, key: value})
+                write_card(path, stored)
+            self.card = self.card.replace(extra={**self.card.extra, key: stored.extra[key]})
+            return stored.extra[key]
+
     def check_model(self, model_id: str) -> None:
         if model_id != self.model_id:
             raise ModelError(
@@ -376,6 +390,26 @@ class Catalog:
         return self.directory / BLOB_DIR
 
     def index_path(self, name: str) -> Path:
+        """The file of index ``name``; CatalogError for a crop position that cannot name one
+        (see :meth:`_index_file`)."""
+        path = self._index_file(name)
+        if path is None:
+            raise CatalogError(f"{self.location}: index {name!r} cannot have a file")
+        return path
+
+    def _index_file(self, name: str) -> Path | None:
+        """The file of index ``name``, or None (warned) for a crop position that cannot name
+        one: a store written by other code may hold any text, and ``../../../catalog`` wrote
+        an index, and its card, over the catalog's own card. Such an index stays in memory."""
+        if name != IMAGES:
+            position = name.removeprefix("crops-")
+            problem = crop_position_problem(position)
+            if problem is not None:
+                log.warning(
+                    "%s: the crops at position %r are indexed in memory only (never saved):"
+                    " the position %s", self.location, position, problem,
+                )  # fmt: skip
+                return None
         return self.directory / INDEX_DIR / f"{name}.faiss"
 
     # --- locking ----------------------------------------------------------------------
@@ -418,10 +452,12 @@ class Catalog:
                 yield write
             before = self.store.last_commit()
             with self.index_lock.write():  # waits for the searches in flight
-                self.remove_vectors(write.removed_images, write.removed_crops)
+                # additions first: an entry the write inserted and then deleted must end up
+                # gone (ids are never reused, so no removal precedes an addition of its id)
                 for position, pairs in write.added.items():
                     ids = np.array([entry for entry, _ in pairs], dtype=np.int64)
                     self.add_vectors(position, ids, np.stack([vector for _, vector in pairs]))
+                self.remove_vectors(write.removed_images, write.removed_crops)
                 self.applied(before)  # only once every change is in: else a refresh reconciles
 
     # --- index maintenance ------------------------------------------------------------
@@ -505,8 +541,8 @@ class Catalog:
             self._apply(name, changes.added_at(at), changes.removed_at(at))
 
     def _load_or_create(self, name: str) -> VectorIndex:
-        path = self.index_path(name)
-        if path.exists():
+        path = self._index_file(name)
+        if path is not None and path.exists():
             try:
                 index, card = load_index(path)
                 if self._fits(index, card):
@@ -589,7 +625,9 @@ class Catalog:
             with self.reading():  # searches go on; a refresh waits until all is written
                 generation = self._generation
                 for name, index in self.indexes.items():
-                    path = self.index_path(name)
+                    path = self._index_file(name)
+                    if path is None:
+                        continue
                     save_index(index, path, self._card_extra(name, generation))
                     if measure and self._measurement_stale(name):
                         # measured once saved: saved float vectors are memory-mapped

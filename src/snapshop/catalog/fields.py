@@ -91,6 +91,34 @@ def _first_refused_text_char(text: str) -> str | None:
     return None
 
 
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(text: object) -> bool:
+    """Whether ``text`` is a sha256 as the catalog stores it: 64 lowercase hex digits (it
+    names files: anything else could name one outside the catalog)."""
+    return isinstance(text, str) and SHA256.fullmatch(text) is not None
+
+
+MAX_POSITION = 64  # characters of a garment position ("upper", "lower", a detector's own)
+
+
+def crop_position_problem(position: object) -> str | None:
+    """Why ``position`` cannot be a crop's garment position, None when it can. It names the
+    position's index file (``index/crops-<position>.faiss``, and its card beside it), so it
+    is one plain part of a file name: a path separator or a leading dot (``../../catalog``)
+    would write the index over any ``.faiss`` or ``.json`` file, the catalog card included."""
+    if not isinstance(position, str):
+        return f"must be text, not {type(position).__name__}"
+    if not position or len(position) > MAX_POSITION or len(position.encode(errors="replace")) > 200:
+        return f"must be 1 to {MAX_POSITION} characters, at most 200 bytes (it names a file)"
+    if "/" in position or "\\" in position or position.startswith("."):
+        return "must not hold a path separator or begin with a dot (it names a file)"
+    if _first_refused_text_char(position) is not None or position != position.strip():
+        return "must not hold control characters or begin or end with a space"
+    return None
+
+
 def is_blank(text: str) -> bool:
     """True if ``text`` shows nothing: it holds no character but whitespace, invisible ones
     and combining marks. Text with one visible character is not blank, so emoji sequences

@@ -32,7 +32,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from snapshop.catalog.blobs import blob_file, free_unreferenced_blobs
-from snapshop.catalog.catalog import Catalog, catalog_exists, create_catalog, open_catalog
+from snapshop.catalog.catalog import (
+    CARD_FILE,
+    Catalog,
+    catalog_exists,
+    create_catalog,
+    open_catalog,
+)
 from snapshop.catalog.fields import attributes_json, lookup_sku
 from snapshop.catalog.server import SERVER_INDEX_KINDS, is_server_target, thumbnail_jpeg
 from snapshop.catalog.store import PRODUCT_FIELDS, CropRow, ImageRow, NewCrop, Product, now
@@ -139,6 +145,7 @@ def migrate_catalog(
 
 
 def _open_target(src: Catalog, target: Target, mirror: bool) -> Catalog:
+    catalog_id = _catalog_id(src)  # first: a card it refuses leaves no new target behind
     if catalog_exists(target):
         dst = open_catalog(target)
         if dst.model_id != src.model_id or dst.dim != src.dim:
@@ -148,7 +155,7 @@ def _open_target(src: Catalog, target: Target, mirror: bool) -> Catalog:
                 f" source {src.model_id} (dim {src.dim}): they cannot share a catalog"
             )
         try:
-            _check_existing_target(src, dst, _catalog_id(src), mirror)
+            _check_existing_target(src, dst, catalog_id, mirror)
         except BaseException:
             dst.close()
             raise
@@ -163,25 +170,31 @@ def _open_target(src: Catalog, target: Target, mirror: bool) -> Catalog:
     )  # fmt: skip
     dst.rewrite_card(
         crop_mode=src.crop_mode, detector=src.card.detector, catalog_views=src.catalog_views,
-        **_stamp(dst, _catalog_id(src)),
+        **_stamp(dst, catalog_id),
     )  # fmt: skip
     return dst
 
 
 def _catalog_id(src: Catalog) -> str | None:
     """The source's ``catalog_id``, given to it now if it has none (its card is rewritten,
-    nothing else); None where its card cannot be written: its copies are then recognised by
-    their skus only."""
+    nothing else; two migrates of it at once agree on one); None where its card cannot be
+    written: its copies are then recognised by their skus only. A card whose id is not text
+    is refused: a new id would silently disown every copy made before."""
     known = src.card.extra.get(CATALOG_ID)
-    if isinstance(known, str) and known:
-        return known
-    made = uuid.uuid4().hex
-    try:
-        src.rewrite_card(extra={**src.card.extra, CATALOG_ID: made})
-    except (OSError, CatalogError) as exc:
-        log.warning("%s: cannot record a catalog id in its card (%s)", src.location, exc)
-        return None
-    return made
+    if CATALOG_ID not in src.card.extra:
+        try:
+            known = src.claim_card_extra(CATALOG_ID, uuid.uuid4().hex)
+        except (OSError, CatalogError) as exc:
+            log.warning("%s: cannot record a catalog id in its card (%s)", src.location, exc)
+            return None
+    if not isinstance(known, str) or not known.strip():
+        card = f"{src.location} (its card)" if src.is_server else str(src.directory / CARD_FILE)
+        raise CatalogError(
+            f"{card}: catalog_id {known!r} is not a catalog id (a text, as migrate writes):"
+            " its copies carry the one it had; restore it, or remove the key to give the"
+            " catalog a new one (copies are then told by their skus alone)"
+        )
+    return known
 
 
 def _stamp(dst: Catalog, catalog_id: str | None) -> dict[str, object]:
@@ -204,7 +217,8 @@ def _check_existing_target(
     after = 0
     while not copy and (page := dst.list_products(after_id=after, limit=PAGE)):
         after = page[-1].id
-        foreign += [p.sku for p in page if src.find_product(p.sku) is None]
+        known = src.store.products_by_skus([p.sku for p in page])  # one query a page
+        foreign += [p.sku for p in page if lookup_sku(p.sku) not in known]
     if foreign:
         named = ", ".join(repr(sku) for sku in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise CatalogError(
@@ -253,9 +267,16 @@ def _page_content(catalog: Catalog, product_ids: list[int]) -> _PageContent:
     image_ids = [image.id for rows in images.values() for image in rows]
     crops = catalog.store.crops_of_images(image_ids)
     crop_ids = [crop.id for rows in crops.values() for crop in rows]
-    return _PageContent(
-        images, _vectors(catalog, "images", image_ids), crops, _vectors(catalog, "crops", crop_ids)
-    )
+    vectors = _vectors(catalog, "images", image_ids)
+    crop_vectors = _vectors(catalog, "crops", crop_ids)
+    # Several queries, not one snapshot: an image a live catalog deleted between them lacks
+    # its vector or a crop's; it is left out, as a read a moment later would leave it out.
+    gone = {i for i in image_ids
+            if i not in vectors or any(c.id not in crop_vectors for c in crops[i])}  # fmt: skip
+    if gone:
+        images = {p: [image for image in rows if image.id not in gone]
+                  for p, rows in images.items()}  # fmt: skip
+    return _PageContent(images, vectors, crops, crop_vectors)
 
 
 def _copy_product(
@@ -327,10 +348,19 @@ def _copy_product(
             if thumbnail is not None:
                 small = load_image(thumbnail[0])
                 write.put_thumbnail(image.sha256, thumbnail[0], small.width, small.height)
-        write.insert_image(
-            product_id, source=image.source, blob=blob, sha256=image.sha256, width=image.width,
-            height=image.height, vector=vectors[image.id], crops=new_crops,
-        )  # fmt: skip
+        try:
+            write.insert_image(
+                product_id, source=image.source, blob=blob, sha256=image.sha256,
+                width=image.width, height=image.height, vector=vectors[image.id],
+                crops=new_crops,
+            )  # fmt: skip
+        except FieldError as exc:  # a crop position no file may be named after, say
+            raise CatalogError(
+                f"image {image.id} of product {product.sku!r} of {src.location} cannot be"
+                f" copied: {exc}; correct it in the source (or remove the product: snapshop"
+                f" catalog remove --catalog SOURCE --id {product.id}), then run the migrate"
+                " again to continue"
+            ) from exc
         if before is None:
             tally.copied += 1
         else:
@@ -385,13 +415,18 @@ def _products_not_in_source(
         gone = [p for p in products if lookup_sku(p.sku) not in known]
         if not gone:
             continue
-        tally.products_not_in_source += len(gone)
         if not mirror:
+            tally.products_not_in_source += len(gone)
             images = dst.store.images_of_products([p.id for p in gone])
             tally.images_not_in_source += sum(len(rows) for rows in images.values())
             continue
         with dst.write_lock():
             with dst.writing() as write:
+                # Read again inside the write: another run (a rerun overlapping this one)
+                # may have removed some since they were listed.
+                held = dst.store.products_by_ids([p.id for p in gone])
+                gone = [p for p in gone if p.id in held]
+                tally.products_not_in_source += len(gone)
                 freed: BlobRefs = []
                 for product in gone:
                     freed += dst.store.blob_refs_of_product(product.id)
@@ -493,6 +528,13 @@ def _check(src: Catalog, dst: Catalog, *, mirror: bool) -> tuple[int, int]:
         done = 0
         for end in ends:
             for image, other in sampled[done:end]:
+                if image.id not in src_vectors:  # deleted from the live source since: no check
+                    continue
+                if other.id not in dst_vectors:
+                    raise CatalogError(
+                        f"migrate check: the copy of image {image.id} left {dst.location} during"
+                        " the check (was it written to during the copy? run it again)"
+                    )
                 n_src, n_dst = len(src_crops[image.id]), len(dst_crops[other.id])
                 if n_src != n_dst:
                     raise CatalogError(

@@ -91,6 +91,15 @@ class ServerCatalog(Catalog):
             self.store.set_meta(db, CARD_KEY, card.to_json_text())
         self.card = self.card.replace(**changes)
 
+    def claim_card_extra(self, key: str, value: Any) -> Any:
+        with self.write_lock(), self.store.transaction(bump=False) as db:
+            stored = _read_card(self.store, db)
+            if key not in stored.extra:
+                stored = stored.replace(extra={**stored.extra, key: value})
+                self.store.set_meta(db, CARD_KEY, stored.to_json_text())
+        self.card = self.card.replace(extra={**self.card.extra, key: stored.extra[key]})
+        return stored.extra[key]
+
     # --- locking: the store's advisory lock serialises writers across hosts ---------------
     @contextmanager
     def write_lock(self) -> Iterator[None]:

@@ -36,6 +36,8 @@ from snapshop.catalog import migrations
 from snapshop.catalog.fields import (
     attributes_json,
     check_product_fields,
+    crop_position_problem,
+    is_sha256,
     lookup_sku,
     normalise_sku,
     stored_attributes,
@@ -54,6 +56,7 @@ from snapshop.errors import (
     CatalogError,
     CatalogStorageError,
     CatalogUnavailableError,
+    FieldError,
     NotFoundError,
 )
 
@@ -589,7 +592,14 @@ class CatalogStore:
         vector: NDArray[np.float32],
         crops: Sequence[NewCrop] = (),
     ) -> tuple[int, list[int]]:
-        """Insert an image, its vector and its crops in the open transaction."""
+        """Insert an image, its vector and its crops in the open transaction. A crop position
+        that cannot name an index file is refused (FieldError) before any row is written."""
+        if not is_sha256(sha256):
+            raise FieldError(f"{source}: sha256 {sha256!r:.80} is not 64 lowercase hex digits")
+        for crop in crops:
+            problem = crop_position_problem(crop.position)
+            if problem is not None:
+                raise FieldError(f"{source}: crop position {crop.position!r} {problem}")
         cur = db.execute(
             "INSERT INTO images(product_id, source, blob, sha256, width, height, created_at,"
             " vector) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
