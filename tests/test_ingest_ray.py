@@ -114,6 +114,9 @@ def test_cli_ray_options_reach_the_ingest(tmp_path: Path, monkeypatch: pytest.Mo
     result = CliRunner().invoke(app, [*args, "--ray-gpus", "0.5", "--ray-actors", "3"])
     assert result.exit_code == 0, result.output
     assert seen["ray"] == RayConfig("ray://head:10001", actors=3, gpus_per_actor=0.5)
+    result = CliRunner().invoke(app, [*args, "--ray-max-worker-deaths", "60"])
+    assert result.exit_code == 0, result.output
+    assert seen["ray"] == RayConfig("ray://head:10001", max_worker_deaths=60)
     CliRunner().invoke(app, args[:4])
     assert seen["ray"] is None  # without --ray: the in-process ingest
 

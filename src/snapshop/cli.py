@@ -227,6 +227,14 @@ def index(
     ray_gpus: Annotated[
         float, typer.Option(min=0, help="GPUs per Ray actor (embedding on CUDA).")
     ] = 0.0,
+    ray_max_worker_deaths: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Ray workers that images may kill before the ingest stops (each killer image"
+            " is found by bisecting its batch and reported as failed; one costs about 6).",
+        ),
+    ] = RayConfig.max_worker_deaths,
     catalog_views: Annotated[
         int | None,
         typer.Option(
@@ -250,7 +258,8 @@ def index(
         report = run(lambda: api.index_source(
             source, catalog, model=model, detector=detector, batch_size=batch_size, sync=sync,
             progress_total=set_total, progress=advance, index_kind=index_kind, workers=workers,
-            ray=None if ray is None else RayConfig(ray, actors=ray_actors, gpus_per_actor=ray_gpus),
+            ray=None if ray is None else RayConfig(ray, actors=ray_actors, gpus_per_actor=ray_gpus,
+                                                   max_worker_deaths=ray_max_worker_deaths),
             catalog_views=catalog_views,
         ))  # fmt: skip
     if as_json:
