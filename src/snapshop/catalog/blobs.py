@@ -50,7 +50,6 @@ INDEX_DIR = "index"  # the index files and their cards, product vectors
 DEFAULT_GRACE_SECONDS = 3600.0
 SHARD_NAME = re.compile(r"[0-9a-f]{2}")
 BLOB_NAME = re.compile(r"(?P<sha256>[0-9a-f]{64})\.[a-z0-9]{1,8}")
-
 FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif",
                  "BMP": ".bmp", "TIFF": ".tif"}  # fmt: skip
 
