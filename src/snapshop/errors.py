@@ -72,6 +72,12 @@ class CatalogUnavailableError(CatalogError):
     answers with 503; retrying later may succeed."""
 
 
+class CatalogBusyError(CatalogError):
+    """Another writer held the catalog longer than this write may wait (``write_wait_s``: an
+    ingest, a reindex, a migration): nothing was written; the service answers 503, and
+    retrying later succeeds."""
+
+
 class CatalogStorageError(CatalogError):
     """The disk under an embedded catalog refused SQLite (full, or an I/O error) while the
     catalog database was opened: not the database's fault."""

@@ -25,6 +25,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,7 @@ from snapshop.catalog.blobs import (
 )
 from snapshop.catalog.card import CatalogCard, read_card, write_card
 from snapshop.catalog.fields import crop_position_problem
+from snapshop.catalog.sql import writers_busy
 from snapshop.catalog.store import (
     MAX_ROW_ID,
     CatalogStore,
@@ -52,7 +54,7 @@ from snapshop.catalog.store import (
     Product,
 )
 from snapshop.catalog.write import CatalogWrite
-from snapshop.config import is_temp_name, write_json
+from snapshop.config import check_number, is_temp_name, write_json
 from snapshop.detect.base import CROP_MODES, DEFAULT_CROP_MODE
 from snapshop.errors import CatalogError, ConfigError, ModelError, NotFoundError
 from snapshop.index import VectorIndex, create_index, load_index, save_index
@@ -413,12 +415,39 @@ class Catalog:
         return self.directory / INDEX_DIR / f"{name}.faiss"
 
     # --- locking ----------------------------------------------------------------------
+    @property
+    def write_wait_s(self) -> float | None:
+        """How long a write waits for another writer (thread, process or host) before it
+        fails with CatalogBusyError; None (the default): as long as the other one writes.
+        The service sets it, so that an upload behind a long ingest gets a 503 to retry."""
+        return self.store.write_wait_s
+
+    @write_wait_s.setter
+    def write_wait_s(self, seconds: float | None) -> None:
+        if seconds is not None:
+            seconds = check_number("write_wait_s", seconds, 0.0, 86_400.0)
+        self.store.write_wait_s = seconds
+
+    @contextmanager
+    def thread_write_lock(self) -> Iterator[None]:
+        """This process's side of :meth:`write_lock`, within :attr:`write_wait_s`."""
+        wait = self.write_wait_s
+        if not self._lock.acquire(timeout=-1 if wait is None else wait):
+            raise writers_busy(self.location, wait or 0.0)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     @contextmanager
     def write_lock(self) -> Iterator[None]:
-        """Exclusive across threads and processes for the duration of one write operation.
+        """Exclusive across threads and processes for the duration of one write operation,
+        waited for at most :attr:`write_wait_s`.
 
         Re-entrant within a thread (a second ``flock`` on a new descriptor would deadlock)."""
-        with self._lock:
+        wait = self.write_wait_s
+        deadline = None if wait is None else time.monotonic() + wait
+        with self.thread_write_lock():
             if self._flock_depth:
                 self._flock_depth += 1
                 try:
@@ -428,7 +457,8 @@ class Catalog:
                 return
             lock_path = self.directory / LOCK_FILE
             with open(lock_path, "a+") as fh:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+                if not _flock_until(fh.fileno(), deadline):
+                    raise writers_busy(self.location, wait or 0.0)
                 self._flock_depth = 1
                 try:
                     yield
@@ -1155,3 +1185,19 @@ def open_catalog(target: str | os.PathLike[str], *, alone: bool = False) -> Cata
     except BaseException:
         store.close()
         raise
+
+
+def _flock_until(fd: int, deadline: float | None) -> bool:
+    """Take an exclusive ``flock`` on ``fd``, waiting until ``deadline`` (monotonic; None:
+    without a limit); False when the deadline passed first."""
+    if deadline is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return True
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)

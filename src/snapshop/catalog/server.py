@@ -103,7 +103,9 @@ class ServerCatalog(Catalog):
     # --- locking: the store's advisory lock serialises writers across hosts ---------------
     @contextmanager
     def write_lock(self) -> Iterator[None]:
-        with self._lock:
+        # other processes and hosts: the advisory lock each write transaction takes, waited
+        # for within the store's write_wait_s too
+        with self.thread_write_lock():
             yield
 
     # --- indexes: the catalog's own tables, or Milvus collections ----------------------------

@@ -30,9 +30,18 @@ from urllib.parse import unquote
 import numpy as np
 from numpy.typing import NDArray
 
-from snapshop.errors import CatalogError, CatalogUnavailableError
+from snapshop.errors import CatalogBusyError, CatalogError, CatalogUnavailableError
 
 log = logging.getLogger(__name__)
+
+
+def writers_busy(location: str, wait_s: float) -> CatalogBusyError:
+    """The error of a write that waited ``wait_s`` for another writer in vain."""
+    return CatalogBusyError(
+        f"{location}: another writer held the catalog for more than {wait_s:g} s (an ingest,"
+        " a reindex, a migration?); nothing was written: retry later"
+    )
+
 
 SERVER_SCHEMES = ("postgresql://", "postgres://")
 # How long a SQLite connection waits for another's lock before "database is locked".
@@ -260,8 +269,10 @@ class Database:
     def table_exists(self, name: str) -> bool:
         raise NotImplementedError
 
-    def begin_write(self) -> None:
-        """Start a write transaction, waiting for other writers (processes and hosts)."""
+    def begin_write(self, wait_s: float | None = None) -> None:
+        """Start a write transaction, waiting for other writers (processes and hosts): at
+        most ``wait_s`` where the wait can be bounded (CatalogBusyError), else without a
+        limit."""
         raise NotImplementedError
 
     def commit(self) -> None:
@@ -345,7 +356,9 @@ class SqliteDatabase(Database):
         sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
         return self._db.execute(sql, (name,)).fetchone() is not None
 
-    def begin_write(self) -> None:
+    def begin_write(self, wait_s: float | None = None) -> None:
+        # a directory catalog's writers queue on its flock first (Catalog.write_lock), which
+        # bounds their wait; SQLite's own busy timeout stays the backstop
         self._db.execute("BEGIN IMMEDIATE")
 
     def rollback(self) -> None:
@@ -550,7 +563,7 @@ class PostgresDatabase(Database):
         row = self.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()
         return bool(row[0])
 
-    def begin_write(self) -> None:
+    def begin_write(self, wait_s: float | None = None) -> None:
         self.execute("BEGIN")
         self.in_transaction = True
         try:
@@ -559,10 +572,24 @@ class PostgresDatabase(Database):
             if self._own_idle_timeout:
                 idle_ms = int(WRITE_IDLE_TIMEOUT_S * 1000)
                 self.execute(f"SET LOCAL idle_in_transaction_session_timeout = {idle_ms}")
-            self.execute("SELECT pg_advisory_xact_lock(?)", (WRITER_LOCK_KEY,))
+            self._take_writer_lock(wait_s)
         except BaseException:
             self.rollback()
             raise
+
+    def _take_writer_lock(self, wait_s: float | None) -> None:
+        lock = "SELECT pg_advisory_xact_lock(?)"
+        if wait_s is None:
+            self.execute(lock, (WRITER_LOCK_KEY,))
+            return
+        self.execute(f"SET LOCAL lock_timeout = {max(1, round(wait_s * 1000))}")
+        try:
+            self._run(_pg_placeholders(lock), (WRITER_LOCK_KEY,), False)
+        except self._psycopg.errors.LockNotAvailable:
+            raise writers_busy(self.location, wait_s) from None
+        except self._psycopg.Error as exc:
+            raise self._translate(exc) from None
+        self.execute("SET LOCAL lock_timeout = 0")  # the write's own statements: as before
 
     def commit(self) -> None:
         try:

@@ -252,6 +252,9 @@ class CatalogStore:
         self._writer: int | None = None  # the thread whose transaction is open
         self._local = threading.local()  # per thread: generation before its last commit
         self._writing = False  # a transaction is open (only its thread can see True)
+        # how long a write transaction waits for another process's (None: without a limit);
+        # set through Catalog.write_wait_s
+        self.write_wait_s: float | None = None
         server = is_server_target(target)
         self.path: Path | None = None if server else Path(target)
         if self.path is not None:
@@ -358,7 +361,7 @@ class CatalogStore:
             if self._writing:  # PostgreSQL would commit the outer one at the inner COMMIT
                 raise CatalogError(f"{self.location}: a write transaction is already open")
             db = self._writer_db()
-            db.begin_write()
+            db.begin_write(self.write_wait_s)
             self._writing = True
             self._writer = threading.get_ident()
             try:

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from snapshop.errors import (
+    CatalogBusyError,
     CatalogError,
     CatalogUnavailableError,
     ConfigError,
@@ -145,6 +146,12 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
             log.error("catalog unavailable: %s", exc)
         return error_response(503, "the catalog database cannot be reached; retry shortly",
                               "catalog_unavailable", headers={"Retry-After": "1"})  # fmt: skip
+
+    @app.exception_handler(CatalogBusyError)
+    async def _busy(request: Request, exc: CatalogBusyError) -> JSONResponse:
+        return error_response(503, "another writer holds the catalog (an ingest, a reindex?);"
+                              " nothing was written: retry shortly", "catalog_busy",
+                              headers={"Retry-After": "5"})  # fmt: skip
 
     @app.exception_handler(CatalogError)
     async def _catalog(request: Request, exc: CatalogError) -> JSONResponse:

@@ -48,6 +48,9 @@ class ServiceSettings:
     body_idle_timeout_s: float = 20.0
     body_timeout_s: float = 300.0
     shutdown_timeout_s: float = 30.0
+    # An upload or edit waits this long for another writer of the catalog (an ingest, a
+    # reindex, a migration, another replica's write), then gets a 503 to retry.
+    write_wait_s: float = 30.0
     search_threads: int | None = 1  # faiss OpenMP threads per search; None: faiss default
     embed_threads: int | None = None  # ONNX Runtime intra-op threads; None: its default
     # image-based results by "product" vector or best "image" (search.RANKINGS)
@@ -79,7 +82,7 @@ class ServiceSettings:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer")
         for name in ("header_timeout_s", "body_idle_timeout_s", "body_timeout_s",
-                     "shutdown_timeout_s"):  # fmt: skip
+                     "shutdown_timeout_s", "write_wait_s"):  # fmt: skip
             value = float(getattr(self, name))
             if not 0 < value <= 86_400:  # also refuses NaN
                 raise ConfigError(f"{name} must be a number of seconds in (0, 86400]")

@@ -50,6 +50,7 @@ class ServiceState:
             searcher.verify = None
         self.searcher = searcher
         self.catalog = searcher.catalog
+        self.catalog.write_wait_s = settings.write_wait_s
         # One lock for the indexes, the catalog's: its writes and refreshes take the write
         # side themselves, so a write by any path waits for the searches in flight.
         self.lock = self.catalog.index_lock

@@ -1,0 +1,149 @@
+"""A write waits for another writer at most ``Catalog.write_wait_s`` (the service: 30 s), then
+fails with CatalogBusyError and writes nothing; without a limit (the library's default) it
+waits until the other writer ends. Directory catalogs (flock, threads) and server catalogs
+(the advisory lock of PostgreSQL)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from service_fixtures import FixedGarmentDetector, build_catalog
+
+from snapshop.catalog.catalog import Catalog, create_catalog, open_catalog
+from snapshop.errors import CatalogBusyError, ConfigError
+
+DIM = 8
+
+
+@contextmanager
+def held(catalog: Catalog, *, in_a_write: bool = False) -> Iterator[None]:
+    """``catalog``'s write lock (or a whole write transaction) held by another thread until
+    the block ends."""
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        if in_a_write:
+            with catalog.writing() as write:
+                write.upsert_product("holder")
+                taken.set()
+                release.wait(30)
+        else:
+            with catalog.write_lock():
+                taken.set()
+                release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert taken.wait(30)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(30)
+
+
+def titled(catalog: Catalog, title: str) -> None:
+    with catalog.writing() as write:
+        write.upsert_product("sku", title=title)
+
+
+@pytest.fixture(params=["directory", pytest.param("postgresql", marks=pytest.mark.server)])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "directory":
+        target = str(tmp_path / "catalog")
+    else:
+        target = str(request.getfixturevalue("pg_database"))
+    create_catalog(target, model_id="toy@1", model_ref="toy", dim=DIM).close()
+    return target
+
+
+def test_a_write_behind_another_process_writer_fails_busy_after_its_wait(target: str) -> None:
+    # Two opens stand for two processes (a directory's flock is per open file; a server's
+    # advisory lock per connection).
+    with open_catalog(target) as other, open_catalog(target) as mine:
+        mine.write_wait_s = 0.3
+        with held(other, in_a_write=True):
+            start = time.monotonic()
+            with pytest.raises(CatalogBusyError, match="more than 0.3 s"):
+                titled(mine, "blocked")
+            waited = time.monotonic() - start
+        assert 0.25 <= waited < 5
+        assert mine.find_product("sku") is None  # nothing written
+        titled(mine, "later")  # the other writer is done: the same write goes through
+        assert mine.find_product("sku").title == "later"
+
+
+def test_without_a_wait_limit_a_write_waits_for_the_other_writer(target: str) -> None:
+    with open_catalog(target) as other, open_catalog(target) as mine:
+        assert mine.write_wait_s is None
+        done = threading.Event()
+
+        def write() -> None:
+            titled(mine, "after")
+            done.set()
+
+        with held(other, in_a_write=True):
+            writer = threading.Thread(target=write)
+            writer.start()
+            assert not done.wait(0.6)  # still waiting for the holder
+        writer.join(30)
+        assert done.is_set() and mine.find_product("sku").title == "after"
+
+
+def test_threads_of_one_catalog_wait_within_the_limit_too(tmp_path: Path) -> None:
+    catalog = create_catalog(tmp_path / "catalog", model_id="toy@1", model_ref="toy", dim=DIM)
+    try:
+        catalog.write_wait_s = 0.2
+        with held(catalog), pytest.raises(CatalogBusyError):
+            titled(catalog, "blocked")
+        with catalog.write_lock(), catalog.write_lock():  # re-entrant in its own thread
+            titled(catalog, "nested")
+        assert catalog.find_product("sku").title == "nested"
+    finally:
+        catalog.close()
+
+
+def test_a_bounded_wait_leaves_the_writes_own_statements_unbounded(target: str) -> None:
+    # PostgreSQL: lock_timeout is set for the advisory lock only, then reset; a write that
+    # got the lock runs as before (here: many statements in one transaction).
+    with open_catalog(target) as catalog:
+        catalog.write_wait_s = 0.05
+        with catalog.writing() as write:
+            for n in range(50):
+                write.upsert_product(f"sku-{n}")
+        assert catalog.counts()["products"] == 50
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), "30", True, 1e9])
+def test_write_wait_must_be_seconds(tmp_path: Path, bad: object) -> None:
+    catalog = create_catalog(tmp_path / "catalog", model_id="toy@1", model_ref="toy", dim=DIM)
+    try:
+        with pytest.raises(ConfigError, match="write_wait_s"):
+            catalog.write_wait_s = bad  # type: ignore[assignment]
+    finally:
+        catalog.close()
+
+
+def test_the_service_answers_503_to_an_edit_behind_a_long_writer(tmp_path: Path) -> None:
+    from snapshop.service import ServiceSettings, create_app
+
+    directory, _ = build_catalog(tmp_path, n_products=2, images_per_product=1)
+    settings = ServiceSettings(directory, api_key="k" * 12, write_wait_s=0.3)
+    app = create_app(settings, detector=FixedGarmentDetector())
+    with TestClient(app) as client, open_catalog(directory) as ingest_elsewhere:
+        product_id = client.get("/v1/products").json()["items"][0]["id"]
+        patch = {"json": {"title": "new"}, "headers": {"X-API-Key": "k" * 12}}
+        with held(ingest_elsewhere):
+            busy = client.patch(f"/v1/products/{product_id}", **patch)
+        assert busy.status_code == 503, busy.text
+        assert busy.json()["code"] == "catalog_busy" and busy.headers["Retry-After"] == "5"
+        assert client.get(f"/v1/products/{product_id}").json()["title"] != "new"
+        assert client.patch(f"/v1/products/{product_id}", **patch).status_code == 200
+    with pytest.raises(ConfigError, match="write_wait_s"):
+        ServiceSettings(directory, write_wait_s=0)
