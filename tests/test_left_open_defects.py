@@ -208,6 +208,26 @@ def test_a_catalog_rebuilds_a_flat_index_whose_vector_bytes_are_damaged(tmp_path
     assert hits.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_an_index_file_newer_than_the_card_read_is_not_taken_for_damaged(tmp_path: Path) -> None:
+    # Another process saving replaces the file, then the card: a reader between the two read
+    # the old card and the new file, and rebuilt a sound index from the store.
+    import threading
+    import time
+
+    old = _saved_flat(tmp_path / "old", unit_vectors(20, seed=1))
+    new = _saved_flat(tmp_path / "new", unit_vectors(30, seed=2))
+    card_file = old.with_suffix(".json")
+    new_card = new.with_suffix(".json").read_text()
+    new.replace(old)  # the file is replaced; the card a moment later
+    late = threading.Timer(0.05, lambda: card_file.write_text(new_card))
+    late.start()
+    start = time.monotonic()
+    index, card = load_index(old)
+    late.join()
+    assert len(index) == 30 and card == json.loads(new_card)
+    assert time.monotonic() - start < 2
+
+
 def test_a_flat_index_card_written_before_checksums_still_opens(tmp_path: Path) -> None:
     vectors = unit_vectors(20)
     path = _saved_flat(tmp_path, vectors)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from snapshop.errors import ConfigError, VectorIndexError
 from snapshop.index.base import FILE_CHECKSUM, VectorIndex
 
 log = logging.getLogger(__name__)
+SAVE_RACE_S = 0.2  # how long a save may take between replacing an index file and its card
 _UNCHECKED: set[Path] = set()  # files whose card predates checksums, logged once each
 
 
@@ -105,29 +108,39 @@ def load_index(path: Path) -> tuple[VectorIndex, dict[str, Any]]:
             f"{path}: holds a {index.kind} index of dim {index.dim}, but its card says"
             f" {kind} of dim {dim}"
         )
-    _check_file_checksum(index, card, Path(path))
-    return index, card
+    return index, _check_file_checksum(index, card, Path(path))
 
 
-def _check_file_checksum(index: VectorIndex, card: dict[str, Any], path: Path) -> None:
-    """A file whose format has no checksum of its own (``file_crc32`` on the index: a flat
-    index's faiss file) must have the one its card holds; a card written before cards held
-    one is believed, as before (the next save writes one)."""
+def _check_file_checksum(index: VectorIndex, card: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The card of a file whose format has no checksum of its own (``file_crc32`` on the
+    index: a flat index's faiss file), once the file has the checksum the card holds; a card
+    written before cards held one is believed, as before (the next save writes one).
+
+    Another process saving meanwhile replaces the file first and its card a moment later:
+    a file newer than the card read is compared with the card once more before it counts as
+    damaged (a damaged file would be rebuilt from the store, a long wait at a million)."""
     actual = getattr(index, "file_crc32", None)
     if actual is None:
-        return
+        return card
     expected = card.get(FILE_CHECKSUM)
+    if expected is not None and expected != actual:
+        time.sleep(SAVE_RACE_S)
+        with contextlib.suppress(ConfigError, ValueError):
+            again = read_json(card_path(path))
+            if isinstance(again, dict) and again.get(FILE_CHECKSUM) == actual:
+                card, expected = again, actual
     if expected is None:
         if path not in _UNCHECKED:
             _UNCHECKED.add(path)
             log.info("%s: its card holds no checksum (saved before they were written);"
                      " loaded unchecked until the next save", path)  # fmt: skip
-        return
+        return card
     if expected != actual:
         _close(index)
         raise VectorIndexError(
             f"{path}: damaged: the file's CRC-32 is {actual}, its card's checksum {expected!r}"
         )
+    return card
 
 
 def _close(index: VectorIndex) -> None:
