@@ -3,10 +3,13 @@ recommend, duplicates), and brute-force references that read the SQLite file dir
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
 from catalog_helpers import db_rows
+from PIL import Image
 
 from snapshop.catalog.catalog import Catalog, create_catalog
 from snapshop.catalog.store import NewCrop
@@ -124,3 +127,16 @@ def mean_vectors(entries: dict[int, tuple]) -> dict[int, np.ndarray]:
         m = np.mean(vecs, axis=0)
         out[product] = m / np.linalg.norm(m)
     return out
+
+
+def stored_file(catalog_dir: Path, image: Image.Image, fmt: str = "JPEG") -> tuple[str, str]:
+    """``image`` written where ingest keeps a stored file (``blobs/<sha[:2]>/<sha>.<fmt>``);
+    returns (blob, sha256) for the image row."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    data = buffer.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    blob = f"blobs/{sha[:2]}/{sha}.{fmt.lower()}"
+    (catalog_dir / blob).parent.mkdir(parents=True, exist_ok=True)
+    (catalog_dir / blob).write_bytes(data)
+    return blob, sha

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from shop_helpers import add_image, fill_shop, near, new_catalog, stored, unit
+from shop_helpers import add_image, fill_shop, near, new_catalog, stored, stored_file, unit
 from typer.testing import CliRunner
 
 from snapshop import api
@@ -85,25 +85,13 @@ def test_same_product_pairs_are_not_duplicates(tmp_path: Path) -> None:
         catalog.close()
 
 
-def stored_blob(catalog_dir: Path, colour: tuple[int, int, int]) -> tuple[str, str]:
-    """A JPEG written where ingest would keep it; returns (blob, sha256)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (60, 40), colour).save(buffer, format="JPEG")
-    data = buffer.getvalue()
-    sha = hashlib.sha256(data).hexdigest()
-    blob = f"blobs/{sha[:2]}/{sha}.jpg"
-    (catalog_dir / blob).parent.mkdir(parents=True, exist_ok=True)
-    (catalog_dir / blob).write_bytes(data)
-    return blob, sha
-
-
 def test_csv_html_and_cli(tmp_path: Path) -> None:
     directory = tmp_path / "cat"
     catalog = new_catalog(directory)
     try:
         rng = np.random.default_rng(1)
         vec = unit(rng)[0]
-        blob, sha = stored_blob(directory, (200, 30, 30))
+        blob, sha = stored_file(directory, Image.new("RGB", (60, 40), (200, 30, 30)))
         add_image(catalog, "<script>x</script>", vec, blob=blob, sha256=sha)
         add_image(catalog, "relisted", near(rng, vec, 0.01))  # no stored file
         add_image(catalog, "other", unit(rng)[0])

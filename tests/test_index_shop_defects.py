@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
 import json
 import math
 from pathlib import Path
@@ -15,7 +13,7 @@ import faiss
 import numpy as np
 import pytest
 from PIL import Image
-from shop_helpers import add_image, fill_shop, new_catalog
+from shop_helpers import add_image, fill_shop, new_catalog, stored_file
 
 from snapshop import api, recommend
 from snapshop.catalog.catalog import open_catalog
@@ -303,18 +301,6 @@ def test_an_auto_cards_parameters_by_kind_are_judged_against_its_budget() -> Non
 
 
 # --- shop features ------------------------------------------------------------------------
-def _stored_file(catalog_dir: Path, image: Image.Image, fmt: str) -> tuple[str, str]:
-    """An image file written where ingest keeps it; returns (blob, sha256)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, quality=80) if fmt == "JPEG" else image.save(buffer, fmt)
-    data = buffer.getvalue()
-    sha = hashlib.sha256(data).hexdigest()
-    blob = f"blobs/{sha[:2]}/{sha}.{fmt.lower()}"
-    (catalog_dir / blob).parent.mkdir(parents=True, exist_ok=True)
-    (catalog_dir / blob).write_bytes(data)
-    return blob, sha
-
-
 def test_a_placeholder_photo_listed_under_two_products_is_a_duplicate(tmp_path: Path) -> None:
     # A flat grey image (a "no photo" tile) has nothing left once centred: its pixel
     # signature was all zeros, every pair scored 0 and the pixel check dropped it, even the
@@ -329,7 +315,7 @@ def test_a_placeholder_photo_listed_under_two_products_is_a_duplicate(tmp_path: 
                  "re-encoded": (white, "JPEG"), "black": (Image.new("RGB", (90, 60)), "PNG"),
                  "pattern": (pattern, "PNG")}  # fmt: skip
         for sku, (image, fmt) in files.items():
-            blob, sha = _stored_file(directory, image, fmt)
+            blob, sha = stored_file(directory, image, fmt)
             add_image(catalog, sku, vector, blob=blob, sha256=sha)
         report = find_duplicates(catalog, 0.9)
     finally:

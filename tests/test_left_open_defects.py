@@ -284,3 +284,16 @@ def test_the_cli_writes_spreadsheet_safe_csvs_unless_raw_csv(tmp_path: Path) -> 
         raw = {row[c] for row in csv_rows(tmp_path / f"raw-{command}.csv") for c in columns}
         assert raw == set(FORMULA_SKUS + PLAIN_SKUS)
         assert safe == {"'" + sku if sku[0] in "=+-@'" else sku for sku in raw}
+
+
+def test_the_checksum_benchmark_prints_each_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from script_helpers import load_script
+
+    benchmark = load_script("benchmarks/index_checksum.py")
+    assert benchmark.main(["--n", "1000", "--dir", str(tmp_path), "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    for step in ("faiss write", "fsync", "CRC-32 pass", "faiss read", "FlatIndex.load"):
+        assert f"| {step}" in out
+    assert not list(tmp_path.iterdir())  # the index file is removed
