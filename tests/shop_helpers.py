@@ -129,11 +129,13 @@ def mean_vectors(entries: dict[int, tuple]) -> dict[int, np.ndarray]:
     return out
 
 
-def stored_file(catalog_dir: Path, image: Image.Image, fmt: str = "JPEG") -> tuple[str, str]:
-    """``image`` written where ingest keeps a stored file (``blobs/<sha[:2]>/<sha>.<fmt>``);
-    returns (blob, sha256) for the image row."""
+def stored_file(
+    catalog_dir: Path, image: Image.Image, fmt: str = "JPEG", quality: int = 75
+) -> tuple[str, str]:
+    """``image`` written where ingest keeps a stored file (``blobs/<sha[:2]>/<sha>.<fmt>``,
+    JPEG at ``quality``); returns (blob, sha256) for the image row."""
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
     data = buffer.getvalue()
     sha = hashlib.sha256(data).hexdigest()
     blob = f"blobs/{sha[:2]}/{sha}.{fmt.lower()}"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
 import itertools
 import json
 from pathlib import Path
@@ -122,17 +120,6 @@ def test_csv_html_and_cli(tmp_path: Path) -> None:
     assert bad.exit_code == 2
 
 
-def stored_picture(catalog_dir: Path, image: Image.Image, quality: int = 90) -> tuple[str, str]:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    data = buffer.getvalue()
-    sha = hashlib.sha256(data).hexdigest()
-    blob = f"blobs/{sha[:2]}/{sha}.jpg"
-    (catalog_dir / blob).parent.mkdir(parents=True, exist_ok=True)
-    (catalog_dir / blob).write_bytes(data)
-    return blob, sha
-
-
 def test_pixel_check_keeps_edited_copies_and_drops_lookalikes(tmp_path: Path) -> None:
     """Every image has the same vector, so vectors alone call every pair a duplicate; the
     stored files tell a re-encoded, resized, cropped copy from another product's photo."""
@@ -152,7 +139,7 @@ def test_pixel_check_keeps_edited_copies_and_drops_lookalikes(tmp_path: Path) ->
     try:
         vec = unit(np.random.default_rng(0))[0]
         for sku, (image, quality) in copies.items():
-            blob, sha = stored_picture(directory, image, quality)
+            blob, sha = stored_file(directory, image, quality=quality)
             add_image(catalog, sku, vec, blob=blob, sha256=sha)
         unchecked = find_duplicates(catalog, 0.9, pixel_threshold=None)
         checked = find_duplicates(catalog, 0.9)
