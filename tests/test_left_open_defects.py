@@ -264,6 +264,37 @@ def test_a_product_whose_image_vectors_cancel_is_no_neighbour_and_has_none(
     assert report.rows == len(rows) == 6
 
 
+def test_photo_search_leaves_out_a_product_whose_image_vectors_cancel(tmp_path: Path) -> None:
+    # The product index held zero product vectors: photo search (by product vector, the
+    # default) listed such a product at score 0, above every product of negative similarity.
+    # A refresh keeps it so: a product that comes to cancel leaves, one that stops comes back.
+    from types import SimpleNamespace
+
+    from snapshop.search import Searcher
+
+    catalog = new_catalog(tmp_path / "cat")
+    try:
+        add_image(catalog, "east", axis(0))
+        add_image(catalog, "west", axis(0, -1.0))
+        add_image(catalog, "cancels", axis(1))
+        add_image(catalog, "cancels", axis(1, -1.0))
+        add_image(catalog, "north", axis(2))
+        embedder = SimpleNamespace(model_id=catalog.model_id, dim=DIM)
+        searcher = Searcher(catalog, embedder, ranking="product")  # type: ignore[arg-type]
+
+        def ranked() -> list[tuple[str, float]]:
+            searcher.refresh()
+            return [(hit.sku, round(hit.score, 4)) for hit in searcher.rank_products(axis(0), 10)]
+
+        assert ranked() == [("east", 1.0), ("north", 0.0), ("west", -1.0)]
+        add_image(catalog, "north", axis(2, -1.0))  # north now cancels too
+        assert ranked() == [("east", 1.0), ("west", -1.0)]
+        add_image(catalog, "cancels", axis(0))  # v, -v and east's: east's direction
+        assert sorted(ranked()) == [("cancels", 1.0), ("east", 1.0), ("west", -1.0)]
+    finally:
+        catalog.close()
+
+
 def test_the_cli_writes_spreadsheet_safe_csvs_unless_raw_csv(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -231,8 +231,9 @@ def index(
         int,
         typer.Option(
             min=1,
-            help="Ray workers that images may kill before the ingest stops (each killer image"
-            " is found by bisecting its batch and reported as failed; one costs about 6).",
+            help="Ray workers that may die of something else than an image before the ingest"
+            " stops (a node short of memory); images that kill workers are found by bisecting"
+            " their batch and reported as failed, whatever their number.",
         ),
     ] = RayConfig.max_worker_deaths,
     catalog_views: Annotated[

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -75,9 +75,11 @@ class RayConfig:
     cheapest per image on CPU, issue #16); with ``gpus_per_actor`` > 0 its embedder runs
     on ONNX Runtime's CUDA provider (onnxruntime-gpu on the workers) in batches.
 
-    ``max_worker_deaths``: how many batches may kill their worker while the ingest bisects
-    them to find the images that do (each costs an actor restart; one image in a batch of
-    32 costs 6); past it the ingest fails, keeping what it committed.
+    ``max_worker_deaths``: how many workers may die of something else than an image that
+    kills them (:class:`KillerSearch`: deaths of batches that later indexed, and deaths in
+    a row of batches holding images new to dying); past it the ingest fails, keeping what
+    it committed. Deaths that find a killer are not capped (each costs an actor restart; one
+    such image in a batch of 32 costs 7).
     """
 
     address: str = LOCAL
@@ -393,13 +395,13 @@ def ingest_on_ray(
                         watchdog.watch_descendants()  # the actors, started by now
                     fresh, killed = _received(ingestor, source, batch, report)
                     yield fresh, len(batch["id"]) - len(killed)
-                    named = search.died(killed, report.added)
+                    named = search.observed(batch["id"].tolist(), killed, report.added)
                     for i in named:
                         report.failed.append((str(source[i].path), search.reason(i)))
                     if named:
                         yield [], len(named)
                 rows = [row for row in rows if row["id"] in search.retry]
-                batch_size = search.next_round(batch_size)
+                batch_size = search.next_round(batch_size, report.added)
         except ray.exceptions.RayError as exc:
             raise IngestError(
                 f"the Ray job failed ({_root_cause(exc)}); the {report.added} images added so"
@@ -449,54 +451,89 @@ def _mapped(
 class KillerSearch:
     """Finds the images that kill their Ray worker by bisection: the rows of a batch that
     killed its worker are mapped again, in batches half as large, on replacement actors, until
-    an image that kills its worker alone is named (after two deaths at least: one may be
-    chance, a node lost) and not tried again. At most ``max_deaths`` batches may die."""
+    an image that killed its worker alone twice is named (one death alone may be chance, a
+    node lost; deaths beside a killer are not counted as its own) and not tried again.
+
+    Deaths that led to a killer cost nothing: a run names as many killers as its source
+    holds. ``max_deaths`` caps the others, which something else caused (a node short of
+    memory, an operator's kill): dead batches whose rows all indexed later (chance deaths),
+    and dead batches in a row, with no image indexed between them, each holding an image that
+    had not died before (every worker dying, not a bisection narrowing on its suspects)."""
 
     def __init__(self, max_deaths: int) -> None:
         self.max_deaths = max_deaths
         self.bisection = 0  # the round of retries under way (0: the first mapping)
         self.dead_batches: set[tuple[int, tuple[int, ...]]] = set()
-        self.deaths_of: Counter[int] = Counter()  # row id -> batches of it that died
+        self.alone_deaths: Counter[int] = Counter()  # row id -> deaths in a batch of its own
+        self.named: set[int] = set()  # rows named as killers
+        self.suspects: set[int] = set()  # rows that died at least once
         self.retry: set[int] = set()  # rows to map again in the next round
+        self.deaths_in_a_row = 0  # dead batches since a row last came back alive
+        self.chance_deaths = 0  # dead batches whose rows all came back alive later
 
-    def died(self, killed: list[tuple[int, KilledWorker]], added: int) -> list[int]:
-        """Count rows whose batch killed its worker; returns those named as killers now.
+    def observed(
+        self, ids: Sequence[int], killed: list[tuple[int, KilledWorker]], added: int
+    ) -> list[int]:
+        """Count the outcomes of rows ``ids`` (in the order they came back), ``killed`` those
+        whose batch killed its worker; returns the rows named as killers now.
 
-        Raises IngestError past ``max_deaths`` (``added``: images committed so far)."""
+        Raises IngestError past ``max_deaths`` dead batches in a row that held a row new to
+        dying (``added``: images committed so far)."""
+        dead = dict(killed)
         named = []
-        for i, outcome in killed:
+        for i in ids:
+            outcome = dead.get(i)
+            if outcome is None:
+                self.deaths_in_a_row = 0
+                continue
             batch = (self.bisection, outcome.batch)
             if batch not in self.dead_batches:
                 self.dead_batches.add(batch)
+                if not self.suspects.issuperset(outcome.batch):
+                    self.deaths_in_a_row += 1
+                self.suspects.update(outcome.batch)
                 log.warning(
                     "a Ray worker died on a batch of %d images: mapping them again, in batches"
                     " of half its size, to find the one that kills it",
                     len(outcome.batch),
                 )
-            self.deaths_of[i] += 1
-            if len(outcome.batch) == 1 and self.deaths_of[i] >= 2:
+            if len(outcome.batch) == 1:
+                self.alone_deaths[i] += 1
+            if self.alone_deaths[i] >= 2:
+                self.named.add(i)
                 named.append(i)
             else:
                 self.retry.add(i)
-        if len(self.dead_batches) > self.max_deaths:
-            raise IngestError(
-                f"the Ray workers died {len(self.dead_batches)} times, more than"
-                f" max_worker_deaths={self.max_deaths}: more images kill them than this ingest"
-                " bisects, or something else does (a node short of memory?); the"
-                f" {added} images added so far are kept: run the ingest again to continue"
-            )
+        if self.deaths_in_a_row > self.max_deaths:
+            self._stop(f"{self.deaths_in_a_row} times in a row", added)
         return named
 
     def reason(self, i: int) -> str:
         return (
-            f"{KILLED_WORKER} ({self.deaths_of[i]} times: a crash in native code, or out of memory)"
+            f"{KILLED_WORKER} ({self.alone_deaths[i]} times alone: a crash in native code, or"
+            " out of memory)"
         )
 
-    def next_round(self, batch_size: int) -> int:
-        """Start the next round of retries; returns its batch size."""
+    def next_round(self, batch_size: int, added: int) -> int:
+        """End a round: count its dead batches that no named killer explains and whose rows
+        are not tried again (chance deaths; raises IngestError past ``max_deaths``), then
+        start the next round of retries; returns its batch size."""
+        for batch in [b for b in self.dead_batches if not self.retry.intersection(b[1])]:
+            self.dead_batches.discard(batch)  # settled: counted once
+            if not self.named.intersection(batch[1]):
+                self.chance_deaths += 1
+        if self.chance_deaths > self.max_deaths:
+            self._stop(f"{self.chance_deaths} times with no image that kills them", added)
         self.bisection += 1
         self.retry.clear()
         return max(1, (batch_size + 1) // 2)
+
+    def _stop(self, deaths: str, added: int) -> NoReturn:
+        raise IngestError(
+            f"the Ray workers died {deaths}, more than max_worker_deaths={self.max_deaths}:"
+            " something else than an image kills them (a node short of memory?); the"
+            f" {added} images added so far are kept: run the ingest again to continue"
+        )
 
 
 def _received(

@@ -233,13 +233,16 @@ class ProductVectors:
     def index(self, position: str | None = None) -> FlatIndex:
         """An exact index over :meth:`vectors` keyed by product id (built on first use, then
         updated in place by :meth:`refresh`): like the catalog's indexes, search it under
-        the catalog's :meth:`~snapshop.catalog.catalog.Catalog.reading`."""
+        the catalog's :meth:`~snapshop.catalog.catalog.Catalog.reading`. A product whose
+        vector is zero (its image vectors cancel, v and -v) has no direction and is left
+        out: it would score 0 against every query, above products of negative similarity."""
         with self._lock:
             name = index_name(position)
             if name not in self._indexes:
                 group = self._groups.get(name) or _Group.empty(self.dim)
                 index = FlatIndex(self.dim)
-                index.add(group.product_ids, group.vectors)  # copied: the group keeps its own
+                nonzero = group.vectors.any(axis=1)
+                index.add(group.product_ids[nonzero], group.vectors[nonzero])  # copied
                 self._indexes[name] = index
             return self._indexes[name]
 
@@ -419,8 +422,9 @@ class ProductVectors:
             group.set_products(product_ids[order], vectors[order])
         index = self._indexes.get(name)
         if index is not None:  # kept current in place: rebuilding it would copy every vector
-            index.remove(gone)
-            index.add(fresh_ids, fresh_vecs)
+            nonzero = fresh_vecs.any(axis=1)
+            index.remove(np.union1d(gone, fresh_ids[~nonzero]))
+            index.add(fresh_ids[nonzero], fresh_vecs[nonzero])
         log.info("product vectors %s reconciled: %d products recomputed", name, len(dirty))
         return True
 
