@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from snapshop import integrity
 from snapshop.catalog.blobs import DEFAULT_GRACE_SECONDS, GcReport
 from snapshop.catalog.card import read_card, write_card
 from snapshop.catalog.catalog import (
@@ -361,6 +362,18 @@ def collect_garbage(
         return catalog.collect_garbage(dry_run=dry_run, min_age_seconds=grace_seconds)
 
 
+def check_catalog(
+    catalog_dir: PathLike, *, blobs: bool = True, sample: int = 200
+) -> integrity.CheckReport:
+    """Read everything the catalog derives from its store (index files, product vectors,
+    blob files) and compare it with the store; changes nothing (see
+    :mod:`snapshop.integrity`). ``blobs=False`` skips hashing the blob files; ``sample``
+    entries per index are searched for themselves."""
+    blobs = check_flag("blobs", blobs)
+    with open_catalog(catalog_dir) as catalog:
+        return integrity.check_catalog(catalog, blobs=blobs, sample=sample)
+
+
 def migrate(
     source: PathLike,
     target: PathLike,
@@ -475,6 +488,10 @@ def duplicates(
     check_flag("spreadsheet_safe", spreadsheet_safe)
     out = None if out is None else check_output(out, catalog_dir, "CSV")
     html = None if html is None else check_output(html, catalog_dir, "page")
+    if out is not None and out.suffix.lower() != ".csv":
+        raise ConfigError(f"{out}: duplicates are written as CSV; name the file .csv")
+    if out is not None and html is not None and out.resolve() == html.resolve():
+        raise ConfigError(f"{out}: the CSV and the page would be one file; name two")
     with open_catalog(catalog_dir) as catalog:
         if progress_total:
             progress_total(catalog.counts()["images"])

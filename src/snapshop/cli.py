@@ -23,6 +23,7 @@ from rich.text import Text
 
 from snapshop import api
 from snapshop.catalog.blobs import DEFAULT_GRACE_SECONDS
+from snapshop.config import is_ascii_digits
 from snapshop.errors import ConfigError, ManifestError, SnapshopError
 from snapshop.ingest_ray import RayConfig
 
@@ -49,9 +50,7 @@ class _App(typer.Typer):
             reconfigure = getattr(stream, "reconfigure", None)  # =ascii): escapes, no traceback
             if reconfigure is not None:
                 reconfigure(errors="backslashreplace")
-        columns = os.environ.get("COLUMNS", "1").strip()
-        if not columns.isdigit() or int(columns) < 1:
-            os.environ.pop("COLUMNS")  # Typer's help and usage errors: blank at width 0
+        _drop_bad_columns()  # Typer's help and usage errors: blank at width 0
         try:
             return super().__call__(*args, **kwargs)
         except OSError as exc:
@@ -75,10 +74,19 @@ db_app = typer.Typer(
 app.add_typer(db_app, name="db")
 
 
+def _drop_bad_columns() -> None:
+    """Forget a ``COLUMNS`` that is no positive number of ASCII digits: rich and click parse
+    it with int(), which fails on "²" (a digit to str.isdigit) and on "x"."""
+    columns = os.environ.get("COLUMNS", "1").strip()
+    if not is_ascii_digits(columns) or int(columns) < 1:
+        os.environ.pop("COLUMNS", None)
+
+
 def _console(stderr: bool = False) -> Console:
     """Text is printed as text: catalog values and paths hold "[...]" and ":name:" (rich
     markup, emoji codes). Lines are not wrapped at the width (80 columns in a pipe) so that a
     script reads each whole; tables still fit it."""
+    _drop_bad_columns()
     console = Console(stderr=stderr, markup=False, emoji=False, soft_wrap=True)
     if console.width < 1:  # COLUMNS=0 (Emacs shells, some containers): rich prints nothing
         console.width = 80
@@ -450,6 +458,38 @@ def catalog_reindex(
                       str(m.get("p50_ms", "-")), str(m.get("p99_ms", "-")),
                       json.dumps(m.get("search_params", {})))  # fmt: skip
     out.print(table)
+
+
+@catalog_app.command("check")
+def catalog_check(
+    catalog: CatalogOpt,
+    blobs: Annotated[
+        bool, typer.Option("--blobs/--no-blobs", help="Hash every blob file against its sha256.")
+    ] = True,
+    sample: Annotated[
+        int, typer.Option(min=0, help="Entries per index searched for themselves (0: none).")
+    ] = 200,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare what the catalog derives from its store (index files, product vectors, blob
+    files) with the store; change nothing. Exit code 1 when something is wrong."""
+    report = run(lambda: api.check_catalog(catalog, blobs=blobs, sample=sample))
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        out.print(", ".join(f"{n} {what}" for what, n in report.checked.items()), highlight=False)
+        for name, recall in report.self_recall.items():
+            out.print(f"{name}: finds {recall:.1%} of its own entries in its top 10")
+        for note in report.notes:
+            out.print(f"note: {terminal_text(note)}", highlight=False)
+        for problem in report.problems:
+            err.print(Text.assemble(("problem:", "red"), f" {problem.what} {problem.where}:"
+                                    f" {problem.detail}; fix: {problem.fix}"),
+                      highlight=False)  # fmt: skip
+        if report.ok:
+            out.print("no problem found")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @catalog_app.command("migrate")

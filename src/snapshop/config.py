@@ -107,6 +107,12 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid JSON ({exc})") from None
 
 
+def is_ascii_digits(text: str) -> bool:
+    """Whether ``text`` is a non-negative integer int() reads: ASCII digits only ("²" and
+    "١٢" are digits to str.isdigit, and int() fails on the first, reads the second as 12)."""
+    return text.isascii() and text.isdigit()
+
+
 def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
     """``value`` as an int if it is a whole number (a numpy integer too; not a bool, a float
     or a string) from ``low`` to ``high`` (None: no upper bound), else a ConfigError naming

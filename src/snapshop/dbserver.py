@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from snapshop.config import is_ascii_digits
 from snapshop.errors import CatalogError, ConfigError
 from snapshop.lifetime import parent_death_preexec
 
@@ -361,7 +362,11 @@ def _pid_file(data: Path) -> tuple[int, int] | None:
         lines = (data / "postmaster.pid").read_text().splitlines()
     except FileNotFoundError:
         return None
-    if len(lines) < 4 or not lines[0].strip().isdigit() or not lines[3].strip().isdigit():
+    if (
+        len(lines) < 4
+        or not is_ascii_digits(lines[0].strip())
+        or not is_ascii_digits(lines[3].strip())
+    ):
         return None
     return int(lines[0]), int(lines[3])
 

@@ -36,6 +36,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from snapshop.catalog.catalog import Catalog
+from snapshop.catalog.migrate import CATALOG_ID
 from snapshop.config import atomic_file, check_int
 from snapshop.data.spreadsheet import csv_text
 from snapshop.errors import ConfigError
@@ -202,7 +203,8 @@ def export_similar(
     state = _Progress(out)
     parts = out.with_name(out.name + ".parts")
     header = {"format": fmt, "k": k, "position": position, "generation": pv.generation,
-              "spreadsheet_safe": spreadsheet_safe if fmt == "csv" else None}  # fmt: skip
+              "spreadsheet_safe": spreadsheet_safe if fmt == "csv" else None,
+              "catalog": catalog_identity(catalog)}  # fmt: skip
     resume = None if restart else _resume_point(state, out, parts, header)
     if resume is None:  # a fresh start: nothing of an earlier run is kept
         after, done = 0, _start_output(out, parts, fmt)
@@ -259,11 +261,32 @@ def _resume_point(
             f"{out}: an unfinished export with {previous} is here, not {settings};"
             " pass restart to start over"
         )
-    if resume.get("generation") != header["generation"]:
+    catalog = resume.get("catalog")
+    if catalog is not None and catalog != header["catalog"]:  # None: begun before it was kept
+        raise ConfigError(
+            f"{out}: an unfinished export of another catalog ({catalog}) is here, not of"
+            f" {header['catalog']}; pass restart to start over"
+        )
+    generation = resume.get("generation")
+    if isinstance(generation, int) and generation > header["generation"]:
+        raise ConfigError(
+            f"{out}: an unfinished export began at catalog generation {generation}, and the"
+            f" catalog is at {header['generation']} now (restored from a backup, or made"
+            " again?); pass restart to start over"
+        )
+    if generation != header["generation"]:
         log.warning("%s: the catalog changed since this export began; products exported"
                     " before the resume reflect the older catalog", out)  # fmt: skip
     _check_resume_point(out, parts, settings["format"], int(resume["done"]))
     return resume
+
+
+def catalog_identity(catalog: Catalog) -> dict[str, Any]:
+    """What tells a catalog from another made at the same place: its location, when its card
+    was made, and the id migrate gives it and its copies."""
+    location = catalog.location if catalog.is_server else str(Path(catalog.location).resolve())
+    return {"location": location, "created_at": catalog.card.created_at,
+            "catalog_id": catalog.card.extra.get(CATALOG_ID)}  # fmt: skip
 
 
 def _start_output(out: Path, parts: Path, fmt: str) -> int:

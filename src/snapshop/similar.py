@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 
 from snapshop.catalog.catalog import Catalog
 from snapshop.catalog.store import CatalogStore, CropRow, Product
+from snapshop.config import is_ascii_digits
 from snapshop.errors import CatalogError, ConfigError
 from snapshop.search import (
     ItemResult,
@@ -44,7 +45,8 @@ def find_product(store: CatalogStore, key: str | int) -> Product:
         found = store.find_product(key)
         if found is not None:
             return found
-        if not key.strip().isdigit():
+        digits = key.strip()
+        if not is_ascii_digits(digits):
             raise CatalogError(f"no product with sku {key!r}")
     try:
         return store.get_product(int(key) if isinstance(key, str) else operator.index(key))

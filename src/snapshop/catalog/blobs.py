@@ -39,7 +39,7 @@ from typing import Any
 
 from snapshop.catalog.fields import is_sha256
 from snapshop.catalog.store import CatalogStore
-from snapshop.config import atomic_file, is_temp_name
+from snapshop.config import atomic_file, is_ascii_digits, is_temp_name
 from snapshop.errors import ConfigError, NotFoundError
 from snapshop.images import sniff_format
 
@@ -251,7 +251,7 @@ def _collect_thumbnails(catalog_dir: Path, store: CatalogStore, dry_run: bool) -
         if not root.is_dir() or root.is_symlink():
             continue
         for variant in sorted(root.iterdir()):
-            if not variant.name.isdigit() or variant.is_symlink() or not variant.is_dir():
+            if not is_ascii_digits(variant.name) or variant.is_symlink() or not variant.is_dir():
                 continue
             for shard in sorted(variant.iterdir()):
                 if shard.is_symlink() or not shard.is_dir():
@@ -285,7 +285,7 @@ def _temp_folders(catalog_dir: Path) -> Iterator[Path]:
         if not real_dir(root):
             continue
         for variant in sorted(root.iterdir()):
-            if variant.name.isdigit() and real_dir(variant):
+            if is_ascii_digits(variant.name) and real_dir(variant):
                 yield from (shard for shard in sorted(variant.iterdir()) if real_dir(shard))
 
 

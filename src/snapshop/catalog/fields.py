@@ -135,6 +135,15 @@ def lookup_sku(sku: object) -> str:
     return unicodedata.normalize("NFC", str(sku)).strip()
 
 
+def sku_forms(sku: object) -> list[str]:
+    """The stored forms a lookup of ``sku`` matches: its lookup form first, then, where it
+    differs, its decomposed (NFD) form, which stores written before skus were normalised
+    (2026-12-03) may hold (a folder name from macOS, say)."""
+    key = lookup_sku(sku)
+    legacy = unicodedata.normalize("NFD", key)
+    return [key] if legacy == key else [key, legacy]
+
+
 def normalise_sku(sku: object) -> str:
     """``sku`` as stored (NFC, stripped), or FieldError if no product may have it."""
     if not isinstance(sku, str):

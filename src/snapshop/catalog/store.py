@@ -40,6 +40,7 @@ from snapshop.catalog.fields import (
     is_sha256,
     lookup_sku,
     normalise_sku,
+    sku_forms,
     stored_attributes,
 )
 from snapshop.catalog.fields import check_product_url as check_product_url  # re-exported
@@ -211,6 +212,17 @@ def open_store(
 
 
 IN_LIST = 500  # values per IN (...) list: within both engines' limits on parameters
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ", ".join("?" * len(values))
+
+
+def _as_stored(rows: Sequence[Any], key: str) -> Any:
+    """Of the rows a sku's forms found, the one stored as ``key`` (its lookup form), else a
+    legacy one, else None."""
+    exact = [row for row in rows if row["sku"] == key]
+    return exact[0] if exact else (rows[0] if rows else None)
 
 
 def _in_lists(values: Sequence[Any]) -> Iterator[tuple[list[Any], str]]:
@@ -467,9 +479,15 @@ class CatalogStore:
             raise CatalogError(f"unknown product fields {sorted(unknown)}")
         fields = check_product_fields(fields)
         stamp = now()
-        row = db.execute("SELECT id, attributes FROM products WHERE sku = ?", (sku,)).fetchone()
+        forms = sku_forms(sku)
+        rows = db.execute(
+            f"SELECT id, sku, attributes FROM products WHERE sku IN ({_marks(forms)})", forms
+        ).fetchall()
+        row = _as_stored(rows, sku)
         attrs = fields.pop("attributes", None) or {}
         values = {k: v for k, v in fields.items() if v is not None}
+        if row is not None and row["sku"] != sku:
+            values["sku"] = sku  # a legacy row (stored decomposed) takes the stored form now
         if row is None:
             values.setdefault("title", sku)  # a product always has something to show
             cur = db.execute(
@@ -510,8 +528,10 @@ class CatalogStore:
         return _product(rows[0])
 
     def find_product(self, sku: str) -> Product | None:
-        rows = self._query("SELECT * FROM products WHERE sku = ?", (lookup_sku(sku),))
-        return _product(rows[0]) if rows else None
+        forms = sku_forms(sku)
+        rows = self._query(f"SELECT * FROM products WHERE sku IN ({_marks(forms)})", forms)
+        row = _as_stored(rows, forms[0])
+        return None if row is None else _product(row)
 
     def products_by_ids(self, ids: Sequence[int]) -> dict[int, Product]:
         out: dict[int, Product] = {}
@@ -522,13 +542,15 @@ class CatalogStore:
         return out
 
     def products_by_skus(self, skus: Sequence[str]) -> dict[str, Product]:
-        """The products holding these skus, by stored sku (a sku held by none is absent); the
-        skus are looked up as :meth:`find_product` does."""
+        """The products holding these skus, by the skus' lookup form (:func:`lookup_sku`; a
+        sku held by none is absent); the skus are looked up as :meth:`find_product` does."""
         out: dict[str, Product] = {}
-        keys = list(dict.fromkeys(lookup_sku(sku) for sku in skus))
+        keys = list(dict.fromkeys(form for sku in skus for form in sku_forms(sku)))
         for chunk, marks in _in_lists(keys):
             for row in self._query(f"SELECT * FROM products WHERE sku IN ({marks})", chunk):
-                out[row["sku"]] = _product(row)
+                key = lookup_sku(row["sku"])
+                if key not in out or row["sku"] == key:  # the stored form before a legacy one
+                    out[key] = _product(row)
         return out
 
     def list_products(
@@ -567,8 +589,12 @@ class CatalogStore:
     # --- images -----------------------------------------------------------------------
     def product_id_in(self, db: Database, sku: str) -> int | None:
         """The id of the product ``sku`` as the open transaction ``db`` sees it."""
-        row = db.execute("SELECT id FROM products WHERE sku = ?", (lookup_sku(sku),)).fetchone()
-        return int(row[0]) if row else None
+        forms = sku_forms(sku)
+        rows = db.execute(
+            f"SELECT id, sku FROM products WHERE sku IN ({_marks(forms)})", forms
+        ).fetchall()
+        row = _as_stored(rows, forms[0])
+        return None if row is None else int(row[0])
 
     def find_image(self, db: Database, product_id: int, sha256: str) -> int | None:
         row = db.execute(

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from snapshop.config import is_ascii_digits
 from snapshop.data.manifest import ManifestRow, read_manifest
 from snapshop.data.sources import read_folder
 from snapshop.errors import CatalogError, ManifestError
@@ -92,7 +93,7 @@ def read_inshop(root: Path) -> list[ManifestRow]:
             )
         )
     expected = lines[0].strip()
-    if expected.isdigit() and int(expected) != len(listed):
+    if is_ascii_digits(expected) and int(expected) != len(listed):
         log.warning("%s: header says %s images, found %d", listing, expected, len(listed))
     if not rows:
         raise ManifestError(f"{listing}: no images listed")

@@ -1,0 +1,302 @@
+"""A catalog checked end to end against its store: ``snapshop catalog check``.
+
+The store (SQLite or PostgreSQL) is the source of truth; everything else is derived from it
+and trusted on open as far as a cheap check allows: a flat index file by its CRC-32, a
+compressed index's float vectors (``.vectors.npy``) by a sampled fingerprint only, the
+product-vector cache by its shape, a blob by its name. This reads all of it and compares it
+with the store, for an operator who suspects a disk, a copy or a restore:
+
+- every saved index file loads, and holds, for every entry it shares with the store, the
+  store's vector (entries the store gained or lost since its last save are reported, not
+  counted as damage: an open catches up with them);
+- every index the catalog searches finds a sample of its own entries (self-recall@10);
+- the stored vectors are finite;
+- the product vectors (of the cache, reconciled as a search would use them) are the mean of
+  their entries' stored vectors;
+- every blob file exists and its bytes have the sha256 its image rows name (directory
+  catalogs; ``blobs=False`` skips reading them).
+
+Nothing is changed. Each problem says how to repair it (``catalog reindex`` rebuilds the
+indexes from the store; the product-vector cache is recomputed once removed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from snapshop.catalog.blobs import blob_file
+from snapshop.catalog.catalog import IMAGES, Catalog, index_name
+from snapshop.config import check_int
+from snapshop.errors import VectorIndexError
+from snapshop.index.factory import load_index
+from snapshop.product_vectors import CACHE_FILE, ProductVectors
+
+log = logging.getLogger(__name__)
+
+VECTOR_TOLERANCE = 1e-6  # an index holds the store's float32 vectors as they are
+POOL_TOLERANCE = 1e-4  # a product vector is a float64 mean, renormalised, kept as float32
+SELF_RECALL_K = 10
+SELF_RECALL_MIN = 0.9  # an approximate index finds nearly all its own entries in its top 10
+HEX = "0123456789abcdef"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing found wrong: what (``index``, ``vectors``, ``product-vectors``, ``blob``),
+    where (an index or file name, an image), what is wrong, and how to repair it."""
+
+    what: str
+    where: str
+    detail: str
+    fix: str
+
+
+@dataclass
+class CheckReport:
+    catalog: str
+    checked: dict[str, int] = field(default_factory=dict)  # what was read and compared
+    self_recall: dict[str, float] = field(default_factory=dict)  # index name -> recall@10
+    notes: list[str] = field(default_factory=list)  # not damage: e.g. a file behind the store
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.checked[key] = self.checked.get(key, 0) + n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def check_catalog(
+    catalog: Catalog,
+    *,
+    blobs: bool = True,
+    sample: int = 200,
+    progress: Callable[[str], None] | None = None,
+) -> CheckReport:
+    """Check ``catalog`` against its store (see the module); ``sample``: entries per index
+    searched for themselves (0: none). Reads everything once and changes nothing; holds one
+    group's stored vectors and one index file's at a time (2 GiB each at 1M x 512)."""
+    sample = check_int("sample", sample, 0)
+    report = CheckReport(catalog.location)
+    say = progress or (lambda _stage: None)
+    names = [IMAGES] + [index_name(p) for p in catalog.store.crop_positions()]
+    pv = ProductVectors(catalog, save=False)  # reconciled with the store, as search uses them
+    for name in names:
+        say(f"vectors of {name}")
+        stored = _stored_vectors(catalog, name, report)
+        if not catalog.is_server:
+            say(f"index file of {name}")
+            _check_index_file(catalog, name, stored, report)
+        if sample:
+            say(f"self-recall of {name}")
+            _check_self_recall(catalog, name, stored, sample, report)
+        say(f"product vectors of {name}")
+        _check_product_vectors(catalog, pv, name, stored, report)
+    if blobs and not catalog.is_server:
+        say("blobs")
+        _check_blobs(catalog, report)
+    elif blobs:
+        report.notes.append("blobs: a server catalog keeps thumbnails only; not checked")
+    return report
+
+
+class _Stored:
+    """A group's stored vectors: sorted ids and their rows (finite ones only)."""
+
+    def __init__(self, ids: NDArray[np.int64], vectors: NDArray[np.float32]) -> None:
+        order = np.argsort(ids)
+        self.ids, self.vectors = ids[order], vectors[order]
+
+    def rows_of(self, ids: NDArray[np.int64]) -> tuple[NDArray[np.bool_], NDArray[np.intp]]:
+        """(found (len(ids),), their rows among the found)."""
+        at = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
+        found = self.ids[at] == ids if len(self.ids) else np.zeros(len(ids), bool)
+        return found, at[found]
+
+
+def _stored_vectors(catalog: Catalog, name: str, report: CheckReport) -> _Stored:
+    table = "images" if name == IMAGES else "crops"
+    position = None if name == IMAGES else name.removeprefix("crops-")
+    ids, rows = [], []
+    bad: list[int] = []
+    for batch_ids, vecs in catalog.store.iter_vectors(table, catalog.dim, position=position,
+                                                      batch=8192):  # fmt: skip
+        finite = np.isfinite(vecs).all(axis=1)
+        bad += batch_ids[~finite].tolist()
+        ids.append(batch_ids[finite])
+        rows.append(np.array(vecs[finite], np.float32))
+    report.count(f"{table} vectors", sum(len(i) for i in ids) + len(bad))
+    if bad:
+        report.problems.append(Problem(
+            "vectors", name, f"{len(bad)} stored vectors are not finite (NaN or inf), e.g."
+            f" {table[:-1]} {bad[0]}: searches rank them anywhere",
+            "remove those images and index their sources again",
+        ))  # fmt: skip
+    if not ids:
+        return _Stored(np.zeros(0, np.int64), np.zeros((0, catalog.dim), np.float32))
+    return _Stored(np.concatenate(ids), np.concatenate(rows))
+
+
+def _check_index_file(catalog: Catalog, name: str, stored: _Stored, report: CheckReport) -> None:
+    path = catalog._index_file(name)
+    reindex = f"snapshop catalog reindex -c {catalog.location}"
+    if path is None or not path.exists():
+        report.notes.append(f"{name}: no saved index file (built from the store on open)")
+        return
+    try:
+        index, _card = load_index(path)
+    except VectorIndexError as exc:
+        report.problems.append(Problem("index", path.name, str(exc), reindex))
+        return
+    try:
+        ids = index.ids()
+        vectors = getattr(index, "vectors", None)
+        held = vectors() if callable(vectors) else None
+    finally:
+        close = getattr(index, "close", None)
+        if callable(close):
+            close()
+    report.count("index entries compared", len(ids))
+    behind = np.setdiff1d(stored.ids, ids)
+    removed = np.setdiff1d(ids, stored.ids)
+    if len(behind) or len(removed):
+        report.notes.append(
+            f"{path.name}: {len(behind)} entries the store holds are not in the saved file,"
+            f" {len(removed)} it holds were removed since (caught up on open; a write saves)"
+        )
+    if held is None:
+        return
+    found, rows = stored.rows_of(ids)
+    if not found.any():
+        return
+    differ = np.abs(held[found] - stored.vectors[rows]).max(axis=1) > VECTOR_TOLERANCE
+    if differ.any():
+        first = int(ids[found][differ][0])
+        report.problems.append(Problem(
+            "index", path.name, f"holds other vectors than the store for {int(differ.sum())}"
+            f" of {int(found.sum())} entries (e.g. {first}): the file is damaged", reindex,
+        ))  # fmt: skip
+
+
+def _check_self_recall(
+    catalog: Catalog, name: str, stored: _Stored, sample: int, report: CheckReport
+) -> None:
+    nonzero = np.flatnonzero(stored.vectors.any(axis=1))
+    if len(nonzero) == 0:
+        return
+    rng = np.random.default_rng(0)
+    picked = rng.choice(nonzero, size=min(sample, len(nonzero)), replace=False)
+    position = None if name == IMAGES else name.removeprefix("crops-")
+    with catalog.reading():
+        index = catalog.index(position)
+        if index is None:
+            return
+        k = min(SELF_RECALL_K, len(index))
+        hits = index.search(stored.vectors[picked], k)
+    own = stored.ids[picked]
+    found = (hits.ids == own[:, None]).any(axis=1)
+    # an entry with a twin (the same image in two products) may be beaten to the top by it
+    twins = hits.scores[:, -1] >= 1.0 - 1e-5 if k == SELF_RECALL_K else np.zeros(len(own), bool)
+    recall = float((found | twins).mean())
+    report.self_recall[name] = round(recall, 4)
+    report.count("self-recall queries", len(picked))
+    if recall < SELF_RECALL_MIN:
+        missed = int(own[~(found | twins)][0])
+        report.problems.append(Problem(
+            "index", name, f"finds {recall:.0%} of {len(picked)} of its own entries in its top"
+            f" {k} (e.g. not {missed}): the index is damaged or badly tuned",
+            f"snapshop catalog reindex -c {catalog.location}",
+        ))  # fmt: skip
+
+
+def _check_product_vectors(
+    catalog: Catalog, pv: ProductVectors, name: str, stored: _Stored, report: CheckReport
+) -> None:
+    position = None if name == IMAGES else name.removeprefix("crops-")
+    products, vectors = pv.vectors(position)
+    owners_of = catalog.owners(position, stored.ids.tolist())
+    keep = np.array([i in owners_of for i in stored.ids.tolist()], bool)
+    owners = np.array([owners_of[i] for i in stored.ids[keep].tolist()], np.int64)
+    expected_ids, inverse = np.unique(owners, return_inverse=True)
+    sums = np.zeros((len(expected_ids), catalog.dim), np.float64)
+    np.add.at(sums, inverse, _unit(stored.vectors[keep]))
+    expected = _unit(sums)
+    report.count("product vectors compared", len(products))
+    fix = f"remove {Path(catalog.location) / 'index' / CACHE_FILE} (recomputed on open)"
+    if not np.array_equal(products, expected_ids):
+        extra = np.setdiff1d(products, expected_ids)
+        lacking = np.setdiff1d(expected_ids, products)
+        report.problems.append(Problem(
+            "product-vectors", name, f"products {extra[:3].tolist()} have a vector but no"
+            f" entry, {lacking[:3].tolist()} entries but no vector", fix,
+        ))  # fmt: skip
+        return
+    differ = np.abs(vectors - expected).max(axis=1) > POOL_TOLERANCE if len(products) else []
+    if np.any(differ):
+        report.problems.append(Problem(
+            "product-vectors", name, f"{int(np.sum(differ))} product vectors are not the mean"
+            f" of their entries (e.g. product {int(products[differ][0])})", fix,
+        ))  # fmt: skip
+
+
+def _unit(rows: NDArray[Any]) -> NDArray[np.float64]:
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return np.asarray(rows / np.where(norms > 0, norms, 1.0), np.float64)
+
+
+def _check_blobs(catalog: Catalog, report: CheckReport) -> None:
+    directory = Path(catalog.location)
+    missing, damaged, foreign = [], [], 0
+    for a in HEX:
+        for b in HEX:
+            for sha256, relative in catalog.store.blob_refs_with_prefix(a + b):
+                if relative is None:
+                    continue  # indexed in place, without a copy
+                path = blob_file(directory, relative, sha256)
+                if path is None:
+                    foreign += 1
+                    continue
+                report.count("blobs read")
+                try:
+                    digest = _sha256_of(path)
+                except FileNotFoundError:
+                    missing.append(relative)
+                    continue
+                except OSError as exc:
+                    missing.append(f"{relative} ({exc.strerror})")
+                    continue
+                if digest != sha256:
+                    damaged.append(relative)
+    fix = "index the products' sources again (the rows stay; a rerun writes the file again)"
+    if missing:
+        report.problems.append(Problem(
+            "blob", missing[0], f"{len(missing)} blob files that images name are missing or"
+            " unreadable: their thumbnails and local features cannot be made", fix,
+        ))  # fmt: skip
+    if damaged:
+        report.problems.append(Problem(
+            "blob", damaged[0], f"{len(damaged)} blob files do not hold the bytes their name"
+            " says (sha256 differs): damaged on disk", fix,
+        ))  # fmt: skip
+    if foreign:
+        report.notes.append(f"blobs: {foreign} rows name a file outside the blob layout; not read")
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
