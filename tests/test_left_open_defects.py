@@ -228,6 +228,54 @@ def test_an_index_file_newer_than_the_card_read_is_not_taken_for_damaged(tmp_pat
     assert time.monotonic() - start < 2
 
 
+def test_an_index_file_saved_twice_while_it_was_read_is_read_again(tmp_path: Path) -> None:
+    # A writer saving several times a second replaced the file and the card again within the
+    # reader's wait: the card read then named a third save, and the sound file was rebuilt
+    # from the store (33 of 148 opens behind continuous saves). Seventh round.
+    import threading
+
+    first = _saved_flat(tmp_path / "first", unit_vectors(20, seed=1))
+    second = _saved_flat(tmp_path / "second", unit_vectors(30, seed=2))
+    third = _saved_flat(tmp_path / "third", unit_vectors(40, seed=3))
+    third_card = third.with_suffix(".json").read_text()
+    second.replace(first)  # the second save's file; its card never comes
+
+    def third_save() -> None:
+        third.replace(first)
+        first.with_suffix(".json").write_text(third_card)
+
+    late = threading.Timer(0.05, third_save)
+    late.start()
+    index, card = load_index(first)
+    late.join()
+    assert len(index) == 40 and card == json.loads(third_card)
+
+
+def test_an_index_folder_the_process_may_not_read_is_rebuilt_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Path.exists() raises PermissionError (not False) for a file in a folder the process
+    # may not search; it was called outside the guard that rebuilds an unreadable index.
+    directory = tmp_path / "cat"
+    catalog = new_catalog(directory)
+    vectors = unit_vectors(4)
+    try:
+        ids = [add_image(catalog, f"p{n}", v)[0] for n, v in enumerate(vectors)]
+    finally:
+        catalog.close()
+    exists = Path.exists
+
+    def denied(self: Path, *args: object, **kwargs: object) -> bool:
+        if self.suffix == ".faiss":
+            raise PermissionError(13, "Permission denied", str(self))
+        return exists(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "exists", denied)
+    with open_catalog(directory) as catalog, catalog.reading():
+        hits = catalog.index(None).search(vectors[1][None, :], 1)
+    assert hits.ids[0, 0] == ids[1]
+
+
 def test_a_flat_index_card_written_before_checksums_still_opens(tmp_path: Path) -> None:
     vectors = unit_vectors(20)
     path = _saved_flat(tmp_path, vectors)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -147,3 +147,105 @@ def test_the_service_answers_503_to_an_edit_behind_a_long_writer(tmp_path: Path)
         assert client.patch(f"/v1/products/{product_id}", **patch).status_code == 200
     with pytest.raises(ConfigError, match="write_wait_s"):
         ServiceSettings(directory, write_wait_s=0)
+
+
+# --- seventh adversarial round (reliability.md) ----------------------------------------------
+def test_an_upload_whose_rows_committed_is_not_answered_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ingest commits, lets the lock go, then takes it again to save the index files: a
+    # writer that got in between made that save raise CatalogBusyError, and the client was
+    # told 503 "nothing was written" for a product that was stored and searchable.
+    from test_service_api import noise_jpeg
+
+    from snapshop import ingest
+    from snapshop.service import ServiceSettings, create_app
+
+    key = "k" * 12
+    directory, _ = build_catalog(tmp_path, n_products=2, images_per_product=1)
+    app = create_app(ServiceSettings(directory, api_key=key, write_wait_s=0.3),
+                     detector=FixedGarmentDetector())  # fmt: skip
+    commit = ingest.Ingestor.commit
+    with TestClient(app) as client, open_catalog(directory) as other, ExitStack() as stack:
+
+        def commit_then_another_writer(self: ingest.Ingestor, *args: object) -> object:
+            done = commit(self, *args)  # type: ignore[arg-type]
+            stack.enter_context(held(other))
+            return done
+
+        monkeypatch.setattr(ingest.Ingestor, "commit", commit_then_another_writer)
+        image = ("a.jpg", noise_jpeg((90, 90), 3), "image/jpeg")
+        upload = {"data": {"sku": "new-sku"}, "headers": {"X-API-Key": key},
+                  "files": [("images", image)]}  # fmt: skip
+        created = client.post("/v1/products", **upload)
+        stack.close()
+        monkeypatch.setattr(ingest.Ingestor, "commit", commit)
+        assert created.status_code == 201, created.text
+        assert created.json()["created"] is True and created.json()["added"] == 1
+        assert any("index files were not saved" in w for w in created.json()["warnings"])
+        again = client.post("/v1/products", **upload)
+        assert again.status_code == 200 and again.json()["skipped"] == 1
+
+
+def test_a_bounded_write_gets_the_lock_from_a_writer_that_takes_it_again_at_once(
+    tmp_path: Path,
+) -> None:
+    # The wait polled the flock every 20 ms and almost never found the gap while another
+    # writer took the lock again at once: 16 of 20 writes failed busy behind holds of 0.1 s
+    # ("held the catalog for more than 2 s", which no hold did).
+    create_catalog(tmp_path / "catalog", model_id="toy@1", model_ref="toy", dim=DIM).close()
+    stop = threading.Event()
+    with open_catalog(tmp_path / "catalog") as other, open_catalog(tmp_path / "catalog") as mine:
+
+        def again_and_again() -> None:
+            while not stop.is_set():
+                with other.write_lock():
+                    time.sleep(0.1)
+
+        holder = threading.Thread(target=again_and_again)
+        holder.start()
+        try:
+            mine.write_wait_s = 2.0
+            for n in range(8):
+                titled(mine, f"title {n}")
+        finally:
+            stop.set()
+            holder.join(30)
+        assert mine.find_product("sku").title == "title 7"  # type: ignore[union-attr]
+
+
+@pytest.mark.server
+def test_a_server_catalog_waits_write_wait_s_in_all_not_twice(pg_database: str) -> None:
+    # The thread lock and then the advisory lock were each waited for write_wait_s.
+    create_catalog(pg_database, model_id="toy@1", model_ref="toy", dim=DIM).close()
+    with open_catalog(pg_database) as other, open_catalog(pg_database) as mine:
+        mine.write_wait_s = 1.0
+        with held(other, in_a_write=True):
+            hold_threads = threading.Thread(target=lambda: titled_after(mine, 0.6))
+            hold_threads.start()  # this process's thread lock, held 0.6 s of the 1 s
+            time.sleep(0.1)
+            start = time.monotonic()
+            with pytest.raises(CatalogBusyError, match="more than 1 s"):
+                titled(mine, "late")
+            waited = time.monotonic() - start
+            hold_threads.join(30)
+        assert 0.8 <= waited < 1.4, waited
+
+
+def titled_after(catalog: Catalog, seconds: float) -> None:
+    with catalog.thread_write_lock():
+        time.sleep(seconds)
+
+
+@pytest.mark.server
+def test_a_bounded_write_keeps_the_dsn_lock_timeout(pg_database: str) -> None:
+    # After taking the advisory lock, a bounded write set lock_timeout to 0 (no limit), not
+    # back to what the DSN (or the server) sets.
+    create_catalog(pg_database, model_id="toy@1", model_ref="toy", dim=DIM).close()
+    dsn = f"{pg_database}{'&' if '?' in pg_database else '?'}options=-c%20lock_timeout%3D7000"
+    with open_catalog(dsn) as catalog:
+        catalog.write_wait_s = 5
+        with catalog.writing() as write:
+            write.upsert_product("a")
+            inside = catalog.store._writer_db().execute("SHOW lock_timeout").fetchone()[0]
+    assert inside == "7s"

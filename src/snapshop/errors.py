@@ -74,8 +74,9 @@ class CatalogUnavailableError(CatalogError):
 
 class CatalogBusyError(CatalogError):
     """Another writer held the catalog longer than this write may wait (``write_wait_s``: an
-    ingest, a reindex, a migration): nothing was written; the service answers 503, and
-    retrying later succeeds."""
+    ingest, a reindex, a migration): the write that waited was not made (the batches an
+    ingest committed before it stay); the service answers 503, and retrying later succeeds
+    (skipping what is stored)."""
 
 
 class CatalogStorageError(CatalogError):

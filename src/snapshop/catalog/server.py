@@ -104,8 +104,9 @@ class ServerCatalog(Catalog):
     @contextmanager
     def write_lock(self) -> Iterator[None]:
         # other processes and hosts: the advisory lock each write transaction takes, waited
-        # for within the store's write_wait_s too
-        with self.thread_write_lock():
+        # for until the same deadline (not write_wait_s again: twice it in all)
+        deadline = self.write_deadline()
+        with self.thread_write_lock(deadline), self.store.waiting_until(deadline):
             yield
 
     # --- indexes: the catalog's own tables, or Milvus collections ----------------------------

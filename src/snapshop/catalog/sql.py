@@ -39,7 +39,7 @@ def writers_busy(location: str, wait_s: float) -> CatalogBusyError:
     """The error of a write that waited ``wait_s`` for another writer in vain."""
     return CatalogBusyError(
         f"{location}: another writer held the catalog for more than {wait_s:g} s (an ingest,"
-        " a reindex, a migration?); nothing was written: retry later"
+        " a reindex, a migration?); this write was not made: retry later"
     )
 
 
@@ -589,7 +589,8 @@ class PostgresDatabase(Database):
             raise writers_busy(self.location, wait_s) from None
         except self._psycopg.Error as exc:
             raise self._translate(exc) from None
-        self.execute("SET LOCAL lock_timeout = 0")  # the write's own statements: as before
+        # the write's own statements: as before (the server's or the DSN's setting, not 0)
+        self.execute("SET LOCAL lock_timeout TO DEFAULT")
 
     def commit(self) -> None:
         try:

@@ -23,6 +23,7 @@ import datetime as dt
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,8 +53,10 @@ from snapshop.catalog.sql import (
     is_server_target,
     pgvector_missing,
     sqlite_storage_failure,
+    writers_busy,
 )
 from snapshop.errors import (
+    CatalogBusyError,
     CatalogError,
     CatalogStorageError,
     CatalogUnavailableError,
@@ -363,6 +366,24 @@ class CatalogStore:
         return PostgresDatabase(self._db.dsn, readonly=True)
 
     @contextmanager
+    def waiting_until(self, deadline: float | None) -> Iterator[None]:
+        """This thread's write transactions in the block wait for other writers until
+        ``deadline`` (monotonic) at most, what is left of :attr:`write_wait_s` once the
+        caller waited for its own locks (None: :attr:`write_wait_s` itself)."""
+        before = getattr(self._local, "deadline", None)
+        self._local.deadline = deadline
+        try:
+            yield
+        finally:
+            self._local.deadline = before
+
+    def _wait_left(self) -> float | None:
+        deadline = getattr(self._local, "deadline", None)
+        if deadline is None:
+            return self.write_wait_s
+        return max(0.0, deadline - time.monotonic())
+
+    @contextmanager
     def transaction(self, bump: bool = True) -> Iterator[Database]:
         """One write transaction. Writers queue rather than fail: SQLite ``BEGIN IMMEDIATE``;
         PostgreSQL ``BEGIN`` + ``pg_advisory_xact_lock`` (across processes and hosts).
@@ -373,7 +394,10 @@ class CatalogStore:
             if self._writing:  # PostgreSQL would commit the outer one at the inner COMMIT
                 raise CatalogError(f"{self.location}: a write transaction is already open")
             db = self._writer_db()
-            db.begin_write(self.write_wait_s)
+            try:
+                db.begin_write(self._wait_left())
+            except CatalogBusyError:  # named by the whole wait, not the part left of it
+                raise writers_busy(self.location, self.write_wait_s or 0.0) from None
             self._writing = True
             self._writer = threading.get_ident()
             try:

@@ -14,6 +14,7 @@ from snapshop.index.base import FILE_CHECKSUM, VectorIndex
 
 log = logging.getLogger(__name__)
 SAVE_RACE_S = 0.2  # how long a save may take between replacing an index file and its card
+LOAD_TRIES = 10  # loads of a file another process keeps replacing (see load_index)
 _UNCHECKED: set[Path] = set()  # files whose card predates checksums, logged once each
 
 
@@ -84,7 +85,37 @@ def save_index(index: VectorIndex, path: Path, extra: dict[str, Any] | None = No
 
 def load_index(path: Path) -> tuple[VectorIndex, dict[str, Any]]:
     """Load the index at ``path`` and its card; raises VectorIndexError when either is unusable,
-    or when the file holds an index of another kind or dimension than its card says."""
+    or when the file holds an index of another kind or dimension than its card says.
+
+    A file whose checksum is not its card's is loaded again while another process is seen
+    saving (the card or the file replaced since they were read), at most ``LOAD_TRIES``
+    times: a writer saving several times a second replaced both again within the wait."""
+    for attempt in range(1, LOAD_TRIES + 1):
+        card, index, stamp = _load_once(Path(path))
+        try:
+            return index, _check_file_checksum(index, card, Path(path), stamp)
+        except _SavedMeanwhile:
+            _close(index)
+            if attempt == LOAD_TRIES:
+                raise VectorIndexError(
+                    f"{path}: replaced by another process's saves {LOAD_TRIES} times while"
+                    " it was read"
+                ) from None
+    raise AssertionError("unreachable")
+
+
+class _SavedMeanwhile(Exception):
+    """The file or its card was replaced while they were read: read them again."""
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        return st.st_ino, st.st_size, st.st_mtime_ns
+    return None
+
+
+def _load_once(path: Path) -> tuple[dict[str, Any], VectorIndex, tuple[int, int, int] | None]:
     where = card_path(path)
     try:
         card = read_json(where)
@@ -95,8 +126,9 @@ def load_index(path: Path) -> tuple[VectorIndex, dict[str, Any]]:
     kind = card.get("kind", "flat")
     if not isinstance(kind, str) or kind not in INDEX_KINDS:
         raise VectorIndexError(f"{path}: unknown index kind {kind!r}")
+    stamp = _stamp(path)
     try:
-        index = INDEX_KINDS[kind].load(Path(path))
+        index = INDEX_KINDS[kind].load(path)
     except VectorIndexError:
         raise
     except Exception as exc:  # faiss' RuntimeError, a torn zip, a server client's own types
@@ -108,17 +140,21 @@ def load_index(path: Path) -> tuple[VectorIndex, dict[str, Any]]:
             f"{path}: holds a {index.kind} index of dim {index.dim}, but its card says"
             f" {kind} of dim {dim}"
         )
-    return index, _check_file_checksum(index, card, Path(path))
+    return card, index, stamp
 
 
-def _check_file_checksum(index: VectorIndex, card: dict[str, Any], path: Path) -> dict[str, Any]:
+def _check_file_checksum(
+    index: VectorIndex, card: dict[str, Any], path: Path, stamp: tuple[int, int, int] | None
+) -> dict[str, Any]:
     """The card of a file whose format has no checksum of its own (``file_crc32`` on the
     index: a flat index's faiss file), once the file has the checksum the card holds; a card
     written before cards held one is believed, as before (the next save writes one).
 
     Another process saving meanwhile replaces the file first and its card a moment later:
     a file newer than the card read is compared with the card once more before it counts as
-    damaged (a damaged file would be rebuilt from the store, a long wait at a million)."""
+    damaged (a damaged file would be rebuilt from the store, a long wait at a million), and
+    read again (:class:`_SavedMeanwhile`) when the card or the file changed meanwhile.
+    ``stamp``: the file's (inode, size, mtime) before it was read."""
     actual = getattr(index, "file_crc32", None)
     if actual is None:
         return card
@@ -129,6 +165,8 @@ def _check_file_checksum(index: VectorIndex, card: dict[str, Any], path: Path) -
             again = read_json(card_path(path))
             if isinstance(again, dict) and again.get(FILE_CHECKSUM) == actual:
                 card, expected = again, actual
+            elif again != card or _stamp(path) != stamp:
+                raise _SavedMeanwhile
     if expected is None:
         if path not in _UNCHECKED:
             _UNCHECKED.add(path)

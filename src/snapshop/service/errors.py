@@ -150,7 +150,8 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
     @app.exception_handler(CatalogBusyError)
     async def _busy(request: Request, exc: CatalogBusyError) -> JSONResponse:
         return error_response(503, "another writer holds the catalog (an ingest, a reindex?);"
-                              " nothing was written: retry shortly", "catalog_busy",
+                              " retry shortly: images this request stored before it waited"
+                              " are kept, and the retry skips them", "catalog_busy",
                               headers={"Retry-After": "5"})  # fmt: skip
 
     @app.exception_handler(CatalogError)
