@@ -154,9 +154,54 @@ def test_resume_point_without_its_output_is_refused(shop: Path, tmp_path: Path) 
     out = tmp_path / "similar.csv"
     with pytest.raises(Crash):
         api.recommend(shop, out, k=2, batch_size=4, progress=crash_after(1))
-    out.write_bytes(b"")
+    out.with_name(out.name + ".partial").write_bytes(b"")
     with pytest.raises(ConfigError, match="shorter than its resume point"):
         api.recommend(shop, out, k=2)
+
+
+@pytest.mark.parametrize("name", ["similar.csv", "similar.jsonl"])
+def test_the_last_complete_feed_stays_whole_until_the_next_is(
+    shop: Path, tmp_path: Path, name: str
+) -> None:
+    # A fresh export emptied OUT at once and wrote into it: a reader during the run, or after
+    # a failed one, read a partial feed. Seventh round.
+    out = tmp_path / name
+    api.recommend(shop, out, k=2, batch_size=4)
+    complete = out.read_bytes()
+    with pytest.raises(Crash):
+        api.recommend(shop, out, k=3, batch_size=4, restart=True, progress=crash_after(2))
+    assert out.read_bytes() == complete
+    api.recommend(shop, out, k=3, batch_size=4)  # resumed beside it, then put in its place
+    assert out.read_bytes() != complete and not out.with_name(name + ".partial").exists()
+    fresh = tmp_path / ("fresh-" + name)
+    api.recommend(shop, fresh, k=3, batch_size=4)
+    assert out.read_bytes() == fresh.read_bytes()
+
+
+def test_an_export_begun_in_place_by_an_older_version_resumes_in_place(
+    shop: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "similar.csv"
+    with pytest.raises(Crash):
+        api.recommend(shop, out, k=2, batch_size=4, progress=crash_after(2))
+    progress = out.with_name(out.name + ".progress.json")
+    header = json.loads(progress.read_text())
+    del header["beside"]
+    progress.write_text(json.dumps(header))
+    out.with_name(out.name + ".partial").replace(out)
+    api.recommend(shop, out, k=2, batch_size=4)
+    fresh = tmp_path / "fresh.csv"
+    api.recommend(shop, fresh, k=2, batch_size=4)
+    assert out.read_bytes() == fresh.read_bytes()
+
+
+def test_a_parts_folder_holding_other_files_is_left_alone(shop: Path, tmp_path: Path) -> None:
+    out = tmp_path / "similar.csv"
+    mine = tmp_path / "similar.csv.parts"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not the export's")
+    api.recommend(shop, out, k=2)
+    assert (mine / "notes.txt").read_text() == "not the export's"
 
 
 def test_bad_arguments(shop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,10 +5,11 @@ batches; each batch is one search of the product index (``snapshop.product_vecto
 its rows go straight to the output file, so memory holds the product vectors and one batch.
 
 Resumable: after each batch is on disk, ``OUT.progress.json`` records the last product done
-and how much of the output is complete (bytes of a CSV or JSON Lines file; finished part
-files of a parquet export, which are written to ``OUT.parts/`` and joined into OUT at the
-end). A run that finds that file continues after the last complete product; a finished export
-removes it.
+and how much of the output is complete (bytes of a CSV or JSON Lines file, written to
+``OUT.partial``; finished part files of a parquet export, written to ``OUT.parts/``), and
+the export becomes OUT at the end, in one rename: a reader of OUT sees the last complete
+feed until the next one is complete. A run that finds that file continues after the last
+complete product; a finished export removes it.
 
 A CSV is for people, who open it in a spreadsheet: a sku that starts a formula (``=``, ``+``,
 ``-``, ``@``, ...) is written as text, a quote in front (``snapshop.data.spreadsheet``);
@@ -22,10 +23,10 @@ every product of negative similarity. It is nobody's neighbour and gets no neigh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -204,13 +205,17 @@ def export_similar(
     parts = out.with_name(out.name + ".parts")
     header = {"format": fmt, "k": k, "position": position, "generation": pv.generation,
               "spreadsheet_safe": spreadsheet_safe if fmt == "csv" else None,
-              "catalog": catalog_identity(catalog)}  # fmt: skip
+              "catalog": catalog_identity(catalog), "beside": True}  # fmt: skip
     resume = None if restart else _resume_point(state, out, parts, header)
+    # the rows go beside OUT, which keeps the last complete feed (an export begun before
+    # that wrote into OUT itself, and is resumed there)
+    staging = out.with_name(out.name + ".partial")
     if resume is None:  # a fresh start: nothing of an earlier run is kept
-        after, done = 0, _start_output(out, parts, fmt)
+        after, done = 0, _start_output(staging, parts, fmt)
         state.write({**header, "last_product_id": 0, "done": done})
     else:
         after, done = int(resume["last_product_id"]), int(resume["done"])
+        staging = staging if resume.get("beside") else out
     if progress_total:
         progress_total(len(ids))
     if progress:
@@ -218,7 +223,7 @@ def export_similar(
 
     sku_of: dict[int, str] = {}
     exported = rows = 0
-    with _RowSink(out, parts, fmt, done, spreadsheet_safe) as sink:
+    with _RowSink(staging, parts, fmt, done, spreadsheet_safe) as sink:
         for batch, found, scores in neighbours(
             pv, k, position=position, after=after, batch_size=batch_size
         ):
@@ -236,7 +241,9 @@ def export_similar(
                 progress(len(batch))
     if fmt == "parquet":
         _join_parts(parts, done, out)
-        shutil.rmtree(parts, ignore_errors=True)
+        _clear_parts(parts)
+    elif staging != out:
+        staging.replace(out)
     state.clear()
     report = ExportReport(str(out), fmt, k, position, exported, rows,
                           after if resume else None, time.perf_counter() - t0)  # fmt: skip
@@ -277,7 +284,8 @@ def _resume_point(
     if generation != header["generation"]:
         log.warning("%s: the catalog changed since this export began; products exported"
                     " before the resume reflect the older catalog", out)  # fmt: skip
-    _check_resume_point(out, parts, settings["format"], int(resume["done"]))
+    written = out.with_name(out.name + ".partial") if resume.get("beside") else out
+    _check_resume_point(written, parts, settings["format"], int(resume["done"]))
     return resume
 
 
@@ -291,12 +299,24 @@ def catalog_identity(catalog: Catalog) -> dict[str, Any]:
 
 def _start_output(out: Path, parts: Path, fmt: str) -> int:
     """Start an empty output (a CSV holds its header); returns its resume offset."""
-    shutil.rmtree(parts, ignore_errors=True)
+    _clear_parts(parts)
     if fmt not in TEXT_FORMATS:
         return 0
     with open(out, "wb") as fh:
         _fsync_write(fh, csv_text([COLUMNS]).encode() if fmt == "csv" else b"")
         return fh.tell()
+
+
+def _clear_parts(parts: Path) -> None:
+    """Remove the part files an export wrote to ``parts`` and, when nothing else is left
+    there, the folder: a folder of that name holding other files is not the export's."""
+    if not parts.is_dir() or parts.is_symlink():
+        return
+    for name in ("part-*.parquet", "part-*.tmp"):
+        for part in parts.glob(name):
+            part.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: left as it is
+        parts.rmdir()
 
 
 class _RowSink:
