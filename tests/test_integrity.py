@@ -201,3 +201,17 @@ def test_the_cli_exits_1_on_a_problem_and_prints_its_repair(tmp_path: Path) -> N
     assert "fix: snapshop catalog reindex -c" in result.output
     result = runner.invoke(app, ["catalog", "check", "-c", str(directory), "--sample", "-1"])
     assert result.exit_code == 2
+
+
+@pytest.mark.server
+def test_a_server_catalog_is_checked_without_index_files_or_blobs(pg_database: str) -> None:
+    catalog = create_catalog(pg_database, model_id="toy@000000000000", model_ref="toy", dim=DIM)
+    try:
+        fill_shop(catalog, n_products=6)
+        report = check_catalog(catalog)
+    finally:
+        catalog.close()
+    assert report.ok, report.problems
+    assert "index entries compared" not in report.checked
+    assert report.self_recall["images"] == 1.0
+    assert report.notes == ["blobs: a server catalog keeps thumbnails only; not checked"]

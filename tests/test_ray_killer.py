@@ -133,6 +133,21 @@ def test_killers_are_not_capped_but_workers_dying_in_a_row_stop_the_ingest(
     assert {source for source, _ in report.failed} == poisons
     assert all("(2 times alone:" in reason for _, reason in report.failed)
     assert check_catalog_dir(tmp_path / "cat1") == {"products": 3, "images": 12, "crops": 0}
+    # A rerun knows them: reported as failed at once, nothing sent out, no worker dies; with
+    # retry_killers they are sent, and bisected, again.
+    again = ingest_within(240, tmp_path / "apart", tmp_path / "cat1", lite0_model_dir,
+                          batch_size=2, ray=RayConfig(max_worker_deaths=0))  # fmt: skip
+    assert isinstance(again, IngestReport), again
+    assert {source for source, _ in again.failed} == poisons
+    assert all(
+        reason.startswith(f"{KILLED_WORKER} in an earlier run") for _, reason in again.failed
+    )
+    assert again.added == 0 and again.skipped == 12
+    retried = ingest_within(240, tmp_path / "apart", tmp_path / "cat1", lite0_model_dir,
+                            batch_size=2, ray=RayConfig(retry_killers=True))  # fmt: skip
+    assert isinstance(retried, IngestReport), retried
+    assert {source for source, _ in retried.failed} == poisons
+    assert all("(2 times alone:" in reason for _, reason in retried.failed)
 
     shop, cat = tmp_path / "row", tmp_path / "cat2"
     make_images(shop, n_products=3, per_product=4, size=48)
@@ -239,3 +254,34 @@ def test_workers_that_die_while_loading_end_the_ingest_with_a_reason(
     )  # fmt: skip
     assert isinstance(outcome, IngestError), outcome
     assert "at least 3 Ray workers died while loading the model and detector" in str(outcome)
+
+
+def test_a_damaged_killers_note_is_forgotten_and_concurrent_updates_all_land(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from snapshop.catalog.catalog import create_catalog
+    from snapshop.ingest_ray import KILLERS_NOTE, remembered_killers
+
+    catalog = create_catalog(tmp_path / "cat", model_id="toy@1", model_ref="toy", dim=4)
+    try:
+        catalog.update_note(KILLERS_NOTE, lambda _text: "{not json")
+        assert remembered_killers(catalog) == {}
+        catalog.update_note(KILLERS_NOTE, lambda _text: "{}")
+
+        def add(n: int) -> None:
+            def update(text: str | None) -> str:
+                return json.dumps({**json.loads(text or "{}"), f"{n:064x}": f"/shop/{n}.jpg"})
+
+            catalog.update_note(KILLERS_NOTE, update)
+
+        threads = [threading.Thread(target=add, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert remembered_killers(catalog) == {f"{n:064x}": f"/shop/{n}.jpg" for n in range(8)}
+        assert catalog.generation == 0  # a note is not content: no refresh follows it
+    finally:
+        catalog.close()

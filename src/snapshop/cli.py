@@ -244,6 +244,14 @@ def index(
             " their batch and reported as failed, whatever their number.",
         ),
     ] = RayConfig.max_worker_deaths,
+    ray_retry_killers: Annotated[
+        bool,
+        typer.Option(
+            "--ray-retry-killers",
+            help="Send again the images that killed Ray workers in earlier runs (remembered"
+            " by sha256 in the catalog and reported as failed without being sent otherwise).",
+        ),
+    ] = False,
     catalog_views: Annotated[
         int | None,
         typer.Option(
@@ -268,7 +276,8 @@ def index(
             source, catalog, model=model, detector=detector, batch_size=batch_size, sync=sync,
             progress_total=set_total, progress=advance, index_kind=index_kind, workers=workers,
             ray=None if ray is None else RayConfig(ray, actors=ray_actors, gpus_per_actor=ray_gpus,
-                                                   max_worker_deaths=ray_max_worker_deaths),
+                                                   max_worker_deaths=ray_max_worker_deaths,
+                                                   retry_killers=ray_retry_killers),
             catalog_views=catalog_views,
         ))  # fmt: skip
     if as_json:

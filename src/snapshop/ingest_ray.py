@@ -17,6 +17,7 @@ retried. The one module that imports ``ray``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -36,6 +37,8 @@ from typing import Any, NoReturn
 import numpy as np
 
 from snapshop.catalog.blobs import write_blob
+from snapshop.catalog.catalog import Catalog
+from snapshop.catalog.fields import is_sha256
 from snapshop.config import check_int, check_number
 from snapshop.data.sources import CatalogRecord
 from snapshop.detect.base import Detector
@@ -61,6 +64,9 @@ AUTO = "auto"  # $RAY_ADDRESS, or the cluster this machine is part of
 INSTALL_HINT = "pip install 'snapshop[ray]'"
 KILLED_WORKER = "killed the Ray worker that indexed it"  # the start of a killer's reason
 LOAD_DEATHS = 3  # workers that died loading model and detector, in a row: the next will too
+KILLERS_NOTE = "ray_killers"  # catalog note: {sha256: source} of images that killed workers
+MAX_REMEMBERED = 10_000  # killers remembered, the oldest forgotten first
+REMEMBERED = "in an earlier run (remembered by its sha256; --ray-retry-killers tries it again)"
 CONNECT_SECONDS = 10.0  # a Ray head's HOST:PORT that does not answer in this time is an error
 
 
@@ -79,7 +85,9 @@ class RayConfig:
     kills them (:class:`KillerSearch`: deaths of batches that later indexed, and deaths in
     a row of batches holding images new to dying); past it the ingest fails, keeping what
     it committed. Deaths that find a killer are not capped (each costs an actor restart; one
-    such image in a batch of 32 costs 7).
+    such image in a batch of 32 costs 7). A killer is remembered by its sha256 in the
+    catalog (:func:`remembered_killers`) and reported as failed by later runs without being
+    sent out again, unless ``retry_killers``.
     """
 
     address: str = LOCAL
@@ -89,6 +97,7 @@ class RayConfig:
     cpus_per_actor: int = 1
     gpus_per_actor: float = 0.0
     max_worker_deaths: int = 24
+    retry_killers: bool = False
 
     def __post_init__(self) -> None:
         # frozen: the checked values replace the given ones (a numpy int becomes an int)
@@ -103,6 +112,8 @@ class RayConfig:
         object.__setattr__(
             self, "max_worker_deaths", check_int("max_worker_deaths", self.max_worker_deaths, 0)
         )
+        if not isinstance(self.retry_killers, bool):
+            raise ConfigError(f"retry_killers must be True or False, not {self.retry_killers!r}")
 
 
 def import_ray() -> Any:
@@ -311,23 +322,33 @@ def _cuda_session(embedder: Embedder) -> Any:
 
 
 def ray_rows(
-    ingestor: Ingestor, records: Sequence[CatalogRecord], report: IngestReport
+    ingestor: Ingestor,
+    records: Sequence[CatalogRecord],
+    report: IngestReport,
+    killers: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """The rows to send out: every record but those whose image the catalog already holds
-    (hashed here, only for products that have images; those are counted in ``report``)."""
+    (hashed here, only for products that have images; those are counted in ``report``) and
+    those whose image is one of ``killers`` ({sha256: source}, hashed here only where a
+    killer came from the same source; reported as failed)."""
     job = ingestor.prepare_job()
     rows: list[dict[str, Any]] = []
     known: list[CatalogRecord] = []
     shas_of: dict[str, set[str]] = {}
+    killer_sources = set((killers or {}).values())
     for i, record in enumerate(records):
         if record.sku not in shas_of:
             product = ingestor.catalog.find_product(record.sku)
             images = ingestor.catalog.images_of(product.id) if product is not None else []
             shas_of[record.sku] = {im.sha256 for im in images}
-        if shas_of[record.sku]:
+        if shas_of[record.sku] or str(record.path) in killer_sources:
             data = read_record(job, record)  # a failure here is the worker's to report
-            if isinstance(data, bytes) and _sha256(data) in shas_of[record.sku]:
+            sha256 = _sha256(data) if isinstance(data, bytes) else None
+            if sha256 is not None and sha256 in shas_of[record.sku]:
                 known.append(record)
+                continue
+            if sha256 is not None and killers and sha256 in killers:
+                report.failed.append((str(record.path), f"{KILLED_WORKER} {REMEMBERED}"))
                 continue
         rows.append({
             "id": i, "sku": record.sku, "path": str(record.path),
@@ -370,7 +391,8 @@ def ingest_on_ray(
         records: Iterable[CatalogRecord], report: IngestReport
     ) -> Iterator[tuple[list[Embedded], int]]:
         source = list(records)
-        rows = ray_rows(ingestor, source, report)
+        killers = {} if config.retry_killers else remembered_killers(ingestor.catalog)
+        rows = ray_rows(ingestor, source, report, killers)
         if len(rows) < len(source):
             yield [], len(source) - len(rows)  # progress for the known ones
         if not rows:
@@ -398,6 +420,7 @@ def ingest_on_ray(
                     named = search.observed(batch["id"].tolist(), killed, report.added)
                     for i in named:
                         report.failed.append((str(source[i].path), search.reason(i)))
+                    remember_killers(ingestor, [source[i] for i in named])
                     if named:
                         yield [], len(named)
                 rows = [row for row in rows if row["id"] in search.retry]
@@ -424,6 +447,46 @@ def _root_cause(exc: BaseException) -> str:
     if errors:
         return re.sub(r"^(\w+\.)+", "", errors[-1])  # snapshop.errors.ModelError -> ModelError
     return lines[0] if lines else type(exc).__name__
+
+
+def remembered_killers(catalog: Catalog) -> dict[str, str]:
+    """{sha256: source} of the images that killed Ray workers in earlier ingests into
+    ``catalog`` (a note in its store: every host's runs share it); a damaged note is
+    forgotten, with a warning."""
+    text = catalog.read_note(KILLERS_NOTE)
+    try:
+        found = json.loads(text) if text else {}
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        log.warning("%s: the note of images that killed Ray workers is damaged; forgotten",
+                    catalog.location)  # fmt: skip
+        return {}
+    return {sha: str(source) for sha, source in found.items() if is_sha256(sha)}
+
+
+def remember_killers(ingestor: Ingestor, records: Sequence[CatalogRecord]) -> None:
+    """Add the images of ``records`` (named as killers now) to the catalog's note, the
+    oldest dropped past :data:`MAX_REMEMBERED`; a record that cannot be read again is left
+    out (its next run finds it by bisection again)."""
+    job = ingestor.prepare_job()
+    found = {}
+    for record in records:
+        data = read_record(job, record)
+        if isinstance(data, bytes):
+            found[_sha256(data)] = str(record.path)
+    if not found:
+        return
+
+    def update(text: str | None) -> str:
+        try:
+            stored = json.loads(text) if text else {}
+        except ValueError:
+            stored = {}
+        merged = {**(stored if isinstance(stored, dict) else {}), **found}
+        return json.dumps(dict(list(merged.items())[-MAX_REMEMBERED:]))
+
+    ingestor.catalog.update_note(KILLERS_NOTE, update)
 
 
 def _mapped(

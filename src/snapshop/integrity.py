@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 from snapshop.catalog.blobs import blob_file
 from snapshop.catalog.catalog import IMAGES, Catalog, index_name
 from snapshop.config import check_int
-from snapshop.errors import VectorIndexError
+from snapshop.errors import CatalogError, VectorIndexError
 from snapshop.index.factory import load_index
 from snapshop.product_vectors import CACHE_FILE, ProductVectors
 
@@ -150,9 +150,13 @@ def _stored_vectors(catalog: Catalog, name: str, report: CheckReport) -> _Stored
 
 
 def _check_index_file(catalog: Catalog, name: str, stored: _Stored, report: CheckReport) -> None:
-    path = catalog._index_file(name)
     reindex = f"snapshop catalog reindex -c {catalog.location}"
-    if path is None or not path.exists():
+    try:
+        path = catalog.index_path(name)
+    except CatalogError:  # a position that cannot name a file: indexed in memory only
+        report.notes.append(f"{name}: indexed in memory only (its position names no file)")
+        return
+    if not path.exists():
         report.notes.append(f"{name}: no saved index file (built from the store on open)")
         return
     try:

@@ -27,7 +27,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,7 @@ _CREATING = frozenset({DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-
 IMAGES = "images"
 # Kinds whose recall and latency the catalog measures on its own vectors (server backends are
 # measured by benchmarks, not on every save).
+NOTE_PREFIX = "note:"  # meta keys of Catalog.read_note / update_note
 MEASURED_KINDS = frozenset({"flat", "hnsw", "hnsw_sq", "ivfpq"})
 MEASURE_QUERIES = 100
 
@@ -380,6 +381,22 @@ class Catalog:
                 write_card(path, stored)
             self.card = self.card.replace(extra={**self.card.extra, key: stored.extra[key]})
             return stored.extra[key]
+
+    def read_note(self, key: str) -> str | None:
+        """A small operational record kept in the store beside the content (every replica
+        of a server catalog reads the same): e.g. the images that killed Ray workers."""
+        return self.store.get_meta(f"{NOTE_PREFIX}{key}")
+
+    def update_note(self, key: str, update: Callable[[str | None], str]) -> str:
+        """Replace note ``key`` by ``update(its stored text)``, read and written in one write
+        transaction under the write lock (writers at once each see the other's); not a
+        content change: no generation, no refresh."""
+        with self.write_lock(), self.store.transaction(bump=False) as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (NOTE_PREFIX + key,))
+            found = row.fetchone()
+            text = update(None if found is None else str(found[0]))
+            self.store.set_meta(db, NOTE_PREFIX + key, text)
+            return text
 
     def check_model(self, model_id: str) -> None:
         if model_id != self.model_id:
