@@ -43,7 +43,7 @@ from snapshop.config import check_int, check_number
 from snapshop.data.sources import CatalogRecord
 from snapshop.detect.base import Detector
 from snapshop.detect.factory import create_detector
-from snapshop.errors import ConfigError, IngestError, ModelError
+from snapshop.errors import CatalogError, ConfigError, IngestError, ModelError
 from snapshop.ingest import (
     Decoded,
     Embedded,
@@ -453,22 +453,29 @@ def remembered_killers(catalog: Catalog) -> dict[str, str]:
     """{sha256: source} of the images that killed Ray workers in earlier ingests into
     ``catalog`` (a note in its store: every host's runs share it); a damaged note is
     forgotten, with a warning."""
-    text = catalog.read_note(KILLERS_NOTE)
+    found = _killers_in(catalog.read_note(KILLERS_NOTE))
+    if found is None:
+        log.warning("%s: the note of images that killed Ray workers is damaged; forgotten",
+                    catalog.location)  # fmt: skip
+    return found or {}
+
+
+def _killers_in(text: str | None) -> dict[str, str] | None:
+    """The killers a note's text holds; None for a damaged one."""
     try:
         found = json.loads(text) if text else {}
     except ValueError:
-        found = None
+        return None
     if not isinstance(found, dict):
-        log.warning("%s: the note of images that killed Ray workers is damaged; forgotten",
-                    catalog.location)  # fmt: skip
-        return {}
+        return None
     return {sha: str(source) for sha, source in found.items() if is_sha256(sha)}
 
 
 def remember_killers(ingestor: Ingestor, records: Sequence[CatalogRecord]) -> None:
     """Add the images of ``records`` (named as killers now) to the catalog's note, the
-    oldest dropped past :data:`MAX_REMEMBERED`; a record that cannot be read again is left
-    out (its next run finds it by bisection again)."""
+    oldest dropped past :data:`MAX_REMEMBERED`. Best effort: a record that cannot be read
+    again, or a note that cannot be written (another writer past ``write_wait_s``, a full
+    disk), is left out with a warning, and its next run finds it by bisection again."""
     job = ingestor.prepare_job()
     found = {}
     for record in records:
@@ -479,14 +486,13 @@ def remember_killers(ingestor: Ingestor, records: Sequence[CatalogRecord]) -> No
         return
 
     def update(text: str | None) -> str:
-        try:
-            stored = json.loads(text) if text else {}
-        except ValueError:
-            stored = {}
-        merged = {**(stored if isinstance(stored, dict) else {}), **found}
+        merged = {**(_killers_in(text) or {}), **found}
         return json.dumps(dict(list(merged.items())[-MAX_REMEMBERED:]))
 
-    ingestor.catalog.update_note(KILLERS_NOTE, update)
+    try:
+        ingestor.catalog.update_note(KILLERS_NOTE, update)
+    except (CatalogError, OSError) as exc:
+        log.warning("the images that killed Ray workers are not remembered (%s)", exc)
 
 
 def _mapped(
