@@ -52,8 +52,8 @@ def test_a_sound_catalog_has_no_problem(tmp_path: Path) -> None:
     assert report.ok, report.problems
     assert report.checked["blobs read"] == 3
     assert (
-        report.checked["images vectors"]
-        == report.checked["index entries compared"] - (report.checked["crops vectors"])
+        report.checked["image vectors"]
+        == report.checked["index entries compared"] - (report.checked["crop vectors"])
     )
     assert set(report.self_recall) == {"images", "crops-upper", "crops-lower"}
     assert min(report.self_recall.values()) == 1.0
@@ -215,3 +215,20 @@ def test_a_server_catalog_is_checked_without_index_files_or_blobs(pg_database: s
     assert "index entries compared" not in report.checked
     assert report.self_recall["images"] == 1.0
     assert report.notes == ["blobs: a server catalog keeps thumbnails only; not checked"]
+
+
+def test_the_check_benchmark_times_each_stage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from script_helpers import load_script
+
+    benchmark = load_script("benchmarks/catalog_check.py")
+    assert benchmark.main(["--n", "300", "--dim", "16", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for stage in (
+        "product vectors, reconciled",
+        "index file of images",
+        "self-recall of crops-upper",
+    ):
+        assert f"| {stage} |" in out
+    assert "problems: 0" in out and not list(tmp_path.iterdir())

@@ -92,6 +92,7 @@ def check_catalog(
     report = CheckReport(catalog.location)
     say = progress or (lambda _stage: None)
     names = [IMAGES] + [index_name(p) for p in catalog.store.crop_positions()]
+    say("product vectors, reconciled")
     pv = ProductVectors(catalog, save=False)  # reconciled with the store, as search uses them
     for name in names:
         say(f"vectors of {name}")
@@ -137,7 +138,7 @@ def _stored_vectors(catalog: Catalog, name: str, report: CheckReport) -> _Stored
         bad += batch_ids[~finite].tolist()
         ids.append(batch_ids[finite])
         rows.append(np.array(vecs[finite], np.float32))
-    report.count(f"{table} vectors", sum(len(i) for i in ids) + len(bad))
+    report.count(f"{table[:-1]} vectors", sum(len(i) for i in ids) + len(bad))
     if bad:
         report.problems.append(Problem(
             "vectors", name, f"{len(bad)} stored vectors are not finite (NaN or inf), e.g."
