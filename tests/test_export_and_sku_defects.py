@@ -39,7 +39,9 @@ def shop(directory: Path, skus: list[str], seed: int = 0) -> Path:
     return directory
 
 
-def interrupt_second_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+def interrupted_export(directory: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export of ``directory`` to ``out`` (k 2, batches of 10) interrupted in its second
+    batch, its resume point left behind."""
     write, calls = recommend._RowSink.write, {"n": 0}
 
     def interrupted(self: Any, table: Any) -> int:
@@ -48,7 +50,10 @@ def interrupt_second_batch(monkeypatch: pytest.MonkeyPatch) -> None:
             raise KeyboardInterrupt
         return write(self, table)
 
-    monkeypatch.setattr(recommend._RowSink, "write", interrupted)
+    with monkeypatch.context() as patch:
+        patch.setattr(recommend._RowSink, "write", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            api.recommend(directory, out, k=2, batch_size=10)
 
 
 # --- recommend: the resume point is the catalog's ------------------------------------------
@@ -60,10 +65,7 @@ def test_an_export_of_another_catalog_is_not_resumed(
     staging = shop(tmp_path / "staging", [f"STAGING-{i}" for i in range(30)], seed=2)
     prod = shop(tmp_path / "prod", [f"PROD-{i}" for i in range(30)], seed=3)
     out = tmp_path / "similar.csv"
-    with monkeypatch.context() as patch:
-        interrupt_second_batch(patch)  # type: ignore[arg-type]
-        with pytest.raises(KeyboardInterrupt):
-            api.recommend(staging, out, k=2, batch_size=10)
+    interrupted_export(staging, out, monkeypatch)
     with pytest.raises(ConfigError, match=r"an unfinished export of another catalog .*restart"):
         api.recommend(prod, out, k=2, batch_size=10)
     api.recommend(prod, out, k=2, batch_size=10, restart=True)
@@ -79,10 +81,7 @@ def test_an_export_is_not_resumed_on_a_catalog_made_again_in_its_place(
 
     directory = shop(tmp_path / "cat", [f"A-{i}" for i in range(30)], seed=2)
     out = tmp_path / "similar.csv"
-    with monkeypatch.context() as patch:
-        interrupt_second_batch(patch)  # type: ignore[arg-type]
-        with pytest.raises(KeyboardInterrupt):
-            api.recommend(directory, out, k=2, batch_size=10)
+    interrupted_export(directory, out, monkeypatch)
     shutil.rmtree(directory)
     shop(directory, [f"B-{i}" for i in range(31)], seed=3)  # the same place, made again
     with open_catalog(directory) as catalog:  # made within the same second: same card stamp

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from shop_helpers import DIM, add_image, new_catalog
 
-from snapshop.catalog.catalog import open_catalog
+from snapshop.catalog.catalog import Catalog, open_catalog
 from snapshop.duplicates import find_duplicates, write_csv
 from snapshop.errors import ConfigError, VectorIndexError
 from snapshop.index import create_index, load_index, save_index
@@ -175,6 +175,15 @@ def _saved_flat(directory: Path, vectors: np.ndarray) -> Path:
     return path
 
 
+def _catalog_of(directory: Path, vectors: np.ndarray) -> list[int]:
+    """A catalog of one product a vector, its indexes saved; the image ids."""
+    catalog = new_catalog(directory)
+    try:
+        return [add_image(catalog, f"p{n}", v)[0] for n, v in enumerate(vectors)]
+    finally:
+        catalog.close()
+
+
 def _overwrite(path: Path, old: bytes, new: bytes) -> None:
     data = path.read_bytes()
     assert data.count(old) == 1
@@ -194,12 +203,8 @@ def test_a_catalog_rebuilds_a_flat_index_whose_vector_bytes_are_damaged(tmp_path
     # Through the catalog, whose save rewrites the card once the index is measured: the
     # damaged vector was served (its own image scored -1 against it).
     directory = tmp_path / "cat"
-    catalog = new_catalog(directory)
     vectors = unit_vectors(6)
-    try:
-        image_ids = [add_image(catalog, f"p{n}", v)[0] for n, v in enumerate(vectors)]
-    finally:
-        catalog.close()
+    image_ids = _catalog_of(directory, vectors)
     _overwrite(directory / "index" / "images.faiss", vectors[2].tobytes(),
                (-vectors[2]).tobytes())  # fmt: skip
     with open_catalog(directory) as catalog, catalog.reading():
@@ -257,12 +262,8 @@ def test_an_index_folder_the_process_may_not_read_is_rebuilt_not_fatal(
     # Path.exists() raises PermissionError (not False) for a file in a folder the process
     # may not search; it was called outside the guard that rebuilds an unreadable index.
     directory = tmp_path / "cat"
-    catalog = new_catalog(directory)
     vectors = unit_vectors(4)
-    try:
-        ids = [add_image(catalog, f"p{n}", v)[0] for n, v in enumerate(vectors)]
-    finally:
-        catalog.close()
+    ids = _catalog_of(directory, vectors)
     exists = Path.exists
 
     def denied(self: Path, *args: object, **kwargs: object) -> bool:
@@ -287,6 +288,15 @@ def test_a_flat_index_card_written_before_checksums_still_opens(tmp_path: Path) 
 
 
 # --- recommend: a product whose image vectors cancel --------------------------------------
+def _compass(catalog: Catalog) -> None:
+    """east and west opposite, north across, and "cancels": two images, v and -v."""
+    add_image(catalog, "east", axis(0))
+    add_image(catalog, "west", axis(0, -1.0))
+    add_image(catalog, "cancels", axis(1))
+    add_image(catalog, "cancels", axis(1, -1.0))
+    add_image(catalog, "north", axis(2))
+
+
 def test_a_product_whose_image_vectors_cancel_is_no_neighbour_and_has_none(
     tmp_path: Path,
 ) -> None:
@@ -295,11 +305,7 @@ def test_a_product_whose_image_vectors_cancel_is_no_neighbour_and_has_none(
     directory = tmp_path / "cat"
     catalog = new_catalog(directory)
     try:
-        add_image(catalog, "east", axis(0))
-        add_image(catalog, "west", axis(0, -1.0))
-        add_image(catalog, "cancels", axis(1))
-        add_image(catalog, "cancels", axis(1, -1.0))
-        add_image(catalog, "north", axis(2))
+        _compass(catalog)
         out = tmp_path / "similar.csv"
         report = export_similar(catalog, out, 3)
     finally:
@@ -322,11 +328,7 @@ def test_photo_search_leaves_out_a_product_whose_image_vectors_cancel(tmp_path: 
 
     catalog = new_catalog(tmp_path / "cat")
     try:
-        add_image(catalog, "east", axis(0))
-        add_image(catalog, "west", axis(0, -1.0))
-        add_image(catalog, "cancels", axis(1))
-        add_image(catalog, "cancels", axis(1, -1.0))
-        add_image(catalog, "north", axis(2))
+        _compass(catalog)
         embedder = SimpleNamespace(model_id=catalog.model_id, dim=DIM)
         searcher = Searcher(catalog, embedder, ranking="product")  # type: ignore[arg-type]
 
