@@ -249,3 +249,26 @@ def test_a_bounded_write_keeps_the_dsn_lock_timeout(pg_database: str) -> None:
             write.upsert_product("a")
             inside = catalog.store._writer_db().execute("SHOW lock_timeout").fetchone()[0]
     assert inside == "7s"
+
+
+def test_busy_writes_leave_no_thread_or_descriptor_behind(tmp_path: Path) -> None:
+    # A thread per bounded wait outlived each wait that gave up, holding a descriptor: 300
+    # busy uploads behind a long ingest held 300 threads and descriptors (EMFILE later).
+    import os
+
+    create_catalog(tmp_path / "catalog", model_id="toy@1", model_ref="toy", dim=DIM).close()
+    with open_catalog(tmp_path / "catalog") as other, open_catalog(tmp_path / "catalog") as mine:
+        mine.write_wait_s = 0.005
+        with held(other):
+            threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+            for _ in range(60):
+                with pytest.raises(CatalogBusyError):
+                    titled(mine, "never")
+            assert threading.active_count() <= threads + 1
+            assert len(os.listdir("/proc/self/fd")) <= fds + 1
+        mine.write_wait_s = 2.0
+        titled(mine, "after")  # the waiting thread hands over the lock the holder let go
+        deadline = time.monotonic() + 5
+        while threading.active_count() > threads - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [t for t in threading.enumerate() if t.name == "snapshop-flock"]

@@ -480,16 +480,18 @@ class Catalog:
                 finally:
                     self._flock_depth -= 1
                 return
-            lock_path = self.directory / LOCK_FILE
-            with open(lock_path, "a+") as fh:
-                if not _flock_until(fh.fileno(), deadline):
-                    raise writers_busy(self.location, self.write_wait_s or 0.0)
-                self._flock_depth = 1
+            fd = _flock_until(self.directory / LOCK_FILE, deadline)
+            if fd is None:
+                raise writers_busy(self.location, self.write_wait_s or 0.0)
+            self._flock_depth = 1
+            try:
+                yield
+            finally:
+                self._flock_depth = 0
                 try:
-                    yield
+                    fcntl.flock(fd, fcntl.LOCK_UN)
                 finally:
-                    self._flock_depth = 0
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                    os.close(fd)
 
     @contextmanager
     def writing(self) -> Iterator[CatalogWrite]:
@@ -1215,48 +1217,81 @@ def open_catalog(target: str | os.PathLike[str], *, alone: bool = False) -> Cata
         raise
 
 
-def _flock_until(fd: int, deadline: float | None) -> bool:
-    """Take an exclusive ``flock`` on ``fd``, waiting until ``deadline`` (monotonic; None:
-    without a limit); False when the deadline passed first.
+def _open_lock_file(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
 
-    The wait is a blocking ``flock`` in a helper thread, on a duplicate of ``fd`` (the same
-    open file, so the same lock): the kernel hands the lock over when its holder lets go.
-    Polling with ``LOCK_NB`` almost never found the gap while another process took the lock
-    again at once (5 of 6 writes gave up behind holds of 0.25 s). A helper still waiting at
-    the deadline takes the lock later, lets it go at once and closes its descriptor."""
-    if deadline is None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return True
+
+def _flock_until(path: Path, deadline: float | None) -> int | None:
+    """A descriptor of lock file ``path`` holding its exclusive ``flock`` (the caller
+    unlocks and closes it), waited for until ``deadline`` (monotonic; None: without a
+    limit); None when the deadline passed first.
+
+    A bounded wait is a blocking ``flock`` in this process's one :class:`_FlockWaiter` for
+    the file: the kernel hands the lock over when its holder lets go. Polling with
+    ``LOCK_NB`` almost never found the gap while another process took the lock again at
+    once (5 of 6 writes gave up behind holds of 0.25 s); a thread per wait outlived the
+    waits that gave up (300 busy writes: 300 threads and descriptors)."""
+    fd = _open_lock_file(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
+        fcntl.flock(fd, fcntl.LOCK_EX if deadline is None else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
     except BlockingIOError:
-        pass
-    helper_fd = os.dup(fd)
-    taken = threading.Event()
-    guard = threading.Lock()
-    abandoned = False
+        os.close(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    assert deadline is not None
+    return _FlockWaiter.wait(path, deadline)
 
-    def take() -> None:
-        try:
-            fcntl.flock(helper_fd, fcntl.LOCK_EX)
-            locked = True
-        except OSError:  # the waiter sees no lock, and gives up at its deadline
-            locked = False
-        with guard:
-            if locked and not abandoned:
-                taken.set()
+
+class _FlockWaiter:
+    """One thread per lock file and process, for the writers that wait with a deadline: it
+    blocks in ``flock`` on a descriptor of its own and hands each lock it gets to a writer
+    still waiting, or lets it go and ends when none is."""
+
+    _lock = threading.Lock()
+    _handed = threading.Condition(_lock)
+    _waiters: dict[str, _FlockWaiter] = {}
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.pid = path, os.getpid()
+        self.wanted = 0  # writers waiting for a lock from this thread
+        self.ready: list[int] = []  # locked descriptors not yet taken
+
+    @classmethod
+    def wait(cls, path: Path, deadline: float) -> int | None:
+        with cls._lock:
+            waiter = cls._waiters.get(str(path))
+            if waiter is None or waiter.pid != os.getpid():  # none, or a forked parent's
+                waiter = cls._waiters[str(path)] = _FlockWaiter(path)
+                threading.Thread(target=waiter._run, name="snapshop-flock", daemon=True).start()
+            waiter.wanted += 1
+            while not waiter.ready:
+                left = deadline - time.monotonic()
+                if (left <= 0 or not cls._handed.wait(left)) and not waiter.ready:
+                    waiter.wanted -= 1
+                    return None
+            return waiter.ready.pop()
+
+    def _run(self) -> None:
+        while True:
+            fd = _open_lock_file(self.path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # the writers waiting see no lock and give up at their deadline
+                os.close(fd)
+                fd = -1
+            with self._lock:
+                if fd >= 0 and self.wanted > 0:
+                    self.wanted -= 1
+                    self.ready.append(fd)
+                    self._handed.notify_all()
+                    if self.wanted > 0:
+                        continue  # another writer waits: block again, behind the one served
+                elif fd >= 0:  # nobody waits any more: let the lock go
+                    with contextlib.suppress(OSError):
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fd)
+                if self._waiters.get(str(self.path)) is self:
+                    del self._waiters[str(self.path)]
                 return
-        with contextlib.suppress(OSError):
-            if locked:
-                fcntl.flock(helper_fd, fcntl.LOCK_UN)
-            os.close(helper_fd)
-
-    threading.Thread(target=take, name="snapshop-flock", daemon=True).start()
-    taken.wait(max(0.0, deadline - time.monotonic()))
-    with guard:
-        if taken.is_set():
-            os.close(helper_fd)  # the lock belongs to the open file, which ``fd`` keeps open
-            return True
-        abandoned = True
-    return False
