@@ -183,7 +183,7 @@ def test_an_index_file_behind_the_store_is_a_note_not_a_problem(tmp_path: Path) 
                                        crops=[crop])  # fmt: skip
         report = check_catalog(catalog, blobs=False)
     assert report.ok, report.problems
-    assert any("images.faiss: 1 entries the store holds are not in the saved file" in note
+    assert any("images.faiss: 1 of the store's entries are not in the saved file" in note
                for note in report.notes)  # fmt: skip
 
 
@@ -232,3 +232,50 @@ def test_the_check_benchmark_times_each_stage(
     ):
         assert f"| {stage} |" in out
     assert "problems: 0" in out and not list(tmp_path.iterdir())
+
+
+def test_a_non_finite_stored_vector_is_left_out_on_open_and_reported(tmp_path: Path) -> None:
+    # Written by plain SQL (insert refuses one): opening the catalog without its index files
+    # raised "vectors contain NaN or infinity", and so did the check meant to report it; with
+    # the files, the check also called the row "removed since" and blamed the product cache.
+    import shutil
+    import sqlite3
+
+    directory = tmp_path / "cat"
+    shop(directory)
+    db = sqlite3.connect(directory / "catalog.sqlite")
+    db.execute(
+        "UPDATE images SET vector = ? WHERE id = 1", (np.full(DIM, np.nan, np.float32).tobytes(),)
+    )
+    db.commit()
+    db.close()
+    for files in ("saved", "removed"):
+        if files == "removed":
+            shutil.rmtree(directory / "index")
+        report = api.check_catalog(directory, blobs=False)
+        [problem] = report.problems
+        assert (problem.what, problem.where) == ("vectors", "images")
+        assert "1 stored vectors are not finite (NaN or inf), e.g. image 1" in problem.detail
+        assert all("no saved index file" in note for note in report.notes)
+    with open_catalog(directory) as catalog, catalog.reading():
+        index = catalog.index(None)
+        assert 1 not in index.ids().tolist() and len(index) == report.checked["image vectors"] - 1
+
+
+def test_a_write_during_the_check_is_no_damage(tmp_path: Path) -> None:
+    # The product vectors were read as the check began: one upload from another process
+    # during it gave "entries but no vector" and the advice to delete the cache, exit 1.
+    directory = tmp_path / "cat"
+    shop(directory)
+    writes = []
+    with open_catalog(directory) as checker, open_catalog(directory) as writer:
+
+        def upload_once(stage: str) -> None:
+            if stage == "index file of images" and not writes:
+                writes.append(add_image(writer, "new", unit_vectors(1, seed=7)[0],
+                                        {"upper": unit_vectors(1, seed=8)[0]}))  # fmt: skip
+
+        report = check_catalog(checker, progress=upload_once)
+    assert writes and report.ok, report.problems
+    with open_catalog(directory) as catalog:  # the check that passed read the write too
+        assert report.checked["image vectors"] == catalog.counts()["images"]

@@ -492,8 +492,8 @@ def catalog_check(
         for note in report.notes:
             out.print(f"note: {terminal_text(note)}", highlight=False)
         for problem in report.problems:
-            err.print(Text.assemble(("problem:", "red"), f" {problem.what} {problem.where}:"
-                                    f" {problem.detail}; fix: {problem.fix}"),
+            line = f" {problem.what} {problem.where}: {problem.detail}; fix: {problem.fix}"
+            err.print(Text.assemble(("problem:", "red"), terminal_text(line)),
                       highlight=False)  # fmt: skip
         if report.ok:
             out.print("no problem found")

@@ -45,6 +45,7 @@ VECTOR_TOLERANCE = 1e-6  # an index holds the store's float32 vectors as they ar
 POOL_TOLERANCE = 1e-4  # a product vector is a float64 mean, renormalised, kept as float32
 SELF_RECALL_K = 10
 SELF_RECALL_MIN = 0.9  # an approximate index finds nearly all its own entries in its top 10
+CHECK_TRIES = 3  # checks of a catalog being written, each brought up to date first
 HEX = "0123456789abcdef"
 
 
@@ -87,10 +88,29 @@ def check_catalog(
 ) -> CheckReport:
     """Check ``catalog`` against its store (see the module); ``sample``: entries per index
     searched for themselves (0: none). Reads everything once and changes nothing; holds one
-    group's stored vectors and one index file's at a time (2 GiB each at 1M x 512)."""
+    group's stored vectors and one index file's at a time (2 GiB each at 1M x 512). A check
+    that found problems while another process wrote is done again, brought up to date
+    (:data:`CHECK_TRIES` in all): a write landing is no damage."""
     sample = check_int("sample", sample, 0)
-    report = CheckReport(catalog.location)
     say = progress or (lambda _stage: None)
+    for _ in range(CHECK_TRIES):
+        generation = catalog.store.generation
+        report = _check_once(catalog, blobs, sample, say)
+        if report.ok or catalog.store.generation == generation:
+            return report
+        say("the catalog was written during the check: again, brought up to date")
+        catalog.refresh()
+    report.notes.append(
+        f"the catalog was written during each of {CHECK_TRIES} checks: a problem found while"
+        " it changed may be a write landing; check again when writes pause"
+    )
+    return report
+
+
+def _check_once(
+    catalog: Catalog, blobs: bool, sample: int, say: Callable[[str], None]
+) -> CheckReport:
+    report = CheckReport(catalog.location)
     names = [IMAGES] + [index_name(p) for p in catalog.store.crop_positions()]
     say("product vectors, reconciled")
     pv = ProductVectors(catalog, save=False)  # reconciled with the store, as search uses them
@@ -114,11 +134,15 @@ def check_catalog(
 
 
 class _Stored:
-    """A group's stored vectors: sorted ids and their rows (finite ones only)."""
+    """A group's stored vectors: sorted ids and their rows (finite ones only; ``damaged``:
+    the ids of the others, which every index and search leaves out)."""
 
-    def __init__(self, ids: NDArray[np.int64], vectors: NDArray[np.float32]) -> None:
+    def __init__(
+        self, ids: NDArray[np.int64], vectors: NDArray[np.float32], damaged: list[int]
+    ) -> None:
         order = np.argsort(ids)
         self.ids, self.vectors = ids[order], vectors[order]
+        self.damaged = np.array(sorted(damaged), np.int64)
 
     def rows_of(self, ids: NDArray[np.int64]) -> tuple[NDArray[np.bool_], NDArray[np.intp]]:
         """(found (len(ids),), their rows among the found)."""
@@ -133,7 +157,7 @@ def _stored_vectors(catalog: Catalog, name: str, report: CheckReport) -> _Stored
     ids, rows = [], []
     bad: list[int] = []
     for batch_ids, vecs in catalog.store.iter_vectors(table, catalog.dim, position=position,
-                                                      batch=8192):  # fmt: skip
+                                                      batch=8192, damaged=True):  # fmt: skip
         finite = np.isfinite(vecs).all(axis=1)
         bad += batch_ids[~finite].tolist()
         ids.append(batch_ids[finite])
@@ -142,12 +166,12 @@ def _stored_vectors(catalog: Catalog, name: str, report: CheckReport) -> _Stored
     if bad:
         report.problems.append(Problem(
             "vectors", name, f"{len(bad)} stored vectors are not finite (NaN or inf), e.g."
-            f" {table[:-1]} {bad[0]}: searches rank them anywhere",
+            f" {table[:-1]} {bad[0]}: left out of every index and search",
             "remove those images and index their sources again",
         ))  # fmt: skip
     if not ids:
-        return _Stored(np.zeros(0, np.int64), np.zeros((0, catalog.dim), np.float32))
-    return _Stored(np.concatenate(ids), np.concatenate(rows))
+        return _Stored(np.zeros(0, np.int64), np.zeros((0, catalog.dim), np.float32), bad)
+    return _Stored(np.concatenate(ids), np.concatenate(rows), bad)
 
 
 def _check_index_file(catalog: Catalog, name: str, stored: _Stored, report: CheckReport) -> None:
@@ -175,11 +199,12 @@ def _check_index_file(catalog: Catalog, name: str, stored: _Stored, report: Chec
             close()
     report.count("index entries compared", len(ids))
     behind = np.setdiff1d(stored.ids, ids)
-    removed = np.setdiff1d(ids, stored.ids)
+    removed = np.setdiff1d(np.setdiff1d(ids, stored.ids), stored.damaged)
     if len(behind) or len(removed):
         report.notes.append(
-            f"{path.name}: {len(behind)} entries the store holds are not in the saved file,"
-            f" {len(removed)} it holds were removed since (caught up on open; a write saves)"
+            f"{path.name}: {len(behind)} of the store's entries are not in the saved file, and"
+            f" {len(removed)} of the file's not in the store (a write since the file was saved,"
+            " or during this check; an open catches up)"
         )
     if held is None:
         return

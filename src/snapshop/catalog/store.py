@@ -20,6 +20,7 @@ time; ``meta.change_log_after`` says from which generation on it is complete.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import sqlite3
 import threading
@@ -64,6 +65,7 @@ from snapshop.errors import (
     NotFoundError,
 )
 
+log = logging.getLogger(__name__)
 SCHEMA_VERSION = migrations.LATEST
 
 PRODUCT_FIELDS = ("title", "url", "price", "currency", "category")
@@ -270,6 +272,7 @@ class CatalogStore:
         # how long a write transaction waits for another process's (None: without a limit);
         # set through Catalog.write_wait_s
         self.write_wait_s: float | None = None
+        self._warned_damaged: set[tuple[str, int]] = set()  # non-finite rows warned of
         server = is_server_target(target)
         self.path: Path | None = None if server else Path(target)
         if self.path is not None:
@@ -869,8 +872,14 @@ class CatalogStore:
         ids: Sequence[int] | None = None,
         position: str | None = None,
         batch: int = 4096,
+        *,
+        damaged: bool = False,
     ) -> Iterator[tuple[NDArray[np.int64], NDArray[np.float32]]]:
-        """Stream (ids, vectors) from ``images`` or ``crops`` in batches."""
+        """Stream (ids, vectors) from ``images`` or ``crops`` in batches. A vector that is
+        not finite (NaN or inf: insert refuses one, so the store was written by other code,
+        or damaged) is left out, with a warning once per row, unless ``damaged``: no index
+        takes one, and a search would rank it anywhere (``snapshop catalog check`` lists
+        them)."""
         if table not in ("images", "crops"):
             raise ValueError(table)
         if ids is not None:
@@ -880,7 +889,7 @@ class CatalogStore:
                     f"SELECT id, vector FROM {table} WHERE id IN ({marks})", chunk, binary=True
                 )
                 if rows:
-                    yield self._unpack(rows, dim)
+                    yield self._finite(table, *self._unpack(rows, dim), damaged)
             return
         where, params = ("WHERE position = ?", [position]) if position else ("", [])
         last = 0
@@ -894,7 +903,23 @@ class CatalogStore:
             if not rows:
                 return
             last = rows[-1][0]
-            yield self._unpack(rows, dim)
+            yield self._finite(table, *self._unpack(rows, dim), damaged)
+
+    def _finite(
+        self, table: str, ids: NDArray[np.int64], vecs: NDArray[np.float32], damaged: bool
+    ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        finite = np.isfinite(vecs).all(axis=1)
+        if damaged or finite.all():
+            return ids, vecs
+        bad = {(table, int(i)) for i in ids[~finite]} - self._warned_damaged
+        if bad:
+            self._warned_damaged |= bad
+            log.warning(
+                "%s: %d stored %s vectors are not finite (NaN or inf), e.g. %s %d: left out"
+                " of every index and search (`snapshop catalog check` lists them)",
+                self.location, len(bad), table[:-1], table[:-1], min(i for _, i in bad),
+            )  # fmt: skip
+        return ids[finite], vecs[finite]
 
     def _unpack(self, rows: list[Any], dim: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
         ids = np.array([r[0] for r in rows], dtype=np.int64)
