@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -175,6 +176,47 @@ def test_the_last_complete_feed_stays_whole_until_the_next_is(
     assert out.read_bytes() != complete and not out.with_name(name + ".partial").exists()
     fresh = tmp_path / ("fresh-" + name)
     api.recommend(shop, fresh, k=3, batch_size=4)
+    assert out.read_bytes() == fresh.read_bytes()
+
+
+def test_a_feed_behind_a_symbolic_link_is_replaced_and_the_link_kept(
+    shop: Path, tmp_path: Path
+) -> None:
+    # The rename replaced the link with a plain file: the served file never changed again,
+    # and the export said it had succeeded. Eighth round.
+    served = tmp_path / "www" / "similar.csv"
+    served.parent.mkdir()
+    served.write_text("old feed\n")
+    link = tmp_path / "feed.csv"
+    link.symlink_to(served)
+    api.recommend(shop, link, k=2, batch_size=4)
+    fresh = tmp_path / "fresh.csv"
+    api.recommend(shop, fresh, k=2, batch_size=4)
+    assert link.is_symlink() and served.read_bytes() == fresh.read_bytes()
+    assert not list(served.parent.glob("*.partial"))
+
+
+def test_a_crash_as_the_export_ends_leaves_no_resume_point_without_its_file(
+    shop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rename came before the resume point was cleared: a crash in between left a resume
+    # point whose file was gone, and the rerun failed ("pass restart"). Eighth round.
+    import snapshop.recommend as recommend
+
+    out = tmp_path / "similar.csv"
+    clear = recommend._Progress.clear
+
+    def crash(self: Any) -> None:
+        raise Crash
+
+    with monkeypatch.context() as patch:
+        patch.setattr(recommend._Progress, "clear", crash)
+        with pytest.raises(Crash):
+            api.recommend(shop, out, k=2, batch_size=4)
+    assert recommend._Progress.clear is clear
+    api.recommend(shop, out, k=2, batch_size=4)
+    fresh = tmp_path / "fresh.csv"
+    api.recommend(shop, fresh, k=2, batch_size=4)
     assert out.read_bytes() == fresh.read_bytes()
 
 

@@ -206,10 +206,12 @@ def export_similar(
     header = {"format": fmt, "k": k, "position": position, "generation": pv.generation,
               "spreadsheet_safe": spreadsheet_safe if fmt == "csv" else None,
               "catalog": catalog_identity(catalog), "beside": True}  # fmt: skip
-    resume = None if restart else _resume_point(state, out, parts, header)
-    # the rows go beside OUT, which keeps the last complete feed (an export begun before
-    # that wrote into OUT itself, and is resumed there)
-    staging = out.with_name(out.name + ".partial")
+    # The rows go beside OUT, which keeps the last complete feed until they replace it (an
+    # export begun before that wrote into OUT itself, and is resumed there). An OUT that is
+    # a symbolic link (to the file a web server serves) keeps it: its target is replaced.
+    final = out.resolve() if out.is_symlink() else out
+    staging = final.with_name(final.name + ".partial")
+    resume = None if restart else _resume_point(state, out, staging, parts, header)
     if resume is None:  # a fresh start: nothing of an earlier run is kept
         after, done = 0, _start_output(staging, parts, fmt)
         state.write({**header, "last_product_id": 0, "done": done})
@@ -239,12 +241,17 @@ def export_similar(
             rows += len(table["product_id"])
             if progress:
                 progress(len(batch))
+    # The resume point goes before the parts and after the join (a crash in between: the
+    # rerun joins again), but before the rename (a crash in between: the rerun starts over,
+    # where it would find its resume point's file gone).
     if fmt == "parquet":
-        _join_parts(parts, done, out)
+        _join_parts(parts, done, final)
+        state.clear()
         _clear_parts(parts)
-    elif staging != out:
-        staging.replace(out)
-    state.clear()
+    else:
+        state.clear()
+        if staging != out:
+            staging.replace(final)
     report = ExportReport(str(out), fmt, k, position, exported, rows,
                           after if resume else None, time.perf_counter() - t0)  # fmt: skip
     log.info("exported %d products (%d rows) to %s", exported, rows, out)
@@ -252,7 +259,7 @@ def export_similar(
 
 
 def _resume_point(
-    state: _Progress, out: Path, parts: Path, header: dict[str, Any]
+    state: _Progress, out: Path, staging: Path, parts: Path, header: dict[str, Any]
 ) -> dict[str, Any] | None:
     """The unfinished export's resume point, checked against this run's settings and against
     the output it left; None when there is none."""
@@ -284,7 +291,7 @@ def _resume_point(
     if generation != header["generation"]:
         log.warning("%s: the catalog changed since this export began; products exported"
                     " before the resume reflect the older catalog", out)  # fmt: skip
-    written = out.with_name(out.name + ".partial") if resume.get("beside") else out
+    written = staging if resume.get("beside") else out
     _check_resume_point(written, parts, settings["format"], int(resume["done"]))
     return resume
 
