@@ -279,3 +279,30 @@ def test_a_write_during_the_check_is_no_damage(tmp_path: Path) -> None:
     assert writes and report.ok, report.problems
     with open_catalog(directory) as catalog:  # the check that passed read the write too
         assert report.checked["image vectors"] == catalog.counts()["images"]
+
+
+def test_products_holding_one_sku_in_two_forms_are_reported(tmp_path: Path) -> None:
+    # A store written between skus being normalised (2026-12-03) and decomposed rows being
+    # found may hold "café" twice, composed and decomposed: lookups reached one product only,
+    # a migrate merged the two, and the check called the catalog sound. Eighth round.
+    import sqlite3
+    import unicodedata
+
+    directory = tmp_path / "cat"
+    catalog = new_catalog(directory)
+    try:
+        add_image(catalog, "café", unit_vectors(1, seed=1)[0])
+        add_image(catalog, "other", unit_vectors(1, seed=2)[0])
+    finally:
+        catalog.close()
+    db = sqlite3.connect(directory / "catalog.sqlite")
+    db.execute("UPDATE products SET sku = ? WHERE sku = 'other'",
+               (unicodedata.normalize("NFD", "café"),))  # fmt: skip
+    db.commit()
+    db.close()
+    [problem] = api.check_catalog(directory, blobs=False).problems
+    assert (problem.what, problem.where) == ("sku", "'café'")
+    assert "held by two or more products in other Unicode forms (e.g. products [1, 2])" in (
+        problem.detail
+    )
+    assert "snapshop catalog remove --id 2" in problem.fix

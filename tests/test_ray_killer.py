@@ -285,3 +285,16 @@ def test_a_damaged_killers_note_is_forgotten_and_concurrent_updates_all_land(
         assert catalog.generation == 0  # a note is not content: no refresh follows it
     finally:
         catalog.close()
+
+
+def test_killers_in_most_batches_stop_at_the_cap_with_the_advice_that_names_them() -> None:
+    # One image in 20 a killer: every first batch of 32 dies, as on a node out of memory; the
+    # error blamed a node only. Eighth round: it says how to go on, and the raised cap works.
+    killers = set(range(7, 2000, 20))
+
+    def dies(_round: int, batch: tuple[int, ...]) -> bool:
+        return bool(killers.intersection(batch))
+
+    with pytest.raises(IngestError, match=r"in a row.*raise --ray-max-worker-deaths"):
+        bisect(KillerSearch(max_deaths=24), 2000, dies, 32)
+    assert sorted(bisect(KillerSearch(max_deaths=100), 2000, dies, 32)) == sorted(killers)

@@ -486,7 +486,10 @@ def remember_killers(ingestor: Ingestor, records: Sequence[CatalogRecord]) -> No
         return
 
     def update(text: str | None) -> str:
-        merged = {**(_killers_in(text) or {}), **found}
+        # named again: moved to the end, so that the ones dropped first are the oldest named
+        kept = {sha: source for sha, source in (_killers_in(text) or {}).items()
+                if sha not in found}  # fmt: skip
+        merged = {**kept, **found}
         return json.dumps(dict(list(merged.items())[-MAX_REMEMBERED:]))
 
     try:
@@ -574,7 +577,13 @@ class KillerSearch:
             else:
                 self.retry.add(i)
         if self.deaths_in_a_row > self.max_deaths:
-            self._stop(f"{self.deaths_in_a_row} times in a row", added)
+            self._stop(
+                f"{self.deaths_in_a_row} times in a row",
+                "every batch kills its worker: a node short of memory, or images that kill"
+                " it in most batches (many corrupt files? raise --ray-max-worker-deaths; each"
+                " named one is remembered)",
+                added,
+            )
         return named
 
     def reason(self, i: int) -> str:
@@ -592,16 +601,20 @@ class KillerSearch:
             if not self.named.intersection(batch[1]):
                 self.chance_deaths += 1
         if self.chance_deaths > self.max_deaths:
-            self._stop(f"{self.chance_deaths} times with no image that kills them", added)
+            self._stop(
+                f"{self.chance_deaths} times with no image that kills them",
+                "something else than an image kills them (a node short of memory?)",
+                added,
+            )
         self.bisection += 1
         self.retry.clear()
         return max(1, (batch_size + 1) // 2)
 
-    def _stop(self, deaths: str, added: int) -> NoReturn:
+    def _stop(self, deaths: str, why: str, added: int) -> NoReturn:
         raise IngestError(
             f"the Ray workers died {deaths}, more than max_worker_deaths={self.max_deaths}:"
-            " something else than an image kills them (a node short of memory?); the"
-            f" {added} images added so far are kept: run the ingest again to continue"
+            f" {why}; the {added} images added so far are kept: run the ingest again to"
+            " continue"
         )
 
 

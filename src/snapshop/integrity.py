@@ -13,6 +13,8 @@ with the store, for an operator who suspects a disk, a copy or a restore:
 - the stored vectors are finite;
 - the product vectors (of the cache, reconciled as a search would use them) are the mean of
   their entries' stored vectors;
+- no two products hold one sku in two Unicode forms (a store written before skus were
+  normalised may);
 - every blob file exists and its bytes have the sha256 its image rows name (directory
   catalogs; ``blobs=False`` skips reading them).
 
@@ -34,6 +36,7 @@ from numpy.typing import NDArray
 
 from snapshop.catalog.blobs import blob_file
 from snapshop.catalog.catalog import IMAGES, Catalog, index_name
+from snapshop.catalog.fields import lookup_sku
 from snapshop.config import check_int
 from snapshop.errors import CatalogError, VectorIndexError
 from snapshop.index.factory import load_index
@@ -125,6 +128,8 @@ def _check_once(
             _check_self_recall(catalog, name, stored, sample, report)
         say(f"product vectors of {name}")
         _check_product_vectors(catalog, pv, name, stored, report)
+    say("skus")
+    _check_sku_forms(catalog, report)
     if blobs and not catalog.is_server:
         say("blobs")
         _check_blobs(catalog, report)
@@ -278,6 +283,28 @@ def _check_product_vectors(
         report.problems.append(Problem(
             "product-vectors", name, f"{int(np.sum(differ))} product vectors are not the mean"
             f" of their entries (e.g. product {int(products[differ][0])})", fix,
+        ))  # fmt: skip
+
+
+def _check_sku_forms(catalog: Catalog, report: CheckReport) -> None:
+    """Products whose skus differ only in form (one stored composed, one decomposed, as
+    stores written before skus were normalised may hold): a lookup finds the composed one
+    only, and a copy of the catalog merges them."""
+    by_key: dict[str, list[int]] = {}
+    after = 0
+    while products := catalog.list_products(after_id=after, limit=1000):
+        after = products[-1].id
+        for product in products:
+            by_key.setdefault(lookup_sku(product.sku), []).append(product.id)
+    report.count("skus read", sum(len(ids) for ids in by_key.values()))
+    twins = {key: ids for key, ids in by_key.items() if len(ids) > 1}
+    if twins:
+        key, ids = next(iter(twins.items()))
+        report.problems.append(Problem(
+            "sku", repr(key), f"{len(twins)} skus are held by two or more products in other"
+            f" Unicode forms (e.g. products {ids}); lookups find one of them only",
+            f"remove the other (snapshop catalog remove --id {ids[-1]} -c"
+            f" {catalog.location}) and index its images again under the sku",
         ))  # fmt: skip
 
 
