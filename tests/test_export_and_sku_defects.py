@@ -130,6 +130,17 @@ def test_migrate_keeps_a_source_product_whose_sku_is_stored_decomposed(
         assert dst.counts() == {"products": 3, "images": 3, "crops": 0}
 
 
+def test_migrate_refuses_a_source_holding_one_sku_in_two_forms(tmp_path: Path) -> None:
+    # Both forms held by two products (a store written between normalisation and healing):
+    # the copy merged them into one product, and --mirror failed every run on the counts.
+    # Eighth round.
+    src = shop(tmp_path / "src", ["café", "other"])
+    legacy_sku(src, "other", CAFE_NFD)
+    with pytest.raises(CatalogError, match=r"in other Unicode forms .*'café': products \[1, 2\]"):
+        migrate_catalog(src, tmp_path / "dst", mirror=True)
+    assert not (tmp_path / "dst").exists()
+
+
 # --- duplicates: where the CSV goes ----------------------------------------------------------
 @pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.parquet", "pairs"])
 def test_duplicates_are_written_only_to_a_csv_file(tmp_path: Path, name: str) -> None:

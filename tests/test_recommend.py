@@ -272,3 +272,36 @@ def test_cli(shop: Path, tmp_path: Path) -> None:
     assert json.loads(as_json.stdout)["rows"] == 120
     bad = runner.invoke(app, ["recommend", "-c", str(shop), "-o", str(tmp_path / "x.txt")])
     assert bad.exit_code == 2 and ".csv or .parquet" in bad.stderr
+
+
+def test_a_second_export_into_the_same_file_meanwhile_is_refused(
+    shop: Path, tmp_path: Path
+) -> None:
+    # Two runs at once (a cron overlap): the second resumed the first one's file while it was
+    # written. Eighth round.
+    import threading
+
+    out = tmp_path / "similar.csv"
+    started, release = threading.Event(), threading.Event()
+    outcome: list[object] = []
+
+    def paused(n: int) -> None:
+        started.set()
+        release.wait(30)
+
+    def first() -> None:
+        outcome.append(api.recommend(shop, out, k=2, batch_size=4, progress=paused))
+
+    runner = threading.Thread(target=first)
+    runner.start()
+    assert started.wait(30)
+    try:
+        with pytest.raises(ConfigError, match="another export into this file is running"):
+            api.recommend(shop, out, k=2, batch_size=4)
+    finally:
+        release.set()
+        runner.join(60)
+    assert outcome and not out.with_name(out.name + ".progress.json").exists()
+    fresh = tmp_path / "fresh.csv"
+    api.recommend(shop, fresh, k=2, batch_size=4)
+    assert out.read_bytes() == fresh.read_bytes()

@@ -36,7 +36,6 @@ from numpy.typing import NDArray
 
 from snapshop.catalog.blobs import blob_file
 from snapshop.catalog.catalog import IMAGES, Catalog, index_name
-from snapshop.catalog.fields import lookup_sku
 from snapshop.config import check_int
 from snapshop.errors import CatalogError, VectorIndexError
 from snapshop.index.factory import load_index
@@ -287,17 +286,9 @@ def _check_product_vectors(
 
 
 def _check_sku_forms(catalog: Catalog, report: CheckReport) -> None:
-    """Products whose skus differ only in form (one stored composed, one decomposed, as
-    stores written before skus were normalised may hold): a lookup finds the composed one
-    only, and a copy of the catalog merges them."""
-    by_key: dict[str, list[int]] = {}
-    after = 0
-    while products := catalog.list_products(after_id=after, limit=1000):
-        after = products[-1].id
-        for product in products:
-            by_key.setdefault(lookup_sku(product.sku), []).append(product.id)
-    report.count("skus read", sum(len(ids) for ids in by_key.values()))
-    twins = {key: ids for key, ids in by_key.items() if len(ids) > 1}
+    """Products whose skus differ only in form: a lookup finds one of them only, and a copy
+    of the catalog would merge them (``catalog migrate`` refuses such a source)."""
+    twins = catalog.sku_twins()
     if twins:
         key, ids = next(iter(twins.items()))
         report.problems.append(Problem(

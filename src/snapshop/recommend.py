@@ -201,61 +201,82 @@ def export_similar(
             f"no product has garment crops at position {position!r}"
             f" (positions: {', '.join(pv.positions()) or 'none'})"
         )
-    state = _Progress(out)
-    parts = out.with_name(out.name + ".parts")
-    header = {"format": fmt, "k": k, "position": position, "generation": pv.generation,
-              "spreadsheet_safe": spreadsheet_safe if fmt == "csv" else None,
-              "catalog": catalog_identity(catalog), "beside": True}  # fmt: skip
-    # The rows go beside OUT, which keeps the last complete feed until they replace it (an
-    # export begun before that wrote into OUT itself, and is resumed there). An OUT that is
-    # a symbolic link (to the file a web server serves) keeps it: its target is replaced.
-    final = out.resolve() if out.is_symlink() else out
-    staging = final.with_name(final.name + ".partial")
-    resume = None if restart else _resume_point(state, out, staging, parts, header)
-    if resume is None:  # a fresh start: nothing of an earlier run is kept
-        after, done = 0, _start_output(staging, parts, fmt)
-        state.write({**header, "last_product_id": 0, "done": done})
-    else:
-        after, done = int(resume["last_product_id"]), int(resume["done"])
-        staging = staging if resume.get("beside") else out
-    if progress_total:
-        progress_total(len(ids))
-    if progress:
-        progress(int(np.searchsorted(ids, after, side="right")))
+    with _one_export_at_a_time(out):
+        state = _Progress(out)
+        parts = out.with_name(out.name + ".parts")
+        header = {"format": fmt, "k": k, "position": position, "generation": pv.generation,
+                  "spreadsheet_safe": spreadsheet_safe if fmt == "csv" else None,
+                  "catalog": catalog_identity(catalog), "beside": True}  # fmt: skip
+        # The rows go beside OUT, which keeps the last complete feed until they replace it (an
+        # export begun before that wrote into OUT itself, and is resumed there). An OUT that is
+        # a symbolic link (to the file a web server serves) keeps it: its target is replaced.
+        final = out.resolve() if out.is_symlink() else out
+        staging = final.with_name(final.name + ".partial")
+        resume = None if restart else _resume_point(state, out, staging, parts, header)
+        if resume is None:  # a fresh start: nothing of an earlier run is kept
+            after, done = 0, _start_output(staging, parts, fmt)
+            state.write({**header, "last_product_id": 0, "done": done})
+        else:
+            after, done = int(resume["last_product_id"]), int(resume["done"])
+            staging = staging if resume.get("beside") else out
+        if progress_total:
+            progress_total(len(ids))
+        if progress:
+            progress(int(np.searchsorted(ids, after, side="right")))
 
-    sku_of: dict[int, str] = {}
-    exported = rows = 0
-    with _RowSink(staging, parts, fmt, done, spreadsheet_safe) as sink:
-        for batch, found, scores in neighbours(
-            pv, k, position=position, after=after, batch_size=batch_size
-        ):
-            missing = {int(i) for i in np.concatenate([batch, found.ravel()])
-                       if i >= 0 and int(i) not in sku_of}  # fmt: skip
-            sku_of.update(
-                {i: p.sku for i, p in catalog.store.products_by_ids(sorted(missing)).items()}
-            )
-            table = _rows(batch, found, scores, sku_of)
-            done = sink.write(table)
-            state.write({**header, "last_product_id": int(batch[-1]), "done": done})
-            exported += sum(int(i) in sku_of for i in batch)
-            rows += len(table["product_id"])
-            if progress:
-                progress(len(batch))
-    # The resume point goes before the parts and after the join (a crash in between: the
-    # rerun joins again), but before the rename (a crash in between: the rerun starts over,
-    # where it would find its resume point's file gone).
-    if fmt == "parquet":
-        _join_parts(parts, done, final)
-        state.clear()
-        _clear_parts(parts)
-    else:
-        state.clear()
-        if staging != out:
-            staging.replace(final)
-    report = ExportReport(str(out), fmt, k, position, exported, rows,
-                          after if resume else None, time.perf_counter() - t0)  # fmt: skip
-    log.info("exported %d products (%d rows) to %s", exported, rows, out)
-    return report
+        sku_of: dict[int, str] = {}
+        exported = rows = 0
+        with _RowSink(staging, parts, fmt, done, spreadsheet_safe) as sink:
+            for batch, found, scores in neighbours(
+                pv, k, position=position, after=after, batch_size=batch_size
+            ):
+                missing = {int(i) for i in np.concatenate([batch, found.ravel()])
+                           if i >= 0 and int(i) not in sku_of}  # fmt: skip
+                sku_of.update(
+                    {i: p.sku for i, p in catalog.store.products_by_ids(sorted(missing)).items()}
+                )
+                table = _rows(batch, found, scores, sku_of)
+                done = sink.write(table)
+                state.write({**header, "last_product_id": int(batch[-1]), "done": done})
+                exported += sum(int(i) in sku_of for i in batch)
+                rows += len(table["product_id"])
+                if progress:
+                    progress(len(batch))
+        # The resume point goes before the parts and after the join (a crash in between: the
+        # rerun joins again), but before the rename (a crash in between: the rerun starts over,
+        # where it would find its resume point's file gone).
+        if fmt == "parquet":
+            _join_parts(parts, done, final)
+            state.clear()
+            _clear_parts(parts)
+        else:
+            state.clear()
+            if staging != out:
+                staging.replace(final)
+        report = ExportReport(str(out), fmt, k, position, exported, rows,
+                              after if resume else None, time.perf_counter() - t0)  # fmt: skip
+        log.info("exported %d products (%d rows) to %s", exported, rows, out)
+        return report
+
+
+@contextlib.contextmanager
+def _one_export_at_a_time(out: Path) -> Iterator[None]:
+    """Held while an export writes ``out``: ``OUT.lock``'s ``flock`` (the small file is left
+    there). A second run meanwhile (a cron overlap) would resume the first one's file while
+    it is written: refused instead."""
+    import fcntl
+
+    fd = os.open(out.with_name(out.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{out}: another export into this file is running; wait for it to end"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _resume_point(

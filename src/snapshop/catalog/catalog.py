@@ -44,7 +44,7 @@ from snapshop.catalog.blobs import (
     free_unreferenced_blobs,
 )
 from snapshop.catalog.card import CatalogCard, read_card, write_card
-from snapshop.catalog.fields import crop_position_problem
+from snapshop.catalog.fields import crop_position_problem, lookup_sku
 from snapshop.catalog.sql import writers_busy
 from snapshop.catalog.store import (
     MAX_ROW_ID,
@@ -913,6 +913,18 @@ class Catalog:
     ) -> list[Product]:
         """Products in id order after ``after_id``, at most ``limit``, of ``category`` if given."""
         return self.store.list_products(category, after_id=after_id, limit=limit)
+
+    def sku_twins(self) -> dict[str, list[int]]:
+        """{sku: product ids} of the skus two or more products hold in other Unicode forms
+        (composed and decomposed: a store written before skus were normalised may hold
+        both); lookups find the composed one only. One pass over the products."""
+        by_key: dict[str, list[int]] = {}
+        after = 0
+        while products := self.list_products(after_id=after, limit=1000):
+            after = products[-1].id
+            for product in products:
+                by_key.setdefault(lookup_sku(product.sku), []).append(product.id)
+        return {key: ids for key, ids in by_key.items() if len(ids) > 1}
 
     def get_image(self, image_id: int) -> ImageRow:
         """The image with this catalog id (NotFoundError if there is none)."""

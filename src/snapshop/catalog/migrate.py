@@ -145,6 +145,7 @@ def migrate_catalog(
 
 
 def _open_target(src: Catalog, target: Target, mirror: bool) -> Catalog:
+    _refuse_sku_twins(src)
     catalog_id = _catalog_id(src)  # first: a card it refuses leaves no new target behind
     if catalog_exists(target):
         dst = open_catalog(target)
@@ -173,6 +174,21 @@ def _open_target(src: Catalog, target: Target, mirror: bool) -> Catalog:
         **_stamp(dst, catalog_id),
     )  # fmt: skip
     return dst
+
+
+def _refuse_sku_twins(src: Catalog) -> None:
+    """A source holding one sku in two Unicode forms (two products) would be merged into one
+    product of the copy, and ``--mirror`` then fails every run on the counts: refused, with
+    the repair, before anything is written."""
+    twins = src.sku_twins()
+    if twins:
+        key, ids = next(iter(twins.items()))
+        raise CatalogError(
+            f"{src.location}: {len(twins)} skus are held by two or more products in other"
+            f" Unicode forms (e.g. {key!r}: products {ids}), which a copy would merge: remove"
+            f" one (snapshop catalog remove --id {ids[-1]}) and index its images again under"
+            " the sku, then migrate"
+        )
 
 
 def _catalog_id(src: Catalog) -> str | None:
