@@ -260,12 +260,14 @@ def _check_product_vectors(
 ) -> None:
     position = None if name == IMAGES else name.removeprefix("crops-")
     products, vectors = pv.vectors(position)
-    owners_of = catalog.owners(position, stored.ids.tolist())
-    keep = np.array([i in owners_of for i in stored.ids.tolist()], bool)
-    owners = np.array([owners_of[i] for i in stored.ids[keep].tolist()], np.int64)
-    expected_ids, inverse = np.unique(owners, return_inverse=True)
-    sums = np.zeros((len(expected_ids), catalog.dim), np.float64)
-    np.add.at(sums, inverse, _unit(stored.vectors[keep]))
+    entries, entry_owner = catalog.store.entry_owners(position)
+    at = np.minimum(np.searchsorted(entries, stored.ids), max(len(entries) - 1, 0))
+    keep = entries[at] == stored.ids if len(entries) else np.zeros(len(stored.ids), bool)
+    owners = entry_owner[at[keep]]
+    order = np.argsort(owners, kind="stable")
+    expected_ids, starts = np.unique(owners[order], return_index=True)
+    rows = _unit(stored.vectors[np.flatnonzero(keep)[order]])
+    sums = np.add.reduceat(rows, starts, axis=0) if len(rows) else rows
     expected = _unit(sums)
     report.count("product vectors compared", len(products))
     fix = f"remove {Path(catalog.location) / 'index' / CACHE_FILE} (recomputed on open)"
@@ -299,9 +301,10 @@ def _check_sku_forms(catalog: Catalog, report: CheckReport) -> None:
         ))  # fmt: skip
 
 
-def _unit(rows: NDArray[Any]) -> NDArray[np.float64]:
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return np.asarray(rows / np.where(norms > 0, norms, 1.0), np.float64)
+def _unit(rows: NDArray[Any]) -> NDArray[Any]:
+    """``rows`` scaled to unit length (zero rows kept), in their own precision."""
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))[:, None]
+    return rows / np.where(norms > 0, norms, 1.0).astype(rows.dtype)
 
 
 def _check_blobs(catalog: Catalog, report: CheckReport) -> None:

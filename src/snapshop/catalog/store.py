@@ -862,6 +862,20 @@ class CatalogStore:
         rows = self._query("SELECT id FROM crops WHERE position = ?", (position,))
         return np.array([r[0] for r in rows], dtype=np.int64)
 
+    def entry_owners(self, position: str | None) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """(entry ids ascending, their products): every image (``position`` None) or every
+        crop at ``position``, in one query."""
+        if position is None:
+            rows = self._query("SELECT id, product_id FROM images ORDER BY id")
+        else:
+            rows = self._query(
+                "SELECT c.id, i.product_id FROM crops c JOIN images i ON c.image_id = i.id"
+                " WHERE c.position = ? ORDER BY c.id",
+                (position,),
+            )
+        pairs = np.array([(r[0], r[1]) for r in rows], np.int64).reshape(-1, 2)
+        return pairs[:, 0].copy(), pairs[:, 1].copy()
+
     def crop_positions(self) -> list[str]:
         return [r[0] for r in self._query("SELECT DISTINCT position FROM crops ORDER BY 1")]
 
