@@ -272,3 +272,42 @@ def test_busy_writes_leave_no_thread_or_descriptor_behind(tmp_path: Path) -> Non
         while threading.active_count() > threads - 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not [t for t in threading.enumerate() if t.name == "snapshop-flock"]
+
+
+def test_a_waiting_thread_that_cannot_open_the_lock_file_leaves_no_stale_waiter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The waiting thread died on an error opening the lock file (no descriptor left) and
+    # stayed registered: every later bounded wait in the process queued behind a thread that
+    # no longer ran, and failed busy though the lock was free.
+    from snapshop.catalog import catalog as catalog_module
+
+    create_catalog(tmp_path / "catalog", model_id="toy@1", model_ref="toy", dim=DIM).close()
+    opened = catalog_module._open_lock_file
+
+    def no_descriptor_in_the_waiter(path: Path) -> int:
+        if threading.current_thread().name == "snapshop-flock":
+            raise OSError(24, "Too many open files")
+        return opened(path)
+
+    with open_catalog(tmp_path / "catalog") as other, open_catalog(tmp_path / "catalog") as mine:
+        mine.write_wait_s = 0.2
+        with monkeypatch.context() as patch:
+            patch.setattr(catalog_module, "_open_lock_file", no_descriptor_in_the_waiter)
+            with held(other), pytest.raises(CatalogBusyError):
+                titled(mine, "never")
+        mine.write_wait_s = 5.0
+        taken, release = threading.Event(), threading.Event()
+
+        def hold_briefly() -> None:
+            with other.write_lock():
+                taken.set()
+                release.wait(0.3)
+
+        holder = threading.Thread(target=hold_briefly)
+        holder.start()
+        assert taken.wait(10)
+        start = time.monotonic()
+        titled(mine, "after")
+        holder.join(10)
+        assert time.monotonic() - start < 3

@@ -1287,12 +1287,16 @@ class _FlockWaiter:
 
     def _run(self) -> None:
         while True:
-            fd = _open_lock_file(self.path)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError:  # the writers waiting see no lock and give up at their deadline
-                os.close(fd)
+            try:  # failing (no descriptor left, the folder gone), the thread ends: the
+                fd = _open_lock_file(self.path)  # writers waiting give up at their deadline,
+            except OSError:  # and the next one starts another
                 fd = -1
+            else:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError:
+                    os.close(fd)
+                    fd = -1
             with self._lock:
                 if fd >= 0 and self.wanted > 0:
                     self.wanted -= 1
