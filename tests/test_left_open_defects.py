@@ -236,7 +236,7 @@ def test_an_index_file_newer_than_the_card_read_is_not_taken_for_damaged(tmp_pat
 def test_an_index_file_saved_twice_while_it_was_read_is_read_again(tmp_path: Path) -> None:
     # A writer saving several times a second replaced the file and the card again within the
     # reader's wait: the card read then named a third save, and the sound file was rebuilt
-    # from the store (33 of 148 opens behind continuous saves). Seventh round.
+    # from the store (55 of 506 opens behind continuous saves). Seventh round.
     import threading
 
     first = _saved_flat(tmp_path / "first", unit_vectors(20, seed=1))

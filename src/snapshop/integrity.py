@@ -24,7 +24,6 @@ indexes from the store; the product-vector cache is recomputed once removed).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,8 @@ from snapshop.catalog.catalog import IMAGES, Catalog, index_name
 from snapshop.config import check_int
 from snapshop.errors import CatalogError, VectorIndexError
 from snapshop.index.factory import load_index
+from snapshop.models.card import sha256_file
+from snapshop.models.embedder import unit_rows
 from snapshop.product_vectors import CACHE_FILE, ProductVectors
 
 log = logging.getLogger(__name__)
@@ -266,9 +267,9 @@ def _check_product_vectors(
     owners = entry_owner[at[keep]]
     order = np.argsort(owners, kind="stable")
     expected_ids, starts = np.unique(owners[order], return_index=True)
-    rows = _unit(stored.vectors[np.flatnonzero(keep)[order]])
+    rows = unit_rows(stored.vectors[np.flatnonzero(keep)[order]])
     sums = np.add.reduceat(rows, starts, axis=0) if len(rows) else rows
-    expected = _unit(sums)
+    expected = unit_rows(sums)
     report.count("product vectors compared", len(products))
     fix = f"remove {Path(catalog.location) / 'index' / CACHE_FILE} (recomputed on open)"
     if not np.array_equal(products, expected_ids):
@@ -301,12 +302,6 @@ def _check_sku_forms(catalog: Catalog, report: CheckReport) -> None:
         ))  # fmt: skip
 
 
-def _unit(rows: NDArray[Any]) -> NDArray[Any]:
-    """``rows`` scaled to unit length (zero rows kept), in their own precision."""
-    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))[:, None]
-    return rows / np.where(norms > 0, norms, 1.0).astype(rows.dtype)
-
-
 def _check_blobs(catalog: Catalog, report: CheckReport) -> None:
     directory = Path(catalog.location)
     missing, damaged, foreign = [], [], 0
@@ -321,7 +316,7 @@ def _check_blobs(catalog: Catalog, report: CheckReport) -> None:
                     continue
                 report.count("blobs read")
                 try:
-                    digest = _sha256_of(path)
+                    digest = sha256_file(path)
                 except FileNotFoundError:
                     missing.append(relative)
                     continue
@@ -343,11 +338,3 @@ def _check_blobs(catalog: Catalog, report: CheckReport) -> None:
         ))  # fmt: skip
     if foreign:
         report.notes.append(f"blobs: {foreign} rows name a file outside the blob layout; not read")
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

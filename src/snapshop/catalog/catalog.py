@@ -1241,8 +1241,9 @@ def _flock_until(path: Path, deadline: float | None) -> int | None:
     A bounded wait is a blocking ``flock`` in this process's one :class:`_FlockWaiter` for
     the file: the kernel hands the lock over when its holder lets go. Polling with
     ``LOCK_NB`` almost never found the gap while another process took the lock again at
-    once (5 of 6 writes gave up behind holds of 0.25 s); a thread per wait outlived the
-    waits that gave up (300 busy writes: 300 threads and descriptors)."""
+    once (1 of 20 writes got it behind holds of 0.1 s); a thread per wait outlived the
+    waits that gave up (300 busy writes: 300 threads and descriptors; measured by
+    ``benchmarks/write_waits.py``)."""
     fd = _open_lock_file(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if deadline is None else fcntl.LOCK_EX | fcntl.LOCK_NB)
